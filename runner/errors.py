@@ -1,0 +1,65 @@
+"""One exception hierarchy for kubetune.
+
+Dependency errors (pydantic, botocore, kubernetes ApiException, OSError) are translated into
+these at module boundaries; the CLIs map them to exit codes and one-line messages.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # environment / infrastructure problem (storage down, cluster unreachable)
+EXIT_USER_ERROR = 2  # bad input: config, dataset, CLI usage
+EXIT_PREEMPTED = 143  # SIGTERM handled: checkpoint written, safe to retry (128 + SIGTERM)
+
+
+class KubetuneError(Exception):
+    """Base class. ``str(err)`` is a complete one-line message for the user."""
+
+    exit_code: int = EXIT_FAILURE
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} ({hint})" if hint else message)
+
+
+class UserError(KubetuneError):
+    """Something the user can fix in their input; exit status 2."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class ConfigError(UserError):
+    """The config file is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "<config>") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(problems) if problems else f"{source}: invalid config")
+
+
+class DataError(UserError):
+    """The dataset is unusable (missing/corrupt image, bad caption file, empty dataset...)."""
+
+
+class StorageError(KubetuneError):
+    """Object storage failed in a way retries did not fix (exit 1)."""
+
+
+class StorageUserError(UserError):
+    """Object storage refused the request for a reason the user must fix (no such bucket,
+    bad credentials, a key escaping its prefix)."""
+
+
+class ClusterError(KubetuneError):
+    """The Kubernetes API failed or refused (exit 1)."""
+
+
+class ResumeMismatchError(UserError):
+    """A checkpoint exists but was written by an incompatible config."""
+
+
+class Preempted(KubetuneError):
+    """Raised inside the runner after SIGTERM once the checkpoint is published."""
+
+    exit_code = EXIT_PREEMPTED
