@@ -1,0 +1,176 @@
+"""Dataset and data-loader sections (invoke-training field names)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from runner.config.base import ConfigModel, Problems
+
+Resolution = int | tuple[int, int]
+
+
+class HFHubImageCaptionDatasetConfig(ConfigModel):
+    """A dataset from the Hugging Face Hub (or saved locally with `datasets`)."""
+
+    type: Literal["HF_HUB_IMAGE_CAPTION_DATASET"] = "HF_HUB_IMAGE_CAPTION_DATASET"
+    dataset_name: str
+    """Hub name (e.g. `lambdalabs/pokemon-blip-captions`) or a local `save_to_disk` directory."""
+    dataset_config_name: str | None = None
+    """The dataset configuration name, for datasets that have several."""
+    hf_cache_dir: str | None = None
+    """Where `datasets` caches downloads. Default: the `datasets` default cache."""
+    image_column: str = "image"
+    """The column holding the images."""
+    caption_column: str = "text"
+    """The column holding the captions."""
+
+
+class ImageCaptionJsonlDatasetConfig(ConfigModel):
+    """A JSONL file: one object per line with an image path and a caption."""
+
+    type: Literal["IMAGE_CAPTION_JSONL_DATASET"] = "IMAGE_CAPTION_JSONL_DATASET"
+    jsonl_path: str
+    """Local path or `s3://bucket/key` of the .jsonl file. Image paths are relative to its folder."""
+    image_column: str = "image"
+    """The key holding the image path (relative, absolute, or an s3:// URI)."""
+    caption_column: str = "text"
+    """The key holding the caption."""
+    keep_in_memory: bool = False
+    """Keep decoded images in memory after the first read (faster epochs, more RAM)."""
+
+
+class ImageCaptionDirDatasetConfig(ConfigModel):
+    """A folder of images, each with a same-named `.txt` caption file."""
+
+    type: Literal["IMAGE_CAPTION_DIR_DATASET"] = "IMAGE_CAPTION_DIR_DATASET"
+    dataset_dir: str
+    """Local folder or `s3://bucket/prefix`."""
+    keep_in_memory: bool = False
+    """Keep decoded images in memory after the first read."""
+
+
+class ImageDirDatasetConfig(ConfigModel):
+    """A folder of images without captions (captions come from presets / templates)."""
+
+    type: Literal["IMAGE_DIR_DATASET"] = "IMAGE_DIR_DATASET"
+    dataset_dir: str
+    """Local folder or `s3://bucket/prefix`."""
+    keep_in_memory: bool = False
+    """Keep decoded images in memory after the first read."""
+
+
+ImageCaptionDatasetConfig = Annotated[
+    HFHubImageCaptionDatasetConfig | ImageCaptionJsonlDatasetConfig | ImageCaptionDirDatasetConfig,
+    Field(discriminator="type"),
+]
+AnyDatasetConfig = Annotated[
+    HFHubImageCaptionDatasetConfig
+    | ImageCaptionJsonlDatasetConfig
+    | ImageCaptionDirDatasetConfig
+    | ImageDirDatasetConfig,
+    Field(discriminator="type"),
+]
+
+
+class AspectRatioBucketConfig(ConfigModel):
+    """Aspect-ratio buckets: resolutions of area ≈ target_resolution², one bucket per batch."""
+
+    target_resolution: int = Field(gt=0)
+    """Side of the square whose area every bucket approximates (e.g. 512 or 1024)."""
+    start_dim: int = Field(gt=0)
+    """Smallest bucket side."""
+    end_dim: int = Field(gt=0)
+    """Largest bucket side."""
+    divisible_by: int = Field(gt=0)
+    """Every bucket side is a multiple of this (a multiple of 8)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AspectRatioBucketConfig:
+        p = Problems()
+        p.check(self.divisible_by % 8 == 0, "divisible_by",
+                f"must be a multiple of 8 (got {self.divisible_by}; try 8, 32 or 64)")
+        for name in ("target_resolution", "start_dim", "end_dim"):
+            value = getattr(self, name)
+            p.check(value % 8 == 0, name,
+                    f"must be divisible by 8 (got {value}; try {round(value / 8) * 8 or 8})")
+        p.check(self.start_dim <= self.target_resolution <= self.end_dim, "start_dim",
+                f"need start_dim <= target_resolution <= end_dim (got {self.start_dim}, "
+                f"{self.target_resolution}, {self.end_dim})")
+        p.raise_if_any()
+        return self
+
+
+def _check_resolution(resolution: Resolution) -> Resolution:
+    sides = (resolution,) if isinstance(resolution, int) else resolution
+    for side in sides:
+        if side <= 0 or side % 8:
+            raise ValueError(f"must be positive and divisible by 8 (got {side}; "
+                             f"try {max(8, round(side / 8) * 8)})")
+    return resolution
+
+
+class _LoaderCommon(ConfigModel):
+    aspect_ratio_buckets: AspectRatioBucketConfig | None = None
+    """Enable aspect-ratio bucketing instead of a single square/fixed resolution."""
+    resolution: Resolution = 512
+    """Training resolution: an int (square) or [height, width]; divisible by 8."""
+    center_crop: bool = True
+    """Crop the centre of each resized image; false crops at a random position."""
+    random_flip: bool = False
+    """Flip images horizontally at random."""
+    dataloader_num_workers: int = Field(default=0, ge=0)
+    """Worker processes for the torch DataLoader (0 loads in the main process)."""
+
+    _resolution = field_validator("resolution")(staticmethod(_check_resolution))
+
+
+class ImageCaptionSDDataLoaderConfig(_LoaderCommon):
+    """Image/caption pairs for LoRA training."""
+
+    type: Literal["IMAGE_CAPTION_SD_DATA_LOADER"] = "IMAGE_CAPTION_SD_DATA_LOADER"
+    dataset: ImageCaptionDatasetConfig
+    """Where the images and captions come from."""
+    caption_prefix: str | None = None
+    """Text prepended to every caption (e.g. a trigger word), separated by a space."""
+
+
+class TextualInversionSDDataLoaderConfig(_LoaderCommon):
+    """Images captioned from templates containing the placeholder token (TI, LoRA+TI)."""
+
+    type: Literal["TEXTUAL_INVERSION_SD_DATA_LOADER"] = "TEXTUAL_INVERSION_SD_DATA_LOADER"
+    dataset: AnyDatasetConfig
+    """Where the images (and optional captions) come from."""
+    caption_preset: Literal["object", "style"] | None = None
+    """Built-in caption templates: `object` ("a photo of a {}") or `style` ("a painting in the style of {}")."""
+    caption_templates: list[str] | None = None
+    """Your own templates; each must contain `{}` where the placeholder goes."""
+    keep_original_captions: bool = False
+    """Keep dataset captions and add the template around them instead of replacing them."""
+    shuffle_caption_delimiter: str | None = None
+    """Split captions on this delimiter (e.g. ",") and shuffle the parts each time."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TextualInversionSDDataLoaderConfig:
+        p = Problems()
+        if self.caption_preset is not None and self.caption_templates is not None:
+            p.add("caption_templates", "caption_preset and caption_templates are exclusive: "
+                  "remove one of them")
+        elif self.caption_preset is None and self.caption_templates is None:
+            p.add("caption_preset", "set caption_preset (object | style) or caption_templates")
+        if self.caption_templates is not None:
+            if not self.caption_templates:
+                p.add("caption_templates", "must not be empty (e.g. ['a photo of {}'])")
+            for i, template in enumerate(self.caption_templates):
+                if "{}" not in template:
+                    p.add(f"caption_templates.{i}",
+                          f"template {template!r} must contain '{{}}' where the token goes")
+        if self.keep_original_captions and self.dataset.type == "IMAGE_DIR_DATASET":
+            p.add("keep_original_captions",
+                  "IMAGE_DIR_DATASET has no captions to keep: set it to false or use a "
+                  "captioned dataset type")
+        if self.shuffle_caption_delimiter == "":
+            p.add("shuffle_caption_delimiter", "must not be empty (e.g. ',')")
+        p.raise_if_any()
+        return self
