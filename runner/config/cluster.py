@@ -129,7 +129,8 @@ class JobConfig(ConfigModel):
         p = Problems()
         if self.name is not None:
             clean = sanitize_name(self.name)
-            p.check(bool(clean), "name", f"{self.name!r} has no letters or digits; use e.g. my-lora")
+            p.check(bool(clean), "name",
+                    f"{self.name!r} has no letters or digits; use e.g. my-lora")
             p.check(len(clean) <= MAX_RUN_NAME, "name",
                     f"must be at most {MAX_RUN_NAME} characters (got {len(clean)}); shorten it")
         if self.namespace is not None:

@@ -32,7 +32,7 @@ class ImageCaptionJsonlDatasetConfig(ConfigModel):
 
     type: Literal["IMAGE_CAPTION_JSONL_DATASET"] = "IMAGE_CAPTION_JSONL_DATASET"
     jsonl_path: str
-    """Local path or `s3://bucket/key` of the .jsonl file. Image paths are relative to its folder."""
+    """Local path or `s3://bucket/key` of the .jsonl file; image paths are relative to it."""
     image_column: str = "image"
     """The key holding the image path (relative, absolute, or an s3:// URI)."""
     caption_column: str = "text"
@@ -143,7 +143,8 @@ class TextualInversionSDDataLoaderConfig(_LoaderCommon):
     dataset: AnyDatasetConfig
     """Where the images (and optional captions) come from."""
     caption_preset: Literal["object", "style"] | None = None
-    """Built-in caption templates: `object` ("a photo of a {}") or `style` ("a painting in the style of {}")."""
+    """Built-in templates: `object` ("a photo of a {}") or `style` ("a painting in the style
+    of {}")."""
     caption_templates: list[str] | None = None
     """Your own templates; each must contain `{}` where the placeholder goes."""
     keep_original_captions: bool = False

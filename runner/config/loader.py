@@ -139,7 +139,9 @@ def _clean_loc(loc: Loc) -> Loc:
 
 def _model_at(data: Any, loc: Loc) -> type[BaseModel] | None:
     """The config model that owns the mapping at `loc` in the raw data."""
-    model: type[BaseModel] | None = _BY_TYPE.get(data.get("type")) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    model: type[BaseModel] | None = _BY_TYPE.get(data.get("type"))
     node = data
     for part in loc:
         if model is None or not isinstance(part, str) or part not in model.model_fields:

@@ -72,7 +72,7 @@ class BasePipelineConfig(ConfigModel):
     """Keep at most this many checkpoints (oldest pruned first; the newest is never pruned)."""
 
     model: str = "runwayml/stable-diffusion-v1-5"
-    """Base model: hub name, local diffusers dir, single-file .safetensors/.ckpt, or s3:// prefix."""
+    """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
     hf_variant: str | None = "fp16"
     """Weights variant to load (e.g. fp16); falls back to the default weights if absent."""
     vae_model: str | None = None
