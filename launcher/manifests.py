@@ -1,0 +1,226 @@
+"""Config → Kubernetes manifests (pure: no cluster, no I/O).
+
+`build_manifests(cfg)` is the one source of truth for a run's ConfigMap and batch/v1 Job;
+`render` prints it and the Kubernetes backend creates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from runner.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
+from runner.config.cluster import JobConfig, StorageConfig
+from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
+RUNNER_UID = 1000
+CACHE_DIR = "/cache"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_RUN = "kubetune.io/run"
+LABEL_HASH = "kubetune.io/config-hash"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_OUTPUT = "kubetune.io/output-uri"
+HASH_LENGTH = 8
+# Caches and scratch space live on emptyDirs: the root filesystem is read-only.
+POD_CACHE_ENV = {
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "XDG_CACHE_HOME": CACHE_DIR,
+    "HF_HOME": f"{CACHE_DIR}/huggingface",
+    "TORCH_HOME": f"{CACHE_DIR}/torch",
+    "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+    "MPLCONFIGDIR": "/tmp/matplotlib",
+}
+
+
+def job_name(cfg: PipelineConfig) -> str:
+    """`<run>-<config hash>`: deterministic, so resubmitting the same config is a no-op."""
+    return f"{run_name(cfg)}-{config_hash(cfg)[:HASH_LENGTH]}"
+
+
+def run_labels(cfg: PipelineConfig) -> dict[str, str]:
+    """Labels on the Job and its pod: the backends select runs by them."""
+    run = run_name(cfg)
+    labels = dict(cfg.job.labels) if cfg.job else {}
+    labels.update({
+        LABEL_NAME: "kubetune",
+        LABEL_INSTANCE: run,
+        "app.kubernetes.io/component": "training",
+        "app.kubernetes.io/managed-by": "kubetune",
+        LABEL_RUN: run,
+        LABEL_HASH: config_hash(cfg),
+    })
+    return labels
+
+
+def runner_env(cfg: PipelineConfig) -> dict[str, str]:
+    """Non-secret environment shared by the pod and local runs (the env contract)."""
+    env = {"PYTHONUNBUFFERED": "1", "KUBETUNE_RUN": run_name(cfg),
+           "KUBETUNE_CONFIG_HASH": config_hash(cfg)}
+    storage = cfg.storage
+    if storage is not None:
+        if storage.endpoint_url:
+            env["AWS_ENDPOINT_URL"] = storage.endpoint_url
+        if storage.region:
+            env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = storage.region
+    if cfg.job:
+        env.update(cfg.job.env)
+    return env
+
+
+def runner_command(gpus: int, config_path: str = CONFIG_PATH) -> list[str]:
+    """One process, or `accelerate launch` with one process per GPU."""
+    if gpus > 1:
+        return ["accelerate", "launch", "--multi_gpu", "--num_machines", "1",
+                "--num_processes", str(gpus), "-m", "runner", config_path]
+    return ["python", "-m", "runner", config_path]
+
+
+def build_manifests(cfg: PipelineConfig, *, namespace: str | None = None) -> list[dict[str, Any]]:
+    """The run's ConfigMap (resolved config) and Job, in creation order."""
+    if cfg.storage is None:
+        raise UserError("a Kubernetes run needs a `storage:` section: a pod's local disk "
+                        "vanishes with it", hint="add storage.bucket (and credentials_secret), "
+                        "or use `launcher submit --local`")
+    namespace = namespace or (cfg.job.namespace if cfg.job else None)
+    name = job_name(cfg)
+    meta: dict[str, Any] = {"name": name, "labels": run_labels(cfg)}
+    if namespace:
+        meta["namespace"] = namespace
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(meta),
+                  "data": {"config.yaml": config_to_yaml(cfg)}}
+    return [config_map, _job(cfg, meta)]
+
+
+def _job(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    job = cfg.job or JobConfig()
+    meta = {**meta, "labels": dict(meta["labels"]),
+            "annotations": {ANNOTATION_OUTPUT: output_uri(cfg), "kubetune.io/type": cfg.type}}
+    spec: dict[str, Any] = {
+        "backoffLimit": job.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "podFailurePolicy": {"rules": _pod_failure_rules()},
+        "template": {"metadata": {"labels": run_labels(cfg)}, "spec": _pod_spec(cfg, job,
+                                                                                 meta["name"])},
+    }
+    if job.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = job.active_deadline_seconds
+    if job.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = job.ttl_seconds_after_finished
+    if job.queue_name:
+        meta["labels"][LABEL_QUEUE] = job.queue_name
+        spec["suspend"] = True  # Kueue unsuspends it on admission
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def _pod_failure_rules() -> list[dict[str, Any]]:
+    """Preemption and the runner's checkpointed-on-SIGTERM exit do not count against
+    backoffLimit; a config/user error (exit 2) fails the Job at once."""
+    def codes(values: list[int]) -> dict[str, Any]:
+        return {"containerName": CONTAINER, "operator": "In", "values": values}
+    return [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": codes([EXIT_PREEMPTED])},
+        {"action": "FailJob", "onExitCodes": codes([EXIT_USER_ERROR])},
+    ]
+
+
+def _pod_spec(cfg: PipelineConfig, job: JobConfig, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": job.termination_grace_period_seconds,
+        "automountServiceAccountToken": False,  # the runner never talks to the API
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": RUNNER_UID, "runAsGroup": RUNNER_UID,
+            "fsGroup": RUNNER_UID, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(cfg, job)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": name}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # DataLoader workers
+        ],
+    }
+    if job.service_account:
+        spec["serviceAccountName"] = job.service_account
+    if job.priority_class_name:
+        spec["priorityClassName"] = job.priority_class_name
+    if job.node_selector:
+        spec["nodeSelector"] = dict(job.node_selector)
+    if job.tolerations:
+        spec["tolerations"] = [_toleration(t.model_dump(exclude_none=True))
+                               for t in job.tolerations]
+    return spec
+
+
+def _toleration(raw: dict[str, Any]) -> dict[str, Any]:
+    seconds = raw.pop("toleration_seconds", None)
+    return {**raw, "tolerationSeconds": seconds} if seconds is not None else raw
+
+
+def _container(cfg: PipelineConfig, job: JobConfig) -> dict[str, Any]:
+    return {
+        "name": CONTAINER,
+        "image": job.image,
+        "imagePullPolicy": job.image_pull_policy,
+        "command": runner_command(job.gpus),
+        "env": _env(cfg, job),
+        "resources": _resources(job),
+        "securityContext": {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+
+
+def _resources(job: JobConfig) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if job.gpus:
+        limits[job.gpu_resource_name] = str(job.gpus)
+    if job.cpu:
+        requests["cpu"] = job.cpu
+    if job.memory:
+        requests["memory"] = limits["memory"] = job.memory
+    return {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
+
+
+def _env(cfg: PipelineConfig, job: JobConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in POD_CACHE_ENV.items()]
+    env += [{"name": k, "value": v} for k, v in runner_env(cfg).items()]
+    env.append({"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH})
+    env += secret_env(cfg.storage, job)
+    return env
+
+
+def secret_env(storage: StorageConfig | None, job: JobConfig) -> list[dict[str, Any]]:
+    """Credentials as secretKeyRefs only: the values never appear in a manifest."""
+    refs: list[tuple[str, str, str]] = []
+    if storage is not None and storage.credentials_secret is not None:
+        sec = storage.credentials_secret
+        refs += [("AWS_ACCESS_KEY_ID", sec.name, sec.access_key_id_key),
+                 ("AWS_SECRET_ACCESS_KEY", sec.name, sec.secret_access_key_key)]
+    if job.hf_token_secret is not None:
+        refs.append(("HF_TOKEN", job.hf_token_secret.name, job.hf_token_secret.key))
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+            for env, name, key in refs]
+
+
+def to_yaml(objs: list[dict[str, Any]]) -> str:
+    """Multi-document YAML, as `kubectl apply -f -` reads it."""
+    return yaml.safe_dump_all(objs, sort_keys=False, allow_unicode=True)
