@@ -1,0 +1,377 @@
+"""Load the frozen pieces training needs from a base model.
+
+``model`` may be a Hugging Face hub name (``hf_variant`` picks e.g. fp16 weights), a local
+diffusers directory, a local single-file ``.safetensors`` / ``.ckpt`` (diffusers' single-file
+loading; pass ``single_file_config=<local diffusers dir>`` to work offline), or an
+``s3://`` prefix holding a diffusers directory (downloaded once into a local cache).
+Every returned module has ``requires_grad`` off; pipelines switch on what they train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from runner.errors import UserError
+from runner.models.embeddings import load_base_embeddings
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+_TRANSFORMERS_DTYPE_KW = (
+    "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+)
+
+
+class ModelError(UserError):
+    """The base model (or VAE / embeddings) cannot be found or loaded."""
+
+
+@dataclass
+class Components:
+    """What training needs from a base model. ``*_2`` are set for SDXL only."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    is_sdxl: bool
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    source: str = ""
+    """Local path or hub name the components came from (for messages and validation)."""
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+
+
+def default_cache_dir() -> Path:
+    """``$KUBETUNE_MODEL_CACHE`` or ``~/.cache/kubetune/models``."""
+    env = os.environ.get("KUBETUNE_MODEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "kubetune" / "models"
+
+
+def to_dtype(weight_dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` → ``torch.bfloat16`` (a ``torch.dtype`` passes through)."""
+    if isinstance(weight_dtype, torch.dtype):
+        return weight_dtype
+    dtype = getattr(torch, str(weight_dtype), None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(f"unknown weight_dtype {weight_dtype!r}")
+    return dtype
+
+
+def load_components(
+    model: str,
+    *,
+    hf_variant: str | None = None,
+    vae_model: str | None = None,
+    weight_dtype: str | torch.dtype = "float32",
+    prediction_type: str | None = None,
+    base_embeddings: Mapping[str, str] | Sequence[str] = (),
+    single_file_config: str | None = None,
+    storage: Any = None,
+    cache_dir: str | Path | None = None,
+) -> Components:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler.
+
+    ``base_embeddings`` maps token → embeddings file (a list of paths uses each file's stem
+    as the token). ``storage`` is the ``StorageConfig`` used for ``s3://`` sources.
+    Raises ``ModelError`` (a ``UserError``) naming the path when something is missing.
+    """
+    dtype = to_dtype(weight_dtype)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    source = _resolve(model, storage, cache)
+    if _is_single_file(source):
+        comps = _load_single_file(source, single_file_config, dtype)
+    else:
+        comps = _load_pretrained(source, hf_variant, dtype)
+    if vae_model:
+        comps.vae = load_vae(
+            vae_model,
+            dtype,
+            storage=storage,
+            cache_dir=cache,
+            single_file_config=single_file_config,
+        )
+    if prediction_type:
+        comps.noise_scheduler = DDPMScheduler.from_config(
+            comps.noise_scheduler.config, prediction_type=prediction_type
+        )
+    for module in (comps.unet, comps.vae, *comps.text_encoders):
+        module.requires_grad_(False)
+    if base_embeddings:
+        items = (
+            base_embeddings.items()
+            if isinstance(base_embeddings, Mapping)
+            else [(Path(p).name.split(".")[0], p) for p in base_embeddings]
+        )
+        load_base_embeddings(
+            comps, {tok: str(_resolve(p, storage, cache, is_file=True)) for tok, p in items}
+        )
+    return comps
+
+
+def load_components_from_config(cfg: Any, **kwargs: Any) -> Components:
+    """``load_components`` with the model fields of a pipeline config."""
+    return load_components(
+        cfg.model,
+        hf_variant=cfg.hf_variant,
+        vae_model=cfg.vae_model,
+        weight_dtype=cfg.weight_dtype,
+        prediction_type=cfg.prediction_type,
+        base_embeddings=cfg.base_embeddings,
+        storage=getattr(cfg, "storage", None),
+        **kwargs,
+    )
+
+
+# --- resolving a model string to something loadable ---------------------------------------
+
+
+def _resolve(uri: str, storage: Any, cache: Path, *, is_file: bool = False) -> str:
+    """Local path or hub name for ``uri``; ``s3://`` sources are downloaded to ``cache``."""
+    if uri.startswith("s3://"):
+        from runner.storage import open_store
+
+        if is_file or uri.endswith(SINGLE_FILE_SUFFIXES):
+            parent, _, name = uri.rstrip("/").rpartition("/")
+            return str(download_prefix(open_store(parent, storage), cache, only=name) / name)
+        return str(download_prefix(open_store(uri, storage), cache))
+    path = Path(uri).expanduser()
+    if path.exists():
+        return str(path)
+    if is_file or not _HUB_NAME.match(uri) or uri.endswith(SINGLE_FILE_SUFFIXES):
+        raise ModelError(f"{uri}: no such file or directory")
+    return uri  # a hub name
+
+
+def download_prefix(store: Any, cache_root: str | Path, *, only: str | None = None) -> Path:
+    """Copy every object under ``store`` (or just the key ``only``) into ``cache_root`` once.
+
+    The copy lands in ``cache_root/<name>-<hash of uri>/``; a ``.complete`` marker written
+    last makes later calls reuse it (an interrupted download is redone from scratch).
+    """
+    cache_root = Path(cache_root)
+    uri = store.uri.rstrip("/")
+    slug = re.sub(r"[^\w.-]", "_", uri.rsplit("/", 1)[-1]) or "model"
+    digest = hashlib.sha256(f"{uri}|{only or ''}".encode()).hexdigest()[:12]
+    dest, marker = cache_root / f"{slug}-{digest}", cache_root / f"{slug}-{digest}.complete"
+    if marker.exists() and dest.is_dir():
+        return dest
+    objects = [o for o in store.list("") if only is None or o.key == only]
+    if not objects:
+        raise ModelError(f"{store.url(only or '')}: no files there")
+    partial = cache_root / f".{slug}-{digest}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    for obj in objects:
+        target = partial / obj.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(obj.key, target)
+        if target.stat().st_size != obj.size:
+            raise ModelError(f"{store.url(obj.key)}: downloaded size differs from the listing")
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    marker.write_text(f"{uri}\n{len(objects)} files\n")
+    log.info("downloaded %d files from %s to %s", len(objects), uri, dest)
+    return dest
+
+
+def _is_single_file(source: str) -> bool:
+    return Path(source).is_file()
+
+
+# --- diffusers directories / hub repos -----------------------------------------------------
+
+
+def _load_pretrained(source: str, variant: str | None, dtype: torch.dtype) -> Components:
+    index = _model_index(source)
+    is_sdxl = "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
+
+    def load(cls: Any, sub: str) -> Any:
+        return _from_pretrained(cls, source, sub, variant=variant, dtype=dtype)
+
+    comps = Components(
+        tokenizer=_tokenizer(source, "tokenizer"),
+        text_encoder=load(CLIPTextModel, "text_encoder"),
+        vae=load(AutoencoderKL, "vae"),
+        unet=load(UNet2DConditionModel, "unet"),
+        noise_scheduler=_guard(
+            source,
+            "scheduler",
+            lambda: DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        ),
+        is_sdxl=is_sdxl,
+        source=source,
+    )
+    if is_sdxl:
+        comps.tokenizer_2 = _tokenizer(source, "tokenizer_2")
+        comps.text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
+    return comps
+
+
+def _model_index(source: str) -> dict[str, Any]:
+    if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
+        raise ModelError(
+            f"{source}: not a diffusers model directory (no model_index.json)",
+            hint="point `model` at a diffusers pipeline directory or a single checkpoint file",
+        )
+    return _guard(source, "model_index.json", lambda: StableDiffusionPipeline.load_config(source))
+
+
+def _guard(source: str, what: str, fn: Any) -> Any:
+    """Run ``fn``; translate loading errors into ``ModelError`` naming ``source``."""
+    try:
+        return fn()
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{source}: cannot load {what}: {first}") from err
+
+
+def _tokenizer(source: str, sub: str) -> CLIPTokenizer:
+    return _guard(source, sub, lambda: CLIPTokenizer.from_pretrained(source, subfolder=sub))
+
+
+def _has_variant(source: str, sub: str, variant: str) -> bool | None:
+    """Whether a local directory has ``variant`` weights (None: cannot tell, e.g. hub)."""
+    folder = Path(source) / sub
+    if not folder.is_dir():
+        return None
+    return any(f".{variant}." in p.name for p in folder.iterdir())
+
+
+def _from_pretrained(
+    cls: Any, source: str, sub: str, *, variant: str | None, dtype: torch.dtype
+) -> Any:
+    is_transformers = issubclass(cls, transformers.PreTrainedModel)
+    kwargs = {
+        "subfolder": sub,
+        (_TRANSFORMERS_DTYPE_KW if is_transformers else "torch_dtype"): dtype,
+    }
+    if variant and _has_variant(source, sub, variant) is not False:
+        try:
+            return cls.from_pretrained(source, variant=variant, **kwargs).to(dtype)
+        except (OSError, ValueError) as err:
+            log.debug("variant %s of %s/%s failed: %s", variant, source, sub, err)
+    if variant:
+        log.warning(
+            "%s/%s has no %r variant weights; loading its default weights instead",
+            source,
+            sub,
+            variant,
+        )
+    return _guard(source, sub, lambda: cls.from_pretrained(source, **kwargs).to(dtype))
+
+
+def load_vae(
+    vae_model: str,
+    weight_dtype: str | torch.dtype = "float32",
+    *,
+    storage: Any = None,
+    cache_dir: str | Path | None = None,
+    single_file_config: str | None = None,
+) -> AutoencoderKL:
+    """An ``AutoencoderKL`` from a VAE dir/repo, a pipeline dir/repo (``vae/``), or a file."""
+    dtype = to_dtype(weight_dtype)
+    source = _resolve(vae_model, storage, Path(cache_dir) if cache_dir else default_cache_dir())
+    if _is_single_file(source):
+        config = {"config": single_file_config, "subfolder": "vae"} if single_file_config else {}
+        return _guard(
+            source,
+            "vae",
+            lambda: AutoencoderKL.from_single_file(source, torch_dtype=dtype, **config),
+        )
+    local = Path(source)
+    sub = "vae" if local.is_dir() and not (local / "config.json").exists() else ""
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=sub or None, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        if local.is_dir() or sub:
+            raise ModelError(f"{source}: cannot load the VAE: {err}") from err
+    return _guard(
+        source,
+        "vae",
+        lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype),
+    )
+
+
+# --- single files --------------------------------------------------------------------------
+
+
+def _single_file_is_sdxl(path: str) -> bool:
+    marker = "conditioner.embedders.1."
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with _guard_ctx(path), safe_open(path, "pt") as f:
+            return any(k.startswith(marker) for k in f.keys())  # noqa: SIM118
+    with _guard_ctx(path):
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state)
+    return any(k.startswith(marker) for k in state)
+
+
+@contextlib.contextmanager
+def _guard_ctx(path: str) -> Iterator[None]:
+    """Translate errors while reading a checkpoint's header into ``ModelError``."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"{path}: not a readable checkpoint: {err}") from err
+
+
+def _load_single_file(path: str, config: str | None, dtype: torch.dtype) -> Components:
+    is_sdxl = _single_file_is_sdxl(path)
+    cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    extra: dict[str, Any] = {} if is_sdxl else {"safety_checker": None}
+    if config:
+        extra["config"] = config
+    try:
+        pipe = cls.from_single_file(path, torch_dtype=dtype, **extra)
+    except Exception as err:  # diffusers raises many kinds here (hub, conversion, config)
+        hint = (
+            None
+            if config
+            else (
+                "single-file loading fetches the model configs from the hub; offline, give a "
+                "local diffusers directory of the same architecture as the single-file config"
+            )
+        )
+        raise ModelError(f"{path}: cannot load single-file checkpoint: {err}", hint=hint) from err
+    return Components(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        is_sdxl=is_sdxl,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        source=path,
+    )
