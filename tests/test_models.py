@@ -285,3 +285,32 @@ def test_load_components_from_s3_prefix(
 def test_hub_name_offline_is_a_user_error_naming_the_model() -> None:
     with pytest.raises(UserError, match="kubetune-test/no-such-model"):
         load_components("kubetune-test/no-such-model")
+
+
+# --- shipped sample data ------------------------------------------------------------------
+
+
+def test_sample_data_matches_its_generator(tmp_path: Path) -> None:
+    import importlib.util
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    spec = importlib.util.spec_from_file_location(
+        "make_sample_data", examples / "make_sample_data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fresh = module.make_sample_data(tmp_path / "fresh")
+    shipped = examples / "sample_data"
+    assert _dir_size(shipped) < 200 * 1024
+    rows = [json.loads(line) for line in (shipped / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        image = shipped / row["image"]
+        assert (shipped / f"{image.stem}.txt").read_text().strip() == row["text"]
+        with Image.open(image) as a, Image.open(fresh / row["image"]) as b:
+            assert a.size == (96, 96) and a.mode == "RGB"
+            assert np.array_equal(np.asarray(a), np.asarray(b))
