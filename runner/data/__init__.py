@@ -1,0 +1,16 @@
+"""Training data: source → captions → transforms → buckets → DataLoader (see
+docs/architecture.md for the contract)."""
+
+from runner.data.cache import TensorCache, content_hash
+from runner.data.loader import (
+    PreflightReport,
+    ResumableLoader,
+    build_train_dataloader,
+    default_placeholder_text,
+    preflight,
+)
+
+__all__ = [
+    "PreflightReport", "ResumableLoader", "TensorCache", "build_train_dataloader",
+    "content_hash", "default_placeholder_text", "preflight",
+]

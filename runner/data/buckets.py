@@ -1,0 +1,114 @@
+"""Aspect-ratio buckets and a resumable, seeded batch sampler over them."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from runner.config.data import AspectRatioBucketConfig
+from runner.errors import ConfigError, ResumeMismatchError
+
+
+def derive_seed(*parts: object) -> int:
+    """A 64-bit seed from any parts, identical in every process (no PYTHONHASHSEED)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def build_buckets(cfg: AspectRatioBucketConfig) -> list[tuple[int, int]]:
+    """Sorted (h, w) buckets: sides multiples of divisible_by within [start_dim, end_dim],
+    area close to (not above) target_resolution²."""
+    step = cfg.divisible_by
+    area = cfg.target_resolution ** 2
+    first = -(-cfg.start_dim // step) * step
+    buckets: set[tuple[int, int]] = set()
+    for h in range(first, cfg.end_dim + 1, step):
+        w = (area // h) // step * step
+        if cfg.start_dim <= w <= cfg.end_dim:
+            buckets.update({(h, w), (w, h)})
+    if not buckets:
+        raise ConfigError([
+            f"data_loader.aspect_ratio_buckets: no bucket has both sides in [{cfg.start_dim}, "
+            f"{cfg.end_dim}] divisible by {cfg.divisible_by} (widen start_dim..end_dim or "
+            f"lower divisible_by)"])
+    return sorted(buckets)
+
+
+def closest_bucket(size_hw: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio (w/h) is closest; ties go to the first."""
+    aspect = size_hw[1] / size_hw[0]
+    return min(range(len(buckets)), key=lambda i: abs(buckets[i][1] / buckets[i][0] - aspect))
+
+
+class BucketBatchSampler:
+    """Batches drawn from one bucket at a time, shuffled, deterministic by (seed, epoch).
+
+    Every example appears exactly once per epoch (the last batch of a bucket may be short).
+    Iterating yields the current epoch's batches from `position` on and advances it; after
+    the last batch the epoch advances. `state_dict`/`load_state_dict` save that position.
+    """
+
+    def __init__(self, bucket_of: Sequence[int], batch_size: int, seed: int,
+                 shuffle: bool = True) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.bucket_of = list(bucket_of)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        members: dict[int, list[int]] = {}
+        for index, bucket in enumerate(self.bucket_of):
+            members.setdefault(bucket, []).append(index)
+        self._members = [members[b] for b in sorted(members)]
+        self._len = sum(-(-len(m) // batch_size) for m in self._members)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All batches of `epoch`, in order."""
+        rng = random.Random(derive_seed("batches", self.seed, epoch))
+        out: list[list[int]] = []
+        for members in self._members:
+            order = list(members)
+            if self.shuffle:
+                rng.shuffle(order)
+            out.extend(order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
+        if self.shuffle:
+            rng.shuffle(out)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches(self.epoch)[self.position:]:
+            self.position += 1
+            yield batch
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to `epoch` (from its start); the current epoch keeps its position."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def fingerprint(self) -> str:
+        """Identity of the plan: a different dataset, bucketing or batch size changes it."""
+        raw = f"{self.seed}:{self.batch_size}:{self.shuffle}:{self.bucket_of}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position,
+                "fingerprint": self.fingerprint(), "num_batches": len(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position; refuse one saved for another dataset / batching."""
+        if state.get("fingerprint") != self.fingerprint():
+            raise ResumeMismatchError(
+                "the data loader state was saved for a different dataset, seed, bucketing or "
+                "batch size", hint="resume with the same data and config, or start a new run")
+        position = int(state["position"])
+        if not 0 <= position <= len(self):
+            raise ResumeMismatchError(f"data loader position {position} is out of range")
+        self.epoch, self.position = int(state["epoch"]), position

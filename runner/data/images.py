@@ -1,0 +1,91 @@
+"""Image decoding: allowed formats, EXIF orientation, RGB, pixel limit, clear errors."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from runner.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "MPO"})
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Images above this many pixels are refused (decompression-bomb guard)."""
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_EXIF_ORIENTATION = 0x0112
+
+
+def is_image_name(name: str) -> bool:
+    """True for the file names the dir datasets treat as images."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{name}: image is too large (decompression-bomb guard)",
+                        hint="resize it below the pixel limit") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not a readable image",
+                        hint="use png, jpg, webp or bmp") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{name}: unreadable image: {err}") from None
+    if img.format not in ALLOWED_FORMATS:
+        raise DataError(f"{name}: unsupported image format {img.format}",
+                        hint="use png, jpg, webp or bmp")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise DataError(f"{name}: image is {width}x{height} = {width * height} pixels, above the "
+                        f"limit of {max_pixels} (decompression-bomb guard)",
+                        hint="downscale it before training")
+    return img
+
+
+def image_size_hw(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, read from the header only."""
+    img = _open(data, name, max_pixels)
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block just means no rotation
+        orientation = 1
+    return (width, height) if orientation in _TRANSPOSED else (height, width)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Fully decode `data` to an RGB image with EXIF orientation applied.
+
+    Raises DataError naming `name` for unreadable, truncated, oversized or unsupported files.
+    `draft_size` lets JPEG decode at reduced scale (fast validity checks).
+    """
+    img = _open(data, name, max_pixels)
+    try:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        if img.mode != "RGB":
+            img = _to_rgb(img)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        detail = "truncated or corrupt file" if "truncat" in str(err).lower() else str(err)
+        raise DataError(f"{name}: cannot decode image: {detail}",
+                        hint="re-export or remove the file") from None
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert to RGB, compositing transparency onto white rather than black."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")

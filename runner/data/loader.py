@@ -1,0 +1,256 @@
+"""The training DataLoader: source → captions → transforms → buckets, resumable mid-epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from runner.config.data import TextualInversionSDDataLoaderConfig
+from runner.config.pipelines import PipelineConfig
+from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
+from runner.data.captions import CaptionBuilder, LoaderConfig
+from runner.data.images import MAX_IMAGE_PIXELS, decode_image, image_size_hw
+from runner.data.sources import Source, build_source, fetch_pool
+from runner.data.transforms import ImageTransform, resolution_hw
+from runner.errors import DataError
+
+Batch = dict[str, Any]
+PREFETCH_BATCHES = 2
+"""Batches prepared ahead of the consumer (in-process loading); memory is O(this)."""
+
+
+class TrainDataset(Dataset[Batch]):
+    """Examples keyed by (index, epoch): each draw's crop/flip/caption comes from
+    (seed, epoch, index), so results do not depend on workers or on resuming."""
+
+    def __init__(self, source: Source, captions: CaptionBuilder, transform: ImageTransform,
+                 target_hw: Sequence[tuple[int, int]], seed: int) -> None:
+        self.source, self.captions, self.transform = source, captions, transform
+        self.target_hw, self.seed = list(target_hw), seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, key: tuple[int, int]) -> Batch:
+        index, epoch = key
+        raw = self.source.fetch(index)
+        image = decode_image(raw.data, raw.id)
+        rng = random.Random(derive_seed("image", self.seed, epoch, index))
+        pixels, original, crop = self.transform(image, self.target_hw[index], rng)
+        caption_rng = random.Random(derive_seed("caption", self.seed, epoch, index))
+        caption = self.captions.build(raw.caption, caption_rng, raw.id)
+        return {"pixel_values": pixels, "caption": caption, "original_size_hw": original,
+                "crop_top_left_yx": crop, "id": raw.id}
+
+    def __getitem__(self, key: tuple[int, int]) -> Batch:
+        return self.load(key)
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Batch]:
+        """A whole batch: fetch + decode + transform in the bounded parallel pool."""
+        if len(keys) <= 1:
+            return [self.load(k) for k in keys]
+        return list(fetch_pool().map(self.load, keys))
+
+
+def collate(items: list[Batch]) -> Batch:
+    """Stack examples of one bucket into the batch format of docs/architecture.md."""
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "original_size_hw": torch.tensor([it["original_size_hw"] for it in items],
+                                         dtype=torch.long),
+        "crop_top_left_yx": torch.tensor([it["crop_top_left_yx"] for it in items],
+                                         dtype=torch.long),
+        "id": [it["id"] for it in items],
+    }
+
+
+class _Plan:
+    """The batch_sampler the DataLoader sees: the rest of the current epoch, keyed by epoch."""
+
+    def __init__(self, sampler: BucketBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.sampler.epoch, self.sampler.position
+        for batch in self.sampler.batches(epoch)[start:]:
+            yield [(index, epoch) for index in batch]
+
+
+class ResumableLoader:
+    """Iterates the current epoch's remaining batches; `state_dict` is the position of the
+    last batch handed out, so a restored loader yields exactly the batches not yet seen.
+    The epoch advances after its last batch (or with `set_epoch`)."""
+
+    def __init__(self, dataset: TrainDataset, sampler: BucketBatchSampler, *,
+                 num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self.buckets: list[tuple[int, int]] = []
+        self._loader = DataLoader(
+            dataset, batch_sampler=_Plan(sampler), num_workers=num_workers,
+            collate_fn=collate, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers else None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches: Iterator[Batch] = iter(self._loader)
+        if self.num_workers == 0:
+            batches = _ahead(batches, PREFETCH_BATCHES)
+        for batch in batches:
+            self.sampler.position += 1
+            yield batch
+        if self.sampler.position >= len(self.sampler):
+            self.sampler.epoch, self.sampler.position = self.sampler.epoch + 1, 0
+
+
+_DONE = object()
+
+
+def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run `source` in a background thread, at most `depth` items ahead of the consumer."""
+    items: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        items.put(("ok", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(("end", _DONE))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            items.put(("err", err))
+
+    thread = threading.Thread(target=produce, name="kubetune-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "err":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                items.get_nowait()
+            thread.join(timeout=0.05)
+
+
+# --- building ------------------------------------------------------------------------------
+
+def default_placeholder_text(cfg: PipelineConfig) -> str | None:
+    """"<tok>" or "<tok> <tok>_1 ..." for TI configs with several vectors; None for LoRA."""
+    token = getattr(cfg, "placeholder_token", None)
+    if token is None:
+        return None
+    n = getattr(cfg, "num_vectors", 1)
+    return " ".join([token] + [f"{token}_{i}" for i in range(1, n)])
+
+
+def needs_captions(loader: LoaderConfig) -> bool:
+    """Whether the dataset's own captions are read."""
+    if isinstance(loader, TextualInversionSDDataLoaderConfig):
+        return loader.keep_original_captions
+    return True
+
+
+def build_train_dataloader(cfg: PipelineConfig, *, seed: int, batch_size: int,
+                           device_is_cuda: bool,
+                           placeholder_text: str | None = None) -> ResumableLoader:
+    """The training loader for `cfg.data_loader` (see docs/architecture.md for batches)."""
+    loader_cfg: LoaderConfig = cfg.data_loader
+    text = placeholder_text or default_placeholder_text(cfg)
+    captions = CaptionBuilder(loader_cfg, text)
+    source = build_source(loader_cfg.dataset, cfg.storage,
+                          need_captions=needs_captions(loader_cfg))
+    if loader_cfg.aspect_ratio_buckets is None:
+        buckets = [resolution_hw(loader_cfg.resolution)]
+        bucket_of = [0] * len(source)
+    else:
+        buckets = build_buckets(loader_cfg.aspect_ratio_buckets)
+        bucket_of = [closest_bucket(size, buckets) for size in scan_sizes(source)]
+    transform = ImageTransform(center_crop=loader_cfg.center_crop,
+                               random_flip=loader_cfg.random_flip)
+    dataset = TrainDataset(source, captions, transform, [buckets[b] for b in bucket_of], seed)
+    sampler = BucketBatchSampler(bucket_of, batch_size, seed)
+    loader = ResumableLoader(dataset, sampler, num_workers=loader_cfg.dataloader_num_workers,
+                             pin_memory=device_is_cuda)
+    loader.buckets = buckets
+    return loader
+
+
+def scan_sizes(source: Source) -> list[tuple[int, int]]:
+    """Every image's (h, w) after EXIF orientation (parallel fetch, header parse)."""
+    def size(index: int) -> tuple[int, int]:
+        raw = source.fetch(index)
+        return image_size_hw(raw.data, raw.id)
+
+    return list(fetch_pool().map(size, range(len(source))))
+
+
+# --- preflight -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreflightReport:
+    num_examples: int
+    sizes_hw: list[tuple[int, int]]
+
+
+def preflight(cfg: PipelineConfig, max_pixels: int = MAX_IMAGE_PIXELS) -> PreflightReport:
+    """Read and decode every example once, before training; raise DataError naming the first
+    bad file or line (and how many more are bad). Bounded parallel reads; never hangs."""
+    loader_cfg: LoaderConfig = cfg.data_loader
+    source = build_source(loader_cfg.dataset, cfg.storage,
+                          need_captions=needs_captions(loader_cfg))
+
+    def check(index: int) -> tuple[int, int] | DataError:
+        try:
+            raw = source.fetch(index)
+            image = decode_image(raw.data, raw.id, max_pixels, draft_size=(64, 64))
+            if needs_captions(loader_cfg) and raw.caption is None:
+                return DataError(f"{raw.id}: no caption")
+            return image_size_hw(raw.data, raw.id, max_pixels) if image else (0, 0)
+        except DataError as err:
+            return err
+
+    results = list(fetch_pool().map(check, range(len(source))))
+    errors = [r for r in results if isinstance(r, DataError)]
+    if errors:
+        more = f" (and {len(errors) - 1} more bad examples)" if len(errors) > 1 else ""
+        raise DataError(f"{errors[0].message}{more}", hint=errors[0].hint)
+    sizes = [r for r in results if not isinstance(r, DataError)]
+    return PreflightReport(num_examples=len(source), sizes_hw=sizes)

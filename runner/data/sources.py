@@ -1,0 +1,344 @@
+"""The four dataset types as one indexable `Source` of (image bytes, caption) records.
+
+Everything is read through `runner.storage` (local directory or S3). Listing is lazy and
+paginated; only keys are held in memory. Bytes are fetched on demand (in parallel by the
+caller, see `fetch_many`) and kept only with `keep_in_memory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from runner.config.data import (
+    AnyDatasetConfig,
+    HFHubImageCaptionDatasetConfig,
+    ImageCaptionDirDatasetConfig,
+    ImageCaptionJsonlDatasetConfig,
+    ImageDirDatasetConfig,
+)
+from runner.data.images import is_image_name
+from runner.errors import DataError
+from runner.storage import ObjectStore, open_store
+
+FETCH_WORKERS = 16
+"""Parallel GETs per process (bounded pool)."""
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def fetch_pool() -> ThreadPoolExecutor:
+    """This process's bounded fetch pool (a fresh one after fork, e.g. in loader workers)."""
+    pid = os.getpid()
+    with _pools_lock:
+        if pid not in _pools:
+            _pools[pid] = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="kubetune-fetch")
+        return _pools[pid]
+
+
+class StoreRef:
+    """A store opened lazily once per process (boto3 clients do not survive fork/pickle)."""
+
+    def __init__(self, uri: str, storage: Any | None = None) -> None:
+        self.uri, self.storage = uri, storage
+        self._store: ObjectStore | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def get(self) -> ObjectStore:
+        with self._lock:
+            if self._store is None or self._pid != os.getpid():
+                self._store, self._pid = open_store(self.uri, self.storage), os.getpid()
+            return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "storage": self.storage}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"], state["storage"])  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example: where its image (and caption) are, and a name for messages."""
+
+    id: str
+    image_key: str
+    store: int = 0
+    caption: str | None = None
+    caption_key: str | None = None
+    row: int | None = None  # HF datasets: the row holding the image
+
+
+@dataclass(frozen=True)
+class RawExample:
+    id: str
+    data: bytes
+    caption: str | None
+
+
+class Source:
+    """Indexable records plus the stores (or HF dataset) their bytes come from."""
+
+    def __init__(self, name: str, records: list[Record], stores: list[StoreRef],
+                 keep_in_memory: bool = False, hf: _HFRows | None = None) -> None:
+        self.name = name
+        self.records = records
+        self.stores = stores
+        self.keep_in_memory = keep_in_memory
+        self.hf = hf
+        self._memory: dict[int, RawExample] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def url(self, index: int) -> str:
+        rec = self.records[index]
+        if rec.row is not None:
+            return rec.id
+        return self.stores[rec.store].get().url(rec.image_key)
+
+    def fetch(self, index: int) -> RawExample:
+        """The example's encoded image bytes and caption (DataError naming a missing file)."""
+        cached = self._memory.get(index)
+        if cached is not None:
+            return cached
+        rec = self.records[index]
+        if rec.row is not None and self.hf is not None:
+            data = self.hf.image_bytes(rec.row, rec.id)
+        else:
+            data = self._get(rec, rec.image_key)
+        caption = rec.caption
+        if rec.caption_key is not None:
+            raw = self._get(rec, rec.caption_key)
+            try:
+                caption = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DataError(f"{self._url(rec, rec.caption_key)}: caption is not valid UTF-8 "
+                                f"(byte {err.start})", hint="re-save the file as UTF-8") from None
+        example = RawExample(rec.id, data, caption)
+        if self.keep_in_memory:
+            self._memory[index] = example
+        return example
+
+    def fetch_many(self, indices: Sequence[int]) -> list[RawExample]:
+        """Fetch several examples with the bounded parallel pool, in order."""
+        if len(indices) <= 1:
+            return [self.fetch(i) for i in indices]
+        return list(fetch_pool().map(self.fetch, indices))
+
+    def _url(self, rec: Record, key: str) -> str:
+        return self.stores[rec.store].get().url(key)
+
+    def _get(self, rec: Record, key: str) -> bytes:
+        try:
+            return self.stores[rec.store].get().get_bytes(key)
+        except FileNotFoundError:
+            raise DataError(f"{self._url(rec, key)}: file not found",
+                            hint="fix the path or remove the entry") from None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_memory"] = {}
+        return state
+
+
+def build_source(cfg: AnyDatasetConfig, storage: Any | None = None, *,
+                 need_captions: bool = True) -> Source:
+    """List the dataset (no image bytes read); DataError for missing files, bad lines, or
+    an empty dataset."""
+    if isinstance(cfg, ImageCaptionJsonlDatasetConfig):
+        source = _jsonl_source(cfg, storage, need_captions)
+    elif isinstance(cfg, ImageCaptionDirDatasetConfig):
+        source = _dir_source(cfg.dataset_dir, storage, cfg.keep_in_memory, captions=True)
+    elif isinstance(cfg, ImageDirDatasetConfig):
+        source = _dir_source(cfg.dataset_dir, storage, cfg.keep_in_memory, captions=False)
+    elif isinstance(cfg, HFHubImageCaptionDatasetConfig):
+        source = _hf_source(cfg, need_captions)
+    else:  # pragma: no cover - the config union is closed
+        raise TypeError(f"unknown dataset config {type(cfg).__name__}")
+    if not len(source):
+        raise DataError(f"{source.name}: the dataset is empty (no images found)",
+                        hint="check the path; images must be png, jpg, webp or bmp")
+    return source
+
+
+# --- directories ---------------------------------------------------------------------------
+
+def _dir_source(uri: str, storage: Any | None, keep: bool, *, captions: bool) -> Source:
+    if "://" not in uri and not os.path.isdir(uri):
+        raise DataError(f"{uri}: no such folder", hint="check data_loader.dataset.dataset_dir")
+    ref = StoreRef(uri, storage)
+    images: list[str] = []
+    texts: set[str] = set()
+    for info in _top_level(ref.get().list()):
+        if is_image_name(info.key):
+            images.append(info.key)
+        elif info.key.endswith(".txt"):
+            texts.add(info.key)
+    records = []
+    for key in images:
+        caption_key = None
+        if captions:
+            caption_key = posixpath.splitext(key)[0] + ".txt"
+            if caption_key not in texts:
+                raise DataError(f"{ref.get().url(key)}: no caption file {caption_key}",
+                                hint="add it, or use IMAGE_DIR_DATASET with caption templates")
+        records.append(Record(id=key, image_key=key, caption_key=caption_key))
+    return Source(uri, records, [ref], keep_in_memory=keep)
+
+
+def _top_level(infos: Iterator[Any]) -> Iterator[Any]:
+    """Files directly in the folder (no sub-folders, no hidden files)."""
+    for info in infos:
+        if "/" not in info.key and not info.key.startswith("."):
+            yield info
+
+
+# --- JSONL ---------------------------------------------------------------------------------
+
+def _split_uri(path: str) -> tuple[str, str]:
+    """(parent folder URI, file name) of a local path or s3:// URI."""
+    if path.startswith("s3://"):
+        parent, _, name = path.rstrip("/").rpartition("/")
+        return (parent if parent != "s3:/" else path), name
+    absolute = os.path.abspath(path)
+    return os.path.dirname(absolute), os.path.basename(absolute)
+
+
+def _jsonl_source(cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None,
+                  need_captions: bool) -> Source:
+    folder, name = _split_uri(cfg.jsonl_path)
+    refs = {folder: 0}
+    stores = [StoreRef(folder, storage)]
+    try:
+        text = stores[0].get().get_bytes(name)
+    except FileNotFoundError:
+        raise DataError(f"{cfg.jsonl_path}: no such file",
+                        hint="check data_loader.dataset.jsonl_path") from None
+    records: list[Record] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{cfg.jsonl_path}:{lineno}"
+        row = _parse_line(line, where)
+        image = _column(row, cfg.image_column, where, str)
+        caption = _column(row, cfg.caption_column, where, str) if need_captions else None
+        root, key = _resolve(image, where)
+        if root is None:
+            root = folder
+        if root not in refs:
+            refs[root] = len(stores)
+            stores.append(StoreRef(root, storage))
+        records.append(Record(id=image, image_key=key, store=refs[root], caption=caption))
+    return Source(cfg.jsonl_path, records, stores, keep_in_memory=cfg.keep_in_memory)
+
+
+def _parse_line(line: bytes, where: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: line is not valid UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})",
+                        hint="each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _column(row: dict[str, Any], column: str, where: str, kind: type) -> Any:
+    if column not in row:
+        raise DataError(f"{where}: missing column {column!r} (has {sorted(row)})",
+                        hint="fix the line or set image_column / caption_column")
+    value = row[column]
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: column {column!r} must be a {kind.__name__}, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _resolve(image: str, where: str) -> tuple[str | None, str]:
+    """(store root or None for the JSONL folder, key) for an image path from a JSONL line."""
+    if image.startswith("s3://"):
+        bucket, _, key = image[len("s3://"):].partition("/")
+        if not bucket or not key:
+            raise DataError(f"{where}: {image!r} is not an s3://bucket/key URI")
+        _check_relative(key, image, where)
+        return f"s3://{bucket}", key
+    if os.path.isabs(image):
+        return "/", image.lstrip("/")
+    _check_relative(image, image, where)
+    return None, posixpath.normpath(image)
+
+
+def _check_relative(key: str, shown: str, where: str) -> None:
+    if ".." in key.replace("\\", "/").split("/") or "://" in key:
+        raise DataError(f"{where}: image path {shown!r} escapes the dataset folder",
+                        hint="use a path inside the dataset folder (no '..')")
+
+
+# --- Hugging Face datasets -----------------------------------------------------------------
+
+class _HFRows:
+    """A `datasets.Dataset` whose image column is read as encoded bytes (not decoded)."""
+
+    def __init__(self, dataset: Any, image_column: str) -> None:
+        import datasets
+
+        self.image_column = image_column
+        self.dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+
+    def image_bytes(self, row: int, name: str) -> bytes:
+        value = self.dataset[row][self.image_column]
+        if value is None or not (value.get("bytes") or value.get("path")):
+            raise DataError(f"{name}: the image column holds no image")
+        if value.get("bytes"):
+            return value["bytes"]
+        try:
+            with open(value["path"], "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise DataError(f"{name}: image file {value['path']} not found") from None
+
+
+def _load_hf(cfg: HFHubImageCaptionDatasetConfig) -> Any:
+    import datasets
+
+    if os.path.isdir(cfg.dataset_name):
+        loaded = datasets.load_from_disk(cfg.dataset_name)
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        return loaded
+    try:
+        return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name,
+                                     cache_dir=cfg.hf_cache_dir, split="train")
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        raise DataError(f"{cfg.dataset_name}: cannot load the dataset: {err}",
+                        hint="check dataset_name / dataset_config_name") from None
+
+
+def _hf_source(cfg: HFHubImageCaptionDatasetConfig, need_captions: bool) -> Source:
+    dataset = _load_hf(cfg)
+    columns = list(dataset.column_names)
+    wanted = [cfg.image_column] + ([cfg.caption_column] if need_captions else [])
+    for column in wanted:
+        if column not in columns:
+            raise DataError(f"{cfg.dataset_name}: missing column {column!r} (has {columns})",
+                            hint="set image_column / caption_column")
+    captions: list[Any] = list(dataset[cfg.caption_column]) if need_captions else []
+    records = []
+    for row in range(len(dataset)):
+        caption = captions[row] if need_captions else None
+        if need_captions and not isinstance(caption, str):
+            raise DataError(f"{cfg.dataset_name}[{row}]: caption is not text ({caption!r})")
+        records.append(Record(id=f"{cfg.dataset_name}[{row}]", image_key="", caption=caption,
+                              row=row))
+    return Source(cfg.dataset_name, records, [], keep_in_memory=False,
+                  hf=_HFRows(dataset, cfg.image_column))
