@@ -233,8 +233,9 @@ def test_missing_model_is_a_user_error_naming_the_path(tmp_path: Path) -> None:
         load_components(str(tmp_path / "empty"))
 
 
-def test_single_file_roundtrip(tmp_path: Path, tiny_sd_dir: Path) -> None:
-    ckpt = save_single_file(tiny_sd_dir, tmp_path / "tiny.safetensors")
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny.ckpt"])
+def test_single_file_roundtrip(tmp_path: Path, tiny_sd_dir: Path, name: str) -> None:
+    ckpt = save_single_file(tiny_sd_dir, tmp_path / name)
     comps = load_components(str(ckpt), single_file_config=str(tiny_sd_dir))
     assert comps.is_sdxl is False
     ref = load_components(str(tiny_sd_dir))
@@ -314,3 +315,25 @@ def test_sample_data_matches_its_generator(tmp_path: Path) -> None:
         with Image.open(image) as a, Image.open(fresh / row["image"]) as b:
             assert a.size == (96, 96) and a.mode == "RGB"
             assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_components_from_pipeline_config(tiny_sd_dir: Path) -> None:
+    from runner.config.pipelines import SdLoraConfig
+    from runner.models.loading import load_components_from_config
+
+    cfg = SdLoraConfig.model_validate(
+        {
+            "model": str(tiny_sd_dir),
+            "prediction_type": "v_prediction",
+            "base_output_dir": "unused",
+            "max_train_steps": 1,
+            "save_every_n_steps": 1,
+            "data_loader": {
+                "type": "IMAGE_CAPTION_SD_DATA_LOADER",
+                "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "unused"},
+            },
+        }
+    )
+    comps = load_components_from_config(cfg)  # hf_variant defaults to fp16: falls back
+    assert comps.unet.dtype == torch.bfloat16  # the config's default weight_dtype
+    assert comps.noise_scheduler.config.prediction_type == "v_prediction"

@@ -276,7 +276,7 @@ def _from_pretrained(
     }
     if variant and _has_variant(source, sub, variant) is not False:
         try:
-            return cls.from_pretrained(source, variant=variant, **kwargs).to(dtype)
+            return cls.from_pretrained(source, variant=variant, **kwargs)
         except (OSError, ValueError) as err:
             log.debug("variant %s of %s/%s failed: %s", variant, source, sub, err)
     if variant:
@@ -286,7 +286,7 @@ def _from_pretrained(
             sub,
             variant,
         )
-    return _guard(source, sub, lambda: cls.from_pretrained(source, **kwargs).to(dtype))
+    return _guard(source, sub, lambda: cls.from_pretrained(source, **kwargs))
 
 
 def load_vae(

@@ -145,7 +145,8 @@ def convert_vae(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
 
 
 def save_single_file(model_dir: str | Path, out_path: str | Path) -> Path:
-    """Write the SD1.5 diffusers directory ``model_dir`` as one ldm-layout ``.safetensors``.
+    """Write the SD1.5 diffusers directory ``model_dir`` as one ldm-layout checkpoint file
+    (``.safetensors``, or a pickled ``.ckpt`` for any other suffix).
 
     Load it back offline with ``StableDiffusionPipeline.from_single_file(out_path,
     config=model_dir)`` (or ``runner.models.loading.load_components(out_path,
@@ -168,5 +169,9 @@ def save_single_file(model_dir: str | Path, out_path: str | Path) -> Path:
         for k, v in text.items()
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, out_path)
+    state = {k: v.contiguous() for k, v in state.items()}
+    if out_path.suffix == ".safetensors":
+        save_file(state, out_path)
+    else:  # .ckpt: the original pickle layout, weights under "state_dict"
+        torch.save({"state_dict": state}, out_path)
     return out_path
