@@ -1,0 +1,64 @@
+"""``python -m runner CONFIG [--no-resume] [--force-restart]``: the container's entrypoint.
+
+Thin on purpose: parse, load the config, install the SIGTERM handler, call
+``runner.train.run``, and map kubetune errors to exit codes and one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from runner.errors import EXIT_FAILURE, KubetuneError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m runner",
+                                     description="Train one kubetune config.")
+    parser.add_argument("config", help="path to the YAML config (or - for stdin)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start from step 0 (discards this run's existing checkpoints)")
+    parser.add_argument("--force-restart", action="store_true",
+                        help="start over even if the checkpoints came from another config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set max_train_steps=10")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    level = os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "botocore", "s3transfer", "PIL", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        from runner.config import load_config
+        from runner.loop import install_sigterm_handler
+
+        cfg = load_config(args.config, overrides=args.set)
+        stop = install_sigterm_handler()
+        from runner.train import run
+
+        run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop)
+    except KubetuneError as err:
+        print(f"kubetune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("kubetune: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("kubetune: error: out of memory (lower train_batch_size or resolution, or "
+              "enable gradient_checkpointing)", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

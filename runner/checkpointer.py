@@ -1,0 +1,186 @@
+"""Checkpoint cadence and content: what a step folder holds and how a run resumes from one.
+
+A folder ``checkpoints/step-XXXXXX/`` holds the user-facing outputs (LoRA / embeddings),
+``trainable.safetensors`` (exact float32 trained weights), ``training_state.pt``
+(optimizer, LR scheduler, grad scaler, RNG states, loop position, data-loader position) and
+``run_info.json`` (the config fields a resumed run must share). Uploading, manifests and
+pruning belong to ``runner.checkpoints.CheckpointManager``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from runner.config import PipelineConfig
+from runner.errors import ResumeMismatchError
+from runner.pipelines.common import TrainingPipeline
+
+log = logging.getLogger(__name__)
+STATE_FILE = "training_state.pt"
+WEIGHTS_FILE = "trainable.safetensors"
+INFO_FILE = "run_info.json"
+COMPAT_FIELDS = ("type", "model", "lora_rank_dim", "unet_lora_target_modules",
+                 "text_encoder_lora_target_modules", "train_unet", "train_text_encoder",
+                 "train_ti", "num_vectors", "placeholder_token")
+
+
+class Manager(Protocol):
+    """``runner.checkpoints.CheckpointManager`` as this module uses it."""
+
+    def save_async(self, step: int, local_dir: Path) -> None: ...
+    def latest(self) -> int | None: ...
+    def restore(self, step: int, local_dir: Path) -> None: ...
+    def wait(self) -> None: ...
+
+
+@dataclass
+class LoopState:
+    """Where training stands: optimizer steps done, epoch, batches consumed in the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    every_n_steps: int | None
+    every_n_epochs: int | None
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> CheckpointSettings:
+        return cls(cfg.save_every_n_steps, cfg.save_every_n_epochs)
+
+    def due(self, step: int, completed_epoch: int | None) -> bool:
+        if self.every_n_steps:
+            return step % self.every_n_steps == 0
+        return bool(completed_epoch and self.every_n_epochs
+                    and completed_epoch % self.every_n_epochs == 0)
+
+
+def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config fields that decide the shape/meaning of the trained weights."""
+    dumped = cfg.model_dump(mode="json")
+    return {k: dumped[k] for k in COMPAT_FIELDS if k in dumped}
+
+
+def check_compatible(saved: dict[str, Any], cfg: PipelineConfig, step: int) -> None:
+    """Raise ResumeMismatchError naming the first differing fields."""
+    current = compat_info(cfg)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items()
+             if saved.get(k) != v]
+    if diffs:
+        raise ResumeMismatchError(
+            f"checkpoint step-{step:06d} was written by an incompatible config ("
+            + "; ".join(diffs[:3]) + ")",
+            hint="restore the old settings, use another run name, or pass --force-restart "
+                 "to discard the old checkpoints")
+
+
+# --- RNG state ---------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the checkpointer ----------------------------------------------------------------------
+
+class Checkpointer:
+    """Decides when to checkpoint, writes the step folder, hands it to the manager.
+
+    ``objects`` holds everything else with a ``state_dict`` that must resume exactly
+    (optimizer, lr_scheduler, scaler, generator wrapper, loader).
+    """
+
+    def __init__(self, settings: CheckpointSettings, manager: Manager, work_dir: Path,
+                 cfg: PipelineConfig, pipeline: TrainingPipeline, objects: dict[str, Any],
+                 *, seed: int, is_main: bool = True) -> None:
+        self.settings, self.manager, self.cfg = settings, manager, cfg
+        self.work_dir, self.pipeline, self.objects = work_dir, pipeline, objects
+        self.seed, self.is_main = seed, is_main
+        self.last_saved: int | None = None
+        self._staged: list[Path] = []
+
+    def maybe_save(self, state: LoopState, completed_epoch: int | None) -> bool:
+        if self.settings.due(state.step, completed_epoch):
+            self.save(state)
+            return True
+        return False
+
+    def save(self, state: LoopState) -> Path | None:
+        """Write the step folder and start publishing it (returns once it is on disk)."""
+        if self.last_saved == state.step:
+            return None
+        self.last_saved = state.step
+        if not self.is_main:
+            return None
+        folder = self.work_dir / "checkpoints" / f"step-{state.step:06d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.pipeline.export(folder)
+        save_file(self.pipeline.trainable_state(), folder / WEIGHTS_FILE)
+        torch.save({"loop": asdict(state), "rng": rng_state(),
+                    **{k: o.state_dict() for k, o in self.objects.items()}},
+                   folder / STATE_FILE)
+        info = {"step": state.step, "seed": self.seed, **compat_info(self.cfg)}
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        self.manager.save_async(state.step, folder)  # waits for the previous upload
+        for old in self._staged:
+            shutil.rmtree(old, ignore_errors=True)
+        self._staged = [folder]
+        log.info("checkpoint step-%06d written; publishing", state.step)
+        return folder
+
+    def wait(self) -> None:
+        self.manager.wait()
+
+    def restore(self, folder: Path) -> LoopState:
+        """Load weights and training state from a restored step folder."""
+        self.pipeline.load_trainable_state(load_file(folder / WEIGHTS_FILE))
+        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        for key, obj in self.objects.items():
+            obj.load_state_dict(saved[key])
+        set_rng_state(saved["rng"])
+        state = LoopState(**saved["loop"])
+        self.last_saved = state.step
+        return state
+
+
+def fetch_latest(manager: Manager, work_dir: Path, cfg: PipelineConfig
+                 ) -> tuple[Path, dict[str, Any]] | None:
+    """Download the newest complete checkpoint and check it fits ``cfg``; None if none."""
+    step = manager.latest()
+    if step is None:
+        return None
+    folder = work_dir / "restore" / f"step-{step:06d}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    manager.restore(step, folder)
+    info = json.loads((folder / INFO_FILE).read_text())
+    check_compatible(info, cfg, step)
+    return folder, info

@@ -1,0 +1,160 @@
+"""The training loop: step → checkpointer.maybe_save(step) → validator.maybe_validate(step),
+with a SIGTERM flag checked between steps (checkpoint, publish, exit 143)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from runner.checkpointer import Checkpointer, LoopState
+from runner.errors import Preempted
+from runner.pipelines.common import Batch, TrainingPipeline
+from runner.progress import ProgressReporter
+from runner.validation import Validator
+
+
+def install_sigterm_handler() -> threading.Event:
+    """SIGTERM sets the returned flag; the loop finishes its step and checkpoints."""
+    flag = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        flag.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    return flag
+
+
+class GeneratorState:
+    """A ``torch.Generator`` with the ``state_dict`` interface checkpoints use."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["state"])
+
+
+class StepRunner:
+    """One optimizer step over a group of micro-batches (gradient accumulation)."""
+
+    def __init__(self, accelerator: Accelerator, pipeline: TrainingPipeline,
+                 optimizer: Any, lr_scheduler: Any, generator: torch.Generator,
+                 max_grad_norm: float | None) -> None:
+        self.accelerator, self.pipeline = accelerator, pipeline
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.generator, self.max_grad_norm = generator, max_grad_norm
+        self.params = list(pipeline.trainable_parameters().values())
+
+    @property
+    def lr(self) -> float:
+        return float(self.lr_scheduler.get_last_lr()[0])
+
+    def run(self, group: list[Batch], step: int) -> torch.Tensor:
+        """Forward/backward each micro-batch, then clip, step, schedule; the mean loss."""
+        self.pipeline.before_step(step)
+        total = torch.zeros((), device=self.accelerator.device)
+        for batch in group:
+            with self.accelerator.autocast():
+                loss = self.pipeline.loss(batch, self.generator) / len(group)
+            self.accelerator.backward(loss)
+            total += loss.detach()
+        self._all_reduce_grads()
+        if self.max_grad_norm is not None:
+            live = [p for p in self.params if p.grad is not None]
+            self.accelerator.clip_grad_norm_(live, self.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pipeline.after_optimizer_step()
+        return total
+
+    def _all_reduce_grads(self) -> None:
+        """Average gradients across processes in one flat buffer (LoRA/TI grads are small)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+@dataclass
+class StepInput:
+    group: list[Batch]
+    completed_epoch: int | None
+    """Epochs completed once this step is done (set only on an epoch's last step)."""
+
+    @property
+    def images(self) -> int:
+        return sum(len(b["caption"]) for b in self.group)
+
+
+def step_inputs(loader: Any, accumulation: int, state: LoopState) -> Iterator[StepInput]:
+    """Group the loader's batches into optimizer steps, never across an epoch boundary;
+    ``state``'s epoch / batch position is advanced before each step is handed out."""
+    per_epoch = len(loader)
+    while True:
+        group: list[Batch] = []
+        for batch in loader:  # the rest of the loader's current epoch
+            group.append(batch)
+            state.batch_in_epoch += 1
+            epoch_done = state.batch_in_epoch >= per_epoch
+            if len(group) == accumulation or epoch_done:
+                completed = None
+                if epoch_done:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                    completed = state.epoch
+                yield StepInput(group, completed)
+                group = []
+
+
+@dataclass
+class Loop:
+    """Everything the loop talks to."""
+
+    runner: StepRunner
+    loader: Any
+    checkpointer: Checkpointer
+    validator: Validator
+    progress: ProgressReporter
+    stop: threading.Event
+    total_steps: int
+    accumulation: int
+
+    def run(self, state: LoopState) -> None:
+        """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
+        if state.step >= self.total_steps:
+            return
+        for item in step_inputs(self.loader, self.accumulation, state):
+            loss = self.runner.run(item.group, state.step)
+            state.step += 1
+            self.progress.update(state.step, state.epoch, loss, self.runner.lr, item.images)
+            if self.checkpointer.maybe_save(state, item.completed_epoch):
+                self.progress.note(last_checkpoint_step=state.step)
+            self.validator.maybe_validate(state.step, item.completed_epoch)
+            if state.step >= self.total_steps:
+                return
+            if self.stop.is_set():
+                self._preempt(state)
+
+    def _preempt(self, state: LoopState) -> None:
+        self.checkpointer.save(state)
+        self.checkpointer.wait()
+        self.progress.note(last_checkpoint_step=state.step)
+        self.progress.finish("preempted")
+        raise Preempted(f"stopped by SIGTERM after step {state.step}; checkpoint "
+                        f"step-{state.step:06d} published, resume by rerunning")

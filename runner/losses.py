@@ -1,0 +1,38 @@
+"""Noise-prediction losses: epsilon / v-prediction targets with optional Min-SNR weighting."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha²/sigma² of each timestep."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def training_target(scheduler: DDPMScheduler, prediction_type: str, latents: torch.Tensor,
+                    noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                   scheduler: DDPMScheduler, prediction_type: str,
+                   min_snr_gamma: float | None) -> torch.Tensor:
+    """Mean squared error in float32, weighted per sample by min(SNR, gamma)/SNR when set
+    (divided by SNR+1 for v-prediction, as in Hang et al. 2023)."""
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    if min_snr_gamma is None:
+        return per_sample.mean()
+    ratio = snr(scheduler, timesteps)
+    weights = torch.clamp(ratio, max=min_snr_gamma)
+    weights = weights / (ratio + 1) if prediction_type == "v_prediction" else weights / ratio
+    return (per_sample * weights).mean()

@@ -1,0 +1,110 @@
+"""SD1.5 / SDXL LoRA: peft adapters on the UNet and (optionally) the text encoder(s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import ModelMixin
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from runner.config import SdLoraConfig, SdxlLoraAndTextualInversionConfig, SdxlLoraConfig
+from runner.exporters import LoraExport, export_lora
+from runner.models.loading import Components
+from runner.optim import ParamGroups
+from runner.pipelines.common import TrainingPipeline
+
+LoraConfigs = SdLoraConfig | SdxlLoraConfig | SdxlLoraAndTextualInversionConfig
+ADAPTER = "default"
+
+
+def add_lora(module: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> None:
+    """Add a float32 peft LoRA adapter (gaussian A, zero B) to ``module``'s ``targets``."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                        init_lora_weights="gaussian")
+    if isinstance(module, ModelMixin):
+        module.add_adapter(config)
+    else:  # transformers' add_adapter insists on a newer peft than diffusers needs
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+        module.peft_config = {ADAPTER: config}
+    for name, param in module.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            param.requires_grad_(True)
+
+
+def lora_parameters(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
+    return {f"{prefix}.{n}": p for n, p in module.named_parameters() if "lora_" in n}
+
+
+class LoraPart:
+    """The LoRA half of a pipeline (also used by LoRA + TI): which modules carry adapters,
+    their learning rates, and their export."""
+
+    def __init__(self, cfg: LoraConfigs, comps: Components) -> None:
+        self.cfg = cfg
+        self.comps = comps
+        self.alpha = float(cfg.lora_alpha or cfg.lora_rank_dim)
+        self.modules: dict[str, nn.Module] = {}
+        if cfg.train_unet:
+            self.modules["unet"] = comps.unet
+        if cfg.train_text_encoder:
+            self.modules["text_encoder"] = comps.text_encoder
+            if comps.text_encoder_2 is not None:
+                self.modules["text_encoder_2"] = comps.text_encoder_2
+        for name, module in self.modules.items():
+            targets = (cfg.unet_lora_target_modules if name == "unet"
+                       else cfg.text_encoder_lora_target_modules)
+            add_lora(module, rank=cfg.lora_rank_dim, alpha=self.alpha, targets=list(targets))
+
+    def _lr(self, name: str) -> float:
+        cfg = self.cfg
+        base = cfg.optimizer.learning_rate
+        if name == "unet":
+            return cfg.unet_learning_rate or base
+        te = cfg.text_encoder_learning_rate or base
+        if isinstance(cfg, SdLoraConfig):
+            return te
+        own = (cfg.text_encoder_1_learning_rate if name == "text_encoder"
+               else cfg.text_encoder_2_learning_rate)
+        return own or te
+
+    def param_groups(self) -> ParamGroups:
+        return [{"params": list(lora_parameters(m, n).values()), "lr": self._lr(n), "name": n}
+                for n, m in self.modules.items()]
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        out: dict[str, nn.Parameter] = {}
+        for name, module in self.modules.items():
+            out.update(lora_parameters(module, name))
+        return out
+
+    def export(self, out_dir: Path) -> list[Path]:
+        return export_lora(LoraExport(modules=self.modules, alpha=self.alpha,
+                                      rank=self.cfg.lora_rank_dim, is_sdxl=self.comps.is_sdxl),
+                           out_dir, self.cfg.lora_checkpoint_format)
+
+
+
+class LoraPipeline(TrainingPipeline):
+    """SD_LORA and SDXL_LORA."""
+
+    def __init__(self, cfg: SdLoraConfig | SdxlLoraConfig, comps: Components,
+                 device: torch.device) -> None:
+        super().__init__(cfg, comps, device, cache_text=cfg.cache_text_encoder_outputs)
+        self.lora = LoraPart(cfg, comps)
+        self.train_text_encoders = cfg.train_text_encoder
+
+    def param_groups(self) -> ParamGroups:
+        return self.lora.param_groups()
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return self.lora.parameters()
+
+    def trained_modules(self) -> list[nn.Module]:
+        return list(self.lora.modules.values())
+
+    def export(self, out_dir: Path) -> list[Path]:
+        return self.lora.export(out_dir)
+

@@ -1,0 +1,56 @@
+"""SDXL LoRA + Textual Inversion (pivotal tuning): LoRA adapters and new token vectors train
+together with their own learning rates; the vectors may stop after a fraction of the steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runner.config import SdxlLoraAndTextualInversionConfig
+from runner.models.loading import Components
+from runner.optim import ParamGroups
+from runner.pipelines.common import TrainingPipeline
+from runner.pipelines.lora import LoraPart
+from runner.pipelines.textual_inversion import TextualInversionPart
+
+
+class LoraAndTextualInversionPipeline(TrainingPipeline):
+    """SDXL_LORA_AND_TEXTUAL_INVERSION."""
+
+    def __init__(self, cfg: SdxlLoraAndTextualInversionConfig, comps: Components,
+                 device: torch.device, *, total_steps: int) -> None:
+        super().__init__(cfg, comps, device)
+        self.cfg: SdxlLoraAndTextualInversionConfig = cfg
+        self.ti = TextualInversionPart(cfg, comps)
+        self.lora = LoraPart(cfg, comps)
+        self.ti.set_trainable(cfg.train_ti)
+        ratio = cfg.ti_train_steps_ratio
+        self.ti_steps = total_steps if ratio is None else math.ceil(ratio * total_steps)
+        self.train_text_encoders = True
+
+    def param_groups(self) -> ParamGroups:
+        groups = self.lora.param_groups()
+        if self.cfg.train_ti:
+            groups.append(self.ti.param_group(self.cfg.textual_inversion_learning_rate))
+        return groups
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        params = self.lora.parameters()
+        if self.cfg.train_ti:
+            params.update(self.ti.parameters())
+        return params
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [*self.lora.modules.values(), *self.ti.embeddings]
+
+    def before_step(self, step: int) -> None:
+        """Freeze the vectors once ``ti_train_steps_ratio`` of the steps are done."""
+        if self.cfg.train_ti:
+            self.ti.set_trainable(step < self.ti_steps)
+
+    def export(self, out_dir: Path) -> list[Path]:
+        return self.lora.export(out_dir) + self.ti.export(out_dir)
+

@@ -1,0 +1,126 @@
+"""Progress for humans (one log line every N steps, readable in ``kubectl logs``) and for the
+launcher (``progress.json`` in the run's output location), plus TensorBoard scalars.
+
+The loss stays on the device between log lines: one host sync per log line, not per step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.storage import ObjectStore
+
+log = logging.getLogger("runner.progress")
+PROGRESS_KEY = "progress.json"
+
+
+@dataclass(frozen=True)
+class ProgressSettings:
+    total_steps: int
+    steps_per_epoch: int
+    log_every_n_steps: int = 10
+    write_every_s: float = 30.0
+    tensorboard_dir: Path | None = None
+    upload_logs: bool = False
+    """Copy the TensorBoard files to ``logs/`` in the store on each write (remote stores)."""
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return str(dt.timedelta(seconds=int(seconds)))
+
+
+class ProgressReporter:
+    """Call ``update`` after every optimizer step; ``finish(state)`` at the end."""
+
+    def __init__(self, settings: ProgressSettings, store: ObjectStore | None,
+                 *, start_step: int = 0) -> None:
+        self.s, self.store = settings, store
+        self.start_step = start_step
+        self._loss_sum: torch.Tensor | None = None
+        self._window_steps = 0
+        self._window_images = 0
+        self._window_start = time.perf_counter()
+        self._last_write = 0.0
+        self.record: dict[str, Any] = {"state": "running", "step": start_step,
+                                       "total_steps": settings.total_steps}
+        self._writer = self._tensorboard(settings.tensorboard_dir)
+
+    @staticmethod
+    def _tensorboard(folder: Path | None) -> Any:
+        if folder is None:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; no event files will be written")
+            return None
+        return SummaryWriter(str(folder))
+
+    def update(self, step: int, epoch: int, loss: torch.Tensor, lr: float, images: int) -> None:
+        detached = loss.detach()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._window_steps += 1
+        self._window_images += images
+        if step % self.s.log_every_n_steps == 0 or step == self.s.total_steps:
+            self._emit(step, epoch, lr)
+
+    def _emit(self, step: int, epoch: int, lr: float) -> None:
+        assert self._loss_sum is not None
+        loss = float(self._loss_sum.item()) / self._window_steps  # the one sync per line
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        ips = self._window_images / elapsed
+        eta = (self.s.total_steps - step) * elapsed / self._window_steps
+        log.info("step %d/%d epoch %d loss %.4f lr %.3g %.2f img/s ETA %s", step,
+                 self.s.total_steps, epoch + 1, loss, lr, ips, format_eta(eta))
+        self.record.update(step=step, epoch=epoch, loss=loss, lr=lr, images_per_sec=ips,
+                           eta_seconds=round(eta, 1))
+        if self._writer is not None:
+            self._writer.add_scalar("train/loss", loss, step)
+            self._writer.add_scalar("train/lr", lr, step)
+            self._writer.add_scalar("train/images_per_sec", ips, step)
+        self._loss_sum, self._window_steps, self._window_images = None, 0, 0
+        self._window_start = time.perf_counter()
+        if time.monotonic() - self._last_write >= self.s.write_every_s:
+            self.write()
+
+    def note(self, **fields: Any) -> None:
+        """Add fields to the record (e.g. last_checkpoint_step) without writing it."""
+        self.record.update(fields)
+
+    def write(self, state: str | None = None) -> None:
+        """Publish progress.json (all-or-nothing put)."""
+        if state is not None:
+            self.record["state"] = state
+        self.record["updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(
+            timespec="seconds")
+        self._last_write = time.monotonic()
+        if self.store is not None:
+            self.store.put_bytes(PROGRESS_KEY, json.dumps(self.record, indent=2).encode())
+        if self._writer is not None:
+            self._writer.flush()
+            self._upload_logs()
+
+    def _upload_logs(self) -> None:
+        folder = self.s.tensorboard_dir
+        if not (self.s.upload_logs and self.store is not None and folder is not None):
+            return
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.store.put_file(f"logs/{path.relative_to(folder).as_posix()}", path)
+
+    def finish(self, state: str) -> None:
+        self.write(state)
+        if self._writer is not None:
+            self._writer.close()
+            self._upload_logs()
+            self._writer = None

@@ -1,0 +1,229 @@
+"""The training orchestrator: ``run(cfg)`` wires storage, checkpoints, models, data, the
+pipeline for ``cfg.type``, optimizer and loop, resumes from the newest checkpoint, and
+publishes the outputs. See docs/architecture.md for the run layout."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from runner.checkpointer import (
+    Checkpointer,
+    CheckpointSettings,
+    LoopState,
+    Manager,
+    fetch_latest,
+)
+from runner.config import PipelineConfig, config_to_yaml, output_uri
+from runner.errors import DataError, UserError
+from runner.loop import GeneratorState, Loop, StepRunner
+from runner.models.loading import Components, load_components_from_config, to_dtype
+from runner.optim import build_lr_scheduler, build_optimizer
+from runner.pipelines import TrainingPipeline, build_pipeline
+from runner.pipelines.common import enable_gradient_checkpointing
+from runner.progress import ProgressReporter, ProgressSettings
+from runner.storage import ObjectStore, open_store
+from runner.validation import ValidationSettings, Validator
+
+log = logging.getLogger(__name__)
+ManagerFactory = Callable[[ObjectStore, "int | None"], Manager]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    step: int
+    output_uri: str
+    final_keys: list[str]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    steps_per_epoch: int
+
+
+def plan_schedule(cfg: PipelineConfig, batches_per_epoch: int) -> Schedule:
+    if batches_per_epoch == 0:
+        raise DataError("the dataset yields no batches", hint="add images or lower "
+                        "train_batch_size")
+    per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    total = cfg.max_train_steps or per_epoch * (cfg.max_train_epochs or 1)
+    return Schedule(total, per_epoch)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(cfg: PipelineConfig) -> Accelerator:
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    except ValueError as err:
+        raise UserError(f"mixed_precision {cfg.mixed_precision}: {err}",
+                        hint="use mixed_precision: no on this machine") from err
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def default_manager_factory(store: ObjectStore, max_checkpoints: int | None) -> Manager:
+    from runner.checkpoints import CheckpointManager
+
+    return CheckpointManager(store, max_checkpoints)
+
+
+def place_models(comps: Components, cfg: PipelineConfig, device: torch.device) -> None:
+    """Frozen weights in ``weight_dtype`` on the device (SDXL's VAE stays float32 with
+    float16 weights: it overflows in half precision)."""
+    dtype = to_dtype(cfg.weight_dtype)
+    for module in (comps.unet, *comps.text_encoders):
+        module.to(device=device, dtype=dtype)
+    vae_dtype = torch.float32 if (comps.is_sdxl and dtype == torch.float16) else dtype
+    comps.vae.to(device=device, dtype=vae_dtype)
+
+
+def build_training(cfg: PipelineConfig, comps: Components, accelerator: Accelerator,
+                   total_steps: int) -> tuple[TrainingPipeline, Any, Any]:
+    """Pipeline (adapters / tokens added), optimizer and LR scheduler."""
+    pipeline = build_pipeline(cfg, comps, accelerator.device, total_steps=total_steps)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing([comps.unet, *comps.text_encoders])
+    if cfg.compile_unet:
+        comps.unet.compile()
+    optimizer = build_optimizer(cfg.optimizer, pipeline.param_groups(), accelerator.device)
+    lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer,
+                                      warmup_steps=cfg.lr_warmup_steps, total_steps=total_steps)
+    optimizer = accelerator.prepare(optimizer)
+    pipeline.set_train(True)
+    return pipeline, optimizer, lr_scheduler
+
+
+def _discard_checkpoints(store: ObjectStore) -> None:
+    """Delete the run's old checkpoints, manifests first (readers stop trusting them)."""
+    keys = [o.key for o in store.list("checkpoints/")]
+    manifests = [k for k in keys if k.endswith("/manifest.json")]
+    store.delete(manifests)
+    store.delete([k for k in keys if k not in manifests])
+
+
+def _resume_point(manager: Manager, store: ObjectStore, work_dir: Path, cfg: PipelineConfig,
+                  *, resume: bool, force_restart: bool) -> tuple[Path, dict[str, Any]] | None:
+    if resume and not force_restart:
+        return fetch_latest(manager, work_dir, cfg)
+    if manager.latest() is not None:
+        log.warning("starting over: discarding the run's existing checkpoints (%s)",
+                    "--force-restart" if force_restart else "--no-resume")
+        _discard_checkpoints(store)
+    return None
+
+
+def run(cfg: PipelineConfig, *, resume: bool = True, force_restart: bool = False,
+        stop: threading.Event | None = None, work_dir: str | Path | None = None,
+        manager_factory: ManagerFactory = default_manager_factory) -> RunResult:
+    """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
+    accelerator = make_accelerator(cfg)
+    is_main = accelerator.is_main_process
+    work = Path(work_dir or os.environ.get("KUBETUNE_WORK_DIR")
+                or tempfile.mkdtemp(prefix="kubetune-"))
+    uri = output_uri(cfg)
+    store = open_store(uri, cfg.storage)
+    manager = manager_factory(store, cfg.max_checkpoints)
+    restored = _resume_point(manager, store, work, cfg, resume=resume,
+                             force_restart=force_restart)
+    seed = restored[1]["seed"] if restored else (
+        cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
+    seed_everything(seed)
+    if is_main:
+        store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
+    session = _Session(cfg, accelerator, store, manager, work, seed)
+    state = session.prepare(restored)
+    session.loop(stop or threading.Event()).run(state)
+    return session.finish(state, uri)
+
+
+class _Session:
+    """The pieces of one run, built in order; split out of ``run`` to keep it readable."""
+
+    def __init__(self, cfg: PipelineConfig, accelerator: Accelerator, store: ObjectStore,
+                 manager: Manager, work: Path, seed: int) -> None:
+        self.cfg, self.accelerator, self.store = cfg, accelerator, store
+        self.manager, self.work, self.seed = manager, work, seed
+        self.is_main = accelerator.is_main_process
+
+    def prepare(self, restored: tuple[Path, dict[str, Any]] | None) -> LoopState:
+        from runner.data import build_train_dataloader
+
+        cfg, device = self.cfg, self.accelerator.device
+        comps = load_components_from_config(cfg)
+        place_models(comps, cfg, device)
+        self.loader = build_train_dataloader(cfg, seed=self.seed,
+                                             batch_size=cfg.train_batch_size,
+                                             device_is_cuda=device.type == "cuda")
+        self.schedule = plan_schedule(cfg, len(self.loader))
+        torch.manual_seed(self.seed)  # LoRA init does not depend on what loading consumed
+        self.pipeline, optimizer, lr_scheduler = build_training(
+            cfg, comps, self.accelerator, self.schedule.total_steps)
+        self.generator = torch.Generator(device).manual_seed(self.seed)
+        self.runner = StepRunner(self.accelerator, self.pipeline, optimizer, lr_scheduler,
+                                 self.generator, cfg.max_grad_norm)
+        objects: dict[str, Any] = {"optimizer": optimizer, "lr_scheduler": lr_scheduler,
+                                   "generator": GeneratorState(self.generator),
+                                   "loader": self.loader}
+        if self.accelerator.scaler is not None:
+            objects["scaler"] = self.accelerator.scaler
+        self.checkpointer = Checkpointer(CheckpointSettings.from_config(cfg), self.manager,
+                                         self.work, cfg, self.pipeline, objects,
+                                         seed=self.seed, is_main=self.is_main)
+        if restored is None:
+            return LoopState()
+        state = self.checkpointer.restore(restored[0])
+        log.info("resumed from checkpoint step-%06d (epoch %d)", state.step, state.epoch + 1)
+        return state
+
+    def loop(self, stop: threading.Event) -> Loop:
+        cfg, out = self.cfg, self.store if self.is_main else None
+        tb_dir = None
+        if cfg.report_to in ("tensorboard", "all") and self.is_main:
+            tb_dir = self.work / "logs"
+        elif cfg.report_to is not None:
+            log.warning("report_to: %s is not supported; progress goes to progress.json "
+                        "and the log only", cfg.report_to)
+        self.progress = ProgressReporter(
+            ProgressSettings(self.schedule.total_steps, self.schedule.steps_per_epoch,
+                             tensorboard_dir=tb_dir, upload_logs=True), out)
+        validator = Validator(ValidationSettings.from_config(cfg, self.seed), self.pipeline,
+                              out, self.accelerator.device)
+        return Loop(self.runner, self.loader, self.checkpointer, validator, self.progress,
+                    stop, self.schedule.total_steps, cfg.gradient_accumulation_steps)
+
+    def finish(self, state: LoopState, uri: str) -> RunResult:
+        """Checkpoint the last step, wait for uploads, publish ``final/``."""
+        self.checkpointer.save(state)
+        self.checkpointer.wait()
+        keys: list[str] = []
+        if self.is_main:
+            final = self.work / "final"
+            shutil.rmtree(final, ignore_errors=True)
+            for path in self.pipeline.export(final):
+                keys.append(f"final/{path.relative_to(final).as_posix()}")
+                self.store.put_file(keys[-1], path)
+            self.progress.note(last_checkpoint_step=state.step)
+            self.progress.finish("completed")
+        log.info("training finished at step %d; outputs in %s", state.step, uri)
+        return RunResult(state.step, uri, keys)

@@ -1,0 +1,156 @@
+"""Validation images: the trained weights in an inference pipeline, seeded per image, saved
+as one PNG per image and a grid per validation step; training state restored afterwards."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from runner.config import PipelineConfig
+from runner.models.loading import Components
+from runner.pipelines.common import TrainingPipeline
+from runner.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+INFERENCE_STEPS = int(os.environ.get("KUBETUNE_VALIDATION_STEPS", "25"))
+"""Denoising steps per validation image (DPM-Solver++); the env var exists for fast tests."""
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    images_per_prompt: int
+    every_n_steps: int | None
+    every_n_epochs: int | None
+    cpu_offload: bool
+    seed: int
+    height: int
+    width: int
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, seed: int) -> ValidationSettings:
+        loader = cfg.data_loader
+        if loader.aspect_ratio_buckets is not None:
+            height = width = loader.aspect_ratio_buckets.target_resolution
+        elif isinstance(loader.resolution, int):
+            height = width = loader.resolution
+        else:
+            height, width = loader.resolution
+        return cls(list(cfg.validation_prompts), cfg.negative_validation_prompts,
+                   cfg.num_validation_images_per_prompt, cfg.validate_every_n_steps,
+                   cfg.validate_every_n_epochs, cfg.enable_cpu_offload_during_validation,
+                   seed, height, width)
+
+    def due(self, step: int, completed_epoch: int | None) -> bool:
+        if not self.prompts:
+            return False
+        if self.every_n_steps:
+            return step % self.every_n_steps == 0
+        return bool(completed_epoch and self.every_n_epochs
+                    and completed_epoch % self.every_n_epochs == 0)
+
+
+def inference_pipeline(comps: Components) -> Any:
+    """A diffusers pipeline over the training modules (no copies)."""
+    scheduler = DPMSolverMultistepScheduler.from_config(comps.noise_scheduler.config)
+    if comps.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet,
+            scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+            unet=comps.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def grid(images: list[list[Image.Image]]) -> Image.Image:
+    """Rows = prompts, columns = images of that prompt."""
+    w, h = images[0][0].size
+    out = Image.new("RGB", (w * max(len(r) for r in images), h * len(images)))
+    for i, row in enumerate(images):
+        for j, image in enumerate(row):
+            out.paste(image, (j * w, i * h))
+    return out
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Validator:
+    """Generates validation images when due (main process only)."""
+
+    def __init__(self, settings: ValidationSettings, pipeline: TrainingPipeline,
+                 store: ObjectStore | None, device: torch.device) -> None:
+        self.s, self.pipeline, self.store, self.device = settings, pipeline, store, device
+
+    def maybe_validate(self, step: int, completed_epoch: int | None) -> bool:
+        if self.store is None or not self.s.due(step, completed_epoch):
+            return False
+        self.validate(step)
+        return True
+
+    def validate(self, step: int) -> list[str]:
+        """Write ``validation/step-XXXXXX/prompt-I-J.png`` and ``grid.png``; return keys."""
+        assert self.store is not None
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.pipeline.set_train(False)
+        try:
+            images = self._generate()
+        finally:
+            self.pipeline.set_train(True)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        prefix = f"validation/step-{step:06d}"
+        keys = []
+        for i, row in enumerate(images):
+            for j, image in enumerate(row):
+                keys.append(f"{prefix}/prompt-{i}-{j}.png")
+                self.store.put_bytes(keys[-1], png_bytes(image))
+        self.store.put_bytes(f"{prefix}/grid.png", png_bytes(grid(images)))
+        log.info("validation step-%06d: %d images", step, len(keys))
+        return [*keys, f"{prefix}/grid.png"]
+
+    @torch.no_grad()
+    def _generate(self) -> list[list[Image.Image]]:
+        pipe = inference_pipeline(self.pipeline.comps)
+        offload = self.s.cpu_offload and self.device.type == "cuda"
+        if offload:
+            pipe.enable_model_cpu_offload(device=self.device)
+        try:
+            return [[self._image(pipe, i, j) for j in range(self.s.images_per_prompt)]
+                    for i in range(len(self.s.prompts))]
+        finally:
+            if offload:
+                pipe.remove_all_hooks()
+                for module in pipe.components.values():
+                    if isinstance(module, torch.nn.Module):
+                        module.to(self.device)
+
+    def _image(self, pipe: Any, i: int, j: int) -> Image.Image:
+        negatives = self.s.negative_prompts
+        generator = torch.Generator(self.device).manual_seed(
+            self.s.seed + 1000 * i + j)
+        return pipe(self.s.prompts[i], negative_prompt=negatives[i] if negatives else None,
+                    num_inference_steps=INFERENCE_STEPS, generator=generator,
+                    height=self.s.height, width=self.s.width).images[0]

@@ -1,0 +1,141 @@
+"""Helpers for the training tests: small real datasets, configs for the five types on the
+tiny models, an in-process ``train`` that resets accelerate, and weight readers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from runner.config import PipelineConfig, parse_config
+
+SIDE = 64
+TYPES = ("SD_LORA", "SDXL_LORA", "SD_TEXTUAL_INVERSION", "SDXL_TEXTUAL_INVERSION",
+         "SDXL_LORA_AND_TEXTUAL_INVERSION")
+PLACEHOLDER = "<kbtn>"
+
+
+def write_dataset(root: Path, n: int = 4, seed: int = 0) -> Path:
+    """``n`` smooth colour images (64×64) with ``.txt`` captions."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] / SIDE
+    for i in range(n):
+        colour = rng.uniform(0, 1, 3)
+        pixels = np.stack([np.clip(colour[c] * (0.5 + 0.5 * (xx if c % 2 else yy)), 0, 1)
+                           for c in range(3)], axis=-1)
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(root / f"img-{i}.png")
+        (root / f"img-{i}.txt").write_text(f"a kbtn picture number {i}")
+    return root
+
+
+def make_config(kind: str, model_dir: Path, data_dir: Path, out_dir: Path,
+                **overrides: Any) -> PipelineConfig:
+    """A fast CPU config of type ``kind`` (float32, 64×64, batch 2)."""
+    ti = "TEXTUAL_INVERSION" in kind
+    data: dict[str, Any] = {
+        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data_dir)},
+        "resolution": SIDE, "center_crop": True, "random_flip": False,
+    }
+    if ti:
+        data.update(type="TEXTUAL_INVERSION_SD_DATA_LOADER", caption_preset="object")
+    else:
+        data["type"] = "IMAGE_CAPTION_SD_DATA_LOADER"
+    raw: dict[str, Any] = {
+        "type": kind, "seed": 7, "base_output_dir": str(out_dir), "model": str(model_dir),
+        "hf_variant": None, "weight_dtype": "float32", "mixed_precision": "no",
+        "report_to": None, "data_loader": data, "train_batch_size": 2,
+        "max_train_steps": 4, "save_every_n_steps": 2,
+        "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-3},
+    }
+    if ti:
+        raw.update(placeholder_token=PLACEHOLDER, initializer_token="cat", num_vectors=2)
+    if kind == "SDXL_LORA_AND_TEXTUAL_INVERSION":
+        raw.update(ti_train_steps_ratio=0.5, textual_inversion_learning_rate=1e-2)
+    raw.update(overrides)
+    return parse_config(yaml.safe_dump(raw))
+
+
+def config_file(cfg: PipelineConfig, path: Path) -> Path:
+    from runner.config import config_to_yaml
+
+    path.write_text(config_to_yaml(cfg))
+    return path
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(cfg: PipelineConfig, **kwargs: Any) -> Any:
+    """``runner.train.run`` in this process, with accelerate's singletons reset first."""
+    from runner.train import run
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    reset_accelerate()
+    return run(cfg, **kwargs)
+
+
+def step_dirs(out_dir: Path) -> list[str]:
+    """Checkpoint folders that have a manifest (published)."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
+
+
+class StandInManager:
+    """Minimal synchronous stand-in for ``runner.checkpoints.CheckpointManager`` (used only
+    while that module is not importable): data first, manifest last, prune oldest."""
+
+    def __init__(self, store: Any, max_checkpoints: int | None) -> None:
+        self.store, self.max = store, max_checkpoints
+
+    def _steps(self) -> list[int]:
+        return sorted(int(o.key.split("/")[1][5:]) for o in self.store.list("checkpoints/")
+                      if o.key.endswith("/manifest.json"))
+
+    def save_async(self, step: int, local_dir: Path) -> None:
+        prefix = f"checkpoints/step-{step:06d}"
+        files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        for path in files:
+            self.store.put_file(f"{prefix}/{path.relative_to(local_dir).as_posix()}", path)
+        listing = [path.relative_to(local_dir).as_posix() for path in files]
+        self.store.put_bytes(f"{prefix}/manifest.json", yaml.safe_dump(listing).encode())
+        steps = self._steps()
+        for old in steps[:-self.max] if self.max else []:
+            keys = [o.key for o in self.store.list(f"checkpoints/step-{old:06d}/")]
+            self.store.delete(keys)
+
+    def latest(self) -> int | None:
+        steps = self._steps()
+        return steps[-1] if steps else None
+
+    def restore(self, step: int, local_dir: Path) -> None:
+        prefix = f"checkpoints/step-{step:06d}/"
+        for o in self.store.list(prefix):
+            target = Path(local_dir) / o.key[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.store.get_file(o.key, target)
+
+    def wait(self) -> None:
+        pass
+
+
+def manager_factory() -> Any:
+    """The real CheckpointManager when it exists, else the stand-in."""
+    try:
+        from runner.checkpoints import CheckpointManager  # noqa: F401
+    except ImportError:
+        return StandInManager
+    from runner.train import default_manager_factory
+
+    return default_manager_factory
