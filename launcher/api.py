@@ -1,0 +1,91 @@
+"""What the CLI and tests call: load a config, render it, pick a backend, submit, wait.
+
+Backends are imported lazily so `launcher validate` never pays for the kubernetes client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from launcher.manifests import build_manifests, to_yaml
+from runner.config import PipelineConfig, load_config
+from runner.config.cluster import sanitize_name
+from runner.errors import ClusterError
+
+if TYPE_CHECKING:
+    from launcher.backends.base import Backend, RunStatus, SubmitResult
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """kubectl-like connection flags (all optional)."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return any((self.kubeconfig, self.context, self.namespace))
+
+
+def load(config: str | Path, overrides: Iterable[str] = (), name: str | None = None
+         ) -> PipelineConfig:
+    """Validate a config (same errors as `launcher validate`); `name` sets job.name."""
+    extra = [*overrides, *([f"job.name={name}"] if name else [])]
+    return load_config(config, overrides=extra or None)
+
+
+def render(cfg: PipelineConfig, namespace: str | None = None) -> str:
+    """The manifests `submit` would create, as multi-document YAML."""
+    return to_yaml(build_manifests(cfg, namespace=namespace))
+
+
+def get_backend(*, local: bool = False, cluster: ClusterOptions | None = None) -> Backend:
+    if local:
+        from launcher.backends.local import LocalBackend
+
+        return LocalBackend()
+    from launcher.backends.kubernetes import KubernetesBackend
+
+    opts = cluster or ClusterOptions()
+    return KubernetesBackend(kubeconfig=opts.kubeconfig, context=opts.context,
+                             namespace=opts.namespace)
+
+
+def backend_for_run(run: str, *, local: bool = False,
+                    cluster: ClusterOptions | None = None) -> Backend:
+    """`--local`, or a local run of that name when no cluster flag was given, else the
+    cluster."""
+    if not local and not (cluster and cluster.given):
+        from launcher.backends.local import kubetune_home
+
+        local = (kubetune_home() / "runs" / sanitize_name(run) / "run.json").is_file()
+    return get_backend(local=local, cluster=cluster)
+
+
+def submit(cfg: PipelineConfig, backend: Backend, *, replace: bool = False) -> SubmitResult:
+    return backend.submit(cfg, replace=replace)
+
+
+def wait(backend: Backend, run: str, *, timeout: float | None = None, poll: float = 2.0,
+         on_change: Callable[[RunStatus], None] | None = None) -> RunStatus:
+    """Poll until the run succeeds, fails or is cancelled; `on_change` sees each new state."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = None
+    while True:
+        status = backend.status(run)
+        key = (status.phase, status.reason, status.progress and status.progress.step)
+        if on_change is not None and key != last:
+            on_change(status)
+        last = key
+        if status.done:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClusterError(f"run {run} still {status.phase} after {timeout:.0f}s",
+                               hint="`launcher status` shows where it stands")
+        time.sleep(poll)

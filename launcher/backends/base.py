@@ -1,0 +1,150 @@
+"""The backend interface (submit, status, logs, cancel, list) and the records it returns."""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from runner.config import PipelineConfig
+from runner.config.cluster import StorageConfig
+
+TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelled")
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What `submit` created (or found: `created` is False for an identical resubmit)."""
+
+    backend: str
+    run: str
+    job_name: str
+    config_hash: str
+    output_uri: str
+    created: bool
+    namespace: str | None = None
+
+
+@dataclass
+class Progress:
+    """The runner's progress.json, as far as the launcher understands it."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    images_per_second: float | None = None
+    eta_seconds: float | None = None
+    state: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Progress:
+        def pick(*keys: str) -> Any:
+            return next((data[k] for k in keys if data.get(k) is not None), None)
+        return cls(step=pick("step", "global_step"), total_steps=pick("total_steps", "max_steps"),
+                   loss=pick("loss"), images_per_second=pick("images_per_second", "images_per_sec"),
+                   eta_seconds=pick("eta_seconds", "eta_s"), state=pick("state", "phase"))
+
+    def summary(self) -> str:
+        parts = []
+        if self.step is not None:
+            parts.append(f"step {self.step}/{self.total_steps or '?'}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        if self.images_per_second is not None:
+            parts.append(f"{self.images_per_second:.3g} img/s")
+        if self.eta_seconds is not None:
+            parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        return ", ".join(parts) or (self.state or "no progress yet")
+
+
+@dataclass
+class RunStatus:
+    """Where a run stands. `phase`: Pending, Suspended, Running, Succeeded, Failed, Cancelled."""
+
+    backend: str
+    run: str
+    job_name: str
+    phase: str
+    reason: str | None = None
+    message: str | None = None
+    retries: int = 0
+    pods: list[str] = field(default_factory=list)
+    output_uri: str | None = None
+    config_hash: str | None = None
+    progress: Progress | None = None
+    progress_error: str | None = None
+    namespace: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["done"] = self.done
+        return data
+
+    def summary(self) -> str:
+        """One line: phase, reason, progress."""
+        text = f"{self.run}: {self.phase}"
+        if self.reason:
+            text += f" ({self.reason}{': ' + self.message if self.message else ''})"
+        if self.retries:
+            text += f", {self.retries} failed attempt(s)"
+        if self.progress is not None:
+            text += f"; {self.progress.summary()}"
+        return text
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Backend(abc.ABC):
+    """A place where runs execute. Errors are KubetuneErrors (one-line messages)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
+        """Start the run; an identical config returns the existing run (created=False);
+        another config under the same run name raises UserError unless `replace`."""
+
+    @abc.abstractmethod
+    def status(self, run: str) -> RunStatus:
+        """The run's phase, reason and training progress; UserError if there is no such run."""
+
+    @abc.abstractmethod
+    def logs(self, run: str, *, follow: bool = False) -> Iterator[str]:
+        """The run's log lines (without newlines); with `follow`, until the run finishes."""
+
+    @abc.abstractmethod
+    def cancel(self, run: str) -> RunStatus:
+        """Stop the run (its outputs in storage stay)."""
+
+    @abc.abstractmethod
+    def list(self) -> list[RunStatus]:
+        """Every kubetune run this backend knows."""
+
+
+def read_progress(uri: str, storage: StorageConfig | None) -> tuple[Progress | None, str | None]:
+    """The run's progress.json from its output location: (progress, why-not)."""
+    try:
+        from runner.storage import open_store  # light: boto3 only
+    except ImportError as err:  # pragma: no cover - runner.storage ships with kubetune
+        return None, f"runner.storage unavailable: {err}"
+    try:
+        raw = open_store(uri, storage).get_bytes("progress.json")
+    except FileNotFoundError:
+        return None, None
+    except Exception as err:  # noqa: BLE001 - progress is best effort; say why it is missing
+        return None, f"cannot read {uri}/progress.json: {str(err).splitlines()[0]}"
+    try:
+        return Progress.from_json(json.loads(raw)), None
+    except (ValueError, TypeError, AttributeError) as err:
+        return None, f"{uri}/progress.json is not valid progress JSON: {err}"

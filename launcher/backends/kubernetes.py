@@ -1,0 +1,341 @@
+"""The Kubernetes backend: the run's ConfigMap + Job through the real `kubernetes` client.
+
+Every ApiException / connection error becomes a one-line ClusterError (or UserError when the
+user must fix something) at this boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from launcher.backends import k8s_status
+from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
+from launcher.manifests import (
+    ANNOTATION_OUTPUT,
+    CONTAINER,
+    LABEL_HASH,
+    LABEL_NAME,
+    LABEL_RUN,
+    build_manifests,
+    job_name,
+)
+from runner.config import PipelineConfig, config_hash, output_uri, parse_config, run_name
+from runner.config.cluster import sanitize_name
+from runner.errors import ClusterError, ConfigError, UserError
+
+Obj = dict[str, Any]
+RBAC_HINT = "the kubetune chart's launcher Role grants what submit/status/logs/cancel need"
+
+
+@contextmanager
+def api_errors(action: str) -> Iterator[None]:
+    """Translate kubernetes client errors into one-line kubetune errors."""
+    try:
+        yield
+    except ApiException as err:
+        raise _translate(err, action) from None
+    except urllib3.exceptions.HTTPError as err:
+        reason = getattr(err, "reason", None) or err
+        raise ClusterError(f"{action}: cannot reach the Kubernetes API ({reason})",
+                           hint="check --kubeconfig / --context and that the cluster is up"
+                           ) from None
+
+
+def _translate(err: ApiException, action: str) -> ClusterError:
+    import json
+
+    try:
+        message = json.loads(err.body or "{}").get("message") or err.reason
+    except (ValueError, AttributeError):
+        message = err.reason
+    if err.status == 401:
+        return ClusterError(f"{action}: unauthorized ({message})",
+                            hint="refresh your kubeconfig credentials")
+    if err.status == 403:
+        return ClusterError(f"{action}: forbidden ({message})", hint=RBAC_HINT)
+    return ClusterError(f"{action}: {message} (HTTP {err.status})")
+
+
+def _kubeconfig_path(kubeconfig: str | None) -> str | None:
+    if kubeconfig:
+        return kubeconfig
+    env = os.environ.get("KUBECONFIG")
+    if env:
+        return env.split(os.pathsep)[0]
+    default = Path("~/.kube/config").expanduser()
+    return str(default) if default.exists() else None
+
+
+def load_api_client(kubeconfig: str | None, context: str | None) -> tuple[client.ApiClient,
+                                                                          str | None]:
+    """An API client and the context's namespace (kubeconfig, else in-cluster config)."""
+    path = _kubeconfig_path(kubeconfig)
+    try:
+        if path is None:
+            config.load_incluster_config()
+            ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+            return client.ApiClient(), ns_file.read_text().strip() if ns_file.exists() else None
+        api = config.new_client_from_config(config_file=path, context=context)
+        contexts, active = config.list_kube_config_contexts(config_file=path)
+        chosen = next((c for c in contexts if c["name"] == context), active) if context else active
+        return api, (chosen or {}).get("context", {}).get("namespace")
+    except (config.ConfigException, OSError) as err:
+        raise ClusterError(f"cannot load the Kubernetes configuration: {err}",
+                           hint="pass --kubeconfig / --context or set KUBECONFIG") from None
+
+
+class KubernetesBackend(Backend):
+    """Runs as batch/v1 Jobs in one namespace."""
+
+    name = "kubernetes"
+
+    def __init__(self, *, kubeconfig: str | None = None, context: str | None = None,
+                 namespace: str | None = None) -> None:
+        self.api, context_ns = load_api_client(kubeconfig, context)
+        self.explicit_namespace = namespace
+        self.namespace = namespace or context_ns or "default"
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+
+    def _dict(self, obj: Any) -> Obj:
+        return self.api.sanitize_for_serialization(obj)
+
+    # --- submit -------------------------------------------------------------------------
+
+    def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
+        ns = self.explicit_namespace or (cfg.job.namespace if cfg.job else None) or self.namespace
+        config_map, job = build_manifests(cfg, namespace=ns)
+        run, name = run_name(cfg), job_name(cfg)
+        result = SubmitResult(backend=self.name, run=run, job_name=name,
+                              config_hash=config_hash(cfg), output_uri=output_uri(cfg),
+                              created=True, namespace=ns)
+        self._check_secrets(cfg, ns)
+        existing = [j for j in self._jobs(ns, run) if not j["metadata"].get("deletionTimestamp")]
+        if any(j["metadata"]["name"] == name for j in existing):
+            return _replace_field(result, created=False)
+        if existing and not replace:
+            other = existing[-1]["metadata"]
+            raise UserError(
+                f"run {run!r} already exists in namespace {ns} with a different config "
+                f"(Job {other['name']}, config hash {other['labels'].get(LABEL_HASH)})",
+                hint="pass --replace to delete it and submit this config, or --name to start "
+                     "a new run")
+        for old in existing:
+            self._delete_job(ns, old["metadata"]["name"])
+        if not self._create(ns, config_map, job):
+            return _replace_field(result, created=False)
+        return result
+
+    def _check_secrets(self, cfg: PipelineConfig, ns: str) -> None:
+        if cfg.storage is not None and cfg.storage.credentials_secret is not None:
+            ref = cfg.storage.credentials_secret
+            self._check_secret(ns, ref.name, [ref.access_key_id_key, ref.secret_access_key_key],
+                               "storage.credentials_secret")
+        if cfg.job is not None and cfg.job.hf_token_secret is not None:
+            ref2 = cfg.job.hf_token_secret
+            self._check_secret(ns, ref2.name, [ref2.key], "job.hf_token_secret")
+
+    def _check_secret(self, ns: str, name: str, keys: list[str], field: str) -> None:
+        """The Secret exists and has the keys (values are never read into messages)."""
+        literals = " ".join(f"--from-literal={k}=..." for k in keys)
+        create = f"kubectl -n {ns} create secret generic {name} {literals}"
+        with api_errors(f"checking Secret {name!r}"):
+            try:
+                secret = self.core.read_namespaced_secret(name, ns)
+            except ApiException as err:
+                if err.status == 404:
+                    raise UserError(f"Secret {name!r} ({field}) not found in namespace {ns}",
+                                    hint=f"create it: {create}") from None
+                raise
+        missing = [k for k in keys if k not in (secret.data or {})]
+        if missing:
+            raise UserError(f"Secret {name!r} ({field}) in namespace {ns} has no key "
+                            f"{', '.join(missing)}", hint=f"recreate it: {create}")
+
+    def _create(self, ns: str, config_map: Obj, job: Obj) -> bool:
+        """Job first, then the ConfigMap owned by it (create-only RBAC; the kubelet waits
+        for the ConfigMap). False when the Job already existed (a concurrent submit)."""
+        name = job["metadata"]["name"]
+        with api_errors(f"creating Job {name}"):
+            try:
+                created = self.batch.create_namespaced_job(ns, job)
+            except ApiException as err:
+                if err.status == 409:
+                    return False
+                raise
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                 "uid": created.metadata.uid}
+        config_map = {**config_map, "metadata": {**config_map["metadata"],
+                                                 "ownerReferences": [owner]}}
+        try:
+            with api_errors(f"creating ConfigMap {name}"):
+                try:
+                    self.core.create_namespaced_config_map(ns, config_map)
+                except ApiException as err:
+                    if err.status != 409:
+                        raise
+                    self.core.delete_namespaced_config_map(name, ns)  # a stale leftover
+                    self.core.create_namespaced_config_map(ns, config_map)
+        except ClusterError:
+            self._delete_job(ns, name)  # no Job without its config
+            raise
+        return True
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _jobs(self, ns: str, run: str | None = None) -> list[Obj]:
+        selector = f"{LABEL_NAME}=kubetune,{LABEL_RUN}={run}" if run else \
+            f"{LABEL_NAME}=kubetune,{LABEL_RUN}"
+        with api_errors("listing Jobs"):
+            items = self.batch.list_namespaced_job(ns, label_selector=selector).items
+        jobs = [self._dict(j) for j in items]
+        return sorted(jobs, key=lambda j: (j["metadata"].get("creationTimestamp") or "",
+                                           j["metadata"]["name"]))
+
+    def _find_job(self, run: str) -> Obj:
+        jobs = self._jobs(self.namespace, sanitize_name(run))
+        if not jobs:
+            with api_errors(f"reading Job {run}"):
+                try:
+                    return self._dict(self.batch.read_namespaced_job(run, self.namespace))
+                except ApiException as err:
+                    if err.status != 404:
+                        raise
+            raise UserError(f"no kubetune run {run!r} in namespace {self.namespace}",
+                            hint="`launcher list` shows the runs; pass --namespace if it "
+                                 "is elsewhere")
+        return jobs[-1]
+
+    def _pods(self, job: Obj) -> tuple[list[Obj], str]:
+        labels = job["metadata"].get("labels", {})
+        selector = f"{LABEL_RUN}={labels.get(LABEL_RUN)},{LABEL_HASH}={labels.get(LABEL_HASH)}"
+        with api_errors("listing pods"):
+            pod_list = self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+        pods = [self._dict(p) for p in pod_list.items]
+        pods.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "",
+                                 int(p["metadata"].get("resourceVersion") or 0)))
+        return pods, pod_list.metadata.resource_version
+
+    def _events(self, name: str) -> list[Obj]:
+        with api_errors("listing events"):
+            items = self.core.list_namespaced_event(
+                self.namespace, field_selector=f"involvedObject.name={name}").items
+        return [self._dict(e) for e in items]
+
+    def status(self, run: str) -> RunStatus:
+        return self._status(self._find_job(run), with_progress=True)
+
+    def _status(self, job: Obj, *, with_progress: bool) -> RunStatus:
+        meta = job["metadata"]
+        pods, _ = self._pods(job)
+        events = [] if pods else self._events(meta["name"])
+        phase, reason, message = k8s_status.job_phase(job, pods, events)
+        status = RunStatus(
+            backend=self.name, run=meta.get("labels", {}).get(LABEL_RUN, meta["name"]),
+            job_name=meta["name"], phase=phase, reason=reason, message=message,
+            retries=k8s_status.retries(pods), pods=[p["metadata"]["name"] for p in pods],
+            output_uri=meta.get("annotations", {}).get(ANNOTATION_OUTPUT),
+            config_hash=meta.get("labels", {}).get(LABEL_HASH), namespace=self.namespace)
+        if with_progress and phase not in ("Pending", "Suspended"):
+            status.progress, status.progress_error = self._progress(meta["name"])
+        return status
+
+    def _progress(self, name: str) -> tuple[Any, str | None]:
+        """Progress from the run's storage, located through the config in its ConfigMap."""
+        try:
+            with api_errors(f"reading ConfigMap {name}"):
+                cm = self.core.read_namespaced_config_map(name, self.namespace)
+            cfg = parse_config((cm.data or {}).get("config.yaml", ""), name=f"configmap/{name}")
+        except (ClusterError, ConfigError) as err:
+            return None, str(err).splitlines()[0]
+        return read_progress(output_uri(cfg), cfg.storage)
+
+    def list(self) -> list[RunStatus]:
+        return [self._status(job, with_progress=False) for job in self._jobs(self.namespace)]
+
+    # --- logs ---------------------------------------------------------------------------
+
+    def logs(self, run: str, *, follow: bool = False) -> Iterator[str]:
+        job = self._find_job(run)
+        name, seen = job["metadata"]["name"], set[str]()
+        while True:
+            finished = follow and self._finished(name)
+            pods, version = self._pods(job)
+            for pod in pods:
+                pod_name = pod["metadata"]["name"]
+                if pod_name in seen or pod["status"].get("phase") == "Pending":
+                    continue
+                if seen:  # a retry: mark where the next attempt's log starts
+                    yield f"==> pod {pod_name} (attempt {pods.index(pod) + 1}) <=="
+                seen.add(pod_name)
+                yield from self._pod_log(pod_name, follow and not finished)
+            if not follow or finished:
+                return
+            self._wait_for_pods(job, version)
+
+    def _finished(self, name: str) -> bool:
+        with api_errors(f"reading Job {name}"):
+            try:
+                job = self._dict(self.batch.read_namespaced_job(name, self.namespace))
+            except ApiException as err:
+                if err.status == 404:
+                    return True
+                raise
+        return bool({"Complete", "Failed"} & set(k8s_status.conditions(job)))
+
+    def _pod_log(self, pod: str, follow: bool) -> Iterator[str]:
+        with api_errors(f"reading logs of pod {pod}"):
+            if follow:  # kubernetes' Watch streams `follow=true` logs line by line
+                yield from watch.Watch().stream(self.core.read_namespaced_pod_log, name=pod,
+                                                namespace=self.namespace, container=CONTAINER)
+                return
+            resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER,
+                                                     _preload_content=False)
+            yield from resp.data.decode("utf-8", errors="replace").splitlines()
+
+    def _wait_for_pods(self, job: Obj, version: str, timeout: int = 5) -> None:
+        """Block until one of the Job's pods changes (or `timeout` seconds pass)."""
+        labels = job["metadata"].get("labels", {})
+        selector = f"{LABEL_RUN}={labels.get(LABEL_RUN)},{LABEL_HASH}={labels.get(LABEL_HASH)}"
+        stream = watch.Watch()
+        with api_errors("watching pods"):
+            for _ in stream.stream(self.core.list_namespaced_pod, self.namespace,
+                                   label_selector=selector, resource_version=version,
+                                   timeout_seconds=timeout):
+                stream.stop()
+                return
+
+    # --- cancel -------------------------------------------------------------------------
+
+    def cancel(self, run: str) -> RunStatus:
+        job = self._find_job(run)
+        status = self._status(job, with_progress=False)
+        labels = job["metadata"].get("labels", {})
+        for other in self._jobs(self.namespace, labels.get(LABEL_RUN)) or [job]:
+            self._delete_job(self.namespace, other["metadata"]["name"])
+        status.phase, status.reason = "Cancelled", "Deleted"
+        status.message = f"Job deleted; outputs stay in {status.output_uri}"
+        return status
+
+    def _delete_job(self, ns: str, name: str) -> None:
+        body = client.V1DeleteOptions(propagation_policy="Foreground")
+        with api_errors(f"deleting Job {name}"):
+            try:
+                self.batch.delete_namespaced_job(name, ns, body=body)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+
+
+def _replace_field(result: SubmitResult, **changes: Any) -> SubmitResult:
+    from dataclasses import replace
+
+    return replace(result, **changes)

@@ -1,0 +1,34 @@
+"""Supervises a local run: starts the runner, forwards SIGTERM/SIGINT to it, and records its
+exit status in `<run dir>/exit_code` (the launcher that started it may be gone by then).
+
+Usage: python -m launcher.backends.local_shim RUN_DIR -- COMMAND...
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    run_dir, command = Path(argv[0]), argv[2:]
+    child = subprocess.Popen(command)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = child.wait()
+    code = 128 - code if code < 0 else code  # killed by signal N -> 128 + N
+    tmp = run_dir / "exit_code.tmp"
+    tmp.write_text(f"{code}\n")
+    os.replace(tmp, run_dir / "exit_code")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,193 @@
+"""`launcher render / submit / status / logs / cancel / list` (click only: parse, call
+launcher.api, print). `register(main, handle_errors)` adds them to the CLI group."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from launcher import api
+from runner.errors import EXIT_FAILURE, EXIT_OK
+
+OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
+                      show_default=True, help="json: one machine-readable document (for CI).")
+LOCAL = click.option("--local", is_flag=True,
+                     help="A run on this machine (`submit --local`) instead of the cluster.")
+
+
+def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """kubectl-like --kubeconfig / --context / --namespace, passed on as `cluster`."""
+    @click.option("--kubeconfig", envvar="KUBECONFIG", metavar="PATH",
+                  help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).")
+    @click.option("--context", metavar="NAME", help="kubeconfig context to use.")
+    @click.option("--namespace", "-n", metavar="NS",
+                  help="Namespace (default: job.namespace, then the context's).")
+    @functools.wraps(fn)
+    def wrapper(kubeconfig: str | None, context: str | None, namespace: str | None,
+                **kwargs: Any) -> Any:
+        if kubeconfig and ":" in kubeconfig:
+            kubeconfig = kubeconfig.split(":")[0]
+        return fn(cluster=api.ClusterOptions(kubeconfig, context, namespace), **kwargs)
+    return wrapper
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @click.argument("config")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config field, e.g. --set max_train_steps=100.")
+    @click.option("--name", metavar="NAME", help="Run name (sets job.name).")
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        return fn(**kwargs)
+    return wrapper
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.command()
+@config_options
+@click.option("--namespace", "-n", metavar="NS", help="Namespace to put in the manifests.")
+def render(config: str, overrides: tuple[str, ...], name: str | None,
+           namespace: str | None) -> None:
+    """Print the ConfigMap and Job that `submit` would create (no cluster needed).
+
+    \b
+    Example:
+      launcher render lora.yaml | kubectl apply --dry-run=server -f -
+    """
+    cfg = api.load(config, overrides, name)
+    click.echo(api.render(cfg, namespace), nl=False)
+
+
+@click.command()
+@config_options
+@click.option("--wait", is_flag=True, help="Block until the run ends; exit 0 on success, 1 not.")
+@click.option("--follow", "-f", is_flag=True, help="Stream the logs until the run ends (implies "
+              "--wait).")
+@LOCAL
+@click.option("--replace", is_flag=True,
+              help="Delete a run of the same name with another config first.")
+@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+              help="With --wait: give up (exit 1) after this long.")
+@click.option("--poll-interval", type=float, default=2.0, hidden=True)
+@OUTPUT
+@cluster_options
+def submit(config: str, overrides: tuple[str, ...], name: str | None, wait: bool, follow: bool,
+           local: bool, replace: bool, timeout: float | None, poll_interval: float, output: str,
+           cluster: api.ClusterOptions) -> None:
+    """Validate CONFIG and start it as a Kubernetes Job (or locally with --local).
+
+    Submitting the same config again returns the existing run; another config under the same
+    run name is an error unless --replace.
+
+    \b
+    Examples:
+      launcher submit lora.yaml
+      launcher submit --wait --output json lora.yaml      # CI: exit 0 only if it trained
+      launcher submit --local --follow examples/tiny.yaml
+    """
+    cfg = api.load(config, overrides, name)
+    backend = api.get_backend(local=local, cluster=cluster)
+    result = api.submit(cfg, backend, replace=replace)
+    if output == "text":
+        verb = "submitted" if result.created else "already submitted (same config)"
+        where = f" in namespace {result.namespace}" if result.namespace else ""
+        click.echo(f"{result.run}: {verb} as {backend.name} job {result.job_name}{where}")
+        click.echo(f"outputs: {result.output_uri}")
+    if not (wait or follow):
+        if output == "json":
+            _emit_json({"submit": result.__dict__})
+        return
+    if follow:
+        for line in backend.logs(result.run, follow=True):
+            click.echo(line, err=output == "json")
+    echo = None if output == "json" else (lambda s: click.echo(s.summary(), err=True))
+    status = api.wait(backend, result.run, timeout=timeout, poll=poll_interval,
+                      on_change=echo)
+    if output == "json":
+        _emit_json({"submit": result.__dict__, "status": status.to_json()})
+    else:
+        click.echo(status.summary())
+        click.echo(f"outputs: {status.output_uri}")
+    sys.exit(EXIT_OK if status.phase == "Succeeded" else EXIT_FAILURE)
+
+
+@click.command()
+@click.argument("run")
+@LOCAL
+@OUTPUT
+@cluster_options
+def status(run: str, local: bool, output: str, cluster: api.ClusterOptions) -> None:
+    """Phase, reason, retries and training progress of RUN."""
+    result = api.backend_for_run(run, local=local, cluster=cluster).status(run)
+    if output == "json":
+        _emit_json(result.to_json())
+        return
+    click.echo(result.summary())
+    click.echo(f"job: {result.job_name}  attempts: {len(result.pods)}  "
+               f"failed attempts: {result.retries}")
+    click.echo(f"outputs: {result.output_uri}")
+    if result.progress_error:
+        click.echo(f"progress: unavailable ({result.progress_error})")
+
+
+@click.command()
+@click.argument("run")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming, across pod restarts.")
+@LOCAL
+@cluster_options
+def logs(run: str, follow: bool, local: bool, cluster: api.ClusterOptions) -> None:
+    """Print the logs of RUN (every attempt, oldest first)."""
+    for line in api.backend_for_run(run, local=local, cluster=cluster).logs(run, follow=follow):
+        click.echo(line)
+
+
+@click.command()
+@click.argument("run")
+@LOCAL
+@OUTPUT
+@cluster_options
+def cancel(run: str, local: bool, output: str, cluster: api.ClusterOptions) -> None:
+    """Stop RUN (the Job is deleted; outputs in storage stay)."""
+    result = api.backend_for_run(run, local=local, cluster=cluster).cancel(run)
+    if output == "json":
+        _emit_json(result.to_json())
+    else:
+        click.echo(result.summary())
+
+
+@click.command(name="list")
+@LOCAL
+@OUTPUT
+@cluster_options
+def list_runs(local: bool, output: str, cluster: api.ClusterOptions) -> None:
+    """kubetune runs in the namespace (or on this machine with --local)."""
+    runs = api.get_backend(local=local, cluster=cluster).list()
+    if output == "json":
+        _emit_json([r.to_json() for r in runs])
+        return
+    rows = [("RUN", "PHASE", "REASON", "FAILED", "JOB", "OUTPUT")] + [
+        (r.run, r.phase, r.reason or "-", str(r.retries), r.job_name, r.output_uri or "-")
+        for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        click.echo("  ".join([*cells, row[-1]]))
+
+
+COMMANDS = (render, submit, status, logs, cancel, list_runs)
+
+
+def register(group: click.Group, handle_errors: Callable[[Any], Any]) -> None:
+    """Add the commands to `group`, each wrapped in the CLI's error mapping."""
+    for command in COMMANDS:
+        if command.callback is not None:
+            command.callback = handle_errors(command.callback)
+        group.add_command(command)
