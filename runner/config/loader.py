@@ -87,8 +87,9 @@ def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
 
 def _shape_problems(data: Any, name: str) -> list[str]:
     if not isinstance(data, dict):
-        return [f"{name}:1: the config must be a YAML mapping with a `type:` key (got "
-                f"{type(data).__name__}); start from `launcher init --type SD_LORA`"]
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        return [f"{name}:1: the config must be a YAML mapping with a `type:` key, not {got}; "
+                "start from `launcher init --type SD_LORA`"]
     kind = data.get("type")
     if kind is None:
         return [f"{name}:1: type: missing; set it to one of {', '.join(PIPELINE_TYPES)}"]
@@ -163,6 +164,15 @@ def _pick(candidates: list[type[BaseModel]], node: Any) -> type[BaseModel] | Non
     return None
 
 
+def _nested_field(owner: type[BaseModel], key: str) -> str | None:
+    """`section.key` when `key` is a field of one of owner's sub-sections (e.g. learning_rate)."""
+    for name, field in owner.model_fields.items():
+        for sub in _models_in(field.annotation):
+            if key in sub.model_fields:
+                return f"{name}.{key}"
+    return None
+
+
 def _other_types_with(field: str) -> list[str]:
     return [t for t, cls in _BY_TYPE.items() if field in cls.model_fields]
 
@@ -182,6 +192,9 @@ def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
             return (f"not valid for type {data.get('type')}; only for "
                     f"{', '.join(_other_types_with(key))} (remove it or change `type`)")
         owner = _model_at(data, loc[:-1])
+        nested = _nested_field(owner, key) if owner else None
+        if nested:
+            return f"unknown key here; did you mean {nested!r}?"
         close = difflib.get_close_matches(key, list(owner.model_fields), n=1) if owner else []
         if close:
             return f"unknown key; did you mean {close[0]!r}?"
