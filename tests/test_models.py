@@ -337,3 +337,17 @@ def test_load_components_from_pipeline_config(tiny_sd_dir: Path) -> None:
     comps = load_components_from_config(cfg)  # hf_variant defaults to fp16: falls back
     assert comps.unet.dtype == torch.bfloat16  # the config's default weight_dtype
     assert comps.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_builtin_tiny_model_is_built_once_and_reused(tmp_path: Path) -> None:
+    from runner.models.loading import builtin_model, load_components
+
+    comps = load_components("builtin:tiny-sd", cache_dir=tmp_path)
+    assert not comps.is_sdxl
+    target = builtin_model("tiny-sd", tmp_path)
+    stamp = (target / "model_index.json").stat().st_mtime_ns
+    assert builtin_model("tiny-sd", tmp_path) == target
+    assert (target / "model_index.json").stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "builtin").glob("*.partial-*"))
+    with pytest.raises(UserError, match="builtin:tiny-sd"):
+        builtin_model("huge-sd", tmp_path)

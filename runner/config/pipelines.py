@@ -75,6 +75,9 @@ class BasePipelineConfig(ConfigModel):
     """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
     hf_variant: str | None = "fp16"
     """Weights variant to load (e.g. fp16); falls back to the default weights if absent."""
+    single_file_config: str | None = None
+    """For a single-file `model`: a local diffusers directory (or hub name) with the model's
+    configs, so loading works offline (kubetune extension)."""
     vae_model: str | None = None
     """Replacement VAE (hub name, local dir or s3:// prefix)."""
     base_embeddings: dict[str, str] = {}

@@ -147,6 +147,7 @@ def load_components_from_config(cfg: Any, **kwargs: Any) -> Components:
         weight_dtype=cfg.weight_dtype,
         prediction_type=cfg.prediction_type,
         base_embeddings=cfg.base_embeddings,
+        single_file_config=getattr(cfg, "single_file_config", None),
         storage=getattr(cfg, "storage", None),
         **kwargs,
     )
@@ -155,8 +156,30 @@ def load_components_from_config(cfg: Any, **kwargs: Any) -> Components:
 # --- resolving a model string to something loadable ---------------------------------------
 
 
+BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl")
+
+
+def builtin_model(name: str, cache: Path) -> Path:
+    """Build (once) and return kubetune's tiny offline model ``builtin:tiny-sd|tiny-sdxl``."""
+    from runner.models.tiny import build_tiny_sd, build_tiny_sdxl
+
+    if name not in BUILTIN_MODELS:
+        raise ModelError(f"builtin:{name}: unknown built-in model; use builtin:tiny-sd or "
+                         "builtin:tiny-sdxl")
+    target = cache / "builtin" / name
+    if not (target / "model_index.json").exists():
+        tmp = target.with_name(f"{name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (build_tiny_sdxl if name == "tiny-sdxl" else build_tiny_sd)(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
 def _resolve(uri: str, storage: Any, cache: Path, *, is_file: bool = False) -> str:
     """Local path or hub name for ``uri``; ``s3://`` sources are downloaded to ``cache``."""
+    if uri.startswith("builtin:"):
+        return str(builtin_model(uri.removeprefix("builtin:"), cache))
     if uri.startswith("s3://"):
         from runner.storage import open_store
 
