@@ -61,3 +61,24 @@ def test_mirror_lets_a_restarted_pod_skip_recomputing(tmp_path: Path, store_uri:
     assert len(calls) == 1 and restarted.hits == 1
     assert torch.equal(got["latents"], torch.full((4, 4, 4), 3.0))
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "pod-2").rglob("*"))
+
+
+def test_run_cache_mirrors_next_to_the_run_on_s3(tmp_path: Path, s3_env, s3_bucket: str) -> None:
+    from data_fixtures import lora_config
+
+    from runner.data.cache import open_run_cache
+
+    dataset = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "/data"}
+    data = lora_config(dataset).model_dump(mode="json")
+    data["storage"] = {"bucket": s3_bucket, "prefix": "runs", "endpoint_url": s3_env.endpoint}
+    data["job"] = {"name": "demo"}
+    cfg = type(lora_config(dataset)).model_validate(data)
+    compute, calls = _counting(4.0)
+    open_run_cache(cfg, "vae", "m@1", tmp_path / "a").get_or_compute(b"x", compute)
+    open_run_cache(cfg, "vae", "m@1", tmp_path / "b").get_or_compute(b"x", compute)
+    assert len(calls) == 1
+    keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert keys and all(k.startswith("runs/demo/cache/") for k in keys)
+    flipped = lora_config(dataset, random_flip=True)
+    assert open_run_cache(flipped, "vae", "m@1", tmp_path / "a").namespace_id != \
+        open_run_cache(cfg, "vae", "m@1", tmp_path / "a").namespace_id

@@ -1,7 +1,7 @@
 """Training data: source → captions → transforms → buckets → DataLoader (see
 docs/architecture.md for the contract)."""
 
-from runner.data.cache import TensorCache, content_hash
+from runner.data.cache import TensorCache, cache_namespace, content_hash, open_run_cache
 from runner.data.loader import (
     PreflightReport,
     ResumableLoader,
@@ -12,5 +12,5 @@ from runner.data.loader import (
 
 __all__ = [
     "PreflightReport", "ResumableLoader", "TensorCache", "build_train_dataloader",
-    "content_hash", "default_placeholder_text", "preflight",
+    "cache_namespace", "content_hash", "default_placeholder_text", "open_run_cache", "preflight",
 ]

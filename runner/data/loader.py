@@ -83,9 +83,9 @@ class _Plan:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, start = self.sampler.epoch, self.sampler.position
-        for batch in self.sampler.batches(epoch)[start:]:
-            yield [(index, epoch) for index in batch]
+        epoch, start = self.sampler.epoch, self.sampler.position  # snapshot now, not lazily
+        return iter([[(i, epoch) for i in batch]
+                     for batch in self.sampler.batches(epoch)[start:]])
 
 
 class ResumableLoader:
