@@ -74,10 +74,15 @@ class Toleration(ConfigModel):
     """A pod toleration (Kubernetes field names in snake_case)."""
 
     key: str | None = None
+    """Taint key to tolerate (empty with operator Exists tolerates every taint)."""
     operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches key and value; `Exists` matches the key alone."""
     value: str | None = None
+    """Taint value (with operator Equal)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate (empty: all effects)."""
     toleration_seconds: int | None = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
 class JobConfig(ConfigModel):

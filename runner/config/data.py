@@ -91,10 +91,12 @@ class AspectRatioBucketConfig(ConfigModel):
         p = Problems()
         p.check(self.divisible_by % 8 == 0, "divisible_by",
                 f"must be a multiple of 8 (got {self.divisible_by}; try 8, 32 or 64)")
+        step = self.divisible_by if self.divisible_by % 8 == 0 else 8
         for name in ("target_resolution", "start_dim", "end_dim"):
             value = getattr(self, name)
-            p.check(value % 8 == 0, name,
-                    f"must be divisible by 8 (got {value}; try {round(value / 8) * 8 or 8})")
+            p.check(value % step == 0, name,
+                    f"must be a multiple of divisible_by ({step}) (got {value}; "
+                    f"try {max(step, round(value / step) * step)})")
         p.check(self.start_dim <= self.target_resolution <= self.end_dim, "start_dim",
                 f"need start_dim <= target_resolution <= end_dim (got {self.start_dim}, "
                 f"{self.target_resolution}, {self.end_dim})")

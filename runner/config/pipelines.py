@@ -25,9 +25,13 @@ class AdamOptimizerConfig(ConfigModel):
     learning_rate: float = Field(default=1e-4, gt=0)
     """Base learning rate (per-module rates below override it)."""
     beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Adam's first-moment decay."""
     beta2: float = Field(default=0.999, ge=0, lt=1)
+    """Adam's second-moment decay."""
     weight_decay: float = Field(default=1e-2, ge=0)
+    """Decoupled weight decay."""
     epsilon: float = Field(default=1e-8, gt=0)
+    """Numerical-stability term of the denominator."""
     use_8bit: bool = False
     """8-bit AdamW from bitsandbytes (CUDA only; needs `pip install bitsandbytes`)."""
 
@@ -37,9 +41,13 @@ class ProdigyOptimizerConfig(ConfigModel):
 
     optimizer_type: Literal["Prodigy"] = "Prodigy"
     learning_rate: float = Field(default=1.0, gt=0)
+    """Multiplier of Prodigy's adapted step size (1.0 is the recommended value)."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled weight decay."""
     use_bias_correction: bool = False
+    """Adam-style bias correction of the step-size estimate."""
     safeguard_warmup: bool = False
+    """Avoid a too-large step size during learning-rate warm-up."""
 
 
 OptimizerConfig = Annotated[
@@ -235,6 +243,7 @@ class SdLoraConfig(_LoraFields, BasePipelineConfig):
 
     type: Literal["SD_LORA"] = "SD_LORA"
     model: str = _SD_MODEL
+    """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
     data_loader: ImageCaptionSDDataLoaderConfig
     """Image/caption data."""
 
@@ -252,6 +261,7 @@ class SdxlLoraConfig(_SdxlTextEncoderRates, _LoraFields, BasePipelineConfig):
 
     type: Literal["SDXL_LORA"] = "SDXL_LORA"
     model: str = _SDXL_MODEL
+    """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
     data_loader: ImageCaptionSDDataLoaderConfig
     """Image/caption data."""
 
@@ -269,6 +279,7 @@ class SdTextualInversionConfig(_TextualInversionFields, BasePipelineConfig):
 
     type: Literal["SD_TEXTUAL_INVERSION"] = "SD_TEXTUAL_INVERSION"
     model: str = _SD_MODEL
+    """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
     data_loader: TextualInversionSDDataLoaderConfig
     """Template-captioned data."""
 
@@ -286,6 +297,7 @@ class SdxlTextualInversionConfig(_TextualInversionFields, BasePipelineConfig):
 
     type: Literal["SDXL_TEXTUAL_INVERSION"] = "SDXL_TEXTUAL_INVERSION"
     model: str = _SDXL_MODEL
+    """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
     data_loader: TextualInversionSDDataLoaderConfig
     """Template-captioned data."""
 
@@ -305,6 +317,7 @@ class SdxlLoraAndTextualInversionConfig(
 
     type: Literal["SDXL_LORA_AND_TEXTUAL_INVERSION"] = "SDXL_LORA_AND_TEXTUAL_INVERSION"
     model: str = _SDXL_MODEL
+    """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
     data_loader: TextualInversionSDDataLoaderConfig
     """Template-captioned data."""
     train_ti: bool = True
