@@ -138,3 +138,8 @@ def schema(output: Path | None) -> None:
     else:
         output.write_text(text + "\n", encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
+
+
+from launcher.cluster_commands import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(main, handle_errors)
