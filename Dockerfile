@@ -1,0 +1,46 @@
+# kubetune training image: CUDA runtime + pinned PyTorch + kubetune[train].
+# Build: docker build -t REGISTRY/kubetune:0.1.0 .   (see docs/kubernetes.md)
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+# Caches and scratch live under /cache and /tmp: the Job mounts emptyDirs there because the
+# root filesystem is read-only (launcher.manifests.POD_CACHE_ENV sets the same paths).
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/kubetune \
+    PATH=/opt/kubetune/bin:$PATH \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    TORCH_HOME=/cache/torch \
+    TRITON_CACHE_DIR=/cache/triton \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "$VIRTUAL_ENV" \
+    && pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY runner ./runner
+COPY launcher ./launcher
+RUN pip install ".[train]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
+    && rm -rf /src
+
+# A fixed non-root UID/GID 1000 (the Job's runAsUser); Ubuntu 24.04 ships a user 'ubuntu'
+# with that UID, which is replaced.
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+    && groupadd --gid 1000 kubetune \
+    && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp kubetune \
+    && mkdir -p /cache && chown 1000:1000 /cache
+
+USER 1000:1000
+WORKDIR /tmp
+ENTRYPOINT ["python", "-m", "runner"]
