@@ -1,0 +1,248 @@
+"""Object storage over string URIs: a local directory or ``s3://bucket/prefix``.
+
+Both stores have the same semantics: keys are relative POSIX paths under the store's root
+URI, writes are all-or-nothing (readers see the old object or the new one, never a part),
+``list`` is lazy and sorted by key, and "directories" exist only through the keys in them.
+S3 errors are translated at this boundary (see ``runner.errors``): a missing key raises
+``FileNotFoundError``, a refusal the user must fix raises ``StorageUserError`` naming the
+bucket and endpoint, and failures that survived the retries raise ``StorageError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from runner.errors import StorageError, StorageUserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from runner.config import StorageConfig
+
+MiB = 2**20
+_TMP_PREFIX = ".kubetune-tmp-"
+_COPY_BUFFER = 8 * MiB
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key relative to the store root and its size in bytes."""
+
+    key: str
+    size: int
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """What every store offers; see docs/architecture.md."""
+
+    uri: str
+
+    def url(self, key: str) -> str: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def put_file(self, key: str, path: str | Path) -> None: ...
+    def get_file(self, key: str, path: str | Path) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+    def delete(self, keys: Iterable[str]) -> None: ...
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise ``StorageUserError``."""
+    if not isinstance(key, str) or not key:
+        raise StorageUserError(f"invalid storage key {key!r}: empty")
+    if key.startswith("/") or "\0" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise StorageUserError(
+            f"invalid storage key {key!r}",
+            hint="keys are relative paths without '..', '.', empty segments or a leading '/'",
+        )
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Like ``check_key`` but allows ``""``, a trailing ``/`` and partial names."""
+    body = prefix[:-1] if prefix.endswith("/") else prefix
+    if prefix.startswith("/") or (body and not check_key(body)):
+        raise StorageUserError(f"invalid storage prefix {prefix!r}")
+    return prefix
+
+
+def join_key(*parts: str) -> str:
+    """Join key segments with ``/`` (empty parts skipped) and validate the result."""
+    return check_key("/".join(p.strip("/") for p in parts if p.strip("/")))
+
+
+def open_store(uri: str, storage: StorageConfig | Any | None = None, **options: Any) -> ObjectStore:
+    """Open the store rooted at ``uri`` (a local path, ``file://path`` or ``s3://bucket/prefix``).
+
+    For S3, endpoint / region / addressing style / TLS verification come from ``storage``
+    (any object with the ``StorageConfig`` attributes) or the ``AWS_*`` environment;
+    credentials only from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``. ``options`` are
+    passed to ``S3Store`` (retries, timeouts, page size, multipart settings).
+    """
+    if uri.startswith("s3://"):
+        from runner.storage_s3 import S3Store, s3_settings
+
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise StorageUserError(f"no bucket in S3 URI {uri!r}", hint="use s3://bucket/prefix")
+        return S3Store(bucket, prefix, **{**s3_settings(storage), **options})
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageUserError(f"unsupported storage URI {uri!r}", hint="use a path or s3://")
+    if options:
+        raise TypeError(f"local stores take no options: {sorted(options)}")
+    return LocalStore(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+@contextlib.contextmanager
+def _local_errors(what: str) -> Iterator[None]:
+    """Translate OS errors of the local store; ``FileNotFoundError`` passes through."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (IsADirectoryError, NotADirectoryError) as exc:
+        raise FileNotFoundError(errno.ENOENT, "no such object", what) from exc
+    except PermissionError as exc:
+        raise StorageUserError(f"permission denied writing or reading {what}") from exc
+    except OSError as exc:
+        raise StorageError(f"local storage failed for {what}: {exc}") from exc
+
+
+class LocalStore:
+    """A directory with object-store semantics (atomic writes via temp file + ``os.replace``)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def url(self, key: str) -> str:
+        return str(self._path(key))
+
+    def _atomic_write(self, key: str, write: Callable[[IO[bytes]], object]) -> None:
+        dest = self._path(key)
+        with _local_errors(str(dest)):
+            _write_atomically(dest, write, fsync=True)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        with open(path, "rb") as src:
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, _COPY_BUFFER))
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        with _local_errors(str(path)):
+            return path.read_bytes()
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        src, dest = self._path(key), Path(path)
+        with _local_errors(str(src)), open(src, "rb") as f:
+            _write_atomically(dest, lambda out: shutil.copyfileobj(f, out, _COPY_BUFFER))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        rel_dir = prefix.rpartition("/")[0]
+        start = self.root.joinpath(*rel_dir.split("/")) if rel_dir else self.root
+        return (o for o in self._walk(start, rel_dir, prefix) if o.key.startswith(prefix))
+
+    def _walk(self, directory: Path, rel: str, prefix: str) -> Iterator[ObjectInfo]:
+        """Depth-first in key order: a directory sorts as ``name + "/"``."""
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        dirs = {e.name for e in entries if e.is_dir(follow_symlinks=False)}
+        for entry in sorted(entries, key=lambda e: e.name + "/" if e.name in dirs else e.name):
+            key = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name in dirs:
+                sub = key + "/"
+                if sub.startswith(prefix) or prefix.startswith(sub):
+                    yield from self._walk(Path(entry.path), key, prefix)
+            elif entry.is_file() and not entry.name.startswith(_TMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):  # deleted while listing
+                    yield ObjectInfo(key, entry.stat().st_size)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        paths = [self._path(k) for k in keys]
+        for path in paths:
+            with _local_errors(str(path)):
+                path.unlink(missing_ok=True)
+                self._remove_empty_parents(path.parent)
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or gone): stop here
+                return
+            directory = directory.parent
+
+
+def _write_atomically(
+    dest: Path, write: Callable[[IO[bytes]], object], fsync: bool = False
+) -> None:
+    """Write a local file through a temp file in its folder + ``os.replace``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def backoff_delays(attempts: int, base_s: float = 0.2, max_s: float = 8.0) -> Iterator[float]:
+    """Exponential backoff with full jitter: ``attempts - 1`` delays."""
+    import random
+
+    for i in range(attempts - 1):
+        yield random.uniform(0, min(max_s, base_s * 2**i))
+
+
+def retry_transient(
+    fn: Callable[[], Any], attempts: int, *, base_s: float = 0.2, max_s: float = 8.0,
+    on_retry: Callable[[Exception, float], None] | None = None,
+) -> Any:  # fmt: skip
+    """Call ``fn``; on ``StorageError`` (transient, retries exhausted) try again with backoff."""
+    delays = backoff_delays(attempts, base_s, max_s)
+    while True:
+        try:
+            return fn()
+        except StorageError as exc:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            if on_retry is not None:
+                on_retry(exc, delay)
+            time.sleep(delay)
+
+
+def __getattr__(name: str) -> Any:
+    """``S3Store`` lives in ``runner.storage_s3`` (boto3 is imported only when needed)."""
+    if name == "S3Store":
+        from runner.storage_s3 import S3Store
+
+        return S3Store
+    raise AttributeError(name)
