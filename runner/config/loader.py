@@ -225,10 +225,16 @@ def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: 
             entries = [(loc, _describe(item, loc, data))]
         for full_loc, msg in entries:
             line = _line_for(lines, full_loc)
-            path = ".".join(str(p) for p in full_loc) or "(top level)"
+            path = ".".join(_show(p) for p in full_loc) or "(top level)"
             out.append((line or 0, f"{name}:{line or 1}: {path}: {msg}"))
     unique = dict.fromkeys(text for _, text in sorted(out, key=lambda t: t[0]))
     return list(unique)
+
+
+def _show(part: str | int) -> str:
+    """A path segment as text; keys with control characters or none at all are quoted."""
+    text = str(part)
+    return repr(text) if not text or not text.isprintable() else text
 
 
 def _split(field: str) -> Loc:
