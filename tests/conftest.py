@@ -6,6 +6,7 @@ from __future__ import annotations
 # Storage fixtures (runner.storage / runner.checkpoints): a real SeaweedFS S3 server.
 # ---------------------------------------------------------------------------------------------
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,15 @@ def s3_bucket(s3_server: S3Server) -> str:
     return s3_server.create_bucket()
 
 
+@pytest.fixture(scope="session")
+def s3_shared_bucket(s3_server: S3Server) -> str:
+    """One bucket for the session, already written to (SeaweedFS's first write to a new bucket
+    costs ~0.2-1 s); tests isolate themselves with a unique prefix (see ``s3_uri``)."""
+    bucket = s3_server.create_bucket("shared")
+    s3_server.client().put_object(Bucket=bucket, Key="warm-up", Body=b"")
+    return bucket
+
+
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """AWS_* variables pointing at the session server, as a pod would get them."""
@@ -53,15 +63,19 @@ def fault_proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
         yield proxy
 
 
+@pytest.fixture
+def s3_uri(s3_env: S3Server, s3_shared_bucket: str) -> str:
+    """A fresh ``s3://bucket/prefix`` store root (AWS_* environment set)."""
+    return f"s3://{s3_shared_bucket}/t-{uuid.uuid4().hex[:12]}"
+
+
 @pytest.fixture(params=["local", "s3"])
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh store root, once as a local directory and once as ``s3://bucket/prefix``
     (with the AWS_* environment set for the S3 case)."""
     if request.param == "local":
         return str(tmp_path / "store")
-    request.getfixturevalue("s3_env")
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/runs/test-run"
+    return str(request.getfixturevalue("s3_uri"))
 
 
 # ---------------------------------------------------------------------------------------------

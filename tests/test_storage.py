@@ -23,9 +23,9 @@ def _storage_cfg(**overrides: object) -> SimpleNamespace:
     return SimpleNamespace(**fields)
 
 
-def _proxied_store(proxy: FaultProxy, bucket: str, **options: object) -> S3Store:
+def _proxied_store(proxy: FaultProxy, uri: str, **options: object) -> S3Store:
     cfg = _storage_cfg(endpoint_url=proxy.endpoint)
-    store = open_store(f"s3://{bucket}/run", cfg, **options)
+    store = open_store(uri, cfg, **options)
     assert isinstance(store, S3Store)
     return store
 
@@ -166,10 +166,8 @@ def test_bad_s3_uris_are_user_errors() -> None:
             open_store(uri)
 
 
-def test_list_is_lazy_and_paginated(
-    fault_proxy: FaultProxy, s3_env: S3Server, s3_bucket: str
-) -> None:
-    store = _proxied_store(fault_proxy, s3_bucket, page_size=3)
+def test_list_is_lazy_and_paginated(fault_proxy: FaultProxy, s3_uri: str) -> None:
+    store = _proxied_store(fault_proxy, s3_uri, page_size=3)
     keys = [f"k/{i:02d}" for i in range(10)]
     for key in keys:
         store.put_bytes(key, b"")
@@ -230,9 +228,9 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_message(
 
 
 def test_transient_faults_are_retried_and_data_is_exact(
-    fault_proxy: FaultProxy, s3_env: S3Server, s3_bucket: str, tmp_path: Path
+    fault_proxy: FaultProxy, s3_uri: str, tmp_path: Path
 ) -> None:
-    store = _proxied_store(fault_proxy, s3_bucket, multipart_threshold=5 * 2**20,
+    store = _proxied_store(fault_proxy, s3_uri, multipart_threshold=5 * 2**20,
                            multipart_chunksize=5 * 2**20)  # fmt: skip
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(11 * 2**20))  # three parts
@@ -252,21 +250,17 @@ def test_transient_faults_are_retried_and_data_is_exact(
                                                        "cut_response"}  # fmt: skip
 
 
-def test_exhausted_retries_raise_storage_error(
-    fault_proxy: FaultProxy, s3_env: S3Server, s3_bucket: str
-) -> None:
-    store = _proxied_store(fault_proxy, s3_bucket, max_attempts=2)
+def test_exhausted_retries_raise_storage_error(fault_proxy: FaultProxy, s3_uri: str) -> None:
+    store = _proxied_store(fault_proxy, s3_uri, max_attempts=2)
     fault_proxy.inject("500", 10, ttl_s=20)
     with pytest.raises(StorageError) as info:
         store.put_bytes("x", b"1")
     assert not isinstance(info.value, StorageUserError)
-    assert s3_bucket in str(info.value)
+    assert s3_uri in str(info.value)
 
 
-def test_a_cut_upload_never_leaves_a_partial_object(
-    fault_proxy: FaultProxy, s3_env: S3Server, s3_bucket: str
-) -> None:
-    store = _proxied_store(fault_proxy, s3_bucket, max_attempts=1)
+def test_a_cut_upload_never_leaves_a_partial_object(fault_proxy: FaultProxy, s3_uri: str) -> None:
+    store = _proxied_store(fault_proxy, s3_uri, max_attempts=1)
     fault_proxy.inject("cut_request", 1, method="PUT")
     with pytest.raises(StorageError):
         store.put_bytes("x", b"a" * 200_000)

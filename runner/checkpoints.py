@@ -1,0 +1,318 @@
+"""Checkpoint publishing: local folder → store, data first and ``manifest.json`` last.
+
+A checkpoint ``<prefix>/step-000200/`` exists for readers, resume and pruning only once its
+manifest (every file with size and sha256) has landed. Uploads run in one background thread
+(at most one in flight: a second save waits, so a slow store slows training instead of
+growing memory); transient failures are retried per object with backoff. After a manifest
+lands, the oldest complete checkpoints beyond ``max_checkpoints`` are deleted (manifest
+first, then data) and manifest-less leftovers older than the newest checkpoint are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runner.errors import StorageError
+from runner.storage import ObjectStore, check_key, join_key, retry_transient
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_T = TypeVar("_T")
+
+
+def step_dir(step: int) -> str:
+    """Folder name of a checkpoint: ``step-000200``."""
+    return f"step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint, relative to its step folder."""
+
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The marker written last: a checkpoint exists once this object does."""
+
+    step: int
+    created: str
+    files: tuple[FileEntry, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+    version: int = 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        data["files"] = [asdict(f) for f in self.files]
+        return json.dumps(data, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        try:
+            raw = json.loads(data)
+            files = tuple(FileEntry(str(f["key"]), int(f["size"]), str(f["sha256"]))
+                          for f in raw["files"])  # fmt: skip
+            for f in files:
+                check_key(f.key)
+            return cls(int(raw["step"]), str(raw["created"]), files, dict(raw.get("meta") or {}),
+                       int(raw.get("version", 1)))  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"unreadable checkpoint manifest {where}: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _local_files(local_dir: Path) -> list[str]:
+    """Relative POSIX paths of every file under ``local_dir`` (which must exist)."""
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {local_dir} does not exist")
+    files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    if MANIFEST in files:
+        raise ValueError(f"{local_dir}: a checkpoint may not contain its own {MANIFEST}")
+    return files
+
+
+class CheckpointManager:
+    """Publishes, lists, prunes and restores checkpoints under ``prefix`` of ``store``."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        max_checkpoints: int | None,
+        *,
+        prefix: str = "checkpoints",
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 10.0,
+        file_concurrency: int = 4,
+    ) -> None:
+        if max_checkpoints is not None and max_checkpoints < 1:
+            raise ValueError("max_checkpoints must be >= 1 (or None to keep every checkpoint)")
+        self.store = store
+        self.max_checkpoints = max_checkpoints
+        self.prefix = check_key(prefix.strip("/"))
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.file_concurrency = file_concurrency
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def key(self, step: int, name: str = "") -> str:
+        """Store key of ``name`` inside the checkpoint of ``step`` (the folder if empty)."""
+        return join_key(self.prefix, step_dir(step), name)
+
+    def _retry(self, fn: Callable[[], _T], what: str) -> _T:
+        def warn(exc: Exception, delay: float) -> None:
+            log.warning("checkpoint storage: %s failed (%s); retrying in %.1fs", what, exc, delay)
+
+        return retry_transient(fn, self.attempts, base_s=self.backoff_s,
+                               max_s=self.backoff_max_s, on_retry=warn)  # fmt: skip
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def save_async(self, step: int, local_dir: str | Path, *, meta: dict[str, Any] | None = None
+                   ) -> None:  # fmt: skip
+        """Upload ``local_dir`` as checkpoint ``step`` in the background.
+
+        Waits first for the previous upload (back-pressure) and re-raises its error. The caller
+        must not modify ``local_dir`` until ``wait()`` returns.
+        """
+        self.wait()
+
+        def run() -> None:
+            try:
+                self._save(step, Path(local_dir), meta)
+            except BaseException as exc:  # surfaced by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}")
+        self._thread.start()
+
+    def save(self, step: int, local_dir: str | Path, *, meta: dict[str, Any] | None = None
+             ) -> Manifest:  # fmt: skip
+        """Upload synchronously (after any upload in flight) and return the manifest."""
+        self.wait()
+        return self._save(step, Path(local_dir), meta)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the upload in flight; re-raise its error (once). False on timeout."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return True
+
+    def close(self) -> None:
+        """Wait for the upload in flight (re-raising its error)."""
+        self.wait()
+
+    def _save(self, step: int, local_dir: Path, meta: dict[str, Any] | None) -> Manifest:
+        started = time.monotonic()
+        files = _local_files(local_dir)
+        manifest_key = self.key(step, MANIFEST)
+        if self.is_complete(step):  # re-saving a step: unpublish it first
+            self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
+
+        def upload(rel: str) -> FileEntry:
+            path = local_dir / rel
+            entry = FileEntry(rel, path.stat().st_size, _sha256(path))
+            key = self.key(step, rel)
+            self._retry(lambda: self.store.put_file(key, path), f"upload {key}")
+            return entry
+
+        with ThreadPoolExecutor(max(1, self.file_concurrency), "ckpt-upload") as pool:
+            entries = tuple(pool.map(upload, files))
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = Manifest(step, created, entries, dict(meta or {}))
+        body = manifest.to_bytes()
+        self._retry(lambda: self.store.put_bytes(manifest_key, body), f"publish {manifest_key}")
+        log.info(
+            "checkpoint %s published (%d files, %.1f MB, %.1fs)",
+            self.store.url(manifest_key),
+            len(entries),
+            manifest.total_bytes / 1e6,
+            time.monotonic() - started,
+        )
+        self.prune()
+        return manifest
+
+    def publish_file(self, key: str, src: str | Path | bytes) -> None:
+        """Atomically put one object (a validation PNG, progress.json) with retries."""
+        check_key(key)
+        if isinstance(src, bytes):
+            self._retry(lambda: self.store.put_bytes(key, src), f"publish {key}")
+        else:
+            self._retry(lambda: self.store.put_file(key, src), f"publish {key}")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _scan(self) -> dict[int, tuple[bool, list[str]]]:
+        """Step → (has manifest, keys) for every ``step-NNNNNN/`` folder under the prefix."""
+        return self._retry(self._scan_once, f"list {self.store.url(self.prefix)}/")
+
+    def _scan_once(self) -> dict[int, tuple[bool, list[str]]]:
+        groups: dict[int, tuple[bool, list[str]]] = {}
+        base = self.prefix + "/"
+        for obj in self.store.list(base + "step-"):
+            folder, sep, rest = obj.key[len(base) :].partition("/")
+            match = _STEP_DIR.match(folder)
+            if not (match and sep and rest):
+                continue
+            has_manifest, keys = groups.setdefault(int(match.group(1)), (False, []))
+            keys.append(obj.key)
+            if rest == MANIFEST:
+                groups[int(match.group(1))] = (True, keys)
+        return groups
+
+    def list_complete(self) -> list[int]:
+        """Steps whose manifest exists, ascending."""
+        return sorted(step for step, (complete, _) in self._scan().items() if complete)
+
+    def is_complete(self, step: int) -> bool:
+        """Whether the manifest of ``step`` exists."""
+        key = self.key(step, MANIFEST)
+        return bool(self._retry(lambda: self.store.exists(key), f"check {key}"))
+
+    def latest(self) -> int | None:
+        """The newest complete checkpoint, or None."""
+        complete = self.list_complete()
+        return complete[-1] if complete else None
+
+    def read_manifest(self, step: int) -> Manifest:
+        """The manifest of ``step``; ``FileNotFoundError`` if that checkpoint is not complete."""
+        key = self.key(step, MANIFEST)
+        data = self._retry(lambda: self.store.get_bytes(key), f"read {key}")
+        return Manifest.from_bytes(data, self.store.url(key))
+
+    def restore(self, step: int, local_dir: str | Path) -> Manifest:
+        """Download checkpoint ``step`` into ``local_dir``, verifying sizes and sha256."""
+        manifest = self.read_manifest(step)
+        local_dir = Path(local_dir)
+
+        def fetch(entry: FileEntry) -> None:
+            key, dest = self.key(step, entry.key), local_dir / entry.key
+            for attempt in (1, 2):  # one re-download if the bytes do not match
+                try:
+                    self._retry(lambda: self.store.get_file(key, dest), f"download {key}")
+                except FileNotFoundError:
+                    if self.is_complete(step):
+                        raise StorageError(f"checkpoint object {self.store.url(key)} is missing "
+                                           "although its manifest exists") from None  # fmt: skip
+                    raise  # pruned while we were reading it
+                size, digest = dest.stat().st_size, _sha256(dest)
+                if (size, digest) == (entry.size, entry.sha256):
+                    return
+                log.warning("checkpoint object %s does not match its manifest (attempt %d)",
+                            key, attempt)  # fmt: skip
+            raise StorageError(
+                f"checkpoint object {self.store.url(key)} is corrupt: {size} bytes sha256 "
+                f"{digest[:12]}…, manifest says {entry.size} bytes sha256 {entry.sha256[:12]}…"
+            )
+
+        with ThreadPoolExecutor(max(1, self.file_concurrency), "ckpt-download") as pool:
+            list(pool.map(fetch, manifest.files))
+        return manifest
+
+    # -- pruning ------------------------------------------------------------------------------
+
+    def prune(self) -> list[int]:
+        """Delete complete checkpoints beyond ``max_checkpoints`` (never the newest) and
+        manifest-less leftovers older than the newest complete one. Returns pruned steps."""
+        groups = self._scan()
+        complete = sorted(step for step, (done, _) in groups.items() if done)
+        if not complete:
+            return []
+        keep = self.max_checkpoints or len(complete)
+        doomed = complete[:-keep] if len(complete) > keep else []
+        for step in doomed:
+            manifest_key = self.key(step, MANIFEST)
+            data = [k for k in groups[step][1] if k != manifest_key]
+            self._retry(lambda k=manifest_key: self.store.delete([k]), f"unpublish {manifest_key}")
+            self._retry(lambda d=data: self.store.delete(d), f"delete {self.key(step)}")
+        leftovers = [s for s, (done, _) in groups.items() if not done and s < complete[-1]]
+        for step in leftovers:
+            keys = groups[step][1]
+            self._retry(lambda d=keys: self.store.delete(d), f"delete leftover {self.key(step)}")
+        if doomed or leftovers:
+            log.info("pruned checkpoints %s, leftovers %s", doomed, leftovers)
+        return doomed
+
+    def delete_all(self) -> None:
+        """Remove every checkpoint (manifests first), e.g. for a forced restart."""
+        self.wait()
+        groups = self._scan()
+        manifests = [self.key(s, MANIFEST) for s, (done, _) in groups.items() if done]
+        self._retry(lambda: self.store.delete(manifests), "unpublish all checkpoints")
+        rest = [k for _, keys in groups.values() for k in keys if k not in set(manifests)]
+        self._retry(lambda: self.store.delete(rest), "delete all checkpoints")
