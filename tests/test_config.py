@@ -105,11 +105,15 @@ def test_all_problems_reported_at_once_with_lines() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(text, name="c.yaml")
     problems = err.value.problems
-    assert "c.yaml:6: learnign_rate: unknown key; did you mean 'optimizer.learning_rate'?" \
-        not in problems  # a typo of a nested key is not an exact nested field
+    assert (
+        "c.yaml:6: learnign_rate: unknown key; did you mean 'optimizer.learning_rate'?"
+        not in problems
+    )  # a typo of a nested key is not an exact nested field
     assert any(p.startswith("c.yaml:6: learnign_rate: unknown key") for p in problems)
-    assert any(p.startswith("c.yaml:10: data_loader.resolution: must be positive and divisible")
-               for p in problems)
+    assert any(
+        p.startswith("c.yaml:10: data_loader.resolution: must be positive and divisible")
+        for p in problems
+    )
     assert len(problems) == 2  # the cross-field rule runs once the fields are valid
 
 
@@ -143,8 +147,10 @@ def test_nested_key_at_top_level_suggests_its_section() -> None:
 
 
 def test_overrides_apply_before_validation() -> None:
-    cfg = load_config(SAMPLES[0], overrides=["max_train_steps=7", "optimizer.learning_rate=0.5",
-                                             "job.name=Nightly Run"])
+    cfg = load_config(
+        SAMPLES[0],
+        overrides=["max_train_steps=7", "optimizer.learning_rate=0.5", "job.name=Nightly Run"],
+    )
     assert cfg.max_train_steps == 7
     assert cfg.optimizer.learning_rate == 0.5
     assert run_name(cfg) == "nightly-run"
@@ -193,7 +199,20 @@ def _all_models() -> list[type]:
 
 def test_every_config_field_is_documented() -> None:
     """Field docstrings are the user's documentation (schema descriptions, reference)."""
-    missing = [f"{cls.__name__}.{name}" for cls in _all_models()
-               for name, field in cls.model_fields.items()
-               if not field.description and name not in ("type", "optimizer_type")]
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in _all_models()
+        for name, field in cls.model_fields.items()
+        if not field.description and name not in ("type", "optimizer_type")
+    ]
     assert missing == []
+
+
+@pytest.mark.parametrize("key", ["tuple[", "SD_LORA", "int", "AdamW", "function-after"])
+def test_keys_named_like_union_labels_keep_their_path(key: str) -> None:
+    """Found by the fuzzer: pydantic's union branch labels must not swallow real keys."""
+    text = SAMPLES[0].read_text() + f"{key!r}: 1\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, name="c.yaml")
+    assert any(f": {key}: unknown key" in p or f": {key}: not valid" in p
+               for p in err.value.problems), err.value.problems

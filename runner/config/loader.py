@@ -132,10 +132,26 @@ for _cls in PIPELINE_CLASSES:
     _collect_tags(_cls, set())
 
 
-def _clean_loc(loc: Loc) -> Loc:
-    """Drop union tags pydantic inserts (`SD_LORA`, `AdamW`, ...) and str/int branch names."""
-    return tuple(p for p in loc if not (isinstance(p, str) and (
-        p in _TAGS or p.startswith(("tuple[", "function-")) or p in ("int", "str"))))
+def _clean_loc(loc: Loc, data: Any) -> Loc:
+    """Map pydantic's loc onto the user's data: drop the union branch labels it inserts
+    (`SD_LORA`, `AdamW`, `int`, `tuple[int, int]`, ...) by walking the raw mapping."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict):
+            branch = node.get("type", node.get("optimizer_type"))
+            if part in _TAGS and part == branch and not (last and part in node):
+                continue
+            if part in node:
+                out.append(part)
+                node = node[part]
+            elif last:
+                out.append(part)  # a missing key of this mapping
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+    return tuple(out)
 
 
 def _model_at(data: Any, loc: Loc) -> type[BaseModel] | None:
@@ -187,7 +203,7 @@ def _line_for(lines: dict[Loc, int], loc: Loc) -> int | None:
 def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        key = str(loc[-1])
+        key = str(loc[-1]) if loc else ""
         if len(loc) == 1 and _other_types_with(key):
             return (f"not valid for type {data.get('type')}; only for "
                     f"{', '.join(_other_types_with(key))} (remove it or change `type`)")
@@ -217,7 +233,7 @@ def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: 
     """Turn a pydantic ValidationError into sorted `file:line: path: message` lines."""
     out: list[tuple[int, str]] = []
     for item in err.errors(include_url=False):
-        loc = _clean_loc(tuple(item["loc"]))
+        loc = _clean_loc(tuple(item["loc"]), data)
         error = (item.get("ctx") or {}).get("error")
         if isinstance(error, FieldProblems):
             entries = [((*loc, *_split(field)), msg) for field, msg in error.problems]
