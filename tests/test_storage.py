@@ -270,3 +270,16 @@ def test_a_cut_upload_never_leaves_a_partial_object(fault_proxy: FaultProxy, s3_
     with pytest.raises(StorageError):
         store.put_bytes("x", b"b" * 200_000)
     assert store.get_bytes("x") == b"old"
+
+
+def test_open_store_accepts_the_real_storage_config(
+    s3_env: S3Server, s3_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.config import StorageConfig
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    bucket = s3_uri.removeprefix("s3://").split("/")[0]
+    cfg = StorageConfig(bucket=bucket, endpoint_url=s3_env.endpoint, region="us-east-1")
+    store = open_store(s3_uri, cfg)
+    store.put_bytes("config.yaml", b"type: SD_LORA\n")
+    assert store.get_bytes("config.yaml") == b"type: SD_LORA\n"
