@@ -3,6 +3,7 @@ with a SIGTERM flag checked between steps (checkpoint, publish, exit 143)."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from runner.errors import Preempted
 from runner.pipelines.common import Batch, TrainingPipeline
 from runner.progress import ProgressReporter
 from runner.validation import Validator
+
+log = logging.getLogger(__name__)
 
 
 def install_sigterm_handler() -> threading.Event:
@@ -142,6 +145,7 @@ class Loop:
         for item in step_inputs(self.loader, self.accumulation, state):
             loss = self.runner.run(item.group, state.step)
             state.step += 1
+            log.debug("step %d done", state.step)
             self.progress.update(state.step, state.epoch, loss, self.runner.lr, item.images)
             if self.checkpointer.maybe_save(state, item.completed_epoch):
                 self.progress.note(last_checkpoint_step=state.step)

@@ -135,24 +135,27 @@ def _resume_point(manager: Manager, store: ObjectStore, work_dir: Path, cfg: Pip
 
 def run(cfg: PipelineConfig, *, resume: bool = True, force_restart: bool = False,
         stop: threading.Event | None = None, work_dir: str | Path | None = None,
-        manager_factory: ManagerFactory = default_manager_factory) -> RunResult:
+        manager_factory: ManagerFactory | None = None) -> RunResult:
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
+    from runner.data import preflight
+
+    preflight(cfg)  # a bad dataset fails here, before anything is loaded or written
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
     work = Path(work_dir or os.environ.get("KUBETUNE_WORK_DIR")
                 or tempfile.mkdtemp(prefix="kubetune-"))
     uri = output_uri(cfg)
     store = open_store(uri, cfg.storage)
-    manager = manager_factory(store, cfg.max_checkpoints)
+    manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
     restored = _resume_point(manager, store, work, cfg, resume=resume,
                              force_restart=force_restart)
     seed = restored[1]["seed"] if restored else (
         cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
     seed_everything(seed)
-    if is_main:
-        store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
     session = _Session(cfg, accelerator, store, manager, work, seed)
     state = session.prepare(restored)
+    if is_main:  # only once the model and data loaded: a failed start writes nothing
+        store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
     session.loop(stop or threading.Event()).run(state)
     return session.finish(state, uri)
 

@@ -14,8 +14,13 @@ from PIL import Image
 from runner.config import PipelineConfig, parse_config
 
 SIDE = 64
-TYPES = ("SD_LORA", "SDXL_LORA", "SD_TEXTUAL_INVERSION", "SDXL_TEXTUAL_INVERSION",
-         "SDXL_LORA_AND_TEXTUAL_INVERSION")
+TYPES = (
+    "SD_LORA",
+    "SDXL_LORA",
+    "SD_TEXTUAL_INVERSION",
+    "SDXL_TEXTUAL_INVERSION",
+    "SDXL_LORA_AND_TEXTUAL_INVERSION",
+)
 PLACEHOLDER = "<kbtn>"
 
 
@@ -26,30 +31,43 @@ def write_dataset(root: Path, n: int = 4, seed: int = 0) -> Path:
     yy, xx = np.mgrid[0:SIDE, 0:SIDE] / SIDE
     for i in range(n):
         colour = rng.uniform(0, 1, 3)
-        pixels = np.stack([np.clip(colour[c] * (0.5 + 0.5 * (xx if c % 2 else yy)), 0, 1)
-                           for c in range(3)], axis=-1)
+        pixels = np.stack(
+            [np.clip(colour[c] * (0.5 + 0.5 * (xx if c % 2 else yy)), 0, 1) for c in range(3)],
+            axis=-1,
+        )
         Image.fromarray((pixels * 255).astype(np.uint8)).save(root / f"img-{i}.png")
         (root / f"img-{i}.txt").write_text(f"a kbtn picture number {i}")
     return root
 
 
-def make_config(kind: str, model_dir: Path, data_dir: Path, out_dir: Path,
-                **overrides: Any) -> PipelineConfig:
+def make_config(
+    kind: str, model_dir: Path, data_dir: Path, out_dir: Path, **overrides: Any
+) -> PipelineConfig:
     """A fast CPU config of type ``kind`` (float32, 64×64, batch 2)."""
     ti = "TEXTUAL_INVERSION" in kind
     data: dict[str, Any] = {
         "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data_dir)},
-        "resolution": SIDE, "center_crop": True, "random_flip": False,
+        "resolution": SIDE,
+        "center_crop": True,
+        "random_flip": False,
     }
     if ti:
         data.update(type="TEXTUAL_INVERSION_SD_DATA_LOADER", caption_preset="object")
     else:
         data["type"] = "IMAGE_CAPTION_SD_DATA_LOADER"
     raw: dict[str, Any] = {
-        "type": kind, "seed": 7, "base_output_dir": str(out_dir), "model": str(model_dir),
-        "hf_variant": None, "weight_dtype": "float32", "mixed_precision": "no",
-        "report_to": None, "data_loader": data, "train_batch_size": 2,
-        "max_train_steps": 4, "save_every_n_steps": 2,
+        "type": kind,
+        "seed": 7,
+        "base_output_dir": str(out_dir),
+        "model": str(model_dir),
+        "hf_variant": None,
+        "weight_dtype": "float32",
+        "mixed_precision": "no",
+        "report_to": None,
+        "data_loader": data,
+        "train_batch_size": 2,
+        "max_train_steps": 4,
+        "save_every_n_steps": 2,
         "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-3},
     }
     if ti:
@@ -100,8 +118,11 @@ class StandInManager:
         self.store, self.max = store, max_checkpoints
 
     def _steps(self) -> list[int]:
-        return sorted(int(o.key.split("/")[1][5:]) for o in self.store.list("checkpoints/")
-                      if o.key.endswith("/manifest.json"))
+        return sorted(
+            int(o.key.split("/")[1][5:])
+            for o in self.store.list("checkpoints/")
+            if o.key.endswith("/manifest.json")
+        )
 
     def save_async(self, step: int, local_dir: Path) -> None:
         prefix = f"checkpoints/step-{step:06d}"
@@ -111,7 +132,7 @@ class StandInManager:
         listing = [path.relative_to(local_dir).as_posix() for path in files]
         self.store.put_bytes(f"{prefix}/manifest.json", yaml.safe_dump(listing).encode())
         steps = self._steps()
-        for old in steps[:-self.max] if self.max else []:
+        for old in steps[: -self.max] if self.max else []:
             keys = [o.key for o in self.store.list(f"checkpoints/step-{old:06d}/")]
             self.store.delete(keys)
 
@@ -122,7 +143,7 @@ class StandInManager:
     def restore(self, step: int, local_dir: Path) -> None:
         prefix = f"checkpoints/step-{step:06d}/"
         for o in self.store.list(prefix):
-            target = Path(local_dir) / o.key[len(prefix):]
+            target = Path(local_dir) / o.key[len(prefix) :]
             target.parent.mkdir(parents=True, exist_ok=True)
             self.store.get_file(o.key, target)
 
@@ -139,3 +160,12 @@ def manager_factory() -> Any:
     from runner.train import default_manager_factory
 
     return default_manager_factory
+
+
+def main_with_manager(argv: list[str]) -> int:
+    """``python -m runner`` with ``manager_factory()`` (subprocess tests)."""
+    import runner.train
+    from runner.__main__ import main
+
+    runner.train.default_manager_factory = manager_factory()
+    return main(argv)
