@@ -146,7 +146,8 @@ class Loop:
             loss = self.runner.run(item.group, state.step)
             state.step += 1
             log.debug("step %d done", state.step)
-            self.progress.update(state.step, state.epoch, loss, self.runner.lr, item.images)
+            epoch = state.epoch if item.completed_epoch is None else item.completed_epoch - 1
+            self.progress.update(state.step, epoch, loss, self.runner.lr, item.images)
             if self.checkpointer.maybe_save(state, item.completed_epoch):
                 self.progress.note(last_checkpoint_step=state.step)
             self.validator.maybe_validate(state.step, item.completed_epoch)

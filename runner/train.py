@@ -114,22 +114,14 @@ def build_training(cfg: PipelineConfig, comps: Components, accelerator: Accelera
     return pipeline, optimizer, lr_scheduler
 
 
-def _discard_checkpoints(store: ObjectStore) -> None:
-    """Delete the run's old checkpoints, manifests first (readers stop trusting them)."""
-    keys = [o.key for o in store.list("checkpoints/")]
-    manifests = [k for k in keys if k.endswith("/manifest.json")]
-    store.delete(manifests)
-    store.delete([k for k in keys if k not in manifests])
-
-
-def _resume_point(manager: Manager, store: ObjectStore, work_dir: Path, cfg: PipelineConfig,
-                  *, resume: bool, force_restart: bool) -> tuple[Path, dict[str, Any]] | None:
+def _resume_point(manager: Manager, work_dir: Path, cfg: PipelineConfig, *, resume: bool,
+                  force_restart: bool) -> tuple[Path, dict[str, Any]] | None:
     if resume and not force_restart:
         return fetch_latest(manager, work_dir, cfg)
     if manager.latest() is not None:
         log.warning("starting over: discarding the run's existing checkpoints (%s)",
                     "--force-restart" if force_restart else "--no-resume")
-        _discard_checkpoints(store)
+        manager.delete_all()
     return None
 
 
@@ -147,8 +139,7 @@ def run(cfg: PipelineConfig, *, resume: bool = True, force_restart: bool = False
     uri = output_uri(cfg)
     store = open_store(uri, cfg.storage)
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
-    restored = _resume_point(manager, store, work, cfg, resume=resume,
-                             force_restart=force_restart)
+    restored = _resume_point(manager, work, cfg, resume=resume, force_restart=force_restart)
     seed = restored[1]["seed"] if restored else (
         cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
     seed_everything(seed)

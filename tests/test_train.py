@@ -22,7 +22,6 @@ from train_support import (
     TYPES,
     config_file,
     make_config,
-    manager_factory,
     step_dirs,
     train,
     write_dataset,
@@ -143,7 +142,6 @@ def test_type_trains_checkpoints_validates_and_reloads(
     out = tmp_path / "run"
     result = train(
         make_config(kind, model, data_dir, out, max_train_steps=6, **extra),
-        manager_factory=manager_factory(),
     )
     assert result.step == 6
     assert step_dirs(out) == ["step-000004", "step-000006"]  # step 2 pruned (max 2)
@@ -268,7 +266,7 @@ def test_same_seed_gives_identical_weights(
             max_train_steps=3,
             save_every_n_steps=3,
         )
-        train(cfg, manager_factory=manager_factory())
+        train(cfg)
         runs[name] = weights(tmp_path / name, 3)
     assert runs["a"].keys() == runs["b"].keys()
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
@@ -284,12 +282,19 @@ def test_incompatible_checkpoint_needs_force_restart(
     base = dict(max_train_steps=2, save_every_n_steps=2)
     train(
         make_config("SD_LORA", tiny_sd_dir, data_dir, out, **base),
-        manager_factory=manager_factory(),
     )
     changed = make_config("SD_LORA", tiny_sd_dir, data_dir, out, lora_rank_dim=8, **base)
+    cli = subprocess.run(
+        [sys.executable, "-m", "runner", str(config_file(changed, tmp_path / "changed.yaml"))],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    last = cli.stderr.strip().splitlines()[-1]
+    assert last.startswith("kubetune: error: checkpoint step-000002") and "--force-restart" in last
     with pytest.raises(ResumeMismatchError, match="lora_rank_dim"):
-        train(changed, manager_factory=manager_factory())
-    result = train(changed, force_restart=True, manager_factory=manager_factory())
+        train(changed)
+    result = train(changed, force_restart=True)
     assert result.step == 2
     info = json.loads((out / "checkpoints" / "step-000002" / "run_info.json").read_text())
     assert info["lora_rank_dim"] == 8
@@ -299,10 +304,6 @@ def test_incompatible_checkpoint_needs_force_restart(
 
 
 def _runner(config: Path, out: Path) -> subprocess.Popen[str]:
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); from train_support import "
-        "main_with_manager; sys.exit(main_with_manager(sys.argv[1:]))"
-    )
     env = {
         **os.environ,
         "KUBETUNE_LOG_LEVEL": "DEBUG",
@@ -310,7 +311,7 @@ def _runner(config: Path, out: Path) -> subprocess.Popen[str]:
         "KUBETUNE_WORK_DIR": str(out.parent / f"work-{out.name}"),
     }
     return subprocess.Popen(
-        [sys.executable, "-c", code, str(config)],
+        [sys.executable, "-m", "runner", str(config)],
         cwd=REPO,
         env=env,
         stderr=subprocess.PIPE,
@@ -331,7 +332,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
         max_grad_norm=1.0,
     )
     reference = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path / "ref", **kwargs)
-    train(reference, manager_factory=manager_factory())
+    train(reference)
     out = tmp_path / "run"
     config = config_file(
         make_config("SD_LORA", tiny_sd_dir, data_dir, out, **kwargs), tmp_path / "run.yaml"
