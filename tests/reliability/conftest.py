@@ -52,7 +52,7 @@ def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     Values of ``""`` in ``extra`` remove the variable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")  # fmt: skip
+               TOKENIZERS_PARALLELISM="false")  # fmt: skip
     for key, value in (extra or {}).items():
         if value == "":
             env.pop(key, None)
