@@ -132,10 +132,20 @@ def run(cfg: PipelineConfig, *, resume: bool = True, force_restart: bool = False
     from runner.data import preflight
 
     preflight(cfg)  # a bad dataset fails here, before anything is loaded or written
+    given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
+    work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
+    try:
+        return _run(cfg, work, resume=resume, force_restart=force_restart, stop=stop,
+                    manager_factory=manager_factory)
+    finally:
+        if not given:  # staged checkpoints are published (or the run failed): drop them
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(cfg: PipelineConfig, work: Path, *, resume: bool, force_restart: bool,
+         stop: threading.Event | None, manager_factory: ManagerFactory | None) -> RunResult:
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
-    work = Path(work_dir or os.environ.get("KUBETUNE_WORK_DIR")
-                or tempfile.mkdtemp(prefix="kubetune-"))
     uri = output_uri(cfg)
     store = open_store(uri, cfg.storage)
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
@@ -147,7 +157,11 @@ def run(cfg: PipelineConfig, *, resume: bool = True, force_restart: bool = False
     state = session.prepare(restored)
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
-    session.loop(stop or threading.Event()).run(state)
+    try:
+        session.loop(stop or threading.Event()).run(state)
+    except BaseException:
+        session.drain()  # let the last good checkpoint finish publishing before we fail
+        raise
     return session.finish(state, uri)
 
 
@@ -205,6 +219,13 @@ class _Session:
                               out, self.accelerator.device)
         return Loop(self.runner, self.loader, self.checkpointer, validator, self.progress,
                     stop, self.schedule.total_steps, cfg.gradient_accumulation_steps)
+
+    def drain(self) -> None:
+        """Wait for an upload in flight, logging (not raising) its failure."""
+        try:
+            self.checkpointer.wait()
+        except Exception as err:  # the original error matters more
+            log.error("publishing the last checkpoint failed too: %s", err)
 
     def finish(self, state: LoopState, uri: str) -> RunResult:
         """Checkpoint the last step, wait for uploads, publish ``final/``."""

@@ -358,3 +358,41 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+
+
+# --- textual-inversion initialisation ------------------------------------------------------
+
+
+def _ti_vectors(cfg: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    from runner.models.loading import load_components_from_config
+    from runner.pipelines import build_pipeline
+
+    comps = load_components_from_config(cfg)
+    pipe = build_pipeline(cfg, comps, torch.device("cpu"), total_steps=1)
+    return comps, {k: v.detach() for k, v in pipe.trainable_parameters().items()}
+
+
+def test_ti_starts_from_phrase_or_embedding_file(
+    tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from runner.exporters import export_embeddings
+
+    phrase = make_config("SDXL_TEXTUAL_INVERSION", tiny_sdxl_dir, data_dir, tmp_path,
+                         initializer_token=None, initial_phrase="red dog", num_vectors=3)
+    comps, vectors = _ti_vectors(phrase)
+    red, dog = comps.tokenizer("red dog", add_special_tokens=False).input_ids
+    table = comps.text_encoder.get_input_embeddings().weight
+    assert torch.equal(vectors["ti.clip_l"], table[[red, dog, red]])
+    path = export_embeddings(tmp_path / "emb", PLACEHOLDER,
+                             [vectors["ti.clip_l"] + 1, vectors["ti.clip_g"] - 1])
+    from_file = make_config("SDXL_TEXTUAL_INVERSION", tiny_sdxl_dir, data_dir, tmp_path,
+                            initializer_token=None, initial_embedding_file=str(path),
+                            num_vectors=3)
+    _, loaded = _ti_vectors(from_file)
+    assert torch.equal(loaded["ti.clip_l"], vectors["ti.clip_l"] + 1)
+    assert torch.equal(loaded["ti.clip_g"], vectors["ti.clip_g"] - 1)
+    too_long = make_config("SDXL_TEXTUAL_INVERSION", tiny_sdxl_dir, data_dir, tmp_path,
+                           initializer_token=None, initial_phrase="a red dog on grass",
+                           num_vectors=2)
+    with pytest.raises(UserError, match="num_vectors"):
+        _ti_vectors(too_long)

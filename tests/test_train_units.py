@@ -97,3 +97,22 @@ def test_progress_lines_and_record(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert lines[-1].startswith("step 4/4 epoch 1 loss 0.5000 lr 0.0001")
     record = __import__("json").loads((tmp_path / "progress.json").read_text())
     assert record["state"] == "completed" and record["step"] == 4
+
+
+def test_optimizers_honour_group_learning_rates(tmp_path: Path) -> None:
+    from runner.config import AdamOptimizerConfig, ProdigyOptimizerConfig
+    from runner.optim import build_lr_scheduler, build_optimizer
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    groups = [{"params": [a], "lr": 0.5}, {"params": [b]}]
+    cpu = torch.device("cpu")
+    adam = build_optimizer(AdamOptimizerConfig(learning_rate=1e-3, use_8bit=True), groups, cpu)
+    assert isinstance(adam, torch.optim.AdamW)  # 8-bit needs CUDA: plain AdamW on CPU
+    assert [g["lr"] for g in adam.param_groups] == [0.5, 1e-3]
+    prodigy = build_optimizer(ProdigyOptimizerConfig(), groups, cpu)
+    assert type(prodigy).__name__ == "Prodigy"
+    scheduler = build_lr_scheduler("linear", adam, warmup_steps=2, total_steps=10)
+    assert [round(g["lr"], 6) for g in adam.param_groups] == [0.0, 0.0]
+    adam.step()
+    scheduler.step()
+    assert [round(g["lr"], 6) for g in adam.param_groups] == [0.25, 0.0005]
