@@ -396,3 +396,17 @@ def test_ti_starts_from_phrase_or_embedding_file(
                            num_vectors=2)
     with pytest.raises(UserError, match="num_vectors"):
         _ti_vectors(too_long)
+
+
+def test_cached_latents_and_text_match_uncached(
+    tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    common = dict(max_train_steps=None, max_train_epochs=3, save_every_n_steps=None,
+                  save_every_n_epochs=3, train_text_encoder=False)
+    plain = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path / "plain", **common)
+    cached = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path / "cached",
+                         cache_vae_outputs=True, cache_text_encoder_outputs=True, **common)
+    assert train(plain).step == train(cached).step == 6  # 4 images, batch 2, 3 epochs
+    expected, got = weights(tmp_path / "plain", 6), weights(tmp_path / "cached", 6)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
