@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         from runner.config import load_config
-        from runner.loop import install_sigterm_handler
 
-        cfg = load_config(args.config, overrides=args.set)
-        stop = install_sigterm_handler()
+        cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
+        from runner.loop import install_sigterm_handler
         from runner.train import run
+
+        stop = install_sigterm_handler()
 
         run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop)
     except KubetuneError as err:
