@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import REPO, runner_env
+from relsupport import REPO, runner_env
 
 STEP_DONE = re.compile(r"step (\d+) done")
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, closed_port, figure, runner_env
 from k8s_fake import FakeKube
 from kube_configs import TEST_SECRET_KEY
+from relsupport import REPO, closed_port, figure, runner_env
 
 CORPUS = REPO / "tests" / "data" / "bad" / "inputs"
 CASES = sorted(p.name for p in CORPUS.iterdir() if (p / "case.yaml").is_file())

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, figure
 from k8s_checks import restricted_problems, validate_strict
 from kube_configs import VARIANTS, config_dict
+from relsupport import REPO, figure
 
 from launcher.manifests import build_manifests, to_yaml
 from runner.config import parse_config

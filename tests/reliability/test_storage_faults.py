@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import figure
 from faultproxy import FaultProxy
 from kube_configs import TEST_ACCESS_KEY, TEST_HF_TOKEN, TEST_SECRET_KEY, VARIANTS
+from relsupport import figure
 from s3server import S3Server
 from train_support import make_config, write_dataset
 

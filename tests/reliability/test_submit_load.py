@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import figure
 from k8s_fake import FakeKube
 from kube_configs import make_config
+from relsupport import figure
 
 from launcher.backends.base import SubmitResult
 from launcher.backends.kubernetes import KubernetesBackend
