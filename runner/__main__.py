@@ -35,9 +35,25 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def quiet_libraries() -> None:
+    """Keep `kubectl logs` readable: no download/loading progress bars or advisory warnings
+    from the ML libraries unless KUBETUNE_LOG_LEVEL=DEBUG."""
+    if os.environ.get("KUBETUNE_LOG_LEVEL", "").upper() == "DEBUG":
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|peft)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    quiet_libraries()
     try:
         from runner.config import load_config
 

@@ -35,6 +35,7 @@ from runner.optim import build_lr_scheduler, build_optimizer
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.common import enable_gradient_checkpointing
 from runner.progress import ProgressReporter, ProgressSettings
+from runner.speed import enable_tf32, tune_unet
 from runner.storage import ObjectStore, open_store
 from runner.validation import ValidationSettings, Validator
 
@@ -76,9 +77,7 @@ def make_accelerator(cfg: PipelineConfig) -> Accelerator:
     except ValueError as err:
         raise UserError(f"mixed_precision {cfg.mixed_precision}: {err}",
                         hint="use mixed_precision: no on this machine") from err
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(accelerator.device)
     return accelerator
 
 
@@ -102,6 +101,7 @@ def build_training(cfg: PipelineConfig, comps: Components, accelerator: Accelera
                    total_steps: int) -> tuple[TrainingPipeline, Any, Any]:
     """Pipeline (adapters / tokens added), optimizer and LR scheduler."""
     pipeline = build_pipeline(cfg, comps, accelerator.device, total_steps=total_steps)
+    tune_unet(comps.unet, accelerator.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing([comps.unet, *comps.text_encoders])
     if cfg.compile_unet:
@@ -175,18 +175,22 @@ class _Session:
         self.is_main = accelerator.is_main_process
 
     def prepare(self, restored: tuple[Path, dict[str, Any]] | None) -> LoopState:
-        from runner.data import build_train_dataloader
+        from runner.data import build_train_dataloader, cache_batches
 
         cfg, device = self.cfg, self.accelerator.device
         comps = load_components_from_config(cfg)
         place_models(comps, cfg, device)
-        self.loader = build_train_dataloader(cfg, seed=self.seed,
-                                             batch_size=cfg.train_batch_size,
-                                             device_is_cuda=device.type == "cuda")
+        self.loader = build_train_dataloader(
+            cfg, seed=self.seed, batch_size=cfg.train_batch_size,
+            device_is_cuda=device.type == "cuda",
+            num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index)
         self.schedule = plan_schedule(cfg, len(self.loader))
         torch.manual_seed(self.seed)  # LoRA init does not depend on what loading consumed
         self.pipeline, optimizer, lr_scheduler = build_training(
             cfg, comps, self.accelerator, self.schedule.total_steps)
+        if self.pipeline.latents.cache is not None or self.pipeline.text.cache is not None:
+            self.pipeline.warm_caches(cache_batches(self.loader))  # then encoders off the GPU
         self.generator = torch.Generator(device).manual_seed(self.seed)
         self.runner = StepRunner(self.accelerator, self.pipeline, optimizer, lr_scheduler,
                                  self.generator, cfg.max_grad_norm)
@@ -214,6 +218,7 @@ class _Session:
                         "and the log only", cfg.report_to)
         self.progress = ProgressReporter(
             ProgressSettings(self.schedule.total_steps, self.schedule.steps_per_epoch,
+                             log_every_n_steps=cfg.log_every_n_steps,
                              tensorboard_dir=tb_dir, upload_logs=True), out)
         validator = Validator(ValidationSettings.from_config(cfg, self.seed), self.pipeline,
                               out, self.accelerator.device)

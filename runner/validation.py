@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +22,6 @@ from runner.pipelines.common import TrainingPipeline
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-INFERENCE_STEPS = int(os.environ.get("KUBETUNE_VALIDATION_STEPS", "25"))
-"""Denoising steps per validation image (DPM-Solver++); the env var exists for fast tests."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +35,7 @@ class ValidationSettings:
     seed: int
     height: int
     width: int
+    inference_steps: int = 25
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, seed: int) -> ValidationSettings:
@@ -51,7 +49,7 @@ class ValidationSettings:
         return cls(list(cfg.validation_prompts), cfg.negative_validation_prompts,
                    cfg.num_validation_images_per_prompt, cfg.validate_every_n_steps,
                    cfg.validate_every_n_epochs, cfg.enable_cpu_offload_during_validation,
-                   seed, height, width)
+                   seed, height, width, cfg.num_validation_inference_steps)
 
     def due(self, step: int, completed_epoch: int | None) -> bool:
         if not self.prompts:
@@ -152,5 +150,5 @@ class Validator:
         generator = torch.Generator(self.device).manual_seed(
             self.s.seed + 1000 * i + j)
         return pipe(self.s.prompts[i], negative_prompt=negatives[i] if negatives else None,
-                    num_inference_steps=INFERENCE_STEPS, generator=generator,
+                    num_inference_steps=self.s.inference_steps, generator=generator,
                     height=self.s.height, width=self.s.width).images[0]

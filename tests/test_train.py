@@ -30,7 +30,6 @@ from train_support import (
 from runner.errors import EXIT_PREEMPTED, ResumeMismatchError, UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("KUBETUNE_VALIDATION_STEPS", "3")
 pytest_plugins = ["fixtures_models"]  # tiny_sd_dir / tiny_sdxl_dir
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = {

@@ -69,6 +69,7 @@ def make_config(
         "max_train_steps": 4,
         "save_every_n_steps": 2,
         "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-3},
+        "num_validation_inference_steps": 3,
     }
     if ti:
         raw.update(placeholder_token=PLACEHOLDER, initializer_token="cat", num_vectors=2)

@@ -127,6 +127,10 @@ class BasePipelineConfig(ConfigModel):
     """Negative prompts, one per validation prompt."""
     num_validation_images_per_prompt: PositiveInt = 4
     """Images per validation prompt."""
+    num_validation_inference_steps: PositiveInt = 25
+    """Denoising steps per validation image (kubetune extension)."""
+    log_every_n_steps: PositiveInt = 10
+    """Write a progress line (step, loss, lr, images/s, ETA) every N steps (kubetune extension)."""
     use_masks: bool = False
     """Accepted for compatibility; masks are not supported yet and must stay false."""
 
