@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from launcher import api
+from launcher.backends.base import RunStatus
 from runner.errors import EXIT_FAILURE, EXIT_OK
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
@@ -49,6 +50,19 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def output_lines(status: RunStatus) -> list[str]:
+    """Where to look once a run ended: the outputs, its newest checkpoint and final weights."""
+    uri = status.output_uri.rstrip("/")
+    lines = [f"outputs: {uri}"]
+    if status.phase == "Succeeded":
+        step = status.progress.last_checkpoint_step if status.progress else None
+        if step is not None:
+            lines.append(f"  checkpoint: {uri}/checkpoints/step-{step:06d}/")
+            lines.append(f"  validation: {uri}/validation/ (grid.png per validation step)")
+        lines.append(f"  final:      {uri}/final/")
+    return lines
 
 
 @click.command()
@@ -108,14 +122,19 @@ def submit(config: str, overrides: tuple[str, ...], name: str | None, wait: bool
     if follow:
         for line in backend.logs(result.run, follow=True):
             click.echo(line, err=output == "json")
-    echo = None if output == "json" else (lambda s: click.echo(s.summary(), err=True))
+    def echo(status: RunStatus) -> None:  # intermediate states; the final one is below
+        if not status.done:
+            click.echo(status.summary(), err=True)
+
+    quiet = output == "json" or follow  # --follow already streams the progress lines
     status = api.wait(backend, result.run, timeout=timeout, poll=poll_interval,
-                      on_change=echo)
+                      on_change=None if quiet else echo)
     if output == "json":
         _emit_json({"submit": result.__dict__, "status": status.to_json()})
     else:
         click.echo(status.summary())
-        click.echo(f"outputs: {status.output_uri}")
+        for line in output_lines(status):
+            click.echo(line)
     sys.exit(EXIT_OK if status.phase == "Succeeded" else EXIT_FAILURE)
 
 
