@@ -46,41 +46,64 @@ class BucketBatchSampler:
     """Batches drawn from one bucket at a time, shuffled, deterministic by (seed, epoch).
 
     Every example appears exactly once per epoch (the last batch of a bucket may be short).
+    With ``num_replicas`` > 1 (one per GPU process) batches are drawn as global batches of
+    ``batch_size × num_replicas`` and each ``rank`` takes its slice; the plan, its length and
+    the position are identical on every rank, so one saved state resumes all of them.
     Iterating yields the current epoch's batches from `position` on and advances it; after
     the last batch the epoch advances. `state_dict`/`load_state_dict` save that position.
     """
 
     def __init__(self, bucket_of: Sequence[int], batch_size: int, seed: int,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, *, num_replicas: int = 1, rank: int = 0) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.bucket_of = list(bucket_of)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.position = 0
         members: dict[int, list[int]] = {}
         for index, bucket in enumerate(self.bucket_of):
             members.setdefault(bucket, []).append(index)
         self._members = [members[b] for b in sorted(members)]
-        self._len = sum(-(-len(m) // batch_size) for m in self._members)
+        size = self.global_batch_size
+        self._len = sum(-(-len(m) // size) for m in self._members)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per step over all processes (``batch_size`` × ``num_replicas``)."""
+        return self.batch_size * self.num_replicas
 
     def __len__(self) -> int:
         return self._len
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """All batches of `epoch`, in order."""
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """All processes' batches of `epoch`, in order (the same list on every rank)."""
         rng = random.Random(derive_seed("batches", self.seed, epoch))
+        size = self.global_batch_size
         out: list[list[int]] = []
         for members in self._members:
             order = list(members)
             if self.shuffle:
                 rng.shuffle(order)
-            out.extend(order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            out.extend(order[i:i + size] for i in range(0, len(order), size))
         if self.shuffle:
             rng.shuffle(out)
         return out
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of `epoch`: a strided slice of each global batch, so the
+        ranks' slices are disjoint and cover it. A global batch shorter than the number of
+        processes (a bucket's tail) is cycled so that every rank still gets one example."""
+        glob = self.global_batches(epoch)
+        if self.num_replicas == 1:
+            return glob
+        n = self.num_replicas
+        return [b[self.rank::n] if len(b) >= n else [b[self.rank % len(b)]] for b in glob]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches(self.epoch)[self.position:]:
@@ -96,6 +119,8 @@ class BucketBatchSampler:
     def fingerprint(self) -> str:
         """Identity of the plan: a different dataset, bucketing or batch size changes it."""
         raw = f"{self.seed}:{self.batch_size}:{self.shuffle}:{self.bucket_of}"
+        if self.num_replicas > 1:  # positions count global batches: same world size only
+            raw += f":world={self.num_replicas}"
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:

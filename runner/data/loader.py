@@ -189,9 +189,13 @@ def needs_captions(loader: LoaderConfig) -> bool:
 
 
 def build_train_dataloader(cfg: PipelineConfig, *, seed: int, batch_size: int,
-                           device_is_cuda: bool,
-                           placeholder_text: str | None = None) -> ResumableLoader:
-    """The training loader for `cfg.data_loader` (see docs/architecture.md for batches)."""
+                           device_is_cuda: bool, placeholder_text: str | None = None,
+                           num_processes: int = 1, process_index: int = 0) -> ResumableLoader:
+    """The training loader for `cfg.data_loader` (see docs/architecture.md for batches).
+
+    ``batch_size`` is per process; with ``num_processes`` > 1 (``accelerate launch``) each
+    process gets its own disjoint slice of every global batch (see ``BucketBatchSampler``).
+    """
     loader_cfg: LoaderConfig = cfg.data_loader
     text = placeholder_text or default_placeholder_text(cfg)
     captions = CaptionBuilder(loader_cfg, text)
@@ -206,7 +210,8 @@ def build_train_dataloader(cfg: PipelineConfig, *, seed: int, batch_size: int,
     transform = ImageTransform(center_crop=loader_cfg.center_crop,
                                random_flip=loader_cfg.random_flip)
     dataset = TrainDataset(source, captions, transform, [buckets[b] for b in bucket_of], seed)
-    sampler = BucketBatchSampler(bucket_of, batch_size, seed)
+    sampler = BucketBatchSampler(bucket_of, batch_size, seed, num_replicas=num_processes,
+                                 rank=process_index)
     loader = ResumableLoader(dataset, sampler, num_workers=loader_cfg.dataloader_num_workers,
                              pin_memory=device_is_cuda)
     loader.buckets = buckets
