@@ -27,10 +27,12 @@ def build_optimizer(cfg: AdamOptimizerConfig | ProdigyOptimizerConfig, groups: P
         return _prodigy(cfg, groups)
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon,
                   weight_decay=cfg.weight_decay)
-    if cfg.use_8bit and device.type == "cuda":
-        return _adamw_8bit(groups, kwargs)
     if cfg.use_8bit:
-        log.warning("optimizer.use_8bit needs CUDA; using torch AdamW on %s", device.type)
+        if device.type != "cuda":
+            raise UserError(f"optimizer.use_8bit needs a CUDA GPU (training runs on "
+                            f"{device.type})", hint="set optimizer.use_8bit: false, or run on "
+                            "a GPU node (job.gpus)")
+        return _adamw_8bit(groups, kwargs)
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
 
 

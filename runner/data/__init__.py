@@ -6,11 +6,12 @@ from runner.data.loader import (
     PreflightReport,
     ResumableLoader,
     build_train_dataloader,
+    cache_batches,
     default_placeholder_text,
     preflight,
 )
 
 __all__ = [
-    "PreflightReport", "ResumableLoader", "TensorCache", "build_train_dataloader",
+    "PreflightReport", "ResumableLoader", "TensorCache", "build_train_dataloader", "cache_batches",
     "cache_namespace", "content_hash", "default_placeholder_text", "open_run_cache", "preflight",
 ]

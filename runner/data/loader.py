@@ -129,6 +129,17 @@ class ResumableLoader:
             self.sampler.epoch, self.sampler.position = self.sampler.epoch + 1, 0
 
 
+def cache_batches(loader: ResumableLoader) -> Iterator[Batch]:
+    """Every example once, for filling the latent / text caches: epoch 0's global batches
+    (whatever epoch a resumed run is in, so caches are identical across resumes) cut into
+    per-process batches. The loader's position does not move."""
+    sampler, dataset = loader.sampler, loader.dataset
+    size = sampler.batch_size
+    for batch in sampler.global_batches(0):
+        for start in range(0, len(batch), size):
+            yield collate(dataset.__getitems__([(i, 0) for i in batch[start:start + size]]))
+
+
 _DONE = object()
 
 

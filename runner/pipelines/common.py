@@ -3,6 +3,7 @@ micro-batch, and the contract the loop and checkpointer rely on (``TrainingPipel
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,11 @@ from runner.config import PipelineConfig
 from runner.losses import diffusion_loss, training_target
 from runner.models.loading import Components
 from runner.optim import ParamGroups
+from runner.speed import to_device
 
 Batch = dict[str, Any]
+OFFLOAD_DEVICE = torch.device("cpu")
+"""Where encoders whose outputs are cached wait during training steps."""
 
 
 class TextConditioner:
@@ -34,7 +38,7 @@ class TextConditioner:
         ids = tokenizer(captions, padding="max_length",
                         max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        return ids.to(device)
+        return to_device(ids, device)
 
     def encode(self, captions: list[str], device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -54,15 +58,17 @@ class TextConditioner:
 
     def _encode(self, captions: list[str], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode where the encoders are (``device`` unless offloaded), results on ``device``."""
         comps = self.comps
-        ids = self._ids(comps.tokenizer, captions, device)
+        here = comps.text_encoder.device
+        ids = self._ids(comps.tokenizer, captions, here)
         if not comps.is_sdxl:
-            return comps.text_encoder(ids)[0], None
+            return comps.text_encoder(ids)[0].to(device), None
         out1 = comps.text_encoder(ids, output_hidden_states=True)
-        out2 = comps.text_encoder_2(self._ids(comps.tokenizer_2, captions, device),
+        out2 = comps.text_encoder_2(self._ids(comps.tokenizer_2, captions, here),
                                     output_hidden_states=True)
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        return hidden, out2.text_embeds
+        return hidden.to(device), out2.text_embeds.to(device)
 
 
 class LatentEncoder:
@@ -74,22 +80,31 @@ class LatentEncoder:
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     @torch.no_grad()
-    def _moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return dist.mean, dist.std
+    def _moments(self, pixels: torch.Tensor, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode where the VAE is (``device`` unless offloaded), results on ``device``."""
+        pixels = to_device(pixels, self.vae.device).to(self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        return dist.mean.to(device), dist.std.to(device)
+
+    def fill(self, batch: Batch, device: torch.device) -> None:
+        """Cache the moments of the batch's examples not cached yet."""
+        assert self.cache is not None
+        ids = list(batch["id"])
+        todo = [i for i, key in enumerate(ids) if key not in self.cache]
+        if todo:
+            pixels = batch["pixel_values"]
+            m, s = self._moments(pixels if len(todo) == len(ids) else pixels[todo], device)
+            for j, i in enumerate(todo):
+                self.cache[ids[i]] = (m[j], s[j])
 
     def sample(self, batch: Batch, device: torch.device, generator: torch.Generator
                ) -> torch.Tensor:
         if self.cache is None:
-            mean, std = self._moments(batch["pixel_values"].to(device, non_blocking=True))
+            mean, std = self._moments(batch["pixel_values"], device)
         else:
+            self.fill(batch, device)
             ids = list(batch["id"])
-            todo = [i for i, key in enumerate(ids) if key not in self.cache]
-            if todo:
-                pixels = batch["pixel_values"][todo].to(device, non_blocking=True)
-                m, s = self._moments(pixels)
-                for j, i in enumerate(todo):
-                    self.cache[ids[i]] = (m[j], s[j])
             mean = torch.stack([self.cache[k][0] for k in ids])
             std = torch.stack([self.cache[k][1] for k in ids])
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
@@ -103,7 +118,7 @@ def sdxl_time_ids(batch: Batch, height: int, width: int, device: torch.device) -
     target = torch.tensor([[height, width]] * n, dtype=torch.long)
     ids = torch.cat([batch["original_size_hw"].long(), batch["crop_top_left_yx"].long(), target],
                     dim=1)
-    return ids.to(device)
+    return to_device(ids, device)
 
 
 class TrainingPipeline:
@@ -111,7 +126,9 @@ class TrainingPipeline:
 
     Subclasses add trainable parameters in ``__init__`` and implement ``param_groups``,
     ``trainable_parameters`` and ``export``. The loop calls ``loss`` per micro-batch,
-    ``after_optimizer_step`` after each step and ``set_train``/``set_eval`` around validation.
+    ``after_optimizer_step`` after each step and ``set_train(False/True)`` around validation.
+    After ``warm_caches`` the encoders it replaced wait on ``OFFLOAD_DEVICE`` while training
+    and come back for validation (``set_train(False)``).
     """
 
     def __init__(self, cfg: PipelineConfig, comps: Components, device: torch.device,
@@ -123,6 +140,8 @@ class TrainingPipeline:
         self.latents = LatentEncoder(comps.vae, cache=cfg.cache_vae_outputs)
         self.prediction_type: str = comps.noise_scheduler.config.prediction_type
         self.train_text_encoders = False  # subclasses set True when gradients flow through
+        self.offloaded: list[nn.Module] = []
+        """Encoders kept off the device during training steps (see ``warm_caches``)."""
 
     # --- contract -------------------------------------------------------------------------
     def param_groups(self) -> ParamGroups:
@@ -148,8 +167,40 @@ class TrainingPipeline:
 
     # --- shared behaviour -----------------------------------------------------------------
     def set_train(self, train: bool) -> None:
+        """Training mode (offloaded encoders away) or inference mode (all on the device)."""
         for module in self.trained_modules():
             module.train(train)
+        self._place_offloaded(away=train)
+
+    def cached_encoders(self) -> list[nn.Module]:
+        """Frozen encoders that training steps never run once the caches are warm."""
+        modules: list[nn.Module] = []
+        if self.latents.cache is not None:
+            modules.append(self.comps.vae)
+        if self.text.cache is not None and not self.train_text_encoders:
+            modules.extend(self.comps.text_encoders)
+        return modules
+
+    @torch.no_grad()
+    def warm_caches(self, batches: Iterable[Batch]) -> None:
+        """Fill the enabled latent / text caches from ``batches`` (every example once), then
+        move the encoders they replace to ``OFFLOAD_DEVICE`` until validation needs them:
+        lower peak memory during steps. Uses no random numbers."""
+        for batch in batches:
+            if self.latents.cache is not None:
+                self.latents.fill(batch, self.device)
+            if self.text.cache is not None:
+                self.text.encode(list(batch["caption"]), self.device)
+        self.offloaded = self.cached_encoders()
+        self._place_offloaded(away=True)
+
+    def _place_offloaded(self, *, away: bool) -> None:
+        if not self.offloaded:
+            return
+        for module in self.offloaded:
+            module.to(OFFLOAD_DEVICE if away else self.device)
+        if away and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back for the UNet's activations
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         params = self.trainable_parameters()
