@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.manifests import build_manifests, to_yaml
-from runner.config import PipelineConfig, load_config
-from runner.config.cluster import sanitize_name
 from runner.errors import ClusterError
 
 if TYPE_CHECKING:
     from launcher.backends.base import Backend, RunStatus, SubmitResult
+    from runner.config import PipelineConfig
+
+# The schema and manifest builder are imported inside the functions that need them, so
+# `launcher --help` / `status` stay fast (building the pydantic schema costs ~0.3 s).
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,16 @@ class ClusterOptions:
 def load(config: str | Path, overrides: Iterable[str] = (), name: str | None = None
          ) -> PipelineConfig:
     """Validate a config (same errors as `launcher validate`); `name` sets job.name."""
+    from runner.config import load_config
+
     extra = [*overrides, *([f"job.name={name}"] if name else [])]
     return load_config(config, overrides=extra or None)
 
 
 def render(cfg: PipelineConfig, namespace: str | None = None) -> str:
     """The manifests `submit` would create, as multi-document YAML."""
+    from launcher.manifests import build_manifests, to_yaml
+
     return to_yaml(build_manifests(cfg, namespace=namespace))
 
 
@@ -63,6 +68,7 @@ def backend_for_run(run: str, *, local: bool = False,
     cluster."""
     if not local and not (cluster and cluster.given):
         from launcher.backends.local import kubetune_home
+        from runner.config.cluster import sanitize_name
 
         local = (kubetune_home() / "runs" / sanitize_name(run) / "run.json").is_file()
     return get_backend(local=local, cluster=cluster)

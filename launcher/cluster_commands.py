@@ -7,13 +7,15 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from launcher import api
-from launcher.backends.base import RunStatus
 from runner.errors import EXIT_FAILURE, EXIT_OK
+
+if TYPE_CHECKING:
+    from launcher.backends.base import RunStatus
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="json: one machine-readable document (for CI).")
