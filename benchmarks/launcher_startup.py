@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = Path(__file__).parent.parent / "tests" / "data" / "invoke_samples" / "sd_lora_pokemon_1x8gb.yaml"
+CONFIG = (Path(__file__).parent.parent / "tests" / "data" / "invoke_samples"
+          / "sd_lora_pokemon_1x8gb.yaml")
 
 
 def best_of(cmd: list[str], repeat: int) -> tuple[float, float]:

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from relsupport import figure
+from runs import RunnerProc
 from safetensors.torch import load_file
 from train_support import config_file, make_config, train, write_dataset
 
 from runner.checkpoints import CheckpointManager
 from runner.errors import EXIT_PREEMPTED
 from runner.storage import open_store
-from runs import RunnerProc
 
 STEPS, SAVE_EVERY = 6, 2
 

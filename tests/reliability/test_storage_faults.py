@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from faultproxy import FaultProxy
 from kube_configs import TEST_ACCESS_KEY, TEST_HF_TOKEN, TEST_SECRET_KEY, VARIANTS
 from relsupport import figure
+from runs import RunnerProc
 from s3server import S3Server
 from train_support import make_config, write_dataset
 
@@ -30,7 +31,6 @@ from runner.checkpoints import CheckpointManager
 from runner.config import config_to_yaml
 from runner.errors import StorageError
 from runner.storage import open_store
-from runs import RunnerProc
 
 FAULTS = (("500", 3), ("503", 3), ("reset", 2), ("cut_request", 2), ("cut_response", 2),
           ("latency", 6))  # fmt: skip
