@@ -31,7 +31,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY runner ./runner
 COPY launcher ./launcher
-RUN pip install ".[train]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
+RUN pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
     && rm -rf /src
 
 # A fixed non-root UID/GID 1000 (the Job's runAsUser); Ubuntu 24.04 ships a user 'ubuntu'

@@ -178,30 +178,15 @@ def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
     assert "no such file" in result.output
 
 
-def _all_models() -> list[type]:
-    from runner.config import PIPELINE_CLASSES
-    from runner.config.loader import _models_in
-
-    seen: list[type] = []
-
-    def walk(cls: type) -> None:
-        if cls in seen:
-            return
-        seen.append(cls)
-        for field in cls.model_fields.values():
-            for sub in _models_in(field.annotation):
-                walk(sub)
-
-    for cls in PIPELINE_CLASSES:
-        walk(cls)
-    return seen
-
-
 def test_every_config_field_is_documented() -> None:
     """Field docstrings are the user's documentation (schema descriptions, reference)."""
+    from runner.config.base import document_fields
+    from runner.config.loader import all_models
+
+    document_fields(all_models())
     missing = [
         f"{cls.__name__}.{name}"
-        for cls in _all_models()
+        for cls in all_models()
         for name, field in cls.model_fields.items()
         if not field.description and name not in ("type", "optimizer_type")
     ]

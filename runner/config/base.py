@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -22,7 +26,9 @@ class ConfigModel(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        use_attribute_docstrings=True,
+        # Field docstrings are read on demand (document_fields), not at import: parsing the
+        # source of every class at start-up doubled `launcher validate`'s cold start.
+        use_attribute_docstrings=False,
         validate_default=True,
         frozen=False,
     )
@@ -54,3 +60,33 @@ def exactly_one(problems: Problems, values: dict[str, object], what: str) -> Non
         problems.add(next(iter(values)), f"set exactly one of {names} ({what})")
     elif len(set_names) > 1:
         problems.add(set_names[1], f"set only one of {names}, not both ({what})")
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """The docstring written under each annotated field in ``cls``'s own source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def document_fields(models: list[type[BaseModel]]) -> None:
+    """Copy field docstrings (nearest class in the MRO first) into the field descriptions
+    and rebuild the models, for the JSON Schema and the config reference."""
+    for model in models:
+        merged: dict[str, str] = {}
+        for klass in reversed(model.__mro__):
+            if issubclass(klass, BaseModel) and klass is not BaseModel:
+                merged.update(field_docstrings(klass))
+        for name, field in model.model_fields.items():
+            if not field.description and name in merged:
+                field.description = merged[name]
+        model.model_rebuild(force=True)

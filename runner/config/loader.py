@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from runner.config.base import FieldProblems
+from runner.config.base import FieldProblems, document_fields
 from runner.config.cluster import sanitize_name
 from runner.config.pipelines import PIPELINE_CLASSES, PIPELINE_TYPES, PipelineConfig, TrainConfig
 from runner.errors import ConfigError
@@ -310,9 +310,28 @@ def output_uri(cfg: PipelineConfig) -> str:
     return cfg.base_output_dir
 
 
+def all_models() -> list[type[BaseModel]]:
+    """Every config model reachable from the five pipeline types, sections first."""
+    seen: list[type[BaseModel]] = []
+
+    def walk(cls: type[BaseModel]) -> None:
+        if cls in seen:
+            return
+        for field in cls.model_fields.values():
+            for sub in _models_in(field.annotation):
+                walk(sub)
+        seen.append(cls)
+
+    for cls in PIPELINE_CLASSES:
+        walk(cls)
+    return seen
+
+
 def json_schema() -> dict[str, Any]:
-    """JSON Schema of the config file (for yaml-language-server / editors)."""
-    schema = _ADAPTER.json_schema()
+    """JSON Schema of the config file (for yaml-language-server / editors), with every
+    field's docstring as its description."""
+    document_fields(all_models())
+    schema = TypeAdapter(TrainConfig).json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "kubetune training config"
     return schema
