@@ -72,7 +72,9 @@ def sigterm_runs(n: int, model: Path, data: Path, root: Path) -> None:
     rng = random.Random(8)
     lost, max_delta, resumed = 0, 0.0, 0
     for i in range(n):
-        seed, at = 100 + i, rng.randint(1, STEPS - 1)
+        # SIGTERM lands during step at+1; at+1 must not be the last step, or the run simply
+        # completes (exit 0) before the flag is checked, which is correct but tests nothing.
+        seed, at = 100 + i, rng.randint(1, STEPS - 2)
         out = root / f"term-{i}"
         cfg = make_config("SD_LORA", model, data, out, **_kwargs(seed, 100))
         config = config_file(cfg, root / f"term-{i}.yaml")
