@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import sys
@@ -103,18 +104,15 @@ def _shape_problems(data: Any, name: str) -> list[str]:
 
 # --- pydantic errors → one line each -------------------------------------------------------
 
-_TAGS: set[str] = set()
-
-
-def _collect_tags(cls: type[BaseModel], seen: set[type]) -> None:
-    if cls in seen:
-        return
-    seen.add(cls)
-    for field_name, field in cls.model_fields.items():
-        if field_name in ("type", "optimizer_type") and isinstance(field.default, str):
-            _TAGS.add(field.default)
-        for sub in _models_in(field.annotation):
-            _collect_tags(sub, seen)
+@functools.cache
+def _union_tags() -> frozenset[str]:
+    """The discriminator values (SD_LORA, AdamW, ...) pydantic inserts into error locs."""
+    return frozenset(
+        model.model_fields[name].default
+        for model in all_models()
+        for name in ("type", "optimizer_type")
+        if name in model.model_fields and isinstance(model.model_fields[name].default, str)
+    )
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -128,10 +126,6 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return []
 
 
-for _cls in PIPELINE_CLASSES:
-    _collect_tags(_cls, set())
-
-
 def _clean_loc(loc: Loc, data: Any) -> Loc:
     """Map pydantic's loc onto the user's data: drop the union branch labels it inserts
     (`SD_LORA`, `AdamW`, `int`, `tuple[int, int]`, ...) by walking the raw mapping."""
@@ -141,7 +135,7 @@ def _clean_loc(loc: Loc, data: Any) -> Loc:
         last = i == len(loc) - 1
         if isinstance(node, dict):
             branch = node.get("type", node.get("optimizer_type"))
-            if part in _TAGS and part == branch and not (last and part in node):
+            if part in _union_tags() and part == branch and not (last and part in node):
                 continue
             if part in node:
                 out.append(part)
