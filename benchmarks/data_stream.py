@@ -42,21 +42,35 @@ def upload(client: Any, bucket: str, prefix: str, n: int, side: int) -> list[str
     keys = [f"{prefix}/img-{i:06d}.png" for i in range(n)]
     blobs = [_png(side, i % 64) for i in range(64)]
     with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=keys[i],
-                                                  Body=blobs[i % 64]), range(n)))
+        list(
+            pool.map(
+                lambda i: client.put_object(Bucket=bucket, Key=keys[i], Body=blobs[i % 64]),
+                range(n),
+            )
+        )
     return keys
 
 
 def config(uri: str, resolution: int) -> SdTextualInversionConfig:
-    return SdTextualInversionConfig.model_validate({
-        "base_output_dir": "/tmp/kubetune-bench", "max_train_steps": 1, "save_every_n_steps": 1,
-        "placeholder_token": "<x>", "initializer_token": "x",
-        "data_loader": {"dataset": {"type": "IMAGE_DIR_DATASET", "dataset_dir": uri},
-                        "resolution": resolution, "caption_preset": "object"}})
+    return SdTextualInversionConfig.model_validate(
+        {
+            "base_output_dir": "/tmp/kubetune-bench",
+            "max_train_steps": 1,
+            "save_every_n_steps": 1,
+            "placeholder_token": "<x>",
+            "initializer_token": "x",
+            "data_loader": {
+                "dataset": {"type": "IMAGE_DIR_DATASET", "dataset_dir": uri},
+                "resolution": resolution,
+                "caption_preset": "object",
+            },
+        }
+    )
 
 
 def raw_loop(client: Any, bucket: str, keys: list[str], decode: bool) -> float:
     """images/s of a plain ThreadPool GET loop (optionally decoding), same concurrency."""
+
     def get(key: str) -> int:
         data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         if decode:
@@ -70,8 +84,9 @@ def raw_loop(client: Any, bucket: str, keys: list[str], decode: bool) -> float:
 
 
 def dataset_rate(uri: str, resolution: int, batch_size: int) -> tuple[float, int]:
-    loader = build_train_dataloader(config(uri, resolution), seed=0, batch_size=batch_size,
-                                    device_is_cuda=False)
+    loader = build_train_dataloader(
+        config(uri, resolution), seed=0, batch_size=batch_size, device_is_cuda=False
+    )
     start, count = time.perf_counter(), 0
     for batch in loader:
         count += len(batch["id"])
@@ -80,8 +95,9 @@ def dataset_rate(uri: str, resolution: int, batch_size: int) -> tuple[float, int
 
 def first_batch_s(uri: str, batch_size: int) -> float:
     start = time.perf_counter()
-    loader = build_train_dataloader(config(uri, 32), seed=0, batch_size=batch_size,
-                                    device_is_cuda=False)
+    loader = build_train_dataloader(
+        config(uri, 32), seed=0, batch_size=batch_size, device_is_cuda=False
+    )
     next(iter(loader))
     return time.perf_counter() - start
 
@@ -114,15 +130,21 @@ def main() -> None:
         small = first_batch_s(f"s3://{bucket}/small", 8)
         big = first_batch_s(f"s3://{bucket}/big", 8)
         listing = list_s(f"s3://{bucket}/big")
-    print(f"objects: {n} PNGs {args.side}x{args.side} (~{len(_png(args.side, 0)) // 1024} KiB), "
-          f"{FETCH_WORKERS} parallel GETs, {os.cpu_count()} CPUs")
+    print(
+        f"objects: {n} PNGs {args.side}x{args.side} (~{len(_png(args.side, 0)) // 1024} KiB), "
+        f"{FETCH_WORKERS} parallel GETs, {os.cpu_count()} CPUs"
+    )
     print(f"raw parallel GET            : {raw:8.0f} images/s")
     print(f"raw parallel GET + decode   : {raw_dec:8.0f} images/s")
-    print(f"kubetune dataset (batch 32) : {rate:8.0f} images/s  "
-          f"= {rate / raw:.2f}x raw GET, {rate / raw_dec:.2f}x raw GET+decode")
+    print(
+        f"kubetune dataset (batch 32) : {rate:8.0f} images/s  "
+        f"= {rate / raw:.2f}x raw GET, {rate / raw_dec:.2f}x raw GET+decode"
+    )
     print(f"time to first batch, 100    : {small * 1000:8.0f} ms")
-    print(f"time to first batch, {args.big:<6d} : {big * 1000:8.0f} ms  "
-          f"= {big / small:.1f}x the 100-object time for {args.big // 100}x the objects")
+    print(
+        f"time to first batch, {args.big:<6d} : {big * 1000:8.0f} ms  "
+        f"= {big / small:.1f}x the 100-object time for {args.big // 100}x the objects"
+    )
     print(f"  of which listing {args.big} keys: {listing * 1000:8.0f} ms")
 
 

@@ -13,8 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = (Path(__file__).parent.parent / "tests" / "data" / "invoke_samples"
-          / "sd_lora_pokemon_1x8gb.yaml")
+CONFIG = (
+    Path(__file__).parent.parent
+    / "tests"
+    / "data"
+    / "invoke_samples"
+    / "sd_lora_pokemon_1x8gb.yaml"
+)
 
 
 def best_of(cmd: list[str], repeat: int) -> tuple[float, float]:
@@ -35,16 +40,21 @@ def main() -> None:
     figures = {
         "python -c pass": best_of([*python, "-c", "pass"], args.repeat),
         "launcher --help": best_of([*python, "-m", "launcher", "--help"], args.repeat),
-        "launcher validate": best_of([*python, "-m", "launcher", "validate", str(CONFIG)],
-                                     args.repeat),
+        "launcher validate": best_of(
+            [*python, "-m", "launcher", "validate", str(CONFIG)], args.repeat
+        ),
     }
     base = figures["python -c pass"][0]
     for name, (median, fastest) in figures.items():
-        print(f"{name:20s} median {median:.3f} s  min {fastest:.3f} s  "
-              f"ratio to python {median / base:.1f}x")
+        print(
+            f"{name:20s} median {median:.3f} s  min {fastest:.3f} s  "
+            f"ratio to python {median / base:.1f}x"
+        )
     validate = figures["launcher validate"][0]
-    print(f"launcher validate cold start {validate:.3f} s (goal <= 0.5 s: "
-          f"{'met' if validate <= 0.5 else 'NOT met'})")
+    print(
+        f"launcher validate cold start {validate:.3f} s (goal <= 0.5 s: "
+        f"{'met' if validate <= 0.5 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ Builder = Callable[[bool], Components]
 
 # --- measuring ---------------------------------------------------------------------------------
 
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -113,8 +114,13 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
-def measure(label: str, steps: dict[str, Step], batch: dict[str, Any],
-            args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def measure(
+    label: str,
+    steps: dict[str, Step],
+    batch: dict[str, Any],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, float]:
     """Interleave rounds of both loops (fair under noisy neighbours); median s/step."""
     for step in steps.values():
         time_steps(step, batch, args.warmup, device)
@@ -125,13 +131,17 @@ def measure(label: str, steps: dict[str, Step], batch: dict[str, Any],
     result = {name: statistics.median(t) for name, t in times.items()}
     images = len(batch["caption"])
     ratio = result["kubetune"] / result["bare"]
-    print(f"{label}: kubetune {result['kubetune'] * 1e3:.1f} ms/step "
-          f"({images / result['kubetune']:.2f} img/s), bare {result['bare'] * 1e3:.1f} ms/step "
-          f"({images / result['bare']:.2f} img/s), step-time ratio {ratio:.3f}x", flush=True)
+    print(
+        f"{label}: kubetune {result['kubetune'] * 1e3:.1f} ms/step "
+        f"({images / result['kubetune']:.2f} img/s), bare {result['bare'] * 1e3:.1f} ms/step "
+        f"({images / result['bare']:.2f} img/s), step-time ratio {ratio:.3f}x",
+        flush=True,
+    )
     return result
 
 
 # --- modes -------------------------------------------------------------------------------------
+
 
 def run_overhead(args: argparse.Namespace) -> None:
     """Tiny SD1.5 on this device: framework overhead per step."""
@@ -139,26 +149,43 @@ def run_overhead(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_sd(Path(tmp) / "tiny-sd")
-        steps = {"kubetune": kubetune_step(tiny_components(model, dtype, device), args, device),
-                 "bare": bare_step(tiny_components(model, dtype, device), args, device)}
+        steps = {
+            "kubetune": kubetune_step(tiny_components(model, dtype, device), args, device),
+            "bare": bare_step(tiny_components(model, dtype, device), args, device),
+        }
     batch = make_batch(args.batch, args.side, device)
-    measure(f"tiny SD1.5 {args.side}px batch {args.batch} {args.dtype} on {device.type}",
-            steps, batch, args, device)
+    measure(
+        f"tiny SD1.5 {args.side}px batch {args.batch} {args.dtype} on {device.type}",
+        steps,
+        batch,
+        args,
+        device,
+    )
 
 
-def timed_run(step: Step, batch: dict[str, Any], args: argparse.Namespace,
-              device: torch.device) -> float:
+def timed_run(
+    step: Step, batch: dict[str, Any], args: argparse.Namespace, device: torch.device
+) -> float:
     time_steps(step, batch, args.warmup, device)
-    return statistics.median(time_steps(step, batch, args.steps, device)
-                             for _ in range(args.rounds))
+    return statistics.median(
+        time_steps(step, batch, args.steps, device) for _ in range(args.rounds)
+    )
 
 
-def run_case(build: Builder, sdxl: bool, batch_size: int, args: argparse.Namespace,
-             device: torch.device, flops_cache: dict[tuple[bool, int, int], float]) -> None:
+def run_case(
+    build: Builder,
+    sdxl: bool,
+    batch_size: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    flops_cache: dict[tuple[bool, int, int], float],
+) -> None:
     """Both loops on one model / size / batch / checkpointing setting, one after the other
     (fresh models each, memory freed in between)."""
-    label = (f"{'SDXL' if sdxl else 'SD1.5'} {args.side}px batch {batch_size} rank {args.rank} "
-             f"{args.dtype}{' +GC' if args.gradient_checkpointing else ''}")
+    label = (
+        f"{'SDXL' if sdxl else 'SD1.5'} {args.side}px batch {batch_size} rank {args.rank} "
+        f"{args.dtype}{' +GC' if args.gradient_checkpointing else ''}"
+    )
     batch = make_batch(batch_size, args.side, device)
     key = (sdxl, args.side, batch_size)
     seconds, peaks, syncs = {}, {}, {}
@@ -166,7 +193,7 @@ def run_case(build: Builder, sdxl: bool, batch_size: int, args: argparse.Namespa
         reset_memory(device)
         step = make(build(sdxl), args, device)
         if key not in flops_cache and not args.gradient_checkpointing:  # model FLOPs: no
-            flops_cache[key] = unet_flops(step, batch)                  # recomputation
+            flops_cache[key] = unet_flops(step, batch)  # recomputation
         seconds[name] = timed_run(step, batch, args, device)
         syncs[name] = count_syncs(step, batch, device)
         peaks[name] = peak_gib(device)
@@ -174,19 +201,24 @@ def run_case(build: Builder, sdxl: bool, batch_size: int, args: argparse.Namespa
     flops, peak = flops_cache.get(key), peak_tflops()
     parts = []
     for name in ("kubetune", "bare"):
-        mfu = (f", MFU {flops / seconds[name] / (peak * 1e12) * 100:.1f}%"
-               if peak and flops else "")
+        mfu = f", MFU {flops / seconds[name] / (peak * 1e12) * 100:.1f}%" if peak and flops else ""
         sync_note = "" if syncs[name] is None else f", {syncs[name]} syncs/step"
-        parts.append(f"{name} {batch_size / seconds[name]:.2f} img/s, peak "
-                     f"{peaks[name]:.1f} GiB{mfu}{sync_note}")
-    print(f"{label}: " + "; ".join(parts) + f"; images/s ratio "
-          f"{seconds['bare'] / seconds['kubetune']:.3f}x, memory ratio "
-          f"{peaks['kubetune'] / peaks['bare']:.3f}x"
-          + (f"; UNet {flops / 1e9:.1f} GFLOP/step" if flops else ""), flush=True)
+        parts.append(
+            f"{name} {batch_size / seconds[name]:.2f} img/s, peak "
+            f"{peaks[name]:.1f} GiB{mfu}{sync_note}"
+        )
+    print(
+        f"{label}: " + "; ".join(parts) + f"; images/s ratio "
+        f"{seconds['bare'] / seconds['kubetune']:.3f}x, memory ratio "
+        f"{peaks['kubetune'] / peaks['bare']:.3f}x"
+        + (f"; UNet {flops / 1e9:.1f} GFLOP/step" if flops else ""),
+        flush=True,
+    )
 
 
-def run_cache_case(build: Builder, sdxl: bool, batch_size: int, args: argparse.Namespace,
-                   device: torch.device) -> None:
+def run_cache_case(
+    build: Builder, sdxl: bool, batch_size: int, args: argparse.Namespace, device: torch.device
+) -> None:
     """kubetune with and without cached VAE / text-encoder outputs: peak memory, images/s."""
     label = f"{'SDXL' if sdxl else 'SD1.5'} {args.side}px batch {batch_size} {args.dtype}"
     batch = make_batch(batch_size, args.side, device)
@@ -199,10 +231,13 @@ def run_cache_case(build: Builder, sdxl: bool, batch_size: int, args: argparse.N
         seconds[name] = timed_run(step, batch, args, device)
         peaks[name] = peak_gib(device)
         del step
-    print(f"{label} kubetune caches: uncached {batch_size / seconds['uncached']:.2f} img/s, "
-          f"peak {peaks['uncached']:.1f} GiB; cached (VAE/TE off GPU) "
-          f"{batch_size / seconds['cached']:.2f} img/s, peak {peaks['cached']:.1f} GiB; "
-          f"memory ratio {peaks['cached'] / peaks['uncached']:.3f}x", flush=True)
+    print(
+        f"{label} kubetune caches: uncached {batch_size / seconds['uncached']:.2f} img/s, "
+        f"peak {peaks['uncached']:.1f} GiB; cached (VAE/TE off GPU) "
+        f"{batch_size / seconds['cached']:.2f} img/s, peak {peaks['cached']:.1f} GiB; "
+        f"memory ratio {peaks['cached'] / peaks['uncached']:.3f}x",
+        flush=True,
+    )
 
 
 def builder(args: argparse.Namespace, device: torch.device, tmp: Path) -> Builder:
@@ -239,10 +274,16 @@ def run_full(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="full-size models (CUDA only)")
-    parser.add_argument("--peak-memory-cache", action="store_true",
-                        help="peak memory with vs without cached VAE/TE outputs (CUDA only)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="run --full / --peak-memory-cache on the tiny models (any device)")
+    parser.add_argument(
+        "--peak-memory-cache",
+        action="store_true",
+        help="peak memory with vs without cached VAE/TE outputs (CUDA only)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="run --full / --peak-memory-cache on the tiny models (any device)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -253,8 +294,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets")
-    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                        help="kubetune: keep the UNet NCHW on CUDA (A/B of channels_last)")
+    parser.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="kubetune: keep the UNet NCHW on CUDA (A/B of channels_last)",
+    )
     return parser.parse_args(argv)
 
 

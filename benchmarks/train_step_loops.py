@@ -29,8 +29,13 @@ from runner.config import PipelineConfig, parse_config
 from runner.models.loading import Components, load_components
 from runner.models.tiny import TOKENIZER_DIR
 
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                 beta_schedule="scaled_linear", prediction_type="epsilon")
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # both loops; the diffusers default
 MAX_GRAD_NORM = 1.0  # the diffusers scripts' default; kubetune set to the same
 Step = Callable[[dict[str, Any]], Any]
@@ -38,40 +43,70 @@ Step = Callable[[dict[str, Any]], Any]
 
 # --- models ----------------------------------------------------------------------------------
 
+
 def _clip_l() -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                          num_hidden_layers=12, num_attention_heads=12,
-                          max_position_embeddings=77, hidden_act="quick_gelu",
-                          eos_token_id=49407, bos_token_id=49406, projection_dim=768)
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        eos_token_id=49407,
+        bos_token_id=49406,
+        projection_dim=768,
+    )
 
 
 def _clip_g() -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-                          num_hidden_layers=32, num_attention_heads=20,
-                          max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
-                          eos_token_id=49407, bos_token_id=49406)
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=1280,
+        eos_token_id=49407,
+        bos_token_id=49406,
+    )
 
 
 def _vae(sdxl: bool) -> AutoencoderKL:
     return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        sample_size=1024 if sdxl else 512, scaling_factor=0.13025 if sdxl else 0.18215)
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024 if sdxl else 512,
+        scaling_factor=0.13025 if sdxl else 0.18215,
+    )
 
 
 def _sdxl_unet() -> UNet2DConditionModel:
     """stabilityai/stable-diffusion-xl-base-1.0 unet/config.json."""
     return UNet2DConditionModel(
-        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
 
 
-def full_components(sdxl: bool, dtype: torch.dtype, device: torch.device,
-                    seed: int = 0) -> Components:
+def full_components(
+    sdxl: bool, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> Components:
     """Full-size SD1.5 / SDXL modules from the official configs, random weights, built
     directly on ``device`` (minutes on a CPU for SDXL, seconds on a GPU)."""
     torch.manual_seed(seed)
@@ -88,13 +123,19 @@ def _build_full(sdxl: bool, dtype: torch.dtype, device: torch.device) -> Compone
         text_encoder = CLIPTextModel(_clip_l()).to(dtype)
         if not sdxl:  # runwayml/stable-diffusion-v1-5: the UNet defaults + 768-wide context
             unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).to(dtype)
-            return Components(tokenizer, text_encoder, vae, unet, DDPMScheduler(**SCHEDULER),
-                              is_sdxl=False)
-        return Components(tokenizer, text_encoder, vae, _sdxl_unet().to(dtype),
-                          DDPMScheduler(**SCHEDULER), is_sdxl=True,
-                          tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR,
-                                                                    model_max_length=77),
-                          text_encoder_2=CLIPTextModelWithProjection(_clip_g()).to(dtype))
+            return Components(
+                tokenizer, text_encoder, vae, unet, DDPMScheduler(**SCHEDULER), is_sdxl=False
+            )
+        return Components(
+            tokenizer,
+            text_encoder,
+            vae,
+            _sdxl_unet().to(dtype),
+            DDPMScheduler(**SCHEDULER),
+            is_sdxl=True,
+            tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_g()).to(dtype),
+        )
 
 
 def tiny_components(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Components:
@@ -110,12 +151,17 @@ def make_batch(batch: int, side: int, device: torch.device) -> dict[str, Any]:
     pixels = torch.rand(batch, 3, side, side, generator=g) * 2 - 1
     captions = [f"a photo of a cat number {i}" for i in range(batch)]
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
-    out = {"pixel_values": pixels, "caption": captions,
-           "original_size_hw": torch.tensor([[side, side]] * batch),
-           "crop_top_left_yx": torch.zeros(batch, 2, dtype=torch.long),
-           "id": [str(i) for i in range(batch)], "input_ids": ids}
+    ids = tokenizer(
+        captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    out = {
+        "pixel_values": pixels,
+        "caption": captions,
+        "original_size_hw": torch.tensor([[side, side]] * batch),
+        "crop_top_left_yx": torch.zeros(batch, 2, dtype=torch.long),
+        "id": [str(i) for i in range(batch)],
+        "input_ids": ids,
+    }
     if device.type == "cuda":
         out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out
@@ -123,23 +169,45 @@ def make_batch(batch: int, side: int, device: torch.device) -> dict[str, Any]:
 
 # --- kubetune ----------------------------------------------------------------------------------
 
-def bench_config(args: argparse.Namespace, sdxl: bool, *, cache: bool = False
-                 ) -> PipelineConfig:
-    return parse_config(yaml.safe_dump({
-        "type": "SDXL_LORA" if sdxl else "SD_LORA", "base_output_dir": "/tmp/bench",
-        "lora_rank_dim": args.rank, "unet_lora_target_modules": LORA_TARGETS,
-        "train_text_encoder": False, "min_snr_gamma": None, "max_grad_norm": MAX_GRAD_NORM,
-        "mixed_precision": args.mixed_precision, "weight_dtype": args.dtype,
-        "gradient_checkpointing": args.gradient_checkpointing, "compile_unet": args.compile,
-        "cache_vae_outputs": cache, "cache_text_encoder_outputs": cache,
-        "max_train_steps": 1, "save_every_n_steps": 1, "data_loader": {
-            "type": "IMAGE_CAPTION_SD_DATA_LOADER", "resolution": args.side,
-            "center_crop": True, "random_flip": False,
-            "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "/tmp"}}}))
+
+def bench_config(args: argparse.Namespace, sdxl: bool, *, cache: bool = False) -> PipelineConfig:
+    return parse_config(
+        yaml.safe_dump(
+            {
+                "type": "SDXL_LORA" if sdxl else "SD_LORA",
+                "base_output_dir": "/tmp/bench",
+                "lora_rank_dim": args.rank,
+                "unet_lora_target_modules": LORA_TARGETS,
+                "train_text_encoder": False,
+                "min_snr_gamma": None,
+                "max_grad_norm": MAX_GRAD_NORM,
+                "mixed_precision": args.mixed_precision,
+                "weight_dtype": args.dtype,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "compile_unet": args.compile,
+                "cache_vae_outputs": cache,
+                "cache_text_encoder_outputs": cache,
+                "max_train_steps": 1,
+                "save_every_n_steps": 1,
+                "data_loader": {
+                    "type": "IMAGE_CAPTION_SD_DATA_LOADER",
+                    "resolution": args.side,
+                    "center_crop": True,
+                    "random_flip": False,
+                    "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "/tmp"},
+                },
+            }
+        )
+    )
 
 
-def kubetune_step(comps: Components, args: argparse.Namespace, device: torch.device, *,
-                  cache_batch: dict[str, Any] | None = None) -> Step:
+def kubetune_step(
+    comps: Components,
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    cache_batch: dict[str, Any] | None = None,
+) -> Step:
     """kubetune's model placement, pipeline, optimizer and ``StepRunner``; with
     ``cache_batch`` its latents / embeddings are cached and the encoders offloaded."""
     from runner.loop import StepRunner
@@ -154,12 +222,19 @@ def kubetune_step(comps: Components, args: argparse.Namespace, device: torch.dev
         comps.unet.to(memory_format=torch.contiguous_format)
     if cache_batch is not None:
         pipeline.warm_caches([cache_batch])
-    runner = StepRunner(accelerator, pipeline, optimizer, scheduler,
-                        torch.Generator(device).manual_seed(0), cfg.max_grad_norm)
+    runner = StepRunner(
+        accelerator,
+        pipeline,
+        optimizer,
+        scheduler,
+        torch.Generator(device).manual_seed(0),
+        cfg.max_grad_norm,
+    )
     return lambda batch: runner.run([batch], 0)
 
 
 # --- the diffusers-example loop ----------------------------------------------------------------
+
 
 def bare_step(comps: Components, args: argparse.Namespace, device: torch.device) -> Step:
     """One step of diffusers' ``train_text_to_image_lora(_sdxl).py`` (see module doc)."""
@@ -167,8 +242,14 @@ def bare_step(comps: Components, args: argparse.Namespace, device: torch.device)
     for module in (unet, vae, *comps.text_encoders):
         module.requires_grad_(False)
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.rank,
+            init_lora_weights="gaussian",
+            target_modules=LORA_TARGETS,
+        )
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:  # cast_training_params(unet, dtype=torch.float32)
         p.data = p.data.float()
@@ -177,10 +258,12 @@ def bare_step(comps: Components, args: argparse.Namespace, device: torch.device)
     if args.compile:
         unet.compile()
     unet.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2,
-                                  eps=1e-8)
-    autocast = (torch.autocast(device.type, torch.bfloat16)
-                if args.mixed_precision == "bf16" else contextlib.nullcontext())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    autocast = (
+        torch.autocast(device.type, torch.bfloat16)
+        if args.mixed_precision == "bf16"
+        else contextlib.nullcontext()
+    )
 
     def text(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any] | None]:
         ids = batch["input_ids"].to(device)
@@ -189,18 +272,25 @@ def bare_step(comps: Components, args: argparse.Namespace, device: torch.device)
         o1 = comps.text_encoder(ids, output_hidden_states=True)
         o2 = comps.text_encoder_2(ids, output_hidden_states=True)  # same tokenizer files
         hidden = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
-        time_ids = torch.cat([torch.tensor([list(hw) + list(yx) + [args.side, args.side]])
-                              .to(device, unet.dtype) for hw, yx in
-                              zip(batch["original_size_hw"].tolist(),
-                                  batch["crop_top_left_yx"].tolist(), strict=True)])
+        time_ids = torch.cat(
+            [
+                torch.tensor([list(hw) + list(yx) + [args.side, args.side]]).to(device, unet.dtype)
+                for hw, yx in zip(
+                    batch["original_size_hw"].tolist(),
+                    batch["crop_top_left_yx"].tolist(),
+                    strict=True,
+                )
+            ]
+        )
         return hidden, {"text_embeds": o2.text_embeds, "time_ids": time_ids}
 
     def step(batch: dict[str, Any]) -> float:
         pixels = batch["pixel_values"].to(device).to(vae.dtype)
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          device=latents.device).long()
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        ).long()
         noisy = scheduler.add_noise(latents, noise, t)
         hidden, added = text(batch)
         with autocast:

@@ -34,8 +34,9 @@ class ClusterOptions:
         return any((self.kubeconfig, self.context, self.namespace))
 
 
-def load(config: str | Path, overrides: Iterable[str] = (), name: str | None = None
-         ) -> PipelineConfig:
+def load(
+    config: str | Path, overrides: Iterable[str] = (), name: str | None = None
+) -> PipelineConfig:
     """Validate a config (same errors as `launcher validate`); `name` sets job.name."""
     from runner.config import load_config
 
@@ -58,12 +59,14 @@ def get_backend(*, local: bool = False, cluster: ClusterOptions | None = None) -
     from launcher.backends.kubernetes import KubernetesBackend
 
     opts = cluster or ClusterOptions()
-    return KubernetesBackend(kubeconfig=opts.kubeconfig, context=opts.context,
-                             namespace=opts.namespace)
+    return KubernetesBackend(
+        kubeconfig=opts.kubeconfig, context=opts.context, namespace=opts.namespace
+    )
 
 
-def backend_for_run(run: str, *, local: bool = False,
-                    cluster: ClusterOptions | None = None) -> Backend:
+def backend_for_run(
+    run: str, *, local: bool = False, cluster: ClusterOptions | None = None
+) -> Backend:
     """`--local`, or a local run of that name when no cluster flag was given, else the
     cluster."""
     if not local and not (cluster and cluster.given):
@@ -78,8 +81,14 @@ def submit(cfg: PipelineConfig, backend: Backend, *, replace: bool = False) -> S
     return backend.submit(cfg, replace=replace)
 
 
-def wait(backend: Backend, run: str, *, timeout: float | None = None, poll: float = 2.0,
-         on_change: Callable[[RunStatus], None] | None = None) -> RunStatus:
+def wait(
+    backend: Backend,
+    run: str,
+    *,
+    timeout: float | None = None,
+    poll: float = 2.0,
+    on_change: Callable[[RunStatus], None] | None = None,
+) -> RunStatus:
     """Poll until the run succeeds, fails or is cancelled; `on_change` sees each new state."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
@@ -92,6 +101,8 @@ def wait(backend: Backend, run: str, *, timeout: float | None = None, poll: floa
         if status.done:
             return status
         if deadline is not None and time.monotonic() > deadline:
-            raise ClusterError(f"run {run} still {status.phase} after {timeout:.0f}s",
-                               hint="`launcher status` shows where it stands")
+            raise ClusterError(
+                f"run {run} still {status.phase} after {timeout:.0f}s",
+                hint="`launcher status` shows where it stands",
+            )
         time.sleep(poll)

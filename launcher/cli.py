@@ -14,8 +14,13 @@ from launcher import __version__
 from runner.errors import EXIT_USER_ERROR, KubetuneError
 
 F = TypeVar("F", bound=Callable[..., Any])
-PIPELINE_CHOICES = ["SD_LORA", "SD_TEXTUAL_INVERSION", "SDXL_LORA", "SDXL_TEXTUAL_INVERSION",
-                    "SDXL_LORA_AND_TEXTUAL_INVERSION"]
+PIPELINE_CHOICES = [
+    "SD_LORA",
+    "SD_TEXTUAL_INVERSION",
+    "SDXL_LORA",
+    "SDXL_TEXTUAL_INVERSION",
+    "SDXL_LORA_AND_TEXTUAL_INVERSION",
+]
 
 
 def fail(message: str, code: int) -> None:
@@ -58,10 +63,22 @@ def main() -> None:
 
 @main.command()
 @click.argument("configs", nargs=-1, required=True, metavar="CONFIG...")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a field before validating, e.g. --set max_train_steps=100.")
-@click.option("--output", "-o", "output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True, help="json: one machine-readable document on stdout (for CI).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field before validating, e.g. --set max_train_steps=100.",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one machine-readable document on stdout (for CI).",
+)
 @handle_errors
 def validate(configs: tuple[str, ...], overrides: tuple[str, ...], output: str) -> None:
     """Check config files without touching a cluster or storage.
@@ -91,11 +108,21 @@ def validate(configs: tuple[str, ...], overrides: tuple[str, ...], output: str) 
 
 
 @main.command()
-@click.option("--type", "-t", "pipeline_type", required=True,
-              type=click.Choice(PIPELINE_CHOICES, case_sensitive=False),
-              help="What to train.")
-@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write to this file instead of stdout.")
+@click.option(
+    "--type",
+    "-t",
+    "pipeline_type",
+    required=True,
+    type=click.Choice(PIPELINE_CHOICES, case_sensitive=False),
+    help="What to train.",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file instead of stdout.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @handle_errors
 def init(pipeline_type: str, output: Path | None, force: bool) -> None:
@@ -113,13 +140,20 @@ def init(pipeline_type: str, output: Path | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
-        click.echo(f"wrote {output}; next: edit data_loader.dataset, then `launcher validate "
-                   f"{output}`", err=True)
+        click.echo(
+            f"wrote {output}; next: edit data_loader.dataset, then `launcher validate {output}`",
+            err=True,
+        )
 
 
 @main.command()
-@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write to this file instead of stdout.")
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file instead of stdout.",
+)
 @handle_errors
 def schema(output: Path | None) -> None:
     """Print the JSON Schema of the config file, for editor completion.

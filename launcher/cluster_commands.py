@@ -17,36 +17,60 @@ from runner.errors import EXIT_FAILURE, EXIT_OK
 if TYPE_CHECKING:
     from launcher.backends.base import RunStatus
 
-OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                      show_default=True, help="json: one machine-readable document (for CI).")
-LOCAL = click.option("--local", is_flag=True,
-                     help="A run on this machine (`submit --local`) instead of the cluster.")
+OUTPUT = click.option(
+    "--output",
+    "-o",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one machine-readable document (for CI).",
+)
+LOCAL = click.option(
+    "--local", is_flag=True, help="A run on this machine (`submit --local`) instead of the cluster."
+)
 
 
 def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """kubectl-like --kubeconfig / --context / --namespace, passed on as `cluster`."""
-    @click.option("--kubeconfig", envvar="KUBECONFIG", metavar="PATH",
-                  help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).")
+
+    @click.option(
+        "--kubeconfig",
+        envvar="KUBECONFIG",
+        metavar="PATH",
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).",
+    )
     @click.option("--context", metavar="NAME", help="kubeconfig context to use.")
-    @click.option("--namespace", "-n", metavar="NS",
-                  help="Namespace (default: job.namespace, then the context's).")
+    @click.option(
+        "--namespace",
+        "-n",
+        metavar="NS",
+        help="Namespace (default: job.namespace, then the context's).",
+    )
     @functools.wraps(fn)
-    def wrapper(kubeconfig: str | None, context: str | None, namespace: str | None,
-                **kwargs: Any) -> Any:
+    def wrapper(
+        kubeconfig: str | None, context: str | None, namespace: str | None, **kwargs: Any
+    ) -> Any:
         if kubeconfig and ":" in kubeconfig:
             kubeconfig = kubeconfig.split(":")[0]
         return fn(cluster=api.ClusterOptions(kubeconfig, context, namespace), **kwargs)
+
     return wrapper
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @click.argument("config")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a config field, e.g. --set max_train_steps=100.")
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config field, e.g. --set max_train_steps=100.",
+    )
     @click.option("--name", metavar="NAME", help="Run name (sets job.name).")
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
         return fn(**kwargs)
+
     return wrapper
 
 
@@ -70,8 +94,9 @@ def output_lines(status: RunStatus) -> list[str]:
 @click.command()
 @config_options
 @click.option("--namespace", "-n", metavar="NS", help="Namespace to put in the manifests.")
-def render(config: str, overrides: tuple[str, ...], name: str | None,
-           namespace: str | None) -> None:
+def render(
+    config: str, overrides: tuple[str, ...], name: str | None, namespace: str | None
+) -> None:
     """Print the ConfigMap and Job that `submit` would create (no cluster needed).
 
     \b
@@ -85,19 +110,36 @@ def render(config: str, overrides: tuple[str, ...], name: str | None,
 @click.command()
 @config_options
 @click.option("--wait", is_flag=True, help="Block until the run ends; exit 0 on success, 1 not.")
-@click.option("--follow", "-f", is_flag=True, help="Stream the logs until the run ends (implies "
-              "--wait).")
+@click.option(
+    "--follow", "-f", is_flag=True, help="Stream the logs until the run ends (implies --wait)."
+)
 @LOCAL
-@click.option("--replace", is_flag=True,
-              help="Delete a run of the same name with another config first.")
-@click.option("--timeout", type=float, default=None, metavar="SECONDS",
-              help="With --wait: give up (exit 1) after this long.")
+@click.option(
+    "--replace", is_flag=True, help="Delete a run of the same name with another config first."
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="With --wait: give up (exit 1) after this long.",
+)
 @click.option("--poll-interval", type=float, default=2.0, hidden=True)
 @OUTPUT
 @cluster_options
-def submit(config: str, overrides: tuple[str, ...], name: str | None, wait: bool, follow: bool,
-           local: bool, replace: bool, timeout: float | None, poll_interval: float, output: str,
-           cluster: api.ClusterOptions) -> None:
+def submit(
+    config: str,
+    overrides: tuple[str, ...],
+    name: str | None,
+    wait: bool,
+    follow: bool,
+    local: bool,
+    replace: bool,
+    timeout: float | None,
+    poll_interval: float,
+    output: str,
+    cluster: api.ClusterOptions,
+) -> None:
     """Validate CONFIG and start it as a Kubernetes Job (or locally with --local).
 
     Submitting the same config again returns the existing run; another config under the same
@@ -124,13 +166,15 @@ def submit(config: str, overrides: tuple[str, ...], name: str | None, wait: bool
     if follow:
         for line in backend.logs(result.run, follow=True):
             click.echo(line, err=output == "json")
+
     def echo(status: RunStatus) -> None:  # intermediate states; the final one is below
         if not status.done:
             click.echo(status.summary(), err=True)
 
     quiet = output == "json" or follow  # --follow already streams the progress lines
-    status = api.wait(backend, result.run, timeout=timeout, poll=poll_interval,
-                      on_change=None if quiet else echo)
+    status = api.wait(
+        backend, result.run, timeout=timeout, poll=poll_interval, on_change=None if quiet else echo
+    )
     if output == "json":
         _emit_json({"submit": result.__dict__, "status": status.to_json()})
     else:
@@ -152,8 +196,9 @@ def status(run: str, local: bool, output: str, cluster: api.ClusterOptions) -> N
         _emit_json(result.to_json())
         return
     click.echo(result.summary())
-    click.echo(f"job: {result.job_name}  attempts: {len(result.pods)}  "
-               f"failed attempts: {result.retries}")
+    click.echo(
+        f"job: {result.job_name}  attempts: {len(result.pods)}  failed attempts: {result.retries}"
+    )
     click.echo(f"outputs: {result.output_uri}")
     if result.progress_error:
         click.echo(f"progress: unavailable ({result.progress_error})")
@@ -196,7 +241,8 @@ def list_runs(local: bool, output: str, cluster: api.ClusterOptions) -> None:
         return
     rows = [("RUN", "PHASE", "REASON", "FAILED", "JOB", "OUTPUT")] + [
         (r.run, r.phase, r.reason or "-", str(r.retries), r.job_name, r.output_uri or "-")
-        for r in runs]
+        for r in runs
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]

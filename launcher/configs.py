@@ -33,10 +33,13 @@ class ValidationResult:
 
 def summarize(cfg: PipelineConfig) -> str:
     """One line describing what the config will train."""
-    length = (f"{cfg.max_train_steps} steps" if cfg.max_train_steps
-              else f"{cfg.max_train_epochs} epochs")
-    return (f"{cfg.type} run '{run_name(cfg)}': {length}, batch {cfg.train_batch_size}, "
-            f"model {cfg.model}, outputs -> {output_uri(cfg)}")
+    length = (
+        f"{cfg.max_train_steps} steps" if cfg.max_train_steps else f"{cfg.max_train_epochs} epochs"
+    )
+    return (
+        f"{cfg.type} run '{run_name(cfg)}': {length}, batch {cfg.train_batch_size}, "
+        f"model {cfg.model}, outputs -> {output_uri(cfg)}"
+    )
 
 
 def validate_file(source: str, overrides: list[str] | None = None) -> ValidationResult:
@@ -46,20 +49,29 @@ def validate_file(source: str, overrides: list[str] | None = None) -> Validation
         cfg = load_config("-" if source == "<stdin>" else source, overrides=overrides)
     except ConfigError as err:
         return ValidationResult(file=source, valid=False, errors=list(err.problems))
-    return ValidationResult(file=source, valid=True, type=cfg.type, run_name=run_name(cfg),
-                            outputs=output_uri(cfg), summary=summarize(cfg))
+    return ValidationResult(
+        file=source,
+        valid=True,
+        type=cfg.type,
+        run_name=run_name(cfg),
+        outputs=output_uri(cfg),
+        summary=summarize(cfg),
+    )
 
 
 def results_to_json(results: list[ValidationResult]) -> str:
-    return json.dumps({"valid": all(r.valid for r in results),
-                       "results": [asdict(r) for r in results]}, indent=2)
+    return json.dumps(
+        {"valid": all(r.valid for r in results), "results": [asdict(r) for r in results]}, indent=2
+    )
 
 
 def starter_config(pipeline_type: str) -> str:
     """The commented starter config for a pipeline type (validates as written)."""
     if pipeline_type not in PIPELINE_TYPES:
-        raise UserError(f"--type {pipeline_type!r} is not a pipeline type",
-                        hint=f"use one of {', '.join(PIPELINE_TYPES)}")
+        raise UserError(
+            f"--type {pipeline_type!r} is not a pipeline type",
+            hint=f"use one of {', '.join(PIPELINE_TYPES)}",
+        )
     return resources.files("launcher").joinpath(f"templates/{pipeline_type}.yaml").read_text()
 
 

@@ -47,21 +47,26 @@ def run_labels(cfg: PipelineConfig) -> dict[str, str]:
     """Labels on the Job and its pod: the backends select runs by them."""
     run = run_name(cfg)
     labels = dict(cfg.job.labels) if cfg.job else {}
-    labels.update({
-        LABEL_NAME: "kubetune",
-        LABEL_INSTANCE: run,
-        "app.kubernetes.io/component": "training",
-        "app.kubernetes.io/managed-by": "kubetune",
-        LABEL_RUN: run,
-        LABEL_HASH: config_hash(cfg),
-    })
+    labels.update(
+        {
+            LABEL_NAME: "kubetune",
+            LABEL_INSTANCE: run,
+            "app.kubernetes.io/component": "training",
+            "app.kubernetes.io/managed-by": "kubetune",
+            LABEL_RUN: run,
+            LABEL_HASH: config_hash(cfg),
+        }
+    )
     return labels
 
 
 def runner_env(cfg: PipelineConfig) -> dict[str, str]:
     """Non-secret environment shared by the pod and local runs (the env contract)."""
-    env = {"PYTHONUNBUFFERED": "1", "KUBETUNE_RUN": run_name(cfg),
-           "KUBETUNE_CONFIG_HASH": config_hash(cfg)}
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "KUBETUNE_RUN": run_name(cfg),
+        "KUBETUNE_CONFIG_HASH": config_hash(cfg),
+    }
     storage = cfg.storage
     if storage is not None:
         if storage.endpoint_url:
@@ -76,38 +81,58 @@ def runner_env(cfg: PipelineConfig) -> dict[str, str]:
 def runner_command(gpus: int, config_path: str = CONFIG_PATH) -> list[str]:
     """One process, or `accelerate launch` with one process per GPU."""
     if gpus > 1:
-        return ["accelerate", "launch", "--multi_gpu", "--num_machines", "1",
-                "--num_processes", str(gpus), "-m", "runner", config_path]
+        return [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(gpus),
+            "-m",
+            "runner",
+            config_path,
+        ]
     return ["python", "-m", "runner", config_path]
 
 
 def build_manifests(cfg: PipelineConfig, *, namespace: str | None = None) -> list[dict[str, Any]]:
     """The run's ConfigMap (resolved config) and Job, in creation order."""
     if cfg.storage is None:
-        raise UserError("a Kubernetes run needs a `storage:` section: a pod's local disk "
-                        "vanishes with it", hint="add storage.bucket (and credentials_secret), "
-                        "or use `launcher submit --local`")
+        raise UserError(
+            "a Kubernetes run needs a `storage:` section: a pod's local disk vanishes with it",
+            hint="add storage.bucket (and credentials_secret), or use `launcher submit --local`",
+        )
     namespace = namespace or (cfg.job.namespace if cfg.job else None)
     name = job_name(cfg)
     meta: dict[str, Any] = {"name": name, "labels": run_labels(cfg)}
     if namespace:
         meta["namespace"] = namespace
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(meta),
-                  "data": {"config.yaml": config_to_yaml(cfg)}}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": dict(meta),
+        "data": {"config.yaml": config_to_yaml(cfg)},
+    }
     return [config_map, _job(cfg, meta)]
 
 
 def _job(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
     job = cfg.job or JobConfig()
-    meta = {**meta, "labels": dict(meta["labels"]),
-            "annotations": {ANNOTATION_OUTPUT: output_uri(cfg), "kubetune.io/type": cfg.type}}
+    meta = {
+        **meta,
+        "labels": dict(meta["labels"]),
+        "annotations": {ANNOTATION_OUTPUT: output_uri(cfg), "kubetune.io/type": cfg.type},
+    }
     spec: dict[str, Any] = {
         "backoffLimit": job.backoff_limit,
         "completions": 1,
         "parallelism": 1,
         "podFailurePolicy": {"rules": _pod_failure_rules()},
-        "template": {"metadata": {"labels": run_labels(cfg)}, "spec": _pod_spec(cfg, job,
-                                                                                 meta["name"])},
+        "template": {
+            "metadata": {"labels": run_labels(cfg)},
+            "spec": _pod_spec(cfg, job, meta["name"]),
+        },
     }
     if job.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = job.active_deadline_seconds
@@ -122,8 +147,10 @@ def _job(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
 def _pod_failure_rules() -> list[dict[str, Any]]:
     """Preemption and the runner's checkpointed-on-SIGTERM exit do not count against
     backoffLimit; a config/user error (exit 2) fails the Job at once."""
+
     def codes(values: list[int]) -> dict[str, Any]:
         return {"containerName": CONTAINER, "operator": "In", "values": values}
+
     return [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "Ignore", "onExitCodes": codes([EXIT_PREEMPTED])},
@@ -138,8 +165,11 @@ def _pod_spec(cfg: PipelineConfig, job: JobConfig, name: str) -> dict[str, Any]:
         "automountServiceAccountToken": False,  # the runner never talks to the API
         "enableServiceLinks": False,
         "securityContext": {
-            "runAsNonRoot": True, "runAsUser": RUNNER_UID, "runAsGroup": RUNNER_UID,
-            "fsGroup": RUNNER_UID, "seccompProfile": {"type": "RuntimeDefault"},
+            "runAsNonRoot": True,
+            "runAsUser": RUNNER_UID,
+            "runAsGroup": RUNNER_UID,
+            "fsGroup": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(cfg, job)],
         "volumes": [
@@ -156,8 +186,9 @@ def _pod_spec(cfg: PipelineConfig, job: JobConfig, name: str) -> dict[str, Any]:
     if job.node_selector:
         spec["nodeSelector"] = dict(job.node_selector)
     if job.tolerations:
-        spec["tolerations"] = [_toleration(t.model_dump(exclude_none=True))
-                               for t in job.tolerations]
+        spec["tolerations"] = [
+            _toleration(t.model_dump(exclude_none=True)) for t in job.tolerations
+        ]
     return spec
 
 
@@ -175,8 +206,10 @@ def _container(cfg: PipelineConfig, job: JobConfig) -> dict[str, Any]:
         "env": _env(cfg, job),
         "resources": _resources(job),
         "securityContext": {
-            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
@@ -213,12 +246,16 @@ def secret_env(storage: StorageConfig | None, job: JobConfig) -> list[dict[str, 
     refs: list[tuple[str, str, str]] = []
     if storage is not None and storage.credentials_secret is not None:
         sec = storage.credentials_secret
-        refs += [("AWS_ACCESS_KEY_ID", sec.name, sec.access_key_id_key),
-                 ("AWS_SECRET_ACCESS_KEY", sec.name, sec.secret_access_key_key)]
+        refs += [
+            ("AWS_ACCESS_KEY_ID", sec.name, sec.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", sec.name, sec.secret_access_key_key),
+        ]
     if job.hf_token_secret is not None:
         refs.append(("HF_TOKEN", job.hf_token_secret.name, job.hf_token_secret.key))
-    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
-            for env, name, key in refs]
+    return [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+        for env, name, key in refs
+    ]
 
 
 def to_yaml(objs: list[dict[str, Any]]) -> str:

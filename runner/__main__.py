@@ -15,22 +15,35 @@ from runner.errors import EXIT_FAILURE, KubetuneError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m runner",
-                                     description="Train one kubetune config.")
+    parser = argparse.ArgumentParser(
+        prog="python -m runner", description="Train one kubetune config."
+    )
     parser.add_argument("config", help="path to the YAML config (or - for stdin)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="start from step 0 (discards this run's existing checkpoints)")
-    parser.add_argument("--force-restart", action="store_true",
-                        help="start over even if the checkpoints came from another config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set max_train_steps=10")
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start from step 0 (discards this run's existing checkpoints)",
+    )
+    parser.add_argument(
+        "--force-restart",
+        action="store_true",
+        help="start over even if the checkpoints came from another config",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set max_train_steps=10",
+    )
     return parser.parse_args(argv)
 
 
 def setup_logging() -> None:
     level = os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("urllib3", "botocore", "s3transfer", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -71,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print("kubetune: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("kubetune: error: out of memory (lower train_batch_size or resolution, or "
-              "enable gradient_checkpointing)", file=sys.stderr)
+        print(
+            "kubetune: error: out of memory (lower train_batch_size or resolution, or "
+            "enable gradient_checkpointing)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return 0
 

@@ -29,9 +29,18 @@ log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
 INFO_FILE = "run_info.json"
-COMPAT_FIELDS = ("type", "model", "lora_rank_dim", "unet_lora_target_modules",
-                 "text_encoder_lora_target_modules", "train_unet", "train_text_encoder",
-                 "train_ti", "num_vectors", "placeholder_token")
+COMPAT_FIELDS = (
+    "type",
+    "model",
+    "lora_rank_dim",
+    "unet_lora_target_modules",
+    "text_encoder_lora_target_modules",
+    "train_unet",
+    "train_text_encoder",
+    "train_ti",
+    "num_vectors",
+    "placeholder_token",
+)
 
 
 class Manager(Protocol):
@@ -65,8 +74,9 @@ class CheckpointSettings:
     def due(self, step: int, completed_epoch: int | None) -> bool:
         if self.every_n_steps:
             return step % self.every_n_steps == 0
-        return bool(completed_epoch and self.every_n_epochs
-                    and completed_epoch % self.every_n_epochs == 0)
+        return bool(
+            completed_epoch and self.every_n_epochs and completed_epoch % self.every_n_epochs == 0
+        )
 
 
 def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
@@ -78,17 +88,23 @@ def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
 def check_compatible(saved: dict[str, Any], cfg: PipelineConfig, step: int) -> None:
     """Raise ResumeMismatchError naming the first differing fields."""
     current = compat_info(cfg)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items()
-             if saved.get(k) != v]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
     if diffs:
         raise ResumeMismatchError(
             f"checkpoint step-{step:06d} was written by an incompatible config ("
-            + "; ".join(diffs[:3]) + ")",
+            + "; ".join(diffs[:3])
+            + ")",
             hint="restore the old settings, use another run name, or pass --force-restart "
-                 "to discard the old checkpoints")
+            "to discard the old checkpoints",
+        )
 
 
 # --- RNG state ---------------------------------------------------------------------------
+
 
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -111,6 +127,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # --- the checkpointer ----------------------------------------------------------------------
 
+
 class Checkpointer:
     """Decides when to checkpoint, writes the step folder, hands it to the manager.
 
@@ -118,9 +135,18 @@ class Checkpointer:
     (optimizer, lr_scheduler, scaler, generator wrapper, loader).
     """
 
-    def __init__(self, settings: CheckpointSettings, manager: Manager, work_dir: Path,
-                 cfg: PipelineConfig, pipeline: TrainingPipeline, objects: dict[str, Any],
-                 *, seed: int, is_main: bool = True) -> None:
+    def __init__(
+        self,
+        settings: CheckpointSettings,
+        manager: Manager,
+        work_dir: Path,
+        cfg: PipelineConfig,
+        pipeline: TrainingPipeline,
+        objects: dict[str, Any],
+        *,
+        seed: int,
+        is_main: bool = True,
+    ) -> None:
         self.settings, self.manager, self.cfg = settings, manager, cfg
         self.work_dir, self.pipeline, self.objects = work_dir, pipeline, objects
         self.seed, self.is_main = seed, is_main
@@ -145,9 +171,14 @@ class Checkpointer:
         folder.mkdir(parents=True)
         self.pipeline.export(folder)
         save_file(self.pipeline.trainable_state(), folder / WEIGHTS_FILE)
-        torch.save({"loop": asdict(state), "rng": rng_state(),
-                    **{k: o.state_dict() for k, o in self.objects.items()}},
-                   folder / STATE_FILE)
+        torch.save(
+            {
+                "loop": asdict(state),
+                "rng": rng_state(),
+                **{k: o.state_dict() for k, o in self.objects.items()},
+            },
+            folder / STATE_FILE,
+        )
         info = {"step": state.step, "seed": self.seed, **compat_info(self.cfg)}
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         self.manager.save_async(state.step, folder)  # waits for the previous upload
@@ -172,8 +203,9 @@ class Checkpointer:
         return state
 
 
-def fetch_latest(manager: Manager, work_dir: Path, cfg: PipelineConfig
-                 ) -> tuple[Path, dict[str, Any]] | None:
+def fetch_latest(
+    manager: Manager, work_dir: Path, cfg: PipelineConfig
+) -> tuple[Path, dict[str, Any]] | None:
     """Download the newest complete checkpoint and check it fits ``cfg``; None if none."""
     step = manager.latest()
     if step is None:

@@ -57,8 +57,12 @@ def export_lora(lora: LoraExport, out_dir: Path, fmt: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "kohya":
         path = out_dir / LORA_FILE
-        meta = {"ss_network_dim": str(lora.rank), "ss_network_alpha": str(lora.alpha),
-                "ss_network_module": "networks.lora", "kubetune_format": "kohya"}
+        meta = {
+            "ss_network_dim": str(lora.rank),
+            "ss_network_alpha": str(lora.alpha),
+            "ss_network_module": "networks.lora",
+            "kubetune_format": "kohya",
+        }
         save_file(kohya_state_dict(lora), path, metadata=meta)
         return [path]
     if fmt == "invoke_peft":
@@ -79,7 +83,8 @@ def _export_peft(lora: LoraExport, out_dir: Path) -> list[Path]:
         state = {f"base_model.model.{k}": v for k, v in _peft_state(module).items()}
         save_file(state, folder / "adapter_model.safetensors")
         (folder / "adapter_config.json").write_text(
-            json.dumps(_adapter_config(module), indent=2, default=str) + "\n")
+            json.dumps(_adapter_config(module), indent=2, default=str) + "\n"
+        )
         written += [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
     return written
 
@@ -109,8 +114,11 @@ def export_embeddings(out_dir: Path, placeholder: str, vectors: list[torch.Tenso
     SDXL (two encoders): ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = [v.detach().float().cpu().contiguous() for v in vectors]
-    state = {placeholder: tensors[0]} if len(tensors) == 1 else {
-        "clip_l": tensors[0], "clip_g": tensors[1]}
+    state = (
+        {placeholder: tensors[0]}
+        if len(tensors) == 1
+        else {"clip_l": tensors[0], "clip_g": tensors[1]}
+    )
     path = out_dir / embedding_filename(placeholder)
     save_file(state, path, metadata={"placeholder_token": placeholder})
     return path

@@ -50,9 +50,15 @@ class GeneratorState:
 class StepRunner:
     """One optimizer step over a group of micro-batches (gradient accumulation)."""
 
-    def __init__(self, accelerator: Accelerator, pipeline: TrainingPipeline,
-                 optimizer: Any, lr_scheduler: Any, generator: torch.Generator,
-                 max_grad_norm: float | None) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        pipeline: TrainingPipeline,
+        optimizer: Any,
+        lr_scheduler: Any,
+        generator: torch.Generator,
+        max_grad_norm: float | None,
+    ) -> None:
         self.accelerator, self.pipeline = accelerator, pipeline
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generator, self.max_grad_norm = generator, max_grad_norm
@@ -91,7 +97,7 @@ class StepRunner:
             flat = self.accelerator.reduce(flat, reduction="mean")
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
 
@@ -161,5 +167,7 @@ class Loop:
         self.checkpointer.wait()
         self.progress.note(last_checkpoint_step=state.step)
         self.progress.finish("preempted")
-        raise Preempted(f"stopped by SIGTERM after step {state.step}; checkpoint "
-                        f"step-{state.step:06d} published, resume by rerunning")
+        raise Preempted(
+            f"stopped by SIGTERM after step {state.step}; checkpoint "
+            f"step-{state.step:06d} published, resume by rerunning"
+        )

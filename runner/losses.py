@@ -13,8 +13,13 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1.0 - alphas_cumprod)
 
 
-def training_target(scheduler: DDPMScheduler, prediction_type: str, latents: torch.Tensor,
-                    noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def training_target(
+    scheduler: DDPMScheduler,
+    prediction_type: str,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
     """What the UNet should predict: the noise (epsilon) or the velocity (v_prediction)."""
     if prediction_type == "epsilon":
         return noise
@@ -23,9 +28,14 @@ def training_target(scheduler: DDPMScheduler, prediction_type: str, latents: tor
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                   scheduler: DDPMScheduler, prediction_type: str,
-                   min_snr_gamma: float | None) -> torch.Tensor:
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    prediction_type: str,
+    min_snr_gamma: float | None,
+) -> torch.Tensor:
     """Mean squared error in float32, weighted per sample by min(SNR, gamma)/SNR when set
     (divided by SNR+1 for v-prediction, as in Hang et al. 2023)."""
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")

@@ -42,8 +42,9 @@ def format_eta(seconds: float | None) -> str:
 class ProgressReporter:
     """Call ``update`` after every optimizer step; ``finish(state)`` at the end."""
 
-    def __init__(self, settings: ProgressSettings, store: ObjectStore | None,
-                 *, start_step: int = 0) -> None:
+    def __init__(
+        self, settings: ProgressSettings, store: ObjectStore | None, *, start_step: int = 0
+    ) -> None:
         self.s, self.store = settings, store
         self.start_step = start_step
         self._loss_sum: torch.Tensor | None = None
@@ -51,8 +52,11 @@ class ProgressReporter:
         self._window_images = 0
         self._window_start = time.perf_counter()
         self._last_write = 0.0
-        self.record: dict[str, Any] = {"state": "running", "step": start_step,
-                                       "total_steps": settings.total_steps}
+        self.record: dict[str, Any] = {
+            "state": "running",
+            "step": start_step,
+            "total_steps": settings.total_steps,
+        }
         self._writer = self._tensorboard(settings.tensorboard_dir)
 
     @staticmethod
@@ -80,10 +84,19 @@ class ProgressReporter:
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         ips = self._window_images / elapsed
         eta = (self.s.total_steps - step) * elapsed / self._window_steps
-        log.info("step %d/%d epoch %d loss %.4f lr %.3g %.2f img/s ETA %s", step,
-                 self.s.total_steps, epoch + 1, loss, lr, ips, format_eta(eta))
-        self.record.update(step=step, epoch=epoch, loss=loss, lr=lr, images_per_sec=ips,
-                           eta_seconds=round(eta, 1))
+        log.info(
+            "step %d/%d epoch %d loss %.4f lr %.3g %.2f img/s ETA %s",
+            step,
+            self.s.total_steps,
+            epoch + 1,
+            loss,
+            lr,
+            ips,
+            format_eta(eta),
+        )
+        self.record.update(
+            step=step, epoch=epoch, loss=loss, lr=lr, images_per_sec=ips, eta_seconds=round(eta, 1)
+        )
         if self._writer is not None:
             self._writer.add_scalar("train/loss", loss, step)
             self._writer.add_scalar("train/lr", lr, step)
@@ -101,8 +114,7 @@ class ProgressReporter:
         """Publish progress.json (all-or-nothing put)."""
         if state is not None:
             self.record["state"] = state
-        self.record["updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(
-            timespec="seconds")
+        self.record["updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._last_write = time.monotonic()
         if self.store is not None:
             self.store.put_bytes(PROGRESS_KEY, json.dumps(self.record, indent=2).encode())

@@ -27,8 +27,9 @@ def ensure_sdpa(unet: nn.Module) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     processors = getattr(unet, "attn_processors", {})
-    slow = sorted({type(p).__name__ for p in processors.values()
-                   if not isinstance(p, AttnProcessor2_0)})
+    slow = sorted(
+        {type(p).__name__ for p in processors.values() if not isinstance(p, AttnProcessor2_0)}
+    )
     if slow:
         log.warning("attention processors %s replaced by SDPA (AttnProcessor2_0)", slow)
         unet.set_attn_processor(AttnProcessor2_0())

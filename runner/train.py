@@ -58,8 +58,9 @@ class Schedule:
 
 def plan_schedule(cfg: PipelineConfig, batches_per_epoch: int) -> Schedule:
     if batches_per_epoch == 0:
-        raise DataError("the dataset yields no batches", hint="add images or lower "
-                        "train_batch_size")
+        raise DataError(
+            "the dataset yields no batches", hint="add images or lower train_batch_size"
+        )
     per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.max_train_steps or per_epoch * (cfg.max_train_epochs or 1)
     return Schedule(total, per_epoch)
@@ -75,8 +76,10 @@ def make_accelerator(cfg: PipelineConfig) -> Accelerator:
     try:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     except ValueError as err:
-        raise UserError(f"mixed_precision {cfg.mixed_precision}: {err}",
-                        hint="use mixed_precision: no on this machine") from err
+        raise UserError(
+            f"mixed_precision {cfg.mixed_precision}: {err}",
+            hint="use mixed_precision: no on this machine",
+        ) from err
     enable_tf32(accelerator.device)
     return accelerator
 
@@ -97,8 +100,9 @@ def place_models(comps: Components, cfg: PipelineConfig, device: torch.device) -
     comps.vae.to(device=device, dtype=vae_dtype)
 
 
-def build_training(cfg: PipelineConfig, comps: Components, accelerator: Accelerator,
-                   total_steps: int) -> tuple[TrainingPipeline, Any, Any]:
+def build_training(
+    cfg: PipelineConfig, comps: Components, accelerator: Accelerator, total_steps: int
+) -> tuple[TrainingPipeline, Any, Any]:
     """Pipeline (adapters / tokens added), optimizer and LR scheduler."""
     pipeline = build_pipeline(cfg, comps, accelerator.device, total_steps=total_steps)
     tune_unet(comps.unet, accelerator.device)
@@ -107,27 +111,37 @@ def build_training(cfg: PipelineConfig, comps: Components, accelerator: Accelera
     if cfg.compile_unet:
         comps.unet.compile()
     optimizer = build_optimizer(cfg.optimizer, pipeline.param_groups(), accelerator.device)
-    lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer,
-                                      warmup_steps=cfg.lr_warmup_steps, total_steps=total_steps)
+    lr_scheduler = build_lr_scheduler(
+        cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps, total_steps=total_steps
+    )
     optimizer = accelerator.prepare(optimizer)
     pipeline.set_train(True)
     return pipeline, optimizer, lr_scheduler
 
 
-def _resume_point(manager: Manager, work_dir: Path, cfg: PipelineConfig, *, resume: bool,
-                  force_restart: bool) -> tuple[Path, dict[str, Any]] | None:
+def _resume_point(
+    manager: Manager, work_dir: Path, cfg: PipelineConfig, *, resume: bool, force_restart: bool
+) -> tuple[Path, dict[str, Any]] | None:
     if resume and not force_restart:
         return fetch_latest(manager, work_dir, cfg)
     if manager.latest() is not None:
-        log.warning("starting over: discarding the run's existing checkpoints (%s)",
-                    "--force-restart" if force_restart else "--no-resume")
+        log.warning(
+            "starting over: discarding the run's existing checkpoints (%s)",
+            "--force-restart" if force_restart else "--no-resume",
+        )
         manager.delete_all()
     return None
 
 
-def run(cfg: PipelineConfig, *, resume: bool = True, force_restart: bool = False,
-        stop: threading.Event | None = None, work_dir: str | Path | None = None,
-        manager_factory: ManagerFactory | None = None) -> RunResult:
+def run(
+    cfg: PipelineConfig,
+    *,
+    resume: bool = True,
+    force_restart: bool = False,
+    stop: threading.Event | None = None,
+    work_dir: str | Path | None = None,
+    manager_factory: ManagerFactory | None = None,
+) -> RunResult:
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
     from runner.data import preflight
 
@@ -135,23 +149,39 @@ def run(cfg: PipelineConfig, *, resume: bool = True, force_restart: bool = False
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
-        return _run(cfg, work, resume=resume, force_restart=force_restart, stop=stop,
-                    manager_factory=manager_factory)
+        return _run(
+            cfg,
+            work,
+            resume=resume,
+            force_restart=force_restart,
+            stop=stop,
+            manager_factory=manager_factory,
+        )
     finally:
         if not given:  # staged checkpoints are published (or the run failed): drop them
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(cfg: PipelineConfig, work: Path, *, resume: bool, force_restart: bool,
-         stop: threading.Event | None, manager_factory: ManagerFactory | None) -> RunResult:
+def _run(
+    cfg: PipelineConfig,
+    work: Path,
+    *,
+    resume: bool,
+    force_restart: bool,
+    stop: threading.Event | None,
+    manager_factory: ManagerFactory | None,
+) -> RunResult:
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
     uri = output_uri(cfg)
     store = open_store(uri, cfg.storage)
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
     restored = _resume_point(manager, work, cfg, resume=resume, force_restart=force_restart)
-    seed = restored[1]["seed"] if restored else (
-        cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
+    seed = (
+        restored[1]["seed"]
+        if restored
+        else (cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
+    )
     seed_everything(seed)
     session = _Session(cfg, accelerator, store, manager, work, seed)
     state = session.prepare(restored)
@@ -168,8 +198,15 @@ def _run(cfg: PipelineConfig, work: Path, *, resume: bool, force_restart: bool,
 class _Session:
     """The pieces of one run, built in order; split out of ``run`` to keep it readable."""
 
-    def __init__(self, cfg: PipelineConfig, accelerator: Accelerator, store: ObjectStore,
-                 manager: Manager, work: Path, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        accelerator: Accelerator,
+        store: ObjectStore,
+        manager: Manager,
+        work: Path,
+        seed: int,
+    ) -> None:
         self.cfg, self.accelerator, self.store = cfg, accelerator, store
         self.manager, self.work, self.seed = manager, work, seed
         self.is_main = accelerator.is_main_process
@@ -181,27 +218,47 @@ class _Session:
         comps = load_components_from_config(cfg)
         place_models(comps, cfg, device)
         self.loader = build_train_dataloader(
-            cfg, seed=self.seed, batch_size=cfg.train_batch_size,
+            cfg,
+            seed=self.seed,
+            batch_size=cfg.train_batch_size,
             device_is_cuda=device.type == "cuda",
             num_processes=self.accelerator.num_processes,
-            process_index=self.accelerator.process_index)
+            process_index=self.accelerator.process_index,
+        )
         self.schedule = plan_schedule(cfg, len(self.loader))
         torch.manual_seed(self.seed)  # LoRA init does not depend on what loading consumed
         self.pipeline, optimizer, lr_scheduler = build_training(
-            cfg, comps, self.accelerator, self.schedule.total_steps)
+            cfg, comps, self.accelerator, self.schedule.total_steps
+        )
         if self.pipeline.latents.cache is not None or self.pipeline.text.cache is not None:
             self.pipeline.warm_caches(cache_batches(self.loader))  # then encoders off the GPU
         self.generator = torch.Generator(device).manual_seed(self.seed)
-        self.runner = StepRunner(self.accelerator, self.pipeline, optimizer, lr_scheduler,
-                                 self.generator, cfg.max_grad_norm)
-        objects: dict[str, Any] = {"optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                                   "generator": GeneratorState(self.generator),
-                                   "loader": self.loader}
+        self.runner = StepRunner(
+            self.accelerator,
+            self.pipeline,
+            optimizer,
+            lr_scheduler,
+            self.generator,
+            cfg.max_grad_norm,
+        )
+        objects: dict[str, Any] = {
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
+            "generator": GeneratorState(self.generator),
+            "loader": self.loader,
+        }
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
-        self.checkpointer = Checkpointer(CheckpointSettings.from_config(cfg), self.manager,
-                                         self.work, cfg, self.pipeline, objects,
-                                         seed=self.seed, is_main=self.is_main)
+        self.checkpointer = Checkpointer(
+            CheckpointSettings.from_config(cfg),
+            self.manager,
+            self.work,
+            cfg,
+            self.pipeline,
+            objects,
+            seed=self.seed,
+            is_main=self.is_main,
+        )
         if restored is None:
             return LoopState()
         state = self.checkpointer.restore(restored[0])
@@ -214,16 +271,36 @@ class _Session:
         if cfg.report_to in ("tensorboard", "all") and self.is_main:
             tb_dir = self.work / "logs"
         elif cfg.report_to is not None:
-            log.warning("report_to: %s is not supported; progress goes to progress.json "
-                        "and the log only", cfg.report_to)
+            log.warning(
+                "report_to: %s is not supported; progress goes to progress.json and the log only",
+                cfg.report_to,
+            )
         self.progress = ProgressReporter(
-            ProgressSettings(self.schedule.total_steps, self.schedule.steps_per_epoch,
-                             log_every_n_steps=cfg.log_every_n_steps,
-                             tensorboard_dir=tb_dir, upload_logs=True), out)
-        validator = Validator(ValidationSettings.from_config(cfg, self.seed), self.pipeline,
-                              out, self.accelerator.device)
-        return Loop(self.runner, self.loader, self.checkpointer, validator, self.progress,
-                    stop, self.schedule.total_steps, cfg.gradient_accumulation_steps)
+            ProgressSettings(
+                self.schedule.total_steps,
+                self.schedule.steps_per_epoch,
+                log_every_n_steps=cfg.log_every_n_steps,
+                tensorboard_dir=tb_dir,
+                upload_logs=True,
+            ),
+            out,
+        )
+        validator = Validator(
+            ValidationSettings.from_config(cfg, self.seed),
+            self.pipeline,
+            out,
+            self.accelerator.device,
+        )
+        return Loop(
+            self.runner,
+            self.loader,
+            self.checkpointer,
+            validator,
+            self.progress,
+            stop,
+            self.schedule.total_steps,
+            cfg.gradient_accumulation_steps,
+        )
 
     def drain(self) -> None:
         """Wait for an upload in flight, logging (not raising) its failure."""

@@ -46,18 +46,27 @@ class ValidationSettings:
             height = width = loader.resolution
         else:
             height, width = loader.resolution
-        return cls(list(cfg.validation_prompts), cfg.negative_validation_prompts,
-                   cfg.num_validation_images_per_prompt, cfg.validate_every_n_steps,
-                   cfg.validate_every_n_epochs, cfg.enable_cpu_offload_during_validation,
-                   seed, height, width, cfg.num_validation_inference_steps)
+        return cls(
+            list(cfg.validation_prompts),
+            cfg.negative_validation_prompts,
+            cfg.num_validation_images_per_prompt,
+            cfg.validate_every_n_steps,
+            cfg.validate_every_n_epochs,
+            cfg.enable_cpu_offload_during_validation,
+            seed,
+            height,
+            width,
+            cfg.num_validation_inference_steps,
+        )
 
     def due(self, step: int, completed_epoch: int | None) -> bool:
         if not self.prompts:
             return False
         if self.every_n_steps:
             return step % self.every_n_steps == 0
-        return bool(completed_epoch and self.every_n_epochs
-                    and completed_epoch % self.every_n_epochs == 0)
+        return bool(
+            completed_epoch and self.every_n_epochs and completed_epoch % self.every_n_epochs == 0
+        )
 
 
 def inference_pipeline(comps: Components) -> Any:
@@ -65,14 +74,25 @@ def inference_pipeline(comps: Components) -> Any:
     scheduler = DPMSolverMultistepScheduler.from_config(comps.noise_scheduler.config)
     if comps.is_sdxl:
         pipe = StableDiffusionXLPipeline(
-            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
-            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet,
-            scheduler=scheduler)
+            vae=comps.vae,
+            text_encoder=comps.text_encoder,
+            text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer,
+            tokenizer_2=comps.tokenizer_2,
+            unet=comps.unet,
+            scheduler=scheduler,
+        )
     else:
         pipe = StableDiffusionPipeline(
-            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-            unet=comps.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            vae=comps.vae,
+            text_encoder=comps.text_encoder,
+            tokenizer=comps.tokenizer,
+            unet=comps.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -96,8 +116,13 @@ def png_bytes(image: Image.Image) -> bytes:
 class Validator:
     """Generates validation images when due (main process only)."""
 
-    def __init__(self, settings: ValidationSettings, pipeline: TrainingPipeline,
-                 store: ObjectStore | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        settings: ValidationSettings,
+        pipeline: TrainingPipeline,
+        store: ObjectStore | None,
+        device: torch.device,
+    ) -> None:
         self.s, self.pipeline, self.store, self.device = settings, pipeline, store, device
 
     def maybe_validate(self, step: int, completed_epoch: int | None) -> bool:
@@ -136,8 +161,10 @@ class Validator:
         if offload:
             pipe.enable_model_cpu_offload(device=self.device)
         try:
-            return [[self._image(pipe, i, j) for j in range(self.s.images_per_prompt)]
-                    for i in range(len(self.s.prompts))]
+            return [
+                [self._image(pipe, i, j) for j in range(self.s.images_per_prompt)]
+                for i in range(len(self.s.prompts))
+            ]
         finally:
             if offload:
                 pipe.remove_all_hooks()
@@ -147,8 +174,12 @@ class Validator:
 
     def _image(self, pipe: Any, i: int, j: int) -> Image.Image:
         negatives = self.s.negative_prompts
-        generator = torch.Generator(self.device).manual_seed(
-            self.s.seed + 1000 * i + j)
-        return pipe(self.s.prompts[i], negative_prompt=negatives[i] if negatives else None,
-                    num_inference_steps=self.s.inference_steps, generator=generator,
-                    height=self.s.height, width=self.s.width).images[0]
+        generator = torch.Generator(self.device).manual_seed(self.s.seed + 1000 * i + j)
+        return pipe(
+            self.s.prompts[i],
+            negative_prompt=negatives[i] if negatives else None,
+            num_inference_steps=self.s.inference_steps,
+            generator=generator,
+            height=self.s.height,
+            width=self.s.width,
+        ).images[0]

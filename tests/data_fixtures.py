@@ -15,8 +15,14 @@ from runner.config import SdLoraConfig, SdTextualInversionConfig, SdxlLoraAndTex
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 
 
-def image_bytes(width: int, height: int, ext: str = ".png", seed: int = 0,
-                exif_orientation: int | None = None, mode: str = "RGB") -> bytes:
+def image_bytes(
+    width: int,
+    height: int,
+    ext: str = ".png",
+    seed: int = 0,
+    exif_orientation: int | None = None,
+    mode: str = "RGB",
+) -> bytes:
     """A small random-noise image encoded as `ext`."""
     rng = np.random.default_rng(seed)
     channels = 4 if mode == "RGBA" else 3
@@ -32,8 +38,13 @@ def image_bytes(width: int, height: int, ext: str = ".png", seed: int = 0,
     return out.getvalue()
 
 
-def write_image_dir(root: Path, sizes: list[tuple[int, int]], *, captions: bool = True,
-                    exts: tuple[str, ...] = (".png",)) -> dict[str, str]:
+def write_image_dir(
+    root: Path,
+    sizes: list[tuple[int, int]],
+    *,
+    captions: bool = True,
+    exts: tuple[str, ...] = (".png",),
+) -> dict[str, str]:
     """img-000.png ... (with same-named .txt captions); returns {file name: caption}."""
     root.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -48,8 +59,9 @@ def write_image_dir(root: Path, sizes: list[tuple[int, int]], *, captions: bool 
     return out
 
 
-def write_jsonl(root: Path, sizes: list[tuple[int, int]], name: str = "data.jsonl",
-                subdir: str = "images") -> dict[str, str]:
+def write_jsonl(
+    root: Path, sizes: list[tuple[int, int]], name: str = "data.jsonl", subdir: str = "images"
+) -> dict[str, str]:
     """A JSONL dataset with images under `subdir/`; returns {image path: caption}."""
     (root / subdir).mkdir(parents=True, exist_ok=True)
     rows = {}
@@ -66,12 +78,15 @@ def write_hf_dataset(root: Path, sizes: list[tuple[int, int]]) -> dict[str, str]
     """A `datasets` dataset saved with save_to_disk; returns {id: caption}."""
     import datasets
 
-    images = [{"bytes": image_bytes(w, h, ".png", seed=200 + i), "path": None}
-              for i, (w, h) in enumerate(sizes)]
+    images = [
+        {"bytes": image_bytes(w, h, ".png", seed=200 + i), "path": None}
+        for i, (w, h) in enumerate(sizes)
+    ]
     texts = [f"hf caption {i}" for i in range(len(sizes))]
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    datasets.Dataset.from_dict({"image": images, "text": texts}, features=features) \
-        .save_to_disk(str(root))
+    datasets.Dataset.from_dict({"image": images, "text": texts}, features=features).save_to_disk(
+        str(root)
+    )
     return {f"{root}[{i}]": t for i, t in enumerate(texts)}
 
 
@@ -83,8 +98,11 @@ def upload_tree(client: Any, bucket: str, prefix: str, local: Path) -> None:
             client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
 
 
-_COMMON = {"base_output_dir": "/tmp/kubetune-test-out", "max_train_steps": 10,
-           "save_every_n_steps": 5}
+_COMMON = {
+    "base_output_dir": "/tmp/kubetune-test-out",
+    "max_train_steps": 10,
+    "save_every_n_steps": 5,
+}
 
 
 def lora_config(dataset: dict[str, Any], **loader: Any) -> SdLoraConfig:
@@ -95,18 +113,28 @@ def lora_config(dataset: dict[str, Any], **loader: Any) -> SdLoraConfig:
 def ti_config(dataset: dict[str, Any], **loader: Any) -> SdTextualInversionConfig:
     if "caption_templates" not in loader:
         loader.setdefault("caption_preset", "object")
-    data = {**_COMMON, "placeholder_token": "<cat>", "initializer_token": "cat",
-            "data_loader": {"dataset": dataset, "resolution": 32, **loader}}
+    data = {
+        **_COMMON,
+        "placeholder_token": "<cat>",
+        "initializer_token": "cat",
+        "data_loader": {"dataset": dataset, "resolution": 32, **loader},
+    }
     return SdTextualInversionConfig.model_validate(data)
 
 
-def lora_ti_config(dataset: dict[str, Any], num_vectors: int = 2,
-                   **loader: Any) -> SdxlLoraAndTextualInversionConfig:
+def lora_ti_config(
+    dataset: dict[str, Any], num_vectors: int = 2, **loader: Any
+) -> SdxlLoraAndTextualInversionConfig:
     if "caption_templates" not in loader:
         loader.setdefault("caption_preset", "object")
-    data = {**_COMMON, "placeholder_token": "<tok>", "initializer_token": "cat",
-            "num_vectors": num_vectors, "train_text_encoder": False,
-            "data_loader": {"dataset": dataset, "resolution": 32, **loader}}
+    data = {
+        **_COMMON,
+        "placeholder_token": "<tok>",
+        "initializer_token": "cat",
+        "num_vectors": num_vectors,
+        "train_text_encoder": False,
+        "data_loader": {"dataset": dataset, "resolution": 32, **loader},
+    }
     return SdxlLoraAndTextualInversionConfig.model_validate(data)
 
 

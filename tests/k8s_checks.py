@@ -9,8 +9,16 @@ from typing import Any
 import kubernetes_validate
 
 KUBE_VERSION = "1.31"
-ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                   "persistentVolumeClaim", "projected", "secret"}
+ALLOWED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 RESTART_POLICIES = {"Job": {"Never", "OnFailure"}, "Deployment": {"Always"}}
 PULL_POLICIES = {"Always", "IfNotPresent", "Never"}
 

@@ -35,8 +35,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 KINDS = {  # plural -> (kind, apiVersion)
-    "namespaces": ("Namespace", "v1"), "configmaps": ("ConfigMap", "v1"),
-    "secrets": ("Secret", "v1"), "pods": ("Pod", "v1"), "events": ("Event", "v1"),
+    "namespaces": ("Namespace", "v1"),
+    "configmaps": ("ConfigMap", "v1"),
+    "secrets": ("Secret", "v1"),
+    "pods": ("Pod", "v1"),
+    "events": ("Event", "v1"),
     "jobs": ("Job", "batch/v1"),
 }
 Obj = dict[str, Any]
@@ -47,8 +50,15 @@ def _now() -> str:
 
 
 def _status(code: int, reason: str, message: str) -> Obj:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 class ApiError(Exception):
@@ -110,8 +120,7 @@ class FakeKube:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.create_namespace("default")
 
     def __enter__(self) -> FakeKube:
@@ -126,13 +135,23 @@ class FakeKube:
         self.server.server_close()
 
     def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake",
-                                                      "namespace": namespace}}],
-        }))
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+                    "contexts": [
+                        {
+                            "name": "fake",
+                            "context": {"cluster": "fake", "user": "fake", "namespace": namespace},
+                        }
+                    ],
+                }
+            )
+        )
         return path
 
     # --- storage ------------------------------------------------------------------------
@@ -157,16 +176,22 @@ class FakeKube:
             key = (plural, "" if plural == "namespaces" else ns, meta.get("name", ""))
             if key in self.objects:
                 group = "batch" if plural == "jobs" else ""
-                raise ApiError(409, "AlreadyExists",
-                               f'{plural}{"." + group if group else ""} "{key[2]}" already exists')
+                raise ApiError(
+                    409,
+                    "AlreadyExists",
+                    f'{plural}{"." + group if group else ""} "{key[2]}" already exists',
+                )
             obj.update(kind=kind, apiVersion=api_version)
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now())
             if plural != "namespaces":
                 meta["namespace"] = ns
             if plural == "secrets" and "stringData" in obj:
                 obj.setdefault("data", {}).update(
-                    {k: base64.b64encode(v.encode()).decode()
-                     for k, v in obj.pop("stringData").items()})
+                    {
+                        k: base64.b64encode(v.encode()).decode()
+                        for k, v in obj.pop("stringData").items()
+                    }
+                )
             self.objects[key] = obj
             self._record(plural, "ADDED", obj)
             if plural == "jobs":
@@ -183,11 +208,19 @@ class FakeKube:
     def update(self, plural: str, ns: str, name: str, body: Obj, *, patch: bool) -> Obj:
         with self.cond:
             old = self.get(plural, ns, name)
-            new = _merge(old, body) if patch else {**body, "status": body.get("status",
-                                                                          old.get("status"))}
-            new["metadata"] = {**new.get("metadata", {}), **{
-                k: old["metadata"][k] for k in ("uid", "creationTimestamp", "namespace")
-                if k in old["metadata"]}}
+            new = (
+                _merge(old, body)
+                if patch
+                else {**body, "status": body.get("status", old.get("status"))}
+            )
+            new["metadata"] = {
+                **new.get("metadata", {}),
+                **{
+                    k: old["metadata"][k]
+                    for k in ("uid", "creationTimestamp", "namespace")
+                    if k in old["metadata"]
+                },
+            }
             new.update(kind=old["kind"], apiVersion=old["apiVersion"])
             self.objects[(plural, ns, name)] = new
             self._record(plural, "MODIFIED", new)
@@ -207,19 +240,29 @@ class FakeKube:
                     self.delete(p, n, child, policy)
 
     def select(self, plural: str, ns: str | None, labels: str = "", fields: str = "") -> list[Obj]:
-        return [o for (p, n, _), o in sorted(self.objects.items())
-                if p == plural and (ns is None or n == ns)
-                and _label_match(o["metadata"].get("labels", {}), labels)
-                and _field_match(o, fields)]
+        return [
+            o
+            for (p, n, _), o in sorted(self.objects.items())
+            if p == plural
+            and (ns is None or n == ns)
+            and _label_match(o["metadata"].get("labels", {}), labels)
+            and _field_match(o, fields)
+        ]
 
     # --- the Job controller -------------------------------------------------------------
 
     def _job_started(self, job: Obj) -> None:
         job.setdefault("status", {})
         if job["spec"].get("suspend"):
-            job["status"]["conditions"] = [{"type": "Suspended", "status": "True",
-                                            "reason": "JobSuspended", "message": "Job suspended",
-                                            "lastTransitionTime": _now()}]
+            job["status"]["conditions"] = [
+                {
+                    "type": "Suspended",
+                    "status": "True",
+                    "reason": "JobSuspended",
+                    "message": "Job suspended",
+                    "lastTransitionTime": _now(),
+                }
+            ]
         else:
             job["status"]["startTime"] = _now()
             self._new_pod(job)
@@ -227,20 +270,37 @@ class FakeKube:
     def _new_pod(self, job: Obj) -> Obj | None:
         meta, template = job["metadata"], job["spec"]["template"]
         if self.refuse_pods:
-            self.add_event(meta["name"], "FailedCreate", f"Error creating: pods "
-                           f'"{meta["name"]}-xxxxx" is forbidden: {self.refuse_pods}',
-                           ns=meta["namespace"])
+            self.add_event(
+                meta["name"],
+                "FailedCreate",
+                f'Error creating: pods "{meta["name"]}-xxxxx" is forbidden: {self.refuse_pods}',
+                ns=meta["namespace"],
+            )
             return None
-        labels = {**template["metadata"].get("labels", {}),
-                  "batch.kubernetes.io/job-name": meta["name"], "job-name": meta["name"],
-                  "batch.kubernetes.io/controller-uid": meta["uid"]}
-        pod = {"metadata": {"generateName": meta["name"] + "-", "labels": labels,
-                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
-                                                 "name": meta["name"], "uid": meta["uid"],
-                                                 "controller": True,
-                                                 "blockOwnerDeletion": True}]},
-               "spec": json.loads(json.dumps(template["spec"])),
-               "status": {"phase": "Pending", "conditions": []}}
+        labels = {
+            **template["metadata"].get("labels", {}),
+            "batch.kubernetes.io/job-name": meta["name"],
+            "job-name": meta["name"],
+            "batch.kubernetes.io/controller-uid": meta["uid"],
+        }
+        pod = {
+            "metadata": {
+                "generateName": meta["name"] + "-",
+                "labels": labels,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": json.loads(json.dumps(template["spec"])),
+            "status": {"phase": "Pending", "conditions": []},
+        }
         pod = self.create("pods", meta["namespace"], pod)
         job["status"]["active"] = 1
         self._record("jobs", "MODIFIED", job)
@@ -256,8 +316,10 @@ class FakeKube:
         conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
         rules = job["spec"].get("podFailurePolicy", {}).get("rules", [])
         for index, rule in enumerate(rules):
-            if any(conditions.get(p["type"]) == p.get("status", "True")
-                   for p in rule.get("onPodConditions", [])):
+            if any(
+                conditions.get(p["type"]) == p.get("status", "True")
+                for p in rule.get("onPodConditions", [])
+            ):
                 return rule["action"], index
             codes = rule.get("onExitCodes")
             if codes and (exit_code in codes["values"]) == (codes["operator"] == "In"):
@@ -276,24 +338,41 @@ class FakeKube:
             return
         action, index = self._policy_action(job, pod, exit_code)
         if action == "FailJob":
-            self._set_job_condition(job, "Failed", "PodFailurePolicy", (
-                f"Container trainer for pod {pod['metadata']['namespace']}/"
-                f"{pod['metadata']['name']} failed with exit code {exit_code} matching "
-                f"FailJob rule at index {index}"))
+            self._set_job_condition(
+                job,
+                "Failed",
+                "PodFailurePolicy",
+                (
+                    f"Container trainer for pod {pod['metadata']['namespace']}/"
+                    f"{pod['metadata']['name']} failed with exit code {exit_code} matching "
+                    f"FailJob rule at index {index}"
+                ),
+            )
             return
         if action == "Count":
             status["failed"] = status.get("failed", 0) + 1
             if status["failed"] > job["spec"].get("backoffLimit", 6):
-                self._set_job_condition(job, "Failed", "BackoffLimitExceeded",
-                                        "Job has reached the specified backoff limit")
+                self._set_job_condition(
+                    job,
+                    "Failed",
+                    "BackoffLimitExceeded",
+                    "Job has reached the specified backoff limit",
+                )
                 return
         self._new_pod(job)
 
     def _set_job_condition(self, job: Obj, kind: str, reason: str, message: str) -> None:
-        job["status"]["conditions"] = [c for c in job["status"].get("conditions", [])
-                                       if c["type"] != "Suspended"] + [
-            {"type": kind, "status": "True", "reason": reason, "message": message,
-             "lastTransitionTime": _now()}]
+        job["status"]["conditions"] = [
+            c for c in job["status"].get("conditions", []) if c["type"] != "Suspended"
+        ] + [
+            {
+                "type": kind,
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": _now(),
+            }
+        ]
         self._record("jobs", "MODIFIED", job)
 
     # --- test controls ------------------------------------------------------------------
@@ -318,61 +397,114 @@ class FakeKube:
             time.sleep(0.02)
         return pods[-1]["metadata"]["name"]
 
-    def _set_pod(self, name: str, ns: str, phase: str, container_state: Obj,
-                 conditions: list[Obj] | None = None) -> Obj:
+    def _set_pod(
+        self,
+        name: str,
+        ns: str,
+        phase: str,
+        container_state: Obj,
+        conditions: list[Obj] | None = None,
+    ) -> Obj:
         pod = self.get("pods", ns, name)
         container = pod["spec"]["containers"][0]
         pod["status"]["phase"] = phase
         if conditions is not None:
             pod["status"]["conditions"] = conditions
-        pod["status"]["containerStatuses"] = [{
-            "name": container["name"], "image": container["image"], "imageID": "",
-            "ready": phase == "Running", "restartCount": 0, "state": container_state}]
+        pod["status"]["containerStatuses"] = [
+            {
+                "name": container["name"],
+                "image": container["image"],
+                "imageID": "",
+                "ready": phase == "Running",
+                "restartCount": 0,
+                "state": container_state,
+            }
+        ]
         self._record("pods", "MODIFIED", pod)
         return pod
 
     def start_pod(self, name: str, ns: str = "default") -> None:
         with self.cond:
-            self._set_pod(name, ns, "Running", {"running": {"startedAt": _now()}},
-                          [{"type": "PodScheduled", "status": "True"},
-                           {"type": "Ready", "status": "True"}])
+            self._set_pod(
+                name,
+                ns,
+                "Running",
+                {"running": {"startedAt": _now()}},
+                [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+            )
 
     def log(self, name: str, *lines: str, ns: str = "default") -> None:
         with self.cond:
             self.logs.setdefault((ns, name), []).extend(lines)
             self.cond.notify_all()
 
-    def finish_pod(self, name: str, exit_code: int = 0, *, reason: str | None = None,
-                   disruption: bool = False, ns: str = "default") -> None:
+    def finish_pod(
+        self,
+        name: str,
+        exit_code: int = 0,
+        *,
+        reason: str | None = None,
+        disruption: bool = False,
+        ns: str = "default",
+    ) -> None:
         with self.cond:
-            conditions = [{"type": "DisruptionTarget", "status": "True",
-                           "reason": "PreemptionByScheduler"}] if disruption else []
-            terminated = {"exitCode": exit_code, "finishedAt": _now(),
-                          "reason": reason or ("Completed" if exit_code == 0 else "Error")}
-            pod = self._set_pod(name, ns, "Succeeded" if exit_code == 0 else "Failed",
-                                {"terminated": terminated}, conditions)
+            conditions = (
+                [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
+                if disruption
+                else []
+            )
+            terminated = {
+                "exitCode": exit_code,
+                "finishedAt": _now(),
+                "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+            }
+            pod = self._set_pod(
+                name,
+                ns,
+                "Succeeded" if exit_code == 0 else "Failed",
+                {"terminated": terminated},
+                conditions,
+            )
             self._pod_finished(pod, exit_code)
 
     def pod_waiting(self, name: str, reason: str, message: str, ns: str = "default") -> None:
         with self.cond:
-            self._set_pod(name, ns, "Pending", {"waiting": {"reason": reason,
-                                                            "message": message}},
-                          [{"type": "PodScheduled", "status": "True"}])
+            self._set_pod(
+                name,
+                ns,
+                "Pending",
+                {"waiting": {"reason": reason, "message": message}},
+                [{"type": "PodScheduled", "status": "True"}],
+            )
 
     def unschedulable(self, name: str, message: str, ns: str = "default") -> None:
         with self.cond:
             pod = self.get("pods", ns, name)
-            pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "False",
-                                            "reason": "Unschedulable", "message": message}]
+            pod["status"]["conditions"] = [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": message,
+                }
+            ]
             self._record("pods", "MODIFIED", pod)
 
-    def add_event(self, involved: str, reason: str, message: str, kind: str = "Job",
-                  ns: str = "default") -> None:
-        self.create("events", ns, {
-            "metadata": {"generateName": f"{involved}."}, "reason": reason, "message": message,
-            "type": "Warning", "involvedObject": {"kind": kind, "name": involved,
-                                                  "namespace": ns},
-            "lastTimestamp": _now()})
+    def add_event(
+        self, involved: str, reason: str, message: str, kind: str = "Job", ns: str = "default"
+    ) -> None:
+        self.create(
+            "events",
+            ns,
+            {
+                "metadata": {"generateName": f"{involved}."},
+                "reason": reason,
+                "message": message,
+                "type": "Warning",
+                "involvedObject": {"kind": kind, "name": involved, "namespace": ns},
+                "lastTimestamp": _now(),
+            },
+        )
 
     def admit(self, job: str, ns: str = "default") -> None:
         """What Kueue does on admission: unsuspend the Job."""
@@ -392,8 +524,11 @@ class FakeKube:
                 lines = self.logs.get((ns, name), [])
                 new, sent = lines[sent:], len(lines)
                 pod = self.objects.get(("pods", ns, name))
-                finished = (pod is None or pod["status"]["phase"] in ("Succeeded", "Failed")
-                            or self._stopping)
+                finished = (
+                    pod is None
+                    or pod["status"]["phase"] in ("Succeeded", "Failed")
+                    or self._stopping
+                )
                 if not new and follow and not finished:
                     self.cond.wait(0.5)
                     continue
@@ -401,8 +536,15 @@ class FakeKube:
             if not follow or (finished and not new):
                 return
 
-    def stream_watch(self, plural: str, ns: str | None, labels: str, fields: str,
-                     since: int | None, timeout: float) -> Iterator[str]:
+    def stream_watch(
+        self,
+        plural: str,
+        ns: str | None,
+        labels: str,
+        fields: str,
+        since: int | None,
+        timeout: float,
+    ) -> Iterator[str]:
         deadline = time.monotonic() + timeout
         if since is None:
             with self.cond:
@@ -412,11 +554,15 @@ class FakeKube:
                 yield json.dumps({"type": "ADDED", "object": obj}) + "\n"
         while time.monotonic() < deadline and not self._stopping:
             with self.cond:
-                events = [(rv, kind, obj) for rv, p, kind, obj in self.history
-                          if rv > since and p == plural
-                          and (ns is None or obj["metadata"].get("namespace") == ns)
-                          and _label_match(obj["metadata"].get("labels", {}), labels)
-                          and _field_match(obj, fields)]
+                events = [
+                    (rv, kind, obj)
+                    for rv, p, kind, obj in self.history
+                    if rv > since
+                    and p == plural
+                    and (ns is None or obj["metadata"].get("namespace") == ns)
+                    and _label_match(obj["metadata"].get("labels", {}), labels)
+                    and _field_match(obj, fields)
+                ]
                 if not events:
                     self.cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
                     continue
@@ -437,8 +583,12 @@ def _route(path: str) -> tuple[str, str, str | None, str | None]:
     if rest[:1] == ["namespaces"] and len(rest) <= 2:
         return "namespaces", "", (rest[1] if len(rest) == 2 else None), None
     if rest[:1] == ["namespaces"] and len(rest) >= 3 and rest[2] in KINDS:
-        return rest[2], rest[1], (rest[3] if len(rest) > 3 else None), (
-            rest[4] if len(rest) > 4 else None)
+        return (
+            rest[2],
+            rest[1],
+            (rest[3] if len(rest) > 3 else None),
+            (rest[4] if len(rest) > 4 else None),
+        )
     if len(rest) == 1 and rest[0] in KINDS:
         return rest[0], "", None, None
     raise ApiError(404, "NotFound", f"the server could not find {path}")
@@ -478,47 +628,86 @@ def _handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             except ApiError as err:
                 self._json(err.body["code"], err.body)
 
-        def _serve(self, method: str, plural: str, ns: str, name: str | None,
-                   sub: str | None, query: dict[str, str], body: Any) -> None:
+        def _serve(
+            self,
+            method: str,
+            plural: str,
+            ns: str,
+            name: str | None,
+            sub: str | None,
+            query: dict[str, str],
+            body: Any,
+        ) -> None:
             labels, fields = query.get("labelSelector", ""), query.get("fieldSelector", "")
             if method == "GET" and sub == "log":
                 self._log(ns, name or "", query)
-            elif method == "GET" and name is None and query.get("watch", "").lower() in (
-                    "true", "1"):
+            elif (
+                method == "GET" and name is None and query.get("watch", "").lower() in ("true", "1")
+            ):
                 since = query.get("resourceVersion")
-                self._chunked(fake.stream_watch(plural, ns or None, labels, fields,
-                                                int(since) if since else None,
-                                                float(query.get("timeoutSeconds", 30))))
+                self._chunked(
+                    fake.stream_watch(
+                        plural,
+                        ns or None,
+                        labels,
+                        fields,
+                        int(since) if since else None,
+                        float(query.get("timeoutSeconds", 30)),
+                    )
+                )
             elif method == "GET" and name is None:
                 with fake.cond:
                     items = fake.select(plural, ns or None, labels, fields)
                     rv = str(fake.last_rv())
                 kind, api_version = KINDS[plural]
-                self._json(200, {"kind": f"{kind}List", "apiVersion": api_version,
-                                 "metadata": {"resourceVersion": rv}, "items": items})
+                self._json(
+                    200,
+                    {
+                        "kind": f"{kind}List",
+                        "apiVersion": api_version,
+                        "metadata": {"resourceVersion": rv},
+                        "items": items,
+                    },
+                )
             elif method == "GET":
                 with fake.cond:
                     self._json(200, fake.get(plural, ns, name or ""))
             elif method == "POST":
                 self._json(201, fake.create(plural, ns, body or {}))
             elif method in ("PUT", "PATCH"):
-                self._json(200, fake.update(plural, ns, name or "", body or {},
-                                            patch=method == "PATCH"))
+                self._json(
+                    200, fake.update(plural, ns, name or "", body or {}, patch=method == "PATCH")
+                )
             elif method == "DELETE":
                 policy = (body or {}).get("propagationPolicy") or query.get("propagationPolicy")
                 fake.delete(plural, ns, name or "", policy)
-                self._json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                                 "status": "Success", "details": {"name": name}})
+                self._json(
+                    200,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Success",
+                        "details": {"name": name},
+                    },
+                )
 
         def _log(self, ns: str, name: str, query: dict[str, str]) -> None:
             with fake.cond:
                 pod = fake.get("pods", ns, name)
                 statuses = pod["status"].get("containerStatuses") or [{}]
                 if pod["status"]["phase"] == "Pending":
-                    reason = statuses[0].get("state", {}).get("waiting", {}).get(
-                        "reason", "ContainerCreating")
-                    raise ApiError(400, "BadRequest", f'container "trainer" in pod "{name}" '
-                                   f"is waiting to start: {reason}")
+                    reason = (
+                        statuses[0]
+                        .get("state", {})
+                        .get("waiting", {})
+                        .get("reason", "ContainerCreating")
+                    )
+                    raise ApiError(
+                        400,
+                        "BadRequest",
+                        f'container "trainer" in pod "{name}" is waiting to start: {reason}',
+                    )
             follow = query.get("follow", "").lower() in ("true", "1")
             if follow:
                 self._chunked(fake.stream_log(ns, name, True), "text/plain")

@@ -19,10 +19,13 @@ _STORAGE = {
     "region": "us-east-1",
     "credentials_secret": {"name": "s3-credentials"},
 }
-_LORA_LOADER = {"dataset": {"type": "IMAGE_CAPTION_DIR_DATASET",
-                            "dataset_dir": "s3://kubetune/data/cats"}}
-_TI_LOADER = {"dataset": {"type": "IMAGE_DIR_DATASET", "dataset_dir": "s3://kubetune/data/cat"},
-              "caption_preset": "object"}
+_LORA_LOADER = {
+    "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "s3://kubetune/data/cats"}
+}
+_TI_LOADER = {
+    "dataset": {"type": "IMAGE_DIR_DATASET", "dataset_dir": "s3://kubetune/data/cat"},
+    "caption_preset": "object",
+}
 
 
 def config_dict(kind: str = "SD_LORA", **job: Any) -> dict[str, Any]:
@@ -49,19 +52,37 @@ def make_config(kind: str = "SD_LORA", **job: Any) -> PipelineConfig:
 VARIANTS: dict[str, dict[str, Any]] = {
     "sd-lora-defaults": config_dict(),
     "sdxl-lora-multi-gpu": config_dict(
-        "SDXL_LORA", gpus=4, node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "SDXL_LORA",
+        gpus=4,
+        node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        priority_class_name="training", active_deadline_seconds=86400,
-        hf_token_secret={"name": "hf", "key": "HF_TOKEN"}),
-    "sd-ti-kueue": config_dict("SD_TEXTUAL_INVERSION", queue_name="gpu-queue",
-                               service_account="kubetune-runner", labels={"team": "vision"}),
-    "sdxl-ti-cpu-only": config_dict("SDXL_TEXTUAL_INVERSION", gpus=0, cpu="500m", memory=None,
-                                    ttl_seconds_after_finished=None, env={"LOG_LEVEL": "debug"}),
-    "sdxl-lora-ti-amd": config_dict("SDXL_LORA_AND_TEXTUAL_INVERSION", gpus=2,
-                                    gpu_resource_name="amd.com/gpu", backoff_limit=0,
-                                    image="registry.example.com/kubetune:0.1.0",
-                                    image_pull_policy="Always",
-                                    tolerations=[{"key": "gpu", "value": "yes",
-                                                  "effect": "NoExecute",
-                                                  "toleration_seconds": 60}]),
+        priority_class_name="training",
+        active_deadline_seconds=86400,
+        hf_token_secret={"name": "hf", "key": "HF_TOKEN"},
+    ),
+    "sd-ti-kueue": config_dict(
+        "SD_TEXTUAL_INVERSION",
+        queue_name="gpu-queue",
+        service_account="kubetune-runner",
+        labels={"team": "vision"},
+    ),
+    "sdxl-ti-cpu-only": config_dict(
+        "SDXL_TEXTUAL_INVERSION",
+        gpus=0,
+        cpu="500m",
+        memory=None,
+        ttl_seconds_after_finished=None,
+        env={"LOG_LEVEL": "debug"},
+    ),
+    "sdxl-lora-ti-amd": config_dict(
+        "SDXL_LORA_AND_TEXTUAL_INVERSION",
+        gpus=2,
+        gpu_resource_name="amd.com/gpu",
+        backoff_limit=0,
+        image="registry.example.com/kubetune:0.1.0",
+        image_pull_policy="Always",
+        tolerations=[
+            {"key": "gpu", "value": "yes", "effect": "NoExecute", "toleration_seconds": 60}
+        ],
+    ),
 }

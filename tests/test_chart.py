@@ -17,17 +17,26 @@ SECRET = "minio-secret-value-not-elsewhere"
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "everything": {
-        "launcher": {"rbac": {"subjects": [
-            {"kind": "User", "name": "alice@example.com",
-             "apiGroup": "rbac.authorization.k8s.io"},
-            {"kind": "ServiceAccount", "name": "ci", "namespace": "ci"}],
-            "secretNames": ["s3-credentials", "hf"]}},
-        "s3Credentials": {"create": True, "accessKeyId": "minio-admin",
-                          "secretAccessKey": SECRET},
+        "launcher": {
+            "rbac": {
+                "subjects": [
+                    {
+                        "kind": "User",
+                        "name": "alice@example.com",
+                        "apiGroup": "rbac.authorization.k8s.io",
+                    },
+                    {"kind": "ServiceAccount", "name": "ci", "namespace": "ci"},
+                ],
+                "secretNames": ["s3-credentials", "hf"],
+            }
+        },
+        "s3Credentials": {"create": True, "accessKeyId": "minio-admin", "secretAccessKey": SECRET},
         "minio": {"enabled": True},
     },
-    "nothing": {"runner": {"serviceAccount": {"create": False}},
-                "launcher": {"rbac": {"create": False}}},
+    "nothing": {
+        "runner": {"serviceAccount": {"create": False}},
+        "launcher": {"rbac": {"create": False}},
+    },
 }
 
 
@@ -57,8 +66,15 @@ def test_chart_renders_valid_restricted_objects(variant: str) -> None:
 def test_chart_objects_per_variant() -> None:
     kinds = {v: sorted(d["kind"] for d in render(VARIANTS[v])) for v in VARIANTS}
     assert kinds["defaults"] == ["Role", "ServiceAccount"]
-    assert kinds["everything"] == ["Deployment", "Job", "Role", "RoleBinding", "Secret",
-                                   "Service", "ServiceAccount"]
+    assert kinds["everything"] == [
+        "Deployment",
+        "Job",
+        "Role",
+        "RoleBinding",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
     assert kinds["nothing"] == []
 
 
@@ -68,8 +84,12 @@ def test_launcher_role_is_least_privilege() -> None:
     assert rules[("batch", "jobs")]["verbs"] == ["create", "get", "list", "watch", "delete"]
     assert rules[("", "configmaps")]["verbs"] == ["create", "get", "delete"]
     assert rules[("", "pods/log")]["verbs"] == ["get"]
-    assert rules[("", "secrets")] == {"apiGroups": [""], "resources": ["secrets"],
-                                      "verbs": ["get"], "resourceNames": ["s3-credentials", "hf"]}
+    assert rules[("", "secrets")] == {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "verbs": ["get"],
+        "resourceNames": ["s3-credentials", "hf"],
+    }
     assert not any("*" in r["verbs"] or "*" in r["resources"] for r in role["rules"])
 
 
@@ -90,7 +110,12 @@ def test_schema_rejects_bad_values() -> None:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_helm_lint_strict(variant: str) -> None:
-    report = helm_python.lint(str(CHART), VARIANTS[variant], strict=True, namespace="ml",
-                              kube_version=f"v{KUBE_VERSION}.0")
+    report = helm_python.lint(
+        str(CHART),
+        VARIANTS[variant],
+        strict=True,
+        namespace="ml",
+        kube_version=f"v{KUBE_VERSION}.0",
+    )
     problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
     assert problems == [], problems

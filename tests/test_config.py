@@ -199,5 +199,6 @@ def test_keys_named_like_union_labels_keep_their_path(key: str) -> None:
     text = SAMPLES[0].read_text() + f"{key!r}: 1\n"
     with pytest.raises(ConfigError) as err:
         parse_config(text, name="c.yaml")
-    assert any(f": {key}: unknown key" in p or f": {key}: not valid" in p
-               for p in err.value.problems), err.value.problems
+    assert any(
+        f": {key}: unknown key" in p or f": {key}: not valid" in p for p in err.value.problems
+    ), err.value.problems

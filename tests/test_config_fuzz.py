@@ -21,13 +21,17 @@ SAMPLES = sorted((Path(__file__).parent / "data" / "invoke_samples").glob("*.yam
 BASES = [yaml.safe_load(p.read_text()) for p in SAMPLES]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**12, 10**12),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -93,8 +97,9 @@ def test_fuzz_config_loader_for_two_minutes() -> None:
     budget = float(os.environ.get("KUBETUNE_FUZZ_SECONDS", "120"))
     deadline = time.monotonic() + budget
     runs = 0
-    long = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck),
-                    database=None)
+    long = settings(
+        max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
     while time.monotonic() < deadline:
         given(mutated_configs())(long(lambda data: _check(yaml.safe_dump(data))))()
         given(st.text(max_size=400))(long(lambda text: _check(text)))()

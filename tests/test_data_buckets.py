@@ -15,8 +15,21 @@ from runner.errors import ResumeMismatchError
 
 BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 16}
 # Wide, tall and square images of several shapes.
-SIZES = [(96, 48), (100, 50), (48, 96), (50, 110), (64, 64), (70, 70), (80, 60), (60, 80),
-         (120, 40), (40, 120), (66, 64), (90, 45), (45, 90)]
+SIZES = [
+    (96, 48),
+    (100, 50),
+    (48, 96),
+    (50, 110),
+    (64, 64),
+    (70, 70),
+    (80, 60),
+    (60, 80),
+    (120, 40),
+    (40, 120),
+    (66, 64),
+    (90, 45),
+    (45, 90),
+]
 
 
 def test_buckets_are_divisible_within_bounds_and_near_the_target_area() -> None:
@@ -67,8 +80,11 @@ def test_sampler_state_round_trip_mid_epoch() -> None:
 
 def _bucket_loader(tmp_path: Path, **loader: object):
     write_image_dir(tmp_path / "d", SIZES)
-    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")},
-                      aspect_ratio_buckets=BUCKETS, **loader)
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")},
+        aspect_ratio_buckets=BUCKETS,
+        **loader,
+    )
     return cfg, build_train_dataloader(cfg, seed=5, batch_size=3, device_is_cuda=False)
 
 
@@ -82,8 +98,9 @@ def test_loader_batches_one_bucket_each_image_once(tmp_path: Path) -> None:
         _, _, h, w = batch["pixel_values"].shape
         assert h % 16 == 0 and w % 16 == 0 and (h, w) in loader.buckets
         shapes.add((h, w))
-        for (oh, ow), (top, left) in zip(batch["original_size_hw"].tolist(),
-                                         batch["crop_top_left_yx"].tolist(), strict=True):
+        for (oh, ow), (top, left) in zip(
+            batch["original_size_hw"].tolist(), batch["crop_top_left_yx"].tolist(), strict=True
+        ):
             assert (ow, oh) in SIZES and top >= 0 and left >= 0
     assert len(shapes) >= 3  # wide, tall and square buckets all used
 

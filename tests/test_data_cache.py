@@ -37,7 +37,8 @@ def test_any_change_invalidates(tmp_path: Path) -> None:
     TensorCache(tmp_path, NS).get_or_compute(b"img2", compute)  # content
     TensorCache(tmp_path, {**NS, "model": "tiny-sd@def"}).get_or_compute(b"img", compute)
     TensorCache(tmp_path, {**NS, "transform": {"center_crop": False}}).get_or_compute(
-        b"img", compute)
+        b"img", compute
+    )
     TensorCache(tmp_path, {**NS, "res": [64, 64]}).get_or_compute(b"img", compute)
     assert len(calls) == 5
     TensorCache(tmp_path, dict(reversed(NS.items()))).get_or_compute(b"img", compute)
@@ -80,5 +81,7 @@ def test_run_cache_mirrors_next_to_the_run_on_s3(tmp_path: Path, s3_env, s3_buck
     keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert keys and all(k.startswith("runs/demo/cache/") for k in keys)
     flipped = lora_config(dataset, random_flip=True)
-    assert open_run_cache(flipped, "vae", "m@1", tmp_path / "a").namespace_id != \
-        open_run_cache(cfg, "vae", "m@1", tmp_path / "a").namespace_id
+    assert (
+        open_run_cache(flipped, "vae", "m@1", tmp_path / "a").namespace_id
+        != open_run_cache(cfg, "vae", "m@1", tmp_path / "a").namespace_id
+    )

@@ -19,13 +19,16 @@ def _builder(cfg, text: str | None = "<cat>") -> CaptionBuilder:
 
 
 def test_lora_prefix_and_plain() -> None:
-    assert _builder(lora_config(CAPDIR, caption_prefix="sks")).build(
-        "a dog", random.Random(0)) == "sks a dog"
+    assert (
+        _builder(lora_config(CAPDIR, caption_prefix="sks")).build("a dog", random.Random(0))
+        == "sks a dog"
+    )
     assert _builder(lora_config(CAPDIR)).build("a dog", random.Random(0)) == "a dog"
 
 
-@pytest.mark.parametrize(("preset", "templates"), [("object", OBJECT_TEMPLATES),
-                                                   ("style", STYLE_TEMPLATES)])
+@pytest.mark.parametrize(
+    ("preset", "templates"), [("object", OBJECT_TEMPLATES), ("style", STYLE_TEMPLATES)]
+)
 def test_presets_fill_the_placeholder(preset: str, templates: list[str]) -> None:
     builder = _builder(ti_config(CAPDIR, caption_preset=preset))
     made = {builder.build(None, random.Random(s)) for s in range(200)}
@@ -42,27 +45,29 @@ def test_custom_templates_and_lora_ti_token_string() -> None:
 
 def test_keep_original_captions_puts_the_template_first() -> None:
     cfg = ti_config(CAPDIR, caption_templates=["a photo of {}"], keep_original_captions=True)
-    assert _builder(cfg).build("on the beach", random.Random(0)) == \
-        "a photo of <cat> on the beach"
+    assert _builder(cfg).build("on the beach", random.Random(0)) == "a photo of <cat> on the beach"
 
 
 def test_shuffle_delimiter_is_seeded_and_keeps_all_parts() -> None:
-    cfg = ti_config(CAPDIR, caption_templates=["{}"], keep_original_captions=True,
-                    shuffle_caption_delimiter=",")
+    cfg = ti_config(
+        CAPDIR, caption_templates=["{}"], keep_original_captions=True, shuffle_caption_delimiter=","
+    )
     builder = _builder(cfg)
     caption = "red, blue, green, yellow, purple"
     outs = [builder.build(caption, random.Random(s)) for s in range(20)]
     for out in outs:
-        assert sorted(out.split(", ")) == sorted(["<cat> red", "blue", "green", "yellow",
-                                                  "purple"])
+        assert sorted(out.split(", ")) == sorted(["<cat> red", "blue", "green", "yellow", "purple"])
     assert len(set(outs)) > 3
     assert outs == [builder.build(caption, random.Random(s)) for s in range(20)]
 
 
 def test_loader_captions_are_deterministic_by_seed(tmp_path: Path) -> None:
     write_image_dir(tmp_path / "d", [(32, 32)] * 6)
-    cfg = ti_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")},
-                    keep_original_captions=True, shuffle_caption_delimiter=" ")
+    cfg = ti_config(
+        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")},
+        keep_original_captions=True,
+        shuffle_caption_delimiter=" ",
+    )
 
     def captions(seed: int) -> list[str]:
         loader = build_train_dataloader(cfg, seed=seed, batch_size=2, device_is_cuda=False)
@@ -75,10 +80,14 @@ def test_loader_captions_are_deterministic_by_seed(tmp_path: Path) -> None:
 
 def test_ti_loader_defaults_to_the_placeholder_tokens_of_the_config(tmp_path: Path) -> None:
     write_image_dir(tmp_path / "d", [(32, 32)] * 2, captions=False)
-    cfg = lora_ti_config({"type": "IMAGE_DIR_DATASET", "dataset_dir": str(tmp_path / "d")},
-                         num_vectors=3, caption_templates=["x {}"])
+    cfg = lora_ti_config(
+        {"type": "IMAGE_DIR_DATASET", "dataset_dir": str(tmp_path / "d")},
+        num_vectors=3,
+        caption_templates=["x {}"],
+    )
     loader = build_train_dataloader(cfg, seed=0, batch_size=2, device_is_cuda=False)
     assert next(iter(loader))["caption"] == ["x <tok> <tok>_1 <tok>_2"] * 2
-    given = build_train_dataloader(cfg, seed=0, batch_size=2, device_is_cuda=False,
-                                   placeholder_text="<a> <b>")
+    given = build_train_dataloader(
+        cfg, seed=0, batch_size=2, device_is_cuda=False, placeholder_text="<a> <b>"
+    )
     assert next(iter(given))["caption"] == ["x <a> <b>"] * 2

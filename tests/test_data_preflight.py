@@ -105,8 +105,13 @@ def test_jsonl_missing_column_names_the_line(tmp_path: Path) -> None:
 def test_hf_missing_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     write_hf_dataset(tmp_path / "hf", [(16, 16)])
-    cfg = lora_config({"type": "HF_HUB_IMAGE_CAPTION_DATASET",
-                       "dataset_name": str(tmp_path / "hf"), "caption_column": "caption"})
+    cfg = lora_config(
+        {
+            "type": "HF_HUB_IMAGE_CAPTION_DATASET",
+            "dataset_name": str(tmp_path / "hf"),
+            "caption_column": "caption",
+        }
+    )
     with pytest.raises(DataError, match=r"hf: missing column 'caption'"):
         preflight(cfg)
 
@@ -117,24 +122,33 @@ def test_oversized_image_is_refused(tmp_path: Path) -> None:
         preflight(_capdir(tmp_path / "d"), max_pixels=1000)
 
 
-def test_s3_key_escaping_the_dataset_prefix(s3_env: S3Server, s3_bucket: str,
-                                            tmp_path: Path) -> None:
+def test_s3_key_escaping_the_dataset_prefix(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
     root = tmp_path / "js"
     write_jsonl(root, [(16, 16)])
-    lines = (root / "data.jsonl").read_text() + json.dumps(
-        {"image": "../secret/pic.jpg", "text": "x"}) + "\n"
+    lines = (
+        (root / "data.jsonl").read_text()
+        + json.dumps({"image": "../secret/pic.jpg", "text": "x"})
+        + "\n"
+    )
     (root / "data.jsonl").write_text(lines)
     upload_tree(s3_env.client(), s3_bucket, "ds", root)
     s3_env.client().put_object(Bucket=s3_bucket, Key="secret/pic.jpg", Body=image_bytes(8, 8))
-    cfg = lora_config({"type": "IMAGE_CAPTION_JSONL_DATASET",
-                       "jsonl_path": f"s3://{s3_bucket}/ds/data.jsonl"})
-    with pytest.raises(DataError, match=r"data\.jsonl:2: image path '\.\./secret/pic\.jpg' "
-                                        r"escapes the dataset folder"):
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": f"s3://{s3_bucket}/ds/data.jsonl"}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"data\.jsonl:2: image path '\.\./secret/pic\.jpg' "
+        r"escapes the dataset folder",
+    ):
         preflight(cfg)
 
 
-def test_s3_missing_object_and_bad_caption(s3_env: S3Server, s3_bucket: str,
-                                           tmp_path: Path) -> None:
+def test_s3_missing_object_and_bad_caption(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
     write_image_dir(tmp_path / "d", [(16, 16)] * 2)
     (tmp_path / "d" / "img-001.txt").write_bytes(b"\xff\xfe bad")
     upload_tree(s3_env.client(), s3_bucket, "d", tmp_path / "d")

@@ -17,18 +17,38 @@ from runner.data.buckets import BucketBatchSampler
 from runner.errors import ResumeMismatchError
 
 BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 16}
-SIZES = [(96, 48), (100, 50), (48, 96), (50, 110), (64, 64), (70, 70), (80, 60), (60, 80),
-         (120, 40), (40, 120), (66, 64), (90, 45), (45, 90), (64, 66), (72, 72), (58, 58)]
+SIZES = [
+    (96, 48),
+    (100, 50),
+    (48, 96),
+    (50, 110),
+    (64, 64),
+    (70, 70),
+    (80, 60),
+    (60, 80),
+    (120, 40),
+    (40, 120),
+    (66, 64),
+    (90, 45),
+    (45, 90),
+    (64, 66),
+    (72, 72),
+    (58, 58),
+]
 
 
 def _loaders(tmp_path: Path, world: int, **kw: object) -> list:  # type: ignore[type-arg]
     if not (tmp_path / "d").exists():
         write_image_dir(tmp_path / "d", SIZES)
-    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")},
-                      **kw)
-    return [build_train_dataloader(cfg, seed=3, batch_size=2, device_is_cuda=False,
-                                   num_processes=world, process_index=rank)
-            for rank in range(world)]
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")}, **kw
+    )
+    return [
+        build_train_dataloader(
+            cfg, seed=3, batch_size=2, device_is_cuda=False, num_processes=world, process_index=rank
+        )
+        for rank in range(world)
+    ]
 
 
 def _ids(loader: object) -> list[list[str]]:
@@ -36,8 +56,9 @@ def _ids(loader: object) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("buckets", [None, BUCKETS])
-def test_two_ranks_get_disjoint_slices_that_cover_each_epoch(tmp_path: Path,
-                                                              buckets: object) -> None:
+def test_two_ranks_get_disjoint_slices_that_cover_each_epoch(
+    tmp_path: Path, buckets: object
+) -> None:
     rank0, rank1 = _loaders(tmp_path, 2, aspect_ratio_buckets=buckets)
     single = _loaders(tmp_path, 1, aspect_ratio_buckets=buckets)[0]
     assert len(rank0) == len(rank1) < len(single)  # lockstep, fewer steps than one GPU
@@ -78,8 +99,7 @@ def test_saved_position_resumes_every_rank(tmp_path: Path) -> None:
 
 def test_short_tail_batch_still_gives_every_rank_an_example() -> None:
     bucket_of = [0] * 9  # world 4 × batch 2: global batches of 8 and a tail of 1
-    ranks = [BucketBatchSampler(bucket_of, 2, seed=0, num_replicas=4, rank=r)
-             for r in range(4)]
+    ranks = [BucketBatchSampler(bucket_of, 2, seed=0, num_replicas=4, rank=r) for r in range(4)]
     plans = [s.batches(0) for s in ranks]
     assert [len(p) for p in plans] == [2, 2, 2, 2]
     covered = {i for p in plans for b in p for i in b}

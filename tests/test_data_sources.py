@@ -60,8 +60,9 @@ def _captions_by_id(batches: list[dict]) -> dict[str, str]:
 def test_caption_dir_dataset(where, tmp_path: Path) -> None:
     expected = write_image_dir(tmp_path / "capdir", SIZES, exts=(".png", ".jpg", ".webp", ".bmp"))
     uri = where(tmp_path / "capdir")
-    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": uri},
-                      caption_prefix="trigger")
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": uri}, caption_prefix="trigger"
+    )
     got = _captions_by_id(_epoch(cfg))
     assert got == {name: f"trigger {cap}" for name, cap in expected.items()}
 
@@ -69,8 +70,9 @@ def test_caption_dir_dataset(where, tmp_path: Path) -> None:
 def test_image_dir_dataset_with_templates(where, tmp_path: Path) -> None:
     expected = write_image_dir(tmp_path / "imgdir", SIZES, captions=False)
     uri = where(tmp_path / "imgdir")
-    cfg = ti_config({"type": "IMAGE_DIR_DATASET", "dataset_dir": uri},
-                    caption_templates=["a photo of {}"])
+    cfg = ti_config(
+        {"type": "IMAGE_DIR_DATASET", "dataset_dir": uri}, caption_templates=["a photo of {}"]
+    )
     got = _captions_by_id(_epoch(cfg))
     assert got == dict.fromkeys(expected, "a photo of <cat>")
 
@@ -78,8 +80,13 @@ def test_image_dir_dataset_with_templates(where, tmp_path: Path) -> None:
 def test_jsonl_dataset(where, tmp_path: Path) -> None:
     expected = write_jsonl(tmp_path / "js", SIZES)
     uri = where(tmp_path / "js")
-    cfg = lora_config({"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": f"{uri}/data.jsonl",
-                       "keep_in_memory": True})
+    cfg = lora_config(
+        {
+            "type": "IMAGE_CAPTION_JSONL_DATASET",
+            "jsonl_path": f"{uri}/data.jsonl",
+            "keep_in_memory": True,
+        }
+    )
     loader = build_train_dataloader(cfg, seed=1, batch_size=2, device_is_cuda=False)
     first = list(loader)
     assert _captions_by_id(first) == expected
@@ -87,16 +94,20 @@ def test_jsonl_dataset(where, tmp_path: Path) -> None:
     assert sorted(_captions_by_id(second)) == sorted(expected)
 
 
-def test_jsonl_with_absolute_and_s3_image_uris(s3_env: S3Server, s3_bucket: str,
-                                               tmp_path: Path) -> None:
+def test_jsonl_with_absolute_and_s3_image_uris(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
     rows = write_jsonl(tmp_path / "js", SIZES[:2])
     client = s3_env.client()
     upload_tree(client, s3_bucket, "elsewhere", tmp_path / "js" / "images")
-    lines = [f'{{"image": "s3://{s3_bucket}/elsewhere/pic-000.jpg", "text": "remote"}}',
-             f'{{"image": "{tmp_path / "js" / "images" / "pic-001.jpg"}", "text": "absolute"}}']
+    lines = [
+        f'{{"image": "s3://{s3_bucket}/elsewhere/pic-000.jpg", "text": "remote"}}',
+        f'{{"image": "{tmp_path / "js" / "images" / "pic-001.jpg"}", "text": "absolute"}}',
+    ]
     (tmp_path / "mixed.jsonl").write_text("\n".join(lines))
-    cfg = lora_config({"type": "IMAGE_CAPTION_JSONL_DATASET",
-                       "jsonl_path": str(tmp_path / "mixed.jsonl")})
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": str(tmp_path / "mixed.jsonl")}
+    )
     got = _captions_by_id(_epoch(cfg))
     assert sorted(got.values()) == ["absolute", "remote"] and len(rows) == 2
 
@@ -104,13 +115,15 @@ def test_jsonl_with_absolute_and_s3_image_uris(s3_env: S3Server, s3_bucket: str,
 def test_hf_dataset_saved_to_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     expected = write_hf_dataset(tmp_path / "hf", SIZES)
-    cfg = lora_config({"type": "HF_HUB_IMAGE_CAPTION_DATASET",
-                       "dataset_name": str(tmp_path / "hf")})
+    cfg = lora_config(
+        {"type": "HF_HUB_IMAGE_CAPTION_DATASET", "dataset_name": str(tmp_path / "hf")}
+    )
     assert _captions_by_id(_epoch(cfg)) == expected
 
 
-def test_s3_listing_is_paginated_and_holds_no_bytes(s3_env: S3Server, s3_bucket: str,
-                                                    tmp_path: Path) -> None:
+def test_s3_listing_is_paginated_and_holds_no_bytes(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
     write_image_dir(tmp_path / "many", [(8, 8)] * 25, captions=False)
     upload_tree(s3_env.client(), s3_bucket, "many", tmp_path / "many")
     cfg = ti_config({"type": "IMAGE_DIR_DATASET", "dataset_dir": f"s3://{s3_bucket}/many"})
@@ -125,8 +138,7 @@ def test_worker_processes_give_the_same_batches(tmp_path: Path) -> None:
     base = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")}
     results = []
     for workers in (0, 1):
-        cfg = lora_config(base, dataloader_num_workers=workers, random_flip=True,
-                          center_crop=False)
+        cfg = lora_config(base, dataloader_num_workers=workers, random_flip=True, center_crop=False)
         loader = build_train_dataloader(cfg, seed=3, batch_size=2, device_is_cuda=False)
         results.append(list(loader))
     for a, b in zip(*results, strict=True):

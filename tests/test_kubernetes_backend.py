@@ -42,24 +42,29 @@ class Kube:
         return KubernetesBackend(kubeconfig=self.kubeconfig, namespace=self.namespace)
 
     def create_secret(self, name: str, data: dict[str, str]) -> None:
-        body = {"metadata": {"name": name}, "data": {
-            k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        body = {
+            "metadata": {"name": name},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        }
         self.core.create_namespaced_secret(self.namespace, body)
 
     def jobs(self, run: str) -> list[str]:
-        items = self.batch.list_namespaced_job(self.namespace,
-                                               label_selector=f"kubetune.io/run={run}").items
+        items = self.batch.list_namespaced_job(
+            self.namespace, label_selector=f"kubetune.io/run={run}"
+        ).items
         return sorted(j.metadata.name for j in items if not j.metadata.deletion_timestamp)
 
     def config_maps(self, run: str) -> list[Any]:
         return self.core.list_namespaced_config_map(
-            self.namespace, label_selector=f"kubetune.io/run={run}").items
+            self.namespace, label_selector=f"kubetune.io/run={run}"
+        ).items
 
     def cli(self, *args: str) -> Any:
         from launcher.cli import main
 
-        return CliRunner().invoke(main, [*args, "--kubeconfig", self.kubeconfig,
-                                         "--namespace", self.namespace])
+        return CliRunner().invoke(
+            main, [*args, "--kubeconfig", self.kubeconfig, "--namespace", self.namespace]
+        )
 
 
 def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -81,8 +86,10 @@ def fake_kube(tmp_path: Path) -> Iterator[Kube]:
     with FakeKube() as fake:
         kubeconfig = str(fake.write_kubeconfig(tmp_path / "kubeconfig"))
         kube = Kube(kubeconfig, "default", fake, *_clients(kubeconfig))
-        kube.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-                                              "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY})
+        kube.create_secret(
+            "s3-credentials",
+            {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY},
+        )
         yield kube
 
 
@@ -95,8 +102,10 @@ def real_kube() -> Iterator[Kube]:
     namespace = f"kubetune-test-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": namespace}})
     kube = Kube(kubeconfig, namespace, None, core, batch)
-    kube.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-                                          "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY})
+    kube.create_secret(
+        "s3-credentials",
+        {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY},
+    )
     try:
         yield kube
     finally:
@@ -278,8 +287,13 @@ def test_logs_follow_across_pod_restarts(fake_kube: Kube) -> None:
     reader.join(15)
     assert not reader.is_alive()
     body = [line for line in lines if not line.startswith("==>")]
-    assert body == ["step 1/100", "step 2/100", "SIGTERM: checkpoint written",
-                    "resumed at step 2", "done"]
+    assert body == [
+        "step 1/100",
+        "step 2/100",
+        "SIGTERM: checkpoint written",
+        "resumed at step 2",
+        "done",
+    ]
     assert list(backend.logs("my-run")) == lines  # without -f: the same, then stop
 
 
@@ -295,9 +309,19 @@ def test_progress_comes_from_storage(fake_kube: Kube, s3_env: Any, s3_bucket: st
     job = backend.submit(cfg).job_name
     fake.start_pod(fake.latest_pod(job))
     store = open_store(f"s3://{s3_bucket}/kubetune/my-run", cfg.storage)
-    store.put_bytes("progress.json", json.dumps({
-        "state": "running", "step": 40, "total_steps": 100, "loss": 0.125,
-        "images_per_sec": 3.5, "eta_seconds": 95}).encode())
+    store.put_bytes(
+        "progress.json",
+        json.dumps(
+            {
+                "state": "running",
+                "step": 40,
+                "total_steps": 100,
+                "loss": 0.125,
+                "images_per_sec": 3.5,
+                "eta_seconds": 95,
+            }
+        ).encode(),
+    )
     status = backend.status("my-run")
     assert status.progress is not None and status.progress_error is None
     assert status.progress.summary() == "step 40/100, loss 0.125, 3.5 img/s, ETA 1m35s"
@@ -323,14 +347,16 @@ def _finish_when_started(fake: FakeKube, job: str, exit_code: int) -> threading.
         fake.log(pod, "training...")
         time.sleep(0.3)
         fake.finish_pod(pod, exit_code)
+
     thread = threading.Thread(target=drive, daemon=True)
     thread.start()
     return thread
 
 
 @pytest.mark.parametrize(("exit_code", "status"), [(0, 0), (2, 1)])
-def test_submit_wait_exit_status(fake_kube: Kube, tmp_path: Path, exit_code: int,
-                                 status: int) -> None:
+def test_submit_wait_exit_status(
+    fake_kube: Kube, tmp_path: Path, exit_code: int, status: int
+) -> None:
     assert fake_kube.fake is not None
     config_file = _write(tmp_path)
     driver = _finish_when_started(fake_kube.fake, job_name(_cfg()), exit_code)
@@ -345,8 +371,9 @@ def test_submit_output_json_for_ci(fake_kube: Kube, tmp_path: Path) -> None:
     assert fake_kube.fake is not None
     config_file = _write(tmp_path)
     driver = _finish_when_started(fake_kube.fake, job_name(_cfg()), 0)
-    result = fake_kube.cli("submit", config_file, "--wait", "--output", "json",
-                           "--poll-interval", "0.05")
+    result = fake_kube.cli(
+        "submit", config_file, "--wait", "--output", "json", "--poll-interval", "0.05"
+    )
     driver.join(5)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -361,8 +388,7 @@ def test_cli_status_logs_list_cancel(fake_kube: Kube, tmp_path: Path) -> None:
     assert first.exit_code == 0 and "submitted" in first.output
     again = fake_kube.cli("submit", _write(tmp_path), "--set", "max_train_steps=10")
     assert "already submitted" in again.output
-    job = job_name(make_config("SD_LORA", name="my-run").model_copy(
-        update={"max_train_steps": 10}))
+    job = job_name(make_config("SD_LORA", name="my-run").model_copy(update={"max_train_steps": 10}))
     pod = fake.latest_pod(job)
     fake.start_pod(pod)
     fake.log(pod, "hello from the pod")
@@ -376,8 +402,9 @@ def test_cli_status_logs_list_cancel(fake_kube: Kube, tmp_path: Path) -> None:
 
 
 def test_cli_missing_secret_is_a_user_error(fake_kube: Kube, tmp_path: Path) -> None:
-    result = fake_kube.cli("submit", _write(tmp_path),
-                           "--set", "storage.credentials_secret.name=absent")
+    result = fake_kube.cli(
+        "submit", _write(tmp_path), "--set", "storage.credentials_secret.name=absent"
+    )
     assert result.exit_code == 2
     assert result.output.startswith("error: Secret 'absent'")
     assert TEST_SECRET_KEY not in result.output

@@ -94,8 +94,10 @@ def test_every_command_help_teaches_with_an_example() -> None:
 def test_help_does_not_build_the_schema() -> None:
     """`launcher --help` and the cluster commands' parsing stay fast: the pydantic schema,
     the kubernetes client and boto3 load only when a command needs them."""
-    code = ("import sys, launcher.cli\n"
-            "print(sorted(m for m in ('runner.config', 'kubernetes', 'boto3', 'pydantic')"
-            " if m in sys.modules))")
+    code = (
+        "import sys, launcher.cli\n"
+        "print(sorted(m for m in ('runner.config', 'kubernetes', 'boto3', 'pydantic')"
+        " if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

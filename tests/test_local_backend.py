@@ -16,7 +16,7 @@ from launcher.backends.local import LocalBackend
 from runner.config import parse_config
 from runner.errors import UserError
 
-STAND_IN = '''
+STAND_IN = """
 import json, os, signal, sys, time, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
 out = cfg["base_output_dir"]; os.makedirs(out, exist_ok=True)
@@ -27,7 +27,7 @@ json.dump({"state": "running", "step": 5, "total_steps": 10, "loss": 0.5},
 time.sleep(float(os.environ.get("STAND_IN_SLEEP", "0")))
 print("done", flush=True)
 sys.exit(int(os.environ.get("STAND_IN_EXIT", "0")))
-'''
+"""
 
 
 def _cfg(tmp_path: Path, **job: object):  # noqa: ANN202
@@ -65,8 +65,9 @@ def test_submit_status_logs(backend: LocalBackend, tmp_path: Path) -> None:
     assert [r.run for r in backend.list()] == ["my-run"]
 
 
-def test_failure_and_conflict(backend: LocalBackend, tmp_path: Path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_and_conflict(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("STAND_IN_EXIT", "2")
     backend.submit(_cfg(tmp_path))
     status = _wait_done(backend, "my-run")
@@ -79,8 +80,9 @@ def test_failure_and_conflict(backend: LocalBackend, tmp_path: Path,
     assert _wait_done(backend, "my-run").phase == "Succeeded"
 
 
-def test_cancel_sends_sigterm_and_logs_follow(backend: LocalBackend, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancel_sends_sigterm_and_logs_follow(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("STAND_IN_SLEEP", "30")
     backend.submit(_cfg(tmp_path))
     deadline = time.monotonic() + 10

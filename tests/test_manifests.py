@@ -100,7 +100,9 @@ def test_job_shape_defaults() -> None:
     ref = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
     assert "HF_TOKEN" not in env
-    assert job["metadata"]["annotations"]["kubetune.io/output-uri"] == "s3://kubetune/kubetune/my-run"
+    assert (
+        job["metadata"]["annotations"]["kubetune.io/output-uri"] == "s3://kubetune/kubetune/my-run"
+    )
 
 
 def test_config_map_holds_the_resolved_config() -> None:
@@ -116,17 +118,18 @@ def test_pod_failure_policy_matches_runner_exit_codes() -> None:
     by_action = {}
     for rule in rules:
         by_action.setdefault(rule["action"], []).append(rule)
-    assert by_action["Ignore"][0]["onPodConditions"] == [{"type": "DisruptionTarget",
-                                                         "status": "True"}]
+    assert by_action["Ignore"][0]["onPodConditions"] == [
+        {"type": "DisruptionTarget", "status": "True"}
+    ]
     assert by_action["Ignore"][1]["onExitCodes"]["values"] == [EXIT_PREEMPTED]
     assert by_action["FailJob"][0]["onExitCodes"]["values"] == [EXIT_USER_ERROR]
-    assert all(r.get("onExitCodes", {}).get("containerName", "trainer") == "trainer"
-               for r in rules)
+    assert all(r.get("onExitCodes", {}).get("containerName", "trainer") == "trainer" for r in rules)
 
 
 def test_multi_gpu_uses_accelerate_and_custom_resource() -> None:
-    job = _job(manifests.build_manifests(make_config("SDXL_LORA", gpus=2,
-                                                     gpu_resource_name="amd.com/gpu")))
+    job = _job(
+        manifests.build_manifests(make_config("SDXL_LORA", gpus=2, gpu_resource_name="amd.com/gpu"))
+    )
     c = _container(job)
     assert c["command"][:2] == ["accelerate", "launch"]
     assert c["command"][c["command"].index("--num_processes") + 1] == "2"
@@ -136,19 +139,35 @@ def test_multi_gpu_uses_accelerate_and_custom_resource() -> None:
 
 
 def test_kueue_and_scheduling_options() -> None:
-    job = _job(manifests.build_manifests(make_config(
-        queue_name="gpu-queue", priority_class_name="high", service_account="kubetune-runner",
-        node_selector={"pool": "gpu"}, active_deadline_seconds=3600,
-        tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule",
-                      "toleration_seconds": 5}],
-        hf_token_secret={"name": "hf", "key": "token"}, env={"FOO": "bar"})))
+    job = _job(
+        manifests.build_manifests(
+            make_config(
+                queue_name="gpu-queue",
+                priority_class_name="high",
+                service_account="kubetune-runner",
+                node_selector={"pool": "gpu"},
+                active_deadline_seconds=3600,
+                tolerations=[
+                    {
+                        "key": "gpu",
+                        "operator": "Exists",
+                        "effect": "NoSchedule",
+                        "toleration_seconds": 5,
+                    }
+                ],
+                hf_token_secret={"name": "hf", "key": "token"},
+                env={"FOO": "bar"},
+            )
+        )
+    )
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True and job["spec"]["activeDeadlineSeconds"] == 3600
     pod = job["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "high" and pod["serviceAccountName"] == "kubetune-runner"
     assert pod["nodeSelector"] == {"pool": "gpu"}
-    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule",
-                                   "tolerationSeconds": 5}]
+    assert pod["tolerations"] == [
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}
+    ]
     env = {e["name"]: e for e in _container(job)["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
     assert env["FOO"]["value"] == "bar"

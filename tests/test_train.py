@@ -223,16 +223,35 @@ def test_loss_decreases_when_overfitting_one_image(
     data = write_dataset(tmp_path / "one", n=1)
     # Attention-only LoRA barely moves a random-init UNet in a few dozen steps; LoRA on the
     # ResNet convs as well lets it fit the one image.
-    cfg = make_config("SD_LORA", tiny_sd_dir, data, tmp_path / "out", min_snr_gamma=None,
-                      lora_rank_dim=8, train_text_encoder=False,
-                      unet_lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1",
-                                                "conv2", "conv_in", "conv_out"])
+    cfg = make_config(
+        "SD_LORA",
+        tiny_sd_dir,
+        data,
+        tmp_path / "out",
+        min_snr_gamma=None,
+        lora_rank_dim=8,
+        train_text_encoder=False,
+        unet_lora_target_modules=[
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "conv1",
+            "conv2",
+            "conv_in",
+            "conv_out",
+        ],
+    )
     torch.manual_seed(0)
-    pipe = build_pipeline(cfg, load_components_from_config(cfg), torch.device("cpu"),
-                          total_steps=30)
+    pipe = build_pipeline(
+        cfg, load_components_from_config(cfg), torch.device("cpu"), total_steps=30
+    )
     pixels = torch.from_numpy(np.asarray(Image.open(data / "img-0.png"), dtype=np.float32))
-    batch = {"pixel_values": (pixels.permute(2, 0, 1)[None] / 127.5 - 1),
-             "caption": ["a kbtn picture number 0"], "id": ["0"]}
+    batch = {
+        "pixel_values": (pixels.permute(2, 0, 1)[None] / 127.5 - 1),
+        "caption": ["a kbtn picture number 0"],
+        "id": ["0"],
+    }
 
     def eval_loss() -> float:
         generator = torch.Generator().manual_seed(123)
@@ -285,7 +304,10 @@ def test_incompatible_checkpoint_needs_force_restart(
     changed = make_config("SD_LORA", tiny_sd_dir, data_dir, out, lora_rank_dim=8, **base)
     cli = subprocess.run(
         [sys.executable, "-m", "runner", str(config_file(changed, tmp_path / "changed.yaml"))],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert cli.returncode == 2, cli.stderr[-2000:]
@@ -376,23 +398,43 @@ def test_ti_starts_from_phrase_or_embedding_file(
 ) -> None:
     from runner.exporters import export_embeddings
 
-    phrase = make_config("SDXL_TEXTUAL_INVERSION", tiny_sdxl_dir, data_dir, tmp_path,
-                         initializer_token=None, initial_phrase="red dog", num_vectors=3)
+    phrase = make_config(
+        "SDXL_TEXTUAL_INVERSION",
+        tiny_sdxl_dir,
+        data_dir,
+        tmp_path,
+        initializer_token=None,
+        initial_phrase="red dog",
+        num_vectors=3,
+    )
     comps, vectors = _ti_vectors(phrase)
     red, dog = comps.tokenizer("red dog", add_special_tokens=False).input_ids
     table = comps.text_encoder.get_input_embeddings().weight
     assert torch.equal(vectors["ti.clip_l"], table[[red, dog, red]])
-    path = export_embeddings(tmp_path / "emb", PLACEHOLDER,
-                             [vectors["ti.clip_l"] + 1, vectors["ti.clip_g"] - 1])
-    from_file = make_config("SDXL_TEXTUAL_INVERSION", tiny_sdxl_dir, data_dir, tmp_path,
-                            initializer_token=None, initial_embedding_file=str(path),
-                            num_vectors=3)
+    path = export_embeddings(
+        tmp_path / "emb", PLACEHOLDER, [vectors["ti.clip_l"] + 1, vectors["ti.clip_g"] - 1]
+    )
+    from_file = make_config(
+        "SDXL_TEXTUAL_INVERSION",
+        tiny_sdxl_dir,
+        data_dir,
+        tmp_path,
+        initializer_token=None,
+        initial_embedding_file=str(path),
+        num_vectors=3,
+    )
     _, loaded = _ti_vectors(from_file)
     assert torch.equal(loaded["ti.clip_l"], vectors["ti.clip_l"] + 1)
     assert torch.equal(loaded["ti.clip_g"], vectors["ti.clip_g"] - 1)
-    too_long = make_config("SDXL_TEXTUAL_INVERSION", tiny_sdxl_dir, data_dir, tmp_path,
-                           initializer_token=None, initial_phrase="a red dog on grass",
-                           num_vectors=2)
+    too_long = make_config(
+        "SDXL_TEXTUAL_INVERSION",
+        tiny_sdxl_dir,
+        data_dir,
+        tmp_path,
+        initializer_token=None,
+        initial_phrase="a red dog on grass",
+        num_vectors=2,
+    )
     with pytest.raises(UserError, match="num_vectors"):
         _ti_vectors(too_long)
 
@@ -400,11 +442,23 @@ def test_ti_starts_from_phrase_or_embedding_file(
 def test_cached_latents_and_text_match_uncached(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    common = dict(max_train_steps=None, max_train_epochs=3, save_every_n_steps=None,
-                  save_every_n_epochs=3, train_text_encoder=False)
+    common = dict(
+        max_train_steps=None,
+        max_train_epochs=3,
+        save_every_n_steps=None,
+        save_every_n_epochs=3,
+        train_text_encoder=False,
+    )
     plain = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path / "plain", **common)
-    cached = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path / "cached",
-                         cache_vae_outputs=True, cache_text_encoder_outputs=True, **common)
+    cached = make_config(
+        "SD_LORA",
+        tiny_sd_dir,
+        data_dir,
+        tmp_path / "cached",
+        cache_vae_outputs=True,
+        cache_text_encoder_outputs=True,
+        **common,
+    )
     assert train(plain).step == train(cached).step == 6  # 4 images, batch 2, 3 epochs
     expected, got = weights(tmp_path / "plain", 6), weights(tmp_path / "cached", 6)
     for key in expected:

@@ -24,8 +24,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cached(kind: str, model: Path, data: Path, out: Path, **kw: Any) -> Any:
-    return make_config(kind, model, data, out, cache_vae_outputs=True,
-                       cache_text_encoder_outputs=True, train_text_encoder=False, **kw)
+    return make_config(
+        kind,
+        model,
+        data,
+        out,
+        cache_vae_outputs=True,
+        cache_text_encoder_outputs=True,
+        train_text_encoder=False,
+        **kw,
+    )
 
 
 def _param_devices(pipeline: Any) -> set[str]:
@@ -35,7 +43,10 @@ def _param_devices(pipeline: Any) -> set[str]:
 
 @pytest.mark.parametrize("kind", ["SD_LORA", "SDXL_LORA"])
 def test_cached_encoders_are_off_the_device_during_steps(
-    kind: str, request: pytest.FixtureRequest, data_dir: Path, tmp_path: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
+    data_dir: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Offload to ``meta`` (weights gone): any use of the VAE / text encoders in a step would
@@ -65,7 +76,10 @@ def test_cached_encoders_are_off_the_device_during_steps(
 
 
 def test_validation_brings_offloaded_encoders_back(
-    tiny_sd_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_sd_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where ``set_train`` sends the encoders: training device for validation, away after."""
     from runner.data import build_train_dataloader, cache_batches
@@ -99,7 +113,10 @@ def test_validation_brings_offloaded_encoders_back(
 
 
 def test_no_host_sync_inside_a_step_only_per_log_line(
-    tiny_sd_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_sd_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``.item()`` & co. (a device sync on CUDA) never run inside ``StepRunner.run`` or the
     per-step progress update; the log line is the one place the loss is read."""
@@ -115,6 +132,7 @@ def test_no_host_sync_inside_a_step_only_per_log_line(
                 return fn(*args, **kwargs)
             finally:
                 where.pop()
+
         return wrapper
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
@@ -139,16 +157,24 @@ def test_no_host_sync_inside_a_step_only_per_log_line(
     update = progress.ProgressReporter.update
     monkeypatch.setattr(progress.ProgressReporter, "update", tracked("step", update))
     monkeypatch.setattr(progress.ProgressReporter, "_emit", emit_line)
-    cfg = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path, max_train_steps=4,
-                      gradient_accumulation_steps=2, train_batch_size=1)
+    cfg = make_config(
+        "SD_LORA",
+        tiny_sd_dir,
+        data_dir,
+        tmp_path,
+        max_train_steps=4,
+        gradient_accumulation_steps=2,
+        train_batch_size=1,
+    )
     assert train(cfg).step == 4
     assert counts["step"] == 0
     assert counts["lines"] >= 1 and counts["emit"] == counts["lines"]
 
 
 @pytest.mark.parametrize("kind", ["SD_LORA", "SDXL_LORA"])
-def test_unet_attention_uses_sdpa(kind: str, request: pytest.FixtureRequest, data_dir: Path,
-                                  tmp_path: Path) -> None:
+def test_unet_attention_uses_sdpa(
+    kind: str, request: pytest.FixtureRequest, data_dir: Path, tmp_path: Path
+) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from runner.models.loading import load_components_from_config

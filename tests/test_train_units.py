@@ -44,8 +44,9 @@ def test_min_snr_weighting_matches_the_formula() -> None:
     expected = (torch.clamp(ratio, max=5.0) / ratio).mean()
     assert torch.allclose(diffusion_loss(pred, target, t, scheduler, "epsilon", 5.0), expected)
     v_expected = (torch.clamp(ratio, max=5.0) / (ratio + 1)).mean()
-    assert torch.allclose(diffusion_loss(pred, target, t, scheduler, "v_prediction", 5.0),
-                          v_expected)
+    assert torch.allclose(
+        diffusion_loss(pred, target, t, scheduler, "v_prediction", 5.0), v_expected
+    )
     assert diffusion_loss(pred, target, t, scheduler, "epsilon", None) == 1.0
 
 
@@ -61,9 +62,17 @@ def test_steps_never_cross_an_epoch_and_track_position() -> None:
 
 
 def test_schedule_and_cadence(tmp_path: Path) -> None:
-    cfg = make_config("SD_LORA", tmp_path, tmp_path, tmp_path, max_train_steps=None,
-                      max_train_epochs=3, gradient_accumulation_steps=2,
-                      save_every_n_steps=None, save_every_n_epochs=2)
+    cfg = make_config(
+        "SD_LORA",
+        tmp_path,
+        tmp_path,
+        tmp_path,
+        max_train_steps=None,
+        max_train_epochs=3,
+        gradient_accumulation_steps=2,
+        save_every_n_steps=None,
+        save_every_n_epochs=2,
+    )
     assert plan_schedule(cfg, 5).total_steps == 9
     with pytest.raises(DataError):
         plan_schedule(cfg, 0)
@@ -86,8 +95,9 @@ def test_progress_lines_and_record(tmp_path: Path, caplog: pytest.LogCaptureFixt
     from runner.storage import open_store
 
     store = open_store(str(tmp_path))
-    progress = ProgressReporter(ProgressSettings(total_steps=4, steps_per_epoch=2,
-                                                 log_every_n_steps=2), store)
+    progress = ProgressReporter(
+        ProgressSettings(total_steps=4, steps_per_epoch=2, log_every_n_steps=2), store
+    )
     with caplog.at_level(logging.INFO, logger="runner.progress"):
         for step in range(1, 5):
             progress.update(step, 0, torch.tensor(0.5), 1e-4, images=2)

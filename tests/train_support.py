@@ -109,4 +109,3 @@ def step_dirs(out_dir: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
-

@@ -43,10 +43,16 @@ class Progress:
     def from_json(cls, data: dict[str, Any]) -> Progress:
         def pick(*keys: str) -> Any:
             return next((data[k] for k in keys if data.get(k) is not None), None)
-        return cls(step=pick("step", "global_step"), total_steps=pick("total_steps", "max_steps"),
-                   loss=pick("loss"), images_per_second=pick("images_per_second", "images_per_sec"),
-                   eta_seconds=pick("eta_seconds", "eta_s"), state=pick("state", "phase"),
-                   last_checkpoint_step=pick("last_checkpoint_step"))
+
+        return cls(
+            step=pick("step", "global_step"),
+            total_steps=pick("total_steps", "max_steps"),
+            loss=pick("loss"),
+            images_per_second=pick("images_per_second", "images_per_sec"),
+            eta_seconds=pick("eta_seconds", "eta_s"),
+            state=pick("state", "phase"),
+            last_checkpoint_step=pick("last_checkpoint_step"),
+        )
 
     def summary(self) -> str:
         parts = []

@@ -19,8 +19,11 @@ WAITING_PROBLEMS = {
 
 def conditions(obj: Obj) -> dict[str, Obj]:
     """The object's conditions that are True, by type."""
-    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []
-            if c.get("status") == "True"}
+    return {
+        c["type"]: c
+        for c in (obj.get("status") or {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
 
 
 def job_phase(job: Obj, pods: list[Obj], events: list[Obj]) -> tuple[str, str | None, str | None]:
@@ -80,8 +83,10 @@ def pod_failure(pod: Obj) -> str | None:
         if code in (None, 0):
             continue
         if term.get("reason") == "OOMKilled":
-            return ("OOMKilled: out of memory (raise job.memory, lower train_batch_size or "
-                    "enable gradient_checkpointing)")
+            return (
+                "OOMKilled: out of memory (raise job.memory, lower train_batch_size or "
+                "enable gradient_checkpointing)"
+            )
         if code == EXIT_USER_ERROR:
             return "exit code 2: config or data error (see `launcher logs RUN`)"
         if code == EXIT_PREEMPTED:

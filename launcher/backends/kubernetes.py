@@ -44,9 +44,10 @@ def api_errors(action: str) -> Iterator[None]:
         raise _translate(err, action) from None
     except urllib3.exceptions.HTTPError as err:
         reason = getattr(err, "reason", None) or err
-        raise ClusterError(f"{action}: cannot reach the Kubernetes API ({reason})",
-                           hint="check --kubeconfig / --context and that the cluster is up"
-                           ) from None
+        raise ClusterError(
+            f"{action}: cannot reach the Kubernetes API ({reason})",
+            hint="check --kubeconfig / --context and that the cluster is up",
+        ) from None
 
 
 def _translate(err: ApiException, action: str) -> ClusterError:
@@ -57,8 +58,9 @@ def _translate(err: ApiException, action: str) -> ClusterError:
     except (ValueError, AttributeError):
         message = err.reason
     if err.status == 401:
-        return ClusterError(f"{action}: unauthorized ({message})",
-                            hint="refresh your kubeconfig credentials")
+        return ClusterError(
+            f"{action}: unauthorized ({message})", hint="refresh your kubeconfig credentials"
+        )
     if err.status == 403:
         return ClusterError(f"{action}: forbidden ({message})", hint=RBAC_HINT)
     return ClusterError(f"{action}: {message} (HTTP {err.status})")
@@ -74,8 +76,9 @@ def _kubeconfig_path(kubeconfig: str | None) -> str | None:
     return str(default) if default.exists() else None
 
 
-def load_api_client(kubeconfig: str | None, context: str | None) -> tuple[client.ApiClient,
-                                                                          str | None]:
+def load_api_client(
+    kubeconfig: str | None, context: str | None
+) -> tuple[client.ApiClient, str | None]:
     """An API client and the context's namespace (kubeconfig, else in-cluster config)."""
     path = _kubeconfig_path(kubeconfig)
     try:
@@ -88,8 +91,10 @@ def load_api_client(kubeconfig: str | None, context: str | None) -> tuple[client
         chosen = next((c for c in contexts if c["name"] == context), active) if context else active
         return api, (chosen or {}).get("context", {}).get("namespace")
     except (config.ConfigException, OSError) as err:
-        raise ClusterError(f"cannot load the Kubernetes configuration: {err}",
-                           hint="pass --kubeconfig / --context or set KUBECONFIG") from None
+        raise ClusterError(
+            f"cannot load the Kubernetes configuration: {err}",
+            hint="pass --kubeconfig / --context or set KUBECONFIG",
+        ) from None
 
 
 class KubernetesBackend(Backend):
@@ -97,8 +102,13 @@ class KubernetesBackend(Backend):
 
     name = "kubernetes"
 
-    def __init__(self, *, kubeconfig: str | None = None, context: str | None = None,
-                 namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
         self.api, context_ns = load_api_client(kubeconfig, context)
         self.explicit_namespace = namespace
         self.namespace = namespace or context_ns or "default"
@@ -114,9 +124,15 @@ class KubernetesBackend(Backend):
         ns = self.explicit_namespace or (cfg.job.namespace if cfg.job else None) or self.namespace
         config_map, job = build_manifests(cfg, namespace=ns)
         run, name = run_name(cfg), job_name(cfg)
-        result = SubmitResult(backend=self.name, run=run, job_name=name,
-                              config_hash=config_hash(cfg), output_uri=output_uri(cfg),
-                              created=True, namespace=ns)
+        result = SubmitResult(
+            backend=self.name,
+            run=run,
+            job_name=name,
+            config_hash=config_hash(cfg),
+            output_uri=output_uri(cfg),
+            created=True,
+            namespace=ns,
+        )
         self._check_secrets(cfg, ns)
         existing = [j for j in self._jobs(ns, run) if not j["metadata"].get("deletionTimestamp")]
         if any(j["metadata"]["name"] == name for j in existing):
@@ -127,7 +143,8 @@ class KubernetesBackend(Backend):
                 f"run {run!r} already exists in namespace {ns} with a different config "
                 f"(Job {other['name']}, config hash {other['labels'].get(LABEL_HASH)})",
                 hint="pass --replace to delete it and submit this config, or --name to start "
-                     "a new run")
+                "a new run",
+            )
         for old in existing:
             self._delete_job(ns, old["metadata"]["name"])
         if not self._create(ns, config_map, job):
@@ -137,8 +154,12 @@ class KubernetesBackend(Backend):
     def _check_secrets(self, cfg: PipelineConfig, ns: str) -> None:
         if cfg.storage is not None and cfg.storage.credentials_secret is not None:
             ref = cfg.storage.credentials_secret
-            self._check_secret(ns, ref.name, [ref.access_key_id_key, ref.secret_access_key_key],
-                               "storage.credentials_secret")
+            self._check_secret(
+                ns,
+                ref.name,
+                [ref.access_key_id_key, ref.secret_access_key_key],
+                "storage.credentials_secret",
+            )
         if cfg.job is not None and cfg.job.hf_token_secret is not None:
             ref2 = cfg.job.hf_token_secret
             self._check_secret(ns, ref2.name, [ref2.key], "job.hf_token_secret")
@@ -152,13 +173,17 @@ class KubernetesBackend(Backend):
                 secret = self.core.read_namespaced_secret(name, ns)
             except ApiException as err:
                 if err.status == 404:
-                    raise UserError(f"Secret {name!r} ({field}) not found in namespace {ns}",
-                                    hint=f"create it: {create}") from None
+                    raise UserError(
+                        f"Secret {name!r} ({field}) not found in namespace {ns}",
+                        hint=f"create it: {create}",
+                    ) from None
                 raise
         missing = [k for k in keys if k not in (secret.data or {})]
         if missing:
-            raise UserError(f"Secret {name!r} ({field}) in namespace {ns} has no key "
-                            f"{', '.join(missing)}", hint=f"recreate it: {create}")
+            raise UserError(
+                f"Secret {name!r} ({field}) in namespace {ns} has no key {', '.join(missing)}",
+                hint=f"recreate it: {create}",
+            )
 
     def _create(self, ns: str, config_map: Obj, job: Obj) -> bool:
         """Job first, then the ConfigMap owned by it (create-only RBAC; the kubelet waits
@@ -171,10 +196,11 @@ class KubernetesBackend(Backend):
                 if err.status == 409:
                     return False
                 raise
-        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name,
-                 "uid": created.metadata.uid}
-        config_map = {**config_map, "metadata": {**config_map["metadata"],
-                                                 "ownerReferences": [owner]}}
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": created.metadata.uid}
+        config_map = {
+            **config_map,
+            "metadata": {**config_map["metadata"], "ownerReferences": [owner]},
+        }
         try:
             with api_errors(f"creating ConfigMap {name}"):
                 try:
@@ -192,13 +218,18 @@ class KubernetesBackend(Backend):
     # --- reading ------------------------------------------------------------------------
 
     def _jobs(self, ns: str, run: str | None = None) -> list[Obj]:
-        selector = f"{LABEL_NAME}=kubetune,{LABEL_RUN}={run}" if run else \
-            f"{LABEL_NAME}=kubetune,{LABEL_RUN}"
+        selector = (
+            f"{LABEL_NAME}=kubetune,{LABEL_RUN}={run}"
+            if run
+            else f"{LABEL_NAME}=kubetune,{LABEL_RUN}"
+        )
         with api_errors("listing Jobs"):
             items = self.batch.list_namespaced_job(ns, label_selector=selector).items
         jobs = [self._dict(j) for j in items]
-        return sorted(jobs, key=lambda j: (j["metadata"].get("creationTimestamp") or "",
-                                           j["metadata"]["name"]))
+        return sorted(
+            jobs,
+            key=lambda j: (j["metadata"].get("creationTimestamp") or "", j["metadata"]["name"]),
+        )
 
     def _find_job(self, run: str) -> Obj:
         jobs = self._jobs(self.namespace, sanitize_name(run))
@@ -209,9 +240,10 @@ class KubernetesBackend(Backend):
                 except ApiException as err:
                     if err.status != 404:
                         raise
-            raise UserError(f"no kubetune run {run!r} in namespace {self.namespace}",
-                            hint="`launcher list` shows the runs; pass --namespace if it "
-                                 "is elsewhere")
+            raise UserError(
+                f"no kubetune run {run!r} in namespace {self.namespace}",
+                hint="`launcher list` shows the runs; pass --namespace if it is elsewhere",
+            )
         return jobs[-1]
 
     def _pods(self, job: Obj) -> tuple[list[Obj], str]:
@@ -220,14 +252,19 @@ class KubernetesBackend(Backend):
         with api_errors("listing pods"):
             pod_list = self.core.list_namespaced_pod(self.namespace, label_selector=selector)
         pods = [self._dict(p) for p in pod_list.items]
-        pods.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "",
-                                 int(p["metadata"].get("resourceVersion") or 0)))
+        pods.sort(
+            key=lambda p: (
+                p["metadata"].get("creationTimestamp") or "",
+                int(p["metadata"].get("resourceVersion") or 0),
+            )
+        )
         return pods, pod_list.metadata.resource_version
 
     def _events(self, name: str) -> list[Obj]:
         with api_errors("listing events"):
             items = self.core.list_namespaced_event(
-                self.namespace, field_selector=f"involvedObject.name={name}").items
+                self.namespace, field_selector=f"involvedObject.name={name}"
+            ).items
         return [self._dict(e) for e in items]
 
     def status(self, run: str) -> RunStatus:
@@ -239,11 +276,18 @@ class KubernetesBackend(Backend):
         events = [] if pods else self._events(meta["name"])
         phase, reason, message = k8s_status.job_phase(job, pods, events)
         status = RunStatus(
-            backend=self.name, run=meta.get("labels", {}).get(LABEL_RUN, meta["name"]),
-            job_name=meta["name"], phase=phase, reason=reason, message=message,
-            retries=k8s_status.retries(pods), pods=[p["metadata"]["name"] for p in pods],
+            backend=self.name,
+            run=meta.get("labels", {}).get(LABEL_RUN, meta["name"]),
+            job_name=meta["name"],
+            phase=phase,
+            reason=reason,
+            message=message,
+            retries=k8s_status.retries(pods),
+            pods=[p["metadata"]["name"] for p in pods],
             output_uri=meta.get("annotations", {}).get(ANNOTATION_OUTPUT),
-            config_hash=meta.get("labels", {}).get(LABEL_HASH), namespace=self.namespace)
+            config_hash=meta.get("labels", {}).get(LABEL_HASH),
+            namespace=self.namespace,
+        )
         if with_progress and phase not in ("Pending", "Suspended"):
             status.progress, status.progress_error = self._progress(meta["name"])
         return status
@@ -294,11 +338,16 @@ class KubernetesBackend(Backend):
     def _pod_log(self, pod: str, follow: bool) -> Iterator[str]:
         with api_errors(f"reading logs of pod {pod}"):
             if follow:  # kubernetes' Watch streams `follow=true` logs line by line
-                yield from watch.Watch().stream(self.core.read_namespaced_pod_log, name=pod,
-                                                namespace=self.namespace, container=CONTAINER)
+                yield from watch.Watch().stream(
+                    self.core.read_namespaced_pod_log,
+                    name=pod,
+                    namespace=self.namespace,
+                    container=CONTAINER,
+                )
                 return
-            resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=CONTAINER,
-                                                     _preload_content=False)
+            resp = self.core.read_namespaced_pod_log(
+                pod, self.namespace, container=CONTAINER, _preload_content=False
+            )
             yield from resp.data.decode("utf-8", errors="replace").splitlines()
 
     def _wait_for_pods(self, job: Obj, version: str, timeout: int = 5) -> None:
@@ -307,9 +356,13 @@ class KubernetesBackend(Backend):
         selector = f"{LABEL_RUN}={labels.get(LABEL_RUN)},{LABEL_HASH}={labels.get(LABEL_HASH)}"
         stream = watch.Watch()
         with api_errors("watching pods"):
-            for _ in stream.stream(self.core.list_namespaced_pod, self.namespace,
-                                   label_selector=selector, resource_version=version,
-                                   timeout_seconds=timeout):
+            for _ in stream.stream(
+                self.core.list_namespaced_pod,
+                self.namespace,
+                label_selector=selector,
+                resource_version=version,
+                timeout_seconds=timeout,
+            ):
                 stream.stop()
                 return
 

@@ -38,8 +38,7 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, home: Path | None = None,
-                 entrypoint: Sequence[str] | None = None) -> None:
+    def __init__(self, home: Path | None = None, entrypoint: Sequence[str] | None = None) -> None:
         self.runs = (home or kubetune_home()) / "runs"
         self.entrypoint = list(entrypoint or [sys.executable, "-m", "runner"])
 
@@ -49,24 +48,34 @@ class LocalBackend(Backend):
     def _info(self, run: str) -> dict[str, Any]:
         path = self._dir(run) / "run.json"
         if not path.is_file():
-            raise UserError(f"no local run {run!r} in {self.runs}",
-                            hint="`launcher list --local` shows the local runs")
+            raise UserError(
+                f"no local run {run!r} in {self.runs}",
+                hint="`launcher list --local` shows the local runs",
+            )
         return json.loads(path.read_text())
 
     def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
         run, digest = run_name(cfg), config_hash(cfg)
-        result = SubmitResult(backend=self.name, run=run, job_name=job_name(cfg),
-                              config_hash=digest, output_uri=output_uri(cfg), created=True)
+        result = SubmitResult(
+            backend=self.name,
+            run=run,
+            job_name=job_name(cfg),
+            config_hash=digest,
+            output_uri=output_uri(cfg),
+            created=True,
+        )
         run_dir = self._dir(run)
         if (run_dir / "run.json").is_file():
             info = self._info(run)
             if info["config_hash"] == digest:
                 return SubmitResult(**{**result.__dict__, "created": False})
             if not replace:
-                raise UserError(f"local run {run!r} already exists with a different config "
-                                f"(config hash {info['config_hash']})",
-                                hint="pass --replace to stop it and start this config, or "
-                                     "--name to start a new run")
+                raise UserError(
+                    f"local run {run!r} already exists with a different config "
+                    f"(config hash {info['config_hash']})",
+                    hint="pass --replace to stop it and start this config, or "
+                    "--name to start a new run",
+                )
             self._stop(run, wait=30.0)
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
@@ -76,13 +85,34 @@ class LocalBackend(Backend):
         command = [*self.entrypoint, str(config_path)]
         with open(run_dir / "log.txt", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "launcher.backends.local_shim", str(run_dir), "--",
-                 *command], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True)
-        (run_dir / "run.json").write_text(json.dumps({
-            "run": run, "job_name": result.job_name, "config_hash": digest,
-            "output_uri": result.output_uri, "pid": proc.pid, "command": command,
-            "started": time.time()}, indent=2))
+                [
+                    sys.executable,
+                    "-m",
+                    "launcher.backends.local_shim",
+                    str(run_dir),
+                    "--",
+                    *command,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        (run_dir / "run.json").write_text(
+            json.dumps(
+                {
+                    "run": run,
+                    "job_name": result.job_name,
+                    "config_hash": digest,
+                    "output_uri": result.output_uri,
+                    "pid": proc.pid,
+                    "command": command,
+                    "started": time.time(),
+                },
+                indent=2,
+            )
+        )
         return result
 
     def status(self, run: str) -> RunStatus:
@@ -90,9 +120,15 @@ class LocalBackend(Backend):
 
     def _status(self, run: str, *, with_progress: bool) -> RunStatus:
         info, run_dir = self._info(run), self._dir(run)
-        status = RunStatus(backend=self.name, run=info["run"], job_name=info["job_name"],
-                           phase="Running", output_uri=info["output_uri"],
-                           config_hash=info["config_hash"], pods=[str(info["pid"])])
+        status = RunStatus(
+            backend=self.name,
+            run=info["run"],
+            job_name=info["job_name"],
+            phase="Running",
+            output_uri=info["output_uri"],
+            config_hash=info["config_hash"],
+            pods=[str(info["pid"])],
+        )
         exit_file = run_dir / "exit_code"
         if exit_file.is_file():
             code = int(exit_file.read_text())
@@ -107,8 +143,7 @@ class LocalBackend(Backend):
             status.message = "the process ended without recording an exit status"
         if with_progress:
             cfg = parse_config((run_dir / "config.yaml").read_text(), name=str(run_dir))
-            status.progress, status.progress_error = read_progress(info["output_uri"],
-                                                                   cfg.storage)
+            status.progress, status.progress_error = read_progress(info["output_uri"], cfg.storage)
         return status
 
     def logs(self, run: str, *, follow: bool = False) -> Iterator[str]:
@@ -124,8 +159,11 @@ class LocalBackend(Backend):
                         yield partial.rstrip("\n")
                         partial = ""
                     continue
-                if not follow or (run_dir / "exit_code").exists() or not _alive(
-                        self._info(run)["pid"]):
+                if (
+                    not follow
+                    or (run_dir / "exit_code").exists()
+                    or not _alive(self._info(run)["pid"])
+                ):
                     rest = partial + log.read()
                     yield from (line for line in rest.splitlines())
                     return
@@ -145,15 +183,21 @@ class LocalBackend(Backend):
         if not (self._dir(run) / "exit_code").exists() and _alive(pid):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _alive(pid) and not (
-                self._dir(run) / "exit_code").exists():
+        while (
+            time.monotonic() < deadline
+            and _alive(pid)
+            and not (self._dir(run) / "exit_code").exists()
+        ):
             time.sleep(0.1)
 
     def list(self) -> list[RunStatus]:
         if not self.runs.is_dir():
             return []
-        return [self._status(d.name, with_progress=False) for d in sorted(self.runs.iterdir())
-                if (d / "run.json").is_file()]
+        return [
+            self._status(d.name, with_progress=False)
+            for d in sorted(self.runs.iterdir())
+            if (d / "run.json").is_file()
+        ]
 
 
 def _alive(pid: int) -> bool:

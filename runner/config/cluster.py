@@ -17,8 +17,16 @@ ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 # Env names / storage keys that hold secrets: they must come from a Kubernetes Secret.
 SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "PRIVATE_KEY", "CREDENTIAL")
 LITERAL_CREDENTIAL_KEYS = {
-    "access_key", "access_key_id", "aws_access_key_id", "secret_key", "secret_access_key",
-    "aws_secret_access_key", "session_token", "aws_session_token", "password", "token",
+    "access_key",
+    "access_key_id",
+    "aws_access_key_id",
+    "secret_key",
+    "secret_access_key",
+    "aws_secret_access_key",
+    "session_token",
+    "aws_session_token",
+    "password",
+    "token",
 }
 MAX_RUN_NAME = 52  # leaves room for "-<hash>" suffixes in Job/ConfigMap names (63 max)
 
@@ -35,19 +43,25 @@ def label_problem(key: str, value: str) -> str | None:
     if prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
         return f"label key prefix {prefix!r} is not a DNS subdomain"
     if not name or len(name) > 63 or not LABEL_NAME.match(name):
-        return (f"label key {key!r} must be <= 63 characters of [A-Za-z0-9-_.], "
-                "starting and ending alphanumeric")
+        return (
+            f"label key {key!r} must be <= 63 characters of [A-Za-z0-9-_.], "
+            "starting and ending alphanumeric"
+        )
     if value and (len(value) > 63 or not LABEL_NAME.match(value)):
-        return (f"label value {value!r} must be <= 63 characters of [A-Za-z0-9-_.], "
-                "starting and ending alphanumeric")
+        return (
+            f"label value {value!r} must be <= 63 characters of [A-Za-z0-9-_.], "
+            "starting and ending alphanumeric"
+        )
     return None
 
 
 def _secret_hint(section: str) -> str:
-    return (f"credentials never go in the config: create a Secret with `kubectl create secret "
-            f"generic s3-credentials --from-literal=AWS_ACCESS_KEY_ID=... "
-            f"--from-literal=AWS_SECRET_ACCESS_KEY=...` and set {section}.credentials_secret.name"
-            f": s3-credentials (locally, export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    return (
+        f"credentials never go in the config: create a Secret with `kubectl create secret "
+        f"generic s3-credentials --from-literal=AWS_ACCESS_KEY_ID=... "
+        f"--from-literal=AWS_SECRET_ACCESS_KEY=...` and set {section}.credentials_secret.name"
+        f": s3-credentials (locally, export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    )
 
 
 class SecretKeyRef(ConfigModel):
@@ -134,14 +148,21 @@ class JobConfig(ConfigModel):
         p = Problems()
         if self.name is not None:
             clean = sanitize_name(self.name)
-            p.check(bool(clean), "name",
-                    f"{self.name!r} has no letters or digits; use e.g. my-lora")
-            p.check(len(clean) <= MAX_RUN_NAME, "name",
-                    f"must be at most {MAX_RUN_NAME} characters (got {len(clean)}); shorten it")
+            p.check(
+                bool(clean), "name", f"{self.name!r} has no letters or digits; use e.g. my-lora"
+            )
+            p.check(
+                len(clean) <= MAX_RUN_NAME,
+                "name",
+                f"must be at most {MAX_RUN_NAME} characters (got {len(clean)}); shorten it",
+            )
         if self.namespace is not None:
-            p.check(bool(DNS1123_LABEL.match(self.namespace)) and len(self.namespace) <= 63,
-                    "namespace", f"{self.namespace!r} is not a valid namespace name "
-                    "(lower-case letters, digits and '-')")
+            p.check(
+                bool(DNS1123_LABEL.match(self.namespace)) and len(self.namespace) <= 63,
+                "namespace",
+                f"{self.namespace!r} is not a valid namespace name "
+                "(lower-case letters, digits and '-')",
+            )
         for field in ("cpu", "memory"):
             value = getattr(self, field)
             if value is not None and not QUANTITY.match(value):
@@ -154,9 +175,12 @@ class JobConfig(ConfigModel):
             if not ENV_NAME.match(key):
                 p.add(f"env.{key}", f"{key!r} is not a valid environment variable name")
             elif any(word in key.upper() for word in SECRET_WORDS):
-                p.add(f"env.{key}", f"{key} looks like a secret: keep it in a Kubernetes Secret "
-                      "and reference it (job.hf_token_secret for the HF token, "
-                      "storage.credentials_secret for S3 keys), never in env")
+                p.add(
+                    f"env.{key}",
+                    f"{key} looks like a secret: keep it in a Kubernetes Secret "
+                    "and reference it (job.hf_token_secret for the HF token, "
+                    "storage.credentials_secret for S3 keys), never in env",
+                )
         p.raise_if_any()
         return self
 
@@ -192,8 +216,10 @@ class StorageConfig(ConfigModel):
     @classmethod
     def _bucket_name(cls, value: str) -> str:
         if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", value):
-            raise ValueError(f"{value!r} is not a valid bucket name (3-63 lower-case letters, "
-                             "digits, '.' and '-')")
+            raise ValueError(
+                f"{value!r} is not a valid bucket name (3-63 lower-case letters, "
+                "digits, '.' and '-')"
+            )
         return value
 
     @field_validator("prefix")

@@ -89,17 +89,26 @@ class AspectRatioBucketConfig(ConfigModel):
     @model_validator(mode="after")
     def _check(self) -> AspectRatioBucketConfig:
         p = Problems()
-        p.check(self.divisible_by % 8 == 0, "divisible_by",
-                f"must be a multiple of 8 (got {self.divisible_by}; try 8, 32 or 64)")
+        p.check(
+            self.divisible_by % 8 == 0,
+            "divisible_by",
+            f"must be a multiple of 8 (got {self.divisible_by}; try 8, 32 or 64)",
+        )
         step = self.divisible_by if self.divisible_by % 8 == 0 else 8
         for name in ("target_resolution", "start_dim", "end_dim"):
             value = getattr(self, name)
-            p.check(value % step == 0, name,
-                    f"must be a multiple of divisible_by ({step}) (got {value}; "
-                    f"try {max(step, round(value / step) * step)})")
-        p.check(self.start_dim <= self.target_resolution <= self.end_dim, "start_dim",
-                f"need start_dim <= target_resolution <= end_dim (got {self.start_dim}, "
-                f"{self.target_resolution}, {self.end_dim})")
+            p.check(
+                value % step == 0,
+                name,
+                f"must be a multiple of divisible_by ({step}) (got {value}; "
+                f"try {max(step, round(value / step) * step)})",
+            )
+        p.check(
+            self.start_dim <= self.target_resolution <= self.end_dim,
+            "start_dim",
+            f"need start_dim <= target_resolution <= end_dim (got {self.start_dim}, "
+            f"{self.target_resolution}, {self.end_dim})",
+        )
         p.raise_if_any()
         return self
 
@@ -108,8 +117,10 @@ def _check_resolution(resolution: Resolution) -> Resolution:
     sides = (resolution,) if isinstance(resolution, int) else resolution
     for side in sides:
         if side <= 0 or side % 8:
-            raise ValueError(f"must be positive and divisible by 8 (got {side}; "
-                             f"try {max(8, round(side / 8) * 8)})")
+            raise ValueError(
+                f"must be positive and divisible by 8 (got {side}; "
+                f"try {max(8, round(side / 8) * 8)})"
+            )
     return resolution
 
 
@@ -158,8 +169,10 @@ class TextualInversionSDDataLoaderConfig(_LoaderCommon):
     def _check(self) -> TextualInversionSDDataLoaderConfig:
         p = Problems()
         if self.caption_preset is not None and self.caption_templates is not None:
-            p.add("caption_templates", "caption_preset and caption_templates are exclusive: "
-                  "remove one of them")
+            p.add(
+                "caption_templates",
+                "caption_preset and caption_templates are exclusive: remove one of them",
+            )
         elif self.caption_preset is None and self.caption_templates is None:
             p.add("caption_preset", "set caption_preset (object | style) or caption_templates")
         if self.caption_templates is not None:
@@ -167,12 +180,16 @@ class TextualInversionSDDataLoaderConfig(_LoaderCommon):
                 p.add("caption_templates", "must not be empty (e.g. ['a photo of {}'])")
             for i, template in enumerate(self.caption_templates):
                 if "{}" not in template:
-                    p.add(f"caption_templates.{i}",
-                          f"template {template!r} must contain '{{}}' where the token goes")
+                    p.add(
+                        f"caption_templates.{i}",
+                        f"template {template!r} must contain '{{}}' where the token goes",
+                    )
         if self.keep_original_captions and self.dataset.type == "IMAGE_DIR_DATASET":
-            p.add("keep_original_captions",
-                  "IMAGE_DIR_DATASET has no captions to keep: set it to false or use a "
-                  "captioned dataset type")
+            p.add(
+                "keep_original_captions",
+                "IMAGE_DIR_DATASET has no captions to keep: set it to false or use a "
+                "captioned dataset type",
+            )
         if self.shuffle_caption_delimiter == "":
             p.add("shuffle_caption_delimiter", "must not be empty (e.g. ',')")
         p.raise_if_any()

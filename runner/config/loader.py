@@ -42,8 +42,9 @@ def load_config(source: str | Path, *, overrides: list[str] | None = None) -> Pi
     return parse_config(text, name=name, overrides=overrides)
 
 
-def parse_config(text: str, *, name: str = "<config>",
-                 overrides: list[str] | None = None) -> PipelineConfig:
+def parse_config(
+    text: str, *, name: str = "<config>", overrides: list[str] | None = None
+) -> PipelineConfig:
     """Validate YAML text. See load_config."""
     data, lines = _parse_yaml(text, name)
     if overrides:
@@ -65,8 +66,9 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, dict[Loc, int]]:
         mark = getattr(err, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError([f"{where}: invalid YAML: {problem} (check indentation and quoting)"],
-                          name) from None
+        raise ConfigError(
+            [f"{where}: invalid YAML: {problem} (check indentation and quoting)"], name
+        ) from None
     lines: dict[Loc, int] = {}
     if node is not None:
         _record_lines(node, (), lines)
@@ -89,20 +91,25 @@ def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
 def _shape_problems(data: Any, name: str) -> list[str]:
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
-        return [f"{name}:1: the config must be a YAML mapping with a `type:` key, not {got}; "
-                "start from `launcher init --type SD_LORA`"]
+        return [
+            f"{name}:1: the config must be a YAML mapping with a `type:` key, not {got}; "
+            "start from `launcher init --type SD_LORA`"
+        ]
     kind = data.get("type")
     if kind is None:
         return [f"{name}:1: type: missing; set it to one of {', '.join(PIPELINE_TYPES)}"]
     if kind not in PIPELINE_TYPES:
         close = difflib.get_close_matches(str(kind).upper(), PIPELINE_TYPES, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        return [f"{name}:1: type: {kind!r} is not a pipeline type; {hint}use one of "
-                f"{', '.join(PIPELINE_TYPES)}"]
+        return [
+            f"{name}:1: type: {kind!r} is not a pipeline type; {hint}use one of "
+            f"{', '.join(PIPELINE_TYPES)}"
+        ]
     return []
 
 
 # --- pydantic errors → one line each -------------------------------------------------------
+
 
 @functools.cache
 def _union_tags() -> frozenset[str]:
@@ -199,8 +206,10 @@ def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else ""
         if len(loc) == 1 and _other_types_with(key):
-            return (f"not valid for type {data.get('type')}; only for "
-                    f"{', '.join(_other_types_with(key))} (remove it or change `type`)")
+            return (
+                f"not valid for type {data.get('type')}; only for "
+                f"{', '.join(_other_types_with(key))} (remove it or change `type`)"
+            )
         owner = _model_at(data, loc[:-1])
         nested = _nested_field(owner, key) if owner else None
         if nested:
@@ -216,7 +225,7 @@ def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
     if kind == "union_tag_not_found":
         return f"missing its `{err['ctx']['discriminator'].strip(chr(39))}` key"
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     got = err.get("input")
     if kind not in ("value_error",) and not isinstance(got, (dict, list)):
         msg = f"{msg} (got {got!r})"
@@ -252,6 +261,7 @@ def _split(field: str) -> Loc:
 
 
 # --- overrides, dumping, identity ----------------------------------------------------------
+
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], name: str = "--set") -> None:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to the raw config mapping."""

@@ -140,34 +140,61 @@ class BasePipelineConfig(ConfigModel):
     """kubetune: S3-compatible storage for datasets and outputs."""
 
     def _common_problems(self, p: Problems) -> None:
-        exactly_one(p, {"max_train_steps": self.max_train_steps,
-                        "max_train_epochs": self.max_train_epochs}, "training length")
-        exactly_one(p, {"save_every_n_steps": self.save_every_n_steps,
-                        "save_every_n_epochs": self.save_every_n_epochs}, "checkpoint cadence")
+        exactly_one(
+            p,
+            {"max_train_steps": self.max_train_steps, "max_train_epochs": self.max_train_epochs},
+            "training length",
+        )
+        exactly_one(
+            p,
+            {
+                "save_every_n_steps": self.save_every_n_steps,
+                "save_every_n_epochs": self.save_every_n_epochs,
+            },
+            "checkpoint cadence",
+        )
         if self.validation_prompts:
-            exactly_one(p, {"validate_every_n_steps": self.validate_every_n_steps,
-                            "validate_every_n_epochs": self.validate_every_n_epochs},
-                        "validation cadence")
+            exactly_one(
+                p,
+                {
+                    "validate_every_n_steps": self.validate_every_n_steps,
+                    "validate_every_n_epochs": self.validate_every_n_epochs,
+                },
+                "validation cadence",
+            )
         elif self.validate_every_n_steps and self.validate_every_n_epochs:
-            p.add("validate_every_n_epochs",
-                  "set only one of validate_every_n_steps / validate_every_n_epochs")
+            p.add(
+                "validate_every_n_epochs",
+                "set only one of validate_every_n_steps / validate_every_n_epochs",
+            )
         negatives = self.negative_validation_prompts
         if negatives is not None and len(negatives) != len(self.validation_prompts):
-            p.add("negative_validation_prompts",
-                  f"needs one entry per validation prompt ({len(self.validation_prompts)}), "
-                  f"got {len(negatives)}")
+            p.add(
+                "negative_validation_prompts",
+                f"needs one entry per validation prompt ({len(self.validation_prompts)}), "
+                f"got {len(negatives)}",
+            )
         p.check(not self.use_masks, "use_masks", "masks are not supported yet: set it to false")
-        p.check(not (self.mixed_precision == "fp16" and self.weight_dtype == "bfloat16"),
-                "mixed_precision", "fp16 autocast with bfloat16 weights mixes formats: use "
-                "mixed_precision: bf16 or weight_dtype: float16")
+        p.check(
+            not (self.mixed_precision == "fp16" and self.weight_dtype == "bfloat16"),
+            "mixed_precision",
+            "fp16 autocast with bfloat16 weights mixes formats: use "
+            "mixed_precision: bf16 or weight_dtype: float16",
+        )
         loader = self.data_loader  # type: ignore[attr-defined]
         if self.cache_vae_outputs:
             if loader.random_flip:
-                p.add("cache_vae_outputs", "cached latents would freeze one flip: set "
-                      "data_loader.random_flip: false or cache_vae_outputs: false")
+                p.add(
+                    "cache_vae_outputs",
+                    "cached latents would freeze one flip: set "
+                    "data_loader.random_flip: false or cache_vae_outputs: false",
+                )
             if not loader.center_crop:
-                p.add("cache_vae_outputs", "cached latents would freeze one random crop: set "
-                      "data_loader.center_crop: true or cache_vae_outputs: false")
+                p.add(
+                    "cache_vae_outputs",
+                    "cached latents would freeze one random crop: set "
+                    "data_loader.center_crop: true or cache_vae_outputs: false",
+                )
 
 
 class _LoraFields(ConfigModel):
@@ -193,16 +220,25 @@ class _LoraFields(ConfigModel):
     """Encode every caption once and reuse it (not with train_text_encoder)."""
 
     def _lora_problems(self, p: Problems, trains_ti: bool = False) -> None:
-        p.check(self.train_unet or self.train_text_encoder or trains_ti, "train_unet",
-                "nothing to train: set train_unet or train_text_encoder to true")
+        p.check(
+            self.train_unet or self.train_text_encoder or trains_ti,
+            "train_unet",
+            "nothing to train: set train_unet or train_text_encoder to true",
+        )
         if self.cache_text_encoder_outputs and (self.train_text_encoder or trains_ti):
-            p.add("cache_text_encoder_outputs", "cached text embeddings would go stale while "
-                  "the text encoder trains: set train_text_encoder: false or "
-                  "cache_text_encoder_outputs: false")
+            p.add(
+                "cache_text_encoder_outputs",
+                "cached text embeddings would go stale while "
+                "the text encoder trains: set train_text_encoder: false or "
+                "cache_text_encoder_outputs: false",
+            )
         if self.cache_text_encoder_outputs and getattr(
-                self.data_loader, "shuffle_caption_delimiter", None):  # type: ignore[attr-defined]
-            p.add("cache_text_encoder_outputs",
-                  "cannot cache embeddings of captions that are shuffled every step")
+            self.data_loader, "shuffle_caption_delimiter", None
+        ):  # type: ignore[attr-defined]
+            p.add(
+                "cache_text_encoder_outputs",
+                "cannot cache embeddings of captions that are shuffled every step",
+            )
 
 
 class _SdxlTextEncoderRates(ConfigModel):
@@ -226,16 +262,27 @@ class _TextualInversionFields(ConfigModel):
 
     def _ti_problems(self, p: Problems) -> None:
         token = self.placeholder_token
-        p.check(bool(token.strip()) and not any(c.isspace() for c in token), "placeholder_token",
-                f"{token!r} must be one word without spaces, e.g. <my-concept>")
-        exactly_one(p, {"initializer_token": self.initializer_token,
-                        "initial_phrase": self.initial_phrase,
-                        "initial_embedding_file": self.initial_embedding_file},
-                    "how the new embedding starts")
+        p.check(
+            bool(token.strip()) and not any(c.isspace() for c in token),
+            "placeholder_token",
+            f"{token!r} must be one word without spaces, e.g. <my-concept>",
+        )
+        exactly_one(
+            p,
+            {
+                "initializer_token": self.initializer_token,
+                "initial_phrase": self.initial_phrase,
+                "initial_embedding_file": self.initial_embedding_file,
+            },
+            "how the new embedding starts",
+        )
         init = self.initializer_token
         if init is not None and (not init.strip() or any(c.isspace() for c in init.strip())):
-            p.add("initializer_token", f"{init!r} is several tokens; use one word (e.g. 'cat') "
-                  "or move it to initial_phrase")
+            p.add(
+                "initializer_token",
+                f"{init!r} is several tokens; use one word (e.g. 'cat') "
+                "or move it to initial_phrase",
+            )
 
 
 _SD_MODEL = "runwayml/stable-diffusion-v1-5"

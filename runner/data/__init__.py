@@ -12,6 +12,14 @@ from runner.data.loader import (
 )
 
 __all__ = [
-    "PreflightReport", "ResumableLoader", "TensorCache", "build_train_dataloader", "cache_batches",
-    "cache_namespace", "content_hash", "default_placeholder_text", "open_run_cache", "preflight",
+    "PreflightReport",
+    "ResumableLoader",
+    "TensorCache",
+    "build_train_dataloader",
+    "cache_batches",
+    "cache_namespace",
+    "content_hash",
+    "default_placeholder_text",
+    "open_run_cache",
+    "preflight",
 ]

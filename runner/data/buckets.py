@@ -21,7 +21,7 @@ def build_buckets(cfg: AspectRatioBucketConfig) -> list[tuple[int, int]]:
     """Sorted (h, w) buckets: sides multiples of divisible_by within [start_dim, end_dim],
     area close to (not above) target_resolution²."""
     step = cfg.divisible_by
-    area = cfg.target_resolution ** 2
+    area = cfg.target_resolution**2
     first = -(-cfg.start_dim // step) * step
     buckets: set[tuple[int, int]] = set()
     for h in range(first, cfg.end_dim + 1, step):
@@ -29,10 +29,13 @@ def build_buckets(cfg: AspectRatioBucketConfig) -> list[tuple[int, int]]:
         if cfg.start_dim <= w <= cfg.end_dim:
             buckets.update({(h, w), (w, h)})
     if not buckets:
-        raise ConfigError([
-            f"data_loader.aspect_ratio_buckets: no bucket has both sides in [{cfg.start_dim}, "
-            f"{cfg.end_dim}] divisible by {cfg.divisible_by} (widen start_dim..end_dim or "
-            f"lower divisible_by)"])
+        raise ConfigError(
+            [
+                f"data_loader.aspect_ratio_buckets: no bucket has both sides in [{cfg.start_dim}, "
+                f"{cfg.end_dim}] divisible by {cfg.divisible_by} (widen start_dim..end_dim or "
+                f"lower divisible_by)"
+            ]
+        )
     return sorted(buckets)
 
 
@@ -53,8 +56,16 @@ class BucketBatchSampler:
     the last batch the epoch advances. `state_dict`/`load_state_dict` save that position.
     """
 
-    def __init__(self, bucket_of: Sequence[int], batch_size: int, seed: int,
-                 shuffle: bool = True, *, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        bucket_of: Sequence[int],
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if not 0 <= rank < num_replicas:
@@ -90,7 +101,7 @@ class BucketBatchSampler:
             order = list(members)
             if self.shuffle:
                 rng.shuffle(order)
-            out.extend(order[i:i + size] for i in range(0, len(order), size))
+            out.extend(order[i : i + size] for i in range(0, len(order), size))
         if self.shuffle:
             rng.shuffle(out)
         return out
@@ -103,10 +114,10 @@ class BucketBatchSampler:
         if self.num_replicas == 1:
             return glob
         n = self.num_replicas
-        return [b[self.rank::n] if len(b) >= n else [b[self.rank % len(b)]] for b in glob]
+        return [b[self.rank :: n] if len(b) >= n else [b[self.rank % len(b)]] for b in glob]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches(self.epoch)[self.position:]:
+        for batch in self.batches(self.epoch)[self.position :]:
             self.position += 1
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
@@ -124,15 +135,21 @@ class BucketBatchSampler:
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position,
-                "fingerprint": self.fingerprint(), "num_batches": len(self)}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "fingerprint": self.fingerprint(),
+            "num_batches": len(self),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position; refuse one saved for another dataset / batching."""
         if state.get("fingerprint") != self.fingerprint():
             raise ResumeMismatchError(
                 "the data loader state was saved for a different dataset, seed, bucketing or "
-                "batch size", hint="resume with the same data and config, or start a new run")
+                "batch size",
+                hint="resume with the same data and config, or start a new run",
+            )
         position = int(state["position"])
         if not 0 <= position <= len(self):
             raise ResumeMismatchError(f"data loader position {position} is out of range")

@@ -46,8 +46,9 @@ class TensorCache:
     `{"kind": "vae", "model": "repo@rev", "transform": {...}, "resolution": [512, 512]}`.
     """
 
-    def __init__(self, local_dir: str | Path, namespace: dict[str, Any],
-                 mirror: ObjectStore | None = None) -> None:
+    def __init__(
+        self, local_dir: str | Path, namespace: dict[str, Any], mirror: ObjectStore | None = None
+    ) -> None:
         canonical = json.dumps(namespace, sort_keys=True, separators=(",", ":"), default=str)
         self.namespace_id = hashlib.sha256(canonical.encode()).hexdigest()[:16]
         self.dir = Path(local_dir) / self.namespace_id
@@ -86,8 +87,9 @@ class TensorCache:
         if self.mirror is not None:
             self.mirror.put_bytes(self._remote(key), data)
 
-    def get_or_compute(self, content: bytes | str | torch.Tensor,
-                       compute: Callable[[], Tensors]) -> Tensors:
+    def get_or_compute(
+        self, content: bytes | str | torch.Tensor, compute: Callable[[], Tensors]
+    ) -> Tensors:
         """Cached tensors for `content`, computing and storing them on a miss."""
         key = self.key(content)
         cached = self.get(key)
@@ -108,8 +110,13 @@ def cache_namespace(cfg: Any, kind: str, model_id: str) -> dict[str, Any]:
     loader = cfg.data_loader
     transform = ImageTransform(loader.center_crop, loader.random_flip).params()
     data = loader.model_dump(mode="json", exclude={"dataloader_num_workers"})
-    return {"kind": kind, "model": model_id, "transform": transform, "data_loader": data,
-            "format": 1}
+    return {
+        "kind": kind,
+        "model": model_id,
+        "transform": transform,
+        "data_loader": data,
+        "format": 1,
+    }
 
 
 def open_run_cache(cfg: Any, kind: str, model_id: str, local_root: str | Path) -> TensorCache:

@@ -28,21 +28,25 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{name}: image is too large (decompression-bomb guard)",
-                        hint="resize it below the pixel limit") from None
+        raise DataError(
+            f"{name}: image is too large (decompression-bomb guard)",
+            hint="resize it below the pixel limit",
+        ) from None
     except UnidentifiedImageError:
-        raise DataError(f"{name}: not a readable image",
-                        hint="use png, jpg, webp or bmp") from None
+        raise DataError(f"{name}: not a readable image", hint="use png, jpg, webp or bmp") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{name}: unreadable image: {err}") from None
     if img.format not in ALLOWED_FORMATS:
-        raise DataError(f"{name}: unsupported image format {img.format}",
-                        hint="use png, jpg, webp or bmp")
+        raise DataError(
+            f"{name}: unsupported image format {img.format}", hint="use png, jpg, webp or bmp"
+        )
     width, height = img.size
     if width * height > max_pixels:
-        raise DataError(f"{name}: image is {width}x{height} = {width * height} pixels, above the "
-                        f"limit of {max_pixels} (decompression-bomb guard)",
-                        hint="downscale it before training")
+        raise DataError(
+            f"{name}: image is {width}x{height} = {width * height} pixels, above the "
+            f"limit of {max_pixels} (decompression-bomb guard)",
+            hint="downscale it before training",
+        )
     return img
 
 
@@ -57,8 +61,12 @@ def image_size_hw(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) ->
     return (width, height) if orientation in _TRANSPOSED else (height, width)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
-                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes,
+    name: str,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
     """Fully decode `data` to an RGB image with EXIF orientation applied.
 
     Raises DataError naming `name` for unreadable, truncated, oversized or unsupported files.
@@ -76,8 +84,9 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         detail = "truncated or corrupt file" if "truncat" in str(err).lower() else str(err)
-        raise DataError(f"{name}: cannot decode image: {detail}",
-                        hint="re-export or remove the file") from None
+        raise DataError(
+            f"{name}: cannot decode image: {detail}", hint="re-export or remove the file"
+        ) from None
     return img
 
 

@@ -31,8 +31,14 @@ class TrainDataset(Dataset[Batch]):
     """Examples keyed by (index, epoch): each draw's crop/flip/caption comes from
     (seed, epoch, index), so results do not depend on workers or on resuming."""
 
-    def __init__(self, source: Source, captions: CaptionBuilder, transform: ImageTransform,
-                 target_hw: Sequence[tuple[int, int]], seed: int) -> None:
+    def __init__(
+        self,
+        source: Source,
+        captions: CaptionBuilder,
+        transform: ImageTransform,
+        target_hw: Sequence[tuple[int, int]],
+        seed: int,
+    ) -> None:
         self.source, self.captions, self.transform = source, captions, transform
         self.target_hw, self.seed = list(target_hw), seed
 
@@ -47,8 +53,13 @@ class TrainDataset(Dataset[Batch]):
         pixels, original, crop = self.transform(image, self.target_hw[index], rng)
         caption_rng = random.Random(derive_seed("caption", self.seed, epoch, index))
         caption = self.captions.build(raw.caption, caption_rng, raw.id)
-        return {"pixel_values": pixels, "caption": caption, "original_size_hw": original,
-                "crop_top_left_yx": crop, "id": raw.id}
+        return {
+            "pixel_values": pixels,
+            "caption": caption,
+            "original_size_hw": original,
+            "crop_top_left_yx": crop,
+            "id": raw.id,
+        }
 
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         return self.load(key)
@@ -65,10 +76,12 @@ def collate(items: list[Batch]) -> Batch:
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "caption": [it["caption"] for it in items],
-        "original_size_hw": torch.tensor([it["original_size_hw"] for it in items],
-                                         dtype=torch.long),
-        "crop_top_left_yx": torch.tensor([it["crop_top_left_yx"] for it in items],
-                                         dtype=torch.long),
+        "original_size_hw": torch.tensor(
+            [it["original_size_hw"] for it in items], dtype=torch.long
+        ),
+        "crop_top_left_yx": torch.tensor(
+            [it["crop_top_left_yx"] for it in items], dtype=torch.long
+        ),
         "id": [it["id"] for it in items],
     }
 
@@ -84,8 +97,7 @@ class _Plan:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, start = self.sampler.epoch, self.sampler.position  # snapshot now, not lazily
-        return iter([[(i, epoch) for i in batch]
-                     for batch in self.sampler.batches(epoch)[start:]])
+        return iter([[(i, epoch) for i in batch] for batch in self.sampler.batches(epoch)[start:]])
 
 
 class ResumableLoader:
@@ -93,14 +105,25 @@ class ResumableLoader:
     last batch handed out, so a restored loader yields exactly the batches not yet seen.
     The epoch advances after its last batch (or with `set_epoch`)."""
 
-    def __init__(self, dataset: TrainDataset, sampler: BucketBatchSampler, *,
-                 num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: TrainDataset,
+        sampler: BucketBatchSampler,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
         self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
         self.buckets: list[tuple[int, int]] = []
         self._loader = DataLoader(
-            dataset, batch_sampler=_Plan(sampler), num_workers=num_workers,
-            collate_fn=collate, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers else None)
+            dataset,
+            batch_sampler=_Plan(sampler),
+            num_workers=num_workers,
+            collate_fn=collate,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=2 if num_workers else None,
+        )
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -137,7 +160,7 @@ def cache_batches(loader: ResumableLoader) -> Iterator[Batch]:
     size = sampler.batch_size
     for batch in sampler.global_batches(0):
         for start in range(0, len(batch), size):
-            yield collate(dataset.__getitems__([(i, 0) for i in batch[start:start + size]]))
+            yield collate(dataset.__getitems__([(i, 0) for i in batch[start : start + size]]))
 
 
 _DONE = object()
@@ -183,8 +206,9 @@ def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
 
 # --- building ------------------------------------------------------------------------------
 
+
 def default_placeholder_text(cfg: PipelineConfig) -> str | None:
-    """"<tok>" or "<tok> <tok>_1 ..." for TI configs with several vectors; None for LoRA."""
+    """ "<tok>" or "<tok> <tok>_1 ..." for TI configs with several vectors; None for LoRA."""
     token = getattr(cfg, "placeholder_token", None)
     if token is None:
         return None
@@ -199,9 +223,16 @@ def needs_captions(loader: LoaderConfig) -> bool:
     return True
 
 
-def build_train_dataloader(cfg: PipelineConfig, *, seed: int, batch_size: int,
-                           device_is_cuda: bool, placeholder_text: str | None = None,
-                           num_processes: int = 1, process_index: int = 0) -> ResumableLoader:
+def build_train_dataloader(
+    cfg: PipelineConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    device_is_cuda: bool,
+    placeholder_text: str | None = None,
+    num_processes: int = 1,
+    process_index: int = 0,
+) -> ResumableLoader:
     """The training loader for `cfg.data_loader` (see docs/architecture.md for batches).
 
     ``batch_size`` is per process; with ``num_processes`` > 1 (``accelerate launch``) each
@@ -210,27 +241,30 @@ def build_train_dataloader(cfg: PipelineConfig, *, seed: int, batch_size: int,
     loader_cfg: LoaderConfig = cfg.data_loader
     text = placeholder_text or default_placeholder_text(cfg)
     captions = CaptionBuilder(loader_cfg, text)
-    source = build_source(loader_cfg.dataset, cfg.storage,
-                          need_captions=needs_captions(loader_cfg))
+    source = build_source(loader_cfg.dataset, cfg.storage, need_captions=needs_captions(loader_cfg))
     if loader_cfg.aspect_ratio_buckets is None:
         buckets = [resolution_hw(loader_cfg.resolution)]
         bucket_of = [0] * len(source)
     else:
         buckets = build_buckets(loader_cfg.aspect_ratio_buckets)
         bucket_of = [closest_bucket(size, buckets) for size in scan_sizes(source)]
-    transform = ImageTransform(center_crop=loader_cfg.center_crop,
-                               random_flip=loader_cfg.random_flip)
+    transform = ImageTransform(
+        center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip
+    )
     dataset = TrainDataset(source, captions, transform, [buckets[b] for b in bucket_of], seed)
-    sampler = BucketBatchSampler(bucket_of, batch_size, seed, num_replicas=num_processes,
-                                 rank=process_index)
-    loader = ResumableLoader(dataset, sampler, num_workers=loader_cfg.dataloader_num_workers,
-                             pin_memory=device_is_cuda)
+    sampler = BucketBatchSampler(
+        bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
+    )
+    loader = ResumableLoader(
+        dataset, sampler, num_workers=loader_cfg.dataloader_num_workers, pin_memory=device_is_cuda
+    )
     loader.buckets = buckets
     return loader
 
 
 def scan_sizes(source: Source) -> list[tuple[int, int]]:
     """Every image's (h, w) after EXIF orientation (parallel fetch, header parse)."""
+
     def size(index: int) -> tuple[int, int]:
         raw = source.fetch(index)
         return image_size_hw(raw.data, raw.id)
@@ -239,6 +273,7 @@ def scan_sizes(source: Source) -> list[tuple[int, int]]:
 
 
 # --- preflight -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PreflightReport:
@@ -250,8 +285,7 @@ def preflight(cfg: PipelineConfig, max_pixels: int = MAX_IMAGE_PIXELS) -> Prefli
     """Read and decode every example once, before training; raise DataError naming the first
     bad file or line (and how many more are bad). Bounded parallel reads; never hangs."""
     loader_cfg: LoaderConfig = cfg.data_loader
-    source = build_source(loader_cfg.dataset, cfg.storage,
-                          need_captions=needs_captions(loader_cfg))
+    source = build_source(loader_cfg.dataset, cfg.storage, need_captions=needs_captions(loader_cfg))
 
     def check(index: int) -> tuple[int, int] | DataError:
         try:

@@ -86,8 +86,14 @@ class RawExample:
 class Source:
     """Indexable records plus the stores (or HF dataset) their bytes come from."""
 
-    def __init__(self, name: str, records: list[Record], stores: list[StoreRef],
-                 keep_in_memory: bool = False, hf: _HFRows | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        records: list[Record],
+        stores: list[StoreRef],
+        keep_in_memory: bool = False,
+        hf: _HFRows | None = None,
+    ) -> None:
         self.name = name
         self.records = records
         self.stores = stores
@@ -120,8 +126,11 @@ class Source:
             try:
                 caption = raw.decode("utf-8").strip()
             except UnicodeDecodeError as err:
-                raise DataError(f"{self._url(rec, rec.caption_key)}: caption is not valid UTF-8 "
-                                f"(byte {err.start})", hint="re-save the file as UTF-8") from None
+                raise DataError(
+                    f"{self._url(rec, rec.caption_key)}: caption is not valid UTF-8 "
+                    f"(byte {err.start})",
+                    hint="re-save the file as UTF-8",
+                ) from None
         example = RawExample(rec.id, data, caption)
         if self.keep_in_memory:
             self._memory[index] = example
@@ -140,8 +149,9 @@ class Source:
         try:
             return self.stores[rec.store].get().get_bytes(key)
         except FileNotFoundError:
-            raise DataError(f"{self._url(rec, key)}: file not found",
-                            hint="fix the path or remove the entry") from None
+            raise DataError(
+                f"{self._url(rec, key)}: file not found", hint="fix the path or remove the entry"
+            ) from None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -149,8 +159,9 @@ class Source:
         return state
 
 
-def build_source(cfg: AnyDatasetConfig, storage: Any | None = None, *,
-                 need_captions: bool = True) -> Source:
+def build_source(
+    cfg: AnyDatasetConfig, storage: Any | None = None, *, need_captions: bool = True
+) -> Source:
     """List the dataset (no image bytes read); DataError for missing files, bad lines, or
     an empty dataset."""
     if isinstance(cfg, ImageCaptionJsonlDatasetConfig):
@@ -164,12 +175,15 @@ def build_source(cfg: AnyDatasetConfig, storage: Any | None = None, *,
     else:  # pragma: no cover - the config union is closed
         raise TypeError(f"unknown dataset config {type(cfg).__name__}")
     if not len(source):
-        raise DataError(f"{source.name}: the dataset is empty (no images found)",
-                        hint="check the path; images must be png, jpg, webp or bmp")
+        raise DataError(
+            f"{source.name}: the dataset is empty (no images found)",
+            hint="check the path; images must be png, jpg, webp or bmp",
+        )
     return source
 
 
 # --- directories ---------------------------------------------------------------------------
+
 
 def _dir_source(uri: str, storage: Any | None, keep: bool, *, captions: bool) -> Source:
     if "://" not in uri and not os.path.isdir(uri):
@@ -188,8 +202,10 @@ def _dir_source(uri: str, storage: Any | None, keep: bool, *, captions: bool) ->
         if captions:
             caption_key = posixpath.splitext(key)[0] + ".txt"
             if caption_key not in texts:
-                raise DataError(f"{ref.get().url(key)}: no caption file {caption_key}",
-                                hint="add it, or use IMAGE_DIR_DATASET with caption templates")
+                raise DataError(
+                    f"{ref.get().url(key)}: no caption file {caption_key}",
+                    hint="add it, or use IMAGE_DIR_DATASET with caption templates",
+                )
         records.append(Record(id=key, image_key=key, caption_key=caption_key))
     return Source(uri, records, [ref], keep_in_memory=keep)
 
@@ -203,6 +219,7 @@ def _top_level(infos: Iterator[Any]) -> Iterator[Any]:
 
 # --- JSONL ---------------------------------------------------------------------------------
 
+
 def _split_uri(path: str) -> tuple[str, str]:
     """(parent folder URI, file name) of a local path or s3:// URI."""
     if path.startswith("s3://"):
@@ -212,16 +229,18 @@ def _split_uri(path: str) -> tuple[str, str]:
     return os.path.dirname(absolute), os.path.basename(absolute)
 
 
-def _jsonl_source(cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None,
-                  need_captions: bool) -> Source:
+def _jsonl_source(
+    cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None, need_captions: bool
+) -> Source:
     folder, name = _split_uri(cfg.jsonl_path)
     refs = {folder: 0}
     stores = [StoreRef(folder, storage)]
     try:
         text = stores[0].get().get_bytes(name)
     except FileNotFoundError:
-        raise DataError(f"{cfg.jsonl_path}: no such file",
-                        hint="check data_loader.dataset.jsonl_path") from None
+        raise DataError(
+            f"{cfg.jsonl_path}: no such file", hint="check data_loader.dataset.jsonl_path"
+        ) from None
     records: list[Record] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -246,8 +265,9 @@ def _parse_line(line: bytes, where: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise DataError(f"{where}: line is not valid UTF-8") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})",
-                        hint="each line must be one JSON object") from None
+        raise DataError(
+            f"{where}: not valid JSON ({err.msg})", hint="each line must be one JSON object"
+        ) from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return row
@@ -255,19 +275,22 @@ def _parse_line(line: bytes, where: str) -> dict[str, Any]:
 
 def _column(row: dict[str, Any], column: str, where: str, kind: type) -> Any:
     if column not in row:
-        raise DataError(f"{where}: missing column {column!r} (has {sorted(row)})",
-                        hint="fix the line or set image_column / caption_column")
+        raise DataError(
+            f"{where}: missing column {column!r} (has {sorted(row)})",
+            hint="fix the line or set image_column / caption_column",
+        )
     value = row[column]
     if not isinstance(value, kind):
-        raise DataError(f"{where}: column {column!r} must be a {kind.__name__}, "
-                        f"got {type(value).__name__}")
+        raise DataError(
+            f"{where}: column {column!r} must be a {kind.__name__}, got {type(value).__name__}"
+        )
     return value
 
 
 def _resolve(image: str, where: str) -> tuple[str | None, str]:
     """(store root or None for the JSONL folder, key) for an image path from a JSONL line."""
     if image.startswith("s3://"):
-        bucket, _, key = image[len("s3://"):].partition("/")
+        bucket, _, key = image[len("s3://") :].partition("/")
         if not bucket or not key:
             raise DataError(f"{where}: {image!r} is not an s3://bucket/key URI")
         _check_relative(key, image, where)
@@ -280,11 +303,14 @@ def _resolve(image: str, where: str) -> tuple[str | None, str]:
 
 def _check_relative(key: str, shown: str, where: str) -> None:
     if ".." in key.replace("\\", "/").split("/") or "://" in key:
-        raise DataError(f"{where}: image path {shown!r} escapes the dataset folder",
-                        hint="use a path inside the dataset folder (no '..')")
+        raise DataError(
+            f"{where}: image path {shown!r} escapes the dataset folder",
+            hint="use a path inside the dataset folder (no '..')",
+        )
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------
+
 
 class _HFRows:
     """A `datasets.Dataset` whose image column is read as encoded bytes (not decoded)."""
@@ -317,11 +343,14 @@ def _load_hf(cfg: HFHubImageCaptionDatasetConfig) -> Any:
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
         return loaded
     try:
-        return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name,
-                                     cache_dir=cfg.hf_cache_dir, split="train")
+        return datasets.load_dataset(
+            cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.hf_cache_dir, split="train"
+        )
     except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise DataError(f"{cfg.dataset_name}: cannot load the dataset: {err}",
-                        hint="check dataset_name / dataset_config_name") from None
+        raise DataError(
+            f"{cfg.dataset_name}: cannot load the dataset: {err}",
+            hint="check dataset_name / dataset_config_name",
+        ) from None
 
 
 def _hf_source(cfg: HFHubImageCaptionDatasetConfig, need_captions: bool) -> Source:
@@ -330,15 +359,19 @@ def _hf_source(cfg: HFHubImageCaptionDatasetConfig, need_captions: bool) -> Sour
     wanted = [cfg.image_column] + ([cfg.caption_column] if need_captions else [])
     for column in wanted:
         if column not in columns:
-            raise DataError(f"{cfg.dataset_name}: missing column {column!r} (has {columns})",
-                            hint="set image_column / caption_column")
+            raise DataError(
+                f"{cfg.dataset_name}: missing column {column!r} (has {columns})",
+                hint="set image_column / caption_column",
+            )
     captions: list[Any] = list(dataset[cfg.caption_column]) if need_captions else []
     records = []
     for row in range(len(dataset)):
         caption = captions[row] if need_captions else None
         if need_captions and not isinstance(caption, str):
             raise DataError(f"{cfg.dataset_name}[{row}]: caption is not text ({caption!r})")
-        records.append(Record(id=f"{cfg.dataset_name}[{row}]", image_key="", caption=caption,
-                              row=row))
-    return Source(cfg.dataset_name, records, [], keep_in_memory=False,
-                  hf=_HFRows(dataset, cfg.image_column))
+        records.append(
+            Record(id=f"{cfg.dataset_name}[{row}]", image_key="", caption=caption, row=row)
+        )
+    return Source(
+        cfg.dataset_name, records, [], keep_in_memory=False, hf=_HFRows(dataset, cfg.image_column)
+    )

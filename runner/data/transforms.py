@@ -29,11 +29,16 @@ class ImageTransform:
 
     def params(self) -> dict[str, object]:
         """Everything that changes the output (part of cache keys)."""
-        return {"center_crop": self.center_crop, "random_flip": self.random_flip,
-                "resample": "bilinear", "version": 1}
+        return {
+            "center_crop": self.center_crop,
+            "random_flip": self.random_flip,
+            "resample": "bilinear",
+            "version": 1,
+        }
 
-    def __call__(self, img: Image.Image, target_hw: tuple[int, int],
-                 rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    def __call__(
+        self, img: Image.Image, target_hw: tuple[int, int], rng: random.Random
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """Return (pixels [3,H,W] in [-1, 1], original_size_hw, crop_top_left_yx).
 
         The image is resized so it covers `target_hw` (keeping its aspect ratio), then cropped

@@ -164,8 +164,9 @@ def builtin_model(name: str, cache: Path) -> Path:
     from runner.models.tiny import build_tiny_sd, build_tiny_sdxl
 
     if name not in BUILTIN_MODELS:
-        raise ModelError(f"builtin:{name}: unknown built-in model; use builtin:tiny-sd or "
-                         "builtin:tiny-sdxl")
+        raise ModelError(
+            f"builtin:{name}: unknown built-in model; use builtin:tiny-sd or builtin:tiny-sdxl"
+        )
     target = cache / "builtin" / name
     if not (target / "model_index.json").exists():
         tmp = target.with_name(f"{name}.partial-{os.getpid()}")

@@ -16,8 +16,9 @@ from runner.models.loading import Components
 from runner.pipelines.common import TrainingPipeline
 
 
-def build_pipeline(cfg: PipelineConfig, comps: Components, device: torch.device,
-                   *, total_steps: int) -> TrainingPipeline:
+def build_pipeline(
+    cfg: PipelineConfig, comps: Components, device: torch.device, *, total_steps: int
+) -> TrainingPipeline:
     """The training pipeline for ``cfg.type`` (adds LoRA layers / tokens to ``comps``)."""
     from runner.pipelines.lora import LoraPipeline
     from runner.pipelines.lora_ti import LoraAndTextualInversionPipeline

@@ -32,16 +32,22 @@ class TextConditioner:
     def __init__(self, comps: Components, *, cache: bool = False) -> None:
         self.comps = comps
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = (
-            {} if cache else None)
+            {} if cache else None
+        )
 
     def _ids(self, tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
-        ids = tokenizer(captions, padding="max_length",
-                        max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return to_device(ids, device)
 
-    def encode(self, captions: list[str], device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, captions: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states [B, 77, D], pooled [B, P] or None), cached per caption if asked."""
         if self.cache is None:
             return self._encode(captions, device)
@@ -49,15 +55,20 @@ class TextConditioner:
         if missing:
             hidden, pooled = self._encode(missing, device)
             for i, caption in enumerate(missing):
-                self.cache[caption] = (hidden[i].detach(),
-                                       None if pooled is None else pooled[i].detach())
+                self.cache[caption] = (
+                    hidden[i].detach(),
+                    None if pooled is None else pooled[i].detach(),
+                )
         rows = [self.cache[c] for c in captions]
         pooled_rows = [p for _, p in rows]
-        return (torch.stack([h for h, _ in rows]),
-                None if pooled_rows[0] is None else torch.stack(pooled_rows))  # type: ignore
+        return (
+            torch.stack([h for h, _ in rows]),
+            None if pooled_rows[0] is None else torch.stack(pooled_rows),
+        )  # type: ignore
 
-    def _encode(self, captions: list[str], device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(
+        self, captions: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode where the encoders are (``device`` unless offloaded), results on ``device``."""
         comps = self.comps
         here = comps.text_encoder.device
@@ -65,8 +76,9 @@ class TextConditioner:
         if not comps.is_sdxl:
             return comps.text_encoder(ids)[0].to(device), None
         out1 = comps.text_encoder(ids, output_hidden_states=True)
-        out2 = comps.text_encoder_2(self._ids(comps.tokenizer_2, captions, here),
-                                    output_hidden_states=True)
+        out2 = comps.text_encoder_2(
+            self._ids(comps.tokenizer_2, captions, here), output_hidden_states=True
+        )
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
         return hidden.to(device), out2.text_embeds.to(device)
 
@@ -80,8 +92,9 @@ class LatentEncoder:
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     @torch.no_grad()
-    def _moments(self, pixels: torch.Tensor, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moments(
+        self, pixels: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode where the VAE is (``device`` unless offloaded), results on ``device``."""
         pixels = to_device(pixels, self.vae.device).to(self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
@@ -98,8 +111,9 @@ class LatentEncoder:
             for j, i in enumerate(todo):
                 self.cache[ids[i]] = (m[j], s[j])
 
-    def sample(self, batch: Batch, device: torch.device, generator: torch.Generator
-               ) -> torch.Tensor:
+    def sample(
+        self, batch: Batch, device: torch.device, generator: torch.Generator
+    ) -> torch.Tensor:
         if self.cache is None:
             mean, std = self._moments(batch["pixel_values"], device)
         else:
@@ -116,8 +130,9 @@ def sdxl_time_ids(batch: Batch, height: int, width: int, device: torch.device) -
     """SDXL micro-conditioning: original size, crop top-left, target size (6 per sample)."""
     n = len(batch["caption"])
     target = torch.tensor([[height, width]] * n, dtype=torch.long)
-    ids = torch.cat([batch["original_size_hw"].long(), batch["crop_top_left_yx"].long(), target],
-                    dim=1)
+    ids = torch.cat(
+        [batch["original_size_hw"].long(), batch["crop_top_left_yx"].long(), target], dim=1
+    )
     return to_device(ids, device)
 
 
@@ -131,8 +146,14 @@ class TrainingPipeline:
     and come back for validation (``set_train(False)``).
     """
 
-    def __init__(self, cfg: PipelineConfig, comps: Components, device: torch.device,
-                 *, cache_text: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        comps: Components,
+        device: torch.device,
+        *,
+        cache_text: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.comps = comps
         self.device = device
@@ -212,18 +233,23 @@ class TrainingPipeline:
                 param.copy_(state[name].to(param.device, param.dtype))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().float().cpu().contiguous()
-                for n, p in self.trainable_parameters().items()}
+        return {
+            n: p.detach().float().cpu().contiguous() for n, p in self.trainable_parameters().items()
+        }
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """Noise-prediction loss of one micro-batch (float32 scalar)."""
         device = self.device
         latents = self.latents.sample(batch, device, generator)
-        noise = torch.randn(latents.shape, generator=generator, device=device,
-                            dtype=latents.dtype)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         scheduler = self.comps.noise_scheduler
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=generator, device=device)
+        timesteps = torch.randint(
+            0,
+            scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=generator,
+            device=device,
+        )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             hidden, pooled = self.text.encode(list(batch["caption"]), device)
@@ -231,13 +257,17 @@ class TrainingPipeline:
         kwargs: dict[str, Any] = {}
         if pooled is not None:
             h, w = batch["pixel_values"].shape[-2:]
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet.dtype),
-                                           "time_ids": sdxl_time_ids(batch, h, w, device)}
-        pred = unet(noisy.to(unet.dtype), timesteps, hidden.to(unet.dtype),
-                    return_dict=False, **kwargs)[0]
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled.to(unet.dtype),
+                "time_ids": sdxl_time_ids(batch, h, w, device),
+            }
+        pred = unet(
+            noisy.to(unet.dtype), timesteps, hidden.to(unet.dtype), return_dict=False, **kwargs
+        )[0]
         target = training_target(scheduler, self.prediction_type, latents, noise, timesteps)
-        return diffusion_loss(pred, target, timesteps, scheduler, self.prediction_type,
-                              self.cfg.min_snr_gamma)
+        return diffusion_loss(
+            pred, target, timesteps, scheduler, self.prediction_type, self.cfg.min_snr_gamma
+        )
 
 
 def enable_gradient_checkpointing(modules: list[nn.Module]) -> None:

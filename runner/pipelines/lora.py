@@ -21,8 +21,9 @@ ADAPTER = "default"
 
 def add_lora(module: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> None:
     """Add a float32 peft LoRA adapter (gaussian A, zero B) to ``module``'s ``targets``."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                        init_lora_weights="gaussian")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"
+    )
     if isinstance(module, ModelMixin):
         module.add_adapter(config)
     else:  # transformers' add_adapter insists on a newer peft than diffusers needs
@@ -54,8 +55,11 @@ class LoraPart:
             if comps.text_encoder_2 is not None:
                 self.modules["text_encoder_2"] = comps.text_encoder_2
         for name, module in self.modules.items():
-            targets = (cfg.unet_lora_target_modules if name == "unet"
-                       else cfg.text_encoder_lora_target_modules)
+            targets = (
+                cfg.unet_lora_target_modules
+                if name == "unet"
+                else cfg.text_encoder_lora_target_modules
+            )
             add_lora(module, rank=cfg.lora_rank_dim, alpha=self.alpha, targets=list(targets))
 
     def _lr(self, name: str) -> float:
@@ -66,13 +70,18 @@ class LoraPart:
         te = cfg.text_encoder_learning_rate or base
         if isinstance(cfg, SdLoraConfig):
             return te
-        own = (cfg.text_encoder_1_learning_rate if name == "text_encoder"
-               else cfg.text_encoder_2_learning_rate)
+        own = (
+            cfg.text_encoder_1_learning_rate
+            if name == "text_encoder"
+            else cfg.text_encoder_2_learning_rate
+        )
         return own or te
 
     def param_groups(self) -> ParamGroups:
-        return [{"params": list(lora_parameters(m, n).values()), "lr": self._lr(n), "name": n}
-                for n, m in self.modules.items()]
+        return [
+            {"params": list(lora_parameters(m, n).values()), "lr": self._lr(n), "name": n}
+            for n, m in self.modules.items()
+        ]
 
     def parameters(self) -> dict[str, nn.Parameter]:
         out: dict[str, nn.Parameter] = {}
@@ -81,17 +90,24 @@ class LoraPart:
         return out
 
     def export(self, out_dir: Path) -> list[Path]:
-        return export_lora(LoraExport(modules=self.modules, alpha=self.alpha,
-                                      rank=self.cfg.lora_rank_dim, is_sdxl=self.comps.is_sdxl),
-                           out_dir, self.cfg.lora_checkpoint_format)
-
+        return export_lora(
+            LoraExport(
+                modules=self.modules,
+                alpha=self.alpha,
+                rank=self.cfg.lora_rank_dim,
+                is_sdxl=self.comps.is_sdxl,
+            ),
+            out_dir,
+            self.cfg.lora_checkpoint_format,
+        )
 
 
 class LoraPipeline(TrainingPipeline):
     """SD_LORA and SDXL_LORA."""
 
-    def __init__(self, cfg: SdLoraConfig | SdxlLoraConfig, comps: Components,
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: SdLoraConfig | SdxlLoraConfig, comps: Components, device: torch.device
+    ) -> None:
         super().__init__(cfg, comps, device, cache_text=cfg.cache_text_encoder_outputs)
         self.lora = LoraPart(cfg, comps)
         self.train_text_encoders = cfg.train_text_encoder
@@ -107,4 +123,3 @@ class LoraPipeline(TrainingPipeline):
 
     def export(self, out_dir: Path) -> list[Path]:
         return self.lora.export(out_dir)
-

@@ -20,8 +20,14 @@ from runner.pipelines.textual_inversion import TextualInversionPart
 class LoraAndTextualInversionPipeline(TrainingPipeline):
     """SDXL_LORA_AND_TEXTUAL_INVERSION."""
 
-    def __init__(self, cfg: SdxlLoraAndTextualInversionConfig, comps: Components,
-                 device: torch.device, *, total_steps: int) -> None:
+    def __init__(
+        self,
+        cfg: SdxlLoraAndTextualInversionConfig,
+        comps: Components,
+        device: torch.device,
+        *,
+        total_steps: int,
+    ) -> None:
         super().__init__(cfg, comps, device)
         self.cfg: SdxlLoraAndTextualInversionConfig = cfg
         self.ti = TextualInversionPart(cfg, comps)
@@ -53,4 +59,3 @@ class LoraAndTextualInversionPipeline(TrainingPipeline):
 
     def export(self, out_dir: Path) -> list[Path]:
         return self.lora.export(out_dir) + self.ti.export(out_dir)
-

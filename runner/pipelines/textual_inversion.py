@@ -62,29 +62,38 @@ class TrainableTokenEmbedding(nn.Module):
 def _single_token_id(tokenizer: Any, token: str) -> int:
     ids = tokenizer(token, add_special_tokens=False).input_ids
     if len(ids) != 1:
-        raise UserError(f"initializer_token {token!r} is {len(ids)} tokens for the CLIP "
-                        "tokenizer", hint="pick a single-token word such as 'cat', or use "
-                        "initial_phrase instead")
+        raise UserError(
+            f"initializer_token {token!r} is {len(ids)} tokens for the CLIP tokenizer",
+            hint="pick a single-token word such as 'cat', or use initial_phrase instead",
+        )
     return ids[0]
 
 
-def _initial_vectors(cfg: TiConfigs, tokenizer: Any, table: torch.Tensor,
-                     file_vectors: torch.Tensor | None) -> torch.Tensor:
+def _initial_vectors(
+    cfg: TiConfigs, tokenizer: Any, table: torch.Tensor, file_vectors: torch.Tensor | None
+) -> torch.Tensor:
     n = cfg.num_vectors
     if file_vectors is not None:
-        vectors = file_vectors.reshape(-1, table.shape[1]) if file_vectors.ndim == 1 else (
-            file_vectors)
+        vectors = (
+            file_vectors.reshape(-1, table.shape[1]) if file_vectors.ndim == 1 else (file_vectors)
+        )
         if tuple(vectors.shape) != (n, table.shape[1]):
-            raise UserError(f"initial_embedding_file holds shape {tuple(vectors.shape)}, need "
-                            f"({n}, {table.shape[1]})", hint="set num_vectors to match the file")
+            raise UserError(
+                f"initial_embedding_file holds shape {tuple(vectors.shape)}, need "
+                f"({n}, {table.shape[1]})",
+                hint="set num_vectors to match the file",
+            )
         return vectors.float()
     if cfg.initializer_token is not None:
         ids = [_single_token_id(tokenizer, cfg.initializer_token.strip())] * n
     else:
         ids = tokenizer(cfg.initial_phrase, add_special_tokens=False).input_ids
         if not ids or len(ids) > n:
-            raise UserError(f"initial_phrase {cfg.initial_phrase!r} is {len(ids)} tokens but "
-                            f"num_vectors is {n}", hint=f"set num_vectors: {max(len(ids), 1)}")
+            raise UserError(
+                f"initial_phrase {cfg.initial_phrase!r} is {len(ids)} tokens but "
+                f"num_vectors is {n}",
+                hint=f"set num_vectors: {max(len(ids), 1)}",
+            )
         ids = [ids[i % len(ids)] for i in range(n)]
     return table[ids].detach().float().clone()
 
@@ -123,16 +132,20 @@ class TextualInversionPart:
         self.names = token_names(cfg.placeholder_token, cfg.num_vectors)
         self.embeddings: list[TrainableTokenEmbedding] = []
         pairs = list(zip(comps.tokenizers, comps.text_encoders, strict=True))
-        for (tokenizer, encoder), file_vec in zip(pairs, _file_vectors(cfg, comps.is_sdxl),
-                                                  strict=True):
+        for (tokenizer, encoder), file_vec in zip(
+            pairs, _file_vectors(cfg, comps.is_sdxl), strict=True
+        ):
             self.embeddings.append(self._add(tokenizer, encoder, file_vec))
 
-    def _add(self, tokenizer: Any, encoder: nn.Module, file_vec: torch.Tensor | None
-             ) -> TrainableTokenEmbedding:
+    def _add(
+        self, tokenizer: Any, encoder: nn.Module, file_vec: torch.Tensor | None
+    ) -> TrainableTokenEmbedding:
         taken = [n for n in self.names if n in tokenizer.get_vocab()]
         if taken:
-            raise UserError(f"placeholder_token {taken[0]!r} is already a token",
-                            hint="choose a new word, e.g. <my-concept>")
+            raise UserError(
+                f"placeholder_token {taken[0]!r} is already a token",
+                hint="choose a new word, e.g. <my-concept>",
+            )
         table = encoder.get_input_embeddings().weight
         init = _initial_vectors(self.cfg, tokenizer, table, file_vec)
         tokenizer.add_tokens(self.names)
@@ -148,8 +161,10 @@ class TextualInversionPart:
         return wrapper
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        return {f"ti.{key}": emb.vectors for key, emb in zip(ENCODER_KEYS, self.embeddings,
-                                                             strict=False)}
+        return {
+            f"ti.{key}": emb.vectors
+            for key, emb in zip(ENCODER_KEYS, self.embeddings, strict=False)
+        }
 
     def param_group(self, lr: float) -> dict[str, Any]:
         return {"params": [e.vectors for e in self.embeddings], "lr": lr, "name": "ti"}
@@ -165,12 +180,15 @@ class TextualInversionPart:
         return [export_embeddings(out_dir, self.cfg.placeholder_token, vectors)]
 
 
-
 class TextualInversionPipeline(TrainingPipeline):
     """SD_TEXTUAL_INVERSION and SDXL_TEXTUAL_INVERSION."""
 
-    def __init__(self, cfg: SdTextualInversionConfig | SdxlTextualInversionConfig,
-                 comps: Components, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: SdTextualInversionConfig | SdxlTextualInversionConfig,
+        comps: Components,
+        device: torch.device,
+    ) -> None:
         super().__init__(cfg, comps, device)
         self.ti = TextualInversionPart(cfg, comps)
         self.ti.set_trainable(True)
@@ -187,4 +205,3 @@ class TextualInversionPipeline(TrainingPipeline):
 
     def export(self, out_dir: Path) -> list[Path]:
         return self.ti.export(out_dir)
-

@@ -43,8 +43,11 @@ ERROR_LINE = {"runner": re.compile(r"^kubetune: error: (.*)$"),
 RESULTS: dict[str, str] = {}
 # In-process only: a library log handler still bound to an earlier test's closed capture
 # stream prints this block; it cannot happen in a real process (the subprocess tests check).
-STALE_STREAM = re.compile(r"--- Logging error ---\n(?:(?!--- Logging error ---).)*?"
-                          r"I/O operation on closed file\.\n.*?Arguments: \(\)\n", re.S)
+STALE_STREAM = re.compile(
+    r"--- Logging error ---\n(?:(?!--- Logging error ---).)*?"
+    r"I/O operation on closed file\.\n.*?Arguments: \(\)\n",
+    re.S,
+)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +259,9 @@ def _bad_input_figure() -> Iterator[None]:
         return
     exits = Counter(text.split(":")[0] for text in RESULTS.values())
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(exits.items()))
-    figure("bad inputs", f"{len(RESULTS)}/{len(CASES)} cases rejected cleanly ({summary}); "
-                         "0 tracebacks, 0 writes, 0 submissions (plus 91 config cases in "
-                         "tests/test_config.py)")
+    figure(
+        "bad inputs",
+        f"{len(RESULTS)}/{len(CASES)} cases rejected cleanly ({summary}); "
+        "0 tracebacks, 0 writes, 0 submissions (plus 91 config cases in "
+        "tests/test_config.py)",
+    )

@@ -27,20 +27,20 @@ from runner.config import parse_config
 # Accepted checkov findings, each with why it is right for kubetune (not a blanket skip).
 ACCEPTED: dict[str, str] = {
     "CKV_K8S_11": "no CPU limit on purpose: CFS throttling starves the data loader of a GPU "
-                  "job; CPU is requested (job.cpu) and memory is limited",
+    "job; CPU is requested (job.cpu) and memory is limited",
     "CKV_K8S_35": "S3/HF credentials reach the pod as secretKeyRef env vars (what boto3 and "
-                  "huggingface_hub read); the values never appear in a manifest",
+    "huggingface_hub read); the values never appear in a manifest",
     "CKV_K8S_40": "the image's non-root user is UID 1000 (Dockerfile); runAsNonRoot, no "
-                  "privilege escalation and restricted PSS hold",
+    "privilege escalation and restricted PSS hold",
     "CKV_K8S_43": "the image is the user's job.image (a pinned tag is enforced; a digest is "
-                  "allowed); the hardened variant below uses a digest and passes",
+    "allowed); the hardened variant below uses a digest and passes",
     "CKV_K8S_15": "imagePullPolicy is the user's job.image_pull_policy (IfNotPresent with a "
-                  "pinned tag avoids a registry pull per retry); the hardened variant uses Always",
+    "pinned tag avoids a registry pull per retry); the hardened variant uses Always",
     "CKV_K8S_12": "memory request/limit follow job.memory; a variant with memory unset is the "
-                  "user's choice, the hardened variant sets it",
+    "user's choice, the hardened variant sets it",
     "CKV_K8S_13": "see CKV_K8S_12",
     "CKV2_K8S_6": "NetworkPolicy is the namespace owner's: the runner pod has no ports and "
-                  "needs egress to the user's S3 endpoint, which kubetune cannot know",
+    "needs egress to the user's S3 endpoint, which kubetune cannot know",
 }
 HARDENED = config_dict("SD_LORA", image="ghcr.io/example/kubetune@sha256:" + "a" * 64,
                        image_pull_policy="Always", memory="16Gi")  # fmt: skip
@@ -51,8 +51,10 @@ RESULTS: dict[str, list[str]] = {}
 def checkov_binary() -> str:
     path = os.environ.get("KUBETUNE_CHECKOV") or str(REPO / ".venv-checkov" / "bin" / "checkov")
     if not Path(path).is_file():
-        pytest.skip(f"checkov not installed at {path} (python3 -m venv .venv-checkov && "
-                    ".venv-checkov/bin/pip install checkov, or set KUBETUNE_CHECKOV)")
+        pytest.skip(
+            f"checkov not installed at {path} (python3 -m venv .venv-checkov && "
+            ".venv-checkov/bin/pip install checkov, or set KUBETUNE_CHECKOV)"
+        )
     return path
 
 
@@ -120,11 +122,18 @@ def test_checkov_has_no_unaccepted_findings(group: str, tmp_path: Path) -> None:
     problems = [f"{n}: {check} on {res}" for n, check, res in failures if check not in ACCEPTED]
     assert problems == [], "\n".join(problems)
     if group == "jobs":
-        assert {c for c in RESULTS["job-hardened"]} <= {"CKV_K8S_11", "CKV_K8S_35",
-                                                        "CKV_K8S_40", "CKV2_K8S_6"}
+        assert {c for c in RESULTS["job-hardened"]} <= {
+            "CKV_K8S_11",
+            "CKV_K8S_35",
+            "CKV_K8S_40",
+            "CKV2_K8S_6",
+        }
     accepted = sorted({c for name in docs for c in RESULTS[name]})
-    figure(f"checkov {group}", f"{len(docs)} renders scanned, 0 unaccepted findings "
-                               f"(accepted with reasons: {', '.join(accepted) or 'none'})")
+    figure(
+        f"checkov {group}",
+        f"{len(docs)} renders scanned, 0 unaccepted findings "
+        f"(accepted with reasons: {', '.join(accepted) or 'none'})",
+    )
 
 
 def test_checkov_catches_a_privileged_pod(tmp_path: Path) -> None:

@@ -93,8 +93,10 @@ def sigterm_runs(n: int, model: Path, data: Path, root: Path) -> None:
         delta = _max_delta(_reference(model, data, root, seed, 100), _weights(out, STEPS))
         max_delta = max(max_delta, delta)
         assert delta <= 1e-6, (i, delta)
-    figure("preemption SIGTERM", f"{resumed}/{n} resumed, {lost} steps lost, "
-                                 f"max |Δw| = {max_delta:.1e}")
+    figure(
+        "preemption SIGTERM",
+        f"{resumed}/{n} resumed, {lost} steps lost, max |Δw| = {max_delta:.1e}",
+    )
 
 
 def sigkill_runs(m: int, model: Path, data: Path, root: Path) -> None:
@@ -128,9 +130,12 @@ def sigkill_runs(m: int, model: Path, data: Path, root: Path) -> None:
         delta = _max_delta(_reference(model, data, root, seed, SAVE_EVERY), _weights(out, STEPS))
         max_delta = max(max_delta, delta)
     assert corrupt == 0 and max_delta <= 1e-6, (corrupt, max_delta)
-    figure("preemption SIGKILL", f"{resumed}/{m} resumed from newest complete checkpoint, "
-                                 f"max steps lost {worst} (save interval {SAVE_EVERY}), "
-                                 f"{corrupt} corrupt, max |Δw| = {max_delta:.1e}")
+    figure(
+        "preemption SIGKILL",
+        f"{resumed}/{m} resumed from newest complete checkpoint, "
+        f"max steps lost {worst} (save interval {SAVE_EVERY}), "
+        f"{corrupt} corrupt, max |Δw| = {max_delta:.1e}",
+    )
 
 
 @pytest.mark.timeout(900)

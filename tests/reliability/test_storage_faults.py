@@ -76,8 +76,9 @@ class Reader(threading.Thread):
 Outcome = tuple[int, RunnerProc, str, Reader, FaultProxy]
 
 
-def _run_with_faults(down_s: float, s3_server: S3Server, bucket: str, model: Path,
-                     tmp_path: Path) -> Outcome:
+def _run_with_faults(
+    down_s: float, s3_server: S3Server, bucket: str, model: Path, tmp_path: Path
+) -> Outcome:
     data = write_dataset(tmp_path / "data", n=4)
     prefix = f"faults-{uuid.uuid4().hex[:8]}"
     with FaultProxy(s3_server.endpoint, timeout_s=20) as proxy:
@@ -119,11 +120,13 @@ def _faults(down_s: float, request: pytest.FixtureRequest, tmp_path: Path) -> No
         assert final.list_complete() == [6, 8]
     kinds = sorted({f for f, _, _ in proxy.injected})
     outcome = "finished" if code == 0 else f"failed cleanly ({errors[0][:80]})"
-    figure(f"storage faults (down {down_s:.0f}s)",
-           f"{len(proxy.injected)} faults injected ({', '.join(kinds)}) + store down "
-           f"{down_s:.0f}s: run {outcome}; {reader.polls} reader polls, {reader.verified} "
-           f"checkpoints verified, {reader.partial} partial seen, newest complete pruned "
-           f"{reader.newest_lost} times")
+    figure(
+        f"storage faults (down {down_s:.0f}s)",
+        f"{len(proxy.injected)} faults injected ({', '.join(kinds)}) + store down "
+        f"{down_s:.0f}s: run {outcome}; {reader.polls} reader polls, {reader.verified} "
+        f"checkpoints verified, {reader.partial} partial seen, newest complete pruned "
+        f"{reader.newest_lost} times",
+    )
     scan_for_secrets(server, uri, log, tmp_path)
 
 
@@ -154,8 +157,11 @@ def scan_for_secrets(server: S3Server, uri: str, log: str, tmp_path: Path) -> No
     hits = [(where, s) for where, blob in corpus.items() for s in secrets
             if re.search(re.escape(s.encode()), blob)]  # fmt: skip
     assert hits == [], hits
-    figure("secrets", f"{len(corpus)} logs/objects/manifests/CLI outputs scanned for "
-                      f"{len(secrets)} test credentials: {len(hits)} hits")
+    figure(
+        "secrets",
+        f"{len(corpus)} logs/objects/manifests/CLI outputs scanned for "
+        f"{len(secrets)} test credentials: {len(hits)} hits",
+    )
 
 
 @pytest.mark.timeout(900)

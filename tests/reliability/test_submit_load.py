@@ -48,9 +48,12 @@ def test_same_config_100_times_makes_one_job(fake_kube: tuple[FakeKube, Path]) -
     assert created == 1, f"{created} submits claim to have created the Job"
     assert jobs == [job_name(cfg)] and config_maps == [job_name(cfg)]
     assert {r.job_name for r in results} == {job_name(cfg)}
-    figure("submit same config", f"{N} concurrent submits -> {len(jobs)} Job, "
-                                 f"{len(config_maps)} ConfigMap, {created} 'created' "
-                                 f"({elapsed:.1f}s)")
+    figure(
+        "submit same config",
+        f"{N} concurrent submits -> {len(jobs)} Job, "
+        f"{len(config_maps)} ConfigMap, {created} 'created' "
+        f"({elapsed:.1f}s)",
+    )
 
 
 @pytest.mark.timeout(300)
@@ -67,6 +70,9 @@ def test_100_distinct_configs_make_100_jobs(fake_kube: tuple[FakeKube, Path]) ->
     lost, extra = set(expected) - set(jobs), set(jobs) - set(expected)
     assert jobs == expected, f"lost: {lost}, extra: {extra}"
     assert _objects(fake, "configmaps") == expected
-    figure("submit distinct configs", f"{N} concurrent submits -> {len(jobs)} Jobs, "
-                                      f"{len(set(expected) - set(jobs))} lost, {len(doubled)} "
-                                      f"doubled ({elapsed:.1f}s)")
+    figure(
+        "submit distinct configs",
+        f"{N} concurrent submits -> {len(jobs)} Jobs, "
+        f"{len(set(expected) - set(jobs))} lost, {len(doubled)} "
+        f"doubled ({elapsed:.1f}s)",
+    )
