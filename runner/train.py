@@ -25,6 +25,7 @@ from runner.checkpointer import (
     CheckpointSettings,
     LoopState,
     Manager,
+    ResumePoint,
     fetch_latest,
 )
 from runner.config import PipelineConfig, config_to_yaml, output_uri
@@ -121,10 +122,16 @@ def build_training(
 
 
 def _resume_point(
-    manager: Manager, work_dir: Path, cfg: PipelineConfig, *, resume: bool, force_restart: bool
-) -> tuple[Path, dict[str, Any]] | None:
+    manager: Manager,
+    work_dir: Path,
+    cfg: PipelineConfig,
+    *,
+    resume: bool,
+    force_restart: bool,
+    is_main: bool,
+) -> ResumePoint | None:
     if resume and not force_restart:
-        return fetch_latest(manager, work_dir, cfg)
+        return fetch_latest(manager, work_dir, cfg, heal=is_main)
     if manager.latest() is not None:
         log.warning(
             "starting over: discarding the run's existing checkpoints (%s)",
@@ -177,9 +184,11 @@ def _run(
     uri = output_uri(cfg)
     store = open_store(uri, cfg.storage)
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
-    restored = _resume_point(manager, work, cfg, resume=resume, force_restart=force_restart)
+    restored = _resume_point(
+        manager, work, cfg, resume=resume, force_restart=force_restart, is_main=is_main
+    )
     seed = (
-        restored[1]["seed"]
+        restored.info["seed"]
         if restored
         else (cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
     )
@@ -212,7 +221,7 @@ class _Session:
         self.manager, self.work, self.seed = manager, work, seed
         self.is_main = accelerator.is_main_process
 
-    def prepare(self, restored: tuple[Path, dict[str, Any]] | None) -> LoopState:
+    def prepare(self, restored: ResumePoint | None) -> LoopState:
         from runner.data import build_train_dataloader, cache_batches
 
         cfg, device = self.cfg, self.accelerator.device
@@ -260,10 +269,16 @@ class _Session:
             seed=self.seed,
             is_main=self.is_main,
         )
+        self.restored = restored
         if restored is None:
             return LoopState()
-        state = self.checkpointer.restore(restored[0])
-        log.info("resumed from checkpoint %s (epoch %d)", step_name(state.step), state.epoch + 1)
+        state = self.checkpointer.restore(restored.folder)
+        log.info(
+            "resumed from checkpoint %s (epoch %d)%s",
+            step_name(state.step),
+            state.epoch + 1,
+            "".join(f"; set aside {step_name(a.step)} ({a.reason})" for a in restored.set_aside),
+        )
         return state
 
     def loop(self, stop: threading.Event) -> Loop:
@@ -286,6 +301,13 @@ class _Session:
             ),
             out,
         )
+        if self.restored is not None:
+            self.progress.note(
+                step=self.restored.step,
+                resumed_from=self.restored.step,
+                set_aside=self.restored.set_aside,
+                last_checkpoint_step=self.restored.step,
+            )
         validator = Validator(
             ValidationSettings.from_config(cfg, self.seed),
             self.pipeline,
