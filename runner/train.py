@@ -31,12 +31,14 @@ from runner.checkpointer import (
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.errors import DataError, UserError
 from runner.layout import CONFIG_KEY, final_key, step_name
+from runner.lease import Lease, LeaseSettings
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.common import enable_gradient_checkpointing
 from runner.progress import ProgressReporter, ProgressSettings
+from runner.run_store import RunStore
 from runner.speed import enable_tf32, tune_unet
 from runner.storage import ObjectStore, open_store
 from runner.validation import ValidationSettings, Validator
@@ -89,7 +91,7 @@ def make_accelerator(cfg: PipelineConfig) -> Accelerator:
 def default_manager_factory(store: ObjectStore, max_checkpoints: int | None) -> Manager:
     from runner.checkpoints import CheckpointManager
 
-    return CheckpointManager(store, max_checkpoints)
+    return CheckpointManager(store, max_checkpoints, attempts=1)  # the RunStore retries
 
 
 def place_models(comps: Components, cfg: PipelineConfig, device: torch.device) -> None:
@@ -180,9 +182,43 @@ def _run(
     manager_factory: ManagerFactory | None,
 ) -> RunResult:
     accelerator = make_accelerator(cfg)
-    is_main = accelerator.is_main_process
     uri = output_uri(cfg)
-    store = open_store(uri, cfg.storage)
+    raw = open_store(uri, cfg.storage)
+    lease = None
+    if accelerator.is_main_process:  # the one process that writes holds the run's lease
+        settings = LeaseSettings(cfg.lease_timeout_seconds, cfg.lease_wait_seconds)
+        lease = Lease(raw, settings).acquire()
+    try:
+        store = RunStore(raw, guard=lease.check if lease else None)
+        return _run_with(
+            cfg,
+            work,
+            accelerator,
+            store,
+            uri,
+            resume=resume,
+            force_restart=force_restart,
+            stop=stop,
+            manager_factory=manager_factory,
+        )
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_with(
+    cfg: PipelineConfig,
+    work: Path,
+    accelerator: Accelerator,
+    store: ObjectStore,
+    uri: str,
+    *,
+    resume: bool,
+    force_restart: bool,
+    stop: threading.Event | None,
+    manager_factory: ManagerFactory | None,
+) -> RunResult:
+    is_main = accelerator.is_main_process
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
     restored = _resume_point(
         manager, work, cfg, resume=resume, force_restart=force_restart, is_main=is_main
