@@ -70,6 +70,8 @@ class DreamBoothBatchSampler(BucketBatchSampler):
     each epoch takes min(#instance, #class) examples of each set (a fresh random subset of the
     larger set every epoch) and alternates them: one by one without aspect-ratio buckets (so
     every batch holds both halves), batch by batch with buckets (a batch is one bucket).
+    With several processes the balance holds per global batch (each rank takes a strided
+    slice of it, as in ``BucketBatchSampler``).
     """
 
     def __init__(
