@@ -174,8 +174,6 @@ def test_target_module_docstring_no_longer_calls_the_default_an_extension() -> N
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.stem)
 def test_invoke_training_sample_config_validates_unchanged(path: Path) -> None:
-    if yaml.safe_load(path.read_text()).get("use_masks"):
-        pytest.xfail("use_masks is issue #12's masks part (branch parity-data), not landed yet")
     result = validate_file(str(path))
     assert result.valid, result.errors
 
