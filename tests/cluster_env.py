@@ -25,14 +25,14 @@ SCRIPT = "tests/cluster/local-cluster.sh"
 HOW = f"as root: `{SCRIPT} up` (prints KUBECONFIG=...) and `{SCRIPT} image`; see docs/kubernetes.md"
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Say at the end of a default run that the cluster tier was not run, and how to run it."""
     markexpr = config.getoption("markexpr", "") or ""
     if "not cluster" in markexpr or "cluster" not in markexpr:
-        return (
+        terminalreporter.write_line(
             "cluster tier: not run (needs root, docker and a local Kubernetes: "
             f"{HOW}; then pytest -m cluster)"
         )
-    return None
 
 
 def unavailable(reason: str) -> None:
