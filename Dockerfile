@@ -35,12 +35,16 @@ RUN if [ -n "$APT_PACKAGES" ]; then \
     && python3 -m venv "$VIRTUAL_ENV" \
     && pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 
+# Dependencies first, from pyproject.toml alone (empty packages stand in for the code), so a
+# code change rebuilds only the last, small layer.
 WORKDIR /src
 COPY pyproject.toml README.md ./
+RUN mkdir runner launcher && touch runner/__init__.py launcher/__init__.py \
+    && pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
+    && pip uninstall -y kubetune && rm -rf /src/*
 COPY runner ./runner
 COPY launcher ./launcher
-RUN pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
-    && rm -rf /src
+RUN pip install --no-deps . && rm -rf /src
 
 # A fixed non-root UID/GID 1000 (the Job's runAsUser); Ubuntu 24.04 ships a user 'ubuntu'
 # with that UID, which is replaced.

@@ -103,6 +103,12 @@ def _status(cluster: Cluster, ns: str, run: str) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+def _job_exists(cluster: Cluster, ns: str, run: str) -> bool:
+    return bool(
+        cluster.batch.list_namespaced_job(ns, label_selector=f"kubetune.io/run={run}").items
+    )
+
+
 def _running_pod(cluster: Cluster, ns: str, run: str) -> Any:
     pods = cluster.core.list_namespaced_pod(ns, label_selector=f"kubetune.io/run={run}").items
     running = [p for p in pods if p.status.phase == "Running"]
@@ -121,32 +127,35 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
     ns, run = run_env["namespace"], "e2e-lora"
     config = _write(run_env, cluster, run, steps=400)
     submit = cluster.launcher_bg("submit", "--wait", "-o", "json", config, out=tmp_path / "s.out")
-    follow = cluster.launcher_bg("logs", "-f", run, "-n", ns, out=tmp_path / "logs.out")
+    follow = None
     try:
         # `status` shows step and loss while it runs, from progress.json in storage.
         def checkpointed() -> dict[str, Any] | None:
-            status = _status(cluster, ns, run)
+            status = _status(cluster, ns, run) if _job_exists(cluster, ns, run) else {}
             progress = status.get("progress") or {}
-            ok = status["phase"] == "Running" and (progress.get("last_checkpoint_step") or 0) >= 10
+            ok = (
+                status.get("phase") == "Running"
+                and (progress.get("last_checkpoint_step") or 0) >= 10
+            )
             return status if ok and progress.get("loss") is not None else None
 
-        status = wait_until(checkpointed, 300, "a Running pod with a checkpoint")
-        step_before = status["progress"]["step"]
-        assert step_before < 400, "the run ended before it could be preempted; raise the steps"
+        status = wait_until(checkpointed, 600, "a Running pod with a checkpoint")
+        assert status["progress"]["step"] < 400, "the run ended before it was preempted"
+        follow = cluster.launcher_bg("logs", "-f", run, "-n", ns, out=tmp_path / "logs.out")
         pod = _running_pod(cluster, ns, run)
         _check_pod_security(cluster, pod)
         # Preemption: the pod is deleted; SIGTERM -> checkpoint -> exit 143 -> the Job's next
         # pod resumes from the newest checkpoint.
         cluster.core.delete_namespaced_pod(pod.metadata.name, ns)
         assert submit.wait(timeout=900) == 0, (tmp_path / "s.out.err").read_text()[-3000:]
-        assert follow.wait(timeout=120) == 0
+        assert follow.wait(timeout=120) == 0, (tmp_path / "logs.out.err").read_text()[-3000:]
     finally:
         for proc in (submit, follow):
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
     final = json.loads((tmp_path / "s.out").read_text())["status"]
     assert final["phase"] == "Succeeded" and final["progress"]["step"] == 400
-    assert len(final["pods"]) >= 2 and final["retries"] >= 1
+    assert pod.metadata.name not in final["pods"]  # another pod finished the run
     logs = (tmp_path / "logs.out").read_text()
     assert "==> pod" in logs and "resumed from checkpoint step-" in logs, logs[-3000:]
     resumed = int(logs.split("resumed from checkpoint step-")[1][:6])

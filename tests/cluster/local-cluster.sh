@@ -15,9 +15,12 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 K8S_DEB_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 K8S_TREE=kubernetes-1.20.2
 K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet"
-PACKAGES="golang-1.19-go etcd-server rsync docker.io debootstrap jq openssl gcc libc6-dev curl"
+# Changes when the build recipe does: cached binaries from another recipe are rebuilt.
+BUILD_RECIPE="v1.20.2 go1.19 reflect2-1.0.2"
+PACKAGES="golang-1.19-go golang-github-modern-go-reflect2-dev etcd-server rsync docker.io debootstrap jq openssl gcc libc6-dev curl"
 APISERVER_PORT=${KUBETUNE_APISERVER_PORT:-16443}
 ETCD_PORT=${KUBETUNE_ETCD_PORT:-12379}
+WHEELHOUSE_PORT=${KUBETUNE_WHEELHOUSE_PORT:-18088}
 DOCKER_SOCK=$STATE/docker.sock
 
 log() { echo "local-cluster: $*" >&2; }
@@ -65,7 +68,7 @@ SRC
 
 build_binaries() {
   local bin=$CACHE/bin
-  if [ -f "$bin/.complete" ]; then return 0; fi
+  if [ "$(cat "$bin/.complete" 2>/dev/null)" = "$BUILD_RECIPE" ]; then return 0; fi
   fetch_source
   local work=$CACHE/build
   rm -rf "$work" && mkdir -p "$work" "$bin"
@@ -73,6 +76,9 @@ build_binaries() {
   tar -C "$work" -xzf "$CACHE"/src/kubernetes_1.20.5+really1.20.2.orig.tar.gz
   local tree=$work/$K8S_TREE
   mkdir -p "$tree/.go/src/k8s.io" && ln -sfn ../../.. "$tree/.go/src/k8s.io/kubernetes"
+  # The vendored reflect2 1.0.1 crashes under Go >= 1.18 (json-iterator map encoding:
+  # "unexpected fault address" in kube-apiserver); Debian's 1.0.2 is the fixed release.
+  cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go "$tree/vendor/github.com/modern-go/reflect2/"
   (
     cd "$tree"
     export GOPATH=$tree/.go PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 GOFLAGS=-mod=vendor \
@@ -82,7 +88,7 @@ build_binaries() {
   )
   for b in $K8S_BINARIES; do cp "$tree/_output/bin/$b" "$bin/$b"; done
   rm -rf "$work"
-  touch "$bin/.complete"
+  echo "$BUILD_RECIPE" >"$bin/.complete"
   log "binaries cached in $bin"
 }
 
@@ -103,7 +109,9 @@ wait_for() {  # wait_for WHAT SECONDS CMD...: bounded poll; on timeout show the 
   local deadline=$((SECONDS + seconds))
   until "$@" >/dev/null 2>&1; do
     if [ $SECONDS -ge $deadline ]; then
-      tail -n 30 "$STATE"/logs/*.log >&2 || true
+      for f in "$STATE"/logs/{etcd,dockerd,kube-apiserver,kube-controller-manager,kube-scheduler,kubelet}.log; do
+        [ -f "$f" ] && { echo "== $f" && grep -E '^[EF][0-9]{4}|error|fatal' "$f" | tail -n 8; } >&2
+      done
       die "$what not ready after ${seconds}s (logs in $STATE/logs)"
     fi
     sleep 1
@@ -299,8 +307,6 @@ wheelhouse() {
   echo "$wh"
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
 cmd_image() {
   [ "$(id -u)" = 0 ] || die "needs root (it talks to the local dockerd)"
   install_packages
@@ -310,10 +316,11 @@ cmd_image() {
   base_image
   local wh port
   wh=$(wheelhouse)
-  port=$(free_port)
+  port=$WHEELHOUSE_PORT  # fixed: the URL is a build argument, part of the layer cache key
   python3 -m http.server --bind 127.0.0.1 --directory "$wh" "$port" >"$STATE/logs/wheelhouse.log" 2>&1 &
   WHEEL_SERVER=$!
   trap 'kill "$WHEEL_SERVER" 2>/dev/null || true' EXIT
+  trap 'exit 143' TERM INT
   wait_for "wheelhouse server" 30 curl -fsS "http://127.0.0.1:$port/"
   log "building kubetune:local"
   DOCKER_BUILDKIT=0 docker_ build --network host -t kubetune:local \
