@@ -13,7 +13,8 @@ import yaml
 from cluster_env import Cluster, wait_until
 from kube_configs import config_dict
 
-from launcher.backends.kubernetes import KubernetesBackend, api_errors
+from launcher.backends.k8s_client import api_errors
+from launcher.backends.kubernetes import KubernetesBackend
 from runner.config import parse_config
 from runner.errors import ClusterError
 
