@@ -45,12 +45,20 @@ class ImageTransform:
         (centre or random) and optionally flipped. `crop_top_left_yx` is the crop's corner in
         the resized image, mirrored when flipped, as SDXL's micro-conditioning expects.
         """
-        th, tw = target_hw
         w, h = img.size
-        scale = max(th / h, tw / w)
-        rh, rw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
-        if (rw, rh) != (w, h):
-            img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+        return self.crop_flip(cover(img, target_hw), (h, w), target_hw, rng)
+
+    def crop_flip(
+        self,
+        img: Image.Image,
+        original_hw: tuple[int, int],
+        target_hw: tuple[int, int],
+        rng: random.Random,
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The per-draw half of `__call__` on an image already resized by `cover` (what
+        `keep_in_memory` keeps): the same result as `__call__` on the original."""
+        th, tw = target_hw
+        rw, rh = img.size
         if self.center_crop:
             top, left = (rh - th) // 2, (rw - tw) // 2
         else:
@@ -60,7 +68,16 @@ class ImageTransform:
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             left = rw - left - tw
-        return to_tensor(img), (h, w), (top, left)
+        return to_tensor(img), original_hw, (top, left)
+
+
+def cover(img: Image.Image, target_hw: tuple[int, int]) -> Image.Image:
+    """`img` resized (bilinear, aspect kept) to the smallest size covering `target_hw`."""
+    th, tw = target_hw
+    w, h = img.size
+    scale = max(th / h, tw / w)
+    rh, rw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
+    return img.resize((rw, rh), Image.Resampling.BILINEAR) if (rw, rh) != (w, h) else img
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
