@@ -11,7 +11,7 @@ import torch
 from data_fixtures import lora_config, write_image_dir
 
 from runner.data import build_train_dataloader
-from runner.data.memory import DecodedImages
+from runner.data.memory import DecodedImages, Kept
 from runner.storage import LocalStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,5 +86,5 @@ def test_budget_bounds_memory(tmp_path: Path) -> None:
 
     memory = DecodedImages(budget_bytes=3 * 10 * 10 * 2)
     for i in range(5):
-        memory.put(i, Image.new("RGB", (10, 10)), (10, 10))
+        memory.put(i, Kept(Image.new("RGB", (10, 10)), (10, 10)))
     assert len(memory) == 2 and memory.used == 600

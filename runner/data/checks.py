@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.data.captions import needs_captions
-from runner.data.images import MAX_IMAGE_PIXELS, decode_image
+from runner.data.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
 from runner.data.index import DataIndex, build_index, load_index
 from runner.data.sources import Source, build_source, fetch_pool
 from runner.errors import DataError
@@ -37,7 +37,12 @@ def preflight(
     line and how many more are bad. Bounded parallel reads; never hangs."""
     loader_cfg = cfg.data_loader
     need = needs_captions(loader_cfg)
-    source = build_source(loader_cfg.dataset, cfg.storage, need_captions=need)
+    source = build_source(
+        loader_cfg.dataset,
+        cfg.storage,
+        need_captions=need,
+        need_masks=getattr(cfg, "use_masks", False),
+    )
     result = build_index(source, load_index(run_store), max_pixels)
     errors = list(result.errors)
     if need:
@@ -72,6 +77,8 @@ def verify_data(
         try:
             raw = source.fetch(index)
             decode_image(raw.data, raw.id, max_pixels)
+            if raw.mask is not None:
+                decode_mask(raw.mask.data, raw.mask.name, max_pixels)
             return None
         except DataError as err:
             return err

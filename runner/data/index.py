@@ -134,6 +134,36 @@ def build_index(
 def _entry(
     source: Source, i: int, previous: DataIndex | None, max_pixels: int
 ) -> tuple[IndexEntry | DataError, bool]:
+    entry, reused = _image_entry(source, i, previous, max_pixels)
+    if isinstance(entry, IndexEntry) and source.records[i].mask_key is not None:
+        try:
+            check_mask_header(source, i, (entry.height, entry.width), max_pixels)
+        except DataError as err:
+            return err, False
+    return entry, reused
+
+
+def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pixels: int) -> None:
+    """`use_masks`: the mask is a readable image of its image's size (from its header)."""
+    mask = source.mask_head(i, HEADER_BYTES)
+    try:
+        height, width = image_size_hw(mask.data, mask.name, max_pixels)
+    except DataError:
+        if len(mask.data) < HEADER_BYTES:
+            raise
+        full = source.fetch(i).mask
+        assert full is not None
+        height, width = image_size_hw(full.data, full.name, max_pixels)
+    if (height, width) != image_hw:
+        raise DataError(
+            f"{mask.name}: is {width}x{height} but its image is {image_hw[1]}x{image_hw[0]}",
+            hint="save the mask at its image's size",
+        )
+
+
+def _image_entry(
+    source: Source, i: int, previous: DataIndex | None, max_pixels: int
+) -> tuple[IndexEntry | DataError, bool]:
     rec = source.records[i]
     if previous is not None and rec.etag:
         old = previous.entries.get((source.store_uri(i), rec.image_key or rec.id))

@@ -13,17 +13,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from runner.config.pipelines import PipelineConfig
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
 from runner.data.captions import CaptionBuilder, LoaderConfig
 from runner.data.checks import PreflightReport, preflight
-from runner.data.images import decode_image
-from runner.data.memory import DecodedImages, default_budget
+from runner.data.images import decode_image, decode_mask
+from runner.data.memory import DecodedImages, Kept, default_budget
 from runner.data.sources import Source, fetch_pool
-from runner.data.transforms import ImageTransform, cover, resolution_hw
+from runner.data.transforms import ImageTransform, cover, mask_to_tensor, resolution_hw, to_tensor
 from runner.errors import DataError
 
 Batch = dict[str, Any]
@@ -60,31 +59,37 @@ class TrainDataset(Dataset[Batch]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _image(self, index: int) -> tuple[Image.Image, tuple[int, int]]:
-        """(image resized to cover the example's bucket, original (h, w))."""
+    def _image(self, index: int) -> Kept:
+        """The decoded image (and mask) resized to cover the example's bucket: what
+        `keep_in_memory` keeps; each draw then only crops and flips it."""
         kept = self.memory.get(index) if self.memory is not None else None
         if kept is not None:
             return kept
         raw = self.source.fetch(index)
-        image = decode_image(raw.data, raw.id)
-        resized = (cover(image, self.target_hw[index]), (image.height, image.width))
+        image, target = decode_image(raw.data, raw.id), self.target_hw[index]
+        mask = None
+        if raw.mask is not None:
+            mask = cover(decode_mask(raw.mask.data, raw.mask.name), target, image.size)
+        kept = Kept(cover(image, target), image.size, mask)
         if self.memory is not None:
-            self.memory.put(index, *resized)
-        return resized
+            self.memory.put(index, kept)
+        return kept
 
     def load(self, key: tuple[int, int]) -> Batch:
         index, epoch = key
-        image, original = self._image(index)
+        kept = self._image(index)
         rng = random.Random(derive_seed("image", self.seed, epoch, index))
-        target = self.target_hw[index]
-        pixels, original, crop = self.transform.crop_flip(image, original, target, rng)
-        return {
-            "pixel_values": pixels,
+        place = self.transform.plan(kept.original_wh, self.target_hw[index], rng)
+        item: Batch = {
+            "pixel_values": to_tensor(place.apply(kept.image)),
             "caption": self.caption(index, epoch),
-            "original_size_hw": original,
-            "crop_top_left_yx": crop,
+            "original_size_hw": place.original_hw,
+            "crop_top_left_yx": place.crop_yx,
             "id": self.source.records[index].id,
         }
+        if kept.mask is not None:
+            item["mask"] = mask_to_tensor(place.apply(kept.mask))
+        return item
 
     def caption(self, index: int, epoch: int) -> str:
         """The final caption of an example in an epoch (no image read)."""
@@ -147,6 +152,8 @@ def collate(items: list[Batch]) -> Batch:
         ),
         "id": [it["id"] for it in items],
     }
+    if "mask" in items[0]:
+        batch["mask"] = torch.stack([it["mask"] for it in items])
     skipped = [message for it in items for message in it.get("skipped", [])]
     if skipped:
         batch["skipped"] = skipped

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -27,6 +28,21 @@ def memory_limit_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+@dataclass(frozen=True)
+class Kept:
+    """A decoded example resized to cover its bucket: image, original (w, h), mask."""
+
+    image: Image.Image
+    original_wh: tuple[int, int]
+    mask: Image.Image | None = None
+
+    @property
+    def cost(self) -> int:
+        """Bytes of pixel data held."""
+        images = [self.image] + ([self.mask] if self.mask is not None else [])
+        return sum(i.width * i.height * len(i.getbands()) for i in images)
+
+
 class DecodedImages:
     """Images by example index; adding one over the budget is refused (once logged), so
     memory stays bounded and the rest are decoded on each draw."""
@@ -34,19 +50,18 @@ class DecodedImages:
     def __init__(self, budget_bytes: int | None = None) -> None:
         self.budget = budget_bytes if budget_bytes is not None else default_budget()
         self.used = 0
-        self._images: dict[int, tuple[Image.Image, tuple[int, int]]] = {}
+        self._images: dict[int, Kept] = {}
         self._lock = threading.Lock()
         self._warned = False
 
     def __len__(self) -> int:
         return len(self._images)
 
-    def get(self, index: int) -> tuple[Image.Image, tuple[int, int]] | None:
-        """(resized image, original (h, w)) or None."""
+    def get(self, index: int) -> Kept | None:
         return self._images.get(index)
 
-    def put(self, index: int, image: Image.Image, original_hw: tuple[int, int]) -> None:
-        cost = image.width * image.height * len(image.getbands())
+    def put(self, index: int, kept: Kept) -> None:
+        cost = kept.cost
         with self._lock:
             if index in self._images:
                 return
@@ -60,7 +75,7 @@ class DecodedImages:
                     )
                     self._warned = True
                 return
-            self._images[index] = (image, original_hw)
+            self._images[index] = kept
             self.used += cost
 
     def __getstate__(self) -> dict[str, object]:

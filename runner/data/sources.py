@@ -27,6 +27,8 @@ from runner.data.images import is_image_name
 from runner.errors import DataError
 from runner.storage import ObjectInfo, ObjectStore, open_store
 
+MASK_COLUMN = "mask"
+"""The JSONL key of a line's loss-mask image path (fixed, as in invoke-training)."""
 FETCH_WORKERS = 16
 """Parallel GETs per process (bounded pool)."""
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -79,6 +81,17 @@ class Record:
     etag: str = ""
     """Version tag from the listing (S3 ETag / local mtime); with `size` it keys the index."""
     caption_etag: str = ""
+    mask_key: str | None = None  # use_masks: the loss mask image, in store `mask_store`
+    mask_store: int = 0
+    origin: str | None = None  # JSONL: "file:line", for messages
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """The loss mask of one example (`use_masks`): encoded bytes and a name for messages."""
+
+    data: bytes
+    name: str
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class RawExample:
     id: str
     data: bytes
     caption: str | None
+    mask: MaskRef | None = None
 
 
 class Source:
@@ -120,15 +134,15 @@ class Source:
         if rec.row is not None and self.hf is not None:
             data = self.hf.image_bytes(rec.row, rec.id)
         else:
-            data = self._get(rec, rec.image_key)
-        return RawExample(rec.id, data, self.caption(index))
+            data = self._get(rec.store, rec.image_key)
+        return RawExample(rec.id, data, self.caption(index), self._mask(rec))
 
     def caption(self, index: int) -> str | None:
         """The example's dataset caption (reads its caption file, if it has one)."""
         rec = self.records[index]
         if rec.caption_key is None:
             return rec.caption
-        raw = self._get(rec, rec.caption_key)
+        raw = self._get(rec.store, rec.caption_key)
         try:
             return raw.decode("utf-8").strip()
         except UnicodeDecodeError as err:
@@ -145,13 +159,26 @@ class Source:
             return self.hf.image_bytes(rec.row, rec.id)
         store = self.stores[rec.store].get()
         if not hasattr(store, "get_range"):
-            return self._get(rec, rec.image_key)
+            return self._get(rec.store, rec.image_key)
         try:
             return store.get_range(rec.image_key, 0, length)
         except FileNotFoundError:
             raise DataError(
                 f"{self._url(rec, rec.image_key)}: file not found",
                 hint="fix the path or remove the entry",
+            ) from None
+
+    def mask_head(self, index: int, length: int) -> MaskRef:
+        """The first `length` bytes of the example's mask (one ranged GET)."""
+        rec = self.records[index]
+        assert rec.mask_key is not None
+        store = self.stores[rec.mask_store].get()
+        name = f"{rec.origin}: mask {store.url(rec.mask_key)}"
+        try:
+            return MaskRef(store.get_range(rec.mask_key, 0, length), name)
+        except FileNotFoundError:
+            raise DataError(
+                f"{name}: file not found", hint="fix the path or remove the entry"
             ) from None
 
     def store_uri(self, index: int) -> str:
@@ -168,22 +195,34 @@ class Source:
     def _url(self, rec: Record, key: str) -> str:
         return self.stores[rec.store].get().url(key)
 
-    def _get(self, rec: Record, key: str) -> bytes:
+    def _get(self, store: int, key: str, what: str = "") -> bytes:
         try:
-            return self.stores[rec.store].get().get_bytes(key)
+            return self.stores[store].get().get_bytes(key)
         except FileNotFoundError:
             raise DataError(
-                f"{self._url(rec, key)}: file not found", hint="fix the path or remove the entry"
+                f"{what}{self.stores[store].get().url(key)}: file not found",
+                hint="fix the path or remove the entry",
             ) from None
+
+    def _mask(self, rec: Record) -> MaskRef | None:
+        if rec.mask_key is None:
+            return None
+        name = f"{rec.origin}: mask {self.stores[rec.mask_store].get().url(rec.mask_key)}"
+        data = self._get(rec.mask_store, rec.mask_key, f"{rec.origin}: mask ")
+        return MaskRef(data, name)
 
 
 def build_source(
-    cfg: AnyDatasetConfig, storage: Any | None = None, *, need_captions: bool = True
+    cfg: AnyDatasetConfig,
+    storage: Any | None = None,
+    *,
+    need_captions: bool = True,
+    need_masks: bool = False,
 ) -> Source:
     """List the dataset (no image bytes read); DataError for missing files, bad lines, or
-    an empty dataset."""
+    an empty dataset. `need_masks` (JSONL only) reads each line's `mask` column."""
     if isinstance(cfg, ImageCaptionJsonlDatasetConfig):
-        source = _jsonl_source(cfg, storage, need_captions)
+        source = _jsonl_source(cfg, storage, need_captions, need_masks)
     elif isinstance(cfg, ImageCaptionDirDatasetConfig):
         source = _dir_source(cfg.dataset_dir, storage, cfg.keep_in_memory, captions=True)
     elif isinstance(cfg, ImageDirDatasetConfig):
@@ -259,11 +298,20 @@ def _split_uri(path: str) -> tuple[str, str]:
 
 
 def _jsonl_source(
-    cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None, need_captions: bool
+    cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None, need_captions: bool, masks: bool
 ) -> Source:
     folder, name = _split_uri(cfg.jsonl_path)
     refs = {folder: 0}
     stores = [StoreRef(folder, storage)]
+
+    def store_of(path: str, where: str, what: str) -> tuple[int, str]:
+        root, key = _resolve(path, where, what)
+        root = folder if root is None else root
+        if root not in refs:
+            refs[root] = len(stores)
+            stores.append(StoreRef(root, storage))
+        return refs[root], key
+
     try:
         text = stores[0].get().get_bytes(name)
     except FileNotFoundError:
@@ -278,13 +326,21 @@ def _jsonl_source(
         row = _parse_line(line, where)
         image = _column(row, cfg.image_column, where, str)
         caption = _column(row, cfg.caption_column, where, str) if need_captions else None
-        root, key = _resolve(image, where)
-        if root is None:
-            root = folder
-        if root not in refs:
-            refs[root] = len(stores)
-            stores.append(StoreRef(root, storage))
-        records.append(Record(id=image, image_key=key, store=refs[root], caption=caption))
+        store, key = store_of(image, where, "image")
+        mask_store, mask_key = (
+            store_of(_mask_column(row, where), where, "mask") if masks else (0, None)
+        )
+        records.append(
+            Record(
+                id=image,
+                image_key=key,
+                store=store,
+                caption=caption,
+                mask_key=mask_key,
+                mask_store=mask_store,
+                origin=where,
+            )
+        )
     records = _with_listing(records, stores, cfg.jsonl_path)
     return Source(cfg.jsonl_path, records, stores, keep_in_memory=cfg.keep_in_memory)
 
@@ -342,24 +398,35 @@ def _column(row: dict[str, Any], column: str, where: str, kind: type) -> Any:
     return value
 
 
-def _resolve(image: str, where: str) -> tuple[str | None, str]:
-    """(store root or None for the JSONL folder, key) for an image path from a JSONL line."""
-    if image.startswith("s3://"):
-        bucket, _, key = image[len("s3://") :].partition("/")
+def _mask_column(row: dict[str, Any], where: str) -> str:
+    """The line's `mask` path (invoke-training's fixed column name)."""
+    value = row.get(MASK_COLUMN)
+    if not isinstance(value, str) or not value:
+        raise DataError(
+            f"{where}: use_masks needs a {MASK_COLUMN!r} path on every line (got {value!r})",
+            hint="add the mask image path, or set use_masks: false",
+        )
+    return value
+
+
+def _resolve(path: str, where: str, what: str = "image") -> tuple[str | None, str]:
+    """(store root or None for the JSONL folder, key) for a file path from a JSONL line."""
+    if path.startswith("s3://"):
+        bucket, _, key = path[len("s3://") :].partition("/")
         if not bucket or not key:
-            raise DataError(f"{where}: {image!r} is not an s3://bucket/key URI")
-        _check_relative(key, image, where)
+            raise DataError(f"{where}: {path!r} is not an s3://bucket/key URI")
+        _check_relative(key, path, where, what)
         return f"s3://{bucket}", key
-    if os.path.isabs(image):
-        return "/", image.lstrip("/")
-    _check_relative(image, image, where)
-    return None, posixpath.normpath(image)
+    if os.path.isabs(path):
+        return "/", path.lstrip("/")
+    _check_relative(path, path, where, what)
+    return None, posixpath.normpath(path)
 
 
-def _check_relative(key: str, shown: str, where: str) -> None:
+def _check_relative(key: str, shown: str, where: str, what: str = "image") -> None:
     if ".." in key.replace("\\", "/").split("/") or "://" in key:
         raise DataError(
-            f"{where}: image path {shown!r} escapes the dataset folder",
+            f"{where}: {what} path {shown!r} escapes the dataset folder",
             hint="use a path inside the dataset folder (no '..')",
         )
 
