@@ -31,6 +31,7 @@ from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.data.checks import PreflightReport
 from runner.data.index import save_index
 from runner.errors import DataError, UserError
+from runner.layout import CONFIG_KEY, final_key, step_name
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
@@ -192,7 +193,7 @@ def _run(
     session = _Session(cfg, accelerator, store, manager, work, seed)
     state = session.prepare(restored, data)
     if is_main:  # only once the model and data loaded: a failed start writes nothing
-        store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
+        store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
         save_index(store, data)
     try:
         session.loop(stop or threading.Event()).run(state)
@@ -274,7 +275,7 @@ class _Session:
         if restored is None:
             return LoopState()
         state = self.checkpointer.restore(restored[0])
-        log.info("resumed from checkpoint step-%06d (epoch %d)", state.step, state.epoch + 1)
+        log.info("resumed from checkpoint %s (epoch %d)", step_name(state.step), state.epoch + 1)
         return state
 
     def loop(self, stop: threading.Event) -> Loop:
@@ -337,7 +338,7 @@ class _Session:
             final = self.work / "final"
             shutil.rmtree(final, ignore_errors=True)
             for path in self.pipeline.export(final):
-                keys.append(f"final/{path.relative_to(final).as_posix()}")
+                keys.append(final_key(path.relative_to(final).as_posix()))
                 self.store.put_file(keys[-1], path)
             self.progress.note(last_checkpoint_step=state.step)
             self.progress.finish("completed")

@@ -18,6 +18,7 @@ from launcher.cli import main
 from runner.config import config_to_yaml
 from runner.data import build_train_dataloader, preflight
 from runner.errors import EXIT_USER_ERROR, DataError
+from runner.layout import ProgressRecord
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,6 +120,8 @@ def test_run_stops_with_exit_2_and_progress_lists_them(tmp_path: Path, tiny_sd_d
     cfg = make_config("SD_LORA", tiny_sd_dir, data, out, max_train_steps=6)
     with pytest.raises(DataError, match=r"img-003\.png"):
         train(cfg)
+    record = ProgressRecord.from_bytes((out / "progress.json").read_bytes())
+    assert "1 unreadable images skipped" in record.summary()  # the `launcher status` line
     progress = json.loads((out / "progress.json").read_text())
     assert progress["state"] == "failed" and progress["bad_images"] == 1
     assert "img-003.png" in progress["bad_image_examples"][0]

@@ -18,11 +18,12 @@ from typing import Any
 from runner.data.images import MAX_IMAGE_PIXELS, image_size_hw
 from runner.data.sources import Source, fetch_pool
 from runner.errors import DataError
+from runner.layout import DATA_INDEX_KEY
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-INDEX_KEY = "data-index.json.gz"
-"""The index's key in the run's output location."""
+INDEX_KEY = DATA_INDEX_KEY
+"""The index's key in the run's output location (gzip'd JSON)."""
 INDEX_VERSION = 1
 HEADER_BYTES = 64 * 1024
 """First read per image; PNG/WEBP/BMP headers and almost every JPEG's SOF fit in it (a longer
