@@ -8,7 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.config.data import DreamboothSDDataLoaderConfig
 from runner.data.captions import needs_captions
+from runner.data.dreambooth import dreambooth_source
 from runner.data.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
 from runner.data.index import DataIndex, build_index, load_index
 from runner.data.sources import Source, build_source, fetch_pool
@@ -27,6 +29,10 @@ class PreflightReport:
     index: DataIndex | None = field(default=None, repr=False, compare=False)
     reused: int = 0
     scanned: int = 0
+    num_instance: int | None = None
+    """DreamBooth: how many of the examples (the first ones) are instance images."""
+    loss_weights: list[float] | None = field(default=None, repr=False)
+    """DreamBooth: each example's loss weight."""
 
 
 def preflight(
@@ -37,12 +43,17 @@ def preflight(
     line and how many more are bad. Bounded parallel reads; never hangs."""
     loader_cfg = cfg.data_loader
     need = needs_captions(loader_cfg)
-    source = build_source(
-        loader_cfg.dataset,
-        cfg.storage,
-        need_captions=need,
-        need_masks=getattr(cfg, "use_masks", False),
-    )
+    dreambooth = None
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        dreambooth = dreambooth_source(loader_cfg, cfg.storage)
+        source = dreambooth.source
+    else:
+        source = build_source(
+            loader_cfg.dataset,
+            cfg.storage,
+            need_captions=need,
+            need_masks=getattr(cfg, "use_masks", False),
+        )
     result = build_index(source, load_index(run_store), max_pixels)
     errors = list(result.errors)
     if need:
@@ -50,7 +61,14 @@ def preflight(
         errors += [DataError(f"{r.id}: no caption") for r in missing]
     raise_first(errors, "bad examples")
     return PreflightReport(
-        len(source), result.sizes_hw, result.source, result.index, result.reused, result.scanned
+        len(source),
+        result.sizes_hw,
+        result.source,
+        result.index,
+        result.reused,
+        result.scanned,
+        dreambooth.num_instance if dreambooth else None,
+        dreambooth.loss_weights if dreambooth else None,
     )
 
 

@@ -185,12 +185,12 @@ def _image_entry(
 def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
     """(h, w) of example `i` from its header: one ranged read, the whole file only when the
     header is longer than `HEADER_BYTES` (format, pixel limit and EXIF are checked)."""
-    rec = source.records[i]
+    rec, name = source.records[i], source.url(i)
     data = source.head(i, HEADER_BYTES)
     try:
-        return image_size_hw(data, rec.id, max_pixels)
+        return image_size_hw(data, name, max_pixels)
     except DataError as err:
         whole = len(data) < HEADER_BYTES or (0 <= rec.size <= len(data))
         if whole or "too large" in err.message or "unsupported" in err.message:
             raise
-    return image_size_hw(source.fetch(i).data, rec.id, max_pixels)
+    return image_size_hw(source.fetch(i).data, name, max_pixels)

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from runner.config.data import DreamboothSDDataLoaderConfig
 from runner.config.pipelines import PipelineConfig
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
-from runner.data.captions import CaptionBuilder, LoaderConfig
+from runner.data.captions import CaptionBuilder
 from runner.data.checks import PreflightReport, preflight
+from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
 from runner.data.images import decode_image, decode_mask
 from runner.data.memory import DecodedImages, Kept, default_budget
 from runner.data.sources import Source, fetch_pool
@@ -46,15 +48,17 @@ class TrainDataset(Dataset[Batch]):
     def __init__(
         self,
         source: Source,
-        captions: CaptionBuilder,
+        captions: CaptionBuilder | FixedCaptions,
         transform: ImageTransform,
         target_hw: Sequence[tuple[int, int]],
         seed: int,
         memory: DecodedImages | None = None,
+        loss_weights: Sequence[float] | None = None,
     ) -> None:
         self.source, self.captions, self.transform = source, captions, transform
         self.target_hw, self.seed = list(target_hw), seed
         self.memory = memory
+        self.loss_weights = None if loss_weights is None else list(loss_weights)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -89,6 +93,8 @@ class TrainDataset(Dataset[Batch]):
         }
         if kept.mask is not None:
             item["mask"] = mask_to_tensor(place.apply(kept.mask))
+        if self.loss_weights is not None:
+            item["loss_weight"] = self.loss_weights[index]
         return item
 
     def caption(self, index: int, epoch: int) -> str:
@@ -154,6 +160,10 @@ def collate(items: list[Batch]) -> Batch:
     }
     if "mask" in items[0]:
         batch["mask"] = torch.stack([it["mask"] for it in items])
+    if "loss_weight" in items[0]:
+        batch["loss_weight"] = torch.tensor(
+            [it["loss_weight"] for it in items], dtype=torch.float32
+        )
     skipped = [message for it in items for message in it.get("skipped", [])]
     if skipped:
         batch["skipped"] = skipped
@@ -240,22 +250,28 @@ class ResumableLoader:
         batches: Iterator[Batch] = iter(self._loader)
         if self.num_workers == 0:
             batches = _ahead(batches, PREFETCH_BATCHES)
-        for batch in batches:
-            self.sampler.position += 1
-            if "skipped" in batch:
-                self._count_bad(batch.pop("skipped"))
-            yield batch
+        try:
+            for batch in batches:
+                self.sampler.position += 1
+                if "skipped" in batch:
+                    self._count_bad(batch.pop("skipped"))
+                yield batch
+        finally:  # stop the prefetch thread here, not whenever the generator is collected
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         if self.sampler.position >= len(self.sampler):
             self.sampler.epoch, self.sampler.position = self.sampler.epoch + 1, 0
 
 
 def cache_batches(loader: ResumableLoader, skip: set[int] | None = None) -> Iterator[Batch]:
-    """Every example once (but those in `skip`), for filling the latent / text caches: epoch
-    0's global batches (whatever epoch a resumed run is in, so caches are identical across
-    resumes) cut into per-process batches. The loader's position does not move."""
+    """Every example once (but those in `skip`), for filling the latent / text caches: the
+    sampler's covering batches (epoch 0's, whatever epoch a resumed run is in, so caches are
+    identical across resumes) cut into per-process batches. The loader's position does not
+    move."""
     sampler, dataset = loader.sampler, loader.dataset
     size = sampler.batch_size
-    for batch in sampler.global_batches(0):
+    for batch in sampler.cover_batches():
         batch = [i for i in batch if not skip or i not in skip]
         for start in range(0, len(batch), size):
             yield collate(dataset.__getitems__([(i, 0) for i in batch[start : start + size]]))
@@ -296,7 +312,7 @@ def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield value
     finally:
         stop.set()
-        while thread.is_alive():
+        while thread.is_alive() and thread is not threading.current_thread():
             with contextlib.suppress(queue.Empty):
                 items.get_nowait()
             thread.join(timeout=0.05)
@@ -332,9 +348,7 @@ def build_train_dataloader(
     ``data`` is the run's preflight report: its source and image sizes are used as they are
     (one listing for the whole run, buckets from the index); without it, preflight runs here.
     """
-    loader_cfg: LoaderConfig = cfg.data_loader
-    text = placeholder_text or default_placeholder_text(cfg)
-    captions = CaptionBuilder(loader_cfg, text)
+    loader_cfg = cfg.data_loader
     data = data or preflight(cfg)
     source = data.source
     assert source is not None
@@ -348,13 +362,30 @@ def build_train_dataloader(
         center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip
     )
     memory = None
-    if getattr(loader_cfg.dataset, "keep_in_memory", False):
+    if getattr(getattr(loader_cfg, "dataset", None), "keep_in_memory", False):
         memory = DecodedImages(default_budget() // max(1, loader_cfg.dataloader_num_workers))
-    targets = [buckets[b] for b in bucket_of]
-    dataset = TrainDataset(source, captions, transform, targets, seed, memory)
-    sampler = BucketBatchSampler(
-        bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
-    )
+    target_hw = [buckets[b] for b in bucket_of]
+    sampler: BucketBatchSampler
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        assert data.num_instance is not None
+        dataset = TrainDataset(
+            source, FixedCaptions(), transform, target_hw, seed, memory, data.loss_weights
+        )
+        sampler = DreamBoothBatchSampler(
+            bucket_of,
+            data.num_instance,
+            batch_size,
+            seed,
+            bucketed=loader_cfg.aspect_ratio_buckets is not None,
+            num_replicas=num_processes,
+            rank=process_index,
+        )
+    else:
+        captions = CaptionBuilder(loader_cfg, placeholder_text or default_placeholder_text(cfg))
+        dataset = TrainDataset(source, captions, transform, target_hw, seed, memory)
+        sampler = BucketBatchSampler(
+            bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
+        )
     loader = ResumableLoader(
         dataset,
         sampler,

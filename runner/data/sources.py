@@ -239,6 +239,28 @@ def build_source(
     return source
 
 
+def merge_sources(parts: list[tuple[str, Source, str]]) -> Source:
+    """One `Source` of several (name, source, fixed caption) parts, in order: ids become
+    ``<name>/<id>``, every caption the part's caption."""
+    records: list[Record] = []
+    stores: list[StoreRef] = []
+    for name, source, caption in parts:
+        offset = len(stores)
+        stores.extend(source.stores)
+        records += [
+            replace(
+                rec,
+                id=f"{name}/{rec.id}",
+                caption=caption,
+                caption_key=None,
+                store=rec.store + offset,
+                mask_store=rec.mask_store + offset,
+            )
+            for rec in source.records
+        ]
+    return Source(" + ".join(source.name for _, source, _ in parts), records, stores)
+
+
 # --- directories ---------------------------------------------------------------------------
 
 
