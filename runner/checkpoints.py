@@ -195,10 +195,6 @@ class CheckpointManager:
             raise error
         return True
 
-    def close(self) -> None:
-        """Wait for the upload in flight (re-raising its error)."""
-        self.wait()
-
     def _save(self, step: int, local_dir: Path, meta: dict[str, Any] | None) -> Manifest:
         started = time.monotonic()
         files = _local_files(local_dir)
@@ -228,14 +224,6 @@ class CheckpointManager:
         )
         self.prune_best_effort()
         return manifest
-
-    def publish_file(self, key: str, src: str | Path | bytes) -> None:
-        """Atomically put one object (a validation PNG, progress.json) with retries."""
-        check_key(key)
-        if isinstance(src, bytes):
-            self._retry(lambda: self.store.put_bytes(key, src), f"publish {key}")
-        else:
-            self._retry(lambda: self.store.put_file(key, src), f"publish {key}")
 
     # -- reading ------------------------------------------------------------------------------
 
