@@ -120,8 +120,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Checkpointer:
     """Decides when to checkpoint, writes the step folder, hands it to the manager.
 
-    ``objects`` holds everything else with a ``state_dict`` that must resume exactly
-    (optimizer, lr_scheduler, scaler, generator wrapper, loader).
+    ``compat`` is ``compat_info(cfg)`` (the config fields a resumed run must share, written
+    to ``run_info.json``); ``objects`` holds everything else with a ``state_dict`` that must
+    resume exactly (optimizer, lr_scheduler, scaler, generator wrapper, loader).
     """
 
     def __init__(
@@ -129,14 +130,14 @@ class Checkpointer:
         cadence: Cadence,
         manager: Manager,
         work_dir: Path,
-        cfg: PipelineConfig,
+        compat: dict[str, Any],
         pipeline: TrainingPipeline,
         objects: dict[str, Any],
         *,
         seed: int,
         is_main: bool = True,
     ) -> None:
-        self.cadence, self.manager, self.cfg = cadence, manager, cfg
+        self.cadence, self.manager, self.compat = cadence, manager, compat
         self.work_dir, self.pipeline, self.objects = work_dir, pipeline, objects
         self.seed, self.is_main = seed, is_main
         self.last_saved: int | None = None
@@ -168,7 +169,7 @@ class Checkpointer:
             },
             folder / STATE_FILE,
         )
-        info = {"step": state.step, "seed": self.seed, **compat_info(self.cfg)}
+        info = {"step": state.step, "seed": self.seed, **self.compat}
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         self.manager.save_async(state.step, folder)  # waits for the previous upload
         for old in self._staged:

@@ -26,6 +26,7 @@ from runner.checkpointer import (
     LoopState,
     Manager,
     ResumePoint,
+    compat_info,
     fetch_latest,
 )
 from runner.config import PipelineConfig, config_to_yaml, output_uri
@@ -311,7 +312,7 @@ class _Session:
             Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs),
             self.manager,
             self.work,
-            cfg,
+            compat_info(cfg),
             self.pipeline,
             objects,
             seed=self.seed,
