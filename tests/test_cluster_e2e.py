@@ -159,7 +159,8 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
     logs = (tmp_path / "logs.out").read_text()
     assert "==> pod" in logs and "resumed from checkpoint step-" in logs, logs[-3000:]
     resumed = int(logs.split("resumed from checkpoint step-")[1][:6])
-    assert resumed >= 10 and resumed % 10 == 0
+    # the SIGTERM checkpoint, at or after the newest one published before the preemption
+    assert status["progress"]["last_checkpoint_step"] <= resumed < 400
     prefix = f"kubetune/{run}/"
     keys = _keys(run_env, prefix)
     manifests = [
