@@ -42,7 +42,7 @@ COPY pyproject.toml ./
 RUN mkdir runner launcher && touch README.md runner/__init__.py launcher/__init__.py \
     && pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
     && pip uninstall -y kubetune && rm -rf /src/*
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY runner ./runner
 COPY launcher ./launcher
 RUN pip install --no-deps . && rm -rf /src
