@@ -21,7 +21,8 @@ from s3server import S3Server
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).parent.parent
-STEPS = 60  # long enough to preempt after the first checkpoint (every 10 steps)
+STEPS = 20  # long enough to preempt after the first checkpoint (every 5 steps)
+EVERY = 5
 
 
 def _upload_dataset(s3: S3Server, bucket: str) -> None:
@@ -47,9 +48,9 @@ def _config(s3: S3Server, bucket: str, name: str, steps: int, namespace: str, im
         "lora_checkpoint_format": "kohya",
         "train_batch_size": 2,
         "max_train_steps": steps,
-        "save_every_n_steps": 10,
+        "save_every_n_steps": EVERY,
         "max_checkpoints": 2,
-        "log_every_n_steps": 5,
+        "log_every_n_steps": 1,
         "storage": {
             "endpoint_url": s3.endpoint,
             "bucket": bucket,
@@ -136,7 +137,7 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
             progress = status.get("progress") or {}
             ok = (
                 status.get("phase") == "Running"
-                and (progress.get("last_checkpoint_step") or 0) >= 10
+                and (progress.get("last_checkpoint_step") or 0) >= EVERY
             )
             return status if ok and progress.get("loss") is not None else None
 
@@ -168,7 +169,7 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
         k for k in keys if k.startswith(f"{prefix}checkpoints/") and k.endswith("manifest.json")
     ]
     assert manifests == [
-        f"{prefix}checkpoints/step-{STEPS - 10:06d}/manifest.json",
+        f"{prefix}checkpoints/step-{STEPS - EVERY:06d}/manifest.json",
         f"{prefix}checkpoints/step-{STEPS:06d}/manifest.json",
     ]
     assert f"{prefix}final/lora.safetensors" in keys
@@ -235,7 +236,7 @@ def test_cancel_removes_job_and_config_map_and_keeps_outputs(
 
     def checkpointed() -> bool:
         progress = _status(cluster, ns, run).get("progress") or {}
-        return (progress.get("last_checkpoint_step") or 0) >= 10
+        return (progress.get("last_checkpoint_step") or 0) >= EVERY
 
     wait_until(checkpointed, 300, "the first checkpoint")
     listed = cluster.launcher("list", "-n", ns)
