@@ -28,6 +28,8 @@ from runner.storage import ObjectStore, check_key, join_key, retry_transient
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+FINAL_MANIFEST_KEY = f"final/{MANIFEST}"
+"""The final weights' manifest, written after them: ``final/`` is complete once it exists."""
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _T = TypeVar("_T")
 
@@ -87,6 +89,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def file_entry(root: Path, rel: str) -> FileEntry:
+    """Size and sha256 of ``root / rel`` as a manifest entry."""
+    path = root / rel
+    return FileEntry(rel, path.stat().st_size, _sha256(path))
+
+
 def _local_files(local_dir: Path) -> list[str]:
     """Relative POSIX paths of every file under ``local_dir`` (which must exist)."""
     if not local_dir.is_dir():
@@ -122,6 +134,8 @@ class CheckpointManager:
         self.file_concurrency = file_concurrency
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.on_published: Callable[[int], None] | None = None
+        """Called with the step once a manifest landed (e.g. a webhook); errors are logged."""
 
     def key(self, step: int, name: str = "") -> str:
         """Store key of ``name`` inside the checkpoint of ``step`` (the folder if empty)."""
@@ -185,16 +199,14 @@ class CheckpointManager:
             self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
 
         def upload(rel: str) -> FileEntry:
-            path = local_dir / rel
-            entry = FileEntry(rel, path.stat().st_size, _sha256(path))
+            entry = file_entry(local_dir, rel)
             key = self.key(step, rel)
-            self._retry(lambda: self.store.put_file(key, path), f"upload {key}")
+            self._retry(lambda: self.store.put_file(key, local_dir / rel), f"upload {key}")
             return entry
 
         with ThreadPoolExecutor(max(1, self.file_concurrency), "ckpt-upload") as pool:
             entries = tuple(pool.map(upload, files))
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest = Manifest(step, created, entries, dict(meta or {}))
+        manifest = Manifest(step, utc_now(), entries, dict(meta or {}))
         body = manifest.to_bytes()
         self._retry(lambda: self.store.put_bytes(manifest_key, body), f"publish {manifest_key}")
         log.info(
@@ -204,8 +216,17 @@ class CheckpointManager:
             manifest.total_bytes / 1e6,
             time.monotonic() - started,
         )
+        self._announce(step)
         self.prune()
         return manifest
+
+    def _announce(self, step: int) -> None:
+        if self.on_published is None:
+            return
+        try:
+            self.on_published(step)
+        except Exception as exc:  # noqa: BLE001 - a listener never breaks publishing
+            log.warning("checkpoint step %d: on_published failed: %s", step, exc)
 
     def publish_file(self, key: str, src: str | Path | bytes) -> None:
         """Atomically put one object (a validation PNG, progress.json) with retries."""

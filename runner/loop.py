@@ -18,6 +18,7 @@ from runner.checkpointer import Checkpointer, LoopState
 from runner.errors import Preempted
 from runner.pipelines.common import Batch, TrainingPipeline
 from runner.progress import ProgressReporter
+from runner.run_events import RunEvents
 from runner.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class Loop:
     stop: threading.Event
     total_steps: int
     accumulation: int
+    events: RunEvents
 
     def run(self, state: LoopState) -> None:
         """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
@@ -156,7 +158,8 @@ class Loop:
             self.progress.update(state.step, epoch, loss, self.runner.lr, item.images)
             if self.checkpointer.maybe_save(state, item.completed_epoch):
                 self.progress.note(last_checkpoint_step=state.step)
-            self.validator.maybe_validate(state.step, item.completed_epoch)
+            if self.validator.maybe_validate(state.step, item.completed_epoch):
+                self.events.validation(state.step)
             if state.step >= self.total_steps:
                 return
             if self.stop.is_set():

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from runner.history import History
 from runner.storage import ObjectStore
 
 log = logging.getLogger("runner.progress")
@@ -58,6 +59,7 @@ class ProgressReporter:
             "total_steps": settings.total_steps,
         }
         self._writer = self._tensorboard(settings.tensorboard_dir)
+        self.history = History(store, start_step=start_step)
 
     @staticmethod
     def _tensorboard(folder: Path | None) -> Any:
@@ -97,6 +99,7 @@ class ProgressReporter:
         self.record.update(
             step=step, epoch=epoch, loss=loss, lr=lr, images_per_sec=ips, eta_seconds=round(eta, 1)
         )
+        self.history.append(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips)
         if self._writer is not None:
             self._writer.add_scalar("train/loss", loss, step)
             self._writer.add_scalar("train/lr", lr, step)
@@ -117,6 +120,7 @@ class ProgressReporter:
         self.record["updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._last_write = time.monotonic()
         if self.store is not None:
+            self.history.publish()
             self.store.put_bytes(PROGRESS_KEY, json.dumps(self.record, indent=2).encode())
         if self._writer is not None:
             self._writer.flush()
@@ -129,6 +133,10 @@ class ProgressReporter:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 self.store.put_file(f"logs/{path.relative_to(folder).as_posix()}", path)
+
+    def history_records(self) -> list[dict[str, Any]]:
+        """The metric history so far (for the run report)."""
+        return self.history.records
 
     def finish(self, state: str) -> None:
         self.write(state)

@@ -27,14 +27,16 @@ from runner.checkpointer import (
     Manager,
     fetch_latest,
 )
+from runner.checkpoints import FINAL_MANIFEST_KEY, Manifest, file_entry, utc_now
 from runner.config import PipelineConfig, config_to_yaml, output_uri
-from runner.errors import DataError, UserError
+from runner.errors import DataError, Preempted, UserError
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.common import enable_gradient_checkpointing
 from runner.progress import ProgressReporter, ProgressSettings
+from runner.run_events import RunEvents
 from runner.speed import enable_tf32, tune_unet
 from runner.storage import ObjectStore, open_store
 from runner.validation import ValidationSettings, Validator
@@ -172,10 +174,39 @@ def _run(
     manager_factory: ManagerFactory | None,
 ) -> RunResult:
     accelerator = make_accelerator(cfg)
-    is_main = accelerator.is_main_process
     uri = output_uri(cfg)
     store = open_store(uri, cfg.storage)
+    events = RunEvents(cfg, store if accelerator.is_main_process else None)
+    try:
+        result = _train(cfg, work, accelerator, store, events, resume=resume,
+                        force_restart=force_restart, stop=stop,
+                        manager_factory=manager_factory)  # fmt: skip
+    except Preempted:
+        events.finished("preempted")
+        raise
+    except BaseException as err:
+        events.finished("failed", error=(str(err).splitlines() or [type(err).__name__])[0])
+        raise
+    events.finished("completed")
+    return result
+
+
+def _train(
+    cfg: PipelineConfig,
+    work: Path,
+    accelerator: Accelerator,
+    store: ObjectStore,
+    events: RunEvents,
+    *,
+    resume: bool,
+    force_restart: bool,
+    stop: threading.Event | None,
+    manager_factory: ManagerFactory | None,
+) -> RunResult:
+    is_main, uri = accelerator.is_main_process, output_uri(cfg)
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
+    if is_main:
+        manager.on_published = events.checkpoint
     restored = _resume_point(manager, work, cfg, resume=resume, force_restart=force_restart)
     seed = (
         restored[1]["seed"]
@@ -187,8 +218,10 @@ def _run(
     state = session.prepare(restored)
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
+    loop = session.loop(stop or threading.Event(), events, state.step)
+    events.started(state.step)
     try:
-        session.loop(stop or threading.Event()).run(state)
+        loop.run(state)
     except BaseException:
         session.drain()  # let the last good checkpoint finish publishing before we fail
         raise
@@ -265,7 +298,7 @@ class _Session:
         log.info("resumed from checkpoint step-%06d (epoch %d)", state.step, state.epoch + 1)
         return state
 
-    def loop(self, stop: threading.Event) -> Loop:
+    def loop(self, stop: threading.Event, events: RunEvents, start_step: int) -> Loop:
         cfg, out = self.cfg, self.store if self.is_main else None
         tb_dir = None
         if cfg.report_to in ("tensorboard", "all") and self.is_main:
@@ -284,7 +317,9 @@ class _Session:
                 upload_logs=True,
             ),
             out,
+            start_step=start_step,
         )
+        events.attach(self.progress)
         validator = Validator(
             ValidationSettings.from_config(cfg, self.seed),
             self.pipeline,
@@ -300,6 +335,7 @@ class _Session:
             stop,
             self.schedule.total_steps,
             cfg.gradient_accumulation_steps,
+            events,
         )
 
     def drain(self) -> None:
@@ -317,9 +353,14 @@ class _Session:
         if self.is_main:
             final = self.work / "final"
             shutil.rmtree(final, ignore_errors=True)
+            entries = []
             for path in self.pipeline.export(final):
-                keys.append(f"final/{path.relative_to(final).as_posix()}")
+                entries.append(file_entry(final, path.relative_to(final).as_posix()))
+                keys.append(f"final/{entries[-1].key}")
                 self.store.put_file(keys[-1], path)
+            weights = {"weights": [e.key for e in entries]}
+            manifest = Manifest(state.step, utc_now(), tuple(entries), weights)
+            self.store.put_bytes(FINAL_MANIFEST_KEY, manifest.to_bytes())  # last: complete
             self.progress.note(last_checkpoint_step=state.step)
             self.progress.finish("completed")
         log.info("training finished at step %d; outputs in %s", state.step, uri)

@@ -19,6 +19,7 @@ from PIL import Image
 from runner.config import PipelineConfig
 from runner.models.loading import Components
 from runner.pipelines.common import TrainingPipeline
+from runner.report import thumb_key, thumbnail_jpeg
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class Validator:
             for j, image in enumerate(row):
                 keys.append(f"{prefix}/prompt-{i}-{j}.png")
                 self.store.put_bytes(keys[-1], png_bytes(image))
+        for i, row in enumerate(images):
+            self.store.put_bytes(thumb_key(prefix, i), thumbnail_jpeg(row))
         self.store.put_bytes(f"{prefix}/grid.png", png_bytes(grid(images)))
         log.info("validation step-%06d: %d images", step, len(keys))
         return [*keys, f"{prefix}/grid.png"]

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from runner.config.base import ConfigModel, Problems, exactly_one
 from runner.config.cluster import JobConfig, StorageConfig
 from runner.config.data import ImageCaptionSDDataLoaderConfig, TextualInversionSDDataLoaderConfig
+from runner.config.notify import NotifyConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
 LRScheduler = Literal[
@@ -138,6 +139,8 @@ class BasePipelineConfig(ConfigModel):
     """kubetune: how the Kubernetes Job runs."""
     storage: StorageConfig | None = None
     """kubetune: S3-compatible storage for datasets and outputs."""
+    notify: NotifyConfig | None = None
+    """kubetune extension: webhooks told when the run starts, checkpoints, validates and ends."""
 
     def _common_problems(self, p: Problems) -> None:
         exactly_one(
