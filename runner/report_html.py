@@ -20,6 +20,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 .state.preempted{background:#fdf0c8}
 table{border-collapse:collapse}td,th{border:1px solid #d5dbe5;padding:4px 8px;vertical-align:top}
 th{background:#f3f5f9;text-align:left}.strip{overflow-x:auto;max-width:100%}
+.strip tr>th:first-child{position:sticky;left:0;max-width:240px;z-index:1}
 .strip img{display:block;height:96px}pre{background:#f6f8fa;padding:12px;overflow-x:auto}
 .muted{color:#5d6b82}svg text{font:11px system-ui,sans-serif;fill:#5d6b82}
 """
@@ -71,7 +72,10 @@ def svg_chart(title: str, points: list[tuple[float, float]], colour: str) -> str
     points = _thin(points)
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    y0, y1 = min(ys), max(ys)
+    if y1 == y0:  # a flat line (a constant learning rate) sits mid-chart
+        pad = abs(y0) * 0.1 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
     w, h = CHART_W - 2 * PAD, CHART_H - 2 * PAD
 
     def xy(x: float, y: float) -> str:
