@@ -106,7 +106,9 @@ def pull(
     if out is not None and out.name in ("json", "text") and not out.exists():
         raise UserError(f"-o {out.name} names the destination folder",
                         hint=f"for a {out.name} report use --output {out.name}")  # fmt: skip
-    dest = out or Path(f"{Path(run.rstrip('/')).name}-{'final' if step is None else step}")
+    dest = out or Path(
+        f"{Path(run.rstrip('/')).name}-{'final' if step is None else f'step-{step}'}"
+    )
     store = _location(run, local, cluster).open()
     with _progress_bar(output == "text") as (on_start, on_file):
         result = do_pull(store, dest, step=step, on_start=on_start, on_file=on_file)
