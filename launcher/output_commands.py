@@ -16,6 +16,7 @@ import click
 from launcher import api
 from launcher.cluster_commands import LOCAL, cluster_options
 from runner.errors import UserError
+from runner.layout import FINAL, step_name
 
 FORMAT = click.option(
     "--output",
@@ -76,7 +77,7 @@ def report(
 @click.option("--final", is_flag=True, help="The final weights (the default).")
 @click.option(
     "-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-    help="Destination folder (default: ./<run>-final or ./<run>-step-N).",
+    help="Destination folder (default: ./<run>-final or ./<run>-step-00000N).",
 )  # fmt: skip
 @LOCAL
 @FORMAT
@@ -106,9 +107,7 @@ def pull(
     if out is not None and out.name in ("json", "text") and not out.exists():
         raise UserError(f"-o {out.name} names the destination folder",
                         hint=f"for a {out.name} report use --output {out.name}")  # fmt: skip
-    dest = out or Path(
-        f"{Path(run.rstrip('/')).name}-{'final' if step is None else f'step-{step}'}"
-    )
+    dest = out or Path(f"{Path(run.rstrip('/')).name}-{FINAL if step is None else step_name(step)}")
     store = _location(run, local, cluster).open()
     with _progress_bar(output == "text") as (on_start, on_file):
         result = do_pull(store, dest, step=step, on_start=on_start, on_file=on_file)

@@ -10,17 +10,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.checkpoints import FINAL_MANIFEST_KEY, CheckpointManager, FileEntry, Manifest
+from runner.checkpoints import CheckpointManager, FileEntry, Manifest
 from runner.errors import StorageError, UserError
-from runner.report import REPORT_KEY
+from runner.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
 
 if TYPE_CHECKING:
     from runner.config.cluster import StorageConfig
     from runner.storage import ObjectStore
-
-# Checkpoint files that are training state, not weights (written by runner.checkpointer);
-# used only for manifests without meta.weights.
-TRAINING_STATE_FILES = frozenset({"training_state.pt", "trainable.safetensors", "run_info.json"})
 
 
 @dataclass(frozen=True)
@@ -77,13 +73,13 @@ def choose(store: ObjectStore, step: int | None) -> tuple[str, Manifest]:
     manager = CheckpointManager(store, None, attempts=2)
     if step is None:
         try:
-            raw = store.get_bytes(FINAL_MANIFEST_KEY)
+            raw = store.get_bytes(final_manifest_key())
         except FileNotFoundError:
             raise UserError(
-                f"{store.url('final/')} has no complete final weights (the run has not finished)",
+                f"{store.url(FINAL)}/ has no complete final weights (the run has not finished)",
                 hint=f"pull a checkpoint with --step N; complete: {_steps(manager)}",
             ) from None
-        return "final", Manifest.from_bytes(raw, store.url(FINAL_MANIFEST_KEY))
+        return FINAL, Manifest.from_bytes(raw, store.url(final_manifest_key()))
     try:
         return manager.key(step), manager.read_manifest(step)
     except FileNotFoundError:

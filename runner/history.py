@@ -10,10 +10,10 @@ import logging
 import time
 from typing import Any
 
+from runner.layout import HISTORY_KEY
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-HISTORY_KEY = "history.jsonl"
 FIELDS = ("step", "epoch", "loss", "lr", "images_per_second", "time")
 
 

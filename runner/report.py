@@ -8,22 +8,14 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import re
 from typing import Any
 
 from runner.checkpoints import CheckpointManager
+from runner.layout import FINAL, REPORT_KEY, VALIDATION, parse_thumb_key, validation_key
 from runner.report_html import ReportData, ValidationEntry, render
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-REPORT_KEY = "report.html"
-VALIDATION_PREFIX = "validation/"
-_THUMB = re.compile(r"^validation/step-(\d{6,})/thumb-(\d+)\.jpg$")
-
-
-def thumb_key(step_prefix: str, prompt_index: int) -> str:
-    """Key of prompt ``i``'s thumbnail strip inside a validation step folder."""
-    return f"{step_prefix}/thumb-{prompt_index}.jpg"
 
 
 def thumbnail_jpeg(row: list[Any], height: int = 96) -> bytes:
@@ -81,22 +73,21 @@ class ReportWriter:
             prompts=self.prompts,
             validations=self._validations(),
             checkpoints=self._checkpoints(),
-            final_files=sorted(o.key[len("final/") :] for o in self.store.list("final/")),
+            final_files=sorted(o.key[len(FINAL) + 1 :] for o in self.store.list(f"{FINAL}/")),
             config_yaml=self.config_yaml,
         )
 
     def _validations(self) -> list[ValidationEntry]:
         found: dict[int, dict[int, str]] = {}
-        for obj in self.store.list(VALIDATION_PREFIX):
-            match = _THUMB.match(obj.key)
-            if match:
-                found.setdefault(int(match.group(1)), {})[int(match.group(2))] = obj.key
+        for obj in self.store.list(f"{VALIDATION}/"):
+            parsed = parse_thumb_key(obj.key)
+            if parsed is not None:
+                found.setdefault(parsed[0], {})[parsed[1]] = obj.key
         entries = []
         for step in sorted(found):
             keys = found[step]
             thumbs = [self._data_uri(keys[i]) if i in keys else None for i in range(max(keys) + 1)]
-            grid = keys[min(keys)].rsplit("/", 1)[0] + "/grid.png"
-            entries.append(ValidationEntry(step, thumbs, grid))
+            entries.append(ValidationEntry(step, thumbs, validation_key(step, "grid.png")))
         return entries
 
     def _data_uri(self, key: str) -> str:

@@ -8,8 +8,9 @@ import logging
 from typing import Any, Protocol
 
 from runner.config import PipelineConfig, config_hash, config_to_yaml, run_name
+from runner.layout import REPORT_KEY, ProgressRecord, checkpoint_key, final_key, validation_key
 from runner.notify import Notifier
-from runner.report import REPORT_KEY, ReportWriter
+from runner.report import ReportWriter
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -18,13 +19,9 @@ log = logging.getLogger(__name__)
 class ProgressSource(Protocol):
     """What the events need from the progress reporter."""
 
-    record: dict[str, Any]
+    record: ProgressRecord
 
     def history_records(self) -> list[dict[str, Any]]: ...
-
-
-def step_folder(kind: str, step: int) -> str:
-    return f"{kind}/step-{step:06d}/"
 
 
 class RunEvents:
@@ -67,7 +64,8 @@ class RunEvents:
 
     @property
     def record(self) -> dict[str, Any]:
-        return self.progress.record if self.progress is not None else {}
+        """The progress record as plain data (empty before the loop has one)."""
+        return self.progress.record.model_dump() if self.progress is not None else {}
 
     def _url(self, key: str) -> str | None:
         """Full URI of a key (a folder keeps its trailing slash)."""
@@ -87,12 +85,12 @@ class RunEvents:
         self.notifier.emit("started", **self._fields(step=step, resumed=step > 0))
 
     def checkpoint(self, step: int) -> None:
-        uri = self._url(step_folder("checkpoints", step))
+        uri = self._url(checkpoint_key(step) + "/")
         self.notifier.emit("checkpoint", **self._fields(step=step, checkpoint_uri=uri))
 
     def validation(self, step: int) -> None:
         self._publish_report(self.record.get("state") or "running")
-        uri = self._url(step_folder("validation", step) + "grid.png")
+        uri = self._url(validation_key(step, "grid.png"))
         self.notifier.emit("validation", **self._fields(step=step, validation_uri=uri))
 
     def finished(self, state: str, error: str | None = None, timeout: float = 10.0) -> None:
@@ -103,7 +101,7 @@ class RunEvents:
         event = {"completed": "succeeded", "preempted": "preempted"}.get(state, "failed")
         extra: dict[str, Any] = {"state": state}
         if event == "succeeded":
-            extra["final_uri"] = self._url("final/")
+            extra["final_uri"] = self._url(final_key("") + "/")
         if error:
             extra["error"] = error
         self.notifier.emit(event, **self._fields(**extra))

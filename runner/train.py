@@ -27,9 +27,10 @@ from runner.checkpointer import (
     Manager,
     fetch_latest,
 )
-from runner.checkpoints import FINAL_MANIFEST_KEY, Manifest, file_entry, utc_now
+from runner.checkpoints import Manifest, file_entry
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.errors import DataError, Preempted, UserError
+from runner.layout import CONFIG_KEY, final_key, final_manifest_key, step_name, utc_now
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
@@ -217,7 +218,7 @@ def _train(
     session = _Session(cfg, accelerator, store, manager, work, seed)
     state = session.prepare(restored)
     if is_main:  # only once the model and data loaded: a failed start writes nothing
-        store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
+        store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
     loop = session.loop(stop or threading.Event(), events, state.step)
     events.started(state.step)
     try:
@@ -295,7 +296,7 @@ class _Session:
         if restored is None:
             return LoopState()
         state = self.checkpointer.restore(restored[0])
-        log.info("resumed from checkpoint step-%06d (epoch %d)", state.step, state.epoch + 1)
+        log.info("resumed from checkpoint %s (epoch %d)", step_name(state.step), state.epoch + 1)
         return state
 
     def loop(self, stop: threading.Event, events: RunEvents, start_step: int) -> Loop:
@@ -356,11 +357,11 @@ class _Session:
             entries = []
             for path in self.pipeline.export(final):
                 entries.append(file_entry(final, path.relative_to(final).as_posix()))
-                keys.append(f"final/{entries[-1].key}")
+                keys.append(final_key(entries[-1].key))
                 self.store.put_file(keys[-1], path)
             weights = {"weights": [e.key for e in entries]}
             manifest = Manifest(state.step, utc_now(), tuple(entries), weights)
-            self.store.put_bytes(FINAL_MANIFEST_KEY, manifest.to_bytes())  # last: complete
+            self.store.put_bytes(final_manifest_key(), manifest.to_bytes())  # last: complete
             self.progress.note(last_checkpoint_step=state.step)
             self.progress.finish("completed")
         log.info("training finished at step %d; outputs in %s", state.step, uri)

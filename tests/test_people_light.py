@@ -11,7 +11,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from launcher.cli import main
-from runner.checkpoints import FINAL_MANIFEST_KEY, Manifest, file_entry, utc_now
+from runner.checkpoints import Manifest, file_entry
+from runner.layout import final_manifest_key, utc_now
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "PIL")
 
@@ -21,7 +22,7 @@ def make_run(root: Path) -> Path:
     final.mkdir(parents=True)
     (final / "lora.safetensors").write_bytes(b"weights" * 100)
     entries = (file_entry(final, "lora.safetensors"),)
-    (root / FINAL_MANIFEST_KEY).write_bytes(
+    (root / final_manifest_key()).write_bytes(
         Manifest(7, utc_now(), entries, {"weights": ["lora.safetensors"]}).to_bytes()
     )
     (root / "report.html").write_text("<!DOCTYPE html><title>r</title>")
@@ -68,3 +69,20 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert words in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_layout_keys_for_people() -> None:
+    from runner import checkpointer, layout
+
+    assert layout.thumb_key(40, 1) == "validation/step-000040/thumb-1.jpg"
+    assert layout.parse_thumb_key(layout.thumb_key(1_234_567, 12)) == (1_234_567, 12)
+    for other in (
+        "validation/step-000040/grid.png",
+        "validation/step-40/thumb-1.jpg",
+        "checkpoints/step-000040/thumb-1.jpg",
+        "validation/step-000040/thumb-x.jpg",
+    ):
+        assert layout.parse_thumb_key(other) is None  # fmt: skip
+    assert layout.final_manifest_key() == "final/manifest.json"
+    written = {checkpointer.STATE_FILE, checkpointer.WEIGHTS_FILE, checkpointer.INFO_FILE}
+    assert written == layout.TRAINING_STATE_FILES  # the pull fallback skips exactly these

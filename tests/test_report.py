@@ -12,8 +12,9 @@ import pytest
 from browser import find_chromium, screenshot
 from PIL import Image
 
-from runner.history import HISTORY_KEY, History, read_history
-from runner.report import REPORT_KEY, ReportWriter, thumb_key, thumbnail_jpeg
+from runner.history import History, read_history
+from runner.layout import HISTORY_KEY, REPORT_KEY, thumb_key
+from runner.report import ReportWriter, thumbnail_jpeg
 from runner.report_html import ReportData, ValidationEntry, render, svg_chart
 from runner.storage import open_store
 
@@ -41,7 +42,7 @@ def write_run(root: Path, validations: int, per_prompt: int = 2) -> ReportWriter
     for v in range(1, validations + 1):
         for i in range(len(PROMPTS)):
             strip = strips[(v * len(PROMPTS) + i) % len(strips)]
-            store.put_bytes(thumb_key(f"validation/step-{v * 10:06d}", i), strip)
+            store.put_bytes(thumb_key(v * 10, i), strip)
     return ReportWriter(store, run="demo", pipeline_type="SD_LORA", prompts=PROMPTS,
                         config_yaml="type: SD_LORA\nseed: 1\n")  # fmt: skip
 

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from runner.config.base import ConfigModel, Problems, exactly_one
 from runner.config.cluster import JobConfig, StorageConfig
-from runner.config.data import ImageCaptionSDDataLoaderConfig, TextualInversionSDDataLoaderConfig
+from runner.config.data import LoraDataLoaderConfig, TextualInversionSDDataLoaderConfig
 from runner.config.notify import NotifyConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -133,7 +133,9 @@ class BasePipelineConfig(ConfigModel):
     log_every_n_steps: PositiveInt = 10
     """Write a progress line (step, loss, lr, images/s, ETA) every N steps (kubetune extension)."""
     use_masks: bool = False
-    """Accepted for compatibility; masks are not supported yet and must stay false."""
+    """Weight the loss by a per-image mask: each line of an IMAGE_CAPTION_JSONL_DATASET names
+    a `mask` image (path absolute, relative to the .jsonl, or s3://; read as greyscale, 0 =
+    ignore, 255 = full weight), cropped and flipped with its image."""
 
     job: JobConfig | None = None
     """kubetune: how the Kubernetes Job runs."""
@@ -177,7 +179,14 @@ class BasePipelineConfig(ConfigModel):
                 f"needs one entry per validation prompt ({len(self.validation_prompts)}), "
                 f"got {len(negatives)}",
             )
-        p.check(not self.use_masks, "use_masks", "masks are not supported yet: set it to false")
+        if self.use_masks:
+            p.check(
+                getattr(self.data_loader, "dataset", None) is not None  # type: ignore[attr-defined]
+                and self.data_loader.dataset.type == "IMAGE_CAPTION_JSONL_DATASET",  # type: ignore[attr-defined]
+                "use_masks",
+                "masks come from the `mask` column of an IMAGE_CAPTION_JSONL_DATASET (not "
+                "DreamBooth folders): use that dataset type or set use_masks: false",
+            )
         p.check(
             not (self.mixed_precision == "fp16" and self.weight_dtype == "bfloat16"),
             "mixed_precision",
@@ -298,8 +307,9 @@ class SdLoraConfig(_LoraFields, BasePipelineConfig):
     type: Literal["SD_LORA"] = "SD_LORA"
     model: str = _SD_MODEL
     """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
-    data_loader: ImageCaptionSDDataLoaderConfig
-    """Image/caption data."""
+    data_loader: LoraDataLoaderConfig
+    """Image/caption data (IMAGE_CAPTION_SD_DATA_LOADER) or DreamBooth instance/class images
+    (DREAMBOOTH_SD_DATA_LOADER)."""
 
     @model_validator(mode="after")
     def _check(self) -> SdLoraConfig:
@@ -316,8 +326,9 @@ class SdxlLoraConfig(_SdxlTextEncoderRates, _LoraFields, BasePipelineConfig):
     type: Literal["SDXL_LORA"] = "SDXL_LORA"
     model: str = _SDXL_MODEL
     """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
-    data_loader: ImageCaptionSDDataLoaderConfig
-    """Image/caption data."""
+    data_loader: LoraDataLoaderConfig
+    """Image/caption data (IMAGE_CAPTION_SD_DATA_LOADER) or DreamBooth instance/class images
+    (DREAMBOOTH_SD_DATA_LOADER)."""
 
     @model_validator(mode="after")
     def _check(self) -> SdxlLoraConfig:

@@ -266,7 +266,14 @@ class TrainingPipeline:
         )[0]
         target = training_target(scheduler, self.prediction_type, latents, noise, timesteps)
         return diffusion_loss(
-            pred, target, timesteps, scheduler, self.prediction_type, self.cfg.min_snr_gamma
+            pred,
+            target,
+            timesteps,
+            scheduler,
+            self.prediction_type,
+            self.cfg.min_snr_gamma,
+            mask=batch.get("mask"),
+            loss_weight=batch.get("loss_weight"),
         )
 
 
