@@ -326,6 +326,7 @@ class _Session:
             self.pipeline,
             out,
             self.accelerator.device,
+            on_images=self.progress.log_images,
         )
         return Loop(
             self.runner,

@@ -228,12 +228,9 @@ def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
 
 
 def default_placeholder_text(cfg: PipelineConfig) -> str | None:
-    """ "<tok>" or "<tok> <tok>_1 ..." for TI configs with several vectors; None for LoRA."""
-    token = getattr(cfg, "placeholder_token", None)
-    if token is None:
-        return None
-    n = getattr(cfg, "num_vectors", 1)
-    return " ".join([token] + [f"{token}_{i}" for i in range(1, n)])
+    """The placeholder token for TI configs (None for LoRA). Captions carry the token once;
+    the text conditioner expands a multi-vector token to all its vectors when tokenizing."""
+    return getattr(cfg, "placeholder_token", None)
 
 
 def needs_captions(loader: LoaderConfig) -> bool:
