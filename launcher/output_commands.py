@@ -16,7 +16,6 @@ import click
 from launcher import api
 from launcher.cluster_commands import LOCAL, cluster_options
 from runner.errors import UserError
-from runner.layout import FINAL, step_name
 
 FORMAT = click.option(
     "--output",
@@ -101,6 +100,7 @@ def pull(
       launcher pull my-lora --output json         # CI: where the files went
     """
     from launcher.outputs import pull as do_pull
+    from runner.layout import FINAL, step_name  # pydantic: not at `launcher --help`
 
     if step is not None and final:
         raise UserError("--step and --final exclude each other", hint="pass one of them")
