@@ -29,6 +29,8 @@ from runner.checkpointer import (
 )
 from runner.checkpoints import Manifest, file_entry
 from runner.config import PipelineConfig, config_to_yaml, output_uri
+from runner.data.checks import PreflightReport
+from runner.data.index import save_index
 from runner.errors import DataError, Preempted, UserError
 from runner.layout import CONFIG_KEY, final_key, final_manifest_key, step_name, utc_now
 from runner.loop import GeneratorState, Loop, StepRunner
@@ -148,13 +150,16 @@ def run(
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
     from runner.data import preflight
 
-    preflight(cfg)  # a bad dataset fails here, before anything is loaded or written
+    # a bad dataset fails here, before anything is loaded or written; headers only, and none
+    # for images the index stored with the run already knows
+    data = preflight(cfg, run_store=open_store(output_uri(cfg), cfg.storage))
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
         return _run(
             cfg,
             work,
+            data,
             resume=resume,
             force_restart=force_restart,
             stop=stop,
@@ -168,6 +173,7 @@ def run(
 def _run(
     cfg: PipelineConfig,
     work: Path,
+    data: PreflightReport,
     *,
     resume: bool,
     force_restart: bool,
@@ -179,7 +185,7 @@ def _run(
     store = open_store(uri, cfg.storage)
     events = RunEvents(cfg, store if accelerator.is_main_process else None)
     try:
-        result = _train(cfg, work, accelerator, store, events, resume=resume,
+        result = _train(cfg, work, data, accelerator, store, events, resume=resume,
                         force_restart=force_restart, stop=stop,
                         manager_factory=manager_factory)  # fmt: skip
     except Preempted:
@@ -195,6 +201,7 @@ def _run(
 def _train(
     cfg: PipelineConfig,
     work: Path,
+    data: PreflightReport,
     accelerator: Accelerator,
     store: ObjectStore,
     events: RunEvents,
@@ -216,9 +223,10 @@ def _train(
     )
     seed_everything(seed)
     session = _Session(cfg, accelerator, store, manager, work, seed)
-    state = session.prepare(restored)
+    state = session.prepare(restored, data)
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
+        save_index(store, data)
     loop = session.loop(stop or threading.Event(), events, state.step)
     events.started(state.step)
     try:
@@ -245,8 +253,11 @@ class _Session:
         self.manager, self.work, self.seed = manager, work, seed
         self.is_main = accelerator.is_main_process
 
-    def prepare(self, restored: tuple[Path, dict[str, Any]] | None) -> LoopState:
-        from runner.data import build_train_dataloader, cache_batches
+    def prepare(
+        self, restored: tuple[Path, dict[str, Any]] | None, data: PreflightReport
+    ) -> LoopState:
+        from runner.data import build_train_dataloader
+        from runner.encoder_cache import PersistedCaches
 
         cfg, device = self.cfg, self.accelerator.device
         comps = load_components_from_config(cfg)
@@ -258,6 +269,7 @@ class _Session:
             device_is_cuda=device.type == "cuda",
             num_processes=self.accelerator.num_processes,
             process_index=self.accelerator.process_index,
+            data=data,
         )
         self.schedule = plan_schedule(cfg, len(self.loader))
         torch.manual_seed(self.seed)  # LoRA init does not depend on what loading consumed
@@ -265,7 +277,8 @@ class _Session:
             cfg, comps, self.accelerator, self.schedule.total_steps
         )
         if self.pipeline.latents.cache is not None or self.pipeline.text.cache is not None:
-            self.pipeline.warm_caches(cache_batches(self.loader))  # then encoders off the GPU
+            # restored from the run's stored caches, the rest encoded; then encoders off the GPU
+            PersistedCaches(cfg, self.pipeline, self.work, is_main=self.is_main).warm(self.loader)
         self.generator = torch.Generator(device).manual_seed(self.seed)
         self.runner = StepRunner(
             self.accelerator,
@@ -321,6 +334,7 @@ class _Session:
             start_step=start_step,
         )
         events.attach(self.progress)
+        self.loader.on_bad = self._note_bad
         validator = Validator(
             ValidationSettings.from_config(cfg, self.seed),
             self.pipeline,
@@ -339,6 +353,12 @@ class _Session:
             cfg.gradient_accumulation_steps,
             events,
         )
+
+    def _note_bad(self, bad: list[str]) -> None:
+        """Publish the skipped examples in progress.json at once (failed when too many)."""
+        self.progress.note(bad_images=len(bad), bad_image_examples=bad[:20])
+        if self.is_main:
+            self.progress.write("failed" if len(bad) > self.loader.max_bad else None)
 
     def drain(self) -> None:
         """Wait for an upload in flight, logging (not raising) its failure."""

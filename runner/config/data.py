@@ -38,7 +38,8 @@ class ImageCaptionJsonlDatasetConfig(ConfigModel):
     caption_column: str = "text"
     """The key holding the caption."""
     keep_in_memory: bool = False
-    """Keep decoded images in memory after the first read (faster epochs, more RAM)."""
+    """Keep decoded images in memory after the first read (faster epochs, more RAM); kubetune
+    keeps them resized to their bucket's scale, within half the container's memory."""
 
 
 class ImageCaptionDirDatasetConfig(ConfigModel):
@@ -48,7 +49,8 @@ class ImageCaptionDirDatasetConfig(ConfigModel):
     dataset_dir: str
     """Local folder or `s3://bucket/prefix`."""
     keep_in_memory: bool = False
-    """Keep decoded images in memory after the first read."""
+    """Keep decoded images in memory after the first read (faster epochs, more RAM); kubetune
+    keeps them resized to their bucket's scale, within half the container's memory."""
 
 
 class ImageDirDatasetConfig(ConfigModel):
@@ -58,7 +60,8 @@ class ImageDirDatasetConfig(ConfigModel):
     dataset_dir: str
     """Local folder or `s3://bucket/prefix`."""
     keep_in_memory: bool = False
-    """Keep decoded images in memory after the first read."""
+    """Keep decoded images in memory after the first read (faster epochs, more RAM); kubetune
+    keeps them resized to their bucket's scale, within half the container's memory."""
 
 
 ImageCaptionDatasetConfig = Annotated[
@@ -131,6 +134,11 @@ class _LoaderCommon(ConfigModel):
     """Flip images horizontally at random."""
     dataloader_num_workers: int = Field(default=0, ge=0)
     """Worker processes for the torch DataLoader (0 loads in the main process)."""
+    max_bad_image_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    """kubetune extension: the share (0-1) of examples that may turn out unreadable during
+    training. Each is skipped with a warning naming it and counted in progress.json; one more
+    stops the run with exit 2 and the list. Default 0: the first unreadable image stops the
+    run, as in invoke-training."""
 
     _resolution = field_validator("resolution")(staticmethod(_check_resolution))
 

@@ -122,3 +122,10 @@ class CaptionBuilder:
             joiner = self.delimiter if self.delimiter.strip() == "" else f"{self.delimiter} "
             text = joiner.join(p for p in parts if p)
         return text
+
+
+def needs_captions(loader: LoaderConfig) -> bool:
+    """Whether the dataset's own captions are read."""
+    if isinstance(loader, TextualInversionSDDataLoaderConfig):
+        return loader.keep_original_captions
+    return True
