@@ -4,10 +4,13 @@ preempted). Both are best effort; nothing here raises into the training loop. To
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from runner.config import PipelineConfig, config_hash, config_to_yaml, run_name
+from runner.errors import Preempted
 from runner.layout import REPORT_KEY, ProgressRecord, checkpoint_key, final_key, validation_key
 from runner.notify import Notifier
 from runner.report import ReportWriter
@@ -111,3 +114,18 @@ class RunEvents:
         if self.report is not None:
             history = self.progress.history_records() if self.progress is not None else []
             self.report.publish(state, self.record, history)
+
+
+@contextlib.contextmanager
+def reported(events: RunEvents) -> Iterator[None]:
+    """Finish ``events`` as the block ends: completed, preempted (``Preempted``) or failed
+    (any other exception, re-raised)."""
+    try:
+        yield
+    except Preempted:
+        events.finished("preempted")
+        raise
+    except BaseException as err:
+        events.finished("failed", error=(str(err).splitlines() or [type(err).__name__])[0])
+        raise
+    events.finished("completed")
