@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from runner.cadence import Cadence
 from runner.config import PipelineConfig
 from runner.errors import ResumeMismatchError
 from runner.layout import CHECKPOINTS, step_name
@@ -70,23 +71,6 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-@dataclass(frozen=True)
-class CheckpointSettings:
-    every_n_steps: int | None
-    every_n_epochs: int | None
-
-    @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> CheckpointSettings:
-        return cls(cfg.save_every_n_steps, cfg.save_every_n_epochs)
-
-    def due(self, step: int, completed_epoch: int | None) -> bool:
-        if self.every_n_steps:
-            return step % self.every_n_steps == 0
-        return bool(
-            completed_epoch and self.every_n_epochs and completed_epoch % self.every_n_epochs == 0
-        )
 
 
 def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
@@ -147,7 +131,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        settings: CheckpointSettings,
+        cadence: Cadence,
         manager: Manager,
         work_dir: Path,
         cfg: PipelineConfig,
@@ -157,14 +141,14 @@ class Checkpointer:
         seed: int,
         is_main: bool = True,
     ) -> None:
-        self.settings, self.manager, self.cfg = settings, manager, cfg
+        self.cadence, self.manager, self.cfg = cadence, manager, cfg
         self.work_dir, self.pipeline, self.objects = work_dir, pipeline, objects
         self.seed, self.is_main = seed, is_main
         self.last_saved: int | None = None
         self._staged: list[Path] = []
 
     def maybe_save(self, state: LoopState, completed_epoch: int | None) -> bool:
-        if self.settings.due(state.step, completed_epoch):
+        if self.cadence.due(state.step, completed_epoch):
             self.save(state)
             return True
         return False

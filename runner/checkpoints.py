@@ -204,10 +204,6 @@ class CheckpointManager:
             raise error
         return True
 
-    def close(self) -> None:
-        """Wait for the upload in flight (re-raising its error)."""
-        self.wait()
-
     def _save(self, step: int, local_dir: Path, meta: dict[str, Any] | None) -> Manifest:
         started = time.monotonic()
         files = _local_files(local_dir)
@@ -244,14 +240,6 @@ class CheckpointManager:
             self.on_published(step)
         except Exception as exc:  # noqa: BLE001 - a listener never breaks publishing
             log.warning("checkpoint step %d: on_published failed: %s", step, exc)
-
-    def publish_file(self, key: str, src: str | Path | bytes) -> None:
-        """Atomically put one object (a validation PNG, progress.json) with retries."""
-        check_key(key)
-        if isinstance(src, bytes):
-            self._retry(lambda: self.store.put_bytes(key, src), f"publish {key}")
-        else:
-            self._retry(lambda: self.store.put_file(key, src), f"publish {key}")
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from runner.cadence import Cadence
 from runner.checkpointer import (
     Checkpointer,
-    CheckpointSettings,
     LoopState,
     Manager,
     ResumePoint,
@@ -318,7 +318,7 @@ class _Session:
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
         self.checkpointer = Checkpointer(
-            CheckpointSettings.from_config(cfg),
+            Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs),
             self.manager,
             self.work,
             cfg,
