@@ -20,24 +20,29 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from runner.cadence import Cadence
 from runner.checkpointer import (
     Checkpointer,
-    CheckpointSettings,
     LoopState,
     Manager,
+    ResumePoint,
     fetch_latest,
 )
+from runner.checkpoints import Manifest, file_entry
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.data.checks import PreflightReport
 from runner.data.index import save_index
 from runner.errors import DataError, UserError
-from runner.layout import CONFIG_KEY, final_key, step_name
+from runner.layout import CONFIG_KEY, final_key, final_manifest_key, step_name, utc_now
+from runner.lease import Lease, LeaseSettings
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.common import enable_gradient_checkpointing
 from runner.progress import ProgressReporter, ProgressSettings
+from runner.run_events import RunEvents, reported
+from runner.run_store import RunStore
 from runner.speed import enable_tf32, tune_unet
 from runner.storage import ObjectStore, open_store
 from runner.validation import ValidationSettings, Validator
@@ -90,7 +95,7 @@ def make_accelerator(cfg: PipelineConfig) -> Accelerator:
 def default_manager_factory(store: ObjectStore, max_checkpoints: int | None) -> Manager:
     from runner.checkpoints import CheckpointManager
 
-    return CheckpointManager(store, max_checkpoints)
+    return CheckpointManager(store, max_checkpoints, attempts=1)  # the RunStore retries
 
 
 def place_models(comps: Components, cfg: PipelineConfig, device: torch.device) -> None:
@@ -123,10 +128,16 @@ def build_training(
 
 
 def _resume_point(
-    manager: Manager, work_dir: Path, cfg: PipelineConfig, *, resume: bool, force_restart: bool
-) -> tuple[Path, dict[str, Any]] | None:
+    manager: Manager,
+    work_dir: Path,
+    cfg: PipelineConfig,
+    *,
+    resume: bool,
+    force_restart: bool,
+    is_main: bool,
+) -> ResumePoint | None:
     if resume and not force_restart:
-        return fetch_latest(manager, work_dir, cfg)
+        return fetch_latest(manager, work_dir, cfg, heal=is_main)
     if manager.latest() is not None:
         log.warning(
             "starting over: discarding the run's existing checkpoints (%s)",
@@ -179,13 +190,57 @@ def _run(
     manager_factory: ManagerFactory | None,
 ) -> RunResult:
     accelerator = make_accelerator(cfg)
-    is_main = accelerator.is_main_process
     uri = output_uri(cfg)
-    store = open_store(uri, cfg.storage)
+    raw = open_store(uri, cfg.storage)
+    lease = None
+    if accelerator.is_main_process:  # the one process that writes holds the run's lease
+        settings = LeaseSettings(cfg.lease_timeout_seconds, cfg.lease_wait_seconds)
+        lease = Lease(raw, settings).acquire()
+    try:
+        store = RunStore(raw, guard=lease.check if lease else None)
+        events = RunEvents(cfg, store if accelerator.is_main_process else None)
+        with reported(events):  # the final report and webhook, whatever the outcome
+            return _run_with(
+                cfg,
+                work,
+                data,
+                accelerator,
+                store,
+                uri,
+                events,
+                resume=resume,
+                force_restart=force_restart,
+                stop=stop,
+                manager_factory=manager_factory,
+            )
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_with(
+    cfg: PipelineConfig,
+    work: Path,
+    data: PreflightReport,
+    accelerator: Accelerator,
+    store: ObjectStore,
+    uri: str,
+    events: RunEvents,
+    *,
+    resume: bool,
+    force_restart: bool,
+    stop: threading.Event | None,
+    manager_factory: ManagerFactory | None,
+) -> RunResult:
+    is_main = accelerator.is_main_process
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
-    restored = _resume_point(manager, work, cfg, resume=resume, force_restart=force_restart)
+    if is_main:
+        manager.on_published = events.checkpoint
+    restored = _resume_point(
+        manager, work, cfg, resume=resume, force_restart=force_restart, is_main=is_main
+    )
     seed = (
-        restored[1]["seed"]
+        restored.info["seed"]
         if restored
         else (cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
     )
@@ -195,8 +250,10 @@ def _run(
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
         save_index(store, data)
+    loop = session.loop(stop or threading.Event(), events)
+    events.started(state.step)
     try:
-        session.loop(stop or threading.Event()).run(state)
+        loop.run(state)
     except BaseException:
         session.drain()  # let the last good checkpoint finish publishing before we fail
         raise
@@ -219,9 +276,7 @@ class _Session:
         self.manager, self.work, self.seed = manager, work, seed
         self.is_main = accelerator.is_main_process
 
-    def prepare(
-        self, restored: tuple[Path, dict[str, Any]] | None, data: PreflightReport
-    ) -> LoopState:
+    def prepare(self, restored: ResumePoint | None, data: PreflightReport) -> LoopState:
         from runner.data import build_train_dataloader
         from runner.encoder_cache import PersistedCaches
 
@@ -263,7 +318,7 @@ class _Session:
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
         self.checkpointer = Checkpointer(
-            CheckpointSettings.from_config(cfg),
+            Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs),
             self.manager,
             self.work,
             cfg,
@@ -272,13 +327,19 @@ class _Session:
             seed=self.seed,
             is_main=self.is_main,
         )
+        self.restored = restored
         if restored is None:
             return LoopState()
-        state = self.checkpointer.restore(restored[0])
-        log.info("resumed from checkpoint %s (epoch %d)", step_name(state.step), state.epoch + 1)
+        state = self.checkpointer.restore(restored.folder)
+        log.info(
+            "resumed from checkpoint %s (epoch %d)%s",
+            step_name(state.step),
+            state.epoch + 1,
+            "".join(f"; set aside {step_name(a.step)} ({a.reason})" for a in restored.set_aside),
+        )
         return state
 
-    def loop(self, stop: threading.Event) -> Loop:
+    def loop(self, stop: threading.Event, events: RunEvents) -> Loop:
         cfg, out = self.cfg, self.store if self.is_main else None
         tb_dir = None
         if cfg.report_to in ("tensorboard", "all") and self.is_main:
@@ -297,7 +358,16 @@ class _Session:
                 upload_logs=True,
             ),
             out,
+            start_step=self.restored.step if self.restored is not None else 0,
         )
+        events.attach(self.progress)
+        if self.restored is not None:
+            self.progress.note(
+                step=self.restored.step,
+                resumed_from=self.restored.step,
+                set_aside=self.restored.set_aside,
+                last_checkpoint_step=self.restored.step,
+            )
         self.loader.on_bad = self._note_bad
         validator = Validator(
             ValidationSettings.from_config(cfg, self.seed),
@@ -315,6 +385,7 @@ class _Session:
             stop,
             self.schedule.total_steps,
             cfg.gradient_accumulation_steps,
+            events,
         )
 
     def _note_bad(self, bad: list[str]) -> None:
@@ -338,9 +409,14 @@ class _Session:
         if self.is_main:
             final = self.work / "final"
             shutil.rmtree(final, ignore_errors=True)
+            entries = []
             for path in self.pipeline.export(final):
-                keys.append(final_key(path.relative_to(final).as_posix()))
+                entries.append(file_entry(final, path.relative_to(final).as_posix()))
+                keys.append(final_key(entries[-1].key))
                 self.store.put_file(keys[-1], path)
+            weights = {"weights": [e.key for e in entries]}
+            manifest = Manifest(state.step, utc_now(), tuple(entries), weights)
+            self.store.put_bytes(final_manifest_key(), manifest.to_bytes())  # last: complete
             self.progress.note(last_checkpoint_step=state.step)
             self.progress.finish("completed")
         log.info("training finished at step %d; outputs in %s", state.step, uri)
