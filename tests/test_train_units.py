@@ -11,7 +11,8 @@ import torch
 from diffusers import DDPMScheduler
 from train_support import make_config
 
-from runner.checkpointer import CheckpointSettings, LoopState, rng_state, set_rng_state
+from runner.cadence import Cadence
+from runner.checkpointer import LoopState, rng_state, set_rng_state
 from runner.errors import DataError
 from runner.loop import step_inputs
 from runner.losses import diffusion_loss, snr
@@ -77,7 +78,7 @@ def test_schedule_and_cadence(tmp_path: Path) -> None:
     assert plan_schedule(cfg, 5).total_steps == 9
     with pytest.raises(DataError):
         plan_schedule(cfg, 0)
-    every = CheckpointSettings.from_config(cfg)
+    every = Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs)
     assert [every.due(s, e) for s, e in ((3, 1), (6, 2), (7, None))] == [False, True, False]
 
 
