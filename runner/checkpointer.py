@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -52,7 +53,11 @@ COMPAT_FIELDS = (
 class Manager(Protocol):
     """``runner.checkpoints.CheckpointManager`` as this module uses it."""
 
-    def save_async(self, step: int, local_dir: Path) -> None: ...
+    on_published: Callable[[int], None] | None
+
+    def save_async(
+        self, step: int, local_dir: Path, *, meta: dict[str, Any] | None = None
+    ) -> None: ...
     def latest(self) -> int | None: ...
     def restore_newest_valid(self, root: Path, *, heal: bool = True) -> Restored | None: ...
     def wait(self) -> None: ...
@@ -159,7 +164,7 @@ class Checkpointer:
         folder = self.work_dir / CHECKPOINTS / step_name(state.step)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        self.pipeline.export(folder)
+        weights = [p.relative_to(folder).as_posix() for p in self.pipeline.export(folder)]
         save_file(self.pipeline.trainable_state(), folder / WEIGHTS_FILE)
         torch.save(
             {
@@ -171,7 +176,8 @@ class Checkpointer:
         )
         info = {"step": state.step, "seed": self.seed, **self.compat}
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        self.manager.save_async(state.step, folder)  # waits for the previous upload
+        # meta.weights: the user-facing files (what `launcher pull --step` fetches)
+        self.manager.save_async(state.step, folder, meta={"weights": sorted(weights)})
         for old in self._staged:
             shutil.rmtree(old, ignore_errors=True)
         self._staged = [folder]

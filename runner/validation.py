@@ -19,9 +19,10 @@ from PIL import Image
 
 from runner.cadence import Cadence
 from runner.config import PipelineConfig
-from runner.layout import validation_key
+from runner.layout import thumb_key, validation_key
 from runner.models.loading import Components
 from runner.pipelines.common import TrainingPipeline
+from runner.report import thumbnail_jpeg
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class Validator:
             for j, image in enumerate(row):
                 keys.append(f"{prefix}/prompt-{i}-{j}.png")
                 self.store.put_bytes(keys[-1], png_bytes(image))
+        for i, row in enumerate(images):
+            self.store.put_bytes(thumb_key(step, i), thumbnail_jpeg(row))
         self.store.put_bytes(f"{prefix}/grid.png", png_bytes(grid(images)))
         if self.on_images is not None:
             self.on_images(step, images)
