@@ -1,4 +1,5 @@
-"""Noise-prediction losses: epsilon / v-prediction targets with optional Min-SNR weighting."""
+"""Noise-prediction losses: epsilon / v-prediction targets, an l2 / huber / smooth_l1
+element loss, and optional Min-SNR weighting."""
 
 from __future__ import annotations
 
@@ -28,6 +29,22 @@ def training_target(
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+def element_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+) -> torch.Tensor:
+    """Per-element loss in float32: squared error (``l2``) or pseudo-Huber,
+    ``2c(sqrt(d² + c²) - c)`` (``huber``) / ``2(sqrt(d² + c²) - c)`` (``smooth_l1``)."""
+    pred, target = pred.float(), target.float()
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    root = torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c
+    if loss_type == "huber":
+        return 2 * huber_c * root
+    if loss_type == "smooth_l1":
+        return 2 * root
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
 def diffusion_loss(
     model_pred: torch.Tensor,
     target: torch.Tensor,
@@ -35,10 +52,13 @@ def diffusion_loss(
     scheduler: DDPMScheduler,
     prediction_type: str,
     min_snr_gamma: float | None,
+    *,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
 ) -> torch.Tensor:
-    """Mean squared error in float32, weighted per sample by min(SNR, gamma)/SNR when set
-    (divided by SNR+1 for v-prediction, as in Hang et al. 2023)."""
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    """The element loss (``element_loss``) averaged per sample, weighted per sample by
+    min(SNR, gamma)/SNR when set (divided by SNR+1 for v-prediction, Hang et al. 2023)."""
+    per_sample = element_loss(model_pred, target, loss_type, huber_c)
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
     if min_snr_gamma is None:
         return per_sample.mean()

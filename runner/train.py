@@ -249,6 +249,8 @@ class _Session:
         }
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
+        if self.pipeline.ema is not None:
+            objects["ema"] = self.pipeline.ema
         self.checkpointer = Checkpointer(
             CheckpointSettings.from_config(cfg),
             self.manager,
@@ -317,7 +319,9 @@ class _Session:
         if self.is_main:
             final = self.work / "final"
             shutil.rmtree(final, ignore_errors=True)
-            for path in self.pipeline.export(final):
+            with self.pipeline.averaged():
+                exported = self.pipeline.export(final)
+            for path in exported:
                 keys.append(f"final/{path.relative_to(final).as_posix()}")
                 self.store.put_file(keys[-1], path)
             self.progress.note(last_checkpoint_step=state.step)

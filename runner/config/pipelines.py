@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from runner.config.base import ConfigModel, Problems, exactly_one
 from runner.config.cluster import JobConfig, StorageConfig
 from runner.config.data import ImageCaptionSDDataLoaderConfig, TextualInversionSDDataLoaderConfig
+from runner.config.knobs import LoraKnobs, TrainingKnobs
 
 PositiveInt = Annotated[int, Field(gt=0)]
 LRScheduler = Literal[
@@ -55,7 +56,7 @@ OptimizerConfig = Annotated[
 ]
 
 
-class BasePipelineConfig(ConfigModel):
+class BasePipelineConfig(TrainingKnobs):
     """Fields every pipeline type shares."""
 
     seed: int | None = None
@@ -140,6 +141,7 @@ class BasePipelineConfig(ConfigModel):
     """kubetune: S3-compatible storage for datasets and outputs."""
 
     def _common_problems(self, p: Problems) -> None:
+        self._knob_problems(p)
         exactly_one(
             p,
             {"max_train_steps": self.max_train_steps, "max_train_epochs": self.max_train_epochs},
@@ -197,7 +199,7 @@ class BasePipelineConfig(ConfigModel):
                 )
 
 
-class _LoraFields(ConfigModel):
+class _LoraFields(LoraKnobs):
     lora_rank_dim: PositiveInt = 4
     """LoRA rank."""
     lora_alpha: float | None = Field(default=None, gt=0)
@@ -220,6 +222,7 @@ class _LoraFields(ConfigModel):
     """Encode every caption once and reuse it (not with train_text_encoder)."""
 
     def _lora_problems(self, p: Problems, trains_ti: bool = False) -> None:
+        self._lora_knob_problems(p)
         p.check(
             self.train_unet or self.train_text_encoder or trains_ti,
             "train_unet",

@@ -53,6 +53,9 @@ class TrainDataset(Dataset[Batch]):
         pixels, original, crop = self.transform(image, self.target_hw[index], rng)
         caption_rng = random.Random(derive_seed("caption", self.seed, epoch, index))
         caption = self.captions.build(raw.caption, caption_rng, raw.id)
+        if self.captions.dropout_rate:  # its own stream: the rate changes no other draw
+            drop_rng = random.Random(derive_seed("caption-dropout", self.seed, epoch, index))
+            caption = self.captions.dropped(caption, drop_rng)
         return {
             "pixel_values": pixels,
             "caption": caption,

@@ -19,10 +19,24 @@ LoraConfigs = SdLoraConfig | SdxlLoraConfig | SdxlLoraAndTextualInversionConfig
 ADAPTER = "default"
 
 
-def add_lora(module: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> None:
-    """Add a float32 peft LoRA adapter (gaussian A, zero B) to ``module``'s ``targets``."""
+def add_lora(
+    module: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    use_dora: bool = False,
+    dropout: float = 0.0,
+) -> None:
+    """Add a float32 peft LoRA adapter (gaussian A, zero B; DoRA's magnitude vectors when
+    ``use_dora``) to ``module``'s ``targets``."""
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=targets,
+        init_lora_weights="gaussian",
+        use_dora=use_dora,
+        lora_dropout=dropout,
     )
     if isinstance(module, ModelMixin):
         module.add_adapter(config)
@@ -60,7 +74,14 @@ class LoraPart:
                 if name == "unet"
                 else cfg.text_encoder_lora_target_modules
             )
-            add_lora(module, rank=cfg.lora_rank_dim, alpha=self.alpha, targets=list(targets))
+            add_lora(
+                module,
+                rank=cfg.lora_rank_dim,
+                alpha=self.alpha,
+                targets=list(targets),
+                use_dora=cfg.use_dora,
+                dropout=cfg.lora_dropout,
+            )
 
     def _lr(self, name: str) -> float:
         cfg = self.cfg
