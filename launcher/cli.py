@@ -101,6 +101,8 @@ def validate(configs: tuple[str, ...], overrides: tuple[str, ...], output: str) 
         for result in results:
             if result.valid:
                 click.echo(f"ok: {result.file}: {result.summary}")
+            for line in result.warnings:
+                click.echo(f"warning: {result.file}: {line}", err=True)
             for line in result.errors:
                 click.echo(f"error: {line}", err=True)
     if not all(r.valid for r in results):

@@ -154,6 +154,8 @@ def submit(
     cfg = api.load(config, overrides, name)
     backend = api.get_backend(local=local, cluster=cluster)
     result = api.submit(cfg, backend, replace=replace)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if output == "text":
         verb = "submitted" if result.created else "already submitted (same config)"
         where = f" in namespace {result.namespace}" if result.namespace else ""
@@ -217,12 +219,25 @@ def logs(run: str, follow: bool, local: bool, cluster: api.ClusterOptions) -> No
 
 @click.command()
 @click.argument("run")
+@click.option("--wait", is_flag=True, help="Return once the Job and its pods are gone.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --wait: give up (exit 1) after this long.",
+)
 @LOCAL
 @OUTPUT
 @cluster_options
-def cancel(run: str, local: bool, output: str, cluster: api.ClusterOptions) -> None:
-    """Stop RUN (the Job is deleted; outputs in storage stay)."""
-    result = api.backend_for_run(run, local=local, cluster=cluster).cancel(run)
+def cancel(
+    run: str, wait: bool, timeout: float, local: bool, output: str, cluster: api.ClusterOptions
+) -> None:
+    """Stop RUN (the Job is deleted; outputs in storage stay). The run is Cancelling until
+    the cluster has removed the Job, then Cancelled."""
+    backend = api.backend_for_run(run, local=local, cluster=cluster)
+    result = backend.cancel(run, wait=wait, timeout=timeout)
     if output == "json":
         _emit_json(result.to_json())
     else:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from launcher.pod_security import pod_patch_warnings
 from runner.config import (
     PIPELINE_TYPES,
     PipelineConfig,
@@ -29,6 +30,7 @@ class ValidationResult:
     outputs: str | None = None
     summary: str | None = None
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def summarize(cfg: PipelineConfig) -> str:
@@ -56,6 +58,7 @@ def validate_file(source: str, overrides: list[str] | None = None) -> Validation
         run_name=run_name(cfg),
         outputs=output_uri(cfg),
         summary=summarize(cfg),
+        warnings=pod_patch_warnings(cfg),
     )
 
 

@@ -131,7 +131,7 @@ def _job(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
         "podFailurePolicy": {"rules": _pod_failure_rules()},
         "template": {
             "metadata": {"labels": run_labels(cfg)},
-            "spec": _pod_spec(cfg, job, meta["name"]),
+            "spec": pod_spec(cfg, meta["name"]),
         },
     }
     if job.active_deadline_seconds is not None:
@@ -156,6 +156,26 @@ def _pod_failure_rules() -> list[dict[str, Any]]:
         {"action": "Ignore", "onExitCodes": codes([EXIT_PREEMPTED])},
         {"action": "FailJob", "onExitCodes": codes([EXIT_USER_ERROR])},
     ]
+
+
+def pod_spec(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    """The pod spec of the run's Job, with `job.pod_patch` merged in (RFC 7386)."""
+    job = cfg.job or JobConfig()
+    return merge_patch(_pod_spec(cfg, job, name), job.pod_patch)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge key by key, `None` deletes a key, anything
+    else (lists included) replaces. Neither argument is modified."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 def _pod_spec(cfg: PipelineConfig, job: JobConfig, name: str) -> dict[str, Any]:

@@ -55,14 +55,26 @@ def diffusion_loss(
     *,
     loss_type: str = "l2",
     huber_c: float = 0.1,
+    mask: torch.Tensor | None = None,
+    loss_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The element loss (``element_loss``) averaged per sample, weighted per sample by
-    min(SNR, gamma)/SNR when set (divided by SNR+1 for v-prediction, Hang et al. 2023)."""
-    per_sample = element_loss(model_pred, target, loss_type, huber_c)
-    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
-    if min_snr_gamma is None:
-        return per_sample.mean()
-    ratio = snr(scheduler, timesteps)
-    weights = torch.clamp(ratio, max=min_snr_gamma)
-    weights = weights / (ratio + 1) if prediction_type == "v_prediction" else weights / ratio
-    return (per_sample * weights).mean()
+    """The element loss (``element_loss``: squared error unless ``loss_type`` says
+    otherwise) in float32, weighted per sample by min(SNR, gamma)/SNR when set (divided by
+    SNR+1 for v-prediction, as in Hang et al. 2023).
+
+    As in invoke-training: a ``mask`` [B,1,h,w] in [0, 1] (any size; nearest-resized to the
+    latents) multiplies the per-element error before the mean over all elements; the Min-SNR
+    weight and then ``loss_weight`` [B] (per-example weights) scale each sample's mean."""
+    per_element = element_loss(model_pred, target, loss_type, huber_c)
+    if mask is not None:
+        mask = mask.to(device=per_element.device, dtype=per_element.dtype)
+        per_element = per_element * F.interpolate(mask, size=per_element.shape[-2:], mode="nearest")
+    per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
+    if min_snr_gamma is not None:
+        ratio = snr(scheduler, timesteps)
+        weights = torch.clamp(ratio, max=min_snr_gamma)
+        weights = weights / (ratio + 1) if prediction_type == "v_prediction" else weights / ratio
+        per_sample = per_sample * weights
+    if loss_weight is not None:
+        per_sample = per_sample * loss_weight.to(device=per_sample.device, dtype=per_sample.dtype)
+    return per_sample.mean()

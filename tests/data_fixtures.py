@@ -140,3 +140,37 @@ def lora_ti_config(
 
 def all_batches(loader: Any) -> list[dict[str, Any]]:
     return list(loader)
+
+
+def _pattern(width: int, height: int, seed: int) -> np.ndarray:
+    """A smooth grey pattern (so bilinear resizes stay comparable) with a sharp edge."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) % 256
+    base[:, : width // 3] = 0
+    return base.astype(np.uint8)
+
+
+def _save(array: np.ndarray, path: Path, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array, "L")
+    img = img.convert(mode)
+    img.save(path, "JPEG" if path.suffix == ".jpg" else "PNG")
+
+
+def write_masked_jsonl(root: Path, sizes: list[tuple[int, int]], *, absolute: bool = False) -> Path:
+    """Images whose every channel equals their mask (PNG, lossless), with a `mask` column."""
+    lines = []
+    for i, (w, h) in enumerate(sizes):
+        grey = _pattern(w, h, seed=i)
+        _save(grey, root / "images" / f"im-{i}.png", "RGB")
+        _save(grey, root / "masks" / f"im-{i}.png", "L" if i % 2 else "RGBA")
+        mask = root / "masks" / f"im-{i}.png"
+        row = {
+            "image": f"images/im-{i}.png",
+            "text": f"caption {i}",
+            "mask": str(mask) if absolute and i % 2 else f"masks/im-{i}.png",
+        }
+        lines.append(json.dumps(row))
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "data.jsonl"

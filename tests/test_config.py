@@ -78,6 +78,19 @@ def test_sample_configs_cover_all_five_types() -> None:
     assert {load_config(p).type for p in SAMPLES} == set(PIPELINE_TYPES)
 
 
+@pytest.mark.parametrize(
+    "name", ["sdxl_lora_masks_gnome_1x24gb", "sdxl_textual_inversion_masks_gnome_1x24gb"]
+)
+def test_invoke_training_mask_samples_validate_unchanged(name: str) -> None:
+    """invoke-training's two `use_masks` samples, copied byte for byte, validate as written."""
+    path = DATA / "invoke_samples" / f"{name}.yaml"
+    result = validate_file(str(path))
+    assert result.valid, result.errors
+    cfg = load_config(path)
+    assert cfg.use_masks is True
+    assert cfg.data_loader.dataset.type == "IMAGE_CAPTION_JSONL_DATASET"
+
+
 @pytest.mark.parametrize("pipeline_type", PIPELINE_TYPES)
 def test_starter_config_validates_and_round_trips(pipeline_type: str, tmp_path: Path) -> None:
     out = tmp_path / "c.yaml"

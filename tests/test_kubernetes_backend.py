@@ -24,6 +24,7 @@ from k8s_fake import FakeKube
 from kube_configs import TEST_ACCESS_KEY, TEST_SECRET_KEY, config_dict, make_config
 from kubernetes import client, config
 
+from launcher.backends import k8s_features, k8s_status
 from launcher.backends.kubernetes import KubernetesBackend
 from launcher.manifests import job_name
 from runner.config import PipelineConfig
@@ -178,22 +179,75 @@ def test_secret_without_the_key_is_reported(kube: Kube) -> None:
 def test_cancel_deletes_the_job_and_its_config_map(kube: Kube) -> None:
     backend = kube.backend()
     backend.submit(_cfg())
-    status = backend.cancel("my-run")
+    status = backend.cancel("my-run", wait=True, timeout=120)
     assert status.phase == "Cancelled" and "s3://kubetune/kubetune/my-run" in status.message
-    assert eventually(lambda: not kube.jobs("my-run"), 60)
-    assert eventually(lambda: not kube.config_maps("my-run"), 60)
+    assert not kube.jobs("my-run") and not kube.config_maps("my-run")
+    assert not kube.batch.list_namespaced_job(kube.namespace).items  # not even terminating
     with pytest.raises(UserError, match="no kubetune run"):
         backend.status("my-run")
+
+
+def test_a_job_being_deleted_is_cancelling_until_gone(kube: Kube) -> None:
+    """Without --wait, cancel returns at once: Cancelling while the API server still shows
+    the Job (foreground deletion on a real cluster), Cancelled once it is gone."""
+    backend = kube.backend()
+    backend.submit(_cfg())
+    first = backend.cancel("my-run")
+    assert first.phase in ("Cancelling", "Cancelled") and first.done
+
+    def settled() -> bool:
+        try:
+            return backend.status("my-run").phase == "Cancelling"
+        except UserError:
+            return True  # gone
+
+    assert eventually(settled, 5)
+    if first.phase == "Cancelling":  # cancelling again waits for the same deletion
+        assert backend.cancel("my-run", wait=True, timeout=120).phase == "Cancelled"
+    with pytest.raises(UserError, match="no kubetune run"):
+        backend.status("my-run")
+
+
+def test_job_phase_of_a_job_with_a_deletion_timestamp() -> None:
+    job = {
+        "metadata": {"name": "j", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    running = {"metadata": {"name": "p"}, "status": {"phase": "Running"}}
+    assert k8s_status.job_phase(job, [running], [])[:2] == ("Cancelling", "Terminating")
 
 
 def test_list_and_status_of_fresh_runs(kube: Kube) -> None:
     backend = kube.backend()
     backend.submit(_cfg("run-a"))
-    backend.submit(_cfg("run-b", queue_name="gpu-queue"))
+    backend.submit(_cfg("run-b"))
     runs = {r.run: r for r in backend.list()}
     assert set(runs) == {"run-a", "run-b"}
-    assert runs["run-b"].phase == "Suspended" and "gpu-queue" in (runs["run-b"].message or "")
     assert backend.status("run-a").phase in ("Pending", "Running")
+
+
+def test_a_queued_run_is_suspended(kube: Kube) -> None:
+    backend = kube.backend()
+    if not k8s_features.supports(backend.version(), "suspend"):
+        pytest.skip(f"Kubernetes {backend.version()} has no Job spec.suspend (1.21+)")
+    result = backend.submit(_cfg("run-b", queue_name="gpu-queue"))
+    assert not [w for w in result.warnings if "suspend" in w]
+    status = backend.status("run-b")
+    assert status.phase == "Suspended" and "gpu-queue" in (status.message or "")
+
+
+def test_submit_warns_about_job_fields_the_cluster_ignores(kube: Kube) -> None:
+    """An old API server prunes fields it does not know: submit says so."""
+    if kube.fake is not None:
+        kube.fake.version = ("1", "20+")
+    backend = kube.backend()
+    result = backend.submit(_cfg("run-c", queue_name="gpu-queue"))
+    ignored = [w for w in result.warnings if "ignores Job spec." in w]
+    major, minor = backend.version()
+    assert bool(ignored) == ((major, minor) < (1, 26))
+    if (major, minor) < (1, 21):
+        assert any("spec.suspend" in w and "starts at once" in w for w in ignored)
 
 
 # --- fake only: pod lifecycle under test control ----------------------------------------------
@@ -396,7 +450,7 @@ def test_cli_status_logs_list_cancel(fake_kube: Kube, tmp_path: Path) -> None:
     assert json.loads(fake_kube.cli("status", "my-run", "-o", "json").stdout)["phase"] == "Running"
     assert fake_kube.cli("logs", "my-run").output == "hello from the pod\n"
     assert "my-run" in fake_kube.cli("list").output
-    assert "Cancelled" in fake_kube.cli("cancel", "my-run").output
+    assert "Cancelled" in fake_kube.cli("cancel", "my-run", "--wait").output
     missing = fake_kube.cli("status", "my-run")
     assert missing.exit_code == 2 and missing.output.startswith("error: no kubetune run")
 

@@ -11,7 +11,8 @@ from typing import Any
 from runner.config import PipelineConfig
 from runner.config.cluster import StorageConfig
 
-TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelled")
+# Cancelling (a Job being deleted) ends the run as much as Cancelled does: nothing resumes it.
+TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelling", "Cancelled")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class SubmitResult:
     output_uri: str
     created: bool
     namespace: str | None = None
+    warnings: tuple[str, ...] = ()
+    """What the user should know but need not fix: a pod_patch that breaks the restricted
+    Pod Security profile, Job features the cluster's Kubernetes version ignores."""
 
 
 @dataclass
@@ -69,7 +73,8 @@ class Progress:
 
 @dataclass
 class RunStatus:
-    """Where a run stands. `phase`: Pending, Suspended, Running, Succeeded, Failed, Cancelled."""
+    """Where a run stands. `phase`: Pending, Suspended, Running, Succeeded, Failed,
+    Cancelling (being deleted), Cancelled."""
 
     backend: str
     run: str
@@ -132,8 +137,9 @@ class Backend(abc.ABC):
         """The run's log lines (without newlines); with `follow`, until the run finishes."""
 
     @abc.abstractmethod
-    def cancel(self, run: str) -> RunStatus:
-        """Stop the run (its outputs in storage stay)."""
+    def cancel(self, run: str, *, wait: bool = False, timeout: float = 300.0) -> RunStatus:
+        """Stop the run (its outputs in storage stay); with `wait`, return once it is gone
+        (ClusterError after `timeout` seconds)."""
 
     @abc.abstractmethod
     def list(self) -> list[RunStatus]:

@@ -29,7 +29,7 @@ def conditions(obj: Obj) -> dict[str, Obj]:
 def job_phase(job: Obj, pods: list[Obj], events: list[Obj]) -> tuple[str, str | None, str | None]:
     """(phase, reason, message) for a Job, its pods (oldest first) and its events."""
     if job["metadata"].get("deletionTimestamp"):
-        return "Cancelled", "Terminating", "the Job is being deleted"
+        return "Cancelling", "Terminating", "the Job and its pods are being deleted"
     done = conditions(job)
     if "Complete" in done:
         return "Succeeded", None, None

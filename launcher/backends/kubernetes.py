@@ -7,6 +7,7 @@ user must fix something) at this boundary.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from launcher.backends import k8s_status
+from launcher.backends import k8s_features, k8s_status
 from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
 from launcher.manifests import (
     ANNOTATION_OUTPUT,
@@ -27,6 +28,7 @@ from launcher.manifests import (
     build_manifests,
     job_name,
 )
+from launcher.pod_security import pod_patch_warnings
 from runner.config import PipelineConfig, config_hash, output_uri, parse_config, run_name
 from runner.config.cluster import sanitize_name
 from runner.errors import ClusterError, ConfigError, UserError
@@ -134,6 +136,8 @@ class KubernetesBackend(Backend):
             namespace=ns,
         )
         self._check_secrets(cfg, ns)
+        warnings = (*pod_patch_warnings(cfg), *k8s_features.ignored_features(job, self.version()))
+        result = _replace_field(result, warnings=warnings)
         existing = [j for j in self._jobs(ns, run) if not j["metadata"].get("deletionTimestamp")]
         if any(j["metadata"]["name"] == name for j in existing):
             return _replace_field(result, created=False)
@@ -150,6 +154,12 @@ class KubernetesBackend(Backend):
         if not self._create(ns, config_map, job):
             return _replace_field(result, created=False)
         return result
+
+    def version(self) -> tuple[int, int]:
+        """The API server's (major, minor) Kubernetes version."""
+        with api_errors("reading the server version"):
+            info = client.VersionApi(self.api).get_code()
+        return k8s_features.parse_version(info.major, info.minor)
 
     def _check_secrets(self, cfg: PipelineConfig, ns: str) -> None:
         if cfg.storage is not None and cfg.storage.credentials_secret is not None:
@@ -368,15 +378,48 @@ class KubernetesBackend(Backend):
 
     # --- cancel -------------------------------------------------------------------------
 
-    def cancel(self, run: str) -> RunStatus:
+    def cancel(self, run: str, *, wait: bool = False, timeout: float = 300.0) -> RunStatus:
+        """Delete the run's Jobs (foreground: pods and the owned ConfigMap go too). The run
+        is Cancelling while the API server still shows a Job, Cancelled once all are gone."""
         job = self._find_job(run)
         status = self._status(job, with_progress=False)
-        labels = job["metadata"].get("labels", {})
-        for other in self._jobs(self.namespace, labels.get(LABEL_RUN)) or [job]:
-            self._delete_job(self.namespace, other["metadata"]["name"])
-        status.phase, status.reason = "Cancelled", "Deleted"
+        jobs = self._jobs(self.namespace, job["metadata"].get("labels", {}).get(LABEL_RUN))
+        names = [j["metadata"]["name"] for j in jobs or [job]]
+        for name in names:
+            self._delete_job(self.namespace, name)
+        gone = self._wait_gone(names, timeout if wait else 0.0)
+        status.phase = "Cancelled" if gone else "Cancelling"
+        status.reason = "Deleted" if gone else "Terminating"
         status.message = f"Job deleted; outputs stay in {status.output_uri}"
         return status
+
+    def _wait_gone(self, names: list[str], timeout: float) -> bool:
+        """Whether the Jobs and their ConfigMaps are gone, polling up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not any(self._exists(read, name) for name in names for read in self._readers()):
+                return True
+            if time.monotonic() >= deadline:
+                if timeout:
+                    raise ClusterError(
+                        f"Job {names[-1]} is still being deleted after {timeout:.0f}s",
+                        hint="`launcher status` shows it; the garbage collector may be slow",
+                    )
+                return False
+            time.sleep(0.5)
+
+    def _readers(self) -> tuple[Any, Any]:
+        return self.batch.read_namespaced_job, self.core.read_namespaced_config_map
+
+    def _exists(self, read: Any, name: str) -> bool:
+        with api_errors(f"reading {name}"):
+            try:
+                read(name, self.namespace)
+            except ApiException as err:
+                if err.status == 404:
+                    return False
+                raise
+        return True
 
     def _delete_job(self, ns: str, name: str) -> None:
         body = client.V1DeleteOptions(propagation_policy="Foreground")

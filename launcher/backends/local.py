@@ -169,9 +169,9 @@ class LocalBackend(Backend):
                     return
                 time.sleep(0.1)
 
-    def cancel(self, run: str) -> RunStatus:
+    def cancel(self, run: str, *, wait: bool = False, timeout: float = 300.0) -> RunStatus:
         (self._dir(run) / "cancelled").touch()
-        self._stop(run, wait=0.0)
+        self._stop(run, wait=timeout if wait else 0.0)
         status = self._status(run, with_progress=False)
         if status.phase == "Running":
             status.phase, status.reason = "Cancelled", "SIGTERM sent"

@@ -28,6 +28,67 @@ LITERAL_CREDENTIAL_KEYS = {
     "password",
     "token",
 }
+# PodSpec fields (Kubernetes 1.31) and the JSON type of each, for job.pod_patch.
+POD_SPEC_FIELDS: dict[str, type] = {
+    **dict.fromkeys(("activeDeadlineSeconds", "priority", "terminationGracePeriodSeconds"), int),
+    **dict.fromkeys(
+        (
+            "automountServiceAccountToken",
+            "enableServiceLinks",
+            "hostIPC",
+            "hostNetwork",
+            "hostPID",
+            "hostUsers",
+            "setHostnameAsFQDN",
+            "shareProcessNamespace",
+        ),
+        bool,
+    ),
+    **dict.fromkeys(
+        (
+            "containers",
+            "ephemeralContainers",
+            "hostAliases",
+            "imagePullSecrets",
+            "initContainers",
+            "readinessGates",
+            "resourceClaims",
+            "schedulingGates",
+            "tolerations",
+            "topologySpreadConstraints",
+            "volumes",
+        ),
+        list,
+    ),
+    **dict.fromkeys(
+        (
+            "affinity",
+            "dnsConfig",
+            "nodeSelector",
+            "os",
+            "overhead",
+            "resources",
+            "securityContext",
+        ),
+        dict,
+    ),
+    **dict.fromkeys(
+        (
+            "dnsPolicy",
+            "hostname",
+            "nodeName",
+            "preemptionPolicy",
+            "priorityClassName",
+            "restartPolicy",
+            "runtimeClassName",
+            "schedulerName",
+            "serviceAccount",
+            "serviceAccountName",
+            "subdomain",
+        ),
+        str,
+    ),
+}
 MAX_RUN_NAME = 52  # leaves room for "-<hash>" suffixes in Job/ConfigMap names (63 max)
 
 
@@ -142,6 +203,13 @@ class JobConfig(ConfigModel):
     """Extra labels for the Job and its pod."""
     hf_token_secret: SecretKeyRef | None = None
     """Optional Secret key holding a Hugging Face token (`HF_TOKEN`), for gated models."""
+    pod_patch: dict[str, Any] = {}
+    """kubetune extension: a JSON merge patch (RFC 7386) applied to the generated pod spec,
+    for what a cluster needs and kubetune does not model, e.g. `{hostNetwork: true}` for
+    InfiniBand/NCCL, `runtimeClassName`, extra `volumes` for a dataset PVC or NFS, sidecars.
+    Keys are PodSpec fields (camelCase); `null` removes a field; a list replaces the whole
+    list (`launcher render` shows the result). Empty: the pod spec as generated. `validate`
+    and `submit` warn when the patched pod breaks the restricted Pod Security profile."""
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
@@ -181,8 +249,30 @@ class JobConfig(ConfigModel):
                     "and reference it (job.hf_token_secret for the HF token, "
                     "storage.credentials_secret for S3 keys), never in env",
                 )
+        for key, value in self.pod_patch.items():
+            problem = pod_patch_problem(key, value)
+            if problem:
+                p.add(f"pod_patch.{key}", problem)
         p.raise_if_any()
         return self
+
+
+def pod_patch_problem(key: str, value: Any) -> str | None:
+    """Why `key: value` cannot be a top-level entry of job.pod_patch, or None."""
+    expected = POD_SPEC_FIELDS.get(key)
+    if expected is None:
+        return (
+            f"{key!r} is not a PodSpec field; use the Kubernetes (camelCase) name, e.g. "
+            "hostNetwork, volumes, runtimeClassName, containers"
+        )
+    if value is None:
+        if key == "containers":
+            return "cannot remove the trainer container; patch it or add sidecars instead"
+        return None
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        kind = {int: "an integer", bool: "true or false", list: "a list", dict: "a mapping"}
+        return f"must be {kind.get(expected, 'a string')} (got {type(value).__name__})"
+    return None
 
 
 class StorageConfig(ConfigModel):

@@ -133,7 +133,9 @@ class BasePipelineConfig(TrainingKnobs):
     log_every_n_steps: PositiveInt = 10
     """Write a progress line (step, loss, lr, images/s, ETA) every N steps (kubetune extension)."""
     use_masks: bool = False
-    """Accepted for compatibility; masks are not supported yet and must stay false."""
+    """Weight the loss by a per-image mask: each line of an IMAGE_CAPTION_JSONL_DATASET names
+    a `mask` image (path absolute, relative to the .jsonl, or s3://; read as greyscale, 0 =
+    ignore, 255 = full weight), cropped and flipped with its image."""
 
     job: JobConfig | None = None
     """kubetune: how the Kubernetes Job runs."""
@@ -176,7 +178,14 @@ class BasePipelineConfig(TrainingKnobs):
                 f"needs one entry per validation prompt ({len(self.validation_prompts)}), "
                 f"got {len(negatives)}",
             )
-        p.check(not self.use_masks, "use_masks", "masks are not supported yet: set it to false")
+        if self.use_masks:
+            p.check(
+                getattr(self.data_loader, "dataset", None) is not None  # type: ignore[attr-defined]
+                and self.data_loader.dataset.type == "IMAGE_CAPTION_JSONL_DATASET",  # type: ignore[attr-defined]
+                "use_masks",
+                "masks come from the `mask` column of an IMAGE_CAPTION_JSONL_DATASET: use "
+                "that dataset type or set use_masks: false",
+            )
         p.check(
             not (self.mixed_precision == "fp16" and self.weight_dtype == "bfloat16"),
             "mixed_precision",

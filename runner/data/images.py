@@ -66,8 +66,9 @@ def decode_image(
     name: str,
     max_pixels: int = MAX_IMAGE_PIXELS,
     draft_size: tuple[int, int] | None = None,
+    mode: str = "RGB",
 ) -> Image.Image:
-    """Fully decode `data` to an RGB image with EXIF orientation applied.
+    """Fully decode `data` to an RGB (or `mode`) image with EXIF orientation applied.
 
     Raises DataError naming `name` for unreadable, truncated, oversized or unsupported files.
     `draft_size` lets JPEG decode at reduced scale (fast validity checks).
@@ -78,8 +79,8 @@ def decode_image(
             img.draft("RGB", draft_size)
         img.load()
         img = ImageOps.exif_transpose(img) or img
-        if img.mode != "RGB":
-            img = _to_rgb(img)
+        if img.mode != mode:
+            img = _to_rgb(img) if mode == "RGB" else img.convert(mode)
     except DataError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -98,3 +99,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")
+
+
+def decode_mask(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A loss mask as a greyscale (`L`) image, oriented like its image (invoke-training loads
+    masks with `convert("L")`)."""
+    return decode_image(data, name, max_pixels, mode="L")

@@ -17,8 +17,8 @@ from runner.config.data import TextualInversionSDDataLoaderConfig
 from runner.config.pipelines import PipelineConfig
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
 from runner.data.captions import CaptionBuilder, LoaderConfig
-from runner.data.images import MAX_IMAGE_PIXELS, decode_image, image_size_hw
-from runner.data.sources import Source, build_source, fetch_pool
+from runner.data.images import MAX_IMAGE_PIXELS, decode_image, decode_mask, image_size_hw
+from runner.data.sources import MaskRef, Source, build_source, fetch_pool
 from runner.data.transforms import ImageTransform, resolution_hw
 from runner.errors import DataError
 
@@ -50,19 +50,27 @@ class TrainDataset(Dataset[Batch]):
         raw = self.source.fetch(index)
         image = decode_image(raw.data, raw.id)
         rng = random.Random(derive_seed("image", self.seed, epoch, index))
-        pixels, original, crop = self.transform(image, self.target_hw[index], rng)
+        item: Batch = {}
+        if raw.mask is None:
+            pixels, original, crop = self.transform(image, self.target_hw[index], rng)
+        else:
+            mask = decode_mask(raw.mask.data, raw.mask.name)
+            pixels, item["mask"], original, crop = self.transform.with_mask(
+                image, mask, self.target_hw[index], rng
+            )
         caption_rng = random.Random(derive_seed("caption", self.seed, epoch, index))
         caption = self.captions.build(raw.caption, caption_rng, raw.id)
         if self.captions.dropout_rate:  # its own stream: the rate changes no other draw
             drop_rng = random.Random(derive_seed("caption-dropout", self.seed, epoch, index))
             caption = self.captions.dropped(caption, drop_rng)
-        return {
-            "pixel_values": pixels,
-            "caption": caption,
-            "original_size_hw": original,
-            "crop_top_left_yx": crop,
-            "id": raw.id,
-        }
+        item.update(
+            pixel_values=pixels,
+            caption=caption,
+            original_size_hw=original,
+            crop_top_left_yx=crop,
+            id=raw.id,
+        )
+        return item
 
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         return self.load(key)
@@ -76,7 +84,7 @@ class TrainDataset(Dataset[Batch]):
 
 def collate(items: list[Batch]) -> Batch:
     """Stack examples of one bucket into the batch format of docs/architecture.md."""
-    return {
+    batch = {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "caption": [it["caption"] for it in items],
         "original_size_hw": torch.tensor(
@@ -87,6 +95,9 @@ def collate(items: list[Batch]) -> Batch:
         ),
         "id": [it["id"] for it in items],
     }
+    if "mask" in items[0]:
+        batch["mask"] = torch.stack([it["mask"] for it in items])
+    return batch
 
 
 class _Plan:
@@ -244,7 +255,12 @@ def build_train_dataloader(
     loader_cfg: LoaderConfig = cfg.data_loader
     text = placeholder_text or default_placeholder_text(cfg)
     captions = CaptionBuilder(loader_cfg, text)
-    source = build_source(loader_cfg.dataset, cfg.storage, need_captions=needs_captions(loader_cfg))
+    source = build_source(
+        loader_cfg.dataset,
+        cfg.storage,
+        need_captions=needs_captions(loader_cfg),
+        need_masks=cfg.use_masks,
+    )
     if loader_cfg.aspect_ratio_buckets is None:
         buckets = [resolution_hw(loader_cfg.resolution)]
         bucket_of = [0] * len(source)
@@ -278,6 +294,16 @@ def scan_sizes(source: Source) -> list[tuple[int, int]]:
 # --- preflight -----------------------------------------------------------------------------
 
 
+def check_mask(mask: MaskRef, image_hw: tuple[int, int], max_pixels: int) -> None:
+    """The mask decodes and has its image's size (it is cropped and flipped with it)."""
+    width, height = decode_mask(mask.data, mask.name, max_pixels).size
+    if (height, width) != image_hw:
+        raise DataError(
+            f"{mask.name}: is {width}x{height} but its image is {image_hw[1]}x{image_hw[0]}",
+            hint="save the mask at its image's size",
+        )
+
+
 @dataclass(frozen=True)
 class PreflightReport:
     num_examples: int
@@ -288,7 +314,12 @@ def preflight(cfg: PipelineConfig, max_pixels: int = MAX_IMAGE_PIXELS) -> Prefli
     """Read and decode every example once, before training; raise DataError naming the first
     bad file or line (and how many more are bad). Bounded parallel reads; never hangs."""
     loader_cfg: LoaderConfig = cfg.data_loader
-    source = build_source(loader_cfg.dataset, cfg.storage, need_captions=needs_captions(loader_cfg))
+    source = build_source(
+        loader_cfg.dataset,
+        cfg.storage,
+        need_captions=needs_captions(loader_cfg),
+        need_masks=cfg.use_masks,
+    )
 
     def check(index: int) -> tuple[int, int] | DataError:
         try:
@@ -296,7 +327,10 @@ def preflight(cfg: PipelineConfig, max_pixels: int = MAX_IMAGE_PIXELS) -> Prefli
             image = decode_image(raw.data, raw.id, max_pixels, draft_size=(64, 64))
             if needs_captions(loader_cfg) and raw.caption is None:
                 return DataError(f"{raw.id}: no caption")
-            return image_size_hw(raw.data, raw.id, max_pixels) if image else (0, 0)
+            size = image_size_hw(raw.data, raw.id, max_pixels) if image else (0, 0)
+            if raw.mask is not None:
+                check_mask(raw.mask, size, max_pixels)
+            return size
         except DataError as err:
             return err
 

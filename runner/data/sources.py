@@ -27,6 +27,8 @@ from runner.data.images import is_image_name
 from runner.errors import DataError
 from runner.storage import ObjectStore, open_store
 
+MASK_COLUMN = "mask"
+"""The JSONL key of a line's loss-mask image path (fixed, as in invoke-training)."""
 FETCH_WORKERS = 16
 """Parallel GETs per process (bounded pool)."""
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -74,6 +76,17 @@ class Record:
     caption: str | None = None
     caption_key: str | None = None
     row: int | None = None  # HF datasets: the row holding the image
+    mask_key: str | None = None  # use_masks: the loss mask image, in store `mask_store`
+    mask_store: int = 0
+    origin: str | None = None  # JSONL: "file:line", for messages
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """The loss mask of one example (`use_masks`): encoded bytes and a name for messages."""
+
+    data: bytes
+    name: str
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class RawExample:
     id: str
     data: bytes
     caption: str | None
+    mask: MaskRef | None = None
 
 
 class Source:
@@ -119,10 +133,10 @@ class Source:
         if rec.row is not None and self.hf is not None:
             data = self.hf.image_bytes(rec.row, rec.id)
         else:
-            data = self._get(rec, rec.image_key)
+            data = self._get(rec.store, rec.image_key)
         caption = rec.caption
         if rec.caption_key is not None:
-            raw = self._get(rec, rec.caption_key)
+            raw = self._get(rec.store, rec.caption_key)
             try:
                 caption = raw.decode("utf-8").strip()
             except UnicodeDecodeError as err:
@@ -131,7 +145,7 @@ class Source:
                     f"(byte {err.start})",
                     hint="re-save the file as UTF-8",
                 ) from None
-        example = RawExample(rec.id, data, caption)
+        example = RawExample(rec.id, data, caption, self._mask(rec))
         if self.keep_in_memory:
             self._memory[index] = example
         return example
@@ -145,13 +159,21 @@ class Source:
     def _url(self, rec: Record, key: str) -> str:
         return self.stores[rec.store].get().url(key)
 
-    def _get(self, rec: Record, key: str) -> bytes:
+    def _get(self, store: int, key: str, what: str = "") -> bytes:
         try:
-            return self.stores[rec.store].get().get_bytes(key)
+            return self.stores[store].get().get_bytes(key)
         except FileNotFoundError:
             raise DataError(
-                f"{self._url(rec, key)}: file not found", hint="fix the path or remove the entry"
+                f"{what}{self.stores[store].get().url(key)}: file not found",
+                hint="fix the path or remove the entry",
             ) from None
+
+    def _mask(self, rec: Record) -> MaskRef | None:
+        if rec.mask_key is None:
+            return None
+        name = f"{rec.origin}: mask {self.stores[rec.mask_store].get().url(rec.mask_key)}"
+        data = self._get(rec.mask_store, rec.mask_key, f"{rec.origin}: mask ")
+        return MaskRef(data, name)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -160,12 +182,16 @@ class Source:
 
 
 def build_source(
-    cfg: AnyDatasetConfig, storage: Any | None = None, *, need_captions: bool = True
+    cfg: AnyDatasetConfig,
+    storage: Any | None = None,
+    *,
+    need_captions: bool = True,
+    need_masks: bool = False,
 ) -> Source:
     """List the dataset (no image bytes read); DataError for missing files, bad lines, or
-    an empty dataset."""
+    an empty dataset. `need_masks` (JSONL only) reads each line's `mask` column."""
     if isinstance(cfg, ImageCaptionJsonlDatasetConfig):
-        source = _jsonl_source(cfg, storage, need_captions)
+        source = _jsonl_source(cfg, storage, need_captions, need_masks)
     elif isinstance(cfg, ImageCaptionDirDatasetConfig):
         source = _dir_source(cfg.dataset_dir, storage, cfg.keep_in_memory, captions=True)
     elif isinstance(cfg, ImageDirDatasetConfig):
@@ -230,11 +256,20 @@ def _split_uri(path: str) -> tuple[str, str]:
 
 
 def _jsonl_source(
-    cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None, need_captions: bool
+    cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None, need_captions: bool, masks: bool
 ) -> Source:
     folder, name = _split_uri(cfg.jsonl_path)
     refs = {folder: 0}
     stores = [StoreRef(folder, storage)]
+
+    def store_of(path: str, where: str, what: str) -> tuple[int, str]:
+        root, key = _resolve(path, where, what)
+        root = folder if root is None else root
+        if root not in refs:
+            refs[root] = len(stores)
+            stores.append(StoreRef(root, storage))
+        return refs[root], key
+
     try:
         text = stores[0].get().get_bytes(name)
     except FileNotFoundError:
@@ -249,13 +284,21 @@ def _jsonl_source(
         row = _parse_line(line, where)
         image = _column(row, cfg.image_column, where, str)
         caption = _column(row, cfg.caption_column, where, str) if need_captions else None
-        root, key = _resolve(image, where)
-        if root is None:
-            root = folder
-        if root not in refs:
-            refs[root] = len(stores)
-            stores.append(StoreRef(root, storage))
-        records.append(Record(id=image, image_key=key, store=refs[root], caption=caption))
+        store, key = store_of(image, where, "image")
+        mask_store, mask_key = (
+            store_of(_mask_column(row, where), where, "mask") if masks else (0, None)
+        )
+        records.append(
+            Record(
+                id=image,
+                image_key=key,
+                store=store,
+                caption=caption,
+                mask_key=mask_key,
+                mask_store=mask_store,
+                origin=where,
+            )
+        )
     return Source(cfg.jsonl_path, records, stores, keep_in_memory=cfg.keep_in_memory)
 
 
@@ -287,24 +330,35 @@ def _column(row: dict[str, Any], column: str, where: str, kind: type) -> Any:
     return value
 
 
-def _resolve(image: str, where: str) -> tuple[str | None, str]:
-    """(store root or None for the JSONL folder, key) for an image path from a JSONL line."""
-    if image.startswith("s3://"):
-        bucket, _, key = image[len("s3://") :].partition("/")
+def _mask_column(row: dict[str, Any], where: str) -> str:
+    """The line's `mask` path (invoke-training's fixed column name)."""
+    value = row.get(MASK_COLUMN)
+    if not isinstance(value, str) or not value:
+        raise DataError(
+            f"{where}: use_masks needs a {MASK_COLUMN!r} path on every line (got {value!r})",
+            hint="add the mask image path, or set use_masks: false",
+        )
+    return value
+
+
+def _resolve(path: str, where: str, what: str = "image") -> tuple[str | None, str]:
+    """(store root or None for the JSONL folder, key) for a file path from a JSONL line."""
+    if path.startswith("s3://"):
+        bucket, _, key = path[len("s3://") :].partition("/")
         if not bucket or not key:
-            raise DataError(f"{where}: {image!r} is not an s3://bucket/key URI")
-        _check_relative(key, image, where)
+            raise DataError(f"{where}: {path!r} is not an s3://bucket/key URI")
+        _check_relative(key, path, where, what)
         return f"s3://{bucket}", key
-    if os.path.isabs(image):
-        return "/", image.lstrip("/")
-    _check_relative(image, image, where)
-    return None, posixpath.normpath(image)
+    if os.path.isabs(path):
+        return "/", path.lstrip("/")
+    _check_relative(path, path, where, what)
+    return None, posixpath.normpath(path)
 
 
-def _check_relative(key: str, shown: str, where: str) -> None:
+def _check_relative(key: str, shown: str, where: str, what: str = "image") -> None:
     if ".." in key.replace("\\", "/").split("/") or "://" in key:
         raise DataError(
-            f"{where}: image path {shown!r} escapes the dataset folder",
+            f"{where}: {what} path {shown!r} escapes the dataset folder",
             hint="use a path inside the dataset folder (no '..')",
         )
 

@@ -45,22 +45,65 @@ class ImageTransform:
         (centre or random) and optionally flipped. `crop_top_left_yx` is the crop's corner in
         the resized image, mirrored when flipped, as SDXL's micro-conditioning expects.
         """
+        place = self.plan(img.size, target_hw, rng)
+        return to_tensor(place.apply(img)), place.original_hw, place.crop_yx
+
+    def with_mask(
+        self, img: Image.Image, mask: Image.Image, target_hw: tuple[int, int], rng: random.Random
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Like `__call__`, plus the image's `L` mask given the very same resize, crop and flip,
+        as a float32 [1,H,W] tensor in [0, 1]. Uses the same random draws as `__call__`."""
+        place = self.plan(img.size, target_hw, rng)
+        pixels, mask_t = to_tensor(place.apply(img)), mask_to_tensor(place.apply(mask))
+        return pixels, mask_t, place.original_hw, place.crop_yx
+
+    def plan(
+        self, size_wh: tuple[int, int], target_hw: tuple[int, int], rng: random.Random
+    ) -> Placement:
+        """Where an image of `size_wh` lands: resized size, crop corner and flip."""
         th, tw = target_hw
-        w, h = img.size
+        w, h = size_wh
         scale = max(th / h, tw / w)
         rh, rw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
-        if (rw, rh) != (w, h):
-            img = img.resize((rw, rh), Image.Resampling.BILINEAR)
         if self.center_crop:
             top, left = (rh - th) // 2, (rw - tw) // 2
         else:
             top, left = rng.randint(0, rh - th), rng.randint(0, rw - tw)
-        img = img.crop((left, top, left + tw, top + th))
         flip = self.random_flip and rng.random() < 0.5
-        if flip:
+        return Placement((h, w), (rh, rw), (th, tw), top, left, flip)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One draw of the transform, applicable to an image and to its mask alike."""
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    target_hw: tuple[int, int]
+    top: int
+    left: int
+    flip: bool
+
+    @property
+    def crop_yx(self) -> tuple[int, int]:
+        """The crop's corner in the resized image (x mirrored when flipped)."""
+        left = self.resized_hw[1] - self.left - self.target_hw[1] if self.flip else self.left
+        return self.top, left
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        (rh, rw), (th, tw) = self.resized_hw, self.target_hw
+        if (rw, rh) != img.size:
+            img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+        img = img.crop((self.left, self.top, self.left + tw, self.top + th))
+        if self.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = rw - left - tw
-        return to_tensor(img), (h, w), (top, left)
+        return img
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """`L` PIL image → float32 [1, H, W] in [0, 1]."""
+    array = np.asarray(mask, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).unsqueeze(0).float().div_(255.0)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -304,6 +304,8 @@ class TrainingPipeline:
             self.cfg.min_snr_gamma,
             loss_type=self.cfg.loss_type,
             huber_c=self.cfg.huber_c or DEFAULT_HUBER_C,
+            mask=batch.get("mask"),
+            loss_weight=batch.get("loss_weight"),
         )
 
 

@@ -1,0 +1,45 @@
+"""Job features that need a newer Kubernetes than the cluster runs (pure functions).
+
+An API server older than a field prunes it silently (v1.20 drops `spec.suspend` and
+`spec.podFailurePolicy`), so `submit` says what the cluster will ignore instead of relying
+on it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# field of the Job spec -> (first version that honours it, what is lost without it)
+JOB_FEATURES: dict[str, tuple[tuple[int, int], str]] = {
+    "suspend": (
+        (1, 21),
+        "the Job starts at once instead of waiting for its Kueue queue (job.queue_name)",
+    ),
+    "podFailurePolicy": (
+        (1, 26),
+        "preemptions and SIGTERM checkpoints (exit 143) count against job.backoff_limit and "
+        "a config error (exit 2) is retried",
+    ),
+}
+
+
+def parse_version(major: str, minor: str) -> tuple[int, int]:
+    """(major, minor) from the /version fields; providers append '+' to the minor."""
+    return int(re.sub(r"\D", "", major) or 0), int(re.sub(r"\D", "", minor) or 0)
+
+
+def supports(version: tuple[int, int], field: str) -> bool:
+    return version >= JOB_FEATURES[field][0]
+
+
+def ignored_features(job: dict[str, Any], version: tuple[int, int]) -> list[str]:
+    """One warning per Job spec field in use that a cluster of `version` ignores."""
+    out = []
+    for field, (needed, lost) in JOB_FEATURES.items():
+        if field in job.get("spec", {}) and version < needed:
+            out.append(
+                f"the cluster runs Kubernetes {version[0]}.{version[1]}, which ignores "
+                f"Job spec.{field} (needs {needed[0]}.{needed[1]}+): {lost}"
+            )
+    return out
