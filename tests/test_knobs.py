@@ -210,3 +210,38 @@ def test_resume_refuses_a_dora_or_ema_switch_and_accepts_older_checkpoints(
         with pytest.raises(ResumeMismatchError, match="ema|use_dora"):
             check_compatible(older, switched, 2)
         check_compatible(compat_info(switched), switched, 2)
+
+
+def test_validation_images_come_from_the_ema_weights(
+    tiny_sd_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from runner.storage import open_store
+    from runner.validation import ValidationSettings, Validator
+
+    cfg = make_config(
+        "SD_LORA",
+        tiny_sd_dir,
+        data_dir,
+        tmp_path,
+        ema_decay=0.9,
+        validation_prompts=["a kbtn picture"],
+        validate_every_n_steps=1,
+    )
+    pipe = _pipeline(cfg)
+    assert pipe.ema is not None
+    for shadow in pipe.ema.shadow.values():
+        shadow.add_(1.0)  # make the average visibly different from the raw weights
+    raw = {k: p.detach().clone() for k, p in pipe.trainable_parameters().items()}
+    seen: dict[str, torch.Tensor] = {}
+
+    def generate(self: Validator) -> list[list[Image.Image]]:
+        seen.update({k: p.detach().clone() for k, p in pipe.trainable_parameters().items()})
+        return [[Image.new("RGB", (8, 8))]]
+
+    monkeypatch.setattr(Validator, "_generate", generate)
+    store = open_store(str(tmp_path / "store"))
+    Validator(ValidationSettings.from_config(cfg, 7), pipe, store, torch.device("cpu")).validate(1)
+    assert all(torch.equal(seen[k], pipe.ema.shadow[k]) for k in raw)
+    assert all(torch.equal(p.detach(), raw[k]) for k, p in pipe.trainable_parameters().items())
