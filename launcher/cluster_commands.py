@@ -80,12 +80,14 @@ def _emit_json(data: Any) -> None:
 
 def output_lines(status: RunStatus) -> list[str]:
     """Where to look once a run ended: the outputs, its newest checkpoint and final weights."""
+    from runner.layout import checkpoint_key  # pydantic: not at --help time
+
     uri = status.output_uri.rstrip("/")
     lines = [f"outputs: {uri}"]
     if status.phase == "Succeeded":
         step = status.progress.last_checkpoint_step if status.progress else None
         if step is not None:
-            lines.append(f"  checkpoint: {uri}/checkpoints/step-{step:06d}/")
+            lines.append(f"  checkpoint: {uri}/{checkpoint_key(step)}/")
             lines.append(f"  validation: {uri}/validation/ (grid.png per validation step)")
         lines.append(f"  final:      {uri}/final/")
     return lines

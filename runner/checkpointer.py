@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from runner.config import PipelineConfig
 from runner.errors import ResumeMismatchError
+from runner.layout import CHECKPOINTS, step_name
 from runner.pipelines.common import TrainingPipeline
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def check_compatible(saved: dict[str, Any], cfg: PipelineConfig, step: int) -> N
     ]
     if diffs:
         raise ResumeMismatchError(
-            f"checkpoint step-{step:06d} was written by an incompatible config ("
+            f"checkpoint {step_name(step)} was written by an incompatible config ("
             + "; ".join(diffs[:3])
             + ")",
             hint="restore the old settings, use another run name, or pass --force-restart "
@@ -171,7 +172,7 @@ class Checkpointer:
         self.last_saved = state.step
         if not self.is_main:
             return None
-        folder = self.work_dir / "checkpoints" / f"step-{state.step:06d}"
+        folder = self.work_dir / CHECKPOINTS / step_name(state.step)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         with self.pipeline.averaged():  # the user-facing files hold the EMA weights, if any
@@ -191,7 +192,7 @@ class Checkpointer:
         for old in self._staged:
             shutil.rmtree(old, ignore_errors=True)
         self._staged = [folder]
-        log.info("checkpoint step-%06d written; publishing", state.step)
+        log.info("checkpoint %s written; publishing", step_name(state.step))
         return folder
 
     def wait(self) -> None:
@@ -216,7 +217,7 @@ def fetch_latest(
     step = manager.latest()
     if step is None:
         return None
-    folder = work_dir / "restore" / f"step-{step:06d}"
+    folder = work_dir / "restore" / step_name(step)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     manager.restore(step, folder)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -24,17 +23,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner.errors import StorageError
+from runner.layout import CHECKPOINTS, MANIFEST, parse_step_name, step_name
 from runner.storage import ObjectStore, check_key, join_key, retry_transient
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _T = TypeVar("_T")
-
-
-def step_dir(step: int) -> str:
-    """Folder name of a checkpoint: ``step-000200``."""
-    return f"step-{step:06d}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +98,7 @@ class CheckpointManager:
         store: ObjectStore,
         max_checkpoints: int | None,
         *,
-        prefix: str = "checkpoints",
+        prefix: str = CHECKPOINTS,
         attempts: int = 5,
         backoff_s: float = 0.5,
         backoff_max_s: float = 10.0,
@@ -125,7 +118,7 @@ class CheckpointManager:
 
     def key(self, step: int, name: str = "") -> str:
         """Store key of ``name`` inside the checkpoint of ``step`` (the folder if empty)."""
-        return join_key(self.prefix, step_dir(step), name)
+        return join_key(self.prefix, step_name(step), name)
 
     def _retry(self, fn: Callable[[], _T], what: str) -> _T:
         def warn(exc: Exception, delay: float) -> None:
@@ -226,13 +219,13 @@ class CheckpointManager:
         base = self.prefix + "/"
         for obj in self.store.list(base + "step-"):
             folder, sep, rest = obj.key[len(base) :].partition("/")
-            match = _STEP_DIR.match(folder)
-            if not (match and sep and rest):
+            step = parse_step_name(folder)
+            if step is None or not (sep and rest):
                 continue
-            has_manifest, keys = groups.setdefault(int(match.group(1)), (False, []))
+            has_manifest, keys = groups.setdefault(step, (False, []))
             keys.append(obj.key)
             if rest == MANIFEST:
-                groups[int(match.group(1))] = (True, keys)
+                groups[step] = (True, keys)
         return groups
 
     def list_complete(self) -> list[int]:

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from runner.checkpointer import Checkpointer, LoopState
 from runner.errors import Preempted
+from runner.layout import step_name
 from runner.pipelines.common import Batch, TrainingPipeline
 from runner.progress import ProgressReporter
 from runner.validation import Validator
@@ -169,5 +170,5 @@ class Loop:
         self.progress.finish("preempted")
         raise Preempted(
             f"stopped by SIGTERM after step {state.step}; checkpoint "
-            f"step-{state.step:06d} published, resume by rerunning"
+            f"{step_name(state.step)} published, resume by rerunning"
         )

@@ -7,7 +7,6 @@ The loss stays on the device between log lines: one host sync per log line, not 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ from typing import Any
 
 import torch
 
+from runner.layout import PROGRESS_KEY, ProgressRecord, RunState, log_key, utc_now
 from runner.storage import ObjectStore
 
 log = logging.getLogger("runner.progress")
-PROGRESS_KEY = "progress.json"
 
 
 @dataclass(frozen=True)
@@ -52,11 +51,7 @@ class ProgressReporter:
         self._window_images = 0
         self._window_start = time.perf_counter()
         self._last_write = 0.0
-        self.record: dict[str, Any] = {
-            "state": "running",
-            "step": start_step,
-            "total_steps": settings.total_steps,
-        }
+        self.record = ProgressRecord(step=start_step, total_steps=settings.total_steps)
         self._writer = self._tensorboard(settings.tensorboard_dir)
 
     @staticmethod
@@ -94,9 +89,8 @@ class ProgressReporter:
             ips,
             format_eta(eta),
         )
-        self.record.update(
-            step=step, epoch=epoch, loss=loss, lr=lr, images_per_sec=ips, eta_seconds=round(eta, 1)
-        )
+        self.note(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips,
+                  eta_seconds=round(eta, 1))  # fmt: skip
         if self._writer is not None:
             self._writer.add_scalar("train/loss", loss, step)
             self._writer.add_scalar("train/lr", lr, step)
@@ -107,17 +101,15 @@ class ProgressReporter:
             self.write()
 
     def note(self, **fields: Any) -> None:
-        """Add fields to the record (e.g. last_checkpoint_step) without writing it."""
-        self.record.update(fields)
+        """Set record fields (e.g. last_checkpoint_step) without writing; validated."""
+        self.record = ProgressRecord.model_validate({**self.record.model_dump(), **fields})
 
-    def write(self, state: str | None = None) -> None:
+    def write(self, state: RunState | None = None) -> None:
         """Publish progress.json (all-or-nothing put)."""
-        if state is not None:
-            self.record["state"] = state
-        self.record["updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.note(updated_at=utc_now(), **({"state": state} if state else {}))
         self._last_write = time.monotonic()
         if self.store is not None:
-            self.store.put_bytes(PROGRESS_KEY, json.dumps(self.record, indent=2).encode())
+            self.store.put_bytes(PROGRESS_KEY, self.record.to_bytes())
         if self._writer is not None:
             self._writer.flush()
             self._upload_logs()
@@ -128,9 +120,9 @@ class ProgressReporter:
             return
         for path in sorted(folder.rglob("*")):
             if path.is_file():
-                self.store.put_file(f"logs/{path.relative_to(folder).as_posix()}", path)
+                self.store.put_file(log_key(path.relative_to(folder).as_posix()), path)
 
-    def finish(self, state: str) -> None:
+    def finish(self, state: RunState) -> None:
         self.write(state)
         if self._writer is not None:
             self._writer.close()

@@ -29,6 +29,7 @@ from runner.checkpointer import (
 )
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.errors import DataError, UserError
+from runner.layout import CONFIG_KEY, final_key, step_name
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
@@ -186,7 +187,7 @@ def _run(
     session = _Session(cfg, accelerator, store, manager, work, seed)
     state = session.prepare(restored)
     if is_main:  # only once the model and data loaded: a failed start writes nothing
-        store.put_bytes("config.yaml", config_to_yaml(cfg).encode())
+        store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
     try:
         session.loop(stop or threading.Event()).run(state)
     except BaseException:
@@ -264,7 +265,7 @@ class _Session:
         if restored is None:
             return LoopState()
         state = self.checkpointer.restore(restored[0])
-        log.info("resumed from checkpoint step-%06d (epoch %d)", state.step, state.epoch + 1)
+        log.info("resumed from checkpoint %s (epoch %d)", step_name(state.step), state.epoch + 1)
         return state
 
     def loop(self, stop: threading.Event) -> Loop:
@@ -322,7 +323,7 @@ class _Session:
             with self.pipeline.averaged():
                 exported = self.pipeline.export(final)
             for path in exported:
-                keys.append(f"final/{path.relative_to(final).as_posix()}")
+                keys.append(final_key(path.relative_to(final).as_posix()))
                 self.store.put_file(keys[-1], path)
             self.progress.note(last_checkpoint_step=state.step)
             self.progress.finish("completed")

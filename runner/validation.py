@@ -17,6 +17,7 @@ from diffusers import (
 from PIL import Image
 
 from runner.config import PipelineConfig
+from runner.layout import validation_key
 from runner.models.loading import Components
 from runner.pipelines.common import TrainingPipeline
 from runner.storage import ObjectStore
@@ -145,14 +146,14 @@ class Validator:
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-        prefix = f"validation/step-{step:06d}"
+        prefix = validation_key(step)
         keys = []
         for i, row in enumerate(images):
             for j, image in enumerate(row):
                 keys.append(f"{prefix}/prompt-{i}-{j}.png")
                 self.store.put_bytes(keys[-1], png_bytes(image))
         self.store.put_bytes(f"{prefix}/grid.png", png_bytes(grid(images)))
-        log.info("validation step-%06d: %d images", step, len(keys))
+        log.info("validation %s: %d images", prefix, len(keys))
         return [*keys, f"{prefix}/grid.png"]
 
     @torch.no_grad()

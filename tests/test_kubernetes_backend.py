@@ -371,7 +371,7 @@ def test_progress_comes_from_storage(fake_kube: Kube, s3_env: Any, s3_bucket: st
                 "step": 40,
                 "total_steps": 100,
                 "loss": 0.125,
-                "images_per_sec": 3.5,
+                "images_per_second": 3.5,
                 "eta_seconds": 95,
             }
         ).encode(),

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import abc
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from runner.config import PipelineConfig
 from runner.config.cluster import StorageConfig
+from runner.layout import PROGRESS_KEY, ProgressRecord
 
 # Cancelling (a Job being deleted) ends the run as much as Cancelled does: nothing resumes it.
 TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelling", "Cancelled")
@@ -31,44 +31,7 @@ class SubmitResult:
     Pod Security profile, Job features the cluster's Kubernetes version ignores."""
 
 
-@dataclass
-class Progress:
-    """The runner's progress.json, as far as the launcher understands it."""
-
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    images_per_second: float | None = None
-    eta_seconds: float | None = None
-    state: str | None = None
-    last_checkpoint_step: int | None = None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Progress:
-        def pick(*keys: str) -> Any:
-            return next((data[k] for k in keys if data.get(k) is not None), None)
-
-        return cls(
-            step=pick("step", "global_step"),
-            total_steps=pick("total_steps", "max_steps"),
-            loss=pick("loss"),
-            images_per_second=pick("images_per_second", "images_per_sec"),
-            eta_seconds=pick("eta_seconds", "eta_s"),
-            state=pick("state", "phase"),
-            last_checkpoint_step=pick("last_checkpoint_step"),
-        )
-
-    def summary(self) -> str:
-        parts = []
-        if self.step is not None:
-            parts.append(f"step {self.step}/{self.total_steps or '?'}")
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4g}")
-        if self.images_per_second is not None:
-            parts.append(f"{self.images_per_second:.3g} img/s")
-        if self.eta_seconds is not None:
-            parts.append(f"ETA {format_duration(self.eta_seconds)}")
-        return ", ".join(parts) or (self.state or "no progress yet")
+Progress = ProgressRecord  # the launcher's view of progress.json is the runner's own record
 
 
 @dataclass
@@ -86,7 +49,7 @@ class RunStatus:
     pods: list[str] = field(default_factory=list)
     output_uri: str | None = None
     config_hash: str | None = None
-    progress: Progress | None = None
+    progress: ProgressRecord | None = None
     progress_error: str | None = None
     namespace: str | None = None
 
@@ -96,6 +59,7 @@ class RunStatus:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["progress"] = self.progress.model_dump() if self.progress else None
         data["done"] = self.done
         return data
 
@@ -109,13 +73,6 @@ class RunStatus:
         if self.progress is not None:
             text += f"; {self.progress.summary()}"
         return text
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 class Backend(abc.ABC):
@@ -146,19 +103,22 @@ class Backend(abc.ABC):
         """Every kubetune run this backend knows."""
 
 
-def read_progress(uri: str, storage: StorageConfig | None) -> tuple[Progress | None, str | None]:
+def read_progress(
+    uri: str, storage: StorageConfig | None
+) -> tuple[ProgressRecord | None, str | None]:
     """The run's progress.json from its output location: (progress, why-not)."""
     try:
         from runner.storage import open_store  # light: boto3 only
     except ImportError as err:  # pragma: no cover - runner.storage ships with kubetune
         return None, f"runner.storage unavailable: {err}"
     try:
-        raw = open_store(uri, storage).get_bytes("progress.json")
+        raw = open_store(uri, storage).get_bytes(PROGRESS_KEY)
     except FileNotFoundError:
         return None, None
     except Exception as err:  # noqa: BLE001 - progress is best effort; say why it is missing
-        return None, f"cannot read {uri}/progress.json: {str(err).splitlines()[0]}"
+        return None, f"cannot read {uri}/{PROGRESS_KEY}: {str(err).splitlines()[0]}"
     try:
-        return Progress.from_json(json.loads(raw)), None
-    except (ValueError, TypeError, AttributeError) as err:
-        return None, f"{uri}/progress.json is not valid progress JSON: {err}"
+        return ProgressRecord.from_bytes(raw), None
+    except ValueError as err:
+        first = str(err).splitlines()[0]
+        return None, f"{uri}/{PROGRESS_KEY} is not a valid progress record: {first}"

@@ -3,6 +3,7 @@
 from runner.config.cluster import CredentialsSecretRef, JobConfig, StorageConfig, sanitize_name
 from runner.config.data import (
     AspectRatioBucketConfig,
+    DreamboothSDDataLoaderConfig,
     HFHubImageCaptionDatasetConfig,
     ImageCaptionDirDatasetConfig,
     ImageCaptionJsonlDatasetConfig,
@@ -43,6 +44,7 @@ __all__ = [
     "PIPELINE_TYPES",
     "AdamOptimizerConfig",
     "AspectRatioBucketConfig",
+    "DreamboothSDDataLoaderConfig",
     "CredentialsSecretRef",
     "HFHubImageCaptionDatasetConfig",
     "ImageCaptionDirDatasetConfig",

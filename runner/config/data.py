@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from runner.config.base import ConfigModel, FieldProblems, Problems
 
@@ -213,3 +213,51 @@ class TextualInversionSDDataLoaderConfig(_LoaderCommon):
             p.add("shuffle_caption_delimiter", "must not be empty (e.g. ',')")
         p.raise_if_any()
         return self
+
+
+class DreamboothSDDataLoaderConfig(_LoaderCommon):
+    """DreamBooth: images of your subject (instance) and, for prior preservation, images of
+    its class, each set with one fixed caption; instance and class examples are drawn in
+    equal numbers (LoRA types only)."""
+
+    type: Literal["DREAMBOOTH_SD_DATA_LOADER"] = "DREAMBOOTH_SD_DATA_LOADER"
+    instance_caption: str
+    """The caption of every instance image, e.g. "a photo of sks dog"."""
+    class_caption: str | None = None
+    """The caption of every class image, e.g. "a photo of a dog" (needed with class_dataset)."""
+    instance_dataset: ImageDirDatasetConfig
+    """The folder of instance images (local or `s3://`)."""
+    class_dataset: ImageDirDatasetConfig | None = None
+    """The folder of class images for prior preservation (None: instance images only)."""
+    class_data_loss_weight: float = 1.0
+    """The loss weight of class examples; instance examples weigh 1.0."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DreamboothSDDataLoaderConfig:
+        p = Problems()
+        p.check(
+            self.class_dataset is None or self.class_caption is not None,
+            "class_caption",
+            "class_dataset needs a class_caption (e.g. 'a photo of a dog'), or remove "
+            "class_dataset",
+        )
+        p.raise_if_any()
+        return self
+
+
+_IMAGE_CAPTION = "IMAGE_CAPTION_SD_DATA_LOADER"
+
+
+def _lora_loader_tag(value: Any) -> str:
+    """The loader's `type`; a mapping without one is an image/caption loader (kubetune has
+    always accepted that; invoke-training requires the key)."""
+    if isinstance(value, dict):
+        return str(value.get("type", _IMAGE_CAPTION))
+    return str(getattr(value, "type", _IMAGE_CAPTION))
+
+
+LoraDataLoaderConfig = Annotated[
+    Annotated[ImageCaptionSDDataLoaderConfig, Tag(_IMAGE_CAPTION)]
+    | Annotated[DreamboothSDDataLoaderConfig, Tag("DREAMBOOTH_SD_DATA_LOADER")],
+    Discriminator(_lora_loader_tag),
+]

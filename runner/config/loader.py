@@ -221,7 +221,8 @@ def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
     if kind == "missing":
         return "missing; this field is required"
     if kind == "union_tag_invalid":
-        return f"{err['input']!r} is not valid here; expected one of {err['ctx']['expected_tags']}"
+        ctx = err["ctx"]
+        return f"{ctx['tag']!r} is not valid here; expected one of {ctx['expected_tags']}"
     if kind == "union_tag_not_found":
         return f"missing its `{err['ctx']['discriminator'].strip(chr(39))}` key"
     if msg.startswith("Value error, "):

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from runner.config.base import ConfigModel, Problems, exactly_one
 from runner.config.cluster import JobConfig, StorageConfig
-from runner.config.data import ImageCaptionSDDataLoaderConfig, TextualInversionSDDataLoaderConfig
+from runner.config.data import LoraDataLoaderConfig, TextualInversionSDDataLoaderConfig
 from runner.config.knobs import LoraKnobs, TrainingKnobs
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -183,8 +183,8 @@ class BasePipelineConfig(TrainingKnobs):
                 getattr(self.data_loader, "dataset", None) is not None  # type: ignore[attr-defined]
                 and self.data_loader.dataset.type == "IMAGE_CAPTION_JSONL_DATASET",  # type: ignore[attr-defined]
                 "use_masks",
-                "masks come from the `mask` column of an IMAGE_CAPTION_JSONL_DATASET: use "
-                "that dataset type or set use_masks: false",
+                "masks come from the `mask` column of an IMAGE_CAPTION_JSONL_DATASET (not "
+                "DreamBooth folders): use that dataset type or set use_masks: false",
             )
         p.check(
             not (self.mixed_precision == "fp16" and self.weight_dtype == "bfloat16"),
@@ -307,8 +307,9 @@ class SdLoraConfig(_LoraFields, BasePipelineConfig):
     type: Literal["SD_LORA"] = "SD_LORA"
     model: str = _SD_MODEL
     """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
-    data_loader: ImageCaptionSDDataLoaderConfig
-    """Image/caption data."""
+    data_loader: LoraDataLoaderConfig
+    """Image/caption data (IMAGE_CAPTION_SD_DATA_LOADER) or DreamBooth instance/class images
+    (DREAMBOOTH_SD_DATA_LOADER)."""
 
     @model_validator(mode="after")
     def _check(self) -> SdLoraConfig:
@@ -325,8 +326,9 @@ class SdxlLoraConfig(_SdxlTextEncoderRates, _LoraFields, BasePipelineConfig):
     type: Literal["SDXL_LORA"] = "SDXL_LORA"
     model: str = _SDXL_MODEL
     """Base model: hub name, diffusers dir, single .safetensors/.ckpt file, or s3:// prefix."""
-    data_loader: ImageCaptionSDDataLoaderConfig
-    """Image/caption data."""
+    data_loader: LoraDataLoaderConfig
+    """Image/caption data (IMAGE_CAPTION_SD_DATA_LOADER) or DreamBooth instance/class images
+    (DREAMBOOTH_SD_DATA_LOADER)."""
 
     @model_validator(mode="after")
     def _check(self) -> SdxlLoraConfig:

@@ -106,6 +106,10 @@ class BucketBatchSampler:
             rng.shuffle(out)
         return out
 
+    def cover_batches(self) -> list[list[int]]:
+        """Every example exactly once, in one-bucket global batches (for filling caches)."""
+        return self.global_batches(0)
+
     def batches(self, epoch: int) -> list[list[int]]:
         """This process's batches of `epoch`: a strided slice of each global batch, so the
         ranks' slices are disjoint and cover it. A global batch shorter than the number of

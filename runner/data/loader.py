@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from runner.config.data import TextualInversionSDDataLoaderConfig
+from runner.config.data import DreamboothSDDataLoaderConfig, TextualInversionSDDataLoaderConfig
 from runner.config.pipelines import PipelineConfig
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
 from runner.data.captions import CaptionBuilder, LoaderConfig
+from runner.data.dreambooth import DreamBoothBatchSampler, DreamBoothSource, FixedCaptions
 from runner.data.images import MAX_IMAGE_PIXELS, decode_image, decode_mask, image_size_hw
 from runner.data.sources import MaskRef, Source, build_source, fetch_pool
 from runner.data.transforms import ImageTransform, resolution_hw
@@ -33,14 +34,16 @@ class TrainDataset(Dataset[Batch]):
 
     def __init__(
         self,
-        source: Source,
-        captions: CaptionBuilder,
+        source: Source | DreamBoothSource,
+        captions: CaptionBuilder | FixedCaptions,
         transform: ImageTransform,
         target_hw: Sequence[tuple[int, int]],
         seed: int,
+        loss_weights: Sequence[float] | None = None,
     ) -> None:
         self.source, self.captions, self.transform = source, captions, transform
         self.target_hw, self.seed = list(target_hw), seed
+        self.loss_weights = None if loss_weights is None else list(loss_weights)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -70,6 +73,8 @@ class TrainDataset(Dataset[Batch]):
             crop_top_left_yx=crop,
             id=raw.id,
         )
+        if self.loss_weights is not None:
+            item["loss_weight"] = self.loss_weights[index]
         return item
 
     def __getitem__(self, key: tuple[int, int]) -> Batch:
@@ -97,6 +102,10 @@ def collate(items: list[Batch]) -> Batch:
     }
     if "mask" in items[0]:
         batch["mask"] = torch.stack([it["mask"] for it in items])
+    if "loss_weight" in items[0]:
+        batch["loss_weight"] = torch.tensor(
+            [it["loss_weight"] for it in items], dtype=torch.float32
+        )
     return batch
 
 
@@ -167,12 +176,12 @@ class ResumableLoader:
 
 
 def cache_batches(loader: ResumableLoader) -> Iterator[Batch]:
-    """Every example once, for filling the latent / text caches: epoch 0's global batches
-    (whatever epoch a resumed run is in, so caches are identical across resumes) cut into
-    per-process batches. The loader's position does not move."""
+    """Every example once, for filling the latent / text caches: the sampler's covering
+    batches (epoch 0's, whatever epoch a resumed run is in, so caches are identical across
+    resumes) cut into per-process batches. The loader's position does not move."""
     sampler, dataset = loader.sampler, loader.dataset
     size = sampler.batch_size
-    for batch in sampler.global_batches(0):
+    for batch in sampler.cover_batches():
         for start in range(0, len(batch), size):
             yield collate(dataset.__getitems__([(i, 0) for i in batch[start : start + size]]))
 
@@ -252,15 +261,8 @@ def build_train_dataloader(
     ``batch_size`` is per process; with ``num_processes`` > 1 (``accelerate launch``) each
     process gets its own disjoint slice of every global batch (see ``BucketBatchSampler``).
     """
-    loader_cfg: LoaderConfig = cfg.data_loader
-    text = placeholder_text or default_placeholder_text(cfg)
-    captions = CaptionBuilder(loader_cfg, text)
-    source = build_source(
-        loader_cfg.dataset,
-        cfg.storage,
-        need_captions=needs_captions(loader_cfg),
-        need_masks=cfg.use_masks,
-    )
+    loader_cfg = cfg.data_loader
+    source = train_source(cfg)
     if loader_cfg.aspect_ratio_buckets is None:
         buckets = [resolution_hw(loader_cfg.resolution)]
         bucket_of = [0] * len(source)
@@ -270,10 +272,27 @@ def build_train_dataloader(
     transform = ImageTransform(
         center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip
     )
-    dataset = TrainDataset(source, captions, transform, [buckets[b] for b in bucket_of], seed)
-    sampler = BucketBatchSampler(
-        bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
-    )
+    target_hw = [buckets[b] for b in bucket_of]
+    sampler: BucketBatchSampler
+    if isinstance(source, DreamBoothSource):
+        dataset = TrainDataset(
+            source, FixedCaptions(), transform, target_hw, seed, source.loss_weights()
+        )
+        sampler = DreamBoothBatchSampler(
+            bucket_of,
+            source.num_instance,
+            batch_size,
+            seed,
+            bucketed=loader_cfg.aspect_ratio_buckets is not None,
+            num_replicas=num_processes,
+            rank=process_index,
+        )
+    else:
+        captions = CaptionBuilder(loader_cfg, placeholder_text or default_placeholder_text(cfg))
+        dataset = TrainDataset(source, captions, transform, target_hw, seed)
+        sampler = BucketBatchSampler(
+            bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
+        )
     loader = ResumableLoader(
         dataset, sampler, num_workers=loader_cfg.dataloader_num_workers, pin_memory=device_is_cuda
     )
@@ -281,7 +300,20 @@ def build_train_dataloader(
     return loader
 
 
-def scan_sizes(source: Source) -> list[tuple[int, int]]:
+def train_source(cfg: PipelineConfig) -> Source | DreamBoothSource:
+    """The examples of `cfg.data_loader` (listed, no image read yet)."""
+    loader_cfg = cfg.data_loader
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        return DreamBoothSource(loader_cfg, cfg.storage)
+    return build_source(
+        loader_cfg.dataset,
+        cfg.storage,
+        need_captions=needs_captions(loader_cfg),
+        need_masks=cfg.use_masks,
+    )
+
+
+def scan_sizes(source: Source | DreamBoothSource) -> list[tuple[int, int]]:
     """Every image's (h, w) after EXIF orientation (parallel fetch, header parse)."""
 
     def size(index: int) -> tuple[int, int]:
@@ -313,21 +345,20 @@ class PreflightReport:
 def preflight(cfg: PipelineConfig, max_pixels: int = MAX_IMAGE_PIXELS) -> PreflightReport:
     """Read and decode every example once, before training; raise DataError naming the first
     bad file or line (and how many more are bad). Bounded parallel reads; never hangs."""
-    loader_cfg: LoaderConfig = cfg.data_loader
-    source = build_source(
-        loader_cfg.dataset,
-        cfg.storage,
-        need_captions=needs_captions(loader_cfg),
-        need_masks=cfg.use_masks,
+    loader_cfg = cfg.data_loader
+    source = train_source(cfg)
+    captions_needed = not isinstance(loader_cfg, DreamboothSDDataLoaderConfig) and needs_captions(
+        loader_cfg
     )
 
     def check(index: int) -> tuple[int, int] | DataError:
         try:
             raw = source.fetch(index)
-            image = decode_image(raw.data, raw.id, max_pixels, draft_size=(64, 64))
-            if needs_captions(loader_cfg) and raw.caption is None:
+            name = source.url(index) if isinstance(source, DreamBoothSource) else raw.id
+            image = decode_image(raw.data, name, max_pixels, draft_size=(64, 64))
+            if captions_needed and raw.caption is None:
                 return DataError(f"{raw.id}: no caption")
-            size = image_size_hw(raw.data, raw.id, max_pixels) if image else (0, 0)
+            size = image_size_hw(raw.data, name, max_pixels) if image else (0, 0)
             if raw.mask is not None:
                 check_mask(raw.mask, size, max_pixels)
             return size

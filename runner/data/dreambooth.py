@@ -1,0 +1,127 @@
+"""DreamBooth data (`DREAMBOOTH_SD_DATA_LOADER`): instance and class image folders as one
+source with fixed captions and per-example loss weights, and invoke-training's balanced
+instance/class batching as a resumable sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from runner.config.data import DreamboothSDDataLoaderConfig
+from runner.data.buckets import BucketBatchSampler, derive_seed
+from runner.data.sources import RawExample, Source, build_source
+
+INSTANCE, CLASS = "instance", "class"
+
+
+class DreamBoothSource:
+    """Instance images (indices ``0 .. num_instance-1``), then class images, each example
+    captioned with its set's fixed caption; ids are ``instance/<file>`` / ``class/<file>``."""
+
+    def __init__(self, cfg: DreamboothSDDataLoaderConfig, storage: Any | None = None) -> None:
+        self.parts: list[tuple[str, Source, str, float]] = [
+            (
+                INSTANCE,
+                build_source(cfg.instance_dataset, storage, need_captions=False),
+                cfg.instance_caption,
+                1.0,
+            )
+        ]
+        if cfg.class_dataset is not None:
+            source = build_source(cfg.class_dataset, storage, need_captions=False)
+            caption = cfg.class_caption or ""
+            self.parts.append((CLASS, source, caption, cfg.class_data_loss_weight))
+        self.num_instance = len(self.parts[0][1])
+
+    def __len__(self) -> int:
+        return sum(len(source) for _, source, _, _ in self.parts)
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        return (0, index) if index < self.num_instance else (1, index - self.num_instance)
+
+    def fetch(self, index: int) -> RawExample:
+        part, local = self._locate(index)
+        name, source, caption, _ = self.parts[part]
+        raw = source.fetch(local)
+        return RawExample(f"{name}/{raw.id}", raw.data, caption)
+
+    def url(self, index: int) -> str:
+        part, local = self._locate(index)
+        return self.parts[part][1].url(local)
+
+    def loss_weights(self) -> list[float]:
+        """Each example's loss weight: 1.0 (instance) or class_data_loss_weight (class)."""
+        return [weight for _, source, _, weight in self.parts for _ in range(len(source))]
+
+
+class FixedCaptions:
+    """The caption builder of DreamBooth data: the source's caption as it is."""
+
+    def build(self, caption: str | None, rng: random.Random, example_id: str = "") -> str:
+        return caption or ""
+
+
+class DreamBoothBatchSampler(BucketBatchSampler):
+    """invoke-training's DreamBooth batching, seeded and resumable.
+
+    Without a class set it is the plain bucket sampler over the instance images. With one,
+    each epoch takes min(#instance, #class) examples of each set (a fresh random subset of the
+    larger set every epoch) and alternates them: one by one without aspect-ratio buckets (so
+    every batch holds both halves), batch by batch with buckets (a batch is one bucket).
+    With several processes the balance holds per global batch (each rank takes a strided
+    slice of it, as in ``BucketBatchSampler``).
+    """
+
+    def __init__(
+        self,
+        bucket_of: Sequence[int],
+        num_instance: int,
+        batch_size: int,
+        seed: int,
+        *,
+        bucketed: bool,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(bucket_of, batch_size, seed, num_replicas=num_replicas, rank=rank)
+        self.num_instance, self.bucketed = num_instance, bucketed
+        self._parts: list[BucketBatchSampler] = []
+        if num_instance < len(bucket_of):
+            for name, ids in (
+                (INSTANCE, bucket_of[:num_instance]),
+                (CLASS, bucket_of[num_instance:]),
+            ):
+                part_seed = derive_seed(name, seed)
+                self._parts.append(
+                    BucketBatchSampler(ids, batch_size, part_seed, num_replicas=num_replicas)
+                )
+            self._len = len(self.global_batches(0))
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        if not self._parts:
+            return super().global_batches(epoch)
+        inst, cls = (part.global_batches(epoch) for part in self._parts)
+        cls = [[i + self.num_instance for i in batch] for batch in cls]
+        if self.bucketed:
+            k = min(len(inst), len(cls))
+            return [batch for pair in zip(inst[:k], cls[:k], strict=True) for batch in pair]
+        inst_order = [i for batch in inst for i in batch]
+        cls_order = [i for batch in cls for i in batch]
+        k = min(len(inst_order), len(cls_order))
+        stream = [i for pair in zip(inst_order[:k], cls_order[:k], strict=True) for i in pair]
+        size = self.global_batch_size
+        return [stream[i : i + size] for i in range(0, len(stream), size)]
+
+    def cover_batches(self) -> list[list[int]]:
+        """Every example once (instance batches, then class batches): for filling caches."""
+        if not self._parts:
+            return super().cover_batches()
+        inst, cls = (part.global_batches(0) for part in self._parts)
+        return inst + [[i + self.num_instance for i in batch] for batch in cls]
+
+    def fingerprint(self) -> str:
+        base = super().fingerprint()
+        raw = f"{base}:dreambooth:{self.num_instance}:{self.bucketed}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]

@@ -1,0 +1,172 @@
+"""The run layout and the progress record: the contract between the runner and the launcher.
+
+Every key a run writes under its output location is named here, and ``ProgressRecord`` is the
+typed ``progress.json`` that the runner writes and the launcher (``status``, ``pull``, reports)
+reads. This module imports only pydantic and the standard library: the launcher imports it.
+
+Layout (relative to ``base_output_dir`` or ``s3://bucket/prefix/<run>/``)::
+
+    config.yaml                          the resolved config
+    progress.json                        ProgressRecord
+    lease.json                           the run's single-writer lease
+    data/index.json                      the dataset index stored with the run
+    checkpoints/step-000200/...          a checkpoint; manifest.json is written last
+    checkpoints-set-aside/step-000200.<utc>/...  checkpoints that failed their manifest check
+    validation/step-000200/...           prompt-<i>-<j>.png and grid.png
+    logs/                                TensorBoard event files
+    final/                               the finished run's LoRA / embeddings
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIG_KEY = "config.yaml"
+PROGRESS_KEY = "progress.json"
+LEASE_KEY = "lease.json"
+DATA_INDEX_KEY = "data/index.json"
+CHECKPOINTS = "checkpoints"
+SET_ASIDE = "checkpoints-set-aside"
+MANIFEST = "manifest.json"
+VALIDATION = "validation"
+FINAL = "final"
+LOGS = "logs"
+
+_STEP_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def step_name(step: int) -> str:
+    """Folder name of a step: ``step-000200`` (at least six digits)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step-{step:06d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """The step of a folder name made by ``step_name``; None for any other name."""
+    match = _STEP_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_key(step: int, name: str = "") -> str:
+    """``checkpoints/step-XXXXXX/<name>`` (the folder, without a trailing ``/``, if empty)."""
+    return _join(CHECKPOINTS, step_name(step), name)
+
+
+def manifest_key(step: int) -> str:
+    """The key whose presence makes checkpoint ``step`` exist."""
+    return checkpoint_key(step, MANIFEST)
+
+
+def validation_key(step: int, name: str = "") -> str:
+    """``validation/step-XXXXXX/<name>``."""
+    return _join(VALIDATION, step_name(step), name)
+
+
+def set_aside_key(step: int, stamp: str, name: str = "") -> str:
+    """Where a checkpoint that failed its manifest check is moved: never deleted."""
+    return _join(SET_ASIDE, f"{step_name(step)}.{stamp}", name)
+
+
+def final_key(name: str) -> str:
+    """``final/<name>``."""
+    return _join(FINAL, name)
+
+
+def log_key(name: str) -> str:
+    """``logs/<name>``."""
+    return _join(LOGS, name)
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def utc_now() -> str:
+    """Seconds-precision UTC timestamp in ISO 8601, as every record here writes it."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def format_duration(seconds: float) -> str:
+    """``1h05m`` / ``1m35s``."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+RunState = Literal["starting", "running", "completed", "preempted", "failed"]
+
+
+class SetAsideCheckpoint(BaseModel):
+    """A checkpoint that failed its manifest check at resume, moved aside (never deleted)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    step: int
+    """The checkpoint's step."""
+    reason: str
+    """Why it failed (the object and the mismatch)."""
+    moved_to: str
+    """The folder key it was moved to (under ``checkpoints-set-aside/``)."""
+
+
+class ProgressRecord(BaseModel):
+    """``progress.json``: written by the runner (all-or-nothing), read by the launcher.
+
+    Readers ignore fields they do not know, so a newer runner never breaks an older launcher.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: RunState = "running"
+    """Where the run stands: running, completed, preempted (resumes when rerun) or failed."""
+    step: int = 0
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps the run will do in all."""
+    epoch: int | None = None
+    """Zero-based epoch of the latest step."""
+    loss: float | None = None
+    """Mean loss over the latest log window."""
+    lr: float | None = None
+    """Learning rate (first parameter group) at the latest log line."""
+    images_per_second: float | None = None
+    """Training throughput over the latest log window."""
+    eta_seconds: float | None = None
+    """Estimated seconds to the last step."""
+    last_checkpoint_step: int | None = None
+    """Step of the newest checkpoint this run published (``checkpoints/step-XXXXXX/``)."""
+    resumed_from: int | None = None
+    """Step of the checkpoint this attempt resumed from; None for a fresh start."""
+    set_aside: list[SetAsideCheckpoint] = Field(default_factory=list)
+    """Checkpoints that failed their manifest check and were moved aside at resume."""
+    updated_at: str | None = None
+    """When the record was written (UTC, ISO 8601)."""
+
+    def to_bytes(self) -> bytes:
+        """The JSON body the runner publishes."""
+        return (self.model_dump_json(indent=2) + "\n").encode()
+
+    def summary(self) -> str:
+        """One line for ``launcher status``: step, loss, throughput, ETA."""
+        parts = [f"step {self.step}/{self.total_steps or '?'}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        if self.images_per_second is not None:
+            parts.append(f"{self.images_per_second:.3g} img/s")
+        if self.eta_seconds is not None:
+            parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        return ", ".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | str) -> ProgressRecord:
+        """Parse ``progress.json``; raises ``ValueError`` if it is not a progress record."""
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        return cls.model_validate(raw)
