@@ -262,3 +262,21 @@ def test_stop_and_resume_is_exact_with_knobs_on(
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
     for key, value in want_state["ema"]["shadow"].items():
         torch.testing.assert_close(got_state["ema"]["shadow"][key], value, rtol=0, atol=1e-6)
+
+
+def test_caption_dropout_applies_to_dreambooth_captions(tmp_path: Path) -> None:
+    from runner.data import build_train_dataloader
+
+    data = write_dataset(tmp_path / "many", n=40)
+    loader_cfg = {
+        "type": "DREAMBOOTH_SD_DATA_LOADER",
+        "instance_caption": "a photo of sks dog",
+        "instance_dataset": {"type": "IMAGE_DIR_DATASET", "dataset_dir": str(data)},
+        "resolution": 64,
+        "caption_dropout_rate": 0.5,
+    }
+    cfg = make_config("SD_LORA", data, data, tmp_path, data_loader=loader_cfg)
+    loader = build_train_dataloader(cfg, seed=3, batch_size=4, device_is_cuda=False)
+    captions = [c for _, c in _captions(loader)]
+    assert set(captions) == {"", "a photo of sks dog"}
+    assert 0.3 < captions.count("") / len(captions) < 0.7

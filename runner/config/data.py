@@ -231,6 +231,10 @@ class DreamboothSDDataLoaderConfig(_LoaderCommon):
     """The folder of class images for prior preservation (None: instance images only)."""
     class_data_loss_weight: float = 1.0
     """The loss weight of class examples; instance examples weigh 1.0."""
+    caption_dropout_rate: float = Field(default=0.0, ge=0, lt=1)
+    """Train on the empty caption instead of the instance / class caption with this
+    probability (kubetune extension; kohya `caption_dropout_rate`), seeded per image and
+    epoch. 0 (default) disables it."""
 
     @model_validator(mode="after")
     def _check(self) -> DreamboothSDDataLoaderConfig:

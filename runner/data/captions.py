@@ -84,7 +84,6 @@ class CaptionBuilder:
         self.keep_original = False
         self.delimiter: str | None = None
         self.placeholder = placeholder_text
-        self.dropout_rate: float = getattr(loader, "caption_dropout_rate", 0.0)
         if isinstance(loader, TextualInversionSDDataLoaderConfig):
             if placeholder_text is None:
                 raise ValueError("TI data loaders need placeholder_text (the token string)")
@@ -103,12 +102,7 @@ class CaptionBuilder:
     @property
     def is_deterministic(self) -> bool:
         """True when a given caption always yields the same final caption."""
-        fixed = self.templates is None or len(self.templates) == 1
-        return self.delimiter is None and fixed and not self.dropout_rate
-
-    def dropped(self, caption: str, rng: random.Random) -> str:
-        """The empty caption with probability ``dropout_rate``, else ``caption``."""
-        return "" if rng.random() < self.dropout_rate else caption
+        return self.delimiter is None and (self.templates is None or len(self.templates) == 1)
 
     def build(self, caption: str | None, rng: random.Random, example_id: str = "") -> str:
         """The final caption for one draw of an example."""

@@ -40,8 +40,11 @@ class TrainDataset(Dataset[Batch]):
         target_hw: Sequence[tuple[int, int]],
         seed: int,
         loss_weights: Sequence[float] | None = None,
+        caption_dropout_rate: float = 0.0,
     ) -> None:
         self.source, self.captions, self.transform = source, captions, transform
+        self.caption_dropout_rate = caption_dropout_rate
+        """Probability of training on the empty caption (kohya's caption dropout)."""
         self.target_hw, self.seed = list(target_hw), seed
         self.loss_weights = None if loss_weights is None else list(loss_weights)
 
@@ -63,9 +66,9 @@ class TrainDataset(Dataset[Batch]):
             )
         caption_rng = random.Random(derive_seed("caption", self.seed, epoch, index))
         caption = self.captions.build(raw.caption, caption_rng, raw.id)
-        if self.captions.dropout_rate:  # its own stream: the rate changes no other draw
+        if self.caption_dropout_rate:  # its own stream: the rate changes no other draw
             drop_rng = random.Random(derive_seed("caption-dropout", self.seed, epoch, index))
-            caption = self.captions.dropped(caption, drop_rng)
+            caption = "" if drop_rng.random() < self.caption_dropout_rate else caption
         item.update(
             pixel_values=pixels,
             caption=caption,
@@ -276,7 +279,13 @@ def build_train_dataloader(
     sampler: BucketBatchSampler
     if isinstance(source, DreamBoothSource):
         dataset = TrainDataset(
-            source, FixedCaptions(), transform, target_hw, seed, source.loss_weights()
+            source,
+            FixedCaptions(),
+            transform,
+            target_hw,
+            seed,
+            source.loss_weights(),
+            caption_dropout_rate=loader_cfg.caption_dropout_rate,
         )
         sampler = DreamBoothBatchSampler(
             bucket_of,
@@ -289,7 +298,10 @@ def build_train_dataloader(
         )
     else:
         captions = CaptionBuilder(loader_cfg, placeholder_text or default_placeholder_text(cfg))
-        dataset = TrainDataset(source, captions, transform, target_hw, seed)
+        rate = getattr(loader_cfg, "caption_dropout_rate", 0.0)  # TI loaders have none
+        dataset = TrainDataset(
+            source, captions, transform, target_hw, seed, caption_dropout_rate=rate
+        )
         sampler = BucketBatchSampler(
             bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
         )
