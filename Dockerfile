@@ -5,6 +5,12 @@ FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Debian packages the base lacks; a base that already has them passes APT_PACKAGES= .
+ARG APT_PACKAGES="python3 python3-venv ca-certificates"
+# Offline builds (tests/cluster/local-cluster.sh image): pip reads these when they are set,
+# e.g. PIP_NO_INDEX=1 PIP_FIND_LINKS=http://127.0.0.1:PORT/ for a wheelhouse on the host.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 
 # Caches and scratch live under /cache and /tmp: the Job mounts emptyDirs there because the
 # root filesystem is read-only (launcher.manifests.POD_CACHE_ENV sets the same paths).
@@ -21,18 +27,24 @@ ENV DEBIAN_FRONTEND=noninteractive \
     TRITON_CACHE_DIR=/cache/triton \
     MPLCONFIGDIR=/tmp/matplotlib
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
+RUN if [ -n "$APT_PACKAGES" ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends $APT_PACKAGES \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
     && python3 -m venv "$VIRTUAL_ENV" \
     && pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 
+# Dependencies first, from pyproject.toml alone (empty packages stand in for the code), so a
+# code change rebuilds only the last, small layer.
 WORKDIR /src
 COPY pyproject.toml README.md ./
+RUN mkdir runner launcher && touch runner/__init__.py launcher/__init__.py \
+    && pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
+    && pip uninstall -y kubetune && rm -rf /src/*
 COPY runner ./runner
 COPY launcher ./launcher
-RUN pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
-    && rm -rf /src
+RUN pip install --no-deps . && rm -rf /src
 
 # A fixed non-root UID/GID 1000 (the Job's runAsUser); Ubuntu 24.04 ships a user 'ubuntu'
 # with that UID, which is replaced.

@@ -79,8 +79,16 @@ def main() -> None:
     show_default=True,
     help="json: one machine-readable document on stdout (for CI).",
 )
+@click.option(
+    "--data",
+    "check_data",
+    is_flag=True,
+    help="Also download and fully decode every example of each dataset (progress on stderr).",
+)
 @handle_errors
-def validate(configs: tuple[str, ...], overrides: tuple[str, ...], output: str) -> None:
+def validate(
+    configs: tuple[str, ...], overrides: tuple[str, ...], output: str, check_data: bool
+) -> None:
     """Check config files without touching a cluster or storage.
 
     Reports every problem at once, one line each, as FILE:LINE: field.path: what to fix.
@@ -91,10 +99,15 @@ def validate(configs: tuple[str, ...], overrides: tuple[str, ...], output: str) 
       launcher validate lora.yaml
       launcher validate --output json configs/*.yaml
       cat lora.yaml | launcher validate -
+      launcher validate --data lora.yaml           # and decode every image, before submitting
     """
-    from launcher.configs import results_to_json, validate_file
+    from launcher.configs import results_to_json, validate_file, verify_dataset
 
     results = [validate_file(c, list(overrides)) for c in configs]
+    if check_data:
+        for result in results:
+            with _DataProgress(result.file) as bar:
+                verify_dataset(result, list(overrides), bar.update)
     if output == "json":
         click.echo(results_to_json(results))
     else:
@@ -107,6 +120,27 @@ def validate(configs: tuple[str, ...], overrides: tuple[str, ...], output: str) 
                 click.echo(f"error: {line}", err=True)
     if not all(r.valid for r in results):
         sys.exit(EXIT_USER_ERROR)
+
+
+class _DataProgress:
+    """A progress bar on stderr for `validate --data`, sized once the total is known."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar, self.done = label, None, 0
+
+    def __enter__(self) -> _DataProgress:
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            bar = click.progressbar(length=total, label=f"decoding {self.label}", file=sys.stderr)
+            self.bar = bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -60,6 +61,27 @@ def validate_file(source: str, overrides: list[str] | None = None) -> Validation
         summary=summarize(cfg),
         warnings=pod_patch_warnings(cfg),
     )
+
+
+def verify_dataset(
+    result: ValidationResult,
+    overrides: list[str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ValidationResult:
+    """For a valid config: download and fully decode every example of its dataset (no torch);
+    a bad dataset marks the result invalid with the one-line DataError."""
+    if not result.valid:
+        return result
+    from runner.data.checks import verify_data
+
+    cfg = load_config("-" if result.file == "<stdin>" else result.file, overrides=overrides)
+    try:
+        report = verify_data(cfg, on_progress=on_progress)
+    except UserError as err:
+        result.valid, result.errors = False, [f"{result.file}: {err}"]
+        return result
+    result.summary = f"{result.summary}; data: {report.num_examples} examples decode"
+    return result
 
 
 def results_to_json(results: list[ValidationResult]) -> str:

@@ -9,7 +9,7 @@ Layout (relative to ``base_output_dir`` or ``s3://bucket/prefix/<run>/``)::
     config.yaml                          the resolved config
     progress.json                        ProgressRecord
     lease.json                           the run's single-writer lease
-    data/index.json                      the dataset index stored with the run
+    data/index.json.gz                   the dataset index stored with the run (gzip'd JSON)
     checkpoints/step-000200/...          a checkpoint; manifest.json is written last
     checkpoints-set-aside/step-000200.<utc>/...  checkpoints that failed their manifest check
     validation/step-000200/...           prompt-<i>-<j>.png and grid.png
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 CONFIG_KEY = "config.yaml"
 PROGRESS_KEY = "progress.json"
 LEASE_KEY = "lease.json"
-DATA_INDEX_KEY = "data/index.json"
+DATA_INDEX_KEY = "data/index.json.gz"
 CHECKPOINTS = "checkpoints"
 SET_ASIDE = "checkpoints-set-aside"
 MANIFEST = "manifest.json"
@@ -145,6 +145,11 @@ class ProgressRecord(BaseModel):
     """Step of the checkpoint this attempt resumed from; None for a fresh start."""
     set_aside: list[SetAsideCheckpoint] = Field(default_factory=list)
     """Checkpoints that failed their manifest check and were moved aside at resume."""
+    bad_images: int = 0
+    """Examples skipped during training because they turned out unreadable (kubetune stops
+    the run past `data_loader.max_bad_image_share`)."""
+    bad_image_examples: list[str] = Field(default_factory=list)
+    """The first skipped examples' messages, each naming its file."""
     updated_at: str | None = None
     """When the record was written (UTC, ISO 8601)."""
 
@@ -161,6 +166,8 @@ class ProgressRecord(BaseModel):
             parts.append(f"{self.images_per_second:.3g} img/s")
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        if self.bad_images:
+            parts.append(f"{self.bad_images} unreadable images skipped")
         return ", ".join(parts)
 
     @classmethod

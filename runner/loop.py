@@ -69,6 +69,15 @@ class StepRunner:
     def lr(self) -> float:
         return float(self.lr_scheduler.get_last_lr()[0])
 
+    @property
+    def lrs(self) -> dict[str, float]:
+        """Every param group's current rate by its name (``group-<i>`` if unnamed)."""
+        groups = self.optimizer.param_groups
+        return {
+            g.get("name", f"group-{i}"): float(lr)
+            for i, (g, lr) in enumerate(zip(groups, self.lr_scheduler.get_last_lr(), strict=False))
+        }
+
     def run(self, group: list[Batch], step: int) -> torch.Tensor:
         """Forward/backward each micro-batch, then clip, step, schedule; the mean loss."""
         self.pipeline.before_step(step)
@@ -154,7 +163,9 @@ class Loop:
             state.step += 1
             log.debug("step %d done", state.step)
             epoch = state.epoch if item.completed_epoch is None else item.completed_epoch - 1
-            self.progress.update(state.step, epoch, loss, self.runner.lr, item.images)
+            self.progress.update(
+                state.step, epoch, loss, self.runner.lr, item.images, self.runner.lrs
+            )
             if self.checkpointer.maybe_save(state, item.completed_epoch):
                 self.progress.note(last_checkpoint_step=state.step)
             self.validator.maybe_validate(state.step, item.completed_epoch)

@@ -53,6 +53,7 @@ class ProgressReporter:
         self._last_write = 0.0
         self.record = ProgressRecord(step=start_step, total_steps=settings.total_steps)
         self._writer = self._tensorboard(settings.tensorboard_dir)
+        self._lrs: dict[str, float] = {}
 
     @staticmethod
     def _tensorboard(folder: Path | None) -> Any:
@@ -65,7 +66,17 @@ class ProgressReporter:
             return None
         return SummaryWriter(str(folder))
 
-    def update(self, step: int, epoch: int, loss: torch.Tensor, lr: float, images: int) -> None:
+    def update(
+        self,
+        step: int,
+        epoch: int,
+        loss: torch.Tensor,
+        lr: float,
+        images: int,
+        lrs: dict[str, float] | None = None,
+    ) -> None:
+        """``lrs``: every optimizer param group's rate by group name (TensorBoard)."""
+        self._lrs = lrs or {}
         detached = loss.detach()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._window_steps += 1
@@ -94,11 +105,26 @@ class ProgressReporter:
         if self._writer is not None:
             self._writer.add_scalar("train/loss", loss, step)
             self._writer.add_scalar("train/lr", lr, step)
+            for name, value in self._lrs.items():
+                self._writer.add_scalar(f"lr/{name}", value, step)
             self._writer.add_scalar("train/images_per_sec", ips, step)
         self._loss_sum, self._window_steps, self._window_images = None, 0, 0
         self._window_start = time.perf_counter()
         if time.monotonic() - self._last_write >= self.s.write_every_s:
             self.write()
+
+    def log_images(self, step: int, images: list[list[Any]]) -> None:
+        """Validation images to TensorBoard (as invoke-training): one image batch per prompt,
+        tag ``validation/prompt-<i>``; ``images`` holds rows of same-size PIL images."""
+        if self._writer is None:
+            return
+        import numpy as np
+
+        for i, row in enumerate(images):
+            batch = np.stack([np.asarray(image.convert("RGB")) for image in row])
+            self._writer.add_images(f"validation/prompt-{i}", batch, step, dataformats="NHWC")
+        self._writer.flush()
+        self._upload_logs()
 
     def note(self, **fields: Any) -> None:
         """Set record fields (e.g. last_checkpoint_step) without writing; validated."""

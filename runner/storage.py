@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -33,10 +33,12 @@ _COPY_BUFFER = 8 * MiB
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object: its key relative to the store root and its size in bytes."""
+    """One stored object: its key relative to the store root, its size in bytes and a version
+    tag (the S3 ETag, or the local file's mtime in ns) that changes when the object does."""
 
     key: str
     size: int
+    etag: str = field(default="", compare=False)
 
 
 @runtime_checkable
@@ -48,6 +50,7 @@ class ObjectStore(Protocol):
     def url(self, key: str) -> str: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def get_range(self, key: str, start: int, length: int) -> bytes: ...
     def put_file(self, key: str, path: str | Path) -> None: ...
     def get_file(self, key: str, path: str | Path) -> None: ...
     def exists(self, key: str) -> bool: ...
@@ -147,6 +150,13 @@ class LocalStore:
         with _local_errors(str(path)):
             return path.read_bytes()
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from offset ``start`` (fewer at the end of the object)."""
+        path = self._path(key)
+        with _local_errors(str(path)), open(path, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
     def get_file(self, key: str, path: str | Path) -> None:
         src, dest = self._path(key), Path(path)
         with _local_errors(str(src)), open(src, "rb") as f:
@@ -176,7 +186,8 @@ class LocalStore:
                     yield from self._walk(Path(entry.path), key, prefix)
             elif entry.is_file() and not entry.name.startswith(_TMP_PREFIX):
                 with contextlib.suppress(FileNotFoundError):  # deleted while listing
-                    yield ObjectInfo(key, entry.stat().st_size)
+                    stat = entry.stat()
+                    yield ObjectInfo(key, stat.st_size, str(stat.st_mtime_ns))
 
     def delete(self, keys: Iterable[str]) -> None:
         paths = [self._path(k) for k in keys]

@@ -229,6 +229,27 @@ class S3Store:
                     time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from offset ``start`` (one ranged GET)."""
+        full, end = self._full(key), start + max(length, 1) - 1
+        with self._errors("read", key):
+            for attempt in itertools.count(1):
+                try:
+                    resp = self._client.get_object(
+                        Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end}"
+                    )
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                        return b""  # start at or past the end of the object
+                    raise
+                try:
+                    return resp["Body"].read()[:length]
+                except _STREAM_ERRORS:
+                    if attempt >= self.get_attempts:
+                        raise
+                    time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
     def put_file(self, key: str, path: str | Path) -> None:
         full = self._full(key)
         size = os.stat(path).st_size  # FileNotFoundError before any request
@@ -267,7 +288,8 @@ class S3Store:
         with self._errors("list", prefix or None):
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][len(root) :], int(obj["Size"]))
+                    etag = str(obj.get("ETag", "")).strip('"')
+                    yield ObjectInfo(obj["Key"][len(root) :], int(obj["Size"]), etag)
 
     def delete(self, keys: Iterable[str]) -> None:
         full = [self._full(k) for k in keys]

@@ -28,6 +28,8 @@ from runner.checkpointer import (
     fetch_latest,
 )
 from runner.config import PipelineConfig, config_to_yaml, output_uri
+from runner.data.checks import PreflightReport
+from runner.data.index import save_index
 from runner.errors import DataError, UserError
 from runner.layout import CONFIG_KEY, final_key, step_name
 from runner.loop import GeneratorState, Loop, StepRunner
@@ -146,13 +148,16 @@ def run(
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
     from runner.data import preflight
 
-    preflight(cfg)  # a bad dataset fails here, before anything is loaded or written
+    # a bad dataset fails here, before anything is loaded or written; headers only, and none
+    # for images the index stored with the run already knows
+    data = preflight(cfg, run_store=open_store(output_uri(cfg), cfg.storage))
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
         return _run(
             cfg,
             work,
+            data,
             resume=resume,
             force_restart=force_restart,
             stop=stop,
@@ -166,6 +171,7 @@ def run(
 def _run(
     cfg: PipelineConfig,
     work: Path,
+    data: PreflightReport,
     *,
     resume: bool,
     force_restart: bool,
@@ -185,9 +191,10 @@ def _run(
     )
     seed_everything(seed)
     session = _Session(cfg, accelerator, store, manager, work, seed)
-    state = session.prepare(restored)
+    state = session.prepare(restored, data)
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
+        save_index(store, data)
     try:
         session.loop(stop or threading.Event()).run(state)
     except BaseException:
@@ -212,8 +219,11 @@ class _Session:
         self.manager, self.work, self.seed = manager, work, seed
         self.is_main = accelerator.is_main_process
 
-    def prepare(self, restored: tuple[Path, dict[str, Any]] | None) -> LoopState:
-        from runner.data import build_train_dataloader, cache_batches
+    def prepare(
+        self, restored: tuple[Path, dict[str, Any]] | None, data: PreflightReport
+    ) -> LoopState:
+        from runner.data import build_train_dataloader
+        from runner.encoder_cache import PersistedCaches
 
         cfg, device = self.cfg, self.accelerator.device
         comps = load_components_from_config(cfg)
@@ -225,6 +235,7 @@ class _Session:
             device_is_cuda=device.type == "cuda",
             num_processes=self.accelerator.num_processes,
             process_index=self.accelerator.process_index,
+            data=data,
         )
         self.schedule = plan_schedule(cfg, len(self.loader))
         torch.manual_seed(self.seed)  # LoRA init does not depend on what loading consumed
@@ -232,7 +243,8 @@ class _Session:
             cfg, comps, self.accelerator, self.schedule.total_steps
         )
         if self.pipeline.latents.cache is not None or self.pipeline.text.cache is not None:
-            self.pipeline.warm_caches(cache_batches(self.loader))  # then encoders off the GPU
+            # restored from the run's stored caches, the rest encoded; then encoders off the GPU
+            PersistedCaches(cfg, self.pipeline, self.work, is_main=self.is_main).warm(self.loader)
         self.generator = torch.Generator(device).manual_seed(self.seed)
         self.runner = StepRunner(
             self.accelerator,
@@ -288,11 +300,13 @@ class _Session:
             ),
             out,
         )
+        self.loader.on_bad = self._note_bad
         validator = Validator(
             ValidationSettings.from_config(cfg, self.seed),
             self.pipeline,
             out,
             self.accelerator.device,
+            on_images=self.progress.log_images,
         )
         return Loop(
             self.runner,
@@ -304,6 +318,12 @@ class _Session:
             self.schedule.total_steps,
             cfg.gradient_accumulation_steps,
         )
+
+    def _note_bad(self, bad: list[str]) -> None:
+        """Publish the skipped examples in progress.json at once (failed when too many)."""
+        self.progress.note(bad_images=len(bad), bad_image_examples=bad[:20])
+        if self.is_main:
+            self.progress.write("failed" if len(bad) > self.loader.max_bad else None)
 
     def drain(self) -> None:
         """Wait for an upload in flight, logging (not raising) its failure."""

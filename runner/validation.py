@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ class ValidationSettings:
             height = width = loader.resolution
         else:
             height, width = loader.resolution
+        # diffusers pipelines need sides divisible by 8 (invoke-training would fail here).
+        height, width = max(8, height // 8 * 8), max(8, width // 8 * 8)
         return cls(
             list(cfg.validation_prompts),
             cfg.negative_validation_prompts,
@@ -123,8 +126,11 @@ class Validator:
         pipeline: TrainingPipeline,
         store: ObjectStore | None,
         device: torch.device,
+        on_images: Callable[[int, list[list[Image.Image]]], None] | None = None,
     ) -> None:
         self.s, self.pipeline, self.store, self.device = settings, pipeline, store, device
+        self.on_images = on_images
+        """Also called with (step, images per prompt), e.g. to log them to TensorBoard."""
 
     def maybe_validate(self, step: int, completed_epoch: int | None) -> bool:
         if self.store is None or not self.s.due(step, completed_epoch):
@@ -153,6 +159,8 @@ class Validator:
                 keys.append(f"{prefix}/prompt-{i}-{j}.png")
                 self.store.put_bytes(keys[-1], png_bytes(image))
         self.store.put_bytes(f"{prefix}/grid.png", png_bytes(grid(images)))
+        if self.on_images is not None:
+            self.on_images(step, images)
         log.info("validation %s: %d images", prefix, len(keys))
         return [*keys, f"{prefix}/grid.png"]
 

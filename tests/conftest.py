@@ -14,8 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Session-scoped tiny SD / SDXL model directories (tiny_sd_dir, tiny_sdxl_dir).
-pytest_plugins = ["fixtures_models"]
+# Session-scoped tiny SD / SDXL model directories (tiny_sd_dir, tiny_sdxl_dir); the real
+# cluster of the `-m cluster` tier (cluster, namespace).
+pytest_plugins = ["fixtures_models", "cluster_env"]
 
 from faultproxy import FaultProxy  # noqa: E402
 from s3server import S3Server, find_weed  # noqa: E402

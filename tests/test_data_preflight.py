@@ -17,7 +17,7 @@ from data_fixtures import (
 )
 from s3server import S3Server
 
-from runner.data import build_train_dataloader, preflight
+from runner.data import build_train_dataloader, preflight, verify_data
 from runner.errors import DataError
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,8 +49,9 @@ def test_truncated_image_names_the_file_and_counts_the_rest(tmp_path: Path) -> N
     for name in ("img-001.png", "img-002.png"):
         path = tmp_path / "d" / name
         path.write_bytes(path.read_bytes()[:300])
+    assert preflight(_capdir(tmp_path / "d")).num_examples == 3  # headers are intact
     with pytest.raises(DataError, match=r"img-001\.png: cannot decode.* \(and 1 more"):
-        preflight(_capdir(tmp_path / "d"))
+        verify_data(_capdir(tmp_path / "d"))  # the full decode of `launcher validate --data`
 
 
 def test_unreadable_image(tmp_path: Path) -> None:

@@ -128,9 +128,11 @@ def test_s3_listing_is_paginated_and_holds_no_bytes(
     upload_tree(s3_env.client(), s3_bucket, "many", tmp_path / "many")
     cfg = ti_config({"type": "IMAGE_DIR_DATASET", "dataset_dir": f"s3://{s3_bucket}/many"})
     source = build_source(cfg.data_loader.dataset, None, need_captions=False)
-    assert len(source) == 25 and not source._memory
+    assert len(source) == 25 and "_memory" not in vars(source)  # no bytes kept, ever
     assert source.fetch(3).data == (tmp_path / "many" / "img-003.png").read_bytes()
-    assert not source._memory  # streamed: nothing kept without keep_in_memory
+    assert [r.size for r in source.records] == [
+        (tmp_path / "many" / f"img-{i:03d}.png").stat().st_size for i in range(25)
+    ]  # sizes and ETags come from the listing
 
 
 def test_worker_processes_give_the_same_batches(tmp_path: Path) -> None:

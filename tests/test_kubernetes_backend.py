@@ -208,6 +208,18 @@ def test_a_job_being_deleted_is_cancelling_until_gone(kube: Kube) -> None:
         backend.status("my-run")
 
 
+def test_submit_right_after_cancel_waits_for_the_deletion(kube: Kube) -> None:
+    """Resubmitting the same config while its cancelled Job is still being deleted creates
+    it anew (never "already submitted" for a Job about to vanish)."""
+    backend = kube.backend()
+    backend.submit(_cfg())
+    backend.cancel("my-run")
+    again = backend.submit(_cfg())
+    assert again.created
+    job = kube.batch.read_namespaced_job(again.job_name, kube.namespace)
+    assert job.metadata.deletion_timestamp is None
+
+
 def test_job_phase_of_a_job_with_a_deletion_timestamp() -> None:
     job = {
         "metadata": {"name": "j", "deletionTimestamp": "2026-01-01T00:00:00Z"},

@@ -27,7 +27,7 @@ from train_support import (
     write_dataset,
 )
 
-from runner.errors import EXIT_PREEMPTED, ResumeMismatchError, UserError
+from runner.errors import EXIT_PREEMPTED, ResumeMismatchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]  # tiny_sd_dir / tiny_sdxl_dir
@@ -194,25 +194,6 @@ def test_textual_inversion_changes_only_the_new_rows(
     assert torch.equal(comps.text_encoder.get_input_embeddings()(ids), table[ids])
 
 
-def test_multi_token_initializer_is_rejected(
-    tiny_sd_dir: Path,
-    data_dir: Path,
-    tmp_path: Path,
-) -> None:
-    from runner.models.loading import load_components_from_config
-    from runner.pipelines import build_pipeline
-
-    cfg = make_config(
-        "SD_TEXTUAL_INVERSION",
-        tiny_sd_dir,
-        data_dir,
-        tmp_path,
-        initializer_token="kubetunification",
-    )
-    with pytest.raises(UserError, match="initializer_token 'kubetunification' is"):
-        build_pipeline(cfg, load_components_from_config(cfg), torch.device("cpu"), total_steps=1)
-
-
 def test_loss_decreases_when_overfitting_one_image(
     tiny_sd_dir: Path,
     tmp_path: Path,
@@ -230,6 +211,7 @@ def test_loss_decreases_when_overfitting_one_image(
         tmp_path / "out",
         min_snr_gamma=None,
         lora_rank_dim=8,
+        lora_alpha=8,  # scale 1 (invoke-training's default 1.0 would scale by 1/8)
         train_text_encoder=False,
         unet_lora_target_modules=[
             "to_q",
@@ -405,12 +387,11 @@ def test_ti_starts_from_phrase_or_embedding_file(
         tmp_path,
         initializer_token=None,
         initial_phrase="red dog",
-        num_vectors=3,
     )
     comps, vectors = _ti_vectors(phrase)
     red, dog = comps.tokenizer("red dog", add_special_tokens=False).input_ids
     table = comps.text_encoder.get_input_embeddings().weight
-    assert torch.equal(vectors["ti.clip_l"], table[[red, dog, red]])
+    assert torch.equal(vectors["ti.clip_l"], table[[red, dog]])  # one vector per token
     path = export_embeddings(
         tmp_path / "emb", PLACEHOLDER, [vectors["ti.clip_l"] + 1, vectors["ti.clip_g"] - 1]
     )
@@ -421,22 +402,11 @@ def test_ti_starts_from_phrase_or_embedding_file(
         tmp_path,
         initializer_token=None,
         initial_embedding_file=str(path),
-        num_vectors=3,
+        num_vectors=2,
     )
     _, loaded = _ti_vectors(from_file)
     assert torch.equal(loaded["ti.clip_l"], vectors["ti.clip_l"] + 1)
     assert torch.equal(loaded["ti.clip_g"], vectors["ti.clip_g"] - 1)
-    too_long = make_config(
-        "SDXL_TEXTUAL_INVERSION",
-        tiny_sdxl_dir,
-        data_dir,
-        tmp_path,
-        initializer_token=None,
-        initial_phrase="a red dog on grass",
-        num_vectors=2,
-    )
-    with pytest.raises(UserError, match="num_vectors"):
-        _ti_vectors(too_long)
 
 
 def test_cached_latents_and_text_match_uncached(

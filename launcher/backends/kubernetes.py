@@ -1,24 +1,21 @@
 """The Kubernetes backend: the run's ConfigMap + Job through the real `kubernetes` client.
 
 Every ApiException / connection error becomes a one-line ClusterError (or UserError when the
-user must fix something) at this boundary.
+user must fix something) at this boundary (`k8s_client.api_errors`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import urllib3
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from launcher.backends import k8s_features, k8s_status
 from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
+from launcher.backends.k8s_client import api_errors, load_api_client
 from launcher.manifests import (
     ANNOTATION_OUTPUT,
     CONTAINER,
@@ -34,69 +31,7 @@ from runner.config.cluster import sanitize_name
 from runner.errors import ClusterError, ConfigError, UserError
 
 Obj = dict[str, Any]
-RBAC_HINT = "the kubetune chart's launcher Role grants what submit/status/logs/cancel need"
-
-
-@contextmanager
-def api_errors(action: str) -> Iterator[None]:
-    """Translate kubernetes client errors into one-line kubetune errors."""
-    try:
-        yield
-    except ApiException as err:
-        raise _translate(err, action) from None
-    except urllib3.exceptions.HTTPError as err:
-        reason = getattr(err, "reason", None) or err
-        raise ClusterError(
-            f"{action}: cannot reach the Kubernetes API ({reason})",
-            hint="check --kubeconfig / --context and that the cluster is up",
-        ) from None
-
-
-def _translate(err: ApiException, action: str) -> ClusterError:
-    import json
-
-    try:
-        message = json.loads(err.body or "{}").get("message") or err.reason
-    except (ValueError, AttributeError):
-        message = err.reason
-    if err.status == 401:
-        return ClusterError(
-            f"{action}: unauthorized ({message})", hint="refresh your kubeconfig credentials"
-        )
-    if err.status == 403:
-        return ClusterError(f"{action}: forbidden ({message})", hint=RBAC_HINT)
-    return ClusterError(f"{action}: {message} (HTTP {err.status})")
-
-
-def _kubeconfig_path(kubeconfig: str | None) -> str | None:
-    if kubeconfig:
-        return kubeconfig
-    env = os.environ.get("KUBECONFIG")
-    if env:
-        return env.split(os.pathsep)[0]
-    default = Path("~/.kube/config").expanduser()
-    return str(default) if default.exists() else None
-
-
-def load_api_client(
-    kubeconfig: str | None, context: str | None
-) -> tuple[client.ApiClient, str | None]:
-    """An API client and the context's namespace (kubeconfig, else in-cluster config)."""
-    path = _kubeconfig_path(kubeconfig)
-    try:
-        if path is None:
-            config.load_incluster_config()
-            ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-            return client.ApiClient(), ns_file.read_text().strip() if ns_file.exists() else None
-        api = config.new_client_from_config(config_file=path, context=context)
-        contexts, active = config.list_kube_config_contexts(config_file=path)
-        chosen = next((c for c in contexts if c["name"] == context), active) if context else active
-        return api, (chosen or {}).get("context", {}).get("namespace")
-    except (config.ConfigException, OSError) as err:
-        raise ClusterError(
-            f"cannot load the Kubernetes configuration: {err}",
-            hint="pass --kubeconfig / --context or set KUBECONFIG",
-        ) from None
+DELETION_WAIT = 180.0  # seconds submit waits for a cancelled Job of the same name to go
 
 
 class KubernetesBackend(Backend):
@@ -138,7 +73,11 @@ class KubernetesBackend(Backend):
         self._check_secrets(cfg, ns)
         warnings = (*pod_patch_warnings(cfg), *k8s_features.ignored_features(job, self.version()))
         result = _replace_field(result, warnings=warnings)
-        existing = [j for j in self._jobs(ns, run) if not j["metadata"].get("deletionTimestamp")]
+        jobs = self._jobs(ns, run)
+        deleting = [j["metadata"]["name"] for j in jobs if j["metadata"].get("deletionTimestamp")]
+        if name in deleting:  # a cancel still in progress: wait, then create it anew
+            self._wait_gone([name], DELETION_WAIT, ns)
+        existing = [j for j in jobs if not j["metadata"].get("deletionTimestamp")]
         if any(j["metadata"]["name"] == name for j in existing):
             return _replace_field(result, created=False)
         if existing and not replace:
@@ -387,17 +326,17 @@ class KubernetesBackend(Backend):
         names = [j["metadata"]["name"] for j in jobs or [job]]
         for name in names:
             self._delete_job(self.namespace, name)
-        gone = self._wait_gone(names, timeout if wait else 0.0)
+        gone = self._wait_gone(names, timeout if wait else 0.0, self.namespace)
         status.phase = "Cancelled" if gone else "Cancelling"
         status.reason = "Deleted" if gone else "Terminating"
         status.message = f"Job deleted; outputs stay in {status.output_uri}"
         return status
 
-    def _wait_gone(self, names: list[str], timeout: float) -> bool:
+    def _wait_gone(self, names: list[str], timeout: float, ns: str) -> bool:
         """Whether the Jobs and their ConfigMaps are gone, polling up to `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            if not any(self._exists(read, name) for name in names for read in self._readers()):
+            if not any(self._exists(read, n, ns) for n in names for read in self._readers()):
                 return True
             if time.monotonic() >= deadline:
                 if timeout:
@@ -411,10 +350,10 @@ class KubernetesBackend(Backend):
     def _readers(self) -> tuple[Any, Any]:
         return self.batch.read_namespaced_job, self.core.read_namespaced_config_map
 
-    def _exists(self, read: Any, name: str) -> bool:
+    def _exists(self, read: Any, name: str, ns: str) -> bool:
         with api_errors(f"reading {name}"):
             try:
-                read(name, self.namespace)
+                read(name, ns)
             except ApiException as err:
                 if err.status == 404:
                     return False

@@ -38,7 +38,8 @@ class ImageCaptionJsonlDatasetConfig(ConfigModel):
     caption_column: str = "text"
     """The key holding the caption."""
     keep_in_memory: bool = False
-    """Keep decoded images in memory after the first read (faster epochs, more RAM)."""
+    """Keep decoded images in memory after the first read (faster epochs, more RAM); kubetune
+    keeps them resized to their bucket's scale, within half the container's memory."""
 
 
 class ImageCaptionDirDatasetConfig(ConfigModel):
@@ -48,7 +49,8 @@ class ImageCaptionDirDatasetConfig(ConfigModel):
     dataset_dir: str
     """Local folder or `s3://bucket/prefix`."""
     keep_in_memory: bool = False
-    """Keep decoded images in memory after the first read."""
+    """Keep decoded images in memory after the first read (faster epochs, more RAM); kubetune
+    keeps them resized to their bucket's scale, within half the container's memory."""
 
 
 class ImageDirDatasetConfig(ConfigModel):
@@ -58,7 +60,8 @@ class ImageDirDatasetConfig(ConfigModel):
     dataset_dir: str
     """Local folder or `s3://bucket/prefix`."""
     keep_in_memory: bool = False
-    """Keep decoded images in memory after the first read."""
+    """Keep decoded images in memory after the first read (faster epochs, more RAM); kubetune
+    keeps them resized to their bucket's scale, within half the container's memory."""
 
 
 ImageCaptionDatasetConfig = Annotated[
@@ -75,26 +78,25 @@ AnyDatasetConfig = Annotated[
 
 
 class AspectRatioBucketConfig(ConfigModel):
-    """Aspect-ratio buckets: resolutions of area ≈ target_resolution², one bucket per batch."""
+    """Aspect-ratio buckets, built as invoke-training does: for each height from start_dim to
+    end_dim in steps of divisible_by, the width closest to (not above) target_resolution²
+    pixels, rounded down to divisible_by; and the transposed pair."""
 
     target_resolution: int = Field(gt=0)
     """Side of the square whose area every bucket approximates (e.g. 512 or 1024)."""
     start_dim: int = Field(gt=0)
-    """Smallest bucket side."""
+    """First bucket side (may exceed target_resolution, as in invoke-training)."""
     end_dim: int = Field(gt=0)
-    """Largest bucket side."""
+    """Last bucket side."""
     divisible_by: int = Field(gt=0)
-    """Every bucket side is a multiple of this (a multiple of 8)."""
+    """Every bucket side is a multiple of this (any positive value, as in invoke-training;
+    the VAE and UNet accept sides that are not multiples of 8)."""
 
     @model_validator(mode="after")
     def _check(self) -> AspectRatioBucketConfig:
+        # invoke-training asserts exactly these when it builds the buckets.
         p = Problems()
-        p.check(
-            self.divisible_by % 8 == 0,
-            "divisible_by",
-            f"must be a multiple of 8 (got {self.divisible_by}; try 8, 32 or 64)",
-        )
-        step = self.divisible_by if self.divisible_by % 8 == 0 else 8
+        step = self.divisible_by
         for name in ("target_resolution", "start_dim", "end_dim"):
             value = getattr(self, name)
             p.check(
@@ -104,10 +106,9 @@ class AspectRatioBucketConfig(ConfigModel):
                 f"try {max(step, round(value / step) * step)})",
             )
         p.check(
-            self.start_dim <= self.target_resolution <= self.end_dim,
+            self.start_dim <= self.end_dim,
             "start_dim",
-            f"need start_dim <= target_resolution <= end_dim (got {self.start_dim}, "
-            f"{self.target_resolution}, {self.end_dim})",
+            f"need start_dim <= end_dim (got {self.start_dim} > {self.end_dim})",
         )
         p.raise_if_any()
         return self
@@ -116,11 +117,8 @@ class AspectRatioBucketConfig(ConfigModel):
 def _check_resolution(resolution: Resolution) -> Resolution:
     sides = (resolution,) if isinstance(resolution, int) else resolution
     for side in sides:
-        if side <= 0 or side % 8:
-            raise ValueError(
-                f"must be positive and divisible by 8 (got {side}; "
-                f"try {max(8, round(side / 8) * 8)})"
-            )
+        if side <= 0:
+            raise ValueError(f"must be positive (got {side}; e.g. 512)")
     return resolution
 
 
@@ -128,13 +126,19 @@ class _LoaderCommon(ConfigModel):
     aspect_ratio_buckets: AspectRatioBucketConfig | None = None
     """Enable aspect-ratio bucketing instead of a single square/fixed resolution."""
     resolution: Resolution = 512
-    """Training resolution: an int (square) or [height, width]; divisible by 8."""
+    """Training resolution: an int (square) or [height, width]. Sides that are not multiples
+    of 8 train as in invoke-training; validation images use the side rounded down to 8."""
     center_crop: bool = True
     """Crop the centre of each resized image; false crops at a random position."""
     random_flip: bool = False
     """Flip images horizontally at random."""
     dataloader_num_workers: int = Field(default=0, ge=0)
     """Worker processes for the torch DataLoader (0 loads in the main process)."""
+    max_bad_image_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    """kubetune extension: the share (0-1) of examples that may turn out unreadable during
+    training. Each is skipped with a warning naming it and counted in progress.json; one more
+    stops the run with exit 2 and the list. Default 0: the first unreadable image stops the
+    run, as in invoke-training."""
 
     _resolution = field_validator("resolution")(staticmethod(_check_resolution))
 

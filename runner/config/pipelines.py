@@ -15,8 +15,26 @@ PositiveInt = Annotated[int, Field(gt=0)]
 LRScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
-DEFAULT_UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DEFAULT_TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# invoke-training's defaults (_shared/stable_diffusion/lora_checkpoint_utils.py), themselves
+# taken from peft's DreamBooth example: every attention, feed-forward and resnet layer.
+DEFAULT_UNET_LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "proj",
+    "proj_in",
+    "proj_out",
+    "conv",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "to_out.0",
+    "time_emb_proj",
+    "ff.net.2",
+]
+DEFAULT_TEXT_ENCODER_LORA_TARGETS = ["fc1", "fc2", "q_proj", "k_proj", "v_proj", "out_proj"]
+INVOKE_LORA_ALPHA = 1.0
+"""invoke-training builds every LoRA with ``lora_alpha=1.0`` (update scale 1/rank)."""
 
 
 class AdamOptimizerConfig(ConfigModel):
@@ -88,9 +106,12 @@ class BasePipelineConfig(TrainingKnobs):
     """For a single-file `model`: a local diffusers directory (or hub name) with the model's
     configs, so loading works offline (kubetune extension)."""
     vae_model: str | None = None
-    """Replacement VAE (hub name, local dir or s3:// prefix)."""
+    """Replacement VAE (hub name, local dir or s3:// prefix); a kubetune extension for the SD
+    1.x types (invoke-training has it for SDXL only)."""
     base_embeddings: dict[str, str] = {}
-    """Textual inversion embeddings to load before training: {token: path}."""
+    """Textual inversion embeddings to load before training: {token: path}; a multi-vector
+    token in a caption is expanded to all its vectors. A kubetune extension for the
+    textual inversion types (invoke-training has it for SD_LORA / SDXL_LORA)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the scheduler's prediction type (None keeps the model's)."""
 
@@ -110,14 +131,16 @@ class BasePipelineConfig(TrainingKnobs):
     """Micro-batches accumulated into one optimizer step."""
     weight_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     """dtype of the frozen weights; trained parameters stay float32."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision for the forward pass."""
+    mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "no"
+    """Autocast precision for the forward pass. `fp8` is accepted by the schema (as in
+    invoke-training) but rejected by validation: kubetune has no fp8 training path."""
     xformers: bool = False
     """Accepted for compatibility; kubetune always uses PyTorch SDPA attention."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet / text encoders."""
     compile_unet: bool = False
-    """torch.compile the UNet (CUDA; slower first steps, faster afterwards)."""
+    """torch.compile the UNet (kubetune extension; CUDA; slower first steps, faster
+    afterwards)."""
     cache_vae_outputs: bool = False
     """Encode every image to latents once and reuse them (needs no random flip / crop)."""
     enable_cpu_offload_during_validation: bool = False
@@ -128,8 +151,9 @@ class BasePipelineConfig(TrainingKnobs):
     """Negative prompts, one per validation prompt."""
     num_validation_images_per_prompt: PositiveInt = 4
     """Images per validation prompt."""
-    num_validation_inference_steps: PositiveInt = 25
-    """Denoising steps per validation image (kubetune extension)."""
+    num_validation_inference_steps: PositiveInt = 30
+    """Denoising steps per validation image (kubetune extension; default invoke-training's
+    fixed 30)."""
     log_every_n_steps: PositiveInt = 10
     """Write a progress line (step, loss, lr, images/s, ETA) every N steps (kubetune extension)."""
     use_masks: bool = False
@@ -138,9 +162,9 @@ class BasePipelineConfig(TrainingKnobs):
     ignore, 255 = full weight), cropped and flipped with its image."""
 
     job: JobConfig | None = None
-    """kubetune: how the Kubernetes Job runs."""
+    """How the Kubernetes Job runs (kubetune extension)."""
     storage: StorageConfig | None = None
-    """kubetune: S3-compatible storage for datasets and outputs."""
+    """S3-compatible storage for datasets and outputs (kubetune extension)."""
 
     def _common_problems(self, p: Problems) -> None:
         self._knob_problems(p)
@@ -187,6 +211,13 @@ class BasePipelineConfig(TrainingKnobs):
                 "DreamBooth folders): use that dataset type or set use_masks: false",
             )
         p.check(
+            self.mixed_precision != "fp8",
+            "mixed_precision",
+            "fp8 is not supported: kubetune trains with torch autocast, which has no fp8 "
+            "mode, and fp8 training needs an fp8 GPU (H100+) plus TransformerEngine/torchao; "
+            "use bf16 (or fp16)",
+        )
+        p.check(
             not (self.mixed_precision == "fp16" and self.weight_dtype == "bfloat16"),
             "mixed_precision",
             "fp16 autocast with bfloat16 weights mixes formats: use "
@@ -212,11 +243,19 @@ class _LoraFields(LoraKnobs):
     lora_rank_dim: PositiveInt = 4
     """LoRA rank."""
     lora_alpha: float | None = Field(default=None, gt=0)
-    """LoRA alpha (kubetune extension; default: equal to the rank, i.e. scale 1)."""
+    """LoRA alpha: the update is scaled by lora_alpha / lora_rank_dim (kubetune extension;
+    absent means invoke-training's fixed 1.0, i.e. scale 1/rank)."""
     unet_lora_target_modules: list[str] = DEFAULT_UNET_LORA_TARGETS
-    """UNet module names that get LoRA layers (kubetune extension)."""
+    """UNet module names that get LoRA layers (peft `target_modules`). The default is
+    invoke-training's expressive list (attention, feed-forward, resnet convs, time
+    embedding); `[to_q, to_k, to_v, to_out.0]` gives a lighter LoRA. For
+    SDXL_LORA_AND_TEXTUAL_INVERSION this field is a kubetune extension (invoke-training
+    always uses the default there)."""
     text_encoder_lora_target_modules: list[str] = DEFAULT_TEXT_ENCODER_LORA_TARGETS
-    """Text encoder module names that get LoRA layers (kubetune extension)."""
+    """Text encoder module names that get LoRA layers (peft `target_modules`); default
+    invoke-training's `[fc1, fc2, q_proj, k_proj, v_proj, out_proj]`. For
+    SDXL_LORA_AND_TEXTUAL_INVERSION this field is a kubetune extension (invoke-training
+    always uses the default there)."""
     lora_checkpoint_format: Literal["kohya", "invoke_peft"] = "kohya"
     """`kohya`: one .safetensors with kohya/A1111 keys; `invoke_peft`: peft/diffusers folders."""
     train_unet: bool = True
@@ -255,22 +294,29 @@ class _LoraFields(LoraKnobs):
 
 class _SdxlTextEncoderRates(ConfigModel):
     text_encoder_1_learning_rate: float | None = Field(default=None, gt=0)
-    """SDXL: learning rate of text encoder 1 (CLIP-L); default text_encoder_learning_rate."""
+    """SDXL: learning rate of text encoder 1 (CLIP-L) (kubetune extension; absent:
+    text_encoder_learning_rate, as invoke-training)."""
     text_encoder_2_learning_rate: float | None = Field(default=None, gt=0)
-    """SDXL: learning rate of text encoder 2 (OpenCLIP-G); default text_encoder_learning_rate."""
+    """SDXL: learning rate of text encoder 2 (OpenCLIP-G) (kubetune extension; absent:
+    text_encoder_learning_rate, as invoke-training)."""
 
 
 class _TextualInversionFields(ConfigModel):
     num_vectors: PositiveInt = 1
-    """Embedding vectors for the new concept (tokens placeholder, placeholder_1, ...)."""
+    """Embedding vectors for the new concept (tokens placeholder, placeholder_1, ...).
+    Ignored with initial_phrase, which sets it to the phrase's token count (as
+    invoke-training)."""
     placeholder_token: str
     """The new token, e.g. `<my-cat>`; a single word without spaces."""
     initializer_token: str | None = None
-    """A single existing token whose embedding initialises the new vectors (e.g. `cat`)."""
+    """An existing word whose embedding initialises every new vector (e.g. `cat`); if it is
+    several tokens, the first is used and a warning logged (as invoke-training)."""
     initial_phrase: str | None = None
-    """A phrase whose token embeddings initialise the new vectors."""
+    """A phrase whose token embeddings initialise the new vectors, one vector per token
+    (this sets num_vectors)."""
     initial_embedding_file: str | None = None
-    """A TI .safetensors file to start from."""
+    """A TI .safetensors file to start from (a kubetune extension for
+    SDXL_LORA_AND_TEXTUAL_INVERSION)."""
 
     def _ti_problems(self, p: Problems) -> None:
         token = self.placeholder_token
@@ -288,12 +334,12 @@ class _TextualInversionFields(ConfigModel):
             },
             "how the new embedding starts",
         )
-        init = self.initializer_token
-        if init is not None and (not init.strip() or any(c.isspace() for c in init.strip())):
-            p.add(
-                "initializer_token",
-                f"{init!r} is several tokens; use one word (e.g. 'cat') "
-                "or move it to initial_phrase",
+        for name in ("initializer_token", "initial_phrase"):
+            value = getattr(self, name)
+            p.check(
+                value is None or bool(value.strip()),
+                name,
+                "must not be empty (e.g. 'cat')",
             )
 
 
@@ -391,6 +437,10 @@ class SdxlLoraAndTextualInversionConfig(
     """Train the embeddings only for this fraction of the steps (None: all steps)."""
     textual_inversion_learning_rate: float = Field(default=1e-3, gt=0)
     """Learning rate of the new token embeddings."""
+    unet_learning_rate: float = Field(default=1e-4, gt=0)  # type: ignore[assignment]
+    """UNet LoRA learning rate (invoke-training's default for this type: 1e-4)."""
+    text_encoder_learning_rate: float = Field(default=1e-5, gt=0)  # type: ignore[assignment]
+    """Text encoder LoRA learning rate (invoke-training's default for this type: 1e-5)."""
 
     @model_validator(mode="after")
     def _check(self) -> SdxlLoraAndTextualInversionConfig:

@@ -1,25 +1,33 @@
-"""Training data: source → captions → transforms → buckets → DataLoader (see
-docs/architecture.md for the contract)."""
+"""Training data: source → index → captions → transforms → buckets → DataLoader (see
+docs/architecture.md for the contract).
 
-from runner.data.cache import TensorCache, cache_namespace, content_hash, open_run_cache
-from runner.data.loader import (
-    PreflightReport,
-    ResumableLoader,
-    build_train_dataloader,
-    cache_batches,
-    default_placeholder_text,
-    preflight,
-)
+The torch-free pieces (`preflight`, `verify_data`, the dataset index) import without torch;
+the loader and the tensor cache are imported on first use.
+"""
 
-__all__ = [
-    "PreflightReport",
-    "ResumableLoader",
-    "TensorCache",
-    "build_train_dataloader",
-    "cache_batches",
-    "cache_namespace",
-    "content_hash",
-    "default_placeholder_text",
-    "open_run_cache",
-    "preflight",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "PreflightReport": "runner.data.checks",
+    "preflight": "runner.data.checks",
+    "verify_data": "runner.data.checks",
+    "DataIndex": "runner.data.index",
+    "ResumableLoader": "runner.data.loader",
+    "build_train_dataloader": "runner.data.loader",
+    "cache_batches": "runner.data.loader",
+    "default_placeholder_text": "runner.data.loader",
+    "TensorCache": "runner.data.cache",
+    "cache_namespace": "runner.data.cache",
+    "content_hash": "runner.data.cache",
+    "open_run_cache": "runner.data.cache",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'runner.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -18,22 +18,21 @@ def derive_seed(*parts: object) -> int:
 
 
 def build_buckets(cfg: AspectRatioBucketConfig) -> list[tuple[int, int]]:
-    """Sorted (h, w) buckets: sides multiples of divisible_by within [start_dim, end_dim],
-    area close to (not above) target_resolution²."""
+    """Sorted (h, w) buckets, invoke-training's set: for h = start_dim, start_dim +
+    divisible_by … end_dim, w = the largest multiple of divisible_by with h·w <=
+    target_resolution²; both (h, w) and (w, h). ``w`` may fall outside [start_dim, end_dim]."""
     step = cfg.divisible_by
     area = cfg.target_resolution**2
-    first = -(-cfg.start_dim // step) * step
     buckets: set[tuple[int, int]] = set()
-    for h in range(first, cfg.end_dim + 1, step):
+    for h in range(cfg.start_dim, cfg.end_dim + 1, step):
         w = (area // h) // step * step
-        if cfg.start_dim <= w <= cfg.end_dim:
+        if w > 0:
             buckets.update({(h, w), (w, h)})
     if not buckets:
         raise ConfigError(
             [
-                f"data_loader.aspect_ratio_buckets: no bucket has both sides in [{cfg.start_dim}, "
-                f"{cfg.end_dim}] divisible by {cfg.divisible_by} (widen start_dim..end_dim or "
-                f"lower divisible_by)"
+                f"data_loader.aspect_ratio_buckets: no bucket fits target_resolution "
+                f"{cfg.target_resolution} with sides from {cfg.start_dim} (lower start_dim)"
             ]
         )
     return sorted(buckets)

@@ -109,7 +109,7 @@ def cache_namespace(cfg: Any, kind: str, model_id: str) -> dict[str, Any]:
 
     loader = cfg.data_loader
     transform = ImageTransform(loader.center_crop, loader.random_flip).params()
-    data = loader.model_dump(mode="json", exclude={"dataloader_num_workers"})
+    data = loader.model_dump(mode="json", exclude={"dataloader_num_workers", "max_bad_image_share"})
     return {
         "kind": kind,
         "model": model_id,

@@ -72,7 +72,8 @@ class CaptionBuilder:
     """Turns a dataset caption (or None) into the final training caption.
 
     LoRA loaders prepend `caption_prefix`. TI loaders fill a template's `{}` with
-    `placeholder_text` (the placeholder token, or e.g. "<tok> <tok>_1" for LoRA+TI); with
+    `placeholder_text` (the placeholder token; multi-vector expansion happens when the
+    caption is tokenized); with
     `keep_original_captions` the filled template is followed by the original caption
     (invoke-training's format). `shuffle_caption_delimiter` then shuffles the parts.
     All randomness comes from the `rng` passed to `build`, so a seed fixes the result.
@@ -121,3 +122,10 @@ class CaptionBuilder:
             joiner = self.delimiter if self.delimiter.strip() == "" else f"{self.delimiter} "
             text = joiner.join(p for p in parts if p)
         return text
+
+
+def needs_captions(loader: LoaderConfig) -> bool:
+    """Whether the dataset's own captions are read."""
+    if isinstance(loader, TextualInversionSDDataLoaderConfig):
+        return loader.keep_original_captions
+    return True

@@ -7,53 +7,45 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from runner.config.data import DreamboothSDDataLoaderConfig
 from runner.data.buckets import BucketBatchSampler, derive_seed
-from runner.data.sources import RawExample, Source, build_source
+from runner.data.sources import Source, build_source, merge_sources
 
 INSTANCE, CLASS = "instance", "class"
 
 
-class DreamBoothSource:
-    """Instance images (indices ``0 .. num_instance-1``), then class images, each example
-    captioned with its set's fixed caption; ids are ``instance/<file>`` / ``class/<file>``."""
+@dataclass(frozen=True)
+class DreamBoothData:
+    """The instance and class folders as one `Source` (instance examples first)."""
 
-    def __init__(self, cfg: DreamboothSDDataLoaderConfig, storage: Any | None = None) -> None:
-        self.parts: list[tuple[str, Source, str, float]] = [
-            (
-                INSTANCE,
-                build_source(cfg.instance_dataset, storage, need_captions=False),
-                cfg.instance_caption,
-                1.0,
-            )
-        ]
-        if cfg.class_dataset is not None:
-            source = build_source(cfg.class_dataset, storage, need_captions=False)
-            caption = cfg.class_caption or ""
-            self.parts.append((CLASS, source, caption, cfg.class_data_loss_weight))
-        self.num_instance = len(self.parts[0][1])
+    source: Source
+    num_instance: int
+    loss_weights: list[float]
+    """Each example's loss weight: 1.0 (instance) or class_data_loss_weight (class)."""
 
-    def __len__(self) -> int:
-        return sum(len(source) for _, source, _, _ in self.parts)
 
-    def _locate(self, index: int) -> tuple[int, int]:
-        return (0, index) if index < self.num_instance else (1, index - self.num_instance)
-
-    def fetch(self, index: int) -> RawExample:
-        part, local = self._locate(index)
-        name, source, caption, _ = self.parts[part]
-        raw = source.fetch(local)
-        return RawExample(f"{name}/{raw.id}", raw.data, caption)
-
-    def url(self, index: int) -> str:
-        part, local = self._locate(index)
-        return self.parts[part][1].url(local)
-
-    def loss_weights(self) -> list[float]:
-        """Each example's loss weight: 1.0 (instance) or class_data_loss_weight (class)."""
-        return [weight for _, source, _, weight in self.parts for _ in range(len(source))]
+def dreambooth_source(
+    cfg: DreamboothSDDataLoaderConfig, storage: Any | None = None
+) -> DreamBoothData:
+    """Instance images (indices ``0 .. num_instance-1``), then class images, each captioned
+    with its set's fixed caption; ids are ``instance/<file>`` / ``class/<file>``. Listed only."""
+    parts = [
+        (
+            INSTANCE,
+            build_source(cfg.instance_dataset, storage, need_captions=False),
+            cfg.instance_caption,
+            1.0,
+        )
+    ]
+    if cfg.class_dataset is not None:
+        source = build_source(cfg.class_dataset, storage, need_captions=False)
+        parts.append((CLASS, source, cfg.class_caption or "", cfg.class_data_loss_weight))
+    merged = merge_sources([(name, source, caption) for name, source, caption, _ in parts])
+    weights = [weight for _, source, _, weight in parts for _ in range(len(source))]
+    return DreamBoothData(merged, len(parts[0][1]), weights)
 
 
 class FixedCaptions:

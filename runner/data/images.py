@@ -54,11 +54,23 @@ def image_size_hw(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) ->
     """(height, width) after EXIF orientation, read from the header only."""
     img = _open(data, name, max_pixels)
     width, height = img.size
+    return (width, height) if _orientation(img) in _TRANSPOSED else (height, width)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation found in the header (never decodes pixels: PNG's `getexif`
+    would load the whole image when the EXIF chunk is not in the header)."""
     try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(_EXIF_ORIENTATION, 1))
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block just means no rotation
-        orientation = 1
-    return (width, height) if orientation in _TRANSPOSED else (height, width)
+        return 1
 
 
 def decode_image(

@@ -3,42 +3,56 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
+import math
 import queue
 import random
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from runner.config.data import DreamboothSDDataLoaderConfig, TextualInversionSDDataLoaderConfig
+from runner.config.data import DreamboothSDDataLoaderConfig
 from runner.config.pipelines import PipelineConfig
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
-from runner.data.captions import CaptionBuilder, LoaderConfig
-from runner.data.dreambooth import DreamBoothBatchSampler, DreamBoothSource, FixedCaptions
-from runner.data.images import MAX_IMAGE_PIXELS, decode_image, decode_mask, image_size_hw
-from runner.data.sources import MaskRef, Source, build_source, fetch_pool
-from runner.data.transforms import ImageTransform, resolution_hw
+from runner.data.captions import CaptionBuilder
+from runner.data.checks import PreflightReport, preflight
+from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
+from runner.data.images import decode_image, decode_mask
+from runner.data.memory import DecodedImages, Kept, default_budget
+from runner.data.sources import Source, fetch_pool
+from runner.data.transforms import ImageTransform, cover, mask_to_tensor, resolution_hw, to_tensor
 from runner.errors import DataError
 
 Batch = dict[str, Any]
+log = logging.getLogger(__name__)
+MAX_SUBSTITUTES = 16
+"""Examples tried in place of a batch whose examples are all unreadable."""
 PREFETCH_BATCHES = 2
 """Batches prepared ahead of the consumer (in-process loading); memory is O(this)."""
 
 
 class TrainDataset(Dataset[Batch]):
     """Examples keyed by (index, epoch): each draw's crop/flip/caption comes from
-    (seed, epoch, index), so results do not depend on workers or on resuming."""
+    (seed, epoch, index), so results do not depend on workers or on resuming.
+
+    An example that turns out undecodable is skipped (logged, listed in the batch's
+    ``"skipped"``); a batch whose examples are all bad takes the next good example of its
+    bucket instead, so no batch is ever empty. With ``memory`` (``keep_in_memory``) decoded
+    images are kept resized to their bucket's scale: later draws only crop and flip.
+    """
 
     def __init__(
         self,
-        source: Source | DreamBoothSource,
+        source: Source,
         captions: CaptionBuilder | FixedCaptions,
         transform: ImageTransform,
         target_hw: Sequence[tuple[int, int]],
         seed: int,
+        memory: DecodedImages | None = None,
         loss_weights: Sequence[float] | None = None,
         caption_dropout_rate: float = 0.0,
     ) -> None:
@@ -46,39 +60,63 @@ class TrainDataset(Dataset[Batch]):
         self.caption_dropout_rate = caption_dropout_rate
         """Probability of training on the empty caption (kohya's caption dropout)."""
         self.target_hw, self.seed = list(target_hw), seed
+        self.memory = memory
         self.loss_weights = None if loss_weights is None else list(loss_weights)
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _image(self, index: int) -> Kept:
+        """The decoded image (and mask) resized to cover the example's bucket: what
+        `keep_in_memory` keeps; each draw then only crops and flips it."""
+        kept = self.memory.get(index) if self.memory is not None else None
+        if kept is not None:
+            return kept
+        raw = self.source.fetch(index)
+        image, target = decode_image(raw.data, raw.id), self.target_hw[index]
+        mask = None
+        if raw.mask is not None:
+            mask = cover(decode_mask(raw.mask.data, raw.mask.name), target, image.size)
+        kept = Kept(cover(image, target), image.size, mask)
+        if self.memory is not None:
+            self.memory.put(index, kept)
+        return kept
+
     def load(self, key: tuple[int, int]) -> Batch:
         index, epoch = key
-        raw = self.source.fetch(index)
-        image = decode_image(raw.data, raw.id)
+        kept = self._image(index)
         rng = random.Random(derive_seed("image", self.seed, epoch, index))
-        item: Batch = {}
-        if raw.mask is None:
-            pixels, original, crop = self.transform(image, self.target_hw[index], rng)
-        else:
-            mask = decode_mask(raw.mask.data, raw.mask.name)
-            pixels, item["mask"], original, crop = self.transform.with_mask(
-                image, mask, self.target_hw[index], rng
-            )
-        caption_rng = random.Random(derive_seed("caption", self.seed, epoch, index))
-        caption = self.captions.build(raw.caption, caption_rng, raw.id)
-        if self.caption_dropout_rate:  # its own stream: the rate changes no other draw
-            drop_rng = random.Random(derive_seed("caption-dropout", self.seed, epoch, index))
-            caption = "" if drop_rng.random() < self.caption_dropout_rate else caption
-        item.update(
-            pixel_values=pixels,
-            caption=caption,
-            original_size_hw=original,
-            crop_top_left_yx=crop,
-            id=raw.id,
-        )
+        place = self.transform.plan(kept.original_wh, self.target_hw[index], rng)
+        item: Batch = {
+            "pixel_values": to_tensor(place.apply(kept.image)),
+            "caption": self.caption(index, epoch),
+            "original_size_hw": place.original_hw,
+            "crop_top_left_yx": place.crop_yx,
+            "id": self.source.records[index].id,
+        }
+        if kept.mask is not None:
+            item["mask"] = mask_to_tensor(place.apply(kept.mask))
         if self.loss_weights is not None:
             item["loss_weight"] = self.loss_weights[index]
         return item
+
+    def caption(self, index: int, epoch: int) -> str:
+        """The final caption of an example in an epoch (no image read)."""
+        rec = self.source.records[index]
+        rng = random.Random(derive_seed("caption", self.seed, epoch, index))
+        caption = self.captions.build(rec.caption, rng, rec.id)
+        if self.caption_dropout_rate:  # its own stream: the rate changes no other draw
+            drop_rng = random.Random(derive_seed("caption-dropout", self.seed, epoch, index))
+            caption = "" if drop_rng.random() < self.caption_dropout_rate else caption
+        return caption
+
+    def try_load(self, key: tuple[int, int]) -> Batch | DataError:
+        """`load`, or the DataError of an undecodable / missing example (logged)."""
+        try:
+            return self.load(key)
+        except DataError as err:
+            log.warning("skipping a bad example: %s", err)
+            return err
 
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         return self.load(key)
@@ -86,12 +124,36 @@ class TrainDataset(Dataset[Batch]):
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Batch]:
         """A whole batch: fetch + decode + transform in the bounded parallel pool."""
         if len(keys) <= 1:
-            return [self.load(k) for k in keys]
-        return list(fetch_pool().map(self.load, keys))
+            loaded = [self.try_load(k) for k in keys]
+        else:
+            loaded = list(fetch_pool().map(self.try_load, keys))
+        items = [it for it in loaded if not isinstance(it, DataError)]
+        bad = [err.message for err in loaded if isinstance(err, DataError)]
+        if not items:
+            items = [self._substitute(keys[0], bad)]
+        if bad:
+            items[0] = {**items[0], "skipped": bad}
+        return items
+
+    def _substitute(self, key: tuple[int, int], bad: list[str]) -> Batch:
+        """The next good example of the same bucket (bounded search)."""
+        index, epoch = key
+        target, n = self.target_hw[index], len(self.target_hw)
+        same = (j % n for j in range(index + 1, index + n) if self.target_hw[j % n] == target)
+        for j in itertools.islice(same, MAX_SUBSTITUTES):
+            item = self.try_load((j, epoch))
+            if not isinstance(item, DataError):
+                return item
+            bad.append(item.message)
+        raise DataError(
+            f"{len(bad)} examples in a row are unreadable: {'; '.join(bad[:3])}",
+            hint="check the dataset with `launcher validate --data`",
+        )
 
 
 def collate(items: list[Batch]) -> Batch:
-    """Stack examples of one bucket into the batch format of docs/architecture.md."""
+    """Stack examples of one bucket into the batch format of docs/architecture.md (plus
+    ``"skipped"``: messages naming the bad examples left out of this batch, if any)."""
     batch = {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "caption": [it["caption"] for it in items],
@@ -109,6 +171,9 @@ def collate(items: list[Batch]) -> Batch:
         batch["loss_weight"] = torch.tensor(
             [it["loss_weight"] for it in items], dtype=torch.float32
         )
+    skipped = [message for it in items for message in it.get("skipped", [])]
+    if skipped:
+        batch["skipped"] = skipped
     return batch
 
 
@@ -138,8 +203,14 @@ class ResumableLoader:
         *,
         num_workers: int = 0,
         pin_memory: bool = False,
+        max_bad: int = 0,
     ) -> None:
         self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self.max_bad = max_bad
+        """How many unreadable examples may be skipped before the run stops."""
+        self.bad: dict[str, None] = {}
+        self.on_bad: Callable[[list[str]], None] | None = None
+        """Called with every skipped example's message so far (e.g. to note progress)."""
         self.buckets: list[tuple[int, int]] = []
         self._loader = DataLoader(
             dataset,
@@ -153,6 +224,21 @@ class ResumableLoader:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def _count_bad(self, messages: list[str]) -> None:
+        """Record skipped examples; past ``max_bad`` stop with a DataError listing them."""
+        self.bad.update(dict.fromkeys(messages))
+        if self.on_bad is not None:
+            self.on_bad(list(self.bad))
+        if len(self.bad) > self.max_bad:
+            total = len(self.dataset)
+            listed = "; ".join(list(self.bad)[:10]) + (" ..." if len(self.bad) > 10 else "")
+            raise DataError(
+                f"data_loader.max_bad_image_share: {len(self.bad)} of {total} examples are "
+                f"unreadable, more than the {self.max_bad} allowed: {listed}",
+                hint="fix or remove them (`launcher validate --data` lists them all), or "
+                "raise data_loader.max_bad_image_share",
+            )
 
     @property
     def epoch(self) -> int:
@@ -171,20 +257,29 @@ class ResumableLoader:
         batches: Iterator[Batch] = iter(self._loader)
         if self.num_workers == 0:
             batches = _ahead(batches, PREFETCH_BATCHES)
-        for batch in batches:
-            self.sampler.position += 1
-            yield batch
+        try:
+            for batch in batches:
+                self.sampler.position += 1
+                if "skipped" in batch:
+                    self._count_bad(batch.pop("skipped"))
+                yield batch
+        finally:  # stop the prefetch thread here, not whenever the generator is collected
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         if self.sampler.position >= len(self.sampler):
             self.sampler.epoch, self.sampler.position = self.sampler.epoch + 1, 0
 
 
-def cache_batches(loader: ResumableLoader) -> Iterator[Batch]:
-    """Every example once, for filling the latent / text caches: the sampler's covering
-    batches (epoch 0's, whatever epoch a resumed run is in, so caches are identical across
-    resumes) cut into per-process batches. The loader's position does not move."""
+def cache_batches(loader: ResumableLoader, skip: set[int] | None = None) -> Iterator[Batch]:
+    """Every example once (but those in `skip`), for filling the latent / text caches: the
+    sampler's covering batches (epoch 0's, whatever epoch a resumed run is in, so caches are
+    identical across resumes) cut into per-process batches. The loader's position does not
+    move."""
     sampler, dataset = loader.sampler, loader.dataset
     size = sampler.batch_size
     for batch in sampler.cover_batches():
+        batch = [i for i in batch if not skip or i not in skip]
         for start in range(0, len(batch), size):
             yield collate(dataset.__getitems__([(i, 0) for i in batch[start : start + size]]))
 
@@ -224,7 +319,7 @@ def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield value
     finally:
         stop.set()
-        while thread.is_alive():
+        while thread.is_alive() and thread is not threading.current_thread():
             with contextlib.suppress(queue.Empty):
                 items.get_nowait()
             thread.join(timeout=0.05)
@@ -234,19 +329,9 @@ def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
 
 
 def default_placeholder_text(cfg: PipelineConfig) -> str | None:
-    """ "<tok>" or "<tok> <tok>_1 ..." for TI configs with several vectors; None for LoRA."""
-    token = getattr(cfg, "placeholder_token", None)
-    if token is None:
-        return None
-    n = getattr(cfg, "num_vectors", 1)
-    return " ".join([token] + [f"{token}_{i}" for i in range(1, n)])
-
-
-def needs_captions(loader: LoaderConfig) -> bool:
-    """Whether the dataset's own captions are read."""
-    if isinstance(loader, TextualInversionSDDataLoaderConfig):
-        return loader.keep_original_captions
-    return True
+    """The placeholder token for TI configs (None for LoRA). Captions carry the token once;
+    the text conditioner expands a multi-vector token to all its vectors when tokenizing."""
+    return getattr(cfg, "placeholder_token", None)
 
 
 def build_train_dataloader(
@@ -258,38 +343,48 @@ def build_train_dataloader(
     placeholder_text: str | None = None,
     num_processes: int = 1,
     process_index: int = 0,
+    data: PreflightReport | None = None,
 ) -> ResumableLoader:
     """The training loader for `cfg.data_loader` (see docs/architecture.md for batches).
 
     ``batch_size`` is per process; with ``num_processes`` > 1 (``accelerate launch``) each
     process gets its own disjoint slice of every global batch (see ``BucketBatchSampler``).
+    ``data`` is the run's preflight report: its source and image sizes are used as they are
+    (one listing for the whole run, buckets from the index); without it, preflight runs here.
     """
     loader_cfg = cfg.data_loader
-    source = train_source(cfg)
+    data = data or preflight(cfg)
+    source = data.source
+    assert source is not None
     if loader_cfg.aspect_ratio_buckets is None:
         buckets = [resolution_hw(loader_cfg.resolution)]
         bucket_of = [0] * len(source)
     else:
         buckets = build_buckets(loader_cfg.aspect_ratio_buckets)
-        bucket_of = [closest_bucket(size, buckets) for size in scan_sizes(source)]
+        bucket_of = [closest_bucket(size, buckets) for size in data.sizes_hw]
     transform = ImageTransform(
         center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip
     )
+    memory = None
+    if getattr(getattr(loader_cfg, "dataset", None), "keep_in_memory", False):
+        memory = DecodedImages(default_budget() // max(1, loader_cfg.dataloader_num_workers))
     target_hw = [buckets[b] for b in bucket_of]
     sampler: BucketBatchSampler
-    if isinstance(source, DreamBoothSource):
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        assert data.num_instance is not None
         dataset = TrainDataset(
             source,
             FixedCaptions(),
             transform,
             target_hw,
             seed,
-            source.loss_weights(),
+            memory,
+            data.loss_weights,
             caption_dropout_rate=loader_cfg.caption_dropout_rate,
         )
         sampler = DreamBoothBatchSampler(
             bucket_of,
-            source.num_instance,
+            data.num_instance,
             batch_size,
             seed,
             bucketed=loader_cfg.aspect_ratio_buckets is not None,
@@ -300,87 +395,17 @@ def build_train_dataloader(
         captions = CaptionBuilder(loader_cfg, placeholder_text or default_placeholder_text(cfg))
         rate = getattr(loader_cfg, "caption_dropout_rate", 0.0)  # TI loaders have none
         dataset = TrainDataset(
-            source, captions, transform, target_hw, seed, caption_dropout_rate=rate
+            source, captions, transform, target_hw, seed, memory, caption_dropout_rate=rate
         )
         sampler = BucketBatchSampler(
             bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
         )
     loader = ResumableLoader(
-        dataset, sampler, num_workers=loader_cfg.dataloader_num_workers, pin_memory=device_is_cuda
+        dataset,
+        sampler,
+        num_workers=loader_cfg.dataloader_num_workers,
+        pin_memory=device_is_cuda,
+        max_bad=math.floor(loader_cfg.max_bad_image_share * len(source)),
     )
     loader.buckets = buckets
     return loader
-
-
-def train_source(cfg: PipelineConfig) -> Source | DreamBoothSource:
-    """The examples of `cfg.data_loader` (listed, no image read yet)."""
-    loader_cfg = cfg.data_loader
-    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
-        return DreamBoothSource(loader_cfg, cfg.storage)
-    return build_source(
-        loader_cfg.dataset,
-        cfg.storage,
-        need_captions=needs_captions(loader_cfg),
-        need_masks=cfg.use_masks,
-    )
-
-
-def scan_sizes(source: Source | DreamBoothSource) -> list[tuple[int, int]]:
-    """Every image's (h, w) after EXIF orientation (parallel fetch, header parse)."""
-
-    def size(index: int) -> tuple[int, int]:
-        raw = source.fetch(index)
-        return image_size_hw(raw.data, raw.id)
-
-    return list(fetch_pool().map(size, range(len(source))))
-
-
-# --- preflight -----------------------------------------------------------------------------
-
-
-def check_mask(mask: MaskRef, image_hw: tuple[int, int], max_pixels: int) -> None:
-    """The mask decodes and has its image's size (it is cropped and flipped with it)."""
-    width, height = decode_mask(mask.data, mask.name, max_pixels).size
-    if (height, width) != image_hw:
-        raise DataError(
-            f"{mask.name}: is {width}x{height} but its image is {image_hw[1]}x{image_hw[0]}",
-            hint="save the mask at its image's size",
-        )
-
-
-@dataclass(frozen=True)
-class PreflightReport:
-    num_examples: int
-    sizes_hw: list[tuple[int, int]]
-
-
-def preflight(cfg: PipelineConfig, max_pixels: int = MAX_IMAGE_PIXELS) -> PreflightReport:
-    """Read and decode every example once, before training; raise DataError naming the first
-    bad file or line (and how many more are bad). Bounded parallel reads; never hangs."""
-    loader_cfg = cfg.data_loader
-    source = train_source(cfg)
-    captions_needed = not isinstance(loader_cfg, DreamboothSDDataLoaderConfig) and needs_captions(
-        loader_cfg
-    )
-
-    def check(index: int) -> tuple[int, int] | DataError:
-        try:
-            raw = source.fetch(index)
-            name = source.url(index) if isinstance(source, DreamBoothSource) else raw.id
-            image = decode_image(raw.data, name, max_pixels, draft_size=(64, 64))
-            if captions_needed and raw.caption is None:
-                return DataError(f"{raw.id}: no caption")
-            size = image_size_hw(raw.data, name, max_pixels) if image else (0, 0)
-            if raw.mask is not None:
-                check_mask(raw.mask, size, max_pixels)
-            return size
-        except DataError as err:
-            return err
-
-    results = list(fetch_pool().map(check, range(len(source))))
-    errors = [r for r in results if isinstance(r, DataError)]
-    if errors:
-        more = f" (and {len(errors) - 1} more bad examples)" if len(errors) > 1 else ""
-        raise DataError(f"{errors[0].message}{more}", hint=errors[0].hint)
-    sizes = [r for r in results if not isinstance(r, DataError)]
-    return PreflightReport(num_examples=len(source), sizes_hw=sizes)

@@ -2,7 +2,7 @@
 
 Everything is read through `runner.storage` (local directory or S3). Listing is lazy and
 paginated; only keys are held in memory. Bytes are fetched on demand (in parallel by the
-caller, see `fetch_many`) and kept only with `keep_in_memory`.
+caller, see `fetch_many`); `keep_in_memory` keeps decoded images in the loader, not bytes here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import posixpath
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from runner.config.data import (
@@ -25,7 +25,7 @@ from runner.config.data import (
 )
 from runner.data.images import is_image_name
 from runner.errors import DataError
-from runner.storage import ObjectStore, open_store
+from runner.storage import ObjectInfo, ObjectStore, open_store
 
 MASK_COLUMN = "mask"
 """The JSONL key of a line's loss-mask image path (fixed, as in invoke-training)."""
@@ -76,6 +76,11 @@ class Record:
     caption: str | None = None
     caption_key: str | None = None
     row: int | None = None  # HF datasets: the row holding the image
+    size: int = -1
+    """Byte size from the listing (-1: not listed, e.g. HF rows)."""
+    etag: str = ""
+    """Version tag from the listing (S3 ETag / local mtime); with `size` it keys the index."""
+    caption_etag: str = ""
     mask_key: str | None = None  # use_masks: the loss mask image, in store `mask_store`
     mask_store: int = 0
     origin: str | None = None  # JSONL: "file:line", for messages
@@ -113,7 +118,6 @@ class Source:
         self.stores = stores
         self.keep_in_memory = keep_in_memory
         self.hf = hf
-        self._memory: dict[int, RawExample] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -126,29 +130,61 @@ class Source:
 
     def fetch(self, index: int) -> RawExample:
         """The example's encoded image bytes and caption (DataError naming a missing file)."""
-        cached = self._memory.get(index)
-        if cached is not None:
-            return cached
         rec = self.records[index]
         if rec.row is not None and self.hf is not None:
             data = self.hf.image_bytes(rec.row, rec.id)
         else:
             data = self._get(rec.store, rec.image_key)
-        caption = rec.caption
-        if rec.caption_key is not None:
-            raw = self._get(rec.store, rec.caption_key)
-            try:
-                caption = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{self._url(rec, rec.caption_key)}: caption is not valid UTF-8 "
-                    f"(byte {err.start})",
-                    hint="re-save the file as UTF-8",
-                ) from None
-        example = RawExample(rec.id, data, caption, self._mask(rec))
-        if self.keep_in_memory:
-            self._memory[index] = example
-        return example
+        return RawExample(rec.id, data, self.caption(index), self._mask(rec))
+
+    def caption(self, index: int) -> str | None:
+        """The example's dataset caption (reads its caption file, if it has one)."""
+        rec = self.records[index]
+        if rec.caption_key is None:
+            return rec.caption
+        raw = self._get(rec.store, rec.caption_key)
+        try:
+            return raw.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{self._url(rec, rec.caption_key)}: caption is not valid UTF-8 (byte {err.start})",
+                hint="re-save the file as UTF-8",
+            ) from None
+
+    def head(self, index: int, length: int) -> bytes:
+        """The first `length` bytes of the example's image (one ranged GET; HF rows and
+        stores without ranged reads return the whole image)."""
+        rec = self.records[index]
+        if rec.row is not None and self.hf is not None:
+            return self.hf.image_bytes(rec.row, rec.id)
+        store = self.stores[rec.store].get()
+        if not hasattr(store, "get_range"):
+            return self._get(rec.store, rec.image_key)
+        try:
+            return store.get_range(rec.image_key, 0, length)
+        except FileNotFoundError:
+            raise DataError(
+                f"{self._url(rec, rec.image_key)}: file not found",
+                hint="fix the path or remove the entry",
+            ) from None
+
+    def mask_head(self, index: int, length: int) -> MaskRef:
+        """The first `length` bytes of the example's mask (one ranged GET)."""
+        rec = self.records[index]
+        assert rec.mask_key is not None
+        store = self.stores[rec.mask_store].get()
+        name = f"{rec.origin}: mask {store.url(rec.mask_key)}"
+        try:
+            return MaskRef(store.get_range(rec.mask_key, 0, length), name)
+        except FileNotFoundError:
+            raise DataError(
+                f"{name}: file not found", hint="fix the path or remove the entry"
+            ) from None
+
+    def store_uri(self, index: int) -> str:
+        """The URI of the store holding the example ("" for HF rows)."""
+        rec = self.records[index]
+        return self.stores[rec.store].uri if rec.row is None else ""
 
     def fetch_many(self, indices: Sequence[int]) -> list[RawExample]:
         """Fetch several examples with the bounded parallel pool, in order."""
@@ -174,11 +210,6 @@ class Source:
         name = f"{rec.origin}: mask {self.stores[rec.mask_store].get().url(rec.mask_key)}"
         data = self._get(rec.mask_store, rec.mask_key, f"{rec.origin}: mask ")
         return MaskRef(data, name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_memory"] = {}
-        return state
 
 
 def build_source(
@@ -208,6 +239,28 @@ def build_source(
     return source
 
 
+def merge_sources(parts: list[tuple[str, Source, str]]) -> Source:
+    """One `Source` of several (name, source, fixed caption) parts, in order: ids become
+    ``<name>/<id>``, every caption the part's caption."""
+    records: list[Record] = []
+    stores: list[StoreRef] = []
+    for name, source, caption in parts:
+        offset = len(stores)
+        stores.extend(source.stores)
+        records += [
+            replace(
+                rec,
+                id=f"{name}/{rec.id}",
+                caption=caption,
+                caption_key=None,
+                store=rec.store + offset,
+                mask_store=rec.mask_store + offset,
+            )
+            for rec in source.records
+        ]
+    return Source(" + ".join(source.name for _, source, _ in parts), records, stores)
+
+
 # --- directories ---------------------------------------------------------------------------
 
 
@@ -215,24 +268,35 @@ def _dir_source(uri: str, storage: Any | None, keep: bool, *, captions: bool) ->
     if "://" not in uri and not os.path.isdir(uri):
         raise DataError(f"{uri}: no such folder", hint="check data_loader.dataset.dataset_dir")
     ref = StoreRef(uri, storage)
-    images: list[str] = []
-    texts: set[str] = set()
+    images: list[ObjectInfo] = []
+    texts: dict[str, ObjectInfo] = {}
     for info in _top_level(ref.get().list()):
         if is_image_name(info.key):
-            images.append(info.key)
+            images.append(info)
         elif info.key.endswith(".txt"):
-            texts.add(info.key)
+            texts[info.key] = info
     records = []
-    for key in images:
-        caption_key = None
+    for info in images:
+        caption_key, caption_etag = None, ""
         if captions:
-            caption_key = posixpath.splitext(key)[0] + ".txt"
+            caption_key = posixpath.splitext(info.key)[0] + ".txt"
             if caption_key not in texts:
                 raise DataError(
-                    f"{ref.get().url(key)}: no caption file {caption_key}",
+                    f"{ref.get().url(info.key)}: no caption file {caption_key}",
                     hint="add it, or use IMAGE_DIR_DATASET with caption templates",
                 )
-        records.append(Record(id=key, image_key=key, caption_key=caption_key))
+            text = texts[caption_key]
+            caption_etag = f"{text.size}:{text.etag}"
+        records.append(
+            Record(
+                id=info.key,
+                image_key=info.key,
+                caption_key=caption_key,
+                size=info.size,
+                etag=info.etag,
+                caption_etag=caption_etag,
+            )
+        )
     return Source(uri, records, [ref], keep_in_memory=keep)
 
 
@@ -299,7 +363,33 @@ def _jsonl_source(
                 origin=where,
             )
         )
+    records = _with_listing(records, stores, cfg.jsonl_path)
     return Source(cfg.jsonl_path, records, stores, keep_in_memory=cfg.keep_in_memory)
+
+
+def _with_listing(records: list[Record], stores: list[StoreRef], where: str) -> list[Record]:
+    """Records with size and version from one paginated listing per store (the common
+    folder of its keys); a key missing from the listing is a DataError naming it."""
+    out = list(records)
+    for number, ref in enumerate(stores):
+        mine = [i for i, r in enumerate(out) if r.store == number]
+        if not mine:
+            continue
+        keys = [out[i].image_key for i in mine]
+        folder = posixpath.commonpath(keys) if len(keys) > 1 else posixpath.dirname(keys[0])
+        if folder in keys:  # one key, or one key is a prefix of the others' folder
+            folder = posixpath.dirname(folder)
+        prefix = f"{folder}/" if folder else ""
+        listed = {info.key: info for info in ref.get().list(prefix)}
+        for i in mine:
+            info = listed.get(out[i].image_key)
+            if info is None:
+                raise DataError(
+                    f"{ref.get().url(out[i].image_key)}: file not found (listed in {where})",
+                    hint="fix the path or remove the entry",
+                )
+            out[i] = replace(out[i], size=info.size, etag=info.etag)
+    return out
 
 
 def _parse_line(line: bytes, where: str) -> dict[str, Any]:

@@ -63,8 +63,7 @@ class ImageTransform:
         """Where an image of `size_wh` lands: resized size, crop corner and flip."""
         th, tw = target_hw
         w, h = size_wh
-        scale = max(th / h, tw / w)
-        rh, rw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
+        rh, rw = cover_hw(size_wh, target_hw)
         if self.center_crop:
             top, left = (rh - th) // 2, (rw - tw) // 2
         else:
@@ -98,6 +97,23 @@ class Placement:
         if self.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img
+
+
+def cover_hw(size_wh: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an image of `size_wh` resized (aspect kept) to just cover `target_hw`."""
+    (th, tw), (w, h) = target_hw, size_wh
+    scale = max(th / h, tw / w)
+    return max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
+
+
+def cover(
+    img: Image.Image, target_hw: tuple[int, int], size_wh: tuple[int, int] | None = None
+) -> Image.Image:
+    """`img` resized as `Placement.apply` resizes an image of `size_wh` (default: its own
+    size) for `target_hw`, so that `apply` on the result only crops and flips:
+    `keep_in_memory` keeps images at this scale."""
+    rh, rw = cover_hw(size_wh or img.size, target_hw)
+    return img.resize((rw, rh), Image.Resampling.BILINEAR) if img.size != (rw, rh) else img
 
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:

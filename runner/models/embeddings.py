@@ -9,6 +9,7 @@ with ``clip_l`` / ``clip_g``. A file with N vectors adds the tokens ``token``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,32 @@ def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
 def token_names(token: str, num_vectors: int) -> list[str]:
     """``token``, ``token_1`` … ``token_{n-1}``."""
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def multi_vector_tokens(tokenizer: Any) -> dict[str, str]:
+    """Added tokens that have ``token_1`` … siblings → their full expansion
+    (``"<t>" → "<t> <t>_1 <t>_2"``): trained placeholders and ``base_embeddings`` alike."""
+    added = set(tokenizer.get_added_vocab())
+    out: dict[str, str] = {}
+    for token in added:
+        names = [token]
+        while f"{token}_{len(names)}" in added:
+            names.append(f"{token}_{len(names)}")
+        if len(names) > 1:
+            out[token] = " ".join(names)
+    return out
+
+
+def expand_placeholders(caption: str, expansions: Mapping[str, str]) -> str:
+    """Write every multi-vector token in ``caption`` as all its vectors, wherever it appears
+    (template, original caption, prefix), as invoke-training does before tokenizing and
+    diffusers' ``maybe_convert_prompt`` at inference. An already expanded occurrence is left
+    as it is, so expanding twice changes nothing."""
+    for token in sorted(expansions, key=len, reverse=True):
+        full = expansions[token]
+        pattern = f"{re.escape(full)}|{re.escape(token)}(?!_\\d)"
+        caption = re.sub(pattern, lambda _m, full=full: full, caption)
+    return caption
 
 
 def add_token_embeddings(

@@ -15,6 +15,7 @@ from runner.config import PipelineConfig
 from runner.config.knobs import DEFAULT_HUBER_C
 from runner.ema import EmaWeights
 from runner.losses import diffusion_loss, training_target
+from runner.models.embeddings import expand_placeholders, multi_vector_tokens
 from runner.models.loading import Components
 from runner.noise import NoiseSettings, zero_terminal_snr_scheduler
 from runner.optim import ParamGroups
@@ -29,8 +30,9 @@ class TextConditioner:
     """Turns captions into UNet conditioning (SD: hidden states; SDXL: both encoders'
     penultimate hidden states concatenated, plus the pooled projection of encoder 2).
 
-    Captions arrive final: multi-vector placeholders are already expanded by the data loader
-    ("tok tok_1 tok_2", as diffusers' ``maybe_convert_prompt`` does at inference).
+    Multi-vector tokens (the trained placeholder and ``base_embeddings`` tokens) are expanded
+    to all their vectors ("tok tok_1 tok_2") in every caption just before tokenizing, as
+    invoke-training does (and diffusers' ``maybe_convert_prompt`` at inference).
     """
 
     def __init__(self, comps: Components, *, cache: bool = False) -> None:
@@ -40,8 +42,9 @@ class TextConditioner:
         )
 
     def _ids(self, tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
+        expansions = multi_vector_tokens(tokenizer)
         ids = tokenizer(
-            captions,
+            [expand_placeholders(c, expansions) for c in captions],
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
@@ -200,9 +203,21 @@ class TrainingPipeline:
     # --- shared behaviour -----------------------------------------------------------------
     def set_train(self, train: bool) -> None:
         """Training mode (offloaded encoders away) or inference mode (all on the device)."""
-        for module in self.trained_modules():
+        for module in self.train_mode_modules():
             module.train(train)
         self._place_offloaded(away=train)
+
+    def train_mode_modules(self) -> list[nn.Module]:
+        """The trained modules plus, with gradient checkpointing, the UNet and the text
+        encoders gradients flow through: diffusers and transformers checkpoint only in train
+        mode (as invoke-training, which calls ``.train()`` for this). Their dropout is 0, so
+        train mode changes nothing else."""
+        modules = list(self.trained_modules())
+        if self.cfg.gradient_checkpointing:
+            modules.append(self.comps.unet)
+            if self.train_text_encoders:
+                modules.extend(self.comps.text_encoders)
+        return modules
 
     def cached_encoders(self) -> list[nn.Module]:
         """Frozen encoders that training steps never run once the caches are warm."""
@@ -310,8 +325,15 @@ class TrainingPipeline:
 
 
 def enable_gradient_checkpointing(modules: list[nn.Module]) -> None:
+    """diffusers / transformers gradient checkpointing. transformers models use the
+    non-reentrant variant: the reentrant one gives parameters inside a checkpointed layer no
+    gradient when the layer's input needs none (a text-encoder LoRA over frozen embeddings),
+    which is why invoke-training sets ``embeddings.requires_grad_(True)``."""
+    non_reentrant = {"use_reentrant": False}
     for module in modules:
-        if hasattr(module, "enable_gradient_checkpointing"):
+        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
             module.enable_gradient_checkpointing()
-        elif hasattr(module, "gradient_checkpointing_enable"):
-            module.gradient_checkpointing_enable()
+        elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers 4.x
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)

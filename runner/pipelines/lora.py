@@ -10,6 +10,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from runner.config import SdLoraConfig, SdxlLoraAndTextualInversionConfig, SdxlLoraConfig
+from runner.config.pipelines import INVOKE_LORA_ALPHA
 from runner.exporters import LoraExport, export_lora
 from runner.models.loading import Components
 from runner.optim import ParamGroups
@@ -28,15 +29,11 @@ def add_lora(
     use_dora: bool = False,
     dropout: float = 0.0,
 ) -> None:
-    """Add a float32 peft LoRA adapter (gaussian A, zero B; DoRA's magnitude vectors when
-    ``use_dora``) to ``module``'s ``targets``."""
+    """Add a float32 peft LoRA adapter to ``module``'s ``targets`` with peft's default
+    initialisation (Kaiming-uniform A, zero B), as invoke-training does; DoRA's magnitude
+    vectors too when ``use_dora``."""
     config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=targets,
-        init_lora_weights="gaussian",
-        use_dora=use_dora,
-        lora_dropout=dropout,
+        r=rank, lora_alpha=alpha, target_modules=targets, use_dora=use_dora, lora_dropout=dropout
     )
     if isinstance(module, ModelMixin):
         module.add_adapter(config)
@@ -60,7 +57,7 @@ class LoraPart:
     def __init__(self, cfg: LoraConfigs, comps: Components) -> None:
         self.cfg = cfg
         self.comps = comps
-        self.alpha = float(cfg.lora_alpha or cfg.lora_rank_dim)
+        self.alpha = float(cfg.lora_alpha or INVOKE_LORA_ALPHA)
         self.modules: dict[str, nn.Module] = {}
         if cfg.train_unet:
             self.modules["unet"] = comps.unet
@@ -99,10 +96,18 @@ class LoraPart:
         return own or te
 
     def param_groups(self) -> ParamGroups:
+        """One group per module, in invoke-training's order and names: unet, then
+        text_encoder (SD) or text_encoder_1, text_encoder_2 (SDXL)."""
         return [
-            {"params": list(lora_parameters(m, n).values()), "lr": self._lr(n), "name": n}
+            {"params": list(lora_parameters(m, n).values()), "lr": self._lr(n), "name": group}
             for n, m in self.modules.items()
+            for group in [self._group(n)]
         ]
+
+    def _group(self, name: str) -> str:
+        if self.comps.is_sdxl and name == "text_encoder":
+            return "text_encoder_1"
+        return name
 
     def parameters(self) -> dict[str, nn.Parameter]:
         out: dict[str, nn.Parameter] = {}

@@ -40,7 +40,7 @@ class LoraAndTextualInversionPipeline(TrainingPipeline):
     def param_groups(self) -> ParamGroups:
         groups = self.lora.param_groups()
         if self.cfg.train_ti:
-            groups.append(self.ti.param_group(self.cfg.textual_inversion_learning_rate))
+            groups += self.ti.param_groups(self.cfg.textual_inversion_learning_rate)
         return groups
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -56,6 +56,11 @@ class LoraAndTextualInversionPipeline(TrainingPipeline):
         """Freeze the vectors once ``ti_train_steps_ratio`` of the steps are done."""
         if self.cfg.train_ti:
             self.ti.set_trainable(step < self.ti_steps)
+
+    def after_optimizer_step(self) -> None:
+        """invoke-training keeps normalising the vectors even after the TI pivot."""
+        if self.cfg.train_ti:
+            self.ti.pull_towards_table_std()
 
     def export(self, out_dir: Path) -> list[Path]:
         return self.lora.export(out_dir) + self.ti.export(out_dir)

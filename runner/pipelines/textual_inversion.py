@@ -8,6 +8,7 @@ optimizer holds only ``num_vectors × width`` values, and weight decay touches n
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ TiConfigs = (
     SdTextualInversionConfig | SdxlTextualInversionConfig | SdxlLoraAndTextualInversionConfig
 )
 ENCODER_KEYS = ("clip_l", "clip_g")
+log = logging.getLogger(__name__)
 
 
 class TrainableTokenEmbedding(nn.Module):
@@ -59,20 +61,41 @@ class TrainableTokenEmbedding(nn.Module):
         return torch.where(mask.unsqueeze(-1), new, out)
 
 
-def _single_token_id(tokenizer: Any, token: str) -> int:
+def _first_token_id(tokenizer: Any, token: str) -> int:
+    """The initializer's first token id; a multi-token word logs a warning (invoke-training
+    does the same)."""
     ids = tokenizer(token, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise UserError(
-            f"initializer_token {token!r} is {len(ids)} tokens for the CLIP tokenizer",
-            hint="pick a single-token word such as 'cat', or use initial_phrase instead",
+    if not ids:
+        raise UserError(f"initializer_token {token!r} has no tokens", hint="use a word like 'cat'")
+    if len(ids) > 1:
+        log.warning(
+            "initializer_token %r is %d tokens for the CLIP tokenizer; only the first is used "
+            "(pick a single-token word such as 'cat', or use initial_phrase)",
+            token,
+            len(ids),
         )
     return ids[0]
 
 
+def phrase_token_ids(tokenizer: Any, phrase: str) -> list[int]:
+    """The token ids of ``initial_phrase``: one new vector per token (invoke-training)."""
+    ids = list(tokenizer(phrase, add_special_tokens=False).input_ids)
+    if not ids:
+        raise UserError(f"initial_phrase {phrase!r} has no tokens", hint="use a few words")
+    return ids
+
+
+def vector_count(cfg: TiConfigs, tokenizer: Any) -> int:
+    """How many vectors the concept gets: the phrase's token count with initial_phrase,
+    else num_vectors."""
+    if cfg.initial_phrase is not None:
+        return len(phrase_token_ids(tokenizer, cfg.initial_phrase))
+    return cfg.num_vectors
+
+
 def _initial_vectors(
-    cfg: TiConfigs, tokenizer: Any, table: torch.Tensor, file_vectors: torch.Tensor | None
+    cfg: TiConfigs, tokenizer: Any, table: torch.Tensor, file_vectors: torch.Tensor | None, n: int
 ) -> torch.Tensor:
-    n = cfg.num_vectors
     if file_vectors is not None:
         vectors = (
             file_vectors.reshape(-1, table.shape[1]) if file_vectors.ndim == 1 else (file_vectors)
@@ -85,16 +108,9 @@ def _initial_vectors(
             )
         return vectors.float()
     if cfg.initializer_token is not None:
-        ids = [_single_token_id(tokenizer, cfg.initializer_token.strip())] * n
+        ids = [_first_token_id(tokenizer, cfg.initializer_token.strip())] * n
     else:
-        ids = tokenizer(cfg.initial_phrase, add_special_tokens=False).input_ids
-        if not ids or len(ids) > n:
-            raise UserError(
-                f"initial_phrase {cfg.initial_phrase!r} is {len(ids)} tokens but "
-                f"num_vectors is {n}",
-                hint=f"set num_vectors: {max(len(ids), 1)}",
-            )
-        ids = [ids[i % len(ids)] for i in range(n)]
+        ids = phrase_token_ids(tokenizer, cfg.initial_phrase or "")
     return table[ids].detach().float().clone()
 
 
@@ -129,8 +145,11 @@ class TextualInversionPart:
 
     def __init__(self, cfg: TiConfigs, comps: Components) -> None:
         self.cfg = cfg
-        self.names = token_names(cfg.placeholder_token, cfg.num_vectors)
+        self.num_vectors = vector_count(cfg, comps.tokenizer)
+        self.names = token_names(cfg.placeholder_token, self.num_vectors)
         self.embeddings: list[TrainableTokenEmbedding] = []
+        self.table_std: list[torch.Tensor] = []
+        """Per encoder: std of every embedding row except the new ones (a constant)."""
         pairs = list(zip(comps.tokenizers, comps.text_encoders, strict=True))
         for (tokenizer, encoder), file_vec in zip(
             pairs, _file_vectors(cfg, comps.is_sdxl), strict=True
@@ -147,7 +166,7 @@ class TextualInversionPart:
                 hint="choose a new word, e.g. <my-concept>",
             )
         table = encoder.get_input_embeddings().weight
-        init = _initial_vectors(self.cfg, tokenizer, table, file_vec)
+        init = _initial_vectors(self.cfg, tokenizer, table, file_vec, self.num_vectors)
         tokenizer.add_tokens(self.names)
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         ids = tokenizer.convert_tokens_to_ids(self.names)
@@ -156,6 +175,9 @@ class TextualInversionPart:
         base = encoder.get_input_embeddings()
         with torch.no_grad():
             base.weight[ids] = init.to(base.weight.dtype)
+        keep = torch.ones(base.weight.shape[0], dtype=torch.bool)
+        keep[ids] = False
+        self.table_std.append(base.weight.detach()[keep.to(base.weight.device)].float().std())
         wrapper = TrainableTokenEmbedding(base, ids[0], init).to(base.weight.device)
         encoder.set_input_embeddings(wrapper)
         return wrapper
@@ -166,8 +188,23 @@ class TextualInversionPart:
             for key, emb in zip(ENCODER_KEYS, self.embeddings, strict=False)
         }
 
-    def param_group(self, lr: float) -> dict[str, Any]:
-        return {"params": [e.vectors for e in self.embeddings], "lr": lr, "name": "ti"}
+    def param_groups(self, lr: float) -> ParamGroups:
+        """One group per text encoder, as invoke-training (``ti_embeddings`` for SD,
+        ``ti_embeddings_1`` / ``ti_embeddings_2`` for SDXL)."""
+        if len(self.embeddings) == 1:
+            return [{"params": [self.embeddings[0].vectors], "lr": lr, "name": "ti_embeddings"}]
+        return [
+            {"params": [e.vectors], "lr": lr, "name": f"ti_embeddings_{i}"}
+            for i, e in enumerate(self.embeddings, start=1)
+        ]
+
+    @torch.no_grad()
+    def pull_towards_table_std(self) -> None:
+        """After each optimizer step, scale the new vectors by (std of the frozen table / std
+        of the new vectors) ** 0.1, as invoke-training's ``restore_original_embeddings``
+        does: keeps the new embeddings' spread near the vocabulary's."""
+        for emb, target in zip(self.embeddings, self.table_std, strict=True):
+            emb.vectors.mul_((target / emb.vectors.std()) ** 0.1)
 
     def set_trainable(self, trainable: bool) -> None:
         for emb in self.embeddings:
@@ -195,7 +232,10 @@ class TextualInversionPipeline(TrainingPipeline):
         self.train_text_encoders = True  # gradients flow through the frozen encoders
 
     def param_groups(self) -> ParamGroups:
-        return [self.ti.param_group(self.cfg.optimizer.learning_rate)]
+        return self.ti.param_groups(self.cfg.optimizer.learning_rate)
+
+    def after_optimizer_step(self) -> None:
+        self.ti.pull_towards_table_std()
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return self.ti.parameters()

@@ -1,0 +1,154 @@
+"""Time to the first training batch and bytes read before it, for a JSONL dataset of real-size
+photos on S3 (SeaweedFS on 127.0.0.1) with aspect-ratio buckets: 100 vs N images, cold (no
+index stored with the run) and after a restart (the run's index present). Each measurement
+is a fresh process, as a restarted pod is; pairs are interleaved; ratios from one run.
+
+Model loading is not included (it does not depend on the dataset): the figure is what the
+runner does with the data before step 1 — preflight (listing + header reads), buckets, the
+loader and its first batch.
+
+    python benchmarks/make_photos.py /var/tmp/kubetune-photos --count 10000
+    .venv/bin/python benchmarks/data_first_step.py /var/tmp/kubetune-photos --big 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+BUCKETS = {"target_resolution": 512, "start_dim": 256, "end_dim": 1024, "divisible_by": 64}
+
+
+def upload(client: Any, bucket: str, folder: Path, n: int) -> None:
+    """The first `n` images of `folder` and a JSONL naming them, under `ds-<n>/`."""
+    rows = (folder / "data.jsonl").read_text().splitlines()[:n]
+    names = [json.loads(r)["image"] for r in rows]
+    prefix = f"ds-{n}"
+
+    def put(name: str) -> None:
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=(folder / name).read_bytes())
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, names))
+    client.put_object(Bucket=bucket, Key=f"{prefix}/data.jsonl", Body="\n".join(rows).encode())
+
+
+def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
+    """One measurement, in this (fresh) process: seconds and bytes to the first batch."""
+    from runner.config import SdLoraConfig
+    from runner.data import build_train_dataloader, preflight
+    from runner.data.index import save_index
+    from runner.storage import open_store
+    from runner.storage_s3 import S3Store
+
+    read = {"bytes": 0, "gets": 0}
+    lock = threading.Lock()
+    get_bytes, get_range = S3Store.get_bytes, S3Store.get_range
+
+    def count(data: bytes) -> bytes:
+        with lock:
+            read["bytes"] += len(data)
+            read["gets"] += 1
+        return data
+
+    S3Store.get_bytes = lambda s, k: count(get_bytes(s, k))  # type: ignore[method-assign]
+    S3Store.get_range = lambda s, k, a, b: count(get_range(s, k, a, b))  # type: ignore
+    cfg = SdLoraConfig.model_validate(
+        {
+            "base_output_dir": run_dir,
+            "max_train_steps": 1,
+            "data_loader": {
+                "dataset": {
+                    "type": "IMAGE_CAPTION_JSONL_DATASET",
+                    "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
+                },
+                "resolution": 512,
+                "aspect_ratio_buckets": BUCKETS,
+            },
+            "train_batch_size": 4,
+        }
+    )
+    start = time.perf_counter()
+    run_store = open_store(run_dir)
+    data = preflight(cfg, run_store=run_store)
+    loader = build_train_dataloader(cfg, seed=0, batch_size=4, device_is_cuda=False, data=data)
+    next(iter(loader))
+    seconds = time.perf_counter() - start
+    before = dict(read)
+    save_index(run_store, data)
+    return {"n": n, "seconds": seconds, **before, "reused": data.reused}
+
+
+def one(bucket: str, n: int, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
+    code = (
+        "import json, sys; sys.path[:0] = [sys.argv[1]]\n"
+        "from data_first_step import measure\n"
+        "print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), sys.argv[4])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), bucket, str(n), run_dir],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("photos", type=Path, help="folder from make_photos.py")
+    parser.add_argument("--small", type=int, default=100)
+    parser.add_argument("--big", type=int, default=10000)
+    parser.add_argument("--rounds", type=int, default=3)
+    a = parser.parse_args()
+    from s3server import start_server
+
+    server = start_server()
+    try:
+        client = server.client()
+        bucket = server.create_bucket("bench")
+        for n in (a.small, a.big):
+            upload(client, bucket, a.photos, n)
+        results: dict[str, list[dict[str, Any]]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(a.rounds):  # interleaved: small cold, big cold, small/big restart
+                for n in (a.small, a.big):
+                    run_dir, env = f"{tmp}/run-{n}-{r}", server.env()
+                    for phase in ("cold", "restart"):
+                        row = one(bucket, n, run_dir, env)
+                        results.setdefault(f"{n} {phase}", []).append(row)
+        report(results, a.small, a.big)
+    finally:
+        server.stop()
+
+
+def report(results: dict[str, list[dict[str, Any]]], small: int, big: int) -> None:
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
+    base = med[f"{small} cold"]
+    print(f"time to first batch (median of {len(results[f'{small} cold'])}), buckets on")
+    for key, rows in results.items():
+        mib = statistics.median(r["bytes"] for r in rows) / 2**20
+        gets = statistics.median(r["gets"] for r in rows)
+        print(
+            f"{key:>14}: {med[key]:6.2f} s = {med[key] / base:4.2f}x {small} cold; "
+            f"read {mib:7.1f} MiB in {gets:.0f} GETs; runs {[round(r['seconds'], 2) for r in rows]}"
+        )
+
+
+if __name__ == "__main__":
+    main()

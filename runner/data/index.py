@@ -1,0 +1,196 @@
+"""The dataset index: per example its store, key, byte size, version (ETag / mtime), image
+height and width and caption, built from one listing plus one ranged header read per image.
+
+It is stored with the run (`INDEX_KEY`) so a restarted run, or a later run writing to the same
+place, reuses it: an entry is reused while the listing still shows the same size and version
+for its image (and caption file), and rescanned otherwise. Memory is O(number of examples).
+No torch here: `launcher validate --data` uses it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from runner.data.images import MAX_IMAGE_PIXELS, image_size_hw
+from runner.data.sources import Source, fetch_pool
+from runner.errors import DataError
+from runner.layout import DATA_INDEX_KEY
+from runner.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+INDEX_KEY = DATA_INDEX_KEY
+"""The index's key in the run's output location (gzip'd JSON)."""
+INDEX_VERSION = 1
+HEADER_BYTES = 64 * 1024
+"""First read per image; PNG/WEBP/BMP headers and almost every JPEG's SOF fit in it (a longer
+JPEG header, e.g. a big embedded thumbnail, is read in full)."""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the index knows about one example."""
+
+    size: int
+    etag: str
+    height: int
+    width: int
+    caption: str | None
+    caption_etag: str = ""
+
+
+Key = tuple[str, str]  # (store URI, key)
+
+
+class DataIndex:
+    """Entries by (store URI, key), serialised as gzip'd JSON."""
+
+    def __init__(self, entries: dict[Key, IndexEntry] | None = None) -> None:
+        self.entries = entries or {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def to_bytes(self) -> bytes:
+        rows = [[store, key, *_row(e)] for (store, key), e in self.entries.items()]
+        doc = {"version": INDEX_VERSION, "entries": rows}
+        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DataIndex:
+        doc = json.loads(gzip.decompress(data))
+        if doc.get("version") != INDEX_VERSION:
+            raise ValueError(f"index version {doc.get('version')}")
+        return cls({(r[0], r[1]): IndexEntry(*r[2:]) for r in doc["entries"]})
+
+
+def _row(e: IndexEntry) -> list[Any]:
+    return [e.size, e.etag, e.height, e.width, e.caption, e.caption_etag]
+
+
+def load_index(store: ObjectStore | None) -> DataIndex | None:
+    """The index stored in a run's output location, or None (absent or unreadable)."""
+    if store is None:
+        return None
+    try:
+        return DataIndex.from_bytes(store.get_bytes(INDEX_KEY))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as err:
+        log.warning("ignoring an unreadable data index %s: %s", store.url(INDEX_KEY), err)
+        return None
+
+
+def save_index(store: ObjectStore, report: Any) -> None:
+    """Store a preflight report's index with the run, unless the stored one is current."""
+    if report.index is None or (report.scanned == 0 and store.exists(INDEX_KEY)):
+        return
+    store.put_bytes(INDEX_KEY, report.index.to_bytes())
+
+
+@dataclass
+class IndexResult:
+    """The index of a source, the source with captions filled in, and what it cost."""
+
+    index: DataIndex
+    source: Source
+    sizes_hw: list[tuple[int, int]]
+    errors: list[DataError]
+    reused: int
+    scanned: int
+
+
+def build_index(
+    source: Source, previous: DataIndex | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> IndexResult:
+    """Index every example of `source` (bounded parallel header reads; entries of `previous`
+    whose size and version still match are reused without any read). Bad examples are
+    returned in `errors`, not raised."""
+    results = list(
+        fetch_pool().map(lambda i: _entry(source, i, previous, max_pixels), range(len(source)))
+    )
+    entries: dict[Key, IndexEntry] = {}
+    errors: list[DataError] = []
+    records = list(source.records)
+    sizes: list[tuple[int, int]] = []
+    reused = 0
+    for i, (entry, was_reused) in enumerate(results):
+        if isinstance(entry, DataError):
+            errors.append(entry)
+            sizes.append((0, 0))
+            continue
+        reused += was_reused
+        rec = records[i]
+        entries[(source.store_uri(i), rec.image_key or rec.id)] = entry
+        records[i] = replace(rec, caption=entry.caption, caption_key=None)
+        sizes.append((entry.height, entry.width))
+    indexed = Source(source.name, records, source.stores, source.keep_in_memory, source.hf)
+    scanned = len(records) - reused - len(errors)
+    return IndexResult(DataIndex(entries), indexed, sizes, errors, reused, scanned)
+
+
+def _entry(
+    source: Source, i: int, previous: DataIndex | None, max_pixels: int
+) -> tuple[IndexEntry | DataError, bool]:
+    entry, reused = _image_entry(source, i, previous, max_pixels)
+    if isinstance(entry, IndexEntry) and source.records[i].mask_key is not None:
+        try:
+            check_mask_header(source, i, (entry.height, entry.width), max_pixels)
+        except DataError as err:
+            return err, False
+    return entry, reused
+
+
+def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pixels: int) -> None:
+    """`use_masks`: the mask is a readable image of its image's size (from its header)."""
+    mask = source.mask_head(i, HEADER_BYTES)
+    try:
+        height, width = image_size_hw(mask.data, mask.name, max_pixels)
+    except DataError:
+        if len(mask.data) < HEADER_BYTES:
+            raise
+        full = source.fetch(i).mask
+        assert full is not None
+        height, width = image_size_hw(full.data, full.name, max_pixels)
+    if (height, width) != image_hw:
+        raise DataError(
+            f"{mask.name}: is {width}x{height} but its image is {image_hw[1]}x{image_hw[0]}",
+            hint="save the mask at its image's size",
+        )
+
+
+def _image_entry(
+    source: Source, i: int, previous: DataIndex | None, max_pixels: int
+) -> tuple[IndexEntry | DataError, bool]:
+    rec = source.records[i]
+    if previous is not None and rec.etag:
+        old = previous.entries.get((source.store_uri(i), rec.image_key or rec.id))
+        if (
+            old is not None
+            and (old.size, old.etag, old.caption_etag) == (rec.size, rec.etag, rec.caption_etag)
+            and old.height * old.width <= max_pixels
+        ):
+            return old, True
+    try:
+        height, width = header_size_hw(source, i, max_pixels)
+        caption = source.caption(i)
+    except DataError as err:
+        return err, False
+    return IndexEntry(rec.size, rec.etag, height, width, caption, rec.caption_etag), False
+
+
+def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
+    """(h, w) of example `i` from its header: one ranged read, the whole file only when the
+    header is longer than `HEADER_BYTES` (format, pixel limit and EXIF are checked)."""
+    rec, name = source.records[i], source.url(i)
+    data = source.head(i, HEADER_BYTES)
+    try:
+        return image_size_hw(data, name, max_pixels)
+    except DataError as err:
+        whole = len(data) < HEADER_BYTES or (0 <= rec.size <= len(data))
+        if whole or "too large" in err.message or "unsupported" in err.message:
+            raise
+    return image_size_hw(source.fetch(i).data, name, max_pixels)

@@ -1,0 +1,58 @@
+"""The `-m cluster` tier without a cluster: skipped with the reason and the way to get one,
+or (KUBETUNE_CLUSTER_REQUIRED=1, as in CI) a failure, never a silent pass."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _run_tier(**env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PYTEST_ADDOPTS")}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "cluster",
+            "-rs",
+            "-q",
+            "tests/test_cluster_rbac.py",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean, **env},
+        timeout=300,
+        check=False,
+    )
+
+
+def test_without_a_cluster_the_tier_skips_and_says_why() -> None:
+    result = _run_tier(KUBECONFIG="")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "1 skipped" in result.stdout
+    assert "KUBECONFIG is not set" in result.stdout and "local-cluster.sh up" in result.stdout
+
+
+def test_when_required_a_missing_cluster_fails() -> None:
+    result = _run_tier(KUBECONFIG="", KUBETUNE_CLUSTER_REQUIRED="1")
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "cluster tier required, but KUBECONFIG is not set" in result.stdout
+
+
+def test_the_default_run_says_the_tier_was_not_run() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--co", "-q", "tests/test_cluster_rbac.py"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert "cluster tier: not run (needs root, docker and a local Kubernetes" in result.stdout

@@ -1,0 +1,159 @@
+"""The dataset index: header-only preflight, reuse by a restarted run, invalidation of a
+changed object, one listing for the whole run — counted through the real S3 server."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_fixtures import image_bytes, lora_config, upload_tree, write_image_dir, write_jsonl
+from PIL import Image
+from s3server import S3Server
+
+from runner.data import build_train_dataloader, preflight
+from runner.data.index import HEADER_BYTES, INDEX_KEY, DataIndex, save_index
+from runner.storage import open_store
+from runner.storage_s3 import S3Store
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Reads:
+    """Counts the GETs and bytes the real S3Store reads (the calls still go to the server)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.bytes = 0
+        self.keys: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, key: str, data: bytes) -> bytes:
+        with self._lock:
+            self.calls[kind] += 1
+            self.bytes += len(data)
+            self.keys[key] += 1
+        return data
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Reads]:
+    counter = Reads()
+    get_bytes, get_range, list_ = S3Store.get_bytes, S3Store.get_range, S3Store.list
+
+    def counted_list(self: S3Store, prefix: str = "") -> Iterator[object]:
+        counter.calls["list"] += 1
+        return list_(self, prefix)
+
+    monkeypatch.setattr(S3Store, "get_bytes", lambda s, k: counter.add("get", k, get_bytes(s, k)))
+    monkeypatch.setattr(
+        S3Store,
+        "get_range",
+        lambda s, k, start, n: counter.add("range", k, get_range(s, k, start, n)),
+    )
+    monkeypatch.setattr(S3Store, "list", counted_list)
+    yield counter
+
+
+def _big_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A JPEG far larger than HEADER_BYTES (noise does not compress)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+@pytest.fixture
+def s3_jsonl(s3_env: S3Server, s3_bucket: str, tmp_path: Path) -> str:
+    """An S3 JSONL dataset of 6 images of which 4 are bigger than one header read."""
+    sizes = [(320, 200), (200, 320), (300, 300), (320, 200), (32, 48), (48, 32)]
+    write_jsonl(tmp_path / "ds", sizes)
+    for i, (w, h) in enumerate(sizes[:4]):
+        (tmp_path / "ds" / "images" / f"pic-{i:03d}.jpg").write_bytes(_big_jpeg(w, h, i))
+    upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "ds")
+    return f"s3://{s3_bucket}/ds"
+
+
+def _cfg(jsonl_uri: str, tmp_path: Path) -> object:
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": f"{jsonl_uri}/data.jsonl"},
+        aspect_ratio_buckets={
+            "target_resolution": 64,
+            "start_dim": 32,
+            "end_dim": 128,
+            "divisible_by": 32,
+        },
+    )
+    return cfg.model_copy(update={"base_output_dir": str(tmp_path / "run")})
+
+
+def test_preflight_reads_headers_only(s3_jsonl: str, tmp_path: Path, reads: Reads) -> None:
+    report = preflight(_cfg(s3_jsonl, tmp_path))
+    images = [k for k in reads.keys if k.endswith(".jpg")]
+    assert len(images) == 6 and all(reads.keys[k] == 1 for k in images)  # one read each
+    assert reads.calls["get"] == 1  # the JSONL itself; every image is a ranged read
+    assert reads.calls["range"] == 6
+    jsonl = len(open_store(s3_jsonl).get_bytes("data.jsonl"))
+    assert reads.bytes <= jsonl + 6 * HEADER_BYTES
+    assert report.sizes_hw[:3] == [(200, 320), (320, 200), (300, 300)]
+    assert report.scanned == 6 and report.reused == 0
+
+
+def test_stored_index_is_reused_and_a_changed_object_rescanned(
+    s3_env: S3Server, s3_jsonl: str, tmp_path: Path, reads: Reads
+) -> None:
+    cfg = _cfg(s3_jsonl, tmp_path)
+    run_store = open_store(str(tmp_path / "run"))
+    save_index(run_store, preflight(cfg, run_store=run_store))
+    assert run_store.exists(INDEX_KEY)
+    reads.calls.clear()
+    reads.keys.clear()
+
+    again = preflight(cfg, run_store=run_store)  # a restarted run: no image read at all
+    assert again.reused == 6 and again.scanned == 0
+    assert not [k for k in reads.keys if k.endswith(".jpg")]
+
+    bucket, prefix = s3_jsonl[len("s3://") :].split("/", 1)
+    new = image_bytes(40, 24, ".jpg", seed=99)  # same key, new content and shape
+    s3_env.client().put_object(Bucket=bucket, Key=f"{prefix}/images/pic-002.jpg", Body=new)
+    changed = preflight(cfg, run_store=run_store)
+    assert changed.reused == 5 and changed.scanned == 1
+    assert [k for k in reads.keys if k.endswith(".jpg")] == ["images/pic-002.jpg"]
+    assert changed.sizes_hw[2] == (24, 40)
+
+
+def test_one_listing_and_no_image_read_before_the_first_batch(
+    s3_jsonl: str, tmp_path: Path, reads: Reads
+) -> None:
+    cfg = _cfg(s3_jsonl, tmp_path)
+    run_store = open_store(str(tmp_path / "run"))
+    save_index(run_store, preflight(cfg, run_store=run_store))
+    reads.calls.clear()
+    reads.keys.clear()
+    data = preflight(cfg, run_store=run_store)
+    loader = build_train_dataloader(cfg, seed=0, batch_size=2, device_is_cuda=False, data=data)
+    assert reads.calls["list"] == 1  # one listing for preflight, buckets and loader
+    assert not [k for k in reads.keys if k.endswith(".jpg")]
+    batch = next(iter(loader))
+    read = [k for k in reads.keys if k.endswith(".jpg")]
+    assert 1 <= len(read) <= 2 + 2 * 2  # the first batch (+ at most two prefetched)
+    assert batch["pixel_values"].shape[0] >= 1
+
+
+def test_index_round_trip_and_local_versions(tmp_path: Path) -> None:
+    write_image_dir(tmp_path / "d", [(40, 20), (20, 30)])
+    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")})
+    report = preflight(cfg)
+    assert report.index is not None
+    index = DataIndex.from_bytes(report.index.to_bytes())
+    assert index.entries == report.index.entries
+    run_store = open_store(str(tmp_path / "run"))
+    save_index(run_store, report)
+    (tmp_path / "d" / "img-001.txt").write_text("a new caption, longer", encoding="utf-8")
+    again = preflight(cfg, run_store=run_store)
+    assert (again.reused, again.scanned) == (1, 1)  # a changed caption file rescans its example
+    assert again.source is not None and again.source.records[1].caption == "a new caption, longer"

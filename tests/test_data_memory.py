@@ -1,0 +1,90 @@
+"""`keep_in_memory`: decoded images kept at their bucket's scale give the same batches as
+decoding every draw, and epochs after the first read and decode nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import lora_config, write_image_dir
+
+from runner.data import build_train_dataloader
+from runner.data.memory import DecodedImages, Kept
+from runner.storage import LocalStore
+
+pytestmark = pytest.mark.timeout(120)
+SIZES = [(288, 192), (192, 288), (240, 240), (360, 216), (216, 360), (192, 192)]
+
+
+def _cfg(root: Path, keep: bool) -> object:
+    return lora_config(
+        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(root), "keep_in_memory": keep},
+        random_flip=True,
+        center_crop=False,
+        aspect_ratio_buckets={
+            "target_resolution": 48,
+            "start_dim": 32,
+            "end_dim": 96,
+            "divisible_by": 16,
+        },
+    )
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts whole-object reads of the real local store."""
+    counter: Counter[str] = Counter()
+    original = LocalStore.get_bytes
+
+    def counted(self: LocalStore, key: str) -> bytes:
+        counter[key] += 1
+        return original(self, key)
+
+    monkeypatch.setattr(LocalStore, "get_bytes", counted)
+    return counter
+
+
+def _epochs(cfg: object, n: int) -> tuple[list[list[dict]], object]:
+    loader = build_train_dataloader(cfg, seed=3, batch_size=2, device_is_cuda=False)
+    return [list(loader) for _ in range(n)], loader
+
+
+def test_same_batches_as_decoding_every_draw(tmp_path: Path) -> None:
+    write_image_dir(tmp_path / "d", SIZES, exts=(".png", ".jpg"))
+    plain, _ = _epochs(_cfg(tmp_path / "d", keep=False), 2)
+    kept, _ = _epochs(_cfg(tmp_path / "d", keep=True), 2)
+    for a_epoch, b_epoch in zip(plain, kept, strict=True):
+        for a, b in zip(a_epoch, b_epoch, strict=True):
+            assert a["id"] == b["id"] and a["caption"] == b["caption"]
+            assert torch.equal(a["pixel_values"], b["pixel_values"])
+            assert torch.equal(a["crop_top_left_yx"], b["crop_top_left_yx"])
+            assert torch.equal(a["original_size_hw"], b["original_size_hw"])
+
+
+def test_later_epochs_read_nothing(tmp_path: Path, reads: Counter[str]) -> None:
+    write_image_dir(tmp_path / "d", SIZES)
+    loader = build_train_dataloader(
+        _cfg(tmp_path / "d", keep=True), seed=3, batch_size=2, device_is_cuda=False
+    )
+    list(loader)
+    first = sum(n for k, n in reads.items() if k.endswith(".png"))
+    assert first == len(SIZES)
+    list(loader)
+    list(loader)
+    assert sum(n for k, n in reads.items() if k.endswith(".png")) == first
+    memory = loader.dataset.memory
+    assert memory is not None and len(memory) == len(SIZES)
+    buckets = {tuple(b["pixel_values"].shape[-2:]) for b in list(loader)}
+    biggest = max(h * w for h, w in buckets)
+    assert memory.used <= len(SIZES) * 3 * biggest * 4  # kept near bucket scale, not full
+
+
+def test_budget_bounds_memory(tmp_path: Path) -> None:
+    from PIL import Image
+
+    memory = DecodedImages(budget_bytes=3 * 10 * 10 * 2)
+    for i in range(5):
+        memory.put(i, Kept(Image.new("RGB", (10, 10)), (10, 10)))
+    assert len(memory) == 2 and memory.used == 600
