@@ -15,7 +15,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +25,10 @@ from runner.config import PipelineConfig
 from runner.errors import ResumeMismatchError
 from runner.layout import CHECKPOINTS, step_name
 from runner.pipelines.common import TrainingPipeline
+
+if TYPE_CHECKING:  # pragma: no cover
+    from runner.checkpoints import Restored
+    from runner.layout import SetAsideCheckpoint
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
@@ -52,7 +56,7 @@ class Manager(Protocol):
 
     def save_async(self, step: int, local_dir: Path) -> None: ...
     def latest(self) -> int | None: ...
-    def restore(self, step: int, local_dir: Path) -> None: ...
+    def restore_newest_valid(self, root: Path, *, heal: bool = True) -> Restored | None: ...
     def wait(self) -> None: ...
     def delete_all(self) -> None: ...
 
@@ -210,17 +214,24 @@ class Checkpointer:
         return state
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """A downloaded checkpoint that fits the config, and what was set aside to reach it."""
+
+    step: int
+    folder: Path
+    info: dict[str, Any]
+    set_aside: list[SetAsideCheckpoint]
+
+
 def fetch_latest(
-    manager: Manager, work_dir: Path, cfg: PipelineConfig
-) -> tuple[Path, dict[str, Any]] | None:
-    """Download the newest complete checkpoint and check it fits ``cfg``; None if none."""
-    step = manager.latest()
-    if step is None:
+    manager: Manager, work_dir: Path, cfg: PipelineConfig, *, heal: bool = True
+) -> ResumePoint | None:
+    """Download the newest valid checkpoint and check it fits ``cfg``; None if none.
+    ``heal``: set aside newer checkpoints that fail their manifest check (main process)."""
+    restored = manager.restore_newest_valid(work_dir / "restore", heal=heal)
+    if restored is None:
         return None
-    folder = work_dir / "restore" / step_name(step)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    manager.restore(step, folder)
-    info = json.loads((folder / INFO_FILE).read_text())
-    check_compatible(info, cfg, step)
-    return folder, info
+    info = json.loads((restored.folder / INFO_FILE).read_text())
+    check_compatible(info, cfg, restored.step)
+    return ResumePoint(restored.step, restored.folder, info, restored.set_aside)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +25,38 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner.errors import StorageError
-from runner.layout import CHECKPOINTS, MANIFEST, parse_step_name, step_name
+from runner.layout import (
+    CHECKPOINTS,
+    MANIFEST,
+    SetAsideCheckpoint,
+    parse_step_name,
+    set_aside_key,
+    step_name,
+)
 from runner.storage import ObjectStore, check_key, join_key, retry_transient
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+SET_ASIDE_NOTE = "set-aside.json"
+
+
+class CorruptCheckpoint(StorageError):
+    """A published checkpoint failed its manifest check (bad bytes, missing object, bad
+    manifest): resume sets it aside and falls back to an older one."""
+
+
+class NoValidCheckpoint(StorageError):
+    """Every published checkpoint failed its manifest check; nothing was moved."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The checkpoint a run resumes from, and the newer ones set aside on the way."""
+
+    step: int
+    folder: Path
+    manifest: Manifest
+    set_aside: list[SetAsideCheckpoint]
 
 
 @dataclass(frozen=True)
@@ -69,7 +98,7 @@ class Manifest:
             return cls(int(raw["step"]), str(raw["created"]), files, dict(raw.get("meta") or {}),
                        int(raw.get("version", 1)))  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:
-            raise StorageError(f"unreadable checkpoint manifest {where}: {exc}") from exc
+            raise CorruptCheckpoint(f"unreadable checkpoint manifest {where}: {exc}") from exc
 
 
 def _sha256(path: Path) -> str:
@@ -197,7 +226,7 @@ class CheckpointManager:
             manifest.total_bytes / 1e6,
             time.monotonic() - started,
         )
-        self.prune()
+        self.prune_best_effort()
         return manifest
 
     def publish_file(self, key: str, src: str | Path | bytes) -> None:
@@ -260,15 +289,16 @@ class CheckpointManager:
                     self._retry(lambda: self.store.get_file(key, dest), f"download {key}")
                 except FileNotFoundError:
                     if self.is_complete(step):
-                        raise StorageError(f"checkpoint object {self.store.url(key)} is missing "
-                                           "although its manifest exists") from None  # fmt: skip
+                        where = self.store.url(key)
+                        raise CorruptCheckpoint(f"checkpoint object {where} is missing although "
+                                                "its manifest exists") from None  # fmt: skip
                     raise  # pruned while we were reading it
                 size, digest = dest.stat().st_size, _sha256(dest)
                 if (size, digest) == (entry.size, entry.sha256):
                     return
                 log.warning("checkpoint object %s does not match its manifest (attempt %d)",
                             key, attempt)  # fmt: skip
-            raise StorageError(
+            raise CorruptCheckpoint(
                 f"checkpoint object {self.store.url(key)} is corrupt: {size} bytes sha256 "
                 f"{digest[:12]}…, manifest says {entry.size} bytes sha256 {entry.sha256[:12]}…"
             )
@@ -277,7 +307,70 @@ class CheckpointManager:
             list(pool.map(fetch, manifest.files))
         return manifest
 
+    # -- self-healing resume -------------------------------------------------------------------
+
+    def restore_newest_valid(self, root: str | Path, *, heal: bool = True) -> Restored | None:
+        """Download the newest checkpoint that passes its manifest check into ``root/<step>``.
+
+        Newer ones that fail it are set aside (moved, never deleted; only if ``heal``: one
+        process of a multi-process run heals) once a valid one is found; if none is valid
+        nothing is moved and ``NoValidCheckpoint`` names them all.
+        """
+        bad: list[tuple[int, str]] = []
+        for step in reversed(self.list_complete()):
+            folder = Path(root) / step_name(step)
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                manifest = self.restore(step, folder)
+            except CorruptCheckpoint as exc:
+                log.warning("checkpoint %s fails its manifest check: %s", step_name(step), exc)
+                bad.append((step, f"{step_name(step)}: {exc}"))
+                continue
+            aside = [self.set_aside(s, why) for s, why in bad] if heal else []
+            return Restored(step, folder, manifest, aside)
+        if bad:
+            found = "; ".join(why for _, why in bad)
+            raise NoValidCheckpoint(
+                f"no valid checkpoint to resume from ({found}); fix the objects or pass "
+                "--force-restart to start over"
+            )
+        return None
+
+    def set_aside(self, step: int, reason: str) -> SetAsideCheckpoint:
+        """Move checkpoint ``step`` under ``checkpoints-set-aside/`` with a note saying why:
+        copies first, then the manifest goes (the checkpoint stops existing), then the rest."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest = set_aside_key(step, stamp)
+        source = self.key(step) + "/"
+        keys = [o.key for o in self._retry(lambda: list(self.store.list(source)), "list")]
+        with tempfile.TemporaryDirectory(prefix="kubetune-set-aside-") as tmp:
+            for key in keys:
+                self._copy(key, f"{dest}/{key[len(source) :]}", Path(tmp) / "object")
+        aside = SetAsideCheckpoint(step=step, reason=reason, moved_to=dest)
+        note = aside.model_dump_json(indent=2).encode()
+        self._retry(lambda: self.store.put_bytes(f"{dest}/{SET_ASIDE_NOTE}", note), "note")
+        manifest_key = self.key(step, MANIFEST)
+        self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
+        self._retry(lambda: self.store.delete(keys), f"delete {source}")
+        log.warning("checkpoint %s set aside to %s: %s", step_name(step),
+                    self.store.url(dest), reason)  # fmt: skip
+        return aside
+
+    def _copy(self, src: str, dst: str, tmp: Path) -> None:
+        self._retry(lambda: self.store.get_file(src, tmp), f"read {src}")
+        self._retry(lambda: self.store.put_file(dst, tmp), f"write {dst}")
+
     # -- pruning ------------------------------------------------------------------------------
+
+    def prune_best_effort(self) -> list[int]:
+        """``prune``, logging instead of raising: housekeeping never fails a run whose new
+        checkpoint is already published (the next save prunes again)."""
+        try:
+            return self.prune()
+        except Exception as exc:  # noqa: BLE001 - never fatal, whatever the store says
+            log.warning("pruning checkpoints failed (the run goes on; retried after the "
+                        "next checkpoint): %s", exc)  # fmt: skip
+            return []
 
     def prune(self) -> list[int]:
         """Delete complete checkpoints beyond ``max_checkpoints`` (never the newest) and

@@ -59,6 +59,14 @@ class ResumeMismatchError(UserError):
     """A checkpoint exists but was written by an incompatible config."""
 
 
+class RunLocked(UserError):
+    """Another runner holds the run's lease (one writer per run); exit status 2."""
+
+
+class LeaseLost(RunLocked):
+    """This runner's lease was taken over: it must not write to the run any more."""
+
+
 class Preempted(KubetuneError):
     """Raised inside the runner after SIGTERM once the checkpoint is published."""
 

@@ -37,12 +37,16 @@ def _peft_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def kohya_state_dict(lora: LoraExport) -> dict[str, torch.Tensor]:
     """kohya-ss / A1111 keys: ``lora_unet_<module_path>.lora_down.weight`` (+ ``lora_up``,
-    ``alpha``); text encoders ``lora_te`` (SD) or ``lora_te1`` / ``lora_te2`` (SDXL)."""
+    ``alpha``); text encoders ``lora_te`` (SD) or ``lora_te1`` / ``lora_te2`` (SDXL), always
+    with the ``text_model_`` path of transformers 4 CLIP models (transformers 5 dropped that
+    level; A1111, ComfyUI and invoke expect it, diffusers accepts both)."""
     prefixes = KOHYA_PREFIX_SDXL if lora.is_sdxl else KOHYA_PREFIX
     out: dict[str, torch.Tensor] = {}
     for role, module in lora.modules.items():
         for key, value in _peft_state(module).items():
             path, _, kind = key.rpartition(".lora_")
+            if role != "unet" and not path.startswith("text_model."):
+                path = f"text_model.{path}"
             name = f"{prefixes[role]}_{path.replace('.', '_')}"
             part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
             out[f"{name}.{part}"] = value

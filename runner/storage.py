@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -196,6 +198,67 @@ class LocalStore:
                 path.unlink(missing_ok=True)
                 self._remove_empty_parents(path.parent)
 
+    # -- conditional writes (the run lease): create-if-absent is a hard link of a complete
+    # temp file (O_EXCL semantics); compare-and-swap runs under an flock on a hidden lock file.
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist; False if it does."""
+        dest = self._path(key)
+        with _local_errors(str(dest)):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=dest.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, dest)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                os.unlink(tmp)
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and a tag that changes whenever it is rewritten."""
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool:
+        """Overwrite ``key`` only if it still carries ``tag``."""
+        dest = self._path(key)
+        with self._key_lock(dest):
+            if not self._has_tag(key, tag):
+                return False
+            with _local_errors(str(dest)):
+                _write_atomically(dest, lambda f: f.write(data), fsync=True)
+            return True
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        """Delete ``key`` only if it still carries ``tag``."""
+        dest = self._path(key)
+        with self._key_lock(dest):
+            if not self._has_tag(key, tag):
+                return False
+            self.delete([key])
+            return True
+
+    def _has_tag(self, key: str, tag: str) -> bool:
+        try:
+            return self.read_tagged(key)[1] == tag
+        except FileNotFoundError:
+            return False
+
+    @contextlib.contextmanager
+    def _key_lock(self, dest: Path) -> Iterator[None]:
+        with _local_errors(str(dest)):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(dest.parent / f"{_TMP_PREFIX}lock-{dest.name}", "ab")  # noqa: SIM115
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def _remove_empty_parents(self, directory: Path) -> None:
         while directory != self.root and self.root in directory.parents:
             try:
@@ -248,12 +311,3 @@ def retry_transient(
             if on_retry is not None:
                 on_retry(exc, delay)
             time.sleep(delay)
-
-
-def __getattr__(name: str) -> Any:
-    """``S3Store`` lives in ``runner.storage_s3`` (boto3 is imported only when needed)."""
-    if name == "S3Store":
-        from runner.storage_s3 import S3Store
-
-        return S3Store
-    raise AttributeError(name)

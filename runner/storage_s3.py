@@ -275,6 +275,50 @@ class S3Store:
             return False
         return True
 
+    # -- conditional writes (the run lease) ----------------------------------------------------
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist (``If-None-Match: *``); False if it does."""
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and its ETag."""
+        with self._errors("read", key):
+            reply = self._client.get_object(Bucket=self.bucket, Key=self._full(key))
+            return reply["Body"].read(), str(reply["ETag"])
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool:
+        """Overwrite ``key`` only if its ETag is still ``tag`` (``If-Match``)."""
+        return self._conditional_put(key, data, IfMatch=tag)
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        """Delete ``key`` if its ETag is ``tag`` (checked, then deleted: S3 offers no
+        conditional delete everywhere, so a takeover in between is possible but harmless for
+        the lease, whose new holder re-creates it on its next renewal)."""
+        try:
+            with self._errors("check", key):
+                head = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except FileNotFoundError:
+            return False
+        if str(head["ETag"]) != tag:
+            return False
+        self.delete([key])
+        return True
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
+        full = self._full(key)
+        try:
+            with self._errors("write", key):
+                try:
+                    self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **condition)
+                except ClientError as exc:
+                    if _precondition_failed(exc):
+                        return False
+                    raise
+        except FileNotFoundError:  # If-Match on a missing key
+            return False
+        return True
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         check_prefix(prefix)
         return self._list(prefix)
@@ -312,3 +356,10 @@ class S3Store:
             manager, self._manager = self._manager, None
         if manager is not None:
             manager.shutdown()
+
+
+def _precondition_failed(exc: ClientError) -> bool:
+    """412 (the condition does not hold) or 409 (a concurrent conditional write won)."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")

@@ -25,6 +25,7 @@ from runner.checkpointer import (
     CheckpointSettings,
     LoopState,
     Manager,
+    ResumePoint,
     fetch_latest,
 )
 from runner.config import PipelineConfig, config_to_yaml, output_uri
@@ -32,12 +33,14 @@ from runner.data.checks import PreflightReport
 from runner.data.index import save_index
 from runner.errors import DataError, UserError
 from runner.layout import CONFIG_KEY, final_key, step_name
+from runner.lease import Lease, LeaseSettings
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.common import enable_gradient_checkpointing
 from runner.progress import ProgressReporter, ProgressSettings
+from runner.run_store import RunStore
 from runner.speed import enable_tf32, tune_unet
 from runner.storage import ObjectStore, open_store
 from runner.validation import ValidationSettings, Validator
@@ -90,7 +93,7 @@ def make_accelerator(cfg: PipelineConfig) -> Accelerator:
 def default_manager_factory(store: ObjectStore, max_checkpoints: int | None) -> Manager:
     from runner.checkpoints import CheckpointManager
 
-    return CheckpointManager(store, max_checkpoints)
+    return CheckpointManager(store, max_checkpoints, attempts=1)  # the RunStore retries
 
 
 def place_models(comps: Components, cfg: PipelineConfig, device: torch.device) -> None:
@@ -123,10 +126,16 @@ def build_training(
 
 
 def _resume_point(
-    manager: Manager, work_dir: Path, cfg: PipelineConfig, *, resume: bool, force_restart: bool
-) -> tuple[Path, dict[str, Any]] | None:
+    manager: Manager,
+    work_dir: Path,
+    cfg: PipelineConfig,
+    *,
+    resume: bool,
+    force_restart: bool,
+    is_main: bool,
+) -> ResumePoint | None:
     if resume and not force_restart:
-        return fetch_latest(manager, work_dir, cfg)
+        return fetch_latest(manager, work_dir, cfg, heal=is_main)
     if manager.latest() is not None:
         log.warning(
             "starting over: discarding the run's existing checkpoints (%s)",
@@ -179,13 +188,51 @@ def _run(
     manager_factory: ManagerFactory | None,
 ) -> RunResult:
     accelerator = make_accelerator(cfg)
-    is_main = accelerator.is_main_process
     uri = output_uri(cfg)
-    store = open_store(uri, cfg.storage)
+    raw = open_store(uri, cfg.storage)
+    lease = None
+    if accelerator.is_main_process:  # the one process that writes holds the run's lease
+        settings = LeaseSettings(cfg.lease_timeout_seconds, cfg.lease_wait_seconds)
+        lease = Lease(raw, settings).acquire()
+    try:
+        store = RunStore(raw, guard=lease.check if lease else None)
+        return _run_with(
+            cfg,
+            work,
+            data,
+            accelerator,
+            store,
+            uri,
+            resume=resume,
+            force_restart=force_restart,
+            stop=stop,
+            manager_factory=manager_factory,
+        )
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_with(
+    cfg: PipelineConfig,
+    work: Path,
+    data: PreflightReport,
+    accelerator: Accelerator,
+    store: ObjectStore,
+    uri: str,
+    *,
+    resume: bool,
+    force_restart: bool,
+    stop: threading.Event | None,
+    manager_factory: ManagerFactory | None,
+) -> RunResult:
+    is_main = accelerator.is_main_process
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
-    restored = _resume_point(manager, work, cfg, resume=resume, force_restart=force_restart)
+    restored = _resume_point(
+        manager, work, cfg, resume=resume, force_restart=force_restart, is_main=is_main
+    )
     seed = (
-        restored[1]["seed"]
+        restored.info["seed"]
         if restored
         else (cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
     )
@@ -219,9 +266,7 @@ class _Session:
         self.manager, self.work, self.seed = manager, work, seed
         self.is_main = accelerator.is_main_process
 
-    def prepare(
-        self, restored: tuple[Path, dict[str, Any]] | None, data: PreflightReport
-    ) -> LoopState:
+    def prepare(self, restored: ResumePoint | None, data: PreflightReport) -> LoopState:
         from runner.data import build_train_dataloader
         from runner.encoder_cache import PersistedCaches
 
@@ -274,10 +319,16 @@ class _Session:
             seed=self.seed,
             is_main=self.is_main,
         )
+        self.restored = restored
         if restored is None:
             return LoopState()
-        state = self.checkpointer.restore(restored[0])
-        log.info("resumed from checkpoint %s (epoch %d)", step_name(state.step), state.epoch + 1)
+        state = self.checkpointer.restore(restored.folder)
+        log.info(
+            "resumed from checkpoint %s (epoch %d)%s",
+            step_name(state.step),
+            state.epoch + 1,
+            "".join(f"; set aside {step_name(a.step)} ({a.reason})" for a in restored.set_aside),
+        )
         return state
 
     def loop(self, stop: threading.Event) -> Loop:
@@ -300,6 +351,13 @@ class _Session:
             ),
             out,
         )
+        if self.restored is not None:
+            self.progress.note(
+                step=self.restored.step,
+                resumed_from=self.restored.step,
+                set_aside=self.restored.set_aside,
+                last_checkpoint_step=self.restored.step,
+            )
         self.loader.on_bad = self._note_bad
         validator = Validator(
             ValidationSettings.from_config(cfg, self.seed),

@@ -11,7 +11,8 @@ commit 99c673d), not kubetune's code:
   optimizer's; LoRA+TI defaults 1e-4 (UNet), 1e-5 (text encoders), 1e-3 (TI);
   SD TI: one group; SDXL TI: one group per encoder;
 - the kohya file: ``lora_unet_`` / ``lora_te_`` (SD) or ``lora_te1_`` / ``lora_te2_`` (SDXL)
-  keys with ``lora_down`` / ``lora_up`` / ``alpha``, every ``.alpha`` 1.0.
+  keys with ``lora_down`` / ``lora_up`` / ``alpha``, every ``.alpha`` 1.0; text-encoder keys
+  carry ``text_model_encoder_layers_`` (its transformers 4 CLIP module paths).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def check_kohya(path: Path, prefixes: set[str], modules: int) -> None:
     kinds = {k.split(".", 1)[1] for k in state if not k.endswith(".alpha")}
     assert kinds == {"lora_down.weight", "lora_up.weight"}
     assert any("_ff_net_2." in k for k in state) and any("_mlp_fc1." in k for k in state)
+    te_keys = [k for k in state if k.startswith("lora_te")]
+    assert te_keys and all("_text_model_encoder_layers_" in k for k in te_keys), te_keys[:2]
 
 
 def wrapped_count(*modules: torch.nn.Module) -> int:
@@ -109,6 +112,17 @@ def test_sd_lora_conforms(tiny_sd_dir: Path, data_dir: Path, tmp_path: Path) -> 
     assert {id(p) for p in te_group["params"]} == lora_params(comps.text_encoder)
     (path,) = pipe.export(tmp_path / "final")
     check_kohya(path, {"lora_unet", "lora_te"}, wrapped_count(comps.unet, comps.text_encoder))
+    check_diffusers_loads_text_encoder_lora(tiny_sd_dir, path)
+
+
+def check_diffusers_loads_text_encoder_lora(model: Path, path: Path) -> None:
+    """The ``text_model_`` keys still reach a transformers 5 text encoder through diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    target = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    target.load_lora_weights(path.parent, weight_name=path.name)
+    loaded = [n for n, _ in target.text_encoder.named_parameters() if "lora_A" in n]
+    assert any("mlp.fc1" in n for n in loaded) and any("self_attn.q_proj" in n for n in loaded)
 
 
 def test_sdxl_lora_conforms(tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path) -> None:

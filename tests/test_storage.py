@@ -12,7 +12,8 @@ from faultproxy import FaultProxy
 from s3server import S3Server
 
 from runner.errors import StorageError, StorageUserError
-from runner.storage import LocalStore, ObjectInfo, S3Store, open_store
+from runner.storage import LocalStore, ObjectInfo, open_store
+from runner.storage_s3 import S3Store
 
 
 def _storage_cfg(**overrides: object) -> SimpleNamespace:

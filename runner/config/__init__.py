@@ -34,9 +34,6 @@ from runner.config.pipelines import (
     SdxlLoraConfig,
     SdxlTextualInversionConfig,
     TrainConfig,
-    is_sdxl,
-    trains_lora,
-    trains_ti,
 )
 
 __all__ = [
@@ -66,13 +63,10 @@ __all__ = [
     "config_hash",
     "config_to_dict",
     "config_to_yaml",
-    "is_sdxl",
     "json_schema",
     "load_config",
     "output_uri",
     "parse_config",
     "run_name",
     "sanitize_name",
-    "trains_lora",
-    "trains_ti",
 ]

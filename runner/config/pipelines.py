@@ -156,6 +156,13 @@ class BasePipelineConfig(TrainingKnobs):
     fixed 30)."""
     log_every_n_steps: PositiveInt = 10
     """Write a progress line (step, loss, lr, images/s, ETA) every N steps (kubetune extension)."""
+    lease_timeout_seconds: float = Field(120.0, gt=0)
+    """kubetune extension: a run's single-writer lease not renewed for this long is stale and
+    the next runner takes it over (a killed pod); renewed every quarter of it."""
+    lease_wait_seconds: float = Field(180.0, ge=0)
+    """kubetune extension: how long a second runner waits for a live lease to be released or
+    to go stale before it exits 2 naming the holder (longer than lease_timeout_seconds lets a
+    replacement pod outwait its killed predecessor)."""
     use_masks: bool = False
     """Weight the loss by a per-image mask: each line of an IMAGE_CAPTION_JSONL_DATASET names
     a `mask` image (path absolute, relative to the .jsonl, or s3://; read as greyscale, 0 =
@@ -468,15 +475,3 @@ PipelineConfig = (
     | SdxlLoraAndTextualInversionConfig
 )
 TrainConfig = Annotated[PipelineConfig, Field(discriminator="type")]
-
-
-def is_sdxl(cfg: PipelineConfig) -> bool:
-    return cfg.type.startswith("SDXL")
-
-
-def trains_lora(cfg: PipelineConfig) -> bool:
-    return isinstance(cfg, _LoraFields)
-
-
-def trains_ti(cfg: PipelineConfig) -> bool:
-    return isinstance(cfg, _TextualInversionFields)
