@@ -38,8 +38,8 @@ class TrainingKnobs(ConfigModel):
     """earlier / later only: how much more likely a favoured timestep is than the others
     (kubetune extension; default 2.0, as the diffusers SDXL script)."""
     timestep_bias_portion: float | None = Field(default=None, gt=0, lt=1)
-    """earlier / later only: the fraction of the timesteps that is favoured (kubetune
-    extension; default 0.25)."""
+    """earlier / later only: the fraction of the timesteps that is favoured
+    (kubetune extension; default 0.25)."""
     zero_terminal_snr: bool = False
     """Rescale the noise schedule so the last timestep is pure noise (kubetune extension;
     Lin et al. 2023, diffusers `rescale_betas_zero_snr`). Needs prediction_type:
@@ -91,9 +91,9 @@ class LoraKnobs(ConfigModel):
     """LoRA-only knobs: DoRA and adapter dropout (through peft)."""
 
     use_dora: bool = False
-    """Train DoRA (weight-decomposed LoRA, via peft) instead of plain LoRA (kubetune
-    extension). Needs lora_checkpoint_format: invoke_peft (the kohya file cannot hold DoRA's
-    magnitude vectors)."""
+    """Train DoRA (weight-decomposed LoRA, via peft) instead of plain LoRA
+    (kubetune extension). Needs lora_checkpoint_format: invoke_peft (the kohya file cannot
+    hold DoRA's magnitude vectors)."""
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout on the LoRA branch's input during training (kubetune extension; peft
     `lora_dropout`). 0 (default) disables it."""
