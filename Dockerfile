@@ -35,13 +35,14 @@ RUN if [ -n "$APT_PACKAGES" ]; then \
     && python3 -m venv "$VIRTUAL_ENV" \
     && pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 
-# Dependencies first, from pyproject.toml alone (empty packages stand in for the code), so a
-# code change rebuilds only the last, small layer.
+# Dependencies first, from pyproject.toml alone (empty packages and README stand in), so a
+# code or docs change rebuilds only the last, small layers.
 WORKDIR /src
-COPY pyproject.toml README.md ./
-RUN mkdir runner launcher && touch runner/__init__.py launcher/__init__.py \
+COPY pyproject.toml ./
+RUN mkdir runner launcher && touch README.md runner/__init__.py launcher/__init__.py \
     && pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
     && pip uninstall -y kubetune && rm -rf /src/*
+COPY pyproject.toml README.md ./
 COPY runner ./runner
 COPY launcher ./launcher
 RUN pip install --no-deps . && rm -rf /src

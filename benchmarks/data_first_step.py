@@ -70,6 +70,7 @@ def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
         {
             "base_output_dir": run_dir,
             "max_train_steps": 1,
+            "save_every_n_steps": 1,
             "data_loader": {
                 "dataset": {
                     "type": "IMAGE_CAPTION_JSONL_DATASET",
@@ -103,9 +104,10 @@ def one(bucket: str, n: int, run_dir: str, env: dict[str, str]) -> dict[str, Any
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        check=True,
         timeout=1800,
     )
+    if out.returncode:
+        raise RuntimeError(f"measurement of {n} images failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -55,6 +55,7 @@ def loader_config(data: Path, side: int, keep: bool) -> Any:
         {
             "base_output_dir": "/tmp/kubetune-bench",
             "max_train_steps": 1,
+            "save_every_n_steps": 1,
             "data_loader": {
                 "dataset": {
                     "type": "IMAGE_CAPTION_DIR_DATASET",

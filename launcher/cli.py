@@ -213,3 +213,7 @@ def schema(output: Path | None) -> None:
 from launcher.cluster_commands import register as _register_cluster_commands  # noqa: E402
 
 _register_cluster_commands(main, handle_errors)
+
+from launcher.output_commands import register as _register_output_commands  # noqa: E402
+
+_register_output_commands(main, handle_errors)

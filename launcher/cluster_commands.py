@@ -127,6 +127,13 @@ def render(
     help="With --wait: give up (exit 1) after this long.",
 )
 @click.option("--poll-interval", type=float, default=2.0, hidden=True)
+@click.option(
+    "--sweep",
+    "sweeps",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="Submit one run per combination of the swept values (repeatable).",
+)
 @OUTPUT
 @cluster_options
 def submit(
@@ -139,20 +146,36 @@ def submit(
     replace: bool,
     timeout: float | None,
     poll_interval: float,
+    sweeps: tuple[str, ...],
     output: str,
     cluster: api.ClusterOptions,
 ) -> None:
     """Validate CONFIG and start it as a Kubernetes Job (or locally with --local).
 
     Submitting the same config again returns the existing run; another config under the same
-    run name is an error unless --replace.
+    run name is an error unless --replace. With --sweep, every combination becomes its own
+    run named `<run>-<hash of its values>` and labelled with the sweep (re-submitting is a
+    no-op); `--local` runs them one after another, a cluster queues them (job.queue_name).
 
     \b
     Examples:
       launcher submit lora.yaml
       launcher submit --wait --output json lora.yaml      # CI: exit 0 only if it trained
       launcher submit --local --follow examples/tiny.yaml
+      launcher submit lora.yaml --sweep optimizer.learning_rate=1e-4,5e-5 --sweep lora_rank_dim=4,16
     """
+    if sweeps:
+        from launcher.sweep_commands import submit_sweep
+        from launcher.sweeps import expand, parse_axes
+
+        sweep, members = expand(config, overrides, name, parse_axes(sweeps))  # all valid first
+        echo = functools.partial(click.echo, err=output == "json")
+        doc, ok = submit_sweep(sweep, members, api.get_backend(local=local, cluster=cluster),
+                               wait=wait or follow, echo=echo, poll=poll_interval,
+                               replace=replace)  # fmt: skip
+        if output == "json":
+            _emit_json(doc)
+        sys.exit(EXIT_OK if ok else EXIT_FAILURE)
     cfg = api.load(config, overrides, name)
     backend = api.get_backend(local=local, cluster=cluster)
     result = api.submit(cfg, backend, replace=replace)
@@ -248,11 +271,21 @@ def cancel(
 
 @click.command(name="list")
 @LOCAL
+@click.option(
+    "--sweep", metavar="NAME", help="Only the runs of this sweep, with step, loss and values."
+)
 @OUTPUT
 @cluster_options
-def list_runs(local: bool, output: str, cluster: api.ClusterOptions) -> None:
+def list_runs(local: bool, sweep: str | None, output: str, cluster: api.ClusterOptions) -> None:
     """kubetune runs in the namespace (or on this machine with --local)."""
-    runs = api.get_backend(local=local, cluster=cluster).list()
+    backend = api.get_backend(local=local, cluster=cluster)
+    if sweep:
+        from launcher.sweep_commands import sweep_json, sweep_statuses, sweep_table
+
+        statuses = sweep_statuses(backend, sweep)
+        click.echo(sweep_json(statuses) if output == "json" else "\n".join(sweep_table(statuses)))
+        return
+    runs = backend.list()
     if output == "json":
         _emit_json([r.to_json() for r in runs])
         return

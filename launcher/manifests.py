@@ -12,6 +12,7 @@ import yaml
 
 from runner.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
 from runner.config.cluster import JobConfig, StorageConfig
+from runner.config.notify import HMAC_ENV, NotifyConfig, url_env
 from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 CONTAINER = "trainer"
@@ -258,6 +259,7 @@ def _env(cfg: PipelineConfig, job: JobConfig) -> list[dict[str, Any]]:
     env += [{"name": k, "value": v} for k, v in runner_env(cfg).items()]
     env.append({"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH})
     env += secret_env(cfg.storage, job)
+    env += notify_secret_env(cfg.notify)
     return env
 
 
@@ -275,6 +277,19 @@ def secret_env(storage: StorageConfig | None, job: JobConfig) -> list[dict[str, 
     return [
         {"name": env, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
         for env, name, key in refs
+    ]
+
+
+def notify_secret_env(notify: NotifyConfig | None) -> list[dict[str, Any]]:
+    """Webhook URLs kept in Secrets and the HMAC signing key, as secretKeyRefs only."""
+    if notify is None:
+        return []
+    refs = [(url_env(i), hook.url_secret) for i, hook in enumerate(notify.webhooks)]
+    refs.append((HMAC_ENV, notify.hmac_secret))
+    return [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        for env, ref in refs
+        if ref is not None
     ]
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from runner.cadence import Cadence
 from runner.config import PipelineConfig
 from runner.errors import ResumeMismatchError
 from runner.layout import CHECKPOINTS, step_name
@@ -54,7 +56,11 @@ COMPAT_DEFAULTS: dict[str, Any] = {"use_dora": False, "ema": False}
 class Manager(Protocol):
     """``runner.checkpoints.CheckpointManager`` as this module uses it."""
 
-    def save_async(self, step: int, local_dir: Path) -> None: ...
+    on_published: Callable[[int], None] | None
+
+    def save_async(
+        self, step: int, local_dir: Path, *, meta: dict[str, Any] | None = None
+    ) -> None: ...
     def latest(self) -> int | None: ...
     def restore_newest_valid(self, root: Path, *, heal: bool = True) -> Restored | None: ...
     def wait(self) -> None: ...
@@ -68,23 +74,6 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-@dataclass(frozen=True)
-class CheckpointSettings:
-    every_n_steps: int | None
-    every_n_epochs: int | None
-
-    @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> CheckpointSettings:
-        return cls(cfg.save_every_n_steps, cfg.save_every_n_epochs)
-
-    def due(self, step: int, completed_epoch: int | None) -> bool:
-        if self.every_n_steps:
-            return step % self.every_n_steps == 0
-        return bool(
-            completed_epoch and self.every_n_epochs and completed_epoch % self.every_n_epochs == 0
-        )
 
 
 def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
@@ -147,7 +136,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        settings: CheckpointSettings,
+        cadence: Cadence,
         manager: Manager,
         work_dir: Path,
         cfg: PipelineConfig,
@@ -157,14 +146,14 @@ class Checkpointer:
         seed: int,
         is_main: bool = True,
     ) -> None:
-        self.settings, self.manager, self.cfg = settings, manager, cfg
+        self.cadence, self.manager, self.cfg = cadence, manager, cfg
         self.work_dir, self.pipeline, self.objects = work_dir, pipeline, objects
         self.seed, self.is_main = seed, is_main
         self.last_saved: int | None = None
         self._staged: list[Path] = []
 
     def maybe_save(self, state: LoopState, completed_epoch: int | None) -> bool:
-        if self.settings.due(state.step, completed_epoch):
+        if self.cadence.due(state.step, completed_epoch):
             self.save(state)
             return True
         return False
@@ -180,7 +169,8 @@ class Checkpointer:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         with self.pipeline.averaged():  # the user-facing files hold the EMA weights, if any
-            self.pipeline.export(folder)
+            exported = self.pipeline.export(folder)
+        weights = [p.relative_to(folder).as_posix() for p in exported]
         save_file(self.pipeline.trainable_state(), folder / WEIGHTS_FILE)
         torch.save(
             {
@@ -192,7 +182,8 @@ class Checkpointer:
         )
         info = {"step": state.step, "seed": self.seed, **compat_info(self.cfg)}
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        self.manager.save_async(state.step, folder)  # waits for the previous upload
+        # meta.weights: the user-facing files (what `launcher pull --step` fetches)
+        self.manager.save_async(state.step, folder, meta={"weights": sorted(weights)})
         for old in self._staged:
             shutil.rmtree(old, ignore_errors=True)
         self._staged = [folder]

@@ -32,6 +32,7 @@ from runner.layout import (
     parse_step_name,
     set_aside_key,
     step_name,
+    utc_now,
 )
 from runner.storage import ObjectStore, check_key, join_key, retry_transient
 
@@ -109,6 +110,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_entry(root: Path, rel: str) -> FileEntry:
+    """Size and sha256 of ``root / rel`` as a manifest entry."""
+    path = root / rel
+    return FileEntry(rel, path.stat().st_size, _sha256(path))
+
+
 def _local_files(local_dir: Path) -> list[str]:
     """Relative POSIX paths of every file under ``local_dir`` (which must exist)."""
     if not local_dir.is_dir():
@@ -144,6 +151,8 @@ class CheckpointManager:
         self.file_concurrency = file_concurrency
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.on_published: Callable[[int], None] | None = None
+        """Called with the step once a manifest landed (e.g. a webhook); errors are logged."""
 
     def key(self, step: int, name: str = "") -> str:
         """Store key of ``name`` inside the checkpoint of ``step`` (the folder if empty)."""
@@ -195,10 +204,6 @@ class CheckpointManager:
             raise error
         return True
 
-    def close(self) -> None:
-        """Wait for the upload in flight (re-raising its error)."""
-        self.wait()
-
     def _save(self, step: int, local_dir: Path, meta: dict[str, Any] | None) -> Manifest:
         started = time.monotonic()
         files = _local_files(local_dir)
@@ -207,16 +212,14 @@ class CheckpointManager:
             self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
 
         def upload(rel: str) -> FileEntry:
-            path = local_dir / rel
-            entry = FileEntry(rel, path.stat().st_size, _sha256(path))
+            entry = file_entry(local_dir, rel)
             key = self.key(step, rel)
-            self._retry(lambda: self.store.put_file(key, path), f"upload {key}")
+            self._retry(lambda: self.store.put_file(key, local_dir / rel), f"upload {key}")
             return entry
 
         with ThreadPoolExecutor(max(1, self.file_concurrency), "ckpt-upload") as pool:
             entries = tuple(pool.map(upload, files))
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest = Manifest(step, created, entries, dict(meta or {}))
+        manifest = Manifest(step, utc_now(), entries, dict(meta or {}))
         body = manifest.to_bytes()
         self._retry(lambda: self.store.put_bytes(manifest_key, body), f"publish {manifest_key}")
         log.info(
@@ -226,16 +229,17 @@ class CheckpointManager:
             manifest.total_bytes / 1e6,
             time.monotonic() - started,
         )
+        self._announce(step)
         self.prune_best_effort()
         return manifest
 
-    def publish_file(self, key: str, src: str | Path | bytes) -> None:
-        """Atomically put one object (a validation PNG, progress.json) with retries."""
-        check_key(key)
-        if isinstance(src, bytes):
-            self._retry(lambda: self.store.put_bytes(key, src), f"publish {key}")
-        else:
-            self._retry(lambda: self.store.put_file(key, src), f"publish {key}")
+    def _announce(self, step: int) -> None:
+        if self.on_published is None:
+            return
+        try:
+            self.on_published(step)
+        except Exception as exc:  # noqa: BLE001 - a listener never breaks publishing
+            log.warning("checkpoint step %d: on_published failed: %s", step, exc)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -12,9 +12,11 @@ Layout (relative to ``base_output_dir`` or ``s3://bucket/prefix/<run>/``)::
     data/index.json.gz                   the dataset index stored with the run (gzip'd JSON)
     checkpoints/step-000200/...          a checkpoint; manifest.json is written last
     checkpoints-set-aside/step-000200.<utc>/...  checkpoints that failed their manifest check
-    validation/step-000200/...           prompt-<i>-<j>.png and grid.png
+    validation/step-000200/...           prompt-<i>-<j>.png, thumb-<i>.jpg and grid.png
     logs/                                TensorBoard event files
-    final/                               the finished run's LoRA / embeddings
+    final/                               the finished run's LoRA / embeddings; manifest.json last
+    history.jsonl                        one line per progress log line (the report's curves)
+    report.html                          the run report (self-contained)
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ MANIFEST = "manifest.json"
 VALIDATION = "validation"
 FINAL = "final"
 LOGS = "logs"
+HISTORY_KEY = "history.jsonl"
+REPORT_KEY = "report.html"
+# Checkpoint files that are training state, not weights (written by runner.checkpointer);
+# `launcher pull` skips them when a manifest has no meta.weights list.
+TRAINING_STATE_FILES = frozenset({"training_state.pt", "trainable.safetensors", "run_info.json"})
 
 _STEP_NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -66,6 +73,27 @@ def manifest_key(step: int) -> str:
 def validation_key(step: int, name: str = "") -> str:
     """``validation/step-XXXXXX/<name>``."""
     return _join(VALIDATION, step_name(step), name)
+
+
+def thumb_key(step: int, prompt_index: int) -> str:
+    """``validation/step-XXXXXX/thumb-<i>.jpg``: prompt ``i``'s images, small, for the report."""
+    return validation_key(step, f"thumb-{prompt_index}.jpg")
+
+
+def parse_thumb_key(key: str) -> tuple[int, int] | None:
+    """(step, prompt index) of a key made by ``thumb_key``; None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != VALIDATION:
+        return None
+    step, name = parse_step_name(parts[1]), parts[2]
+    match = re.fullmatch(r"thumb-(\d+)\.jpg", name)
+    return (step, int(match.group(1))) if step is not None and match else None
+
+
+def final_manifest_key() -> str:
+    """``final/manifest.json``: written after the final weights; ``final/`` is complete once
+    it exists."""
+    return final_key(MANIFEST)
 
 
 def set_aside_key(step: int, stamp: str, name: str = "") -> str:

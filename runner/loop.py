@@ -19,6 +19,7 @@ from runner.errors import Preempted
 from runner.layout import step_name
 from runner.pipelines.common import Batch, TrainingPipeline
 from runner.progress import ProgressReporter
+from runner.run_events import RunEvents
 from runner.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class Loop:
     stop: threading.Event
     total_steps: int
     accumulation: int
+    events: RunEvents
 
     def run(self, state: LoopState) -> None:
         """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
@@ -168,7 +170,8 @@ class Loop:
             )
             if self.checkpointer.maybe_save(state, item.completed_epoch):
                 self.progress.note(last_checkpoint_step=state.step)
-            self.validator.maybe_validate(state.step, item.completed_epoch)
+            if self.validator.maybe_validate(state.step, item.completed_epoch):
+                self.events.validation(state.step)
             if state.step >= self.total_steps:
                 return
             if self.stop.is_set():

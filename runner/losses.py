@@ -59,8 +59,8 @@ def diffusion_loss(
     loss_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The element loss (``element_loss``: squared error unless ``loss_type`` says
-    otherwise) in float32, weighted per sample by min(SNR, gamma)/SNR when set (divided by
-    SNR+1 for v-prediction, as in Hang et al. 2023).
+    otherwise) in float32, weighted per sample by min(SNR, gamma)/SNR when set (plus 1 for
+    v-prediction, as invoke-training does).
 
     As in invoke-training: a ``mask`` [B,1,h,w] in [0, 1] (any size; nearest-resized to the
     latents) multiplies the per-element error before the mean over all elements; the Min-SNR
@@ -72,8 +72,11 @@ def diffusion_loss(
     per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
     if min_snr_gamma is not None:
         ratio = snr(scheduler, timesteps)
-        weights = torch.clamp(ratio, max=min_snr_gamma)
-        weights = weights / (ratio + 1) if prediction_type == "v_prediction" else weights / ratio
+        clamped = torch.clamp(ratio, max=min_snr_gamma)
+        # a zero-SNR timestep (zero_terminal_snr) gets the ratio's limit, 1, instead of 0/0
+        weights = torch.where(ratio > 0, clamped / ratio, torch.ones_like(ratio))
+        if prediction_type == "v_prediction":
+            weights = weights + 1  # invoke-training floors the velocity weight at one
         per_sample = per_sample * weights
     if loss_weight is not None:
         per_sample = per_sample * loss_weight.to(device=per_sample.device, dtype=per_sample.dtype)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from runner.history import History
 from runner.layout import PROGRESS_KEY, ProgressRecord, RunState, log_key, utc_now
 from runner.storage import ObjectStore
 
@@ -53,6 +54,7 @@ class ProgressReporter:
         self._last_write = 0.0
         self.record = ProgressRecord(step=start_step, total_steps=settings.total_steps)
         self._writer = self._tensorboard(settings.tensorboard_dir)
+        self.history = History(store, start_step=start_step)
         self._lrs: dict[str, float] = {}
 
     @staticmethod
@@ -102,6 +104,7 @@ class ProgressReporter:
         )
         self.note(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips,
                   eta_seconds=round(eta, 1))  # fmt: skip
+        self.history.append(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips)
         if self._writer is not None:
             self._writer.add_scalar("train/loss", loss, step)
             self._writer.add_scalar("train/lr", lr, step)
@@ -135,6 +138,7 @@ class ProgressReporter:
         self.note(updated_at=utc_now(), **({"state": state} if state else {}))
         self._last_write = time.monotonic()
         if self.store is not None:
+            self.history.publish()
             self.store.put_bytes(PROGRESS_KEY, self.record.to_bytes())
         if self._writer is not None:
             self._writer.flush()
@@ -147,6 +151,10 @@ class ProgressReporter:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 self.store.put_file(log_key(path.relative_to(folder).as_posix()), path)
+
+    def history_records(self) -> list[dict[str, Any]]:
+        """The metric history so far (for the run report)."""
+        return self.history.records
 
     def finish(self, state: RunState) -> None:
         self.write(state)

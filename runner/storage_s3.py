@@ -12,6 +12,7 @@ import contextlib
 import errno
 import io
 import itertools
+import mimetypes
 import os
 import threading
 import time
@@ -206,13 +207,22 @@ class S3Store:
                 self._manager = TransferManager(self._client, self._transfer_config)
             return self._manager
 
+    def presign(self, key: str, expires_s: int = 3600) -> str:
+        """A time-limited GET URL for ``key`` (no credentials needed to use it)."""
+        params = {"Bucket": self.bucket, "Key": self._full(key)}
+        with self._errors("presign", key):
+            return self._client.generate_presigned_url("get_object", Params=params,
+                                                       ExpiresIn=expires_s)  # fmt: skip
+
     # -- ObjectStore --------------------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes) -> None:
         full = self._full(key)
         with self._errors("write", key):
             if len(data) < self._transfer_config.multipart_threshold:
-                self._client.put_object(Bucket=self.bucket, Key=full, Body=data)
+                # a content type from the name: a browser renders report.html, shows PNGs
+                kind = {"ContentType": t} if (t := mimetypes.guess_type(key)[0]) else {}
+                self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **kind)
             else:
                 self._transfers().upload(io.BytesIO(data), self.bucket, full).result()
 

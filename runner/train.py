@@ -20,19 +20,20 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from runner.cadence import Cadence
 from runner.checkpointer import (
     Checkpointer,
-    CheckpointSettings,
     LoopState,
     Manager,
     ResumePoint,
     fetch_latest,
 )
+from runner.checkpoints import Manifest, file_entry
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.data.checks import PreflightReport
 from runner.data.index import save_index
 from runner.errors import DataError, UserError
-from runner.layout import CONFIG_KEY, final_key, step_name
+from runner.layout import CONFIG_KEY, final_key, final_manifest_key, step_name, utc_now
 from runner.lease import Lease, LeaseSettings
 from runner.loop import GeneratorState, Loop, StepRunner
 from runner.models.loading import Components, load_components_from_config, to_dtype
@@ -40,6 +41,7 @@ from runner.optim import build_lr_scheduler, build_optimizer
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.common import enable_gradient_checkpointing
 from runner.progress import ProgressReporter, ProgressSettings
+from runner.run_events import RunEvents, reported
 from runner.run_store import RunStore
 from runner.speed import enable_tf32, tune_unet
 from runner.storage import ObjectStore, open_store
@@ -196,18 +198,21 @@ def _run(
         lease = Lease(raw, settings).acquire()
     try:
         store = RunStore(raw, guard=lease.check if lease else None)
-        return _run_with(
-            cfg,
-            work,
-            data,
-            accelerator,
-            store,
-            uri,
-            resume=resume,
-            force_restart=force_restart,
-            stop=stop,
-            manager_factory=manager_factory,
-        )
+        events = RunEvents(cfg, store if accelerator.is_main_process else None)
+        with reported(events):  # the final report and webhook, whatever the outcome
+            return _run_with(
+                cfg,
+                work,
+                data,
+                accelerator,
+                store,
+                uri,
+                events,
+                resume=resume,
+                force_restart=force_restart,
+                stop=stop,
+                manager_factory=manager_factory,
+            )
     finally:
         if lease is not None:
             lease.release()
@@ -220,6 +225,7 @@ def _run_with(
     accelerator: Accelerator,
     store: ObjectStore,
     uri: str,
+    events: RunEvents,
     *,
     resume: bool,
     force_restart: bool,
@@ -228,6 +234,8 @@ def _run_with(
 ) -> RunResult:
     is_main = accelerator.is_main_process
     manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
+    if is_main:
+        manager.on_published = events.checkpoint
     restored = _resume_point(
         manager, work, cfg, resume=resume, force_restart=force_restart, is_main=is_main
     )
@@ -242,8 +250,10 @@ def _run_with(
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
         save_index(store, data)
+    loop = session.loop(stop or threading.Event(), events)
+    events.started(state.step)
     try:
-        session.loop(stop or threading.Event()).run(state)
+        loop.run(state)
     except BaseException:
         session.drain()  # let the last good checkpoint finish publishing before we fail
         raise
@@ -310,7 +320,7 @@ class _Session:
         if self.pipeline.ema is not None:
             objects["ema"] = self.pipeline.ema
         self.checkpointer = Checkpointer(
-            CheckpointSettings.from_config(cfg),
+            Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs),
             self.manager,
             self.work,
             cfg,
@@ -331,7 +341,7 @@ class _Session:
         )
         return state
 
-    def loop(self, stop: threading.Event) -> Loop:
+    def loop(self, stop: threading.Event, events: RunEvents) -> Loop:
         cfg, out = self.cfg, self.store if self.is_main else None
         tb_dir = None
         if cfg.report_to in ("tensorboard", "all") and self.is_main:
@@ -350,7 +360,9 @@ class _Session:
                 upload_logs=True,
             ),
             out,
+            start_step=self.restored.step if self.restored is not None else 0,
         )
+        events.attach(self.progress)
         if self.restored is not None:
             self.progress.note(
                 step=self.restored.step,
@@ -375,6 +387,7 @@ class _Session:
             stop,
             self.schedule.total_steps,
             cfg.gradient_accumulation_steps,
+            events,
         )
 
     def _note_bad(self, bad: list[str]) -> None:
@@ -400,9 +413,14 @@ class _Session:
             shutil.rmtree(final, ignore_errors=True)
             with self.pipeline.averaged():
                 exported = self.pipeline.export(final)
+            entries = []
             for path in exported:
-                keys.append(final_key(path.relative_to(final).as_posix()))
+                entries.append(file_entry(final, path.relative_to(final).as_posix()))
+                keys.append(final_key(entries[-1].key))
                 self.store.put_file(keys[-1], path)
+            weights = {"weights": [e.key for e in entries]}
+            manifest = Manifest(state.step, utc_now(), tuple(entries), weights)
+            self.store.put_bytes(final_manifest_key(), manifest.to_bytes())  # last: complete
             self.progress.note(last_checkpoint_step=state.step)
             self.progress.finish("completed")
         log.info("training finished at step %d; outputs in %s", state.step, uri)

@@ -17,10 +17,12 @@ from diffusers import (
 )
 from PIL import Image
 
+from runner.cadence import Cadence
 from runner.config import PipelineConfig
-from runner.layout import validation_key
+from runner.layout import thumb_key, validation_key
 from runner.models.loading import Components
 from runner.pipelines.common import TrainingPipeline
+from runner.report import thumbnail_jpeg
 from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,7 @@ class ValidationSettings:
     prompts: list[str]
     negative_prompts: list[str] | None
     images_per_prompt: int
-    every_n_steps: int | None
-    every_n_epochs: int | None
+    cadence: Cadence
     cpu_offload: bool
     seed: int
     height: int
@@ -54,8 +55,7 @@ class ValidationSettings:
             list(cfg.validation_prompts),
             cfg.negative_validation_prompts,
             cfg.num_validation_images_per_prompt,
-            cfg.validate_every_n_steps,
-            cfg.validate_every_n_epochs,
+            Cadence(cfg.validate_every_n_steps, cfg.validate_every_n_epochs),
             cfg.enable_cpu_offload_during_validation,
             seed,
             height,
@@ -64,13 +64,7 @@ class ValidationSettings:
         )
 
     def due(self, step: int, completed_epoch: int | None) -> bool:
-        if not self.prompts:
-            return False
-        if self.every_n_steps:
-            return step % self.every_n_steps == 0
-        return bool(
-            completed_epoch and self.every_n_epochs and completed_epoch % self.every_n_epochs == 0
-        )
+        return bool(self.prompts) and self.cadence.due(step, completed_epoch)
 
 
 def inference_pipeline(comps: Components) -> Any:
@@ -158,6 +152,8 @@ class Validator:
             for j, image in enumerate(row):
                 keys.append(f"{prefix}/prompt-{i}-{j}.png")
                 self.store.put_bytes(keys[-1], png_bytes(image))
+        for i, row in enumerate(images):
+            self.store.put_bytes(thumb_key(step, i), thumbnail_jpeg(row))
         self.store.put_bytes(f"{prefix}/grid.png", png_bytes(grid(images)))
         if self.on_images is not None:
             self.on_images(step, images)

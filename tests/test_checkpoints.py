@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ def test_save_restore_round_trip(store_uri: str, tmp_path: Path) -> None:
     assert manager.restore(7, dest).step == 7
     for key in expected:
         assert (dest / key).read_bytes() == (src / key).read_bytes()
-    manager.close()
+    manager.wait()
 
 
 @pytest.mark.parametrize("limit", [1, 2, 4])
@@ -148,19 +147,6 @@ def test_background_errors_surface_in_wait(store_uri: str, tmp_path: Path) -> No
     manager.wait()  # reported once
     manager.save(2, _write_checkpoint(tmp_path, 2))
     assert manager.list_complete() == [2]
-
-
-def test_publish_file_is_atomic_and_outside_checkpoints(store_uri: str, tmp_path: Path) -> None:
-    store = open_store(store_uri)
-    manager = CheckpointManager(store, max_checkpoints=1)
-    manager.publish_file("progress.json", b'{"step": 3}')
-    png = tmp_path / "grid.png"
-    png.write_bytes(os.urandom(5000))
-    manager.publish_file("validation/step-000003/grid.png", png)
-    assert store.get_bytes("progress.json") == b'{"step": 3}'
-    assert store.get_bytes("validation/step-000003/grid.png") == png.read_bytes()
-    with pytest.raises(StorageUserError):
-        manager.publish_file("../escape", b"x")
 
 
 def test_concurrent_reader_never_sees_an_incomplete_checkpoint(

@@ -21,6 +21,8 @@ from s3server import S3Server
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).parent.parent
+STEPS = 20  # long enough to preempt after the first checkpoint (every 5 steps)
+EVERY = 5
 
 
 def _upload_dataset(s3: S3Server, bucket: str) -> None:
@@ -46,9 +48,9 @@ def _config(s3: S3Server, bucket: str, name: str, steps: int, namespace: str, im
         "lora_checkpoint_format": "kohya",
         "train_batch_size": 2,
         "max_train_steps": steps,
-        "save_every_n_steps": 10,
+        "save_every_n_steps": EVERY,
         "max_checkpoints": 2,
-        "log_every_n_steps": 5,
+        "log_every_n_steps": 1,
         "storage": {
             "endpoint_url": s3.endpoint,
             "bucket": bucket,
@@ -61,7 +63,7 @@ def _config(s3: S3Server, bucket: str, name: str, steps: int, namespace: str, im
             "image": image,
             "image_pull_policy": "Never",
             "gpus": 0,
-            "cpu": "500m",
+            "cpu": "1500m",  # CPU shares: the node's 2 cores are shared with the test
             "memory": "4Gi",
             "termination_grace_period_seconds": 60,
             "pod_patch": {"hostNetwork": True},
@@ -70,10 +72,10 @@ def _config(s3: S3Server, bucket: str, name: str, steps: int, namespace: str, im
 
 
 @pytest.fixture
-def run_env(
-    cluster: Cluster, namespace: str, s3_server: S3Server, tmp_path: Path
-) -> dict[str, Any]:
-    """A bucket with the sample dataset and the credentials Secret in the namespace."""
+def run_env(cluster: Cluster, namespace: str, s3_env: S3Server, tmp_path: Path) -> dict[str, Any]:
+    """A bucket with the sample dataset and the credentials Secret in the namespace; the
+    launcher (like a user's) reads progress with AWS_* credentials of its own."""
+    s3_server = s3_env
     bucket = s3_server.create_bucket("e2e")
     _upload_dataset(s3_server, bucket)
     data = {
@@ -125,7 +127,7 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
     cluster: Cluster, run_env: dict[str, Any], tiny_sd_dir: Path, tmp_path: Path
 ) -> None:
     ns, run = run_env["namespace"], "e2e-lora"
-    config = _write(run_env, cluster, run, steps=400)
+    config = _write(run_env, cluster, run, steps=STEPS)
     submit = cluster.launcher_bg("submit", "--wait", "-o", "json", config, out=tmp_path / "s.out")
     follow = None
     try:
@@ -135,12 +137,12 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
             progress = status.get("progress") or {}
             ok = (
                 status.get("phase") == "Running"
-                and (progress.get("last_checkpoint_step") or 0) >= 10
+                and (progress.get("last_checkpoint_step") or 0) >= EVERY
             )
             return status if ok and progress.get("loss") is not None else None
 
         status = wait_until(checkpointed, 600, "a Running pod with a checkpoint")
-        assert status["progress"]["step"] < 400, "the run ended before it was preempted"
+        assert status["progress"]["step"] < STEPS, "the run ended before it was preempted"
         follow = cluster.launcher_bg("logs", "-f", run, "-n", ns, out=tmp_path / "logs.out")
         pod = _running_pod(cluster, ns, run)
         _check_pod_security(cluster, pod)
@@ -154,20 +156,21 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
             if proc is not None and proc.poll() is None:
                 proc.kill()
     final = json.loads((tmp_path / "s.out").read_text())["status"]
-    assert final["phase"] == "Succeeded" and final["progress"]["step"] == 400
+    assert final["phase"] == "Succeeded" and final["progress"]["step"] == STEPS
     assert pod.metadata.name not in final["pods"]  # another pod finished the run
     logs = (tmp_path / "logs.out").read_text()
     assert "==> pod" in logs and "resumed from checkpoint step-" in logs, logs[-3000:]
     resumed = int(logs.split("resumed from checkpoint step-")[1][:6])
-    assert resumed >= 10 and resumed % 10 == 0
+    # the SIGTERM checkpoint, at or after the newest one published before the preemption
+    assert status["progress"]["last_checkpoint_step"] <= resumed < STEPS
     prefix = f"kubetune/{run}/"
     keys = _keys(run_env, prefix)
     manifests = [
         k for k in keys if k.startswith(f"{prefix}checkpoints/") and k.endswith("manifest.json")
     ]
     assert manifests == [
-        f"{prefix}checkpoints/step-000390/manifest.json",
-        f"{prefix}checkpoints/step-000400/manifest.json",
+        f"{prefix}checkpoints/step-{STEPS - EVERY:06d}/manifest.json",
+        f"{prefix}checkpoints/step-{STEPS:06d}/manifest.json",
     ]
     assert f"{prefix}final/lora.safetensors" in keys
     _check_lora_loads(run_env, f"{prefix}final/lora.safetensors", tiny_sd_dir, tmp_path)
@@ -233,7 +236,7 @@ def test_cancel_removes_job_and_config_map_and_keeps_outputs(
 
     def checkpointed() -> bool:
         progress = _status(cluster, ns, run).get("progress") or {}
-        return (progress.get("last_checkpoint_step") or 0) >= 10
+        return (progress.get("last_checkpoint_step") or 0) >= EVERY
 
     wait_until(checkpointed, 300, "the first checkpoint")
     listed = cluster.launcher("list", "-n", ns)

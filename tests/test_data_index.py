@@ -157,3 +157,25 @@ def test_index_round_trip_and_local_versions(tmp_path: Path) -> None:
     again = preflight(cfg, run_store=run_store)
     assert (again.reused, again.scanned) == (1, 1)  # a changed caption file rescans its example
     assert again.source is not None and again.source.records[1].caption == "a new caption, longer"
+
+
+def test_long_exif_header_takes_a_second_ranged_read(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path, reads: Reads
+) -> None:
+    """A JPEG whose EXIF block (40 KB) does not fit the first read: a second, longer ranged
+    read, never the whole file; the EXIF orientation still swaps height and width."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 40_000  # ImageDescription
+    exif[0x0112] = 6  # rotated 90°: stored 320x200, shown 200x320
+    out = io.BytesIO()
+    pixels = np.random.default_rng(5).integers(0, 256, (200, 320, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(out, "JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "long.jpg").write_bytes(out.getvalue())
+    (tmp_path / "ds" / "long.txt").write_text("a long header")
+    upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "ds")
+    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": f"s3://{s3_bucket}/ds"})
+    report = preflight(cfg)
+    assert report.sizes_hw == [(320, 200)]
+    assert reads.calls["range"] == 2 and reads.keys["long.jpg"] == 2
+    assert reads.calls["get"] == 1  # the caption file only

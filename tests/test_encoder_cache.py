@@ -13,7 +13,7 @@ from train_support import make_config, train, write_dataset
 
 from runner.pipelines.common import LatentEncoder, TextConditioner
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)  # three short trainings; slow only on a loaded machine
 
 
 @pytest.fixture

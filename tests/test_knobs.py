@@ -245,3 +245,19 @@ def test_validation_images_come_from_the_ema_weights(
     Validator(ValidationSettings.from_config(cfg, 7), pipe, store, torch.device("cpu")).validate(1)
     assert all(torch.equal(seen[k], pipe.ema.shadow[k]) for k in raw)
     assert all(torch.equal(p.detach(), raw[k]) for k, p in pipe.trainable_parameters().items())
+
+
+def test_min_snr_stays_finite_at_the_zero_snr_timestep() -> None:
+    from diffusers import DDPMScheduler
+
+    from runner.noise import zero_terminal_snr_scheduler
+
+    scheduler = zero_terminal_snr_scheduler(DDPMScheduler(prediction_type="v_prediction"))
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([T - 1, 10])
+    loss = diffusion_loss(pred, target, t, scheduler, "v_prediction", 5.0)
+    assert torch.isfinite(loss)
+    per_sample = element_loss(pred, target).mean(dim=(1, 2, 3))
+    ratio = snr(scheduler, t[1:])
+    expected = (per_sample[0] * 2 + per_sample[1] * (torch.clamp(ratio, max=5.0) / ratio + 1)) / 2
+    torch.testing.assert_close(loss, expected.squeeze())

@@ -145,7 +145,7 @@ def test_type_trains_checkpoints_validates_and_reloads(
     assert result.step == 6
     assert step_dirs(out) == ["step-000004", "step-000006"]  # step 2 pruned (max 2)
     pngs = sorted(p.name for p in (out / "validation" / "step-000004").iterdir())
-    assert pngs == ["grid.png", "prompt-0-0.png", "prompt-0-1.png"]
+    assert pngs == ["grid.png", "prompt-0-0.png", "prompt-0-1.png", "thumb-0.jpg"]
     assert json.loads((out / "progress.json").read_text())["state"] == "completed"
     assert (out / "config.yaml").exists()
     check_reload(kind, model, out / "final", weights(out, 6))

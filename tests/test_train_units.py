@@ -11,7 +11,8 @@ import torch
 from diffusers import DDPMScheduler
 from train_support import make_config
 
-from runner.checkpointer import CheckpointSettings, LoopState, rng_state, set_rng_state
+from runner.cadence import Cadence
+from runner.checkpointer import LoopState, rng_state, set_rng_state
 from runner.errors import DataError
 from runner.loop import step_inputs
 from runner.losses import diffusion_loss, snr
@@ -43,7 +44,8 @@ def test_min_snr_weighting_matches_the_formula() -> None:
     ratio = snr(scheduler, t)
     expected = (torch.clamp(ratio, max=5.0) / ratio).mean()
     assert torch.allclose(diffusion_loss(pred, target, t, scheduler, "epsilon", 5.0), expected)
-    v_expected = (torch.clamp(ratio, max=5.0) / (ratio + 1)).mean()
+    # invoke-training floors the velocity objective's weight at one: min(SNR, γ)/SNR + 1
+    v_expected = (torch.clamp(ratio, max=5.0) / ratio + 1).mean()
     assert torch.allclose(
         diffusion_loss(pred, target, t, scheduler, "v_prediction", 5.0), v_expected
     )
@@ -76,7 +78,7 @@ def test_schedule_and_cadence(tmp_path: Path) -> None:
     assert plan_schedule(cfg, 5).total_steps == 9
     with pytest.raises(DataError):
         plan_schedule(cfg, 0)
-    every = CheckpointSettings.from_config(cfg)
+    every = Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs)
     assert [every.due(s, e) for s, e in ((3, 1), (6, 2), (7, None))] == [False, True, False]
 
 

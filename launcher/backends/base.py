@@ -52,6 +52,8 @@ class RunStatus:
     progress: ProgressRecord | None = None
     progress_error: str | None = None
     namespace: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    """The run's labels (sweep membership and parameters among them)."""
 
     @property
     def done(self) -> bool:
@@ -101,6 +103,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def list(self) -> list[RunStatus]:
         """Every kubetune run this backend knows."""
+
+    def run_config(self, run: str) -> PipelineConfig:
+        """The resolved config RUN was submitted with (where its outputs are, how to reach
+        them); UserError if there is no such run."""
+        raise NotImplementedError(f"the {self.name} backend cannot read a run's config")
 
 
 def read_progress(

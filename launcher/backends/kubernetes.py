@@ -233,6 +233,7 @@ class KubernetesBackend(Backend):
             message=message,
             retries=k8s_status.retries(pods),
             pods=[p["metadata"]["name"] for p in pods],
+            labels=dict(meta.get("labels") or {}),
             output_uri=meta.get("annotations", {}).get(ANNOTATION_OUTPUT),
             config_hash=meta.get("labels", {}).get(LABEL_HASH),
             namespace=self.namespace,
@@ -244,12 +245,19 @@ class KubernetesBackend(Backend):
     def _progress(self, name: str) -> tuple[Any, str | None]:
         """Progress from the run's storage, located through the config in its ConfigMap."""
         try:
-            with api_errors(f"reading ConfigMap {name}"):
-                cm = self.core.read_namespaced_config_map(name, self.namespace)
-            cfg = parse_config((cm.data or {}).get("config.yaml", ""), name=f"configmap/{name}")
+            cfg = self._config(name)
         except (ClusterError, ConfigError) as err:
             return None, str(err).splitlines()[0]
         return read_progress(output_uri(cfg), cfg.storage)
+
+    def _config(self, name: str) -> PipelineConfig:
+        """The resolved config in the Job's ConfigMap."""
+        with api_errors(f"reading ConfigMap {name}"):
+            cm = self.core.read_namespaced_config_map(name, self.namespace)
+        return parse_config((cm.data or {}).get("config.yaml", ""), name=f"configmap/{name}")
+
+    def run_config(self, run: str) -> PipelineConfig:
+        return self._config(self._find_job(run)["metadata"]["name"])
 
     def list(self) -> list[RunStatus]:
         return [self._status(job, with_progress=False) for job in self._jobs(self.namespace)]

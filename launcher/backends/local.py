@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
-from launcher.manifests import job_name, runner_env
+from launcher.manifests import job_name, run_labels, runner_env
 from runner.config import (
     PipelineConfig,
     config_hash,
@@ -109,6 +109,7 @@ class LocalBackend(Backend):
                     "pid": proc.pid,
                     "command": command,
                     "started": time.time(),
+                    "labels": run_labels(cfg),
                 },
                 indent=2,
             )
@@ -128,6 +129,7 @@ class LocalBackend(Backend):
             output_uri=info["output_uri"],
             config_hash=info["config_hash"],
             pods=[str(info["pid"])],
+            labels=dict(info.get("labels") or {}),
         )
         exit_file = run_dir / "exit_code"
         if exit_file.is_file():
@@ -142,9 +144,14 @@ class LocalBackend(Backend):
             status.phase, status.reason = "Failed", "Lost"
             status.message = "the process ended without recording an exit status"
         if with_progress:
-            cfg = parse_config((run_dir / "config.yaml").read_text(), name=str(run_dir))
+            cfg = self.run_config(run)
             status.progress, status.progress_error = read_progress(info["output_uri"], cfg.storage)
         return status
+
+    def run_config(self, run: str) -> PipelineConfig:
+        self._info(run)
+        path = self._dir(run) / "config.yaml"
+        return parse_config(path.read_text(), name=str(path))
 
     def logs(self, run: str, *, follow: bool = False) -> Iterator[str]:
         self._info(run)

@@ -10,6 +10,7 @@ from runner.config.base import ConfigModel, Problems, exactly_one
 from runner.config.cluster import JobConfig, StorageConfig
 from runner.config.data import LoraDataLoaderConfig, TextualInversionSDDataLoaderConfig
 from runner.config.knobs import LoraKnobs, TrainingKnobs
+from runner.config.notify import NotifyConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
 LRScheduler = Literal[
@@ -172,6 +173,9 @@ class BasePipelineConfig(TrainingKnobs):
     """How the Kubernetes Job runs (kubetune extension)."""
     storage: StorageConfig | None = None
     """S3-compatible storage for datasets and outputs (kubetune extension)."""
+    notify: NotifyConfig | None = None
+    """Webhooks told when the run starts, checkpoints, validates and ends (kubetune
+    extension)."""
 
     def _common_problems(self, p: Problems) -> None:
         self._knob_problems(p)

@@ -25,9 +25,12 @@ log = logging.getLogger(__name__)
 INDEX_KEY = DATA_INDEX_KEY
 """The index's key in the run's output location (gzip'd JSON)."""
 INDEX_VERSION = 1
-HEADER_BYTES = 64 * 1024
-"""First read per image; PNG/WEBP/BMP headers and almost every JPEG's SOF fit in it (a longer
-JPEG header, e.g. a big embedded thumbnail, is read in full)."""
+HEADER_BYTES = 16 * 1024
+"""First ranged read per image: PNG/WEBP/BMP headers and a JPEG's SOF without a large EXIF
+block fit in it."""
+LONG_HEADER_BYTES = 256 * 1024
+"""Second ranged read, for a JPEG whose EXIF (e.g. an embedded thumbnail) is longer; past it
+the whole file is read."""
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,11 @@ def _entry(
 
 def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pixels: int) -> None:
     """`use_masks`: the mask is a readable image of its image's size (from its header)."""
-    mask = source.mask_head(i, HEADER_BYTES)
+    mask = source.mask_head(i, LONG_HEADER_BYTES)
     try:
         height, width = image_size_hw(mask.data, mask.name, max_pixels)
     except DataError:
-        if len(mask.data) < HEADER_BYTES:
+        if len(mask.data) < LONG_HEADER_BYTES:
             raise
         full = source.fetch(i).mask
         assert full is not None
@@ -183,14 +186,16 @@ def _image_entry(
 
 
 def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
-    """(h, w) of example `i` from its header: one ranged read, the whole file only when the
-    header is longer than `HEADER_BYTES` (format, pixel limit and EXIF are checked)."""
+    """(h, w) of example `i` from its header: one ranged read of `HEADER_BYTES`, a longer
+    one only when the header does not fit, the whole file as a last resort (format, pixel
+    limit and EXIF orientation are checked)."""
     rec, name = source.records[i], source.url(i)
-    data = source.head(i, HEADER_BYTES)
-    try:
-        return image_size_hw(data, name, max_pixels)
-    except DataError as err:
-        whole = len(data) < HEADER_BYTES or (0 <= rec.size <= len(data))
-        if whole or "too large" in err.message or "unsupported" in err.message:
-            raise
+    for length in (HEADER_BYTES, LONG_HEADER_BYTES):
+        data = source.head(i, length)
+        try:
+            return image_size_hw(data, name, max_pixels)
+        except DataError as err:
+            whole = len(data) < length or (0 <= rec.size <= len(data))
+            if whole or "too large" in err.message or "unsupported" in err.message:
+                raise
     return image_size_hw(source.fetch(i).data, name, max_pixels)

@@ -71,18 +71,19 @@ build_binaries() {
   if [ "$(cat "$bin/.complete" 2>/dev/null)" = "$BUILD_RECIPE" ]; then return 0; fi
   fetch_source
   local work=$CACHE/build
-  rm -rf "$work" && mkdir -p "$work" "$bin"
+  mkdir -p "$work" "$bin"  # an interrupted build's tree (and Go cache in _output) is reused
   log "building Kubernetes v1.20.2 from source (several minutes on 2 cores)"
   tar -C "$work" -xzf "$CACHE"/src/kubernetes_1.20.5+really1.20.2.orig.tar.gz
   local tree=$work/$K8S_TREE
   mkdir -p "$tree/.go/src/k8s.io" && ln -sfn ../../.. "$tree/.go/src/k8s.io/kubernetes"
   # The vendored reflect2 1.0.1 crashes under Go >= 1.18 (json-iterator map encoding:
   # "unexpected fault address" in kube-apiserver); Debian's 1.0.2 is the fixed release.
-  cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go "$tree/vendor/github.com/modern-go/reflect2/"
+  rm -f "$tree"/vendor/github.com/modern-go/reflect2/*.{go,s}
+  cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.{go,s} "$tree/vendor/github.com/modern-go/reflect2/"
   (
     cd "$tree"
     export GOPATH=$tree/.go PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 GOFLAGS=-mod=vendor \
-      GOPROXY=off HOME=$work/home GOCACHE=$work/gocache
+      GOPROXY=off HOME=$work/home
     make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet" >&2
     gcc -Os -static -o "$bin/pause" build/pause/linux/pause.c >&2
   )

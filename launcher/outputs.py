@@ -1,0 +1,155 @@
+"""A finished (or running) run's outputs for people: where its report is, and its weights
+pulled to this machine, verified against their manifest. Torch-free (boto3 at most)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runner.checkpoints import CheckpointManager, FileEntry, Manifest
+from runner.errors import StorageError, UserError
+from runner.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
+
+if TYPE_CHECKING:
+    from runner.config.cluster import StorageConfig
+    from runner.storage import ObjectStore
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a run's outputs are and how to reach them."""
+
+    uri: str
+    storage: StorageConfig | None = None
+
+    def open(self) -> ObjectStore:
+        from runner.storage import open_store
+
+        return open_store(self.uri, self.storage)
+
+
+def locate(run: str, backend_for_run: Callable[[str], Any]) -> RunLocation:
+    """RUN as a run name (asked of its backend), an `s3://` URI or a local output folder."""
+    if "://" in run or os.path.isdir(run):
+        return RunLocation(run.rstrip("/"))
+    from runner.config import output_uri
+
+    cfg = backend_for_run(run).run_config(run)
+    return RunLocation(output_uri(cfg), cfg.storage)
+
+
+def report_location(store: ObjectStore, expires_s: int = 3600) -> str:
+    """A local path, or a presigned https URL for S3; UserError if no report exists yet."""
+    if not store.exists(REPORT_KEY):
+        raise UserError(
+            f"{store.url(REPORT_KEY)} does not exist yet",
+            hint="the runner writes it at the first validation and at the end of the run",
+        )
+    presign = getattr(store, "presign", None)
+    return presign(REPORT_KEY, expires_s) if presign else store.url(REPORT_KEY)
+
+
+@dataclass
+class PullResult:
+    """What `pull` fetched (the `-o json` document)."""
+
+    source: str
+    dest: str
+    step: int
+    what: str
+    files: list[str]
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose(store: ObjectStore, step: int | None) -> tuple[str, Manifest]:
+    """(folder key, manifest): the final weights (step None) or checkpoint ``step``."""
+    manager = CheckpointManager(store, None, attempts=2)
+    if step is None:
+        try:
+            raw = store.get_bytes(final_manifest_key())
+        except FileNotFoundError:
+            raise UserError(
+                f"{store.url(FINAL)}/ has no complete final weights (the run has not finished)",
+                hint=f"pull a checkpoint with --step N; complete: {_steps(manager)}",
+            ) from None
+        return FINAL, Manifest.from_bytes(raw, store.url(final_manifest_key()))
+    try:
+        return manager.key(step), manager.read_manifest(step)
+    except FileNotFoundError:
+        raise UserError(
+            f"--step {step}: no complete checkpoint at that step",
+            hint=f"complete checkpoints: {_steps(manager)}",
+        ) from None
+
+
+def _steps(manager: CheckpointManager) -> str:
+    return ", ".join(str(s) for s in manager.list_complete()) or "none"
+
+
+def weight_entries(manifest: Manifest) -> list[FileEntry]:
+    """The manifest's weight files (meta.weights, else everything but training state)."""
+    listed = manifest.meta.get("weights")
+    if isinstance(listed, list):
+        wanted = set(listed)
+        return [f for f in manifest.files if f.key in wanted]
+    return [f for f in manifest.files if f.key.split("/")[-1] not in TRAINING_STATE_FILES]
+
+
+def pull(
+    store: ObjectStore,
+    dest: Path,
+    *,
+    step: int | None = None,
+    on_file: Callable[[FileEntry], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> PullResult:
+    """Download the weights of ``step`` (None: the final weights) into ``dest``, each file
+    verified (size, sha256) and renamed into place only once it matches."""
+    folder, manifest = choose(store, step)
+    entries = weight_entries(manifest)
+    if on_start is not None:
+        on_start(sum(e.size for e in entries))
+    for entry in entries:
+        fetch_verified(store, f"{folder}/{entry.key}", entry, dest / entry.key)
+        if on_file is not None:
+            on_file(entry)
+    return PullResult(
+        source=store.url(folder) + "/",
+        dest=str(dest),
+        step=manifest.step,
+        what="final" if step is None else "checkpoint",
+        files=[e.key for e in entries],
+        bytes=sum(e.size for e in entries),
+    )
+
+
+def fetch_verified(store: ObjectStore, key: str, entry: FileEntry, path: Path) -> None:
+    """One file: download to ``<path>.part``, check it, rename; one retry on a mismatch."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    for _attempt in (1, 2):
+        store.get_file(key, part)
+        size, digest = part.stat().st_size, sha256_file(part)
+        if (size, digest) == (entry.size, entry.sha256):
+            part.replace(path)
+            return
+    part.unlink(missing_ok=True)
+    raise StorageError(
+        f"{store.url(key)} does not match its manifest: {size} bytes sha256 {digest[:12]}…, "
+        f"manifest says {entry.size} bytes sha256 {entry.sha256[:12]}…"
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,131 @@
+"""What a run tells people besides its log: the run report (refreshed at each validation and
+at the end) and webhook notifications (started, checkpoint, validation, succeeded, failed,
+preempted). Both are best effort; nothing here raises into the training loop. Torch-free."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from runner.config import PipelineConfig, config_hash, config_to_yaml, run_name
+from runner.errors import Preempted
+from runner.layout import REPORT_KEY, ProgressRecord, checkpoint_key, final_key, validation_key
+from runner.notify import Notifier
+from runner.report import ReportWriter
+from runner.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class ProgressSource(Protocol):
+    """What the events need from the progress reporter."""
+
+    record: ProgressRecord
+
+    def history_records(self) -> list[dict[str, Any]]: ...
+
+
+class RunEvents:
+    """Called by the session and the loop; only the main process gets a store (others do
+    nothing)."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        store: ObjectStore | None,
+        *,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.store = store
+        self.progress: ProgressSource | None = None
+        self._started = False
+        self.report = None
+        if store is not None:
+            self.report = ReportWriter(
+                store,
+                run=run_name(cfg),
+                pipeline_type=cfg.type,
+                prompts=list(cfg.validation_prompts),
+                config_yaml=config_to_yaml(cfg),
+            )
+        context = {
+            "run": run_name(cfg),
+            "type": cfg.type,
+            "config_hash": config_hash(cfg),
+            "output_uri": store.uri if store is not None else None,
+        }
+        if notifier is not None:
+            self.notifier = notifier
+        else:
+            self.notifier = Notifier(cfg.notify if store is not None else None, context)
+
+    def attach(self, progress: ProgressSource) -> None:
+        """The progress reporter, once the loop has one (its record feeds every payload)."""
+        self.progress = progress
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The progress record as plain data (empty before the loop has one)."""
+        return self.progress.record.model_dump() if self.progress is not None else {}
+
+    def _url(self, key: str) -> str | None:
+        """Full URI of a key (a folder keeps its trailing slash)."""
+        if self.store is None:
+            return None
+        url = self.store.url(key.rstrip("/"))
+        return url + "/" if key.endswith("/") else url
+
+    def _fields(self, **extra: Any) -> dict[str, Any]:
+        record = self.record
+        fields = {k: record.get(k) for k in ("state", "step", "total_steps", "loss", "lr")}
+        fields["report_uri"] = self._url(REPORT_KEY)
+        return {**fields, **extra}
+
+    def started(self, step: int) -> None:
+        self._started = True
+        self.notifier.emit("started", **self._fields(step=step, resumed=step > 0))
+
+    def checkpoint(self, step: int) -> None:
+        uri = self._url(checkpoint_key(step) + "/")
+        self.notifier.emit("checkpoint", **self._fields(step=step, checkpoint_uri=uri))
+
+    def validation(self, step: int) -> None:
+        self._publish_report(self.record.get("state") or "running")
+        uri = self._url(validation_key(step, "grid.png"))
+        self.notifier.emit("validation", **self._fields(step=step, validation_uri=uri))
+
+    def finished(self, state: str, error: str | None = None, timeout: float = 10.0) -> None:
+        """Final report (if the run got as far as starting: a failed start writes nothing)
+        and notification; waits at most ``timeout`` s for the webhooks."""
+        if self._started:
+            self._publish_report(state)
+        event = {"completed": "succeeded", "preempted": "preempted"}.get(state, "failed")
+        extra: dict[str, Any] = {"state": state}
+        if event == "succeeded":
+            extra["final_uri"] = self._url(final_key("") + "/")
+        if error:
+            extra["error"] = error
+        self.notifier.emit(event, **self._fields(**extra))
+        self.notifier.close(timeout)
+
+    def _publish_report(self, state: str) -> None:
+        if self.report is not None:
+            history = self.progress.history_records() if self.progress is not None else []
+            self.report.publish(state, self.record, history)
+
+
+@contextlib.contextmanager
+def reported(events: RunEvents) -> Iterator[None]:
+    """Finish ``events`` as the block ends: completed, preempted (``Preempted``) or failed
+    (any other exception, re-raised)."""
+    try:
+        yield
+    except Preempted:
+        events.finished("preempted")
+        raise
+    except BaseException as err:
+        events.finished("failed", error=(str(err).splitlines() or [type(err).__name__])[0])
+        raise
+    events.finished("completed")
