@@ -433,6 +433,24 @@ def test_submit_wait_exit_status(
     assert "outputs: s3://kubetune/kubetune/my-run" in result.output
 
 
+def test_submit_wait_follows_the_run_into_job_namespace(fake_kube: Kube, tmp_path: Path) -> None:
+    """job.namespace (no --namespace flag): --wait reads the run where submit created it."""
+    assert fake_kube.fake is not None
+    fake_kube.fake.create_namespace("team-a")
+    backend = KubernetesBackend(kubeconfig=fake_kube.kubeconfig)
+    cfg = _cfg(namespace="team-a")
+    fake_kube.core.create_namespaced_secret(
+        "team-a",
+        {
+            "metadata": {"name": "s3-credentials"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
+        },
+    )
+    result = backend.submit(cfg)
+    assert result.namespace == "team-a"
+    assert backend.status("my-run").job_name == result.job_name
+
+
 def test_submit_output_json_for_ci(fake_kube: Kube, tmp_path: Path) -> None:
     assert fake_kube.fake is not None
     config_file = _write(tmp_path)

@@ -59,6 +59,7 @@ class KubernetesBackend(Backend):
 
     def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
         ns = self.explicit_namespace or (cfg.job.namespace if cfg.job else None) or self.namespace
+        self.namespace = ns  # status/logs/wait after submit follow the run where it was created
         config_map, job = build_manifests(cfg, namespace=ns)
         run, name = run_name(cfg), job_name(cfg)
         result = SubmitResult(
