@@ -47,7 +47,10 @@ COMPAT_FIELDS = (
     "train_ti",
     "num_vectors",
     "placeholder_token",
+    "use_dora",
 )
+COMPAT_DEFAULTS: dict[str, Any] = {"use_dora": False, "ema": False}
+"""What a checkpoint written before a compat field existed implies for it."""
 
 
 class Manager(Protocol):
@@ -76,7 +79,9 @@ class LoopState:
 def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
     """The config fields that decide the shape/meaning of the trained weights."""
     dumped = cfg.model_dump(mode="json")
-    return {k: dumped[k] for k in COMPAT_FIELDS if k in dumped}
+    info = {k: dumped[k] for k in COMPAT_FIELDS if k in dumped}
+    info["ema"] = cfg.ema_decay is not None  # the checkpoint holds EMA state or not
+    return info
 
 
 def check_compatible(saved: dict[str, Any], cfg: PipelineConfig, step: int) -> None:
@@ -85,7 +90,7 @@ def check_compatible(saved: dict[str, Any], cfg: PipelineConfig, step: int) -> N
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
         for k, v in current.items()
-        if saved.get(k) != v
+        if saved.get(k, COMPAT_DEFAULTS.get(k)) != v
     ]
     if diffs:
         raise ResumeMismatchError(
@@ -164,7 +169,9 @@ class Checkpointer:
         folder = self.work_dir / CHECKPOINTS / step_name(state.step)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        weights = [p.relative_to(folder).as_posix() for p in self.pipeline.export(folder)]
+        with self.pipeline.averaged():  # the user-facing files hold the EMA weights, if any
+            exported = self.pipeline.export(folder)
+        weights = [p.relative_to(folder).as_posix() for p in exported]
         save_file(self.pipeline.trainable_state(), folder / WEIGHTS_FILE)
         torch.save(
             {

@@ -100,7 +100,11 @@ def _export_diffusers(lora: LoraExport, out_dir: Path) -> Path:
     kwargs: dict[str, object] = {}
     for role, module in lora.modules.items():
         layers = "unet_lora_layers" if role == "unet" else f"{role}_lora_layers"
-        kwargs[layers] = convert_state_dict_to_diffusers(_peft_state(module))
+        state = _peft_state(module)
+        # diffusers reads peft keys as they are; its converted DoRA keys leave the attention
+        # LoRA weights unloaded (on the meta device), so DoRA keeps peft's names.
+        dora = bool(getattr(module.peft_config["default"], "use_dora", False))  # type: ignore[index]
+        kwargs[layers] = state if dora else convert_state_dict_to_diffusers(state)
         kwargs[f"{role}_lora_adapter_metadata"] = _adapter_config(module)
     cls = StableDiffusionXLPipeline if lora.is_sdxl else StableDiffusionPipeline
     cls.save_lora_weights(out_dir, weight_name=DIFFUSERS_LORA_FILE, **kwargs)

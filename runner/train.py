@@ -318,6 +318,8 @@ class _Session:
         }
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
+        if self.pipeline.ema is not None:
+            objects["ema"] = self.pipeline.ema
         self.checkpointer = Checkpointer(
             Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs),
             self.manager,
@@ -410,8 +412,10 @@ class _Session:
         if self.is_main:
             final = self.work / "final"
             shutil.rmtree(final, ignore_errors=True)
+            with self.pipeline.averaged():
+                exported = self.pipeline.export(final)
             entries = []
-            for path in self.pipeline.export(final):
+            for path in exported:
                 entries.append(file_entry(final, path.relative_to(final).as_posix()))
                 keys.append(final_key(entries[-1].key))
                 self.store.put_file(keys[-1], path)

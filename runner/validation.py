@@ -139,7 +139,8 @@ class Validator:
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.pipeline.set_train(False)
         try:
-            images = self._generate()
+            with self.pipeline.averaged():
+                images = self._generate()
         finally:
             self.pipeline.set_train(True)
             torch.set_rng_state(rng)

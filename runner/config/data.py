@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from runner.config.base import ConfigModel, Problems
+from runner.config.base import ConfigModel, FieldProblems, Problems
 
 Resolution = int | tuple[int, int]
 
@@ -151,6 +151,10 @@ class ImageCaptionSDDataLoaderConfig(_LoaderCommon):
     """Where the images and captions come from."""
     caption_prefix: str | None = None
     """Text prepended to every caption (e.g. a trigger word), separated by a space."""
+    caption_dropout_rate: float = Field(default=0.0, ge=0, lt=1)
+    """Train on the empty caption instead of the image's caption with this probability
+    (kubetune extension; kohya `caption_dropout_rate`). Seeded per image and epoch, so a
+    resumed run drops the same captions. 0 (default) disables it."""
 
 
 class TextualInversionSDDataLoaderConfig(_LoaderCommon):
@@ -168,6 +172,21 @@ class TextualInversionSDDataLoaderConfig(_LoaderCommon):
     """Keep dataset captions and add the template around them instead of replacing them."""
     shuffle_caption_delimiter: str | None = None
     """Split captions on this delimiter (e.g. ",") and shuffle the parts each time."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_caption_dropout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "caption_dropout_rate" in data:
+            raise FieldProblems(
+                [
+                    (
+                        "caption_dropout_rate",
+                        "textual inversion captions carry the placeholder token being trained; "
+                        "an empty caption would not train it: remove caption_dropout_rate",
+                    )
+                ]
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TextualInversionSDDataLoaderConfig:
@@ -216,6 +235,10 @@ class DreamboothSDDataLoaderConfig(_LoaderCommon):
     """The folder of class images for prior preservation (None: instance images only)."""
     class_data_loss_weight: float = 1.0
     """The loss weight of class examples; instance examples weigh 1.0."""
+    caption_dropout_rate: float = Field(default=0.0, ge=0, lt=1)
+    """Train on the empty caption instead of the instance / class caption with this
+    probability (kubetune extension; kohya `caption_dropout_rate`), seeded per image and
+    epoch. 0 (default) disables it."""
 
     @model_validator(mode="after")
     def _check(self) -> DreamboothSDDataLoaderConfig:

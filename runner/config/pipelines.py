@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from runner.config.base import ConfigModel, Problems, exactly_one
 from runner.config.cluster import JobConfig, StorageConfig
 from runner.config.data import LoraDataLoaderConfig, TextualInversionSDDataLoaderConfig
+from runner.config.knobs import LoraKnobs, TrainingKnobs
 from runner.config.notify import NotifyConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -74,7 +75,7 @@ OptimizerConfig = Annotated[
 ]
 
 
-class BasePipelineConfig(ConfigModel):
+class BasePipelineConfig(TrainingKnobs):
     """Fields every pipeline type shares."""
 
     seed: int | None = None
@@ -177,6 +178,7 @@ class BasePipelineConfig(ConfigModel):
     extension)."""
 
     def _common_problems(self, p: Problems) -> None:
+        self._knob_problems(p)
         exactly_one(
             p,
             {"max_train_steps": self.max_train_steps, "max_train_epochs": self.max_train_epochs},
@@ -248,7 +250,7 @@ class BasePipelineConfig(ConfigModel):
                 )
 
 
-class _LoraFields(ConfigModel):
+class _LoraFields(LoraKnobs):
     lora_rank_dim: PositiveInt = 4
     """LoRA rank."""
     lora_alpha: float | None = Field(default=None, gt=0)
@@ -279,6 +281,7 @@ class _LoraFields(ConfigModel):
     """Encode every caption once and reuse it (not with train_text_encoder)."""
 
     def _lora_problems(self, p: Problems, trains_ti: bool = False) -> None:
+        self._lora_knob_problems(p)
         p.check(
             self.train_unet or self.train_text_encoder or trains_ti,
             "train_unet",

@@ -54,8 +54,11 @@ class TrainDataset(Dataset[Batch]):
         seed: int,
         memory: DecodedImages | None = None,
         loss_weights: Sequence[float] | None = None,
+        caption_dropout_rate: float = 0.0,
     ) -> None:
         self.source, self.captions, self.transform = source, captions, transform
+        self.caption_dropout_rate = caption_dropout_rate
+        """Probability of training on the empty caption (kohya's caption dropout)."""
         self.target_hw, self.seed = list(target_hw), seed
         self.memory = memory
         self.loss_weights = None if loss_weights is None else list(loss_weights)
@@ -101,7 +104,11 @@ class TrainDataset(Dataset[Batch]):
         """The final caption of an example in an epoch (no image read)."""
         rec = self.source.records[index]
         rng = random.Random(derive_seed("caption", self.seed, epoch, index))
-        return self.captions.build(rec.caption, rng, rec.id)
+        caption = self.captions.build(rec.caption, rng, rec.id)
+        if self.caption_dropout_rate:  # its own stream: the rate changes no other draw
+            drop_rng = random.Random(derive_seed("caption-dropout", self.seed, epoch, index))
+            caption = "" if drop_rng.random() < self.caption_dropout_rate else caption
+        return caption
 
     def try_load(self, key: tuple[int, int]) -> Batch | DataError:
         """`load`, or the DataError of an undecodable / missing example (logged)."""
@@ -366,7 +373,14 @@ def build_train_dataloader(
     if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
         assert data.num_instance is not None
         dataset = TrainDataset(
-            source, FixedCaptions(), transform, target_hw, seed, memory, data.loss_weights
+            source,
+            FixedCaptions(),
+            transform,
+            target_hw,
+            seed,
+            memory,
+            data.loss_weights,
+            caption_dropout_rate=loader_cfg.caption_dropout_rate,
         )
         sampler = DreamBoothBatchSampler(
             bucket_of,
@@ -379,7 +393,10 @@ def build_train_dataloader(
         )
     else:
         captions = CaptionBuilder(loader_cfg, placeholder_text or default_placeholder_text(cfg))
-        dataset = TrainDataset(source, captions, transform, target_hw, seed, memory)
+        rate = getattr(loader_cfg, "caption_dropout_rate", 0.0)  # TI loaders have none
+        dataset = TrainDataset(
+            source, captions, transform, target_hw, seed, memory, caption_dropout_rate=rate
+        )
         sampler = BucketBatchSampler(
             bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
         )

@@ -12,6 +12,7 @@ from runner.config import (
     SdxlLoraConfig,
     SdxlTextualInversionConfig,
 )
+from runner.ema import EmaWeights
 from runner.models.loading import Components
 from runner.pipelines.common import TrainingPipeline
 
@@ -24,13 +25,19 @@ def build_pipeline(
     from runner.pipelines.lora_ti import LoraAndTextualInversionPipeline
     from runner.pipelines.textual_inversion import TextualInversionPipeline
 
+    pipeline: TrainingPipeline
     if isinstance(cfg, SdxlLoraAndTextualInversionConfig):
-        return LoraAndTextualInversionPipeline(cfg, comps, device, total_steps=total_steps)
-    if isinstance(cfg, (SdLoraConfig, SdxlLoraConfig)):
-        return LoraPipeline(cfg, comps, device)
-    if isinstance(cfg, (SdTextualInversionConfig, SdxlTextualInversionConfig)):
-        return TextualInversionPipeline(cfg, comps, device)
-    raise TypeError(f"no pipeline for {type(cfg).__name__}")
+        pipeline = LoraAndTextualInversionPipeline(cfg, comps, device, total_steps=total_steps)
+    elif isinstance(cfg, (SdLoraConfig, SdxlLoraConfig)):
+        pipeline = LoraPipeline(cfg, comps, device)
+    elif isinstance(cfg, (SdTextualInversionConfig, SdxlTextualInversionConfig)):
+        pipeline = TextualInversionPipeline(cfg, comps, device)
+    else:
+        raise TypeError(f"no pipeline for {type(cfg).__name__}")
+    if cfg.ema_decay is not None:
+        place = torch.device("cpu") if cfg.ema_on_cpu else None
+        pipeline.ema = EmaWeights(pipeline.trainable_parameters(), cfg.ema_decay, place)
+    return pipeline
 
 
 __all__ = ["TrainingPipeline", "build_pipeline"]

@@ -3,7 +3,8 @@ micro-batch, and the contract the loop and checkpointer rely on (``TrainingPipel
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,12 @@ import torch
 from torch import nn
 
 from runner.config import PipelineConfig
+from runner.config.knobs import DEFAULT_HUBER_C
+from runner.ema import EmaWeights
 from runner.losses import diffusion_loss, training_target
 from runner.models.embeddings import expand_placeholders, multi_vector_tokens
 from runner.models.loading import Components
+from runner.noise import NoiseSettings, zero_terminal_snr_scheduler
 from runner.optim import ParamGroups
 from runner.speed import to_device
 
@@ -162,6 +166,11 @@ class TrainingPipeline:
         self.device = device
         self.text = TextConditioner(comps, cache=cache_text)
         self.latents = LatentEncoder(comps.vae, cache=cfg.cache_vae_outputs)
+        if cfg.zero_terminal_snr:
+            comps.noise_scheduler = zero_terminal_snr_scheduler(comps.noise_scheduler)
+        self.noise = NoiseSettings.from_config(cfg)
+        self.ema: EmaWeights | None = None
+        """Set by ``build_pipeline`` when ``ema_decay`` is; see ``averaged``."""
         self.prediction_type: str = comps.noise_scheduler.config.prediction_type
         self.train_text_encoders = False  # subclasses set True when gradients flow through
         self.offloaded: list[nn.Module] = []
@@ -183,7 +192,9 @@ class TrainingPipeline:
         """Hook before each optimizer step (``step`` counts completed steps)."""
 
     def after_optimizer_step(self) -> None:
-        """Hook right after ``optimizer.step()``."""
+        """Hook right after ``optimizer.step()`` (updates the EMA; subclasses call super)."""
+        if self.ema is not None:
+            self.ema.update()
 
     def trained_modules(self) -> list[nn.Module]:
         """Modules that hold trainable parameters (put in train mode, wrapped by accelerate)."""
@@ -238,6 +249,16 @@ class TrainingPipeline:
         if away and self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the freed blocks back for the UNet's activations
 
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The EMA weights in the model for the block (validation, export); a no-op
+        without ``ema_decay``."""
+        if self.ema is None:
+            yield
+            return
+        with self.ema.applied():
+            yield
+
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         params = self.trainable_parameters()
         missing = set(params) - set(state)
@@ -253,19 +274,28 @@ class TrainingPipeline:
         }
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        """Noise-prediction loss of one micro-batch (float32 scalar)."""
+        """Noise-prediction loss of one micro-batch (float32 scalar).
+
+        With ``lora_dropout`` the dropout masks (drawn from torch's global RNG) come from a
+        seed drawn from ``generator``, so they resume exactly whatever else used that RNG."""
+        if not getattr(self.cfg, "lora_dropout", 0.0):
+            return self._loss(batch, generator)
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(seed))
+            return self._loss(batch, generator)
+
+    def _loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         device = self.device
         latents = self.latents.sample(batch, device, generator)
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        noise = self.noise.offset(noise, generator)
         scheduler = self.comps.noise_scheduler
-        timesteps = torch.randint(
-            0,
-            scheduler.config.num_train_timesteps,
-            (latents.shape[0],),
-            generator=generator,
-            device=device,
+        timesteps = self.noise.timesteps(
+            latents.shape[0], scheduler.config.num_train_timesteps, generator
         )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = scheduler.add_noise(latents, self.noise.perturbed(noise, generator), timesteps)
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             hidden, pooled = self.text.encode(list(batch["caption"]), device)
         unet = self.comps.unet
@@ -287,6 +317,8 @@ class TrainingPipeline:
             scheduler,
             self.prediction_type,
             self.cfg.min_snr_gamma,
+            loss_type=self.cfg.loss_type,
+            huber_c=self.cfg.huber_c or DEFAULT_HUBER_C,
             mask=batch.get("mask"),
             loss_weight=batch.get("loss_weight"),
         )

@@ -20,10 +20,21 @@ LoraConfigs = SdLoraConfig | SdxlLoraConfig | SdxlLoraAndTextualInversionConfig
 ADAPTER = "default"
 
 
-def add_lora(module: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> None:
+def add_lora(
+    module: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    use_dora: bool = False,
+    dropout: float = 0.0,
+) -> None:
     """Add a float32 peft LoRA adapter to ``module``'s ``targets`` with peft's default
-    initialisation (Kaiming-uniform A, zero B), as invoke-training does."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    initialisation (Kaiming-uniform A, zero B), as invoke-training does; DoRA's magnitude
+    vectors too when ``use_dora``."""
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, use_dora=use_dora, lora_dropout=dropout
+    )
     if isinstance(module, ModelMixin):
         module.add_adapter(config)
     else:  # transformers' add_adapter insists on a newer peft than diffusers needs
@@ -60,7 +71,14 @@ class LoraPart:
                 if name == "unet"
                 else cfg.text_encoder_lora_target_modules
             )
-            add_lora(module, rank=cfg.lora_rank_dim, alpha=self.alpha, targets=list(targets))
+            add_lora(
+                module,
+                rank=cfg.lora_rank_dim,
+                alpha=self.alpha,
+                targets=list(targets),
+                use_dora=cfg.use_dora,
+                dropout=cfg.lora_dropout,
+            )
 
     def _lr(self, name: str) -> float:
         cfg = self.cfg
