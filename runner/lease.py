@@ -5,8 +5,9 @@ A runner creates ``lease.json`` under the run's location with a conditional crea
 heartbeat thread with compare-and-swap (``If-Match`` on the tag it last wrote) and deletes it
 on exit. A second runner waits up to ``wait_s`` for the lease to be released or to go stale
 (not renewed for ``timeout_s``: a killed pod), then takes a stale lease over (logged) or exits
-2 naming the holder. A holder whose renewal fails because someone else took over is *lost*:
-``check()`` raises ``LeaseLost`` and ``runner.run_store.RunStore`` refuses every further
+2 naming the holder. A lease whose holder ran on this host and PID namespace and has exited
+(a SIGKILLed local run) is taken over at once. A holder whose renewal fails because someone
+else took over is *lost*: ``check()`` raises ``LeaseLost`` and ``runner.run_store.RunStore`` refuses every further
 write.
 """
 
@@ -111,20 +112,24 @@ class Lease:
         except FileNotFoundError:  # released in between: try again at once
             return self._try_take()
         current = _parse(raw)
-        if time.time() - float(current.get("renewed_unix", 0)) < self.settings.timeout_s:
+        gone = _holder_gone(current)
+        if (
+            not gone
+            and time.time() - float(current.get("renewed_unix", 0)) < self.settings.timeout_s
+        ):
             return current
         body = self._body()
         self._call(lambda: self.store.replace_if(LEASE_KEY, body, tag))
         if not self._ours():
             return current  # someone else took it over first
         idle = time.time() - float(current.get("renewed_unix", 0))
-        log.warning("took over the run lease from %s (stale: not renewed for %.0fs)",
-                    _describe(current), idle)  # fmt: skip
+        why = "its process is gone" if gone else f"stale: not renewed for {idle:.0f}s"
+        log.warning("took over the run lease from %s (%s)", _describe(current), why)
         return None
 
     def _body(self) -> bytes:
         record = {"holder": self.holder, "token": self.token, "acquired_at": self._acquired_at,
-                  "renewed_at": utc_now(), "renewed_unix": time.time(),
+                  "renewed_at": utc_now(), "renewed_unix": time.time(), **_process_id(),
                   "timeout_s": self.settings.timeout_s}  # fmt: skip
         return json.dumps(record, indent=1).encode()
 
@@ -207,6 +212,36 @@ class Lease:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:  # fmt: skip
         self.release()
+
+
+def _process_id() -> dict[str, Any]:
+    """Where this process lives: host name, PID namespace and PID."""
+    return {"host": socket.gethostname(), "pid_ns": _pid_namespace(), "pid": os.getpid()}
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "unknown"
+
+
+def _holder_gone(record: dict[str, Any]) -> bool:
+    """True when the holder ran on this host, in this PID namespace, and its process has exited
+    (a SIGKILLed local run): then nobody needs to wait for the timeout. Any doubt (another host
+    or container, an unknown namespace, a PID in use) means the holder may be alive."""
+    here = _process_id()
+    if record.get("host") != here["host"] or record.get("pid_ns") != here["pid_ns"]:
+        return False
+    if here["pid_ns"] == "unknown" or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def _parse(raw: bytes) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -174,3 +177,40 @@ def test_second_runner_process_exits_2_and_writes_nothing(tmp_path: Path) -> Non
         last = cli.stderr.strip().splitlines()[-1]
         assert last.startswith("kubetune: error: another runner holds this run: pod-a (since ")
         assert [o.key for o in open_store(str(out)).list()] == [layout.LEASE_KEY]
+
+
+def test_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local run killed with SIGKILL (or a crashed laptop run) leaves a lease behind: the
+    next run on the same host sees its process is gone and takes over without waiting for
+    the timeout. The holder is a real process, killed for real."""
+    uri = str(tmp_path / "run")
+    code = (
+        "import os, signal, sys\n"
+        "from runner.lease import Lease, LeaseSettings\n"
+        "from runner.storage import open_store\n"
+        "Lease(open_store(sys.argv[1]), LeaseSettings(timeout_s=600, wait_s=0)).acquire()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, uri], timeout=60, check=False)
+    assert done.returncode == -signal.SIGKILL
+    store = open_store(uri)
+    assert store.exists(layout.LEASE_KEY)  # left behind, never released
+    with caplog.at_level("WARNING"):
+        new = Lease(store, LeaseSettings(timeout_s=600, wait_s=0.0), holder="next")
+        new.acquire()  # wait_s=0: it must not need the 600 s timeout
+    assert "took over the run lease" in caplog.text and "is gone" in caplog.text
+    new.release()
+
+
+def test_lease_of_a_live_process_on_this_host_is_not_taken(store_uri: str) -> None:
+    """The same host, a process that is alive (this one): still refused."""
+    store = open_store(store_uri)
+    first = Lease(store, LeaseSettings(timeout_s=600, wait_s=0.0), holder="a")
+    first.acquire(heartbeat=False)
+    try:
+        with pytest.raises(RunLocked):
+            Lease(store, LeaseSettings(timeout_s=600, wait_s=0.0), holder="b").acquire()
+    finally:
+        first.release()
