@@ -7,8 +7,8 @@ on exit. A second runner waits up to ``wait_s`` for the lease to be released or 
 (not renewed for ``timeout_s``: a killed pod), then takes a stale lease over (logged) or exits
 2 naming the holder. A lease whose holder ran on this host and PID namespace and has exited
 (a SIGKILLed local run) is taken over at once. A holder whose renewal fails because someone
-else took over is *lost*: ``check()`` raises ``LeaseLost`` and ``runner.run_store.RunStore`` refuses every further
-write.
+else took over is *lost*: ``check()`` raises ``LeaseLost`` and ``runner.run_store.RunStore``
+refuses every further write.
 """
 
 from __future__ import annotations
