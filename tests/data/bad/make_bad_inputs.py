@@ -76,10 +76,16 @@ S3_STORAGE = {"storage": {"endpoint_url": "@ENDPOINT@", "bucket": "@BUCKET@", "p
 def case(entrypoint: str, exit_code: int, message: str, *, files: dict[str, bytes] | None = None,
          config: dict[str, Any] | None = None, args: list[str] | None = None,
          env: dict[str, str] | None = None, needs: list[str] | None = None,
-         about: str = "") -> dict[str, Any]:  # fmt: skip
-    return {"about": about, "entrypoint": entrypoint, "needs": needs or [], "args": args or [],
+         about: str = "", midrun: bool = False) -> dict[str, Any]:  # fmt: skip
+    """``midrun``: the problem shows only when the image is decoded, after header-only preflight
+    (issue #17): the run stops with exit 2 naming it, having maybe published complete
+    checkpoints of what it trained; nothing half-written."""
+    spec = {"about": about, "entrypoint": entrypoint, "needs": needs or [], "args": args or [],
             "env": env or {}, "config": config or {}, "exit": exit_code, "message": message,
             "files": GOOD if files is None else files}  # fmt: skip
+    if midrun:
+        spec["midrun"] = True
+    return spec
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -96,7 +102,8 @@ CASES: dict[str, dict[str, Any]] = {
         2,
         r"b\.png: cannot decode image",
         files=_dir({"b.png": png(64, 64)[:60]}),
-        about="a PNG cut after its header",
+        about="a PNG cut after its header (decodes only mid-run; validate --data finds it)",
+        midrun=True,
     ),
     "data-zero-byte-image": case(
         "runner",
