@@ -431,5 +431,9 @@ def test_cached_latents_and_text_match_uncached(
     )
     assert train(plain).step == train(cached).step == 6  # 4 images, batch 2, 3 epochs
     expected, got = weights(tmp_path / "plain", 6), weights(tmp_path / "cached", 6)
+    # Batched and per-example encoding differ in the last float bits. With LoRA B starting at
+    # zero (peft's default init, as invoke-training), early gradients of A and of the
+    # time-embedding B sit near Adam's eps, where such noise grows to ~2e-5. The bound stays
+    # a tenth of one optimizer step (lr 1e-3): a wrong cache moves weights by whole steps.
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-4)
