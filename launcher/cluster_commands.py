@@ -15,7 +15,7 @@ from launcher import api
 from runner.errors import EXIT_FAILURE, EXIT_OK
 
 if TYPE_CHECKING:
-    from launcher.backends.base import RunStatus
+    from launcher.backends.base import Backend, RunStatus
 
 OUTPUT = click.option(
     "--output",
@@ -212,12 +212,22 @@ def submit(
 
 
 @click.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@click.option(
+    "--sweep", metavar="NAME", help="Every run of this sweep side by side (step, loss, values)."
+)
 @LOCAL
 @OUTPUT
 @cluster_options
-def status(run: str, local: bool, output: str, cluster: api.ClusterOptions) -> None:
-    """Phase, reason, retries and training progress of RUN."""
+def status(
+    run: str | None, sweep: str | None, local: bool, output: str, cluster: api.ClusterOptions
+) -> None:
+    """Phase, reason, retries and training progress of RUN (or of every run of --sweep)."""
+    if sweep:
+        _print_sweep(api.get_backend(local=local, cluster=cluster), sweep, output)
+        return
+    if not run:
+        raise click.UsageError("name a RUN or --sweep NAME")
     result = api.backend_for_run(run, local=local, cluster=cluster).status(run)
     if output == "json":
         _emit_json(result.to_json())
@@ -269,6 +279,13 @@ def cancel(
         click.echo(result.summary())
 
 
+def _print_sweep(backend: Backend, sweep: str, output: str) -> None:
+    from launcher.sweep_commands import sweep_json, sweep_statuses, sweep_table
+
+    statuses = sweep_statuses(backend, sweep)
+    click.echo(sweep_json(statuses) if output == "json" else "\n".join(sweep_table(statuses)))
+
+
 @click.command(name="list")
 @LOCAL
 @click.option(
@@ -280,10 +297,7 @@ def list_runs(local: bool, sweep: str | None, output: str, cluster: api.ClusterO
     """kubetune runs in the namespace (or on this machine with --local)."""
     backend = api.get_backend(local=local, cluster=cluster)
     if sweep:
-        from launcher.sweep_commands import sweep_json, sweep_statuses, sweep_table
-
-        statuses = sweep_statuses(backend, sweep)
-        click.echo(sweep_json(statuses) if output == "json" else "\n".join(sweep_table(statuses)))
+        _print_sweep(backend, sweep, output)
         return
     runs = backend.list()
     if output == "json":

@@ -107,6 +107,13 @@ def test_cluster_sweep_queues_every_run_and_resubmit_is_a_no_op(tmp_path: Path) 
         assert lines[0].split() == ["RUN", "PHASE", "STEP", "LOSS", "lora_rank_dim",
                                     "optimizer.learning_rate"]  # fmt: skip
         assert len(lines) == 5 and all(" Suspended " in line for line in lines[1:])
+        status = CliRunner().invoke(
+            main, ["status", "--sweep", "my-run", "--kubeconfig", kubeconfig, "-n", "default"]
+        )
+        assert status.exit_code == 0, status.output
+        assert status.output == listed.output  # the same side-by-side table
+        neither = CliRunner().invoke(main, ["status", "--kubeconfig", kubeconfig])
+        assert neither.exit_code == 2 and "RUN or --sweep" in neither.output
 
 
 STAND_IN = """
