@@ -3,14 +3,13 @@ pulled to this machine, verified against their manifest. Torch-free (boto3 at mo
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.checkpoints import CheckpointManager, FileEntry, Manifest
+from runner.checkpoints import CheckpointManager, FileEntry, Manifest, sha256_file
 from runner.errors import StorageError, UserError
 from runner.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
 
@@ -145,11 +144,3 @@ def fetch_verified(store: ObjectStore, key: str, entry: FileEntry, path: Path) -
         f"{store.url(key)} does not match its manifest: {size} bytes sha256 {digest[:12]}…, "
         f"manifest says {entry.size} bytes sha256 {entry.sha256[:12]}…"
     )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -102,7 +102,8 @@ class Manifest:
             raise CorruptCheckpoint(f"unreadable checkpoint manifest {where}: {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a local file, read in 4 MiB chunks (the manifest's digest)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(4 * 2**20):
@@ -113,7 +114,7 @@ def _sha256(path: Path) -> str:
 def file_entry(root: Path, rel: str) -> FileEntry:
     """Size and sha256 of ``root / rel`` as a manifest entry."""
     path = root / rel
-    return FileEntry(rel, path.stat().st_size, _sha256(path))
+    return FileEntry(rel, path.stat().st_size, sha256_file(path))
 
 
 def _local_files(local_dir: Path) -> list[str]:
@@ -297,7 +298,7 @@ class CheckpointManager:
                         raise CorruptCheckpoint(f"checkpoint object {where} is missing although "
                                                 "its manifest exists") from None  # fmt: skip
                     raise  # pruned while we were reading it
-                size, digest = dest.stat().st_size, _sha256(dest)
+                size, digest = dest.stat().st_size, sha256_file(dest)
                 if (size, digest) == (entry.size, entry.sha256):
                     return
                 log.warning("checkpoint object %s does not match its manifest (attempt %d)",
