@@ -174,8 +174,8 @@ class BasePipelineConfig(TrainingKnobs):
     storage: StorageConfig | None = None
     """S3-compatible storage for datasets and outputs (kubetune extension)."""
     notify: NotifyConfig | None = None
-    """Webhooks told when the run starts, checkpoints, validates and ends (kubetune
-    extension)."""
+    """Webhooks told when the run starts, checkpoints, validates and ends
+    (kubetune extension)."""
 
     def _common_problems(self, p: Problems) -> None:
         self._knob_problems(p)
