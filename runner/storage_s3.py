@@ -36,6 +36,7 @@ from botocore.exceptions import (
 )
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.manager import TransferConfig, TransferManager
+from urllib3.exceptions import ProtocolError
 
 from runner.errors import StorageError, StorageUserError
 from runner.storage import MiB, ObjectInfo, check_key, check_prefix
@@ -46,7 +47,9 @@ _DENIED = {
     "AllAccessDisabled", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
     "AccountProblem", "InvalidSecurity",
 }  # fmt: skip
-_STREAM_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError)
+# a body cut mid-read: botocore wraps most of these, urllib3's ProtocolError (connection reset
+# while reading) can reach us raw
+_STREAM_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, ProtocolError)
 _CRED_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (storage.credentials_secret)"
 _ENDPOINT_HINT = "check storage.endpoint_url / AWS_ENDPOINT_URL and that the server is reachable"
 
@@ -198,7 +201,7 @@ class S3Store:
     def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
         try:
             yield
-        except (BotoCoreError, ClientError, RetriesExceededError) as exc:
+        except (BotoCoreError, ClientError, RetriesExceededError, ProtocolError) as exc:
             raise self._translate(exc, action, key) from exc
 
     def _transfers(self) -> TransferManager:

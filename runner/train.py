@@ -162,7 +162,7 @@ def run(
 
     # a bad dataset fails here, before anything is loaded or written; headers only, and none
     # for images the index stored with the run already knows
-    data = preflight(cfg, run_store=open_store(output_uri(cfg), cfg.storage))
+    data = preflight(cfg, run_store=RunStore(open_store(output_uri(cfg), cfg.storage)))
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:

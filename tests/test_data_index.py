@@ -179,3 +179,27 @@ def test_long_exif_header_takes_a_second_ranged_read(
     assert report.sizes_hw == [(320, 200)]
     assert reads.calls["range"] == 2 and reads.keys["long.jpg"] == 2
     assert reads.calls["get"] == 1  # the caption file only
+
+
+def test_an_unreadable_stored_index_is_a_cache_miss_not_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stored index only saves header reads: a store that fails reading it (retries
+    exhausted) means a rescan with a warning, never a failed run."""
+    from runner.data.index import load_index
+    from runner.errors import StorageError
+    from runner.storage import open_store
+
+    class FailingReads:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def get_bytes(self, key: str) -> bytes:
+            raise StorageError(f"read {key} failed after retries: 500 InternalError")
+
+    with caplog.at_level("WARNING"):
+        assert load_index(FailingReads(open_store(str(tmp_path)))) is None  # type: ignore[arg-type]
+    assert "data index" in caplog.text and "500" in caplog.text

@@ -17,7 +17,7 @@ from typing import Any
 
 from runner.data.images import MAX_IMAGE_PIXELS, image_size_hw
 from runner.data.sources import Source, fetch_pool
-from runner.errors import DataError
+from runner.errors import DataError, StorageError
 from runner.layout import DATA_INDEX_KEY
 from runner.storage import ObjectStore
 
@@ -82,7 +82,8 @@ def load_index(store: ObjectStore | None) -> DataIndex | None:
         return DataIndex.from_bytes(store.get_bytes(INDEX_KEY))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError, IndexError, OSError) as err:
+    except (ValueError, KeyError, TypeError, IndexError, OSError, StorageError) as err:
+        # only an optimisation: a failed read (retries spent) means a rescan, never a failure
         log.warning("ignoring an unreadable data index %s: %s", store.url(INDEX_KEY), err)
         return None
 
