@@ -104,6 +104,11 @@ def _duration(seconds: float | None) -> str:
     return "-" if seconds is None else str(dt.timedelta(seconds=int(seconds)))
 
 
+def _number(value: Any, digits: int) -> str:
+    """``digits`` significant digits for a person; "-" when absent."""
+    return "-" if value is None else f"{float(value):.{digits}g}"
+
+
 def summary_table(data: ReportData) -> str:
     p, hist = data.progress, data.history
     started = hist[0].get("time") if hist else None
@@ -111,8 +116,8 @@ def summary_table(data: ReportData) -> str:
     rows = [
         ("state", f'<span class="state {esc(data.state)}">{esc(data.state)}</span>'),
         ("step", esc(f"{p.get('step', '-')} / {p.get('total_steps', '-')}")),
-        ("loss (last log line)", esc(p.get("loss", "-"))),
-        ("images / s", esc(p.get("images_per_second") or p.get("images_per_sec") or "-")),
+        ("loss (last log line)", esc(_number(p.get("loss"), 4))),
+        ("images / s", esc(_number(p.get("images_per_second"), 3))),
         ("first log line", esc(_when(started))),
         ("last log line", esc(_when(last))),
         ("elapsed (first to last line)", esc(_duration(last - started if hist else None))),

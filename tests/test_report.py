@@ -146,3 +146,13 @@ def test_render_handles_missing_thumbnails() -> None:
                                                    "validation/step-000010/grid.png")])  # fmt: skip
     page = render(data)
     assert 'alt="step 10, prompt 0"' in page and 'alt="step 10, prompt 1"' not in page
+
+
+def test_summary_numbers_are_rounded_for_people(tmp_path: Path) -> None:
+    writer = write_run(tmp_path / "run", validations=1)
+    progress = {"step": 40, "total_steps": 40, "loss": 0.8594766616821289,
+                "images_per_second": 6.2071053484740295}  # fmt: skip
+    assert writer.publish("completed", progress, history(40))
+    page = (tmp_path / "run" / REPORT_KEY).read_text()
+    assert "<td>0.8595</td>" in page and "<td>6.21</td>" in page
+    assert "0.85947666" not in page
