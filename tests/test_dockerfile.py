@@ -50,7 +50,16 @@ def test_entrypoint_and_cache_paths_match_the_job() -> None:
         assert f"{name}={POD_CACHE_ENV[name]}" in env
 
 
-def test_dockerignore_keeps_the_context_small() -> None:
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".git", ".venv", "tests", "*.egg-info"):
-        assert entry in ignored
+def test_dockerignore_sends_only_what_the_dockerfile_copies() -> None:
+    """The build context is an allow-list: everything is ignored except the paths the
+    Dockerfile COPYs, so a CI checkout's venvs (gigabytes) never reach the daemon."""
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert patterns[0] == "*"
+    allowed = {p[1:] for p in patterns if p.startswith("!")}
+    copied = {src for k, v in _instructions() if k == "COPY" for src in v.split()[:-1]}
+    assert allowed == copied == {"pyproject.toml", "README.md", "runner", "launcher"}
+    assert "**/__pycache__" in patterns[patterns.index("!launcher") :]
