@@ -56,3 +56,17 @@ def test_the_default_run_says_the_tier_was_not_run() -> None:
         check=False,
     )
     assert "cluster tier: not run (needs root, docker and a local Kubernetes" in result.stdout
+
+
+def test_run_tier_without_root_skips_and_says_why() -> None:
+    """The README's newcomer (no root, no docker) gets a message, not a failure; as root the
+    script has no skip path at all. Run as `nobody` when the tests run as root."""
+    command = ["bash", str(ROOT / "tests" / "cluster" / "run-tier.sh")]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=False, cwd="/"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cluster tier: skipped: it needs root" in result.stderr
+    assert "docs/kubernetes.md" in result.stderr

@@ -22,9 +22,17 @@ APISERVER_PORT=${KUBETUNE_APISERVER_PORT:-16443}
 ETCD_PORT=${KUBETUNE_ETCD_PORT:-12379}
 WHEELHOUSE_PORT=${KUBETUNE_WHEELHOUSE_PORT:-18088}
 DOCKER_SOCK=$STATE/docker.sock
+KUBELET_PORT=10250  # the kubelet's default (the API server reaches it there); healthz 10248
+declare -A PORTS=([etcd]="$ETCD_PORT $((ETCD_PORT + 1)) $((ETCD_PORT + 2))"
+  [kube-apiserver]=$APISERVER_PORT [kubelet]="$KUBELET_PORT 10248" [wheelhouse]=$WHEELHOUSE_PORT)
 
 log() { echo "local-cluster: $*" >&2; }
 die() { echo "local-cluster: error: $*" >&2; exit 1; }
+timed() {  # timed WHAT CMD...: run it, then log its wall time and the CPU time of its process
+  local what=$1; shift  # tree (a docker build's work runs in dockerd: only its wall time counts)
+  local TIMEFORMAT="local-cluster: $what: %0R s wall, %0U s user + %0S s sys CPU"
+  time "$@"
+}
 
 debian_mirror() {
   # The mirror apt is configured with, read at run time (never written into the repo).
@@ -42,7 +50,7 @@ install_packages() {
   done
   [ -z "$missing" ] && return 0
   log "installing:$missing"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2 \
+  DEBIAN_FRONTEND=noninteractive timed "apt-get install" apt-get install -y -q --no-install-recommends $missing >&2 \
     || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
          apt-get install -y -q --no-install-recommends $missing >&2; }
 }
@@ -84,7 +92,8 @@ build_binaries() {
     cd "$tree"
     export GOPATH=$tree/.go PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 GOFLAGS=-mod=vendor \
       GOPROXY=off HOME=$work/home
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet" >&2
+    timed "make (4 binaries)" \
+      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet" >&2
     gcc -Os -static -o "$bin/pause" build/pause/linux/pause.c >&2
   )
   for b in $K8S_BINARIES; do cp "$tree/_output/bin/$b" "$bin/$b"; done
@@ -101,21 +110,40 @@ alive() { [ -f "$STATE/pids/$1.pid" ] && kill -0 "$(cat "$STATE/pids/$1.pid")" 2
 start() {  # start NAME CMD...: in the background, logging to $STATE/logs/NAME.log
   local name=$1; shift
   alive "$name" && return 0
-  "$@" >"$STATE/logs/$name.log" 2>&1 &
+  port_free "$name" ${PORTS[$name]:-}
+  "$@" >"$STATE/logs/$name.log" 2>&1 9>&- &
   echo $! >"$STATE/pids/$name.pid"
 }
 
-wait_for() {  # wait_for WHAT SECONDS CMD...: bounded poll; on timeout show the logs, fail
+show_logs() {
+  for f in "$STATE"/logs/{etcd,dockerd,kube-apiserver,kube-controller-manager,kube-scheduler,kubelet}.log; do
+    [ -f "$f" ] && { echo "== $f" && grep -E '^[EF][0-9]{4}|error|fatal' "$f" | tail -n 8; } >&2
+  done
+  return 0
+}
+
+wait_for() {  # wait_for WHAT SECONDS CMD...: bounded poll; fails at once if WHAT's daemon died
   local what=$1 seconds=$2; shift 2
-  local deadline=$((SECONDS + seconds))
+  local deadline=$((SECONDS + seconds)) started=$SECONDS
   until "$@" >/dev/null 2>&1; do
+    if [ -f "$STATE/pids/$what.pid" ] && ! alive "$what"; then
+      show_logs
+      die "$what exited while starting (log: $STATE/logs/$what.log)"
+    fi
     if [ $SECONDS -ge $deadline ]; then
-      for f in "$STATE"/logs/{etcd,dockerd,kube-apiserver,kube-controller-manager,kube-scheduler,kubelet}.log; do
-        [ -f "$f" ] && { echo "== $f" && grep -E '^[EF][0-9]{4}|error|fatal' "$f" | tail -n 8; } >&2
-      done
+      show_logs
       die "$what not ready after ${seconds}s (logs in $STATE/logs)"
     fi
     sleep 1
+  done
+  log "$what ready after $((SECONDS - started)) s"
+}
+
+port_free() {  # port_free NAME PORT...: fail naming the holder if a TCP port is taken
+  local name=$1 port holder; shift
+  for port in "$@"; do
+    holder=$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 1)
+    [ -z "$holder" ] || die "$name: 127.0.0.1:$port is already in use ($holder); stop it or run '$0 down'"
   done
 }
 
@@ -185,7 +213,7 @@ start_docker() {
     --exec-root "$STATE/docker-exec" --pidfile "$STATE/docker.pid" \
     --add-runtime "kubetune-runc=$STATE/runc-clamp" --default-runtime kubetune-runc \
     --iptables=false --ip-masq=false --storage-driver=overlay2
-  wait_for dockerd 60 docker_ info
+  wait_for dockerd 180 docker_ info
 }
 
 import_pause() {  # the pod sandbox image: pause.c from the same tree, static, one file
@@ -205,7 +233,7 @@ start_etcd() {
     --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
     --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT + 1))" \
     --listen-metrics-urls "http://127.0.0.1:$((ETCD_PORT + 2))"
-  wait_for etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+  wait_for etcd 120 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 }
 
 start_control_plane() {
@@ -219,7 +247,7 @@ start_control_plane() {
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc \
     --kubelet-preferred-address-types=Hostname --feature-gates=TTLAfterFinished=true
-  wait_for kube-apiserver 120 curl -fsS --cacert "$pki/ca.crt" \
+  wait_for kube-apiserver 300 curl -fsS --cacert "$pki/ca.crt" \
     -H "Authorization: Bearer $(cat "$pki/admin.token")" "https://127.0.0.1:$APISERVER_PORT/readyz"
   start kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$STATE/kubeconfig" \
     --bind-address=127.0.0.1 --secure-port=0 --port=0 --leader-elect=false \
@@ -266,8 +294,13 @@ cmd_up() {
   start_etcd
   start_control_plane
   start_kubelet
-  wait_for "node localhost" 180 node_ready
-  wait_for "default ServiceAccount" 60 kubectl_get /api/v1/namespaces/default/serviceaccounts/default
+  wait_for kubelet 300 node_ready
+  # The ServiceAccount controller of the controller-manager creates it: the manager works.
+  wait_for kube-controller-manager 300 \
+    kubectl_get /api/v1/namespaces/default/serviceaccounts/default
+  for name in etcd kube-apiserver kube-scheduler dockerd; do
+    alive "$name" || { show_logs; die "$name exited (log: $STATE/logs/$name.log)"; }
+  done
   echo "DOCKER_HOST=unix://$DOCKER_SOCK"
   echo "KUBECONFIG=$STATE/kubeconfig"
 }
@@ -281,7 +314,7 @@ rootfs_tar() {
     local root=$CACHE/rootfs.tmp
     rm -rf "$root"
     log "debootstrapping the base image (about a minute)"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,passwd \
+    timed debootstrap debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,passwd \
       bookworm "$root" "$(debian_mirror)" >&2
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb
     tar -C "$root" -cf "$tar.tmp" . && mv "$tar.tmp" "$tar" && rm -rf "$root"
@@ -291,7 +324,7 @@ rootfs_tar() {
 base_image() {
   docker_ image inspect kubetune-base:bookworm >/dev/null 2>&1 && return 0
   rootfs_tar
-  docker_ import - kubetune-base:bookworm <"$CACHE/rootfs-bookworm.tar" >&2
+  timed "docker import (base)" docker_ import - kubetune-base:bookworm <"$CACHE/rootfs-bookworm.tar" >&2
 }
 
 wheelhouse() {
@@ -301,7 +334,21 @@ wheelhouse() {
   if [ ! -f "$wh/.complete" ]; then
     log "downloading the wheelhouse into $wh"
     rm -rf "$wh" && mkdir -p "$wh"
-    python3 -m pip download -q -d "$wh" "torch==2.13.0" "$REPO[train,gpu]" setuptools wheel >&2
+    # pip download reuses a wheel already in the target dir: seed it from the newest earlier
+    # wheelhouse (another pyproject.toml), so a dependency change downloads only what changed.
+    local prev
+    prev=$(find "$CACHE" -maxdepth 2 -path "$CACHE/wheelhouse-*/.complete" -printf '%T@ %h\n' \
+      | sort -rn | head -n 1 | cut -d' ' -f2-)
+    [ -z "$prev" ] || { log "seeding it from $prev"; cp -l "$prev"/*.whl "$wh"/ 2>/dev/null || true; }
+    timed "pip download" python3 -m pip download -d "$wh" "torch==2.13.0" "$REPO[train,gpu]" setuptools wheel \
+      >"$wh.log" 2>&1 || { tail -n 20 "$wh.log" >&2; die "pip download failed (log: $wh.log)"; }
+    # Keep only what this resolution uses: a seeded wheel it did not pick must not be offered.
+    sed -n 's/^Saved \(.*\)$/\1/p; s/^File was already downloaded \(.*\)$/\1/p' "$wh.log" \
+      | xargs -r -n 1 basename | sort -u >"$wh/.used"
+    if [ -s "$wh/.used" ]; then
+      find "$wh" -maxdepth 1 -name '*.whl' -printf '%f\n' | sort | comm -23 - "$wh/.used" \
+        | while read -r f; do rm -f "$wh/$f"; done
+    fi
     rm -f "$wh"/kubetune-*
     touch "$wh/.complete"
   fi
@@ -318,13 +365,14 @@ cmd_image() {
   local wh port
   wh=$(wheelhouse)
   port=$WHEELHOUSE_PORT  # fixed: the URL is a build argument, part of the layer cache key
+  port_free wheelhouse "$port"
   python3 -m http.server --bind 127.0.0.1 --directory "$wh" "$port" >"$STATE/logs/wheelhouse.log" 2>&1 &
   WHEEL_SERVER=$!
   trap 'kill "$WHEEL_SERVER" 2>/dev/null || true' EXIT
   trap 'exit 143' TERM INT
   wait_for "wheelhouse server" 30 curl -fsS "http://127.0.0.1:$port/"
   log "building kubetune:local"
-  DOCKER_BUILDKIT=0 docker_ build --network host -t kubetune:local \
+  DOCKER_BUILDKIT=0 timed "docker build" docker_ build --network host -t kubetune:local \
     --build-arg CUDA_IMAGE=kubetune-base:bookworm --build-arg APT_PACKAGES= \
     --build-arg PIP_NO_INDEX=1 --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/" \
     "$REPO" >&2
@@ -333,16 +381,40 @@ cmd_image() {
 
 # --- down --------------------------------------------------------------------------------
 
-stop() {  # stop NAME: SIGTERM by PID, then SIGKILL after 20 s
+stop() {  # stop NAME: SIGTERM by PID, SIGKILL after 30 s; fails if it outlives that
   local pidfile=$STATE/pids/$1.pid pid
   [ -f "$pidfile" ] || return 0
   pid=$(cat "$pidfile")
   if kill -0 "$pid" 2>/dev/null; then
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$1 (PID $pid) ignored SIGTERM for 30 s: SIGKILL"
+      kill -9 "$pid" 2>/dev/null || true
+      for _ in $(seq 10); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    fi
+    kill -0 "$pid" 2>/dev/null && die "$1 (PID $pid) survived SIGKILL"
   fi
   rm -f "$pidfile"
+}
+
+our_mounts() {  # what the kubelet and dockerd mounted under our directories, deepest first
+  awk -v a="$STATE/" -v b="$CACHE/docker/" 'index($2, a) == 1 || index($2, b) == 1 {print $2}' \
+    /proc/mounts | sort -r
+}
+
+check_clean() {  # after down: nothing of ours may be left for the next run to trip on
+  local left="" name port
+  left=$(our_mounts | head -n 3 | tr '\n' ' ')
+  [ -z "$left" ] || die "mounts left after down: $left"
+  for name in "${!PORTS[@]}"; do
+    for port in ${PORTS[$name]}; do
+      [ -z "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] || left="$left $port($name)"
+    done
+  done
+  [ -z "$left" ] || die "ports still in use after down:$left"
+  left=$(pgrep -f -- "$STATE/|$CACHE/" | grep -vx "$$" | tr '\n' ' ' || true)
+  [ -z "$left" ] || die "processes still running from $STATE or $CACHE after down (PIDs $left)"
 }
 
 cmd_down() {
@@ -352,11 +424,11 @@ cmd_down() {
     [ -z "$ids" ] || docker_ rm -f $ids >/dev/null 2>&1 || true
   fi
   for name in kube-scheduler kube-controller-manager kube-apiserver etcd dockerd; do stop "$name"; done
-  # Unmount what the kubelet and dockerd mounted under our directories, deepest first.
-  awk -v a="$STATE/" -v b="$CACHE/docker/" 'index($2, a) == 1 || index($2, b) == 1 {print $2}' \
-    /proc/mounts | sort -r | while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
+  our_mounts | while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
+  rm -f "$DOCKER_SOCK" "$STATE/docker.pid"  # stale after a killed dockerd
+  check_clean  # before deleting: never rm -rf through a mount that is still there
   rm -rf "$STATE/etcd" "$STATE/kubelet" "$STATE/docker-exec" "$STATE/kubeconfig"
-  log "stopped"
+  log "stopped; no process, mount, port or socket of ours is left"
 }
 
 case "${1:-}" in
