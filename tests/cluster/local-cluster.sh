@@ -334,21 +334,9 @@ wheelhouse() {
   if [ ! -f "$wh/.complete" ]; then
     log "downloading the wheelhouse into $wh"
     rm -rf "$wh" && mkdir -p "$wh"
-    # pip download reuses a wheel already in the target dir: seed it from the newest earlier
-    # wheelhouse (another pyproject.toml), so a dependency change downloads only what changed.
-    local prev
-    prev=$(find "$CACHE" -maxdepth 2 -path "$CACHE/wheelhouse-*/.complete" -printf '%T@ %h\n' \
-      | sort -rn | head -n 1 | cut -d' ' -f2-)
-    [ -z "$prev" ] || { log "seeding it from $prev"; cp -l "$prev"/*.whl "$wh"/ 2>/dev/null || true; }
-    timed "pip download" python3 -m pip download -d "$wh" "torch==2.13.0" "$REPO[train,gpu]" setuptools wheel \
-      >"$wh.log" 2>&1 || { tail -n 20 "$wh.log" >&2; die "pip download failed (log: $wh.log)"; }
-    # Keep only what this resolution uses: a seeded wheel it did not pick must not be offered.
-    sed -n 's/^Saved \(.*\)$/\1/p; s/^File was already downloaded \(.*\)$/\1/p' "$wh.log" \
-      | xargs -r -n 1 basename | sort -u >"$wh/.used"
-    if [ -s "$wh/.used" ]; then
-      find "$wh" -maxdepth 1 -name '*.whl' -printf '%f\n' | sort | comm -23 - "$wh/.used" \
-        | while read -r f; do rm -f "$wh/$f"; done
-    fi
+    timed "pip download" python3 -m pip download -d "$wh" "torch==2.13.0" "$REPO[train,gpu]" \
+      setuptools wheel >"$wh.log" 2>&1 || { tail -n 20 "$wh.log" >&2; die "pip download failed (log: $wh.log)"; }
+    grep '^local-cluster: ' "$wh.log" >&2 || true
     rm -f "$wh"/kubetune-*
     touch "$wh/.complete"
   fi
