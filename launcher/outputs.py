@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.checkpoints import CheckpointManager, FileEntry, Manifest, sha256_file
+from runner.checkpoint.manifest import FileEntry, Manifest, sha256_file
+from runner.checkpoint.publish import CheckpointManager
 from runner.errors import StorageError, UserError
 from runner.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
 

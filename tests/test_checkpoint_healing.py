@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from runner import layout
-from runner.checkpoints import CheckpointManager, NoValidCheckpoint
+from runner.checkpoint.manifest import NoValidCheckpoint
+from runner.checkpoint.publish import CheckpointManager
 from runner.errors import StorageError
 from runner.storage import ObjectStore, open_store
 

@@ -1,4 +1,4 @@
-"""runner.checkpoints against a local directory and a real SeaweedFS server (same suite)."""
+"""runner.checkpoint.publish against a local directory and a real SeaweedFS server (same suite)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 from faultproxy import FaultProxy
 
-from runner.checkpoints import CheckpointManager, Manifest
+from runner.checkpoint.manifest import Manifest
+from runner.checkpoint.publish import CheckpointManager
 from runner.errors import StorageError, StorageUserError
 from runner.storage import ObjectStore, open_store
 

@@ -115,7 +115,7 @@ def test_stale_lease_is_taken_over_and_logged(
 
 def test_lost_lease_stops_the_old_writer(store_uri: str, tmp_path: Path) -> None:
     """A writer whose lease was taken over refuses every further write, checkpoints included."""
-    from runner.checkpoints import CheckpointManager
+    from runner.checkpoint.publish import CheckpointManager
 
     store = open_store(store_uri)
     old = Lease(store, LeaseSettings(timeout_s=0.5, wait_s=0.0), holder="pod-old")

@@ -27,7 +27,7 @@ from runs import RunnerProc
 from s3server import S3Server
 from train_support import make_config, write_dataset
 
-from runner.checkpoints import CheckpointManager
+from runner.checkpoint.publish import CheckpointManager
 from runner.config import config_to_yaml
 from runner.errors import StorageError
 from runner.storage import open_store

@@ -1,4 +1,4 @@
-"""Checkpoint publishing: local folder → store, data first and ``manifest.json`` last.
+"""How a checkpoint is published: local folder → store, data first and ``manifest.json`` last.
 
 A checkpoint ``<prefix>/step-000200/`` exists for readers, resume and pruning only once its
 manifest (every file with size and sha256) has landed. Uploads run in one background thread
@@ -10,8 +10,6 @@ first, then data) and manifest-less leftovers older than the newest checkpoint a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -19,12 +17,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runner.errors import StorageError
+from runner.checkpoint.manifest import (
+    CorruptCheckpoint,
+    FileEntry,
+    Manifest,
+    NoValidCheckpoint,
+    file_entry,
+    sha256_file,
+)
 from runner.layout import (
     CHECKPOINTS,
     MANIFEST,
@@ -41,15 +46,6 @@ _T = TypeVar("_T")
 SET_ASIDE_NOTE = "set-aside.json"
 
 
-class CorruptCheckpoint(StorageError):
-    """A published checkpoint failed its manifest check (bad bytes, missing object, bad
-    manifest): resume sets it aside and falls back to an older one."""
-
-
-class NoValidCheckpoint(StorageError):
-    """Every published checkpoint failed its manifest check; nothing was moved."""
-
-
 @dataclass(frozen=True)
 class Restored:
     """The checkpoint a run resumes from, and the newer ones set aside on the way."""
@@ -58,63 +54,6 @@ class Restored:
     folder: Path
     manifest: Manifest
     set_aside: list[SetAsideCheckpoint]
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a checkpoint, relative to its step folder."""
-
-    key: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The marker written last: a checkpoint exists once this object does."""
-
-    step: int
-    created: str
-    files: tuple[FileEntry, ...]
-    meta: dict[str, Any] = field(default_factory=dict)
-    version: int = 1
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def to_bytes(self) -> bytes:
-        data = asdict(self)
-        data["files"] = [asdict(f) for f in self.files]
-        return json.dumps(data, indent=1, sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> Manifest:
-        try:
-            raw = json.loads(data)
-            files = tuple(FileEntry(str(f["key"]), int(f["size"]), str(f["sha256"]))
-                          for f in raw["files"])  # fmt: skip
-            for f in files:
-                check_key(f.key)
-            return cls(int(raw["step"]), str(raw["created"]), files, dict(raw.get("meta") or {}),
-                       int(raw.get("version", 1)))  # fmt: skip
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpoint(f"unreadable checkpoint manifest {where}: {exc}") from exc
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a local file, read in 4 MiB chunks (the manifest's digest)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_entry(root: Path, rel: str) -> FileEntry:
-    """Size and sha256 of ``root / rel`` as a manifest entry."""
-    path = root / rel
-    return FileEntry(rel, path.stat().st_size, sha256_file(path))
 
 
 def _local_files(local_dir: Path) -> list[str]:
