@@ -97,7 +97,7 @@ class ReportWriter:
         return self._thumbs[key]
 
     def _checkpoints(self) -> list[tuple[int, int, int]]:
-        manager = CheckpointManager(self.store, None, attempts=1)
+        manager = CheckpointManager(self.store, None)
         rows = []
         for step in manager.list_complete():
             try:

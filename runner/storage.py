@@ -17,7 +17,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,29 +284,3 @@ def _write_atomically(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def backoff_delays(attempts: int, base_s: float = 0.2, max_s: float = 8.0) -> Iterator[float]:
-    """Exponential backoff with full jitter: ``attempts - 1`` delays."""
-    import random
-
-    for i in range(attempts - 1):
-        yield random.uniform(0, min(max_s, base_s * 2**i))
-
-
-def retry_transient(
-    fn: Callable[[], Any], attempts: int, *, base_s: float = 0.2, max_s: float = 8.0,
-    on_retry: Callable[[Exception, float], None] | None = None,
-) -> Any:  # fmt: skip
-    """Call ``fn``; on ``StorageError`` (transient, retries exhausted) try again with backoff."""
-    delays = backoff_delays(attempts, base_s, max_s)
-    while True:
-        try:
-            return fn()
-        except StorageError as exc:
-            delay = next(delays, None)
-            if delay is None:
-                raise
-            if on_retry is not None:
-                on_retry(exc, delay)
-            time.sleep(delay)

@@ -221,7 +221,7 @@ def _run_with(
     stop: threading.Event | None,
 ) -> RunResult:
     is_main = accelerator.is_main_process
-    manager = CheckpointManager(store, cfg.max_checkpoints, attempts=1)  # the RunStore retries
+    manager = CheckpointManager(store, cfg.max_checkpoints)  # store: the retrying RunStore
     if is_main:
         manager.on_published = events.checkpoint
     restored = _resume_point(

@@ -15,7 +15,7 @@ import pytest
 from runner import layout
 from runner.errors import EXIT_USER_ERROR, LeaseLost, RunLocked
 from runner.lease import Lease, LeaseSettings
-from runner.run_store import RunStore
+from runner.run_store import RetryPolicy, RunStore
 from runner.storage import open_store
 
 FAST = LeaseSettings(timeout_s=1.0, wait_s=0.0)
@@ -120,7 +120,7 @@ def test_lost_lease_stops_the_old_writer(store_uri: str, tmp_path: Path) -> None
     store = open_store(store_uri)
     old = Lease(store, LeaseSettings(timeout_s=0.5, wait_s=0.0), holder="pod-old")
     old.acquire(heartbeat=False)
-    guarded = RunStore(store, guard=old.check, attempts=1)
+    guarded = RunStore(store, guard=old.check, retry=RetryPolicy(attempts=1))
     guarded.put_bytes("progress.json", b"{}")
     time.sleep(0.8)
     new = Lease(store, LeaseSettings(timeout_s=0.5, wait_s=0.0), holder="pod-new")

@@ -3,7 +3,8 @@
 A checkpoint ``<prefix>/step-000200/`` exists for readers, resume and pruning only once its
 manifest (every file with size and sha256) has landed. Uploads run in one background thread
 (at most one in flight: a second save waits, so a slow store slows training instead of
-growing memory); transient failures are retried per object with backoff. After a manifest
+growing memory). It retries nothing itself: give it a ``runner.run_store.RunStore`` (the one
+retry layer) for a store that can fail transiently. After a manifest
 lands, the oldest complete checkpoints beyond ``max_checkpoints`` are deleted (manifest
 first, then data) and manifest-less leftovers older than the newest checkpoint are removed.
 """
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from runner.checkpoint.manifest import (
     CorruptCheckpoint,
@@ -39,10 +40,9 @@ from runner.layout import (
     step_name,
     utc_now,
 )
-from runner.storage import ObjectStore, check_key, join_key, retry_transient
+from runner.storage import ObjectStore, check_key, join_key
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 SET_ASIDE_NOTE = "set-aside.json"
 
 
@@ -75,9 +75,6 @@ class CheckpointManager:
         max_checkpoints: int | None,
         *,
         prefix: str = CHECKPOINTS,
-        attempts: int = 5,
-        backoff_s: float = 0.5,
-        backoff_max_s: float = 10.0,
         file_concurrency: int = 4,
     ) -> None:
         if max_checkpoints is not None and max_checkpoints < 1:
@@ -85,9 +82,6 @@ class CheckpointManager:
         self.store = store
         self.max_checkpoints = max_checkpoints
         self.prefix = check_key(prefix.strip("/"))
-        self.attempts = attempts
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
         self.file_concurrency = file_concurrency
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -97,13 +91,6 @@ class CheckpointManager:
     def key(self, step: int, name: str = "") -> str:
         """Store key of ``name`` inside the checkpoint of ``step`` (the folder if empty)."""
         return join_key(self.prefix, step_name(step), name)
-
-    def _retry(self, fn: Callable[[], _T], what: str) -> _T:
-        def warn(exc: Exception, delay: float) -> None:
-            log.warning("checkpoint storage: %s failed (%s); retrying in %.1fs", what, exc, delay)
-
-        return retry_transient(fn, self.attempts, base_s=self.backoff_s,
-                               max_s=self.backoff_max_s, on_retry=warn)  # fmt: skip
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -149,19 +136,19 @@ class CheckpointManager:
         files = _local_files(local_dir)
         manifest_key = self.key(step, MANIFEST)
         if self.is_complete(step):  # re-saving a step: unpublish it first
-            self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
+            self.store.delete([manifest_key])
 
         def upload(rel: str) -> FileEntry:
             entry = file_entry(local_dir, rel)
             key = self.key(step, rel)
-            self._retry(lambda: self.store.put_file(key, local_dir / rel), f"upload {key}")
+            self.store.put_file(key, local_dir / rel)
             return entry
 
         with ThreadPoolExecutor(max(1, self.file_concurrency), "ckpt-upload") as pool:
             entries = tuple(pool.map(upload, files))
         manifest = Manifest(step, utc_now(), entries, dict(meta or {}))
         body = manifest.to_bytes()
-        self._retry(lambda: self.store.put_bytes(manifest_key, body), f"publish {manifest_key}")
+        self.store.put_bytes(manifest_key, body)
         log.info(
             "checkpoint %s published (%d files, %.1f MB, %.1fs)",
             self.store.url(manifest_key),
@@ -185,9 +172,6 @@ class CheckpointManager:
 
     def _scan(self) -> dict[int, tuple[bool, list[str]]]:
         """Step → (has manifest, keys) for every ``step-NNNNNN/`` folder under the prefix."""
-        return self._retry(self._scan_once, f"list {self.store.url(self.prefix)}/")
-
-    def _scan_once(self) -> dict[int, tuple[bool, list[str]]]:
         groups: dict[int, tuple[bool, list[str]]] = {}
         base = self.prefix + "/"
         for obj in self.store.list(base + "step-"):
@@ -208,7 +192,7 @@ class CheckpointManager:
     def is_complete(self, step: int) -> bool:
         """Whether the manifest of ``step`` exists."""
         key = self.key(step, MANIFEST)
-        return bool(self._retry(lambda: self.store.exists(key), f"check {key}"))
+        return bool(self.store.exists(key))
 
     def latest(self) -> int | None:
         """The newest complete checkpoint, or None."""
@@ -218,7 +202,7 @@ class CheckpointManager:
     def read_manifest(self, step: int) -> Manifest:
         """The manifest of ``step``; ``FileNotFoundError`` if that checkpoint is not complete."""
         key = self.key(step, MANIFEST)
-        data = self._retry(lambda: self.store.get_bytes(key), f"read {key}")
+        data = self.store.get_bytes(key)
         return Manifest.from_bytes(data, self.store.url(key))
 
     def restore(self, step: int, local_dir: str | Path) -> Manifest:
@@ -230,7 +214,7 @@ class CheckpointManager:
             key, dest = self.key(step, entry.key), local_dir / entry.key
             for attempt in (1, 2):  # one re-download if the bytes do not match
                 try:
-                    self._retry(lambda: self.store.get_file(key, dest), f"download {key}")
+                    self.store.get_file(key, dest)
                 except FileNotFoundError:
                     if self.is_complete(step):
                         where = self.store.url(key)
@@ -286,23 +270,23 @@ class CheckpointManager:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         dest = set_aside_key(step, stamp)
         source = self.key(step) + "/"
-        keys = [o.key for o in self._retry(lambda: list(self.store.list(source)), "list")]
+        keys = [o.key for o in self.store.list(source)]
         with tempfile.TemporaryDirectory(prefix="kubetune-set-aside-") as tmp:
             for key in keys:
                 self._copy(key, f"{dest}/{key[len(source) :]}", Path(tmp) / "object")
         aside = SetAsideCheckpoint(step=step, reason=reason, moved_to=dest)
         note = aside.model_dump_json(indent=2).encode()
-        self._retry(lambda: self.store.put_bytes(f"{dest}/{SET_ASIDE_NOTE}", note), "note")
+        self.store.put_bytes(f"{dest}/{SET_ASIDE_NOTE}", note)
         manifest_key = self.key(step, MANIFEST)
-        self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
-        self._retry(lambda: self.store.delete(keys), f"delete {source}")
+        self.store.delete([manifest_key])
+        self.store.delete(keys)
         log.warning("checkpoint %s set aside to %s: %s", step_name(step),
                     self.store.url(dest), reason)  # fmt: skip
         return aside
 
     def _copy(self, src: str, dst: str, tmp: Path) -> None:
-        self._retry(lambda: self.store.get_file(src, tmp), f"read {src}")
-        self._retry(lambda: self.store.put_file(dst, tmp), f"write {dst}")
+        self.store.get_file(src, tmp)
+        self.store.put_file(dst, tmp)
 
     # -- pruning ------------------------------------------------------------------------------
 
@@ -328,12 +312,11 @@ class CheckpointManager:
         for step in doomed:
             manifest_key = self.key(step, MANIFEST)
             data = [k for k in groups[step][1] if k != manifest_key]
-            self._retry(lambda k=manifest_key: self.store.delete([k]), f"unpublish {manifest_key}")
-            self._retry(lambda d=data: self.store.delete(d), f"delete {self.key(step)}")
+            self.store.delete([manifest_key])
+            self.store.delete(data)
         leftovers = [s for s, (done, _) in groups.items() if not done and s < complete[-1]]
         for step in leftovers:
-            keys = groups[step][1]
-            self._retry(lambda d=keys: self.store.delete(d), f"delete leftover {self.key(step)}")
+            self.store.delete(groups[step][1])
         if doomed or leftovers:
             log.info("pruned checkpoints %s, leftovers %s", doomed, leftovers)
         return doomed
@@ -343,6 +326,6 @@ class CheckpointManager:
         self.wait()
         groups = self._scan()
         manifests = [self.key(s, MANIFEST) for s, (done, _) in groups.items() if done]
-        self._retry(lambda: self.store.delete(manifests), "unpublish all checkpoints")
+        self.store.delete(manifests)
         rest = [k for _, keys in groups.values() for k in keys if k not in set(manifests)]
-        self._retry(lambda: self.store.delete(rest), "delete all checkpoints")
+        self.store.delete(rest)
