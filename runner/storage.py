@@ -198,7 +198,7 @@ class LocalStore:
                 self._remove_empty_parents(path.parent)
 
     # -- conditional writes (the run lease): create-if-absent is a hard link of a complete
-    # temp file (O_EXCL semantics); compare-and-swap runs under an flock on a hidden lock file.
+    # temp file (O_EXCL semantics); compare-and-swap runs under an flock on the key's folder.
 
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist; False if it does."""
@@ -251,12 +251,15 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _key_lock(self, dest: Path) -> Iterator[None]:
+        """An flock on the key's folder itself: no lock file is left among the run's files."""
         with _local_errors(str(dest)):
             dest.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(dest.parent / f"{_TMP_PREFIX}lock-{dest.name}", "ab")  # noqa: SIM115
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _remove_empty_parents(self, directory: Path) -> None:
         while directory != self.root and self.root in directory.parents:

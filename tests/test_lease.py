@@ -214,3 +214,15 @@ def test_lease_of_a_live_process_on_this_host_is_not_taken(store_uri: str) -> No
             Lease(store, LeaseSettings(timeout_s=600, wait_s=0.0), holder="b").acquire()
     finally:
         first.release()
+
+
+def test_a_local_lease_leaves_no_stray_file_in_the_run_dir(tmp_path: Path) -> None:
+    """The compare-and-swap lock of a local store is not a file in the run dir: while held
+    the run dir shows only ``lease.json``; after release it is empty."""
+    run = tmp_path / "run"
+    store = open_store(str(run))
+    lease = Lease(store, FAST, holder="pod-a").acquire(heartbeat=False)
+    lease.renew()  # a compare-and-swap: takes the lock
+    assert sorted(p.name for p in run.rglob("*")) == [layout.LEASE_KEY]
+    lease.release()  # delete-if-ours: takes the lock too
+    assert sorted(p.name for p in tmp_path.rglob("*")) in ([], ["run"])
