@@ -61,6 +61,9 @@ class S3Http:
     ) -> None:
         parts = urlsplit(endpoint)
         host = parts.netloc
+        if addressing_style == "auto":  # botocore's rule: virtual on AWS for DNS-safe names
+            aws = host.endswith(".amazonaws.com") and "." not in bucket
+            addressing_style = "virtual" if aws and bucket == bucket.lower() else "path"
         if addressing_style == "virtual":
             self._base = f"{parts.scheme}://{bucket}.{host}{parts.path.rstrip('/')}/"
         else:
