@@ -11,7 +11,6 @@ import random
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,18 @@ import torch
 from accelerate import Accelerator
 
 from runner.cadence import Cadence
-from runner.checkpointer import (
+from runner.checkpoint.manifest import Manifest, file_entry
+from runner.checkpoint.publish import CheckpointManager
+from runner.checkpoint.state import (
     Checkpointer,
     LoopState,
-    Manager,
     ResumePoint,
     compat_info,
     fetch_latest,
 )
-from runner.checkpoints import Manifest, file_entry
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.data.checks import PreflightReport
-from runner.data.index import save_index
+from runner.data.index import save_index, save_shared_index, shared_index_store
 from runner.errors import DataError, UserError
 from runner.layout import CONFIG_KEY, final_key, final_manifest_key, step_name, utc_now
 from runner.lease import Lease, LeaseSettings
@@ -49,7 +48,6 @@ from runner.storage import ObjectStore, open_store
 from runner.validation import ValidationSettings, Validator
 
 log = logging.getLogger(__name__)
-ManagerFactory = Callable[[ObjectStore, "int | None"], Manager]
 
 
 @dataclass(frozen=True)
@@ -93,12 +91,6 @@ def make_accelerator(cfg: PipelineConfig) -> Accelerator:
     return accelerator
 
 
-def default_manager_factory(store: ObjectStore, max_checkpoints: int | None) -> Manager:
-    from runner.checkpoints import CheckpointManager
-
-    return CheckpointManager(store, max_checkpoints, attempts=1)  # the RunStore retries
-
-
 def place_models(comps: Components, cfg: PipelineConfig, device: torch.device) -> None:
     """Frozen weights in ``weight_dtype`` on the device (SDXL's VAE stays float32 with
     float16 weights: it overflows in half precision)."""
@@ -129,7 +121,7 @@ def build_training(
 
 
 def _resume_point(
-    manager: Manager,
+    manager: CheckpointManager,
     work_dir: Path,
     cfg: PipelineConfig,
     *,
@@ -155,14 +147,15 @@ def run(
     force_restart: bool = False,
     stop: threading.Event | None = None,
     work_dir: str | Path | None = None,
-    manager_factory: ManagerFactory | None = None,
 ) -> RunResult:
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
     from runner.data import preflight
 
     # a bad dataset fails here, before anything is loaded or written; headers only, and none
-    # for images the index stored with the run already knows
-    data = preflight(cfg, run_store=RunStore(open_store(output_uri(cfg), cfg.storage)))
+    # for images that the index stored with the run (or the one beside the runs, from an
+    # earlier run on the same data) already knows
+    run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
+    data = preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
@@ -173,7 +166,6 @@ def run(
             resume=resume,
             force_restart=force_restart,
             stop=stop,
-            manager_factory=manager_factory,
         )
     finally:
         if not given:  # staged checkpoints are published (or the run failed): drop them
@@ -188,7 +180,6 @@ def _run(
     resume: bool,
     force_restart: bool,
     stop: threading.Event | None,
-    manager_factory: ManagerFactory | None,
 ) -> RunResult:
     accelerator = make_accelerator(cfg)
     uri = output_uri(cfg)
@@ -212,7 +203,6 @@ def _run(
                 resume=resume,
                 force_restart=force_restart,
                 stop=stop,
-                manager_factory=manager_factory,
             )
     finally:
         if lease is not None:
@@ -231,10 +221,9 @@ def _run_with(
     resume: bool,
     force_restart: bool,
     stop: threading.Event | None,
-    manager_factory: ManagerFactory | None,
 ) -> RunResult:
     is_main = accelerator.is_main_process
-    manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
+    manager = CheckpointManager(store, cfg.max_checkpoints)  # store: the retrying RunStore
     if is_main:
         manager.on_published = events.checkpoint
     restored = _resume_point(
@@ -251,6 +240,7 @@ def _run_with(
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
         save_index(store, data)
+        save_shared_index(shared_index_store(cfg), data)
     loop = session.loop(stop or threading.Event(), events)
     events.started(state.step)
     try:
@@ -269,7 +259,7 @@ class _Session:
         cfg: PipelineConfig,
         accelerator: Accelerator,
         store: ObjectStore,
-        manager: Manager,
+        manager: CheckpointManager,
         work: Path,
         seed: int,
     ) -> None:
