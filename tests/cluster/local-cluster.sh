@@ -401,8 +401,13 @@ check_clean() {  # after down: nothing of ours may be left for the next run to t
     done
   done
   [ -z "$left" ] || die "ports still in use after down:$left"
-  left=$(pgrep -f -- "$STATE/|$CACHE/" | grep -vx "$$" | tr '\n' ' ' || true)
-  [ -z "$left" ] || die "processes still running from $STATE or $CACHE after down (PIDs $left)"
+  # dockerd's containerd and the shims exit after dockerd: give them a bounded moment.
+  for _ in $(seq 30); do
+    left=$(pgrep -f -- "$STATE/|$CACHE/" | grep -vx "$$" | tr '\n' ' ' || true)
+    [ -n "$left" ] || return 0
+    sleep 1
+  done
+  die "processes still running from $STATE or $CACHE after down: $(ps -o pid=,args= -p "$(echo $left | tr " " ,)" | cut -c1-120)"
 }
 
 cmd_down() {
