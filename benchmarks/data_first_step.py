@@ -3,12 +3,17 @@ photos on S3 (SeaweedFS on 127.0.0.1) with aspect-ratio buckets: 100 vs N images
 index stored with the run) and after a restart (the run's index present). Each measurement
 is a fresh process, as a restarted pod is; pairs are interleaved; ratios from one run.
 
-Model loading is not included (it does not depend on the dataset): the figure is what the
-runner does with the data before step 1 — preflight (listing + header reads), buckets, the
-loader and its first batch.
+Two figures. *Time to first batch* (default): what the runner does with the data before step
+1 — preflight (listing + header reads), buckets, the loader and its first batch — without
+imports or model loading. *Time to first step* (`--full`): the issue's figure, a real
+`python -m runner` process (tiny SD1.5 at 512 px, outputs on the same S3 server) from process
+start until its log shows optimizer step 1 done; the process is then killed (a preempted pod),
+so the *restart* is the same run started again. `--full` also measures a *later run*: a new
+run name over the same data, which finds the index beside the runs.
 
     python benchmarks/make_photos.py /var/tmp/kubetune-photos --count 10000
     .venv/bin/python benchmarks/data_first_step.py /var/tmp/kubetune-photos --big 10000
+    .venv/bin/python benchmarks/data_first_step.py /var/tmp/kubetune-photos --big 10000 --full
 """
 
 from __future__ import annotations
@@ -111,12 +116,90 @@ def one(bucket: str, n: int, run_dir: str, env: dict[str, str]) -> dict[str, Any
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def runner_config(bucket: str, n: int, prefix: str, name: str, endpoint: str) -> dict[str, Any]:
+    """A real run over `ds-<n>`: tiny SD1.5, 512 px buckets, outputs to s3://bucket/prefix."""
+    return {
+        "type": "SD_LORA",
+        "seed": 0,
+        "base_output_dir": f"runs/{name}",
+        "model": "builtin:tiny-sd",
+        "hf_variant": None,
+        "weight_dtype": "float32",
+        "mixed_precision": "no",
+        "data_loader": {
+            "type": "IMAGE_CAPTION_SD_DATA_LOADER",
+            "dataset": {
+                "type": "IMAGE_CAPTION_JSONL_DATASET",
+                "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
+            },
+            "resolution": 512,
+            "aspect_ratio_buckets": BUCKETS,
+        },
+        "train_batch_size": 4,
+        "max_train_steps": 2,
+        "save_every_n_steps": 1000,
+        "log_every_n_steps": 1,
+        "report_to": None,
+        "storage": {"endpoint_url": endpoint, "bucket": bucket, "prefix": prefix},
+    }
+
+
+def first_step(cfg: dict[str, Any], env: dict[str, str], tmp: str) -> float:
+    """Seconds from starting `python -m runner` to its "step 1/" log line; then SIGKILL."""
+    path = Path(tmp) / f"{cfg['base_output_dir'].replace('/', '-')}-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(cfg))
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", str(path)],
+        cwd=ROOT,
+        env={**os.environ, **env, "KUBETUNE_WORK_DIR": tmp + "/work"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    tail: list[str] = []
+    try:
+        for line in proc.stderr:  # bounded: the process ends, or the watchdog kills it
+            tail = (tail + [line])[-40:]
+            if "step 1/" in line:
+                return time.perf_counter() - start
+        raise RuntimeError("the run ended before step 1:\n" + "".join(tail))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def full(a: argparse.Namespace, server: Any, bucket: str, tmp: str) -> None:
+    """Time to first step: cold (fresh prefix), restart (same run), later run (new name)."""
+    results: dict[str, list[float]] = {}
+    watchdog = threading.Timer(3600, lambda: os._exit(3))
+    watchdog.start()
+    try:
+        for r in range(a.rounds):
+            for n in (a.small, a.big):
+                for phase, name in (("cold", "a"), ("restart", "a"), ("later run", "b")):
+                    cfg = runner_config(bucket, n, f"full-{n}-{r}", f"run-{name}", server.endpoint)
+                    seconds = first_step(cfg, server.env(), tmp)
+                    results.setdefault(f"{n} {phase}", []).append(seconds)
+                    print(f"round {r}: {n} {phase}: {seconds:.2f} s", flush=True)
+    finally:
+        watchdog.cancel()
+    base = statistics.median(results[f"{a.small} cold"])
+    print(f"time to first step (python -m runner, median of {a.rounds}), buckets on")
+    for key, runs in results.items():
+        med = statistics.median(runs)
+        print(f"{key:>16}: {med:6.2f} s = {med / base:4.2f}x {a.small} cold; "
+              f"runs {[round(x, 2) for x in runs]}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", type=Path, help="folder from make_photos.py")
     parser.add_argument("--small", type=int, default=100)
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--full", action="store_true", help="time to first step of a real run")
     a = parser.parse_args()
     from s3server import start_server
 
@@ -128,6 +211,8 @@ def main() -> None:
             upload(client, bucket, a.photos, n)
         results: dict[str, list[dict[str, Any]]] = {}
         with tempfile.TemporaryDirectory() as tmp:
+            if a.full:
+                return full(a, server, bucket, tmp)
             for r in range(a.rounds):  # interleaved: small cold, big cold, small/big restart
                 for n in (a.small, a.big):
                     run_dir, env = f"{tmp}/run-{n}-{r}", server.env()

@@ -5,8 +5,9 @@ so a restarted pod neither re-reads the images nor re-encodes them.
 
 An entry is keyed by the model identity, the data-loader settings that change pixels or
 captions (the cache namespace), and the example: its key, byte size and version from the
-dataset index for latents, the final caption text for embeddings. Examples without a version
-(Hugging Face rows) are encoded every start.
+dataset index for latents, the final caption text for embeddings. Hugging Face rows are
+versioned by the Arrow dataset's fingerprint; examples without any version are encoded every
+start.
 """
 
 from __future__ import annotations

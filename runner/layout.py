@@ -10,6 +10,7 @@ Layout (relative to ``base_output_dir`` or ``s3://bucket/prefix/<run>/``)::
     progress.json                        ProgressRecord
     lease.json                           the run's single-writer lease
     data/index.json.gz                   the dataset index stored with the run (gzip'd JSON)
+    ../_kubetune-data-indexes/<sha>.json.gz  the same, beside the runs, per dataset URI
     checkpoints/step-000200/...          a checkpoint; manifest.json is written last
     checkpoints-set-aside/step-000200.<utc>/...  checkpoints that failed their manifest check
     validation/step-000200/...           prompt-<i>-<j>.png, thumb-<i>.jpg and grid.png
@@ -32,6 +33,9 @@ CONFIG_KEY = "config.yaml"
 PROGRESS_KEY = "progress.json"
 LEASE_KEY = "lease.json"
 DATA_INDEX_KEY = "data/index.json.gz"
+DATASET_INDEXES = "_kubetune-data-indexes"
+"""Beside the runs (in the folder holding every run's folder): one dataset index per dataset
+URI, for later runs on the same data. Not a valid run name (DNS-1123 has no '_')."""
 CHECKPOINTS = "checkpoints"
 SET_ASIDE = "checkpoints-set-aside"
 MANIFEST = "manifest.json"

@@ -1,6 +1,8 @@
 """``S3Store``: the S3 half of ``runner.storage`` (boto3 + s3transfer).
 
-Requests are retried by botocore ("standard" or "adaptive" mode); multipart transfers go
+Requests are retried by botocore ("standard" or "adaptive" mode), except listings and ranged
+reads, which go through the lean signed path of ``runner.s3_http`` (same retries and errors,
+without botocore's per-request and XML-parsing cost); multipart transfers go
 through one s3transfer ``TransferManager`` per store (parallel parts, retried downloads into a
 temp file renamed into place). Credentials come only from the environment and never appear
 in messages.
@@ -23,6 +25,7 @@ from typing import Any
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
+from botocore.credentials import Credentials
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -39,6 +42,7 @@ from s3transfer.manager import TransferConfig, TransferManager
 from urllib3.exceptions import ProtocolError
 
 from runner.errors import StorageError, StorageUserError
+from runner.s3_http import S3Http
 from runner.storage import MiB, ObjectInfo, check_key, check_prefix
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -93,6 +97,14 @@ def _env_credentials() -> dict[str, str] | None:
     if token := os.environ.get("AWS_SESSION_TOKEN"):
         creds["aws_session_token"] = token
     return creds
+
+
+def _credentials(creds: dict[str, str] | None) -> Credentials | None:
+    if not creds:
+        return None
+    return Credentials(
+        creds["aws_access_key_id"], creds["aws_secret_access_key"], creds.get("aws_session_token")
+    )
 
 
 class S3Store:
@@ -152,6 +164,19 @@ class S3Store:
         )
         self._manager: TransferManager | None = None
         self._manager_lock = threading.Lock()
+        # listings and ranged header reads: signed by botocore, sent and parsed lean
+        self._http = S3Http(
+            self.endpoint,
+            bucket,
+            region=region,
+            addressing_style=addressing_style,
+            verify_tls=verify_tls,
+            credentials=_credentials(creds),
+            max_attempts=max_attempts,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            pool_size=max(32, 2 * max_concurrency),
+        )
 
     # -- keys and errors ----------------------------------------------------------------------
 
@@ -243,25 +268,11 @@ class S3Store:
         raise AssertionError("unreachable")
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        """Up to ``length`` bytes from offset ``start`` (one ranged GET)."""
-        full, end = self._full(key), start + max(length, 1) - 1
+        """Up to ``length`` bytes from offset ``start`` (one ranged GET, retried on a cut
+        body like any transient failure; b"" when ``start`` is past the end)."""
+        full = self._full(key)
         with self._errors("read", key):
-            for attempt in itertools.count(1):
-                try:
-                    resp = self._client.get_object(
-                        Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end}"
-                    )
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                        return b""  # start at or past the end of the object
-                    raise
-                try:
-                    return resp["Body"].read()[:length]
-                except _STREAM_ERRORS:
-                    if attempt >= self.get_attempts:
-                        raise
-                    time.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+            return self._http.get_range(full, start, length)
 
     def put_file(self, key: str, path: str | Path) -> None:
         full = self._full(key)
@@ -338,15 +349,14 @@ class S3Store:
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
-        paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(
-            Bucket=self.bucket, Prefix=root + prefix, PaginationConfig={"PageSize": self.page_size}
-        )
-        with self._errors("list", prefix or None):
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    etag = str(obj.get("ETag", "")).strip('"')
-                    yield ObjectInfo(obj["Key"][len(root) :], int(obj["Size"]), etag)
+        token: str | None = None
+        while True:  # one page per step of the iterator: the listing stays lazy
+            with self._errors("list", prefix or None):
+                page, token = self._http.list_page(root + prefix, token, self.page_size)
+            for obj in page:
+                yield ObjectInfo(obj.key[len(root) :], obj.size, obj.etag)
+            if token is None:
+                return
 
     def delete(self, keys: Iterable[str]) -> None:
         full = [self._full(k) for k in keys]

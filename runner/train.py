@@ -32,7 +32,7 @@ from runner.checkpointer import (
 from runner.checkpoints import Manifest, file_entry
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.data.checks import PreflightReport
-from runner.data.index import save_index
+from runner.data.index import save_index, save_shared_index, shared_index_store
 from runner.errors import DataError, UserError
 from runner.layout import CONFIG_KEY, final_key, final_manifest_key, step_name, utc_now
 from runner.lease import Lease, LeaseSettings
@@ -161,8 +161,10 @@ def run(
     from runner.data import preflight
 
     # a bad dataset fails here, before anything is loaded or written; headers only, and none
-    # for images the index stored with the run already knows
-    data = preflight(cfg, run_store=RunStore(open_store(output_uri(cfg), cfg.storage)))
+    # for images that the index stored with the run (or the one beside the runs, from an
+    # earlier run on the same data) already knows
+    run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
+    data = preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
@@ -251,6 +253,7 @@ def _run_with(
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
         save_index(store, data)
+        save_shared_index(shared_index_store(cfg), data)
     loop = session.loop(stop or threading.Event(), events)
     events.started(state.step)
     try:

@@ -12,7 +12,7 @@ from runner.config.data import DreamboothSDDataLoaderConfig
 from runner.data.captions import needs_captions
 from runner.data.dreambooth import dreambooth_source
 from runner.data.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
-from runner.data.index import DataIndex, build_index, load_index
+from runner.data.index import DataIndex, build_index, previous_index
 from runner.data.sources import Source, build_source, fetch_pool
 from runner.errors import DataError
 from runner.storage import ObjectStore
@@ -36,11 +36,16 @@ class PreflightReport:
 
 
 def preflight(
-    cfg: Any, max_pixels: int = MAX_IMAGE_PIXELS, *, run_store: ObjectStore | None = None
+    cfg: Any,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    *,
+    run_store: ObjectStore | None = None,
+    shared_store: ObjectStore | None = None,
 ) -> PreflightReport:
     """Check the dataset from its listing and image headers (one ranged read per image not
-    already in the index stored in `run_store`); raise DataError naming the first bad file or
-    line and how many more are bad. Bounded parallel reads; never hangs."""
+    already in the index stored in `run_store` or beside the runs in `shared_store`); raise
+    DataError naming the first bad file or line and how many more are bad. Bounded parallel
+    reads; never hangs."""
     loader_cfg = cfg.data_loader
     need = needs_captions(loader_cfg)
     dreambooth = None
@@ -54,7 +59,7 @@ def preflight(
             need_captions=need,
             need_masks=getattr(cfg, "use_masks", False),
         )
-    result = build_index(source, load_index(run_store), max_pixels)
+    result = build_index(source, previous_index(run_store, shared_store, source), max_pixels)
     errors = list(result.errors)
     if need:
         missing = [r for r in result.source.records if r.caption is None]

@@ -1,25 +1,29 @@
 """The dataset index: per example its store, key, byte size, version (ETag / mtime), image
 height and width and caption, built from one listing plus one ranged header read per image.
 
-It is stored with the run (`INDEX_KEY`) so a restarted run, or a later run writing to the same
-place, reuses it: an entry is reused while the listing still shows the same size and version
-for its image (and caption file), and rescanned otherwise. Memory is O(number of examples).
-No torch here: `launcher validate --data` uses it.
+It is stored with the run (`INDEX_KEY`) and beside the runs, keyed by the dataset's URI
+(`shared_index_key`), so a restarted run and a later run of another name on the same data
+reuse it: an entry is reused while the listing still shows the same size and version for its
+image (and caption file), and rescanned otherwise. Captions given inline (JSONL lines, HF
+rows) always come from the current dataset. Memory is O(number of examples). No torch here:
+`launcher validate --data` uses it.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 from runner.data.images import MAX_IMAGE_PIXELS, image_size_hw
 from runner.data.sources import Source, fetch_pool
 from runner.errors import DataError, StorageError
-from runner.layout import DATA_INDEX_KEY
-from runner.storage import ObjectStore
+from runner.layout import DATA_INDEX_KEY, DATASET_INDEXES
+from runner.storage import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 INDEX_KEY = DATA_INDEX_KEY
@@ -74,25 +78,72 @@ def _row(e: IndexEntry) -> list[Any]:
     return [e.size, e.etag, e.height, e.width, e.caption, e.caption_etag]
 
 
-def load_index(store: ObjectStore | None) -> DataIndex | None:
-    """The index stored in a run's output location, or None (absent or unreadable)."""
+def load_index(store: ObjectStore | None, key: str = INDEX_KEY) -> DataIndex | None:
+    """The index stored at `key` (the run's by default), or None (absent or unreadable)."""
     if store is None:
         return None
     try:
-        return DataIndex.from_bytes(store.get_bytes(INDEX_KEY))
+        return DataIndex.from_bytes(store.get_bytes(key))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, IndexError, OSError, StorageError) as err:
         # only an optimisation: a failed read (retries spent) means a rescan, never a failure
-        log.warning("ignoring an unreadable data index %s: %s", store.url(INDEX_KEY), err)
+        log.warning("ignoring an unreadable data index %s: %s", store.url(key), err)
         return None
 
 
-def save_index(store: ObjectStore, report: Any) -> None:
-    """Store a preflight report's index with the run, unless the stored one is current."""
-    if report.index is None or (report.scanned == 0 and store.exists(INDEX_KEY)):
+def save_index(store: ObjectStore, report: Any, key: str = INDEX_KEY) -> None:
+    """Store a preflight report's index at `key` (the run's by default), unless the stored
+    one is current."""
+    if report.index is None or (report.scanned == 0 and store.exists(key)):
         return
-    store.put_bytes(INDEX_KEY, report.index.to_bytes())
+    store.put_bytes(key, report.index.to_bytes())
+
+
+def save_shared_index(store: ObjectStore | None, report: Any) -> None:
+    """Store the index beside the runs for later runs on the same data; best-effort (a
+    read-only or failing location only costs a later run its header reads)."""
+    if store is None or report.source is None:
+        return
+    try:
+        save_index(store, report, shared_index_key(report.source))
+    except (OSError, StorageError) as err:
+        log.warning("could not store the dataset index beside the runs: %s", err)
+
+
+def shared_index_key(source: Source) -> str:
+    """The key of a dataset's index beside the runs: one per dataset URI (a local path made
+    absolute) and index version."""
+    name = source.name
+    if "://" not in name and os.path.exists(name):
+        name = os.path.abspath(name)
+    digest = hashlib.sha256(f"{INDEX_VERSION}|{name}".encode()).hexdigest()[:32]
+    return f"{DATASET_INDEXES}/{digest}.json.gz"
+
+
+def shared_index_store(cfg: Any) -> ObjectStore | None:
+    """Where dataset indexes live beside the runs: the storage prefix that holds every run
+    (S3), or a local run's parent folder. None when the run has no parent location."""
+    from runner.config.loader import output_uri
+
+    uri = output_uri(cfg)
+    if not uri.startswith("s3://"):
+        uri = os.path.abspath(uri)
+    parent = uri.rstrip("/").rpartition("/")[0]
+    if not parent or parent in ("s3:/", "s3:"):
+        return None
+    return open_store(parent, cfg.storage)
+
+
+def previous_index(
+    run_store: ObjectStore | None, shared: ObjectStore | None, source: Source
+) -> DataIndex | None:
+    """The run's stored index merged over the one beside the runs (either may be absent)."""
+    own = load_index(run_store)
+    other = load_index(shared, shared_index_key(source)) if shared is not None else None
+    if own is None or other is None:
+        return own or other
+    return DataIndex({**other.entries, **own.entries})
 
 
 @dataclass
@@ -177,7 +228,9 @@ def _image_entry(
             and (old.size, old.etag, old.caption_etag) == (rec.size, rec.etag, rec.caption_etag)
             and old.height * old.width <= max_pixels
         ):
-            return old, True
+            # a caption file's text is versioned by its listing; an inline one (JSONL line,
+            # HF row) is the current dataset's, whatever the run that indexed it had
+            return (old if rec.caption_key else replace(old, caption=rec.caption)), True
     try:
         height, width = header_size_hw(source, i, max_pixels)
         caption = source.caption(i)

@@ -508,13 +508,22 @@ def _hf_source(cfg: HFHubImageCaptionDatasetConfig, need_captions: bool) -> Sour
                 hint="set image_column / caption_column",
             )
     captions: list[Any] = list(dataset[cfg.caption_column]) if need_captions else []
+    # no listing: the Arrow dataset's fingerprint (it changes with the data) versions each
+    # row, so the dataset index is reused until the dataset changes
+    version = f"hf:{getattr(dataset, '_fingerprint', '') or ''}"
     records = []
     for row in range(len(dataset)):
         caption = captions[row] if need_captions else None
         if need_captions and not isinstance(caption, str):
             raise DataError(f"{cfg.dataset_name}[{row}]: caption is not text ({caption!r})")
         records.append(
-            Record(id=f"{cfg.dataset_name}[{row}]", image_key="", caption=caption, row=row)
+            Record(
+                id=f"{cfg.dataset_name}[{row}]",
+                image_key="",
+                caption=caption,
+                row=row,
+                etag=version if version != "hf:" else "",
+            )
         )
     return Source(
         cfg.dataset_name, records, [], keep_in_memory=False, hf=_HFRows(dataset, cfg.image_column)

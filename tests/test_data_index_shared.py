@@ -1,0 +1,105 @@
+"""The dataset index beside the runs: a later run (another run name) on the same data reuses
+it without reading a header, a changed object is rescanned alone, captions always come from
+the current dataset — counted through the real S3 server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from data_fixtures import image_bytes, lora_config, upload_tree, write_hf_dataset, write_jsonl
+from s3server import S3Server
+from test_data_index import Reads, reads  # noqa: F401  (the counting fixture)
+
+from runner.config.loader import output_uri
+from runner.data import preflight
+from runner.data.index import load_index, save_index, shared_index_key, shared_index_store
+from runner.storage import open_store
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def s3_jsonl(s3_env: S3Server, s3_bucket: str, tmp_path: Path) -> str:
+    write_jsonl(tmp_path / "ds", [(40, 24), (24, 40), (32, 32), (48, 16)])
+    upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "ds")
+    return f"s3://{s3_bucket}/ds/data.jsonl"
+
+
+def _run_cfg(jsonl: str, bucket: str, name: str) -> object:
+    cfg = lora_config({"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": jsonl})
+    storage = {"bucket": bucket, "prefix": "team"}
+    return type(cfg).model_validate(
+        {**cfg.model_dump(), "base_output_dir": f"/out/{name}", "storage": storage}
+    )
+
+
+def _start(cfg: object) -> object:
+    """What a run does at start and once loaded: preflight, then store both indexes."""
+    run_store = open_store(output_uri(cfg), cfg.storage)  # type: ignore[attr-defined]
+    shared = shared_index_store(cfg)
+    report = preflight(cfg, run_store=run_store, shared_store=shared)
+    save_index(run_store, report)
+    assert shared is not None
+    save_index(shared, report, shared_index_key(report.source))
+    return report
+
+
+def test_a_later_run_on_the_same_data_reads_no_header(
+    s3_env: S3Server,
+    s3_bucket: str,
+    s3_jsonl: str,
+    reads: Reads,  # noqa: F811
+) -> None:
+    first = _start(_run_cfg(s3_jsonl, s3_bucket, "run-a"))
+    assert (first.reused, first.scanned) == (0, 4)
+    shared = shared_index_store(_run_cfg(s3_jsonl, s3_bucket, "run-a"))
+    assert shared is not None and shared.uri == f"s3://{s3_bucket}/team"
+    reads.keys.clear()
+
+    second = _start(_run_cfg(s3_jsonl, s3_bucket, "run-b"))  # a new run name, no run index
+    assert (second.reused, second.scanned) == (4, 0)
+    assert not [k for k in reads.keys if k.endswith(".jpg")]
+    assert second.sizes_hw == first.sizes_hw
+
+    new = image_bytes(20, 36, ".jpg", seed=7)  # one object changes: it alone is re-read
+    s3_env.client().put_object(Bucket=s3_bucket, Key="ds/images/pic-001.jpg", Body=new)
+    reads.keys.clear()
+    third = _start(_run_cfg(s3_jsonl, s3_bucket, "run-c"))
+    assert (third.reused, third.scanned) == (3, 1)
+    assert [k for k in reads.keys if k.endswith(".jpg")] == ["images/pic-001.jpg"]
+    assert third.sizes_hw[1] == (36, 20)
+
+
+def test_captions_come_from_the_current_jsonl_not_the_index(
+    s3_env: S3Server, s3_bucket: str, s3_jsonl: str, tmp_path: Path
+) -> None:
+    """A reused entry keeps its image's size; the caption of a JSONL line is the line's."""
+    _start(_run_cfg(s3_jsonl, s3_bucket, "run-a"))
+    rows = (tmp_path / "ds" / "data.jsonl").read_text().splitlines()
+    edited = [json.dumps({**json.loads(r), "text": f"edited {i}"}) for i, r in enumerate(rows)]
+    body = "\n".join(edited).encode()
+    s3_env.client().put_object(Bucket=s3_bucket, Key="ds/data.jsonl", Body=body)
+    again = _start(_run_cfg(s3_jsonl, s3_bucket, "run-b"))
+    assert again.reused == 4
+    assert [r.caption for r in again.source.records] == [f"edited {i}" for i in range(4)]
+
+
+def test_hf_dataset_index_is_reused_until_the_dataset_changes(tmp_path: Path) -> None:
+    """HF rows have no listing: the Arrow dataset's fingerprint versions every row."""
+    write_hf_dataset(tmp_path / "hf", [(40, 24), (24, 40)])
+    dataset = {"type": "HF_HUB_IMAGE_CAPTION_DATASET", "dataset_name": str(tmp_path / "hf")}
+    cfg = lora_config(dataset)
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "base_output_dir": str(tmp_path / "r")})
+    run_store = open_store(str(tmp_path / "r"))
+    save_index(run_store, preflight(cfg, run_store=run_store))
+    again = preflight(cfg, run_store=run_store)
+    assert (again.reused, again.scanned) == (2, 0)
+    assert load_index(run_store) is not None
+    write_hf_dataset(tmp_path / "hf2", [(40, 24), (16, 16)])  # other content, other fingerprint
+    dataset["dataset_name"] = str(tmp_path / "hf2")
+    other = type(cfg).model_validate({**cfg.model_dump(), "data_loader": {
+        **cfg.data_loader.model_dump(), "dataset": dataset}})  # fmt: skip
+    changed = preflight(other, run_store=run_store)
+    assert changed.scanned == 2 and changed.sizes_hw[1] == (16, 16)
