@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from data_fixtures import lora_config, write_image_dir
+import torch
+from data_fixtures import (
+    lora_config,
+    ti_config,
+    upload_tree,
+    write_hf_dataset,
+    write_image_dir,
+)
+from s3server import S3Server
 
 from runner.data import build_train_dataloader
 from runner.data.buckets import BucketBatchSampler
@@ -105,3 +113,50 @@ def test_position_counts_batches_the_loop_took_not_those_workers_prefetched(
     assert _ids(list(again)) == _ids(rest)
     _, single = _loader(tmp_path, dataloader_num_workers=0)
     assert _ids(taken + rest) == _ids(list(single))  # workers change nothing
+
+
+MIXED = [(48, 24), (24, 48), (32, 32), (40, 30), (30, 40), (60, 20), (33, 32), (22, 45), (36, 36)]
+BUCKETS = {"target_resolution": 32, "start_dim": 16, "end_dim": 64, "divisible_by": 8}
+
+
+def _config(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """One loader configuration per case: each dataset type and loader family."""
+    local = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")}
+    write_image_dir(tmp_path / "d", MIXED)
+    shuffled = dict(random_flip=True, center_crop=False, caption_dropout_rate=0.5)
+    if case == "buckets-in-memory":
+        return lora_config({**local, "keep_in_memory": True}, aspect_ratio_buckets=BUCKETS)
+    if case == "ti":
+        return ti_config({"type": "IMAGE_DIR_DATASET", "dataset_dir": str(tmp_path / "d")})
+    if case == "hf":
+        request.getfixturevalue("monkeypatch").setenv("HF_DATASETS_OFFLINE", "1")
+        write_hf_dataset(tmp_path / "hf", MIXED)
+        hf = {"type": "HF_HUB_IMAGE_CAPTION_DATASET", "dataset_name": str(tmp_path / "hf")}
+        return lora_config(hf, **shuffled)
+    s3: S3Server = request.getfixturevalue("s3_env")
+    bucket = request.getfixturevalue("s3_bucket")
+    upload_tree(s3.client(), bucket, "d", tmp_path / "d")
+    remote = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": f"s3://{bucket}/d"}
+    return lora_config(remote, dataloader_num_workers=2, **shuffled)
+
+
+@pytest.mark.parametrize("case", ["buckets-in-memory", "ti", "hf", "s3-two-workers"])
+def test_every_loader_resumes_mid_epoch_from_the_cursor_alone(
+    case: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Epoch 0, two batches of epoch 1, then the cursor is saved: a fresh loader restored
+    from it yields exactly the rest of epoch 1 and epoch 2 (same pixels and captions)."""
+    cfg = _config(case, tmp_path, request)
+    loader = build_train_dataloader(cfg, seed=2, batch_size=2, device_is_cuda=False)
+    list(loader)
+    batches = iter(loader)
+    next(batches), next(batches)
+    state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 2)
+    expected = list(batches) + list(loader)
+    again = build_train_dataloader(cfg, seed=2, batch_size=2, device_is_cuda=False)
+    again.load_state_dict(state)
+    got = list(again) + list(again)
+    assert _ids(got) == _ids(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
