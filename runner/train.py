@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,22 +157,23 @@ def run(
     stop: threading.Event | None = None,
     work_dir: str | Path | None = None,
     manager_factory: ManagerFactory | None = None,
+    data: Future[PreflightReport] | None = None,
 ) -> RunResult:
-    """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
-    from runner.data import preflight
+    """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint).
+    ``data``: the run's preflight, already started (``runner.data.checks.start_preflight``)."""
+    from runner.data.checks import start_preflight
 
     # a bad dataset fails here, before anything is loaded or written; headers only, and none
     # for images that the index stored with the run (or the one beside the runs, from an
     # earlier run on the same data) already knows
-    run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
-    data = preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
+    report = (data or start_preflight(cfg)).result()
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
         return _run(
             cfg,
             work,
-            data,
+            report,
             resume=resume,
             force_restart=force_restart,
             stop=stop,
