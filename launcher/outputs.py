@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.checkpoints import CheckpointManager, FileEntry, Manifest, sha256_file
+from runner.checkpoint.manifest import FileEntry, Manifest, sha256_file
+from runner.checkpoint.publish import CheckpointManager
 from runner.errors import StorageError, UserError
 from runner.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
+from runner.run_store import RetryPolicy, RunStore
 
 if TYPE_CHECKING:
     from runner.config.cluster import StorageConfig
@@ -69,7 +71,7 @@ class PullResult:
 
 def choose(store: ObjectStore, step: int | None) -> tuple[str, Manifest]:
     """(folder key, manifest): the final weights (step None) or checkpoint ``step``."""
-    manager = CheckpointManager(store, None, attempts=2)
+    manager = CheckpointManager(RunStore(store, retry=RetryPolicy(attempts=2)), None)
     if step is None:
         try:
             raw = store.get_bytes(final_manifest_key())

@@ -44,7 +44,7 @@ FINAL = "final"
 LOGS = "logs"
 HISTORY_KEY = "history.jsonl"
 REPORT_KEY = "report.html"
-# Checkpoint files that are training state, not weights (written by runner.checkpointer);
+# Checkpoint files that are training state, not weights (written by runner.checkpoint.state);
 # `launcher pull` skips them when a manifest has no meta.weights list.
 TRAINING_STATE_FILES = frozenset({"training_state.pt", "trainable.safetensors", "run_info.json"})
 

@@ -27,7 +27,8 @@ from typing import Any, Protocol, TypeVar
 
 from runner.errors import LeaseLost, RunLocked, StorageError
 from runner.layout import LEASE_KEY, utc_now
-from runner.storage import ObjectStore, retry_transient
+from runner.run_store import RetryPolicy
+from runner.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -163,7 +164,8 @@ class Lease:
 
     def _call(self, fn: Callable[[], _T]) -> _T:
         """A lease request, with transient failures retried for about a heartbeat."""
-        return retry_transient(fn, 5, base_s=0.2, max_s=self.settings.heartbeat_s)
+        policy = RetryPolicy(attempts=5, backoff_s=0.2, backoff_max_s=self.settings.heartbeat_s)
+        return policy.call(fn, f"lease {LEASE_KEY}")
 
     def _current(self) -> str:
         try:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from runner.checkpointer import Checkpointer, LoopState
+from runner.checkpoint.state import Checkpointer, LoopState
 from runner.errors import Preempted
 from runner.layout import step_name
 from runner.pipelines.common import Batch, TrainingPipeline

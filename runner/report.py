@@ -10,7 +10,7 @@ import io
 import logging
 from typing import Any
 
-from runner.checkpoints import CheckpointManager
+from runner.checkpoint.publish import CheckpointManager
 from runner.layout import FINAL, REPORT_KEY, VALIDATION, parse_thumb_key, validation_key
 from runner.report_html import ReportData, ValidationEntry, render
 from runner.storage import ObjectStore
@@ -97,7 +97,7 @@ class ReportWriter:
         return self._thumbs[key]
 
     def _checkpoints(self) -> list[tuple[int, int, int]]:
-        manager = CheckpointManager(self.store, None, attempts=1)
+        manager = CheckpointManager(self.store, None)
         rows = []
         for step in manager.list_complete():
             try:

@@ -17,7 +17,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +198,7 @@ class LocalStore:
                 self._remove_empty_parents(path.parent)
 
     # -- conditional writes (the run lease): create-if-absent is a hard link of a complete
-    # temp file (O_EXCL semantics); compare-and-swap runs under an flock on a hidden lock file.
+    # temp file (O_EXCL semantics); compare-and-swap runs under an flock on the key's folder.
 
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist; False if it does."""
@@ -252,12 +251,15 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _key_lock(self, dest: Path) -> Iterator[None]:
+        """An flock on the key's folder itself: no lock file is left among the run's files."""
         with _local_errors(str(dest)):
             dest.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(dest.parent / f"{_TMP_PREFIX}lock-{dest.name}", "ab")  # noqa: SIM115
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _remove_empty_parents(self, directory: Path) -> None:
         while directory != self.root and self.root in directory.parents:
@@ -285,29 +287,3 @@ def _write_atomically(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def backoff_delays(attempts: int, base_s: float = 0.2, max_s: float = 8.0) -> Iterator[float]:
-    """Exponential backoff with full jitter: ``attempts - 1`` delays."""
-    import random
-
-    for i in range(attempts - 1):
-        yield random.uniform(0, min(max_s, base_s * 2**i))
-
-
-def retry_transient(
-    fn: Callable[[], Any], attempts: int, *, base_s: float = 0.2, max_s: float = 8.0,
-    on_retry: Callable[[Exception, float], None] | None = None,
-) -> Any:  # fmt: skip
-    """Call ``fn``; on ``StorageError`` (transient, retries exhausted) try again with backoff."""
-    delays = backoff_delays(attempts, base_s, max_s)
-    while True:
-        try:
-            return fn()
-        except StorageError as exc:
-            delay = next(delays, None)
-            if delay is None:
-                raise
-            if on_retry is not None:
-                on_retry(exc, delay)
-            time.sleep(delay)

@@ -11,7 +11,6 @@ import random
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +21,15 @@ import torch
 from accelerate import Accelerator
 
 from runner.cadence import Cadence
-from runner.checkpointer import (
+from runner.checkpoint.manifest import Manifest, file_entry
+from runner.checkpoint.publish import CheckpointManager
+from runner.checkpoint.state import (
     Checkpointer,
     LoopState,
-    Manager,
     ResumePoint,
     compat_info,
     fetch_latest,
 )
-from runner.checkpoints import Manifest, file_entry
 from runner.config import PipelineConfig, config_to_yaml, output_uri
 from runner.data.checks import PreflightReport
 from runner.data.index import save_index, save_shared_index, shared_index_store
@@ -50,7 +49,6 @@ from runner.storage import ObjectStore, open_store
 from runner.validation import ValidationSettings, Validator
 
 log = logging.getLogger(__name__)
-ManagerFactory = Callable[[ObjectStore, "int | None"], Manager]
 
 
 @dataclass(frozen=True)
@@ -94,12 +92,6 @@ def make_accelerator(cfg: PipelineConfig) -> Accelerator:
     return accelerator
 
 
-def default_manager_factory(store: ObjectStore, max_checkpoints: int | None) -> Manager:
-    from runner.checkpoints import CheckpointManager
-
-    return CheckpointManager(store, max_checkpoints, attempts=1)  # the RunStore retries
-
-
 def place_models(comps: Components, cfg: PipelineConfig, device: torch.device) -> None:
     """Frozen weights in ``weight_dtype`` on the device (SDXL's VAE stays float32 with
     float16 weights: it overflows in half precision)."""
@@ -130,7 +122,7 @@ def build_training(
 
 
 def _resume_point(
-    manager: Manager,
+    manager: CheckpointManager,
     work_dir: Path,
     cfg: PipelineConfig,
     *,
@@ -156,7 +148,6 @@ def run(
     force_restart: bool = False,
     stop: threading.Event | None = None,
     work_dir: str | Path | None = None,
-    manager_factory: ManagerFactory | None = None,
     data: Future[PreflightReport] | None = None,
 ) -> RunResult:
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint).
@@ -166,7 +157,7 @@ def run(
     # a bad dataset fails here, before anything is loaded or written; headers only, and none
     # for images that the index stored with the run (or the one beside the runs, from an
     # earlier run on the same data) already knows
-    report = (data or start_preflight(cfg)).result()
+    report = (data or start_preflight(cfg, process=False)).result()  # no fork: torch is loaded
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
@@ -177,7 +168,6 @@ def run(
             resume=resume,
             force_restart=force_restart,
             stop=stop,
-            manager_factory=manager_factory,
         )
     finally:
         if not given:  # staged checkpoints are published (or the run failed): drop them
@@ -192,7 +182,6 @@ def _run(
     resume: bool,
     force_restart: bool,
     stop: threading.Event | None,
-    manager_factory: ManagerFactory | None,
 ) -> RunResult:
     accelerator = make_accelerator(cfg)
     uri = output_uri(cfg)
@@ -216,7 +205,6 @@ def _run(
                 resume=resume,
                 force_restart=force_restart,
                 stop=stop,
-                manager_factory=manager_factory,
             )
     finally:
         if lease is not None:
@@ -235,10 +223,9 @@ def _run_with(
     resume: bool,
     force_restart: bool,
     stop: threading.Event | None,
-    manager_factory: ManagerFactory | None,
 ) -> RunResult:
     is_main = accelerator.is_main_process
-    manager = (manager_factory or default_manager_factory)(store, cfg.max_checkpoints)
+    manager = CheckpointManager(store, cfg.max_checkpoints)  # store: the retrying RunStore
     if is_main:
         manager.on_published = events.checkpoint
     restored = _resume_point(
@@ -274,7 +261,7 @@ class _Session:
         cfg: PipelineConfig,
         accelerator: Accelerator,
         store: ObjectStore,
-        manager: Manager,
+        manager: CheckpointManager,
         work: Path,
         seed: int,
     ) -> None:

@@ -16,7 +16,7 @@ def test_steps_take_precedence_and_epochs_count_completed_ones() -> None:
 
 
 def test_checkpointer_and_validator_share_it() -> None:
-    from runner.checkpointer import Checkpointer
+    from runner.checkpoint.state import Checkpointer
     from runner.validation import ValidationSettings
 
     assert Checkpointer.__init__.__annotations__["cadence"] in ("Cadence", Cadence)

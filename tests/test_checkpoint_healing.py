@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from runner import layout
-from runner.checkpoints import CheckpointManager, NoValidCheckpoint
+from runner.checkpoint.manifest import NoValidCheckpoint
+from runner.checkpoint.publish import CheckpointManager
 from runner.errors import StorageError
 from runner.storage import ObjectStore, open_store
 
@@ -155,7 +156,7 @@ def test_prune_failure_is_logged_and_the_run_continues(
     store_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = _DeletesFail(open_store(store_uri))
-    manager = CheckpointManager(store, max_checkpoints=1, attempts=1)  # type: ignore[arg-type]
+    manager = CheckpointManager(store, max_checkpoints=1)  # type: ignore[arg-type]
     with caplog.at_level("WARNING"):
         for step in (1, 2):
             manager.save_async(step, _folder(tmp_path, step))

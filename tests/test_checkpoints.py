@@ -1,4 +1,4 @@
-"""runner.checkpoints against a local directory and a real SeaweedFS server (same suite)."""
+"""runner.checkpoint.publish against a local directory and a real SeaweedFS server (same suite)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from types import SimpleNamespace
 import pytest
 from faultproxy import FaultProxy
 
-from runner.checkpoints import CheckpointManager, Manifest
+from runner.checkpoint.manifest import Manifest
+from runner.checkpoint.publish import CheckpointManager
 from runner.errors import StorageError, StorageUserError
+from runner.run_store import RetryPolicy, RunStore
 from runner.storage import ObjectStore, open_store
 
 
@@ -194,7 +196,9 @@ def test_transient_faults_lose_nothing(
 ) -> None:
     store = _proxied(fault_proxy, s3_uri, multipart_threshold=5 * 2**20,
                      multipart_chunksize=5 * 2**20, max_attempts=2)  # fmt: skip
-    manager = CheckpointManager(store, max_checkpoints=2, backoff_s=0.05)
+    manager = CheckpointManager(
+        RunStore(store, retry=RetryPolicy(backoff_s=0.05)), max_checkpoints=2
+    )
     sources = {}
     for step, faults in enumerate([("500", "503"), ("reset", "cut_request"), ("cut_response",)]):
         for fault in faults:
@@ -217,7 +221,7 @@ def test_store_down_for_a_while_is_outlasted(
     fault_proxy: FaultProxy, s3_uri: str, tmp_path: Path
 ) -> None:
     store = _proxied(fault_proxy, s3_uri, max_attempts=2)
-    manager = CheckpointManager(store, max_checkpoints=1, attempts=6, backoff_s=0.5)
+    manager = CheckpointManager(RunStore(store, retry=RetryPolicy(6, 0.5)), max_checkpoints=1)
     manager.save(1, _write_checkpoint(tmp_path, 1))
     fault_proxy.down_for(1.5)
     manager.save(2, _write_checkpoint(tmp_path, 2))
@@ -228,7 +232,7 @@ def test_a_failed_upload_publishes_nothing(
     fault_proxy: FaultProxy, s3_uri: str, tmp_path: Path
 ) -> None:
     store = _proxied(fault_proxy, s3_uri, max_attempts=1)
-    manager = CheckpointManager(store, max_checkpoints=3, attempts=2, backoff_s=0.01)
+    manager = CheckpointManager(RunStore(store, retry=RetryPolicy(2, 0.01)), max_checkpoints=3)
     manager.save(1, _write_checkpoint(tmp_path, 1))
     fault_proxy.inject("500", 5, path_contains="manifest.json", method="PUT")
     manager.save_async(2, _write_checkpoint(tmp_path, 2))
@@ -243,8 +247,8 @@ def test_a_failed_upload_publishes_nothing(
 
 
 def test_permanent_errors_fail_fast_without_retrying(s3_env: object, tmp_path: Path) -> None:
-    manager = CheckpointManager(open_store("s3://missing-bucket-kt/run"), max_checkpoints=1,
-                                attempts=5, backoff_s=5.0)  # fmt: skip
+    slow = RunStore(open_store("s3://missing-bucket-kt/run"), retry=RetryPolicy(5, 5.0))
+    manager = CheckpointManager(slow, max_checkpoints=1)
     start = time.monotonic()
     manager.save_async(1, _write_checkpoint(tmp_path, 1))
     with pytest.raises(StorageUserError, match="missing-bucket-kt"):

@@ -199,7 +199,7 @@ def test_ema_averages_swaps_in_and_restores() -> None:
 def test_resume_refuses_a_dora_or_ema_switch_and_accepts_older_checkpoints(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    from runner.checkpointer import check_compatible, compat_info
+    from runner.checkpoint.state import check_compatible, compat_info
     from runner.errors import ResumeMismatchError
 
     plain = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path)

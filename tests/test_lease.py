@@ -15,7 +15,7 @@ import pytest
 from runner import layout
 from runner.errors import EXIT_USER_ERROR, LeaseLost, RunLocked
 from runner.lease import Lease, LeaseSettings
-from runner.run_store import RunStore
+from runner.run_store import RetryPolicy, RunStore
 from runner.storage import open_store
 
 FAST = LeaseSettings(timeout_s=1.0, wait_s=0.0)
@@ -115,12 +115,12 @@ def test_stale_lease_is_taken_over_and_logged(
 
 def test_lost_lease_stops_the_old_writer(store_uri: str, tmp_path: Path) -> None:
     """A writer whose lease was taken over refuses every further write, checkpoints included."""
-    from runner.checkpoints import CheckpointManager
+    from runner.checkpoint.publish import CheckpointManager
 
     store = open_store(store_uri)
     old = Lease(store, LeaseSettings(timeout_s=0.5, wait_s=0.0), holder="pod-old")
     old.acquire(heartbeat=False)
-    guarded = RunStore(store, guard=old.check, attempts=1)
+    guarded = RunStore(store, guard=old.check, retry=RetryPolicy(attempts=1))
     guarded.put_bytes("progress.json", b"{}")
     time.sleep(0.8)
     new = Lease(store, LeaseSettings(timeout_s=0.5, wait_s=0.0), holder="pod-new")
@@ -214,3 +214,15 @@ def test_lease_of_a_live_process_on_this_host_is_not_taken(store_uri: str) -> No
             Lease(store, LeaseSettings(timeout_s=600, wait_s=0.0), holder="b").acquire()
     finally:
         first.release()
+
+
+def test_a_local_lease_leaves_no_stray_file_in_the_run_dir(tmp_path: Path) -> None:
+    """The compare-and-swap lock of a local store is not a file in the run dir: while held
+    the run dir shows only ``lease.json``; after release it is empty."""
+    run = tmp_path / "run"
+    store = open_store(str(run))
+    lease = Lease(store, FAST, holder="pod-a").acquire(heartbeat=False)
+    lease.renew()  # a compare-and-swap: takes the lock
+    assert sorted(p.name for p in run.rglob("*")) == [layout.LEASE_KEY]
+    lease.release()  # delete-if-ours: takes the lock too
+    assert sorted(p.name for p in tmp_path.rglob("*")) in ([], ["run"])

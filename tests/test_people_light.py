@@ -11,7 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from launcher.cli import main
-from runner.checkpoints import Manifest, file_entry
+from runner.checkpoint.manifest import Manifest, file_entry
 from runner.layout import final_manifest_key, utc_now
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "PIL")
@@ -72,7 +72,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_layout_keys_for_people() -> None:
-    from runner import checkpointer, layout
+    from runner import layout
+    from runner.checkpoint import state as checkpointer
 
     assert layout.thumb_key(40, 1) == "validation/step-000040/thumb-1.jpg"
     assert layout.parse_thumb_key(layout.thumb_key(1_234_567, 12)) == (1_234_567, 12)

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from train_support import make_config
 
 from runner.cadence import Cadence
-from runner.checkpointer import LoopState, rng_state, set_rng_state
+from runner.checkpoint.state import LoopState, rng_state, set_rng_state
 from runner.errors import DataError
 from runner.loop import step_inputs
 from runner.losses import diffusion_loss, snr

@@ -2,7 +2,7 @@
 
 Everything is read through `runner.storage` (local directory or S3). Listing is lazy and
 paginated; only keys are held in memory. Bytes are fetched on demand (in parallel by the
-caller, see `fetch_many`); `keep_in_memory` keeps decoded images in the loader, not bytes here.
+caller, through `fetch_pool`); `keep_in_memory` keeps decoded images in the loader, not bytes here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 import posixpath
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -185,12 +185,6 @@ class Source:
         """The URI of the store holding the example ("" for HF rows)."""
         rec = self.records[index]
         return self.stores[rec.store].uri if rec.row is None else ""
-
-    def fetch_many(self, indices: Sequence[int]) -> list[RawExample]:
-        """Fetch several examples with the bounded parallel pool, in order."""
-        if len(indices) <= 1:
-            return [self.fetch(i) for i in indices]
-        return list(fetch_pool().map(self.fetch, indices))
 
     def _url(self, rec: Record, key: str) -> str:
         return self.stores[rec.store].get().url(key)

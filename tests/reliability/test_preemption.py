@@ -21,7 +21,7 @@ from runs import RunnerProc
 from safetensors.torch import load_file
 from train_support import config_file, make_config, train, write_dataset
 
-from runner.checkpoints import CheckpointManager
+from runner.checkpoint.publish import CheckpointManager
 from runner.errors import EXIT_PREEMPTED
 from runner.storage import open_store
 

@@ -27,7 +27,7 @@ from runs import RunnerProc
 from s3server import S3Server
 from train_support import make_config, write_dataset
 
-from runner.checkpoints import CheckpointManager
+from runner.checkpoint.publish import CheckpointManager
 from runner.config import config_to_yaml
 from runner.errors import StorageError
 from runner.storage import open_store
@@ -41,7 +41,7 @@ class Reader(threading.Thread):
 
     def __init__(self, uri: str, scratch: Path) -> None:
         super().__init__(daemon=True)
-        self.manager = CheckpointManager(open_store(uri), None, attempts=1)
+        self.manager = CheckpointManager(open_store(uri), None)
         self.scratch, self.stop = scratch, threading.Event()
         self.partial, self.verified, self.newest_lost, self.polls = 0, 0, 0, 0
         self.newest = -1

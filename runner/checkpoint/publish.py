@@ -1,17 +1,16 @@
-"""Checkpoint publishing: local folder → store, data first and ``manifest.json`` last.
+"""How a checkpoint is published: local folder → store, data first and ``manifest.json`` last.
 
 A checkpoint ``<prefix>/step-000200/`` exists for readers, resume and pruning only once its
 manifest (every file with size and sha256) has landed. Uploads run in one background thread
 (at most one in flight: a second save waits, so a slow store slows training instead of
-growing memory); transient failures are retried per object with backoff. After a manifest
+growing memory). It retries nothing itself: give it a ``runner.run_store.RunStore`` (the one
+retry layer) for a store that can fail transiently. After a manifest
 lands, the oldest complete checkpoints beyond ``max_checkpoints`` are deleted (manifest
 first, then data) and manifest-less leftovers older than the newest checkpoint are removed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -19,12 +18,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from runner.errors import StorageError
+from runner.checkpoint.manifest import (
+    CorruptCheckpoint,
+    FileEntry,
+    Manifest,
+    NoValidCheckpoint,
+    file_entry,
+    sha256_file,
+)
 from runner.layout import (
     CHECKPOINTS,
     MANIFEST,
@@ -34,20 +40,10 @@ from runner.layout import (
     step_name,
     utc_now,
 )
-from runner.storage import ObjectStore, check_key, join_key, retry_transient
+from runner.storage import ObjectStore, check_key, join_key
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 SET_ASIDE_NOTE = "set-aside.json"
-
-
-class CorruptCheckpoint(StorageError):
-    """A published checkpoint failed its manifest check (bad bytes, missing object, bad
-    manifest): resume sets it aside and falls back to an older one."""
-
-
-class NoValidCheckpoint(StorageError):
-    """Every published checkpoint failed its manifest check; nothing was moved."""
 
 
 @dataclass(frozen=True)
@@ -58,63 +54,6 @@ class Restored:
     folder: Path
     manifest: Manifest
     set_aside: list[SetAsideCheckpoint]
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a checkpoint, relative to its step folder."""
-
-    key: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The marker written last: a checkpoint exists once this object does."""
-
-    step: int
-    created: str
-    files: tuple[FileEntry, ...]
-    meta: dict[str, Any] = field(default_factory=dict)
-    version: int = 1
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def to_bytes(self) -> bytes:
-        data = asdict(self)
-        data["files"] = [asdict(f) for f in self.files]
-        return json.dumps(data, indent=1, sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> Manifest:
-        try:
-            raw = json.loads(data)
-            files = tuple(FileEntry(str(f["key"]), int(f["size"]), str(f["sha256"]))
-                          for f in raw["files"])  # fmt: skip
-            for f in files:
-                check_key(f.key)
-            return cls(int(raw["step"]), str(raw["created"]), files, dict(raw.get("meta") or {}),
-                       int(raw.get("version", 1)))  # fmt: skip
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpoint(f"unreadable checkpoint manifest {where}: {exc}") from exc
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a local file, read in 4 MiB chunks (the manifest's digest)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_entry(root: Path, rel: str) -> FileEntry:
-    """Size and sha256 of ``root / rel`` as a manifest entry."""
-    path = root / rel
-    return FileEntry(rel, path.stat().st_size, sha256_file(path))
 
 
 def _local_files(local_dir: Path) -> list[str]:
@@ -136,9 +75,6 @@ class CheckpointManager:
         max_checkpoints: int | None,
         *,
         prefix: str = CHECKPOINTS,
-        attempts: int = 5,
-        backoff_s: float = 0.5,
-        backoff_max_s: float = 10.0,
         file_concurrency: int = 4,
     ) -> None:
         if max_checkpoints is not None and max_checkpoints < 1:
@@ -146,9 +82,6 @@ class CheckpointManager:
         self.store = store
         self.max_checkpoints = max_checkpoints
         self.prefix = check_key(prefix.strip("/"))
-        self.attempts = attempts
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
         self.file_concurrency = file_concurrency
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -158,13 +91,6 @@ class CheckpointManager:
     def key(self, step: int, name: str = "") -> str:
         """Store key of ``name`` inside the checkpoint of ``step`` (the folder if empty)."""
         return join_key(self.prefix, step_name(step), name)
-
-    def _retry(self, fn: Callable[[], _T], what: str) -> _T:
-        def warn(exc: Exception, delay: float) -> None:
-            log.warning("checkpoint storage: %s failed (%s); retrying in %.1fs", what, exc, delay)
-
-        return retry_transient(fn, self.attempts, base_s=self.backoff_s,
-                               max_s=self.backoff_max_s, on_retry=warn)  # fmt: skip
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -210,19 +136,19 @@ class CheckpointManager:
         files = _local_files(local_dir)
         manifest_key = self.key(step, MANIFEST)
         if self.is_complete(step):  # re-saving a step: unpublish it first
-            self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
+            self.store.delete([manifest_key])
 
         def upload(rel: str) -> FileEntry:
             entry = file_entry(local_dir, rel)
             key = self.key(step, rel)
-            self._retry(lambda: self.store.put_file(key, local_dir / rel), f"upload {key}")
+            self.store.put_file(key, local_dir / rel)
             return entry
 
         with ThreadPoolExecutor(max(1, self.file_concurrency), "ckpt-upload") as pool:
             entries = tuple(pool.map(upload, files))
         manifest = Manifest(step, utc_now(), entries, dict(meta or {}))
         body = manifest.to_bytes()
-        self._retry(lambda: self.store.put_bytes(manifest_key, body), f"publish {manifest_key}")
+        self.store.put_bytes(manifest_key, body)
         log.info(
             "checkpoint %s published (%d files, %.1f MB, %.1fs)",
             self.store.url(manifest_key),
@@ -246,9 +172,6 @@ class CheckpointManager:
 
     def _scan(self) -> dict[int, tuple[bool, list[str]]]:
         """Step → (has manifest, keys) for every ``step-NNNNNN/`` folder under the prefix."""
-        return self._retry(self._scan_once, f"list {self.store.url(self.prefix)}/")
-
-    def _scan_once(self) -> dict[int, tuple[bool, list[str]]]:
         groups: dict[int, tuple[bool, list[str]]] = {}
         base = self.prefix + "/"
         for obj in self.store.list(base + "step-"):
@@ -269,7 +192,7 @@ class CheckpointManager:
     def is_complete(self, step: int) -> bool:
         """Whether the manifest of ``step`` exists."""
         key = self.key(step, MANIFEST)
-        return bool(self._retry(lambda: self.store.exists(key), f"check {key}"))
+        return bool(self.store.exists(key))
 
     def latest(self) -> int | None:
         """The newest complete checkpoint, or None."""
@@ -279,7 +202,7 @@ class CheckpointManager:
     def read_manifest(self, step: int) -> Manifest:
         """The manifest of ``step``; ``FileNotFoundError`` if that checkpoint is not complete."""
         key = self.key(step, MANIFEST)
-        data = self._retry(lambda: self.store.get_bytes(key), f"read {key}")
+        data = self.store.get_bytes(key)
         return Manifest.from_bytes(data, self.store.url(key))
 
     def restore(self, step: int, local_dir: str | Path) -> Manifest:
@@ -291,7 +214,7 @@ class CheckpointManager:
             key, dest = self.key(step, entry.key), local_dir / entry.key
             for attempt in (1, 2):  # one re-download if the bytes do not match
                 try:
-                    self._retry(lambda: self.store.get_file(key, dest), f"download {key}")
+                    self.store.get_file(key, dest)
                 except FileNotFoundError:
                     if self.is_complete(step):
                         where = self.store.url(key)
@@ -347,23 +270,23 @@ class CheckpointManager:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         dest = set_aside_key(step, stamp)
         source = self.key(step) + "/"
-        keys = [o.key for o in self._retry(lambda: list(self.store.list(source)), "list")]
+        keys = [o.key for o in self.store.list(source)]
         with tempfile.TemporaryDirectory(prefix="kubetune-set-aside-") as tmp:
             for key in keys:
                 self._copy(key, f"{dest}/{key[len(source) :]}", Path(tmp) / "object")
         aside = SetAsideCheckpoint(step=step, reason=reason, moved_to=dest)
         note = aside.model_dump_json(indent=2).encode()
-        self._retry(lambda: self.store.put_bytes(f"{dest}/{SET_ASIDE_NOTE}", note), "note")
+        self.store.put_bytes(f"{dest}/{SET_ASIDE_NOTE}", note)
         manifest_key = self.key(step, MANIFEST)
-        self._retry(lambda: self.store.delete([manifest_key]), f"unpublish {manifest_key}")
-        self._retry(lambda: self.store.delete(keys), f"delete {source}")
+        self.store.delete([manifest_key])
+        self.store.delete(keys)
         log.warning("checkpoint %s set aside to %s: %s", step_name(step),
                     self.store.url(dest), reason)  # fmt: skip
         return aside
 
     def _copy(self, src: str, dst: str, tmp: Path) -> None:
-        self._retry(lambda: self.store.get_file(src, tmp), f"read {src}")
-        self._retry(lambda: self.store.put_file(dst, tmp), f"write {dst}")
+        self.store.get_file(src, tmp)
+        self.store.put_file(dst, tmp)
 
     # -- pruning ------------------------------------------------------------------------------
 
@@ -389,12 +312,11 @@ class CheckpointManager:
         for step in doomed:
             manifest_key = self.key(step, MANIFEST)
             data = [k for k in groups[step][1] if k != manifest_key]
-            self._retry(lambda k=manifest_key: self.store.delete([k]), f"unpublish {manifest_key}")
-            self._retry(lambda d=data: self.store.delete(d), f"delete {self.key(step)}")
+            self.store.delete([manifest_key])
+            self.store.delete(data)
         leftovers = [s for s, (done, _) in groups.items() if not done and s < complete[-1]]
         for step in leftovers:
-            keys = groups[step][1]
-            self._retry(lambda d=keys: self.store.delete(d), f"delete leftover {self.key(step)}")
+            self.store.delete(groups[step][1])
         if doomed or leftovers:
             log.info("pruned checkpoints %s, leftovers %s", doomed, leftovers)
         return doomed
@@ -404,6 +326,6 @@ class CheckpointManager:
         self.wait()
         groups = self._scan()
         manifests = [self.key(s, MANIFEST) for s, (done, _) in groups.items() if done]
-        self._retry(lambda: self.store.delete(manifests), "unpublish all checkpoints")
+        self.store.delete(manifests)
         rest = [k for _, keys in groups.values() for k in keys if k not in set(manifests)]
-        self._retry(lambda: self.store.delete(rest), "delete all checkpoints")
+        self.store.delete(rest)

@@ -4,7 +4,7 @@ A folder ``checkpoints/step-XXXXXX/`` holds the user-facing outputs (LoRA / embe
 ``trainable.safetensors`` (exact float32 trained weights), ``training_state.pt``
 (optimizer, LR scheduler, grad scaler, RNG states, loop position, data-loader position) and
 ``run_info.json`` (the config fields a resumed run must share). Uploading, manifests and
-pruning belong to ``runner.checkpoints.CheckpointManager``.
+pruning belong to ``runner.checkpoint.publish.CheckpointManager``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from runner.layout import CHECKPOINTS, step_name
 from runner.pipelines.common import TrainingPipeline
 
 if TYPE_CHECKING:  # pragma: no cover
-    from runner.checkpoints import Restored
+    from runner.checkpoint.publish import CheckpointManager
     from runner.layout import SetAsideCheckpoint
 
 log = logging.getLogger(__name__)
@@ -51,20 +50,6 @@ COMPAT_FIELDS = (
 )
 COMPAT_DEFAULTS: dict[str, Any] = {"use_dora": False, "ema": False}
 """What a checkpoint written before a compat field existed implies for it."""
-
-
-class Manager(Protocol):
-    """``runner.checkpoints.CheckpointManager`` as this module uses it."""
-
-    on_published: Callable[[int], None] | None
-
-    def save_async(
-        self, step: int, local_dir: Path, *, meta: dict[str, Any] | None = None
-    ) -> None: ...
-    def latest(self) -> int | None: ...
-    def restore_newest_valid(self, root: Path, *, heal: bool = True) -> Restored | None: ...
-    def wait(self) -> None: ...
-    def delete_all(self) -> None: ...
 
 
 @dataclass
@@ -138,7 +123,7 @@ class Checkpointer:
     def __init__(
         self,
         cadence: Cadence,
-        manager: Manager,
+        manager: CheckpointManager,
         work_dir: Path,
         compat: dict[str, Any],
         pipeline: TrainingPipeline,
@@ -217,7 +202,7 @@ class ResumePoint:
 
 
 def fetch_latest(
-    manager: Manager, work_dir: Path, cfg: PipelineConfig, *, heal: bool = True
+    manager: CheckpointManager, work_dir: Path, cfg: PipelineConfig, *, heal: bool = True
 ) -> ResumePoint | None:
     """Download the newest valid checkpoint and check it fits ``cfg``; None if none.
     ``heal``: set aside newer checkpoints that fail their manifest check (main process)."""
