@@ -11,6 +11,7 @@ import random
 import shutil
 import tempfile
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,22 +148,23 @@ def run(
     force_restart: bool = False,
     stop: threading.Event | None = None,
     work_dir: str | Path | None = None,
+    data: Future[PreflightReport] | None = None,
 ) -> RunResult:
-    """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
-    from runner.data import preflight
+    """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint).
+    ``data``: the run's preflight, already started (``runner.data.checks.start_preflight``)."""
+    from runner.data.checks import start_preflight
 
     # a bad dataset fails here, before anything is loaded or written; headers only, and none
     # for images that the index stored with the run (or the one beside the runs, from an
     # earlier run on the same data) already knows
-    run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
-    data = preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
+    report = (data or start_preflight(cfg, process=False)).result()  # no fork: torch is loaded
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
         return _run(
             cfg,
             work,
-            data,
+            report,
             resume=resume,
             force_restart=force_restart,
             stop=stop,
@@ -304,7 +306,7 @@ class _Session:
             "optimizer": optimizer,
             "lr_scheduler": lr_scheduler,
             "generator": GeneratorState(self.generator),
-            "loader": self.loader,
+            "data": self.loader,  # the data cursor: its sampler's epoch and position
         }
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
@@ -327,7 +329,7 @@ class _Session:
         log.info(
             "resumed from checkpoint %s (epoch %d)%s",
             step_name(state.step),
-            state.epoch + 1,
+            self.loader.epoch + 1,
             "".join(f"; set aside {step_name(a.step)} ({a.reason})" for a in restored.set_aside),
         )
         return state
