@@ -306,7 +306,7 @@ class _Session:
             "optimizer": optimizer,
             "lr_scheduler": lr_scheduler,
             "generator": GeneratorState(self.generator),
-            "loader": self.loader,
+            "data": self.loader,  # the data cursor: its sampler's epoch and position
         }
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler
@@ -329,7 +329,7 @@ class _Session:
         log.info(
             "resumed from checkpoint %s (epoch %d)%s",
             step_name(state.step),
-            state.epoch + 1,
+            self.loader.epoch + 1,
             "".join(f"; set aside {step_name(a.step)} ({a.reason})" for a in restored.set_aside),
         )
         return state
