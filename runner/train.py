@@ -306,7 +306,7 @@ class _Session:
             "optimizer": optimizer,
             "lr_scheduler": lr_scheduler,
             "generator": GeneratorState(self.generator),
-            "data": self.loader,  # the data cursor: its sampler's epoch and position
+            "data": self.loader.sampler,  # the data cursor (epoch, position): its one owner
         }
         if self.accelerator.scaler is not None:
             objects["scaler"] = self.accelerator.scaler

@@ -134,7 +134,7 @@ class Checkpointer:
     ``compat`` is ``compat_info(cfg)`` (the config fields a resumed run must share, written
     to ``run_info.json``); ``objects`` holds everything else with a ``state_dict`` that must
     resume exactly (optimizer, lr_scheduler, scaler, generator wrapper, and ``data``: the
-    loader, whose sampler holds the data cursor).
+    loader's batch sampler, the one owner of the data cursor).
     """
 
     def __init__(
