@@ -7,7 +7,8 @@ epoch over a folder with and without `keep_in_memory` (fresh processes).
     python benchmarks/make_photos.py /var/tmp/kubetune-photos-mixed --count 200 --mixed \\
         --max-side 1000
     .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos-mixed --images 48
-    .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos --rss --images 10000
+    .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos --rss --images 10000 \\
+        --container-gib 4
 """
 
 from __future__ import annotations
@@ -170,9 +171,14 @@ def step_time(args: argparse.Namespace) -> None:
     )
 
 
-def rss_epoch(data: str, side: int, keep: bool) -> None:
-    """One epoch in this process; prints peak RSS (MiB) and seconds."""
-    from runner.data import build_train_dataloader
+def rss_epoch(data: str, side: int, keep: bool, container_gib: float = 0.0) -> None:
+    """One epoch in this process; prints peak RSS (MiB), seconds and how many decoded images
+    `keep_in_memory` held. `container_gib` simulates a container memory limit (the budget is
+    half of it) on a machine where a real one cannot be set."""
+    from runner.data import build_train_dataloader, memory
+
+    if container_gib:
+        memory.memory_limit_bytes = lambda: int(container_gib * 2**30)
 
     cfg = loader_config(Path(data), side, keep)
     loader = build_train_dataloader(cfg, seed=0, batch_size=8, device_is_cuda=False)
@@ -180,7 +186,10 @@ def rss_epoch(data: str, side: int, keep: bool) -> None:
     for _ in loader:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"keep": keep, "peak_rss_mib": peak, "seconds": time.perf_counter() - start}))
+    kept = loader.dataset.memory
+    held = {"kept": len(kept), "kept_mib": kept.used / 2**20} if kept is not None else {}
+    seconds = time.perf_counter() - start
+    print(json.dumps({"keep": keep, "peak_rss_mib": peak, "seconds": seconds, **held}))
 
 
 def rss(args: argparse.Namespace) -> None:
@@ -188,14 +197,16 @@ def rss(args: argparse.Namespace) -> None:
     try:
         data = subset(args.photos, args.images, tmp / "data")
         for keep in (False, True):
-            call = f"rss_epoch({str(data)!r}, {args.side}, {keep})"
+            call = f"rss_epoch({str(data)!r}, {args.side}, {keep}, {args.container_gib})"
             code = f"from data_step_time import rss_epoch; {call}"
             out = subprocess.run(
                 [sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True
             )
             row = json.loads(out.stdout.strip().splitlines()[-1])
+            held = f", kept {row['kept']} images ({row['kept_mib']:.0f} MiB)" if keep else ""
             print(f"{args.images} photos at {args.side}px, keep_in_memory={keep}: peak RSS "
-                  f"{row['peak_rss_mib']:.0f} MiB, epoch {row['seconds']:.0f} s")  # fmt: skip
+                  f"{row['peak_rss_mib']:.0f} MiB, epoch {row['seconds']:.0f} s{held}")  # fmt: skip
+            print(out.stderr.strip()[-400:] if "budget" in out.stderr else "", end="")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -208,6 +219,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rss", action="store_true", help="peak RSS with/without keep_in_memory")
+    parser.add_argument(
+        "--container-gib", type=float, default=0.0, help="--rss: simulated container limit"
+    )
     args = parser.parse_args()
     (rss if args.rss else step_time)(args)
 

@@ -71,12 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         from runner.config import load_config
 
         cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
+        from runner.data.checks import start_preflight
+
+        data = start_preflight(cfg)  # listing + header reads overlap the imports below
         from runner.loop import install_sigterm_handler
         from runner.train import run
 
         stop = install_sigterm_handler()
 
-        run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop)
+        run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop, data=data)
     except KubetuneError as err:
         print(f"kubetune: error: {err}", file=sys.stderr)
         return err.exit_code

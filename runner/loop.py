@@ -115,6 +115,8 @@ class StepRunner:
 @dataclass
 class StepInput:
     group: list[Batch]
+    epoch: int
+    """The epoch the group's batches come from (for progress)."""
     completed_epoch: int | None
     """Epochs completed once this step is done (set only on an epoch's last step)."""
 
@@ -123,22 +125,17 @@ class StepInput:
         return sum(len(b["caption"]) for b in self.group)
 
 
-def step_inputs(loader: Any, accumulation: int, state: LoopState) -> Iterator[StepInput]:
-    """Group the loader's batches into optimizer steps, never across an epoch boundary;
-    ``state``'s epoch / batch position is advanced before each step is handed out."""
-    per_epoch = len(loader)
+def step_inputs(loader: Any, accumulation: int) -> Iterator[StepInput]:
+    """Group the loader's batches into optimizer steps, never across an epoch boundary.
+    The loader's sampler owns the data cursor: an epoch ends when its epoch moves on."""
     while True:
         group: list[Batch] = []
+        epoch = loader.epoch
         for batch in loader:  # the rest of the loader's current epoch
             group.append(batch)
-            state.batch_in_epoch += 1
-            epoch_done = state.batch_in_epoch >= per_epoch
+            epoch_done = loader.epoch != epoch
             if len(group) == accumulation or epoch_done:
-                completed = None
-                if epoch_done:
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                    completed = state.epoch
-                yield StepInput(group, completed)
+                yield StepInput(group, epoch, loader.epoch if epoch_done else None)
                 group = []
 
 
@@ -160,13 +157,12 @@ class Loop:
         """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
         if state.step >= self.total_steps:
             return
-        for item in step_inputs(self.loader, self.accumulation, state):
+        for item in step_inputs(self.loader, self.accumulation):
             loss = self.runner.run(item.group, state.step)
             state.step += 1
             log.debug("step %d done", state.step)
-            epoch = state.epoch if item.completed_epoch is None else item.completed_epoch - 1
             self.progress.update(
-                state.step, epoch, loss, self.runner.lr, item.images, self.runner.lrs
+                state.step, item.epoch, loss, self.runner.lr, item.images, self.runner.lrs
             )
             if self.checkpointer.maybe_save(state, item.completed_epoch):
                 self.progress.note(last_checkpoint_step=state.step)

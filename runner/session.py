@@ -187,14 +187,14 @@ def build_session(
         "optimizer": optimizer,
         "lr_scheduler": lr_scheduler,
         "generator": GeneratorState(generator),
-        "loader": loader,
+        "data": loader,  # the data cursor: its sampler's epoch and position
     }
     if accelerator.scaler is not None:
         objects["scaler"] = accelerator.scaler
     if pipeline.ema is not None:
         objects["ema"] = pipeline.ema
     checkpointer = Checkpointer(settings.checkpoint, manager, pipeline, objects)
-    state = _restore(checkpointer, restored)
+    state = _restore(checkpointer, restored, loader)
     out = store if settings.is_main else None
     progress = _progress(settings, schedule, out, restored, events)
     validator = Validator(settings.validation, pipeline, out, device, on_images=progress.log_images)
@@ -205,14 +205,14 @@ def build_session(
     return session
 
 
-def _restore(checkpointer: Checkpointer, restored: ResumePoint | None) -> LoopState:
+def _restore(checkpointer: Checkpointer, restored: ResumePoint | None, loader: Any) -> LoopState:
     if restored is None:
         return LoopState()
     state = checkpointer.restore(restored.folder)
     log.info(
         "resumed from checkpoint %s (epoch %d)%s",
         step_name(state.step),
-        state.epoch + 1,
+        loader.epoch + 1,
         "".join(f"; set aside {step_name(a.step)} ({a.reason})" for a in restored.set_aside),
     )
     return state

@@ -10,6 +10,7 @@ import random
 import shutil
 import tempfile
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -79,22 +80,23 @@ def run(
     force_restart: bool = False,
     stop: threading.Event | None = None,
     work_dir: str | Path | None = None,
+    data: Future[PreflightReport] | None = None,
 ) -> RunResult:
-    """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint)."""
-    from runner.data import preflight
+    """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint).
+    ``data``: the run's preflight, already started (``runner.data.checks.start_preflight``)."""
+    from runner.data.checks import start_preflight
 
     # a bad dataset fails here, before anything is loaded or written; headers only, and none
     # for images that the index stored with the run (or the one beside the runs, from an
     # earlier run on the same data) already knows
-    run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
-    data = preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
+    report = (data or start_preflight(cfg, process=False)).result()  # no fork: torch is loaded
     given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
     try:
         return _run(
             cfg,
             work,
-            data,
+            report,
             resume=resume,
             force_restart=force_restart,
             stop=stop,

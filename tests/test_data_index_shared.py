@@ -103,3 +103,29 @@ def test_hf_dataset_index_is_reused_until_the_dataset_changes(tmp_path: Path) ->
         **cfg.data_loader.model_dump(), "dataset": dataset}})  # fmt: skip
     changed = preflight(other, run_store=run_store)
     assert changed.scanned == 2 and changed.sizes_hw[1] == (16, 16)
+
+
+@pytest.mark.parametrize("process", [True, False])
+def test_start_preflight_runs_beside_the_caller_and_stores_nothing(
+    tmp_path: Path, process: bool
+) -> None:
+    """`python -m runner` starts preflight before importing torch (a forked process, or a
+    thread): the same report, a bad dataset's DataError re-raised by `.result()`, nothing
+    written."""
+    from runner.data.checks import start_preflight
+    from runner.errors import DataError
+
+    write_jsonl(tmp_path / "ds", [(40, 24), (24, 40)])
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": str(tmp_path / "ds/data.jsonl")}
+    )
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "base_output_dir": str(tmp_path / "r")})
+    report = start_preflight(cfg, process=process).result(timeout=60)
+    direct = preflight(cfg)
+    assert report.sizes_hw == direct.sizes_hw == [(24, 40), (40, 24)]
+    assert report.source is not None and direct.source is not None
+    assert report.source.records == direct.source.records
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "ds/images/pic-001.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="pic-001"):
+        start_preflight(cfg, process=process).result(timeout=60)

@@ -4,6 +4,7 @@ grouping, cadence, RNG state, progress lines."""
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from runner.session import plan_schedule
 
 class ListLoader:
     """ResumableLoader's iteration contract over a list: each ``iter`` yields the rest of
-    the current epoch, then the epoch advances."""
+    the current epoch; taking its last batch moves the cursor to the next epoch's start."""
 
     def __init__(self, n: int) -> None:
         self.n, self.position, self.epoch = n, 0, 0
@@ -31,10 +32,12 @@ class ListLoader:
         return self.n
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        while self.position < self.n:
+        epoch = self.epoch
+        for index in range(self.position, self.n):
             self.position += 1
-            yield {"caption": [f"e{self.epoch}b{self.position - 1}"]}
-        self.epoch, self.position = self.epoch + 1, 0
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+            yield {"caption": [f"e{epoch}b{index}"]}
 
 
 def test_min_snr_weighting_matches_the_formula() -> None:
@@ -52,15 +55,17 @@ def test_min_snr_weighting_matches_the_formula() -> None:
     assert diffusion_loss(pred, target, t, scheduler, "epsilon", None) == 1.0
 
 
-def test_steps_never_cross_an_epoch_and_track_position() -> None:
-    loader, state = ListLoader(5), LoopState()
-    items = step_inputs(loader, 2, state)
+def test_steps_never_cross_an_epoch_and_leave_the_position_to_the_loader() -> None:
+    loader = ListLoader(5)
+    items = step_inputs(loader, 2)
     sizes = []
     for _ in range(4):
         item = next(items)
-        sizes.append((len(item.group), item.completed_epoch))
-    assert sizes == [(2, None), (2, None), (1, 1), (2, None)]
-    assert (state.epoch, state.batch_in_epoch) == (1, 2)
+        sizes.append((len(item.group), item.epoch, item.completed_epoch))
+    assert sizes == [(2, 0, None), (2, 0, None), (1, 0, 1), (2, 1, None)]
+    assert item.group[-1]["caption"] == ["e1b1"]
+    assert (loader.epoch, loader.position) == (1, 2)
+    assert [f.name for f in fields(LoopState)] == ["step"]  # the loop keeps only the step
 
 
 def test_schedule_and_cadence(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 A folder ``checkpoints/step-XXXXXX/`` holds the user-facing outputs (LoRA / embeddings),
 ``trainable.safetensors`` (exact float32 trained weights), ``training_state.pt``
-(optimizer, LR scheduler, grad scaler, RNG states, loop position, data-loader position) and
+(optimizer, LR scheduler, grad scaler, RNG states, the step, the data cursor) and
 ``run_info.json`` (the config fields a resumed run must share). Uploading, manifests and
 pruning belong to ``runner.checkpoint.publish.CheckpointManager``.
 """
@@ -54,11 +54,27 @@ COMPAT_DEFAULTS: dict[str, Any] = {"use_dora": False, "ema": False}
 
 @dataclass
 class LoopState:
-    """Where training stands: optimizer steps done, epoch, batches consumed in the epoch."""
+    """Where training stands: optimizer steps done. The data position (epoch, batches of it
+    consumed) is the sampler's, saved once as the checkpoint object ``data``."""
 
     step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
+
+
+def upgrade_legacy_state(saved: dict[str, Any]) -> dict[str, Any]:
+    """A training state written before the sampler owned the data cursor, in today's layout.
+
+    Those checkpoints kept the cursor twice: ``loop`` held ``epoch`` / ``batch_in_epoch``
+    and ``loader`` the sampler's own copy (with the plan's fingerprint). The loop's fields
+    become the ``data`` entry's epoch and position; the fingerprint still guards the plan.
+    """
+    loop = saved.get("loop", {})
+    if "data" in saved or "epoch" not in loop:
+        return saved
+    upgraded = {k: v for k, v in saved.items() if k not in ("loop", "loader")}
+    upgraded["loop"] = {"step": loop["step"]}
+    cursor = {"epoch": loop["epoch"], "position": loop["batch_in_epoch"]}
+    upgraded["data"] = {**saved.get("loader", {}), **cursor}
+    return upgraded
 
 
 def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
@@ -137,7 +153,8 @@ class Checkpointer:
     """Decides when to checkpoint, writes the step folder, hands it to the manager.
 
     ``objects`` holds everything with a ``state_dict`` that must resume exactly (optimizer,
-    lr_scheduler, scaler, generator wrapper, loader).
+    lr_scheduler, scaler, generator wrapper, and ``data``: the loader, whose sampler holds
+    the data cursor).
     """
 
     def __init__(
@@ -198,6 +215,7 @@ class Checkpointer:
         """Load weights and training state from a restored step folder."""
         self.pipeline.load_trainable_state(load_file(folder / WEIGHTS_FILE))
         saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        saved = upgrade_legacy_state(saved)
         for key, obj in self.objects.items():
             obj.load_state_dict(saved[key])
         set_rng_state(saved["rng"])

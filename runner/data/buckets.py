@@ -51,8 +51,11 @@ class BucketBatchSampler:
     With ``num_replicas`` > 1 (one per GPU process) batches are drawn as global batches of
     ``batch_size × num_replicas`` and each ``rank`` takes its slice; the plan, its length and
     the position are identical on every rank, so one saved state resumes all of them.
-    Iterating yields the current epoch's batches from `position` on and advances it; after
-    the last batch the epoch advances. `state_dict`/`load_state_dict` save that position.
+
+    The sampler is the one owner of the run's data cursor: ``epoch`` and ``position`` (the
+    batches of that epoch the consumer has taken). Only ``advance`` (one batch consumed;
+    after the epoch's last one the cursor is at the next epoch's start), ``set_epoch`` and
+    ``load_state_dict`` move it; ``state_dict`` is what a checkpoint saves of the data.
     """
 
     def __init__(
@@ -74,8 +77,7 @@ class BucketBatchSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
-        self.position = 0
+        self._epoch, self._position = 0, 0
         members: dict[int, list[int]] = {}
         for index, bucket in enumerate(self.bucket_of):
             members.setdefault(bucket, []).append(index)
@@ -119,16 +121,37 @@ class BucketBatchSampler:
         n = self.num_replicas
         return [b[self.rank :: n] if len(b) >= n else [b[self.rank % len(b)]] for b in glob]
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Batches of ``epoch`` already consumed."""
+        return self._position
+
+    def remaining(self) -> list[list[tuple[int, int]]]:
+        """The current epoch's batches not consumed yet, each example keyed (index, epoch)."""
+        epoch = self._epoch
+        return [[(i, epoch) for i in batch] for batch in self.batches(epoch)[self._position :]]
+
+    def advance(self) -> None:
+        """One batch consumed; after the epoch's last one, the next epoch starts."""
+        self._position += 1
+        if self._position >= len(self):
+            self._epoch, self._position = self._epoch + 1, 0
+
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches(self.epoch)[self.position :]:
-            self.position += 1
+        """The rest of the current epoch, advancing the cursor as each batch is taken."""
+        for batch in self.batches(self._epoch)[self._position :]:
+            self.advance()
             yield batch
-        self.epoch, self.position = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Move to `epoch` (from its start); the current epoch keeps its position."""
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
+        if epoch != self._epoch:
+            self._epoch, self._position = epoch, 0
 
     def fingerprint(self) -> str:
         """Identity of the plan: a different dataset, bucketing or batch size changes it."""
@@ -153,7 +176,9 @@ class BucketBatchSampler:
                 "batch size",
                 hint="resume with the same data and config, or start a new run",
             )
-        position = int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position <= len(self):
             raise ResumeMismatchError(f"data loader position {position} is out of range")
-        self.epoch, self.position = int(state["epoch"]), position
+        if position == len(self):  # an epoch's end as checkpoints before this change held it
+            epoch, position = epoch + 1, 0
+        self._epoch, self._position = epoch, position

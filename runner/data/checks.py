@@ -4,7 +4,10 @@ image headers through the dataset index), and the full decode of every example t
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +78,42 @@ def preflight(
         dreambooth.num_instance if dreambooth else None,
         dreambooth.loss_weights if dreambooth else None,
     )
+
+
+def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport]:
+    """A run's `preflight` (with the index stored with the run and the one beside the runs)
+    started in the background: `python -m runner` starts it before importing torch, so the
+    listing and header reads overlap the imports. In a forked process by default (the
+    imports and the header reads then use two cores instead of sharing one interpreter
+    lock), else a thread. `.result()` returns the report or re-raises; nothing is written."""
+    fork = process and "fork" in multiprocessing.get_all_start_methods()
+    if fork:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        future = pool.submit(_run_preflight, cfg)
+        pool.shutdown(wait=False)  # the worker exits once it has handed the report over
+        return future
+    future: Future[PreflightReport] = Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(_run_preflight(cfg))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller by .result()
+            future.set_exception(err)
+
+    threading.Thread(target=work, name="kubetune-preflight", daemon=True).start()
+    return future
+
+
+def _run_preflight(cfg: Any) -> PreflightReport:
+    from runner.config.loader import output_uri
+    from runner.data.index import shared_index_store
+    from runner.run_store import RunStore
+    from runner.storage import open_store
+
+    run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
+    return preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
 
 
 def raise_first(errors: list[DataError], what: str) -> None:

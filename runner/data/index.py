@@ -164,9 +164,16 @@ def build_index(
     """Index every example of `source` (bounded parallel header reads; entries of `previous`
     whose size and version still match are reused without any read). Bad examples are
     returned in `errors`, not raised."""
-    results = list(
-        fetch_pool().map(lambda i: _entry(source, i, previous, max_pixels), range(len(source)))
-    )
+    results: list[tuple[IndexEntry | DataError, bool]] = []
+    reads: list[tuple[int, IndexEntry | None]] = []
+    for i in range(len(source)):  # reuse checks here: a pool task each would cost more
+        old = _reusable(source, i, previous, max_pixels)
+        results.append((old, True) if old is not None else (DataError(""), False))
+        if old is None or source.records[i].mask_key is not None:
+            reads.append((i, old))
+    done = fetch_pool().map(lambda job: _entry(source, job[0], max_pixels, job[1]), reads)
+    for (i, _), result in zip(reads, done, strict=True):
+        results[i] = result
     entries: dict[Key, IndexEntry] = {}
     errors: list[DataError] = []
     records = list(source.records)
@@ -188,15 +195,16 @@ def build_index(
 
 
 def _entry(
-    source: Source, i: int, previous: DataIndex | None, max_pixels: int
+    source: Source, i: int, max_pixels: int, old: IndexEntry | None
 ) -> tuple[IndexEntry | DataError, bool]:
-    entry, reused = _image_entry(source, i, previous, max_pixels)
+    """Example `i`'s entry (`old` when reusable: only its mask, if any, is checked)."""
+    entry = old or _image_entry(source, i, max_pixels)
     if isinstance(entry, IndexEntry) and source.records[i].mask_key is not None:
         try:
             check_mask_header(source, i, (entry.height, entry.width), max_pixels)
         except DataError as err:
             return err, False
-    return entry, reused
+    return entry, old is not None
 
 
 def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pixels: int) -> None:
@@ -217,26 +225,34 @@ def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pix
         )
 
 
-def _image_entry(
+def _reusable(
     source: Source, i: int, previous: DataIndex | None, max_pixels: int
-) -> tuple[IndexEntry | DataError, bool]:
+) -> IndexEntry | None:
+    """The previous index's entry for example `i` if its listing still matches (size and
+    version of image and caption file)."""
     rec = source.records[i]
-    if previous is not None and rec.etag:
-        old = previous.entries.get((source.store_uri(i), rec.image_key or rec.id))
-        if (
-            old is not None
-            and (old.size, old.etag, old.caption_etag) == (rec.size, rec.etag, rec.caption_etag)
-            and old.height * old.width <= max_pixels
-        ):
-            # a caption file's text is versioned by its listing; an inline one (JSONL line,
-            # HF row) is the current dataset's, whatever the run that indexed it had
-            return (old if rec.caption_key else replace(old, caption=rec.caption)), True
+    if previous is None or not rec.etag:
+        return None
+    old = previous.entries.get((source.store_uri(i), rec.image_key or rec.id))
+    if (
+        old is None
+        or (old.size, old.etag, old.caption_etag) != (rec.size, rec.etag, rec.caption_etag)
+        or old.height * old.width > max_pixels
+    ):
+        return None
+    # a caption file's text is versioned by its listing; an inline one (JSONL line, HF row)
+    # is the current dataset's, whatever the run that indexed it had
+    return old if rec.caption_key else replace(old, caption=rec.caption)
+
+
+def _image_entry(source: Source, i: int, max_pixels: int) -> IndexEntry | DataError:
+    rec = source.records[i]
     try:
         height, width = header_size_hw(source, i, max_pixels)
         caption = source.caption(i)
     except DataError as err:
-        return err, False
-    return IndexEntry(rec.size, rec.etag, height, width, caption, rec.caption_etag), False
+        return err
+    return IndexEntry(rec.size, rec.etag, height, width, caption, rec.caption_etag)
 
 
 def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:

@@ -187,14 +187,14 @@ class _Plan:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, start = self.sampler.epoch, self.sampler.position  # snapshot now, not lazily
-        return iter([[(i, epoch) for i in batch] for batch in self.sampler.batches(epoch)[start:]])
+        return iter(self.sampler.remaining())  # a snapshot: workers may run ahead of the cursor
 
 
 class ResumableLoader:
-    """Iterates the current epoch's remaining batches; `state_dict` is the position of the
-    last batch handed out, so a restored loader yields exactly the batches not yet seen.
-    The epoch advances after its last batch (or with `set_epoch`)."""
+    """Iterates the current epoch's remaining batches. The sampler owns the data cursor: it
+    advances as each batch is handed to the consumer (never as workers prefetch), so
+    `state_dict` (the sampler's) makes a restored loader yield exactly the batches not yet
+    consumed. After an epoch's last batch the cursor is at the next epoch's start."""
 
     def __init__(
         self,
@@ -259,7 +259,7 @@ class ResumableLoader:
             batches = _ahead(batches, PREFETCH_BATCHES)
         try:
             for batch in batches:
-                self.sampler.position += 1
+                self.sampler.advance()
                 if "skipped" in batch:
                     self._count_bad(batch.pop("skipped"))
                 yield batch
@@ -267,8 +267,6 @@ class ResumableLoader:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
-        if self.sampler.position >= len(self.sampler):
-            self.sampler.epoch, self.sampler.position = self.sampler.epoch + 1, 0
 
 
 def cache_batches(loader: ResumableLoader, skip: set[int] | None = None) -> Iterator[Batch]:
