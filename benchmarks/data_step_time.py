@@ -2,13 +2,15 @@
 a bare diffusers-example loop (images decoded once and kept, the example's per-draw
 Resize / CenterCrop / RandomFlip / ToTensor / Normalize, then its step), interleaved epochs
 after one warm-up epoch each; ratios from one run. `--rss` instead prints the peak RSS of one
-epoch over a folder with and without `keep_in_memory` (fresh processes).
+epoch over a folder with and without `keep_in_memory` (fresh processes); `--overlap` compares
+`dataloader_num_workers` 0 and 2 without `keep_in_memory` (every draw fetches and decodes).
 
     python benchmarks/make_photos.py /var/tmp/kubetune-photos-mixed --count 200 --mixed \\
         --max-side 1000
     .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos-mixed --images 48
     .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos --rss --images 10000 \\
         --container-gib 4
+    .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos-mixed --overlap
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def subset(photos: Path, n: int, out: Path) -> Path:
     return out
 
 
-def loader_config(data: Path, side: int, keep: bool) -> Any:
+def loader_config(data: Path, side: int, keep: bool, workers: int = 0) -> Any:
     from runner.config import SdLoraConfig
 
     return SdLoraConfig.model_validate(
@@ -66,15 +68,18 @@ def loader_config(data: Path, side: int, keep: bool) -> Any:
                 "resolution": side,
                 "center_crop": True,
                 "random_flip": True,
+                "dataloader_num_workers": workers,
             },
         }
     )
 
 
-def kubetune_batches(data: Path, side: int, batch: int) -> Callable[[], Iterator[Batch]]:
+def kubetune_batches(
+    data: Path, side: int, batch: int, keep: bool = True, workers: int = 0
+) -> Callable[[], Iterator[Batch]]:
     from runner.data import build_train_dataloader
 
-    cfg = loader_config(data, side, keep=True)
+    cfg = loader_config(data, side, keep=keep, workers=workers)
     loader = build_train_dataloader(cfg, seed=0, batch_size=batch, device_is_cuda=False)
     return lambda: iter(loader)
 
@@ -171,6 +176,35 @@ def step_time(args: argparse.Namespace) -> None:
     )
 
 
+def overlap(args: argparse.Namespace) -> None:
+    """Step time (data + step) without `keep_in_memory` (every draw fetches and decodes),
+    `dataloader_num_workers` 0 vs 2, interleaved epochs after a warm-up epoch each."""
+    from train_step import parse_args
+    from train_step_loops import kubetune_step, tiny_components
+
+    from runner.models.tiny import build_tiny_sd
+
+    device = torch.device("cpu")
+    opts = parse_args(["--side", str(args.side), "--batch", str(args.batch)])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = subset(args.photos, args.images, Path(tmp) / "data")
+        step = kubetune_step(
+            tiny_components(build_tiny_sd(Path(tmp) / "tiny-sd"), torch.float32, device),
+            opts,
+            device,
+        )
+        loops = {w: kubetune_batches(data, args.side, args.batch, False, w) for w in (0, 2)}
+        for batches in loops.values():
+            timed_epoch(batches, step)
+        ratios = []
+        for r in range(args.rounds):
+            got = {w: timed_epoch(batches, step) for w, batches in loops.items()}
+            ratios.append(got[2] / got[0])
+            print(f"round {r}: workers=0 {got[0] * 1e3:.0f} ms/step, workers=2 "
+                  f"{got[2] * 1e3:.0f} ms/step, ratio {ratios[-1]:.3f}")  # fmt: skip
+    print(f"workers=2 / workers=0 = {statistics.median(ratios):.3f} (median of {args.rounds})")
+
+
 def rss_epoch(data: str, side: int, keep: bool, container_gib: float = 0.0) -> None:
     """One epoch in this process; prints peak RSS (MiB), seconds and how many decoded images
     `keep_in_memory` held. `container_gib` simulates a container memory limit (the budget is
@@ -222,8 +256,9 @@ def main() -> None:
     parser.add_argument(
         "--container-gib", type=float, default=0.0, help="--rss: simulated container limit"
     )
+    parser.add_argument("--overlap", action="store_true", help="workers 0 vs 2, no keep")
     args = parser.parse_args()
-    (rss if args.rss else step_time)(args)
+    (rss if args.rss else overlap if args.overlap else step_time)(args)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def build_session(
         "optimizer": optimizer,
         "lr_scheduler": lr_scheduler,
         "generator": GeneratorState(generator),
-        "data": loader,  # the data cursor: its sampler's epoch and position
+        "data": loader.sampler,  # the data cursor (epoch, position): its one owner
     }
     if accelerator.scaler is not None:
         objects["scaler"] = accelerator.scaler

@@ -160,3 +160,30 @@ def test_every_loader_resumes_mid_epoch_from_the_cursor_alone(
     assert _ids(got) == _ids(expected)
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_a_training_state_in_the_old_layout_is_read_into_the_one_cursor() -> None:
+    """Before this change the loop state held epoch / batch_in_epoch beside the sampler's
+    copy under ``loader`` (which, at an epoch's end, still named the finished epoch)."""
+    from runner.checkpoint.state import upgrade_legacy_state
+
+    sampler = BucketBatchSampler(BUCKET_OF, 4, seed=1)
+    plan = {"fingerprint": sampler.fingerprint(), "num_batches": len(sampler)}
+    mid = {
+        "loop": {"step": 7, "epoch": 1, "batch_in_epoch": 2},
+        "loader": {"epoch": 1, "position": 2, **plan},
+        "rng": {"python": 1},
+    }
+    end = {
+        "loop": {"step": 9, "epoch": 2, "batch_in_epoch": 0},
+        "loader": {"epoch": 1, "position": len(sampler), **plan},
+    }
+    for old, cursor in ((mid, (1, 2)), (end, (2, 0))):
+        new = upgrade_legacy_state(old)
+        assert set(new) == set(old) - {"loader"} | {"data"}
+        assert new["loop"] == {"step": old["loop"]["step"]}
+        restored = BucketBatchSampler(BUCKET_OF, 4, seed=1)
+        restored.load_state_dict(new["data"])
+        assert (restored.epoch, restored.position) == cursor
+    current = {"loop": {"step": 3}, "data": sampler.state_dict()}
+    assert upgrade_legacy_state(current) is current  # today's layout passes through

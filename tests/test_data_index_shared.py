@@ -129,3 +129,22 @@ def test_start_preflight_runs_beside_the_caller_and_stores_nothing(
     (tmp_path / "ds/images/pic-001.jpg").write_bytes(b"not an image")
     with pytest.raises(DataError, match="pic-001"):
         start_preflight(cfg, process=process).result(timeout=60)
+
+
+def test_a_refused_location_beside_the_runs_costs_only_the_reuse(
+    s3_env: S3Server, s3_bucket: str, s3_jsonl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials that may write only under the run's own prefix: reading and writing the
+    index beside the runs is refused (access denied), the run goes on and rescans."""
+    from runner.data.index import save_shared_index
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_env.readonly_access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.readonly_secret_key)
+    cfg = _run_cfg(s3_jsonl, s3_bucket, "run-a")
+    shared = shared_index_store(cfg)
+    report = preflight(cfg, shared_store=shared)
+    save_shared_index(shared, report)  # refused: a warning, not a failure
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    refused = shared_index_store(cfg)  # a store whose reads are refused too
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_env.readonly_access_key)
+    assert preflight(cfg, shared_store=refused).scanned == 4

@@ -153,8 +153,8 @@ class Checkpointer:
     """Decides when to checkpoint, writes the step folder, hands it to the manager.
 
     ``objects`` holds everything with a ``state_dict`` that must resume exactly (optimizer,
-    lr_scheduler, scaler, generator wrapper, and ``data``: the loader, whose sampler holds
-    the data cursor).
+    lr_scheduler, scaler, generator wrapper, and ``data``: the loader's batch sampler, the one
+    owner of the data cursor).
     """
 
     def __init__(

@@ -21,7 +21,7 @@ from typing import Any
 
 from runner.data.images import MAX_IMAGE_PIXELS, image_size_hw
 from runner.data.sources import Source, fetch_pool
-from runner.errors import DataError, StorageError
+from runner.errors import DataError, StorageError, StorageUserError
 from runner.layout import DATA_INDEX_KEY, DATASET_INDEXES
 from runner.storage import ObjectStore, open_store
 
@@ -86,8 +86,10 @@ def load_index(store: ObjectStore | None, key: str = INDEX_KEY) -> DataIndex | N
         return DataIndex.from_bytes(store.get_bytes(key))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError, IndexError, OSError, StorageError) as err:
-        # only an optimisation: a failed read (retries spent) means a rescan, never a failure
+    except (ValueError, KeyError, TypeError, IndexError, OSError, StorageError,
+            StorageUserError) as err:  # fmt: skip
+        # only an optimisation: a failed or refused read (retries spent, access denied to the
+        # location beside the runs) means a rescan, never a failure
         log.warning("ignoring an unreadable data index %s: %s", store.url(key), err)
         return None
 
@@ -107,7 +109,7 @@ def save_shared_index(store: ObjectStore | None, report: Any) -> None:
         return
     try:
         save_index(store, report, shared_index_key(report.source))
-    except (OSError, StorageError) as err:
+    except (OSError, StorageError, StorageUserError) as err:  # e.g. access denied there
         log.warning("could not store the dataset index beside the runs: %s", err)
 
 
