@@ -211,11 +211,12 @@ def kubetune_step(
     """kubetune's model placement, pipeline, optimizer and ``StepRunner``; with
     ``cache_batch`` its latents / embeddings are cached and the encoders offloaded."""
     from runner.loop import StepRunner
-    from runner.train import build_training, make_accelerator, place_models
+    from runner.session import build_training, place_models
+    from runner.train import make_accelerator
 
     cfg = bench_config(args, comps.is_sdxl, cache=cache_batch is not None)
     accelerator = make_accelerator(cfg)
-    place_models(comps, cfg, device)
+    place_models(comps, cfg.weight_dtype, device)
     torch.manual_seed(0)
     pipeline, optimizer, scheduler = build_training(cfg, comps, accelerator, 10**6)
     if not args.channels_last:  # A/B switch: undo what build_training chose on CUDA

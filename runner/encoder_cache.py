@@ -12,40 +12,61 @@ start.
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from runner.config import output_uri
-from runner.data.cache import TensorCache, open_run_cache
+from runner.data.cache import TensorCache, cache_namespace
 from runner.data.loader import ResumableLoader, cache_batches
+from runner.storage import open_store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from runner.config import PipelineConfig, StorageConfig
+    from runner.models.loading import ModelSettings
 
 log = logging.getLogger(__name__)
 
 
-def model_identity(cfg: Any) -> str:
-    """Everything about the model that changes the encoders' outputs."""
-    fields = ("model", "hf_variant", "vae_model", "weight_dtype", "base_embeddings")
-    return json.dumps({f: getattr(cfg, f, None) for f in fields}, sort_keys=True, default=str)
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where the run's encoder caches live and what keys them."""
+
+    local_root: Path
+    """Local folder of the caches (the run folder for a local run, else a work folder)."""
+    namespaces: dict[str, dict[str, Any]]
+    """``"vae"`` / ``"text"`` → the cache namespace (model identity + data-loader settings)."""
+    mirror_uri: str | None = None
+    """``<run output>/cache`` when the run's storage is S3, so a restarted pod reuses it."""
+    storage: StorageConfig | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg: PipelineConfig, model: ModelSettings, work_dir: Path
+    ) -> CacheSettings:
+        ident, out = model.identity(), output_uri(cfg)
+        local = Path(out) / "cache" if cfg.storage is None else work_dir / "cache"
+        mirror = f"{out}/cache" if cfg.storage is not None else None
+        namespaces = {kind: cache_namespace(cfg, kind, ident) for kind in ("vae", "text")}
+        return cls(local, namespaces, mirror, cfg.storage)
+
+    def open(self, kind: str) -> TensorCache:
+        """The ``kind`` cache on local disk, mirrored to ``mirror_uri`` if set."""
+        mirror = open_store(self.mirror_uri, self.storage) if self.mirror_uri else None
+        return TensorCache(self.local_root, self.namespaces[kind], mirror)
 
 
 class PersistedCaches:
     """Loads what a previous start encoded into the pipeline's in-memory caches, and stores
     what this start encodes (main process only)."""
 
-    def __init__(self, cfg: Any, pipeline: Any, work_dir: Path, *, is_main: bool) -> None:
-        local = Path(output_uri(cfg)) / "cache" if cfg.storage is None else work_dir / "cache"
-        ident = model_identity(cfg)
+    def __init__(self, settings: CacheSettings, pipeline: Any, *, is_main: bool) -> None:
         self.pipeline, self.is_main = pipeline, is_main
-        self.vae: TensorCache | None = None
-        self.text: TensorCache | None = None
-        if pipeline.latents.cache is not None:
-            self.vae = open_run_cache(cfg, "vae", ident, local)
-        if pipeline.text.cache is not None:
-            self.text = open_run_cache(cfg, "text", ident, local)
+        self.vae = settings.open("vae") if pipeline.latents.cache is not None else None
+        self.text = settings.open("text") if pipeline.text.cache is not None else None
         self._loaded_latents: set[str] = set()
         self._loaded_captions: set[str] = set()
 

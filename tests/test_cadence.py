@@ -16,8 +16,8 @@ def test_steps_take_precedence_and_epochs_count_completed_ones() -> None:
 
 
 def test_checkpointer_and_validator_share_it() -> None:
-    from runner.checkpoint.state import Checkpointer
+    from runner.checkpoint.state import CheckpointSettings
     from runner.validation import ValidationSettings
 
-    assert Checkpointer.__init__.__annotations__["cadence"] in ("Cadence", Cadence)
+    assert CheckpointSettings.__dataclass_fields__["cadence"].type in ("Cadence", Cadence)
     assert ValidationSettings.__dataclass_fields__["cadence"].type in ("Cadence", Cadence)

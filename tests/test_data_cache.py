@@ -67,7 +67,11 @@ def test_mirror_lets_a_restarted_pod_skip_recomputing(tmp_path: Path, store_uri:
 def test_run_cache_mirrors_next_to_the_run_on_s3(tmp_path: Path, s3_env, s3_bucket: str) -> None:
     from data_fixtures import lora_config
 
-    from runner.data.cache import open_run_cache
+    from runner.encoder_cache import CacheSettings
+    from runner.models.loading import ModelSettings
+
+    def open_run_cache(cfg, kind: str, model: str, local: Path):  # type: ignore[no-untyped-def]
+        return CacheSettings.from_config(cfg, ModelSettings(model), local / "work").open(kind)
 
     dataset = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "/data"}
     data = lora_config(dataset).model_dump(mode="json")

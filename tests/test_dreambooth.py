@@ -215,11 +215,11 @@ def test_class_weight_scales_class_examples_in_the_loss(
     examples' share scaled by it (per-sample mean × Min-SNR weight × loss weight)."""
     from runner.models.loading import load_components_from_config
     from runner.pipelines import build_pipeline
-    from runner.train import place_models
+    from runner.session import place_models
 
     cfg = make_config("SD_LORA", tiny_sd_dir, Path(dirs[0]), tmp_path / "out")
     comps = load_components_from_config(cfg)
-    place_models(comps, cfg, torch.device("cpu"))
+    place_models(comps, cfg.weight_dtype, torch.device("cpu"))
     pipeline = build_pipeline(cfg, comps, torch.device("cpu"), total_steps=1)
     batch = _epoch(db_config(*dirs, resolution=64))[0]
     is_class = torch.tensor([k == "class" for k in _kinds(batch)])

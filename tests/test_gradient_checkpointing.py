@@ -27,7 +27,7 @@ def one_backward(cfg: Any) -> tuple[int, dict[str, torch.Tensor]]:
     from accelerate import Accelerator
 
     from runner.models.loading import load_components_from_config
-    from runner.train import build_training
+    from runner.session import build_training
 
     reset_accelerate()
     torch.manual_seed(0)

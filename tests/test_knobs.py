@@ -261,3 +261,18 @@ def test_min_snr_stays_finite_at_the_zero_snr_timestep() -> None:
     ratio = snr(scheduler, t[1:])
     expected = (per_sample[0] * 2 + per_sample[1] * (torch.clamp(ratio, max=5.0) / ratio + 1)) / 2
     torch.testing.assert_close(loss, expected.squeeze())
+
+
+def test_lora_dropout_draws_its_mask_seed_from_the_step_generator(
+    tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """``lora_dropout`` reaches the pipeline as its own setting (no config probing): with it
+    on, ``loss`` draws one extra seed from the step generator; a TI pipeline has none."""
+    on = _pipeline(make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path, lora_dropout=0.2))
+    off = _pipeline(make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path))
+    ti = _pipeline(make_config("SD_TEXTUAL_INVERSION", tiny_sd_dir, data_dir, tmp_path))
+    assert (on.lora_dropout, off.lora_dropout, ti.lora_dropout) == (0.2, 0.0, 0.0)
+    g_on, g_off = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    on.loss(_batch(), g_on)
+    off.loss(_batch(), g_off)
+    assert g_on.get_state().tolist() != g_off.get_state().tolist()

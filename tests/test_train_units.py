@@ -18,7 +18,7 @@ from runner.errors import DataError
 from runner.loop import step_inputs
 from runner.losses import diffusion_loss, snr
 from runner.progress import ProgressReporter, ProgressSettings
-from runner.train import plan_schedule
+from runner.session import plan_schedule
 
 
 class ListLoader:

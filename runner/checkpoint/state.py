@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,30 +128,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- the checkpointer ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """What the checkpointer needs from the run: when to save, where to stage, what to record."""
+
+    cadence: Cadence
+    work_dir: Path
+    """Local folder where step folders are staged before publishing."""
+    seed: int
+    compat: dict[str, Any] = field(default_factory=dict)
+    """``compat_info(cfg)``: the config fields a resumed run must share (``run_info.json``)."""
+    is_main: bool = True
+    """Only the main process of a multi-process run writes checkpoints."""
+
+    @classmethod
+    def from_config(
+        cls, cfg: PipelineConfig, *, seed: int, work_dir: Path, is_main: bool = True
+    ) -> CheckpointSettings:
+        cadence = Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs)
+        return cls(cadence, work_dir, seed, compat_info(cfg), is_main)
+
+
 class Checkpointer:
     """Decides when to checkpoint, writes the step folder, hands it to the manager.
 
-    ``compat`` is ``compat_info(cfg)`` (the config fields a resumed run must share, written
-    to ``run_info.json``); ``objects`` holds everything else with a ``state_dict`` that must
-    resume exactly (optimizer, lr_scheduler, scaler, generator wrapper, and ``data``: the
-    loader's batch sampler, the one owner of the data cursor).
+    ``objects`` holds everything with a ``state_dict`` that must resume exactly (optimizer,
+    lr_scheduler, scaler, generator wrapper, and ``data``: the loader's batch sampler, the one
+    owner of the data cursor).
     """
 
     def __init__(
         self,
-        cadence: Cadence,
+        settings: CheckpointSettings,
         manager: CheckpointManager,
-        work_dir: Path,
-        compat: dict[str, Any],
         pipeline: TrainingPipeline,
         objects: dict[str, Any],
-        *,
-        seed: int,
-        is_main: bool = True,
     ) -> None:
-        self.cadence, self.manager, self.compat = cadence, manager, compat
-        self.work_dir, self.pipeline, self.objects = work_dir, pipeline, objects
-        self.seed, self.is_main = seed, is_main
+        self.settings, self.manager = settings, manager
+        self.pipeline, self.objects = pipeline, objects
+        self.cadence, self.work_dir = settings.cadence, settings.work_dir
         self.last_saved: int | None = None
         self._staged: list[Path] = []
 
@@ -166,7 +181,7 @@ class Checkpointer:
         if self.last_saved == state.step:
             return None
         self.last_saved = state.step
-        if not self.is_main:
+        if not self.settings.is_main:
             return None
         folder = self.work_dir / CHECKPOINTS / step_name(state.step)
         shutil.rmtree(folder, ignore_errors=True)
@@ -183,7 +198,7 @@ class Checkpointer:
             },
             folder / STATE_FILE,
         )
-        info = {"step": state.step, "seed": self.seed, **self.compat}
+        info = {"step": state.step, "seed": self.settings.seed, **self.settings.compat}
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         # meta.weights: the user-facing files (what `launcher pull --step` fetches)
         self.manager.save_async(state.step, folder, meta={"weights": sorted(weights)})

@@ -22,7 +22,6 @@ _WHERE = {
     "TensorCache": "runner.data.cache",
     "cache_namespace": "runner.data.cache",
     "content_hash": "runner.data.cache",
-    "open_run_cache": "runner.data.cache",
 }
 __all__ = sorted(_WHERE)
 

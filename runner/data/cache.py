@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from runner.storage import ObjectStore, open_store
+from runner.storage import ObjectStore
 
 Tensors = dict[str, torch.Tensor]
 
@@ -117,17 +117,6 @@ def cache_namespace(cfg: Any, kind: str, model_id: str) -> dict[str, Any]:
         "data_loader": data,
         "format": 1,
     }
-
-
-def open_run_cache(cfg: Any, kind: str, model_id: str, local_root: str | Path) -> TensorCache:
-    """The run's TensorCache on local disk, mirrored to `<run output>/cache/` when the run's
-    storage is S3 (so a restarted pod reuses it)."""
-    mirror = None
-    if getattr(cfg, "storage", None) is not None:
-        from runner.config import output_uri
-
-        mirror = open_store(f"{output_uri(cfg)}/cache", cfg.storage)
-    return TensorCache(local_root, cache_namespace(cfg, kind, model_id), mirror)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

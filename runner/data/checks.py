@@ -60,7 +60,7 @@ def preflight(
             loader_cfg.dataset,
             cfg.storage,
             need_captions=need,
-            need_masks=getattr(cfg, "use_masks", False),
+            need_masks=cfg.use_masks,
         )
     result = build_index(source, previous_index(run_store, shared_store, source), max_pixels)
     errors = list(result.errors)

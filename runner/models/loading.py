@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -33,6 +34,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from runner.errors import UserError
 from runner.models.embeddings import load_base_embeddings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from runner.config import PipelineConfig, StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +142,58 @@ def load_components(
     return comps
 
 
-def load_components_from_config(cfg: Any, **kwargs: Any) -> Components:
-    """``load_components`` with the model fields of a pipeline config."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """The base model fields of a pipeline config: what ``load_model`` reads."""
+
+    model: str
+    hf_variant: str | None = None
+    vae_model: str | None = None
+    weight_dtype: str = "float32"
+    prediction_type: str | None = None
+    base_embeddings: Mapping[str, str] = field(default_factory=dict)
+    single_file_config: str | None = None
+    storage: StorageConfig | None = None
+    """For ``s3://`` model sources."""
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> ModelSettings:
+        return cls(
+            cfg.model,
+            hf_variant=cfg.hf_variant,
+            vae_model=cfg.vae_model,
+            weight_dtype=cfg.weight_dtype,
+            prediction_type=cfg.prediction_type,
+            base_embeddings=cfg.base_embeddings,
+            single_file_config=cfg.single_file_config,
+            storage=cfg.storage,
+        )
+
+    def identity(self) -> str:
+        """Everything about the model that changes the encoders' outputs (the encoder caches'
+        key; the JSON format is what stored caches were keyed by)."""
+        fields = ("model", "hf_variant", "vae_model", "weight_dtype", "base_embeddings")
+        return json.dumps({f: getattr(self, f) for f in fields}, sort_keys=True, default=str)
+
+
+def load_model(settings: ModelSettings, **kwargs: Any) -> Components:
+    """``load_components`` with typed model settings."""
     return load_components(
-        cfg.model,
-        hf_variant=cfg.hf_variant,
-        vae_model=cfg.vae_model,
-        weight_dtype=cfg.weight_dtype,
-        prediction_type=cfg.prediction_type,
-        base_embeddings=cfg.base_embeddings,
-        single_file_config=getattr(cfg, "single_file_config", None),
-        storage=getattr(cfg, "storage", None),
+        settings.model,
+        hf_variant=settings.hf_variant,
+        vae_model=settings.vae_model,
+        weight_dtype=settings.weight_dtype,
+        prediction_type=settings.prediction_type,
+        base_embeddings=settings.base_embeddings,
+        single_file_config=settings.single_file_config,
+        storage=settings.storage,
         **kwargs,
     )
+
+
+def load_components_from_config(cfg: PipelineConfig, **kwargs: Any) -> Components:
+    """``load_model`` with the model fields of a pipeline config."""
+    return load_model(ModelSettings.from_config(cfg), **kwargs)
 
 
 # --- resolving a model string to something loadable ---------------------------------------

@@ -173,6 +173,7 @@ class TrainingPipeline:
         """Set by ``build_pipeline`` when ``ema_decay`` is; see ``averaged``."""
         self.prediction_type: str = comps.noise_scheduler.config.prediction_type
         self.train_text_encoders = False  # subclasses set True when gradients flow through
+        self.lora_dropout = 0.0  # LoRA subclasses set their config's
         self.offloaded: list[nn.Module] = []
         """Encoders kept off the device during training steps (see ``warm_caches``)."""
 
@@ -278,7 +279,7 @@ class TrainingPipeline:
 
         With ``lora_dropout`` the dropout masks (drawn from torch's global RNG) come from a
         seed drawn from ``generator``, so they resume exactly whatever else used that RNG."""
-        if not getattr(self.cfg, "lora_dropout", 0.0):
+        if not self.lora_dropout:
             return self._loss(batch, generator)
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
         cuda = [self.device] if self.device.type == "cuda" else []

@@ -137,6 +137,7 @@ class LoraPipeline(TrainingPipeline):
         super().__init__(cfg, comps, device, cache_text=cfg.cache_text_encoder_outputs)
         self.lora = LoraPart(cfg, comps)
         self.train_text_encoders = cfg.train_text_encoder
+        self.lora_dropout = cfg.lora_dropout
 
     def param_groups(self) -> ParamGroups:
         return self.lora.param_groups()

@@ -32,6 +32,7 @@ class LoraAndTextualInversionPipeline(TrainingPipeline):
         self.cfg: SdxlLoraAndTextualInversionConfig = cfg
         self.ti = TextualInversionPart(cfg, comps)
         self.lora = LoraPart(cfg, comps)
+        self.lora_dropout = cfg.lora_dropout
         self.ti.set_trainable(cfg.train_ti)
         ratio = cfg.ti_train_steps_ratio
         self.ti_steps = total_steps if ratio is None else math.ceil(ratio * total_steps)

@@ -1,0 +1,82 @@
+"""Typed settings per component, built from the config in one place (``runner.settings``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+from train_support import make_config
+
+from runner.cadence import Cadence
+from runner.config import output_uri
+from runner.models.loading import ModelSettings
+from runner.settings import RunSettings, lease_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cfg(tmp_path: Path, **overrides: object):  # type: ignore[no-untyped-def]
+    return make_config("SD_LORA", tmp_path / "model", tmp_path / "data", tmp_path / "out",
+                       **overrides)  # fmt: skip
+
+
+def test_each_component_gets_its_own_typed_section(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, save_every_n_steps=3, validate_every_n_steps=5, max_checkpoints=2,
+               lease_timeout_seconds=40.0, lease_wait_seconds=0.0)  # fmt: skip
+    s = RunSettings.from_config(cfg, seed=11, work_dir=tmp_path / "work", is_main=True)
+    assert s.model == ModelSettings(
+        str(tmp_path / "model"), hf_variant=None, vae_model=None, weight_dtype="float32"
+    )
+    assert s.checkpoint.cadence == Cadence(3, None) and s.checkpoint.seed == 11
+    assert s.checkpoint.work_dir == tmp_path / "work" and s.checkpoint.is_main
+    assert s.checkpoint.compat["type"] == "SD_LORA" and s.checkpoint.compat["lora_rank_dim"] == 4
+    assert s.validation.cadence == Cadence(5, None) and s.validation.seed == 11
+    assert s.caches.local_root == Path(output_uri(cfg)) / "cache"  # a local run: beside it
+    assert set(s.caches.namespaces) == {"vae", "text"} and s.caches.mirror_uri is None
+    assert s.tensorboard_dir is None  # report_to: None
+    lease = lease_settings(cfg)
+    assert (lease.timeout_s, lease.wait_s) == (40.0, 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.model.model = "other"  # type: ignore[misc]
+
+
+def test_tensorboard_only_on_the_main_process(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, report_to="tensorboard")
+    main = RunSettings.from_config(cfg, seed=1, work_dir=tmp_path, is_main=True)
+    other = RunSettings.from_config(cfg, seed=1, work_dir=tmp_path, is_main=False)
+    assert main.tensorboard_dir == tmp_path / "logs" and other.tensorboard_dir is None
+    assert not other.checkpoint.is_main
+
+
+def test_model_identity_keeps_the_key_stored_caches_were_written_under() -> None:
+    model = ModelSettings("m", hf_variant="fp16", weight_dtype="bfloat16",
+                         base_embeddings={"<t>": "t.safetensors"})  # fmt: skip
+    assert json.loads(model.identity()) == {
+        "base_embeddings": {"<t>": "t.safetensors"},
+        "hf_variant": "fp16",
+        "model": "m",
+        "vae_model": None,
+        "weight_dtype": "bfloat16",
+    }
+    assert model.identity() == json.dumps(json.loads(model.identity()), sort_keys=True)
+
+
+OWNED = ("runner/train.py", "runner/session.py", "runner/settings.py", "runner/encoder_cache.py",
+         "runner/checkpoint", "runner/models", "runner/pipelines", "runner/data/cache.py",
+         "runner/data/checks.py")  # fmt: skip
+
+
+def test_components_do_not_probe_the_config_with_getattr() -> None:
+    """``getattr(cfg, "x", default)`` hides a missing field; settings name every field."""
+    probe = re.compile(r"getattr\((self\.)?(cfg|config|loader_cfg)\b")
+    files = [p for name in OWNED for p in sorted((ROOT / name).rglob("*.py")) or [ROOT / name]]
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in files
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if probe.search(line)
+    ]
+    assert found == []
