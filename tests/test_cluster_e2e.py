@@ -21,8 +21,13 @@ from s3server import S3Server
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).parent.parent
-STEPS = 20  # long enough to preempt after the first checkpoint (every 5 steps)
 EVERY = 5
+# The test preempts the pod once `status` shows a checkpoint: the run must still be going
+# then, however idle the machine. At 64 px and 20 steps an idle node finished the whole run
+# between two `status` polls (ciA, 2026-12-02); 256 px and 40 steps leave ~7 checkpoints'
+# worth of steps after the first one, and still finish in minutes on a loaded node.
+STEPS = 40
+RESOLUTION = 256
 
 
 def _upload_dataset(s3: S3Server, bucket: str) -> None:
@@ -42,7 +47,7 @@ def _config(s3: S3Server, bucket: str, name: str, steps: int, namespace: str, im
         "data_loader": {
             "type": "IMAGE_CAPTION_SD_DATA_LOADER",
             "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": f"s3://{bucket}/data"},
-            "resolution": 64,
+            "resolution": RESOLUTION,
         },
         "lora_rank_dim": 4,
         "lora_checkpoint_format": "kohya",
