@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,10 +40,26 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     original = LocalStore.get_bytes
 
     def counted(self: LocalStore, key: str) -> bytes:
-        counter[key] += 1
+        counter[f"{self.uri}/{key}"] += 1
         return original(self, key)
 
     monkeypatch.setattr(LocalStore, "get_bytes", counted)
+    return counter
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts full image decodes by the loader (the real decoder still runs)."""
+    import runner.data.loader as loader_module
+
+    counter: Counter[str] = Counter()
+    original = loader_module.decode_image
+
+    def counted(data: bytes, name: str, *args: Any, **kwargs: Any) -> Any:
+        counter[name] += 1
+        return original(data, name, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "decode_image", counted)
     return counter
 
 
@@ -63,17 +80,20 @@ def test_same_batches_as_decoding_every_draw(tmp_path: Path) -> None:
             assert torch.equal(a["original_size_hw"], b["original_size_hw"])
 
 
-def test_later_epochs_read_nothing(tmp_path: Path, reads: Counter[str]) -> None:
+def test_later_epochs_read_and_decode_nothing(
+    tmp_path: Path, reads: Counter[str], decodes: Counter[str]
+) -> None:
     write_image_dir(tmp_path / "d", SIZES)
     loader = build_train_dataloader(
         _cfg(tmp_path / "d", keep=True), seed=3, batch_size=2, device_is_cuda=False
     )
     list(loader)
     first = sum(n for k, n in reads.items() if k.endswith(".png"))
-    assert first == len(SIZES)
+    assert first == len(SIZES) and sum(decodes.values()) == len(SIZES)
     list(loader)
     list(loader)
     assert sum(n for k, n in reads.items() if k.endswith(".png")) == first
+    assert sum(decodes.values()) == len(SIZES)  # each image decoded once, in the first epoch
     memory = loader.dataset.memory
     assert memory is not None and len(memory) == len(SIZES)
     buckets = {tuple(b["pixel_values"].shape[-2:]) for b in list(loader)}
