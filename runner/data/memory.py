@@ -45,10 +45,12 @@ class Kept:
 
 class DecodedImages:
     """Images by example index; adding one over the budget is refused (once logged), so
-    memory stays bounded and the rest are decoded on each draw."""
+    memory stays bounded and the rest are decoded on each draw. ``indices``: the examples
+    that may be kept (None: all), e.g. only a DreamBooth run's instance images."""
 
-    def __init__(self, budget_bytes: int | None = None) -> None:
+    def __init__(self, budget_bytes: int | None = None, indices: range | None = None) -> None:
         self.budget = budget_bytes if budget_bytes is not None else default_budget()
+        self.indices = indices
         self.used = 0
         self._images: dict[int, Kept] = {}
         self._lock = threading.Lock()
@@ -61,6 +63,8 @@ class DecodedImages:
         return self._images.get(index)
 
     def put(self, index: int, kept: Kept) -> None:
+        if self.indices is not None and index not in self.indices:
+            return
         cost = kept.cost
         with self._lock:
             if index in self._images:
