@@ -34,7 +34,8 @@ def test_each_component_gets_its_own_typed_section(tmp_path: Path) -> None:
     assert s.checkpoint.cadence == Cadence(3, None) and s.checkpoint.seed == 11
     assert s.checkpoint.work_dir == tmp_path / "work" and s.checkpoint.is_main
     assert s.checkpoint.compat["type"] == "SD_LORA" and s.checkpoint.compat["lora_rank_dim"] == 4
-    assert s.validation.cadence == Cadence(5, None) and s.validation.seed == 11
+    assert s.validation.cadence == Cadence(5, None)
+    assert s.validation.seed == 7  # the config's, as invoke-training seeds validation
     assert s.caches.local_root == Path(output_uri(cfg)) / "cache"  # a local run: beside it
     assert set(s.caches.namespaces) == {"vae", "text"} and s.caches.mirror_uri is None
     assert s.tensorboard_dir is None  # report_to: None
