@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import json
+import re
 import threading
 import urllib.request
 from pathlib import Path
@@ -79,15 +81,29 @@ def test_a_run_reports_notifies_and_pulls(
     assert page.count("data:image/jpeg;base64,") == 4 and "<polyline" in page
 
     cli = CliRunner()
-    shown = cli.invoke(main, ["report", uri])
+    view = tmp_path / "view.html"
+    shown = cli.invoke(main, ["report", uri, "-o", str(view)])
     assert shown.exit_code == 0, shown.output
     link = shown.output.strip()
-    if uri.startswith("s3://"):
-        with urllib.request.urlopen(link, timeout=10) as response:  # noqa: S310 - 127.0.0.1
+    if uri.startswith("s3://"):  # a page whose links to the full-size grids are presigned
+        assert link == str(view)
+        links = [html.unescape(h) for h in re.findall(r'href="([^"]+)"', view.read_text())]
+        assert len(links) == 2
+        for step, url in zip((2, 4), links, strict=True):
+            assert url.startswith("http://127.0.0.1:") and "Signature" in url
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - 127.0.0.1
+                grid = store.get_bytes(f"validation/step-00000{step}/grid.png")
+                assert response.read() == grid
+        doc = json.loads(
+            cli.invoke(main, ["report", uri, "--output", "json", "-o", str(view)]).output
+        )
+        assert doc["report"] == str(view)
+        with urllib.request.urlopen(doc["url"], timeout=10) as response:  # noqa: S310
             assert response.headers["Content-Type"].startswith("text/html")
-            assert response.read().decode() == page
+            assert response.read().decode() == page  # the stored page, to share
     else:
-        assert Path(link).read_text() == page
+        assert Path(link).read_text() == page and not view.exists()
+        assert 'href="validation/step-000002/grid.png"' in page  # relative: works as a file
 
     dest = tmp_path / "pulled"
     pulled = cli.invoke(main, ["pull", uri, "-o", str(dest), "--output", "json"])
