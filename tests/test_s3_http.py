@@ -121,7 +121,9 @@ def test_exhausted_retries_are_a_storage_error_naming_the_store(
     assert not isinstance(info.value, StorageUserError) and s3_uri in str(info.value)
 
 
-def test_sigv4_signer_matches_botocores_for_the_same_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigv4_signer_matches_botocores_for_the_same_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The lean signer and botocore's S3 SigV4 signer give the same Authorization header for
     the same request, credentials and second (botocore is the reference), with and without
     a session token."""
