@@ -13,6 +13,8 @@ from PIL import Image
 log = logging.getLogger(__name__)
 BUDGET_SHARE = 0.5
 """Share of the memory available to this container that the decoded images may use."""
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+"""Bytes Pillow stores per pixel, by mode; every other mode (RGB included) takes 4."""
 
 
 def memory_limit_bytes() -> int:
@@ -38,9 +40,9 @@ class Kept:
 
     @property
     def cost(self) -> int:
-        """Bytes of pixel data held."""
+        """Bytes of pixel data held, as Pillow stores them (RGB takes 4 bytes a pixel)."""
         images = [self.image] + ([self.mask] if self.mask is not None else [])
-        return sum(i.width * i.height * len(i.getbands()) for i in images)
+        return sum(i.width * i.height * _PIXEL_BYTES.get(i.mode, 4) for i in images)
 
 
 class DecodedImages:
