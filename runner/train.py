@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from runner.checkpoint.publish import CheckpointManager
 from runner.checkpoint.state import ResumePoint, fetch_latest
@@ -86,30 +86,34 @@ def run(
     ``data``: the run's preflight, already started (``runner.data.checks.start_preflight``)."""
     from runner.data.checks import start_preflight
 
-    # a bad dataset fails here, before anything is loaded or written; headers only, and none
-    # for images that the index stored with the run (or the one beside the runs, from an
-    # earlier run on the same data) already knows
-    report = (data or start_preflight(cfg, process=False)).result()  # no fork: torch is loaded
-    given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
-    work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
-    try:
-        return _run(
-            cfg,
-            work,
-            report,
-            resume=resume,
-            force_restart=force_restart,
-            stop=stop,
-        )
-    finally:
-        if not given:  # staged checkpoints are published (or the run failed): drop them
-            shutil.rmtree(work, ignore_errors=True)
+    events = RunEvents(cfg, is_main=PartialState().is_main_process)
+    with reported(events):  # from the first line: a run that fails to start notifies too
+        # a bad dataset fails here, before anything is loaded or written; headers only, and
+        # none for images that the index stored with the run (or the one beside the runs,
+        # from an earlier run on the same data) already knows
+        report = (data or start_preflight(cfg, process=False)).result()  # no fork: torch is in
+        given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
+        work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
+        try:
+            return _run(
+                cfg,
+                work,
+                report,
+                events,
+                resume=resume,
+                force_restart=force_restart,
+                stop=stop,
+            )
+        finally:
+            if not given:  # staged checkpoints are published (or the run failed): drop them
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def _run(
     cfg: PipelineConfig,
     work: Path,
     data: PreflightReport,
+    events: RunEvents,
     *,
     resume: bool,
     force_restart: bool,
@@ -123,8 +127,9 @@ def _run(
         lease = Lease(raw, lease_settings(cfg)).acquire()
     try:
         store = RunStore(raw, guard=lease.check if lease else None)
-        events = RunEvents(cfg, store if accelerator.is_main_process else None)
-        with reported(events):  # the final report and webhook, whatever the outcome
+        if accelerator.is_main_process:
+            events.bind(store)
+        with reported(events):  # the final report and webhook while the lease is held
             return _run_with(
                 cfg,
                 work,
