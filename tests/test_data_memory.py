@@ -3,7 +3,6 @@ decoding every draw, and epochs after the first read and decode nothing."""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -111,22 +110,30 @@ def test_budget_bounds_memory(tmp_path: Path) -> None:
     assert len(memory) == 2 and memory.used == 800
 
 
-def _rss_bytes() -> int:
+_RSS_PROBE = """
+import os, sys
+from PIL import Image
+from runner.data.memory import Kept
+def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+kept = [Kept(Image.new(sys.argv[1], (1024, 1024), 7), (1024, 1024)) for _ in range(48)]
+print(rss() - before, sum(k.cost for k in kept))
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux)")
-def test_budget_counts_the_memory_pillow_really_holds() -> None:
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_budget_counts_the_memory_pillow_really_holds(mode: str) -> None:
     """The cost of a kept image is what it adds to the process's resident memory (Pillow
     stores RGB as 4 bytes a pixel, L/P as 1), so a budget of N bytes holds ~N bytes; counted
-    as 3 bytes a pixel it held a third more (the 10,000-image RSS figure of the second round)."""
-    from PIL import Image
+    as 3 bytes a pixel it held a third more (the 10,000-image RSS figure of the second round).
+    In a fresh process: memory freed by earlier tests would hide the growth."""
+    import subprocess
+    import sys
 
-    for mode, fill in (("RGB", (7, 8, 9)), ("L", 7)):
-        before = _rss_bytes()
-        kept = [Kept(Image.new(mode, (1024, 1024), fill), (1024, 1024)) for _ in range(48)]
-        grown = _rss_bytes() - before
-        counted = sum(k.cost for k in kept)
-        del kept
-        assert abs(grown - counted) < 0.1 * counted, (mode, grown, counted)
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, mode], capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    grown, counted = map(int, out.stdout.split())
+    assert abs(grown - counted) < 0.1 * counted, (mode, grown, counted)
