@@ -98,42 +98,64 @@ def test_later_epochs_read_and_decode_nothing(
     assert memory is not None and len(memory) == len(SIZES)
     buckets = {tuple(b["pixel_values"].shape[-2:]) for b in list(loader)}
     biggest = max(h * w for h, w in buckets)
-    assert memory.used <= len(SIZES) * 3 * biggest * 4  # kept near bucket scale, not full
+    assert memory.used <= len(SIZES) * 3 * biggest * 3  # kept near bucket scale, not full
 
 
-def test_budget_bounds_memory(tmp_path: Path) -> None:
+def test_budget_bounds_memory() -> None:
+    """Only the slots that fit the whole budget (header included) are planned; the rest are
+    never kept, and the shared block is no bigger than the budget."""
     from PIL import Image
 
-    memory = DecodedImages(budget_bytes=4 * 10 * 10 * 2)  # PIL holds RGB as 4 bytes a pixel
+    budget = 5 * 9 + 2 * 10 * 10 * 3  # header of 5 examples + two 10x10 RGB slots
+    memory = DecodedImages.planned([(i, (10, 10), False) for i in range(5)], budget)
     for i in range(5):
-        memory.put(i, Kept(Image.new("RGB", (10, 10)), (10, 10)))
-    assert len(memory) == 2 and memory.used == 800
+        memory.put(i, Kept(Image.new("RGB", (10, 10), (i, i, i)), (10, 10)))
+    assert len(memory) == 2 and memory.used == 600
+    assert memory.size <= budget
+    assert memory.get(2) is None and memory.get(1).image.getpixel((0, 0)) == (1, 1, 1)
+    memory.close()
+
+
+def test_a_decoded_image_of_another_size_than_its_slot_is_not_kept() -> None:
+    from PIL import Image
+
+    memory = DecodedImages.planned([(0, (10, 12), True), (1, (10, 10), False)], 10_000)
+    memory.put(0, Kept(Image.new("RGB", (10, 10)), (10, 10), Image.new("L", (10, 10))))
+    memory.put(1, Kept(Image.new("RGB", (10, 10)), (10, 10), Image.new("L", (10, 10))))
+    assert len(memory) == 0
+    memory.put(0, Kept(Image.new("RGB", (12, 10), 9), (24, 20), Image.new("L", (12, 10), 5)))
+    got = memory.get(0)
+    assert got is not None and got.original_wh == (24, 20)
+    assert got.mask is not None and got.mask.getpixel((3, 3)) == 5
+    memory.close()
 
 
 _RSS_PROBE = """
-import os, sys
+import os
 from PIL import Image
-from runner.data.memory import Kept
+from runner.data.memory import DecodedImages, Kept
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+memory = DecodedImages.planned([(i, (1024, 1024), True) for i in range(40)], 2**40)
+image, mask = Image.new("RGB", (1024, 1024), 7), Image.new("L", (1024, 1024), 9)
+memory.put(0, Kept(image, (1024, 1024), mask))  # (Pillow's own buffers warmed up)
 before = rss()
-kept = [Kept(Image.new(sys.argv[1], (1024, 1024), 7), (1024, 1024)) for _ in range(48)]
-print(rss() - before, sum(k.cost for k in kept))
+for i in range(1, 40):
+    memory.put(i, Kept(image, (1024, 1024), mask))
+print(rss() - before, memory.used - memory.slots[0].size)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux)")
-@pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_budget_counts_the_memory_pillow_really_holds(mode: str) -> None:
-    """The cost of a kept image is what it adds to the process's resident memory (Pillow
-    stores RGB as 4 bytes a pixel, L/P as 1), so a budget of N bytes holds ~N bytes; counted
-    as 3 bytes a pixel it held a third more (the 10,000-image RSS figure of the second round).
-    In a fresh process: memory freed by earlier tests would hide the growth."""
+def test_budget_counts_the_memory_really_held() -> None:
+    """What the budget counts (3 bytes an RGB pixel, 1 a mask pixel) is what the kept images
+    add to resident memory. In a fresh process: memory freed by earlier tests would hide
+    the growth."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, mode], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE], capture_output=True,
                          text=True, timeout=60, check=True)  # fmt: skip
     grown, counted = map(int, out.stdout.split())
-    assert abs(grown - counted) < 0.1 * counted, (mode, grown, counted)
+    assert abs(grown - counted) < 0.1 * counted, (grown, counted)

@@ -135,12 +135,14 @@ def _plain_loader(data: Path, **extra: Any) -> dict[str, Any]:
 def test_two_workers_resume_exactly_and_the_cursor_is_saved_once(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """6 images, batch 2 (3 batches an epoch), two workers loading ahead: stops after steps
-    1 and 2; the checkpoint's state holds the step in ``loop`` and the cursor in ``data``
-    only, at the batches the loop consumed."""
+    """6 images, batch 2 (3 batches an epoch), two workers loading ahead from one shared
+    keep_in_memory block: stops after steps 1 and 2; the checkpoint's state holds the step
+    in ``loop`` and the cursor in ``data`` only, at the batches the loop consumed."""
     data = write_dataset(tmp_path / "plain", n=6)
+    loader = _plain_loader(data, dataloader_num_workers=2)
+    loader["dataset"]["keep_in_memory"] = True  # the workers share the decoded images
     extra = dict(
-        data_loader=_plain_loader(data, dataloader_num_workers=2),
+        data_loader=loader,
         max_train_steps=4,
         save_every_n_steps=100,
     )

@@ -23,9 +23,16 @@ from runner.data.checks import PreflightReport, preflight
 from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
 from runner.data.images import decode_image, decode_mask
 from runner.data.loader_settings import LoaderConfig, LoaderSettings
-from runner.data.memory import DecodedImages, Kept, default_budget
+from runner.data.memory import DecodedImages, Kept
 from runner.data.sources import Source, fetch_pool
-from runner.data.transforms import ImageTransform, cover, mask_to_tensor, resolution_hw, to_tensor
+from runner.data.transforms import (
+    ImageTransform,
+    cover,
+    cover_hw,
+    mask_to_tensor,
+    resolution_hw,
+    to_tensor,
+)
 from runner.errors import DataError
 
 Batch = dict[str, Any]
@@ -361,7 +368,7 @@ def build_train_dataloader(
         ImageTransform(center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip),
         [buckets[b] for b in bucket_of],
         seed,
-        _memory(settings, data),
+        _memory(settings, data, [buckets[b] for b in bucket_of]),
         data.loss_weights,
         caption_dropout_rate=settings.caption_dropout_rate,
     )
@@ -402,10 +409,20 @@ def _buckets(
     return buckets, [closest_bucket(size, buckets) for size in sizes_hw]
 
 
-def _memory(settings: LoaderSettings, data: PreflightReport) -> DecodedImages | None:
-    """The `keep_in_memory` store (its budget shared among the loader's workers), if asked."""
-    assert data.source is not None
-    kept = settings.kept_indices(len(data.source), data.num_instance)
+def _memory(
+    settings: LoaderSettings, data: PreflightReport, target_hw: Sequence[tuple[int, int]]
+) -> DecodedImages | None:
+    """The `keep_in_memory` store, if asked: one block shared by the loader's workers, a slot
+    for each kept example (its cover size at its bucket's scale) while the budget lasts."""
+    source = data.source
+    assert source is not None
+    kept = settings.kept_indices(len(source), data.num_instance)
     if kept is None:
         return None
-    return DecodedImages(default_budget() // max(1, settings.section.dataloader_num_workers), kept)
+    wanted = [
+        (i, cover_hw((w, h), target_hw[i]), source.records[i].mask_key is not None)
+        for i in kept
+        for h, w in [data.sizes_hw[i]]
+        if h > 0 and w > 0  # (0, 0): its header was unreadable
+    ]
+    return DecodedImages.planned(wanted)

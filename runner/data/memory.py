@@ -1,20 +1,34 @@
 """`keep_in_memory`: decoded images, already resized to their bucket's scale, kept under a
-memory budget so epochs after the first do no I/O and no decode."""
+memory budget so epochs after the first do no I/O and no decode.
+
+The images live in one shared-memory block that the main process creates before the
+DataLoader starts its workers, so every worker (and the main process) sees what any of them
+decoded: an example is fetched and decoded once per run, whichever worker draws it later.
+Every kept example's size is known up front (its cover size at its bucket's scale, from the
+preflight sizes), so each has a fixed slot: RGB pixels (3 bytes a pixel), then its `L` mask
+if it has one, plus its original (w, h) and a ready flag in the block's header. A process
+that decodes an example writes the slot, then sets the flag; readers use ready slots only.
+Two processes decoding the same example at once write identical bytes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import threading
+import struct
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 
 from PIL import Image
 
 log = logging.getLogger(__name__)
 BUDGET_SHARE = 0.5
 """Share of the memory available to this container that the decoded images may use."""
-_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
-"""Bytes Pillow stores per pixel, by mode; every other mode (RGB included) takes 4."""
+_READY = 1
+_WH = struct.Struct("<ii")
 
 
 def memory_limit_bytes() -> int:
@@ -30,6 +44,10 @@ def memory_limit_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def default_budget() -> int:
+    return int(memory_limit_bytes() * BUDGET_SHARE)
+
+
 @dataclass(frozen=True)
 class Kept:
     """A decoded example resized to cover its bucket: image, original (w, h), mask."""
@@ -38,59 +56,145 @@ class Kept:
     original_wh: tuple[int, int]
     mask: Image.Image | None = None
 
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one example lives in the block: its number (header position), pixel offset,
+    kept (h, w) and whether an `L` mask follows the RGB pixels."""
+
+    number: int
+    offset: int
+    hw: tuple[int, int]
+    mask: bool
+
     @property
-    def cost(self) -> int:
-        """Bytes of pixel data held, as Pillow stores them (RGB takes 4 bytes a pixel)."""
-        images = [self.image] + ([self.mask] if self.mask is not None else [])
-        return sum(i.width * i.height * _PIXEL_BYTES.get(i.mode, 4) for i in images)
+    def size(self) -> int:
+        h, w = self.hw
+        return h * w * (4 if self.mask else 3)
+
+
+def plan_slots(
+    wanted: Iterable[tuple[int, tuple[int, int], bool]], budget: int
+) -> tuple[dict[int, Slot], int]:
+    """Slots for (index, kept (h, w), has mask) in order, while they fit `budget` bytes
+    (header included); returns them and the block's size."""
+    items = list(wanted)
+    header = len(items) * (1 + _WH.size)
+    slots: dict[int, Slot] = {}
+    offset = header
+    for index, hw, mask in items:
+        slot = Slot(len(slots), offset, hw, mask)
+        if offset + slot.size > budget:
+            log.warning(
+                "keep_in_memory: the decoded-image budget (%d MiB) holds %d of %d images; "
+                "the others are decoded on every draw",
+                budget >> 20,
+                len(slots),
+                len(items),
+            )
+            break
+        slots[index] = slot
+        offset += slot.size
+    return slots, offset
 
 
 class DecodedImages:
-    """Images by example index; adding one over the budget is refused (once logged), so
-    memory stays bounded and the rest are decoded on each draw. ``indices``: the examples
-    that may be kept (None: all), e.g. only a DreamBooth run's instance images."""
+    """Decoded images by example index in a block shared by the processes that load data.
+    Only examples given a slot (those that fit the budget) are kept; a decoded image of
+    another size than its slot's is not kept either. The block is unlinked when the object
+    that created it is collected or its process exits (never by a worker's copy)."""
 
-    def __init__(self, budget_bytes: int | None = None, indices: range | None = None) -> None:
-        self.budget = budget_bytes if budget_bytes is not None else default_budget()
-        self.indices = indices
-        self.used = 0
-        self._images: dict[int, Kept] = {}
-        self._lock = threading.Lock()
-        self._warned = False
+    def __init__(self, slots: dict[int, Slot], size: int, budget: int) -> None:
+        self.slots, self.budget = slots, budget
+        self._header = len(slots)
+        self._shm = SharedMemory(create=True, size=max(1, size))
+        self._shm.buf[: self._header] = bytes(self._header)
+        self._release = weakref.finalize(self, _release, self._shm, os.getpid())
+
+    @classmethod
+    def planned(
+        cls, wanted: Iterable[tuple[int, tuple[int, int], bool]], budget: int | None = None
+    ) -> DecodedImages:
+        budget = default_budget() if budget is None else budget
+        slots, size = plan_slots(wanted, budget)
+        return cls(slots, size, budget)
+
+    @property
+    def name(self) -> str:
+        """The block's name (under /dev/shm on Linux)."""
+        return self._shm.name
+
+    @property
+    def size(self) -> int:
+        """Bytes reserved (at most the budget)."""
+        return self._shm.size if self.slots else 0
+
+    @property
+    def used(self) -> int:
+        """Bytes of the examples kept so far."""
+        return sum(s.size for s in self.slots.values() if self._ready(s))
 
     def __len__(self) -> int:
-        return len(self._images)
+        return bytes(self._shm.buf[: self._header]).count(_READY)
+
+    def _ready(self, slot: Slot) -> bool:
+        return self._shm.buf[slot.number] == _READY
 
     def get(self, index: int) -> Kept | None:
-        return self._images.get(index)
+        slot = self.slots.get(index)
+        if slot is None or not self._ready(slot):
+            return None
+        buf, (h, w) = self._shm.buf, slot.hw
+        original = _WH.unpack_from(buf, self._header + slot.number * _WH.size)
+        rgb_end = slot.offset + h * w * 3
+        image = Image.frombytes("RGB", (w, h), bytes(buf[slot.offset : rgb_end]))
+        mask = None
+        if slot.mask:
+            mask = Image.frombytes("L", (w, h), bytes(buf[rgb_end : rgb_end + h * w]))
+        return Kept(image, (int(original[0]), int(original[1])), mask)
 
     def put(self, index: int, kept: Kept) -> None:
-        if self.indices is not None and index not in self.indices:
+        slot = self.slots.get(index)
+        if slot is None or self._ready(slot) or not _fits(slot, kept):
             return
-        cost = kept.cost
-        with self._lock:
-            if index in self._images:
-                return
-            if self.used + cost > self.budget:
-                if not self._warned:
-                    log.warning(
-                        "keep_in_memory: the decoded-image budget (%d MiB) is full after %d "
-                        "images; the others are decoded on every draw",
-                        self.budget >> 20,
-                        len(self._images),
-                    )
-                    self._warned = True
-                return
-            self._images[index] = kept
-            self.used += cost
+        buf, (h, w) = self._shm.buf, slot.hw
+        rgb_end = slot.offset + h * w * 3
+        buf[slot.offset : rgb_end] = kept.image.tobytes()
+        if kept.mask is not None:
+            buf[rgb_end : rgb_end + h * w] = kept.mask.tobytes()
+        _WH.pack_into(buf, self._header + slot.number * _WH.size, *kept.original_wh)
+        buf[slot.number] = _READY  # last: readers take only complete slots
+
+    def close(self) -> None:
+        """Release the block now (unlinked if this process created it)."""
+        self._release()
 
     def __getstate__(self) -> dict[str, object]:
-        """Worker processes start with an empty cache of the same budget."""
-        return {"budget": self.budget}
+        """A worker started by spawn / forkserver attaches to the same block by name."""
+        return {"slots": self.slots, "budget": self.budget, "name": self._shm.name}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(int(state["budget"]))  # type: ignore[misc, arg-type]
+        self.slots, self.budget = state["slots"], state["budget"]  # type: ignore[assignment]
+        self._header = len(self.slots)
+        self._shm = SharedMemory(name=str(state["name"]))
+        self._release = weakref.finalize(self, _release, self._shm, None)
 
 
-def default_budget() -> int:
-    return int(memory_limit_bytes() * BUDGET_SHARE)
+def _fits(slot: Slot, kept: Kept) -> bool:
+    """Whether `kept` is what `slot` was planned for (RGB at its size; a mask if planned)."""
+    h, w = slot.hw
+    if kept.image.mode != "RGB" or kept.image.size != (w, h):
+        return False
+    if (kept.mask is not None) != slot.mask:
+        return False
+    return kept.mask is None or (kept.mask.mode == "L" and kept.mask.size == (w, h))
+
+
+def _release(shm: SharedMemory, owner: int | None) -> None:
+    """Unmap the block; unlink it too in the process that created it (not in forked
+    workers, which inherit this finalizer)."""
+    with contextlib.suppress(BufferError):
+        shm.close()
+    if owner == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            shm.unlink()
