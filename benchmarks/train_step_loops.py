@@ -26,7 +26,7 @@ from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from runner.config import PipelineConfig, parse_config
-from runner.models.loading import Components, load_components
+from runner.models.loading import Components, ModelSettings, load_model
 from runner.models.tiny import TOKENIZER_DIR
 
 SCHEDULER = dict(
@@ -139,7 +139,9 @@ def _build_full(sdxl: bool, dtype: torch.dtype, device: torch.device) -> Compone
 
 
 def tiny_components(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Components:
-    comps = load_components(str(model_dir), weight_dtype=dtype)
+    comps = load_model(
+        ModelSettings(str(model_dir), weight_dtype=str(dtype).removeprefix("torch."))
+    )
     for module in (comps.unet, comps.vae, *comps.text_encoders):
         module.to(device)
     return comps

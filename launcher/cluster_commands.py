@@ -132,7 +132,8 @@ def render(
     "sweeps",
     multiple=True,
     metavar="KEY=V1,V2",
-    help="Submit one run per combination of the swept values (repeatable).",
+    help="Submit one run per combination of the swept values (repeatable). Values that "
+    "contain commas: a YAML / JSON list, KEY='[\"a cat, sitting\", a dog]'.",
 )
 @OUTPUT
 @cluster_options
@@ -163,6 +164,7 @@ def submit(
       launcher submit --wait --output json lora.yaml      # CI: exit 0 only if it trained
       launcher submit --local --follow examples/tiny.yaml
       launcher submit lora.yaml --sweep optimizer.learning_rate=1e-4,5e-5 --sweep lora_rank_dim=4,16
+      launcher submit lora.yaml --sweep 'validation_prompts=[["a cat, sitting"], ["a dog"]]'
     """
     if sweeps:
         from launcher.sweep_commands import submit_sweep

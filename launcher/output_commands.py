@@ -38,36 +38,48 @@ def _location(run: str, local: bool, cluster: api.ClusterOptions) -> Any:
 @click.option("--open", "open_it", is_flag=True, help="Open the report in a web browser.")
 @click.option(
     "--expires", type=int, default=3600, show_default=True, metavar="SECONDS",
-    help="Lifetime of the presigned URL (S3).",
+    help="Lifetime of the presigned links (S3).",
+)  # fmt: skip
+@click.option(
+    "-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="S3: where to write the page with presigned links (default: a new temporary folder).",
 )  # fmt: skip
 @LOCAL
 @FORMAT
 @cluster_options
 def report(
-    run: str, open_it: bool, expires: int, local: bool, output: str, cluster: api.ClusterOptions
+    run: str,
+    open_it: bool,
+    expires: int,
+    out: Path | None,
+    local: bool,
+    output: str,
+    cluster: api.ClusterOptions,
 ) -> None:
-    """Print where RUN's report.html is: a local path, or a presigned URL for S3.
+    """Print the path of RUN's report.html.
 
     The runner rewrites the report at each validation and at the end: loss and learning-rate
     curves, validation images by step and prompt, checkpoints kept, the resolved config.
-    RUN is a run name, an s3:// URI or a local output folder.
+    RUN is a run name, an s3:// URI or a local output folder. For a run in S3 the page is
+    copied here with its links to the full-size grids presigned (valid --expires seconds);
+    `--output json` also gives `url`, a presigned URL of the stored page to share (its
+    thumbnails and curves are inline; its grid links need credentials).
 
     \b
     Examples:
       launcher report quickstart --open
-      launcher report my-lora -n training        # a presigned URL, valid for an hour
+      launcher report my-lora -n training -o my-lora.html   # grid links valid for an hour
     """
     from launcher.outputs import report_location
 
-    where = report_location(_location(run, local, cluster).open(), expires)
+    view = report_location(_location(run, local, cluster).open(), expires, out)
     if output == "json":
-        click.echo(json.dumps({"run": run, "report": where}))
+        doc = {"run": run, "report": view.report}
+        click.echo(json.dumps(doc if view.url is None else {**doc, "url": view.url}))
     else:
-        click.echo(where)
-    if open_it:
-        url = where if "://" in where else Path(where).resolve().as_uri()
-        if not webbrowser.open(url):
-            click.echo("no web browser found here; open the address above yourself", err=True)
+        click.echo(view.report)
+    if open_it and not webbrowser.open(Path(view.report).resolve().as_uri()):
+        click.echo("no web browser found here; open the address above yourself", err=True)
 
 
 @click.command()

@@ -3,7 +3,10 @@ pulled to this machine, verified against their manifest. Torch-free (boto3 at mo
 
 from __future__ import annotations
 
+import html
 import os
+import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,15 +46,43 @@ def locate(run: str, backend_for_run: Callable[[str], Any]) -> RunLocation:
     return RunLocation(output_uri(cfg), cfg.storage)
 
 
-def report_location(store: ObjectStore, expires_s: int = 3600) -> str:
-    """A local path, or a presigned https URL for S3; UserError if no report exists yet."""
+_RUN_LINK = re.compile(r'href="([^":#?]+)"')
+"""A link in report.html to one of the run's objects (a key relative to the run folder)."""
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """Where to open a run's report: ``report`` (a local path), ``url`` (S3: a presigned URL
+    of the stored page, to share; its links to full-size grids need credentials)."""
+
+    report: str
+    url: str | None = None
+
+
+def report_location(
+    store: ObjectStore, expires_s: int = 3600, dest: Path | None = None
+) -> ReportView:
+    """A local run: its report.html. S3: a copy of the page written to ``dest`` (default: a
+    new temporary folder) with its links to the run's objects (the full-size grids)
+    presigned for ``expires_s``, since a relative link from a presigned page has no
+    signature. UserError if no report exists yet."""
     if not store.exists(REPORT_KEY):
         raise UserError(
             f"{store.url(REPORT_KEY)} does not exist yet",
             hint="the runner writes it at the first validation and at the end of the run",
         )
     presign = getattr(store, "presign", None)
-    return presign(REPORT_KEY, expires_s) if presign else store.url(REPORT_KEY)
+    if presign is None:
+        return ReportView(store.url(REPORT_KEY))
+
+    def signed(link: re.Match[str]) -> str:
+        return f'href="{html.escape(presign(html.unescape(link.group(1)), expires_s))}"'
+
+    page = _RUN_LINK.sub(signed, store.get_bytes(REPORT_KEY).decode())
+    target = dest or Path(tempfile.mkdtemp(prefix="kubetune-report-")) / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page)
+    return ReportView(str(target), presign(REPORT_KEY, expires_s))
 
 
 @dataclass

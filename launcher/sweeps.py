@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,11 @@ LABEL_SWEEP = "kubetune.io/sweep"
 PARAM_LABEL_PREFIX = "sweep.kubetune.io/"
 MAX_RUNS = 256
 HASH_CHARS = 8
+SPEC_FORMS = "KEY=V1,V2,... or KEY=[V1, V2, ...] (a YAML / JSON list; quote values with commas)"
+SPEC_EXAMPLE = (
+    "e.g. --sweep optimizer.learning_rate=1e-4,5e-5 or "
+    "--sweep 'validation_prompts.0=[\"a cat, sitting\", a dog]'"
+)
 
 
 @dataclass(frozen=True)
@@ -41,16 +47,14 @@ class Member:
 
 
 def parse_axes(specs: tuple[str, ...] | list[str]) -> list[Axis]:
-    """`KEY=V1,V2,...` per spec; a one-line UserError naming the bad spec otherwise."""
+    """`KEY=V1,V2,...` or `KEY=[V1, V2, ...]` (a YAML / JSON list, for values that hold
+    commas) per spec; a one-line UserError naming the bad spec otherwise."""
     axes: list[Axis] = []
     for spec in specs:
         key, sep, raw = spec.partition("=")
-        values = tuple(v.strip() for v in raw.split(","))
-        if not sep or not key.strip() or not all(values):
-            raise UserError(
-                f"--sweep {spec!r}: use KEY=V1,V2,...",
-                hint="e.g. --sweep optimizer.learning_rate=1e-4,5e-5",
-            )
+        values = _list_values(spec, raw) if raw.lstrip().startswith("[") else _plain_values(raw)
+        if not sep or not key.strip() or not values or not all(values):
+            raise UserError(f"--sweep {spec!r}: use {SPEC_FORMS}", hint=SPEC_EXAMPLE)
         if key.strip() in {a.key for a in axes}:
             raise UserError(
                 f"--sweep {key.strip()} given twice: list all its values in one --sweep"
@@ -62,6 +66,33 @@ def parse_axes(specs: tuple[str, ...] | list[str]) -> list[Axis]:
     if size > MAX_RUNS:
         raise UserError(f"--sweep: {size} runs is more than {MAX_RUNS}; sweep fewer values")
     return axes
+
+
+def _plain_values(raw: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in raw.split(","))
+
+
+def _list_values(spec: str, raw: str) -> tuple[str, ...]:
+    """Each item of a YAML / JSON list as the text ``--set`` parses back to that item."""
+    try:
+        items = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        items = None
+    if not isinstance(items, list) or not items:
+        raise UserError(f"--sweep {spec!r}: use {SPEC_FORMS}", hint=SPEC_EXAMPLE)
+    return tuple(_as_text(item) for item in items)
+
+
+def _as_text(item: Any) -> str:
+    """A plain string stays as written (``1e-4``, ``a cat, sitting``); anything else, or a
+    string YAML would read as another type (``"1"``), becomes JSON (a YAML flow value)."""
+    if isinstance(item, str):
+        try:
+            if yaml.safe_load(item) == item:
+                return item
+        except yaml.YAMLError:
+            pass
+    return json.dumps(item, ensure_ascii=False)
 
 
 def combinations(axes: list[Axis]) -> list[dict[str, str]]:

@@ -9,12 +9,12 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from runner.config import PipelineConfig, config_hash, config_to_yaml, run_name
+from runner.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
 from runner.errors import Preempted
 from runner.layout import REPORT_KEY, ProgressRecord, checkpoint_key, final_key, validation_key
 from runner.notify import Notifier
 from runner.report import ReportWriter
-from runner.storage import ObjectStore
+from runner.storage import LocalStore, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -28,38 +28,41 @@ class ProgressSource(Protocol):
 
 
 class RunEvents:
-    """Called by the session and the loop; only the main process gets a store (others do
-    nothing)."""
+    """Called by the run from its first line on (``reported`` around the whole start, so a run
+    that fails before training still sends "failed"), then by the session and the loop.
+    Only the main process notifies, and only once it holds the run's lease does it get the
+    store (``bind``) that the report is written to."""
 
     def __init__(
-        self,
-        cfg: PipelineConfig,
-        store: ObjectStore | None,
-        *,
-        notifier: Notifier | None = None,
+        self, cfg: PipelineConfig, *, is_main: bool = True, notifier: Notifier | None = None
     ) -> None:
-        self.store = store
+        self.cfg = cfg
+        self.store: ObjectStore | None = None
+        self.report: ReportWriter | None = None
         self.progress: ProgressSource | None = None
-        self._started = False
-        self.report = None
-        if store is not None:
-            self.report = ReportWriter(
-                store,
-                run=run_name(cfg),
-                pipeline_type=cfg.type,
-                prompts=list(cfg.validation_prompts),
-                config_yaml=config_to_yaml(cfg),
-            )
+        self._started = self._finished = False
         context = {
             "run": run_name(cfg),
             "type": cfg.type,
             "config_hash": config_hash(cfg),
-            "output_uri": store.uri if store is not None else None,
+            "output_uri": _output_uri(cfg),
         }
         if notifier is not None:
             self.notifier = notifier
         else:
-            self.notifier = Notifier(cfg.notify if store is not None else None, context)
+            self.notifier = Notifier(cfg.notify if is_main else None, context)
+
+    def bind(self, store: ObjectStore) -> None:
+        """The run's store (main process, lease held): the report goes there and payloads
+        name its objects."""
+        self.store = store
+        self.report = ReportWriter(
+            store,
+            run=run_name(self.cfg),
+            pipeline_type=self.cfg.type,
+            prompts=list(self.cfg.validation_prompts),
+            config_yaml=config_to_yaml(self.cfg),
+        )
 
     def attach(self, progress: ProgressSource) -> None:
         """The progress reporter, once the loop has one (its record feeds every payload)."""
@@ -80,7 +83,7 @@ class RunEvents:
     def _fields(self, **extra: Any) -> dict[str, Any]:
         record = self.record
         fields = {k: record.get(k) for k in ("state", "step", "total_steps", "loss", "lr")}
-        fields["report_uri"] = self._url(REPORT_KEY)
+        fields["report_uri"] = self._url(REPORT_KEY) if self._started else None
         return {**fields, **extra}
 
     def started(self, step: int) -> None:
@@ -98,7 +101,11 @@ class RunEvents:
 
     def finished(self, state: str, error: str | None = None, timeout: float = 10.0) -> None:
         """Final report (if the run got as far as starting: a failed start writes nothing)
-        and notification; waits at most ``timeout`` s for the webhooks."""
+        and notification, once (the first outcome wins); waits at most ``timeout`` s for the
+        webhooks."""
+        if self._finished:
+            return
+        self._finished = True
         if self._started:
             self._publish_report(state)
         event = {"completed": "succeeded", "preempted": "preempted"}.get(state, "failed")
@@ -116,10 +123,16 @@ class RunEvents:
             self.report.publish(state, self.record, history)
 
 
+def _output_uri(cfg: PipelineConfig) -> str:
+    """The run's output URI as its store names it (a local folder: absolute)."""
+    uri = output_uri(cfg)
+    return uri if uri.startswith("s3://") else LocalStore(uri).uri
+
+
 @contextlib.contextmanager
 def reported(events: RunEvents) -> Iterator[None]:
     """Finish ``events`` as the block ends: completed, preempted (``Preempted``) or failed
-    (any other exception, re-raised)."""
+    (any other exception, re-raised). Nested blocks finish once: the innermost outcome."""
     try:
         yield
     except Preempted:

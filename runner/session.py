@@ -205,7 +205,8 @@ def build_session(
     state = _restore(checkpointer, restored, loader)
     out = store if settings.is_main else None
     progress = _progress(settings, schedule, out, restored, events)
-    validator = Validator(settings.validation, pipeline, out, device, on_images=progress.log_images)
+    validator = Validator(settings.validation, pipeline, out, device,
+                          on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
     loop = Loop(runner, loader, checkpointer, validator, progress, stop,
                 schedule.total_steps, cfg.gradient_accumulation_steps, events)  # fmt: skip
     session = Session(settings, store, loader, pipeline, checkpointer, progress, loop, state)

@@ -52,7 +52,7 @@ class RunSettings:
                 cfg, seed=seed, work_dir=work_dir, is_main=is_main
             ),
             caches=CacheSettings.from_config(cfg, model, work_dir),
-            validation=ValidationSettings.from_config(cfg, seed),
+            validation=ValidationSettings.from_config(cfg),
             log_every_n_steps=cfg.log_every_n_steps,
             tensorboard_dir=_tensorboard_dir(cfg, work_dir, is_main),
         )

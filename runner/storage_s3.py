@@ -175,7 +175,6 @@ class S3Store:
             max_attempts=max_attempts,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            pool_size=max(32, 2 * max_concurrency),
         )
 
     # -- keys and errors ----------------------------------------------------------------------

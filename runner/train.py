@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from runner.checkpoint.publish import CheckpointManager
 from runner.checkpoint.state import ResumePoint, fetch_latest
@@ -91,21 +91,24 @@ def run(
     else it starts here, in a thread (torch is loaded: no fork)."""
     from runner.data.checks import start_preflight
 
-    pending = data or start_preflight(cfg, process=False)
-    given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
-    work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
-    try:
-        return _run(
-            cfg,
-            work,
-            pending,
-            resume=resume,
-            force_restart=force_restart,
-            stop=stop,
-        )
-    finally:
-        if not given:  # staged checkpoints are published (or the run failed): drop them
-            shutil.rmtree(work, ignore_errors=True)
+    events = RunEvents(cfg, is_main=PartialState().is_main_process)
+    with reported(events):  # from the first line: a run that fails to start notifies too
+        pending = data or start_preflight(cfg, process=False)
+        given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
+        work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
+        try:
+            return _run(
+                cfg,
+                work,
+                pending,
+                events,
+                resume=resume,
+                force_restart=force_restart,
+                stop=stop,
+            )
+        finally:
+            if not given:  # staged checkpoints are published (or the run failed): drop them
+                shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ def _run(
     cfg: PipelineConfig,
     work: Path,
     pending: Future[PreflightReport],
+    events: RunEvents,
     *,
     resume: bool,
     force_restart: bool,
@@ -150,8 +154,9 @@ def _run(
         lease = Lease(raw, lease_settings(cfg)).acquire()
     try:
         store = RunStore(raw, guard=lease.check if lease else None)
-        events = RunEvents(cfg, store if is_main else None)
-        with reported(events):  # the final report and webhook, whatever the outcome
+        if is_main:
+            events.bind(store)
+        with reported(events):  # the final report and webhook while the lease is held
             return _run_with(
                 cfg,
                 work,

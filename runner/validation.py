@@ -3,22 +3,21 @@ as one PNG per image and a grid per validation step; training state restored aft
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from runner.cadence import Cadence
 from runner.config import PipelineConfig
+from runner.data.transforms import resolution_hw
 from runner.layout import thumb_key, validation_key
 from runner.models.loading import Components
 from runner.pipelines.common import TrainingPipeline
@@ -30,25 +29,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ValidationSettings:
+    """How validation images are made, as invoke-training makes them
+    (``_shared/stable_diffusion/validation.py``): ``seed`` is the config's (None: an
+    unseeded generator), size ``data_loader.resolution``, ``inference_steps`` 30 unless set."""
+
     prompts: list[str]
     negative_prompts: list[str] | None
     images_per_prompt: int
     cadence: Cadence
     cpu_offload: bool
-    seed: int
+    seed: int | None
     height: int
     width: int
-    inference_steps: int = 25
+    inference_steps: int = 30
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig, seed: int) -> ValidationSettings:
-        loader = cfg.data_loader
-        if loader.aspect_ratio_buckets is not None:
-            height = width = loader.aspect_ratio_buckets.target_resolution
-        elif isinstance(loader.resolution, int):
-            height = width = loader.resolution
-        else:
-            height, width = loader.resolution
+    def from_config(cls, cfg: PipelineConfig) -> ValidationSettings:
+        height, width = resolution_hw(cfg.data_loader.resolution)
         # diffusers pipelines need sides divisible by 8 (invoke-training would fail here).
         height, width = max(8, height // 8 * 8), max(8, width // 8 * 8)
         return cls(
@@ -57,7 +54,7 @@ class ValidationSettings:
             cfg.num_validation_images_per_prompt,
             Cadence(cfg.validate_every_n_steps, cfg.validate_every_n_epochs),
             cfg.enable_cpu_offload_during_validation,
-            seed,
+            cfg.seed,
             height,
             width,
             cfg.num_validation_inference_steps,
@@ -68,28 +65,22 @@ class ValidationSettings:
 
 
 def inference_pipeline(comps: Components) -> Any:
-    """A diffusers pipeline over the training modules (no copies)."""
-    scheduler = DPMSolverMultistepScheduler.from_config(comps.noise_scheduler.config)
+    """A diffusers pipeline over the training modules (no copies) and a copy of the training
+    noise scheduler (invoke-training samples with the training DDPM scheduler itself)."""
+    shared = {
+        "vae": comps.vae,
+        "text_encoder": comps.text_encoder,
+        "tokenizer": comps.tokenizer,
+        "unet": comps.unet,
+        "scheduler": type(comps.noise_scheduler).from_config(comps.noise_scheduler.config),
+    }
     if comps.is_sdxl:
         pipe = StableDiffusionXLPipeline(
-            vae=comps.vae,
-            text_encoder=comps.text_encoder,
-            text_encoder_2=comps.text_encoder_2,
-            tokenizer=comps.tokenizer,
-            tokenizer_2=comps.tokenizer_2,
-            unet=comps.unet,
-            scheduler=scheduler,
+            **shared, text_encoder_2=comps.text_encoder_2, tokenizer_2=comps.tokenizer_2
         )
     else:
         pipe = StableDiffusionPipeline(
-            vae=comps.vae,
-            text_encoder=comps.text_encoder,
-            tokenizer=comps.tokenizer,
-            unet=comps.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **shared, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -121,10 +112,14 @@ class Validator:
         store: ObjectStore | None,
         device: torch.device,
         on_images: Callable[[int, list[list[Image.Image]]], None] | None = None,
+        autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.s, self.pipeline, self.store, self.device = settings, pipeline, store, device
         self.on_images = on_images
         """Also called with (step, images per prompt), e.g. to log them to TensorBoard."""
+        self.autocast = autocast
+        """Around each image, as around each training step (``accelerator.autocast``, as
+        invoke-training generates its validation images)."""
 
     def maybe_validate(self, step: int, completed_epoch: int | None) -> bool:
         if self.store is None or not self.s.due(step, completed_epoch):
@@ -167,10 +162,7 @@ class Validator:
         if offload:
             pipe.enable_model_cpu_offload(device=self.device)
         try:
-            return [
-                [self._image(pipe, i, j) for j in range(self.s.images_per_prompt)]
-                for i in range(len(self.s.prompts))
-            ]
+            return [self._images(pipe, i) for i in range(len(self.s.prompts))]
         finally:
             if offload:
                 pipe.remove_all_hooks()
@@ -178,14 +170,24 @@ class Validator:
                     if isinstance(module, torch.nn.Module):
                         module.to(self.device)
 
-    def _image(self, pipe: Any, i: int, j: int) -> Image.Image:
+    def _images(self, pipe: Any, i: int) -> list[Image.Image]:
+        """Prompt ``i``'s images, drawn one after another from one generator (seeded with
+        the config's seed; unseeded when it has none), as invoke-training draws them."""
         negatives = self.s.negative_prompts
-        generator = torch.Generator(self.device).manual_seed(self.s.seed + 1000 * i + j)
-        return pipe(
-            self.s.prompts[i],
-            negative_prompt=negatives[i] if negatives else None,
-            num_inference_steps=self.s.inference_steps,
-            generator=generator,
-            height=self.s.height,
-            width=self.s.width,
-        ).images[0]
+        generator = torch.Generator(self.device)
+        if self.s.seed is not None:
+            generator = generator.manual_seed(self.s.seed)
+        images = []
+        for _ in range(self.s.images_per_prompt):
+            with self.autocast():
+                images.append(
+                    pipe(
+                        self.s.prompts[i],
+                        negative_prompt=negatives[i] if negatives else None,
+                        num_inference_steps=self.s.inference_steps,
+                        generator=generator,
+                        height=self.s.height,
+                        width=self.s.width,
+                    ).images[0]
+                )
+        return images

@@ -96,3 +96,38 @@ def test_random_crop_and_flip() -> None:
     a = transform(_gradient(160, 40), (16, 16), random.Random(3))
     b = transform(_gradient(160, 40), (16, 16), random.Random(3))
     assert a[2] == b[2] and bool((a[0] == b[0]).all())
+
+
+def test_jpeg_header_length_walks_the_segments_to_the_scan() -> None:
+    """The header length of a JPEG comes from its segment lengths: the whole header when the
+    prefix reaches the start of scan, else how far to read to learn more; None for anything
+    that is not a well-formed JPEG."""
+    import io
+
+    from PIL import Image
+
+    from runner.data.images import jpeg_header_length
+    from runner.data.index import HEADER_SLACK
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 30_000  # a camera's EXIF block (thumbnail, maker notes)
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (9, 99, 199)).save(
+        out,
+        "JPEG",
+        exif=exif.tobytes(),
+        icc_profile=b"\0" * 70_000,  # two APP2 segments
+    )
+    data = out.getvalue()
+    full = jpeg_header_length(data)
+    assert full is not None and full > 100_000
+    assert data[full - 12 : full].count(b"\xff\xda") == 0 and b"\xff\xda" in data[:full]
+    assert Image.open(io.BytesIO(data[:full])).size == (64, 48)  # enough for Pillow
+    steps, prefix = 0, data[: 16 * 1024]  # as header_size_hw reads: + HEADER_SLACK each time
+    while (need := jpeg_header_length(prefix)) is not None and need > len(prefix):
+        assert need <= full + 4  # never asks past the header
+        prefix, steps = data[: need + HEADER_SLACK], steps + 1
+    assert need == full and steps == 3  # past the EXIF block, then each of the two ICC chunks
+    assert jpeg_header_length(b"\xff\xd8\xff" + data[2:]) == full + 1  # a fill byte
+    assert jpeg_header_length(b"\x89PNG\r\n\x1a\n" + data[8:]) is None
+    assert jpeg_header_length(b"\xff\xd8\x00\x00\x00\x00") is None  # no marker where one must be

@@ -162,8 +162,10 @@ def test_index_round_trip_and_local_versions(tmp_path: Path) -> None:
 def test_long_exif_header_takes_a_second_ranged_read(
     s3_env: S3Server, s3_bucket: str, tmp_path: Path, reads: Reads
 ) -> None:
-    """A JPEG whose EXIF block (40 KB) does not fit the first read: a second, longer ranged
-    read, never the whole file; the EXIF orientation still swaps height and width."""
+    """A JPEG whose EXIF block (40 KB, as a camera's with its thumbnail and maker notes) does
+    not fit the first read: one more ranged read, of the rest of the header only (its size
+    read from the JPEG markers), never the whole file; the EXIF orientation still swaps
+    height and width."""
     exif = Image.Exif()
     exif[0x010E] = "x" * 40_000  # ImageDescription
     exif[0x0112] = 6  # rotated 90°: stored 320x200, shown 200x320
@@ -179,6 +181,16 @@ def test_long_exif_header_takes_a_second_ranged_read(
     assert report.sizes_hw == [(320, 200)]
     assert reads.calls["range"] == 2 and reads.keys["long.jpg"] == 2
     assert reads.calls["get"] == 1  # the caption file only
+    header_end = _jpeg_scan_offset(out.getvalue())
+    assert 40_000 < header_end < reads.bytes <= header_end + 8 * 1024 < len(out.getvalue())
+
+
+def _jpeg_scan_offset(data: bytes) -> int:
+    """Where the compressed data of a baseline JPEG starts (after its SOS segment)."""
+    i = 2
+    while data[i + 1] != 0xDA:
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
 
 
 def test_an_unreadable_stored_index_is_a_cache_miss_not_a_failure(

@@ -255,3 +255,30 @@ def test_trains_with_and_without_a_class_dataset(
     result = train(cfg)
     assert result.step == 1 and step_dirs(out) == ["step-000001"]
     assert any(k.startswith("final/") for k in result.final_keys)
+
+
+@pytest.mark.parametrize(("instance", "klass"), [(True, False), (False, True)])
+def test_keep_in_memory_is_read_per_dataset(
+    dirs: tuple[str, str], instance: bool, klass: bool
+) -> None:
+    """As in invoke-training, `instance_dataset.keep_in_memory` and
+    `class_dataset.keep_in_memory` each keep only their own images decoded."""
+    inst, cls = dirs
+    cfg = db_config(
+        inst,
+        cls,
+        instance_dataset={
+            "type": "IMAGE_DIR_DATASET",
+            "dataset_dir": inst,
+            "keep_in_memory": instance,
+        },
+        class_dataset={"type": "IMAGE_DIR_DATASET", "dataset_dir": cls, "keep_in_memory": klass},
+    )
+    loader = build_train_dataloader(cfg, seed=5, batch_size=2, device_is_cuda=False)
+    for _ in range(2):
+        list(loader)
+    dataset = loader.dataset
+    assert dataset.memory is not None
+    kept = {dataset.source.records[i].id.split("/", 1)[0]
+            for i in range(len(dataset)) if dataset.memory.get(i) is not None}  # fmt: skip
+    assert kept == ({"instance"} if instance else {"class"})

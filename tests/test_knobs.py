@@ -242,7 +242,7 @@ def test_validation_images_come_from_the_ema_weights(
 
     monkeypatch.setattr(Validator, "_generate", generate)
     store = open_store(str(tmp_path / "store"))
-    Validator(ValidationSettings.from_config(cfg, 7), pipe, store, torch.device("cpu")).validate(1)
+    Validator(ValidationSettings.from_config(cfg), pipe, store, torch.device("cpu")).validate(1)
     assert all(torch.equal(seen[k], pipe.ema.shadow[k]) for k in raw)
     assert all(torch.equal(p.detach(), raw[k]) for k, p in pipe.trainable_parameters().items())
 

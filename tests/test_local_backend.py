@@ -100,3 +100,22 @@ def test_cancel_sends_sigterm_and_logs_follow(
 def test_unknown_run(backend: LocalBackend) -> None:
     with pytest.raises(UserError, match="no local run"):
         backend.status("nope")
+
+
+def test_an_unwritable_home_is_a_one_line_error(tmp_path: Path) -> None:
+    """`submit --local` where the run folder cannot be made (HOME not writable, KUBETUNE_HOME
+    under a file) says which folder and how to fix it, exit status 1, no traceback."""
+    import subprocess
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**config_dict(), "storage": None}))
+    env = {**__import__("os").environ, "KUBETUNE_HOME": str(blocker / "kubetune")}
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "submit", "--local", str(config)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "KUBETUNE_HOME" in out.stderr
+    assert str(blocker / "kubetune") in out.stderr and len(out.stderr.strip().splitlines()) == 1

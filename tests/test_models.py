@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,7 +28,12 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
 from runner.errors import UserError  # noqa: E402
-from runner.models.loading import Components, download_prefix, load_components  # noqa: E402
+from runner.models.loading import (  # noqa: E402
+    Components,
+    ModelSettings,
+    download_prefix,
+    load_model,
+)
 from runner.models.tiny import (  # noqa: E402
     TOKENIZER_DIR,
     build_tiny_sd,
@@ -125,8 +131,13 @@ def test_tiny_cli_writes_a_model(tmp_path: Path) -> None:
 # --- loading ------------------------------------------------------------------------------
 
 
+def _load(model: str, cache_dir: str | Path | None = None, **fields: Any) -> Components:
+    """``load_model`` with the settings given as keywords (``ModelSettings`` fields)."""
+    return load_model(ModelSettings(model, **fields), cache_dir=cache_dir)
+
+
 def test_load_components_from_sd_dir(tiny_sd_dir: Path) -> None:
-    comps = load_components(str(tiny_sd_dir))
+    comps = _load(str(tiny_sd_dir))
     assert isinstance(comps, Components)
     assert comps.is_sdxl is False
     assert comps.tokenizer_2 is None and comps.text_encoder_2 is None
@@ -141,9 +152,7 @@ def test_load_components_from_sd_dir(tiny_sd_dir: Path) -> None:
 def test_load_components_from_sdxl_dir_with_dtype_and_prediction_type(
     tiny_sdxl_dir: Path,
 ) -> None:
-    comps = load_components(
-        str(tiny_sdxl_dir), weight_dtype="bfloat16", prediction_type="v_prediction"
-    )
+    comps = _load(str(tiny_sdxl_dir), weight_dtype="bfloat16", prediction_type="v_prediction")
     assert comps.is_sdxl is True
     assert comps.tokenizer_2.pad_token == "!"
     assert comps.text_encoder_2.__class__.__name__ == "CLIPTextModelWithProjection"
@@ -157,9 +166,9 @@ def test_vae_override_from_dir_and_pipeline_dir(tmp_path: Path, tiny_sd_dir: Pat
     other = build_tiny_sd(tmp_path / "other", seed=5)
     vae_other = AutoencoderKL.from_pretrained(other, subfolder="vae")
     for vae_model in (str(other), str(other / "vae")):
-        comps = load_components(str(tiny_sd_dir), vae_model=vae_model)
+        comps = _load(str(tiny_sd_dir), vae_model=vae_model)
         assert _same_weights(comps.vae, vae_other)
-    base = load_components(str(tiny_sd_dir))
+    base = _load(str(tiny_sd_dir))
     assert not _same_weights(base.vae, vae_other)
 
 
@@ -174,7 +183,7 @@ def test_hf_variant_is_used_and_missing_variant_falls_back(
             p.add_(1.0)
     unet.save_pretrained(model / "unet", variant="fp16")
     with caplog.at_level(logging.WARNING, logger="runner.models.loading"):
-        comps = load_components(str(model), hf_variant="fp16")
+        comps = _load(str(model), hf_variant="fp16")
     assert _same_weights(comps.unet, unet)  # the variant file, not the plain one
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "fp16" in messages and "vae" in messages  # vae has no fp16 file: fell back
@@ -184,7 +193,7 @@ def test_base_embeddings_sd(tmp_path: Path, tiny_sd_dir: Path) -> None:
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
     path = tmp_path / "mystyle.safetensors"
     save_file({"emb_params": vectors}, path)
-    comps = load_components(str(tiny_sd_dir), base_embeddings=[str(path)])
+    comps = _load(str(tiny_sd_dir), base_embeddings={"mystyle": str(path)})
     ids = comps.tokenizer.convert_tokens_to_ids(["mystyle", "mystyle_1"])
     assert ids == [49408, 49409]
     # multi-vector tokens are used in the expanded form ("mystyle mystyle_1"), as in diffusers
@@ -198,7 +207,7 @@ def test_base_embeddings_sd(tmp_path: Path, tiny_sd_dir: Path) -> None:
     ]
     table = comps.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[ids], vectors)
-    reference = load_components(str(tiny_sd_dir)).text_encoder.get_input_embeddings().weight
+    reference = _load(str(tiny_sd_dir)).text_encoder.get_input_embeddings().weight
     assert torch.equal(table[:49408], reference)
 
 
@@ -207,7 +216,7 @@ def test_base_embeddings_sdxl_with_explicit_token(tmp_path: Path, tiny_sdxl_dir:
     clip_l, clip_g = torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g)
     path = tmp_path / "emb.safetensors"
     save_file({"clip_l": clip_l, "clip_g": clip_g}, path)
-    comps = load_components(str(tiny_sdxl_dir), base_embeddings={"<tok>": str(path)})
+    comps = _load(str(tiny_sdxl_dir), base_embeddings={"<tok>": str(path)})
     for tok, enc, vec in (
         (comps.tokenizer, comps.text_encoder, clip_l),
         (comps.tokenizer_2, comps.text_encoder_2, clip_g),
@@ -221,24 +230,24 @@ def test_base_embeddings_wrong_width_is_a_user_error(tmp_path: Path, tiny_sd_dir
     path = tmp_path / "bad.safetensors"
     save_file({"emb_params": torch.zeros(1, 768)}, path)
     with pytest.raises(UserError, match="bad.safetensors"):
-        load_components(str(tiny_sd_dir), base_embeddings=[str(path)])
+        _load(str(tiny_sd_dir), base_embeddings={"bad": str(path)})
 
 
 def test_missing_model_is_a_user_error_naming_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(UserError, match="nope"):
-        load_components(str(missing))
+        _load(str(missing))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="model_index.json"):
-        load_components(str(tmp_path / "empty"))
+        _load(str(tmp_path / "empty"))
 
 
 @pytest.mark.parametrize("name", ["tiny.safetensors", "tiny.ckpt"])
 def test_single_file_roundtrip(tmp_path: Path, tiny_sd_dir: Path, name: str) -> None:
     ckpt = save_single_file(tiny_sd_dir, tmp_path / name)
-    comps = load_components(str(ckpt), single_file_config=str(tiny_sd_dir))
+    comps = _load(str(ckpt), single_file_config=str(tiny_sd_dir))
     assert comps.is_sdxl is False
-    ref = load_components(str(tiny_sd_dir))
+    ref = _load(str(tiny_sd_dir))
     assert _same_weights(comps.unet, ref.unet)
     assert _same_weights(comps.vae, ref.vae)
     assert _same_weights(comps.text_encoder, ref.text_encoder)
@@ -250,7 +259,7 @@ def test_single_file_without_config_offline_is_a_user_error(
 ) -> None:
     ckpt = save_single_file(tiny_sd_dir, tmp_path / "tiny.safetensors")
     with pytest.raises(UserError, match="tiny.safetensors"):
-        load_components(str(ckpt))
+        _load(str(ckpt))
 
 
 def test_download_prefix_from_a_local_store_once(tmp_path: Path, tiny_sd_dir: Path) -> None:
@@ -264,7 +273,7 @@ def test_download_prefix_from_a_local_store_once(tmp_path: Path, tiny_sd_dir: Pa
     marker_mtime = next(local.parent.glob("*.complete")).stat().st_mtime_ns
     assert download_prefix(store, tmp_path / "cache") == local  # cached: no second download
     assert next(local.parent.glob("*.complete")).stat().st_mtime_ns == marker_mtime
-    comps = load_components(str(local))
+    comps = _load(str(local))
     assert comps.is_sdxl is False
 
 
@@ -278,14 +287,14 @@ def test_load_components_from_s3_prefix(
     for path in sorted(tiny_sd_dir.rglob("*")):
         if path.is_file():
             store.put_file(path.relative_to(tiny_sd_dir).as_posix(), path)
-    comps = load_components(uri, cache_dir=str(tmp_path / "cache"))
-    assert _same_weights(comps.unet, load_components(str(tiny_sd_dir)).unet)
+    comps = _load(uri, cache_dir=str(tmp_path / "cache"))
+    assert _same_weights(comps.unet, _load(str(tiny_sd_dir)).unet)
     assert Path(comps.source).is_relative_to(tmp_path / "cache")
 
 
 def test_hub_name_offline_is_a_user_error_naming_the_model() -> None:
     with pytest.raises(UserError, match="kubetune-test/no-such-model"):
-        load_components("kubetune-test/no-such-model")
+        _load("kubetune-test/no-such-model")
 
 
 # --- shipped sample data ------------------------------------------------------------------
@@ -340,9 +349,9 @@ def test_load_components_from_pipeline_config(tiny_sd_dir: Path) -> None:
 
 
 def test_builtin_tiny_model_is_built_once_and_reused(tmp_path: Path) -> None:
-    from runner.models.loading import builtin_model, load_components
+    from runner.models.loading import builtin_model
 
-    comps = load_components("builtin:tiny-sd", cache_dir=tmp_path)
+    comps = _load("builtin:tiny-sd", cache_dir=tmp_path)
     assert not comps.is_sdxl
     target = builtin_model("tiny-sd", tmp_path)
     stamp = (target / "model_index.json").stat().st_mtime_ns

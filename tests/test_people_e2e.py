@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import json
+import re
 import threading
 import urllib.request
 from pathlib import Path
@@ -19,8 +21,9 @@ from webhook_receiver import WebhookReceiver
 
 from launcher.cli import main
 from runner.config.notify import HMAC_ENV
-from runner.errors import Preempted
+from runner.errors import KubetuneError, Preempted
 from runner.history import read_history
+from runner.lease import Lease, LeaseSettings
 from runner.storage import open_store
 
 PROMPTS = ["kbtn style, a red circle", "a photo of a kbtn"]
@@ -78,15 +81,29 @@ def test_a_run_reports_notifies_and_pulls(
     assert page.count("data:image/jpeg;base64,") == 4 and "<polyline" in page
 
     cli = CliRunner()
-    shown = cli.invoke(main, ["report", uri])
+    view = tmp_path / "view.html"
+    shown = cli.invoke(main, ["report", uri, "-o", str(view)])
     assert shown.exit_code == 0, shown.output
     link = shown.output.strip()
-    if uri.startswith("s3://"):
-        with urllib.request.urlopen(link, timeout=10) as response:  # noqa: S310 - 127.0.0.1
+    if uri.startswith("s3://"):  # a page whose links to the full-size grids are presigned
+        assert link == str(view)
+        links = [html.unescape(h) for h in re.findall(r'href="([^"]+)"', view.read_text())]
+        assert len(links) == 2
+        for step, url in zip((2, 4), links, strict=True):
+            assert url.startswith("http://127.0.0.1:") and "Signature" in url
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - 127.0.0.1
+                grid = store.get_bytes(f"validation/step-00000{step}/grid.png")
+                assert response.read() == grid
+        doc = json.loads(
+            cli.invoke(main, ["report", uri, "--output", "json", "-o", str(view)]).output
+        )
+        assert doc["report"] == str(view)
+        with urllib.request.urlopen(doc["url"], timeout=10) as response:  # noqa: S310
             assert response.headers["Content-Type"].startswith("text/html")
-            assert response.read().decode() == page
+            assert response.read().decode() == page  # the stored page, to share
     else:
-        assert Path(link).read_text() == page
+        assert Path(link).read_text() == page and not view.exists()
+        assert 'href="validation/step-000002/grid.png"' in page  # relative: works as a file
 
     dest = tmp_path / "pulled"
     pulled = cli.invoke(main, ["pull", uri, "-o", str(dest), "--output", "json"])
@@ -126,6 +143,39 @@ def test_preempted_run_notifies_and_resumes_its_history(
     assert [r["step"] for r in read_history(open_store(str(out)))] == [1, 2, 3, 4]
     assert hook.events().count("started") == 2 and hook.events()[-1] == "succeeded"
     assert hook.requests[-1].json["step"] == 4
+
+
+@pytest.mark.parametrize("cause", ["data", "model", "lease"])
+def test_a_run_that_fails_before_training_notifies_failed_and_writes_nothing(
+    cause: str, tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad image (preflight), a missing base model, or the run's lease held by another
+    runner: the run stops before its first step with one "failed" webhook, in the shape of
+    the other events, and leaves the run folder as it found it."""
+    monkeypatch.setenv(HMAC_ENV, "x")
+    out = tmp_path / "out" / "early"
+    model = tmp_path / "no-such-model" if cause == "model" else tiny_sd_dir
+    other = None
+    if cause == "lease":
+        settings = LeaseSettings(timeout_s=600, wait_s=0.0)
+        other = Lease(open_store(str(out)), settings, holder="pod-other").acquire(heartbeat=False)
+    with WebhookReceiver() as hook:
+        cfg = _config(tmp_path, model, out, hook.url, lease_wait_seconds=0.0)
+        if cause == "data":
+            (tmp_path / "data" / "img-1.png").write_bytes(b"not a png")
+        with pytest.raises(KubetuneError) as info:
+            train(cfg)
+    assert hook.events() == ["failed"]
+    body = hook.requests[0].json
+    assert (body["run"], body["type"], body["state"]) == ("early", "SD_LORA", "failed")
+    assert body["error"] == str(info.value).splitlines()[0]
+    assert {"data": "img-1", "model": "no-such-model", "lease": "pod-other"}[cause] in body["error"]
+    assert body["step"] is None and body["report_uri"] is None  # no report was written
+    assert body["output_uri"] == str(out) and body["config_hash"]
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left == (["lease.json"] if cause == "lease" else [])
+    if other is not None:
+        other.release()
 
 
 def test_pulled_lora_loads_into_diffusers(

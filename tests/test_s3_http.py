@@ -119,3 +119,58 @@ def test_exhausted_retries_are_a_storage_error_naming_the_store(
     with pytest.raises(StorageError) as info:
         list(store.list("r/"))
     assert not isinstance(info.value, StorageUserError) and s3_uri in str(info.value)
+
+
+def test_sigv4_signer_matches_botocores_for_the_same_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lean signer and botocore's S3 SigV4 signer give the same Authorization header for
+    the same request, credentials and second (botocore is the reference), with and without
+    a session token."""
+    import datetime
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from runner.s3_http import SigV4
+
+    moment = datetime.datetime(2026, 12, 2, 5, 9, 14)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: moment)
+    path, query = "/bkt/odd/caf%C3%A9%20%C3%BCn%C3%AF.png", "?a=1&list-type=2&prefix=x%2Fy"
+    for token in (None, "session-token"):
+        creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+        request = AWSRequest(method="GET", url=f"http://127.0.0.1:9/{path[1:]}{query}",
+                             headers={"Range": "bytes=0-16383"})  # fmt: skip
+        botocore.auth.S3SigV4Auth(creds, "s3", "eu-west-3").add_auth(request)
+        ours = SigV4(creds, "eu-west-3").sign(
+            "GET", path, query, {"host": "127.0.0.1:9", "Range": "bytes=0-16383"},
+            now=moment.replace(tzinfo=datetime.timezone.utc).timestamp(),
+        )  # fmt: skip
+        assert ours["authorization"] == request.headers["Authorization"]
+        assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
+
+
+def test_a_forked_child_and_a_dropped_keepalive_get_their_own_connection(
+    s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection made before a fork is never shared with the child (its reads are
+    correct and the parent's connection still works after), and a kept-alive connection
+    the server closed is re-opened without a visible error."""
+    import os
+    import socket
+
+    _fill(s3_env, s3_bucket, ["f/a", "f/b"])
+    store = open_store(f"s3://{s3_bucket}/f")
+    assert store.get_range("a", 0, 3) == b"f/a"  # the parent's connection is open now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its own reads are right
+        ok = all(store.get_range(k, 0, 3) == f"f/{k}".encode() for k in "abab")
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get_range("b", 0, 3) == b"f/b"
+    conn = store._http._local.conn  # noqa: SLF001 - the kept-alive connection under test
+    conn.sock.shutdown(socket.SHUT_RDWR)  # as a server's idle timeout would
+    monkeypatch.setattr("runner.s3_http._backoff", lambda attempt: pytest.fail("retried"))
+    assert store.get_range("a", 1, 2) == b"/a"  # re-opened at once, not a retry

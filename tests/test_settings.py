@@ -12,6 +12,7 @@ from train_support import make_config
 
 from runner.cadence import Cadence
 from runner.config import output_uri
+from runner.data.loader_settings import LoaderSettings
 from runner.models.loading import ModelSettings
 from runner.settings import RunSettings, lease_settings
 
@@ -33,7 +34,8 @@ def test_each_component_gets_its_own_typed_section(tmp_path: Path) -> None:
     assert s.checkpoint.cadence == Cadence(3, None) and s.checkpoint.seed == 11
     assert s.checkpoint.work_dir == tmp_path / "work" and s.checkpoint.is_main
     assert s.checkpoint.compat["type"] == "SD_LORA" and s.checkpoint.compat["lora_rank_dim"] == 4
-    assert s.validation.cadence == Cadence(5, None) and s.validation.seed == 11
+    assert s.validation.cadence == Cadence(5, None)
+    assert s.validation.seed == 7  # the config's, as invoke-training seeds validation
     assert s.caches.local_root == Path(output_uri(cfg)) / "cache"  # a local run: beside it
     assert set(s.caches.namespaces) == {"vae", "text"} and s.caches.mirror_uri is None
     assert s.tensorboard_dir is None  # report_to: None
@@ -66,7 +68,8 @@ def test_model_identity_keeps_the_key_stored_caches_were_written_under() -> None
 
 OWNED = ("runner/train.py", "runner/session.py", "runner/settings.py", "runner/encoder_cache.py",
          "runner/checkpoint", "runner/models", "runner/pipelines", "runner/data/cache.py",
-         "runner/data/checks.py")  # fmt: skip
+         "runner/data/checks.py", "runner/data/loader.py",
+         "runner/data/loader_settings.py")  # fmt: skip
 
 
 def test_components_do_not_probe_the_config_with_getattr() -> None:
@@ -80,3 +83,28 @@ def test_components_do_not_probe_the_config_with_getattr() -> None:
         if probe.search(line)
     ]
     assert found == []
+
+
+def test_loader_settings_read_each_field_by_type(tmp_path: Path) -> None:
+    lora = _cfg(tmp_path, data_loader={
+        "type": "IMAGE_CAPTION_SD_DATA_LOADER", "caption_dropout_rate": 0.25,
+        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "d",
+                    "keep_in_memory": True}})  # fmt: skip
+    s = LoaderSettings.from_config(lora)
+    assert s.section is lora.data_loader and s.placeholder_token is None
+    assert (s.caption_dropout_rate, s.keep_in_memory, s.keep_class_in_memory) == (0.25, True, False)
+    ti = make_config("SD_TEXTUAL_INVERSION", tmp_path, tmp_path, tmp_path)
+    s = LoaderSettings.from_config(ti)
+    assert s.placeholder_token == "<kbtn>" and s.caption_dropout_rate == 0.0
+    assert not s.keep_in_memory
+    hub = {"type": "HF_HUB_IMAGE_CAPTION_DATASET", "dataset_name": "a/b"}
+    hub_cfg = _cfg(tmp_path, data_loader={"type": "IMAGE_CAPTION_SD_DATA_LOADER", "dataset": hub})
+    assert not LoaderSettings.from_config(hub_cfg).keep_in_memory  # the type has no such field
+    dreambooth = _cfg(tmp_path, data_loader={
+        "type": "DREAMBOOTH_SD_DATA_LOADER", "instance_caption": "sks", "class_caption": "dog",
+        "caption_dropout_rate": 0.5,
+        "instance_dataset": {"type": "IMAGE_DIR_DATASET", "dataset_dir": "i"},
+        "class_dataset": {"type": "IMAGE_DIR_DATASET", "dataset_dir": "c",
+                          "keep_in_memory": True}})  # fmt: skip
+    s = LoaderSettings.from_config(dreambooth)
+    assert (s.caption_dropout_rate, s.keep_in_memory, s.keep_class_in_memory) == (0.5, False, True)

@@ -74,6 +74,35 @@ def test_bad_sweep_specs_are_one_line_user_errors(spec: str, words: str) -> None
         parse_axes([spec])
 
 
+def test_a_list_of_values_may_hold_commas(tmp_path: Path) -> None:
+    """`KEY=[...]` (a YAML / JSON list) sweeps values that contain commas: prompts, lists."""
+    prompts = ["a cat, sitting", "a dog, running"]
+    axes = parse_axes([
+        'validation_prompts=[["a cat, sitting", "a dog, running"], [one]]',
+        "lora_rank_dim=[4, 16]",
+        'seed=["1"]',
+    ])  # fmt: skip
+    assert [a.values for a in axes] == [
+        ('["a cat, sitting", "a dog, running"]', '["one"]'),
+        ("4", "16"),
+        ('"1"',),  # a quoted string stays a string
+    ]
+    sweep, members = expand(_write(tmp_path), ("validate_every_n_steps=5",), None, axes[:2])
+    assert {(tuple(m.config.validation_prompts), m.config.lora_rank_dim) for m in members} == {
+        (tuple(prompts), 4), (tuple(prompts), 16), (("one",), 4), (("one",), 16)
+    }  # fmt: skip
+    plain = parse_axes(["lora_rank_dim=4,16"])
+    assert plain[0].values == axes[1].values  # same values, same run names as before
+    single = parse_axes(["validation_prompts.0=[a photo, of a cat]"])
+    assert single[0].values == ("a photo", "of a cat")
+
+
+@pytest.mark.parametrize("spec", ["lora_rank_dim=[4, 16", "lora_rank_dim=[]", "k=[4, ]]"])
+def test_a_bad_list_of_values_is_a_one_line_user_error(spec: str) -> None:
+    with pytest.raises(UserError, match=r"--sweep .*\[V1, V2"):
+        parse_axes([spec])
+
+
 def test_a_bad_value_fails_before_anything_is_submitted(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,

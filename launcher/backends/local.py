@@ -26,7 +26,7 @@ from runner.config import (
     run_name,
 )
 from runner.config.cluster import sanitize_name
-from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, KubetuneError, UserError
 
 
 def kubetune_home() -> Path:
@@ -78,7 +78,13 @@ class LocalBackend(Backend):
                 )
             self._stop(run, wait=30.0)
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as err:
+            raise KubetuneError(
+                f"cannot create the local run folder {run_dir}: {err.strerror}",
+                hint="set KUBETUNE_HOME to a writable folder (default ~/.kubetune)",
+            ) from None
         config_path = run_dir / "config.yaml"
         config_path.write_text(config_to_yaml(cfg))
         env = {**os.environ, **runner_env(cfg), "KUBETUNE_CONFIG": str(config_path)}

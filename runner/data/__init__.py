@@ -18,7 +18,7 @@ _WHERE = {
     "ResumableLoader": "runner.data.loader",
     "build_train_dataloader": "runner.data.loader",
     "cache_batches": "runner.data.loader",
-    "default_placeholder_text": "runner.data.loader",
+    "LoaderSettings": "runner.data.loader_settings",
     "TensorCache": "runner.data.cache",
     "cache_namespace": "runner.data.cache",
     "content_hash": "runner.data.cache",

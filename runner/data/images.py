@@ -57,6 +57,34 @@ def image_size_hw(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) ->
     return (width, height) if _orientation(img) in _TRANSPOSED else (height, width)
 
 
+def jpeg_header_length(prefix: bytes) -> int | None:
+    """How many bytes from its start a JPEG's header takes, through the start-of-scan
+    segment (where Pillow stops reading), read from the segment lengths in ``prefix``; when
+    ``prefix`` ends before that, the offset of the first segment it does not reach plus its
+    length field (read that far, then ask again). None if not a JPEG or the markers are
+    broken. Camera JPEGs carry 20-60 KB of EXIF (thumbnail, maker notes) before the frame."""
+    if prefix[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(prefix):
+        if prefix[i] != 0xFF:
+            return None
+        marker = prefix[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a segment
+            i += 2
+            continue
+        length = int.from_bytes(prefix[i + 2 : i + 4], "big")
+        if length < 2:
+            return None
+        if marker == 0xDA:
+            return i + 2 + length
+        i += 2 + length
+    return i + 4
+
+
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation found in the header (never decodes pixels: PNG's `getexif`
     would load the whole image when the EXIF chunk is not in the header)."""

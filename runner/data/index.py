@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from runner.data.images import MAX_IMAGE_PIXELS, image_size_hw
+from runner.data.images import MAX_IMAGE_PIXELS, image_size_hw, jpeg_header_length
 from runner.data.sources import Source, fetch_pool
 from runner.errors import DataError, StorageError, StorageUserError
 from runner.layout import DATA_INDEX_KEY, DATASET_INDEXES
@@ -33,8 +33,13 @@ HEADER_BYTES = 16 * 1024
 """First ranged read per image: PNG/WEBP/BMP headers and a JPEG's SOF without a large EXIF
 block fit in it."""
 LONG_HEADER_BYTES = 256 * 1024
-"""Second ranged read, for a JPEG whose EXIF (e.g. an embedded thumbnail) is longer; past it
-the whole file is read."""
+"""How much more to read when a header does not fit and its length cannot be told from the
+JPEG markers (and the first read of a mask)."""
+HEADER_SLACK = 4 * 1024
+"""Read this far past a JPEG segment boundary, so the small segments that follow a long
+EXIF block (tables, frame, scan header) come in the same read."""
+MAX_HEADER_READS = 4
+"""Ranged reads of one image's header before the whole file is read instead."""
 
 
 @dataclass(frozen=True)
@@ -258,16 +263,24 @@ def _image_entry(source: Source, i: int, max_pixels: int) -> IndexEntry | DataEr
 
 
 def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
-    """(h, w) of example `i` from its header: one ranged read of `HEADER_BYTES`, a longer
-    one only when the header does not fit, the whole file as a last resort (format, pixel
-    limit and EXIF orientation are checked)."""
+    """(h, w) of example `i` from its header: one ranged read of `HEADER_BYTES`; when the
+    header is longer (a camera JPEG's EXIF), a read of the rest of it only, sized from the
+    JPEG's segment lengths (`LONG_HEADER_BYTES` more for other formats), at most
+    `MAX_HEADER_READS` reads in all; the whole file as a last resort. Format, pixel limit
+    and EXIF orientation are checked."""
     rec, name = source.records[i], source.url(i)
-    for length in (HEADER_BYTES, LONG_HEADER_BYTES):
-        data = source.head(i, length)
+    data = source.head(i, HEADER_BYTES)
+    whole = len(data) != HEADER_BYTES or rec.row is not None  # EOF, or no ranged reads
+    for _ in range(MAX_HEADER_READS):
         try:
             return image_size_hw(data, name, max_pixels)
         except DataError as err:
-            whole = len(data) < length or (0 <= rec.size <= len(data))
-            if whole or "too large" in err.message or "unsupported" in err.message:
+            final = whole or 0 <= rec.size <= len(data)
+            if final or "too large" in err.message or "unsupported" in err.message:
                 raise
+        need = jpeg_header_length(data)
+        end = need + HEADER_SLACK if need and need > len(data) else len(data) + LONG_HEADER_BYTES
+        more = source.head(i, end - len(data), start=len(data))
+        whole = len(more) != end - len(data)
+        data += more
     return image_size_hw(source.fetch(i).data, name, max_pixels)

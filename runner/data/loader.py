@@ -22,6 +22,7 @@ from runner.data.captions import CaptionBuilder
 from runner.data.checks import PreflightReport, preflight
 from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
 from runner.data.images import decode_image, decode_mask
+from runner.data.loader_settings import LoaderConfig, LoaderSettings
 from runner.data.memory import DecodedImages, Kept, default_budget
 from runner.data.sources import Source, fetch_pool
 from runner.data.transforms import ImageTransform, cover, mask_to_tensor, resolution_hw, to_tensor
@@ -326,12 +327,6 @@ def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
 # --- building ------------------------------------------------------------------------------
 
 
-def default_placeholder_text(cfg: PipelineConfig) -> str | None:
-    """The placeholder token for TI configs (None for LoRA). Captions carry the token once;
-    the text conditioner expands a multi-vector token to all its vectors when tokenizing."""
-    return getattr(cfg, "placeholder_token", None)
-
-
 def build_train_dataloader(
     cfg: PipelineConfig,
     *,
@@ -350,36 +345,29 @@ def build_train_dataloader(
     ``data`` is the run's preflight report: its source and image sizes are used as they are
     (one listing for the whole run, buckets from the index); without it, preflight runs here.
     """
-    loader_cfg = cfg.data_loader
+    settings = LoaderSettings.from_config(cfg)
+    loader_cfg = settings.section
     data = data or preflight(cfg)
     source = data.source
     assert source is not None
-    if loader_cfg.aspect_ratio_buckets is None:
-        buckets = [resolution_hw(loader_cfg.resolution)]
-        bucket_of = [0] * len(source)
-    else:
-        buckets = build_buckets(loader_cfg.aspect_ratio_buckets)
-        bucket_of = [closest_bucket(size, buckets) for size in data.sizes_hw]
-    transform = ImageTransform(
-        center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip
+    buckets, bucket_of = _buckets(loader_cfg, data.sizes_hw, len(source))
+    is_dreambooth = isinstance(loader_cfg, DreamboothSDDataLoaderConfig)
+    captions: CaptionBuilder | FixedCaptions = FixedCaptions()
+    if not is_dreambooth:
+        captions = CaptionBuilder(loader_cfg, placeholder_text or settings.placeholder_token)
+    dataset = TrainDataset(
+        source,
+        captions,
+        ImageTransform(center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip),
+        [buckets[b] for b in bucket_of],
+        seed,
+        _memory(settings, data),
+        data.loss_weights,
+        caption_dropout_rate=settings.caption_dropout_rate,
     )
-    memory = None
-    if getattr(getattr(loader_cfg, "dataset", None), "keep_in_memory", False):
-        memory = DecodedImages(default_budget() // max(1, loader_cfg.dataloader_num_workers))
-    target_hw = [buckets[b] for b in bucket_of]
     sampler: BucketBatchSampler
-    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+    if is_dreambooth:
         assert data.num_instance is not None
-        dataset = TrainDataset(
-            source,
-            FixedCaptions(),
-            transform,
-            target_hw,
-            seed,
-            memory,
-            data.loss_weights,
-            caption_dropout_rate=loader_cfg.caption_dropout_rate,
-        )
         sampler = DreamBoothBatchSampler(
             bucket_of,
             data.num_instance,
@@ -390,11 +378,6 @@ def build_train_dataloader(
             rank=process_index,
         )
     else:
-        captions = CaptionBuilder(loader_cfg, placeholder_text or default_placeholder_text(cfg))
-        rate = getattr(loader_cfg, "caption_dropout_rate", 0.0)  # TI loaders have none
-        dataset = TrainDataset(
-            source, captions, transform, target_hw, seed, memory, caption_dropout_rate=rate
-        )
         sampler = BucketBatchSampler(
             bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
         )
@@ -407,3 +390,22 @@ def build_train_dataloader(
     )
     loader.buckets = buckets
     return loader
+
+
+def _buckets(
+    loader_cfg: LoaderConfig, sizes_hw: list[tuple[int, int]], n: int
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """The bucket sizes (h, w) and each of the ``n`` examples' bucket."""
+    if loader_cfg.aspect_ratio_buckets is None:
+        return [resolution_hw(loader_cfg.resolution)], [0] * n
+    buckets = build_buckets(loader_cfg.aspect_ratio_buckets)
+    return buckets, [closest_bucket(size, buckets) for size in sizes_hw]
+
+
+def _memory(settings: LoaderSettings, data: PreflightReport) -> DecodedImages | None:
+    """The `keep_in_memory` store (its budget shared among the loader's workers), if asked."""
+    assert data.source is not None
+    kept = settings.kept_indices(len(data.source), data.num_instance)
+    if kept is None:
+        return None
+    return DecodedImages(default_budget() // max(1, settings.section.dataloader_num_workers), kept)

@@ -13,6 +13,8 @@ from PIL import Image
 log = logging.getLogger(__name__)
 BUDGET_SHARE = 0.5
 """Share of the memory available to this container that the decoded images may use."""
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+"""Bytes Pillow stores per pixel, by mode; every other mode (RGB included) takes 4."""
 
 
 def memory_limit_bytes() -> int:
@@ -38,17 +40,19 @@ class Kept:
 
     @property
     def cost(self) -> int:
-        """Bytes of pixel data held."""
+        """Bytes of pixel data held, as Pillow stores them (RGB takes 4 bytes a pixel)."""
         images = [self.image] + ([self.mask] if self.mask is not None else [])
-        return sum(i.width * i.height * len(i.getbands()) for i in images)
+        return sum(i.width * i.height * _PIXEL_BYTES.get(i.mode, 4) for i in images)
 
 
 class DecodedImages:
     """Images by example index; adding one over the budget is refused (once logged), so
-    memory stays bounded and the rest are decoded on each draw."""
+    memory stays bounded and the rest are decoded on each draw. ``indices``: the examples
+    that may be kept (None: all), e.g. only a DreamBooth run's instance images."""
 
-    def __init__(self, budget_bytes: int | None = None) -> None:
+    def __init__(self, budget_bytes: int | None = None, indices: range | None = None) -> None:
         self.budget = budget_bytes if budget_bytes is not None else default_budget()
+        self.indices = indices
         self.used = 0
         self._images: dict[int, Kept] = {}
         self._lock = threading.Lock()
@@ -61,6 +65,8 @@ class DecodedImages:
         return self._images.get(index)
 
     def put(self, index: int, kept: Kept) -> None:
+        if self.indices is not None and index not in self.indices:
+            return
         cost = kept.cost
         with self._lock:
             if index in self._images:

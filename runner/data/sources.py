@@ -152,9 +152,9 @@ class Source:
                 hint="re-save the file as UTF-8",
             ) from None
 
-    def head(self, index: int, length: int) -> bytes:
-        """The first `length` bytes of the example's image (one ranged GET; HF rows and
-        stores without ranged reads return the whole image)."""
+    def head(self, index: int, length: int, start: int = 0) -> bytes:
+        """`length` bytes of the example's image from `start` (one ranged GET; HF rows and
+        stores without ranged reads return the whole image, whatever `start`)."""
         rec = self.records[index]
         if rec.row is not None and self.hf is not None:
             return self.hf.image_bytes(rec.row, rec.id)
@@ -162,7 +162,7 @@ class Source:
         if not hasattr(store, "get_range"):
             return self._get(rec.store, rec.image_key)
         try:
-            return store.get_range(rec.image_key, 0, length)
+            return store.get_range(rec.image_key, start, length)
         except FileNotFoundError:
             raise DataError(
                 f"{self._url(rec, rec.image_key)}: file not found",

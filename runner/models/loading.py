@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,67 +91,18 @@ def to_dtype(weight_dtype: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
-def load_components(
-    model: str,
-    *,
-    hf_variant: str | None = None,
-    vae_model: str | None = None,
-    weight_dtype: str | torch.dtype = "float32",
-    prediction_type: str | None = None,
-    base_embeddings: Mapping[str, str] | Sequence[str] = (),
-    single_file_config: str | None = None,
-    storage: Any = None,
-    cache_dir: str | Path | None = None,
-) -> Components:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler.
-
-    ``base_embeddings`` maps token → embeddings file (a list of paths uses each file's stem
-    as the token). ``storage`` is the ``StorageConfig`` used for ``s3://`` sources.
-    Raises ``ModelError`` (a ``UserError``) naming the path when something is missing.
-    """
-    dtype = to_dtype(weight_dtype)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    source = _resolve(model, storage, cache)
-    if _is_single_file(source):
-        comps = _load_single_file(source, single_file_config, dtype)
-    else:
-        comps = _load_pretrained(source, hf_variant, dtype)
-    if vae_model:
-        comps.vae = load_vae(
-            vae_model,
-            dtype,
-            storage=storage,
-            cache_dir=cache,
-            single_file_config=single_file_config,
-        )
-    if prediction_type:
-        comps.noise_scheduler = DDPMScheduler.from_config(
-            comps.noise_scheduler.config, prediction_type=prediction_type
-        )
-    for module in (comps.unet, comps.vae, *comps.text_encoders):
-        module.requires_grad_(False)
-    if base_embeddings:
-        items = (
-            base_embeddings.items()
-            if isinstance(base_embeddings, Mapping)
-            else [(Path(p).name.split(".")[0], p) for p in base_embeddings]
-        )
-        load_base_embeddings(
-            comps, {tok: str(_resolve(p, storage, cache, is_file=True)) for tok, p in items}
-        )
-    return comps
-
-
 @dataclass(frozen=True)
 class ModelSettings:
     """The base model fields of a pipeline config: what ``load_model`` reads."""
 
     model: str
+    """Hub name, local diffusers dir, single file, ``s3://`` prefix or ``builtin:tiny-sd``."""
     hf_variant: str | None = None
     vae_model: str | None = None
     weight_dtype: str = "float32"
     prediction_type: str | None = None
     base_embeddings: Mapping[str, str] = field(default_factory=dict)
+    """Token → TI embeddings file, loaded into the tokenizer(s) and text encoder(s)."""
     single_file_config: str | None = None
     storage: StorageConfig | None = None
     """For ``s3://`` model sources."""
@@ -176,24 +127,48 @@ class ModelSettings:
         return json.dumps({f: getattr(self, f) for f in fields}, sort_keys=True, default=str)
 
 
-def load_model(settings: ModelSettings, **kwargs: Any) -> Components:
-    """``load_components`` with typed model settings."""
-    return load_components(
-        settings.model,
-        hf_variant=settings.hf_variant,
-        vae_model=settings.vae_model,
-        weight_dtype=settings.weight_dtype,
-        prediction_type=settings.prediction_type,
-        base_embeddings=settings.base_embeddings,
-        single_file_config=settings.single_file_config,
-        storage=settings.storage,
-        **kwargs,
-    )
+def load_model(s: ModelSettings, *, cache_dir: str | Path | None = None) -> Components:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler.
+
+    ``cache_dir`` holds ``s3://`` downloads and built-in models (default:
+    ``default_cache_dir()``). Raises ``ModelError`` (a ``UserError``) naming the path when
+    something is missing.
+    """
+    dtype = to_dtype(s.weight_dtype)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    source = _resolve(s.model, s.storage, cache)
+    if _is_single_file(source):
+        comps = _load_single_file(source, s.single_file_config, dtype)
+    else:
+        comps = _load_pretrained(source, s.hf_variant, dtype)
+    if s.vae_model:
+        comps.vae = load_vae(
+            s.vae_model,
+            dtype,
+            storage=s.storage,
+            cache_dir=cache,
+            single_file_config=s.single_file_config,
+        )
+    if s.prediction_type:
+        comps.noise_scheduler = DDPMScheduler.from_config(
+            comps.noise_scheduler.config, prediction_type=s.prediction_type
+        )
+    for module in (comps.unet, comps.vae, *comps.text_encoders):
+        module.requires_grad_(False)
+    if s.base_embeddings:
+        files = {
+            token: str(_resolve(path, s.storage, cache, is_file=True))
+            for token, path in s.base_embeddings.items()
+        }
+        load_base_embeddings(comps, files)
+    return comps
 
 
-def load_components_from_config(cfg: PipelineConfig, **kwargs: Any) -> Components:
+def load_components_from_config(
+    cfg: PipelineConfig, *, cache_dir: str | Path | None = None
+) -> Components:
     """``load_model`` with the model fields of a pipeline config."""
-    return load_model(ModelSettings.from_config(cfg), **kwargs)
+    return load_model(ModelSettings.from_config(cfg), cache_dir=cache_dir)
 
 
 # --- resolving a model string to something loadable ---------------------------------------

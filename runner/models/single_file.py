@@ -149,8 +149,8 @@ def save_single_file(model_dir: str | Path, out_path: str | Path) -> Path:
     (``.safetensors``, or a pickled ``.ckpt`` for any other suffix).
 
     Load it back offline with ``StableDiffusionPipeline.from_single_file(out_path,
-    config=model_dir)`` (or ``runner.models.loading.load_components(out_path,
-    single_file_config=model_dir)``).
+    config=model_dir)`` (or ``runner.models.loading.load_model(ModelSettings(out_path,
+    single_file_config=model_dir))``).
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
 
