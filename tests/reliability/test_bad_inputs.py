@@ -29,7 +29,7 @@ import yaml
 from data_fixtures import upload_tree
 from k8s_fake import FakeKube
 from kube_configs import TEST_SECRET_KEY
-from relsupport import REPO, closed_port, figure, runner_env
+from relsupport import REPO, figure, held_closed_port, runner_env
 
 CORPUS = REPO / "tests" / "data" / "bad" / "inputs"
 CASES = sorted(p.name for p in CORPUS.iterdir() if (p / "case.yaml").is_file())
@@ -44,6 +44,8 @@ BASE: dict[str, Any] = {
 ERROR_LINE = {"runner": re.compile(r"^kubetune: error: (.*)$"),
               "launcher": re.compile(r"^error: (.*)$")}  # fmt: skip
 RESULTS: dict[str, str] = {}
+SUBPROCESS_TIMEOUT_S = 240
+"""Below the tests' own timeouts, so a slow case fails with its output, not a bare kill."""
 # In-process only: a library log handler still bound to an earlier test's closed capture
 # stream prints this block; it cannot happen in a real process (the subprocess tests check).
 STALE_STREAM = re.compile(
@@ -101,9 +103,11 @@ def _prepare(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Prepa
     spec = yaml.safe_load((CORPUS / name / "case.yaml").read_text())
     work = tmp_path / "case"
     shutil.copytree(CORPUS / name, work)
+    port, holder = held_closed_port()  # refused until the test ends, never someone else's
+    request.addfinalizer(holder.close)
     values = {"CASE": str(work), "OUT": str(tmp_path / "out"), "SECRET": TEST_SECRET_KEY,
               "MODEL": str(request.getfixturevalue("tiny_sd_dir")),
-              "CLOSED": f"http://127.0.0.1:{closed_port()}", "BUCKET": "kubetune",
+              "CLOSED": f"http://127.0.0.1:{port}", "BUCKET": "kubetune",
               "ENDPOINT": "http://127.0.0.1:9000"}  # fmt: skip
     env: dict[str, str] = {"KUBETUNE_HOME": str(tmp_path / "home"),
                            "KUBETUNE_WORK_DIR": str(tmp_path / "scratch")}  # fmt: skip
@@ -142,10 +146,30 @@ def _command(p: Prepared) -> tuple[str, list[str]]:
 
 
 def _run_subprocess(p: Prepared) -> tuple[int, str]:
+    """Run the case; its stdout and stderr are echoed to the test's captured output, so a
+    failure (or a timeout, with what the process wrote so far) shows them."""
     _, argv = _command(p)
-    proc = subprocess.run([sys.executable, *argv], env=runner_env(p.env), cwd=p.work,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, *argv],
+            env=runner_env(p.env),
+            cwd=p.work,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        _echo(exc.stdout, exc.stderr)
+        pytest.fail(f"{argv} still running after {SUBPROCESS_TIMEOUT_S} s (output above)")
+    _echo(proc.stdout, proc.stderr)
     return proc.returncode, proc.stderr
+
+
+def _echo(stdout: str | bytes | None, stderr: str | bytes | None) -> None:
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        print(f"--- subprocess {name} ---\n{text or ''}", file=sys.stderr)
 
 
 def _run_in_process(p: Prepared, monkeypatch: pytest.MonkeyPatch,
