@@ -17,7 +17,7 @@ from runner.config import (
     output_uri,
     run_name,
 )
-from runner.errors import ConfigError, UserError
+from runner.errors import BadExamples, ConfigError, UserError
 
 
 @dataclass
@@ -69,7 +69,7 @@ def verify_dataset(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ValidationResult:
     """For a valid config: download and fully decode every example of its dataset (no torch);
-    a bad dataset marks the result invalid with the one-line DataError."""
+    a bad dataset marks the result invalid with one error line per bad example."""
     if not result.valid:
         return result
     from runner.data.checks import verify_data
@@ -78,7 +78,8 @@ def verify_dataset(
     try:
         report = verify_data(cfg, on_progress=on_progress)
     except UserError as err:
-        result.valid, result.errors = False, [f"{result.file}: {err}"]
+        problems = err.problems if isinstance(err, BadExamples) else [str(err)]
+        result.valid, result.errors = False, [f"{result.file}: {p}" for p in problems]
         return result
     result.summary = f"{result.summary}; data: {report.num_examples} examples decode"
     return result

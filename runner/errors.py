@@ -42,6 +42,19 @@ class DataError(UserError):
     """The dataset is unusable (missing/corrupt image, bad caption file, empty dataset...)."""
 
 
+class BadExamples(DataError):
+    """Several bad examples in one line (the first, and how many more); ``problems`` holds
+    every one, a line each (`launcher validate --data` lists them)."""
+
+    def __init__(self, problems: list[str], message: str, hint: str | None = None) -> None:
+        self.problems = problems
+        super().__init__(message, hint=hint)
+
+    def __reduce__(self) -> tuple[type[BadExamples], tuple[list[str], str, str | None]]:
+        # pickled whole (a forked preflight hands it to the runner), not as its message
+        return type(self), (self.problems, self.message, self.hint)
+
+
 class StorageError(KubetuneError):
     """Object storage failed in a way retries did not fix (exit 1)."""
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from data_fixtures import lora_config, write_image_dir
+from data_fixtures import lora_config, upload_tree, write_image_dir
+from s3server import S3Server
 
 from launcher.cli import main
 from runner.config import config_to_yaml
@@ -34,7 +35,7 @@ def _dataset(root: Path, n: int = 6, corrupt: tuple[int, ...] = (2,)) -> Path:
     return root
 
 
-def _cfg(root: Path, **loader: object) -> object:
+def _cfg(root: Path | str, **loader: object) -> object:
     return lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(root)}, **loader)
 
 
@@ -97,8 +98,37 @@ def test_validate_data_decodes_everything(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["validate", "--data", "-o", "json", str(bad)])
     assert result.exit_code == 2
     errors = json.loads(result.stdout)["results"][0]["errors"]
-    assert len(errors) == 1 and "img-000.png: cannot decode" in errors[0]
-    assert "(and 1 more bad examples)" in errors[0]
+    assert len(errors) == 2  # the list: one line per bad example
+    assert "img-000.png: cannot decode" in errors[0] and "img-005.png: cannot decode" in errors[1]
+    assert all(e.startswith(f"{bad}: ") and "\n" not in e for e in errors)
+
+
+def test_validate_data_lists_every_bad_example_from_s3(
+    tmp_path: Path, s3_env: S3Server, s3_bucket: str
+) -> None:
+    """From a laptop against S3 (credentials from the environment): a progress bar on stderr,
+    every bad image named on its own line (bodies cut after the header, and one whose header
+    is garbage), exit 2."""
+    data = _dataset(tmp_path / "d", corrupt=(1, 3, 4))
+    (data / "img-005.png").write_bytes(b"garbage, not a PNG")
+    upload_tree(s3_env.client(), s3_bucket, "ds", data)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(config_to_yaml(_cfg(f"s3://{s3_bucket}/ds")))  # type: ignore[arg-type]
+    result = CliRunner().invoke(main, ["validate", "--data", str(path)])
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    names = ("img-001.png", "img-003.png", "img-004.png", "img-005.png")
+    named = [n for n in names for line in lines if n in line]
+    assert len(lines) == 4 and len(named) == 4, result.stderr
+    assert all(f"s3://{s3_bucket}/ds/" in line for line in lines)
+    assert "decoding" in result.stderr  # the progress bar
+    assert result.stdout == ""
+
+
+def test_validate_help_explains_data() -> None:
+    text = " ".join(CliRunner().invoke(main, ["validate", "--help"]).output.split())
+    assert "--data" in text and "decode every example" in text and "s3://" in text
+    assert "progress bar" in text and "listed, one error line each (exit 2)" in text
 
 
 def test_validate_data_imports_no_torch(tmp_path: Path) -> None:
@@ -126,3 +156,23 @@ def test_run_stops_with_exit_2_and_progress_lists_them(tmp_path: Path, tiny_sd_d
     assert progress["state"] == "failed" and progress["bad_images"] == 1
     assert "img-003.png" in progress["bad_image_examples"][0]
     assert yaml.safe_load((out / "config.yaml").read_text())["type"] == "SD_LORA"
+
+
+def test_a_run_within_the_share_finishes_and_progress_counts_them(
+    tmp_path: Path, tiny_sd_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One bad image of four with a share of 0.25: skipped with a warning naming it, counted
+    in progress.json, and the run completes."""
+    from train_support import make_config, train
+
+    data = _dataset(tmp_path / "d", n=4, corrupt=(1,))
+    out = tmp_path / "out"
+    cfg = make_config("SD_LORA", tiny_sd_dir, data, out, max_train_steps=4)
+    loader = {**cfg.data_loader.model_dump(), "max_bad_image_share": 0.25}
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "data_loader": loader})
+    with caplog.at_level("WARNING", logger="runner.data.loader"):
+        train(cfg)
+    assert any("img-001.png" in r.getMessage() for r in caplog.records)
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["state"] == "completed" and progress["step"] == 4
+    assert progress["bad_images"] == 1 and "img-001.png" in progress["bad_image_examples"][0]

@@ -17,6 +17,7 @@ from s3server import S3Server
 
 from runner.data import build_train_dataloader, preflight
 from runner.data.index import HEADER_BYTES, INDEX_KEY, DataIndex, save_index
+from runner.layout import DATA_INDEX_KEY
 from runner.storage import open_store
 from runner.storage_s3 import S3Store
 
@@ -215,3 +216,126 @@ def test_an_unreadable_stored_index_is_a_cache_miss_not_a_failure(
     with caplog.at_level("WARNING"):
         assert load_index(FailingReads(open_store(str(tmp_path)))) is None  # type: ignore[arg-type]
     assert "data index" in caplog.text and "500" in caplog.text
+
+
+def test_cold_start_reads_headers_and_the_first_batches_only(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path, reads: Reads
+) -> None:
+    """Bytes read before the first batch of a cold start (no stored index): the JSONL, one
+    header read per image, and the images of the first batch plus the batches prefetched
+    behind it (`PREFETCH_BATCHES`), not the dataset."""
+    from runner.data.loader import PREFETCH_BATCHES
+
+    sizes = [(320, 200), (200, 320)] * 12
+    write_jsonl(tmp_path / "ds", sizes)
+    images = {}
+    for i, (w, h) in enumerate(sizes):
+        images[f"images/pic-{i:03d}.jpg"] = data = _big_jpeg(w, h, seed=i)
+        (tmp_path / "ds" / "images" / f"pic-{i:03d}.jpg").write_bytes(data)
+    upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "ds")
+    cfg = _cfg(f"s3://{s3_bucket}/ds", tmp_path)
+    batch_size = 2
+    loader = build_train_dataloader(
+        cfg, seed=0, batch_size=batch_size, device_is_cuda=False, data=preflight(cfg)
+    )
+    next(iter(loader))
+    jsonl = (tmp_path / "ds" / "data.jsonl").stat().st_size
+    most = batch_size * (1 + PREFETCH_BATCHES) * max(len(d) for d in images.values())
+    assert reads.bytes <= jsonl + len(sizes) * HEADER_BYTES + most
+    assert reads.bytes < sum(len(d) for d in images.values()) * 0.4
+    assert reads.calls["list"] == 1
+
+
+def test_a_training_run_lists_its_dataset_once(
+    s3_env: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+    reads: Reads,
+    tiny_sd_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A whole run (preflight, buckets, loader, training steps) on an S3 dataset: one
+    listing, one `Source` built from it, and each image's header read once (sizes for the
+    buckets come from the index). The run stores the index; its restart, and a later run of
+    another name on the same data, read no header."""
+    from train_support import make_config, train, write_dataset
+
+    import runner.data.checks as checks
+    import runner.data.loader as loader_module
+
+    built: list[str] = []
+    real_build = checks.build_source
+    monkeypatch.setattr(
+        checks, "build_source", lambda *a, **k: built.append("x") or real_build(*a, **k)
+    )
+    monkeypatch.setattr(loader_module, "preflight", lambda *a, **k: pytest.fail("second preflight"))
+    upload_tree(s3_env.client(), s3_bucket, "ds", write_dataset(tmp_path / "local", n=4))
+    cfg = make_config(
+        "SD_LORA", tiny_sd_dir, tmp_path / "unused", tmp_path / "out", max_train_steps=2
+    )
+    data_loader = {**cfg.data_loader.model_dump(), "aspect_ratio_buckets": {
+        "target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}}  # fmt: skip
+    data_loader["dataset"] = {
+        "type": "IMAGE_CAPTION_DIR_DATASET",
+        "dataset_dir": f"s3://{s3_bucket}/ds",
+    }
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "data_loader": data_loader})
+    train(cfg)
+    assert reads.calls["list"] == 1 and built == ["x"]
+    assert reads.calls["range"] == 4  # one header read per image, none for the buckets
+    assert (tmp_path / "out" / DATA_INDEX_KEY).is_file()
+
+    for output in ("out", "later-run"):  # a restart, then another run on the same data
+        reads.calls.clear()
+        built.clear()
+        again = {**cfg.model_dump(), "base_output_dir": str(tmp_path / output)}
+        train(type(cfg).model_validate(again))
+        assert reads.calls["list"] == 1 and built == ["x"] and reads.calls["range"] == 0
+
+
+def _png_declaring(width: int, height: int, body: int) -> bytes:
+    """A PNG whose header declares width x height pixels, followed by `body` bytes of
+    (undecodable) image data: a decompression bomb as far as its header tells."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    noise = np.random.default_rng(1).integers(0, 256, body, dtype=np.uint8).tobytes()
+    signature = b"\x89PNG\r\n\x1a\n"
+    return signature + chunk(b"IHDR", header) + chunk(b"IDAT", noise) + chunk(b"IEND", b"")
+
+
+def test_header_checks_refuse_bombs_and_formats_from_one_ranged_read(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path, reads: Reads
+) -> None:
+    """A 300 KB PNG declaring 9000x9000 pixels (above the limit) and a GIF named .jpg are
+    refused from their first ranged read: neither is read further."""
+    from PIL import Image as PILImage
+
+    from runner.data.checks import verify_data
+    from runner.errors import BadExamples
+
+    write_image_dir(tmp_path / "ds", [(16, 16)] * 3)
+    (tmp_path / "ds" / "img-001.png").write_bytes(_png_declaring(9000, 9000, 300_000))
+    gif = io.BytesIO()
+    PILImage.new("RGB", (16, 16)).save(gif, "GIF")
+    (tmp_path / "ds" / "img-002.png").unlink()
+    (tmp_path / "ds" / "img-002.jpg").write_bytes(gif.getvalue())
+    (tmp_path / "ds" / "img-002.txt").write_text("a gif")
+    upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "ds")
+    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": f"s3://{s3_bucket}/ds"})
+    with pytest.raises(BadExamples) as err:
+        preflight(cfg)
+    assert "img-001.png: image is 9000x9000" in err.value.problems[0]
+    assert "decompression-bomb guard" in err.value.problems[0]
+    assert "img-002.jpg: unsupported image format GIF" in err.value.problems[1]
+    assert reads.keys["img-001.png"] == 1 and reads.keys["img-002.jpg"] == 1
+    assert reads.calls["range"] == 3 and reads.bytes < 3 * HEADER_BYTES + 100
+    reads.keys.clear()
+    with pytest.raises(BadExamples):
+        verify_data(cfg)  # `launcher validate --data` does not download them either
+    assert reads.keys["img-001.png"] == 1 and reads.keys["img-002.jpg"] == 1

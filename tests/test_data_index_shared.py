@@ -8,7 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-from data_fixtures import image_bytes, lora_config, upload_tree, write_hf_dataset, write_jsonl
+from data_fixtures import (
+    image_bytes,
+    lora_config,
+    upload_tree,
+    write_hf_dataset,
+    write_jsonl,
+)
 from s3server import S3Server
 from test_data_index import Reads, reads  # noqa: F401  (the counting fixture)
 
@@ -148,3 +154,45 @@ def test_a_refused_location_beside_the_runs_costs_only_the_reuse(
     refused = shared_index_store(cfg)  # a store whose reads are refused too
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_env.readonly_access_key)
     assert preflight(cfg, shared_store=refused).scanned == 4
+
+
+def _jsonl_cfg(tmp_path: Path) -> object:
+    write_jsonl(tmp_path / "ds", [(40, 24), (24, 40), (32, 32)])
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": str(tmp_path / "ds/data.jsonl")}
+    )
+    return type(cfg).model_validate({**cfg.model_dump(), "base_output_dir": str(tmp_path / "r")})
+
+
+def test_forked_preflight_hands_back_every_bad_example(tmp_path: Path) -> None:
+    """The forked process's error arrives whole: its type (exit 2), one-line message and the
+    list of every bad example."""
+    from runner.data.checks import start_preflight
+    from runner.errors import BadExamples
+
+    cfg = _jsonl_cfg(tmp_path)
+    for i in (0, 2):
+        (tmp_path / f"ds/images/pic-{i:03d}.jpg").write_bytes(b"not an image")
+    with pytest.raises(BadExamples) as err:
+        start_preflight(cfg, process=True).result(timeout=60)
+    assert err.value.exit_code == 2 and "(and 1 more bad examples)" in str(err.value)
+    assert [("pic-000" in p, "pic-002" in p) for p in err.value.problems] == [
+        (True, False),
+        (False, True),
+    ]
+
+
+def test_a_preflight_process_that_dies_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed without a reply (e.g. out of memory): `.result()` raises an environment error
+    (exit 1) with the exit code instead of waiting forever."""
+    import os
+
+    import runner.data.checks as checks
+    from runner.errors import KubetuneError
+
+    monkeypatch.setattr(checks, "_run_preflight", lambda cfg: os._exit(3))  # in the fork
+    with pytest.raises(KubetuneError, match="exit code 3") as err:
+        checks.start_preflight(_jsonl_cfg(tmp_path), process=True).result(timeout=60)
+    assert err.value.exit_code == 1

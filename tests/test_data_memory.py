@@ -3,9 +3,9 @@ decoding every draw, and epochs after the first read and decode nothing."""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,10 +40,26 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     original = LocalStore.get_bytes
 
     def counted(self: LocalStore, key: str) -> bytes:
-        counter[key] += 1
+        counter[f"{self.uri}/{key}"] += 1
         return original(self, key)
 
     monkeypatch.setattr(LocalStore, "get_bytes", counted)
+    return counter
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts full image decodes by the loader (the real decoder still runs)."""
+    import runner.data.loader as loader_module
+
+    counter: Counter[str] = Counter()
+    original = loader_module.decode_image
+
+    def counted(data: bytes, name: str, *args: Any, **kwargs: Any) -> Any:
+        counter[name] += 1
+        return original(data, name, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "decode_image", counted)
     return counter
 
 
@@ -64,17 +80,20 @@ def test_same_batches_as_decoding_every_draw(tmp_path: Path) -> None:
             assert torch.equal(a["original_size_hw"], b["original_size_hw"])
 
 
-def test_later_epochs_read_nothing(tmp_path: Path, reads: Counter[str]) -> None:
+def test_later_epochs_read_and_decode_nothing(
+    tmp_path: Path, reads: Counter[str], decodes: Counter[str]
+) -> None:
     write_image_dir(tmp_path / "d", SIZES)
     loader = build_train_dataloader(
         _cfg(tmp_path / "d", keep=True), seed=3, batch_size=2, device_is_cuda=False
     )
     list(loader)
     first = sum(n for k, n in reads.items() if k.endswith(".png"))
-    assert first == len(SIZES)
+    assert first == len(SIZES) and sum(decodes.values()) == len(SIZES)
     list(loader)
     list(loader)
     assert sum(n for k, n in reads.items() if k.endswith(".png")) == first
+    assert sum(decodes.values()) == len(SIZES)  # each image decoded once, in the first epoch
     memory = loader.dataset.memory
     assert memory is not None and len(memory) == len(SIZES)
     buckets = {tuple(b["pixel_values"].shape[-2:]) for b in list(loader)}
@@ -91,22 +110,30 @@ def test_budget_bounds_memory(tmp_path: Path) -> None:
     assert len(memory) == 2 and memory.used == 800
 
 
-def _rss_bytes() -> int:
+_RSS_PROBE = """
+import os, sys
+from PIL import Image
+from runner.data.memory import Kept
+def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+kept = [Kept(Image.new(sys.argv[1], (1024, 1024), 7), (1024, 1024)) for _ in range(48)]
+print(rss() - before, sum(k.cost for k in kept))
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux)")
-def test_budget_counts_the_memory_pillow_really_holds() -> None:
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_budget_counts_the_memory_pillow_really_holds(mode: str) -> None:
     """The cost of a kept image is what it adds to the process's resident memory (Pillow
     stores RGB as 4 bytes a pixel, L/P as 1), so a budget of N bytes holds ~N bytes; counted
-    as 3 bytes a pixel it held a third more (the 10,000-image RSS figure of the second round)."""
-    from PIL import Image
+    as 3 bytes a pixel it held a third more (the 10,000-image RSS figure of the second round).
+    In a fresh process: memory freed by earlier tests would hide the growth."""
+    import subprocess
+    import sys
 
-    for mode, fill in (("RGB", (7, 8, 9)), ("L", 7)):
-        before = _rss_bytes()
-        kept = [Kept(Image.new(mode, (1024, 1024), fill), (1024, 1024)) for _ in range(48)]
-        grown = _rss_bytes() - before
-        counted = sum(k.cost for k in kept)
-        del kept
-        assert abs(grown - counted) < 0.1 * counted, (mode, grown, counted)
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, mode], capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    grown, counted = map(int, out.stdout.split())
+    assert abs(grown - counted) < 0.1 * counted, (mode, grown, counted)

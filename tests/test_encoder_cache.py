@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3server import S3Server
 from safetensors.torch import load_file
 from train_support import make_config, train, write_dataset
 
@@ -70,3 +71,39 @@ def test_restart_reuses_the_stored_encodings(
     encodes.clear()
     train(cfg, force_restart=True)
     assert encodes == {"vae": 1}
+
+
+def test_a_restarted_pod_reuses_the_encodings_stored_on_s3(
+    tiny_sd_dir: Path,
+    tmp_path: Path,
+    encodes: Counter[str],
+    s3_env: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Kubernetes run (outputs on S3): each start works in a fresh local folder that is
+    gone afterwards, as a new pod's is; the second start encodes nothing, it reads the
+    encodings from `s3://…/<run>/cache/`."""
+    monkeypatch.delenv("KUBETUNE_WORK_DIR", raising=False)  # a fresh temporary folder each
+    data = write_dataset(tmp_path / "images", n=4)
+    cfg = make_config(
+        "SD_LORA",
+        tiny_sd_dir,
+        data,
+        tmp_path / "unused",
+        max_train_steps=2,
+        save_every_n_steps=2,
+        train_text_encoder=False,
+        cache_vae_outputs=True,
+        cache_text_encoder_outputs=True,
+        storage={"bucket": s3_bucket, "prefix": "runs", "endpoint_url": s3_env.endpoint},
+        job={"name": "cached"},
+    )
+    train(cfg)
+    assert encodes == {"vae": 4, "text": 4}
+    listed = s3_env.client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/cached/cache/")
+    assert sum(k["Key"].endswith(".safetensors") for k in listed["Contents"]) == 8
+
+    encodes.clear()
+    train(cfg, force_restart=True)  # a new pod: nothing on its local disk
+    assert encodes == {}

@@ -7,8 +7,9 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 from runner.config.data import DreamboothSDDataLoaderConfig
@@ -17,7 +18,7 @@ from runner.data.dreambooth import dreambooth_source
 from runner.data.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
 from runner.data.index import DataIndex, build_index, previous_index
 from runner.data.sources import Source, build_source, fetch_pool
-from runner.errors import DataError
+from runner.errors import BadExamples, DataError, KubetuneError
 from runner.storage import ObjectStore
 
 
@@ -49,6 +50,19 @@ def preflight(
     already in the index stored in `run_store` or beside the runs in `shared_store`); raise
     DataError naming the first bad file or line and how many more are bad. Bounded parallel
     reads; never hangs."""
+    report, errors = _header_checks(cfg, max_pixels, run_store, shared_store)
+    raise_first(errors, "bad examples")
+    return report
+
+
+def _header_checks(
+    cfg: Any,
+    max_pixels: int,
+    run_store: ObjectStore | None = None,
+    shared_store: ObjectStore | None = None,
+) -> tuple[PreflightReport, list[DataError]]:
+    """`preflight`'s report and every bad example it found (a bad image's size is (0, 0));
+    a dataset that cannot be listed at all raises."""
     loader_cfg = cfg.data_loader
     need = needs_captions(loader_cfg)
     dreambooth = None
@@ -64,11 +78,11 @@ def preflight(
         )
     result = build_index(source, previous_index(run_store, shared_store, source), max_pixels)
     errors = list(result.errors)
-    if need:
-        missing = [r for r in result.source.records if r.caption is None]
+    if need:  # (an image already reported has no caption read: not a second problem)
+        records = zip(result.source.records, result.sizes_hw, strict=True)
+        missing = [r for r, hw in records if r.caption is None and hw != (0, 0)]
         errors += [DataError(f"{r.id}: no caption") for r in missing]
-    raise_first(errors, "bad examples")
-    return PreflightReport(
+    report = PreflightReport(
         len(source),
         result.sizes_hw,
         result.source,
@@ -78,6 +92,7 @@ def preflight(
         dreambooth.num_instance if dreambooth else None,
         dreambooth.loss_weights if dreambooth else None,
     )
+    return report, errors
 
 
 def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport]:
@@ -86,12 +101,8 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
     listing and header reads overlap the imports. In a forked process by default (the
     imports and the header reads then use two cores instead of sharing one interpreter
     lock), else a thread. `.result()` returns the report or re-raises; nothing is written."""
-    fork = process and "fork" in multiprocessing.get_all_start_methods()
-    if fork:
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
-        future = pool.submit(_run_preflight, cfg)
-        pool.shutdown(wait=False)  # the worker exits once it has handed the report over
-        return future
+    if process and "fork" in multiprocessing.get_all_start_methods():
+        return _forked(cfg)
     future: Future[PreflightReport] = Future()
 
     def work() -> None:
@@ -106,6 +117,60 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
     return future
 
 
+def _forked(cfg: Any) -> Future[PreflightReport]:
+    """`_run_preflight` in a forked daemon process whose one reply (report or exception)
+    comes back through a pipe, read by a daemon thread. Not a `ProcessPoolExecutor`: a
+    worker that dies surfaces there as `BrokenProcessPool` (a traceback, not one line), and
+    its exit hook writes to the manager thread's wake-up pipe without the lock under which
+    that thread closes it (Python 3.11); nothing of it is needed for one call."""
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_preflight_child, args=(cfg, writer), name="kubetune-preflight", daemon=True
+    )
+    child.start()  # before any thread of ours exists: the fork copies no held lock
+    writer.close()
+    future: Future[PreflightReport] = Future()
+    future.set_running_or_notify_cancel()
+
+    def collect() -> None:
+        try:
+            kind, value = reader.recv()
+        except Exception as err:  # noqa: BLE001 - no reply (killed, out of memory), or one
+            # that does not unpickle: the caller must not wait forever
+            child.join()
+            kind, value = (
+                "error",
+                KubetuneError(
+                    f"the data preflight process gave no result (exit code {child.exitcode}: "
+                    f"{type(err).__name__})"
+                ),
+            )
+        finally:
+            reader.close()
+        child.join()
+        if kind == "ok":
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    threading.Thread(target=collect, name="kubetune-preflight-reply", daemon=True).start()
+    return future
+
+
+def _preflight_child(cfg: Any, writer: Connection) -> None:
+    """The forked process: send ("ok", report) or ("error", exception) once, then exit."""
+    try:
+        reply: tuple[str, Any] = ("ok", _run_preflight(cfg))
+    except BaseException as err:  # noqa: BLE001 - handed to the parent
+        reply = ("error", err)
+    try:
+        writer.send(reply)
+    except Exception as err:  # noqa: BLE001 - an exception that does not pickle
+        writer.send(("error", KubetuneError(f"data preflight failed: {reply[1]!r} ({err})")))
+    writer.close()
+
+
 def _run_preflight(cfg: Any) -> PreflightReport:
     from runner.config.loader import output_uri
     from runner.data.index import shared_index_store
@@ -117,10 +182,12 @@ def _run_preflight(cfg: Any) -> PreflightReport:
 
 
 def raise_first(errors: list[DataError], what: str) -> None:
-    """Raise the first error, saying how many more there are."""
+    """Raise the first error, saying how many more there are (`BadExamples` lists them)."""
+    if len(errors) == 1:
+        raise errors[0]
     if errors:
-        more = f" (and {len(errors) - 1} more {what})" if len(errors) > 1 else ""
-        raise DataError(f"{errors[0].message}{more}", hint=errors[0].hint)
+        first, more = errors[0], f" (and {len(errors) - 1} more {what})"
+        raise BadExamples([str(e) for e in errors], f"{first.message}{more}", first.hint)
 
 
 def verify_data(
@@ -128,28 +195,31 @@ def verify_data(
     max_pixels: int = MAX_IMAGE_PIXELS,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PreflightReport:
-    """`preflight`, then download and fully decode every example (bounded parallel); raise
-    DataError naming the first undecodable file and how many more are bad. `on_progress`
-    is called (in this thread) with (examples checked, total) after each example."""
-    report = preflight(cfg, max_pixels)
+    """`preflight`'s checks, then download and fully decode every example whose header
+    passed (bounded parallel); raise DataError naming the first bad example and how many
+    more are bad (`BadExamples.problems`: every one, header and decode problems alike).
+    `on_progress` is called (in this thread) with (examples checked, total)."""
+    report, bad = _header_checks(cfg, max_pixels)
     source = report.source
     assert source is not None
+    total = len(source)
 
     def check(index: int) -> DataError | None:
+        if report.sizes_hw[index] == (0, 0):  # its header already failed
+            return None
         try:
             raw = source.fetch(index)
-            decode_image(raw.data, raw.id, max_pixels)
+            decode_image(raw.data, source.url(index), max_pixels)
             if raw.mask is not None:
                 decode_mask(raw.mask.data, raw.mask.name, max_pixels)
             return None
         except DataError as err:
             return err
 
-    bad: list[DataError] = []
-    for done, err in enumerate(fetch_pool().map(check, range(len(source))), start=1):
+    for done, err in enumerate(fetch_pool().map(check, range(total)), start=1):
         if err is not None:
             bad.append(err)
         if on_progress is not None:
-            on_progress(done, len(source))
+            on_progress(done, total)
     raise_first(bad, "bad examples")
     return report

@@ -219,8 +219,8 @@ def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pix
     mask = source.mask_head(i, LONG_HEADER_BYTES)
     try:
         height, width = image_size_hw(mask.data, mask.name, max_pixels)
-    except DataError:
-        if len(mask.data) < LONG_HEADER_BYTES:
+    except DataError as err:
+        if len(mask.data) < LONG_HEADER_BYTES or _final(err):
             raise
         full = source.fetch(i).mask
         assert full is not None
@@ -276,7 +276,7 @@ def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
             return image_size_hw(data, name, max_pixels)
         except DataError as err:
             final = whole or 0 <= rec.size <= len(data)
-            if final or "too large" in err.message or "unsupported" in err.message:
+            if final or _final(err):
                 raise
         need = jpeg_header_length(data)
         end = need + HEADER_SLACK if need and need > len(data) else len(data) + LONG_HEADER_BYTES
@@ -284,3 +284,9 @@ def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
         whole = len(more) != end - len(data)
         data += more
     return image_size_hw(source.fetch(i).data, name, max_pixels)
+
+
+def _final(err: DataError) -> bool:
+    """A header that parsed and tells a size above the limit or a format kubetune refuses:
+    read no further (a decompression bomb's body is never downloaded)."""
+    return "decompression-bomb" in err.message or "unsupported" in err.message

@@ -25,10 +25,19 @@ def figure(name: str, text: str) -> None:
 
 
 def closed_port() -> int:
-    """A 127.0.0.1 port nobody listens on (bound, then released)."""
+    """A 127.0.0.1 port nobody listens on (bound, then released: another process may take it
+    later; `held_closed_port` keeps it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def held_closed_port() -> tuple[int, socket.socket]:
+    """A 127.0.0.1 port that refuses connections for as long as the returned socket stays
+    open: bound but not listening, so no other process can bind (and answer on) it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1], sock
 
 
 def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -3,8 +3,10 @@
 Each case must end with exactly one error line matching its ``message``, its exit status
 (2 = user error, 1 = environment), no traceback, nothing written to the output location or
 the dataset, and nothing submitted (the fake API server holds no Job, the local backend no
-run). The fast subset calls the entrypoints' ``main`` in this process; the reliability mark
-runs every case as a real subprocess (``python -m runner`` / ``python -m launcher``).
+run); in this process it is also checked that no run lease was ever taken (a lease taken
+and released leaves no object behind, so the output listing alone cannot tell). The fast
+subset calls the entrypoints' ``main`` in this process; the reliability mark runs every
+case as a real subprocess (``python -m runner`` / ``python -m launcher``).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Any
 
 import pytest
 import yaml
+from data_fixtures import upload_tree
 from k8s_fake import FakeKube
 from kube_configs import TEST_SECRET_KEY
-from relsupport import REPO, closed_port, figure, runner_env
+from relsupport import REPO, figure, held_closed_port, runner_env
 
 CORPUS = REPO / "tests" / "data" / "bad" / "inputs"
 CASES = sorted(p.name for p in CORPUS.iterdir() if (p / "case.yaml").is_file())
@@ -41,6 +44,8 @@ BASE: dict[str, Any] = {
 ERROR_LINE = {"runner": re.compile(r"^kubetune: error: (.*)$"),
               "launcher": re.compile(r"^error: (.*)$")}  # fmt: skip
 RESULTS: dict[str, str] = {}
+SUBPROCESS_TIMEOUT_S = 240
+"""Below the tests' own timeouts, so a slow case fails with its output, not a bare kill."""
 # In-process only: a library log handler still bound to an earlier test's closed capture
 # stream prints this block; it cannot happen in a real process (the subprocess tests check).
 STALE_STREAM = re.compile(
@@ -98,9 +103,11 @@ def _prepare(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Prepa
     spec = yaml.safe_load((CORPUS / name / "case.yaml").read_text())
     work = tmp_path / "case"
     shutil.copytree(CORPUS / name, work)
+    port, holder = held_closed_port()  # refused until the test ends, never someone else's
+    request.addfinalizer(holder.close)
     values = {"CASE": str(work), "OUT": str(tmp_path / "out"), "SECRET": TEST_SECRET_KEY,
               "MODEL": str(request.getfixturevalue("tiny_sd_dir")),
-              "CLOSED": f"http://127.0.0.1:{closed_port()}", "BUCKET": "kubetune",
+              "CLOSED": f"http://127.0.0.1:{port}", "BUCKET": "kubetune",
               "ENDPOINT": "http://127.0.0.1:9000"}  # fmt: skip
     env: dict[str, str] = {"KUBETUNE_HOME": str(tmp_path / "home"),
                            "KUBETUNE_WORK_DIR": str(tmp_path / "scratch")}  # fmt: skip
@@ -110,8 +117,10 @@ def _prepare(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Prepa
         server = request.getfixturevalue("s3_server")
         values.update(ENDPOINT=server.endpoint, BUCKET=request.getfixturevalue("s3_shared_bucket"),
                       WRONG=server.wrong_secret_key, RO_KEY=server.readonly_access_key,
-                      RO_SECRET=server.readonly_secret_key)  # fmt: skip
+                      RO_SECRET=server.readonly_secret_key, DATA=f"data-{prefix}")  # fmt: skip
         env.update(server.env())
+    if "s3-data" in spec["needs"]:  # the dataset itself on S3, beside (not under) the run
+        upload_tree(server.client(), values["BUCKET"], values["DATA"], work / "data")
     if "kube" in spec["needs"]:
         kube, kubeconfig = request.getfixturevalue("fake_kube")
         closed = kube.write_kubeconfig(tmp_path / "closed-kubeconfig")
@@ -137,10 +146,30 @@ def _command(p: Prepared) -> tuple[str, list[str]]:
 
 
 def _run_subprocess(p: Prepared) -> tuple[int, str]:
+    """Run the case; its stdout and stderr are echoed to the test's captured output, so a
+    failure (or a timeout, with what the process wrote so far) shows them."""
     _, argv = _command(p)
-    proc = subprocess.run([sys.executable, *argv], env=runner_env(p.env), cwd=p.work,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, *argv],
+            env=runner_env(p.env),
+            cwd=p.work,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        _echo(exc.stdout, exc.stderr)
+        pytest.fail(f"{argv} still running after {SUBPROCESS_TIMEOUT_S} s (output above)")
+    _echo(proc.stdout, proc.stderr)
     return proc.returncode, proc.stderr
+
+
+def _echo(stdout: str | bytes | None, stderr: str | bytes | None) -> None:
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        print(f"--- subprocess {name} ---\n{text or ''}", file=sys.stderr)
 
 
 def _run_in_process(p: Prepared, monkeypatch: pytest.MonkeyPatch,
@@ -235,10 +264,23 @@ def _check(name: str, p: Prepared, code: int, stderr: str, before: dict[str, int
 def test_bad_input_in_process(name: str, request: pytest.FixtureRequest, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch,
                               capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from runner.lease import Lease
+
     p = _prepare(name, request, tmp_path)
     before = _tree(p.work)
+    leases: list[str] = []
+    real_acquire = Lease.acquire
+
+    def acquire(self: Lease, **kwargs: Any) -> Lease:
+        taken = real_acquire(self, **kwargs)
+        leases.append(self.store.uri)
+        return taken
+
+    monkeypatch.setattr(Lease, "acquire", acquire)
     code, stderr = _run_in_process(p, monkeypatch, capfd)
     _check(name, p, code, stderr, before, request)
+    if not p.spec.get("midrun"):  # a bad dataset fails before the lease, not after
+        assert leases == [], f"{name} took the run lease before failing: {leases}"
 
 
 @pytest.mark.reliability
