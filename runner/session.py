@@ -196,6 +196,7 @@ def build_session(
         "lr_scheduler": lr_scheduler,
         "generator": GeneratorState(generator),
         "data": loader.sampler,  # the data cursor (epoch, position): its one owner
+        "skipped": SkippedExamples(loader),  # so a resumed run keeps counting bad images
     }
     if accelerator.scaler is not None:
         objects["scaler"] = accelerator.scaler
@@ -211,7 +212,22 @@ def build_session(
                 schedule.total_steps, cfg.gradient_accumulation_steps, events)  # fmt: skip
     session = Session(settings, store, loader, pipeline, checkpointer, progress, loop, state)
     loader.on_bad = session.note_bad
+    if loader.bad:  # skipped before the restart: progress.json names them again
+        session.note_bad(list(loader.bad))
     return session
+
+
+class SkippedExamples:
+    """The loader's skipped (unreadable) examples as a checkpoint entry."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"examples": list(self.loader.bad)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.bad = dict.fromkeys(state.get("examples", []))
 
 
 def _restore(checkpointer: Checkpointer, restored: ResumePoint | None, loader: Any) -> LoopState:
