@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
         from runner.data.checks import start_preflight
 
-        data = start_preflight(cfg)  # listing + header reads overlap the imports below
+        data = start_preflight(cfg)  # listing + header reads overlap imports + model load
         from runner.loop import install_sigterm_handler
         from runner.train import run
 

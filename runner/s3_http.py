@@ -90,14 +90,17 @@ class S3Http:
     # -- requests ----------------------------------------------------------------------------
 
     def list_page(
-        self, prefix: str, token: str | None, page_size: int
+        self, prefix: str, token: str | None, page_size: int, start_after: str | None = None
     ) -> tuple[list[Listed], str | None]:
-        """One ListObjectsV2 page under ``prefix``: its keys and the next continuation token
-        (None on the last page). Keys are url-encoded on the wire, as botocore asks for."""
+        """One ListObjectsV2 page under ``prefix`` (the first one after the full key
+        ``start_after``, if given): its keys and the next continuation token (None on the
+        last page). Keys are url-encoded on the wire, as botocore asks for."""
         query = {"list-type": "2", "prefix": prefix, "max-keys": str(page_size),
                  "encoding-type": "url"}  # fmt: skip
         if token:
             query["continuation-token"] = token
+        elif start_after:
+            query["start-after"] = start_after
         body = self._call("GET", "", query, {}, "ListObjectsV2")
         return _parse_page(body)
 

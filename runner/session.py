@@ -22,7 +22,7 @@ from runner.data.checks import PreflightReport
 from runner.errors import DataError
 from runner.layout import final_key, final_manifest_key, step_name, utc_now
 from runner.loop import GeneratorState, Loop, StepRunner
-from runner.models.loading import Components, load_model, to_dtype
+from runner.models.loading import Components, ModelSettings, load_model, to_dtype
 from runner.optim import build_lr_scheduler, build_optimizer
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.common import enable_gradient_checkpointing
@@ -67,6 +67,14 @@ def place_models(comps: Components, weight_dtype: str, device: torch.device) -> 
         module.to(device=device, dtype=dtype)
     vae_dtype = torch.float32 if (comps.is_sdxl and dtype == torch.float16) else dtype
     comps.vae.to(device=device, dtype=vae_dtype)
+
+
+def load_base(settings: ModelSettings, device: torch.device) -> Components:
+    """The base model (UNet, VAE, tokenizers, text encoders, base embeddings) loaded and placed
+    on ``device``. Writes nothing to the run, so a run does it while its preflight runs."""
+    comps = load_model(settings)
+    place_models(comps, settings.weight_dtype, device)
+    return comps
 
 
 def build_training(
@@ -147,6 +155,7 @@ def build_session(
     cfg: PipelineConfig,
     settings: RunSettings,
     accelerator: Accelerator,
+    comps: Components,
     store: ObjectStore,
     manager: CheckpointManager,
     restored: ResumePoint | None,
@@ -154,14 +163,13 @@ def build_session(
     events: RunEvents,
     stop: threading.Event,
 ) -> Session:
-    """Load the model and data, build pipeline, optimizer, checkpointer, progress, validator
-    and loop, and restore ``restored`` into them (nothing is written)."""
+    """From the loaded base model (``load_base``) and the checked data, build the loader,
+    pipeline, optimizer, checkpointer, progress, validator and loop, and restore ``restored``
+    into them (nothing is written)."""
     from runner.data import build_train_dataloader
     from runner.encoder_cache import PersistedCaches
 
     device, seed = accelerator.device, settings.seed
-    comps = load_model(settings.model)
-    place_models(comps, settings.model.weight_dtype, device)
     loader = build_train_dataloader(
         cfg,
         seed=seed,
@@ -188,6 +196,7 @@ def build_session(
         "lr_scheduler": lr_scheduler,
         "generator": GeneratorState(generator),
         "data": loader.sampler,  # the data cursor (epoch, position): its one owner
+        "skipped": SkippedExamples(loader),  # so a resumed run keeps counting bad images
     }
     if accelerator.scaler is not None:
         objects["scaler"] = accelerator.scaler
@@ -203,7 +212,22 @@ def build_session(
                 schedule.total_steps, cfg.gradient_accumulation_steps, events)  # fmt: skip
     session = Session(settings, store, loader, pipeline, checkpointer, progress, loop, state)
     loader.on_bad = session.note_bad
+    if loader.bad:  # skipped before the restart: progress.json names them again
+        session.note_bad(list(loader.bad))
     return session
+
+
+class SkippedExamples:
+    """The loader's skipped (unreadable) examples as a checkpoint entry."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"examples": list(self.loader.bad)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.bad = dict.fromkeys(state.get("examples", []))
 
 
 def _restore(checkpointer: Checkpointer, restored: ResumePoint | None, loader: Any) -> LoopState:

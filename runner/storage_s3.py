@@ -346,12 +346,22 @@ class S3Store:
         check_prefix(prefix)
         return self._list(prefix)
 
-    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list_range(self, prefix: str, after: str | None, until: str | None) -> Iterator[ObjectInfo]:
+        """The part of ``list(prefix)`` after key ``after`` (S3 ``start-after``; None: from the
+        start) up to and including key ``until`` (None, or never met: to the end)."""
+        check_prefix(prefix)
+        for info in self._list(prefix, after):
+            yield info
+            if info.key == until:
+                return
+
+    def _list(self, prefix: str, after: str | None = None) -> Iterator[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
         token: str | None = None
+        start = root + after if after is not None else None
         while True:  # one page per step of the iterator: the listing stays lazy
             with self._errors("list", prefix or None):
-                page, token = self._http.list_page(root + prefix, token, self.page_size)
+                page, token = self._http.list_page(root + prefix, token, self.page_size, start)
             for obj in page:
                 yield ObjectInfo(obj.key[len(root) :], obj.size, obj.etag)
             if token is None:

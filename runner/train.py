@@ -1,6 +1,8 @@
-"""The training orchestrator: ``run(cfg)`` preflights the data, takes the run lease, finds
-the checkpoint to resume from, builds the session (``runner.session``) from the run's typed
-settings (``runner.settings``), trains and publishes the outputs. See docs/architecture.md."""
+"""The training orchestrator: ``run(cfg)`` loads the base model while the data preflight
+runs, joins the preflight, then takes the run lease, finds the checkpoint to resume from,
+builds the session (``runner.session``) from the run's typed settings (``runner.settings``),
+trains and publishes the outputs. Nothing is written to the run before the preflight passed.
+See docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 import tempfile
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +28,10 @@ from runner.data.index import save_index, save_shared_index, shared_index_store
 from runner.errors import UserError
 from runner.layout import CONFIG_KEY
 from runner.lease import Lease
+from runner.models.loading import Components, ModelSettings
 from runner.run_events import RunEvents, reported
 from runner.run_store import RunStore
-from runner.session import RunResult, build_session
+from runner.session import RunResult, build_session, load_base
 from runner.settings import RunSettings, lease_settings
 from runner.speed import enable_tf32
 from runner.storage import ObjectStore, open_store
@@ -83,22 +87,20 @@ def run(
     data: Future[PreflightReport] | None = None,
 ) -> RunResult:
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint).
-    ``data``: the run's preflight, already started (``runner.data.checks.start_preflight``)."""
+    ``data``: the run's preflight, already started (``runner.data.checks.start_preflight``);
+    else it starts here, in a thread (torch is loaded: no fork)."""
     from runner.data.checks import start_preflight
 
     events = RunEvents(cfg, is_main=PartialState().is_main_process)
     with reported(events):  # from the first line: a run that fails to start notifies too
-        # a bad dataset fails here, before anything is loaded or written; headers only, and
-        # none for images that the index stored with the run (or the one beside the runs,
-        # from an earlier run on the same data) already knows
-        report = (data or start_preflight(cfg, process=False)).result()  # no fork: torch is in
+        pending = data or start_preflight(cfg, process=False)
         given = work_dir or os.environ.get("KUBETUNE_WORK_DIR")
         work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
         try:
             return _run(
                 cfg,
                 work,
-                report,
+                pending,
                 events,
                 resume=resume,
                 force_restart=force_restart,
@@ -109,32 +111,56 @@ def run(
                 shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What a run has before its first write: the accelerator, the base model on its device
+    and the checked data."""
+
+    accelerator: Accelerator
+    comps: Components
+    data: PreflightReport
+
+
+def load_then_join(cfg: PipelineConfig, pending: Future[PreflightReport]) -> Loaded:
+    """What writes nothing to the run, done while the preflight (listing, header reads or the
+    stored index) runs: the accelerator and the base model on its device. Then the
+    preflight's report: a bad dataset fails here, before the lease or any other write. If
+    loading fails, a failed preflight is still reported first, as when it ran first."""
+    try:
+        accelerator = make_accelerator(cfg)
+        comps = load_base(ModelSettings.from_config(cfg), accelerator.device)
+    except Exception:
+        pending.result()  # a bad dataset's error, else the loading error below
+        raise
+    return Loaded(accelerator, comps, pending.result())
+
+
 def _run(
     cfg: PipelineConfig,
     work: Path,
-    data: PreflightReport,
+    pending: Future[PreflightReport],
     events: RunEvents,
     *,
     resume: bool,
     force_restart: bool,
     stop: threading.Event | None,
 ) -> RunResult:
-    accelerator = make_accelerator(cfg)
+    loaded = load_then_join(cfg, pending)
+    is_main = loaded.accelerator.is_main_process
     uri = output_uri(cfg)
     raw = open_store(uri, cfg.storage)
     lease = None
-    if accelerator.is_main_process:  # the one process that writes holds the run's lease
+    if is_main:  # the one process that writes holds the run's lease
         lease = Lease(raw, lease_settings(cfg)).acquire()
     try:
         store = RunStore(raw, guard=lease.check if lease else None)
-        if accelerator.is_main_process:
+        if is_main:
             events.bind(store)
         with reported(events):  # the final report and webhook while the lease is held
             return _run_with(
                 cfg,
                 work,
-                data,
-                accelerator,
+                loaded,
                 store,
                 uri,
                 events,
@@ -150,8 +176,7 @@ def _run(
 def _run_with(
     cfg: PipelineConfig,
     work: Path,
-    data: PreflightReport,
-    accelerator: Accelerator,
+    loaded: Loaded,
     store: ObjectStore,
     uri: str,
     events: RunEvents,
@@ -160,6 +185,7 @@ def _run_with(
     force_restart: bool,
     stop: threading.Event | None,
 ) -> RunResult:
+    data, accelerator = loaded.data, loaded.accelerator
     is_main = accelerator.is_main_process
     manager = CheckpointManager(store, cfg.max_checkpoints)  # store: the retrying RunStore
     if is_main:
@@ -174,8 +200,8 @@ def _run_with(
     )
     seed_everything(seed)
     settings = RunSettings.from_config(cfg, seed=seed, work_dir=work, is_main=is_main)
-    session = build_session(cfg, settings, accelerator, store, manager, restored, data,
-                            events, stop or threading.Event())  # fmt: skip
+    session = build_session(cfg, settings, accelerator, loaded.comps, store, manager,
+                            restored, data, events, stop or threading.Event())  # fmt: skip
     if is_main:  # only once the model and data loaded: a failed start writes nothing
         store.put_bytes(CONFIG_KEY, config_to_yaml(cfg).encode())
         save_index(store, data)

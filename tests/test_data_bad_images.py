@@ -176,3 +176,24 @@ def test_a_run_within_the_share_finishes_and_progress_counts_them(
     progress = json.loads((out / "progress.json").read_text())
     assert progress["state"] == "completed" and progress["step"] == 4
     assert progress["bad_images"] == 1 and "img-001.png" in progress["bad_image_examples"][0]
+
+
+def test_a_resumed_run_keeps_counting_the_examples_skipped_before(
+    tmp_path: Path, tiny_sd_dir: Path
+) -> None:
+    """The skipped examples are part of the checkpoint: a restarted pod continues the count
+    (and `progress.json` keeps naming them) instead of starting from zero."""
+    from train_support import make_config, train
+
+    data = _dataset(tmp_path / "d", n=8, corrupt=(1,))
+    out = tmp_path / "out"
+    cfg = make_config("SD_LORA", tiny_sd_dir, data, out, max_train_steps=4)  # one epoch
+    loader = {**cfg.data_loader.model_dump(), "max_bad_image_share": 0.25}
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "data_loader": loader})
+    train(cfg)
+    assert json.loads((out / "progress.json").read_text())["bad_images"] == 1
+    more = type(cfg).model_validate({**cfg.model_dump(), "max_train_steps": 5})
+    train(more)  # resumes at step 4; its one step may not draw the bad image again
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["step"] == 5 and progress["bad_images"] == 1
+    assert "img-001.png" in progress["bad_image_examples"][0]

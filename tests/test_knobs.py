@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import make_config, write_dataset
+from train_support import load_pipeline, make_config, write_dataset
 
 from runner.ema import EmaWeights
 from runner.losses import diffusion_loss, element_loss, snr
@@ -26,11 +26,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _pipeline(cfg: Any) -> Any:
-    from runner.models.loading import load_components_from_config
-    from runner.pipelines import build_pipeline
-
     torch.manual_seed(0)
-    return build_pipeline(cfg, load_components_from_config(cfg), torch.device("cpu"), total_steps=4)
+    return load_pipeline(cfg)[1]
 
 
 def _batch() -> dict[str, Any]:

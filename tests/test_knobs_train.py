@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import make_config, train, write_dataset
+from train_support import caption_loader, make_config, train, write_dataset
 
 from runner.errors import Preempted
 
@@ -47,18 +47,6 @@ def _state(out: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return load_file(folder / "trainable.safetensors"), state
 
 
-def _loader_cfg(data_dir: Path, rate: float, **kw: Any) -> dict[str, Any]:
-    return {
-        "type": "IMAGE_CAPTION_SD_DATA_LOADER",
-        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data_dir)},
-        "resolution": 64,
-        "center_crop": True,
-        "random_flip": False,
-        "caption_dropout_rate": rate,
-        **kw,
-    }
-
-
 # --- off means exactly as before -------------------------------------------------------------
 
 
@@ -72,7 +60,7 @@ def test_knobs_at_their_defaults_train_bit_identically(
         tiny_sd_dir,
         data_dir,
         tmp_path / "explicit",
-        data_loader=_loader_cfg(data_dir, 0.0),
+        data_loader=caption_loader(data_dir, caption_dropout_rate=0.0),
         **common,
         **OFF,
     )
@@ -99,7 +87,12 @@ def test_caption_dropout_rate_is_seeded_and_resumable(tmp_path: Path) -> None:
 
     data = write_dataset(tmp_path / "many", n=40)
     cfg = make_config(
-        "SD_LORA", data, data, tmp_path, data_loader=_loader_cfg(data, 0.3), train_batch_size=4
+        "SD_LORA",
+        data,
+        data,
+        tmp_path,
+        data_loader=caption_loader(data, caption_dropout_rate=0.3),
+        train_batch_size=4,
     )
 
     def loader() -> Any:
@@ -246,7 +239,7 @@ def test_stop_and_resume_is_exact_with_knobs_on(
     model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
     extra: dict[str, Any] = dict(max_train_steps=4, save_every_n_steps=100, **knobs)
     if kind == "SD_LORA":
-        extra["data_loader"] = _loader_cfg(data_dir, 0.5)
+        extra["data_loader"] = caption_loader(data_dir, caption_dropout_rate=0.5)
     train(make_config(kind, model, data_dir, tmp_path / "ref", **extra))
     out = tmp_path / "run"
     cfg = make_config(kind, model, data_dir, out, **extra)

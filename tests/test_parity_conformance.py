@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_parity_config import TE_TARGETS, UNET_TARGETS
-from train_support import make_config, write_dataset
+from train_support import load_pipeline, make_config, write_dataset
 
 from runner.config import PipelineConfig, parse_config
 
@@ -50,12 +50,9 @@ def defaults_config(kind: str, model: Path, data: Path, out: Path, **fields: Any
 
 
 def build(cfg: PipelineConfig) -> tuple[Any, Any, torch.optim.Optimizer]:
-    from runner.models.loading import load_components_from_config
     from runner.optim import build_optimizer
-    from runner.pipelines import build_pipeline
 
-    comps = load_components_from_config(cfg)
-    pipe = build_pipeline(cfg, comps, CPU, total_steps=10)
+    comps, pipe = load_pipeline(cfg, total_steps=10)
     return comps, pipe, build_optimizer(cfg.optimizer, pipe.param_groups(), CPU)
 
 

@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import PLACEHOLDER, make_config, write_dataset
-
-from runner.config import PipelineConfig
+from train_support import PLACEHOLDER, load_pipeline, make_config, write_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]
@@ -24,14 +22,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "images", n=2)
-
-
-def build(cfg: PipelineConfig) -> tuple[Any, Any]:
-    from runner.models.loading import load_components_from_config
-    from runner.pipelines import build_pipeline
-
-    comps = load_components_from_config(cfg)
-    return comps, build_pipeline(cfg, comps, CPU, total_steps=4)
 
 
 def test_multi_token_initializer_warns_and_uses_its_first_token(
@@ -45,7 +35,7 @@ def test_multi_token_initializer_warns_and_uses_its_first_token(
         initializer_token="kubetunification",
     )
     with caplog.at_level(logging.WARNING):
-        comps, pipe = build(cfg)
+        comps, pipe = load_pipeline(cfg)
     first = comps.tokenizer("kubetunification", add_special_tokens=False).input_ids[0]
     table = comps.text_encoder.get_input_embeddings().weight
     vectors = pipe.trainable_parameters()["ti.clip_l"]
@@ -65,7 +55,7 @@ def test_initial_phrase_sets_the_number_of_vectors(
         initial_phrase="a red dog on grass",
         num_vectors=2,  # ignored: the phrase decides, as in invoke-training
     )
-    comps, pipe = build(cfg)
+    comps, pipe = load_pipeline(cfg)
     for key, tokenizer, encoder in zip(
         ("ti.clip_l", "ti.clip_g"), comps.tokenizers, comps.text_encoders, strict=True
     ):
@@ -108,7 +98,7 @@ def test_placeholder_in_kept_original_captions_trains_every_vector(
         },
         num_vectors=3,
     )
-    comps, pipe = build(cfg)
+    comps, pipe = load_pipeline(cfg)
     loader = build_train_dataloader(cfg, seed=0, batch_size=2, device_is_cuda=False)
     captions = list(next(iter(loader))["caption"])
     assert captions[0] == f"a photo of {PLACEHOLDER} {PLACEHOLDER} sitting on a table"
@@ -128,7 +118,7 @@ def test_base_embedding_tokens_in_captions_use_every_vector(
     cfg = make_config(
         "SD_LORA", tiny_sd_dir, data_dir, tmp_path / "out", base_embeddings={"<base>": str(emb)}
     )
-    comps, pipe = build(cfg)
+    comps, pipe = load_pipeline(cfg)
     ids = comps.tokenizer.convert_tokens_to_ids(["<base>", "<base>_1"])
     (row,) = _token_ids(comps, ["a <base> cat"], pipe)
     assert [_count(row, i) for i in ids] == [1, 1]
@@ -149,7 +139,7 @@ def test_vectors_are_pulled_towards_the_table_std_after_each_step(
 ) -> None:
     """invoke-training's restore_original_embeddings: new *= (std(old rows) / std(new))**0.1."""
     cfg = make_config("SD_TEXTUAL_INVERSION", tiny_sd_dir, data_dir, tmp_path)
-    comps, pipe = build(cfg)
+    comps, pipe = load_pipeline(cfg)
     new_ids = comps.tokenizer.convert_tokens_to_ids([PLACEHOLDER, f"{PLACEHOLDER}_1"])
     table = comps.text_encoder.get_input_embeddings().weight.detach()
     old_rows = torch.cat([table[: min(new_ids)], table[max(new_ids) + 1 :]])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_support import make_config, write_dataset
+from train_support import load_pipeline, make_config, write_dataset
 
 from runner.config import PipelineConfig
 
@@ -64,8 +64,6 @@ def _reference(comps, cfg: PipelineConfig, side: int) -> list[list[np.ndarray]]:
 def test_validation_images_are_the_ones_invoke_training_draws(
     kind: str, seed: int | None, tmp_path: Path, tiny_sd_dir: Path, tiny_sdxl_dir: Path
 ) -> None:
-    from runner.models.loading import load_components_from_config
-    from runner.pipelines import build_pipeline
     from runner.storage import open_store
     from runner.validation import ValidationSettings, Validator
 
@@ -74,8 +72,7 @@ def test_validation_images_are_the_ones_invoke_training_draws(
     cfg = make_config(kind, model, data, tmp_path / "out", seed=seed, validation_prompts=PROMPTS,
                       negative_validation_prompts=NEGATIVES, num_validation_images_per_prompt=2,
                       validate_every_n_steps=1)  # fmt: skip
-    comps = load_components_from_config(cfg)
-    pipeline = build_pipeline(cfg, comps, CPU, total_steps=4)
+    comps, pipeline = load_pipeline(cfg)
     store = open_store(str(tmp_path / "store"))
     Validator(ValidationSettings.from_config(cfg), pipeline, store, CPU).validate(1)
     pipeline.set_train(False)  # as during validation (no dropout either way here)

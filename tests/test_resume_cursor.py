@@ -18,7 +18,7 @@ import pytest
 import torch
 from data_fixtures import write_image_dir
 from safetensors.torch import load_file
-from train_support import make_config, train, write_dataset
+from train_support import caption_loader, make_config, train, write_dataset
 
 from runner.config import PipelineConfig
 from runner.errors import Preempted
@@ -71,15 +71,7 @@ def _resume_case(
 
 def _bucket_loader(root: Path) -> dict[str, Any]:
     write_image_dir(root, MIXED)
-    return {
-        "type": "IMAGE_CAPTION_SD_DATA_LOADER",
-        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(root)},
-        "resolution": 32,
-        "aspect_ratio_buckets": BUCKETS,
-        "random_flip": True,
-        "center_crop": False,
-        "caption_dropout_rate": 0.5,
-    }
+    return _plain_loader(root, aspect_ratio_buckets=BUCKETS)
 
 
 def test_buckets_keep_in_memory_resume_exactly(
@@ -121,15 +113,8 @@ def test_dreambooth_resumes_exactly(request: pytest.FixtureRequest, tmp_path: Pa
 
 
 def _plain_loader(data: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "type": "IMAGE_CAPTION_SD_DATA_LOADER",
-        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data)},
-        "resolution": 32,
-        "random_flip": True,
-        "center_crop": False,
-        "caption_dropout_rate": 0.5,
-        **extra,
-    }
+    return caption_loader(data, resolution=32, random_flip=True, center_crop=False,
+                          caption_dropout_rate=0.5, **extra)  # fmt: skip
 
 
 def test_two_workers_resume_exactly_and_the_cursor_is_saved_once(

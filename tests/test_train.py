@@ -21,6 +21,7 @@ from train_support import (
     PLACEHOLDER,
     TYPES,
     config_file,
+    load_pipeline,
     make_config,
     step_dirs,
     train,
@@ -367,11 +368,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
 
 
 def _ti_vectors(cfg: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    from runner.models.loading import load_components_from_config
-    from runner.pipelines import build_pipeline
-
-    comps = load_components_from_config(cfg)
-    pipe = build_pipeline(cfg, comps, torch.device("cpu"), total_steps=1)
+    comps, pipe = load_pipeline(cfg, total_steps=1)
     return comps, {k: v.detach() for k, v in pipe.trainable_parameters().items()}
 
 

@@ -40,21 +40,27 @@ def write_dataset(root: Path, n: int = 4, seed: int = 0) -> Path:
     return root
 
 
+def caption_loader(data_dir: Path | str, **fields: Any) -> dict[str, Any]:
+    """An ``IMAGE_CAPTION_SD_DATA_LOADER`` section over a folder of images with ``.txt``
+    captions: SIDE px, centre crop, no flip, unless ``fields`` say otherwise."""
+    return {
+        "type": "IMAGE_CAPTION_SD_DATA_LOADER",
+        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data_dir)},
+        "resolution": SIDE,
+        "center_crop": True,
+        "random_flip": False,
+        **fields,
+    }
+
+
 def make_config(
     kind: str, model_dir: Path, data_dir: Path, out_dir: Path, **overrides: Any
 ) -> PipelineConfig:
     """A fast CPU config of type ``kind`` (float32, 64×64, batch 2)."""
     ti = "TEXTUAL_INVERSION" in kind
-    data: dict[str, Any] = {
-        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data_dir)},
-        "resolution": SIDE,
-        "center_crop": True,
-        "random_flip": False,
-    }
+    data = caption_loader(data_dir)
     if ti:
         data.update(type="TEXTUAL_INVERSION_SD_DATA_LOADER", caption_preset="object")
-    else:
-        data["type"] = "IMAGE_CAPTION_SD_DATA_LOADER"
     raw: dict[str, Any] = {
         "type": kind,
         "seed": 7,
@@ -84,6 +90,17 @@ def config_file(cfg: PipelineConfig, path: Path) -> Path:
 
     path.write_text(config_to_yaml(cfg))
     return path
+
+
+def load_pipeline(cfg: PipelineConfig, total_steps: int = 4) -> tuple[Any, Any]:
+    """(base model components, training pipeline) of ``cfg`` on the CPU, nothing trained."""
+    import torch
+
+    from runner.models.loading import load_components_from_config
+    from runner.pipelines import build_pipeline
+
+    comps = load_components_from_config(cfg)
+    return comps, build_pipeline(cfg, comps, torch.device("cpu"), total_steps=total_steps)
 
 
 def reset_accelerate() -> None:

@@ -52,6 +52,10 @@ COMPAT_DEFAULTS: dict[str, Any] = {"use_dora": False, "ema": False}
 """What a checkpoint written before a compat field existed implies for it."""
 
 
+ADDED_ENTRIES = frozenset({"skipped"})
+"""Checkpoint entries newer than some checkpoints: one that lacks them restores without."""
+
+
 @dataclass
 class LoopState:
     """Where training stands: optimizer steps done. The data position (epoch, batches of it
@@ -217,7 +221,8 @@ class Checkpointer:
         saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         saved = upgrade_legacy_state(saved)
         for key, obj in self.objects.items():
-            obj.load_state_dict(saved[key])
+            if key in saved or key not in ADDED_ENTRIES:
+                obj.load_state_dict(saved[key])
         set_rng_state(saved["rng"])
         state = LoopState(**saved["loop"])
         self.last_saved = state.step

@@ -24,6 +24,7 @@ from runner.config.data import (
     ImageDirDatasetConfig,
 )
 from runner.data.images import is_image_name
+from runner.data.listing import list_known
 from runner.errors import DataError
 from runner.storage import ObjectInfo, ObjectStore, open_store
 
@@ -362,8 +363,8 @@ def _jsonl_source(
 
 
 def _with_listing(records: list[Record], stores: list[StoreRef], where: str) -> list[Record]:
-    """Records with size and version from one paginated listing per store (the common
-    folder of its keys); a key missing from the listing is a DataError naming it."""
+    """Records with size and version from one listing per store (the common folder of its
+    keys; parallel ranges cut at the keys on S3); a key missing from it is a DataError."""
     out = list(records)
     for number, ref in enumerate(stores):
         mine = [i for i, r in enumerate(out) if r.store == number]
@@ -374,7 +375,7 @@ def _with_listing(records: list[Record], stores: list[StoreRef], where: str) -> 
         if folder in keys:  # one key, or one key is a prefix of the others' folder
             folder = posixpath.dirname(folder)
         prefix = f"{folder}/" if folder else ""
-        listed = {info.key: info for info in ref.get().list(prefix)}
+        listed = {info.key: info for info in list_known(ref.get(), prefix, keys)}
         for i in mine:
             info = listed.get(out[i].image_key)
             if info is None:

@@ -3,8 +3,10 @@
 Each case must end with exactly one error line matching its ``message``, its exit status
 (2 = user error, 1 = environment), no traceback, nothing written to the output location or
 the dataset, and nothing submitted (the fake API server holds no Job, the local backend no
-run). The fast subset calls the entrypoints' ``main`` in this process; the reliability mark
-runs every case as a real subprocess (``python -m runner`` / ``python -m launcher``).
+run); in this process it is also checked that no run lease was ever taken (a lease taken
+and released leaves no object behind, so the output listing alone cannot tell). The fast
+subset calls the entrypoints' ``main`` in this process; the reliability mark runs every
+case as a real subprocess (``python -m runner`` / ``python -m launcher``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+from data_fixtures import upload_tree
 from k8s_fake import FakeKube
 from kube_configs import TEST_SECRET_KEY
 from relsupport import REPO, figure, held_closed_port, runner_env
@@ -114,8 +117,10 @@ def _prepare(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Prepa
         server = request.getfixturevalue("s3_server")
         values.update(ENDPOINT=server.endpoint, BUCKET=request.getfixturevalue("s3_shared_bucket"),
                       WRONG=server.wrong_secret_key, RO_KEY=server.readonly_access_key,
-                      RO_SECRET=server.readonly_secret_key)  # fmt: skip
+                      RO_SECRET=server.readonly_secret_key, DATA=f"data-{prefix}")  # fmt: skip
         env.update(server.env())
+    if "s3-data" in spec["needs"]:  # the dataset itself on S3, beside (not under) the run
+        upload_tree(server.client(), values["BUCKET"], values["DATA"], work / "data")
     if "kube" in spec["needs"]:
         kube, kubeconfig = request.getfixturevalue("fake_kube")
         closed = kube.write_kubeconfig(tmp_path / "closed-kubeconfig")
@@ -259,10 +264,23 @@ def _check(name: str, p: Prepared, code: int, stderr: str, before: dict[str, int
 def test_bad_input_in_process(name: str, request: pytest.FixtureRequest, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch,
                               capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from runner.lease import Lease
+
     p = _prepare(name, request, tmp_path)
     before = _tree(p.work)
+    leases: list[str] = []
+    real_acquire = Lease.acquire
+
+    def acquire(self: Lease, **kwargs: Any) -> Lease:
+        taken = real_acquire(self, **kwargs)
+        leases.append(self.store.uri)
+        return taken
+
+    monkeypatch.setattr(Lease, "acquire", acquire)
     code, stderr = _run_in_process(p, monkeypatch, capfd)
     _check(name, p, code, stderr, before, request)
+    if not p.spec.get("midrun"):  # a bad dataset fails before the lease, not after
+        assert leases == [], f"{name} took the run lease before failing: {leases}"
 
 
 @pytest.mark.reliability

@@ -10,7 +10,8 @@ case.yaml keys: ``entrypoint`` (runner | render | submit | submit-local), ``need
 ``message`` (regex the one error line must match). Placeholders filled by the test:
 ``@CASE@`` (the case's copy in a temp dir), ``@OUT@`` (output root), ``@MODEL@`` (tiny SD
 model dir), ``@BUCKET@`` (an existing bucket), ``@ENDPOINT@`` (the S3 server),
-``@CLOSED@`` (an endpoint on a closed 127.0.0.1 port).
+``@CLOSED@`` (an endpoint on a closed 127.0.0.1 port), ``@DATA@`` (where a case that
+``needs`` ``s3-data`` finds its ``data/`` folder uploaded in ``@BUCKET@``).
 """
 
 from __future__ import annotations
@@ -232,6 +233,23 @@ CASES: dict[str, dict[str, Any]] = {
             "data_loader": {"dataset": {"dataset_dir": "s3://no-such-data-bucket/cats"}},
         },
         needs=["s3"],
+    ),
+    "s3-data-corrupt-image": case(
+        "runner",
+        2,
+        r"b\.png: not a readable image",
+        files=_jsonl(JSONL_GOOD, {"b.png": b"this is not an image\n"}),
+        config={
+            **S3_STORAGE,
+            "data_loader": {
+                "dataset": {
+                    "type": "IMAGE_CAPTION_JSONL_DATASET",
+                    "jsonl_path": "s3://@BUCKET@/@DATA@/data.jsonl",
+                }
+            },
+        },
+        needs=["s3", "s3-data"],
+        about="a JSONL dataset on S3 with garbage bytes for one image (the run's output on S3)",
     ),
     "s3-no-credentials": case(
         "runner",
