@@ -106,7 +106,7 @@ def test_budget_bounds_memory() -> None:
     never kept, and the shared block is no bigger than the budget."""
     from PIL import Image
 
-    budget = 5 * 9 + 2 * 10 * 10 * 3  # header of 5 examples + two 10x10 RGB slots
+    budget = 5 * 13 + 2 * 10 * 10 * 3  # header of 5 examples + two 10x10 RGB slots
     memory = DecodedImages.planned([(i, (10, 10), False) for i in range(5)], budget)
     for i in range(5):
         memory.put(i, Kept(Image.new("RGB", (10, 10), (i, i, i)), (10, 10)))

@@ -167,3 +167,16 @@ def test_a_copy_attached_by_name_shares_the_images_and_does_not_unlink() -> None
     assert (SHM / name).exists()
     memory.close()
     assert not (SHM / name).exists()
+
+
+def test_a_slot_seen_half_written_is_not_used() -> None:
+    """A reader that sees the ready flag before all of the slot's bytes (possible between
+    processes on a weakly ordered CPU, simulated here by changing a byte after the write)
+    decodes again rather than use wrong pixels."""
+    memory = DecodedImages.planned([(0, (4, 6), True)], 10_000)
+    memory.put(0, Kept(Image.new("RGB", (6, 4), (1, 2, 3)), (12, 8), Image.new("L", (6, 4), 4)))
+    assert memory.get(0) is not None
+    offset = memory.slots[0].offset + memory.slots[0].size - 1  # the mask's last pixel
+    memory._shm.buf[offset] ^= 0xFF
+    assert memory.get(0) is None
+    memory.close()

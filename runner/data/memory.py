@@ -6,9 +6,11 @@ DataLoader starts its workers, so every worker (and the main process) sees what 
 decoded: an example is fetched and decoded once per run, whichever worker draws it later.
 Every kept example's size is known up front (its cover size at its bucket's scale, from the
 preflight sizes), so each has a fixed slot: RGB pixels (3 bytes a pixel), then its `L` mask
-if it has one, plus its original (w, h) and a ready flag in the block's header. A process
-that decodes an example writes the slot, then sets the flag; readers use ready slots only.
-Two processes decoding the same example at once write identical bytes.
+if it has one, plus a ready flag, its original (w, h) and a checksum in the block's header.
+A process that decodes an example writes the slot, then sets the flag; readers use ready
+slots whose checksum matches (no memory barrier is assumed between processes: a slot seen
+half-written on a weakly ordered CPU is decoded again, not used). Two processes decoding the
+same example at once write identical bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import struct
 import weakref
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -28,7 +31,8 @@ log = logging.getLogger(__name__)
 BUDGET_SHARE = 0.5
 """Share of the memory available to this container that the decoded images may use."""
 _READY = 1
-_WH = struct.Struct("<ii")
+_META = struct.Struct("<iiI")
+"""Per slot: the original (w, h) and a CRC-32 of (w, h) + pixels."""
 
 
 def memory_limit_bytes() -> int:
@@ -79,7 +83,7 @@ def plan_slots(
     """Slots for (index, kept (h, w), has mask) in order, while they fit `budget` bytes
     (header included); returns them and the block's size."""
     items = list(wanted)
-    header = len(items) * (1 + _WH.size)
+    header = len(items) * (1 + _META.size)
     slots: dict[int, Slot] = {}
     offset = header
     for index, hw, mask in items:
@@ -145,24 +149,25 @@ class DecodedImages:
         if slot is None or not self._ready(slot):
             return None
         buf, (h, w) = self._shm.buf, slot.hw
-        original = _WH.unpack_from(buf, self._header + slot.number * _WH.size)
-        rgb_end = slot.offset + h * w * 3
-        image = Image.frombytes("RGB", (w, h), bytes(buf[slot.offset : rgb_end]))
-        mask = None
-        if slot.mask:
-            mask = Image.frombytes("L", (w, h), bytes(buf[rgb_end : rgb_end + h * w]))
-        return Kept(image, (int(original[0]), int(original[1])), mask)
+        meta = self._header + slot.number * _META.size
+        ow, oh, crc = _META.unpack_from(buf, meta)
+        data = bytes(buf[slot.offset : slot.offset + slot.size])
+        if zlib.crc32(data, zlib.crc32(bytes(buf[meta : meta + 8]))) != crc:
+            return None  # not (yet) visible whole to this process: decode it again
+        view = memoryview(data)
+        image = Image.frombytes("RGB", (w, h), view[: h * w * 3])
+        mask = Image.frombytes("L", (w, h), view[h * w * 3 :]) if slot.mask else None
+        return Kept(image, (ow, oh), mask)
 
     def put(self, index: int, kept: Kept) -> None:
         slot = self.slots.get(index)
         if slot is None or self._ready(slot) or not _fits(slot, kept):
             return
-        buf, (h, w) = self._shm.buf, slot.hw
-        rgb_end = slot.offset + h * w * 3
-        buf[slot.offset : rgb_end] = kept.image.tobytes()
-        if kept.mask is not None:
-            buf[rgb_end : rgb_end + h * w] = kept.mask.tobytes()
-        _WH.pack_into(buf, self._header + slot.number * _WH.size, *kept.original_wh)
+        data = kept.image.tobytes() + (kept.mask.tobytes() if kept.mask is not None else b"")
+        wh = struct.pack("<ii", *kept.original_wh)
+        buf, meta = self._shm.buf, self._header + slot.number * _META.size
+        buf[slot.offset : slot.offset + slot.size] = data
+        _META.pack_into(buf, meta, *kept.original_wh, zlib.crc32(data, zlib.crc32(wh)))
         buf[slot.number] = _READY  # last: readers take only complete slots
 
     def close(self) -> None:
