@@ -159,3 +159,23 @@ def test_budget_counts_the_memory_really_held() -> None:
                          text=True, timeout=60, check=True)  # fmt: skip
     grown, counted = map(int, out.stdout.split())
     assert abs(grown - counted) < 0.1 * counted, (grown, counted)
+
+
+def test_the_budget_is_capped_by_the_free_space_of_dev_shm(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writing past a full /dev/shm is a SIGBUS, so a small one (Docker's default 64 MiB)
+    lowers the budget, said once. The free space is faked: making a small /dev/shm needs
+    root; the block itself is real."""
+    from PIL import Image
+
+    from runner.data import memory as memory_module
+
+    monkeypatch.setattr(memory_module, "shm_free_bytes", lambda: 1000)
+    memory = DecodedImages.planned([(i, (10, 10), False) for i in range(5)], 10**9)
+    assert memory.budget == 750 and memory.size <= 750
+    assert len(memory.slots) == 2  # 5 * 13 header + 2 * 300 <= 750 < 3 * 300
+    memory.put(1, Kept(Image.new("RGB", (10, 10)), (10, 10)))
+    assert len(memory) == 1
+    assert "/dev/shm has 0 MiB free" in caplog.text
+    memory.close()

@@ -52,6 +52,40 @@ def default_budget() -> int:
     return int(memory_limit_bytes() * BUDGET_SHARE)
 
 
+SHM_DIR = "/dev/shm"
+SHM_SHARE = 0.75
+"""Share of the free space of /dev/shm the block may take (the rest: the DataLoader's own
+batch transfers). Writing past a full /dev/shm kills the process (SIGBUS), so the budget is
+capped by it: Docker's default /dev/shm is 64 MiB; our pods mount a memory-backed one."""
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm (None where there is none to ask)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def capped_budget(budget: int) -> int:
+    """`budget`, lowered (and logged) to what /dev/shm can hold."""
+    free = shm_free_bytes()
+    if free is None or budget <= free * SHM_SHARE:
+        return budget
+    capped = int(free * SHM_SHARE)
+    log.warning(
+        "keep_in_memory: %s has %d MiB free, so the decoded-image budget is %d MiB instead "
+        "of %d MiB (give the container a bigger %s to keep more)",
+        SHM_DIR,
+        free >> 20,
+        capped >> 20,
+        budget >> 20,
+        SHM_DIR,
+    )
+    return capped
+
+
 @dataclass(frozen=True)
 class Kept:
     """A decoded example resized to cover its bucket: image, original (w, h), mask."""
@@ -119,7 +153,7 @@ class DecodedImages:
     def planned(
         cls, wanted: Iterable[tuple[int, tuple[int, int], bool]], budget: int | None = None
     ) -> DecodedImages:
-        budget = default_budget() if budget is None else budget
+        budget = capped_budget(default_budget() if budget is None else budget)
         slots, size = plan_slots(wanted, budget)
         return cls(slots, size, budget)
 
