@@ -3,7 +3,9 @@ a bare diffusers-example loop (images decoded once and kept, the example's per-d
 Resize / CenterCrop / RandomFlip / ToTensor / Normalize, then its step), interleaved epochs
 after one warm-up epoch each; ratios from one run. `--rss` instead prints the peak RSS of one
 epoch over a folder with and without `keep_in_memory` (fresh processes); `--overlap` compares
-`dataloader_num_workers` 0 and 2 without `keep_in_memory` (every draw fetches and decodes).
+`dataloader_num_workers` 0 and 2 without `keep_in_memory` (every draw fetches and decodes);
+`--shared` prints fetches and seconds per epoch with `keep_in_memory` and 2 workers (data
+only, no step).
 
     python benchmarks/make_photos.py /var/tmp/kubetune-photos-mixed --count 200 --mixed \\
         --max-side 1000
@@ -11,6 +13,7 @@ epoch over a folder with and without `keep_in_memory` (fresh processes); `--over
     .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos --rss --images 10000 \\
         --container-gib 4
     .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos-mixed --overlap
+    .venv/bin/python benchmarks/data_step_time.py /var/tmp/kubetune-photos-mixed --shared
 """
 
 from __future__ import annotations
@@ -205,6 +208,38 @@ def overlap(args: argparse.Namespace) -> None:
     print(f"workers=2 / workers=0 = {statistics.median(ratios):.3f} (median of {args.rounds})")
 
 
+def shared_epochs(args: argparse.Namespace) -> None:
+    """`keep_in_memory` with 2 workers sharing one block: fetches (counted in every process)
+    and seconds of `--rounds` epochs, data only; epochs after the first should fetch nothing."""
+    import multiprocessing
+
+    from runner.data import build_train_dataloader
+    from runner.data.sources import Source
+
+    fetches = multiprocessing.Value("i", 0)
+    fetch = Source.fetch
+
+    def counted(self: Source, index: int) -> Any:
+        with fetches.get_lock():
+            fetches.value += 1
+        return fetch(self, index)
+
+    Source.fetch = counted  # type: ignore[method-assign]  # (forked workers inherit it)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = subset(args.photos, args.images, Path(tmp) / "data")
+        cfg = loader_config(data, args.side, keep=True, workers=2)
+        loader = build_train_dataloader(cfg, seed=0, batch_size=args.batch, device_is_cuda=False)
+        for epoch in range(args.rounds):
+            before, start = fetches.value, time.perf_counter()
+            for _ in loader:
+                pass
+            rows.append((fetches.value - before, time.perf_counter() - start))
+            print(f"epoch {epoch}: {rows[-1][0]} fetches, {rows[-1][1]:.2f} s")
+    later = statistics.median(s for _, s in rows[1:]) / rows[0][1]
+    print(f"fetches per epoch {[f for f, _ in rows]}; later / first epoch seconds {later:.3f}")
+
+
 def rss_epoch(data: str, side: int, keep: bool, container_gib: float = 0.0) -> None:
     """One epoch in this process; prints peak RSS (MiB), seconds and how many decoded images
     `keep_in_memory` held. `container_gib` simulates a container memory limit (the budget is
@@ -257,8 +292,10 @@ def main() -> None:
         "--container-gib", type=float, default=0.0, help="--rss: simulated container limit"
     )
     parser.add_argument("--overlap", action="store_true", help="workers 0 vs 2, no keep")
+    parser.add_argument("--shared", action="store_true", help="keep + 2 workers, per epoch")
     args = parser.parse_args()
-    (rss if args.rss else overlap if args.overlap else step_time)(args)
+    modes = {"rss": rss, "overlap": overlap, "shared": shared_epochs}
+    next((f for name, f in modes.items() if getattr(args, name)), step_time)(args)
 
 
 if __name__ == "__main__":
