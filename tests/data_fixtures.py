@@ -174,3 +174,20 @@ def write_masked_jsonl(root: Path, sizes: list[tuple[int, int]], *, absolute: bo
         lines.append(json.dumps(row))
     (root / "data.jsonl").write_text("\n".join(lines) + "\n")
     return root / "data.jsonl"
+
+
+def bucketed_dir_config(root: Path, keep: bool, workers: int = 0) -> object:
+    """A caption-dir dataset at `root` with random flips and 32-96 px buckets (target 48),
+    `keep_in_memory` as given, `workers` DataLoader workers."""
+    return lora_config(
+        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(root), "keep_in_memory": keep},
+        random_flip=True,
+        center_crop=False,
+        dataloader_num_workers=workers,
+        aspect_ratio_buckets={
+            "target_resolution": 48,
+            "start_dim": 32,
+            "end_dim": 96,
+            "divisible_by": 16,
+        },
+    )

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from data_fixtures import lora_config, write_image_dir
+from data_fixtures import bucketed_dir_config as _cfg
+from data_fixtures import write_image_dir
 
 from runner.data import build_train_dataloader
 from runner.data.memory import DecodedImages, Kept
@@ -17,20 +18,6 @@ from runner.storage import LocalStore
 
 pytestmark = pytest.mark.timeout(120)
 SIZES = [(288, 192), (192, 288), (240, 240), (360, 216), (216, 360), (192, 192)]
-
-
-def _cfg(root: Path, keep: bool) -> object:
-    return lora_config(
-        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(root), "keep_in_memory": keep},
-        random_flip=True,
-        center_crop=False,
-        aspect_ratio_buckets={
-            "target_resolution": 48,
-            "start_dim": 32,
-            "end_dim": 96,
-            "divisible_by": 16,
-        },
-    )
 
 
 @pytest.fixture

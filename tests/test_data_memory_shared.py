@@ -4,6 +4,7 @@ same as decoding every draw, and no /dev/shm segment outlives the loader or the 
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import pickle
@@ -15,31 +16,18 @@ from typing import Any
 
 import pytest
 import torch
-from data_fixtures import lora_config, write_image_dir
+from data_fixtures import bucketed_dir_config, write_image_dir
 from PIL import Image
 
 from runner.data import build_train_dataloader
 from runner.data.memory import DecodedImages, Kept
 from runner.storage import LocalStore
 
+_cfg = functools.partial(bucketed_dir_config, workers=2)
+
 pytestmark = pytest.mark.timeout(120)
 SIZES = [(288, 192), (192, 288), (240, 240), (360, 216), (216, 360), (192, 192), (200, 300)]
 SHM = Path("/dev/shm")
-
-
-def _cfg(root: Path, keep: bool, workers: int = 2) -> object:
-    return lora_config(
-        {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(root), "keep_in_memory": keep},
-        random_flip=True,
-        center_crop=False,
-        dataloader_num_workers=workers,
-        aspect_ratio_buckets={
-            "target_resolution": 48,
-            "start_dim": 32,
-            "end_dim": 96,
-            "divisible_by": 16,
-        },
-    )
 
 
 @pytest.fixture
