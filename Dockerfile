@@ -39,10 +39,11 @@ RUN if [ -n "$APT_PACKAGES" ]; then \
 # code or docs change rebuilds only the last, small layers.
 WORKDIR /src
 COPY pyproject.toml ./
-RUN mkdir runner launcher && touch README.md runner/__init__.py launcher/__init__.py \
+RUN mkdir kubetune runner launcher && touch README.md kubetune/__init__.py runner/__init__.py launcher/__init__.py \
     && pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
     && pip uninstall -y kubetune && rm -rf /src/*
 COPY pyproject.toml README.md ./
+COPY kubetune ./kubetune
 COPY runner ./runner
 COPY launcher ./launcher
 RUN pip install --no-deps . && rm -rf /src

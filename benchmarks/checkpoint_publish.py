@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from s3server import S3Server, start_server  # noqa: E402
 
-from runner.checkpoint.publish import CheckpointManager  # noqa: E402
-from runner.storage import open_store  # noqa: E402
+from kubetune.checkpoint.publish import CheckpointManager  # noqa: E402
+from kubetune.storage import open_store  # noqa: E402
 
 MiB = 2**20
 

@@ -53,11 +53,11 @@ def upload(client: Any, bucket: str, folder: Path, n: int) -> None:
 
 def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
     """One measurement, in this (fresh) process: seconds and bytes to the first batch."""
-    from runner.config import SdLoraConfig
+    from kubetune.config import SdLoraConfig
+    from kubetune.dataset.index import save_index
+    from kubetune.storage import open_store
+    from kubetune.storage.s3 import S3Store
     from runner.data import build_train_dataloader, preflight
-    from runner.data.index import save_index
-    from runner.storage import open_store
-    from runner.storage_s3 import S3Store
 
     read = {"bytes": 0, "gets": 0}
     lock = threading.Lock()

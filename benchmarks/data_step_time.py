@@ -55,7 +55,7 @@ def subset(photos: Path, n: int, out: Path) -> Path:
 
 
 def loader_config(data: Path, side: int, keep: bool, workers: int = 0) -> Any:
-    from runner.config import SdLoraConfig
+    from kubetune.config import SdLoraConfig
 
     return SdLoraConfig.model_validate(
         {
@@ -213,8 +213,8 @@ def shared_epochs(args: argparse.Namespace) -> None:
     and seconds of `--rounds` epochs, data only; epochs after the first should fetch nothing."""
     import multiprocessing
 
+    from kubetune.dataset.sources import Source
     from runner.data import build_train_dataloader
-    from runner.data.sources import Source
 
     fetches = multiprocessing.Value("i", 0)
     fetch = Source.fetch

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s3server import start_server  # noqa: E402
 
-from runner.config import SdTextualInversionConfig  # noqa: E402
+from kubetune.config import SdTextualInversionConfig  # noqa: E402
+from kubetune.dataset.images import decode_image  # noqa: E402
+from kubetune.dataset.sources import FETCH_WORKERS  # noqa: E402
+from kubetune.storage import open_store  # noqa: E402
 from runner.data import build_train_dataloader  # noqa: E402
-from runner.data.images import decode_image  # noqa: E402
-from runner.data.sources import FETCH_WORKERS  # noqa: E402
-from runner.storage import open_store  # noqa: E402
 
 
 def _png(side: int, seed: int) -> bytes:

@@ -1,6 +1,7 @@
 """Client cost of one ranged header read (the first 16 KiB of an image) on SeaweedFS at
 127.0.0.1: boto3's `get_object(Range=…)` against kubetune's lean path (`S3Store.get_range`,
-`runner.s3_http`), serial (wall and client CPU per request) and with 16 threads (requests/s).
+`kubetune.storage.s3_http`), serial (wall and client CPU per request) and with 16 threads
+(requests/s).
 Interleaved rounds; ratios from one run.
 
     .venv/bin/python benchmarks/s3_header_reads.py /var/tmp/kubetune-photos --images 1500
@@ -48,7 +49,7 @@ def main() -> None:
     a = parser.parse_args()
     from s3server import start_server
 
-    from runner.storage import open_store
+    from kubetune.storage import open_store
 
     server = start_server()
     try:

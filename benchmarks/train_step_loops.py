@@ -1,7 +1,7 @@
 """Models and the two training steps that ``train_step.py`` compares.
 
-* ``kubetune_step``: what ``runner.train`` runs per optimizer step (``place_models``, the
-  pipeline, ``runner.speed.tune_unet``, fused AdamW, ``StepRunner``), optionally with the
+* ``kubetune_step``: what ``runner.session.run`` runs per optimizer step (``place_models``, the
+  pipeline, ``runner.training.speed.tune_unet``, fused AdamW, ``StepRunner``), optionally with the
   VAE / text-encoder caches warmed and the encoders moved off the GPU.
 * ``bare_step``: a loop written the way diffusers' ``train_text_to_image_lora.py`` /
   ``train_text_to_image_lora_sdxl.py`` write it: captions tokenized by the data loader,
@@ -25,7 +25,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from runner.config import PipelineConfig, parse_config
+from kubetune.config import PipelineConfig, parse_config
 from runner.models.loading import Components, ModelSettings, load_model
 from runner.models.tiny import TOKENIZER_DIR
 
@@ -212,9 +212,9 @@ def kubetune_step(
 ) -> Step:
     """kubetune's model placement, pipeline, optimizer and ``StepRunner``; with
     ``cache_batch`` its latents / embeddings are cached and the encoders offloaded."""
-    from runner.loop import StepRunner
-    from runner.session import build_training, place_models
-    from runner.train import make_accelerator
+    from runner.session.build import build_training, place_models
+    from runner.session.run import make_accelerator
+    from runner.training.loop import StepRunner
 
     cfg = bench_config(args, comps.is_sdxl, cache=cache_batch is not None)
     accelerator = make_accelerator(cfg)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner.errors import ClusterError
+from kubetune.errors import ClusterError
 
 if TYPE_CHECKING:
+    from kubetune.config import PipelineConfig
     from launcher.backends.base import Backend, RunStatus, SubmitResult
-    from runner.config import PipelineConfig
 
 # The schema and manifest builder are imported inside the functions that need them, so
 # `launcher --help` / `status` stay fast (building the pydantic schema costs ~0.3 s).
@@ -38,7 +38,7 @@ def load(
     config: str | Path, overrides: Iterable[str] = (), name: str | None = None
 ) -> PipelineConfig:
     """Validate a config (same errors as `launcher validate`); `name` sets job.name."""
-    from runner.config import load_config
+    from kubetune.config import load_config
 
     extra = [*overrides, *([f"job.name={name}"] if name else [])]
     return load_config(config, overrides=extra or None)
@@ -70,8 +70,8 @@ def backend_for_run(
     """`--local`, or a local run of that name when no cluster flag was given, else the
     cluster."""
     if not local and not (cluster and cluster.given):
+        from kubetune.config.cluster import sanitize_name
         from launcher.backends.local import kubetune_home
-        from runner.config.cluster import sanitize_name
 
         local = (kubetune_home() / "runs" / sanitize_name(run) / "run.json").is_file()
     return get_backend(local=local, cluster=cluster)

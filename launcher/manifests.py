@@ -10,10 +10,10 @@ from typing import Any
 
 import yaml
 
-from runner.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
-from runner.config.cluster import JobConfig, StorageConfig
-from runner.config.notify import HMAC_ENV, NotifyConfig, url_env
-from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from kubetune.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
+from kubetune.config.cluster import JobConfig, StorageConfig
+from kubetune.config.notify import HMAC_ENV, NotifyConfig, url_env
+from kubetune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"

@@ -12,15 +12,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.checkpoint.manifest import FileEntry, Manifest, sha256_file
-from runner.checkpoint.publish import CheckpointManager
-from runner.errors import StorageError, UserError
-from runner.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
-from runner.run_store import RetryPolicy, RunStore
+from kubetune.checkpoint.manifest import FileEntry, Manifest, sha256_file
+from kubetune.checkpoint.publish import CheckpointManager
+from kubetune.errors import StorageError, UserError
+from kubetune.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
+from kubetune.storage.run_store import RetryPolicy, RunStore
 
 if TYPE_CHECKING:
-    from runner.config.cluster import StorageConfig
-    from runner.storage import ObjectStore
+    from kubetune.config.cluster import StorageConfig
+    from kubetune.storage import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class RunLocation:
     storage: StorageConfig | None = None
 
     def open(self) -> ObjectStore:
-        from runner.storage import open_store
+        from kubetune.storage import open_store
 
         return open_store(self.uri, self.storage)
 
@@ -40,7 +40,7 @@ def locate(run: str, backend_for_run: Callable[[str], Any]) -> RunLocation:
     """RUN as a run name (asked of its backend), an `s3://` URI or a local output folder."""
     if "://" in run or os.path.isdir(run):
         return RunLocation(run.rstrip("/"))
-    from runner.config import output_uri
+    from kubetune.config import output_uri
 
     cfg = backend_for_run(run).run_config(run)
     return RunLocation(output_uri(cfg), cfg.storage)

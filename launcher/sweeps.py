@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from runner.config.cluster import MAX_RUN_NAME, label_problem
-from runner.errors import UserError
+from kubetune.config.cluster import MAX_RUN_NAME, label_problem
+from kubetune.errors import UserError
 
 if TYPE_CHECKING:
-    from runner.config import PipelineConfig
+    from kubetune.config import PipelineConfig
 
 LABEL_SWEEP = "kubetune.io/sweep"
 PARAM_LABEL_PREFIX = "sweep.kubetune.io/"
@@ -120,7 +120,7 @@ def param_labels(params: dict[str, str]) -> dict[str, str]:
 def with_sweep(cfg: PipelineConfig, sweep: str, run: str, params: dict[str, str]) -> PipelineConfig:
     """``cfg`` renamed to ``run``, its local outputs under ``<base_output_dir>/<run>``, and
     labelled with the sweep and its parameters."""
-    from runner.config import config_to_dict, parse_config
+    from kubetune.config import config_to_dict, parse_config
 
     data: dict[str, Any] = config_to_dict(cfg)
     job = data.get("job") or {}
@@ -135,8 +135,8 @@ def expand(
     config: str | Path, overrides: tuple[str, ...], name: str | None, axes: list[Axis]
 ) -> tuple[str, list[Member]]:
     """Validate every member (all problems before anything is submitted): (sweep, members)."""
+    from kubetune.config import run_name
     from launcher import api
-    from runner.config import run_name
 
     sweep = run_name(api.load(config, overrides, name))
     members = []

@@ -1,7 +1,7 @@
 """kubetune runner: the training entrypoint that runs inside the Job's pod (or locally).
 
-Importing this package must stay light: the launcher imports ``runner.config`` and
-``runner.errors``; heavy modules (torch, diffusers) are imported only by the training code.
+Importing this package must stay light: the launcher imports ``kubetune.config`` and
+``kubetune.errors``; heavy modules (torch, diffusers) are imported only by the training code.
 """
 
 __version__ = "0.1.0"

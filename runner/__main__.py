@@ -1,7 +1,7 @@
 """``python -m runner CONFIG [--no-resume] [--force-restart]``: the container's entrypoint.
 
 Thin on purpose: parse, load the config, install the SIGTERM handler, call
-``runner.train.run``, and map kubetune errors to exit codes and one-line messages.
+``runner.session.run.run``, and map kubetune errors to exit codes and one-line messages.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from runner.errors import EXIT_FAILURE, KubetuneError
+from kubetune.errors import EXIT_FAILURE, KubetuneError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     quiet_libraries()
     try:
-        from runner.config import load_config
+        from kubetune.config import load_config
 
         cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
-        from runner.data.checks import start_preflight
+        from kubetune.dataset.preflight import start_preflight
 
         data = start_preflight(cfg)  # listing + header reads overlap imports + model load
-        from runner.loop import install_sigterm_handler
-        from runner.train import run
+        from runner.session.run import run
+        from runner.training.loop import install_sigterm_handler
 
         stop = install_sigterm_handler()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------------
-# Storage fixtures (runner.storage / runner.checkpoint): a real SeaweedFS S3 server.
+# Storage fixtures (kubetune.storage / runner.checkpoint): a real SeaweedFS S3 server.
 # ---------------------------------------------------------------------------------------------
 import sys
 import uuid

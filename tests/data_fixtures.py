@@ -10,7 +10,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runner.config import SdLoraConfig, SdTextualInversionConfig, SdxlLoraAndTextualInversionConfig
+from kubetune.config import (
+    SdLoraConfig,
+    SdTextualInversionConfig,
+    SdxlLoraAndTextualInversionConfig,
+)
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 

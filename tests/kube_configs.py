@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from runner.config import PipelineConfig, parse_config
+from kubetune.config import PipelineConfig, parse_config
 
 # Test credentials: these strings must never appear in any rendered manifest.
 TEST_ACCESS_KEY = "AKIATESTKEYNEVERSHOWN"

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from runner.config import PipelineConfig, parse_config
+from kubetune.config import PipelineConfig, parse_config
 
 SIDE = 64
 TYPES = (
@@ -86,7 +86,7 @@ def make_config(
 
 
 def config_file(cfg: PipelineConfig, path: Path) -> Path:
-    from runner.config import config_to_yaml
+    from kubetune.config import config_to_yaml
 
     path.write_text(config_to_yaml(cfg))
     return path
@@ -112,8 +112,8 @@ def reset_accelerate() -> None:
 
 
 def train(cfg: PipelineConfig, **kwargs: Any) -> Any:
-    """``runner.train.run`` in this process, with accelerate's singletons reset first."""
-    from runner.train import run
+    """``runner.session.run.run`` in this process, with accelerate's singletons reset first."""
+    from runner.session.run import run
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     reset_accelerate()

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runner.config import PipelineConfig
-from runner.config.cluster import StorageConfig
-from runner.layout import PROGRESS_KEY, ProgressRecord
+from kubetune.config import PipelineConfig
+from kubetune.config.cluster import StorageConfig
+from kubetune.layout import PROGRESS_KEY, ProgressRecord
 
 # Cancelling (a Job being deleted) ends the run as much as Cancelled does: nothing resumes it.
 TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelling", "Cancelled")
@@ -115,9 +115,9 @@ def read_progress(
 ) -> tuple[ProgressRecord | None, str | None]:
     """The run's progress.json from its output location: (progress, why-not)."""
     try:
-        from runner.storage import open_store  # light: boto3 only
-    except ImportError as err:  # pragma: no cover - runner.storage ships with kubetune
-        return None, f"runner.storage unavailable: {err}"
+        from kubetune.storage import open_store  # light: boto3 only
+    except ImportError as err:  # pragma: no cover - kubetune.storage ships with kubetune
+        return None, f"kubetune.storage unavailable: {err}"
     try:
         raw = open_store(uri, storage).get_bytes(PROGRESS_KEY)
     except FileNotFoundError:

@@ -13,7 +13,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from runner.errors import ClusterError
+from kubetune.errors import ClusterError
 
 RBAC_HINT = "the kubetune chart's launcher Role grants what submit/status/logs/cancel need"
 

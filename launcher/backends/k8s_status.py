@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from launcher.manifests import LABEL_QUEUE
-from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 
 Obj = dict[str, Any]
 WAITING_PROBLEMS = {

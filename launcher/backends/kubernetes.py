@@ -13,6 +13,9 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from kubetune.config import PipelineConfig, config_hash, output_uri, parse_config, run_name
+from kubetune.config.cluster import sanitize_name
+from kubetune.errors import ClusterError, ConfigError, UserError
 from launcher.backends import k8s_features, k8s_status
 from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
 from launcher.backends.k8s_client import api_errors, load_api_client
@@ -26,9 +29,6 @@ from launcher.manifests import (
     job_name,
 )
 from launcher.pod_security import pod_patch_warnings
-from runner.config import PipelineConfig, config_hash, output_uri, parse_config, run_name
-from runner.config.cluster import sanitize_name
-from runner.errors import ClusterError, ConfigError, UserError
 
 Obj = dict[str, Any]
 DELETION_WAIT = 180.0  # seconds submit waits for a cancelled Job of the same name to go

@@ -15,9 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
-from launcher.manifests import job_name, run_labels, runner_env
-from runner.config import (
+from kubetune.config import (
     PipelineConfig,
     config_hash,
     config_to_yaml,
@@ -25,8 +23,10 @@ from runner.config import (
     parse_config,
     run_name,
 )
-from runner.config.cluster import sanitize_name
-from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, KubetuneError, UserError
+from kubetune.config.cluster import sanitize_name
+from kubetune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, KubetuneError, UserError
+from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
+from launcher.manifests import job_name, run_labels, runner_env
 
 
 def kubetune_home() -> Path:

@@ -4,7 +4,7 @@ A folder ``checkpoints/step-XXXXXX/`` holds the user-facing outputs (LoRA / embe
 ``trainable.safetensors`` (exact float32 trained weights), ``training_state.pt``
 (optimizer, LR scheduler, grad scaler, RNG states, the step, the data cursor) and
 ``run_info.json`` (the config fields a resumed run must share). Uploading, manifests and
-pruning belong to ``runner.checkpoint.publish.CheckpointManager``.
+pruning belong to ``kubetune.checkpoint.publish.CheckpointManager``.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from runner.cadence import Cadence
-from runner.config import PipelineConfig
-from runner.errors import ResumeMismatchError
-from runner.layout import CHECKPOINTS, step_name
-from runner.pipelines.common import TrainingPipeline
+from kubetune.config import PipelineConfig
+from kubetune.errors import ResumeMismatchError
+from kubetune.layout import CHECKPOINTS, step_name
+from runner.pipelines.base import TrainingPipeline
+from runner.training.cadence import Cadence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from runner.checkpoint.publish import CheckpointManager
-    from runner.layout import SetAsideCheckpoint
+    from kubetune.checkpoint.publish import CheckpointManager
+    from kubetune.layout import SetAsideCheckpoint
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"

@@ -11,10 +11,10 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "PreflightReport": "runner.data.checks",
-    "preflight": "runner.data.checks",
-    "verify_data": "runner.data.checks",
-    "DataIndex": "runner.data.index",
+    "PreflightReport": "kubetune.dataset.preflight",
+    "preflight": "kubetune.dataset.preflight",
+    "verify_data": "kubetune.dataset.preflight",
+    "DataIndex": "kubetune.dataset.index",
     "ResumableLoader": "runner.data.loader",
     "build_train_dataloader": "runner.data.loader",
     "cache_batches": "runner.data.loader",

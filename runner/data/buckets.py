@@ -7,8 +7,8 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from runner.config.data import AspectRatioBucketConfig
-from runner.errors import ConfigError, ResumeMismatchError
+from kubetune.config.data import AspectRatioBucketConfig
+from kubetune.errors import ConfigError, ResumeMismatchError
 
 
 def derive_seed(*parts: object) -> int:

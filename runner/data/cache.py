@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from runner.storage import ObjectStore
+from kubetune.storage import ObjectStore
 
 Tensors = dict[str, torch.Tensor]
 

@@ -1,51 +1,15 @@
-"""DreamBooth data (`DREAMBOOTH_SD_DATA_LOADER`): instance and class image folders as one
-source with fixed captions and per-example loss weights, and invoke-training's balanced
-instance/class batching as a resumable sampler."""
+"""DreamBooth batching (`DREAMBOOTH_SD_DATA_LOADER`): invoke-training's balanced
+instance/class batches as a resumable sampler, and the fixed-caption builder. The source
+itself is `kubetune.dataset.dreambooth`."""
 
 from __future__ import annotations
 
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from runner.config.data import DreamboothSDDataLoaderConfig
+from kubetune.dataset.dreambooth import CLASS, INSTANCE
 from runner.data.buckets import BucketBatchSampler, derive_seed
-from runner.data.sources import Source, build_source, merge_sources
-
-INSTANCE, CLASS = "instance", "class"
-
-
-@dataclass(frozen=True)
-class DreamBoothData:
-    """The instance and class folders as one `Source` (instance examples first)."""
-
-    source: Source
-    num_instance: int
-    loss_weights: list[float]
-    """Each example's loss weight: 1.0 (instance) or class_data_loss_weight (class)."""
-
-
-def dreambooth_source(
-    cfg: DreamboothSDDataLoaderConfig, storage: Any | None = None
-) -> DreamBoothData:
-    """Instance images (indices ``0 .. num_instance-1``), then class images, each captioned
-    with its set's fixed caption; ids are ``instance/<file>`` / ``class/<file>``. Listed only."""
-    parts = [
-        (
-            INSTANCE,
-            build_source(cfg.instance_dataset, storage, need_captions=False),
-            cfg.instance_caption,
-            1.0,
-        )
-    ]
-    if cfg.class_dataset is not None:
-        source = build_source(cfg.class_dataset, storage, need_captions=False)
-        parts.append((CLASS, source, cfg.class_caption or "", cfg.class_data_loss_weight))
-    merged = merge_sources([(name, source, caption) for name, source, caption, _ in parts])
-    weights = [weight for _, source, _, weight in parts for _ in range(len(source))]
-    return DreamBoothData(merged, len(parts[0][1]), weights)
 
 
 class FixedCaptions:

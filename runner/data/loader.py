@@ -15,16 +15,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from runner.config.data import DreamboothSDDataLoaderConfig
-from runner.config.pipelines import PipelineConfig
+from kubetune.config.data import DreamboothSDDataLoaderConfig
+from kubetune.config.pipelines import PipelineConfig
+from kubetune.dataset.captions import CaptionBuilder
+from kubetune.dataset.images import decode_image, decode_mask
+from kubetune.dataset.preflight import PreflightReport, preflight
+from kubetune.dataset.sources import Source, fetch_pool
+from kubetune.errors import DataError
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
-from runner.data.captions import CaptionBuilder
-from runner.data.checks import PreflightReport, preflight
 from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
-from runner.data.images import decode_image, decode_mask
 from runner.data.loader_settings import LoaderConfig, LoaderSettings
 from runner.data.memory import DecodedImages, Kept
-from runner.data.sources import Source, fetch_pool
 from runner.data.transforms import (
     ImageTransform,
     cover,
@@ -33,7 +34,6 @@ from runner.data.transforms import (
     resolution_hw,
     to_tensor,
 )
-from runner.errors import DataError
 
 Batch = dict[str, Any]
 log = logging.getLogger(__name__)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runner.config.data import (
+from kubetune.config.data import (
     DreamboothSDDataLoaderConfig,
     HFHubImageCaptionDatasetConfig,
     ImageCaptionSDDataLoaderConfig,
     TextualInversionSDDataLoaderConfig,
 )
-from runner.config.pipelines import (
+from kubetune.config.pipelines import (
     PipelineConfig,
     SdTextualInversionConfig,
     SdxlLoraAndTextualInversionConfig,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runner.config.data import Resolution
+from kubetune.config.data import Resolution
 
 
 def resolution_hw(resolution: Resolution) -> tuple[int, int]:

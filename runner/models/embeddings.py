@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from runner.errors import UserError
+from kubetune.errors import UserError
 
 
 class EmbeddingError(UserError):

@@ -32,11 +32,11 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from runner.errors import UserError
+from kubetune.errors import UserError
 from runner.models.embeddings import load_base_embeddings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from runner.config import PipelineConfig, StorageConfig
+    from kubetune.config import PipelineConfig, StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _resolve(uri: str, storage: Any, cache: Path, *, is_file: bool = False) -> s
     if uri.startswith("builtin:"):
         return str(builtin_model(uri.removeprefix("builtin:"), cache))
     if uri.startswith("s3://"):
-        from runner.storage import open_store
+        from kubetune.storage import open_store
 
         if is_file or uri.endswith(SINGLE_FILE_SUFFIXES):
             parent, _, name = uri.rstrip("/").rpartition("/")

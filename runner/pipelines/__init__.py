@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runner.config import (
+from kubetune.config import (
     PipelineConfig,
     SdLoraConfig,
     SdTextualInversionConfig,
@@ -12,9 +12,9 @@ from runner.config import (
     SdxlLoraConfig,
     SdxlTextualInversionConfig,
 )
-from runner.ema import EmaWeights
 from runner.models.loading import Components
-from runner.pipelines.common import TrainingPipeline
+from runner.pipelines.base import TrainingPipeline
+from runner.training.ema import EmaWeights
 
 
 def build_pipeline(

@@ -9,12 +9,12 @@ from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from runner.config import SdLoraConfig, SdxlLoraAndTextualInversionConfig, SdxlLoraConfig
-from runner.config.pipelines import INVOKE_LORA_ALPHA
-from runner.exporters import LoraExport, export_lora
+from kubetune.config import SdLoraConfig, SdxlLoraAndTextualInversionConfig, SdxlLoraConfig
+from kubetune.config.pipelines import INVOKE_LORA_ALPHA
+from runner.checkpoint.exporters import LoraExport, export_lora
 from runner.models.loading import Components
-from runner.optim import ParamGroups
-from runner.pipelines.common import TrainingPipeline
+from runner.pipelines.base import TrainingPipeline
+from runner.training.optim import ParamGroups
 
 LoraConfigs = SdLoraConfig | SdxlLoraConfig | SdxlLoraAndTextualInversionConfig
 ADAPTER = "default"

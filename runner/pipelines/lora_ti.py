@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runner.config import SdxlLoraAndTextualInversionConfig
+from kubetune.config import SdxlLoraAndTextualInversionConfig
 from runner.models.loading import Components
-from runner.optim import ParamGroups
-from runner.pipelines.common import TrainingPipeline
+from runner.pipelines.base import TrainingPipeline
 from runner.pipelines.lora import LoraPart
 from runner.pipelines.textual_inversion import TextualInversionPart
+from runner.training.optim import ParamGroups
 
 
 class LoraAndTextualInversionPipeline(TrainingPipeline):

@@ -15,17 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.config import (
+from kubetune.config import (
     SdTextualInversionConfig,
     SdxlLoraAndTextualInversionConfig,
     SdxlTextualInversionConfig,
 )
-from runner.errors import UserError
-from runner.exporters import export_embeddings
+from kubetune.errors import UserError
+from runner.checkpoint.exporters import export_embeddings
 from runner.models.embeddings import read_embedding_file, token_names
 from runner.models.loading import Components
-from runner.optim import ParamGroups
-from runner.pipelines.common import TrainingPipeline
+from runner.pipelines.base import TrainingPipeline
+from runner.training.optim import ParamGroups
 
 TiConfigs = (
     SdTextualInversionConfig | SdxlTextualInversionConfig | SdxlLoraAndTextualInversionConfig
@@ -132,7 +132,7 @@ def _local_file(cfg: TiConfigs) -> str:
         return uri
     import tempfile
 
-    from runner.storage import open_store
+    from kubetune.storage import open_store
 
     parent, _, name = uri.rpartition("/")
     local = Path(tempfile.mkdtemp(prefix="kubetune-emb-")) / name

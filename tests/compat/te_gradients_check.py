@@ -1,8 +1,9 @@
 """Text-encoder LoRA and TI gradients under gradient checkpointing, on whichever transformers
 is importable: equal to the gradients without checkpointing, none missing. Exit 0 if so.
 
-pytest covers the installed transformers (tests/test_gradient_checkpointing.py); this script
-checks the oldest version pyproject.toml allows, without touching the venv:
+pytest covers the installed transformers
+(tests/test_runner/test_gradient_checkpointing.py);
+this script checks the oldest version pyproject.toml allows, without touching the venv:
 
     .venv/bin/pip install --target /tmp/tf4 --no-deps transformers==4.46.3 \
         tokenizers==0.20.3 huggingface_hub==0.36.0 diffusers==0.32.2
@@ -15,7 +16,7 @@ import torch
 import transformers
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from runner.pipelines.common import enable_gradient_checkpointing
+from runner.pipelines.base import enable_gradient_checkpointing
 from runner.pipelines.lora import add_lora
 from runner.pipelines.textual_inversion import TrainableTokenEmbedding
 

@@ -200,7 +200,7 @@ def _run_in_process(p: Prepared, monkeypatch: pytest.MonkeyPatch,
         finally:
             root.handlers[:] = saved
     else:
-        from launcher.cli import main as launcher_main
+        from launcher.cli.main import main as launcher_main
 
         try:
             launcher_main.main(argv[2:], prog_name="launcher", standalone_mode=True)
@@ -264,7 +264,7 @@ def _check(name: str, p: Prepared, code: int, stderr: str, before: dict[str, int
 def test_bad_input_in_process(name: str, request: pytest.FixtureRequest, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch,
                               capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    from runner.lease import Lease
+    from kubetune.storage.lease import Lease
 
     p = _prepare(name, request, tmp_path)
     before = _tree(p.work)
@@ -314,5 +314,5 @@ def _bad_input_figure() -> Iterator[None]:
         "bad inputs",
         f"{len(RESULTS)}/{len(CASES)} cases rejected cleanly ({summary}); "
         "0 tracebacks, 0 writes, 0 submissions (plus 91 config cases in "
-        "tests/test_config.py)",
+        "tests/test_kubetune/test_config.py)",
     )

@@ -21,8 +21,8 @@ from k8s_checks import restricted_problems, validate_strict
 from kube_configs import VARIANTS, config_dict
 from relsupport import REPO, figure
 
+from kubetune.config import parse_config
 from launcher.manifests import build_manifests, to_yaml
-from runner.config import parse_config
 
 # Accepted checkov findings, each with why it is right for kubetune (not a blanket skip).
 ACCEPTED: dict[str, str] = {

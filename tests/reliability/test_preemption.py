@@ -21,9 +21,9 @@ from runs import RunnerProc
 from safetensors.torch import load_file
 from train_support import config_file, make_config, train, write_dataset
 
-from runner.checkpoint.publish import CheckpointManager
-from runner.errors import EXIT_PREEMPTED
-from runner.storage import open_store
+from kubetune.checkpoint.publish import CheckpointManager
+from kubetune.errors import EXIT_PREEMPTED
+from kubetune.storage import open_store
 
 STEPS, SAVE_EVERY = 6, 2
 

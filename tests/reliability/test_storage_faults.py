@@ -27,10 +27,10 @@ from runs import RunnerProc
 from s3server import S3Server
 from train_support import make_config, write_dataset
 
-from runner.checkpoint.publish import CheckpointManager
-from runner.config import config_to_yaml
-from runner.errors import StorageError
-from runner.storage import open_store
+from kubetune.checkpoint.publish import CheckpointManager
+from kubetune.config import config_to_yaml
+from kubetune.errors import StorageError
+from kubetune.storage import open_store
 
 FAULTS = (("500", 3), ("503", 3), ("reset", 2), ("cut_request", 2), ("cut_response", 2),
           ("latency", 6))  # fmt: skip
@@ -142,9 +142,9 @@ def scan_for_secrets(server: S3Server, uri: str, log: str, tmp_path: Path) -> No
     store = open_store(uri)
     for obj in store.list(""):
         corpus[f"object {obj.key}"] = store.get_bytes(obj.key)
-    from launcher.cli import main
+    from kubetune.config import parse_config
+    from launcher.cli.main import main
     from launcher.manifests import build_manifests, to_yaml
-    from runner.config import parse_config
 
     cli = CliRunner()
     for name, data in VARIANTS.items():

@@ -15,10 +15,10 @@ from k8s_fake import FakeKube
 from kube_configs import make_config
 from relsupport import figure
 
+from kubetune.config import PipelineConfig
 from launcher.backends.base import SubmitResult
 from launcher.backends.kubernetes import KubernetesBackend
 from launcher.manifests import job_name
-from runner.config import PipelineConfig
 
 N = 100
 

@@ -1,0 +1,330 @@
+"""kubetune's own sections: `job:` (the Kubernetes Job) and `storage:` (S3-compatible)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kubetune.config.base import ConfigModel, FieldProblems, Problems
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+# Env names / storage keys that hold secrets: they must come from a Kubernetes Secret.
+SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "PRIVATE_KEY", "CREDENTIAL")
+LITERAL_CREDENTIAL_KEYS = {
+    "access_key",
+    "access_key_id",
+    "aws_access_key_id",
+    "secret_key",
+    "secret_access_key",
+    "aws_secret_access_key",
+    "session_token",
+    "aws_session_token",
+    "password",
+    "token",
+}
+# PodSpec fields (Kubernetes 1.31) and the JSON type of each, for job.pod_patch.
+POD_SPEC_FIELDS: dict[str, type] = {
+    **dict.fromkeys(("activeDeadlineSeconds", "priority", "terminationGracePeriodSeconds"), int),
+    **dict.fromkeys(
+        (
+            "automountServiceAccountToken",
+            "enableServiceLinks",
+            "hostIPC",
+            "hostNetwork",
+            "hostPID",
+            "hostUsers",
+            "setHostnameAsFQDN",
+            "shareProcessNamespace",
+        ),
+        bool,
+    ),
+    **dict.fromkeys(
+        (
+            "containers",
+            "ephemeralContainers",
+            "hostAliases",
+            "imagePullSecrets",
+            "initContainers",
+            "readinessGates",
+            "resourceClaims",
+            "schedulingGates",
+            "tolerations",
+            "topologySpreadConstraints",
+            "volumes",
+        ),
+        list,
+    ),
+    **dict.fromkeys(
+        (
+            "affinity",
+            "dnsConfig",
+            "nodeSelector",
+            "os",
+            "overhead",
+            "resources",
+            "securityContext",
+        ),
+        dict,
+    ),
+    **dict.fromkeys(
+        (
+            "dnsPolicy",
+            "hostname",
+            "nodeName",
+            "preemptionPolicy",
+            "priorityClassName",
+            "restartPolicy",
+            "runtimeClassName",
+            "schedulerName",
+            "serviceAccount",
+            "serviceAccountName",
+            "subdomain",
+        ),
+        str,
+    ),
+}
+MAX_RUN_NAME = 52  # leaves room for "-<hash>" suffixes in Job/ConfigMap names (63 max)
+
+
+def sanitize_name(raw: str) -> str:
+    """Lower-case, replace characters a DNS-1123 label cannot hold by '-', trim '-'."""
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower())
+    return re.sub(r"-{2,}", "-", name).strip("-")
+
+
+def label_problem(key: str, value: str) -> str | None:
+    """The reason a Kubernetes label key/value is invalid, or None."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
+        return f"label key prefix {prefix!r} is not a DNS subdomain"
+    if not name or len(name) > 63 or not LABEL_NAME.match(name):
+        return (
+            f"label key {key!r} must be <= 63 characters of [A-Za-z0-9-_.], "
+            "starting and ending alphanumeric"
+        )
+    if value and (len(value) > 63 or not LABEL_NAME.match(value)):
+        return (
+            f"label value {value!r} must be <= 63 characters of [A-Za-z0-9-_.], "
+            "starting and ending alphanumeric"
+        )
+    return None
+
+
+def _secret_hint(section: str) -> str:
+    return (
+        f"credentials never go in the config: create a Secret with `kubectl create secret "
+        f"generic s3-credentials --from-literal=AWS_ACCESS_KEY_ID=... "
+        f"--from-literal=AWS_SECRET_ACCESS_KEY=...` and set {section}.credentials_secret.name"
+        f": s3-credentials (locally, export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    )
+
+
+class SecretKeyRef(ConfigModel):
+    """A key in a Kubernetes Secret."""
+
+    name: str
+    """The Secret's name (in the Job's namespace)."""
+    key: str = "HF_TOKEN"
+    """The key inside the Secret."""
+
+
+class CredentialsSecretRef(ConfigModel):
+    """The Kubernetes Secret holding the S3 access key pair."""
+
+    name: str
+    """The Secret's name, e.g. `s3-credentials`."""
+    access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    """Key of the access key id inside the Secret."""
+    secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    """Key of the secret access key inside the Secret."""
+
+
+class Toleration(ConfigModel):
+    """A pod toleration (Kubernetes field names in snake_case)."""
+
+    key: str | None = None
+    """Taint key to tolerate (empty with operator Exists tolerates every taint)."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches key and value; `Exists` matches the key alone."""
+    value: str | None = None
+    """Taint value (with operator Equal)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate (empty: all effects)."""
+    toleration_seconds: int | None = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class JobConfig(ConfigModel):
+    """How the training Job runs on Kubernetes. Ignored by local runs."""
+
+    name: str | None = None
+    """Run name (DNS-1123 after lower-casing). Default: the last part of base_output_dir."""
+    namespace: str | None = None
+    """Namespace for the Job. Default: the kubeconfig context's namespace."""
+    image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    """Container image with `kubetune[train]` installed (see the Dockerfile)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Kubernetes imagePullPolicy."""
+    gpus: int = Field(default=1, ge=0, le=16)
+    """GPUs for the pod; more than 1 runs `accelerate launch` with one process per GPU."""
+    gpu_resource_name: str = "nvidia.com/gpu"
+    """Extended resource name of the GPUs (e.g. `amd.com/gpu`)."""
+    cpu: str | None = "4"
+    """CPU request (a Kubernetes quantity, e.g. `4` or `3500m`)."""
+    memory: str | None = "32Gi"
+    """Memory request and limit (a Kubernetes quantity, e.g. `32Gi`)."""
+    node_selector: dict[str, str] = {}
+    """Node labels the pod must run on, e.g. `{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}`."""
+    tolerations: list[Toleration] = []
+    """Tolerations, e.g. for tainted GPU nodes."""
+    priority_class_name: str | None = None
+    """PriorityClass of the pod."""
+    queue_name: str | None = None
+    """Kueue LocalQueue: adds the queue-name label and creates the Job suspended."""
+    service_account: str | None = None
+    """ServiceAccount the pod runs as (the chart creates `kubetune-runner`)."""
+    backoff_limit: int = Field(default=3, ge=0)
+    """Failed pods before the Job fails (preemptions and SIGTERM checkpoints do not count)."""
+    active_deadline_seconds: int | None = Field(default=None, gt=0)
+    """Hard wall-clock limit of the Job."""
+    ttl_seconds_after_finished: int | None = Field(default=604800, ge=0)
+    """Delete the finished Job (not its outputs) after this many seconds (default 7 days)."""
+    termination_grace_period_seconds: int = Field(default=300, ge=30)
+    """Time the pod gets after SIGTERM to write its checkpoint."""
+    env: dict[str, str] = {}
+    """Extra non-secret environment variables for the container."""
+    labels: dict[str, str] = {}
+    """Extra labels for the Job and its pod."""
+    hf_token_secret: SecretKeyRef | None = None
+    """Optional Secret key holding a Hugging Face token (`HF_TOKEN`), for gated models."""
+    pod_patch: dict[str, Any] = {}
+    """kubetune extension: a JSON merge patch (RFC 7386) applied to the generated pod spec,
+    for what a cluster needs and kubetune does not model, e.g. `{hostNetwork: true}` for
+    InfiniBand/NCCL, `runtimeClassName`, extra `volumes` for a dataset PVC or NFS, sidecars.
+    Keys are PodSpec fields (camelCase); `null` removes a field; a list replaces the whole
+    list (`launcher render` shows the result). Empty: the pod spec as generated. `validate`
+    and `submit` warn when the patched pod breaks the restricted Pod Security profile."""
+
+    @model_validator(mode="after")
+    def _check(self) -> JobConfig:
+        p = Problems()
+        if self.name is not None:
+            clean = sanitize_name(self.name)
+            p.check(
+                bool(clean), "name", f"{self.name!r} has no letters or digits; use e.g. my-lora"
+            )
+            p.check(
+                len(clean) <= MAX_RUN_NAME,
+                "name",
+                f"must be at most {MAX_RUN_NAME} characters (got {len(clean)}); shorten it",
+            )
+        if self.namespace is not None:
+            p.check(
+                bool(DNS1123_LABEL.match(self.namespace)) and len(self.namespace) <= 63,
+                "namespace",
+                f"{self.namespace!r} is not a valid namespace name "
+                "(lower-case letters, digits and '-')",
+            )
+        for field in ("cpu", "memory"):
+            value = getattr(self, field)
+            if value is not None and not QUANTITY.match(value):
+                p.add(field, f"{value!r} is not a Kubernetes quantity (e.g. '4', '500m', '32Gi')")
+        for key, value in self.labels.items():
+            problem = label_problem(key, value)
+            if problem:
+                p.add(f"labels.{key}", problem)
+        for key in self.env:
+            if not ENV_NAME.match(key):
+                p.add(f"env.{key}", f"{key!r} is not a valid environment variable name")
+            elif any(word in key.upper() for word in SECRET_WORDS):
+                p.add(
+                    f"env.{key}",
+                    f"{key} looks like a secret: keep it in a Kubernetes Secret "
+                    "and reference it (job.hf_token_secret for the HF token, "
+                    "storage.credentials_secret for S3 keys), never in env",
+                )
+        for key, value in self.pod_patch.items():
+            problem = pod_patch_problem(key, value)
+            if problem:
+                p.add(f"pod_patch.{key}", problem)
+        p.raise_if_any()
+        return self
+
+
+def pod_patch_problem(key: str, value: Any) -> str | None:
+    """Why `key: value` cannot be a top-level entry of job.pod_patch, or None."""
+    expected = POD_SPEC_FIELDS.get(key)
+    if expected is None:
+        return (
+            f"{key!r} is not a PodSpec field; use the Kubernetes (camelCase) name, e.g. "
+            "hostNetwork, volumes, runtimeClassName, containers"
+        )
+    if value is None:
+        if key == "containers":
+            return "cannot remove the trainer container; patch it or add sidecars instead"
+        return None
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        kind = {int: "an integer", bool: "true or false", list: "a list", dict: "a mapping"}
+        return f"must be {kind.get(expected, 'a string')} (got {type(value).__name__})"
+    return None
+
+
+class StorageConfig(ConfigModel):
+    """S3-compatible object storage for datasets and outputs."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint, e.g. `http://minio.kubetune:9000`. Default: AWS (or $AWS_ENDPOINT_URL)."""
+    bucket: str
+    """Bucket that receives the run's outputs under `<prefix>/<run name>/`."""
+    prefix: str = "kubetune"
+    """Key prefix inside the bucket for all runs."""
+    region: str | None = None
+    """Region name (many S3-compatible servers accept any, e.g. us-east-1)."""
+    addressing_style: Literal["auto", "path", "virtual"] = "path"
+    """Bucket addressing: `path` suits most self-hosted servers, `virtual` suits AWS."""
+    verify_tls: bool = True
+    """Verify the endpoint's TLS certificate."""
+    credentials_secret: CredentialsSecretRef | None = None
+    """Kubernetes Secret with the access key pair (injected as environment variables)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_literal_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            literal = sorted(k for k in data if str(k).lower() in LITERAL_CREDENTIAL_KEYS)
+            if literal:
+                raise FieldProblems([(key, _secret_hint("storage")) for key in literal])
+        return data
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", value):
+            raise ValueError(
+                f"{value!r} is not a valid bucket name (3-63 lower-case letters, "
+                "digits, '.' and '-')"
+            )
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if ".." in value.split("/"):
+            raise ValueError("must not contain '..' segments")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} must be an http(s):// URL, e.g. http://127.0.0.1:8333")
+        if value is not None and re.match(r"^https?://[^/]*@", value):
+            raise ValueError("must not embed credentials; " + _secret_hint("storage"))
+        return value

@@ -1,0 +1,342 @@
+"""YAML → TrainConfig, with errors that name the file, line, field path and fix."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from kubetune.config.base import FieldProblems, document_fields
+from kubetune.config.cluster import sanitize_name
+from kubetune.config.pipelines import PIPELINE_CLASSES, PIPELINE_TYPES, PipelineConfig, TrainConfig
+from kubetune.errors import ConfigError
+
+_ADAPTER: TypeAdapter[PipelineConfig] = TypeAdapter(TrainConfig)
+_BY_TYPE = {cls.model_fields["type"].default: cls for cls in PIPELINE_CLASSES}
+Loc = tuple[str | int, ...]
+
+
+def load_config(source: str | Path, *, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a config file (or `-` for stdin) and validate it; raise ConfigError listing every
+    problem as `file:line: field.path: message`."""
+    name = str(source)
+    if name == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError([f"{name}: no such file (check the path)"], name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError([f"{name}: cannot read: {err}"], name) from None
+    return parse_config(text, name=name, overrides=overrides)
+
+
+def parse_config(
+    text: str, *, name: str = "<config>", overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Validate YAML text. See load_config."""
+    data, lines = _parse_yaml(text, name)
+    if overrides:
+        apply_overrides(data, overrides, name)
+    problems = _shape_problems(data, name)
+    if problems:
+        raise ConfigError(problems, name)
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, data, lines, name), name) from None
+
+
+def _parse_yaml(text: str, name: str) -> tuple[Any, dict[Loc, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            [f"{where}: invalid YAML: {problem} (check indentation and quoting)"], name
+        ) from None
+    lines: dict[Loc, int] = {}
+    if node is not None:
+        _record_lines(node, (), lines)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+    lines[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*loc, str(key.value))
+            lines[child] = key.start_mark.line + 1
+            _record_lines(value, child, lines)
+            lines[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _record_lines(item, (*loc, i), lines)
+
+
+def _shape_problems(data: Any, name: str) -> list[str]:
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        return [
+            f"{name}:1: the config must be a YAML mapping with a `type:` key, not {got}; "
+            "start from `launcher init --type SD_LORA`"
+        ]
+    kind = data.get("type")
+    if kind is None:
+        return [f"{name}:1: type: missing; set it to one of {', '.join(PIPELINE_TYPES)}"]
+    if kind not in PIPELINE_TYPES:
+        close = difflib.get_close_matches(str(kind).upper(), PIPELINE_TYPES, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return [
+            f"{name}:1: type: {kind!r} is not a pipeline type; {hint}use one of "
+            f"{', '.join(PIPELINE_TYPES)}"
+        ]
+    return []
+
+
+# --- pydantic errors → one line each -------------------------------------------------------
+
+
+@functools.cache
+def _union_tags() -> frozenset[str]:
+    """The discriminator values (SD_LORA, AdamW, ...) pydantic inserts into error locs."""
+    return frozenset(
+        model.model_fields[name].default
+        for model in all_models()
+        for name in ("type", "optimizer_type")
+        if name in model.model_fields and isinstance(model.model_fields[name].default, str)
+    )
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType, list, dict, tuple):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _clean_loc(loc: Loc, data: Any) -> Loc:
+    """Map pydantic's loc onto the user's data: drop the union branch labels it inserts
+    (`SD_LORA`, `AdamW`, `int`, `tuple[int, int]`, ...) by walking the raw mapping."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict):
+            branch = node.get("type", node.get("optimizer_type"))
+            if part in _union_tags() and part == branch and not (last and part in node):
+                continue
+            if part in node:
+                out.append(part)
+                node = node[part]
+            elif last:
+                out.append(part)  # a missing key of this mapping
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+    return tuple(out)
+
+
+def _model_at(data: Any, loc: Loc) -> type[BaseModel] | None:
+    """The config model that owns the mapping at `loc` in the raw data."""
+    if not isinstance(data, dict):
+        return None
+    model: type[BaseModel] | None = _BY_TYPE.get(data.get("type"))
+    node = data
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        node = node.get(part) if isinstance(node, dict) else None
+        candidates = _models_in(model.model_fields[part].annotation)
+        model = _pick(candidates, node)
+    return model
+
+
+def _pick(candidates: list[type[BaseModel]], node: Any) -> type[BaseModel] | None:
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    for cls in candidates:
+        for tag_field in ("type", "optimizer_type"):
+            field = cls.model_fields.get(tag_field)
+            if field and isinstance(node, dict) and node.get(tag_field) == field.default:
+                return cls
+    return None
+
+
+def _nested_field(owner: type[BaseModel], key: str) -> str | None:
+    """`section.key` when `key` is a field of one of owner's sub-sections (e.g. learning_rate)."""
+    for name, field in owner.model_fields.items():
+        for sub in _models_in(field.annotation):
+            if key in sub.model_fields:
+                return f"{name}.{key}"
+    return None
+
+
+def _other_types_with(field: str) -> list[str]:
+    return [t for t, cls in _BY_TYPE.items() if field in cls.model_fields]
+
+
+def _line_for(lines: dict[Loc, int], loc: Loc) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else ""
+        if len(loc) == 1 and _other_types_with(key):
+            return (
+                f"not valid for type {data.get('type')}; only for "
+                f"{', '.join(_other_types_with(key))} (remove it or change `type`)"
+            )
+        owner = _model_at(data, loc[:-1])
+        nested = _nested_field(owner, key) if owner else None
+        if nested:
+            return f"unknown key here; did you mean {nested!r}?"
+        close = difflib.get_close_matches(key, list(owner.model_fields), n=1) if owner else []
+        if close:
+            return f"unknown key; did you mean {close[0]!r}?"
+        return "unknown key; remove it (see `launcher schema` for the valid keys)"
+    if kind == "missing":
+        return "missing; this field is required"
+    if kind == "union_tag_invalid":
+        ctx = err["ctx"]
+        return f"{ctx['tag']!r} is not valid here; expected one of {ctx['expected_tags']}"
+    if kind == "union_tag_not_found":
+        return f"missing its `{err['ctx']['discriminator'].strip(chr(39))}` key"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = err.get("input")
+    if kind not in ("value_error",) and not isinstance(got, (dict, list)):
+        msg = f"{msg} (got {got!r})"
+    return msg
+
+
+def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: str) -> list[str]:
+    """Turn a pydantic ValidationError into sorted `file:line: path: message` lines."""
+    out: list[tuple[int, str]] = []
+    for item in err.errors(include_url=False):
+        loc = _clean_loc(tuple(item["loc"]), data)
+        error = (item.get("ctx") or {}).get("error")
+        if isinstance(error, FieldProblems):
+            entries = [((*loc, *_split(field)), msg) for field, msg in error.problems]
+        else:
+            entries = [(loc, _describe(item, loc, data))]
+        for full_loc, msg in entries:
+            line = _line_for(lines, full_loc)
+            path = ".".join(_show(p) for p in full_loc) or "(top level)"
+            out.append((line or 0, f"{name}:{line or 1}: {path}: {msg}"))
+    unique = dict.fromkeys(text for _, text in sorted(out, key=lambda t: t[0]))
+    return list(unique)
+
+
+def _show(part: str | int) -> str:
+    """A path segment as text; keys with control characters or none at all are quoted."""
+    text = str(part)
+    return repr(text) if not text or not text.isprintable() else text
+
+
+def _split(field: str) -> Loc:
+    return tuple(int(p) if p.isdigit() else p for p in field.split("."))
+
+
+# --- overrides, dumping, identity ----------------------------------------------------------
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], name: str = "--set") -> None:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to the raw config mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {item!r}: use KEY=VALUE, e.g. --set max_train_steps=100"])
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError([f"--set {item!r}: {part} is not a mapping"])
+            node = child
+        node[parts[-1]] = value
+
+
+def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-compatible data (every field, defaults included)."""
+    return cfg.model_dump(mode="json")
+
+
+def config_to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def config_hash(cfg: PipelineConfig, length: int = 10) -> str:
+    """Stable short hash of the resolved config (idempotent submits, run identity)."""
+    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def run_name(cfg: PipelineConfig) -> str:
+    """The run's DNS-1123 name: job.name, else the last part of base_output_dir."""
+    raw = cfg.job.name if cfg.job and cfg.job.name else Path(cfg.base_output_dir).name
+    return sanitize_name(raw)[:52].strip("-") or "kubetune-run"
+
+
+def output_uri(cfg: PipelineConfig) -> str:
+    """Where the run's outputs live: s3://bucket/prefix/<run> with storage, else base_output_dir."""
+    if cfg.storage is not None:
+        prefix = f"{cfg.storage.prefix}/" if cfg.storage.prefix else ""
+        return f"s3://{cfg.storage.bucket}/{prefix}{run_name(cfg)}"
+    return cfg.base_output_dir
+
+
+def all_models() -> list[type[BaseModel]]:
+    """Every config model reachable from the five pipeline types, sections first."""
+    seen: list[type[BaseModel]] = []
+
+    def walk(cls: type[BaseModel]) -> None:
+        if cls in seen:
+            return
+        for field in cls.model_fields.values():
+            for sub in _models_in(field.annotation):
+                walk(sub)
+        seen.append(cls)
+
+    for cls in PIPELINE_CLASSES:
+        walk(cls)
+    return seen
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the config file (for yaml-language-server / editors), with every
+    field's docstring as its description."""
+    document_fields(all_models())
+    schema = TypeAdapter(TrainConfig).json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "kubetune training config"
+    return schema

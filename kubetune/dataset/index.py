@@ -1,0 +1,292 @@
+"""The dataset index: per example its store, key, byte size, version (ETag / mtime), image
+height and width and caption, built from one listing plus one ranged header read per image.
+
+It is stored with the run (`INDEX_KEY`) and beside the runs, keyed by the dataset's URI
+(`shared_index_key`), so a restarted run and a later run of another name on the same data
+reuse it: an entry is reused while the listing still shows the same size and version for its
+image (and caption file), and rescanned otherwise. Captions given inline (JSONL lines, HF
+rows) always come from the current dataset. Memory is O(number of examples). No torch here:
+`launcher validate --data` uses it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kubetune.dataset.images import MAX_IMAGE_PIXELS, image_size_hw, jpeg_header_length
+from kubetune.dataset.sources import Source, fetch_pool
+from kubetune.errors import DataError, StorageError, StorageUserError
+from kubetune.layout import DATA_INDEX_KEY, DATASET_INDEXES
+from kubetune.storage import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+INDEX_KEY = DATA_INDEX_KEY
+"""The index's key in the run's output location (gzip'd JSON)."""
+INDEX_VERSION = 1
+HEADER_BYTES = 16 * 1024
+"""First ranged read per image: PNG/WEBP/BMP headers and a JPEG's SOF without a large EXIF
+block fit in it."""
+LONG_HEADER_BYTES = 256 * 1024
+"""How much more to read when a header does not fit and its length cannot be told from the
+JPEG markers (and the first read of a mask)."""
+HEADER_SLACK = 4 * 1024
+"""Read this far past a JPEG segment boundary, so the small segments that follow a long
+EXIF block (tables, frame, scan header) come in the same read."""
+MAX_HEADER_READS = 4
+"""Ranged reads of one image's header before the whole file is read instead."""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the index knows about one example."""
+
+    size: int
+    etag: str
+    height: int
+    width: int
+    caption: str | None
+    caption_etag: str = ""
+
+
+Key = tuple[str, str]  # (store URI, key)
+
+
+class DataIndex:
+    """Entries by (store URI, key), serialised as gzip'd JSON."""
+
+    def __init__(self, entries: dict[Key, IndexEntry] | None = None) -> None:
+        self.entries = entries or {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def to_bytes(self) -> bytes:
+        rows = [[store, key, *_row(e)] for (store, key), e in self.entries.items()]
+        doc = {"version": INDEX_VERSION, "entries": rows}
+        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DataIndex:
+        doc = json.loads(gzip.decompress(data))
+        if doc.get("version") != INDEX_VERSION:
+            raise ValueError(f"index version {doc.get('version')}")
+        return cls({(r[0], r[1]): IndexEntry(*r[2:]) for r in doc["entries"]})
+
+
+def _row(e: IndexEntry) -> list[Any]:
+    return [e.size, e.etag, e.height, e.width, e.caption, e.caption_etag]
+
+
+def load_index(store: ObjectStore | None, key: str = INDEX_KEY) -> DataIndex | None:
+    """The index stored at `key` (the run's by default), or None (absent or unreadable)."""
+    if store is None:
+        return None
+    try:
+        return DataIndex.from_bytes(store.get_bytes(key))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, IndexError, OSError, StorageError,
+            StorageUserError) as err:  # fmt: skip
+        # only an optimisation: a failed or refused read (retries spent, access denied to the
+        # location beside the runs) means a rescan, never a failure
+        log.warning("ignoring an unreadable data index %s: %s", store.url(key), err)
+        return None
+
+
+def save_index(store: ObjectStore, report: Any, key: str = INDEX_KEY) -> None:
+    """Store a preflight report's index at `key` (the run's by default), unless the stored
+    one is current."""
+    if report.index is None or (report.scanned == 0 and store.exists(key)):
+        return
+    store.put_bytes(key, report.index.to_bytes())
+
+
+def save_shared_index(store: ObjectStore | None, report: Any) -> None:
+    """Store the index beside the runs for later runs on the same data; best-effort (a
+    read-only or failing location only costs a later run its header reads)."""
+    if store is None or report.source is None:
+        return
+    try:
+        save_index(store, report, shared_index_key(report.source))
+    except (OSError, StorageError, StorageUserError) as err:  # e.g. access denied there
+        log.warning("could not store the dataset index beside the runs: %s", err)
+
+
+def shared_index_key(source: Source) -> str:
+    """The key of a dataset's index beside the runs: one per dataset URI (a local path made
+    absolute) and index version."""
+    name = source.name
+    if "://" not in name and os.path.exists(name):
+        name = os.path.abspath(name)
+    digest = hashlib.sha256(f"{INDEX_VERSION}|{name}".encode()).hexdigest()[:32]
+    return f"{DATASET_INDEXES}/{digest}.json.gz"
+
+
+def shared_index_store(cfg: Any) -> ObjectStore | None:
+    """Where dataset indexes live beside the runs: the storage prefix that holds every run
+    (S3), or a local run's parent folder. None when the run has no parent location."""
+    from kubetune.config.loader import output_uri
+
+    uri = output_uri(cfg)
+    if not uri.startswith("s3://"):
+        uri = os.path.abspath(uri)
+    parent = uri.rstrip("/").rpartition("/")[0]
+    if not parent or parent in ("s3:/", "s3:"):
+        return None
+    return open_store(parent, cfg.storage)
+
+
+def previous_index(
+    run_store: ObjectStore | None, shared: ObjectStore | None, source: Source
+) -> DataIndex | None:
+    """The run's stored index merged over the one beside the runs (either may be absent)."""
+    own = load_index(run_store)
+    other = load_index(shared, shared_index_key(source)) if shared is not None else None
+    if own is None or other is None:
+        return own or other
+    return DataIndex({**other.entries, **own.entries})
+
+
+@dataclass
+class IndexResult:
+    """The index of a source, the source with captions filled in, and what it cost."""
+
+    index: DataIndex
+    source: Source
+    sizes_hw: list[tuple[int, int]]
+    errors: list[DataError]
+    reused: int
+    scanned: int
+
+
+def build_index(
+    source: Source, previous: DataIndex | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> IndexResult:
+    """Index every example of `source` (bounded parallel header reads; entries of `previous`
+    whose size and version still match are reused without any read). Bad examples are
+    returned in `errors`, not raised."""
+    results: list[tuple[IndexEntry | DataError, bool]] = []
+    reads: list[tuple[int, IndexEntry | None]] = []
+    for i in range(len(source)):  # reuse checks here: a pool task each would cost more
+        old = _reusable(source, i, previous, max_pixels)
+        results.append((old, True) if old is not None else (DataError(""), False))
+        if old is None or source.records[i].mask_key is not None:
+            reads.append((i, old))
+    done = fetch_pool().map(lambda job: _entry(source, job[0], max_pixels, job[1]), reads)
+    for (i, _), result in zip(reads, done, strict=True):
+        results[i] = result
+    entries: dict[Key, IndexEntry] = {}
+    errors: list[DataError] = []
+    records = list(source.records)
+    sizes: list[tuple[int, int]] = []
+    reused = 0
+    for i, (entry, was_reused) in enumerate(results):
+        if isinstance(entry, DataError):
+            errors.append(entry)
+            sizes.append((0, 0))
+            continue
+        reused += was_reused
+        rec = records[i]
+        entries[(source.store_uri(i), rec.image_key or rec.id)] = entry
+        records[i] = replace(rec, caption=entry.caption, caption_key=None)
+        sizes.append((entry.height, entry.width))
+    indexed = Source(source.name, records, source.stores, source.keep_in_memory, source.hf)
+    scanned = len(records) - reused - len(errors)
+    return IndexResult(DataIndex(entries), indexed, sizes, errors, reused, scanned)
+
+
+def _entry(
+    source: Source, i: int, max_pixels: int, old: IndexEntry | None
+) -> tuple[IndexEntry | DataError, bool]:
+    """Example `i`'s entry (`old` when reusable: only its mask, if any, is checked)."""
+    entry = old or _image_entry(source, i, max_pixels)
+    if isinstance(entry, IndexEntry) and source.records[i].mask_key is not None:
+        try:
+            check_mask_header(source, i, (entry.height, entry.width), max_pixels)
+        except DataError as err:
+            return err, False
+    return entry, old is not None
+
+
+def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pixels: int) -> None:
+    """`use_masks`: the mask is a readable image of its image's size (from its header)."""
+    mask = source.mask_head(i, LONG_HEADER_BYTES)
+    try:
+        height, width = image_size_hw(mask.data, mask.name, max_pixels)
+    except DataError as err:
+        if len(mask.data) < LONG_HEADER_BYTES or _final(err):
+            raise
+        full = source.fetch(i).mask
+        assert full is not None
+        height, width = image_size_hw(full.data, full.name, max_pixels)
+    if (height, width) != image_hw:
+        raise DataError(
+            f"{mask.name}: is {width}x{height} but its image is {image_hw[1]}x{image_hw[0]}",
+            hint="save the mask at its image's size",
+        )
+
+
+def _reusable(
+    source: Source, i: int, previous: DataIndex | None, max_pixels: int
+) -> IndexEntry | None:
+    """The previous index's entry for example `i` if its listing still matches (size and
+    version of image and caption file)."""
+    rec = source.records[i]
+    if previous is None or not rec.etag:
+        return None
+    old = previous.entries.get((source.store_uri(i), rec.image_key or rec.id))
+    if (
+        old is None
+        or (old.size, old.etag, old.caption_etag) != (rec.size, rec.etag, rec.caption_etag)
+        or old.height * old.width > max_pixels
+    ):
+        return None
+    # a caption file's text is versioned by its listing; an inline one (JSONL line, HF row)
+    # is the current dataset's, whatever the run that indexed it had
+    return old if rec.caption_key else replace(old, caption=rec.caption)
+
+
+def _image_entry(source: Source, i: int, max_pixels: int) -> IndexEntry | DataError:
+    rec = source.records[i]
+    try:
+        height, width = header_size_hw(source, i, max_pixels)
+        caption = source.caption(i)
+    except DataError as err:
+        return err
+    return IndexEntry(rec.size, rec.etag, height, width, caption, rec.caption_etag)
+
+
+def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
+    """(h, w) of example `i` from its header: one ranged read of `HEADER_BYTES`; when the
+    header is longer (a camera JPEG's EXIF), a read of the rest of it only, sized from the
+    JPEG's segment lengths (`LONG_HEADER_BYTES` more for other formats), at most
+    `MAX_HEADER_READS` reads in all; the whole file as a last resort. Format, pixel limit
+    and EXIF orientation are checked."""
+    rec, name = source.records[i], source.url(i)
+    data = source.head(i, HEADER_BYTES)
+    whole = len(data) != HEADER_BYTES or rec.row is not None  # EOF, or no ranged reads
+    for _ in range(MAX_HEADER_READS):
+        try:
+            return image_size_hw(data, name, max_pixels)
+        except DataError as err:
+            final = whole or 0 <= rec.size <= len(data)
+            if final or _final(err):
+                raise
+        need = jpeg_header_length(data)
+        end = need + HEADER_SLACK if need and need > len(data) else len(data) + LONG_HEADER_BYTES
+        more = source.head(i, end - len(data), start=len(data))
+        whole = len(more) != end - len(data)
+        data += more
+    return image_size_hw(source.fetch(i).data, name, max_pixels)
+
+
+def _final(err: DataError) -> bool:
+    """A header that parsed and tells a size above the limit or a format kubetune refuses:
+    read no further (a decompression bomb's body is never downloaded)."""
+    return "decompression-bomb" in err.message or "unsupported" in err.message

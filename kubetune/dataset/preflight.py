@@ -1,0 +1,225 @@
+"""Checks before step 1 without downloading the dataset (`preflight`: listing, captions and
+image headers through the dataset index), and the full decode of every example that
+`launcher validate --data` runs from a laptop or CI (`verify_data`). No torch here."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kubetune.config.data import DreamboothSDDataLoaderConfig
+from kubetune.dataset.captions import needs_captions
+from kubetune.dataset.dreambooth import dreambooth_source
+from kubetune.dataset.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
+from kubetune.dataset.index import DataIndex, build_index, previous_index
+from kubetune.dataset.sources import Source, build_source, fetch_pool
+from kubetune.errors import BadExamples, DataError, KubetuneError
+from kubetune.storage import ObjectStore
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """The checked dataset: its size, every image's (h, w), the index to store with the run
+    and the source (captions filled in) the loader uses, so nothing is listed twice."""
+
+    num_examples: int
+    sizes_hw: list[tuple[int, int]]
+    source: Source | None = field(default=None, repr=False, compare=False)
+    index: DataIndex | None = field(default=None, repr=False, compare=False)
+    reused: int = 0
+    scanned: int = 0
+    num_instance: int | None = None
+    """DreamBooth: how many of the examples (the first ones) are instance images."""
+    loss_weights: list[float] | None = field(default=None, repr=False)
+    """DreamBooth: each example's loss weight."""
+
+
+def preflight(
+    cfg: Any,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    *,
+    run_store: ObjectStore | None = None,
+    shared_store: ObjectStore | None = None,
+) -> PreflightReport:
+    """Check the dataset from its listing and image headers (one ranged read per image not
+    already in the index stored in `run_store` or beside the runs in `shared_store`); raise
+    DataError naming the first bad file or line and how many more are bad. Bounded parallel
+    reads; never hangs."""
+    report, errors = _header_checks(cfg, max_pixels, run_store, shared_store)
+    raise_first(errors, "bad examples")
+    return report
+
+
+def _header_checks(
+    cfg: Any,
+    max_pixels: int,
+    run_store: ObjectStore | None = None,
+    shared_store: ObjectStore | None = None,
+) -> tuple[PreflightReport, list[DataError]]:
+    """`preflight`'s report and every bad example it found (a bad image's size is (0, 0));
+    a dataset that cannot be listed at all raises."""
+    loader_cfg = cfg.data_loader
+    need = needs_captions(loader_cfg)
+    dreambooth = None
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        dreambooth = dreambooth_source(loader_cfg, cfg.storage)
+        source = dreambooth.source
+    else:
+        source = build_source(
+            loader_cfg.dataset,
+            cfg.storage,
+            need_captions=need,
+            need_masks=cfg.use_masks,
+        )
+    result = build_index(source, previous_index(run_store, shared_store, source), max_pixels)
+    errors = list(result.errors)
+    if need:  # (an image already reported has no caption read: not a second problem)
+        records = zip(result.source.records, result.sizes_hw, strict=True)
+        missing = [r for r, hw in records if r.caption is None and hw != (0, 0)]
+        errors += [DataError(f"{r.id}: no caption") for r in missing]
+    report = PreflightReport(
+        len(source),
+        result.sizes_hw,
+        result.source,
+        result.index,
+        result.reused,
+        result.scanned,
+        dreambooth.num_instance if dreambooth else None,
+        dreambooth.loss_weights if dreambooth else None,
+    )
+    return report, errors
+
+
+def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport]:
+    """A run's `preflight` (with the index stored with the run and the one beside the runs)
+    started in the background: `python -m runner` starts it before importing torch, so the
+    listing and header reads overlap the imports. In a forked process by default (the
+    imports and the header reads then use two cores instead of sharing one interpreter
+    lock), else a thread. `.result()` returns the report or re-raises; nothing is written."""
+    if process and "fork" in multiprocessing.get_all_start_methods():
+        return _forked(cfg)
+    future: Future[PreflightReport] = Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(_run_preflight(cfg))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller by .result()
+            future.set_exception(err)
+
+    threading.Thread(target=work, name="kubetune-preflight", daemon=True).start()
+    return future
+
+
+def _forked(cfg: Any) -> Future[PreflightReport]:
+    """`_run_preflight` in a forked daemon process whose one reply (report or exception)
+    comes back through a pipe, read by a daemon thread. Not a `ProcessPoolExecutor`: a
+    worker that dies surfaces there as `BrokenProcessPool` (a traceback, not one line), and
+    its exit hook writes to the manager thread's wake-up pipe without the lock under which
+    that thread closes it (Python 3.11); nothing of it is needed for one call."""
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_preflight_child, args=(cfg, writer), name="kubetune-preflight", daemon=True
+    )
+    child.start()  # before any thread of ours exists: the fork copies no held lock
+    writer.close()
+    future: Future[PreflightReport] = Future()
+    future.set_running_or_notify_cancel()
+
+    def collect() -> None:
+        try:
+            kind, value = reader.recv()
+        except Exception as err:  # noqa: BLE001 - no reply (killed, out of memory), or one
+            # that does not unpickle: the caller must not wait forever
+            child.join()
+            kind, value = (
+                "error",
+                KubetuneError(
+                    f"the data preflight process gave no result (exit code {child.exitcode}: "
+                    f"{type(err).__name__})"
+                ),
+            )
+        finally:
+            reader.close()
+        child.join()
+        if kind == "ok":
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    threading.Thread(target=collect, name="kubetune-preflight-reply", daemon=True).start()
+    return future
+
+
+def _preflight_child(cfg: Any, writer: Connection) -> None:
+    """The forked process: send ("ok", report) or ("error", exception) once, then exit."""
+    try:
+        reply: tuple[str, Any] = ("ok", _run_preflight(cfg))
+    except BaseException as err:  # noqa: BLE001 - handed to the parent
+        reply = ("error", err)
+    try:
+        writer.send(reply)
+    except Exception as err:  # noqa: BLE001 - an exception that does not pickle
+        writer.send(("error", KubetuneError(f"data preflight failed: {reply[1]!r} ({err})")))
+    writer.close()
+
+
+def _run_preflight(cfg: Any) -> PreflightReport:
+    from kubetune.config.loader import output_uri
+    from kubetune.dataset.index import shared_index_store
+    from kubetune.storage import open_store
+    from kubetune.storage.run_store import RunStore
+
+    run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
+    return preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
+
+
+def raise_first(errors: list[DataError], what: str) -> None:
+    """Raise the first error, saying how many more there are (`BadExamples` lists them)."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        first, more = errors[0], f" (and {len(errors) - 1} more {what})"
+        raise BadExamples([str(e) for e in errors], f"{first.message}{more}", first.hint)
+
+
+def verify_data(
+    cfg: Any,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PreflightReport:
+    """`preflight`'s checks, then download and fully decode every example whose header
+    passed (bounded parallel); raise DataError naming the first bad example and how many
+    more are bad (`BadExamples.problems`: every one, header and decode problems alike).
+    `on_progress` is called (in this thread) with (examples checked, total)."""
+    report, bad = _header_checks(cfg, max_pixels)
+    source = report.source
+    assert source is not None
+    total = len(source)
+
+    def check(index: int) -> DataError | None:
+        if report.sizes_hw[index] == (0, 0):  # its header already failed
+            return None
+        try:
+            raw = source.fetch(index)
+            decode_image(raw.data, source.url(index), max_pixels)
+            if raw.mask is not None:
+                decode_mask(raw.mask.data, raw.mask.name, max_pixels)
+            return None
+        except DataError as err:
+            return err
+
+    for done, err in enumerate(fetch_pool().map(check, range(total)), start=1):
+        if err is not None:
+            bad.append(err)
+        if on_progress is not None:
+            on_progress(done, total)
+    raise_first(bad, "bad examples")
+    return report

@@ -1,0 +1,222 @@
+"""The `launcher` command line (click only: parse, call, map errors to exit codes)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from kubetune.errors import EXIT_USER_ERROR, KubetuneError
+from launcher import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+PIPELINE_CHOICES = [
+    "SD_LORA",
+    "SD_TEXTUAL_INVERSION",
+    "SDXL_LORA",
+    "SDXL_TEXTUAL_INVERSION",
+    "SDXL_LORA_AND_TEXTUAL_INVERSION",
+]
+
+
+def fail(message: str, code: int) -> None:
+    """Print each line of `message` as `error: ...` on stderr and exit with `code`."""
+    for line in message.splitlines() or [message]:
+        click.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Map kubetune errors to one-line messages and their exit codes (2 = user error)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KubetuneError as err:
+            fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kubetune launcher")
+def main() -> None:
+    """kubetune: train SD 1.5 / SDXL LoRA and Textual Inversion models as Kubernetes Jobs.
+
+    \b
+    Typical flow:
+      launcher init --type SDXL_LORA -o lora.yaml   # a commented starting config
+      launcher validate lora.yaml                  # every problem, with line numbers
+      launcher submit --local lora.yaml            # train on this machine
+      launcher submit --wait lora.yaml             # or as a GPU Job on your cluster
+
+    Exit status: 0 ok, 1 environment/cluster/storage failure, 2 bad input.
+    """
+
+
+@main.command()
+@click.argument("configs", nargs=-1, required=True, metavar="CONFIG...")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field before validating, e.g. --set max_train_steps=100.",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one machine-readable document on stdout (for CI).",
+)
+@click.option(
+    "--data",
+    "check_data",
+    is_flag=True,
+    help="Also download and fully decode every example of each dataset, local or s3:// "
+    "(credentials from AWS_* variables), with a progress bar on stderr; every "
+    "undecodable or missing image is listed, one error line each (exit 2).",
+)
+@handle_errors
+def validate(
+    configs: tuple[str, ...], overrides: tuple[str, ...], output: str, check_data: bool
+) -> None:
+    """Check config files without touching a cluster or storage (`--data`: and read the
+    datasets they name).
+
+    Reports every problem at once, one line each, as FILE:LINE: field.path: what to fix.
+    Use `-` to read a config from stdin. Exits 0 when all files are valid, 2 otherwise.
+
+    \b
+    Examples:
+      launcher validate lora.yaml
+      launcher validate --output json configs/*.yaml
+      cat lora.yaml | launcher validate -
+      launcher validate --data lora.yaml           # and decode every image, before submitting
+    """
+    from launcher.config_files import results_to_json, validate_file, verify_dataset
+
+    results = [validate_file(c, list(overrides)) for c in configs]
+    if check_data:
+        for result in results:
+            with _DataProgress(result.file) as bar:
+                verify_dataset(result, list(overrides), bar.update)
+    if output == "json":
+        click.echo(results_to_json(results))
+    else:
+        for result in results:
+            if result.valid:
+                click.echo(f"ok: {result.file}: {result.summary}")
+            for line in result.warnings:
+                click.echo(f"warning: {result.file}: {line}", err=True)
+            for line in result.errors:
+                click.echo(f"error: {line}", err=True)
+    if not all(r.valid for r in results):
+        sys.exit(EXIT_USER_ERROR)
+
+
+class _DataProgress:
+    """A progress bar on stderr for `validate --data`, sized once the total is known."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar, self.done = label, None, 0
+
+    def __enter__(self) -> _DataProgress:
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            bar = click.progressbar(length=total, label=f"decoding {self.label}", file=sys.stderr)
+            self.bar = bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@main.command()
+@click.option(
+    "--type",
+    "-t",
+    "pipeline_type",
+    required=True,
+    type=click.Choice(PIPELINE_CHOICES, case_sensitive=False),
+    help="What to train.",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file instead of stdout.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@handle_errors
+def init(pipeline_type: str, output: Path | None, force: bool) -> None:
+    """Write a commented starting config for a pipeline type.
+
+    The file validates as written; edit the dataset path and model, then `launcher validate`.
+
+    \b
+    Example:
+      launcher init --type SDXL_LORA -o lora.yaml
+    """
+    from launcher.config_files import write_starter
+
+    text = write_starter(pipeline_type.upper(), output, force)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(
+            f"wrote {output}; next: edit data_loader.dataset, then `launcher validate {output}`",
+            err=True,
+        )
+
+
+@main.command()
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file instead of stdout.",
+)
+@handle_errors
+def schema(output: Path | None) -> None:
+    """Print the JSON Schema of the config file, for editor completion.
+
+    \b
+    With the YAML language server (VS Code, Neovim...), put this first line in a config:
+      # yaml-language-server: $schema=./kubetune.schema.json
+    Example:
+      launcher schema -o kubetune.schema.json
+    """
+    from launcher.config_files import schema_text
+
+    text = schema_text()
+    if output is None:
+        click.echo(text)
+    else:
+        output.write_text(text + "\n", encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+from launcher.cli.run_commands import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(main, handle_errors)
+
+from launcher.cli.output_commands import register as _register_output_commands  # noqa: E402
+
+_register_output_commands(main, handle_errors)

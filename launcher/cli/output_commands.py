@@ -1,0 +1,162 @@
+"""`launcher report` and `launcher pull` (click only: parse, call launcher.outputs, print).
+`register(main, handle_errors)` adds them to the CLI group."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import webbrowser
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kubetune.errors import UserError
+from launcher import api
+from launcher.cli.run_commands import LOCAL, cluster_options
+
+FORMAT = click.option(
+    "--output",
+    "output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one machine-readable document (for CI).",
+)
+
+
+def _location(run: str, local: bool, cluster: api.ClusterOptions) -> Any:
+    from launcher.outputs import locate
+
+    return locate(run, lambda name: api.backend_for_run(name, local=local, cluster=cluster))
+
+
+@click.command()
+@click.argument("run")
+@click.option("--open", "open_it", is_flag=True, help="Open the report in a web browser.")
+@click.option(
+    "--expires", type=int, default=3600, show_default=True, metavar="SECONDS",
+    help="Lifetime of the presigned links (S3).",
+)  # fmt: skip
+@click.option(
+    "-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="S3: where to write the page with presigned links (default: a new temporary folder).",
+)  # fmt: skip
+@LOCAL
+@FORMAT
+@cluster_options
+def report(
+    run: str,
+    open_it: bool,
+    expires: int,
+    out: Path | None,
+    local: bool,
+    output: str,
+    cluster: api.ClusterOptions,
+) -> None:
+    """Print the path of RUN's report.html.
+
+    The runner rewrites the report at each validation and at the end: loss and learning-rate
+    curves, validation images by step and prompt, checkpoints kept, the resolved config.
+    RUN is a run name, an s3:// URI or a local output folder. For a run in S3 the page is
+    copied here with its links to the full-size grids presigned (valid --expires seconds);
+    `--output json` also gives `url`, a presigned URL of the stored page to share (its
+    thumbnails and curves are inline; its grid links need credentials).
+
+    \b
+    Examples:
+      launcher report quickstart --open
+      launcher report my-lora -n training -o my-lora.html   # grid links valid for an hour
+    """
+    from launcher.outputs import report_location
+
+    view = report_location(_location(run, local, cluster).open(), expires, out)
+    if output == "json":
+        doc = {"run": run, "report": view.report}
+        click.echo(json.dumps(doc if view.url is None else {**doc, "url": view.url}))
+    else:
+        click.echo(view.report)
+    if open_it and not webbrowser.open(Path(view.report).resolve().as_uri()):
+        click.echo("no web browser found here; open the address above yourself", err=True)
+
+
+@click.command()
+@click.argument("run")
+@click.option("--step", type=int, metavar="N", help="A checkpoint's weights instead of the final.")
+@click.option("--final", is_flag=True, help="The final weights (the default).")
+@click.option(
+    "-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+    help="Destination folder (default: ./<run>-final or ./<run>-step-00000N).",
+)  # fmt: skip
+@LOCAL
+@FORMAT
+@cluster_options
+def pull(
+    run: str,
+    step: int | None,
+    final: bool,
+    out: Path | None,
+    local: bool,
+    output: str,
+    cluster: api.ClusterOptions,
+) -> None:
+    """Download RUN's final weights (or checkpoint N's, without its training state),
+    each file checked against the manifest.
+
+    \b
+    Examples:
+      launcher pull quickstart                    # -> ./quickstart-final/
+      launcher pull my-lora --step 1200 -o lora/
+      launcher pull my-lora --output json         # CI: where the files went
+    """
+    from kubetune.layout import FINAL, step_name  # pydantic: not at `launcher --help`
+    from launcher.outputs import pull as do_pull
+
+    if step is not None and final:
+        raise UserError("--step and --final exclude each other", hint="pass one of them")
+    if out is not None and out.name in ("json", "text") and not out.exists():
+        raise UserError(f"-o {out.name} names the destination folder",
+                        hint=f"for a {out.name} report use --output {out.name}")  # fmt: skip
+    dest = out or Path(f"{Path(run.rstrip('/')).name}-{FINAL if step is None else step_name(step)}")
+    store = _location(run, local, cluster).open()
+    with _progress_bar(output == "text") as (on_start, on_file):
+        result = do_pull(store, dest, step=step, on_start=on_start, on_file=on_file)
+    if output == "json":
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"pulled {len(result.files)} files ({result.bytes / 1e6:.1f} MB) of "
+                   f"{result.what} step {result.step} into {result.dest}/")  # fmt: skip
+        for name in result.files:
+            click.echo(f"  {name}")
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[Any], None]]]:
+    """(start(total bytes), advance(file entry)): a click progress bar on stderr."""
+    with contextlib.ExitStack() as stack:
+        bar: Any = None
+
+        def start(total: int) -> None:
+            nonlocal bar
+            if enabled:
+                bar = stack.enter_context(
+                    click.progressbar(length=max(total, 1), label="pulling", file=sys.stderr)
+                )
+
+        def advance(entry: Any) -> None:
+            if bar is not None:
+                bar.update(entry.size)
+
+        yield start, advance
+
+
+COMMANDS = (report, pull)
+
+
+def register(group: click.Group, handle_errors: Callable[[Any], Any]) -> None:
+    for command in COMMANDS:
+        if command.callback is not None:
+            command.callback = handle_errors(command.callback)
+        group.add_command(command)

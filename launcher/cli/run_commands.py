@@ -1,0 +1,326 @@
+"""`launcher render / submit / status / logs / cancel / list` (click only: parse, call
+launcher.api, print). `register(main, handle_errors)` adds them to the CLI group."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from kubetune.errors import EXIT_FAILURE, EXIT_OK
+from launcher import api
+
+if TYPE_CHECKING:
+    from launcher.backends.base import Backend, RunStatus
+
+OUTPUT = click.option(
+    "--output",
+    "-o",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one machine-readable document (for CI).",
+)
+LOCAL = click.option(
+    "--local", is_flag=True, help="A run on this machine (`submit --local`) instead of the cluster."
+)
+
+
+def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """kubectl-like --kubeconfig / --context / --namespace, passed on as `cluster`."""
+
+    @click.option(
+        "--kubeconfig",
+        envvar="KUBECONFIG",
+        metavar="PATH",
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).",
+    )
+    @click.option("--context", metavar="NAME", help="kubeconfig context to use.")
+    @click.option(
+        "--namespace",
+        "-n",
+        metavar="NS",
+        help="Namespace (default: job.namespace, then the context's).",
+    )
+    @functools.wraps(fn)
+    def wrapper(
+        kubeconfig: str | None, context: str | None, namespace: str | None, **kwargs: Any
+    ) -> Any:
+        if kubeconfig and ":" in kubeconfig:
+            kubeconfig = kubeconfig.split(":")[0]
+        return fn(cluster=api.ClusterOptions(kubeconfig, context, namespace), **kwargs)
+
+    return wrapper
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @click.argument("config")
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config field, e.g. --set max_train_steps=100.",
+    )
+    @click.option("--name", metavar="NAME", help="Run name (sets job.name).")
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        return fn(**kwargs)
+
+    return wrapper
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def output_lines(status: RunStatus) -> list[str]:
+    """Where to look once a run ended: the outputs, its newest checkpoint and final weights."""
+    from kubetune.layout import checkpoint_key  # pydantic: not at --help time
+
+    uri = status.output_uri.rstrip("/")
+    lines = [f"outputs: {uri}"]
+    if status.phase == "Succeeded":
+        step = status.progress.last_checkpoint_step if status.progress else None
+        if step is not None:
+            lines.append(f"  checkpoint: {uri}/{checkpoint_key(step)}/")
+            lines.append(f"  validation: {uri}/validation/ (grid.png per validation step)")
+        lines.append(f"  final:      {uri}/final/")
+    return lines
+
+
+@click.command()
+@config_options
+@click.option("--namespace", "-n", metavar="NS", help="Namespace to put in the manifests.")
+def render(
+    config: str, overrides: tuple[str, ...], name: str | None, namespace: str | None
+) -> None:
+    """Print the ConfigMap and Job that `submit` would create (no cluster needed).
+
+    \b
+    Example:
+      launcher render lora.yaml | kubectl apply --dry-run=server -f -
+    """
+    cfg = api.load(config, overrides, name)
+    click.echo(api.render(cfg, namespace), nl=False)
+
+
+@click.command()
+@config_options
+@click.option("--wait", is_flag=True, help="Block until the run ends; exit 0 on success, 1 not.")
+@click.option(
+    "--follow", "-f", is_flag=True, help="Stream the logs until the run ends (implies --wait)."
+)
+@LOCAL
+@click.option(
+    "--replace", is_flag=True, help="Delete a run of the same name with another config first."
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="With --wait: give up (exit 1) after this long.",
+)
+@click.option("--poll-interval", type=float, default=2.0, hidden=True)
+@click.option(
+    "--sweep",
+    "sweeps",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="Submit one run per combination of the swept values (repeatable). Values that "
+    "contain commas: a YAML / JSON list, KEY='[\"a cat, sitting\", a dog]'.",
+)
+@OUTPUT
+@cluster_options
+def submit(
+    config: str,
+    overrides: tuple[str, ...],
+    name: str | None,
+    wait: bool,
+    follow: bool,
+    local: bool,
+    replace: bool,
+    timeout: float | None,
+    poll_interval: float,
+    sweeps: tuple[str, ...],
+    output: str,
+    cluster: api.ClusterOptions,
+) -> None:
+    """Validate CONFIG and start it as a Kubernetes Job (or locally with --local).
+
+    Submitting the same config again returns the existing run; another config under the same
+    run name is an error unless --replace. With --sweep, every combination becomes its own
+    run named `<run>-<hash of its values>` and labelled with the sweep (re-submitting is a
+    no-op); `--local` runs them one after another, a cluster queues them (job.queue_name).
+
+    \b
+    Examples:
+      launcher submit lora.yaml
+      launcher submit --wait --output json lora.yaml      # CI: exit 0 only if it trained
+      launcher submit --local --follow examples/tiny.yaml
+      launcher submit lora.yaml --sweep optimizer.learning_rate=1e-4,5e-5 --sweep lora_rank_dim=4,16
+      launcher submit lora.yaml --sweep 'validation_prompts=[["a cat, sitting"], ["a dog"]]'
+    """
+    if sweeps:
+        from launcher.sweep_runs import submit_sweep
+        from launcher.sweeps import expand, parse_axes
+
+        sweep, members = expand(config, overrides, name, parse_axes(sweeps))  # all valid first
+        echo = functools.partial(click.echo, err=output == "json")
+        doc, ok = submit_sweep(sweep, members, api.get_backend(local=local, cluster=cluster),
+                               wait=wait or follow, echo=echo, poll=poll_interval,
+                               replace=replace)  # fmt: skip
+        if output == "json":
+            _emit_json(doc)
+        sys.exit(EXIT_OK if ok else EXIT_FAILURE)
+    cfg = api.load(config, overrides, name)
+    backend = api.get_backend(local=local, cluster=cluster)
+    result = api.submit(cfg, backend, replace=replace)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if output == "text":
+        verb = "submitted" if result.created else "already submitted (same config)"
+        where = f" in namespace {result.namespace}" if result.namespace else ""
+        click.echo(f"{result.run}: {verb} as {backend.name} job {result.job_name}{where}")
+        click.echo(f"outputs: {result.output_uri}")
+    if not (wait or follow):
+        if output == "json":
+            _emit_json({"submit": result.__dict__})
+        return
+    if follow:
+        for line in backend.logs(result.run, follow=True):
+            click.echo(line, err=output == "json")
+
+    def echo(status: RunStatus) -> None:  # intermediate states; the final one is below
+        if not status.done:
+            click.echo(status.summary(), err=True)
+
+    quiet = output == "json" or follow  # --follow already streams the progress lines
+    status = api.wait(
+        backend, result.run, timeout=timeout, poll=poll_interval, on_change=None if quiet else echo
+    )
+    if output == "json":
+        _emit_json({"submit": result.__dict__, "status": status.to_json()})
+    else:
+        click.echo(status.summary())
+        for line in output_lines(status):
+            click.echo(line)
+    sys.exit(EXIT_OK if status.phase == "Succeeded" else EXIT_FAILURE)
+
+
+@click.command()
+@click.argument("run", required=False)
+@click.option(
+    "--sweep", metavar="NAME", help="Every run of this sweep side by side (step, loss, values)."
+)
+@LOCAL
+@OUTPUT
+@cluster_options
+def status(
+    run: str | None, sweep: str | None, local: bool, output: str, cluster: api.ClusterOptions
+) -> None:
+    """Phase, reason, retries and training progress of RUN (or of every run of --sweep)."""
+    if sweep:
+        _print_sweep(api.get_backend(local=local, cluster=cluster), sweep, output)
+        return
+    if not run:
+        raise click.UsageError("name a RUN or --sweep NAME")
+    result = api.backend_for_run(run, local=local, cluster=cluster).status(run)
+    if output == "json":
+        _emit_json(result.to_json())
+        return
+    click.echo(result.summary())
+    click.echo(
+        f"job: {result.job_name}  attempts: {len(result.pods)}  failed attempts: {result.retries}"
+    )
+    click.echo(f"outputs: {result.output_uri}")
+    if result.progress_error:
+        click.echo(f"progress: unavailable ({result.progress_error})")
+
+
+@click.command()
+@click.argument("run")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming, across pod restarts.")
+@LOCAL
+@cluster_options
+def logs(run: str, follow: bool, local: bool, cluster: api.ClusterOptions) -> None:
+    """Print the logs of RUN (every attempt, oldest first)."""
+    for line in api.backend_for_run(run, local=local, cluster=cluster).logs(run, follow=follow):
+        click.echo(line)
+
+
+@click.command()
+@click.argument("run")
+@click.option("--wait", is_flag=True, help="Return once the Job and its pods are gone.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --wait: give up (exit 1) after this long.",
+)
+@LOCAL
+@OUTPUT
+@cluster_options
+def cancel(
+    run: str, wait: bool, timeout: float, local: bool, output: str, cluster: api.ClusterOptions
+) -> None:
+    """Stop RUN (the Job is deleted; outputs in storage stay). The run is Cancelling until
+    the cluster has removed the Job, then Cancelled."""
+    backend = api.backend_for_run(run, local=local, cluster=cluster)
+    result = backend.cancel(run, wait=wait, timeout=timeout)
+    if output == "json":
+        _emit_json(result.to_json())
+    else:
+        click.echo(result.summary())
+
+
+def _print_sweep(backend: Backend, sweep: str, output: str) -> None:
+    from launcher.sweep_runs import sweep_json, sweep_statuses, sweep_table
+
+    statuses = sweep_statuses(backend, sweep)
+    click.echo(sweep_json(statuses) if output == "json" else "\n".join(sweep_table(statuses)))
+
+
+@click.command(name="list")
+@LOCAL
+@click.option(
+    "--sweep", metavar="NAME", help="Only the runs of this sweep, with step, loss and values."
+)
+@OUTPUT
+@cluster_options
+def list_runs(local: bool, sweep: str | None, output: str, cluster: api.ClusterOptions) -> None:
+    """kubetune runs in the namespace (or on this machine with --local)."""
+    backend = api.get_backend(local=local, cluster=cluster)
+    if sweep:
+        _print_sweep(backend, sweep, output)
+        return
+    runs = backend.list()
+    if output == "json":
+        _emit_json([r.to_json() for r in runs])
+        return
+    rows = [("RUN", "PHASE", "REASON", "FAILED", "JOB", "OUTPUT")] + [
+        (r.run, r.phase, r.reason or "-", str(r.retries), r.job_name, r.output_uri or "-")
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        click.echo("  ".join([*cells, row[-1]]))
+
+
+COMMANDS = (render, submit, status, logs, cancel, list_runs)
+
+
+def register(group: click.Group, handle_errors: Callable[[Any], Any]) -> None:
+    """Add the commands to `group`, each wrapped in the CLI's error mapping."""
+    for command in COMMANDS:
+        if command.callback is not None:
+            command.callback = handle_errors(command.callback)
+        group.add_command(command)

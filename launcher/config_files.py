@@ -1,0 +1,117 @@
+"""Config commands' logic: validate files, write starter configs, emit the JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from kubetune.config import (
+    PIPELINE_TYPES,
+    PipelineConfig,
+    json_schema,
+    load_config,
+    output_uri,
+    run_name,
+)
+from kubetune.errors import BadExamples, ConfigError, UserError
+from launcher.pod_security import pod_patch_warnings
+
+
+@dataclass
+class ValidationResult:
+    """The outcome of validating one config file."""
+
+    file: str
+    valid: bool
+    type: str | None = None
+    run_name: str | None = None
+    outputs: str | None = None
+    summary: str | None = None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def summarize(cfg: PipelineConfig) -> str:
+    """One line describing what the config will train."""
+    length = (
+        f"{cfg.max_train_steps} steps" if cfg.max_train_steps else f"{cfg.max_train_epochs} epochs"
+    )
+    return (
+        f"{cfg.type} run '{run_name(cfg)}': {length}, batch {cfg.train_batch_size}, "
+        f"model {cfg.model}, outputs -> {output_uri(cfg)}"
+    )
+
+
+def validate_file(source: str, overrides: list[str] | None = None) -> ValidationResult:
+    """Validate one file (or `-` for stdin); never raises for config problems."""
+    source = source if source != "-" else "<stdin>"
+    try:
+        cfg = load_config("-" if source == "<stdin>" else source, overrides=overrides)
+    except ConfigError as err:
+        return ValidationResult(file=source, valid=False, errors=list(err.problems))
+    return ValidationResult(
+        file=source,
+        valid=True,
+        type=cfg.type,
+        run_name=run_name(cfg),
+        outputs=output_uri(cfg),
+        summary=summarize(cfg),
+        warnings=pod_patch_warnings(cfg),
+    )
+
+
+def verify_dataset(
+    result: ValidationResult,
+    overrides: list[str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ValidationResult:
+    """For a valid config: download and fully decode every example of its dataset (no torch);
+    a bad dataset marks the result invalid with one error line per bad example."""
+    if not result.valid:
+        return result
+    from kubetune.dataset.preflight import verify_data
+
+    cfg = load_config("-" if result.file == "<stdin>" else result.file, overrides=overrides)
+    try:
+        report = verify_data(cfg, on_progress=on_progress)
+    except UserError as err:
+        problems = err.problems if isinstance(err, BadExamples) else [str(err)]
+        result.valid, result.errors = False, [f"{result.file}: {p}" for p in problems]
+        return result
+    result.summary = f"{result.summary}; data: {report.num_examples} examples decode"
+    return result
+
+
+def results_to_json(results: list[ValidationResult]) -> str:
+    return json.dumps(
+        {"valid": all(r.valid for r in results), "results": [asdict(r) for r in results]}, indent=2
+    )
+
+
+def starter_config(pipeline_type: str) -> str:
+    """The commented starter config for a pipeline type (validates as written)."""
+    if pipeline_type not in PIPELINE_TYPES:
+        raise UserError(
+            f"--type {pipeline_type!r} is not a pipeline type",
+            hint=f"use one of {', '.join(PIPELINE_TYPES)}",
+        )
+    return resources.files("launcher").joinpath(f"templates/{pipeline_type}.yaml").read_text()
+
+
+def write_starter(pipeline_type: str, output: Path | None, force: bool) -> str:
+    """Write the starter config to `output` (or return it for stdout). Never overwrites
+    an existing file unless `force`."""
+    text = starter_config(pipeline_type)
+    if output is not None:
+        if output.exists() and not force:
+            raise UserError(f"{output} already exists", hint="pass --force to overwrite it")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    return text
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2)

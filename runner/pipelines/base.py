@@ -1,0 +1,340 @@
+"""What every training type shares: text conditioning, the noise-prediction loss of one
+micro-batch, and the contract the loop and checkpointer rely on (``TrainingPipeline``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubetune.config import PipelineConfig
+from kubetune.config.extensions import DEFAULT_HUBER_C
+from runner.models.embeddings import expand_placeholders, multi_vector_tokens
+from runner.models.loading import Components
+from runner.training.ema import EmaWeights
+from runner.training.losses import diffusion_loss, training_target
+from runner.training.noise import NoiseSettings, zero_terminal_snr_scheduler
+from runner.training.optim import ParamGroups
+from runner.training.speed import to_device
+
+Batch = dict[str, Any]
+OFFLOAD_DEVICE = torch.device("cpu")
+"""Where encoders whose outputs are cached wait during training steps."""
+
+
+class TextConditioner:
+    """Turns captions into UNet conditioning (SD: hidden states; SDXL: both encoders'
+    penultimate hidden states concatenated, plus the pooled projection of encoder 2).
+
+    Multi-vector tokens (the trained placeholder and ``base_embeddings`` tokens) are expanded
+    to all their vectors ("tok tok_1 tok_2") in every caption just before tokenizing, as
+    invoke-training does (and diffusers' ``maybe_convert_prompt`` at inference).
+    """
+
+    def __init__(self, comps: Components, *, cache: bool = False) -> None:
+        self.comps = comps
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = (
+            {} if cache else None
+        )
+
+    def _ids(self, tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
+        expansions = multi_vector_tokens(tokenizer)
+        ids = tokenizer(
+            [expand_placeholders(c, expansions) for c in captions],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return to_device(ids, device)
+
+    def encode(
+        self, captions: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states [B, 77, D], pooled [B, P] or None), cached per caption if asked."""
+        if self.cache is None:
+            return self._encode(captions, device)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            hidden, pooled = self._encode(missing, device)
+            for i, caption in enumerate(missing):
+                self.cache[caption] = (
+                    hidden[i].detach(),
+                    None if pooled is None else pooled[i].detach(),
+                )
+        rows = [self.cache[c] for c in captions]
+        pooled_rows = [p for _, p in rows]
+        return (
+            torch.stack([h for h, _ in rows]),
+            None if pooled_rows[0] is None else torch.stack(pooled_rows),
+        )  # type: ignore
+
+    def _encode(
+        self, captions: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode where the encoders are (``device`` unless offloaded), results on ``device``."""
+        comps = self.comps
+        here = comps.text_encoder.device
+        ids = self._ids(comps.tokenizer, captions, here)
+        if not comps.is_sdxl:
+            return comps.text_encoder(ids)[0].to(device), None
+        out1 = comps.text_encoder(ids, output_hidden_states=True)
+        out2 = comps.text_encoder_2(
+            self._ids(comps.tokenizer_2, captions, here), output_hidden_states=True
+        )
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        return hidden.to(device), out2.text_embeds.to(device)
+
+
+class LatentEncoder:
+    """VAE encoding to the latent distribution (mean, std), optionally cached by example id;
+    sampling uses the training generator so cached and uncached runs match."""
+
+    def __init__(self, vae: nn.Module, *, cache: bool = False) -> None:
+        self.vae = vae
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+
+    @torch.no_grad()
+    def _moments(
+        self, pixels: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode where the VAE is (``device`` unless offloaded), results on ``device``."""
+        pixels = to_device(pixels, self.vae.device).to(self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        return dist.mean.to(device), dist.std.to(device)
+
+    def fill(self, batch: Batch, device: torch.device) -> None:
+        """Cache the moments of the batch's examples not cached yet."""
+        assert self.cache is not None
+        ids = list(batch["id"])
+        todo = [i for i, key in enumerate(ids) if key not in self.cache]
+        if todo:
+            pixels = batch["pixel_values"]
+            m, s = self._moments(pixels if len(todo) == len(ids) else pixels[todo], device)
+            for j, i in enumerate(todo):
+                self.cache[ids[i]] = (m[j], s[j])
+
+    def sample(
+        self, batch: Batch, device: torch.device, generator: torch.Generator
+    ) -> torch.Tensor:
+        if self.cache is None:
+            mean, std = self._moments(batch["pixel_values"], device)
+        else:
+            self.fill(batch, device)
+            ids = list(batch["id"])
+            mean = torch.stack([self.cache[k][0] for k in ids])
+            std = torch.stack([self.cache[k][1] for k in ids])
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        latents = mean + std * noise
+        return latents * self.vae.config.scaling_factor
+
+
+def sdxl_time_ids(batch: Batch, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left, target size (6 per sample)."""
+    n = len(batch["caption"])
+    target = torch.tensor([[height, width]] * n, dtype=torch.long)
+    ids = torch.cat(
+        [batch["original_size_hw"].long(), batch["crop_top_left_yx"].long(), target], dim=1
+    )
+    return to_device(ids, device)
+
+
+class TrainingPipeline:
+    """Base class of the per-type pipelines.
+
+    Subclasses add trainable parameters in ``__init__`` and implement ``param_groups``,
+    ``trainable_parameters`` and ``export``. The loop calls ``loss`` per micro-batch,
+    ``after_optimizer_step`` after each step and ``set_train(False/True)`` around validation.
+    After ``warm_caches`` the encoders it replaced wait on ``OFFLOAD_DEVICE`` while training
+    and come back for validation (``set_train(False)``).
+    """
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        comps: Components,
+        device: torch.device,
+        *,
+        cache_text: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.comps = comps
+        self.device = device
+        self.text = TextConditioner(comps, cache=cache_text)
+        self.latents = LatentEncoder(comps.vae, cache=cfg.cache_vae_outputs)
+        if cfg.zero_terminal_snr:
+            comps.noise_scheduler = zero_terminal_snr_scheduler(comps.noise_scheduler)
+        self.noise = NoiseSettings.from_config(cfg)
+        self.ema: EmaWeights | None = None
+        """Set by ``build_pipeline`` when ``ema_decay`` is; see ``averaged``."""
+        self.prediction_type: str = comps.noise_scheduler.config.prediction_type
+        self.train_text_encoders = False  # subclasses set True when gradients flow through
+        self.lora_dropout = 0.0  # LoRA subclasses set their config's
+        self.offloaded: list[nn.Module] = []
+        """Encoders kept off the device during training steps (see ``warm_caches``)."""
+
+    # --- contract -------------------------------------------------------------------------
+    def param_groups(self) -> ParamGroups:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter training may change, by a stable name (checkpoint keys)."""
+        raise NotImplementedError
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """Write the user-facing outputs (LoRA / embeddings files) into ``out_dir``."""
+        raise NotImplementedError
+
+    def before_step(self, step: int) -> None:
+        """Hook before each optimizer step (``step`` counts completed steps)."""
+
+    def after_optimizer_step(self) -> None:
+        """Hook right after ``optimizer.step()`` (updates the EMA; subclasses call super)."""
+        if self.ema is not None:
+            self.ema.update()
+
+    def trained_modules(self) -> list[nn.Module]:
+        """Modules that hold trainable parameters (put in train mode, wrapped by accelerate)."""
+        return [self.comps.unet]
+
+    # --- shared behaviour -----------------------------------------------------------------
+    def set_train(self, train: bool) -> None:
+        """Training mode (offloaded encoders away) or inference mode (all on the device)."""
+        for module in self.train_mode_modules():
+            module.train(train)
+        self._place_offloaded(away=train)
+
+    def train_mode_modules(self) -> list[nn.Module]:
+        """The trained modules plus, with gradient checkpointing, the UNet and the text
+        encoders gradients flow through: diffusers and transformers checkpoint only in train
+        mode (as invoke-training, which calls ``.train()`` for this). Their dropout is 0, so
+        train mode changes nothing else."""
+        modules = list(self.trained_modules())
+        if self.cfg.gradient_checkpointing:
+            modules.append(self.comps.unet)
+            if self.train_text_encoders:
+                modules.extend(self.comps.text_encoders)
+        return modules
+
+    def cached_encoders(self) -> list[nn.Module]:
+        """Frozen encoders that training steps never run once the caches are warm."""
+        modules: list[nn.Module] = []
+        if self.latents.cache is not None:
+            modules.append(self.comps.vae)
+        if self.text.cache is not None and not self.train_text_encoders:
+            modules.extend(self.comps.text_encoders)
+        return modules
+
+    @torch.no_grad()
+    def warm_caches(self, batches: Iterable[Batch]) -> None:
+        """Fill the enabled latent / text caches from ``batches`` (every example once), then
+        move the encoders they replace to ``OFFLOAD_DEVICE`` until validation needs them:
+        lower peak memory during steps. Uses no random numbers."""
+        for batch in batches:
+            if self.latents.cache is not None:
+                self.latents.fill(batch, self.device)
+            if self.text.cache is not None:
+                self.text.encode(list(batch["caption"]), self.device)
+        self.offloaded = self.cached_encoders()
+        self._place_offloaded(away=True)
+
+    def _place_offloaded(self, *, away: bool) -> None:
+        if not self.offloaded:
+            return
+        for module in self.offloaded:
+            module.to(OFFLOAD_DEVICE if away else self.device)
+        if away and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back for the UNet's activations
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The EMA weights in the model for the block (validation, export); a no-op
+        without ``ema_decay``."""
+        if self.ema is None:
+            yield
+            return
+        with self.ema.applied():
+            yield
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.trainable_parameters()
+        missing = set(params) - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name].to(param.device, param.dtype))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {
+            n: p.detach().float().cpu().contiguous() for n, p in self.trainable_parameters().items()
+        }
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Noise-prediction loss of one micro-batch (float32 scalar).
+
+        With ``lora_dropout`` the dropout masks (drawn from torch's global RNG) come from a
+        seed drawn from ``generator``, so they resume exactly whatever else used that RNG."""
+        if not self.lora_dropout:
+            return self._loss(batch, generator)
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(seed))
+            return self._loss(batch, generator)
+
+    def _loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        device = self.device
+        latents = self.latents.sample(batch, device, generator)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        noise = self.noise.offset(noise, generator)
+        scheduler = self.comps.noise_scheduler
+        timesteps = self.noise.timesteps(
+            latents.shape[0], scheduler.config.num_train_timesteps, generator
+        )
+        noisy = scheduler.add_noise(latents, self.noise.perturbed(noise, generator), timesteps)
+        with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
+            hidden, pooled = self.text.encode(list(batch["caption"]), device)
+        unet = self.comps.unet
+        kwargs: dict[str, Any] = {}
+        if pooled is not None:
+            h, w = batch["pixel_values"].shape[-2:]
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled.to(unet.dtype),
+                "time_ids": sdxl_time_ids(batch, h, w, device),
+            }
+        pred = unet(
+            noisy.to(unet.dtype), timesteps, hidden.to(unet.dtype), return_dict=False, **kwargs
+        )[0]
+        target = training_target(scheduler, self.prediction_type, latents, noise, timesteps)
+        return diffusion_loss(
+            pred,
+            target,
+            timesteps,
+            scheduler,
+            self.prediction_type,
+            self.cfg.min_snr_gamma,
+            loss_type=self.cfg.loss_type,
+            huber_c=self.cfg.huber_c or DEFAULT_HUBER_C,
+            mask=batch.get("mask"),
+            loss_weight=batch.get("loss_weight"),
+        )
+
+
+def enable_gradient_checkpointing(modules: list[nn.Module]) -> None:
+    """diffusers / transformers gradient checkpointing. transformers models use the
+    non-reentrant variant: the reentrant one gives parameters inside a checkpointed layer no
+    gradient when the layer's input needs none (a text-encoder LoRA over frozen embeddings),
+    which is why invoke-training sets ``embeddings.requires_grad_(True)``."""
+    non_reentrant = {"use_reentrant": False}
+    for module in modules:
+        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers 4.x
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)

@@ -1,0 +1,164 @@
+"""Progress for humans (one log line every N steps, readable in ``kubectl logs``) and for the
+launcher (``progress.json`` in the run's output location), plus TensorBoard scalars.
+
+The loss stays on the device between log lines: one host sync per log line, not per step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune.layout import PROGRESS_KEY, ProgressRecord, RunState, log_key, utc_now
+from kubetune.storage import ObjectStore
+from runner.reporting.history import History
+
+log = logging.getLogger("runner.reporting.progress")
+
+
+@dataclass(frozen=True)
+class ProgressSettings:
+    total_steps: int
+    steps_per_epoch: int
+    log_every_n_steps: int = 10
+    write_every_s: float = 30.0
+    tensorboard_dir: Path | None = None
+    upload_logs: bool = False
+    """Copy the TensorBoard files to ``logs/`` in the store on each write (remote stores)."""
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return str(dt.timedelta(seconds=int(seconds)))
+
+
+class ProgressReporter:
+    """Call ``update`` after every optimizer step; ``finish(state)`` at the end."""
+
+    def __init__(
+        self, settings: ProgressSettings, store: ObjectStore | None, *, start_step: int = 0
+    ) -> None:
+        self.s, self.store = settings, store
+        self.start_step = start_step
+        self._loss_sum: torch.Tensor | None = None
+        self._window_steps = 0
+        self._window_images = 0
+        self._window_start = time.perf_counter()
+        self._last_write = 0.0
+        self.record = ProgressRecord(step=start_step, total_steps=settings.total_steps)
+        self._writer = self._tensorboard(settings.tensorboard_dir)
+        self.history = History(store, start_step=start_step)
+        self._lrs: dict[str, float] = {}
+
+    @staticmethod
+    def _tensorboard(folder: Path | None) -> Any:
+        if folder is None:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; no event files will be written")
+            return None
+        return SummaryWriter(str(folder))
+
+    def update(
+        self,
+        step: int,
+        epoch: int,
+        loss: torch.Tensor,
+        lr: float,
+        images: int,
+        lrs: dict[str, float] | None = None,
+    ) -> None:
+        """``lrs``: every optimizer param group's rate by group name (TensorBoard)."""
+        self._lrs = lrs or {}
+        detached = loss.detach()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._window_steps += 1
+        self._window_images += images
+        if step % self.s.log_every_n_steps == 0 or step == self.s.total_steps:
+            self._emit(step, epoch, lr)
+
+    def _emit(self, step: int, epoch: int, lr: float) -> None:
+        assert self._loss_sum is not None
+        loss = float(self._loss_sum.item()) / self._window_steps  # the one sync per line
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        ips = self._window_images / elapsed
+        eta = (self.s.total_steps - step) * elapsed / self._window_steps
+        log.info(
+            "step %d/%d epoch %d loss %.4f lr %.3g %.2f img/s ETA %s",
+            step,
+            self.s.total_steps,
+            epoch + 1,
+            loss,
+            lr,
+            ips,
+            format_eta(eta),
+        )
+        self.note(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips,
+                  eta_seconds=round(eta, 1))  # fmt: skip
+        self.history.append(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips)
+        if self._writer is not None:
+            self._writer.add_scalar("train/loss", loss, step)
+            self._writer.add_scalar("train/lr", lr, step)
+            for name, value in self._lrs.items():
+                self._writer.add_scalar(f"lr/{name}", value, step)
+            self._writer.add_scalar("train/images_per_sec", ips, step)
+        self._loss_sum, self._window_steps, self._window_images = None, 0, 0
+        self._window_start = time.perf_counter()
+        if time.monotonic() - self._last_write >= self.s.write_every_s:
+            self.write()
+
+    def log_images(self, step: int, images: list[list[Any]]) -> None:
+        """Validation images to TensorBoard (as invoke-training): one image batch per prompt,
+        tag ``validation/prompt-<i>``; ``images`` holds rows of same-size PIL images."""
+        if self._writer is None:
+            return
+        import numpy as np
+
+        for i, row in enumerate(images):
+            batch = np.stack([np.asarray(image.convert("RGB")) for image in row])
+            self._writer.add_images(f"validation/prompt-{i}", batch, step, dataformats="NHWC")
+        self._writer.flush()
+        self._upload_logs()
+
+    def note(self, **fields: Any) -> None:
+        """Set record fields (e.g. last_checkpoint_step) without writing; validated."""
+        self.record = ProgressRecord.model_validate({**self.record.model_dump(), **fields})
+
+    def write(self, state: RunState | None = None) -> None:
+        """Publish progress.json (all-or-nothing put)."""
+        self.note(updated_at=utc_now(), **({"state": state} if state else {}))
+        self._last_write = time.monotonic()
+        if self.store is not None:
+            self.history.publish()
+            self.store.put_bytes(PROGRESS_KEY, self.record.to_bytes())
+        if self._writer is not None:
+            self._writer.flush()
+            self._upload_logs()
+
+    def _upload_logs(self) -> None:
+        folder = self.s.tensorboard_dir
+        if not (self.s.upload_logs and self.store is not None and folder is not None):
+            return
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.store.put_file(log_key(path.relative_to(folder).as_posix()), path)
+
+    def history_records(self) -> list[dict[str, Any]]:
+        """The metric history so far (for the run report)."""
+        return self.history.records
+
+    def finish(self, state: RunState) -> None:
+        self.write(state)
+        if self._writer is not None:
+            self._writer.close()
+            self._upload_logs()
+            self._writer = None

@@ -1,0 +1,141 @@
+"""`cache_vae_outputs` / `cache_text_encoder_outputs` persisted with the run: VAE latent
+moments and text embeddings in `runner.data.cache.TensorCache` files under `<run>/cache/`
+(a local run) or a local work folder mirrored to `s3://…/<run>/cache/` (a Kubernetes run),
+so a restarted pod neither re-reads the images nor re-encodes them.
+
+An entry is keyed by the model identity, the data-loader settings that change pixels or
+captions (the cache namespace), and the example: its key, byte size and version from the
+dataset index for latents, the final caption text for embeddings. Hugging Face rows are
+versioned by the Arrow dataset's fingerprint; examples without any version are encoded every
+start.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kubetune.config import output_uri
+from kubetune.storage import open_store
+from runner.data.cache import TensorCache, cache_namespace
+from runner.data.loader import ResumableLoader, cache_batches
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kubetune.config import PipelineConfig, StorageConfig
+    from runner.models.loading import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where the run's encoder caches live and what keys them."""
+
+    local_root: Path
+    """Local folder of the caches (the run folder for a local run, else a work folder)."""
+    namespaces: dict[str, dict[str, Any]]
+    """``"vae"`` / ``"text"`` → the cache namespace (model identity + data-loader settings)."""
+    mirror_uri: str | None = None
+    """``<run output>/cache`` when the run's storage is S3, so a restarted pod reuses it."""
+    storage: StorageConfig | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg: PipelineConfig, model: ModelSettings, work_dir: Path
+    ) -> CacheSettings:
+        ident, out = model.identity(), output_uri(cfg)
+        local = Path(out) / "cache" if cfg.storage is None else work_dir / "cache"
+        mirror = f"{out}/cache" if cfg.storage is not None else None
+        namespaces = {kind: cache_namespace(cfg, kind, ident) for kind in ("vae", "text")}
+        return cls(local, namespaces, mirror, cfg.storage)
+
+    def open(self, kind: str) -> TensorCache:
+        """The ``kind`` cache on local disk, mirrored to ``mirror_uri`` if set."""
+        mirror = open_store(self.mirror_uri, self.storage) if self.mirror_uri else None
+        return TensorCache(self.local_root, self.namespaces[kind], mirror)
+
+
+class PersistedCaches:
+    """Loads what a previous start encoded into the pipeline's in-memory caches, and stores
+    what this start encodes (main process only)."""
+
+    def __init__(self, settings: CacheSettings, pipeline: Any, *, is_main: bool) -> None:
+        self.pipeline, self.is_main = pipeline, is_main
+        self.vae = settings.open("vae") if pipeline.latents.cache is not None else None
+        self.text = settings.open("text") if pipeline.text.cache is not None else None
+        self._loaded_latents: set[str] = set()
+        self._loaded_captions: set[str] = set()
+
+    def warm(self, loader: ResumableLoader) -> None:
+        """Fill the pipeline's caches: from storage where possible, by encoding otherwise."""
+        done = self._restore(loader)
+        todo = len(loader.dataset) - len(done)
+        log.info("encoder caches: %d examples restored, %d to encode", len(done), todo)
+        self.pipeline.warm_caches(cache_batches(loader, skip=done))
+        if self.is_main:
+            self._store(loader)
+
+    def _restore(self, loader: ResumableLoader) -> set[int]:
+        """Indices whose latents and embeddings were both found."""
+        device, done = self.pipeline.device, set()
+        source = loader.dataset.source
+        for index, rec in enumerate(source.records):
+            if not rec.etag:
+                continue
+            ok = True
+            if self.vae is not None:
+                found = self.vae.get(self.vae.key(_version(source, index)))
+                if found is not None:
+                    self.pipeline.latents.cache[rec.id] = (
+                        found["mean"].to(device),
+                        found["std"].to(device),
+                    )
+                    self._loaded_latents.add(rec.id)
+                ok = found is not None
+            if self.text is not None:
+                ok = self._restore_text(loader.dataset.caption(index, 0), device) and ok
+            if ok:
+                done.add(index)
+        return done
+
+    def _restore_text(self, caption: str, device: torch.device) -> bool:
+        assert self.text is not None
+        if caption in self._loaded_captions:
+            return True
+        found = self.text.get(self.text.key(caption))
+        if found is None:
+            return False
+        pooled = found.get("pooled")
+        self.pipeline.text.cache[caption] = (
+            found["hidden"].to(device),
+            None if pooled is None else pooled.to(device),
+        )
+        self._loaded_captions.add(caption)
+        return True
+
+    def _store(self, loader: ResumableLoader) -> None:
+        """Put every entry this start encoded."""
+        source = loader.dataset.source
+        if self.vae is not None:
+            for index, rec in enumerate(source.records):
+                moments = self.pipeline.latents.cache.get(rec.id)
+                if rec.etag and moments is not None and rec.id not in self._loaded_latents:
+                    mean, std = moments
+                    key = self.vae.key(_version(source, index))
+                    self.vae.put(key, {"mean": mean, "std": std})
+        if self.text is not None:
+            for caption, (hidden, pooled) in self.pipeline.text.cache.items():
+                if caption in self._loaded_captions:
+                    continue
+                tensors = {"hidden": hidden} | ({} if pooled is None else {"pooled": pooled})
+                self.text.put(self.text.key(caption), tensors)
+
+
+def _version(source: Any, index: int) -> str:
+    """An example's identity for the latent cache: where it is, its size and version."""
+    rec = source.records[index]
+    return f"{source.store_uri(index)}|{rec.image_key or rec.id}|{rec.size}|{rec.etag}"

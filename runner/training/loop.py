@@ -1,0 +1,184 @@
+"""The training loop: step → checkpointer.maybe_save(step) → validator.maybe_validate(step),
+with a SIGTERM flag checked between steps (checkpoint, publish, exit 143)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from kubetune.errors import Preempted
+from kubetune.layout import step_name
+from runner.checkpoint.state import Checkpointer, LoopState
+from runner.pipelines.base import Batch, TrainingPipeline
+from runner.reporting.progress import ProgressReporter
+from runner.reporting.run_events import RunEvents
+from runner.training.validation import Validator
+
+log = logging.getLogger(__name__)
+
+
+def install_sigterm_handler() -> threading.Event:
+    """SIGTERM sets the returned flag; the loop finishes its step and checkpoints."""
+    flag = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        flag.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    return flag
+
+
+class GeneratorState:
+    """A ``torch.Generator`` with the ``state_dict`` interface checkpoints use."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["state"])
+
+
+class StepRunner:
+    """One optimizer step over a group of micro-batches (gradient accumulation)."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        pipeline: TrainingPipeline,
+        optimizer: Any,
+        lr_scheduler: Any,
+        generator: torch.Generator,
+        max_grad_norm: float | None,
+    ) -> None:
+        self.accelerator, self.pipeline = accelerator, pipeline
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.generator, self.max_grad_norm = generator, max_grad_norm
+        self.params = list(pipeline.trainable_parameters().values())
+
+    @property
+    def lr(self) -> float:
+        return float(self.lr_scheduler.get_last_lr()[0])
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        """Every param group's current rate by its name (``group-<i>`` if unnamed)."""
+        groups = self.optimizer.param_groups
+        return {
+            g.get("name", f"group-{i}"): float(lr)
+            for i, (g, lr) in enumerate(zip(groups, self.lr_scheduler.get_last_lr(), strict=False))
+        }
+
+    def run(self, group: list[Batch], step: int) -> torch.Tensor:
+        """Forward/backward each micro-batch, then clip, step, schedule; the mean loss."""
+        self.pipeline.before_step(step)
+        total = torch.zeros((), device=self.accelerator.device)
+        for batch in group:
+            with self.accelerator.autocast():
+                loss = self.pipeline.loss(batch, self.generator) / len(group)
+            self.accelerator.backward(loss)
+            total += loss.detach()
+        self._all_reduce_grads()
+        if self.max_grad_norm is not None:
+            live = [p for p in self.params if p.grad is not None]
+            self.accelerator.clip_grad_norm_(live, self.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pipeline.after_optimizer_step()
+        return total
+
+    def _all_reduce_grads(self) -> None:
+        """Average gradients across processes in one flat buffer (LoRA/TI grads are small)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+@dataclass
+class StepInput:
+    group: list[Batch]
+    epoch: int
+    """The epoch the group's batches come from (for progress)."""
+    completed_epoch: int | None
+    """Epochs completed once this step is done (set only on an epoch's last step)."""
+
+    @property
+    def images(self) -> int:
+        return sum(len(b["caption"]) for b in self.group)
+
+
+def step_inputs(loader: Any, accumulation: int) -> Iterator[StepInput]:
+    """Group the loader's batches into optimizer steps, never across an epoch boundary.
+    The loader's sampler owns the data cursor: an epoch ends when its epoch moves on."""
+    while True:
+        group: list[Batch] = []
+        epoch = loader.epoch
+        for batch in loader:  # the rest of the loader's current epoch
+            group.append(batch)
+            epoch_done = loader.epoch != epoch
+            if len(group) == accumulation or epoch_done:
+                yield StepInput(group, epoch, loader.epoch if epoch_done else None)
+                group = []
+
+
+@dataclass
+class Loop:
+    """Everything the loop talks to."""
+
+    runner: StepRunner
+    loader: Any
+    checkpointer: Checkpointer
+    validator: Validator
+    progress: ProgressReporter
+    stop: threading.Event
+    total_steps: int
+    accumulation: int
+    events: RunEvents
+
+    def run(self, state: LoopState) -> None:
+        """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
+        if state.step >= self.total_steps:
+            return
+        for item in step_inputs(self.loader, self.accumulation):
+            loss = self.runner.run(item.group, state.step)
+            state.step += 1
+            log.debug("step %d done", state.step)
+            self.progress.update(
+                state.step, item.epoch, loss, self.runner.lr, item.images, self.runner.lrs
+            )
+            if self.checkpointer.maybe_save(state, item.completed_epoch):
+                self.progress.note(last_checkpoint_step=state.step)
+            if self.validator.maybe_validate(state.step, item.completed_epoch):
+                self.events.validation(state.step)
+            if state.step >= self.total_steps:
+                return
+            if self.stop.is_set():
+                self._preempt(state)
+
+    def _preempt(self, state: LoopState) -> None:
+        self.checkpointer.save(state)
+        self.checkpointer.wait()
+        self.progress.note(last_checkpoint_step=state.step)
+        self.progress.finish("preempted")
+        raise Preempted(
+            f"stopped by SIGTERM after step {state.step}; checkpoint "
+            f"{step_name(state.step)} published, resume by rerunning"
+        )

@@ -1,0 +1,79 @@
+"""Optimizer and learning-rate schedule from the typed config sections."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers.optimization import get_scheduler
+from torch.optim.lr_scheduler import LRScheduler
+
+from kubetune.config import AdamOptimizerConfig, ProdigyOptimizerConfig
+from kubetune.errors import UserError
+
+log = logging.getLogger(__name__)
+ParamGroups = list[dict[str, Any]]
+
+
+def build_optimizer(
+    cfg: AdamOptimizerConfig | ProdigyOptimizerConfig, groups: ParamGroups, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA, 8-bit with bitsandbytes when asked and on CUDA) or Prodigy.
+
+    Each group carries its own ``lr``; groups without one use ``cfg.learning_rate``.
+    """
+    groups = [{"lr": cfg.learning_rate, **g} for g in groups]
+    if isinstance(cfg, ProdigyOptimizerConfig):
+        return _prodigy(cfg, groups)
+    kwargs = dict(
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    if cfg.use_8bit:
+        if device.type != "cuda":
+            raise UserError(
+                f"optimizer.use_8bit needs a CUDA GPU (training runs on {device.type})",
+                hint="set optimizer.use_8bit: false, or run on a GPU node (job.gpus)",
+            )
+        return _adamw_8bit(groups, kwargs)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+
+
+def _adamw_8bit(groups: ParamGroups, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(
+            "optimizer.use_8bit needs bitsandbytes",
+            hint="pip install bitsandbytes, or set use_8bit: false",
+        ) from None
+    return bnb.optim.AdamW8bit(groups, **kwargs)
+
+
+def _prodigy(cfg: ProdigyOptimizerConfig, groups: ParamGroups) -> torch.optim.Optimizer:
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError(
+            "optimizer Prodigy needs prodigyopt",
+            hint="pip install prodigyopt, or use optimizer_type: AdamW",
+        ) from None
+    return Prodigy(
+        groups,
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        use_bias_correction=cfg.use_bias_correction,
+        safeguard_warmup=cfg.safeguard_warmup,
+    )
+
+
+def build_lr_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int
+) -> LRScheduler:
+    """diffusers' scheduler factory, stepped once per optimizer step."""
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+    )

@@ -1,0 +1,216 @@
+"""The config schema: valid configs round-trip, invalid ones name the exact field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kubetune.config import (
+    PIPELINE_TYPES,
+    config_hash,
+    config_to_yaml,
+    load_config,
+    output_uri,
+    parse_config,
+    run_name,
+)
+from kubetune.errors import ConfigError
+from launcher.cli.main import main
+from launcher.config_files import starter_config, validate_file
+
+DATA = Path(__file__).parents[1] / "data"
+ROOT = Path(__file__).parents[2]
+BAD = sorted((DATA / "bad" / "config").glob("*.yaml"))
+SAMPLES = sorted((DATA / "invoke_samples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _expectation(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} needs an '# expect:' header"
+    return first.removeprefix("# expect: ")
+
+
+def test_bad_corpus_is_large_enough() -> None:
+    assert len(BAD) >= 50
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
+def test_invalid_config_names_field_path(path: Path) -> None:
+    expect = _expectation(path)
+    result = validate_file(str(path))
+    assert not result.valid
+    text = "\n".join(result.errors)
+    if expect.startswith("~"):
+        assert expect[1:] in text
+    else:
+        assert f": {expect}: " in text, text
+    for line in result.errors:
+        assert line.startswith(f"{path}:"), "every problem names the file and line"
+        assert "\n" not in line and "Traceback" not in line
+
+
+@pytest.mark.parametrize("path", BAD[::9], ids=lambda p: p.stem)
+def test_invalid_config_exits_2_through_cli(path: Path) -> None:
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert result.output.count("error: ") >= 1
+
+
+@pytest.mark.parametrize("path", SAMPLES + EXAMPLES, ids=lambda p: p.stem)
+def test_valid_configs_round_trip(path: Path) -> None:
+    cfg = load_config(path)
+    again = parse_config(config_to_yaml(cfg))
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    # Every field from the file survives the round trip unchanged.
+    raw = yaml.safe_load(path.read_text())
+    dumped = yaml.safe_load(config_to_yaml(cfg))
+    for key, value in raw.items():
+        if isinstance(value, (str, bool, int)) and not isinstance(dumped[key], float):
+            assert dumped[key] == value, key
+
+
+def test_sample_configs_cover_all_five_types() -> None:
+    assert {load_config(p).type for p in SAMPLES} == set(PIPELINE_TYPES)
+
+
+@pytest.mark.parametrize(
+    "name", ["sdxl_lora_masks_gnome_1x24gb", "sdxl_textual_inversion_masks_gnome_1x24gb"]
+)
+def test_invoke_training_mask_samples_validate_unchanged(name: str) -> None:
+    """invoke-training's two `use_masks` samples, copied byte for byte, validate as written."""
+    path = DATA / "invoke_samples" / f"{name}.yaml"
+    result = validate_file(str(path))
+    assert result.valid, result.errors
+    cfg = load_config(path)
+    assert cfg.use_masks is True
+    assert cfg.data_loader.dataset.type == "IMAGE_CAPTION_JSONL_DATASET"
+
+
+@pytest.mark.parametrize("pipeline_type", PIPELINE_TYPES)
+def test_starter_config_validates_and_round_trips(pipeline_type: str, tmp_path: Path) -> None:
+    out = tmp_path / "c.yaml"
+    result = CliRunner().invoke(main, ["init", "--type", pipeline_type, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(out)
+    assert cfg.type == pipeline_type
+    assert out.read_text() == starter_config(pipeline_type)
+    assert parse_config(config_to_yaml(cfg)) == cfg
+
+
+def test_all_problems_reported_at_once_with_lines() -> None:
+    text = (
+        "type: SD_LORA\n"
+        "base_output_dir: out/x\n"
+        "max_train_steps: 10\n"
+        "max_train_epochs: 1\n"
+        "save_every_n_steps: 5\n"
+        "learnign_rate: 3\n"
+        "data_loader:\n"
+        "  type: IMAGE_CAPTION_SD_DATA_LOADER\n"
+        "  dataset: {type: IMAGE_CAPTION_DIR_DATASET, dataset_dir: d}\n"
+        "  resolution: -8\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, name="c.yaml")
+    problems = err.value.problems
+    assert (
+        "c.yaml:6: learnign_rate: unknown key; did you mean 'optimizer.learning_rate'?"
+        not in problems
+    )  # a typo of a nested key is not an exact nested field
+    assert any(p.startswith("c.yaml:6: learnign_rate: unknown key") for p in problems)
+    assert any(
+        p.startswith("c.yaml:10: data_loader.resolution: must be positive") for p in problems
+    )
+    assert len(problems) == 2  # the cross-field rule runs once the fields are valid
+
+
+def test_cross_field_rules_reported_together() -> None:
+    text = (
+        "type: SD_LORA\nbase_output_dir: o\nmax_train_steps: 1\nmax_train_epochs: 1\n"
+        "save_every_n_steps: 1\nsave_every_n_epochs: 1\nuse_masks: true\n"
+        "data_loader: {type: IMAGE_CAPTION_SD_DATA_LOADER,"
+        " dataset: {type: IMAGE_CAPTION_DIR_DATASET, dataset_dir: d}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, name="c.yaml")
+    joined = "\n".join(err.value.problems)
+    assert "c.yaml:4: max_train_epochs: set only one of" in joined
+    assert "c.yaml:6: save_every_n_epochs: set only one of" in joined
+    assert "c.yaml:7: use_masks:" in joined
+
+
+def test_nested_key_at_top_level_suggests_its_section() -> None:
+    text = (
+        "type: SD_LORA\nbase_output_dir: o\nmax_train_steps: 1\nsave_every_n_steps: 1\n"
+        "learning_rate: 0.1\n"
+        "data_loader: {type: IMAGE_CAPTION_SD_DATA_LOADER,"
+        " dataset: {type: IMAGE_CAPTION_DIR_DATASET, dataset_dir: d}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, name="c.yaml")
+    assert err.value.problems == [
+        "c.yaml:5: learning_rate: unknown key here; did you mean 'optimizer.learning_rate'?"
+    ]
+
+
+def test_overrides_apply_before_validation() -> None:
+    cfg = load_config(
+        SAMPLES[0],
+        overrides=["max_train_steps=7", "optimizer.learning_rate=0.5", "job.name=Nightly Run"],
+    )
+    assert cfg.max_train_steps == 7
+    assert cfg.optimizer.learning_rate == 0.5
+    assert run_name(cfg) == "nightly-run"
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(SAMPLES[0], overrides=["max_train_steps"])
+
+
+def test_output_uri_with_and_without_storage() -> None:
+    cfg = load_config(SAMPLES[0])
+    assert output_uri(cfg) == "output/sd_lora_pokemon"
+    cfg = load_config(SAMPLES[0], overrides=["storage.bucket=runs", "storage.prefix=team/a/"])
+    assert output_uri(cfg) == "s3://runs/team/a/sd-lora-pokemon"
+
+
+def test_config_hash_changes_with_any_field() -> None:
+    a = load_config(SAMPLES[0])
+    b = load_config(SAMPLES[0], overrides=["seed=2"])
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(load_config(SAMPLES[0]))
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "no such file" in result.output
+
+
+def test_every_config_field_is_documented() -> None:
+    """Field docstrings are the user's documentation (schema descriptions, reference)."""
+    from kubetune.config.base import document_fields
+    from kubetune.config.loader import all_models
+
+    document_fields(all_models())
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in all_models()
+        for name, field in cls.model_fields.items()
+        if not field.description and name not in ("type", "optimizer_type")
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize("key", ["tuple[", "SD_LORA", "int", "AdamW", "function-after"])
+def test_keys_named_like_union_labels_keep_their_path(key: str) -> None:
+    """Found by the fuzzer: pydantic's union branch labels must not swallow real keys."""
+    text = SAMPLES[0].read_text() + f"{key!r}: 1\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, name="c.yaml")
+    assert any(
+        f": {key}: unknown key" in p or f": {key}: not valid" in p for p in err.value.problems
+    ), err.value.problems

@@ -1,0 +1,121 @@
+"""The run layout and progress record: one torch-free owner, shared by runner and launcher."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubetune import layout
+from kubetune.layout import ProgressRecord, SetAsideCheckpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_step_names_round_trip() -> None:
+    assert layout.step_name(200) == "step-000200"
+    assert layout.step_name(1_234_567) == "step-1234567"
+    for step in (0, 7, 999_999, 1_000_000):
+        assert layout.parse_step_name(layout.step_name(step)) == step
+    for other in ("step-12", "step-00001a", "steps-000001", "step-000001.2026", "x"):
+        assert layout.parse_step_name(other) is None
+    with pytest.raises(ValueError):
+        layout.step_name(-1)
+
+
+def test_keys() -> None:
+    assert layout.checkpoint_key(3) == "checkpoints/step-000003"
+    assert layout.manifest_key(3) == "checkpoints/step-000003/manifest.json"
+    assert layout.validation_key(40, "grid.png") == "validation/step-000040/grid.png"
+    assert layout.set_aside_key(3, "20261201T000000Z", "a/b") == (
+        "checkpoints-set-aside/step-000003.20261201T000000Z/a/b"
+    )
+    assert layout.final_key("lora.safetensors") == "final/lora.safetensors"
+    assert layout.log_key("events.out") == "logs/events.out"
+
+
+def test_layout_is_torch_free() -> None:
+    code = "import sys, kubetune.layout\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_record_round_trip_ignores_unknown_fields() -> None:
+    record = ProgressRecord(
+        state="preempted",
+        step=12,
+        total_steps=40,
+        resumed_from=8,
+        set_aside=[SetAsideCheckpoint(step=10, reason="corrupt", moved_to="x")],
+    )
+    raw = json.loads(record.to_bytes())
+    assert raw["images_per_second"] is None and raw["last_checkpoint_step"] is None
+    raw["a_field_from_a_newer_runner"] = 1
+    assert ProgressRecord.from_bytes(json.dumps(raw)) == record
+    for bad in (b"[]", b"{", b'{"step": "twelve"}'):
+        with pytest.raises(ValueError):
+            ProgressRecord.from_bytes(bad)
+
+
+def test_runner_writes_what_the_launcher_reads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The contract: every field the runner's reporter sets arrives in the launcher's view."""
+    import torch
+
+    from kubetune.storage import open_store
+    from launcher.backends.base import read_progress
+    from runner.reporting.progress import ProgressReporter, ProgressSettings
+
+    reporter = ProgressReporter(
+        ProgressSettings(total_steps=4, steps_per_epoch=2, log_every_n_steps=2, write_every_s=0),
+        open_store(str(tmp_path)),
+        start_step=0,
+    )
+    reporter.note(resumed_from=0)
+    with caplog.at_level(logging.INFO):
+        for step in range(1, 5):
+            reporter.update(step, (step - 1) // 2, torch.tensor(0.25), 1e-4, images=2)
+            if step == 2:
+                mid, error = read_progress(str(tmp_path), None)
+                assert error is None and mid is not None
+                assert (mid.state, mid.step, mid.epoch) == ("running", 2, 0)
+                assert mid.images_per_second is not None and mid.images_per_second > 0
+                assert mid.eta_seconds is not None and mid.lr == pytest.approx(1e-4)
+        reporter.note(last_checkpoint_step=4)
+        reporter.finish("completed")
+    seen, error = read_progress(str(tmp_path), None)
+    assert error is None and seen is not None
+    assert (seen.state, seen.step, seen.total_steps, seen.epoch) == ("completed", 4, 4, 1)
+    assert seen.loss == pytest.approx(0.25) and seen.last_checkpoint_step == 4
+    assert seen.resumed_from == 0 and seen.updated_at is not None
+    written = json.loads((tmp_path / layout.PROGRESS_KEY).read_text())
+    assert set(written) == set(ProgressRecord.model_fields)  # nothing outside the contract
+    assert seen.summary().startswith("step 4/4, loss 0.25, ")
+
+
+def test_summary() -> None:
+    record = ProgressRecord(step=40, total_steps=100, loss=0.125, images_per_second=3.5,
+                            eta_seconds=95)  # fmt: skip
+    assert record.summary() == "step 40/100, loss 0.125, 3.5 img/s, ETA 1m35s"
+    assert ProgressRecord(state="completed", step=0).summary() == "step 0/?"
+
+
+_HARD_CODED = re.compile(r"step-\{|step-%0|[\"']progress\.json[\"']|[\"']manifest\.json[\"']")
+
+
+def test_layout_has_one_owner() -> None:
+    """No runner or launcher module formats step folders or names layout keys itself."""
+    offenders = []
+    for path in sorted([*ROOT.glob("runner/**/*.py"), *ROOT.glob("launcher/**/*.py")]):
+        if path.name == "layout.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if _HARD_CODED.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == []

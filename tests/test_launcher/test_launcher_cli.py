@@ -1,0 +1,103 @@
+"""The launcher's config commands: validate / init / schema, --help, and a light import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from kubetune.config import PIPELINE_TYPES
+from launcher.cli.main import main
+
+DATA = Path(__file__).parents[1] / "data"
+GOOD = DATA / "invoke_samples" / "sd_lora_pokemon_1x8gb.yaml"
+BAD = DATA / "bad" / "config" / "001-unknown-top-key.yaml"
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+
+
+def test_launcher_import_stays_light() -> None:
+    code = (
+        "import sys, launcher.cli.main, launcher.config_files, kubetune.config\n"
+        "from click.testing import CliRunner\n"
+        f"CliRunner().invoke(launcher.cli.main.main, ['validate', {str(GOOD)!r}])\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_validate_ok_prints_summary_and_exits_0() -> None:
+    result = CliRunner().invoke(main, ["validate", str(GOOD)])
+    assert result.exit_code == 0
+    assert result.output.startswith(f"ok: {GOOD}: SD_LORA run 'sd-lora-pokemon': 4000 steps")
+
+
+def test_validate_json_for_ci() -> None:
+    result = CliRunner().invoke(main, ["validate", "--output", "json", str(GOOD), str(BAD)])
+    assert result.exit_code == 2
+    doc = json.loads(result.stdout)
+    assert doc["valid"] is False
+    good, bad = doc["results"]
+    assert good["valid"] and good["type"] == "SD_LORA" and good["run_name"] == "sd-lora-pokemon"
+    assert not bad["valid"] and "learnig_rate" in bad["errors"][0]
+
+
+def test_validate_reads_stdin() -> None:
+    result = CliRunner().invoke(main, ["validate", "-"], input=GOOD.read_text())
+    assert result.exit_code == 0 and "ok: <stdin>" in result.output
+    result = CliRunner().invoke(main, ["validate", "-"], input="type: NOPE\n")
+    assert result.exit_code == 2 and "<stdin>:1: type:" in result.output
+
+
+def test_validate_set_override() -> None:
+    result = CliRunner().invoke(main, ["validate", "--set", "train_batch_size=0", str(GOOD)])
+    assert result.exit_code == 2 and "train_batch_size" in result.output
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "cfg.yaml"
+    out.write_text("keep me")
+    result = CliRunner().invoke(main, ["init", "--type", "SD_LORA", "-o", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert out.read_text() == "keep me"
+    result = CliRunner().invoke(main, ["init", "--type", "sd_lora", "-o", str(out), "--force"])
+    assert result.exit_code == 0 and out.read_text().startswith("# kubetune config")
+
+
+def test_init_unknown_type_is_usage_error() -> None:
+    result = CliRunner().invoke(main, ["init", "--type", "SD_DREAMBOOTH"])
+    assert result.exit_code == 2 and "SD_DREAMBOOTH" in result.output
+
+
+def test_schema_is_json_schema_with_all_types(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    assert CliRunner().invoke(main, ["schema", "-o", str(out)]).exit_code == 0
+    schema = json.loads(out.read_text())
+    text = json.dumps(schema)
+    for pipeline_type in PIPELINE_TYPES:
+        assert pipeline_type in text
+    # Field docstrings are the user's documentation: they land in the schema.
+    assert "Checkpoint every N steps" in text
+    assert schema["discriminator"]["propertyName"] == "type"
+
+
+def test_every_command_help_teaches_with_an_example() -> None:
+    for command in ("validate", "init", "schema"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "Example" in result.output, command
+    assert "Exit status" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_help_does_not_build_the_schema() -> None:
+    """`launcher --help` and the cluster commands' parsing stay fast: the pydantic schema,
+    the kubernetes client and boto3 load only when a command needs them."""
+    code = (
+        "import sys, launcher.cli.main\n"
+        "print(sorted(m for m in ('kubetune.config', 'kubernetes', 'boto3', 'pydantic')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

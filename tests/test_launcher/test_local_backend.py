@@ -1,0 +1,121 @@
+"""launcher.backends.local with a stand-in runner (the real one trains; this one only follows
+the entrypoint contract: CONFIG argument, env, progress.json, exit codes, SIGTERM → 143)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kube_configs import config_dict
+
+from kubetune.config import parse_config
+from kubetune.errors import UserError
+from launcher.backends.local import LocalBackend
+
+STAND_IN = """
+import json, os, signal, sys, time, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+out = cfg["base_output_dir"]; os.makedirs(out, exist_ok=True)
+signal.signal(signal.SIGTERM, lambda *a: (print("checkpointed", flush=True), sys.exit(143)))
+print("run", os.environ["KUBETUNE_RUN"], "config", os.environ["KUBETUNE_CONFIG"], flush=True)
+json.dump({"state": "running", "step": 5, "total_steps": 10, "loss": 0.5},
+          open(os.path.join(out, "progress.json"), "w"))
+time.sleep(float(os.environ.get("STAND_IN_SLEEP", "0")))
+print("done", flush=True)
+sys.exit(int(os.environ.get("STAND_IN_EXIT", "0")))
+"""
+
+
+def _cfg(tmp_path: Path, **job: object):  # noqa: ANN202
+    data = config_dict(**job)
+    del data["storage"]
+    data["base_output_dir"] = str(tmp_path / "out" / "my-run")
+    return parse_config(yaml.safe_dump(data))
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> LocalBackend:
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    return LocalBackend(home=tmp_path / "home", entrypoint=[sys.executable, str(script)])
+
+
+def _wait_done(backend: LocalBackend, run: str, timeout: float = 20.0):  # noqa: ANN202
+    deadline = time.monotonic() + timeout
+    while not (status := backend.status(run)).done:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status
+
+
+def test_submit_status_logs(backend: LocalBackend, tmp_path: Path) -> None:
+    result = backend.submit(_cfg(tmp_path))
+    assert result.created and result.output_uri == str(tmp_path / "out" / "my-run")
+    assert not backend.submit(_cfg(tmp_path)).created
+    status = _wait_done(backend, "my-run")
+    assert status.phase == "Succeeded"
+    assert status.progress is not None and status.progress.step == 5
+    lines = list(backend.logs("my-run"))
+    assert lines[0].startswith("run my-run config ") and lines[0].endswith("config.yaml")
+    assert lines[-1] == "done"
+    assert [r.run for r in backend.list()] == ["my-run"]
+
+
+def test_failure_and_conflict(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAND_IN_EXIT", "2")
+    backend.submit(_cfg(tmp_path))
+    status = _wait_done(backend, "my-run")
+    assert (status.phase, status.reason) == ("Failed", "exit code 2")
+    assert "config or data error" in (status.message or "")
+    with pytest.raises(UserError, match="different config.*--replace"):
+        backend.submit(_cfg(tmp_path, cpu="8"))
+    monkeypatch.setenv("STAND_IN_EXIT", "0")
+    assert backend.submit(_cfg(tmp_path, cpu="8"), replace=True).created
+    assert _wait_done(backend, "my-run").phase == "Succeeded"
+
+
+def test_cancel_sends_sigterm_and_logs_follow(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAND_IN_SLEEP", "30")
+    backend.submit(_cfg(tmp_path))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "out" / "my-run" / "progress.json").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert backend.status("my-run").phase == "Running"
+    assert backend.cancel("my-run").phase == "Cancelled"
+    assert list(backend.logs("my-run", follow=True))[-1] == "checkpointed"
+    status = _wait_done(backend, "my-run")
+    assert status.phase == "Cancelled"
+    assert json.loads((tmp_path / "home" / "runs" / "my-run" / "exit_code").read_text()) == 143
+
+
+def test_unknown_run(backend: LocalBackend) -> None:
+    with pytest.raises(UserError, match="no local run"):
+        backend.status("nope")
+
+
+def test_an_unwritable_home_is_a_one_line_error(tmp_path: Path) -> None:
+    """`submit --local` where the run folder cannot be made (HOME not writable, KUBETUNE_HOME
+    under a file) says which folder and how to fix it, exit status 1, no traceback."""
+    import subprocess
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**config_dict(), "storage": None}))
+    env = {**__import__("os").environ, "KUBETUNE_HOME": str(blocker / "kubetune")}
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "submit", "--local", str(config)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "KUBETUNE_HOME" in out.stderr
+    assert str(blocker / "kubetune") in out.stderr and len(out.stderr.strip().splitlines()) == 1

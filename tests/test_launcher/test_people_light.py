@@ -1,0 +1,89 @@
+"""`launcher report` / `pull` / sweeps stay torch-free, and their bad-input paths exit 2.
+The run folder here is written with the runner's own manifest code (no training needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from kubetune.checkpoint.manifest import Manifest, file_entry
+from kubetune.layout import final_manifest_key, utc_now
+from launcher.cli.main import main
+
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "PIL")
+
+
+def make_run(root: Path) -> Path:
+    final = root / "final"
+    final.mkdir(parents=True)
+    (final / "lora.safetensors").write_bytes(b"weights" * 100)
+    entries = (file_entry(final, "lora.safetensors"),)
+    (root / final_manifest_key()).write_bytes(
+        Manifest(7, utc_now(), entries, {"weights": ["lora.safetensors"]}).to_bytes()
+    )
+    (root / "report.html").write_text("<!DOCTYPE html><title>r</title>")
+    return root
+
+
+def test_report_and_pull_do_not_import_torch(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom launcher.cli.main import main\n"
+        f"r = CliRunner().invoke(main, ['report', {str(run)!r}])\nassert r.exit_code == 0\n"
+        f"r = CliRunner().invoke(main, ['pull', {str(run)!r}, '-o', {str(tmp_path / 'o')!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "import launcher.sweeps, launcher.sweep_runs, runner.reporting.run_events\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert (tmp_path / "o" / "lora.safetensors").read_bytes() == b"weights" * 100
+
+
+def test_report_prints_the_path_and_json(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    text = CliRunner().invoke(main, ["report", str(run)])
+    assert text.exit_code == 0 and text.output.strip() == str(run / "report.html")
+    doc = json.loads(CliRunner().invoke(main, ["report", str(run), "--output", "json"]).output)
+    assert doc["report"] == str(run / "report.html")
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    cases = [
+        (["pull", str(run), "--step", "3", "--final"], "--step and --final exclude each other"),
+        (["pull", str(run), "-o", "json"], "for a json report use --output json"),
+        (
+            ["pull", str(run), "--step", "3", "-o", str(tmp_path / "x")],
+            "complete checkpoints: none",
+        ),
+        (["report", str(tmp_path)], "does not exist yet"),
+        (["pull", "no-such-run", "--local"], "no local run"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert words in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_layout_keys_for_people() -> None:
+    from kubetune import layout
+    from runner.checkpoint import state as checkpointer
+
+    assert layout.thumb_key(40, 1) == "validation/step-000040/thumb-1.jpg"
+    assert layout.parse_thumb_key(layout.thumb_key(1_234_567, 12)) == (1_234_567, 12)
+    for other in (
+        "validation/step-000040/grid.png",
+        "validation/step-40/thumb-1.jpg",
+        "checkpoints/step-000040/thumb-1.jpg",
+        "validation/step-000040/thumb-x.jpg",
+    ):
+        assert layout.parse_thumb_key(other) is None  # fmt: skip
+    assert layout.final_manifest_key() == "final/manifest.json"
+    written = {checkpointer.STATE_FILE, checkpointer.WEIGHTS_FILE, checkpointer.INFO_FILE}
+    assert written == layout.TRAINING_STATE_FILES  # the pull fallback skips exactly these

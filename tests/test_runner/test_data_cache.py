@@ -1,0 +1,91 @@
+"""TensorCache: reuse, invalidation by content / model / transform, and the store mirror."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kubetune.storage import open_store
+from runner.data.cache import TensorCache, content_hash
+
+NS = {"kind": "vae", "model": "tiny-sd@abc", "transform": {"center_crop": True}, "res": [32, 32]}
+
+
+def _counting(value: float):
+    calls = []
+
+    def compute() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return {"latents": torch.full((4, 4, 4), value), "pooled": torch.arange(3.0)}
+
+    return compute, calls
+
+
+def test_reuse_across_instances(tmp_path: Path) -> None:
+    compute, calls = _counting(1.5)
+    first = TensorCache(tmp_path, NS).get_or_compute(b"image-bytes", compute)
+    again = TensorCache(tmp_path, NS).get_or_compute(b"image-bytes", compute)
+    assert len(calls) == 1
+    assert torch.equal(first["latents"], again["latents"])
+    assert torch.equal(again["pooled"], torch.arange(3.0))
+
+
+def test_any_change_invalidates(tmp_path: Path) -> None:
+    compute, calls = _counting(2.0)
+    TensorCache(tmp_path, NS).get_or_compute(b"img", compute)
+    TensorCache(tmp_path, NS).get_or_compute(b"img2", compute)  # content
+    TensorCache(tmp_path, {**NS, "model": "tiny-sd@def"}).get_or_compute(b"img", compute)
+    TensorCache(tmp_path, {**NS, "transform": {"center_crop": False}}).get_or_compute(
+        b"img", compute
+    )
+    TensorCache(tmp_path, {**NS, "res": [64, 64]}).get_or_compute(b"img", compute)
+    assert len(calls) == 5
+    TensorCache(tmp_path, dict(reversed(NS.items()))).get_or_compute(b"img", compute)
+    assert len(calls) == 5  # key order does not matter
+
+
+def test_tensor_and_text_content_keys() -> None:
+    a = torch.zeros(2, 3)
+    assert content_hash(a) == content_hash(torch.zeros(2, 3))
+    assert content_hash(a) != content_hash(torch.zeros(3, 2))
+    assert content_hash(a) != content_hash(a.double())
+    assert content_hash("a cat") != content_hash("a cat ")
+
+
+def test_mirror_lets_a_restarted_pod_skip_recomputing(tmp_path: Path, store_uri: str) -> None:
+    mirror = open_store(store_uri)
+    compute, calls = _counting(3.0)
+    TensorCache(tmp_path / "pod-1", NS, mirror=mirror).get_or_compute("a prompt", compute)
+    restarted = TensorCache(tmp_path / "pod-2", NS, mirror=mirror)  # empty local disk
+    got = restarted.get_or_compute("a prompt", compute)
+    assert len(calls) == 1 and restarted.hits == 1
+    assert torch.equal(got["latents"], torch.full((4, 4, 4), 3.0))
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "pod-2").rglob("*"))
+
+
+def test_run_cache_mirrors_next_to_the_run_on_s3(tmp_path: Path, s3_env, s3_bucket: str) -> None:
+    from data_fixtures import lora_config
+
+    from runner.models.loading import ModelSettings
+    from runner.training.encoder_cache import CacheSettings
+
+    def open_run_cache(cfg, kind: str, model: str, local: Path):  # type: ignore[no-untyped-def]
+        return CacheSettings.from_config(cfg, ModelSettings(model), local / "work").open(kind)
+
+    dataset = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "/data"}
+    data = lora_config(dataset).model_dump(mode="json")
+    data["storage"] = {"bucket": s3_bucket, "prefix": "runs", "endpoint_url": s3_env.endpoint}
+    data["job"] = {"name": "demo"}
+    cfg = type(lora_config(dataset)).model_validate(data)
+    compute, calls = _counting(4.0)
+    open_run_cache(cfg, "vae", "m@1", tmp_path / "a").get_or_compute(b"x", compute)
+    open_run_cache(cfg, "vae", "m@1", tmp_path / "b").get_or_compute(b"x", compute)
+    assert len(calls) == 1
+    keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert keys and all(k.startswith("runs/demo/cache/") for k in keys)
+    flipped = lora_config(dataset, random_flip=True)
+    assert (
+        open_run_cache(flipped, "vae", "m@1", tmp_path / "a").namespace_id
+        != open_run_cache(cfg, "vae", "m@1", tmp_path / "a").namespace_id
+    )
