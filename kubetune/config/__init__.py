@@ -35,6 +35,7 @@ from kubetune.config.pipelines import (
     SdxlTextualInversionConfig,
     TrainConfig,
 )
+from kubetune.config.sdxl_finetune import SdxlFinetuneConfig
 
 __all__ = [
     "PIPELINE_CLASSES",
@@ -53,6 +54,7 @@ __all__ = [
     "ProdigyOptimizerConfig",
     "SdLoraConfig",
     "SdTextualInversionConfig",
+    "SdxlFinetuneConfig",
     "SdxlLoraAndTextualInversionConfig",
     "SdxlLoraConfig",
     "SdxlTextualInversionConfig",

@@ -1,4 +1,4 @@
-"""The five training pipeline types, keyed on `type` (invoke-training field names)."""
+"""The training pipeline types, keyed on `type` (invoke-training field names)."""
 
 from __future__ import annotations
 
@@ -463,12 +463,16 @@ class SdxlLoraAndTextualInversionConfig(
         return self
 
 
+# Types in their own modules build on the bases above, so they are imported after them.
+from kubetune.config.sdxl_finetune import SdxlFinetuneConfig  # noqa: E402
+
 PIPELINE_CLASSES = (
     SdLoraConfig,
     SdxlLoraConfig,
     SdTextualInversionConfig,
     SdxlTextualInversionConfig,
     SdxlLoraAndTextualInversionConfig,
+    SdxlFinetuneConfig,
 )
 PIPELINE_TYPES = tuple(cls.model_fields["type"].default for cls in PIPELINE_CLASSES)
 PipelineConfig = (
@@ -477,5 +481,6 @@ PipelineConfig = (
     | SdTextualInversionConfig
     | SdxlTextualInversionConfig
     | SdxlLoraAndTextualInversionConfig
+    | SdxlFinetuneConfig
 )
 TrainConfig = Annotated[PipelineConfig, Field(discriminator="type")]

@@ -74,8 +74,9 @@ def test_valid_configs_round_trip(path: Path) -> None:
             assert dumped[key] == value, key
 
 
-def test_sample_configs_cover_all_five_types() -> None:
-    assert {load_config(p).type for p in SAMPLES} == set(PIPELINE_TYPES)
+def test_sample_configs_cover_every_type() -> None:
+    upstream = sorted((DATA / "invoke_training_samples").glob("*.yaml"))
+    assert {load_config(p).type for p in SAMPLES + upstream} == set(PIPELINE_TYPES)
 
 
 @pytest.mark.parametrize(

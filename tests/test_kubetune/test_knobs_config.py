@@ -131,5 +131,6 @@ def test_starter_configs_mention_the_knobs_the_type_takes(pipeline_type: str) ->
     assert len(knobs) >= len(TrainingKnobs.model_fields)
     for name in knobs:
         assert f"# {name}: " in text, name
-    assert ("caption_dropout_rate" in text) == (pipeline_type in ("SD_LORA", "SDXL_LORA"))
+    captioned = ("SD_LORA", "SDXL_LORA", "SDXL_FINETUNE")  # image-caption loaders
+    assert ("caption_dropout_rate" in text) == (pipeline_type in captioned)
     assert parse_config(text).type == pipeline_type  # still valid as written

@@ -1,5 +1,5 @@
-"""invoke-training parity of the schema (issue #12): every invoke-training field of the five
-types exists here with invoke-training's default; every other field says "kubetune
+"""invoke-training parity of the schema (issue #12, #25): every invoke-training field of the
+types kubetune trains exists here with invoke-training's default; every other field says "kubetune
 extension"; invoke-training's own sample configs validate unchanged; the values
 invoke-training accepts are accepted.
 
@@ -124,6 +124,15 @@ INVOKE_FIELDS: dict[str, dict[str, Any]] = {
         "lora_rank_dim": 4,
         "cache_text_encoder_outputs": False,
     },
+    # pipelines/stable_diffusion_xl/finetune/config.py
+    "SDXL_FINETUNE": {
+        **COMMON,
+        "model": SDXL,
+        "vae_model": None,
+        "save_checkpoint_format": "trained_only_diffusers",
+        "save_dtype": "float16",
+        "cache_text_encoder_outputs": False,
+    },
 }
 CLASSES = {cls.model_fields["type"].default: cls for cls in PIPELINE_CLASSES}
 
@@ -178,8 +187,10 @@ def test_invoke_training_sample_config_validates_unchanged(path: Path) -> None:
     assert result.valid, result.errors
 
 
-def test_all_eight_samples_are_present() -> None:
-    assert len(SAMPLES) == 8
+def test_the_sdxl_finetune_samples_are_present() -> None:
+    names = {p.name for p in SAMPLES}
+    assert {"sdxl_finetune_baroque_1x24gb.yaml", "sdxl_finetune_robocats_1x24gb.yaml"} <= names
+    assert len(SAMPLES) >= 10
 
 
 def _lora(**data_loader: Any) -> dict[str, Any]:
