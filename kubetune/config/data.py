@@ -157,6 +157,13 @@ class ImageCaptionSDDataLoaderConfig(_LoaderCommon):
     resumed run drops the same captions. 0 (default) disables it."""
 
 
+class ImageCaptionFluxDataLoaderConfig(ImageCaptionSDDataLoaderConfig):
+    """Image/caption pairs for FLUX_LORA (invoke-training's IMAGE_CAPTION_FLUX_DATA_LOADER:
+    the same fields as the SD image/caption loader)."""
+
+    type: Literal["IMAGE_CAPTION_FLUX_DATA_LOADER"] = "IMAGE_CAPTION_FLUX_DATA_LOADER"  # type: ignore[assignment]
+
+
 class TextualInversionSDDataLoaderConfig(_LoaderCommon):
     """Images captioned from templates containing the placeholder token (TI, LoRA+TI)."""
 

@@ -464,6 +464,7 @@ class SdxlLoraAndTextualInversionConfig(
 
 
 # Types in their own modules build on the bases above, so they are imported after them.
+from kubetune.config.flux import FluxLoraConfig  # noqa: E402
 from kubetune.config.sdxl_finetune import SdxlFinetuneConfig  # noqa: E402
 
 PIPELINE_CLASSES = (
@@ -473,6 +474,7 @@ PIPELINE_CLASSES = (
     SdxlTextualInversionConfig,
     SdxlLoraAndTextualInversionConfig,
     SdxlFinetuneConfig,
+    FluxLoraConfig,
 )
 PIPELINE_TYPES = tuple(cls.model_fields["type"].default for cls in PIPELINE_CLASSES)
 PipelineConfig = (
@@ -482,5 +484,6 @@ PipelineConfig = (
     | SdxlTextualInversionConfig
     | SdxlLoraAndTextualInversionConfig
     | SdxlFinetuneConfig
+    | FluxLoraConfig
 )
 TrainConfig = Annotated[PipelineConfig, Field(discriminator="type")]

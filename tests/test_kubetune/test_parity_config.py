@@ -134,6 +134,69 @@ INVOKE_FIELDS: dict[str, dict[str, Any]] = {
         "cache_text_encoder_outputs": False,
     },
 }
+FLUX_TARGETS = [
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2.0",
+    "ff_context.net.0.proj",
+    "ff_context.net.2.0",
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "proj_mlp",
+    "proj_out",
+    "proj_in",
+]
+# pipelines/flux/lora/config.py (FluxLoraConfig) at commit 99c673d.
+INVOKE_FIELDS["FLUX_LORA"] = {
+    **{k: COMMON[k] for k in ("seed", "base_output_dir", "report_to")},
+    **{k: COMMON[k] for k in COMMON if k.startswith(("max_train_", "save_every_", "validate_"))},
+    "model": "black-forest-labs/FLUX.1-dev",
+    "transformer_path": None,
+    "text_encoder_1_path": None,
+    "text_encoder_2_path": None,
+    "lora_checkpoint_format": "kohya",
+    "train_transformer": True,
+    "train_text_encoder": False,
+    "optimizer": ADAMW,
+    "text_encoder_learning_rate": 1e-4,
+    "transformer_learning_rate": 4e-4,
+    "lr_scheduler": "constant_with_warmup",
+    "lr_warmup_steps": 10,
+    "min_snr_gamma": None,
+    "lora_rank_dim": 4,
+    "flux_lora_target_modules": FLUX_TARGETS,
+    "text_encoder_lora_target_modules": TE_TARGETS,
+    "cache_text_encoder_outputs": False,
+    "cache_vae_outputs": False,
+    "enable_cpu_offload_during_validation": False,
+    "gradient_accumulation_steps": 1,
+    "weight_dtype": "float16",
+    "mixed_precision": "no",
+    "gradient_checkpointing": False,
+    "max_checkpoints": None,
+    "prediction_type": None,
+    "max_grad_norm": None,
+    "validation_prompts": [],
+    "num_validation_images_per_prompt": 4,
+    "train_batch_size": 1,
+    "use_masks": False,
+    "data_loader": REQUIRED,
+    "timestep_sampler": "shift",
+    "discrete_flow_shift": 3.0,
+    "sigmoid_scale": 1.0,
+    "lora_scale": 1.0,
+    "guidance_scale": 1.0,
+    "clip_tokenizer_max_length": 77,
+    "t5_tokenizer_max_length": 512,
+}
 CLASSES = {cls.model_fields["type"].default: cls for cls in PIPELINE_CLASSES}
 
 
@@ -191,6 +254,10 @@ def test_the_sdxl_finetune_samples_are_present() -> None:
     names = {p.name for p in SAMPLES}
     assert {"sdxl_finetune_baroque_1x24gb.yaml", "sdxl_finetune_robocats_1x24gb.yaml"} <= names
     assert len(SAMPLES) >= 10
+
+
+def test_the_flux_sample_is_present() -> None:
+    assert "flux_lora_1x40gb.yaml" in {p.name for p in SAMPLES}
 
 
 def _lora(**data_loader: Any) -> dict[str, Any]:
