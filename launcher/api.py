@@ -5,6 +5,7 @@ Backends are imported lazily so `launcher validate` never pays for the kubernete
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -64,16 +65,27 @@ def get_backend(*, local: bool = False, cluster: ClusterOptions | None = None) -
     )
 
 
+def cluster_configured(cluster: ClusterOptions | None = None) -> bool:
+    """Whether a cluster can be reached at all: a connection flag, $KUBECONFIG,
+    ~/.kube/config, or a pod's service account (without importing the kubernetes client)."""
+    if cluster is not None and cluster.given:
+        return True
+    if os.environ.get("KUBECONFIG") or os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return True
+    return Path("~/.kube/config").expanduser().is_file()
+
+
 def backend_for_run(
     run: str, *, local: bool = False, cluster: ClusterOptions | None = None
 ) -> Backend:
-    """`--local`, or a local run of that name when no cluster flag was given, else the
-    cluster."""
+    """`--local`, or a local run of that name when no cluster flag was given, or this
+    machine when no cluster is configured; else the cluster."""
     if not local and not (cluster and cluster.given):
         from kubetune.config.cluster import sanitize_name
         from launcher.backends.local import kubetune_home
 
         local = (kubetune_home() / "runs" / sanitize_name(run) / "run.json").is_file()
+        local = local or not cluster_configured(cluster)
     return get_backend(local=local, cluster=cluster)
 
 

@@ -36,7 +36,7 @@ def submit_sweep(
     records: list[dict[str, Any]] = []
     for member in members:
         result = api.submit(member.config, backend, replace=replace)
-        verb = "submitted" if result.created else "already submitted (same config)"
+        verb = result.note or ("submitted" if result.created else "already submitted")
         echo(f"{result.run}: {verb}  {_params(member)}")
         records.append({"submit": result.__dict__, "params": member.params})
         if sequential:

@@ -12,7 +12,12 @@ from kubetune.config.cluster import StorageConfig
 from kubetune.layout import PROGRESS_KEY, ProgressRecord
 
 # Cancelling (a Job being deleted) ends the run as much as Cancelled does: nothing resumes it.
-TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelling", "Cancelled")
+# Preempted: a local run stopped by SIGTERM after its checkpoint; it waits for a resubmit (on a
+# cluster the Job's next pod resumes it, so the cluster shows Pending / Retrying instead).
+TERMINAL_PHASES = ("Succeeded", "Failed", "Preempted", "Cancelling", "Cancelled")
+RESUMABLE_PHASES = ("Failed", "Preempted", "Cancelled")
+"""Phases after which resubmitting the same config resumes from the newest checkpoint, as a
+restarted pod does."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,12 @@ class SubmitResult:
     warnings: tuple[str, ...] = ()
     """What the user should know but need not fix: a pod_patch that breaks the restricted
     Pod Security profile, Job features the cluster's Kubernetes version ignores."""
+    resumed_after: str | None = None
+    """The phase of the run's last attempt when this submit resumed it (a new attempt that
+    continues from the newest checkpoint); None for a new run."""
+    note: str | None = None
+    """One line on what submit did with a run that already existed (resumed it, found it
+    running or finished); None for a new run."""
 
 
 Progress = ProgressRecord  # the launcher's view of progress.json is the runner's own record
@@ -37,7 +48,8 @@ Progress = ProgressRecord  # the launcher's view of progress.json is the runner'
 @dataclass
 class RunStatus:
     """Where a run stands. `phase`: Pending, Suspended, Running, Succeeded, Failed,
-    Cancelling (being deleted), Cancelled."""
+    Preempted (stopped after a checkpoint; a resubmit resumes it), Cancelling (being
+    deleted), Cancelled."""
 
     backend: str
     run: str
@@ -92,8 +104,9 @@ class Backend(abc.ABC):
         """The run's phase, reason and training progress; UserError if there is no such run."""
 
     @abc.abstractmethod
-    def logs(self, run: str, *, follow: bool = False) -> Iterator[str]:
-        """The run's log lines (without newlines); with `follow`, until the run finishes."""
+    def logs(self, run: str, *, follow: bool = False, latest: bool = False) -> Iterator[str]:
+        """The run's log lines (without newlines); with `follow`, until the run finishes;
+        with `latest`, only the newest attempt's (what a submit that resumed it started)."""
 
     @abc.abstractmethod
     def cancel(self, run: str, *, wait: bool = False, timeout: float = 300.0) -> RunStatus:

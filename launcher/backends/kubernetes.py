@@ -265,7 +265,9 @@ class KubernetesBackend(Backend):
 
     # --- logs ---------------------------------------------------------------------------
 
-    def logs(self, run: str, *, follow: bool = False) -> Iterator[str]:
+    def logs(self, run: str, *, follow: bool = False, latest: bool = False) -> Iterator[str]:
+        """Every pod's log, oldest first (`latest` changes nothing: a submit that creates a
+        Job starts its first attempt)."""
         job = self._find_job(run)
         name, seen = job["metadata"]["name"], set[str]()
         while True:

@@ -4,6 +4,7 @@ the pod's environment contract; state under `$KUBETUNE_HOME/runs/<run>/` (defaul
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -25,8 +26,16 @@ from kubetune.config import (
 )
 from kubetune.config.cluster import sanitize_name
 from kubetune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, KubetuneError, UserError
-from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
+from launcher.backends.base import (
+    RESUMABLE_PHASES,
+    Backend,
+    RunStatus,
+    SubmitResult,
+    read_progress,
+)
 from launcher.manifests import job_name, run_labels, runner_env
+
+RESUME_HINT = "`launcher submit --local` of its config resumes it from its newest checkpoint"
 
 
 def kubetune_home() -> Path:
@@ -55,6 +64,9 @@ class LocalBackend(Backend):
         return json.loads(path.read_text())
 
     def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
+        """A new run; or, for a run of that name with the same config, what a restarted pod
+        does: resume it after a Preempted / Failed / Cancelled attempt, leave it alone while
+        it runs or once it Succeeded (`replace` starts a finished run over)."""
         run, digest = run_name(cfg), config_hash(cfg)
         result = SubmitResult(
             backend=self.name,
@@ -65,10 +77,12 @@ class LocalBackend(Backend):
             created=True,
         )
         run_dir = self._dir(run)
-        if (run_dir / "run.json").is_file():
-            info = self._info(run)
-            if info["config_hash"] == digest:
-                return SubmitResult(**{**result.__dict__, "created": False})
+        if not (run_dir / "run.json").is_file():
+            self._make_dir(run_dir)
+            self._start(cfg, run_dir, attempt=1)
+            return result
+        info = self._info(run)
+        if info["config_hash"] != digest:
             if not replace:
                 raise UserError(
                     f"local run {run!r} already exists with a different config "
@@ -78,6 +92,35 @@ class LocalBackend(Backend):
                 )
             self._stop(run, wait=30.0)
             shutil.rmtree(run_dir)
+            self._make_dir(run_dir)
+            self._start(cfg, run_dir, attempt=1)
+            return result
+        return self._again(cfg, self._status(run, with_progress=True), result, replace)
+
+    def _again(
+        self, cfg: PipelineConfig, status: RunStatus, result: SubmitResult, replace: bool
+    ) -> SubmitResult:
+        """The same config submitted again: resume, restart (`replace`) or leave alone."""
+        where = f" at {status.progress.summary()}" if status.progress else ""
+        attempt = len(status.pods) + 1
+        if status.phase in RESUMABLE_PHASES:
+            self._start(cfg, self._dir(status.run), attempt=attempt)
+            note = (
+                f"resuming (attempt {attempt}; the last one ended {status.phase}{where}): "
+                "training continues from the newest checkpoint"
+            )
+            return replace_fields(result, resumed_after=status.phase, note=note)
+        if status.phase == "Succeeded" and replace:
+            self._start(cfg, self._dir(status.run), attempt=attempt, fresh=True)
+            note = f"starting over from step 0 (--replace; attempt {attempt})"
+            return replace_fields(result, note=note)
+        if status.phase == "Succeeded":
+            note = f"already finished (same config){where}; --replace starts it over"
+        else:
+            note = f"already running (same config){where}"
+        return replace_fields(result, created=False, note=note)
+
+    def _make_dir(self, run_dir: Path) -> None:
         try:
             run_dir.mkdir(parents=True)
         except OSError as err:
@@ -85,48 +128,56 @@ class LocalBackend(Backend):
                 f"cannot create the local run folder {run_dir}: {err.strerror}",
                 hint="set KUBETUNE_HOME to a writable folder (default ~/.kubetune)",
             ) from None
+
+    def _start(
+        self, cfg: PipelineConfig, run_dir: Path, *, attempt: int, fresh: bool = False
+    ) -> None:
+        """Start attempt `attempt` of the run in `run_dir` (the log grows; `fresh`: from
+        step 0, discarding the run's checkpoints)."""
+        for marker in ("exit_code", "cancelled"):
+            (run_dir / marker).unlink(missing_ok=True)
         config_path = run_dir / "config.yaml"
         config_path.write_text(config_to_yaml(cfg))
         env = {**os.environ, **runner_env(cfg), "KUBETUNE_CONFIG": str(config_path)}
-        command = [*self.entrypoint, str(config_path)]
+        command = [*self.entrypoint, str(config_path), *(["--no-resume"] if fresh else [])]
         with open(run_dir / "log.txt", "ab") as log:
+            offset = log.tell()
+            if attempt > 1:
+                log.write(f"==> attempt {attempt} <==\n".encode())
+                log.flush()
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "launcher.backends.local_shim",
-                    str(run_dir),
-                    "--",
-                    *command,
-                ],
+                [sys.executable, "-m", "launcher.backends.local_shim", str(run_dir), "--",
+                 *command],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-            )
-        (run_dir / "run.json").write_text(
-            json.dumps(
-                {
-                    "run": run,
-                    "job_name": result.job_name,
-                    "config_hash": digest,
-                    "output_uri": result.output_uri,
-                    "pid": proc.pid,
-                    "command": command,
-                    "started": time.time(),
-                    "labels": run_labels(cfg),
-                },
-                indent=2,
-            )
-        )
-        return result
+            )  # fmt: skip
+        old = json.loads((run_dir / "run.json").read_text()) if attempt > 1 else {}
+        attempts = [*old.get("attempts", []), {"pid": proc.pid, "started": time.time(),
+                                                "log_offset": offset}]  # fmt: skip
+        info = {
+            "run": run_name(cfg),
+            "job_name": job_name(cfg),
+            "config_hash": config_hash(cfg),
+            "output_uri": output_uri(cfg),
+            "pid": proc.pid,
+            "command": command,
+            "started": attempts[0]["started"],
+            "attempts": attempts,
+            "labels": run_labels(cfg),
+        }
+        tmp = run_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, run_dir / "run.json")
 
     def status(self, run: str) -> RunStatus:
         return self._status(run, with_progress=True)
 
     def _status(self, run: str, *, with_progress: bool) -> RunStatus:
         info, run_dir = self._info(run), self._dir(run)
+        attempts = info.get("attempts") or [{"pid": info["pid"], "started": info["started"]}]
         status = RunStatus(
             backend=self.name,
             run=info["run"],
@@ -134,24 +185,19 @@ class LocalBackend(Backend):
             phase="Running",
             output_uri=info["output_uri"],
             config_hash=info["config_hash"],
-            pods=[str(info["pid"])],
+            pods=[str(a["pid"]) for a in attempts],
             labels=dict(info.get("labels") or {}),
         )
-        exit_file = run_dir / "exit_code"
-        if exit_file.is_file():
-            code = int(exit_file.read_text())
-            status.phase = "Succeeded" if code == 0 else "Failed"
-            if (run_dir / "cancelled").exists() and code != 0:
-                status.phase, status.reason = "Cancelled", "SIGTERM"
-            elif code:
-                status.reason = f"exit code {code}"
-                status.message = _exit_meaning(code, run_dir / "log.txt")
-        elif not _alive(info["pid"]):
-            status.phase, status.reason = "Failed", "Lost"
-            status.message = "the process ended without recording an exit status"
-        if with_progress:
+        status.phase, status.reason, status.message = _attempt_phase(info["pid"], run_dir)
+        status.retries = len(attempts) - 1
+        if with_progress or status.phase != "Running":
             cfg = self.run_config(run)
             status.progress, status.progress_error = read_progress(info["output_uri"], cfg.storage)
+        if _finished_later(status, attempts[-1]["started"]):
+            status.phase, status.reason = "Succeeded", None
+            status.message = "finished by a later `python -m runner` of its config"
+        if not with_progress:
+            status.progress = status.progress_error = None
         return status
 
     def run_config(self, run: str) -> PipelineConfig:
@@ -159,10 +205,11 @@ class LocalBackend(Backend):
         path = self._dir(run) / "config.yaml"
         return parse_config(path.read_text(), name=str(path))
 
-    def logs(self, run: str, *, follow: bool = False) -> Iterator[str]:
-        self._info(run)
-        run_dir = self._dir(run)
+    def logs(self, run: str, *, follow: bool = False, latest: bool = False) -> Iterator[str]:
+        info, run_dir = self._info(run), self._dir(run)
         with open(run_dir / "log.txt", encoding="utf-8", errors="replace") as log:
+            if latest:
+                log.seek((info.get("attempts") or [{}])[-1].get("log_offset", 0))
             partial = ""
             while True:
                 chunk = log.readline()
@@ -188,7 +235,10 @@ class LocalBackend(Backend):
         status = self._status(run, with_progress=False)
         if status.phase == "Running":
             status.phase, status.reason = "Cancelled", "SIGTERM sent"
-            status.message = f"the run checkpoints and stops; outputs stay in {status.output_uri}"
+            status.message = (
+                f"the run checkpoints and stops; outputs stay in {status.output_uri}; "
+                "`launcher submit --local` of its config resumes it"
+            )
         return status
 
     def _stop(self, run: str, *, wait: float) -> None:
@@ -213,6 +263,39 @@ class LocalBackend(Backend):
         ]
 
 
+def replace_fields(result: SubmitResult, **changes: Any) -> SubmitResult:
+    return SubmitResult(**{**result.__dict__, **changes})
+
+
+def _attempt_phase(pid: int, run_dir: Path) -> tuple[str, str | None, str | None]:
+    """(phase, reason, message) of the latest attempt, from its exit status."""
+    exit_file = run_dir / "exit_code"
+    if not exit_file.is_file():
+        if _alive(pid):
+            return "Running", None, None
+        return "Failed", "Lost", "the process ended without recording an exit status"
+    code = int(exit_file.read_text())
+    if code == 0:
+        return "Succeeded", None, None
+    if (run_dir / "cancelled").exists():
+        return "Cancelled", "SIGTERM", f"cancelled; {RESUME_HINT}"
+    if code == EXIT_PREEMPTED:
+        return "Preempted", "SIGTERM", f"stopped after writing a checkpoint; {RESUME_HINT}"
+    return "Failed", f"exit code {code}", _exit_meaning(code, run_dir / "log.txt")
+
+
+def _finished_later(status: RunStatus, attempt_started: float) -> bool:
+    """The run's progress says completed, written after its latest attempt started: someone
+    finished it with `python -m runner` after the launcher's attempt ended."""
+    progress = status.progress
+    if status.phase in ("Running", "Succeeded") or progress is None:
+        return False
+    if progress.state != "completed" or progress.updated_at is None:
+        return False
+    written = dt.datetime.fromisoformat(progress.updated_at).timestamp()
+    return written >= attempt_started - 1.0
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -229,8 +312,6 @@ def _alive(pid: int) -> bool:
 def _exit_meaning(code: int, log: Path) -> str:
     if code == EXIT_USER_ERROR:
         return "config or data error (see `launcher logs RUN`)"
-    if code == EXIT_PREEMPTED:
-        return "stopped by SIGTERM after writing a checkpoint"
     try:
         lines = log.read_text(errors="replace").strip().splitlines()
     except OSError:

@@ -3,10 +3,12 @@ launcher.api, print). `register(main, handle_errors)` adds them to the CLI group
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -15,7 +17,7 @@ from kubetune.errors import EXIT_FAILURE, EXIT_OK
 from launcher import api
 
 if TYPE_CHECKING:
-    from launcher.backends.base import Backend, RunStatus
+    from launcher.backends.base import Backend, RunStatus, SubmitResult
 
 OUTPUT = click.option(
     "--output",
@@ -117,7 +119,10 @@ def render(
 )
 @LOCAL
 @click.option(
-    "--replace", is_flag=True, help="Delete a run of the same name with another config first."
+    "--replace",
+    is_flag=True,
+    help="Delete a run of the same name with another config first; a finished local run of "
+    "this config starts over from step 0.",
 )
 @click.option(
     "--timeout",
@@ -153,16 +158,18 @@ def submit(
 ) -> None:
     """Validate CONFIG and start it as a Kubernetes Job (or locally with --local).
 
-    Submitting the same config again returns the existing run; another config under the same
-    run name is an error unless --replace. With --sweep, every combination becomes its own
-    run named `<run>-<hash of its values>` and labelled with the sweep (re-submitting is a
-    no-op); `--local` runs them one after another, a cluster queues them (job.queue_name).
+    Submitting the same config again returns the existing run, or, locally, resumes it from
+    its newest checkpoint when its last attempt was preempted, failed or cancelled (as a
+    restarted pod does); another config under the same run name is an error unless --replace.
+    With --sweep, every combination becomes its own run named `<run>-<hash of its values>`
+    and labelled with the sweep (re-submitting is a no-op);
+    `--local` runs them one after another, a cluster queues them (job.queue_name).
 
     \b
     Examples:
       launcher submit lora.yaml
       launcher submit --wait --output json lora.yaml      # CI: exit 0 only if it trained
-      launcher submit --local --follow examples/tiny.yaml
+      launcher submit --local --follow examples/quickstart.yaml
       launcher submit lora.yaml --sweep optimizer.learning_rate=1e-4,5e-5 --sweep lora_rank_dim=4,16
       launcher submit lora.yaml --sweep 'validation_prompts=[["a cat, sitting"], ["a dog"]]'
     """
@@ -184,26 +191,16 @@ def submit(
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if output == "text":
-        verb = "submitted" if result.created else "already submitted (same config)"
         where = f" in namespace {result.namespace}" if result.namespace else ""
+        verb = result.note or ("submitted" if result.created else "already submitted (same config)")
         click.echo(f"{result.run}: {verb} as {backend.name} job {result.job_name}{where}")
         click.echo(f"outputs: {result.output_uri}")
     if not (wait or follow):
         if output == "json":
             _emit_json({"submit": result.__dict__})
         return
-    if follow:
-        for line in backend.logs(result.run, follow=True):
-            click.echo(line, err=output == "json")
-
-    def echo(status: RunStatus) -> None:  # intermediate states; the final one is below
-        if not status.done:
-            click.echo(status.summary(), err=True)
-
-    quiet = output == "json" or follow  # --follow already streams the progress lines
-    status = api.wait(
-        backend, result.run, timeout=timeout, poll=poll_interval, on_change=None if quiet else echo
-    )
+    with _detach_on_interrupt(result.run, backend.name):
+        status = _follow_and_wait(backend, result, follow, output, timeout, poll_interval)
     if output == "json":
         _emit_json({"submit": result.__dict__, "status": status.to_json()})
     else:
@@ -211,6 +208,53 @@ def submit(
         for line in output_lines(status):
             click.echo(line)
     sys.exit(EXIT_OK if status.phase == "Succeeded" else EXIT_FAILURE)
+
+
+def _follow_and_wait(
+    backend: Backend,
+    result: SubmitResult,
+    follow: bool,
+    output: str,
+    timeout: float | None,
+    poll: float,
+) -> RunStatus:
+    if follow:  # this submit's attempt only: a resumed run's earlier log is `launcher logs`
+        for line in backend.logs(result.run, follow=True, latest=True):
+            click.echo(line, err=output == "json")
+
+    def echo(status: RunStatus) -> None:  # intermediate states; the final one is printed after
+        if not status.done:
+            click.echo(status.summary(), err=True)
+
+    quiet = output == "json" or follow  # --follow already streams the progress lines
+    return api.wait(
+        backend, result.run, timeout=timeout, poll=poll, on_change=None if quiet else echo
+    )
+
+
+@contextlib.contextmanager
+def _detach_on_interrupt(run: str, backend: str) -> Iterator[None]:
+    """Ctrl-C / SIGTERM while following or waiting stops only the watching: say that the
+    run goes on and how to reach or cancel it, then exit 130."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        flag = " --local" if backend == "local" else ""
+        click.echo(
+            f"\nstopped following; the run {run} goes on ({backend}). `launcher status{flag} "
+            f"{run}` shows it, `launcher logs{flag} -f {run}` follows it again, "
+            f"`launcher cancel{flag} {run}` stops it",
+            err=True,
+        )
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command()
@@ -296,7 +340,15 @@ def _print_sweep(backend: Backend, sweep: str, output: str) -> None:
 @OUTPUT
 @cluster_options
 def list_runs(local: bool, sweep: str | None, output: str, cluster: api.ClusterOptions) -> None:
-    """kubetune runs in the namespace (or on this machine with --local)."""
+    """kubetune runs in the namespace (or on this machine with --local, or when no cluster is
+    configured)."""
+    if not local and not api.cluster_configured(cluster):
+        click.echo(
+            "no cluster configured (no --kubeconfig, $KUBECONFIG or ~/.kube/config): "
+            "showing the runs on this machine",
+            err=True,
+        )
+        local = True
     backend = api.get_backend(local=local, cluster=cluster)
     if sweep:
         _print_sweep(backend, sweep, output)

@@ -20,13 +20,22 @@ STAND_IN = """
 import json, os, signal, sys, time, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
 out = cfg["base_output_dir"]; os.makedirs(out, exist_ok=True)
-signal.signal(signal.SIGTERM, lambda *a: (print("checkpointed", flush=True), sys.exit(143)))
+def progress(state):
+    json.dump({"state": state, "step": 5, "total_steps": 10, "loss": 0.5},
+              open(os.path.join(out, "progress.json"), "w"))
+def preempted(*args):
+    print("checkpointed", flush=True)
+    progress("preempted")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, preempted)
 print("run", os.environ["KUBETUNE_RUN"], "config", os.environ["KUBETUNE_CONFIG"], flush=True)
-json.dump({"state": "running", "step": 5, "total_steps": 10, "loss": 0.5},
-          open(os.path.join(out, "progress.json"), "w"))
+print("args", *sys.argv[2:], flush=True)
+progress("running")
 time.sleep(float(os.environ.get("STAND_IN_SLEEP", "0")))
 print("done", flush=True)
-sys.exit(int(os.environ.get("STAND_IN_EXIT", "0")))
+code = int(os.environ.get("STAND_IN_EXIT", "0"))
+progress("completed" if code == 0 else "failed")
+sys.exit(code)
 """
 
 
