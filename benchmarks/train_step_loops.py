@@ -212,12 +212,12 @@ def kubetune_step(
 ) -> Step:
     """kubetune's model placement, pipeline, optimizer and ``StepRunner``; with
     ``cache_batch`` its latents / embeddings are cached and the encoders offloaded."""
-    from runner.session.build import build_training, place_models
-    from runner.session.run import make_accelerator
+    from runner.session.build import build_training
+    from runner.session.load import make_accelerator, place_models
     from runner.training.loop import StepRunner
 
     cfg = bench_config(args, comps.is_sdxl, cache=cache_batch is not None)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.mixed_precision)
     place_models(comps, cfg.weight_dtype, device)
     torch.manual_seed(0)
     pipeline, optimizer, scheduler = build_training(cfg, comps, accelerator, 10**6)

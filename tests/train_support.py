@@ -96,10 +96,11 @@ def load_pipeline(cfg: PipelineConfig, total_steps: int = 4) -> tuple[Any, Any]:
     """(base model components, training pipeline) of ``cfg`` on the CPU, nothing trained."""
     import torch
 
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
     from runner.pipelines import build_pipeline
+    from runner.session.settings import model_settings
 
-    comps = load_components_from_config(cfg)
+    comps = load_model(model_settings(cfg))
     return comps, build_pipeline(cfg, comps, torch.device("cpu"), total_steps=total_steps)
 
 

@@ -67,6 +67,36 @@ def _local_files(local_dir: Path) -> list[str]:
     return files
 
 
+def publish_folder(
+    store: ObjectStore,
+    local_dir: Path,
+    prefix: str,
+    step: int,
+    meta: dict[str, Any] | None = None,
+    *,
+    concurrency: int = 4,
+) -> Manifest:
+    """Upload every file of ``local_dir`` under ``prefix``, then ``<prefix>/manifest.json``
+    last: the one place kubetune writes "data first, manifest last" (checkpoints and
+    ``final/``). A folder published again is unpublished first (its manifest deleted), so a
+    reader never pairs an old manifest with new files."""
+    files = _local_files(local_dir)
+    manifest_key = join_key(prefix, MANIFEST)
+    if store.exists(manifest_key):
+        store.delete([manifest_key])
+
+    def upload(rel: str) -> FileEntry:
+        entry = file_entry(local_dir, rel)
+        store.put_file(join_key(prefix, rel), local_dir / rel)
+        return entry
+
+    with ThreadPoolExecutor(max(1, concurrency), "publish") as pool:
+        entries = tuple(pool.map(upload, files))
+    manifest = Manifest(step, utc_now(), entries, dict(meta or {}))
+    store.put_bytes(manifest_key, manifest.to_bytes())
+    return manifest
+
+
 class CheckpointManager:
     """Publishes, lists, prunes and restores checkpoints under ``prefix`` of ``store``."""
 
@@ -134,26 +164,13 @@ class CheckpointManager:
 
     def _save(self, step: int, local_dir: Path, meta: dict[str, Any] | None) -> Manifest:
         started = time.monotonic()
-        files = _local_files(local_dir)
-        manifest_key = self.key(step, MANIFEST)
-        if self.is_complete(step):  # re-saving a step: unpublish it first
-            self.store.delete([manifest_key])
-
-        def upload(rel: str) -> FileEntry:
-            entry = file_entry(local_dir, rel)
-            key = self.key(step, rel)
-            self.store.put_file(key, local_dir / rel)
-            return entry
-
-        with ThreadPoolExecutor(max(1, self.file_concurrency), "ckpt-upload") as pool:
-            entries = tuple(pool.map(upload, files))
-        manifest = Manifest(step, utc_now(), entries, dict(meta or {}))
-        body = manifest.to_bytes()
-        self.store.put_bytes(manifest_key, body)
+        manifest = publish_folder(
+            self.store, local_dir, self.key(step), step, meta, concurrency=self.file_concurrency
+        )
         log.info(
             "checkpoint %s published (%d files, %.1f MB, %.1fs)",
-            self.store.url(manifest_key),
-            len(entries),
+            self.store.url(self.key(step, MANIFEST)),
+            len(manifest.files),
             manifest.total_bytes / 1e6,
             time.monotonic() - started,
         )

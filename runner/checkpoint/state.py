@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kubetune.config import PipelineConfig
 from kubetune.errors import ResumeMismatchError
 from kubetune.layout import CHECKPOINTS, step_name
 from runner.pipelines.base import TrainingPipeline
@@ -81,17 +80,9 @@ def upgrade_legacy_state(saved: dict[str, Any]) -> dict[str, Any]:
     return upgraded
 
 
-def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
-    """The config fields that decide the shape/meaning of the trained weights."""
-    dumped = cfg.model_dump(mode="json")
-    info = {k: dumped[k] for k in COMPAT_FIELDS if k in dumped}
-    info["ema"] = cfg.ema_decay is not None  # the checkpoint holds EMA state or not
-    return info
-
-
-def check_compatible(saved: dict[str, Any], cfg: PipelineConfig, step: int) -> None:
-    """Raise ResumeMismatchError naming the first differing fields."""
-    current = compat_info(cfg)
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], step: int) -> None:
+    """Raise ResumeMismatchError naming the first differing fields of ``saved`` and the
+    current run's ``compat`` (``runner.session.settings.compat_info``)."""
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
         for k, v in current.items()
@@ -141,16 +132,10 @@ class CheckpointSettings:
     """Local folder where step folders are staged before publishing."""
     seed: int
     compat: dict[str, Any] = field(default_factory=dict)
-    """``compat_info(cfg)``: the config fields a resumed run must share (``run_info.json``)."""
+    """The config fields a resumed run must share (``run_info.json``;
+    ``runner.session.settings.compat_info``)."""
     is_main: bool = True
     """Only the main process of a multi-process run writes checkpoints."""
-
-    @classmethod
-    def from_config(
-        cls, cfg: PipelineConfig, *, seed: int, work_dir: Path, is_main: bool = True
-    ) -> CheckpointSettings:
-        cadence = Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs)
-        return cls(cadence, work_dir, seed, compat_info(cfg), is_main)
 
 
 class Checkpointer:
@@ -240,13 +225,14 @@ class ResumePoint:
 
 
 def fetch_latest(
-    manager: CheckpointManager, work_dir: Path, cfg: PipelineConfig, *, heal: bool = True
+    manager: CheckpointManager, work_dir: Path, compat: dict[str, Any], *, heal: bool = True
 ) -> ResumePoint | None:
-    """Download the newest valid checkpoint and check it fits ``cfg``; None if none.
+    """Download the newest valid checkpoint and check it fits ``compat`` (the current run's
+    ``compat_info``); None if none.
     ``heal``: set aside newer checkpoints that fail their manifest check (main process)."""
     restored = manager.restore_newest_valid(work_dir / "restore", heal=heal)
     if restored is None:
         return None
     info = json.loads((restored.folder / INFO_FILE).read_text())
-    check_compatible(info, cfg, restored.step)
+    check_compatible(info, compat, restored.step)
     return ResumePoint(restored.step, restored.folder, info, restored.set_aside)

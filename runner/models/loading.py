@@ -36,7 +36,7 @@ from kubetune.errors import UserError
 from runner.models.embeddings import load_base_embeddings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kubetune.config import PipelineConfig, StorageConfig
+    from kubetune.config import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +107,6 @@ class ModelSettings:
     storage: StorageConfig | None = None
     """For ``s3://`` model sources."""
 
-    @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> ModelSettings:
-        return cls(
-            cfg.model,
-            hf_variant=cfg.hf_variant,
-            vae_model=cfg.vae_model,
-            weight_dtype=cfg.weight_dtype,
-            prediction_type=cfg.prediction_type,
-            base_embeddings=cfg.base_embeddings,
-            single_file_config=cfg.single_file_config,
-            storage=cfg.storage,
-        )
-
     def identity(self) -> str:
         """Everything about the model that changes the encoders' outputs (the encoder caches'
         key; the JSON format is what stored caches were keyed by)."""
@@ -162,13 +149,6 @@ def load_model(s: ModelSettings, *, cache_dir: str | Path | None = None) -> Comp
         }
         load_base_embeddings(comps, files)
     return comps
-
-
-def load_components_from_config(
-    cfg: PipelineConfig, *, cache_dir: str | Path | None = None
-) -> Components:
-    """``load_model`` with the model fields of a pipeline config."""
-    return load_model(ModelSettings.from_config(cfg), cache_dir=cache_dir)
 
 
 # --- resolving a model string to something loadable ---------------------------------------

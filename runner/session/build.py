@@ -1,33 +1,39 @@
-"""``build_session``: the pieces of one run (model, data, pipeline, optimizer, checkpointer,
-progress, validator, loop), built in one place from the run's typed settings; ``Session``
-holds them and finishes the run (last checkpoint, ``final/``)."""
+"""``build_session``: the one builder of a run. From the loaded base model and checked data
+(``runner.session.load.Loaded``) and the run's store, it picks the resume point and the seed,
+makes the typed settings once (``runner.session.settings``) and builds every piece (data
+loader, pipeline, optimizer, checkpointer, progress, validator, loop); ``Session`` holds
+them, runs the loop and publishes ``final/``."""
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
-from kubetune.checkpoint.manifest import Manifest, file_entry
-from kubetune.checkpoint.publish import CheckpointManager
-from kubetune.config import PipelineConfig
+from kubetune.checkpoint.publish import CheckpointManager, publish_folder
+from kubetune.config import PipelineConfig, config_to_yaml, output_uri
+from kubetune.dataset.index import save_index, save_shared_index, shared_index_store
 from kubetune.dataset.preflight import PreflightReport
 from kubetune.errors import DataError
-from kubetune.layout import final_key, final_manifest_key, step_name, utc_now
+from kubetune.layout import CONFIG_KEY, FINAL, final_key, step_name
 from kubetune.storage import ObjectStore
-from runner.checkpoint.state import Checkpointer, LoopState, ResumePoint
-from runner.models.loading import Components, ModelSettings, load_model, to_dtype
+from runner.checkpoint.state import Checkpointer, LoopState, ResumePoint, fetch_latest
+from runner.models.loading import Components
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.base import enable_gradient_checkpointing
 from runner.reporting.progress import ProgressReporter, ProgressSettings
 from runner.reporting.run_events import RunEvents
-from runner.session.settings import RunSettings
+from runner.session.load import Loaded
+from runner.session.settings import RunSettings, TrainingSettings, compat_info
 from runner.training.loop import GeneratorState, Loop, StepRunner
 from runner.training.optim import build_lr_scheduler, build_optimizer
 from runner.training.speed import tune_unet
@@ -49,32 +55,14 @@ class Schedule:
     steps_per_epoch: int
 
 
-def plan_schedule(cfg: PipelineConfig, batches_per_epoch: int) -> Schedule:
+def plan_schedule(training: TrainingSettings, batches_per_epoch: int) -> Schedule:
     if batches_per_epoch == 0:
         raise DataError(
             "the dataset yields no batches", hint="add images or lower train_batch_size"
         )
-    per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
-    total = cfg.max_train_steps or per_epoch * (cfg.max_train_epochs or 1)
+    per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
+    total = training.max_train_steps or per_epoch * (training.max_train_epochs or 1)
     return Schedule(total, per_epoch)
-
-
-def place_models(comps: Components, weight_dtype: str, device: torch.device) -> None:
-    """Frozen weights in ``weight_dtype`` on the device (SDXL's VAE stays float32 with
-    float16 weights: it overflows in half precision)."""
-    dtype = to_dtype(weight_dtype)
-    for module in (comps.unet, *comps.text_encoders):
-        module.to(device=device, dtype=dtype)
-    vae_dtype = torch.float32 if (comps.is_sdxl and dtype == torch.float16) else dtype
-    comps.vae.to(device=device, dtype=vae_dtype)
-
-
-def load_base(settings: ModelSettings, device: torch.device) -> Components:
-    """The base model (UNet, VAE, tokenizers, text encoders, base embeddings) loaded and placed
-    on ``device``. Writes nothing to the run, so a run does it while its preflight runs."""
-    comps = load_model(settings)
-    place_models(comps, settings.weight_dtype, device)
-    return comps
 
 
 def build_training(
@@ -108,6 +96,21 @@ class Session:
     progress: ProgressReporter
     loop: Loop
     state: LoopState
+    events: RunEvents
+    records: RunRecords
+
+    def run(self) -> RunResult:
+        """Record the run (main process; only now: a failed start writes nothing), train
+        from ``state`` and publish ``final/``."""
+        if self.settings.is_main:
+            self.records.write(self.store)
+        self.events.started(self.state.step)
+        try:
+            self.loop.run(self.state)
+        except BaseException:
+            self.drain()  # let the last good checkpoint finish publishing before we fail
+            raise
+        return self.finish(self.records.output_uri)
 
     def note_bad(self, bad: list[str]) -> None:
         """Publish the skipped examples in progress.json at once (failed when too many)."""
@@ -140,46 +143,114 @@ class Session:
         shutil.rmtree(final, ignore_errors=True)
         with self.pipeline.averaged():
             exported = self.pipeline.export(final)
-        entries, keys = [], []
-        for path in exported:
-            entries.append(file_entry(final, path.relative_to(final).as_posix()))
-            keys.append(final_key(entries[-1].key))
-            self.store.put_file(keys[-1], path)
-        weights = {"weights": [e.key for e in entries]}
-        manifest = Manifest(step, utc_now(), tuple(entries), weights)
-        self.store.put_bytes(final_manifest_key(), manifest.to_bytes())  # last: complete
-        return keys
+        names = [path.relative_to(final).as_posix() for path in exported]
+        publish_folder(self.store, final, FINAL, step, {"weights": names})
+        return [final_key(name) for name in names]
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """What a started run records beside its checkpoints: the resolved config and the
+    dataset index (with the run and, best-effort, beside the runs for later runs)."""
+
+    output_uri: str
+    config_yaml: str
+    data: PreflightReport
+    shared_index: ObjectStore | None
+
+    def write(self, store: ObjectStore) -> None:
+        store.put_bytes(CONFIG_KEY, self.config_yaml.encode())
+        save_index(store, self.data)
+        save_shared_index(self.shared_index, self.data)
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """How a run starts: its staging folder, resume or not, and its stop event (SIGTERM)."""
+
+    work_dir: Path
+    resume: bool = True
+    force_restart: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 def build_session(
     cfg: PipelineConfig,
+    loaded: Loaded,
+    store: ObjectStore,
+    events: RunEvents,
+    options: StartOptions,
+) -> Session:
+    """Pick the resume point and the seed, make the run's settings, then build the loader,
+    pipeline, optimizer, checkpointer, progress, validator and loop from them and restore the
+    checkpoint into them (nothing is written)."""
+    is_main, work = loaded.accelerator.is_main_process, options.work_dir
+    manager = CheckpointManager(store, cfg.max_checkpoints)  # store: the retrying RunStore
+    if is_main:
+        manager.on_published = events.checkpoint
+    restored = _resume_point(manager, work, compat_info(cfg), options, is_main=is_main)
+    seed = restored.info["seed"] if restored else _new_seed(cfg.seed)
+    seed_everything(seed)
+    settings = RunSettings.from_config(cfg, seed=seed, work_dir=work, is_main=is_main)
+    records = RunRecords(output_uri(cfg), config_to_yaml(cfg), loaded.data, shared_index_store(cfg))
+    return _assemble(cfg, settings, loaded, store, manager, restored, events, records, options.stop)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _new_seed(configured: int | None) -> int:
+    return configured if configured is not None else random.SystemRandom().randrange(2**31)
+
+
+def _resume_point(
+    manager: CheckpointManager,
+    work_dir: Path,
+    compat: dict[str, Any],
+    options: StartOptions,
+    *,
+    is_main: bool,
+) -> ResumePoint | None:
+    if options.resume and not options.force_restart:
+        return fetch_latest(manager, work_dir, compat, heal=is_main)
+    if manager.latest() is not None:
+        log.warning(
+            "starting over: discarding the run's existing checkpoints (%s)",
+            "--force-restart" if options.force_restart else "--no-resume",
+        )
+        manager.delete_all()
+    return None
+
+
+def _assemble(
+    cfg: PipelineConfig,
     settings: RunSettings,
-    accelerator: Accelerator,
-    comps: Components,
+    loaded: Loaded,
     store: ObjectStore,
     manager: CheckpointManager,
     restored: ResumePoint | None,
-    data: PreflightReport,
     events: RunEvents,
+    records: RunRecords,
     stop: threading.Event,
 ) -> Session:
-    """From the loaded base model (``load_base``) and the checked data, build the loader,
-    pipeline, optimizer, checkpointer, progress, validator and loop, and restore ``restored``
-    into them (nothing is written)."""
     from runner.data import build_train_dataloader
     from runner.training.encoder_cache import PersistedCaches
 
+    accelerator, comps, training = loaded.accelerator, loaded.comps, settings.training
     device, seed = accelerator.device, settings.seed
     loader = build_train_dataloader(
         cfg,
         seed=seed,
-        batch_size=cfg.train_batch_size,
+        batch_size=training.train_batch_size,
         device_is_cuda=device.type == "cuda",
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
-        data=data,
+        data=loaded.data,
     )
-    schedule = plan_schedule(cfg, len(loader))
+    schedule = plan_schedule(training, len(loader))
     torch.manual_seed(seed)  # LoRA init does not depend on what loading consumed
     pipeline, optimizer, lr_scheduler = build_training(
         cfg, comps, accelerator, schedule.total_steps
@@ -189,7 +260,7 @@ def build_session(
         PersistedCaches(settings.caches, pipeline, is_main=settings.is_main).warm(loader)
     generator = torch.Generator(device).manual_seed(seed)
     runner = StepRunner(
-        accelerator, pipeline, optimizer, lr_scheduler, generator, cfg.max_grad_norm
+        accelerator, pipeline, optimizer, lr_scheduler, generator, training.max_grad_norm
     )
     objects: dict[str, Any] = {
         "optimizer": optimizer,
@@ -209,8 +280,9 @@ def build_session(
     validator = Validator(settings.validation, pipeline, out, device,
                           on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
     loop = Loop(runner, loader, checkpointer, validator, progress, stop,
-                schedule.total_steps, cfg.gradient_accumulation_steps, events)  # fmt: skip
-    session = Session(settings, store, loader, pipeline, checkpointer, progress, loop, state)
+                schedule.total_steps, training.gradient_accumulation_steps, events)  # fmt: skip
+    session = Session(settings, store, loader, pipeline, checkpointer, progress, loop, state,
+                      events, records)  # fmt: skip
     loader.on_bad = session.note_bad
     if loader.bad:  # skipped before the restart: progress.json names them again
         session.note_bad(list(loader.bad))
@@ -254,7 +326,7 @@ def _progress(
         ProgressSettings(
             schedule.total_steps,
             schedule.steps_per_epoch,
-            log_every_n_steps=settings.log_every_n_steps,
+            log_every_n_steps=settings.training.log_every_n_steps,
             tensorboard_dir=settings.tensorboard_dir,
             upload_logs=True,
         ),

@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kubetune.config import output_uri
 from kubetune.storage import open_store
-from runner.data.cache import TensorCache, cache_namespace
+from runner.data.cache import TensorCache
 from runner.data.loader import ResumableLoader, cache_batches
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kubetune.config import PipelineConfig, StorageConfig
-    from runner.models.loading import ModelSettings
+    from kubetune.config import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +40,6 @@ class CacheSettings:
     mirror_uri: str | None = None
     """``<run output>/cache`` when the run's storage is S3, so a restarted pod reuses it."""
     storage: StorageConfig | None = None
-
-    @classmethod
-    def from_config(
-        cls, cfg: PipelineConfig, model: ModelSettings, work_dir: Path
-    ) -> CacheSettings:
-        ident, out = model.identity(), output_uri(cfg)
-        local = Path(out) / "cache" if cfg.storage is None else work_dir / "cache"
-        mirror = f"{out}/cache" if cfg.storage is not None else None
-        namespaces = {kind: cache_namespace(cfg, kind, ident) for kind in ("vae", "text")}
-        return cls(local, namespaces, mirror, cfg.storage)
 
     def open(self, kind: str) -> TensorCache:
         """The ``kind`` cache on local disk, mirrored to ``mirror_uri`` if set."""

@@ -15,10 +15,8 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from kubetune.config import PipelineConfig
 from kubetune.layout import thumb_key, validation_key
 from kubetune.storage import ObjectStore
-from runner.data.transforms import resolution_hw
 from runner.models.loading import Components
 from runner.pipelines.base import TrainingPipeline
 from runner.reporting.report import thumbnail_jpeg
@@ -42,23 +40,6 @@ class ValidationSettings:
     height: int
     width: int
     inference_steps: int = 30
-
-    @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> ValidationSettings:
-        height, width = resolution_hw(cfg.data_loader.resolution)
-        # diffusers pipelines need sides divisible by 8 (invoke-training would fail here).
-        height, width = max(8, height // 8 * 8), max(8, width // 8 * 8)
-        return cls(
-            list(cfg.validation_prompts),
-            cfg.negative_validation_prompts,
-            cfg.num_validation_images_per_prompt,
-            Cadence(cfg.validate_every_n_steps, cfg.validate_every_n_epochs),
-            cfg.enable_cpu_offload_during_validation,
-            cfg.seed,
-            height,
-            width,
-            cfg.num_validation_inference_steps,
-        )
 
     def due(self, step: int, completed_epoch: int | None) -> bool:
         return bool(self.prompts) and self.cadence.due(step, completed_epoch)

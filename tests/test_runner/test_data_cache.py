@@ -68,10 +68,10 @@ def test_run_cache_mirrors_next_to_the_run_on_s3(tmp_path: Path, s3_env, s3_buck
     from data_fixtures import lora_config
 
     from runner.models.loading import ModelSettings
-    from runner.training.encoder_cache import CacheSettings
+    from runner.session.settings import cache_settings
 
     def open_run_cache(cfg, kind: str, model: str, local: Path):  # type: ignore[no-untyped-def]
-        return CacheSettings.from_config(cfg, ModelSettings(model), local / "work").open(kind)
+        return cache_settings(cfg, ModelSettings(model), local / "work").open(kind)
 
     dataset = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "/data"}
     data = lora_config(dataset).model_dump(mode="json")

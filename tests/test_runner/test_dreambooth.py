@@ -213,12 +213,13 @@ def test_class_weight_scales_class_examples_in_the_loss(
 ) -> None:
     """Same step, same random draws: the loss is linear in the class weight, the class
     examples' share scaled by it (per-sample mean × Min-SNR weight × loss weight)."""
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
     from runner.pipelines import build_pipeline
-    from runner.session.build import place_models
+    from runner.session.load import place_models
+    from runner.session.settings import model_settings
 
     cfg = make_config("SD_LORA", tiny_sd_dir, Path(dirs[0]), tmp_path / "out")
-    comps = load_components_from_config(cfg)
+    comps = load_model(model_settings(cfg))
     place_models(comps, cfg.weight_dtype, torch.device("cpu"))
     pipeline = build_pipeline(cfg, comps, torch.device("cpu"), total_steps=1)
     batch = _epoch(db_config(*dirs, resolution=64))[0]

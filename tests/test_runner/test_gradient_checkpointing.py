@@ -26,12 +26,13 @@ def one_backward(cfg: Any) -> tuple[int, dict[str, torch.Tensor]]:
     first text-encoder layer's attention ran and the trainable gradients."""
     from accelerate import Accelerator
 
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
     from runner.session.build import build_training
+    from runner.session.settings import model_settings
 
     reset_accelerate()
     torch.manual_seed(0)
-    comps = load_components_from_config(cfg)
+    comps = load_model(model_settings(cfg))
     pipe, _, _ = build_training(cfg, comps, Accelerator(cpu=True), total_steps=2)
     calls = []
     encoder = comps.text_encoder

@@ -197,16 +197,18 @@ def test_resume_refuses_a_dora_or_ema_switch_and_accepts_older_checkpoints(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
     from kubetune.errors import ResumeMismatchError
-    from runner.checkpoint.state import check_compatible, compat_info
+    from runner.checkpoint.state import check_compatible
+    from runner.session.settings import compat_info
 
     plain = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path)
     older = {k: v for k, v in compat_info(plain).items() if k not in ("use_dora", "ema")}
-    check_compatible(older, plain, 2)  # written before the knobs existed: still resumes
+    # written before the knobs existed: still resumes
+    check_compatible(older, compat_info(plain), 2)
     for knob in ({"ema_decay": 0.9}, {"use_dora": True, "lora_checkpoint_format": "invoke_peft"}):
         switched = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path, **knob)
         with pytest.raises(ResumeMismatchError, match="ema|use_dora"):
-            check_compatible(older, switched, 2)
-        check_compatible(compat_info(switched), switched, 2)
+            check_compatible(older, compat_info(switched), 2)
+        check_compatible(compat_info(switched), compat_info(switched), 2)
 
 
 def test_validation_images_come_from_the_ema_weights(
@@ -215,7 +217,8 @@ def test_validation_images_come_from_the_ema_weights(
     from PIL import Image
 
     from kubetune.storage import open_store
-    from runner.training.validation import ValidationSettings, Validator
+    from runner.session.settings import validation_settings
+    from runner.training.validation import Validator
 
     cfg = make_config(
         "SD_LORA",
@@ -239,7 +242,7 @@ def test_validation_images_come_from_the_ema_weights(
 
     monkeypatch.setattr(Validator, "_generate", generate)
     store = open_store(str(tmp_path / "store"))
-    Validator(ValidationSettings.from_config(cfg), pipe, store, torch.device("cpu")).validate(1)
+    Validator(validation_settings(cfg), pipe, store, torch.device("cpu")).validate(1)
     assert all(torch.equal(seen[k], pipe.ema.shadow[k]) for k in raw)
     assert all(torch.equal(p.detach(), raw[k]) for k, p in pipe.trainable_parameters().items())
 

@@ -328,7 +328,8 @@ def test_sample_data_matches_its_generator(tmp_path: Path) -> None:
 
 def test_load_components_from_pipeline_config(tiny_sd_dir: Path) -> None:
     from kubetune.config.pipelines import SdLoraConfig
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
+    from runner.session.settings import model_settings
 
     cfg = SdLoraConfig.model_validate(
         {
@@ -343,7 +344,7 @@ def test_load_components_from_pipeline_config(tiny_sd_dir: Path) -> None:
             },
         }
     )
-    comps = load_components_from_config(cfg)  # hf_variant defaults to fp16: falls back
+    comps = load_model(model_settings(cfg))  # hf_variant defaults to fp16: falls back
     assert comps.unet.dtype == torch.bfloat16  # the config's default weight_dtype
     assert comps.noise_scheduler.config.prediction_type == "v_prediction"
 

@@ -65,7 +65,8 @@ def test_validation_images_are_the_ones_invoke_training_draws(
     kind: str, seed: int | None, tmp_path: Path, tiny_sd_dir: Path, tiny_sdxl_dir: Path
 ) -> None:
     from kubetune.storage import open_store
-    from runner.training.validation import ValidationSettings, Validator
+    from runner.session.settings import validation_settings
+    from runner.training.validation import Validator
 
     model = tiny_sdxl_dir if kind == "SDXL_LORA" else tiny_sd_dir
     data = write_dataset(tmp_path / "data", n=2)
@@ -74,7 +75,7 @@ def test_validation_images_are_the_ones_invoke_training_draws(
                       validate_every_n_steps=1)  # fmt: skip
     comps, pipeline = load_pipeline(cfg)
     store = open_store(str(tmp_path / "store"))
-    Validator(ValidationSettings.from_config(cfg), pipeline, store, CPU).validate(1)
+    Validator(validation_settings(cfg), pipeline, store, CPU).validate(1)
     pipeline.set_train(False)  # as during validation (no dropout either way here)
     expected = _reference(comps, cfg, side=64)
     for i, row in enumerate(expected):
@@ -86,17 +87,17 @@ def test_validation_images_are_the_ones_invoke_training_draws(
 
 
 def test_validation_size_is_the_data_loaders_resolution(tmp_path: Path) -> None:
-    from runner.training.validation import ValidationSettings
+    from runner.session.settings import validation_settings
 
     buckets = {"target_resolution": 48, "start_dim": 32, "end_dim": 64, "divisible_by": 16}
     loader = {"type": "IMAGE_CAPTION_SD_DATA_LOADER", "resolution": 100,
               "aspect_ratio_buckets": buckets,
               "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "d"}}  # fmt: skip
     cfg = make_config("SD_LORA", tmp_path, tmp_path, tmp_path, data_loader=loader)
-    s = ValidationSettings.from_config(cfg)
+    s = validation_settings(cfg)
     assert (s.height, s.width) == (96, 96)  # 100 rounded down to a multiple of 8 for diffusers
     loader["resolution"] = [64, 128]
-    s = ValidationSettings.from_config(
+    s = validation_settings(
         make_config("SD_LORA", tmp_path, tmp_path, tmp_path, data_loader=loader)
     )
     assert (s.height, s.width, s.inference_steps) == (64, 128, 3)

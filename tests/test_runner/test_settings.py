@@ -110,3 +110,21 @@ def test_loader_settings_read_each_field_by_type(tmp_path: Path) -> None:
                           "keep_in_memory": True}})  # fmt: skip
     s = LoaderSettings.from_config(dreambooth)
     assert (s.caption_dropout_rate, s.keep_in_memory, s.keep_class_in_memory) == (0.5, False, True)
+
+
+# Where the whole config may still go: the entry, the session (which makes the settings), the
+# per-type pipelines and the data loader (their config sections are their typed settings) and
+# the run's events (its name and hash). Every other component takes its own settings.
+CONFIG_READERS = ("runner/__main__.py", "runner/session/", "runner/pipelines/",
+                  "runner/data/loader.py", "runner/data/loader_settings.py",
+                  "runner/reporting/run_events.py", "runner/training/noise.py")  # fmt: skip
+
+
+def test_the_whole_config_stops_at_the_settings() -> None:
+    readers = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "runner").rglob("*.py")
+        if re.search(r"\bPipelineConfig\b", p.read_text())
+    )
+    assert readers, "the walk found no module at all"
+    assert [r for r in readers if not r.startswith(CONFIG_READERS)] == []

@@ -64,10 +64,10 @@ class GatedPreflight(Future):  # type: ignore[type-arg]
 
 def _record(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> threading.Event:
     """Record model loading (and signal its start) and every lease taken."""
-    import runner.session.build
+    import runner.session.load
 
     loading = threading.Event()
-    real_load, real_acquire = runner.session.build.load_model, Lease.acquire
+    real_load, real_acquire = runner.session.load.load_model, Lease.acquire
 
     def load(*args: Any, **kwargs: Any) -> Any:
         events.append("load")
@@ -78,7 +78,7 @@ def _record(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> threading.Eve
         events.append("lease")
         return real_acquire(self, **kwargs)
 
-    monkeypatch.setattr(runner.session.build, "load_model", load)
+    monkeypatch.setattr(runner.session.load, "load_model", load)
     monkeypatch.setattr(Lease, "acquire", acquire)
     return loading
 

@@ -160,8 +160,9 @@ def test_textual_inversion_changes_only_the_new_rows(
     data_dir: Path,
     tmp_path: Path,
 ) -> None:
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
     from runner.pipelines import build_pipeline
+    from runner.session.settings import model_settings
 
     cfg = make_config(
         "SD_TEXTUAL_INVERSION",
@@ -170,7 +171,7 @@ def test_textual_inversion_changes_only_the_new_rows(
         tmp_path,
         optimizer={"optimizer_type": "AdamW", "learning_rate": 0.05, "weight_decay": 0.5},
     )
-    comps = load_components_from_config(cfg)
+    comps = load_model(model_settings(cfg))
     table = comps.text_encoder.get_input_embeddings().weight.detach().clone()
     pipe = build_pipeline(cfg, comps, torch.device("cpu"), total_steps=3)
     new_ids = comps.tokenizer.convert_tokens_to_ids([PLACEHOLDER, f"{PLACEHOLDER}_1"])
@@ -199,8 +200,9 @@ def test_loss_decreases_when_overfitting_one_image(
     tiny_sd_dir: Path,
     tmp_path: Path,
 ) -> None:
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
     from runner.pipelines import build_pipeline
+    from runner.session.settings import model_settings
 
     data = write_dataset(tmp_path / "one", n=1)
     # Attention-only LoRA barely moves a random-init UNet in a few dozen steps; LoRA on the
@@ -226,9 +228,7 @@ def test_loss_decreases_when_overfitting_one_image(
         ],
     )
     torch.manual_seed(0)
-    pipe = build_pipeline(
-        cfg, load_components_from_config(cfg), torch.device("cpu"), total_steps=30
-    )
+    pipe = build_pipeline(cfg, load_model(model_settings(cfg)), torch.device("cpu"), total_steps=30)
     pixels = torch.from_numpy(np.asarray(Image.open(data / "img-0.png"), dtype=np.float32))
     batch = {
         "pixel_values": (pixels.permute(2, 0, 1)[None] / 127.5 - 1),

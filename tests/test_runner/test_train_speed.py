@@ -83,12 +83,13 @@ def test_validation_brings_offloaded_encoders_back(
 ) -> None:
     """Where ``set_train`` sends the encoders: training device for validation, away after."""
     from runner.data import build_train_dataloader, cache_batches
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
     from runner.pipelines import base as common
     from runner.pipelines import build_pipeline
+    from runner.session.settings import model_settings
 
     cfg = _cached("SD_LORA", tiny_sd_dir, data_dir, tmp_path)
-    comps = load_components_from_config(cfg)
+    comps = load_model(model_settings(cfg))
     device = torch.device("cpu")
     pipeline = build_pipeline(cfg, comps, device, total_steps=4)
     moves: list[tuple[str, str]] = []
@@ -179,11 +180,12 @@ def test_unet_attention_uses_sdpa(
 ) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from runner.models.loading import load_components_from_config
+    from runner.models.loading import load_model
+    from runner.session.settings import model_settings
     from runner.training.speed import ensure_sdpa, use_channels_last
 
     model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
-    comps = load_components_from_config(make_config(kind, model, data_dir, tmp_path))
+    comps = load_model(model_settings(make_config(kind, model, data_dir, tmp_path)))
     processors = comps.unet.attn_processors.values()
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
     comps.unet.set_attn_processor(AttnProcessor())  # the slow path, as a plugin might set

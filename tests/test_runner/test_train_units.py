@@ -16,6 +16,7 @@ from kubetune.errors import DataError
 from runner.checkpoint.state import LoopState, rng_state, set_rng_state
 from runner.reporting.progress import ProgressReporter, ProgressSettings
 from runner.session.build import plan_schedule
+from runner.session.settings import training_settings
 from runner.training.cadence import Cadence
 from runner.training.loop import step_inputs
 from runner.training.losses import diffusion_loss, snr
@@ -80,9 +81,9 @@ def test_schedule_and_cadence(tmp_path: Path) -> None:
         save_every_n_steps=None,
         save_every_n_epochs=2,
     )
-    assert plan_schedule(cfg, 5).total_steps == 9
+    assert plan_schedule(training_settings(cfg), 5).total_steps == 9
     with pytest.raises(DataError):
-        plan_schedule(cfg, 0)
+        plan_schedule(training_settings(cfg), 0)
     every = Cadence(cfg.save_every_n_steps, cfg.save_every_n_epochs)
     assert [every.due(s, e) for s, e in ((3, 1), (6, 2), (7, None))] == [False, True, False]
 

@@ -1,0 +1,70 @@
+"""What a run has before its first write: the accelerator, the base model on its device and
+the checked data. Loading overlaps the data preflight; nothing here writes to the run."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from kubetune.dataset.preflight import PreflightReport
+from kubetune.errors import UserError
+from runner.models.loading import Components, ModelSettings, load_model, to_dtype
+from runner.training.speed import enable_tf32
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The accelerator, the base model on its device and the preflight's report."""
+
+    accelerator: Accelerator
+    comps: Components
+    data: PreflightReport
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    try:
+        accelerator = Accelerator(mixed_precision=mixed_precision)
+    except ValueError as err:
+        raise UserError(
+            f"mixed_precision {mixed_precision}: {err}",
+            hint="use mixed_precision: no on this machine",
+        ) from err
+    enable_tf32(accelerator.device)
+    return accelerator
+
+
+def place_models(comps: Components, weight_dtype: str, device: torch.device) -> None:
+    """Frozen weights in ``weight_dtype`` on the device (SDXL's VAE stays float32 with
+    float16 weights: it overflows in half precision)."""
+    dtype = to_dtype(weight_dtype)
+    for module in (comps.unet, *comps.text_encoders):
+        module.to(device=device, dtype=dtype)
+    vae_dtype = torch.float32 if (comps.is_sdxl and dtype == torch.float16) else dtype
+    comps.vae.to(device=device, dtype=vae_dtype)
+
+
+def load_base(settings: ModelSettings, device: torch.device) -> Components:
+    """The base model (UNet, VAE, tokenizers, text encoders, base embeddings) loaded and placed
+    on ``device``. Writes nothing to the run, so a run does it while its preflight runs."""
+    comps = load_model(settings)
+    place_models(comps, settings.weight_dtype, device)
+    return comps
+
+
+def load_then_join(
+    mixed_precision: str, model: ModelSettings, pending: Future[PreflightReport]
+) -> Loaded:
+    """The accelerator and the base model, loaded while the preflight (listing, header reads
+    or the stored index) runs; then the preflight's report: a bad dataset fails here, before
+    the lease or any other write. If loading fails, a failed preflight is still reported
+    first, as when it ran first."""
+    try:
+        accelerator = make_accelerator(mixed_precision)
+        comps = load_base(model, accelerator.device)
+    except Exception:
+        pending.result()  # a bad dataset's error, else the loading error below
+        raise
+    return Loaded(accelerator, comps, pending.result())
