@@ -127,7 +127,8 @@ def with_sweep(cfg: PipelineConfig, sweep: str, run: str, params: dict[str, str]
     job["name"] = run
     job["labels"] = {**(job.get("labels") or {}), LABEL_SWEEP: sweep, **param_labels(params)}
     data["job"] = job
-    data["base_output_dir"] = str(Path(cfg.base_output_dir) / run)
+    if cfg.base_output_dir is not None:  # None: the outputs go to storage, named by job.name
+        data["base_output_dir"] = str(Path(cfg.base_output_dir) / run)
     return parse_config(yaml.safe_dump(data, sort_keys=False), name=f"sweep {run}")
 
 

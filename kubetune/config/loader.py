@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from kubetune.config.base import FieldProblems, document_fields
 from kubetune.config.cluster import sanitize_name
+from kubetune.config.paths import resolve_paths
 from kubetune.config.pipelines import PIPELINE_CLASSES, PIPELINE_TYPES, PipelineConfig, TrainConfig
 from kubetune.errors import ConfigError
 
@@ -39,16 +40,25 @@ def load_config(source: str | Path, *, overrides: list[str] | None = None) -> Pi
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError([f"{name}: cannot read: {err}"], name) from None
-    return parse_config(text, name=name, overrides=overrides)
+    folder = Path.cwd() if name == "<stdin>" else Path(source).resolve().parent
+    return parse_config(text, name=name, overrides=overrides, base=folder)
 
 
 def parse_config(
-    text: str, *, name: str = "<config>", overrides: list[str] | None = None
+    text: str,
+    *,
+    name: str = "<config>",
+    overrides: list[str] | None = None,
+    base: Path | None = None,
 ) -> PipelineConfig:
-    """Validate YAML text. See load_config."""
+    """Validate YAML text. See load_config. `base`: the folder relative paths of the text
+    resolve against (`kubetune.config.paths`; `--set` values resolve against the working
+    folder); None leaves them as written."""
     data, lines = _parse_yaml(text, name)
+    if base is not None:
+        resolve_paths(data, base)
     if overrides:
-        apply_overrides(data, overrides, name)
+        apply_overrides(data, overrides, name, base=Path.cwd() if base is not None else None)
     problems = _shape_problems(data, name)
     if problems:
         raise ConfigError(problems, name)
@@ -264,8 +274,11 @@ def _split(field: str) -> Loc:
 # --- overrides, dumping, identity ----------------------------------------------------------
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], name: str = "--set") -> None:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to the raw config mapping."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], name: str = "--set", base: Path | None = None
+) -> None:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to the raw config mapping; with
+    `base`, a relative path among the values resolves against it."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -283,6 +296,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], name: str = "--s
             if not isinstance(child, dict):
                 raise ConfigError([f"--set {item!r}: {part} is not a mapping"])
             node = child
+        if base is not None:
+            probe = {parts[-1]: value}
+            resolve_paths(probe if len(parts) == 1 else {"data_loader": probe}, base)
+            value = probe[parts[-1]]
         node[parts[-1]] = value
 
 
@@ -303,7 +320,7 @@ def config_hash(cfg: PipelineConfig, length: int = 10) -> str:
 
 def run_name(cfg: PipelineConfig) -> str:
     """The run's DNS-1123 name: job.name, else the last part of base_output_dir."""
-    raw = cfg.job.name if cfg.job and cfg.job.name else Path(cfg.base_output_dir).name
+    raw = cfg.job.name if cfg.job and cfg.job.name else Path(cfg.base_output_dir or "").name
     return sanitize_name(raw)[:52].strip("-") or "kubetune-run"
 
 
@@ -312,6 +329,7 @@ def output_uri(cfg: PipelineConfig) -> str:
     if cfg.storage is not None:
         prefix = f"{cfg.storage.prefix}/" if cfg.storage.prefix else ""
         return f"s3://{cfg.storage.bucket}/{prefix}{run_name(cfg)}"
+    assert cfg.base_output_dir is not None  # the schema requires it without storage
     return cfg.base_output_dir
 
 

@@ -80,8 +80,11 @@ class BasePipelineConfig(TrainingKnobs):
 
     seed: int | None = None
     """Random seed; a fixed seed makes a CPU run reproducible bit-for-bit."""
-    base_output_dir: str
-    """Where a local run writes its outputs (with `storage:`, outputs go to S3 instead)."""
+    base_output_dir: str | None = None
+    """Where a local run writes its outputs; a relative path is relative to the config file's
+    folder. Required without `storage:`; with `storage:` the outputs go to the bucket and this
+    field may be left out (kubetune extension: invoke-training always requires it), the run
+    then being named by `job.name`."""
     report_to: Literal["all", "tensorboard", "wandb", "comet_ml"] | None = "tensorboard"
     """Experiment tracker; kubetune writes TensorBoard event files under `logs/`."""
     max_train_steps: PositiveInt | None = None
@@ -179,6 +182,18 @@ class BasePipelineConfig(TrainingKnobs):
 
     def _common_problems(self, p: Problems) -> None:
         self._knob_problems(p)
+        if self.base_output_dir is None:
+            p.check(
+                self.storage is not None,  # type: ignore[attr-defined]
+                "base_output_dir",
+                "missing; set the folder this run writes to (or add a `storage:` section, "
+                "which puts the outputs in a bucket)",
+            )
+            p.check(
+                self.storage is None or bool(self.job and self.job.name),  # type: ignore[attr-defined]
+                "job.name",
+                "missing; name the run (without base_output_dir the run name comes from job.name)",
+            )
         exactly_one(
             p,
             {"max_train_steps": self.max_train_steps, "max_train_epochs": self.max_train_epochs},

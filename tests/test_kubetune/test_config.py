@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,14 @@ def test_valid_configs_round_trip(path: Path) -> None:
     again = parse_config(config_to_yaml(cfg))
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
-    # Every field from the file survives the round trip unchanged.
+    # Every field from the file survives the round trip unchanged; a relative local path
+    # comes back absolute, under the file's folder (kubetune.config.paths).
     raw = yaml.safe_load(path.read_text())
     dumped = yaml.safe_load(config_to_yaml(cfg))
     for key, value in raw.items():
-        if isinstance(value, (str, bool, int)) and not isinstance(dumped[key], float):
+        if key == "base_output_dir":
+            assert dumped[key] == os.path.normpath(path.parent / value), key
+        elif isinstance(value, (str, bool, int)) and not isinstance(dumped[key], float):
             assert dumped[key] == value, key
 
 
@@ -173,7 +177,7 @@ def test_overrides_apply_before_validation() -> None:
 
 def test_output_uri_with_and_without_storage() -> None:
     cfg = load_config(SAMPLES[0])
-    assert output_uri(cfg) == "output/sd_lora_pokemon"
+    assert output_uri(cfg) == str(SAMPLES[0].parent / "output/sd_lora_pokemon")
     cfg = load_config(SAMPLES[0], overrides=["storage.bucket=runs", "storage.prefix=team/a/"])
     assert output_uri(cfg) == "s3://runs/team/a/sd-lora-pokemon"
 
