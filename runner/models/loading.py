@@ -106,11 +106,28 @@ class ModelSettings:
     single_file_config: str | None = None
     storage: StorageConfig | None = None
     """For ``s3://`` model sources."""
+    family: str = "sd"
+    """``sd`` (SD 1.x / SDXL: ``load_model`` returns ``Components``) or ``flux``
+    (``runner.models.flux.FluxComponents``)."""
+    transformer_path: str | None = None
+    """FLUX: a transformer folder replacing the model's."""
+    text_encoder_1_path: str | None = None
+    """FLUX: a CLIP text encoder folder replacing the model's."""
+    text_encoder_2_path: str | None = None
+    """FLUX: a T5 encoder folder replacing the model's."""
 
     def identity(self) -> str:
         """Everything about the model that changes the encoders' outputs (the encoder caches'
         key; the JSON format is what stored caches were keyed by)."""
-        fields = ("model", "hf_variant", "vae_model", "weight_dtype", "base_embeddings")
+        fields: tuple[str, ...] = (
+            "model",
+            "hf_variant",
+            "vae_model",
+            "weight_dtype",
+            "base_embeddings",
+        )
+        if self.family != "sd":  # SD keys stay as they were: stored caches remain valid
+            fields += ("family", "transformer_path", "text_encoder_1_path", "text_encoder_2_path")
         return json.dumps({f: getattr(self, f) for f in fields}, sort_keys=True, default=str)
 
 
@@ -121,8 +138,12 @@ def load_model(s: ModelSettings, *, cache_dir: str | Path | None = None) -> Comp
     ``default_cache_dir()``). Raises ``ModelError`` (a ``UserError``) naming the path when
     something is missing.
     """
-    dtype = to_dtype(s.weight_dtype)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if s.family == "flux":
+        from runner.models.flux import load_flux
+
+        return load_flux(s, cache)  # type: ignore[return-value]
+    dtype = to_dtype(s.weight_dtype)
     source = _resolve(s.model, s.storage, cache)
     if _is_single_file(source):
         comps = _load_single_file(source, s.single_file_config, dtype)
@@ -154,22 +175,26 @@ def load_model(s: ModelSettings, *, cache_dir: str | Path | None = None) -> Comp
 # --- resolving a model string to something loadable ---------------------------------------
 
 
-BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl")
+BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-flux")
 
 
 def builtin_model(name: str, cache: Path) -> Path:
-    """Build (once) and return kubetune's tiny offline model ``builtin:tiny-sd|tiny-sdxl``."""
+    """Build (once) and return kubetune's tiny offline model ``builtin:tiny-sd|tiny-sdxl|
+    tiny-flux``."""
     from runner.models.tiny import build_tiny_sd, build_tiny_sdxl
+    from runner.models.tiny_flux import build_tiny_flux
 
     if name not in BUILTIN_MODELS:
         raise ModelError(
-            f"builtin:{name}: unknown built-in model; use builtin:tiny-sd or builtin:tiny-sdxl"
+            f"builtin:{name}: unknown built-in model; use one of "
+            + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS)
         )
+    build = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux}
     target = cache / "builtin" / name
     if not (target / "model_index.json").exists():
         tmp = target.with_name(f"{name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        (build_tiny_sdxl if name == "tiny-sdxl" else build_tiny_sd)(tmp)
+        build[name](tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return target

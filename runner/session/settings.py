@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.config import PipelineConfig, output_uri
+from kubetune.config import FluxLoraConfig, PipelineConfig, output_uri
 from kubetune.storage.lease import LeaseSettings
 from runner.checkpoint.state import COMPAT_FIELDS, CheckpointSettings
 from runner.data.cache import cache_namespace
@@ -74,6 +74,18 @@ class RunSettings:
 
 def model_settings(cfg: PipelineConfig) -> ModelSettings:
     """The base model fields: what ``runner.models.loading.load_model`` reads."""
+    if isinstance(cfg, FluxLoraConfig):
+        return ModelSettings(
+            cfg.model,
+            hf_variant=cfg.hf_variant,
+            weight_dtype=cfg.weight_dtype,
+            single_file_config=cfg.single_file_config,
+            storage=cfg.storage,
+            family="flux",
+            transformer_path=cfg.transformer_path,
+            text_encoder_1_path=cfg.text_encoder_1_path,
+            text_encoder_2_path=cfg.text_encoder_2_path,
+        )
     return ModelSettings(
         cfg.model,
         hf_variant=cfg.hf_variant,

@@ -23,13 +23,14 @@ def enable_tf32(device: torch.device) -> bool:
 
 def ensure_sdpa(unet: nn.Module) -> None:
     """Make every attention layer use ``F.scaled_dot_product_attention`` (flash /
-    memory-efficient kernels); diffusers' default, restored if something replaced it."""
+    memory-efficient kernels); diffusers' default, restored if something replaced it. A FLUX
+    transformer keeps its own processor (SDPA already; AttnProcessor2_0 cannot run it)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     processors = getattr(unet, "attn_processors", {})
-    slow = sorted(
-        {type(p).__name__ for p in processors.values() if not isinstance(p, AttnProcessor2_0)}
-    )
+    fast = (AttnProcessor2_0, FluxAttnProcessor)
+    slow = sorted({type(p).__name__ for p in processors.values() if not isinstance(p, fast)})
     if slow:
         log.warning("attention processors %s replaced by SDPA (AttnProcessor2_0)", slow)
         unet.set_attn_processor(AttnProcessor2_0())
