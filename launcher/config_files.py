@@ -16,6 +16,7 @@ from kubetune.config import (
     output_uri,
     run_name,
 )
+from kubetune.config.advice import precision_warnings
 from kubetune.errors import BadExamples, ConfigError, UserError
 from launcher.pod_security import pod_patch_warnings
 
@@ -59,7 +60,7 @@ def validate_file(source: str, overrides: list[str] | None = None) -> Validation
         run_name=run_name(cfg),
         outputs=output_uri(cfg),
         summary=summarize(cfg),
-        warnings=pod_patch_warnings(cfg),
+        warnings=pod_patch_warnings(cfg) + precision_warnings(cfg),
     )
 
 

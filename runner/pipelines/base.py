@@ -19,6 +19,7 @@ from runner.training.ema import EmaWeights
 from runner.training.losses import diffusion_loss, training_target
 from runner.training.noise import NoiseSettings, zero_terminal_snr_scheduler
 from runner.training.optim import ParamGroups
+from runner.training.precision import autocast_off
 from runner.training.speed import to_device
 
 Batch = dict[str, Any]
@@ -104,7 +105,8 @@ class LatentEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode where the VAE is (``device`` unless offloaded), results on ``device``."""
         pixels = to_device(pixels, self.vae.device).to(self.vae.dtype)
-        dist = self.vae.encode(pixels).latent_dist
+        with autocast_off(pixels.device):  # the VAE computes in its own dtype
+            dist = self.vae.encode(pixels).latent_dist
         return dist.mean.to(device), dist.std.to(device)
 
     def fill(self, batch: Batch, device: torch.device) -> None:

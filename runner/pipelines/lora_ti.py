@@ -62,6 +62,7 @@ class LoraAndTextualInversionPipeline(TrainingPipeline):
         """invoke-training keeps normalising the vectors even after the TI pivot."""
         if self.cfg.train_ti:
             self.ti.pull_towards_table_std()
+        super().after_optimizer_step()  # the EMA
 
     def export(self, out_dir: Path) -> list[Path]:
         return self.lora.export(out_dir) + self.ti.export(out_dir)

@@ -235,7 +235,9 @@ class TextualInversionPipeline(TrainingPipeline):
         return self.ti.param_groups(self.cfg.optimizer.learning_rate)
 
     def after_optimizer_step(self) -> None:
+        """Normalise the vectors, then update the EMA (of the normalised vectors)."""
         self.ti.pull_towards_table_std()
+        super().after_optimizer_step()
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return self.ti.parameters()

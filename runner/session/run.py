@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from kubetune.config import PipelineConfig, output_uri
+from kubetune.config.advice import precision_warnings
 from kubetune.dataset.preflight import PreflightReport
 from kubetune.storage import open_store
 from kubetune.storage.lease import Lease
@@ -31,6 +33,8 @@ from runner.reporting.run_events import RunEvents, reported
 from runner.session.build import RunResult, StartOptions, build_session
 from runner.session.load import load_then_join
 from runner.session.settings import lease_settings, model_settings
+
+log = logging.getLogger(__name__)
 
 
 def run(
@@ -48,6 +52,8 @@ def run(
     from kubetune.dataset.preflight import start_preflight
 
     events = RunEvents(cfg, is_main=PartialState().is_main_process)
+    for line in precision_warnings(cfg):  # what `launcher validate` warns about
+        log.warning(line)
     with reported(events):  # from the first line: a run that fails to start notifies too
         pending = data or start_preflight(cfg, process=False)
         with _work_folder(work_dir) as work:

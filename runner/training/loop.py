@@ -93,7 +93,8 @@ class StepRunner:
             live = [p for p in self.params if p.grad is not None]
             self.accelerator.clip_grad_norm_(live, self.max_grad_norm)
         self.optimizer.step()
-        self.lr_scheduler.step()
+        if not getattr(self.optimizer, "step_was_skipped", False):  # fp16 overflow: no step
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pipeline.after_optimizer_step()
         return total

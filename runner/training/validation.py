@@ -21,6 +21,7 @@ from runner.models.loading import Components
 from runner.pipelines.base import TrainingPipeline
 from runner.reporting.report import thumbnail_jpeg
 from runner.training.cadence import Cadence
+from runner.training.precision import vae_decode_outside_autocast
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class Validator:
         if offload:
             pipe.enable_model_cpu_offload(device=self.device)
         try:
-            return [self._images(pipe, i) for i in range(len(self.s.prompts))]
+            with vae_decode_outside_autocast(pipe.vae):
+                return [self._images(pipe, i) for i in range(len(self.s.prompts))]
         finally:
             if offload:
                 pipe.remove_all_hooks()
