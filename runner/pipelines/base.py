@@ -3,6 +3,7 @@ micro-batch, and the contract the loop and checkpointer rely on (``TrainingPipel
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,6 +177,8 @@ class TrainingPipeline:
         self.prediction_type: str = comps.noise_scheduler.config.prediction_type
         self.train_text_encoders = False  # subclasses set True when gradients flow through
         self.lora_dropout = 0.0  # LoRA subclasses set their config's
+        self._micro_batch = (0, 0)
+        """(step, micro-batch index) of the next ``loss``: the dropout seed's host inputs."""
         self.offloaded: list[nn.Module] = []
         """Encoders kept off the device during training steps (see ``warm_caches``)."""
 
@@ -192,7 +195,9 @@ class TrainingPipeline:
         raise NotImplementedError
 
     def before_step(self, step: int) -> None:
-        """Hook before each optimizer step (``step`` counts completed steps)."""
+        """Hook before each optimizer step (``step`` counts completed steps; subclasses call
+        super)."""
+        self._micro_batch = (step, 0)
 
     def after_optimizer_step(self) -> None:
         """Hook right after ``optimizer.step()`` (updates the EMA; subclasses call super)."""
@@ -280,13 +285,16 @@ class TrainingPipeline:
         """Noise-prediction loss of one micro-batch (float32 scalar).
 
         With ``lora_dropout`` the dropout masks (drawn from torch's global RNG) come from a
-        seed drawn from ``generator``, so they resume exactly whatever else used that RNG."""
+        seed of (the generator's initial seed, step, micro-batch), computed on the host (a seed
+        drawn on the device would need a host sync to reach ``manual_seed``), so they resume
+        exactly whatever else used that RNG."""
         if not self.lora_dropout:
             return self._loss(batch, generator)
-        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        step, micro = self._micro_batch
+        self._micro_batch = (step, micro + 1)
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(int(seed))
+            torch.manual_seed(dropout_seed(generator.initial_seed(), step, micro))
             return self._loss(batch, generator)
 
     def _loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
@@ -325,6 +333,12 @@ class TrainingPipeline:
             mask=batch.get("mask"),
             loss_weight=batch.get("loss_weight"),
         )
+
+
+def dropout_seed(base: int, step: int, micro: int) -> int:
+    """A 62-bit seed for one micro-batch's dropout masks, from host integers only."""
+    digest = hashlib.blake2b(f"{base}:{step}:{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def enable_gradient_checkpointing(modules: list[nn.Module]) -> None:

@@ -55,6 +55,7 @@ class LoraAndTextualInversionPipeline(TrainingPipeline):
 
     def before_step(self, step: int) -> None:
         """Freeze the vectors once ``ti_train_steps_ratio`` of the steps are done."""
+        super().before_step(step)
         if self.cfg.train_ti:
             self.ti.set_trainable(step < self.ti_steps)
 

@@ -38,9 +38,10 @@ class History:
     def to_bytes(self) -> bytes:
         return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self.records).encode()
 
-    def publish(self) -> None:
+    def publish(self, data: bytes | None = None) -> None:
+        """Put the history (``data``: a snapshot taken earlier by ``to_bytes``)."""
         if self.store is not None:
-            self.store.put_bytes(HISTORY_KEY, self.to_bytes())
+            self.store.put_bytes(HISTORY_KEY, self.to_bytes() if data is None else data)
 
 
 def read_history(store: ObjectStore) -> list[dict[str, Any]]:

@@ -2,6 +2,9 @@
 launcher (``progress.json`` in the run's output location), plus TensorBoard scalars.
 
 The loss stays on the device between log lines: one host sync per log line, not per step.
+The periodic ``progress.json`` / history / TensorBoard uploads run on a background thread
+(best-effort: a failure is logged and the next write retries); ``write`` with a state and
+``finish`` publish on the caller's thread, after any upload in flight.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,8 @@ class ProgressReporter:
         self._writer = self._tensorboard(settings.tensorboard_dir)
         self.history = History(store, start_step=start_step)
         self._lrs: dict[str, float] = {}
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="progress-upload")
+        self._upload: Future[None] | None = None
 
     @staticmethod
     def _tensorboard(folder: Path | None) -> Any:
@@ -114,7 +120,7 @@ class ProgressReporter:
         self._loss_sum, self._window_steps, self._window_images = None, 0, 0
         self._window_start = time.perf_counter()
         if time.monotonic() - self._last_write >= self.s.write_every_s:
-            self.write()
+            self.write_in_background()
 
     def log_images(self, step: int, images: list[list[Any]]) -> None:
         """Validation images to TensorBoard (as invoke-training): one image batch per prompt,
@@ -126,6 +132,7 @@ class ProgressReporter:
         for i, row in enumerate(images):
             batch = np.stack([np.asarray(image.convert("RGB")) for image in row])
             self._writer.add_images(f"validation/prompt-{i}", batch, step, dataformats="NHWC")
+        self._wait_upload()  # one uploader of the log files at a time
         self._writer.flush()
         self._upload_logs()
 
@@ -134,15 +141,41 @@ class ProgressReporter:
         self.record = ProgressRecord.model_validate({**self.record.model_dump(), **fields})
 
     def write(self, state: RunState | None = None) -> None:
-        """Publish progress.json (all-or-nothing put)."""
+        """Publish progress.json (all-or-nothing put) on this thread, after any upload in
+        flight."""
+        self._wait_upload()
         self.note(updated_at=utc_now(), **({"state": state} if state else {}))
         self._last_write = time.monotonic()
+        self._publish(self.record.to_bytes(), self.history.to_bytes())
+
+    def write_in_background(self) -> None:
+        """Publish a snapshot of the record and history on the upload thread (skipped while
+        the previous one is still uploading: the next due write carries newer figures)."""
+        if self._upload is not None and not self._upload.done():
+            return
+        self.note(updated_at=utc_now())
+        self._last_write = time.monotonic()
+        snapshot = (self.record.to_bytes(), self.history.to_bytes())
+        self._upload = self._uploader.submit(self._publish_logged, *snapshot)
+
+    def _publish_logged(self, record: bytes, history: bytes) -> None:
+        try:
+            self._publish(record, history)
+        except Exception as err:  # best-effort: the next write retries
+            log.warning("publishing progress failed (retried at the next write): %s", err)
+
+    def _publish(self, record: bytes, history: bytes) -> None:
         if self.store is not None:
-            self.history.publish()
-            self.store.put_bytes(PROGRESS_KEY, self.record.to_bytes())
+            self.history.publish(history)
+            self.store.put_bytes(PROGRESS_KEY, record)
         if self._writer is not None:
             self._writer.flush()
             self._upload_logs()
+
+    def _wait_upload(self) -> None:
+        if self._upload is not None:
+            self._upload.result()  # never raises: _publish_logged logs
+            self._upload = None
 
     def _upload_logs(self) -> None:
         folder = self.s.tensorboard_dir
@@ -158,6 +191,7 @@ class ProgressReporter:
 
     def finish(self, state: RunState) -> None:
         self.write(state)
+        self._uploader.shutdown(wait=True)
         if self._writer is not None:
             self._writer.close()
             self._upload_logs()

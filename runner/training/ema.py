@@ -1,6 +1,12 @@
 """Exponential moving average of the trained weights (``ema_decay``), optionally held in CPU
 memory. A checkpoint holds its exact float32 state (``state_dict``); ``applied()`` swaps the
-averaged weights into the model for validation and export and restores the raw ones after."""
+averaged weights into the model for validation and export and restores the raw ones after.
+
+On the device the update is one fused ``lerp`` over all tensors. In CPU memory
+(``ema_on_cpu``) each update is one non-blocking copy of all trained weights, flattened, into
+a pinned host buffer; the host averages it in at the next update (or read), when that copy has
+long finished, instead of one blocking device→host copy per tensor.
+"""
 
 from __future__ import annotations
 
@@ -22,31 +28,67 @@ class EmaWeights:
         device: torch.device | None = None,
     ) -> None:
         self.params, self.decay = params, decay
-        self.shadow = {
+        self._shadow = {
             name: p.detach().to(device or p.device, torch.float32, copy=True)
             for name, p in params.items()
         }
+        self.on_host = device is not None and device.type == "cpu"
+        total = sum(p.numel() for p in params.values())
+        pin = self.on_host and torch.cuda.is_available()
+        self._staging = torch.empty(total, dtype=torch.float32, pin_memory=pin)
+        self._pending: torch.cuda.Event | bool | None = None
+        """A copy into ``_staging`` not yet averaged in (its CUDA event, or True off CUDA)."""
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """The float32 averages by parameter name (up to date with every update)."""
+        self._average_pending()
+        return self._shadow
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, param in self.params.items():
-            shadow = self.shadow[name]
-            shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
+        if not self.on_host:
+            params = [p.detach().float() for p in self.params.values()]
+            torch._foreach_lerp_(list(self._shadow.values()), params, 1.0 - self.decay)
+            return
+        self._average_pending()
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.params.values()])
+        self._staging.copy_(flat, non_blocking=flat.is_cuda)
+        self._pending = True
+        if flat.is_cuda:
+            self._pending = torch.cuda.Event()
+            self._pending.record()
+
+    def _average_pending(self) -> None:
+        """Average the last staged copy into the shadow (waits for that copy if needed)."""
+        if self._pending is None:
+            return
+        if isinstance(self._pending, torch.cuda.Event):
+            self._pending.synchronize()
+        self._pending = None
+        offset = 0
+        for shadow in self._shadow.values():
+            n = shadow.numel()
+            shadow.lerp_(self._staging[offset : offset + n].view_as(shadow), 1.0 - self.decay)
+            offset += n
 
     def state_dict(self) -> dict[str, Any]:
+        self._average_pending()
         return {"decay": self.decay, "shadow": {n: s.cpu() for n, s in self.shadow.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = None
         saved = state["shadow"]
-        missing = set(self.shadow) - set(saved)
+        missing = set(self._shadow) - set(saved)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
-        for name, shadow in self.shadow.items():
+        for name, shadow in self._shadow.items():
             shadow.copy_(saved[name])
 
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The averaged weights in the model for the duration of the block."""
+        self._average_pending()
         raw = {name: p.detach().clone() for name, p in self.params.items()}
         try:
             with torch.no_grad():

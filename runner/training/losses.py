@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from runner.training.speed import to_device
+
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha²/sigma² of each timestep."""
@@ -67,7 +69,7 @@ def diffusion_loss(
     weight and then ``loss_weight`` [B] (per-example weights) scale each sample's mean."""
     per_element = element_loss(model_pred, target, loss_type, huber_c)
     if mask is not None:
-        mask = mask.to(device=per_element.device, dtype=per_element.dtype)
+        mask = to_device(mask, per_element.device).to(per_element.dtype)
         per_element = per_element * F.interpolate(mask, size=per_element.shape[-2:], mode="nearest")
     per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
     if min_snr_gamma is not None:
@@ -79,5 +81,5 @@ def diffusion_loss(
             weights = weights + 1  # invoke-training floors the velocity weight at one
         per_sample = per_sample * weights
     if loss_weight is not None:
-        per_sample = per_sample * loss_weight.to(device=per_sample.device, dtype=per_sample.dtype)
+        per_sample = per_sample * to_device(loss_weight, per_sample.device).to(per_sample.dtype)
     return per_sample.mean()

@@ -47,7 +47,12 @@ def use_channels_last(unet: nn.Module, device: torch.device) -> bool:
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host→device copy that does not stall the stream: from pinned memory, non-blocking
-    (a pageable copy makes the host wait for the GPU). Unchanged off CUDA."""
+    (a pageable copy makes the host wait for the GPU). A tensor already on ``device`` is
+    returned as is; other moves off CUDA are plain ``.to``."""
+    if tensor.device == device or (
+        device.type == "cuda" and device.index is None and tensor.is_cuda
+    ):
+        return tensor
     if device.type != "cuda" or tensor.device.type == "cuda":
         return tensor.to(device)
     if not tensor.is_pinned():

@@ -263,16 +263,34 @@ def test_min_snr_stays_finite_at_the_zero_snr_timestep() -> None:
     torch.testing.assert_close(loss, expected.squeeze())
 
 
-def test_lora_dropout_draws_its_mask_seed_from_the_step_generator(
+def test_lora_dropout_seeds_its_masks_on_the_host_per_step_and_micro_batch(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    """``lora_dropout`` reaches the pipeline as its own setting (no config probing): with it
-    on, ``loss`` draws one extra seed from the step generator; a TI pipeline has none."""
-    on = _pipeline(make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path, lora_dropout=0.2))
+    """``lora_dropout`` reaches the pipeline as its own setting (no config probing); a TI
+    pipeline has none. Its masks come from a seed of (generator seed, step, micro-batch)
+    computed on the host (no device draw, no sync): the step generator advances exactly as
+    without dropout, the same (step, micro-batch) gives the same masks, another one others."""
+    on = _pipeline(make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path, lora_dropout=0.5))
     off = _pipeline(make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path))
     ti = _pipeline(make_config("SD_TEXTUAL_INVERSION", tiny_sd_dir, data_dir, tmp_path))
-    assert (on.lora_dropout, off.lora_dropout, ti.lora_dropout) == (0.2, 0.0, 0.0)
-    g_on, g_off = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    on.loss(_batch(), g_on)
+    assert (on.lora_dropout, off.lora_dropout, ti.lora_dropout) == (0.5, 0.0, 0.0)
+    with torch.no_grad():  # B = 0 would hide the dropout: give the adapters an output
+        for name, param in on.trainable_parameters().items():
+            if "lora_B" in name:
+                param.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+
+    def loss(step: int | None) -> tuple[torch.Tensor, list]:
+        """The next micro-batch's loss (a new step first unless None), same noise draws."""
+        if step is not None:
+            on.before_step(step)
+        generator = torch.Generator().manual_seed(5)
+        return on.loss(_batch(), generator), generator.get_state().tolist()
+
+    first, state = loss(0)
+    g_off = torch.Generator().manual_seed(5)
     off.loss(_batch(), g_off)
-    assert g_on.get_state().tolist() != g_off.get_state().tolist()
+    assert state == g_off.get_state().tolist()  # no extra draw from the step generator
+    second_micro_batch = loss(None)[0]
+    assert torch.equal(loss(0)[0], first)  # the same step and micro-batch: the same masks
+    assert not torch.equal(second_micro_batch, first)
+    assert not torch.equal(loss(1)[0], first)
