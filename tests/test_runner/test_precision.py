@@ -82,7 +82,8 @@ def test_float32_vae_decodes_in_float32_inside_validation_autocast(
     kind: str, request: pytest.FixtureRequest, data_dir: Path, tmp_path: Path
 ) -> None:
     from kubetune.storage import open_store
-    from runner.training.validation import ValidationSettings, Validator
+    from runner.session.settings import validation_settings
+    from runner.training.validation import Validator
 
     model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
     cfg = make_config(kind, model, data_dir, tmp_path, validation_prompts=["a kbtn picture"],
@@ -90,7 +91,7 @@ def test_float32_vae_decodes_in_float32_inside_validation_autocast(
                       num_validation_inference_steps=2)  # fmt: skip
     comps, pipe = load_pipeline(cfg)
     store = open_store(str(tmp_path / "store"))
-    validator = Validator(ValidationSettings.from_config(cfg), pipe, store, CPU,
+    validator = Validator(validation_settings(cfg), pipe, store, CPU,
                           autocast=bf16_autocast)  # fmt: skip
     watched = {"decoder_in": comps.vae.decoder.conv_in, "decoder_out": comps.vae.decoder.conv_out,
                "unet": comps.unet.conv_in}  # fmt: skip
