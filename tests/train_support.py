@@ -61,6 +61,8 @@ def make_config(
     data = caption_loader(data_dir)
     if ti:
         data.update(type="TEXTUAL_INVERSION_SD_DATA_LOADER", caption_preset="object")
+    if kind == "FLUX_LORA":
+        data.update(type="IMAGE_CAPTION_FLUX_DATA_LOADER")
     raw: dict[str, Any] = {
         "type": kind,
         "seed": 7,
@@ -79,6 +81,8 @@ def make_config(
     }
     if ti:
         raw.update(placeholder_token=PLACEHOLDER, initializer_token="cat", num_vectors=2)
+    if kind == "FLUX_LORA":  # short T5 sequences keep the tiny model fast
+        raw.update(t5_tokenizer_max_length=16, lr_warmup_steps=0, lr_scheduler="constant")
     if kind == "SDXL_LORA_AND_TEXTUAL_INVERSION":
         raw.update(ti_train_steps_ratio=0.5, textual_inversion_learning_rate=1e-2)
     raw.update(overrides)

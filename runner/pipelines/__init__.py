@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kubetune.config import (
+    FluxLoraConfig,
     PipelineConfig,
     SdLoraConfig,
     SdTextualInversionConfig,
@@ -21,6 +22,7 @@ def build_pipeline(
     cfg: PipelineConfig, comps: Components, device: torch.device, *, total_steps: int
 ) -> TrainingPipeline:
     """The training pipeline for ``cfg.type`` (adds LoRA layers / tokens to ``comps``)."""
+    from runner.pipelines.flux_lora import FluxLoraPipeline
     from runner.pipelines.lora import LoraPipeline
     from runner.pipelines.lora_ti import LoraAndTextualInversionPipeline
     from runner.pipelines.textual_inversion import TextualInversionPipeline
@@ -32,6 +34,8 @@ def build_pipeline(
         pipeline = LoraPipeline(cfg, comps, device)
     elif isinstance(cfg, (SdTextualInversionConfig, SdxlTextualInversionConfig)):
         pipeline = TextualInversionPipeline(cfg, comps, device)
+    elif isinstance(cfg, FluxLoraConfig):
+        pipeline = FluxLoraPipeline(cfg, comps, device)  # type: ignore[arg-type]
     else:
         raise TypeError(f"no pipeline for {type(cfg).__name__}")
     if cfg.ema_decay is not None:

@@ -174,7 +174,8 @@ class TrainingPipeline:
         self.noise = NoiseSettings.from_config(cfg)
         self.ema: EmaWeights | None = None
         """Set by ``build_pipeline`` when ``ema_decay`` is; see ``averaged``."""
-        self.prediction_type: str = comps.noise_scheduler.config.prediction_type
+        # a flow-matching scheduler (FLUX) has no prediction type
+        self.prediction_type: str = comps.noise_scheduler.config.get("prediction_type", "flow")
         self.train_text_encoders = False  # subclasses set True when gradients flow through
         self.lora_dropout = 0.0  # LoRA subclasses set their config's
         self._micro_batch = (0, 0)

@@ -149,7 +149,16 @@ def validation_settings(cfg: PipelineConfig) -> ValidationSettings:
         height,
         width,
         cfg.num_validation_inference_steps,
+        _flux_validation_kwargs(cfg) if isinstance(cfg, FluxLoraConfig) else {},
     )
+
+
+def _flux_validation_kwargs(cfg: FluxLoraConfig) -> dict[str, Any]:
+    """T5 sees as many tokens as in training; negative prompts act through true CFG."""
+    kwargs: dict[str, Any] = {"max_sequence_length": cfg.t5_tokenizer_max_length}
+    if cfg.negative_validation_prompts is not None:
+        kwargs["true_cfg_scale"] = cfg.validation_true_cfg_scale
+    return kwargs
 
 
 def lease_settings(cfg: PipelineConfig) -> LeaseSettings:

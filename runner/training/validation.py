@@ -8,7 +8,7 @@ import io
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +41,9 @@ class ValidationSettings:
     height: int
     width: int
     inference_steps: int = 30
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further arguments of every pipeline call (FLUX: ``max_sequence_length`` and, with
+    negative prompts, ``true_cfg_scale``)."""
 
     def due(self, step: int, completed_epoch: int | None) -> bool:
         return bool(self.prompts) and self.cadence.due(step, completed_epoch)
@@ -49,6 +52,8 @@ class ValidationSettings:
 def inference_pipeline(comps: Components) -> Any:
     """A diffusers pipeline over the training modules (no copies) and a copy of the training
     noise scheduler (invoke-training samples with the training DDPM scheduler itself)."""
+    if getattr(comps, "is_flux", False):
+        return _flux_pipeline(comps)
     shared = {
         "vae": comps.vae,
         "text_encoder": comps.text_encoder,
@@ -64,6 +69,23 @@ def inference_pipeline(comps: Components) -> Any:
         pipe = StableDiffusionPipeline(
             **shared, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flux_pipeline(comps: Any) -> Any:
+    """FluxPipeline over the training modules, as invoke-training's validation builds it."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        text_encoder_2=comps.text_encoder_2,
+        tokenizer=comps.tokenizer,
+        tokenizer_2=comps.tokenizer_2,
+        transformer=comps.transformer,
+        scheduler=type(comps.noise_scheduler).from_config(comps.noise_scheduler.config),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -171,6 +193,7 @@ class Validator:
                         generator=generator,
                         height=self.s.height,
                         width=self.s.width,
+                        **self.s.pipeline_kwargs,
                     ).images[0]
                 )
         return images
