@@ -1,4 +1,4 @@
-"""Helpers for the training tests: small real datasets, configs for the five types on the
+"""Helpers for the training tests: small real datasets, configs for every type on the
 tiny models, an in-process ``train`` that resets accelerate, and weight readers."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TYPES = (
     "SD_TEXTUAL_INVERSION",
     "SDXL_TEXTUAL_INVERSION",
     "SDXL_LORA_AND_TEXTUAL_INVERSION",
+    "SDXL_FINETUNE",
 )
 PLACEHOLDER = "<kbtn>"
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from kubetune.errors import ResumeMismatchError
 from kubetune.layout import CHECKPOINTS, step_name
@@ -178,7 +177,7 @@ class Checkpointer:
         with self.pipeline.averaged():  # the user-facing files hold the EMA weights, if any
             exported = self.pipeline.export(folder)
         weights = [p.relative_to(folder).as_posix() for p in exported]
-        save_file(self.pipeline.trainable_state(), folder / WEIGHTS_FILE)
+        self.pipeline.save_trainable(folder / WEIGHTS_FILE)
         torch.save(
             {
                 "loop": asdict(state),
@@ -202,8 +201,9 @@ class Checkpointer:
 
     def restore(self, folder: Path) -> LoopState:
         """Load weights and training state from a restored step folder."""
-        self.pipeline.load_trainable_state(load_file(folder / WEIGHTS_FILE))
-        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        self.pipeline.load_trainable(folder / WEIGHTS_FILE)
+        # mmap: a full fine-tune's optimizer state (2 UNet copies) is paged in, not read whole
+        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
         saved = upgrade_legacy_state(saved)
         for key, obj in self.objects.items():
             if key in saved or key not in ADDED_ENTRIES:

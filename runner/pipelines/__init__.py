@@ -9,6 +9,7 @@ from kubetune.config import (
     PipelineConfig,
     SdLoraConfig,
     SdTextualInversionConfig,
+    SdxlFinetuneConfig,
     SdxlLoraAndTextualInversionConfig,
     SdxlLoraConfig,
     SdxlTextualInversionConfig,
@@ -25,6 +26,7 @@ def build_pipeline(
     from runner.pipelines.flux_lora import FluxLoraPipeline
     from runner.pipelines.lora import LoraPipeline
     from runner.pipelines.lora_ti import LoraAndTextualInversionPipeline
+    from runner.pipelines.sdxl_finetune import SdxlFinetunePipeline
     from runner.pipelines.textual_inversion import TextualInversionPipeline
 
     pipeline: TrainingPipeline
@@ -36,6 +38,8 @@ def build_pipeline(
         pipeline = TextualInversionPipeline(cfg, comps, device)
     elif isinstance(cfg, FluxLoraConfig):
         pipeline = FluxLoraPipeline(cfg, comps, device)  # type: ignore[arg-type]
+    elif isinstance(cfg, SdxlFinetuneConfig):
+        pipeline = SdxlFinetunePipeline(cfg, comps, device)
     else:
         raise TypeError(f"no pipeline for {type(cfg).__name__}")
     if cfg.ema_decay is not None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from kubetune.config import PipelineConfig
 from kubetune.config.extensions import DEFAULT_HUBER_C
+from runner.checkpoint.safetensors_stream import copy_into, write_safetensors
 from runner.models.embeddings import expand_placeholders, multi_vector_tokens
 from runner.models.loading import Components
 from runner.training.ema import EmaWeights
@@ -268,19 +269,17 @@ class TrainingPipeline:
         with self.ema.applied():
             yield
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
-        missing = set(params) - set(state)
-        if missing:
-            raise KeyError(f"checkpoint lacks {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state[name].to(param.device, param.dtype))
+    def trainable_dtype(self) -> torch.dtype | None:
+        """dtype of the trained weights in a checkpoint (None: each parameter's own)."""
+        return torch.float32
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().float().cpu().contiguous() for n, p in self.trainable_parameters().items()
-        }
+    def save_trainable(self, path: Path) -> None:
+        """The exact trained weights to ``path``, streamed one tensor at a time."""
+        write_safetensors(self.trainable_parameters(), path, dtype=self.trainable_dtype())
+
+    def load_trainable(self, path: Path) -> None:
+        """Copy the weights ``save_trainable`` wrote back into the parameters."""
+        copy_into(path, {n: p.detach() for n, p in self.trainable_parameters().items()})
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """Noise-prediction loss of one micro-batch (float32 scalar).

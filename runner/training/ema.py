@@ -35,7 +35,10 @@ class EmaWeights:
         self.on_host = device is not None and device.type == "cpu"
         total = sum(p.numel() for p in params.values())
         pin = self.on_host and torch.cuda.is_available()
-        self._staging = torch.empty(total, dtype=torch.float32, pin_memory=pin)
+        # only an EMA in host memory stages (a full UNet's would be 10 GB for nothing)
+        self._staging = torch.empty(
+            total if self.on_host else 0, dtype=torch.float32, pin_memory=pin
+        )
         self._pending: torch.cuda.Event | bool | None = None
         """A copy into ``_staging`` not yet averaged in (its CUDA event, or True off CUDA)."""
 
@@ -74,7 +77,9 @@ class EmaWeights:
 
     def state_dict(self) -> dict[str, Any]:
         self._average_pending()
-        return {"decay": self.decay, "shadow": {n: s.cpu() for n, s in self.shadow.items()}}
+        # the live tensors: torch.save copies one at a time to the host (a full fine-tune's
+        # EMA is a whole UNet; copying it all first would hold a second one in memory)
+        return {"decay": self.decay, "shadow": dict(self._shadow)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = None

@@ -47,11 +47,11 @@ def _kwargs(seed: int, save_every: int) -> dict[str, object]:
                 max_checkpoints=2, lr_scheduler="cosine", lr_warmup_steps=1)  # fmt: skip
 
 
-def _reference(model: Path, data: Path, root: Path, seed: int, save_every: int
-               ) -> dict[str, torch.Tensor]:  # fmt: skip
-    out = root / f"ref-{seed}-{save_every}"
+def _reference(model: Path, data: Path, root: Path, seed: int, save_every: int,
+               kind: str = "SD_LORA") -> dict[str, torch.Tensor]:  # fmt: skip
+    out = root / f"ref-{kind}-{seed}-{save_every}"
     if not (out / "checkpoints" / f"step-{STEPS:06d}").exists():
-        train(make_config("SD_LORA", model, data, out, **_kwargs(seed, save_every)))
+        train(make_config(kind, model, data, out, **_kwargs(seed, save_every)))
     return _weights(out, STEPS)
 
 
@@ -68,7 +68,7 @@ def _verify_all(out: Path, scratch: Path) -> int:
     return len(steps)
 
 
-def sigterm_runs(n: int, model: Path, data: Path, root: Path) -> None:
+def sigterm_runs(n: int, model: Path, data: Path, root: Path, kind: str = "SD_LORA") -> None:
     rng = random.Random(8)
     lost, max_delta, resumed = 0, 0.0, 0
     for i in range(n):
@@ -76,7 +76,7 @@ def sigterm_runs(n: int, model: Path, data: Path, root: Path) -> None:
         # completes (exit 0) before the flag is checked, which is correct but tests nothing.
         seed, at = 100 + i, rng.randint(1, STEPS - 2)
         out = root / f"term-{i}"
-        cfg = make_config("SD_LORA", model, data, out, **_kwargs(seed, 100))
+        cfg = make_config(kind, model, data, out, **_kwargs(seed, 100))
         config = config_file(cfg, root / f"term-{i}.yaml")
         env = {"KUBETUNE_WORK_DIR": str(root / f"work-term-{i}")}
         first = RunnerProc(config, env).start()
@@ -90,22 +90,23 @@ def sigterm_runs(n: int, model: Path, data: Path, root: Path) -> None:
         assert second.wait() == 0, second.log[-3000:]
         assert f"resumed from checkpoint step-{saved[-1]:06d}" in second.log
         resumed += 1
-        delta = _max_delta(_reference(model, data, root, seed, 100), _weights(out, STEPS))
+        reference = _reference(model, data, root, seed, 100, kind)
+        delta = _max_delta(reference, _weights(out, STEPS))
         max_delta = max(max_delta, delta)
         assert delta <= 1e-6, (i, delta)
     figure(
-        "preemption SIGTERM",
+        f"preemption SIGTERM ({kind})",
         f"{resumed}/{n} resumed, {lost} steps lost, max |Δw| = {max_delta:.1e}",
     )
 
 
-def sigkill_runs(m: int, model: Path, data: Path, root: Path) -> None:
+def sigkill_runs(m: int, model: Path, data: Path, root: Path, kind: str = "SD_LORA") -> None:
     rng = random.Random(9)
     worst, corrupt, resumed, max_delta = 0, 0, 0, 0.0
     for i in range(m):
         seed, at = 200 + i, rng.randint(1, STEPS - 1)
         out = root / f"kill-{i}"
-        cfg = make_config("SD_LORA", model, data, out, **_kwargs(seed, SAVE_EVERY))
+        cfg = make_config(kind, model, data, out, **_kwargs(seed, SAVE_EVERY))
         config = config_file(cfg, root / f"kill-{i}.yaml")
         env = {"KUBETUNE_WORK_DIR": str(root / f"work-kill-{i}")}
         first = RunnerProc(config, env).start()
@@ -127,11 +128,12 @@ def sigkill_runs(m: int, model: Path, data: Path, root: Path) -> None:
         if newest:
             assert f"resumed from checkpoint step-{newest:06d}" in second.log
         resumed += 1
-        delta = _max_delta(_reference(model, data, root, seed, SAVE_EVERY), _weights(out, STEPS))
+        reference = _reference(model, data, root, seed, SAVE_EVERY, kind)
+        delta = _max_delta(reference, _weights(out, STEPS))
         max_delta = max(max_delta, delta)
     assert corrupt == 0 and max_delta <= 1e-6, (corrupt, max_delta)
     figure(
-        "preemption SIGKILL",
+        f"preemption SIGKILL ({kind})",
         f"{resumed}/{m} resumed from newest complete checkpoint, "
         f"max steps lost {worst} (save interval {SAVE_EVERY}), "
         f"{corrupt} corrupt, max |Δw| = {max_delta:.1e}",
@@ -142,6 +144,15 @@ def sigkill_runs(m: int, model: Path, data: Path, root: Path) -> None:
 def test_preemption_fast(tiny_sd_dir: Path, dataset: Path, tmp_path: Path) -> None:
     sigterm_runs(2, tiny_sd_dir, dataset, tmp_path)
     sigkill_runs(1, tiny_sd_dir, dataset, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_preemption_sdxl_finetune(tiny_sdxl_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    """The same guarantees for a full UNet fine-tune (issue #25): optimizer state for every
+    UNet weight, the exact trained weights in their own dtype."""
+    sigterm_runs(1, tiny_sdxl_dir, dataset, tmp_path, "SDXL_FINETUNE")
+    sigkill_runs(1, tiny_sdxl_dir, dataset, tmp_path, "SDXL_FINETUNE")
 
 
 @pytest.mark.reliability

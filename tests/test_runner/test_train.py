@@ -122,6 +122,12 @@ def check_reload(kind: str, model: Path, final: Path, trained: dict[str, torch.T
             pipe.load_lora_weights(final)
         after = _latents(pipe, prompt)
         assert not torch.allclose(before, after), "the LoRA did not change the output"
+    if kind == "SDXL_FINETUNE":
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
+        after = _latents(pipe, prompt)
+        assert not torch.allclose(before, after), "the trained UNet did not change the output"
 
 
 @pytest.mark.parametrize("kind", TYPES)

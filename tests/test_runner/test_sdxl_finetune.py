@@ -1,0 +1,207 @@
+"""SDXL_FINETUNE end to end on the tiny SDXL (CPU, offline): the full UNet trains, each
+``save_checkpoint_format`` writes what diffusers loads (``UNet2DConditionModel`` /
+``StableDiffusionXLPipeline``) and the trained UNet changes the pipeline's output; the
+checkpoint keeps the exact trained weights in their training dtype; an SD 1.x base model is
+refused before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_support import (
+    config_file,
+    load_pipeline,
+    make_config,
+    step_dirs,
+    train,
+    write_dataset,
+)
+
+from kubetune.errors import EXIT_PREEMPTED, UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest_plugins = ["fixtures_models"]  # tiny_sd_dir / tiny_sdxl_dir
+KIND = "SDXL_FINETUNE"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=4)
+
+
+def _latents(pipe: Any) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    out = pipe("a kbtn picture", num_inference_steps=2, height=64, width=64,
+               generator=generator, output_type="latent")  # fmt: skip
+    return out.images
+
+
+def _trained(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+
+
+def test_trained_only_unet_loads_in_diffusers_and_changes_the_output(
+    tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    out = tmp_path / "run"
+    cfg = make_config(KIND, tiny_sdxl_dir, data_dir, out, max_checkpoints=1,
+                      validation_prompts=["a kbtn picture"], validate_every_n_steps=4,
+                      num_validation_images_per_prompt=1)  # fmt: skip
+    assert train(cfg).step == 4
+    assert step_dirs(out) == ["step-000004"]  # step 2 pruned (max_checkpoints 1)
+    assert (out / "validation" / "step-000004" / "grid.png").exists()
+    final = out / "final"
+    assert sorted(p.name for p in (final / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    stored = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}  # save_dtype's default
+    unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet", dtype=torch.float16)
+    trained = _trained(out, 4)
+    base = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    changed = 0
+    for name, param in unet.named_parameters():
+        exact = trained[f"unet.{name}"]
+        assert exact.dtype == torch.float32  # weight_dtype float32, no mixed precision
+        assert torch.equal(param, exact.half()), name  # the export is the trained weights
+        changed += not torch.equal(exact, base.get_parameter(name).float())
+    assert changed > 0.9 * len(trained), "the full UNet should train, not a few tensors"
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    before = _latents(pipe)
+    pipe.unet = unet.float()
+    assert not torch.allclose(before, _latents(pipe)), "the trained UNet changed nothing"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert sorted(manifest["meta"]["weights"]) == [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
+
+
+def test_full_diffusers_checkpoint_is_a_whole_pipeline(
+    tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "run"
+    cfg = make_config(KIND, tiny_sdxl_dir, data_dir, out, max_train_steps=2,
+                      save_checkpoint_format="full_diffusers", save_dtype="bfloat16")  # fmt: skip
+    train(cfg)
+    folder = out / "checkpoints" / "step-000002"
+    expected = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2",
+                "tokenizer", "tokenizer_2", "scheduler"}  # fmt: skip
+    assert expected <= {p.name for p in folder.iterdir()}
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        assert {t.dtype for t in load_file(folder / part).values()} == {torch.bfloat16}, part
+    loaded = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    trained = _trained(out, 2)
+    for name, param in loaded.unet.named_parameters():
+        assert torch.equal(param, trained[f"unet.{name}"].bfloat16()), name
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    for name, param in loaded.text_encoder_2.named_parameters():  # frozen: unchanged
+        assert torch.equal(param, base.text_encoder_2.get_parameter(name).bfloat16()), name
+    base_latents = _latents(base)
+    mixed = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    mixed.unet = loaded.unet.float()
+    assert not torch.allclose(base_latents, _latents(mixed))
+
+
+def test_bf16_training_checkpoints_bf16_weights_exactly(
+    tiny_sdxl_dir: Path, data_dir: Path
+) -> None:
+    """invoke-training trains the UNet in weight_dtype without mixed precision (what fits a
+    24 GB GPU); the checkpoint keeps those weights as they are, not widened to float32."""
+    cfg = make_config(KIND, tiny_sdxl_dir, data_dir, Path("unused"), weight_dtype="bfloat16")
+    comps, pipe = load_pipeline(cfg)
+    assert comps.unet.dtype == torch.bfloat16
+    assert all(p.requires_grad for p in comps.unet.parameters())
+    assert not any(p.requires_grad for m in comps.text_encoders for p in m.parameters())
+    assert [g["name"] for g in pipe.param_groups()] == ["unet"]
+    mixed = make_config(KIND, tiny_sdxl_dir, data_dir, Path("unused"), weight_dtype="bfloat16",
+                        mixed_precision="bf16")  # fmt: skip
+    assert load_pipeline(mixed)[0].unet.dtype == torch.float32  # trainable params in fp32
+
+
+def test_an_sd15_base_model_is_refused(tiny_sd_dir: Path, data_dir: Path) -> None:
+    cfg = make_config(KIND, tiny_sd_dir, data_dir, Path("unused"))
+    with pytest.raises(UserError, match="SDXL_FINETUNE needs an SDXL base model"):
+        load_pipeline(cfg)
+
+
+def _runner(config: Path, out: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "KUBETUNE_LOG_LEVEL": "DEBUG", "PYTHONPATH": str(REPO),
+           "KUBETUNE_WORK_DIR": str(out.parent / f"work-{out.name}")}  # fmt: skip
+    command = [sys.executable, "-m", "runner", str(config)]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_resume_is_bitwise_equal_to_an_uninterrupted_run(
+    tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM mid-run, restart: the final UNet, its EMA and the optimizer state equal an
+    uninterrupted run's bit for bit (gradient accumulation, warm-up + cosine, clipping, EMA,
+    cached text embeddings all on)."""
+    kwargs: dict[str, Any] = dict(
+        max_train_steps=6, save_every_n_steps=100, gradient_accumulation_steps=2,
+        lr_scheduler="cosine", lr_warmup_steps=2, max_grad_norm=1.0, ema_decay=0.9,
+        cache_text_encoder_outputs=True,
+    )  # fmt: skip
+    train(make_config(KIND, tiny_sdxl_dir, data_dir, tmp_path / "ref", **kwargs))
+    out = tmp_path / "run"
+    config = config_file(make_config(KIND, tiny_sdxl_dir, data_dir, out, **kwargs),
+                         tmp_path / "run.yaml")  # fmt: skip
+    proc = _runner(config, out)
+    assert proc.stderr is not None
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if "step 3 done" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    log += proc.stderr.readlines()
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
+    assert len(step_dirs(out)) == 1
+    resumed = _runner(config, out)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from checkpoint" in err
+    expected, got = _trained(tmp_path / "ref", 6), _trained(out, 6)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    states = [
+        torch.load(o / "checkpoints" / "step-000006" / "training_state.pt", weights_only=True)
+        for o in (tmp_path / "ref", out)
+    ]
+    for name in ("optimizer", "ema"):
+        flat_ref, flat_got = _flat(states[0][name]), _flat(states[1][name])
+        assert flat_ref.keys() == flat_got.keys() and flat_ref, name
+        assert all(torch.equal(flat_got[k], flat_ref[k]) for k in flat_ref), name
+
+
+def _flat(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested state dict, by its path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if not isinstance(state, (dict, list, tuple)):
+        return {}
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(_flat(value, f"{prefix}.{key}"))
+    return out
