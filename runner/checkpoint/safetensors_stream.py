@@ -91,4 +91,3 @@ def copy_into(path: str | Path, targets: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, target in targets.items():
                 target.copy_(f.get_tensor(name))
-
