@@ -17,6 +17,7 @@ from kubetune.config import (
     run_name,
 )
 from kubetune.config.advice import precision_warnings
+from kubetune.config.gpu_fit import gpu_fit_warnings
 from kubetune.errors import BadExamples, ConfigError, UserError
 from launcher.pod_security import pod_patch_warnings
 
@@ -60,7 +61,7 @@ def validate_file(source: str, overrides: list[str] | None = None) -> Validation
         run_name=run_name(cfg),
         outputs=output_uri(cfg),
         summary=summarize(cfg),
-        warnings=pod_patch_warnings(cfg) + precision_warnings(cfg),
+        warnings=pod_patch_warnings(cfg) + precision_warnings(cfg) + gpu_fit_warnings(cfg),
     )
 
 

@@ -175,6 +175,10 @@ class JobConfig(ConfigModel):
     """GPUs for the pod; more than 1 runs `accelerate launch` with one process per GPU."""
     gpu_resource_name: str = "nvidia.com/gpu"
     """Extended resource name of the GPUs (e.g. `amd.com/gpu`)."""
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    """Memory of one GPU in GiB, for `launcher validate`'s warning when the run clearly
+    will not fit (kubetune extension; default: read from a `nvidia.com/gpu.product`
+    node_selector such as `NVIDIA-A100-SXM4-80GB`; unknown: no check)."""
     cpu: str | None = "4"
     """CPU request (a Kubernetes quantity, e.g. `4` or `3500m`)."""
     memory: str | None = "32Gi"
