@@ -146,7 +146,13 @@ class BasePipelineConfig(TrainingKnobs):
     """torch.compile the UNet (kubetune extension; CUDA; slower first steps, faster
     afterwards)."""
     cache_vae_outputs: bool = False
-    """Encode every image to latents once and reuse them (needs no random flip / crop)."""
+    """Encode every image to latents once and reuse them (needs center_crop). With
+    random_flip the flipped latents are cached too, as kohya does (a kubetune extension:
+    invoke-training refuses the pair)."""
+    encoder_cache_device_mb: float = Field(default=2048, ge=0)
+    """kubetune extension: GPU memory (MiB) the cached latents and text embeddings may
+    take; entries beyond it wait in pinned host memory and are copied in with their batch
+    (0: all in host memory)."""
     enable_cpu_offload_during_validation: bool = False
     """Offload the validation pipeline to CPU to save GPU memory."""
     validation_prompts: list[str] = []
@@ -250,19 +256,13 @@ class BasePipelineConfig(TrainingKnobs):
             "mixed_precision: bf16 or weight_dtype: float16",
         )
         loader = self.data_loader  # type: ignore[attr-defined]
-        if self.cache_vae_outputs:
-            if loader.random_flip:
-                p.add(
-                    "cache_vae_outputs",
-                    "cached latents would freeze one flip: set "
-                    "data_loader.random_flip: false or cache_vae_outputs: false",
-                )
-            if not loader.center_crop:
-                p.add(
-                    "cache_vae_outputs",
-                    "cached latents would freeze one random crop: set "
-                    "data_loader.center_crop: true or cache_vae_outputs: false",
-                )
+        # with random_flip both orientations are cached; a random crop cannot be
+        if self.cache_vae_outputs and not loader.center_crop:
+            p.add(
+                "cache_vae_outputs",
+                "cached latents would freeze one random crop: set "
+                "data_loader.center_crop: true or cache_vae_outputs: false",
+            )
 
 
 class _LoraFields(LoraKnobs):

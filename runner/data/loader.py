@@ -101,6 +101,7 @@ class TrainDataset(Dataset[Batch]):
             "original_size_hw": place.original_hw,
             "crop_top_left_yx": place.crop_yx,
             "id": self.source.records[index].id,
+            "flipped": place.flip,
         }
         if kept.mask is not None:
             item["mask"] = mask_to_tensor(place.apply(kept.mask))
@@ -172,6 +173,7 @@ def collate(items: list[Batch]) -> Batch:
             [it["crop_top_left_yx"] for it in items], dtype=torch.long
         ),
         "id": [it["id"] for it in items],
+        "flipped": [bool(it.get("flipped", False)) for it in items],
     }
     if "mask" in items[0]:
         batch["mask"] = torch.stack([it["mask"] for it in items])

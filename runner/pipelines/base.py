@@ -19,6 +19,7 @@ from runner.models.embeddings import expand_placeholders, multi_vector_tokens
 from runner.models.loading import Components
 from runner.training.ema import EmaWeights
 from runner.training.losses import diffusion_loss, training_target
+from runner.training.memory_cache import BoundedCache, DeviceBudget
 from runner.training.noise import NoiseSettings, zero_terminal_snr_scheduler
 from runner.training.optim import ParamGroups
 from runner.training.precision import autocast_off
@@ -38,11 +39,10 @@ class TextConditioner:
     invoke-training does (and diffusers' ``maybe_convert_prompt`` at inference).
     """
 
-    def __init__(self, comps: Components, *, cache: bool = False) -> None:
+    def __init__(self, comps: Components, cache: BoundedCache[str] | None = None) -> None:
         self.comps = comps
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = (
-            {} if cache else None
-        )
+        self.cache = cache
+        """Embeddings per caption (``cache_text_encoder_outputs``), or None."""
 
     def _ids(self, tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
         expansions = multi_vector_tokens(tokenizer)
@@ -79,48 +79,61 @@ class TextConditioner:
     def _encode(
         self, captions: list[str], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encode where the encoders are (``device`` unless offloaded), results on ``device``."""
+        """Encode on ``device`` (offloaded encoders come back for it: a cache miss)."""
         comps = self.comps
-        here = comps.text_encoder.device
-        ids = self._ids(comps.tokenizer, captions, here)
-        if not comps.is_sdxl:
-            return comps.text_encoder(ids)[0].to(device), None
-        out1 = comps.text_encoder(ids, output_hidden_states=True)
-        out2 = comps.text_encoder_2(
-            self._ids(comps.tokenizer_2, captions, here), output_hidden_states=True
-        )
+        with on_device(comps.text_encoders, device):
+            ids = self._ids(comps.tokenizer, captions, device)
+            if not comps.is_sdxl:
+                return comps.text_encoder(ids)[0], None
+            out1 = comps.text_encoder(ids, output_hidden_states=True)
+            out2 = comps.text_encoder_2(
+                self._ids(comps.tokenizer_2, captions, device), output_hidden_states=True
+            )
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        return hidden.to(device), out2.text_embeds.to(device)
+        return hidden, out2.text_embeds
 
 
 class LatentEncoder:
-    """VAE encoding to the latent distribution (mean, std), optionally cached by example id;
-    sampling uses the training generator so cached and uncached runs match."""
+    """VAE encoding to the latent distribution (mean, std), optionally cached per (example id,
+    flipped); sampling uses the training generator so cached and uncached runs match.
 
-    def __init__(self, vae: nn.Module, *, cache: bool = False) -> None:
-        self.vae = vae
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+    With ``random_flip`` the cache holds both orientations of each example (kohya caches the
+    flipped latents too): a batch's ``"flipped"`` picks the one its transform drew."""
+
+    def __init__(
+        self, vae: nn.Module, cache: BoundedCache[tuple[str, bool]] | None = None, *,
+        flips: bool = False,
+    ) -> None:  # fmt: skip
+        self.vae, self.cache, self.flips = vae, cache, flips
 
     @torch.no_grad()
     def _moments(
         self, pixels: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode where the VAE is (``device`` unless offloaded), results on ``device``."""
-        pixels = to_device(pixels, self.vae.device).to(self.vae.dtype)
-        with autocast_off(pixels.device):  # the VAE computes in its own dtype
-            dist = self.vae.encode(pixels).latent_dist
-        return dist.mean.to(device), dist.std.to(device)
+        """Encode on ``device`` (an offloaded VAE comes back for it: a cache miss)."""
+        with on_device([self.vae], device):
+            pixels = to_device(pixels, device).to(self.vae.dtype)
+            with autocast_off(device):  # the VAE computes in its own dtype
+                dist = self.vae.encode(pixels).latent_dist
+            return dist.mean, dist.std
 
     def fill(self, batch: Batch, device: torch.device) -> None:
-        """Cache the moments of the batch's examples not cached yet."""
+        """Cache the moments of the batch's examples not cached yet (both orientations when
+        flips are on: the mirror image encoded in the same VAE batch)."""
         assert self.cache is not None
-        ids = list(batch["id"])
-        todo = [i for i, key in enumerate(ids) if key not in self.cache]
-        if todo:
-            pixels = batch["pixel_values"]
-            m, s = self._moments(pixels if len(todo) == len(ids) else pixels[todo], device)
-            for j, i in enumerate(todo):
-                self.cache[ids[i]] = (m[j], s[j])
+        keys = _latent_keys(batch)
+        todo = [i for i, key in enumerate(keys) if key not in self.cache]
+        if not todo:
+            return
+        pixels = batch["pixel_values"]
+        pixels = pixels if len(todo) == len(keys) else pixels[todo]
+        wanted = [keys[i] for i in todo]
+        if self.flips:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+            wanted += [(example, not flipped) for example, flipped in wanted]
+        mean, std = self._moments(pixels, device)
+        for j, key in enumerate(wanted):
+            self.cache[key] = (mean[j], std[j])
 
     def sample(
         self, batch: Batch, device: torch.device, generator: torch.Generator
@@ -129,12 +142,36 @@ class LatentEncoder:
             mean, std = self._moments(batch["pixel_values"], device)
         else:
             self.fill(batch, device)
-            ids = list(batch["id"])
-            mean = torch.stack([self.cache[k][0] for k in ids])
-            std = torch.stack([self.cache[k][1] for k in ids])
+            rows = [self.cache[key] for key in _latent_keys(batch)]
+            mean = torch.stack([m for m, _ in rows])  # type: ignore[misc]
+            std = torch.stack([s for _, s in rows])  # type: ignore[misc]
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
         latents = mean + std * noise
         return latents * self.vae.config.scaling_factor
+
+
+def _latent_keys(batch: Batch) -> list[tuple[str, bool]]:
+    """(example id, flipped) of each example (a batch without ``"flipped"``: none flipped)."""
+    flipped = batch.get("flipped") or [False] * len(batch["id"])
+    return [(str(example), bool(flip)) for example, flip in zip(batch["id"], flipped, strict=True)]
+
+
+@contextmanager
+def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """The modules on ``device`` for the block; those that were elsewhere (offloaded) go back
+    after it."""
+    away = [(m, _device_of(m)) for m in modules if _device_of(m) != device]
+    for module, _ in away:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, where in away:
+            module.to(where)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def sdxl_time_ids(batch: Batch, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -168,8 +205,13 @@ class TrainingPipeline:
         self.cfg = cfg
         self.comps = comps
         self.device = device
-        self.text = TextConditioner(comps, cache=cache_text)
-        self.latents = LatentEncoder(comps.vae, cache=cfg.cache_vae_outputs)
+        budget = DeviceBudget(int(cfg.encoder_cache_device_mb * 2**20))
+        self.text = TextConditioner(comps, BoundedCache(device, budget) if cache_text else None)
+        self.latents = LatentEncoder(
+            comps.vae,
+            BoundedCache(device, budget) if cfg.cache_vae_outputs else None,
+            flips=cfg.data_loader.random_flip,  # type: ignore[attr-defined]
+        )
         if cfg.zero_terminal_snr:
             comps.noise_scheduler = zero_terminal_snr_scheduler(comps.noise_scheduler)
         self.noise = NoiseSettings.from_config(cfg)

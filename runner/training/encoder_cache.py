@@ -69,39 +69,40 @@ class PersistedCaches:
 
     def _restore(self, loader: ResumableLoader) -> set[int]:
         """Indices whose latents and embeddings were both found."""
-        device, done = self.pipeline.device, set()
+        done = set()
         source = loader.dataset.source
         for index, rec in enumerate(source.records):
             if not rec.etag:
                 continue
             ok = True
             if self.vae is not None:
-                found = self.vae.get(self.vae.key(_version(source, index)))
-                if found is not None:
-                    self.pipeline.latents.cache[rec.id] = (
-                        found["mean"].to(device),
-                        found["std"].to(device),
-                    )
-                    self._loaded_latents.add(rec.id)
-                ok = found is not None
+                ok = self._restore_latents(rec.id, _version(source, index))
             if self.text is not None:
-                ok = self._restore_text(loader.dataset.caption(index, 0), device) and ok
+                ok = self._restore_text(loader.dataset.caption(index, 0)) and ok
             if ok:
                 done.add(index)
         return done
 
-    def _restore_text(self, caption: str, device: torch.device) -> bool:
+    def _restore_latents(self, example: str, version: str) -> bool:
+        assert self.vae is not None
+        found = self.vae.get(self.vae.key(version))
+        latents = self.pipeline.latents
+        if found is None or (latents.flips and "mean_flipped" not in found):
+            return False
+        latents.cache[(example, False)] = (found["mean"], found["std"])
+        if latents.flips:
+            latents.cache[(example, True)] = (found["mean_flipped"], found["std_flipped"])
+        self._loaded_latents.add(example)
+        return True
+
+    def _restore_text(self, caption: str) -> bool:
         assert self.text is not None
         if caption in self._loaded_captions:
             return True
         found = self.text.get(self.text.key(caption))
         if found is None:
             return False
-        pooled = found.get("pooled")
-        self.pipeline.text.cache[caption] = (
-            found["hidden"].to(device),
-            None if pooled is None else pooled.to(device),
-        )
+        self.pipeline.text.cache[caption] = (found["hidden"], found.get("pooled"))
         self._loaded_captions.add(caption)
         return True
 
@@ -110,17 +111,27 @@ class PersistedCaches:
         source = loader.dataset.source
         if self.vae is not None:
             for index, rec in enumerate(source.records):
-                moments = self.pipeline.latents.cache.get(rec.id)
-                if rec.etag and moments is not None and rec.id not in self._loaded_latents:
-                    mean, std = moments
-                    key = self.vae.key(_version(source, index))
-                    self.vae.put(key, {"mean": mean, "std": std})
+                tensors = self._latent_tensors(rec.id)
+                if rec.etag and tensors is not None and rec.id not in self._loaded_latents:
+                    self.vae.put(self.vae.key(_version(source, index)), tensors)
         if self.text is not None:
             for caption, (hidden, pooled) in self.pipeline.text.cache.items():
                 if caption in self._loaded_captions:
                     continue
                 tensors = {"hidden": hidden} | ({} if pooled is None else {"pooled": pooled})
-                self.text.put(self.text.key(caption), tensors)
+                self.text.put(self.text.key(caption), tensors)  # type: ignore[arg-type]
+
+    def _latent_tensors(self, example: str) -> dict[str, torch.Tensor] | None:
+        """What the disk cache holds for an example: both orientations with flips."""
+        latents = self.pipeline.latents
+        names = {False: ("mean", "std"), True: ("mean_flipped", "std_flipped")}
+        out: dict[str, torch.Tensor] = {}
+        for flipped in (False, True) if latents.flips else (False,):
+            if (example, flipped) not in latents.cache:
+                return None
+            mean, std = latents.cache.stored((example, flipped))
+            out |= dict(zip(names[flipped], (mean, std), strict=True))
+        return out
 
 
 def _version(source: Any, index: int) -> str:

@@ -67,7 +67,9 @@ def test_lora_fields_are_not_fine_tune_fields() -> None:
     assert "lora_rank_dim" in text, text
 
 
-def test_cached_latents_with_random_flip_are_refused_at_validate() -> None:
+def test_cached_latents_with_random_flip_are_accepted() -> None:
+    """Both orientations are cached (issue #28, as kohya; invoke-training refuses it)."""
     raw = _raw(cache_vae_outputs=True)
     raw["data_loader"]["random_flip"] = True  # type: ignore[index]
-    assert "cache_vae_outputs: cached latents would freeze one flip" in _problems(raw)
+    cfg = parse_config(yaml.safe_dump(raw), name="c.yaml")
+    assert cfg.cache_vae_outputs and cfg.data_loader.random_flip
