@@ -127,8 +127,9 @@ class FluxLoraConfig(LoraKnobs, BasePipelineConfig):
     run, and move both text encoders off the GPU for training (saves ~9.5 GB of T5-XXL in
     bf16). Not with train_text_encoder."""
     cache_vae_outputs: bool = False
-    """Encode every image to latents once and reuse them (needs center_crop and no
-    random_flip)."""
+    """Encode every image to latents once and reuse them (needs center_crop). With
+    random_flip the flipped latents are cached too, as kohya does (a kubetune extension:
+    invoke-training refuses the pair)."""
     enable_cpu_offload_during_validation: bool = False
     """Keep the models in CPU memory while generating validation images and move each to the
     GPU only while it runs (diffusers' model CPU offload): slower validation, less memory."""

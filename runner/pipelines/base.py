@@ -205,11 +205,12 @@ class TrainingPipeline:
         self.cfg = cfg
         self.comps = comps
         self.device = device
-        budget = DeviceBudget(int(cfg.encoder_cache_device_mb * 2**20))
-        self.text = TextConditioner(comps, BoundedCache(device, budget) if cache_text else None)
+        self.cache_budget = DeviceBudget(int(cfg.encoder_cache_device_mb * 2**20))
+        """Device memory the encoder caches share (``encoder_cache_device_mb``)."""
+        self.text = TextConditioner(comps, self.new_cache() if cache_text else None)
         self.latents = LatentEncoder(
             comps.vae,
-            BoundedCache(device, budget) if cfg.cache_vae_outputs else None,
+            self.new_cache() if cfg.cache_vae_outputs else None,
             flips=cfg.data_loader.random_flip,  # type: ignore[attr-defined]
         )
         if cfg.zero_terminal_snr:
@@ -225,6 +226,10 @@ class TrainingPipeline:
         """(step, micro-batch index) of the next ``loss``: the dropout seed's host inputs."""
         self.offloaded: list[nn.Module] = []
         """Encoders kept off the device during training steps (see ``warm_caches``)."""
+
+    def new_cache(self) -> BoundedCache[Any]:
+        """An encoder-output cache on the training device, within ``cache_budget``."""
+        return BoundedCache(self.device, self.cache_budget)
 
     # --- contract -------------------------------------------------------------------------
     def param_groups(self) -> ParamGroups:

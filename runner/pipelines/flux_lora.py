@@ -35,6 +35,7 @@ from runner.models.flux import FluxComponents
 from runner.pipelines.base import Batch, TextConditioner, TrainingPipeline
 from runner.pipelines.lora import add_lora, lora_parameters
 from runner.training.losses import element_loss
+from runner.training.memory_cache import BoundedCache
 from runner.training.optim import ParamGroups
 from runner.training.speed import to_device
 
@@ -43,8 +44,10 @@ class FluxTextConditioner(TextConditioner):
     """Captions → (T5 hidden states [B, L, D], CLIP pooled output [B, P]), as invoke-training's
     ``encode_prompt``; cached per caption when asked (``TextConditioner.encode``)."""
 
-    def __init__(self, comps: Any, clip_max: int, t5_max: int, *, cache: bool) -> None:
-        super().__init__(comps, cache=cache)
+    def __init__(
+        self, comps: Any, clip_max: int, t5_max: int, cache: BoundedCache[str] | None
+    ) -> None:
+        super().__init__(comps, cache)
         self.clip_max, self.t5_max = clip_max, t5_max
 
     def _tokens(self, tokenizer: Any, captions: list[str], n: int, device: Any) -> torch.Tensor:
@@ -78,7 +81,7 @@ class FluxLoraPipeline(TrainingPipeline):
             comps,
             cfg.clip_tokenizer_max_length,
             cfg.t5_tokenizer_max_length,
-            cache=cfg.cache_text_encoder_outputs,
+            self.new_cache() if cfg.cache_text_encoder_outputs else None,
         )
         self.alpha = float(cfg.lora_alpha or INVOKE_LORA_ALPHA)
         self.modules: dict[str, nn.Module] = {}
