@@ -102,7 +102,51 @@ def _image_tokens(loader: Any) -> int:
     return (h // 16) * (w // 16)
 
 
-ESTIMATORS: dict[str, Callable[[Any], dict[str, float] | None]] = {"FLUX_LORA": flux_lora_gib}
+# SDXL base 1.0's parameter counts: UNet; CLIP-L (123 M) + OpenCLIP-G with projection (695 M).
+SDXL_UNET = 2.567e9
+SDXL_TEXT_ENCODERS = 0.817e9
+SDXL_VAE = 0.084e9
+SDXL_ACTIVATIONS_GIB = {True: 1.5, False: 12.0}
+"""Activations kept per 1024×1024 training image in 16-bit, with / without gradient
+checkpointing: set so that invoke-training's "1x24gb" fine-tune samples (batch 4,
+checkpointing, bf16 + 8-bit AdamW) come to ~22 GiB; an assumption, not a measurement."""
+
+
+def _optimizer_bytes(optimizer: Any, param_bytes: int) -> float:
+    """Optimizer state per trained parameter: AdamW two moments in the parameter's dtype
+    (bitsandbytes' 8-bit: one byte each), Prodigy four tensors."""
+    if optimizer.optimizer_type == "Prodigy":
+        return 4 * param_bytes
+    return 2 if optimizer.use_8bit else 2 * param_bytes
+
+
+def sdxl_finetune_gib(cfg: Any) -> dict[str, float] | None:
+    """SDXL_FINETUNE's GPU memory by part, in GiB (None for a built-in tiny model). The UNet
+    trains in weight_dtype without mixed precision, in float32 with it."""
+    if str(cfg.model).startswith("builtin:"):
+        return None
+    size = DTYPE_BYTES[cfg.weight_dtype]
+    train = 4 if cfg.mixed_precision != "no" else size
+    parts = {"UNet": SDXL_UNET * train / GIB, "gradients": SDXL_UNET * train / GIB}
+    parts["optimizer"] = SDXL_UNET * _optimizer_bytes(cfg.optimizer, train) / GIB
+    if cfg.ema_decay is not None and not cfg.ema_on_cpu:
+        parts["EMA"] = SDXL_UNET * 4 / GIB
+    if not cfg.cache_text_encoder_outputs:
+        parts["text encoders"] = SDXL_TEXT_ENCODERS * size / GIB
+    if not cfg.cache_vae_outputs:
+        parts["VAE"] = SDXL_VAE * 4 / GIB
+    tokens = _image_tokens(cfg.data_loader) / (1024 // 16) ** 2  # in 1024² images
+    act = 2 if cfg.mixed_precision != "no" or size == 2 else 4
+    per_image = SDXL_ACTIVATIONS_GIB[bool(cfg.gradient_checkpointing)] * tokens * act / 2
+    parts["activations"] = per_image * cfg.train_batch_size
+    parts["overhead"] = OVERHEAD_GIB
+    return parts
+
+
+ESTIMATORS: dict[str, Callable[[Any], dict[str, float] | None]] = {
+    "FLUX_LORA": flux_lora_gib,
+    "SDXL_FINETUNE": sdxl_finetune_gib,
+}
 
 
 def gpu_fit_warnings(cfg: Any) -> list[str]:
@@ -128,6 +172,12 @@ def _advice(cfg: Any) -> str:
         tips.append("gradient_checkpointing: true")
     if not getattr(cfg, "cache_text_encoder_outputs", True):
         tips.append("cache_text_encoder_outputs: true (text encoders leave the GPU)")
+    optimizer = getattr(cfg, "optimizer", None)
+    if cfg.type == "SDXL_FINETUNE" and optimizer.optimizer_type == "AdamW":
+        if not optimizer.use_8bit:
+            tips.append("optimizer.use_8bit: true")
+        if cfg.mixed_precision != "no":
+            tips.append("mixed_precision: no (the UNet then trains in weight_dtype)")
     if cfg.train_batch_size > 1:
         tips.append("a smaller train_batch_size with gradient_accumulation_steps")
     tips.append("or a larger GPU")
