@@ -72,23 +72,32 @@ def product_memory_gib(product: str) -> float | None:
 
 
 def flux_lora_gib(cfg: Any) -> dict[str, float] | None:
-    """FLUX_LORA's GPU memory by part, in GiB (None for the tiny built-in model)."""
+    """FLUX_LORA's peak GPU memory by part, in GiB (None for the tiny built-in model): the
+    larger of a training step and validation (which brings cached-away encoders back unless
+    enable_cpu_offload_during_validation, which keeps one model on the GPU at a time)."""
     if str(cfg.model).startswith("builtin:"):
         return None
     size = DTYPE_BYTES[cfg.weight_dtype]
-    parts = {"transformer": FLUX_TRANSFORMER * size / GIB}
-    if not cfg.cache_text_encoder_outputs:
-        parts["text encoders"] = (FLUX_T5_XXL + FLUX_CLIP_L) * size / GIB
-    if not cfg.cache_vae_outputs:
-        parts["VAE"] = FLUX_VAE * size / GIB
-    trained = FLUX_LORA_PARAMS_PER_RANK * cfg.lora_rank_dim * cfg.train_transformer
-    parts["LoRA + Adam"] = trained * 16 / GIB  # fp32 weight, grad, two moments
+    transformer = FLUX_TRANSFORMER * size / GIB
+    encoders = (FLUX_T5_XXL + FLUX_CLIP_L) * size / GIB
+    vae = FLUX_VAE * size / GIB
+    lora = FLUX_LORA_PARAMS_PER_RANK * cfg.lora_rank_dim * cfg.train_transformer * 16 / GIB
     tokens = _image_tokens(cfg.data_loader) + cfg.t5_tokenizer_max_length
     factor = ACTIVATION_FACTOR[bool(cfg.gradient_checkpointing)]
     per_sample = FLUX_BLOCKS * tokens * FLUX_WIDTH * size * factor / GIB
-    parts["activations"] = per_sample * cfg.train_batch_size
-    parts["overhead"] = OVERHEAD_GIB
-    return parts
+    train = {"transformer": transformer, "LoRA + Adam": lora}
+    if not cfg.cache_text_encoder_outputs:
+        train["text encoders"] = encoders
+    if not cfg.cache_vae_outputs:
+        train["VAE"] = vae
+    train["activations"] = per_sample * cfg.train_batch_size
+    train["overhead"] = OVERHEAD_GIB
+    if not cfg.validation_prompts:
+        return train
+    validate = {"transformer": transformer, "LoRA + Adam": lora, "overhead": OVERHEAD_GIB}
+    if not cfg.enable_cpu_offload_during_validation:
+        validate.update({"text encoders (validation)": encoders, "VAE": vae})
+    return validate if sum(validate.values()) > sum(train.values()) else train
 
 
 def _image_tokens(loader: Any) -> int:
