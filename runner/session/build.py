@@ -306,6 +306,9 @@ def _restore(checkpointer: Checkpointer, restored: ResumePoint | None, loader: A
     if restored is None:
         return LoopState()
     state = checkpointer.restore(restored.folder)
+    # loaded: the downloaded copy would hold pod disk for the whole run (~15 GB for an SDXL
+    # full fine-tune); a memory-mapped training state stays readable after the unlink
+    shutil.rmtree(restored.folder, ignore_errors=True)
     log.info(
         "resumed from checkpoint %s (epoch %d)%s",
         step_name(state.step),

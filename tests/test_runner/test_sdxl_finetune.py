@@ -181,6 +181,8 @@ def test_sigterm_resume_is_bitwise_equal_to_an_uninterrupted_run(
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert "resumed from checkpoint" in err
+    restore = tmp_path / "work-run" / "restore"
+    assert not [p for p in restore.rglob("*") if p.is_file()]  # deleted once loaded
     expected, got = _trained(tmp_path / "ref", 6), _trained(out, 6)
     assert expected.keys() == got.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
