@@ -45,6 +45,8 @@ COMPAT_FIELDS = (
     "num_vectors",
     "placeholder_token",
     "use_dora",
+    "flux_lora_target_modules",
+    "train_transformer",
 )
 COMPAT_DEFAULTS: dict[str, Any] = {"use_dora": False, "ema": False}
 """What a checkpoint written before a compat field existed implies for it."""

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from test_train import _runner, weights
 from train_support import config_file, load_pipeline, make_config, step_dirs, train, write_dataset
 
-from kubetune.errors import EXIT_PREEMPTED
+from kubetune.errors import EXIT_PREEMPTED, ResumeMismatchError
 from runner.models.flux_keys import bfl_to_diffusers, diffusers_to_bfl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CPU = torch.device("cpu")
 pytest_plugins = ["fixtures_models"]  # tiny_flux_dir
 # Modules of double blocks only: diffusers' kohya FLUX reader splits single-block linear1 at
 # FLUX.1's fixed 3072/12288 sizes, which the tiny model does not have.
@@ -260,3 +261,55 @@ def test_zero_mask_gives_zero_loss_and_t5_stays_in_eval(
     assert loss.item() == 0.0
     batch["mask"] = torch.ones(2, 1, 64, 64)
     assert pipeline.loss(batch, torch.Generator().manual_seed(0)).item() > 0
+
+
+@pytest.mark.parametrize("seed", [7, None])
+def test_validation_images_are_the_ones_invoke_training_draws(
+    seed: int | None, tiny_flux_dir: Path, tmp_path: Path
+) -> None:
+    """invoke-training's ``_shared/flux/validation.py`` written against diffusers: FluxPipeline
+    over the training modules and scheduler, the pipeline's default guidance, one generator
+    per prompt seeded with ``seed`` (unseeded when null) drawing that prompt's images in turn;
+    kubetune passes T5's training length (``max_sequence_length``)."""
+    from PIL import Image
+
+    from kubetune.storage import open_store
+    from runner.session.settings import validation_settings
+    from runner.training.validation import Validator
+
+    prompts = ["a kbtn picture", "a red circle"]
+    cfg = make_config("FLUX_LORA", tiny_flux_dir, tmp_path, tmp_path / "o", seed=seed,
+                      validation_prompts=prompts, num_validation_images_per_prompt=2,
+                      validate_every_n_steps=1)  # fmt: skip
+    comps, pipeline = load_pipeline(cfg)
+    Validator(validation_settings(cfg), pipeline, open_store(str(tmp_path / "s")), CPU).validate(1)
+    pipeline.set_train(False)
+    reference = FluxPipeline(vae=comps.vae, text_encoder=comps.text_encoder,
+                             text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
+                             tokenizer_2=comps.tokenizer_2, transformer=comps.transformer,
+                             scheduler=comps.noise_scheduler)  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator(device=CPU)
+        if seed is not None:
+            generator = generator.manual_seed(seed)
+        for j in range(2):
+            want = reference(prompt, num_inference_steps=cfg.num_validation_inference_steps,
+                             generator=generator, height=64, width=64,
+                             max_sequence_length=cfg.t5_tokenizer_max_length).images[0]  # fmt: skip
+            path = tmp_path / "s" / "validation" / "step-000001" / f"prompt-{i}-{j}.png"
+            with Image.open(path) as got:
+                same = np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+            assert same, (i, j)  # unseeded: torch.Generator's default seed, on both sides
+
+
+def test_resume_under_other_flux_targets_is_refused(
+    tiny_flux_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    base = dict(max_train_steps=2, save_every_n_steps=2)
+    train(make_config("FLUX_LORA", tiny_flux_dir, data_dir, out, **base))
+    changed = make_config("FLUX_LORA", tiny_flux_dir, data_dir, out,
+                          flux_lora_target_modules=["to_q"], **base)  # fmt: skip
+    with pytest.raises(ResumeMismatchError, match="flux_lora_target_modules"):
+        train(changed)
