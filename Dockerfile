@@ -6,7 +6,9 @@ FROM ${CUDA_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # Debian packages the base lacks; a base that already has them passes APT_PACKAGES= .
-ARG APT_PACKAGES="python3 python3-venv ca-certificates"
+# build-essential + python3-dev: torch.compile (compile_unet) builds its Triton kernels with
+# the C compiler against the Python headers at the first compiled step.
+ARG APT_PACKAGES="python3 python3-venv python3-dev build-essential ca-certificates"
 # Offline builds (tests/cluster/local-cluster.sh image): pip reads these when they are set,
 # e.g. PIP_NO_INDEX=1 PIP_FIND_LINKS=http://127.0.0.1:PORT/ for a wheelhouse on the host.
 ARG PIP_NO_INDEX

@@ -143,8 +143,9 @@ class BasePipelineConfig(TrainingKnobs):
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet / text encoders."""
     compile_unet: bool = False
-    """torch.compile the UNet (kubetune extension; CUDA; slower first steps, faster
-    afterwards)."""
+    """torch.compile the UNet for the training steps (kubetune extension; CUDA; slower first
+    steps, faster afterwards): each aspect bucket compiles once, validation runs eager. Needs
+    a C compiler and the Python headers (the kubetune image has them)."""
     cache_vae_outputs: bool = False
     """Encode every image to latents once and reuse them (needs center_crop). With
     random_flip the flipped latents are cached too, as kohya does (a kubetune extension:

@@ -224,6 +224,8 @@ class TrainingPipeline:
         self.lora_dropout = 0.0  # LoRA subclasses set their config's
         self._micro_batch = (0, 0)
         """(step, micro-batch index) of the next ``loss``: the dropout seed's host inputs."""
+        self.compiled_unet: nn.Module | None = None
+        """The UNet as training steps call it with ``compile_unet`` (validation: eager)."""
         self.offloaded: list[nn.Module] = []
         """Encoders kept off the device during training steps (see ``warm_caches``)."""
 
@@ -356,7 +358,7 @@ class TrainingPipeline:
         noisy = scheduler.add_noise(latents, self.noise.perturbed(noise, generator), timesteps)
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             hidden, pooled = self.text.encode(list(batch["caption"]), device)
-        unet = self.comps.unet
+        unet = self.comps.unet if self.compiled_unet is None else self.compiled_unet
         kwargs: dict[str, Any] = {}
         if pooled is not None:
             h, w = batch["pixel_values"].shape[-2:]

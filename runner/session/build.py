@@ -34,6 +34,7 @@ from runner.reporting.progress import ProgressReporter, ProgressSettings
 from runner.reporting.run_events import RunEvents
 from runner.session.load import Loaded
 from runner.session.settings import RunSettings, TrainingSettings, compat_info
+from runner.training.compile import compile_for_training, training_shapes
 from runner.training.loop import GeneratorState, Loop, StepRunner
 from runner.training.optim import build_lr_scheduler, build_optimizer
 from runner.training.speed import tune_unet
@@ -66,15 +67,20 @@ def plan_schedule(training: TrainingSettings, batches_per_epoch: int) -> Schedul
 
 
 def build_training(
-    cfg: PipelineConfig, comps: Components, accelerator: Accelerator, total_steps: int
+    cfg: PipelineConfig,
+    comps: Components,
+    accelerator: Accelerator,
+    total_steps: int,
+    shapes: int = 2,
 ) -> tuple[TrainingPipeline, Any, Any]:
-    """Pipeline (adapters / tokens added), optimizer and LR scheduler."""
+    """Pipeline (adapters / tokens added), optimizer and LR scheduler; ``shapes``: how many
+    input shapes the steps see (``compile_unet`` compiles each once)."""
     pipeline = build_pipeline(cfg, comps, accelerator.device, total_steps=total_steps)
     tune_unet(comps.unet, accelerator.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing([comps.unet, *comps.text_encoders])
     if cfg.compile_unet:
-        comps.unet.compile()
+        pipeline.compiled_unet = compile_for_training(comps.unet, shapes)
     optimizer = build_optimizer(cfg.optimizer, pipeline.param_groups(), accelerator.device)
     lr_scheduler = build_lr_scheduler(
         cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps, total_steps=total_steps
@@ -252,8 +258,9 @@ def _assemble(
     )
     schedule = plan_schedule(training, len(loader))
     torch.manual_seed(seed)  # LoRA init does not depend on what loading consumed
+    shapes = training_shapes(loader.dataset.target_hw)
     pipeline, optimizer, lr_scheduler = build_training(
-        cfg, comps, accelerator, schedule.total_steps
+        cfg, comps, accelerator, schedule.total_steps, shapes
     )
     if pipeline.latents.cache is not None or pipeline.text.cache is not None:
         # restored from the run's stored caches, the rest encoded; then encoders off the GPU

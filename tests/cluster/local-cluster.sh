@@ -309,12 +309,12 @@ cmd_up() {
 
 rootfs_tar() {
   # Debian bookworm from debootstrap (the configured mirror), as a tarball in the cache.
-  local tar=$CACHE/rootfs-bookworm.tar
+  local tar=$CACHE/rootfs-bookworm-cc.tar
   if [ ! -f "$tar" ]; then
     local root=$CACHE/rootfs.tmp
     rm -rf "$root"
     log "debootstrapping the base image (about a minute)"
-    timed debootstrap debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,passwd \
+    timed debootstrap debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates,passwd \
       bookworm "$root" "$(debian_mirror)" >&2
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb
     tar -C "$root" -cf "$tar.tmp" . && mv "$tar.tmp" "$tar" && rm -rf "$root"
@@ -322,9 +322,9 @@ rootfs_tar() {
 }
 
 base_image() {
-  docker_ image inspect kubetune-base:bookworm >/dev/null 2>&1 && return 0
+  docker_ image inspect kubetune-base:bookworm-cc >/dev/null 2>&1 && return 0
   rootfs_tar
-  timed "docker import (base)" docker_ import - kubetune-base:bookworm <"$CACHE/rootfs-bookworm.tar" >&2
+  timed "docker import (base)" docker_ import - kubetune-base:bookworm-cc <"$CACHE/rootfs-bookworm-cc.tar" >&2
 }
 
 wheelhouse() {
@@ -361,7 +361,7 @@ cmd_image() {
   wait_for "wheelhouse server" 30 curl -fsS "http://127.0.0.1:$port/"
   log "building kubetune:local"
   DOCKER_BUILDKIT=0 timed "docker build" docker_ build --network host -t kubetune:local \
-    --build-arg CUDA_IMAGE=kubetune-base:bookworm --build-arg APT_PACKAGES= \
+    --build-arg CUDA_IMAGE=kubetune-base:bookworm-cc --build-arg APT_PACKAGES= \
     --build-arg PIP_NO_INDEX=1 --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/" \
     "$REPO" >&2
   echo "IMAGE=kubetune:local"

@@ -63,3 +63,14 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies() -> None:
     copied = {src for k, v in _instructions() if k == "COPY" for src in v.split()[:-1]}
     assert allowed == copied == {"pyproject.toml", "README.md", "kubetune", "runner", "launcher"}
     assert "**/__pycache__" in patterns[patterns.index("!launcher") :]
+
+
+def test_the_image_can_build_compiled_kernels() -> None:
+    """compile_unet: Triton builds its kernels with a C compiler against the Python headers;
+    the image installs both, and the local cluster's base (APT_PACKAGES= there) has them
+    too. The cluster tier runs the check inside the image (test_cluster_image.py)."""
+    packages = _args()["APT_PACKAGES"].strip('"').split()
+    assert {"build-essential", "python3-dev"} <= set(packages)
+    script = (ROOT / "tests" / "cluster" / "local-cluster.sh").read_text()
+    include = re.search(r"--include=(\S+)", script)
+    assert include and {"gcc", "libc6-dev", "python3-dev"} <= set(include.group(1).split(","))
