@@ -155,6 +155,15 @@ def test_preemption_sdxl_finetune(tiny_sdxl_dir: Path, dataset: Path, tmp_path: 
     sigkill_runs(1, tiny_sdxl_dir, dataset, tmp_path, "SDXL_FINETUNE")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_preemption_flux_lora(tiny_flux_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    """The same guarantees for FLUX_LORA (issue #25): flow-matching draws from the step
+    generator, the transformer LoRA and its optimizer state resume exactly."""
+    sigterm_runs(1, tiny_flux_dir, dataset, tmp_path, "FLUX_LORA")
+    sigkill_runs(1, tiny_flux_dir, dataset, tmp_path, "FLUX_LORA")
+
+
 @pytest.mark.reliability
 @pytest.mark.timeout(3600)
 def test_preemption_sigterm_20(tiny_sd_dir: Path, dataset: Path, tmp_path: Path) -> None:
