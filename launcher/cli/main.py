@@ -73,8 +73,8 @@ def main() -> None:
     help="Override a field before validating, e.g. --set max_train_steps=100.",
 )
 @click.option(
+    "--format",
     "--output",
-    "-o",
     "output",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -102,7 +102,7 @@ def validate(
     \b
     Examples:
       launcher validate lora.yaml
-      launcher validate --output json configs/*.yaml
+      launcher validate --format json configs/*.yaml
       cat lora.yaml | launcher validate -
       launcher validate --data lora.yaml           # and decode every image, before submitting
     """
@@ -158,8 +158,8 @@ class _DataProgress:
     help="What to train.",
 )
 @click.option(
-    "--output",
     "-o",
+    "--out",
     "output",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write to this file instead of stdout.",
@@ -189,8 +189,8 @@ def init(pipeline_type: str, output: Path | None, force: bool) -> None:
 
 @main.command()
 @click.option(
-    "--output",
     "-o",
+    "--out",
     "output",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write to this file instead of stdout.",

@@ -18,6 +18,7 @@ from launcher import api
 from launcher.cli.run_commands import LOCAL, cluster_options
 
 FORMAT = click.option(
+    "--format",
     "--output",
     "output",
     type=click.Choice(["text", "json"]),
@@ -62,7 +63,7 @@ def report(
     curves, validation images by step and prompt, checkpoints kept, the resolved config.
     RUN is a run name, an s3:// URI or a local output folder. For a run in S3 the page is
     copied here with its links to the full-size grids presigned (valid --expires seconds);
-    `--output json` also gives `url`, a presigned URL of the stored page to share (its
+    `--format json` also gives `url`, a presigned URL of the stored page to share (its
     thumbnails and curves are inline; its grid links need credentials).
 
     \b
@@ -109,7 +110,7 @@ def pull(
     Examples:
       launcher pull quickstart                    # -> ./quickstart-final/
       launcher pull my-lora --step 1200 -o lora/
-      launcher pull my-lora --output json         # CI: where the files went
+      launcher pull my-lora --format json         # CI: where the files went
     """
     from kubetune.layout import FINAL, step_name  # pydantic: not at `launcher --help`
     from launcher.outputs import pull as do_pull
@@ -118,7 +119,7 @@ def pull(
         raise UserError("--step and --final exclude each other", hint="pass one of them")
     if out is not None and out.name in ("json", "text") and not out.exists():
         raise UserError(f"-o {out.name} names the destination folder",
-                        hint=f"for a {out.name} report use --output {out.name}")  # fmt: skip
+                        hint=f"for a {out.name} report use -o {out.name}")  # fmt: skip
     dest = out or Path(f"{Path(run.rstrip('/')).name}-{FINAL if step is None else step_name(step)}")
     store = _location(run, local, cluster).open()
     with _progress_bar(output == "text") as (on_start, on_file):

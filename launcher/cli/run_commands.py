@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from launcher.backends.base import Backend, RunStatus, SubmitResult
 
 OUTPUT = click.option(
+    "--format",
     "--output",
-    "-o",
+    "output",
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
@@ -168,7 +169,7 @@ def submit(
     \b
     Examples:
       launcher submit lora.yaml
-      launcher submit --wait --output json lora.yaml      # CI: exit 0 only if it trained
+      launcher submit --wait --format json lora.yaml      # CI: exit 0 only if it trained
       launcher submit --local --follow examples/quickstart.yaml
       launcher submit lora.yaml --sweep optimizer.learning_rate=1e-4,5e-5 --sweep lora_rank_dim=4,16
       launcher submit lora.yaml --sweep 'validation_prompts=[["a cat, sitting"], ["a dog"]]'

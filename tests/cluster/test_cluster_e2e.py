@@ -105,7 +105,7 @@ def _write(env: dict[str, Any], cluster: Cluster, name: str, steps: int) -> str:
 
 
 def _status(cluster: Cluster, ns: str, run: str) -> dict[str, Any]:
-    result = cluster.launcher("status", run, "-n", ns, "-o", "json", timeout=60)
+    result = cluster.launcher("status", run, "-n", ns, "--format", "json", timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -133,7 +133,9 @@ def test_submit_wait_trains_survives_preemption_and_the_lora_loads(
 ) -> None:
     ns, run = run_env["namespace"], "e2e-lora"
     config = _write(run_env, cluster, run, steps=STEPS)
-    submit = cluster.launcher_bg("submit", "--wait", "-o", "json", config, out=tmp_path / "s.out")
+    submit = cluster.launcher_bg(
+        "submit", "--wait", "--format", "json", config, out=tmp_path / "s.out"
+    )
     follow = None
     try:
         # `status` shows step and loss while it runs, from progress.json in storage.

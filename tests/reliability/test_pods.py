@@ -63,7 +63,7 @@ def checkov_failures(path: Path) -> list[tuple[str, str, str]]:
     (one checkov process for a whole folder: it costs seconds to start)."""
     target = ["-d" if path.is_dir() else "-f", str(path)]
     proc = subprocess.run([checkov_binary(), *target, "--framework", "kubernetes",
-                           "--compact", "--quiet", "--skip-download", "-o", "json"],
+                           "--compact", "--quiet", "--skip-download", "--format", "json"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     reports = json.loads(proc.stdout)

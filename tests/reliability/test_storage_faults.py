@@ -153,7 +153,7 @@ def scan_for_secrets(server: S3Server, uri: str, log: str, tmp_path: Path) -> No
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         for args in (["render", str(path)], ["validate", str(path)],
-                     ["validate", "--output", "json", str(path)]):  # fmt: skip
+                     ["validate", "--format", "json", str(path)]):  # fmt: skip
             result = cli.invoke(main, args, env={"AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
                                                  "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
                                                  "HF_TOKEN": TEST_HF_TOKEN})  # fmt: skip

@@ -95,7 +95,7 @@ def test_validate_data_decodes_everything(tmp_path: Path) -> None:
     assert "data: 6 examples decode" in result.stdout
 
     bad = _config_file(tmp_path, _dataset(tmp_path / "bad", corrupt=(0, 5)))
-    result = CliRunner().invoke(main, ["validate", "--data", "-o", "json", str(bad)])
+    result = CliRunner().invoke(main, ["validate", "--data", "--format", "json", str(bad)])
     assert result.exit_code == 2
     errors = json.loads(result.stdout)["results"][0]["errors"]
     assert len(errors) == 2  # the list: one line per bad example

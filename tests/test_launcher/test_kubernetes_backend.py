@@ -24,7 +24,7 @@ from k8s_fake import FakeKube
 from kube_configs import TEST_ACCESS_KEY, TEST_SECRET_KEY, config_dict, make_config
 from kubernetes import client, config
 
-from kubetune.config import PipelineConfig
+from kubetune.config import PipelineConfig, load_config
 from kubetune.errors import ClusterError, UserError
 from launcher.backends import k8s_features, k8s_status
 from launcher.backends.kubernetes import KubernetesBackend
@@ -430,7 +430,7 @@ def test_submit_wait_exit_status(
 ) -> None:
     assert fake_kube.fake is not None
     config_file = _write(tmp_path)
-    driver = _finish_when_started(fake_kube.fake, job_name(_cfg()), exit_code)
+    driver = _finish_when_started(fake_kube.fake, job_name(load_config(config_file)), exit_code)
     result = fake_kube.cli("submit", config_file, "--wait", "--follow", "--poll-interval", "0.05")
     driver.join(5)
     assert result.exit_code == status, result.output
@@ -459,9 +459,9 @@ def test_submit_wait_follows_the_run_into_job_namespace(fake_kube: Kube, tmp_pat
 def test_submit_output_json_for_ci(fake_kube: Kube, tmp_path: Path) -> None:
     assert fake_kube.fake is not None
     config_file = _write(tmp_path)
-    driver = _finish_when_started(fake_kube.fake, job_name(_cfg()), 0)
+    driver = _finish_when_started(fake_kube.fake, job_name(load_config(config_file)), 0)
     result = fake_kube.cli(
-        "submit", config_file, "--wait", "--output", "json", "--poll-interval", "0.05"
+        "submit", config_file, "--wait", "--format", "json", "--poll-interval", "0.05"
     )
     driver.join(5)
     assert result.exit_code == 0, result.output
@@ -473,16 +473,20 @@ def test_submit_output_json_for_ci(fake_kube: Kube, tmp_path: Path) -> None:
 def test_cli_status_logs_list_cancel(fake_kube: Kube, tmp_path: Path) -> None:
     fake = fake_kube.fake
     assert fake is not None
-    first = fake_kube.cli("submit", _write(tmp_path), "--set", "max_train_steps=10")
+    config_file = _write(tmp_path)
+    first = fake_kube.cli("submit", config_file, "--set", "max_train_steps=10")
     assert first.exit_code == 0 and "submitted" in first.output
     again = fake_kube.cli("submit", _write(tmp_path), "--set", "max_train_steps=10")
     assert "already submitted" in again.output
-    job = job_name(make_config("SD_LORA", name="my-run").model_copy(update={"max_train_steps": 10}))
+    job = job_name(load_config(config_file).model_copy(update={"max_train_steps": 10}))
     pod = fake.latest_pod(job)
     fake.start_pod(pod)
     fake.log(pod, "hello from the pod")
     assert "my-run: Running" in fake_kube.cli("status", "my-run").output
-    assert json.loads(fake_kube.cli("status", "my-run", "-o", "json").stdout)["phase"] == "Running"
+    assert (
+        json.loads(fake_kube.cli("status", "my-run", "--format", "json").stdout)["phase"]
+        == "Running"
+    )
     assert fake_kube.cli("logs", "my-run").output == "hello from the pod\n"
     assert "my-run" in fake_kube.cli("list").output
     assert "Cancelled" in fake_kube.cli("cancel", "my-run", "--wait").output

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import click
 from click.testing import CliRunner
 
 from kubetune.config import PIPELINE_TYPES
@@ -36,7 +38,7 @@ def test_validate_ok_prints_summary_and_exits_0() -> None:
 
 
 def test_validate_json_for_ci() -> None:
-    result = CliRunner().invoke(main, ["validate", "--output", "json", str(GOOD), str(BAD)])
+    result = CliRunner().invoke(main, ["validate", "--format", "json", str(GOOD), str(BAD)])
     assert result.exit_code == 2
     doc = json.loads(result.stdout)
     assert doc["valid"] is False
@@ -101,3 +103,23 @@ def test_help_does_not_build_the_schema() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _options(command: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    found = [(prefix + command.name, p) for p in command.params if isinstance(p, click.Option)]
+    for sub in getattr(command, "commands", {}).values():
+        found += _options(sub, prefix + command.name + " ")
+    return found
+
+
+def test_dash_o_always_names_a_path_and_the_format_is_always_format() -> None:
+    """One meaning per flag across every command: ``-o`` writes a file or folder,
+    ``--format`` picks text or json."""
+    options = _options(main)
+    dash_o = [(cmd, p) for cmd, p in options if "-o" in p.opts]
+    formats = [(cmd, p) for cmd, p in options if "--format" in p.opts]
+    assert {cmd.split()[-1] for cmd, _ in dash_o} >= {"init", "schema", "report", "pull"}
+    assert [cmd for cmd, p in dash_o if not isinstance(p.type, click.Path)] == []
+    assert [cmd for cmd, p in options if isinstance(p.type, click.Choice)
+            and "json" in p.type.choices and "--format" not in p.opts] == []  # fmt: skip
+    assert {cmd.split()[-1] for cmd, _ in formats} >= {"validate", "submit", "status", "pull"}

@@ -95,7 +95,7 @@ def test_a_run_reports_notifies_and_pulls(
                 grid = store.get_bytes(f"validation/step-00000{step}/grid.png")
                 assert response.read() == grid
         doc = json.loads(
-            cli.invoke(main, ["report", uri, "--output", "json", "-o", str(view)]).output
+            cli.invoke(main, ["report", uri, "--format", "json", "-o", str(view)]).output
         )
         assert doc["report"] == str(view)
         with urllib.request.urlopen(doc["url"], timeout=10) as response:  # noqa: S310
@@ -106,7 +106,7 @@ def test_a_run_reports_notifies_and_pulls(
         assert 'href="validation/step-000002/grid.png"' in page  # relative: works as a file
 
     dest = tmp_path / "pulled"
-    pulled = cli.invoke(main, ["pull", uri, "-o", str(dest), "--output", "json"])
+    pulled = cli.invoke(main, ["pull", uri, "-o", str(dest), "--format", "json"])
     assert pulled.exit_code == 0, pulled.output
     doc = json.loads(pulled.stdout)
     assert (doc["what"], doc["step"], doc["files"]) == ("final", 4, ["lora.safetensors"])

@@ -48,7 +48,7 @@ def test_report_prints_the_path_and_json(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     text = CliRunner().invoke(main, ["report", str(run)])
     assert text.exit_code == 0 and text.output.strip() == str(run / "report.html")
-    doc = json.loads(CliRunner().invoke(main, ["report", str(run), "--output", "json"]).output)
+    doc = json.loads(CliRunner().invoke(main, ["report", str(run), "--format", "json"]).output)
     assert doc["report"] == str(run / "report.html")
 
 
@@ -56,7 +56,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     cases = [
         (["pull", str(run), "--step", "3", "--final"], "--step and --final exclude each other"),
-        (["pull", str(run), "-o", "json"], "for a json report use --output json"),
+        (["pull", str(run), "--format", "json"], "for a json report use --format json"),
         (
             ["pull", str(run), "--step", "3", "-o", str(tmp_path / "x")],
             "complete checkpoints: none",

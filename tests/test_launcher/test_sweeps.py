@@ -119,7 +119,7 @@ def test_cluster_sweep_queues_every_run_and_resubmit_is_a_no_op(tmp_path: Path) 
     with FakeKube() as fake:
         kubeconfig = str(fake.write_kubeconfig(tmp_path / "kubeconfig"))
         config = str(_write(tmp_path, queue_name="gpu-queue"))
-        args = ["submit", config, *sum((["--sweep", a] for a in AXES), []), "-o", "json",
+        args = ["submit", config, *sum((["--sweep", a] for a in AXES), []), "--format", "json",
                 "--kubeconfig", kubeconfig, "--namespace", "default"]  # fmt: skip
         first = CliRunner().invoke(main, args)
         assert first.exit_code == 0, first.output
