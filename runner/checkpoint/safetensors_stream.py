@@ -1,9 +1,10 @@
 """Write and read ``.safetensors`` files one tensor at a time.
 
-``safetensors.torch.save_file`` turns every tensor into bytes before writing the first one: a
-second copy of the whole model in host memory (~5 GB for an fp16 SDXL UNet, 10 GB in
-float32). ``write_safetensors`` computes the header from shapes alone, then converts and
-writes each tensor in turn, so the extra memory is one tensor. ``copy_into`` reads a file
+``safetensors.torch.save_file`` needs every tensor on the host, contiguous and in its final
+dtype before it writes: for a model on the GPU, or saved in another dtype, that is a second
+copy of the whole model in host memory (~5 GB for an fp16 SDXL UNet, 10 GB in float32).
+``write_safetensors`` computes the header from shapes alone, then converts and writes each
+tensor in turn, so the extra memory is one tensor. ``copy_into`` reads a file
 back into existing tensors the same way. The files are ordinary safetensors files.
 """
 
