@@ -92,9 +92,11 @@ class EmaWeights:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        """The averaged weights in the model for the duration of the block."""
+        """The averaged weights in the model for the duration of the block. The raw weights
+        wait in host memory: on the GPU they would be a second copy of the trained model
+        (a whole UNet for SDXL_FINETUNE) at every validation and checkpoint."""
         self._average_pending()
-        raw = {name: p.detach().clone() for name, p in self.params.items()}
+        raw = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
         try:
             with torch.no_grad():
                 for name, param in self.params.items():
