@@ -313,3 +313,26 @@ def test_resume_under_other_flux_targets_is_refused(
                           flux_lora_target_modules=["to_q"], **base)  # fmt: skip
     with pytest.raises(ResumeMismatchError, match="flux_lora_target_modules"):
         train(changed)
+
+
+def test_negative_prompts_act_through_true_cfg(tiny_flux_dir: Path, tmp_path: Path) -> None:
+    """kubetune extension: with validation_true_cfg_scale > 1 the negative prompt changes
+    the validation image (FluxPipeline's true classifier-free guidance)."""
+    from PIL import Image
+
+    from kubetune.storage import open_store
+    from runner.session.settings import validation_settings
+    from runner.training.validation import Validator
+
+    images = []
+    negative = {"negative_validation_prompts": ["blurry"], "validation_true_cfg_scale": 4.0}
+    for name, extra in (("plain", {}), ("negative", negative)):
+        cfg = make_config("FLUX_LORA", tiny_flux_dir, tmp_path, tmp_path / name,
+                          validation_prompts=["a kbtn picture"], validate_every_n_steps=1,
+                          num_validation_images_per_prompt=1, **extra)  # fmt: skip
+        _, pipeline = load_pipeline(cfg)
+        store = open_store(str(tmp_path / name))
+        Validator(validation_settings(cfg), pipeline, store, CPU).validate(1)
+        with Image.open(tmp_path / name / "validation/step-000001/prompt-0-0.png") as image:
+            images.append(np.asarray(image.convert("RGB")).astype(np.int16))
+    assert np.abs(images[0] - images[1]).max() > 0
