@@ -56,12 +56,12 @@ def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
     from kubetune.config import SdLoraConfig
     from kubetune.dataset.index import save_index
     from kubetune.storage import open_store
-    from kubetune.storage.s3 import S3Store
+    from kubetune.storage.cloud import CloudStore
     from runner.data import build_train_dataloader, preflight
 
     read = {"bytes": 0, "gets": 0}
     lock = threading.Lock()
-    get_bytes, get_range = S3Store.get_bytes, S3Store.get_range
+    get_bytes, get_range = CloudStore.get_bytes, CloudStore.get_range
 
     def count(data: bytes) -> bytes:
         with lock:
@@ -69,8 +69,8 @@ def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
             read["gets"] += 1
         return data
 
-    S3Store.get_bytes = lambda s, k: count(get_bytes(s, k))  # type: ignore[method-assign]
-    S3Store.get_range = lambda s, k, a, b: count(get_range(s, k, a, b))  # type: ignore
+    CloudStore.get_bytes = lambda s, k: count(get_bytes(s, k))  # type: ignore[method-assign]
+    CloudStore.get_range = lambda s, k, a, b: count(get_range(s, k, a, b))  # type: ignore
     cfg = SdLoraConfig.model_validate(
         {
             "base_output_dir": run_dir,

@@ -1,6 +1,6 @@
 """Client cost of one ranged header read (the first 16 KiB of an image) on SeaweedFS at
-127.0.0.1: boto3's `get_object(Range=…)` against kubetune's lean path (`S3Store.get_range`,
-`kubetune.storage.s3_http`), serial (wall and client CPU per request) and with 16 threads
+127.0.0.1: boto3's `get_object(Range=…)` against kubetune's path (`CloudStore.get_range`,
+obstore), serial (wall and client CPU per request) and with 16 threads
 (requests/s).
 Interleaved rounds; ratios from one run.
 

@@ -1,6 +1,6 @@
 """One exception hierarchy for kubetune.
 
-Dependency errors (pydantic, botocore, kubernetes ApiException, OSError) are translated into
+Dependency errors (pydantic, obstore, kubernetes ApiException, OSError) are translated into
 these at module boundaries; the CLIs map them to exit codes and one-line messages.
 """
 

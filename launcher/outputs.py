@@ -1,5 +1,5 @@
 """A finished (or running) run's outputs for people: where its report is, and its weights
-pulled to this machine, verified against their manifest. Torch-free (boto3 at most)."""
+pulled to this machine, verified against their manifest. Torch-free (obstore at most)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kubetune.checkpoint.manifest import FileEntry, Manifest, sha256_file
 from kubetune.checkpoint.publish import CheckpointManager
 from kubetune.errors import StorageError, UserError
 from kubetune.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
+from kubetune.storage import Capability, supports
 from kubetune.storage.run_store import RetryPolicy, RunStore
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ class RunLocation:
 
 
 def locate(run: str, backend_for_run: Callable[[str], Any]) -> RunLocation:
-    """RUN as a run name (asked of its backend), an `s3://` URI or a local output folder."""
+    """RUN as a run name (asked of its backend), a store URI (`s3://`, `gs://`, `az://`) or a
+    local output folder."""
     if "://" in run or os.path.isdir(run):
         return RunLocation(run.rstrip("/"))
     from kubetune.config import output_uri
@@ -71,9 +73,9 @@ def report_location(
             f"{store.url(REPORT_KEY)} does not exist yet",
             hint="the runner writes it at the first validation and at the end of the run",
         )
-    presign = getattr(store, "presign", None)
-    if presign is None:
+    if not supports(store, Capability.PRESIGN):
         return ReportView(store.url(REPORT_KEY))
+    presign = store.presign
 
     def signed(link: re.Match[str]) -> str:
         return f'href="{html.escape(presign(html.unescape(link.group(1)), expires_s))}"'

@@ -44,7 +44,7 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("urllib3", "botocore", "s3transfer", "PIL", "filelock"):
+    for noisy in ("urllib3", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

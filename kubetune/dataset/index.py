@@ -23,7 +23,7 @@ from kubetune.dataset.images import MAX_IMAGE_PIXELS, image_size_hw, jpeg_header
 from kubetune.dataset.sources import Source, fetch_pool
 from kubetune.errors import DataError, StorageError, StorageUserError
 from kubetune.layout import DATA_INDEX_KEY, DATASET_INDEXES
-from kubetune.storage import ObjectStore, open_store
+from kubetune.storage import ObjectStore, is_remote, open_store, parse_uri, split_uri
 
 log = logging.getLogger(__name__)
 INDEX_KEY = DATA_INDEX_KEY
@@ -130,14 +130,18 @@ def shared_index_key(source: Source) -> str:
 
 def shared_index_store(cfg: Any) -> ObjectStore | None:
     """Where dataset indexes live beside the runs: the storage prefix that holds every run
-    (S3), or a local run's parent folder. None when the run has no parent location."""
+    (a cloud store), or a local run's parent folder. None when the run has no parent
+    location."""
     from kubetune.config.loader import output_uri
 
     uri = output_uri(cfg)
-    if not uri.startswith("s3://"):
-        uri = os.path.abspath(uri)
-    parent = uri.rstrip("/").rpartition("/")[0]
-    if not parent or parent in ("s3:/", "s3:"):
+    if is_remote(uri):
+        loc = parse_uri(uri)
+        if not loc.path:
+            return None
+        return open_store(split_uri(uri)[0], cfg.storage)
+    parent = os.path.dirname(os.path.abspath(uri).rstrip("/"))
+    if not parent:
         return None
     return open_store(parent, cfg.storage)
 

@@ -17,25 +17,13 @@ No torch here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
 
-from kubetune.storage import ObjectInfo, ObjectStore
+from kubetune.storage import Capability, ObjectInfo, ObjectStore, supports
 
 LIST_WORKERS = 8
 """Ranges listed at once (at most; fewer when the keys fit in fewer pages)."""
-
-
-@runtime_checkable
-class RangeListing(Protocol):
-    """A store that can list part of a folder (``kubetune.storage.s3.S3Store``)."""
-
-    page_size: int
-
-    def list_range(
-        self, prefix: str, after: str | None, until: str | None
-    ) -> Iterator[ObjectInfo]: ...
 
 
 def cut_points(keys: Sequence[str], parts: int) -> list[str]:
@@ -52,7 +40,7 @@ def list_known(
 ) -> list[ObjectInfo]:
     """``list(store.list(prefix))``, in parallel ranges cut at ``keys`` (keys expected under
     ``prefix``) when the store can list ranges and the keys fill more than one page."""
-    if not isinstance(store, RangeListing):
+    if not supports(store, Capability.RANGE_LISTING):
         return list(store.list(prefix))
     parts = min(workers, math.ceil(len(keys) / max(1, store.page_size)))
     cuts = cut_points(keys, parts)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -100,8 +100,13 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
     started in the background: `python -m runner` starts it before importing torch, so the
     listing and header reads overlap the imports. In a forked process by default (the
     imports and the header reads then use two cores instead of sharing one interpreter
-    lock), else a thread. `.result()` returns the report or re-raises; nothing is written."""
-    if process and "fork" in multiprocessing.get_all_start_methods():
+    lock), else a thread: also when the preflight reads a cloud store and this process has
+    opened one already (`kubetune.storage.fork_safe`). `.result()` returns the report or
+    re-raises; nothing is written."""
+    from kubetune.storage import fork_safe
+
+    forkable = fork_safe() or not uses_cloud_storage(cfg)
+    if process and forkable and "fork" in multiprocessing.get_all_start_methods():
         return _forked(cfg)
     future: Future[PreflightReport] = Future()
 
@@ -115,6 +120,24 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
 
     threading.Thread(target=work, name="kubetune-preflight", daemon=True).start()
     return future
+
+
+def uses_cloud_storage(cfg: Any) -> bool:
+    """Whether the run reads or writes a cloud store (its outputs, or any path in its config)."""
+    from kubetune.config import config_to_dict, output_uri
+    from kubetune.storage import is_remote
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+
+    return is_remote(output_uri(cfg)) or any(map(is_remote, strings(config_to_dict(cfg))))
 
 
 def _forked(cfg: Any) -> Future[PreflightReport]:

@@ -26,7 +26,7 @@ from kubetune.config.data import (
 from kubetune.dataset.images import is_image_name
 from kubetune.dataset.listing import list_known
 from kubetune.errors import DataError
-from kubetune.storage import ObjectInfo, ObjectStore, open_store
+from kubetune.storage import ObjectInfo, ObjectStore, is_remote, open_store, parse_uri, split_uri
 
 MASK_COLUMN = "mask"
 """The JSONL key of a line's loss-mask image path (fixed, as in invoke-training)."""
@@ -46,7 +46,9 @@ def fetch_pool() -> ThreadPoolExecutor:
 
 
 class StoreRef:
-    """A store opened lazily once per process (boto3 clients do not survive fork/pickle)."""
+    """A store opened lazily once per process. It pickles with the store it opened (its
+    settings, resolved here), so a DataLoader worker started by forkserver or spawn gets its
+    own client for the same endpoint and credentials; a forked process reopens it."""
 
     def __init__(self, uri: str, storage: Any | None = None) -> None:
         self.uri, self.storage = uri, storage
@@ -61,10 +63,12 @@ class StoreRef:
             return self._store
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "storage": self.storage}
+        return {"uri": self.uri, "storage": self.storage, "store": self._store}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["uri"], state["storage"])  # type: ignore[misc]
+        if state.get("store") is not None:
+            self._store, self._pid = state["store"], os.getpid()
 
 
 @dataclass(frozen=True)
@@ -305,19 +309,10 @@ def _top_level(infos: Iterator[Any]) -> Iterator[Any]:
 # --- JSONL ---------------------------------------------------------------------------------
 
 
-def _split_uri(path: str) -> tuple[str, str]:
-    """(parent folder URI, file name) of a local path or s3:// URI."""
-    if path.startswith("s3://"):
-        parent, _, name = path.rstrip("/").rpartition("/")
-        return (parent if parent != "s3:/" else path), name
-    absolute = os.path.abspath(path)
-    return os.path.dirname(absolute), os.path.basename(absolute)
-
-
 def _jsonl_source(
     cfg: ImageCaptionJsonlDatasetConfig, storage: Any | None, need_captions: bool, masks: bool
 ) -> Source:
-    folder, name = _split_uri(cfg.jsonl_path)
+    folder, name = split_uri(cfg.jsonl_path)
     refs = {folder: 0}
     stores = [StoreRef(folder, storage)]
 
@@ -428,12 +423,12 @@ def _mask_column(row: dict[str, Any], where: str) -> str:
 
 def _resolve(path: str, where: str, what: str = "image") -> tuple[str | None, str]:
     """(store root or None for the JSONL folder, key) for a file path from a JSONL line."""
-    if path.startswith("s3://"):
-        bucket, _, key = path[len("s3://") :].partition("/")
-        if not bucket or not key:
-            raise DataError(f"{where}: {path!r} is not an s3://bucket/key URI")
-        _check_relative(key, path, where, what)
-        return f"s3://{bucket}", key
+    if is_remote(path):
+        loc = parse_uri(path)
+        if not loc.path:
+            raise DataError(f"{where}: {path!r} is not a {loc.scheme}://bucket/key URI")
+        _check_relative(loc.path, path, where, what)
+        return loc.root, loc.path
     if os.path.isabs(path):
         return "/", path.lstrip("/")
     _check_relative(path, path, where, what)

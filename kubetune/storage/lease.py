@@ -1,14 +1,15 @@
 """The run lease: one writer per run.
 
 A runner creates ``lease.json`` under the run's location with a conditional create
-(``If-None-Match: *`` on S3, a hard link of a complete temp file locally), renews it from a
-heartbeat thread with compare-and-swap (``If-Match`` on the tag it last wrote) and deletes it
-on exit. A second runner waits up to ``wait_s`` for the lease to be released or to go stale
-(not renewed for ``timeout_s``: a killed pod), then takes a stale lease over (logged) or exits
-2 naming the holder. A lease whose holder ran on this host and PID namespace and has exited
-(a SIGKILLed local run) is taken over at once. A holder whose renewal fails because someone
-else took over is *lost*: ``check()`` raises ``LeaseLost`` and
-``kubetune.storage.run_store.RunStore`` refuses every further write.
+(``If-None-Match: *`` on S3 and Azure, ``ifGenerationMatch=0`` on GCS, a hard link of a complete
+temp file locally), renews it from a heartbeat thread with compare-and-swap (on the tag it last
+wrote) and deletes it on exit. The store must declare ``Capability.CONDITIONAL_WRITE``. A second
+runner waits up to ``wait_s`` for the lease to be released or to go stale (not renewed for
+``timeout_s``: a killed pod), then takes a stale lease over (logged) or exits 2 naming the
+holder. A lease whose holder ran on this host and PID namespace and has exited (a SIGKILLed
+local run) is taken over at once. A holder whose renewal fails because someone else took over is
+*lost*: ``check()`` raises ``LeaseLost`` and ``kubetune.storage.run_store.RunStore`` refuses
+every further write.
 """
 
 from __future__ import annotations
@@ -23,24 +24,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from kubetune.errors import LeaseLost, RunLocked, StorageError
+from kubetune.errors import LeaseLost, RunLocked, StorageError, StorageUserError
 from kubetune.layout import LEASE_KEY, utc_now
-from kubetune.storage import ObjectStore
+from kubetune.storage.base import Capability, ObjectStore, supports
 from kubetune.storage.run_store import RetryPolicy
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-
-class ConditionalStore(ObjectStore, Protocol):
-    """An ``ObjectStore`` with the conditional writes a lease needs (both stores have them)."""
-
-    def create(self, key: str, data: bytes) -> bool: ...
-    def read_tagged(self, key: str) -> tuple[bytes, str]: ...
-    def replace_if(self, key: str, data: bytes, tag: str) -> bool: ...
-    def delete_if(self, key: str, tag: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -63,8 +55,15 @@ def default_holder() -> str:
 class Lease:
     """Acquire with ``acquire()`` (or ``with``), ``check()`` before writing, ``release()``."""
 
-    def __init__(self, store: Any, settings: LeaseSettings, *, holder: str | None = None) -> None:
-        self.store: ConditionalStore = store
+    def __init__(
+        self, store: ObjectStore, settings: LeaseSettings, *, holder: str | None = None
+    ) -> None:
+        if not supports(store, Capability.CONDITIONAL_WRITE):
+            raise StorageUserError(
+                f"{store.uri}: this storage has no conditional writes, so no run lease",
+                hint="use a local folder, s3://, gs:// or az:// for the run's outputs",
+            )
+        self.store = store
         self.settings = settings
         self.holder = holder or default_holder()
         self.token = uuid.uuid4().hex

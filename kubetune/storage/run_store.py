@@ -6,10 +6,11 @@ It wraps the run's ``ObjectStore`` and, for each write and delete, first checks 
 
 Retry layers, in full: this ``RetryPolicy`` (whole operations, jittered backoff) is the only
 policy in kubetune; nothing above it (the checkpoint publisher, progress, validation, the
-report) retries. Below it, ``S3Store`` keeps botocore's "standard" transport retries
-(``max_attempts`` per HTTP request: connection errors, 5xx, throttling) and re-reads a body
-cut mid-download; a ``LocalStore`` has none. So a single-request S3 write makes at most
-``RetryPolicy.attempts × max_attempts`` HTTP requests (5 × 5 by default).
+report) retries. Below it, a cloud store (``kubetune.storage.cloud.CloudStore``) keeps
+obstore's transport retries, configured once per store (``max_attempts`` per HTTP request:
+connection errors, 5xx, throttling, a body cut mid-download); a ``LocalStore`` has none. So a
+single-request cloud write makes at most ``RetryPolicy.attempts × max_attempts`` HTTP
+requests (5 × 5 by default).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from kubetune.errors import StorageError
-from kubetune.storage import ObjectInfo, ObjectStore
+from kubetune.storage.base import ObjectInfo, ObjectStore, StoreBase
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -59,8 +60,9 @@ class RetryPolicy:
                 time.sleep(delay)
 
 
-class RunStore:
-    """An ``ObjectStore`` with a write guard (the lease check) and the one retry policy."""
+class RunStore(StoreBase):
+    """An ``ObjectStore`` with a write guard (the lease check) and the one retry policy. It
+    declares no optional capability: conditional writes and presigning go to the raw store."""
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class RunStore:
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, shared safely
     ) -> None:
         self.inner, self.guard, self.uri, self.retry = store, guard, store.uri, retry
+        self.page_size = getattr(store, "page_size", StoreBase.page_size)
 
     def _write(self, fn: Callable[[], None], what: str) -> None:
         if self.guard is not None:
@@ -91,6 +94,9 @@ class RunStore:
 
     def get_bytes(self, key: str) -> bytes:
         return self.retry.call(lambda: self.inner.get_bytes(key), f"read {key}")
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return self.retry.call(lambda: self.inner.get_range(key, start, length), f"read {key}")
 
     def get_file(self, key: str, path: str | Path) -> None:
         self.retry.call(lambda: self.inner.get_file(key, path), f"download {key}")

@@ -128,7 +128,7 @@ def read_progress(
 ) -> tuple[ProgressRecord | None, str | None]:
     """The run's progress.json from its output location: (progress, why-not)."""
     try:
-        from kubetune.storage import open_store  # light: boto3 only
+        from kubetune.storage import open_store  # light: obstore only
     except ImportError as err:  # pragma: no cover - kubetune.storage ships with kubetune
         return None, f"kubetune.storage unavailable: {err}"
     try:

@@ -22,6 +22,7 @@ from kubetune.dataset.images import decode_image, decode_mask
 from kubetune.dataset.preflight import PreflightReport, preflight
 from kubetune.dataset.sources import Source, fetch_pool
 from kubetune.errors import DataError
+from kubetune.storage import fork_safe, is_remote
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
 from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
 from runner.data.loader_settings import LoaderConfig, LoaderSettings
@@ -160,6 +161,15 @@ class TrainDataset(Dataset[Batch]):
         )
 
 
+def _worker_context(source: Source, num_workers: int) -> str | None:
+    """How DataLoader workers start: forked (the default), unless they read a cloud store
+    after this process opened one (obstore's runtime does not survive a fork; see
+    ``kubetune.storage.fork_safe``): then from a clean forkserver process, which the dataset
+    reaches pickled, each worker with its own client."""
+    remote = any(is_remote(ref.uri) for ref in source.stores)
+    return "forkserver" if num_workers and remote and not fork_safe() else None
+
+
 def collate(items: list[Batch]) -> Batch:
     """Stack examples of one bucket into the batch format of docs/architecture.md (plus
     ``"skipped"``: messages naming the bad examples left out of this batch, if any)."""
@@ -230,6 +240,7 @@ class ResumableLoader:
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers else None,
+            multiprocessing_context=_worker_context(dataset.source, num_workers),
         )
 
     def __len__(self) -> int:

@@ -201,14 +201,15 @@ def builtin_model(name: str, cache: Path) -> Path:
 
 
 def _resolve(uri: str, storage: Any, cache: Path, *, is_file: bool = False) -> str:
-    """Local path or hub name for ``uri``; ``s3://`` sources are downloaded to ``cache``."""
+    """Local path or hub name for ``uri``; ``s3://`` / ``gs://`` / ``az://`` sources are downloaded
+    to ``cache``."""
     if uri.startswith("builtin:"):
         return str(builtin_model(uri.removeprefix("builtin:"), cache))
-    if uri.startswith("s3://"):
-        from kubetune.storage import open_store
+    from kubetune.storage import is_remote, open_store, split_uri
 
+    if is_remote(uri):
         if is_file or uri.endswith(SINGLE_FILE_SUFFIXES):
-            parent, _, name = uri.rstrip("/").rpartition("/")
+            parent, name = split_uri(uri.rstrip("/"))
             return str(download_prefix(open_store(parent, storage), cache, only=name) / name)
         return str(download_prefix(open_store(uri, storage), cache))
     path = Path(uri).expanduser()

@@ -128,13 +128,13 @@ def _file_vectors(cfg: TiConfigs, is_sdxl: bool) -> list[torch.Tensor | None]:
 
 def _local_file(cfg: TiConfigs) -> str:
     uri = cfg.initial_embedding_file or ""
-    if not uri.startswith("s3://"):
+    from kubetune.storage import is_remote, open_store, split_uri
+
+    if not is_remote(uri):
         return uri
     import tempfile
 
-    from kubetune.storage import open_store
-
-    parent, _, name = uri.rpartition("/")
+    parent, name = split_uri(uri)
     local = Path(tempfile.mkdtemp(prefix="kubetune-emb-")) / name
     open_store(parent, cfg.storage).get_file(name, local)
     return str(local)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from kubetune.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
 from kubetune.errors import Preempted
 from kubetune.layout import REPORT_KEY, ProgressRecord, checkpoint_key, final_key, validation_key
-from kubetune.storage import LocalStore, ObjectStore
+from kubetune.storage import LocalStore, ObjectStore, is_remote
 from runner.reporting.notify import Notifier
 from runner.reporting.report import ReportWriter
 
@@ -126,7 +126,7 @@ class RunEvents:
 def _output_uri(cfg: PipelineConfig) -> str:
     """The run's output URI as its store names it (a local folder: absolute)."""
     uri = output_uri(cfg)
-    return uri if uri.startswith("s3://") else LocalStore(uri).uri
+    return uri if is_remote(uri) else LocalStore(uri).uri
 
 
 @contextlib.contextmanager

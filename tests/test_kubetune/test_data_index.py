@@ -18,14 +18,14 @@ from s3server import S3Server
 from kubetune.dataset.index import HEADER_BYTES, INDEX_KEY, DataIndex, save_index
 from kubetune.layout import DATA_INDEX_KEY
 from kubetune.storage import open_store
-from kubetune.storage.s3 import S3Store
+from kubetune.storage.cloud import CloudStore
 from runner.data import build_train_dataloader, preflight
 
 pytestmark = pytest.mark.timeout(120)
 
 
 class Reads:
-    """Counts the GETs and bytes the real S3Store reads (the calls still go to the server)."""
+    """Counts the GETs and bytes the real CloudStore reads (the calls still go to the server)."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
@@ -44,19 +44,21 @@ class Reads:
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Reads]:
     counter = Reads()
-    get_bytes, get_range, list_ = S3Store.get_bytes, S3Store.get_range, S3Store.list
+    get_bytes, get_range, list_ = CloudStore.get_bytes, CloudStore.get_range, CloudStore.list
 
-    def counted_list(self: S3Store, prefix: str = "") -> Iterator[object]:
+    def counted_list(self: CloudStore, prefix: str = "") -> Iterator[object]:
         counter.calls["list"] += 1
         return list_(self, prefix)
 
-    monkeypatch.setattr(S3Store, "get_bytes", lambda s, k: counter.add("get", k, get_bytes(s, k)))
     monkeypatch.setattr(
-        S3Store,
+        CloudStore, "get_bytes", lambda s, k: counter.add("get", k, get_bytes(s, k))
+    )
+    monkeypatch.setattr(
+        CloudStore,
         "get_range",
         lambda s, k, start, n: counter.add("range", k, get_range(s, k, start, n)),
     )
-    monkeypatch.setattr(S3Store, "list", counted_list)
+    monkeypatch.setattr(CloudStore, "list", counted_list)
     yield counter
 
 

@@ -27,7 +27,7 @@ from test_data_index import _big_jpeg
 from kubetune.config import SdLoraConfig
 from kubetune.dataset.index import HEADER_BYTES, save_index
 from kubetune.storage import LocalStore, open_store
-from kubetune.storage.s3 import S3Store
+from kubetune.storage.cloud import CloudStore
 from runner.data import preflight
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +58,7 @@ class ImageReads:
 @pytest.fixture
 def image_reads(monkeypatch: pytest.MonkeyPatch) -> ImageReads:
     reads = ImageReads()
-    for cls in (LocalStore, S3Store):
+    for cls in (LocalStore, CloudStore):
         get_bytes, get_range = cls.get_bytes, cls.get_range
 
         def counted_get(s: Any, k: str, _get: Callable[..., bytes] = get_bytes) -> bytes:

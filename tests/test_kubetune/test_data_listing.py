@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from data_fixtures import lora_config, upload_tree, write_jsonl
 from s3server import S3Server
-from test_s3_http import ODD_KEYS, _fill
+from test_storage_reads import ODD_KEYS, _fill
 
 from kubetune.dataset.listing import cut_points, list_known
 from kubetune.storage import ObjectInfo, open_store
-from kubetune.storage.s3 import S3Store
+from kubetune.storage.cloud import CloudStore
 from runner.data import preflight
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,21 +32,21 @@ class Ranges:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str | None, str | None]] = []
         self.whole = 0
-        real_range, real_list = S3Store.list_range, S3Store.list
+        real_range, real_list = CloudStore.list_range, CloudStore.list
         lock = threading.Lock()
 
-        def counted(store: S3Store, prefix: str, after: str | None,
+        def counted(store: CloudStore, prefix: str, after: str | None,
                     until: str | None) -> Iterator[ObjectInfo]:  # fmt: skip
             with lock:
                 self.calls.append((after, until))
             return real_range(store, prefix, after, until)
 
-        def whole(store: S3Store, prefix: str = "") -> Iterator[ObjectInfo]:
+        def whole(store: CloudStore, prefix: str = "") -> Iterator[ObjectInfo]:
             self.whole += 1
             return real_list(store, prefix)
 
-        monkeypatch.setattr(S3Store, "list_range", counted)
-        monkeypatch.setattr(S3Store, "list", whole)
+        monkeypatch.setattr(CloudStore, "list_range", counted)
+        monkeypatch.setattr(CloudStore, "list", whole)
 
 
 def _rows(infos: list[ObjectInfo]) -> list[tuple[str, int, str | None]]:

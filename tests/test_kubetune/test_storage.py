@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from s3server import S3Server
 
 from kubetune.errors import StorageError, StorageUserError
 from kubetune.storage import LocalStore, ObjectInfo, open_store
-from kubetune.storage.s3 import S3Store
+from kubetune.storage.cloud import CloudStore
 
 
 def _storage_cfg(**overrides: object) -> SimpleNamespace:
@@ -24,10 +25,10 @@ def _storage_cfg(**overrides: object) -> SimpleNamespace:
     return SimpleNamespace(**fields)
 
 
-def _proxied_store(proxy: FaultProxy, uri: str, **options: object) -> S3Store:
+def _proxied_store(proxy: FaultProxy, uri: str, **options: object) -> CloudStore:
     cfg = _storage_cfg(endpoint_url=proxy.endpoint)
     store = open_store(uri, cfg, **options)
-    assert isinstance(store, S3Store)
+    assert isinstance(store, CloudStore)
     return store
 
 
@@ -144,7 +145,7 @@ def test_local_delete_removes_empty_directories(tmp_path: Path) -> None:
 
 def test_open_store_reads_endpoint_and_region_from_env(s3_env: S3Server, s3_bucket: str) -> None:
     store = open_store(f"s3://{s3_bucket}")
-    assert isinstance(store, S3Store)
+    assert isinstance(store, CloudStore)
     assert store.endpoint == s3_env.endpoint and store.uri == f"s3://{s3_bucket}"
     store.put_bytes("k", b"v")
     assert s3_env.client().get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"v"
@@ -167,17 +168,22 @@ def test_bad_s3_uris_are_user_errors() -> None:
             open_store(uri)
 
 
-def test_list_is_lazy_and_paginated(fault_proxy: FaultProxy, s3_uri: str) -> None:
-    store = _proxied_store(fault_proxy, s3_uri, page_size=3)
-    keys = [f"k/{i:02d}" for i in range(10)]
-    for key in keys:
-        store.put_bytes(key, b"")
+def test_list_is_lazy_and_paginated(
+    fault_proxy: FaultProxy, s3_env: S3Server, s3_bucket: str
+) -> None:
+    """S3 pages hold 1,000 keys: 1,203 keys are two pages, and the second is fetched only
+    when the iterator reaches it."""
+    keys = [f"k/{i:04d}" for i in range(1203)]
+    client = s3_env.client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=s3_bucket, Key=k, Body=b""), keys))
+    store = _proxied_store(fault_proxy, f"s3://{s3_bucket}", page_size=100)
     before = fault_proxy.requests
     it = store.list("k/")
-    assert next(it).key == "k/00"
-    assert fault_proxy.requests - before == 1  # one page fetched, not all four
+    assert next(it).key == "k/0000"
+    assert fault_proxy.requests - before == 1  # one page fetched, not both
     assert [o.key for o in it] == keys[1:]
-    assert fault_proxy.requests - before == 4
+    assert fault_proxy.requests - before == 2
 
 
 def test_missing_bucket_is_a_user_error_naming_bucket_and_endpoint(s3_env: S3Server) -> None:

@@ -95,10 +95,10 @@ def test_every_command_help_teaches_with_an_example() -> None:
 
 def test_help_does_not_build_the_schema() -> None:
     """`launcher --help` and the cluster commands' parsing stay fast: the pydantic schema,
-    the kubernetes client and boto3 load only when a command needs them."""
+    the kubernetes client and obstore load only when a command needs them."""
     code = (
         "import sys, launcher.cli.main\n"
-        "print(sorted(m for m in ('kubetune.config', 'kubernetes', 'boto3', 'pydantic')"
+        "print(sorted(m for m in ('kubetune.config', 'kubernetes', 'obstore', 'pydantic')"
         " if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
