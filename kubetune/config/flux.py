@@ -71,8 +71,9 @@ class FluxLoraConfig(LoraKnobs, BasePipelineConfig):
     (the text encoders and VAE then come from single_file_config, default FLUX.1-dev), or an
     s3:// prefix of a diffusers folder."""
     transformer_path: str | None = None
-    """A diffusers FluxTransformer2DModel folder (hub name, local or s3://) that replaces the
-    model's transformer, e.g. a fine-tuned FLUX.1-dev."""
+    """A transformer that replaces the model's, e.g. a fine-tuned FLUX.1-dev: a diffusers
+    FluxTransformer2DModel folder (hub name, local or s3://) or a single .safetensors file in
+    BFL layout."""
     text_encoder_1_path: str | None = None
     """A CLIPTextModel folder that replaces the model's CLIP text encoder."""
     text_encoder_2_path: str | None = None

@@ -4,9 +4,10 @@
 ``model`` is a hub name (``black-forest-labs/FLUX.1-dev``), a local diffusers folder, an
 ``s3://`` prefix holding one, ``builtin:tiny-flux``, or a single FLUX.1 transformer
 ``.safetensors`` file in BFL layout (``flux1-dev.safetensors``; its text encoders, VAE and
-scheduler then come from ``single_file_config``, default FLUX.1-dev). ``transformer_path``,
-``text_encoder_1_path`` and ``text_encoder_2_path`` replace one component each (folder, hub
-name or ``s3://``). Every module comes back with ``requires_grad`` off.
+scheduler then come from ``single_file_config``, default FLUX.1-dev). ``transformer_path``
+(a folder, hub name, ``s3://`` prefix or a single BFL-layout file), ``text_encoder_1_path`` and
+``text_encoder_2_path`` (folders) replace one component each. Every module comes back with
+``requires_grad`` off.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def load_flux(s: ModelSettings, cache: Path) -> FluxComponents:
         if override is None:
             return _from_pretrained(cls, source, sub, variant=s.hf_variant, dtype=dtype)
         where = loading._resolve(override, s.storage, cache)
+        if Path(where).is_file() and cls is FluxTransformer2DModel:  # a BFL-layout file
+            return load_single_file_transformer(where, s.single_file_config or source, dtype)
         inner = sub if (Path(where) / sub).is_dir() else ""
         return _from_pretrained(cls, where, inner, variant=s.hf_variant, dtype=dtype)
 

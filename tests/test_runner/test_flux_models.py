@@ -126,3 +126,10 @@ def test_load_from_s3_prefix(
 def test_hub_name_offline_is_a_user_error_naming_the_model() -> None:
     with pytest.raises(UserError, match="kubetune-test/no-such-flux"):
         _load("kubetune-test/no-such-flux")
+
+
+def test_transformer_path_may_be_a_single_bfl_file(tiny_flux_dir: Path, tmp_path: Path) -> None:
+    other = build_tiny_flux(tmp_path / "seed1", seed=1)
+    path = save_flux_single_file(other / "transformer", tmp_path / "finetuned.safetensors")
+    comps = _load(str(tiny_flux_dir), transformer_path=str(path))
+    assert _same(comps.transformer, _load(str(other)).transformer)
