@@ -336,3 +336,38 @@ def test_negative_prompts_act_through_true_cfg(tiny_flux_dir: Path, tmp_path: Pa
         with Image.open(tmp_path / name / "validation/step-000001/prompt-0-0.png") as image:
             images.append(np.asarray(image.convert("RGB")).astype(np.int16))
     assert np.abs(images[0] - images[1]).max() > 0
+
+
+def test_peft_configs_and_param_groups_are_invoke_trainings(
+    tiny_flux_dir: Path, tmp_path: Path
+) -> None:
+    """invoke-training's FLUX train.py: ``LoraConfig(r=lora_rank_dim, lora_alpha=1.0,
+    target_modules=...)`` on the transformer and (train_text_encoder) CLIP; param groups
+    transformer first, then the text encoder, at their own learning rates."""
+    import importlib.util
+
+    tables = Path(__file__).parents[1] / "test_kubetune" / "test_parity_config.py"
+    spec = importlib.util.spec_from_file_location("parity_tables", tables)
+    assert spec is not None and spec.loader is not None
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)  # invoke-training's lists, read from its source
+    FLUX_TARGETS, TE_TARGETS = parity.FLUX_TARGETS, parity.TE_TARGETS  # noqa: N806
+
+    cfg = make_config("FLUX_LORA", tiny_flux_dir, tmp_path, tmp_path / "o",
+                      train_text_encoder=True, transformer_learning_rate=4e-4,
+                      text_encoder_learning_rate=1e-4)  # fmt: skip
+    comps, pipeline = load_pipeline(cfg)
+    for module, targets in ((comps.transformer, FLUX_TARGETS), (comps.text_encoder, TE_TARGETS)):
+        peft = module.peft_config["default"]
+        assert (peft.r, peft.lora_alpha, set(peft.target_modules)) == (4, 1.0, set(targets))
+    groups = pipeline.param_groups()
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("transformer", 4e-4),
+        ("text_encoder_1", 1e-4),
+    ]
+    lora = {n.rsplit(".lora_", 1)[0] for n in pipeline.trainable_parameters()}
+    assert (
+        "transformer.proj_out" in lora and "transformer.transformer_blocks.0.ff.net.2" not in lora
+    )
+    assert "transformer.single_transformer_blocks.0.proj_mlp" in lora
+    assert not any(p.requires_grad for p in comps.text_encoder_2.parameters())  # T5 frozen
