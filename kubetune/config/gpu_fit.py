@@ -23,7 +23,7 @@ OVERHEAD_GIB = 1.5
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Parameter counts of FLUX.1-dev's components (schnell: the same without the guidance MLP).
 FLUX_TRANSFORMER = 11.9e9
-FLUX_T5_XXL = 4.76e9
+FLUX_T5_XXL = 4.89e9  # the encoder with its embedding (T5 v1.1 XXL)
 FLUX_CLIP_L = 0.123e9
 FLUX_VAE = 0.084e9
 FLUX_BLOCKS, FLUX_WIDTH = 57, 3072  # 19 double + 38 single blocks, hidden width
