@@ -161,12 +161,22 @@ def _comfy_merge(weights_by_key: dict[str, torch.Tensor], lora: dict[str, torch.
     return names
 
 
-def test_kohya_keys_and_merge_are_what_comfyui_expects(tiny_flux_dir: Path, tmp_path: Path) -> None:
+# Every other kind of module: embedders, modulation, the swapped final norm, a partly fused
+# q/k/v (q only: zero blocks for k and v), the guidance MLP.
+EDGE_TARGETS = ["x_embedder", "context_embedder", "norm1.linear", "norm.linear", "norm_out.linear",
+                "to_q", "timestep_embedder.linear_1", "guidance_embedder.linear_2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("targets", [None, EDGE_TARGETS], ids=["default", "edge"])
+def test_kohya_keys_and_merge_are_what_comfyui_expects(
+    targets: list[str] | None, tiny_flux_dir: Path, tmp_path: Path
+) -> None:
     """ComfyUI is not installed here: its key maps and merge rule are re-implemented from
     comfy/lora.py (model_lora_keys_unet: ``lora_unet_`` + the BFL key with dots as
     underscores; model_lora_keys_clip: ``lora_te1_text_model_encoder_layers_{b}_{part}``)
     and applied to the BFL weights, which diffusers-side conversion then loads."""
-    pipeline = _trained(tiny_flux_dir, tmp_path)  # default targets: double and single blocks
+    extra = {} if targets is None else {"flux_lora_target_modules": targets}
+    pipeline = _trained(tiny_flux_dir, tmp_path, **extra)
     want = _outputs(pipeline.comps.transformer, pipeline.comps.text_encoder)
     pipeline.export(tmp_path / "kohya")
     lora = load_file(tmp_path / "kohya" / "lora.safetensors")
@@ -175,6 +185,8 @@ def test_kohya_keys_and_merge_are_what_comfyui_expects(tiny_flux_dir: Path, tmp_
     unet_map = {f"lora_unet_{k[: -len('.weight')].replace('.', '_')}": k for k in bfl}
     found = _comfy_merge(bfl, {k: v for k, v in lora.items() if "lora_unet_" in k}, unet_map)
     assert {n.split("_blocks_")[0] for n in found} >= {"lora_unet_double", "lora_unet_single"}
+    if targets is not None:
+        assert {"lora_unet_final_layer_adaLN_modulation_1", "lora_unet_img_in"} <= found
     merged = FluxTransformer2DModel.from_config(base.transformer.config)
     merged.load_state_dict(bfl_to_diffusers(bfl))
     clip_state = base.text_encoder.state_dict()
