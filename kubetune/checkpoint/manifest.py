@@ -58,12 +58,18 @@ class Manifest:
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
         try:
             raw = json.loads(data)
-            files = tuple(FileEntry(str(f["key"]), int(f["size"]), str(f["sha256"]))
-                          for f in raw["files"])  # fmt: skip
+            files = tuple(
+                FileEntry(str(f["key"]), int(f["size"]), str(f["sha256"])) for f in raw["files"]
+            )
             for f in files:
                 check_key(f.key)
-            return cls(int(raw["step"]), str(raw["created"]), files, dict(raw.get("meta") or {}),
-                       int(raw.get("version", 1)))  # fmt: skip
+            return cls(
+                int(raw["step"]),
+                str(raw["created"]),
+                files,
+                dict(raw.get("meta") or {}),
+                int(raw.get("version", 1)),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpoint(f"unreadable checkpoint manifest {where}: {exc}") from exc
 

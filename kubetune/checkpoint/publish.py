@@ -125,8 +125,9 @@ class CheckpointManager:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def save_async(self, step: int, local_dir: str | Path, *, meta: dict[str, Any] | None = None
-                   ) -> None:  # fmt: skip
+    def save_async(
+        self, step: int, local_dir: str | Path, *, meta: dict[str, Any] | None = None
+    ) -> None:
         """Upload ``local_dir`` as checkpoint ``step`` in the background.
 
         Waits first for the previous upload (back-pressure) and re-raises its error. The caller
@@ -143,8 +144,9 @@ class CheckpointManager:
         self._thread = threading.Thread(target=run, name=f"checkpoint-{step}")
         self._thread.start()
 
-    def save(self, step: int, local_dir: str | Path, *, meta: dict[str, Any] | None = None
-             ) -> Manifest:  # fmt: skip
+    def save(
+        self, step: int, local_dir: str | Path, *, meta: dict[str, Any] | None = None
+    ) -> Manifest:
         """Upload synchronously (after any upload in flight) and return the manifest."""
         self.wait()
         return self._save(step, Path(local_dir), meta)
@@ -236,14 +238,16 @@ class CheckpointManager:
                 except FileNotFoundError:
                     if self.is_complete(step):
                         where = self.store.url(key)
-                        raise CorruptCheckpoint(f"checkpoint object {where} is missing although "
-                                                "its manifest exists") from None  # fmt: skip
+                        raise CorruptCheckpoint(
+                            f"checkpoint object {where} is missing although its manifest exists"
+                        ) from None
                     raise  # pruned while we were reading it
                 size, digest = dest.stat().st_size, sha256_file(dest)
                 if (size, digest) == (entry.size, entry.sha256):
                     return
-                log.warning("checkpoint object %s does not match its manifest (attempt %d)",
-                            key, attempt)  # fmt: skip
+                log.warning(
+                    "checkpoint object %s does not match its manifest (attempt %d)", key, attempt
+                )
             raise CorruptCheckpoint(
                 f"checkpoint object {self.store.url(key)} is corrupt: {size} bytes sha256 "
                 f"{digest[:12]}…, manifest says {entry.size} bytes sha256 {entry.sha256[:12]}…"
@@ -298,8 +302,9 @@ class CheckpointManager:
         manifest_key = self.key(step, MANIFEST)
         self.store.delete([manifest_key])
         self.store.delete(keys)
-        log.warning("checkpoint %s set aside to %s: %s", step_name(step),
-                    self.store.url(dest), reason)  # fmt: skip
+        log.warning(
+            "checkpoint %s set aside to %s: %s", step_name(step), self.store.url(dest), reason
+        )
         return aside
 
     def _copy(self, src: str, dst: str, tmp: Path) -> None:
@@ -314,8 +319,11 @@ class CheckpointManager:
         try:
             return self.prune()
         except Exception as exc:  # noqa: BLE001 - never fatal, whatever the store says
-            log.warning("pruning checkpoints failed (the run goes on; retried after the "
-                        "next checkpoint): %s", exc)  # fmt: skip
+            log.warning(
+                "pruning checkpoints failed (the run goes on; retried after the "
+                "next checkpoint): %s",
+                exc,
+            )
             return []
 
     def prune(self) -> list[int]:

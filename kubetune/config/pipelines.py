@@ -187,6 +187,18 @@ class BasePipelineConfig(TrainingKnobs):
     """Webhooks told when the run starts, checkpoints, validates and ends
     (kubetune extension)."""
 
+    @model_validator(mode="after")
+    def _check(self) -> BasePipelineConfig:
+        """Every cross-field rule of the type at once (``_problems``), one line each."""
+        p = Problems()
+        self._problems(p)
+        p.raise_if_any()
+        return self
+
+    def _problems(self, p: Problems) -> None:
+        """The type's cross-field rules; each type adds its own to the common ones."""
+        self._common_problems(p)
+
     def _common_problems(self, p: Problems) -> None:
         self._knob_problems(p)
         if self.base_output_dir is None:
@@ -384,13 +396,9 @@ class SdLoraConfig(_LoraFields, BasePipelineConfig):
     """Image/caption data (IMAGE_CAPTION_SD_DATA_LOADER) or DreamBooth instance/class images
     (DREAMBOOTH_SD_DATA_LOADER)."""
 
-    @model_validator(mode="after")
-    def _check(self) -> SdLoraConfig:
-        p = Problems()
+    def _problems(self, p: Problems) -> None:
         self._common_problems(p)
         self._lora_problems(p)
-        p.raise_if_any()
-        return self
 
 
 class SdxlLoraConfig(_SdxlTextEncoderRates, _LoraFields, BasePipelineConfig):
@@ -403,13 +411,9 @@ class SdxlLoraConfig(_SdxlTextEncoderRates, _LoraFields, BasePipelineConfig):
     """Image/caption data (IMAGE_CAPTION_SD_DATA_LOADER) or DreamBooth instance/class images
     (DREAMBOOTH_SD_DATA_LOADER)."""
 
-    @model_validator(mode="after")
-    def _check(self) -> SdxlLoraConfig:
-        p = Problems()
+    def _problems(self, p: Problems) -> None:
         self._common_problems(p)
         self._lora_problems(p)
-        p.raise_if_any()
-        return self
 
 
 class SdTextualInversionConfig(_TextualInversionFields, BasePipelineConfig):
@@ -421,13 +425,9 @@ class SdTextualInversionConfig(_TextualInversionFields, BasePipelineConfig):
     data_loader: TextualInversionSDDataLoaderConfig
     """Template-captioned data."""
 
-    @model_validator(mode="after")
-    def _check(self) -> SdTextualInversionConfig:
-        p = Problems()
+    def _problems(self, p: Problems) -> None:
         self._common_problems(p)
         self._ti_problems(p)
-        p.raise_if_any()
-        return self
 
 
 class SdxlTextualInversionConfig(_TextualInversionFields, BasePipelineConfig):
@@ -439,13 +439,9 @@ class SdxlTextualInversionConfig(_TextualInversionFields, BasePipelineConfig):
     data_loader: TextualInversionSDDataLoaderConfig
     """Template-captioned data."""
 
-    @model_validator(mode="after")
-    def _check(self) -> SdxlTextualInversionConfig:
-        p = Problems()
+    def _problems(self, p: Problems) -> None:
         self._common_problems(p)
         self._ti_problems(p)
-        p.raise_if_any()
-        return self
 
 
 class SdxlLoraAndTextualInversionConfig(
@@ -469,14 +465,10 @@ class SdxlLoraAndTextualInversionConfig(
     text_encoder_learning_rate: float = Field(default=1e-5, gt=0)  # type: ignore[assignment]
     """Text encoder LoRA learning rate (invoke-training's default for this type: 1e-5)."""
 
-    @model_validator(mode="after")
-    def _check(self) -> SdxlLoraAndTextualInversionConfig:
-        p = Problems()
+    def _problems(self, p: Problems) -> None:
         self._common_problems(p)
         self._ti_problems(p)
         self._lora_problems(p, trains_ti=self.train_ti)
-        p.raise_if_any()
-        return self
 
 
 # Types in their own modules build on the bases above, so they are imported after them.

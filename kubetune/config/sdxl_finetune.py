@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
-
-from kubetune.config.base import Problems
 from kubetune.config.data import LoraDataLoaderConfig
 from kubetune.config.pipelines import BasePipelineConfig
 
@@ -40,10 +37,3 @@ class SdxlFinetuneConfig(BasePipelineConfig):
     """Encode every caption once and reuse the embeddings; the text encoders then leave the
     GPU during training steps (less memory, faster steps). Both encoders are frozen in a
     full fine-tune, so it is always exact."""
-
-    @model_validator(mode="after")
-    def _check(self) -> SdxlFinetuneConfig:
-        p = Problems()
-        self._common_problems(p)
-        p.raise_if_any()
-        return self

@@ -100,11 +100,6 @@ class CaptionBuilder:
         """Whether the dataset's own captions are used."""
         return self.templates is None or self.keep_original
 
-    @property
-    def is_deterministic(self) -> bool:
-        """True when a given caption always yields the same final caption."""
-        return self.delimiter is None and (self.templates is None or len(self.templates) == 1)
-
     def build(self, caption: str | None, rng: random.Random, example_id: str = "") -> str:
         """The final caption for one draw of an example."""
         if self.templates is None:

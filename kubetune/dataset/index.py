@@ -91,8 +91,15 @@ def load_index(store: ObjectStore | None, key: str = INDEX_KEY) -> DataIndex | N
         return DataIndex.from_bytes(store.get_bytes(key))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError, IndexError, OSError, StorageError,
-            StorageUserError) as err:  # fmt: skip
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        OSError,
+        StorageError,
+        StorageUserError,
+    ) as err:
         # only an optimisation: a failed or refused read (retries spent, access denied to the
         # location beside the runs) means a rescan, never a failure
         log.warning("ignoring an unreadable data index %s: %s", store.url(key), err)

@@ -31,9 +31,16 @@ _CRED_HINT = (
     "check AZURE_STORAGE_ACCOUNT_KEY (storage.credentials_secret) or the pod's Azure Workload "
     "Identity (storage.workload_identity, job.service_account)"
 )
-_KEY_VARS = ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_MASTER_KEY",
-             "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_FEDERATED_TOKEN_FILE",
-             "AZURE_CLIENT_SECRET", "AZURE_STORAGE_TOKEN")  # fmt: skip
+_KEY_VARS = (
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_MASTER_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_TOKEN",
+)
 
 
 def open_azure(loc: StorageURI, storage: Any | None = None, **options: Any) -> CloudStore:
@@ -49,14 +56,19 @@ def open_azure(loc: StorageURI, storage: Any | None = None, **options: Any) -> C
     transfer = Transfer(**options)
     verify = getattr(storage, "verify_tls", True)
     raw = AzureStore(
-        loc.bucket, prefix=prefix or None, account_name=account,
+        loc.bucket,
+        prefix=prefix or None,
+        account_name=account,
         client_options=transfer.client_options(endpoint, verify),
-        retry_config=transfer.retry_config(), **({"endpoint": endpoint} if endpoint else {}),
-    )  # fmt: skip
+        retry_config=transfer.retry_config(),
+        **({"endpoint": endpoint} if endpoint else {}),
+    )
     where = Where(
-        uri=str(loc), bucket=loc.bucket,
+        uri=str(loc),
+        bucket=loc.bucket,
         endpoint=endpoint or f"https://{account}.blob.core.windows.net",
-        credentials_hint=_CRED_HINT, identity=f"storage account {account}",
+        credentials_hint=_CRED_HINT,
+        identity=f"storage account {account}",
         credentials_set=any(os.environ.get(v) for v in _KEY_VARS),
-    )  # fmt: skip
+    )
     return CloudStore(raw, where, capabilities=CAPABILITIES, transfer=transfer)

@@ -56,8 +56,11 @@ class Transfer:
 
     def retry_config(self) -> dict[str, Any]:
         backoff = {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5)}
-        return {"max_retries": max(0, self.max_attempts - 1), "backoff": backoff,
-                "retry_timeout": timedelta(seconds=120)}  # fmt: skip
+        return {
+            "max_retries": max(0, self.max_attempts - 1),
+            "backoff": backoff,
+            "retry_timeout": timedelta(seconds=120),
+        }
 
     def client_options(self, endpoint: str | None, verify_tls: bool = True) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -205,10 +208,15 @@ class CloudStore(StoreBase):
         kind = mimetypes.guess_type(key)[0]
         t = self.transfer
         return obs.put(
-            self.raw, key, data, attributes={"Content-Type": kind} if kind else None,
-            use_multipart=size >= t.multipart_threshold, chunk_size=t.multipart_chunksize,
-            max_concurrency=t.max_concurrency, **extra,
-        )  # fmt: skip
+            self.raw,
+            key,
+            data,
+            attributes={"Content-Type": kind} if kind else None,
+            use_multipart=size >= t.multipart_threshold,
+            chunk_size=t.multipart_chunksize,
+            max_concurrency=t.max_concurrency,
+            **extra,
+        )
 
     def put_bytes(self, key: str, data: bytes) -> None:
         check_key(key)

@@ -18,8 +18,14 @@ from obstore import exceptions as obs_errors
 from kubetune.errors import StorageError, StorageUserError
 
 _MISSING_BUCKET = ("NoSuchBucket", "ContainerNotFound", "The specified bucket does not exist")
-_DENIED_CODES = ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId",
-                 "AuthenticationFailed", "AuthorizationFailure", "ExpiredToken")  # fmt: skip
+_DENIED_CODES = (
+    "AccessDenied",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+    "ExpiredToken",
+)
 _CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _STATUS = re.compile(r"status code: (\d{3})")
 _QUERY = re.compile(r"\?[^\s]*")

@@ -29,8 +29,12 @@ _CRED_HINT = (
     "check GOOGLE_SERVICE_ACCOUNT_KEY (storage.credentials_secret) or the pod's GKE Workload "
     "Identity (storage.workload_identity, job.service_account)"
 )
-_KEY_VARS = ("GOOGLE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS",
-             "GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH")  # fmt: skip
+_KEY_VARS = (
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_SERVICE_ACCOUNT",
+    "GOOGLE_SERVICE_ACCOUNT_PATH",
+)
 
 
 def open_gcs(loc: StorageURI, storage: Any | None = None, **options: Any) -> CloudStore:
@@ -40,12 +44,17 @@ def open_gcs(loc: StorageURI, storage: Any | None = None, **options: Any) -> Clo
     transfer = Transfer(**options)
     verify = getattr(storage, "verify_tls", True)
     raw = GCSStore(
-        loc.bucket, prefix=prefix or None,
+        loc.bucket,
+        prefix=prefix or None,
         client_options=transfer.client_options(endpoint, verify),
-        retry_config=transfer.retry_config(), **({"base_url": endpoint} if endpoint else {}),
-    )  # fmt: skip
+        retry_config=transfer.retry_config(),
+        **({"base_url": endpoint} if endpoint else {}),
+    )
     where = Where(
-        uri=str(loc), bucket=loc.bucket, endpoint=endpoint or "https://storage.googleapis.com",
-        credentials_hint=_CRED_HINT, credentials_set=any(os.environ.get(v) for v in _KEY_VARS),
-    )  # fmt: skip
+        uri=str(loc),
+        bucket=loc.bucket,
+        endpoint=endpoint or "https://storage.googleapis.com",
+        credentials_hint=_CRED_HINT,
+        credentials_set=any(os.environ.get(v) for v in _KEY_VARS),
+    )
     return CloudStore(raw, where, capabilities=CAPABILITIES, transfer=transfer)

@@ -128,9 +128,15 @@ class Lease:
         return None
 
     def _body(self) -> bytes:
-        record = {"holder": self.holder, "token": self.token, "acquired_at": self._acquired_at,
-                  "renewed_at": utc_now(), "renewed_unix": time.time(), **_process_id(),
-                  "timeout_s": self.settings.timeout_s}  # fmt: skip
+        record = {
+            "holder": self.holder,
+            "token": self.token,
+            "acquired_at": self._acquired_at,
+            "renewed_at": utc_now(),
+            "renewed_unix": time.time(),
+            **_process_id(),
+            "timeout_s": self.settings.timeout_s,
+        }
         return json.dumps(record, indent=1).encode()
 
     # -- keeping it -----------------------------------------------------------------------------
@@ -210,8 +216,9 @@ class Lease:
     def __enter__(self) -> Lease:
         return self.acquire()
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 

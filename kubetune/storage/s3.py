@@ -28,8 +28,11 @@ CAPABILITIES = frozenset(
     {Capability.CONDITIONAL_WRITE, Capability.RANGE_LISTING, Capability.PRESIGN}
 )
 _CRED_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (storage.credentials_secret)"
-_AMBIENT = ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")  # fmt: skip
+_AMBIENT = (
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
 
 
 def s3_settings(storage: Any | None) -> dict[str, Any]:
@@ -82,16 +85,22 @@ def open_s3(loc: StorageURI, storage: Any | None = None, **options: Any) -> Clou
     creds = _credentials()
     endpoint = settings["endpoint_url"]
     raw = S3Store(
-        bucket, prefix=prefix or None, region=settings["region"],
+        bucket,
+        prefix=prefix or None,
+        region=settings["region"],
         virtual_hosted_style_request=_virtual(settings["addressing_style"], endpoint),
         client_options=transfer.client_options(endpoint, settings["verify_tls"]),
-        retry_config=transfer.retry_config(), **({"endpoint": endpoint} if endpoint else {}),
+        retry_config=transfer.retry_config(),
+        **({"endpoint": endpoint} if endpoint else {}),
         **creds,
-    )  # fmt: skip
+    )
     shown = endpoint or f"https://s3.{settings['region']}.amazonaws.com"
     where = Where(
-        uri=str(loc), bucket=bucket, endpoint=shown, credentials_hint=_CRED_HINT,
+        uri=str(loc),
+        bucket=bucket,
+        endpoint=shown,
+        credentials_hint=_CRED_HINT,
         credentials_set="skip_signature" not in creds,
         identity=f"access key id {creds['access_key_id']}" if "access_key_id" in creds else "",
-    )  # fmt: skip
+    )
     return CloudStore(raw, where, capabilities=CAPABILITIES, transfer=transfer)

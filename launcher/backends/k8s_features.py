@@ -29,10 +29,6 @@ def parse_version(major: str, minor: str) -> tuple[int, int]:
     return int(re.sub(r"\D", "", major) or 0), int(re.sub(r"\D", "", minor) or 0)
 
 
-def supports(version: tuple[int, int], field: str) -> bool:
-    return version >= JOB_FEATURES[field][0]
-
-
 def ignored_features(job: dict[str, Any], version: tuple[int, int]) -> list[str]:
     """One warning per Job spec field in use that a cluster of `version` ignores."""
     out = []

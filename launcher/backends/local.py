@@ -146,17 +146,25 @@ class LocalBackend(Backend):
                 log.write(f"==> attempt {attempt} <==\n".encode())
                 log.flush()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "launcher.backends.local_shim", str(run_dir), "--",
-                 *command],
+                [
+                    sys.executable,
+                    "-m",
+                    "launcher.backends.local_shim",
+                    str(run_dir),
+                    "--",
+                    *command,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         old = json.loads((run_dir / "run.json").read_text()) if attempt > 1 else {}
-        attempts = [*old.get("attempts", []), {"pid": proc.pid, "started": time.time(),
-                                                "log_offset": offset}]  # fmt: skip
+        attempts = [
+            *old.get("attempts", []),
+            {"pid": proc.pid, "started": time.time(), "log_offset": offset},
+        ]
         info = {
             "run": run_name(cfg),
             "job_name": job_name(cfg),

@@ -38,13 +38,21 @@ def _location(run: str, local: bool, cluster: api.ClusterOptions) -> Any:
 @click.argument("run")
 @click.option("--open", "open_it", is_flag=True, help="Open the report in a web browser.")
 @click.option(
-    "--expires", type=int, default=3600, show_default=True, metavar="SECONDS",
+    "--expires",
+    type=int,
+    default=3600,
+    show_default=True,
+    metavar="SECONDS",
     help="Lifetime of the presigned links (S3).",
-)  # fmt: skip
+)
 @click.option(
-    "-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    "-o",
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
     help="S3: where to write the page with presigned links (default: a new temporary folder).",
-)  # fmt: skip
+)
 @LOCAL
 @FORMAT
 @cluster_options
@@ -88,9 +96,13 @@ def report(
 @click.option("--step", type=int, metavar="N", help="A checkpoint's weights instead of the final.")
 @click.option("--final", is_flag=True, help="The final weights (the default).")
 @click.option(
-    "-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+    "-o",
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
     help="Destination folder (default: ./<run>-final or ./<run>-step-00000N).",
-)  # fmt: skip
+)
 @LOCAL
 @FORMAT
 @cluster_options
@@ -118,8 +130,10 @@ def pull(
     if step is not None and final:
         raise UserError("--step and --final exclude each other", hint="pass one of them")
     if out is not None and out.name in ("json", "text") and not out.exists():
-        raise UserError(f"-o {out.name} names the destination folder",
-                        hint=f"for a {out.name} report use -o {out.name}")  # fmt: skip
+        raise UserError(
+            f"-o {out.name} names the destination folder",
+            hint=f"for a {out.name} report use -o {out.name}",
+        )
     dest = out or Path(f"{Path(run.rstrip('/')).name}-{FINAL if step is None else step_name(step)}")
     store = _location(run, local, cluster).open()
     with _progress_bar(output == "text") as (on_start, on_file):
@@ -127,8 +141,10 @@ def pull(
     if output == "json":
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
-        click.echo(f"pulled {len(result.files)} files ({result.bytes / 1e6:.1f} MB) of "
-                   f"{result.what} step {result.step} into {result.dest}/")  # fmt: skip
+        click.echo(
+            f"pulled {len(result.files)} files ({result.bytes / 1e6:.1f} MB) of "
+            f"{result.what} step {result.step} into {result.dest}/"
+        )
         for name in result.files:
             click.echo(f"  {name}")
 

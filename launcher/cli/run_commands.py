@@ -180,9 +180,15 @@ def submit(
 
         sweep, members = expand(config, overrides, name, parse_axes(sweeps))  # all valid first
         echo = functools.partial(click.echo, err=output == "json")
-        doc, ok = submit_sweep(sweep, members, api.get_backend(local=local, cluster=cluster),
-                               wait=wait or follow, echo=echo, poll=poll_interval,
-                               replace=replace)  # fmt: skip
+        doc, ok = submit_sweep(
+            sweep,
+            members,
+            api.get_backend(local=local, cluster=cluster),
+            wait=wait or follow,
+            echo=echo,
+            poll=poll_interval,
+            replace=replace,
+        )
         if output == "json":
             _emit_json(doc)
         sys.exit(EXIT_OK if ok else EXIT_FAILURE)

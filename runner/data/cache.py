@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,6 @@ class TensorCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "namespace.json").write_text(canonical)
         self.mirror = mirror
-        self.hits = self.misses = 0
 
     def key(self, content: bytes | str | torch.Tensor) -> str:
         return content_hash(content)
@@ -86,20 +84,6 @@ class TensorCache:
         _write_atomic(self._path(key), data)
         if self.mirror is not None:
             self.mirror.put_bytes(self._remote(key), data)
-
-    def get_or_compute(
-        self, content: bytes | str | torch.Tensor, compute: Callable[[], Tensors]
-    ) -> Tensors:
-        """Cached tensors for `content`, computing and storing them on a miss."""
-        key = self.key(content)
-        cached = self.get(key)
-        if cached is not None:
-            self.hits += 1
-            return cached
-        self.misses += 1
-        tensors = compute()
-        self.put(key, tensors)
-        return tensors
 
 
 def cache_namespace(cfg: Any, kind: str, model_id: str) -> dict[str, Any]:

@@ -48,15 +48,6 @@ class ImageTransform:
         place = self.plan(img.size, target_hw, rng)
         return to_tensor(place.apply(img)), place.original_hw, place.crop_yx
 
-    def with_mask(
-        self, img: Image.Image, mask: Image.Image, target_hw: tuple[int, int], rng: random.Random
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """Like `__call__`, plus the image's `L` mask given the very same resize, crop and flip,
-        as a float32 [1,H,W] tensor in [0, 1]. Uses the same random draws as `__call__`."""
-        place = self.plan(img.size, target_hw, rng)
-        pixels, mask_t = to_tensor(place.apply(img)), mask_to_tensor(place.apply(mask))
-        return pixels, mask_t, place.original_hw, place.crop_yx
-
     def plan(
         self, size_wh: tuple[int, int], target_hw: tuple[int, int], rng: random.Random
     ) -> Placement:

@@ -101,9 +101,12 @@ class LatentEncoder:
     flipped latents too): a batch's ``"flipped"`` picks the one its transform drew."""
 
     def __init__(
-        self, vae: nn.Module, cache: BoundedCache[tuple[str, bool]] | None = None, *,
+        self,
+        vae: nn.Module,
+        cache: BoundedCache[tuple[str, bool]] | None = None,
+        *,
         flips: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.vae, self.cache, self.flips = vae, cache, flips
 
     @torch.no_grad()

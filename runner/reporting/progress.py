@@ -108,8 +108,14 @@ class ProgressReporter:
             ips,
             format_eta(eta),
         )
-        self.note(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips,
-                  eta_seconds=round(eta, 1))  # fmt: skip
+        self.note(
+            step=step,
+            epoch=epoch,
+            loss=loss,
+            lr=lr,
+            images_per_second=ips,
+            eta_seconds=round(eta, 1),
+        )
         self.history.append(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips)
         if self._writer is not None:
             self._writer.add_scalar("train/loss", loss, step)

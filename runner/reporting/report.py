@@ -61,8 +61,9 @@ class ReportWriter:
             return False
         return True
 
-    def data(self, state: str, progress: dict[str, Any], history: list[dict[str, Any]]
-             ) -> ReportData:  # fmt: skip
+    def data(
+        self, state: str, progress: dict[str, Any], history: list[dict[str, Any]]
+    ) -> ReportData:
         return ReportData(
             run=self.run,
             pipeline_type=self.pipeline_type,

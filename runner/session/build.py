@@ -284,12 +284,28 @@ def _assemble(
     state = _restore(checkpointer, restored, loader)
     out = store if settings.is_main else None
     progress = _progress(settings, schedule, out, restored, events)
-    validator = Validator(settings.validation, pipeline, out, device,
-                          on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
-    loop = Loop(runner, loader, checkpointer, validator, progress, stop,
-                schedule.total_steps, training.gradient_accumulation_steps, events)  # fmt: skip
-    session = Session(settings, store, loader, pipeline, checkpointer, progress, loop, state,
-                      events, records)  # fmt: skip
+    validator = Validator(
+        settings.validation,
+        pipeline,
+        out,
+        device,
+        on_images=progress.log_images,
+        autocast=accelerator.autocast,
+    )
+    loop = Loop(
+        runner,
+        loader,
+        checkpointer,
+        validator,
+        progress,
+        stop,
+        schedule.total_steps,
+        training.gradient_accumulation_steps,
+        events,
+    )
+    session = Session(
+        settings, store, loader, pipeline, checkpointer, progress, loop, state, events, records
+    )
     loader.on_bad = session.note_bad
     if loader.bad:  # skipped before the restart: progress.json names them again
         session.note_bad(list(loader.bad))

@@ -246,7 +246,7 @@ def test_list_and_status_of_fresh_runs(kube: Kube) -> None:
 
 def test_a_queued_run_is_suspended(kube: Kube) -> None:
     backend = kube.backend()
-    if not k8s_features.supports(backend.version(), "suspend"):
+    if backend.version() < k8s_features.JOB_FEATURES["suspend"][0]:
         pytest.skip(f"Kubernetes {backend.version()} has no Job spec.suspend (1.21+)")
     result = backend.submit(_cfg("run-b", queue_name="gpu-queue"))
     assert not [w for w in result.warnings if "suspend" in w]
