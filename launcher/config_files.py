@@ -14,6 +14,7 @@ from kubetune.config import (
     json_schema,
     load_config,
     output_uri,
+    parse_config,
     run_name,
 )
 from kubetune.config.advice import precision_warnings
@@ -54,6 +55,19 @@ def validate_file(source: str, overrides: list[str] | None = None) -> Validation
         cfg = load_config("-" if source == "<stdin>" else source, overrides=overrides)
     except ConfigError as err:
         return ValidationResult(file=source, valid=False, errors=list(err.problems))
+    return _valid(source, cfg)
+
+
+def validate_text(text: str, name: str) -> tuple[ValidationResult, PipelineConfig | None]:
+    """`validate_file`'s checks on YAML text (the UI's Generate Config): (result, config)."""
+    try:
+        cfg = parse_config(text, name=name)
+    except ConfigError as err:
+        return ValidationResult(file=name, valid=False, errors=list(err.problems)), None
+    return _valid(name, cfg), cfg
+
+
+def _valid(source: str, cfg: PipelineConfig) -> ValidationResult:
     return ValidationResult(
         file=source,
         valid=True,

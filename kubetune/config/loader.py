@@ -261,6 +261,20 @@ def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: 
     return list(unique)
 
 
+def unknown_keys(data: Any) -> list[Loc]:
+    """The paths of the keys in raw config data that its type's schema does not know (what
+    `launcher validate` reports as unknown keys), in the data's own terms."""
+    try:
+        _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        return [
+            _clean_loc(tuple(item["loc"]), data)
+            for item in err.errors(include_url=False)
+            if item["type"] == "extra_forbidden"
+        ]
+    return []
+
+
 def _show(part: str | int) -> str:
     """A path segment as text; keys with control characters or none at all are quoted."""
     text = str(part)

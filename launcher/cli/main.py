@@ -222,3 +222,7 @@ _register_cluster_commands(main, handle_errors)
 from launcher.cli.output_commands import register as _register_output_commands  # noqa: E402
 
 _register_output_commands(main, handle_errors)
+
+from launcher.cli.ui_command import register as _register_ui_command  # noqa: E402
+
+_register_ui_command(main, handle_errors)

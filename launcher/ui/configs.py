@@ -1,0 +1,87 @@
+"""The Configure tab's actions: reload a reference config, Generate Config (exactly
+`launcher validate`'s checks), save. Every function returns JSON-ready data; bad input is a
+one-line message in it, never an exception."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import yaml
+
+from kubetune.config import PIPELINE_TYPES, config_to_dict, config_to_yaml
+from kubetune.config.loader import unknown_keys
+from launcher.config_files import validate_text
+
+FORM_NAME = "form"
+_PROBLEM = re.compile(r"^(?P<name>.*?):(?P<line>\d+): (?P<path>[^:]+?): (?P<message>.*)$")
+
+
+def reload_reference(text: str, name: str) -> dict[str, Any]:
+    """A reference config (invoke-training's or kubetune's) for the form: its type, the
+    values to fill in, the keys the schema does not know (listed, not dropped silently) and
+    what `launcher validate` says about the rest."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        return {"error": f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}"}
+    if not isinstance(data, dict):
+        return {"error": f"{name}: not a config (a YAML mapping with a `type:` key)"}
+    kind = data.get("type")
+    if kind not in PIPELINE_TYPES:
+        return {"error": f"{name}: type {kind!r} is not one of {', '.join(PIPELINE_TYPES)}"}
+    known = copy.deepcopy(data)
+    unknown = [".".join(map(str, loc)) for loc in unknown_keys(data)]
+    for loc in unknown_keys(data):
+        _delete(known, loc)
+    result, cfg = validate_text(yaml.safe_dump(known, sort_keys=False), name)
+    values = config_to_dict(cfg) if cfg is not None else known
+    return {
+        "type": kind,
+        "values": values,
+        "unknown": unknown,
+        "problems": [_problem(line, name) for line in result.errors],
+    }
+
+
+def _delete(data: Any, loc: tuple[str | int, ...]) -> None:
+    node = data
+    for part in loc[:-1]:
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(loc[-1], None)
+
+
+def generate(values: Any) -> dict[str, Any]:
+    """Validate the form's values as `launcher validate` does: the YAML with every default
+    filled in, or every problem with the field it belongs to."""
+    if not isinstance(values, dict):
+        return {"valid": False, "problems": [_problem("the form sent no values", FORM_NAME)]}
+    text = yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+    result, cfg = validate_text(text, FORM_NAME)
+    out: dict[str, Any] = {
+        "valid": result.valid,
+        "problems": [_problem(line, FORM_NAME) for line in result.errors],
+        "warnings": result.warnings,
+        "summary": result.summary,
+    }
+    if cfg is not None:
+        out["yaml"] = config_to_yaml(cfg)
+        out["run"] = result.run_name
+    return out
+
+
+def _problem(line: str, name: str) -> dict[str, Any]:
+    """One `launcher validate` line split into the field path and the message."""
+    match = _PROBLEM.match(line)
+    if not match or match.group("name") != name:
+        return {"path": None, "message": line, "text": line}
+    path = match.group("path")
+    return {
+        "path": None if path == "(top level)" else path,
+        "message": match.group("message"),
+        "text": f"{path}: {match.group('message')}",
+    }

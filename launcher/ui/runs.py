@@ -1,0 +1,214 @@
+"""The Runs tab: every run (local and, when a kube context works, the cluster's), one run's
+curves, validation grids, logs and outputs, Cancel. Polling reads listings, `progress.json`
+and `history.jsonl` only, never checkpoints. Failures are one-line messages in the data."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from kubetune.errors import KubetuneError, UserError
+from kubetune.layout import (
+    FINAL,
+    HISTORY_KEY,
+    REPORT_KEY,
+    VALIDATION,
+    format_duration,
+    parse_step_name,
+)
+from launcher.backends.base import Backend, RunStatus, read_progress
+from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX
+from launcher.ui.security import redact
+
+if TYPE_CHECKING:
+    from kubetune.config import PipelineConfig
+    from kubetune.storage import ObjectStore
+
+CLUSTER_RETRY_S = 30.0
+SERVED_PREFIXES = (f"{VALIDATION}/", f"{FINAL}/")
+SERVED_KEYS = (REPORT_KEY, HISTORY_KEY)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return redact(text)
+
+
+class Runs:
+    """The backends the page sees, each created once (a cluster that fails is retried after
+    CLUSTER_RETRY_S, meanwhile its one-line reason is shown)."""
+
+    def __init__(self, *, local_only: bool = False, local: Backend | None = None) -> None:
+        from launcher.backends.local import LocalBackend
+
+        self.local = local or LocalBackend()
+        self.local_only = local_only
+        self._cluster: Backend | None = None
+        self._cluster_error: str | None = None
+        self._cluster_tried = 0.0
+        self._configs: dict[tuple[str, str, str | None], PipelineConfig] = {}
+        self._lock = threading.Lock()
+
+    def cluster(self) -> tuple[Backend | None, str | None]:
+        """The kube context's backend, or why there is none."""
+        if self.local_only:
+            return None, None
+        with self._lock:
+            if self._cluster is None and time.monotonic() - self._cluster_tried > CLUSTER_RETRY_S:
+                self._cluster_tried = time.monotonic()
+                try:
+                    from launcher.backends.kubernetes import KubernetesBackend
+
+                    self._cluster, self._cluster_error = KubernetesBackend(), None
+                except (KubetuneError, ImportError) as err:
+                    self._cluster_error = f"cluster: {one_line(err)}"
+            return self._cluster, self._cluster_error
+
+    def backend(self, name: str) -> Backend:
+        if name == "local":
+            return self.local
+        cluster, error = self.cluster()
+        if cluster is None:
+            raise UserError(error or "no cluster: this UI was started with --local-only")
+        return cluster
+
+    def config(self, backend: Backend, status: RunStatus) -> PipelineConfig:
+        key = (backend.name, status.run, status.config_hash)
+        if key not in self._configs:
+            self._configs[key] = backend.run_config(status.run)
+        return self._configs[key]
+
+    def store(self, backend_name: str, run: str) -> tuple[ObjectStore, RunStatus]:
+        from kubetune.storage import open_store
+
+        backend = self.backend(backend_name)
+        status = backend.status(run)
+        cfg = self.config(backend, status)
+        return open_store(status.output_uri or cfg.base_output_dir, cfg.storage), status
+
+    # --- listing ----------------------------------------------------------------------------
+
+    def listing(self) -> dict[str, Any]:
+        """Every run as a row, newest progress first read from progress.json."""
+        rows: list[dict[str, Any]] = []
+        messages: list[str] = []
+        backends: list[Backend] = [self.local]
+        cluster, error = self.cluster()
+        if cluster is not None:
+            backends.append(cluster)
+        elif error:
+            messages.append(error)
+        for backend in backends:
+            try:
+                statuses = backend.list()
+            except KubetuneError as err:
+                messages.append(f"{backend.name}: {one_line(err)}")
+                continue
+            rows += [self.row(backend, s) for s in statuses]
+        return {"runs": rows, "messages": messages}
+
+    def row(self, backend: Backend, status: RunStatus) -> dict[str, Any]:
+        if status.progress is None and status.phase not in ("Pending", "Suspended"):
+            try:
+                cfg = self.config(backend, status)
+                status.progress, status.progress_error = read_progress(
+                    status.output_uri or cfg.base_output_dir, cfg.storage
+                )
+            except KubetuneError as err:
+                status.progress_error = one_line(err)
+        return row_of(status)
+
+    # --- one run ----------------------------------------------------------------------------
+
+    def detail(self, backend_name: str, run: str) -> dict[str, Any]:
+        store, status = self.store(backend_name, run)
+        keys = _keys(store)
+        grids = sorted(
+            (step, key)
+            for key in keys
+            if key.endswith("/grid.png") and (step := _validation_step(key)) is not None
+        )
+        return {
+            "run": row_of(status),
+            "status": status.summary(),
+            "history": _history(store),
+            "grids": [{"step": s, "key": k} for s, k in grids],
+            "final": [k for k in keys if k.startswith(f"{FINAL}/")],
+            "report": REPORT_KEY in keys,
+        }
+
+    def logs(self, backend_name: str, run: str, lines: int = 200) -> list[str]:
+        tail = deque(self.backend(backend_name).logs(run, follow=False), maxlen=lines)
+        return [redact(line) for line in tail]
+
+    def file(self, backend_name: str, run: str, key: str) -> bytes:
+        """One output object the page shows (validation images, final weights, report)."""
+        if ".." in key.split("/") or not (key.startswith(SERVED_PREFIXES) or key in SERVED_KEYS):
+            raise UserError(f"{key}: not a run output this page serves")
+        store, _ = self.store(backend_name, run)
+        return store.get_bytes(key)
+
+    def cancel(self, backend_name: str, run: str) -> dict[str, Any]:
+        return row_of(self.backend(backend_name).cancel(run))
+
+
+def row_of(status: RunStatus) -> dict[str, Any]:
+    """What the runs table shows of one run."""
+    p = status.progress
+    return {
+        "backend": status.backend,
+        "run": status.run,
+        "phase": status.phase,
+        "reason": redact(" ".join(x for x in (status.reason, status.message) if x)) or None,
+        "step": p.step if p else None,
+        "total": p.total_steps if p else None,
+        "loss": p.loss if p else None,
+        "lr": p.lr if p else None,
+        "images_per_second": p.images_per_second if p else None,
+        "eta": format_duration(p.eta_seconds) if p and p.eta_seconds is not None else None,
+        "state": p.state if p else None,
+        "progress_error": status.progress_error,
+        "sweep": status.labels.get(LABEL_SWEEP),
+        "params": {
+            k[len(PARAM_LABEL_PREFIX) :]: v
+            for k, v in status.labels.items()
+            if k.startswith(PARAM_LABEL_PREFIX)
+        },
+        "output_uri": status.output_uri,
+        "done": status.done,
+    }
+
+
+def _keys(store: ObjectStore) -> list[str]:
+    keys = [REPORT_KEY] if store.exists(REPORT_KEY) else []
+    for prefix in (f"{VALIDATION}/", f"{FINAL}/"):
+        try:
+            keys += [info.key for info in store.list(prefix)]
+        except FileNotFoundError:
+            continue
+    return keys
+
+
+def _validation_step(key: str) -> int | None:
+    parts = key.split("/")
+    return parse_step_name(parts[1]) if len(parts) == 3 and parts[0] == VALIDATION else None
+
+
+def _history(store: ObjectStore) -> list[dict[str, Any]]:
+    """history.jsonl's records (a missing file is no history; a bad line is skipped)."""
+    try:
+        raw = store.get_bytes(HISTORY_KEY).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records

@@ -1,0 +1,156 @@
+// kubetune ui: the Runs views (the table, one run's page) and the dataset preview. Polls
+// the JSON API every POLL_MS while a view is open; every failure is one line in place.
+"use strict";
+
+const POLL_MS = 2000;
+let timer = null;
+
+function fmt(v, digits) {
+  if (v === null || v === undefined) return "–";
+  return typeof v === "number" ? Number(v.toPrecision(digits || 4)).toString() : String(v);
+}
+
+function route() {
+  clearTimeout(timer);
+  const hash = location.hash.slice(1) || "configure";
+  const [view, backend, ...rest] = hash.split("/");
+  for (const name of ["configure", "runs", "run"]) document.getElementById(`view-${name}`).hidden = name !== view;
+  if (view === "runs") pollRuns();
+  if (view === "run") pollRun(backend, decodeURIComponent(rest.join("/")));
+}
+
+function runRow(r) {
+  const k = window.kubetune;
+  const step = r.step === null ? "–" : `${r.step}/${r.total || "?"}`;
+  const reason = r.reason || r.progress_error || "";
+  return k.el("tr", { "data-run": r.run, "data-phase": r.phase },
+    k.el("td", {}, k.el("a", { href: `#run/${r.backend}/${encodeURIComponent(r.run)}` }, r.run)),
+    k.el("td", {}, r.backend), k.el("td", { class: `phase-${r.phase}` }, r.phase), k.el("td", {}, step),
+    k.el("td", {}, fmt(r.loss)), k.el("td", {}, fmt(r.images_per_second, 3)), k.el("td", {}, r.eta || "–"),
+    k.el("td", {}, reason));
+}
+
+function runsTable(runs) {
+  const k = window.kubetune;
+  const rows = [], sweeps = new Map();
+  for (const r of runs) {
+    if (!r.sweep) { rows.push(runRow(r)); continue; }
+    if (!sweeps.has(r.sweep)) sweeps.set(r.sweep, []);
+    sweeps.get(r.sweep).push(r);
+  }
+  for (const [name, members] of sweeps) {
+    rows.push(k.el("tr", { class: "sweep", "data-sweep": name }, k.el("td", { colspan: 8 }, `sweep ${name}: ${members.length} runs`)));
+    for (const r of members) {
+      const row = runRow(r);
+      const params = Object.entries(r.params).map(([p, v]) => `${p}=${v}`).join(" ");
+      row.cells[0].append(k.el("span", { class: "params" }, ` ${params}`));
+      rows.push(row);
+    }
+  }
+  return rows;
+}
+
+async function pollRuns() {
+  const k = window.kubetune;
+  const data = await k.api("/api/runs");
+  if (location.hash !== "#runs") return;
+  if (data.error) k.say("runs-msg", data.error, "error");
+  else {
+    k.say("runs-msg", data.messages.join("\n") || `${data.runs.length} run(s)`, data.messages.length ? "warn" : "");
+    document.querySelector("#runs-table tbody").replaceChildren(...runsTable(data.runs));
+    document.body.dataset.runsReady = "true";
+  }
+  timer = setTimeout(pollRuns, POLL_MS);
+}
+
+function chart(svg, points, label) {
+  const ns = "http://www.w3.org/2000/svg";
+  svg.replaceChildren();
+  if (points.length === 0) {
+    const t = document.createElementNS(ns, "text");
+    t.setAttribute("x", 10); t.setAttribute("y", 80); t.textContent = `no ${label} yet`;
+    svg.append(t);
+    return;
+  }
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const sx = (x) => 40 + (x1 === x0 ? 0 : ((x - x0) / (x1 - x0)) * 350);
+  const sy = (y) => 145 - (y1 === y0 ? 65 : ((y - y0) / (y1 - y0)) * 130);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "));
+  line.setAttribute("data-points", String(points.length));
+  svg.append(line);
+  for (const [text, x, y] of [[fmt(y1, 3), 0, 15], [fmt(y0, 3), 0, 145], [`step ${x0}`, 40, 158], [`step ${x1}`, 340, 158]]) {
+    const t = document.createElementNS(ns, "text");
+    t.setAttribute("x", x); t.setAttribute("y", y); t.textContent = text;
+    svg.append(t);
+  }
+}
+
+async function pollRun(backend, run) {
+  const k = window.kubetune;
+  const base = `/api/runs/${backend}/${encodeURIComponent(run)}`;
+  document.getElementById("run-title").textContent = run;
+  const cancel = document.getElementById("cancel");
+  cancel.onclick = async () => {
+    const result = await k.api(`${base}/cancel`, {});
+    k.say("run-msg", result.error || `cancel: ${result.phase}`, result.error ? "error" : "ok");
+  };
+  const [data, logs] = await Promise.all([k.api(base), k.api(`${base}/logs?lines=200`)]);
+  if (!location.hash.startsWith("#run/")) return;
+  document.getElementById("logs").textContent = logs.error || logs.lines.join("\n");
+  if (data.error) { k.say("run-status", data.error, "error"); timer = setTimeout(() => pollRun(backend, run), POLL_MS); return; }
+  const r = data.run;
+  const progress = r.step === null ? (r.progress_error || "no progress yet") :
+    `step ${r.step}/${r.total || "?"}, loss ${fmt(r.loss)}, ${fmt(r.images_per_second, 3)} img/s, ETA ${r.eta || "–"}`;
+  k.say("run-status", `${r.phase}${r.reason ? ` (${r.reason})` : ""}: ${progress}`, `phase-${r.phase}`);
+  document.getElementById("run-status").dataset.phase = r.phase;
+  chart(document.getElementById("loss-chart"), data.history.filter((h) => h.loss !== undefined).map((h) => [h.step, h.loss]), "loss");
+  chart(document.getElementById("lr-chart"), data.history.filter((h) => h.lr !== undefined).map((h) => [h.step, h.lr]), "learning rate");
+  const grids = document.getElementById("grids");
+  if (grids.dataset.keys !== data.grids.map((g) => g.key).join()) {
+    grids.dataset.keys = data.grids.map((g) => g.key).join();
+    grids.replaceChildren(...data.grids.map((g) => k.el("figure", { "data-step": g.step },
+      k.el("img", { src: `${base}/files/${g.key}`, alt: `validation grid at step ${g.step}` }),
+      k.el("figcaption", {}, `step ${g.step}`))));
+  }
+  const report = document.getElementById("report-link");
+  report.hidden = !data.report;
+  report.href = `${base}/files/report.html`;
+  document.getElementById("final-files").replaceChildren(...data.final.map((key) =>
+    k.el("a", { href: `${base}/files/${key}`, download: key.split("/").pop(), class: "pull" }, ` ${key}`)));
+  cancel.disabled = r.done;
+  if (!r.done) timer = setTimeout(() => pollRun(backend, run), POLL_MS);
+}
+
+function showDataset(result) {
+  const k = window.kubetune;
+  const box = document.getElementById("dataset");
+  if (result.error) { box.replaceChildren(k.el("div", { class: "msg error" }, result.error)); return; }
+  const most = Math.max(1, ...result.buckets.map((b) => b.count));
+  box.replaceChildren(
+    k.el("h2", {}, `Dataset: ${result.count} examples (${result.source})`),
+    k.el("div", { class: "thumbs" }, ...result.thumbnails.map((t) => k.el("figure", {},
+      k.el("img", { src: t.data, alt: t.id }), k.el("figcaption", {}, t.caption || "(no caption)")))),
+    k.el("div", { class: "hist" }, k.el("h3", {}, result.bucket_title),
+      ...result.buckets.map((b) => {
+        const bar = k.el("span", { class: "bar" });
+        bar.style.width = `${(200 * b.count) / most}px`;
+        return k.el("div", {}, `${b.label}: `, bar, ` ${b.count}`);
+      })),
+    k.el("div", { class: result.bad.length ? "msg error" : "msg ok" },
+      result.bad.length ? `${result.bad.length} bad image(s):` : "no bad images found by the header preflight"),
+    k.el("ul", { class: "bad" }, ...result.bad.map((b) => k.el("li", {}, b))));
+}
+
+async function previewDataset() {
+  const k = window.kubetune;
+  document.getElementById("dataset").replaceChildren(k.el("div", { class: "msg" }, "reading the dataset listing and headers…"));
+  showDataset(await k.api("/api/dataset", { values: k.collect(k.state.current) }));
+}
+
+window.addEventListener("hashchange", route);
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("preview").addEventListener("click", previewDataset);
+  route();
+});

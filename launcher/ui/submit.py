@@ -1,0 +1,87 @@
+"""Start Training: the form's config submitted exactly as `launcher submit` does (same
+validation, same backends, idempotent: the same config again is the same run), sweeps too."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from kubetune.config import parse_config
+from kubetune.errors import KubetuneError
+from launcher import api
+from launcher.ui.configs import FORM_NAME, generate
+from launcher.ui.runs import Runs, one_line
+from launcher.ui.security import UiSettings, checked_path
+
+
+def start_training(
+    values: Any,
+    *,
+    target: str,
+    sweeps: list[str],
+    replace: bool,
+    runs: Runs,
+    settings: UiSettings,
+) -> dict[str, Any]:
+    """Validate, then submit to `target` (`local` or `cluster`); problems come back like
+    Generate Config's, a failed submit as one line in `error`."""
+    checked = generate(values)
+    if not checked["valid"]:
+        return checked
+    try:
+        backend = runs.backend(target)
+        text = checked["yaml"]
+        cfg = parse_config(text, name=FORM_NAME)
+        if settings.restricted and backend.name == "local":
+            checked_path(settings, cfg.base_output_dir, "base_output_dir")
+        if sweeps:
+            return {**checked, "submitted": _sweep(text, sweeps, backend, replace)}
+        result = api.submit(cfg, backend, replace=replace)
+    except KubetuneError as err:
+        return {**checked, "error": one_line(err)}
+    return {**checked, "submitted": [_record(result)]}
+
+
+def _write_temp(text: str) -> str:
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".yaml", prefix="kubetune-ui-", delete=False, encoding="utf-8"
+    ) as handle:
+        handle.write(text)
+    return handle.name
+
+
+def _record(result: Any) -> dict[str, Any]:
+    return {
+        "run": result.run,
+        "backend": result.backend,
+        "created": result.created,
+        "job_name": result.job_name,
+        "output_uri": result.output_uri,
+        "warnings": list(result.warnings),
+    }
+
+
+def _sweep(text: str, specs: list[str], backend: Any, replace: bool) -> list[dict[str, Any]]:
+    """Every member validated first (as the CLI does); a cluster gets them all now, the local
+    backend runs them one after another in a background thread."""
+    from launcher.sweep_runs import submit_sweep
+    from launcher.sweeps import expand, parse_axes
+
+    path = _write_temp(text)
+    sweep, members = expand(path, (), None, parse_axes(specs))
+    planned = [{"run": m.run, "backend": backend.name, "sweep": sweep, "params": m.params}
+               for m in members]  # fmt: skip
+
+    def work() -> None:
+        try:
+            submit_sweep(sweep, members, backend, wait=False, echo=lambda _: None, replace=replace)
+        finally:
+            Path(path).unlink(missing_ok=True)
+
+    if backend.name == "local":
+        threading.Thread(target=work, name=f"sweep-{sweep}", daemon=True).start()
+    else:
+        work()
+    return planned

@@ -1,0 +1,155 @@
+"""`launcher ui` in a real browser (Debian's chromium, selenium + chromium-driver) against
+the real server: tabs and sections, reference configs in and out, errors at their fields."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import find_chromium
+from pydantic import Field
+from selenium.webdriver.common.by import By
+from ui_support import browser, chromedriver, console_errors, field, screenshot, wait_for
+
+from kubetune.config import PIPELINE_CLASSES, SdLoraConfig, config_to_dict, load_config
+from kubetune.config import parse_config as parse
+from launcher.ui.security import UiSettings
+from launcher.ui.server import create_app, serve_in_thread
+
+pytestmark = pytest.mark.skipif(
+    not (find_chromium() and chromedriver()), reason="needs chromium and chromium-driver"
+)
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((ROOT / "tests" / "data" / "invoke_training_samples").glob("*.yaml"))
+DOC_IMG = ROOT / "docs" / "img"
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    home = tmp_path_factory.mktemp("kubetune-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBETUNE_HOME", str(home))
+        app = create_app(UiSettings(port=0, local_only=True, roots=[ROOT]))
+        with serve_in_thread(app) as url, browser() as driver:
+            yield driver, url
+
+
+def open_page(driver: Any, url: str) -> None:
+    driver.get(url + "/#configure")
+    wait_for(driver, "document.body.dataset.ready === 'true'")
+
+
+def click(driver: Any, element_id: str) -> None:
+    driver.find_element(By.ID, element_id).click()
+
+
+def set_input(driver: Any, element: Any, value: str) -> None:
+    driver.execute_script(
+        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'))",
+        element,
+        value,
+    )
+
+
+def reload_reference(driver: Any, path: Path) -> str:
+    set_input(driver, driver.find_element(By.ID, "ref-path"), str(path))
+    driver.execute_script("document.getElementById('ref-msg').textContent = ''")
+    click(driver, "ref-reload")
+    return wait_for(driver, "document.getElementById('ref-msg').textContent")
+
+
+def generate(driver: Any) -> str:
+    driver.execute_script("document.getElementById('gen-msg').textContent = ''")
+    click(driver, "generate")
+    return wait_for(driver, "document.getElementById('gen-msg').textContent")
+
+
+def test_every_tab_renders_its_sections(page: tuple[Any, str]) -> None:
+    driver, url = page
+    open_page(driver, url)
+    types = [b.text for b in driver.find_elements(By.CSS_SELECTOR, "#tabs button")]
+    assert types == [cls.model_fields["type"].default for cls in PIPELINE_CLASSES]
+    common = ["Basic", "Data Source", "Data Loading", "Aspect Ratio Bucketing", "Optimizer",
+              "General Training", "Validation", "Job", "Storage", "Notify"]  # fmt: skip
+    for kind in types:
+        driver.find_element(By.CSS_SELECTOR, f'#tabs button[data-type="{kind}"]').click()
+        tab = driver.find_element(By.CSS_SELECTOR, f'.tab[data-type="{kind}"]')
+        assert tab.is_displayed()
+        shown = [h.text for h in tab.find_elements(By.CSS_SELECTOR, "section > h2")]
+        assert set(common) <= set(shown), kind
+        assert ("Textual Inversion" in shown) == ("TEXTUAL_INVERSION" in kind), kind
+        advanced = tab.find_element(By.CSS_SELECTOR, '[data-section="General Training"] details')
+        assert advanced.find_elements(By.CSS_SELECTOR, '[data-path="train_batch_size"]')
+    driver.find_element(By.CSS_SELECTOR, '#tabs button[data-type="SD_LORA"]').click()
+    # defaults shown are the schema's
+    assert field(driver, "train_batch_size").find_element(By.TAG_NAME, "input").get_attribute(
+        "value"
+    ) == str(SdLoraConfig.model_fields["train_batch_size"].default)
+    screenshot(driver, DOC_IMG / "ui-configure.png")
+    assert console_errors(driver) == []
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_sample_config_reloads_and_generates_back(page: tuple[Any, str], sample: Path) -> None:
+    driver, url = page
+    open_page(driver, url)
+    assert reload_reference(driver, sample).startswith("loaded")
+    expected = load_config(sample)
+    active = driver.find_element(By.CSS_SELECTOR, "#tabs button.active").text
+    assert active == expected.type
+    assert driver.find_element(By.ID, "problems").text == ""
+    assert generate(driver).startswith("ok:")
+    text = driver.execute_script("return window.kubetune.state.yaml")
+    assert config_to_dict(parse(text)) == config_to_dict(expected)
+
+
+def test_a_wrong_value_shows_its_error_at_the_field(page: tuple[Any, str]) -> None:
+    driver, url = page
+    open_page(driver, url)
+    reload_reference(driver, ROOT / "examples" / "quickstart.yaml")
+    row = field(driver, "train_batch_size")
+    driver.execute_script("arguments[0].closest('details').open = true", row)
+    set_input(driver, row.find_element(By.TAG_NAME, "input"), "0")
+    assert "problem" in generate(driver)
+    assert "invalid" in row.get_attribute("class")
+    assert "greater than 0" in row.find_element(By.CLASS_NAME, "err").text
+    assert "train_batch_size" in driver.find_element(By.ID, "problems").text
+    driver.execute_script("arguments[0].scrollIntoView()", row)
+    screenshot(driver, DOC_IMG / "ui-field-error.png")
+
+
+def test_unknown_fields_are_listed_and_a_bad_file_is_one_line(
+    page: tuple[Any, str], tmp_path: Path
+) -> None:
+    driver, url = page
+    open_page(driver, url)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text((ROOT / "examples" / "quickstart.yaml").read_text() + "frobnicate: 3\n")
+    assert reload_reference(driver, extra).startswith("loaded")
+    assert "frobnicate" in driver.find_element(By.ID, "ref-unknown").text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("type: SD_LORA\n  : [\n")
+    message = reload_reference(driver, bad)
+    assert "invalid YAML" in message and "\n" not in message
+    assert "no such file" in reload_reference(driver, tmp_path / "missing.yaml")
+
+
+class _WithNewField(SdLoraConfig):
+    """SD_LORA plus a field only this test knows."""
+
+    shiny_new_knob: int = Field(default=7, ge=2, le=9)
+    """A knob added to the schema: it must show up with no UI code."""
+
+
+def test_a_new_schema_field_appears_in_the_form() -> None:
+    app = create_app(UiSettings(port=0, local_only=True), classes=[_WithNewField])
+    with serve_in_thread(app) as url, browser() as driver:
+        open_page(driver, url)
+        row = field(driver, "shiny_new_knob")
+        control = row.find_element(By.TAG_NAME, "input")
+        assert (control.get_attribute("value"), control.get_attribute("min")) == ("7", "2")
+        assert control.get_attribute("max") == "9"
+        help_text = row.find_element(By.CLASS_NAME, "help").get_attribute("textContent")
+        assert "must show up with no UI code" in help_text
