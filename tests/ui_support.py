@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -61,6 +62,13 @@ def field(driver: Any, path: str) -> Any:
     return shown[0]
 
 
-def screenshot(driver: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(path))
+SCREENSHOTS_ENV = "KUBETUNE_UI_SCREENSHOTS"
+
+
+def screenshot(driver: Any, name: str) -> Path:
+    """Save the page as `name`: into the folder KUBETUNE_UI_SCREENSHOTS names (docs/img
+    refreshes the screenshots in docs/ui.md), else a temporary folder."""
+    folder = Path(os.environ.get(SCREENSHOTS_ENV) or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(folder / name)), name
+    return folder / name

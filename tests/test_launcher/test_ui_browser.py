@@ -1,5 +1,6 @@
 """`launcher ui` in a real browser (Debian's chromium, selenium + chromium-driver) against
-the real server: tabs and sections, reference configs in and out, errors at their fields."""
+the real server: tabs and sections, reference configs in and out, errors at their fields.
+`KUBETUNE_UI_SCREENSHOTS=docs/img` refreshes the screenshots of docs/ui.md."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((ROOT / "tests" / "data" / "invoke_training_samples").glob("*.yaml"))
-DOC_IMG = ROOT / "docs" / "img"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_every_tab_renders_its_sections(page: tuple[Any, str]) -> None:
     assert field(driver, "train_batch_size").find_element(By.TAG_NAME, "input").get_attribute(
         "value"
     ) == str(SdLoraConfig.model_fields["train_batch_size"].default)
-    screenshot(driver, DOC_IMG / "ui-configure.png")
+    screenshot(driver, "ui-configure.png")
     assert console_errors(driver) == []
 
 
@@ -117,7 +117,7 @@ def test_a_wrong_value_shows_its_error_at_the_field(page: tuple[Any, str]) -> No
     assert "greater than 0" in row.find_element(By.CLASS_NAME, "err").text
     assert "train_batch_size" in driver.find_element(By.ID, "problems").text
     driver.execute_script("arguments[0].scrollIntoView()", row)
-    screenshot(driver, DOC_IMG / "ui-field-error.png")
+    screenshot(driver, "ui-field-error.png")
 
 
 def test_unknown_fields_are_listed_and_a_bad_file_is_one_line(
