@@ -58,10 +58,13 @@ def validate_file(source: str, overrides: list[str] | None = None) -> Validation
     return _valid(source, cfg)
 
 
-def validate_text(text: str, name: str) -> tuple[ValidationResult, PipelineConfig | None]:
-    """`validate_file`'s checks on YAML text (the UI's Generate Config): (result, config)."""
+def validate_text(
+    text: str, name: str, base: Path | None = None
+) -> tuple[ValidationResult, PipelineConfig | None]:
+    """`validate_file`'s checks on YAML text (the UI's Generate Config): (result, config).
+    `base`: the folder its relative paths resolve against (None: left as written)."""
     try:
-        cfg = parse_config(text, name=name)
+        cfg = parse_config(text, name=name, base=base)
     except ConfigError as err:
         return ValidationResult(file=name, valid=False, errors=list(err.problems)), None
     return _valid(name, cfg), cfg

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -18,10 +19,11 @@ FORM_NAME = "form"
 _PROBLEM = re.compile(r"^(?P<name>.*?):(?P<line>\d+): (?P<path>[^:]+?): (?P<message>.*)$")
 
 
-def reload_reference(text: str, name: str) -> dict[str, Any]:
+def reload_reference(text: str, name: str, base: Path | None = None) -> dict[str, Any]:
     """A reference config (invoke-training's or kubetune's) for the form: its type, the
     values to fill in, the keys the schema does not know (listed, not dropped silently) and
-    what `launcher validate` says about the rest."""
+    what `launcher validate` says about the rest. `base`: the file's folder, which its
+    relative paths mean (as `launcher validate FILE` resolves them)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -37,7 +39,7 @@ def reload_reference(text: str, name: str) -> dict[str, Any]:
     unknown = [".".join(map(str, loc)) for loc in unknown_keys(data)]
     for loc in unknown_keys(data):
         _delete(known, loc)
-    result, cfg = validate_text(yaml.safe_dump(known, sort_keys=False), name)
+    result, cfg = validate_text(yaml.safe_dump(known, sort_keys=False), name, base)
     values = config_to_dict(cfg) if cfg is not None else known
     return {
         "type": kind,
@@ -55,13 +57,14 @@ def _delete(data: Any, loc: tuple[str | int, ...]) -> None:
         node.pop(loc[-1], None)
 
 
-def generate(values: Any) -> dict[str, Any]:
+def generate(values: Any, base: Path | None = None) -> dict[str, Any]:
     """Validate the form's values as `launcher validate` does: the YAML with every default
-    filled in, or every problem with the field it belongs to."""
+    filled in, or every problem with the field it belongs to. Relative paths in the form mean
+    paths under `base` (the folder `launcher ui` serves; default: the working folder)."""
     if not isinstance(values, dict):
         return {"valid": False, "problems": [_problem("the form sent no values", FORM_NAME)]}
     text = yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
-    result, cfg = validate_text(text, FORM_NAME)
+    result, cfg = validate_text(text, FORM_NAME, base or Path.cwd())
     out: dict[str, Any] = {
         "valid": result.valid,
         "problems": [_problem(line, FORM_NAME) for line in result.errors],

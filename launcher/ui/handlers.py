@@ -46,7 +46,8 @@ async def body(request: Request) -> dict[str, Any]:
 def reload_text(settings: UiSettings, data: dict[str, Any]) -> dict[str, Any]:
     """The reference config's text: uploaded, or read from a path (checked)."""
     if isinstance(data.get("text"), str):
-        return configs.reload_reference(data["text"], str(data.get("name") or "upload"))
+        name = str(data.get("name") or "upload")
+        return configs.reload_reference(data["text"], name, settings.roots[0])
     path = security.checked_path(settings, str(data.get("path") or ""), "reference config")
     if not path.is_file():
         return {"error": f"{data.get('path')}: no such file"}
@@ -54,7 +55,7 @@ def reload_text(settings: UiSettings, data: dict[str, Any]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         return {"error": f"{data.get('path')}: cannot read: {err}"}
-    return configs.reload_reference(text, str(data.get("path")))
+    return configs.reload_reference(text, str(data.get("path")), path.parent)
 
 
 def save_text(settings: UiSettings, data: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +88,7 @@ async def generate(request: Request) -> Response:
         data = await body(request)
     except UserError as err:
         return JSONResponse({"error": one_line(err)}, status_code=400)
-    return await call(configs.generate, data.get("values"))
+    return await call(configs.generate, data.get("values"), _ui(request).settings.roots[0])
 
 
 async def save(request: Request) -> Response:

@@ -27,7 +27,7 @@ def start_training(
 ) -> dict[str, Any]:
     """Validate, then submit to `target` (`local` or `cluster`); problems come back like
     Generate Config's, a failed submit as one line in `error`."""
-    checked = generate(values)
+    checked = generate(values, settings.roots[0])
     if not checked["valid"]:
         return checked
     try:
