@@ -281,6 +281,8 @@ def _attempt_phase(pid: int, run_dir: Path) -> tuple[str, str | None, str | None
     if not exit_file.is_file():
         if _alive(pid):
             return "Running", None, None
+        if (run_dir / "cancelled").exists():  # SIGTERM before the shim could record anything
+            return "Cancelled", "SIGTERM", f"cancelled before it started; {RESUME_HINT}"
         return "Failed", "Lost", "the process ended without recording an exit status"
     code = int(exit_file.read_text())
     if code == 0:

@@ -15,14 +15,23 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     run_dir, command = Path(argv[0]), argv[2:]
-    child = subprocess.Popen(command)
+    child: subprocess.Popen[bytes] | None = None
+    stopped: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
+        stopped.append(signum)
+        if child is not None:
+            child.send_signal(signum)
 
+    # Forward before the runner exists: a SIGTERM in between must neither kill this shim
+    # (no exit status recorded) nor leave the runner going on its own.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    code = child.wait()
+    if not stopped:
+        child = subprocess.Popen(command)
+        if stopped:  # arrived while Popen ran, before `child` was set
+            child.send_signal(stopped[0])
+    code = child.wait() if child is not None else -stopped[0]
     code = 128 - code if code < 0 else code  # killed by signal N -> 128 + N
     tmp = run_dir / "exit_code.tmp"
     tmp.write_text(f"{code}\n")

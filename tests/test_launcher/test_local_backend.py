@@ -4,6 +4,7 @@ the entrypoint contract: CONFIG argument, env, progress.json, exit codes, SIGTER
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,24 @@ def test_cancel_sends_sigterm_and_logs_follow(
     status = _wait_done(backend, "my-run")
     assert status.phase == "Cancelled"
     assert json.loads((tmp_path / "home" / "runs" / "my-run" / "exit_code").read_text()) == 143
+
+
+def test_cancel_right_after_submit_is_cancelled_and_leaves_no_runner(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM that reaches the supervising shim before it forwards signals (as a Cancel
+    button pressed at once does) ends the run as Cancelled, not Lost, with no orphan runner."""
+    monkeypatch.setenv("STAND_IN_SLEEP", "30")
+    for delay in (0.0, 0.05, 0.15, 0.3):
+        cfg = _cfg(tmp_path, name=f"early-{int(delay * 100)}")
+        run = backend.submit(cfg).run
+        time.sleep(delay)
+        backend.cancel(run, wait=True, timeout=20)
+        status = _wait_done(backend, run)
+        assert status.phase == "Cancelled", (delay, status)
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert str(tmp_path / "stand_in.py") not in ps.stdout
 
 
 def test_unknown_run(backend: LocalBackend) -> None:

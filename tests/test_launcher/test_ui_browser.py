@@ -153,3 +153,75 @@ def test_a_new_schema_field_appears_in_the_form() -> None:
         assert control.get_attribute("max") == "9"
         help_text = row.find_element(By.CLASS_NAME, "help").get_attribute("textContent")
         assert "must show up with no UI code" in help_text
+
+
+def tiny_run_config(tmp_path: Path, name: str, steps: int) -> Path:
+    """examples/quickstart.yaml, shorter: builtin:tiny-sd on the sample data, on the CPU."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    data["base_output_dir"] = str(tmp_path / "runs" / name)
+    data["data_loader"]["dataset"]["dataset_dir"] = str(ROOT / "examples" / "sample_data")
+    data["data_loader"]["resolution"] = 32
+    data.update(max_train_steps=steps, save_every_n_steps=3, validate_every_n_steps=3,
+                log_every_n_steps=1, num_validation_images_per_prompt=1,
+                num_validation_inference_steps=2, job={"name": name, "gpus": 0})  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def start_training(driver: Any, config: Path) -> None:
+    assert reload_reference(driver, config).startswith("loaded")
+    driver.execute_script("document.getElementById('start-msg').textContent = ''")
+    click(driver, "start")
+    wait_for(driver, "document.getElementById('start-link')", timeout=60)
+    driver.find_element(By.ID, "start-link").click()
+    wait_for(driver, "location.hash.startsWith('#run/')")
+
+
+def run_phase(driver: Any) -> str:
+    return driver.execute_script("return document.getElementById('run-status').dataset.phase")
+
+
+@pytest.mark.slow
+def test_start_training_shows_progress_to_completion(page: tuple[Any, str], tmp_path: Path) -> None:
+    """A tiny local run (builtin:tiny-sd) from the page: progress, the loss curve and the
+    validation grids appear, the run succeeds; the runs table lists it."""
+    driver, url = page
+    open_page(driver, url)
+    start_training(driver, tiny_run_config(tmp_path, "ui-tiny", steps=6))
+    wait_for(driver, "document.getElementById('run-status').dataset.phase === 'Succeeded'", 600)
+    wait_for(driver, "document.querySelectorAll('#grids img').length >= 2", 30)
+    wait_for(driver, "[...document.querySelectorAll('#grids img')].every(i => i.naturalWidth > 0)")
+    points = driver.execute_script(
+        "return document.querySelector('#loss-chart polyline').dataset.points"
+    )
+    assert int(points) >= 2
+    assert "step 6/6" in driver.find_element(By.ID, "run-status").text
+    assert driver.find_elements(By.CSS_SELECTOR, "#final-files a.pull")
+    screenshot(driver, "ui-run.png")
+    driver.get(url + "/#runs")
+    wait_for(driver, "document.querySelector('#runs-table tr[data-run=\"ui-tiny\"]')")
+    row = driver.find_element(By.CSS_SELECTOR, '#runs-table tr[data-run="ui-tiny"]')
+    assert "Succeeded" in row.text and "6/6" in row.text
+    screenshot(driver, "ui-runs.png")
+    # idempotent as the CLI: the same config again is the same run
+    open_page(driver, url)
+    assert reload_reference(driver, tmp_path / "ui-tiny.yaml").startswith("loaded")
+    click(driver, "start")
+    done = "document.getElementById('start-msg').textContent.includes('(local)')"
+    wait_for(driver, done, 60)
+    assert "ui-tiny: already submitted" in driver.find_element(By.ID, "start-msg").text
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_run(page: tuple[Any, str], tmp_path: Path) -> None:
+    driver, url = page
+    open_page(driver, url)
+    start_training(driver, tiny_run_config(tmp_path, "ui-cancel", steps=5000))
+    wait_for(driver, "document.getElementById('run-status').dataset.phase === 'Running'", 60)
+    click(driver, "cancel")
+    wait_for(driver, "document.getElementById('run-msg').textContent.startsWith('cancel')", 60)
+    wait_for(driver, "document.getElementById('run-status').dataset.phase === 'Cancelled'", 120)
+    assert driver.find_element(By.ID, "cancel").get_attribute("disabled") is not None
