@@ -55,6 +55,15 @@ def preflight(
     return report
 
 
+def check_headers(
+    cfg: Any, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[PreflightReport, list[DataError]]:
+    """`preflight` without raising for bad examples: the report and every bad example (a bad
+    image's size is (0, 0)); a dataset that cannot be listed still raises. No image is read
+    whole: listings and header reads only (`launcher ui`'s dataset preview)."""
+    return _header_checks(cfg, max_pixels)
+
+
 def _header_checks(
     cfg: Any,
     max_pixels: int,

@@ -225,3 +225,70 @@ def test_cancel_stops_a_run(page: tuple[Any, str], tmp_path: Path) -> None:
     wait_for(driver, "document.getElementById('run-msg').textContent.startsWith('cancel')", 60)
     wait_for(driver, "document.getElementById('run-status').dataset.phase === 'Cancelled'", 120)
     assert driver.find_element(By.ID, "cancel").get_attribute("disabled") is not None
+
+
+def test_dataset_preview_shows_thumbnails_buckets_and_bad_images(
+    page: tuple[Any, str], tmp_path: Path
+) -> None:
+    import yaml
+    from data_fixtures import write_image_dir
+
+    driver, url = page
+    data = tmp_path / "photos"
+    write_image_dir(data, [(64, 64), (96, 64), (64, 96), (128, 64), (64, 64), (80, 64)])
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "broken.txt").write_text("a broken image")
+    config = yaml.safe_load(tiny_run_config(tmp_path, "ui-data", steps=6).read_text())
+    config["data_loader"]["dataset"]["dataset_dir"] = str(data)
+    config["data_loader"]["aspect_ratio_buckets"] = {
+        "target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 16}  # fmt: skip
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(config))
+    open_page(driver, url)
+    reload_reference(driver, tmp_path / "data.yaml")
+    click(driver, "preview")
+    wait_for(driver, "document.querySelector('#dataset h2')", 60)
+    box = driver.find_element(By.ID, "dataset")
+    assert "Dataset: 7 examples" in box.text
+    assert len(box.find_elements(By.CSS_SELECTOR, ".thumbs img")) == 6
+    assert "caption 0" in box.text and "64x64: 3" in box.text
+    assert "broken.png" in box.find_element(By.CSS_SELECTOR, "ul.bad").text
+    driver.execute_script("arguments[0].scrollIntoView()", box)
+    screenshot(driver, "ui-dataset.png")
+
+
+def test_an_unreachable_cluster_is_one_line_in_place(tmp_path: Path) -> None:
+    """A kube context whose API does not answer: the runs page lists local runs and says why
+    the cluster's are missing; Start Training on the cluster says why it cannot."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: gone\n"
+        f"clusters: [{{name: gone, cluster: {{server: 'https://127.0.0.1:{port}'}}}}]\n"
+        "users: [{name: u, user: {token: x}}]\n"
+        "contexts: [{name: gone, context: {cluster: gone, user: u}}]\n"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBECONFIG", str(kubeconfig))
+        mp.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+        app = create_app(UiSettings(port=0, roots=[ROOT]))
+        with serve_in_thread(app) as url, browser() as driver:
+            driver.get(url + "/#runs")
+            wait_for(driver, "document.body.dataset.runsReady", 60)
+            message = driver.find_element(By.ID, "runs-msg").text
+            assert "cannot reach the Kubernetes API" in message and "\n" not in message
+            import yaml
+
+            config = yaml.safe_load(tiny_run_config(tmp_path, "ui-far", steps=6).read_text())
+            config["storage"] = {"bucket": "far-bucket", "endpoint_url": "http://127.0.0.1:1"}
+            (tmp_path / "far.yaml").write_text(yaml.safe_dump(config))
+            open_page(driver, url)
+            reload_reference(driver, tmp_path / "far.yaml")
+            driver.find_element(By.CSS_SELECTOR, '#target option[value="cluster"]').click()
+            click(driver, "start")
+            wait_for(driver, "!document.getElementById('start-msg').textContent.endsWith('…')", 60)
+            text = driver.find_element(By.ID, "start-msg").text
+            assert "cannot reach the Kubernetes API" in text and "\n" not in text

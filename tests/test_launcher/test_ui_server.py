@@ -128,3 +128,40 @@ def test_help_does_not_import_the_web_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_sweep_from_the_form_is_grouped_and_a_run_without_progress_reads(
+    tmp_path: Path,
+) -> None:
+    """Start Training with a sweep on the local backend (a stand-in runner that writes no
+    progress): both runs are listed under the sweep with their values; a run page with no
+    progress.json, history or grids yet is data, not an error."""
+    import time
+
+    from launcher.backends.local import LocalBackend
+    from launcher.ui.configs import reload_reference
+    from launcher.ui.runs import Runs
+    from launcher.ui.submit import start_training
+
+    script = tmp_path / "stand_in.py"
+    script.write_text("import time; print('working', flush=True); time.sleep(0.3)\n")
+    runs = Runs(local=LocalBackend(tmp_path / "home", [sys.executable, str(script)]))
+    values = reload_reference(QUICKSTART.read_text(), "q", QUICKSTART.parent)["values"]
+    values["base_output_dir"] = str(tmp_path / "out")
+    settings = UiSettings(local_only=True)
+    result = start_training(values, target="local", replace=False, runs=runs, settings=settings,
+                            sweeps=["optimizer.learning_rate=1e-4,5e-5"])  # fmt: skip
+    planned = result["submitted"]
+    assert len(planned) == 2 and {p["sweep"] for p in planned} == {"quickstart"}
+    deadline = time.monotonic() + 60
+    while True:
+        rows = runs.listing()["runs"]
+        if len(rows) == 2 and all(r["phase"] == "Succeeded" for r in rows):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+    assert sorted(r["params"]["optimizer.learning_rate"] for r in rows) == ["1e-4", "5e-5"]
+    assert {r["sweep"] for r in rows} == {"quickstart"} and rows[0]["step"] is None
+    detail = runs.detail("local", rows[0]["run"])
+    assert (detail["history"], detail["grids"], detail["final"]) == ([], [], [])
+    assert runs.logs("local", rows[0]["run"]) == ["working"]

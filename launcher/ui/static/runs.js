@@ -136,7 +136,7 @@ function showDataset(result) {
       ...result.buckets.map((b) => {
         const bar = k.el("span", { class: "bar" });
         bar.style.width = `${(200 * b.count) / most}px`;
-        return k.el("div", {}, `${b.label}: `, bar, ` ${b.count}`);
+        return k.el("div", { class: "bucket" }, `${b.label}: ${b.count} `, bar);
       })),
     k.el("div", { class: result.bad.length ? "msg error" : "msg ok" },
       result.bad.length ? `${result.bad.length} bad image(s):` : "no bad images found by the header preflight"),
