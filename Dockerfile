@@ -1,4 +1,5 @@
-# kubetune training image: CUDA runtime + pinned PyTorch + kubetune[train].
+# kubetune image: CUDA runtime + pinned PyTorch + kubetune[train] (and [ui]: the chart's optional
+# `launcher ui` Deployment runs the same image).
 # Build: docker build -t REGISTRY/kubetune:0.1.0 .   (see docs/kubernetes.md)
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
@@ -42,7 +43,7 @@ RUN if [ -n "$APT_PACKAGES" ]; then \
 WORKDIR /src
 COPY pyproject.toml ./
 RUN mkdir kubetune runner launcher && touch README.md kubetune/__init__.py runner/__init__.py launcher/__init__.py \
-    && pip install ".[train,gpu]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
+    && pip install ".[train,gpu,ui]" "torch==${TORCH_VERSION}" --extra-index-url "$TORCH_INDEX_URL" \
     && pip uninstall -y kubetune && rm -rf /src/*
 COPY pyproject.toml README.md ./
 COPY kubetune ./kubetune

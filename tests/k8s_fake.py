@@ -115,6 +115,7 @@ class FakeKube(PodControls):
         self._stopping = False
         self.refuse_pods: str | None = None  # e.g. a ResourceQuota message: no pod, an event
         self.version = ("1", "31")  # what GET /version reports (major, minor)
+        self.forbidden: set[str] = set()  # plurals this identity's RBAC refuses (403), e.g. secrets
         from k8s_fake_http import handler_for  # the HTTP side, split off to keep files small
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(self))

@@ -87,6 +87,10 @@ def handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 plural, ns, name, sub = _route(url.path)
+                if plural in fake.forbidden:
+                    raise ApiError(
+                        403, "Forbidden", f'{plural} is forbidden: User "fake" cannot {method} it'
+                    )
                 self._serve(method, plural, ns, name, sub, query, body)
             except ApiError as err:
                 self._json(err.body["code"], err.body)

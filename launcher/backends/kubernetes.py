@@ -71,8 +71,12 @@ class KubernetesBackend(Backend):
             created=True,
             namespace=ns,
         )
-        self._check_secrets(cfg, ns)
-        warnings = (*pod_patch_warnings(cfg), *k8s_features.ignored_features(job, self.version()))
+        unchecked = self._check_secrets(cfg, ns)
+        warnings = (
+            *unchecked,
+            *pod_patch_warnings(cfg),
+            *k8s_features.ignored_features(job, self.version()),
+        )
         result = _replace_field(result, warnings=warnings)
         jobs = self._jobs(ns, run)
         deleting = [j["metadata"]["name"] for j in jobs if j["metadata"].get("deletionTimestamp")]
@@ -101,21 +105,22 @@ class KubernetesBackend(Backend):
             info = client.VersionApi(self.api).get_code()
         return k8s_features.parse_version(info.major, info.minor)
 
-    def _check_secrets(self, cfg: PipelineConfig, ns: str) -> None:
+    def _check_secrets(self, cfg: PipelineConfig, ns: str) -> list[str]:
+        """Check the Secrets the run names; the warnings for those this identity may not read
+        (the chart's UI ServiceAccount has no access to Secrets)."""
+        refs = []
         if cfg.storage is not None and cfg.storage.credentials_secret is not None:
             ref = cfg.storage.credentials_secret
-            self._check_secret(
-                ns,
-                ref.name,
-                [ref.access_key_id_key, ref.secret_access_key_key],
-                "storage.credentials_secret",
-            )
+            keys = [ref.access_key_id_key, ref.secret_access_key_key]
+            refs.append((ref.name, keys, "storage.credentials_secret"))
         if cfg.job is not None and cfg.job.hf_token_secret is not None:
             ref2 = cfg.job.hf_token_secret
-            self._check_secret(ns, ref2.name, [ref2.key], "job.hf_token_secret")
+            refs.append((ref2.name, [ref2.key], "job.hf_token_secret"))
+        return [w for name, keys, field in refs if (w := self._check_secret(ns, name, keys, field))]
 
-    def _check_secret(self, ns: str, name: str, keys: list[str], field: str) -> None:
-        """The Secret exists and has the keys (values are never read into messages)."""
+    def _check_secret(self, ns: str, name: str, keys: list[str], field: str) -> str | None:
+        """The Secret exists and has the keys (values are never read into messages); a
+        warning instead when this identity may not read Secrets."""
         literals = " ".join(f"--from-literal={k}=..." for k in keys)
         create = f"kubectl -n {ns} create secret generic {name} {literals}"
         with api_errors(f"checking Secret {name!r}"):
@@ -127,6 +132,11 @@ class KubernetesBackend(Backend):
                         f"Secret {name!r} ({field}) not found in namespace {ns}",
                         hint=f"create it: {create}",
                     ) from None
+                if err.status == 403:
+                    return (
+                        f"Secret {name!r} ({field}) not checked: this identity may not read "
+                        f"Secrets in {ns}; the pod will not start if it is missing ({create})"
+                    )
                 raise
         missing = [k for k in keys if k not in (secret.data or {})]
         if missing:
@@ -134,6 +144,7 @@ class KubernetesBackend(Backend):
                 f"Secret {name!r} ({field}) in namespace {ns} has no key {', '.join(missing)}",
                 hint=f"recreate it: {create}",
             )
+        return None
 
     def _create(self, ns: str, config_map: Obj, job: Obj) -> bool:
         """Job first, then the ConfigMap owned by it (create-only RBAC; the kubelet waits

@@ -334,7 +334,7 @@ wheelhouse() {
   if [ ! -f "$wh/.complete" ]; then
     log "downloading the wheelhouse into $wh"
     rm -rf "$wh" && mkdir -p "$wh"
-    timed "pip download" python3 -m pip download -d "$wh" "torch==2.13.0" "$REPO[train,gpu]" \
+    timed "pip download" python3 -m pip download -d "$wh" "torch==2.13.0" "$REPO[train,gpu,ui]" \
       setuptools wheel >"$wh.log" 2>&1 || { tail -n 20 "$wh.log" >&2; die "pip download failed (log: $wh.log)"; }
     grep '^local-cluster: ' "$wh.log" >&2 || true
     rm -f "$wh"/kubetune-*

@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "s3Credentials": {"create": True, "accessKeyId": "minio-admin", "secretAccessKey": SECRET},
         "minio": {"enabled": True},
     },
+    "ui": {"ui": {"enabled": True}},
     "nothing": {
         "runner": {"serviceAccount": {"create": False}},
         "launcher": {"rbac": {"create": False}},
@@ -76,6 +77,50 @@ def test_chart_objects_per_variant() -> None:
         "ServiceAccount",
     ]
     assert kinds["nothing"] == []
+    assert kinds["ui"] == [
+        "Deployment",
+        "Role",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+        "ServiceAccount",
+    ]
+
+
+def test_ui_is_loopback_free_only_with_a_token_and_least_privilege() -> None:
+    """The chart's `launcher ui`: its token from a Secret (it binds beyond loopback), and a
+    ServiceAccount that may touch only Jobs, ConfigMaps and pod logs (no Secrets)."""
+    docs = render(VARIANTS["ui"])
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["launcher"] and container["args"][:3] == [
+        "ui",
+        "--host",
+        "0.0.0.0",
+    ]
+    token = next(e for e in container["env"] if e["name"] == "KUBETUNE_UI_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "kubetune-ui-token", "key": "token"}
+    assert pod["serviceAccountName"] == "kubetune-ui"
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "kt-ui")
+    rules = {(r["apiGroups"][0], r["resources"][0]): r["verbs"] for r in role["rules"]}
+    assert set(rules) == {
+        ("batch", "jobs"),
+        ("", "configmaps"),
+        ("", "pods"),
+        ("", "pods/log"),
+        ("", "events"),
+    }
+    assert rules[("", "pods")] == ["get", "list", "watch"] and rules[("", "events")] == ["list"]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetune-ui", "namespace": "ml"}
+    ]
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert "ui" not in [d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+                        for d in render({})]  # fmt: skip
 
 
 def test_launcher_role_is_least_privilege() -> None:

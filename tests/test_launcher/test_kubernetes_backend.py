@@ -167,6 +167,14 @@ def test_missing_credentials_secret_says_how_to_create_it(kube: Kube) -> None:
     assert kube.jobs("my-run") == []
 
 
+def test_an_identity_that_may_not_read_secrets_submits_with_a_warning(fake_kube: Kube) -> None:
+    """The chart's UI ServiceAccount has no access to Secrets: submit warns, not fails."""
+    fake_kube.fake.forbidden.add("secrets")
+    result = fake_kube.backend().submit(_cfg())
+    assert result.created
+    assert any("not checked: this identity may not read Secrets" in w for w in result.warnings)
+
+
 def test_secret_without_the_key_is_reported(kube: Kube) -> None:
     kube.create_secret("half", {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY})
     cfg = _cfg()
