@@ -50,6 +50,8 @@ class LocalBackend(Backend):
     def __init__(self, home: Path | None = None, entrypoint: Sequence[str] | None = None) -> None:
         self.runs = (home or kubetune_home()) / "runs"
         self.entrypoint = list(entrypoint or [sys.executable, "-m", "runner"])
+        self._configs: dict[tuple[str, str], PipelineConfig] = {}
+        """Parsed config.yaml by (path, text): listing many runs parses each once."""
 
     def _dir(self, run: str) -> Path:
         return self.runs / sanitize_name(run)
@@ -211,7 +213,11 @@ class LocalBackend(Backend):
     def run_config(self, run: str) -> PipelineConfig:
         self._info(run)
         path = self._dir(run) / "config.yaml"
-        return parse_config(path.read_text(), name=str(path))
+        text = path.read_text()
+        key = (str(path), text)
+        if key not in self._configs:
+            self._configs[key] = parse_config(text, name=str(path))
+        return self._configs[key].model_copy(deep=True)  # callers may change their copy
 
     def logs(self, run: str, *, follow: bool = False, latest: bool = False) -> Iterator[str]:
         info, run_dir = self._info(run), self._dir(run)

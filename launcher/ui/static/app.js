@@ -314,6 +314,7 @@ async function init() {
   document.getElementById("save").addEventListener("click", save);
   document.getElementById("download").addEventListener("click", download);
   document.getElementById("start").addEventListener("click", startTraining);
+  window.kubetune.readyAt = performance.now();
   document.body.dataset.ready = "true";
 }
 

@@ -58,6 +58,7 @@ async function pollRuns() {
   else {
     k.say("runs-msg", data.messages.join("\n") || `${data.runs.length} run(s)`, data.messages.length ? "warn" : "");
     document.querySelector("#runs-table tbody").replaceChildren(...runsTable(data.runs));
+    if (!document.body.dataset.runsReady) window.kubetune.runsReadyAt = performance.now();
     document.body.dataset.runsReady = "true";
   }
   timer = setTimeout(pollRuns, POLL_MS);
