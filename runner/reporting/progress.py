@@ -178,6 +178,10 @@ class ProgressReporter:
             self._writer.flush()
             self._upload_logs()
 
+    def flush(self) -> None:
+        """Wait until the last background write has landed (readers see it after this)."""
+        self._wait_upload()
+
     def _wait_upload(self) -> None:
         if self._upload is not None:
             self._upload.result()  # never raises: _publish_logged logs

@@ -82,6 +82,7 @@ def test_runner_writes_what_the_launcher_reads(
         for step in range(1, 5):
             reporter.update(step, (step - 1) // 2, torch.tensor(0.25), 1e-4, images=2)
             if step == 2:
+                reporter.flush()  # progress.json is written off the training thread
                 mid, error = read_progress(str(tmp_path), None)
                 assert error is None and mid is not None
                 assert (mid.state, mid.step, mid.epoch) == ("running", 2, 0)
