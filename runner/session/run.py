@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 
 from kubetune.config import PipelineConfig, output_uri
@@ -33,6 +34,7 @@ from runner.reporting.run_events import RunEvents, reported
 from runner.session.build import RunResult, StartOptions, build_session
 from runner.session.load import load_then_join
 from runner.session.settings import lease_settings, model_settings
+from runner.training.optim import check_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def run(
     for line in precision_warnings(cfg):  # what `launcher validate` warns about
         log.warning(line)
     with reported(events):  # from the first line: a run that fails to start notifies too
+        check_optimizer(cfg.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
         pending = data or start_preflight(cfg, process=False)
         with _work_folder(work_dir) as work:
             loaded = load_then_join(cfg.mixed_precision, model_settings(cfg), pending)

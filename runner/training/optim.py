@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -14,6 +15,30 @@ from kubetune.errors import UserError
 
 log = logging.getLogger(__name__)
 ParamGroups = list[dict[str, Any]]
+
+
+def check_optimizer(cfg: AdamOptimizerConfig | ProdigyOptimizerConfig, device_type: str) -> None:
+    """Raise ``UserError`` now if ``cfg`` cannot be built on ``device_type`` (8-bit AdamW off
+    CUDA, a missing bitsandbytes / prodigyopt): a run checks this before it loads the model,
+    so a misplaced pod fails in seconds instead of after a multi-GB download."""
+    if isinstance(cfg, ProdigyOptimizerConfig):
+        _need("prodigyopt", "optimizer Prodigy needs prodigyopt",
+              "pip install prodigyopt, or use optimizer_type: AdamW")  # fmt: skip
+        return
+    if not cfg.use_8bit:
+        return
+    if device_type != "cuda":
+        raise UserError(
+            f"optimizer.use_8bit needs a CUDA GPU (training runs on {device_type})",
+            hint="set optimizer.use_8bit: false, or run on a GPU node (job.gpus)",
+        )
+    _need("bitsandbytes", "optimizer.use_8bit needs bitsandbytes",
+          "pip install bitsandbytes, or set use_8bit: false")  # fmt: skip
+
+
+def _need(module: str, message: str, hint: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise UserError(message, hint=hint)
 
 
 def build_optimizer(
@@ -33,11 +58,7 @@ def build_optimizer(
         weight_decay=cfg.weight_decay,
     )
     if cfg.use_8bit:
-        if device.type != "cuda":
-            raise UserError(
-                f"optimizer.use_8bit needs a CUDA GPU (training runs on {device.type})",
-                hint="set optimizer.use_8bit: false, or run on a GPU node (job.gpus)",
-            )
+        check_optimizer(cfg, device.type)
         return _adamw_8bit(groups, kwargs)
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
 

@@ -233,3 +233,15 @@ def test_sample_precisions_train_and_checkpoint_in_the_training_dtype(
     base = load_file(tiny_sdxl_dir / "unet" / "diffusion_pytorch_model.safetensors")
     moved = sum(not torch.equal(exact[f"unet.{k}"].float(), v.float()) for k, v in base.items())
     assert moved > 0.75 * len(base)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_8bit_adam_off_cuda_fails_before_the_model_loads(data_dir: Path, tmp_path: Path) -> None:
+    """invoke-training's samples ask for 8-bit AdamW: on a node without CUDA the run stops at
+    once, before the (here missing) base model is read and before anything is written."""
+    out = tmp_path / "run"
+    cfg = make_config(KIND, tmp_path / "no-such-model", data_dir, out,
+                      optimizer={"optimizer_type": "AdamW", "use_8bit": True})  # fmt: skip
+    with pytest.raises(UserError, match="optimizer.use_8bit needs a CUDA GPU"):
+        train(cfg)
+    assert not out.exists()
