@@ -68,15 +68,38 @@ def runner_env(cfg: PipelineConfig) -> dict[str, str]:
         "KUBETUNE_RUN": run_name(cfg),
         "KUBETUNE_CONFIG_HASH": config_hash(cfg),
     }
-    storage = cfg.storage
-    if storage is not None:
+    if cfg.storage is not None:
+        env.update(storage_env(cfg.storage))
+    if cfg.job:
+        env.update(cfg.job.env)
+    return env
+
+
+def storage_env(storage: StorageConfig) -> dict[str, str]:
+    """The provider's own (non-secret) variables for the storage settings, so tools in the pod
+    that read the environment reach the same endpoint and account."""
+    env: dict[str, str] = {}
+    if storage.provider == "s3":
         if storage.endpoint_url:
             env["AWS_ENDPOINT_URL"] = storage.endpoint_url
         if storage.region:
             env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = storage.region
-    if cfg.job:
-        env.update(cfg.job.env)
+    elif storage.provider == "gcs":
+        if storage.endpoint_url:
+            env["GOOGLE_BASE_URL"] = storage.endpoint_url
+    else:
+        env["AZURE_STORAGE_ACCOUNT_NAME"] = storage.account_name or ""
+        if storage.endpoint_url:
+            env["AZURE_STORAGE_ENDPOINT"] = storage.endpoint_url
     return env
+
+
+def storage_pod_labels(storage: StorageConfig | None) -> dict[str, str]:
+    """Azure Workload Identity's webhook injects the federated token only into pods carrying
+    this label (EKS IRSA and GKE Workload Identity need only the ServiceAccount)."""
+    if storage is not None and storage.provider == "azure" and storage.workload_identity:
+        return {"azure.workload.identity/use": "true"}
+    return {}
 
 
 def runner_command(gpus: int, config_path: str = CONFIG_PATH) -> list[str]:
@@ -131,7 +154,7 @@ def _job(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
         "parallelism": 1,
         "podFailurePolicy": {"rules": _pod_failure_rules()},
         "template": {
-            "metadata": {"labels": run_labels(cfg)},
+            "metadata": {"labels": {**run_labels(cfg), **storage_pod_labels(cfg.storage)}},
             "spec": pod_spec(cfg, meta["name"]),
         },
     }
@@ -268,10 +291,14 @@ def secret_env(storage: StorageConfig | None, job: JobConfig) -> list[dict[str, 
     refs: list[tuple[str, str, str]] = []
     if storage is not None and storage.credentials_secret is not None:
         sec = storage.credentials_secret
-        refs += [
-            ("AWS_ACCESS_KEY_ID", sec.name, sec.access_key_id_key),
-            ("AWS_SECRET_ACCESS_KEY", sec.name, sec.secret_access_key_key),
-        ]
+        refs += {
+            "s3": [
+                ("AWS_ACCESS_KEY_ID", sec.name, sec.access_key_id_key),
+                ("AWS_SECRET_ACCESS_KEY", sec.name, sec.secret_access_key_key),
+            ],
+            "gcs": [("GOOGLE_SERVICE_ACCOUNT_KEY", sec.name, sec.service_account_key_key)],
+            "azure": [("AZURE_STORAGE_ACCOUNT_KEY", sec.name, sec.account_key_key)],
+        }[storage.provider]
     if job.hf_token_secret is not None:
         refs.append(("HF_TOKEN", job.hf_token_secret.name, job.hf_token_secret.key))
     return [

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # cluster of the `-m cluster` tier (cluster, namespace).
 pytest_plugins = ["fixtures_models", "cluster_env"]
 
+from azurite import Azurite, find_azurite  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 from s3server import S3Server, find_weed  # noqa: E402
 
@@ -70,13 +71,47 @@ def s3_uri(s3_env: S3Server, s3_shared_bucket: str) -> str:
     return f"s3://{s3_shared_bucket}/t-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    """Azurite (Azure Blob emulator) on 127.0.0.1 for the session (skips if node / azurite are
+    absent: `.ci/run` installs them)."""
+    binary = find_azurite()
+    if binary is None:
+        pytest.skip(
+            "Azurite not installed (node + `npm install azurite` in ~/.cache/kubetune/azurite)"
+        )
+    with Azurite(binary) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def az_container(azurite: Azurite) -> str:
+    """One container for the session; tests isolate themselves with a unique prefix."""
+    return azurite.create_container("shared")
+
+
+@pytest.fixture
+def az_env(azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> Azurite:
+    """AZURE_STORAGE_* variables pointing at the session emulator, as a pod would get them."""
+    for name, value in azurite.env().items():
+        monkeypatch.setenv(name, value)
+    return azurite
+
+
+@pytest.fixture
+def az_uri(az_env: Azurite, az_container: str) -> str:
+    """A fresh ``az://container/prefix`` store root (AZURE_STORAGE_* environment set)."""
+    return f"az://{az_container}/t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", "s3", "az"])
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh store root, once as a local directory and once as ``s3://bucket/prefix``
-    (with the AWS_* environment set for the S3 case)."""
+    """A fresh store root: a local directory, ``s3://bucket/prefix`` on SeaweedFS and
+    ``az://container/prefix`` on Azurite (with that cloud's environment set). GCS is absent:
+    no emulator here accepts obstore's uploads (see docs/storage.md)."""
     if request.param == "local":
         return str(tmp_path / "store")
-    return str(request.getfixturevalue("s3_uri"))
+    return str(request.getfixturevalue(f"{request.param}_uri"))
 
 
 # ---------------------------------------------------------------------------------------------

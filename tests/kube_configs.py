@@ -45,6 +45,11 @@ def config_dict(kind: str = "SD_LORA", **job: Any) -> dict[str, Any]:
     return data
 
 
+def with_storage(data: dict[str, Any], **storage: Any) -> dict[str, Any]:
+    """``data`` with its ``storage:`` section replaced by ``storage``."""
+    return {**data, "storage": storage}
+
+
 def make_config(kind: str = "SD_LORA", **job: Any) -> PipelineConfig:
     return parse_config(yaml.safe_dump(config_dict(kind, **job)))
 
@@ -85,4 +90,34 @@ VARIANTS: dict[str, dict[str, Any]] = {
             {"key": "gpu", "value": "yes", "effect": "NoExecute", "toleration_seconds": 60}
         ],
     ),
+    "sd-lora-gcs-secret": with_storage(
+        config_dict(), provider="gcs", bucket="kubetune", credentials_secret={"name": "gcs-key"}
+    ),
+    "sd-lora-gke-workload-identity": with_storage(
+        config_dict(service_account="kubetune-runner"),
+        provider="gcs",
+        bucket="kubetune",
+        workload_identity=True,
+    ),  # fmt: skip
+    "sd-lora-azure-secret": with_storage(
+        config_dict(),
+        provider="azure",
+        bucket="kubetune",
+        account_name="kubetunedata",
+        credentials_secret={"name": "azure-key"},
+    ),  # fmt: skip
+    "sd-lora-azure-workload-identity": with_storage(
+        config_dict(service_account="kubetune-runner"),
+        provider="azure",
+        bucket="kubetune",
+        account_name="kubetunedata",
+        workload_identity=True,
+    ),  # fmt: skip
+    "sd-lora-eks-irsa": with_storage(
+        config_dict(service_account="kubetune-runner"),
+        bucket="kubetune",
+        region="eu-west-1",
+        addressing_style="virtual",
+        workload_identity=True,
+    ),  # fmt: skip
 }

@@ -27,6 +27,10 @@ LITERAL_CREDENTIAL_KEYS = {
     "aws_session_token",
     "password",
     "token",
+    "account_key",
+    "sas_token",
+    "service_account_key",
+    "private_key",
 }
 # PodSpec fields (Kubernetes 1.31) and the JSON type of each, for job.pod_patch.
 POD_SPEC_FIELDS: dict[str, type] = {
@@ -135,14 +139,21 @@ class SecretKeyRef(ConfigModel):
 
 
 class CredentialsSecretRef(ConfigModel):
-    """The Kubernetes Secret holding the S3 access key pair."""
+    """The Kubernetes Secret holding the storage credentials: the S3 access key pair, the GCS
+    service-account key (JSON) or the Azure storage account key, by `storage.provider`."""
 
     name: str
     """The Secret's name, e.g. `s3-credentials`."""
     access_key_id_key: str = "AWS_ACCESS_KEY_ID"
-    """Key of the access key id inside the Secret."""
+    """S3: key of the access key id inside the Secret."""
     secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
-    """Key of the secret access key inside the Secret."""
+    """S3: key of the secret access key inside the Secret."""
+    service_account_key_key: str = "GOOGLE_SERVICE_ACCOUNT_KEY"
+    """GCS (kubetune extension): key of the service-account key JSON inside the Secret (given
+    to the pod as `GOOGLE_SERVICE_ACCOUNT_KEY`)."""
+    account_key_key: str = "AZURE_STORAGE_ACCOUNT_KEY"
+    """Azure (kubetune extension): key of the storage account key inside the Secret (given to
+    the pod as `AZURE_STORAGE_ACCOUNT_KEY`)."""
 
 
 class Toleration(ConfigModel):
@@ -280,22 +291,54 @@ def pod_patch_problem(key: str, value: Any) -> str | None:
 
 
 class StorageConfig(ConfigModel):
-    """S3-compatible object storage for datasets and outputs."""
+    """Object storage for datasets and outputs: S3 or any S3-compatible server, Google Cloud
+    Storage or Azure Blob Storage (`provider`)."""
 
+    provider: Literal["s3", "gcs", "azure"] = "s3"
+    """kubetune extension: the cloud of `bucket`, and so the outputs' URI scheme (`s3://`,
+    `gs://`, `az://`). These settings apply to that cloud's URIs only; a dataset on another
+    cloud uses that cloud's environment (e.g. `GOOGLE_*`, `AZURE_STORAGE_*`)."""
     endpoint_url: str | None = None
-    """S3 endpoint, e.g. `http://minio.kubetune:9000`. Default: AWS (or $AWS_ENDPOINT_URL)."""
+    """Endpoint override, e.g. `http://minio.kubetune:9000` (S3), an emulator's URL (GCS), or
+    `http://azurite:10000/devstoreaccount1` (Azure). Default: the cloud's own (S3: AWS or
+    $AWS_ENDPOINT_URL)."""
     bucket: str
-    """Bucket that receives the run's outputs under `<prefix>/<run name>/`."""
+    """Bucket (Azure: container) that receives the run's outputs under `<prefix>/<run name>/`."""
+    account_name: str | None = None
+    """kubetune extension, Azure only (required there): the storage account holding the
+    container."""
+    workload_identity: bool = False
+    """kubetune extension: credentials come from the pod's ServiceAccount (`job.service_account`)
+    instead of a Secret: EKS IRSA (the ServiceAccount annotated with
+    `eks.amazonaws.com/role-arn`), GKE Workload Identity (`iam.gke.io/gcp-service-account`) or
+    Azure Workload Identity (`azure.workload.identity/client-id`; the Job's pod gets the
+    `azure.workload.identity/use: "true"` label). Not with `credentials_secret`."""
     prefix: str = "kubetune"
     """Key prefix inside the bucket for all runs."""
     region: str | None = None
-    """Region name (many S3-compatible servers accept any, e.g. us-east-1)."""
+    """S3: region name (many S3-compatible servers accept any, e.g. us-east-1)."""
     addressing_style: Literal["auto", "path", "virtual"] = "path"
-    """Bucket addressing: `path` suits most self-hosted servers, `virtual` suits AWS."""
+    """S3: bucket addressing: `path` suits most self-hosted servers, `virtual` suits AWS."""
     verify_tls: bool = True
     """Verify the endpoint's TLS certificate."""
     credentials_secret: CredentialsSecretRef | None = None
-    """Kubernetes Secret with the access key pair (injected as environment variables)."""
+    """Kubernetes Secret with the credentials (injected as environment variables; which keys
+    by `provider`)."""
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> StorageConfig:
+        problems = []
+        if self.provider == "azure" and not self.account_name:
+            problems.append(("account_name", "required with provider: azure (the storage account)"))
+        if self.provider != "azure" and self.account_name:
+            problems.append(("account_name", "only for provider: azure"))
+        if self.workload_identity and self.credentials_secret is not None:
+            problems.append(
+                ("workload_identity", "use either workload_identity or credentials_secret")
+            )
+        if problems:
+            raise FieldProblems(problems)
+        return self
 
     @model_validator(mode="before")
     @classmethod

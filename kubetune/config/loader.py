@@ -339,10 +339,14 @@ def run_name(cfg: PipelineConfig) -> str:
 
 
 def output_uri(cfg: PipelineConfig) -> str:
-    """Where the run's outputs live: s3://bucket/prefix/<run> with storage, else base_output_dir."""
+    """Where the run's outputs live: s3:// (gs://, az:// by storage.provider)
+    bucket/prefix/<run> with storage, else base_output_dir."""
     if cfg.storage is not None:
         prefix = f"{cfg.storage.prefix}/" if cfg.storage.prefix else ""
-        return f"s3://{cfg.storage.bucket}/{prefix}{run_name(cfg)}"
+        from kubetune.storage.schemes import scheme_of_provider
+
+        scheme = scheme_of_provider(cfg.storage.provider)
+        return f"{scheme}://{cfg.storage.bucket}/{prefix}{run_name(cfg)}"
     assert cfg.base_output_dir is not None  # the schema requires it without storage
     return cfg.base_output_dir
 

@@ -213,6 +213,14 @@ class BasePipelineConfig(TrainingKnobs):
                 "job.name",
                 "missing; name the run (without base_output_dir the run name comes from job.name)",
             )
+        storage, job = self.storage, self.job  # type: ignore[attr-defined]
+        p.check(
+            storage is None or not storage.workload_identity or job is None
+            or bool(job.service_account),
+            "job.service_account",
+            "missing; storage.workload_identity takes the credentials from the pod's "
+            "ServiceAccount: name it (annotated for IRSA / GKE / Azure Workload Identity)",
+        )  # fmt: skip
         exactly_one(
             p,
             {"max_train_steps": self.max_train_steps, "max_train_epochs": self.max_train_epochs},

@@ -142,6 +142,16 @@ def test_runner_service_account_has_no_token() -> None:
     sa = next(d for d in render({}) if d["kind"] == "ServiceAccount")
     assert sa["metadata"]["name"] == "kubetune-runner"
     assert sa["automountServiceAccountToken"] is False
+    assert "annotations" not in sa["metadata"]
+
+
+def test_runner_service_account_carries_the_workload_identity_annotation() -> None:
+    """IRSA / GKE / Azure Workload Identity bind the cloud identity through an annotation;
+    the token stays unmounted (their webhooks project their own token volume)."""
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/kubetune"}
+    values = {"runner": {"serviceAccount": {"annotations": role}}}
+    sa = next(d for d in render(values) if d["kind"] == "ServiceAccount")
+    assert sa["metadata"]["annotations"] == role and sa["automountServiceAccountToken"] is False
 
 
 def test_schema_rejects_bad_values() -> None:

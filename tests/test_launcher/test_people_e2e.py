@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from webhook_receiver import WebhookReceiver
 
 from kubetune.config.notify import HMAC_ENV
 from kubetune.errors import KubetuneError, Preempted
-from kubetune.storage import open_store
+from kubetune.storage import is_remote, open_store
 from kubetune.storage.lease import Lease, LeaseSettings
 from launcher.cli.main import main
 from runner.reporting.history import read_history
@@ -43,16 +44,22 @@ def _config(tmp_path: Path, tiny_sd_dir: Path, out: Path, hook: str, **extra: An
 
 @pytest.fixture
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    """Outputs in a local folder, or in a SeaweedFS bucket (storage: section)."""
+    """Outputs in a local folder, in a SeaweedFS bucket or an Azurite container (storage:)."""
     if request.param == "local":
         return {"out": tmp_path / "out" / "e2e", "extra": {}}
+    if request.param == "az":
+        azurite = request.getfixturevalue("az_env")
+        storage = {"provider": "azure", "bucket": request.getfixturevalue("az_container"),
+                   "prefix": f"runs-{uuid.uuid4().hex[:8]}", "account_name": "devstoreaccount1",
+                   "endpoint_url": azurite.endpoint}  # fmt: skip
+        return {"out": tmp_path / "unused" / "e2e", "extra": {"storage": storage}}
     server = request.getfixturevalue("s3_env")
     bucket = request.getfixturevalue("s3_bucket")
     storage = {"bucket": bucket, "prefix": "runs", "endpoint_url": server.endpoint}
     return {"out": tmp_path / "unused" / "e2e", "extra": {"storage": storage}}
 
 
-@pytest.mark.parametrize("where", ["local", "s3"], indirect=True)
+@pytest.mark.parametrize("where", ["local", "s3", "az"], indirect=True)
 def test_a_run_reports_notifies_and_pulls(
     where: dict[str, Any], tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,12 +92,12 @@ def test_a_run_reports_notifies_and_pulls(
     shown = cli.invoke(main, ["report", uri, "-o", str(view)])
     assert shown.exit_code == 0, shown.output
     link = shown.output.strip()
-    if uri.startswith("s3://"):  # a page whose links to the full-size grids are presigned
+    if is_remote(uri):  # a page whose links to the full-size grids are presigned
         assert link == str(view)
         links = [html.unescape(h) for h in re.findall(r'href="([^"]+)"', view.read_text())]
         assert len(links) == 2
         for step, url in zip((2, 4), links, strict=True):
-            assert url.startswith("http://127.0.0.1:") and "Signature" in url
+            assert url.startswith("http://127.0.0.1:") and ("Signature=" in url or "sig=" in url)
             with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - 127.0.0.1
                 grid = store.get_bytes(f"validation/step-00000{step}/grid.png")
                 assert response.read() == grid
