@@ -64,9 +64,9 @@ def load_flux(s: ModelSettings, cache: Path) -> FluxComponents:
     dtype = to_dtype(s.weight_dtype)
     source = loading._resolve(s.model, s.storage, cache)
     transformer = None
-    if Path(source).is_file():
-        transformer = load_single_file_transformer(source, s.single_file_config, dtype)
-        source = loading._resolve(s.single_file_config or FLUX_DEV, s.storage, cache)
+    if Path(source).is_file():  # the rest (and the transformer's config) from elsewhere
+        file, source = source, loading._resolve(s.single_file_config or FLUX_DEV, s.storage, cache)
+        transformer = load_single_file_transformer(file, source, dtype)
 
     def part(cls: Any, sub: str, override: str | None) -> Any:
         if override is None:

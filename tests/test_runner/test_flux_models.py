@@ -120,7 +120,17 @@ def test_load_from_s3_prefix(
         if path.is_file():
             store.put_file(path.relative_to(tiny_flux_dir).as_posix(), path)
     comps = _load(uri, cache_dir=str(tmp_path / "cache"))
-    assert _same(comps.transformer, _load(str(tiny_flux_dir)).transformer)
+    ref = _load(str(tiny_flux_dir))
+    assert _same(comps.transformer, ref.transformer)
+    # a single BFL file on S3 whose components (and transformer config) are on S3 too
+    single = save_flux_single_file(tiny_flux_dir / "transformer", tmp_path / "f.safetensors")
+    open_store(f"s3://{s3_bucket}/files").put_file("flux1-tiny.safetensors", single)
+    from_file = _load(
+        f"s3://{s3_bucket}/files/flux1-tiny.safetensors",
+        single_file_config=uri,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert _same(from_file.transformer, ref.transformer) and _same(from_file.vae, ref.vae)
 
 
 def test_hub_name_offline_is_a_user_error_naming_the_model() -> None:
