@@ -73,7 +73,7 @@ def load_flux(s: ModelSettings, cache: Path) -> FluxComponents:
             return _from_pretrained(cls, source, sub, variant=s.hf_variant, dtype=dtype)
         where = loading._resolve(override, s.storage, cache)
         if Path(where).is_file() and cls is FluxTransformer2DModel:  # a BFL-layout file
-            return load_single_file_transformer(where, s.single_file_config or source, dtype)
+            return load_single_file_transformer(where, source, dtype)  # config: the model's
         inner = sub if (Path(where) / sub).is_dir() else ""
         return _from_pretrained(cls, where, inner, variant=s.hf_variant, dtype=dtype)
 
