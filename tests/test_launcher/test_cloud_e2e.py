@@ -76,3 +76,27 @@ def test_a_cloud_run_reads_checkpoints_resumes_and_pulls(
     doc = json.loads(pulled.stdout)
     assert (doc["what"], doc["step"], doc["files"]) == ("final", 4, ["lora.safetensors"])
     assert (dest / "lora.safetensors").read_bytes() == store.get_bytes("final/lora.safetensors")
+
+
+def test_a_run_trains_from_gcs_and_pulls_from_it(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_sd_dir: Path
+) -> None:
+    """GCS as far as its emulator goes (reads only, see tests/gcs_emulator.py): the base model
+    and the dataset come from gs://, the outputs go to a local folder; the finished run's
+    folder, put into the emulator, is pulled back from gs:// and verified."""
+    gcs = request.getfixturevalue("gcs_env")
+    bucket = gcs.create_bucket()
+    gcs.upload_tree(bucket, "inputs/model", tiny_sd_dir)
+    gcs.upload_tree(bucket, "inputs/data", write_dataset(tmp_path / "data", n=4))
+    out = tmp_path / "out" / "run"
+    root = f"gs://{bucket}/inputs"
+    cfg = make_config("SD_LORA", f"{root}/model", f"{root}/data", out, max_train_steps=2,
+                      save_every_n_steps=2)  # type: ignore[arg-type]  # fmt: skip
+    assert train(cfg).step == 2
+    gcs.upload_tree(bucket, "runs/run", out)
+    dest = tmp_path / "pulled"
+    uri = f"gs://{bucket}/runs/run"
+    pulled = CliRunner().invoke(main, ["pull", uri, "-o", str(dest), "--format", "json"])
+    assert pulled.exit_code == 0, pulled.output
+    assert json.loads(pulled.stdout)["step"] == 2
+    assert (dest / "lora.safetensors").read_bytes() == (out / "final/lora.safetensors").read_bytes()
