@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest_plugins = ["fixtures_models", "cluster_env"]
 
 from azurite import Azurite, find_azurite  # noqa: E402
-from gcs_emulator import FakeGCS, find_fake_gcs  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
+from gcs_emulator import FakeGCS, find_fake_gcs  # noqa: E402
 from s3server import S3Server, find_weed  # noqa: E402
 
 
