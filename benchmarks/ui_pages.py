@@ -23,37 +23,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def make_runs(home: Path, outputs: Path, count: int) -> None:
-    """`count` finished local runs as LocalBackend writes them (run.json, config.yaml,
-    exit_code) with a progress.json each; every 4th run is in one of a few sweeps."""
-    import yaml
+    """`count` finished local runs (progress.json each); every 4th is in one of 5 sweeps."""
+    from ui_support import fake_local_run
 
-    from kubetune.config import config_hash, config_to_yaml, parse_config
-    from kubetune.layout import PROGRESS_KEY, ProgressRecord
-    from launcher.manifests import job_name, run_labels
     from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX
 
-    base = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    base["data_loader"]["dataset"]["dataset_dir"] = str(ROOT / "examples" / "sample_data")
     for i in range(count):
-        data = dict(base, base_output_dir=str(outputs / f"run-{i:03d}"))
-        data["job"] = {"name": f"run-{i:03d}", "gpus": 0}
+        labels = {}
         if i % 4 == 0:
-            rank = f"{PARAM_LABEL_PREFIX}lora_rank_dim"
-            data["job"]["labels"] = {LABEL_SWEEP: f"sweep-{i % 5}", rank: str(4 + i % 3)}
-        cfg = parse_config(yaml.safe_dump(data))
-        run_dir = home / "runs" / f"run-{i:03d}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        (run_dir / "exit_code").write_text("0\n")
-        info = {"run": f"run-{i:03d}", "job_name": job_name(cfg), "config_hash": config_hash(cfg),
-                "output_uri": cfg.base_output_dir, "pid": 2**22 + i, "command": [],
-                "started": time.time(), "labels": run_labels(cfg)}  # fmt: skip
-        (run_dir / "run.json").write_text(json.dumps(info))
-        out = Path(cfg.base_output_dir)
-        out.mkdir(parents=True)
-        record = ProgressRecord(state="completed", step=40, total_steps=40, loss=0.1 + i / 1e4,
-                                images_per_second=12.5, eta_seconds=0.0)  # fmt: skip
-        (out / PROGRESS_KEY).write_bytes(record.to_bytes())
+            labels = {LABEL_SWEEP: f"sweep-{i % 5}", f"{PARAM_LABEL_PREFIX}rank": str(4 + i % 3)}
+        fake_local_run(home, outputs, f"run-{i:03d}", labels=labels)
 
 
 def timed_load(driver: object, url: str, ready: str, stamp: str) -> float:

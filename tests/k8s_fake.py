@@ -3,7 +3,8 @@
 It exists for speed and for what a real cluster cannot be made to do on cue (pods that
 start, fail or get preempted exactly when a test says). A real single-node Kubernetes does
 run here (v1.20, built by tests/cluster/local-cluster.sh: the `cluster` tier of CI), and the
-same backend tests also run against it when KUBECONFIG is set (see docs/kubernetes.md). It speaks real HTTP/JSON on 127.0.0.1 to the real `kubernetes` client,
+same backend tests also run against it when KUBECONFIG is set (see docs/kubernetes.md). It
+speaks real HTTP/JSON on 127.0.0.1 to the real `kubernetes` client,
 so request paths, query parameters, status codes, chunked log/watch streams and
 (de)serialisation are exercised for real.
 

@@ -72,3 +72,59 @@ def screenshot(driver: Any, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     assert driver.save_screenshot(str(folder / name)), name
     return folder / name
+
+
+def fake_local_run(
+    home: Path,
+    outputs: Path,
+    name: str,
+    *,
+    labels: dict[str, str] | None = None,
+    prompts: list[str] | None = None,
+    thumbs: dict[int, int] | None = None,
+    step: int = 40,
+) -> Path:
+    """A finished local run written as LocalBackend writes one (run.json, config.yaml,
+    exit_code) with its outputs: progress.json and, per {step: prompts}, validation
+    thumbnails (real JPEGs). Returns its output folder. For listings and views only: no
+    training happened."""
+    import io
+    import json
+    import time
+
+    import yaml
+    from PIL import Image
+
+    from kubetune.config import config_hash, config_to_yaml, parse_config
+    from kubetune.layout import PROGRESS_KEY, ProgressRecord, thumb_key
+    from launcher.manifests import job_name, run_labels
+
+    root = Path(__file__).resolve().parent.parent
+    data = yaml.safe_load((root / "examples" / "quickstart.yaml").read_text())
+    data["data_loader"]["dataset"]["dataset_dir"] = str(root / "examples" / "sample_data")
+    data.update(base_output_dir=str(outputs / name), job={"name": name, "gpus": 0})
+    data["job"]["labels"] = labels or {}
+    if prompts is not None:
+        data["validation_prompts"] = prompts
+    cfg = parse_config(yaml.safe_dump(data))
+    run_dir = home / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    (run_dir / "exit_code").write_text("0\n")
+    info = {"run": name, "job_name": job_name(cfg), "config_hash": config_hash(cfg),
+            "output_uri": cfg.base_output_dir, "pid": 2**22 + 1, "command": [],
+            "started": time.time(), "labels": run_labels(cfg)}  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(info))
+    out = Path(cfg.base_output_dir)
+    out.mkdir(parents=True)
+    record = ProgressRecord(state="completed", step=step, total_steps=step, loss=0.125,
+                            images_per_second=12.5, eta_seconds=0.0)  # fmt: skip
+    (out / PROGRESS_KEY).write_bytes(record.to_bytes())
+    for at, count in (thumbs or {}).items():
+        for i in range(count):
+            jpeg = io.BytesIO()
+            Image.new("RGB", (64, 32), (40 * i % 255, 90, 160)).save(jpeg, "JPEG")
+            path = out / thumb_key(at, i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(jpeg.getvalue())
+    return out

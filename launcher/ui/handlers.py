@@ -144,6 +144,11 @@ async def run_logs(request: Request) -> Response:
     return await call(lambda: {"lines": _ui(request).runs.logs(p["backend"], p["run"], lines)})
 
 
+async def sweep(request: Request) -> Response:
+    p = request.path_params
+    return await call(_ui(request).runs.sweep, p["backend"], p["sweep"])
+
+
 async def run_cancel(request: Request) -> Response:
     p = request.path_params
     return await call(_ui(request).runs.cancel, p["backend"], p["run"])

@@ -18,6 +18,7 @@ from kubetune.layout import (
     VALIDATION,
     format_duration,
     parse_step_name,
+    parse_thumb_key,
 )
 from launcher.backends.base import Backend, RunStatus, read_progress
 from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX
@@ -151,6 +152,30 @@ class Runs:
         store, _ = self.store(backend_name, run)
         return store.get_bytes(key)
 
+    def sweep(self, backend_name: str, sweep: str) -> dict[str, Any]:
+        """A sweep's runs side by side (their values, progress) and every run's validation
+        thumbnails by step and prompt, for the prompt × run view."""
+        from kubetune.storage import open_store
+
+        backend = self.backend(backend_name)
+        statuses = sorted(
+            (s for s in backend.list() if s.labels.get(LABEL_SWEEP) == sweep), key=lambda s: s.run
+        )
+        if not statuses:
+            raise UserError(f"no sweep {sweep!r} among the {backend_name} runs")
+        members = []
+        for status in statuses:
+            row = self.row(backend, status)
+            cfg = self.config(backend, status)
+            store = open_store(status.output_uri or cfg.base_output_dir, cfg.storage)
+            thumbs: dict[int, dict[int, str]] = {}
+            for info in _listing(store, f"{VALIDATION}/"):
+                if (parsed := parse_thumb_key(info)) is not None:
+                    thumbs.setdefault(parsed[0], {})[parsed[1]] = info
+            members.append({**row, "prompts": list(cfg.validation_prompts), "thumbs": thumbs})
+        steps = sorted({step for m in members for step in m["thumbs"]})
+        return {"sweep": sweep, "backend": backend.name, "runs": members, "steps": steps}
+
     def cancel(self, backend_name: str, run: str) -> dict[str, Any]:
         return row_of(self.backend(backend_name).cancel(run))
 
@@ -185,11 +210,16 @@ def row_of(status: RunStatus) -> dict[str, Any]:
 def _keys(store: ObjectStore) -> list[str]:
     keys = [REPORT_KEY] if store.exists(REPORT_KEY) else []
     for prefix in (f"{VALIDATION}/", f"{FINAL}/"):
-        try:
-            keys += [info.key for info in store.list(prefix)]
-        except FileNotFoundError:
-            continue
+        keys += _listing(store, prefix)
     return keys
+
+
+def _listing(store: ObjectStore, prefix: str) -> list[str]:
+    """The keys under `prefix` (none when the folder does not exist yet)."""
+    try:
+        return [info.key for info in store.list(prefix)]
+    except FileNotFoundError:
+        return []
 
 
 def _validation_step(key: str) -> int | None:

@@ -292,3 +292,36 @@ def test_an_unreachable_cluster_is_one_line_in_place(tmp_path: Path) -> None:
             wait_for(driver, "!document.getElementById('start-msg').textContent.endsWith('…')", 60)
             text = driver.find_element(By.ID, "start-msg").text
             assert "cannot reach the Kubernetes API" in text and "\n" not in text
+
+
+def test_a_sweep_page_shows_runs_side_by_side_and_prompt_by_run_images(tmp_path: Path) -> None:
+    from ui_support import fake_local_run
+
+    from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX
+
+    home, outputs = tmp_path / "home", tmp_path / "outputs"
+    prompts = ["a red circle", "a blue ring"]
+    for rank in ("4", "16"):
+        labels = {LABEL_SWEEP: "rank-sweep", f"{PARAM_LABEL_PREFIX}lora_rank_dim": rank}
+        fake_local_run(home, outputs, f"rank-sweep-{rank}", labels=labels, prompts=prompts,
+                       thumbs={10: 2, 20: 2})  # fmt: skip
+    fake_local_run(home, outputs, "lonely")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBETUNE_HOME", str(home))
+        app = create_app(UiSettings(port=0, local_only=True))
+        with serve_in_thread(app) as url, browser() as driver:
+            driver.get(url + "/#runs")
+            wait_for(driver, "document.body.dataset.runsReady")
+            header = driver.find_element(By.CSS_SELECTOR, 'tr.sweep[data-sweep="rank-sweep"]')
+            assert "2 runs" in header.text
+            header.find_element(By.TAG_NAME, "a").click()
+            wait_for(driver, "document.body.dataset.sweepReady")
+            table = driver.find_element(By.ID, "sweep-table").text
+            assert "lora_rank_dim" in table and "rank-sweep-16" in table and "lonely" not in table
+            assert driver.find_element(By.ID, "sweep-step").get_attribute("value") == "20"
+            grid = driver.find_element(By.ID, "sweep-grid")
+            assert len(grid.find_elements(By.CSS_SELECTOR, "tr[data-prompt]")) == 2
+            wait_for(driver, "[...document.querySelectorAll('#sweep-grid img')]"
+                     ".filter(i => i.naturalWidth > 0).length === 4")  # fmt: skip
+            assert "a blue ring" in grid.text
+            screenshot(driver, "ui-sweep.png")

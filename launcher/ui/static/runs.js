@@ -14,8 +14,9 @@ function route() {
   clearTimeout(timer);
   const hash = location.hash.slice(1) || "configure";
   const [view, backend, ...rest] = hash.split("/");
-  for (const name of ["configure", "runs", "run"]) document.getElementById(`view-${name}`).hidden = name !== view;
+  for (const name of ["configure", "runs", "run", "sweep"]) document.getElementById(`view-${name}`).hidden = name !== view;
   if (view === "runs") pollRuns();
+  if (view === "sweep") pollSweep(backend, decodeURIComponent(rest.join("/")));
   if (view === "run") pollRun(backend, decodeURIComponent(rest.join("/")));
 }
 
@@ -39,7 +40,8 @@ function runsTable(runs) {
     sweeps.get(r.sweep).push(r);
   }
   for (const [name, members] of sweeps) {
-    rows.push(k.el("tr", { class: "sweep", "data-sweep": name }, k.el("td", { colspan: 8 }, `sweep ${name}: ${members.length} runs`)));
+    const link = k.el("a", { href: `#sweep/${members[0].backend}/${encodeURIComponent(name)}` }, `sweep ${name}`);
+    rows.push(k.el("tr", { class: "sweep", "data-sweep": name }, k.el("td", { colspan: 8 }, link, `: ${members.length} runs`)));
     for (const r of members) {
       const row = runRow(r);
       const params = Object.entries(r.params).map(([p, v]) => `${p}=${v}`).join(" ");
@@ -62,6 +64,46 @@ async function pollRuns() {
     document.body.dataset.runsReady = "true";
   }
   timer = setTimeout(pollRuns, POLL_MS);
+}
+
+function sweepGrid(data, step) {
+  const k = window.kubetune;
+  const head = k.el("tr", {}, k.el("th", {}, "prompt"), ...data.runs.map((r) => k.el("th", {}, r.run,
+    k.el("div", { class: "params" }, Object.entries(r.params).map(([p, v]) => `${p}=${v}`).join(" ")))));
+  const prompts = Math.max(0, ...data.runs.map((r) => r.prompts.length));
+  const rows = [];
+  for (let i = 0; i < prompts; i++) {
+    rows.push(k.el("tr", { "data-prompt": i }, k.el("td", {}, data.runs[0].prompts[i] || `prompt ${i}`),
+      ...data.runs.map((r) => {
+        const key = (r.thumbs[step] || {})[i];
+        return k.el("td", {}, key ? k.el("img", { src: `/api/runs/${r.backend}/${encodeURIComponent(r.run)}/files/${key}`,
+          alt: `${r.run} prompt ${i} step ${step}` }) : "–");
+      })));
+  }
+  document.getElementById("sweep-grid").replaceChildren(head, ...rows);
+}
+
+async function pollSweep(backend, name) {
+  const k = window.kubetune;
+  document.getElementById("sweep-title").textContent = `sweep ${name}`;
+  const data = await k.api(`/api/sweeps/${backend}/${encodeURIComponent(name)}`);
+  if (!location.hash.startsWith("#sweep/")) return;
+  if (data.error) { k.say("sweep-msg", data.error, "error"); timer = setTimeout(() => pollSweep(backend, name), POLL_MS); return; }
+  k.say("sweep-msg", `${data.runs.length} runs`);
+  const keys = [...new Set(data.runs.flatMap((r) => Object.keys(r.params)))].sort();
+  document.querySelector("#sweep-table thead").replaceChildren(k.el("tr", {}, ...["Run", ...keys, "Phase", "Step", "Loss"].map((h) => k.el("th", {}, h))));
+  document.querySelector("#sweep-table tbody").replaceChildren(...data.runs.map((r) => k.el("tr", { "data-run": r.run },
+    k.el("td", {}, k.el("a", { href: `#run/${r.backend}/${encodeURIComponent(r.run)}` }, r.run)),
+    ...keys.map((p) => k.el("td", {}, r.params[p] || "–")), k.el("td", { class: `phase-${r.phase}` }, r.phase),
+    k.el("td", {}, r.step === null ? "–" : `${r.step}/${r.total || "?"}`), k.el("td", {}, fmt(r.loss)))));
+  const select = document.getElementById("sweep-step");
+  const chosen = select.value || String(data.steps[data.steps.length - 1] ?? "");
+  select.replaceChildren(...data.steps.map((s) => k.el("option", { value: String(s) }, String(s))));
+  select.value = chosen;
+  select.onchange = () => sweepGrid(data, select.value);
+  sweepGrid(data, select.value);
+  document.body.dataset.sweepReady = "true";
+  if (data.runs.some((r) => !r.done)) timer = setTimeout(() => pollSweep(backend, name), POLL_MS);
 }
 
 function chart(svg, points, label) {
