@@ -325,3 +325,23 @@ def test_a_sweep_page_shows_runs_side_by_side_and_prompt_by_run_images(tmp_path:
                      ".filter(i => i.naturalWidth > 0).length === 4")  # fmt: skip
             assert "a blue ring" in grid.text
             screenshot(driver, "ui-sweep.png")
+
+
+def test_an_uploaded_reference_loads_and_the_yaml_saves(
+    page: tuple[Any, str], tmp_path: Path
+) -> None:
+    driver, url = page
+    open_page(driver, url)
+    sample = SAMPLES[0]
+    driver.find_element(By.ID, "ref-file").send_keys(str(sample))
+    click(driver, "ref-reload")
+    assert wait_for(driver, "document.getElementById('ref-msg').textContent").startswith(
+        f"loaded {sample.name}"
+    )
+    assert generate(driver).startswith("ok:")
+    target = tmp_path / "saved" / "config.yaml"
+    set_input(driver, driver.find_element(By.ID, "save-path"), str(target))
+    click(driver, "save")
+    assert wait_for(driver, "document.getElementById('save-msg').textContent").startswith("saved")
+    assert target.read_text() == driver.execute_script("return window.kubetune.state.yaml")
+    assert load_config(target).type == load_config(sample).type

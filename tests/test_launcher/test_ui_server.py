@@ -165,3 +165,35 @@ def test_a_sweep_from_the_form_is_grouped_and_a_run_without_progress_reads(
     detail = runs.detail("local", rows[0]["run"])
     assert (detail["history"], detail["grids"], detail["final"]) == ([], [], [])
     assert runs.logs("local", rows[0]["run"]) == ["working"]
+
+
+def test_launcher_ui_serves_until_stopped(tmp_path: Path) -> None:
+    """The real command: `launcher ui` prints its URL and serves the page."""
+    import os
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "ui", "--port", str(port), "--local-only"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(f"kubetune ui: http://127.0.0.1:{port}/")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, page, _ = request(f"http://127.0.0.1:{port}/")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert status == 200 and "kubetune-csrf" in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
