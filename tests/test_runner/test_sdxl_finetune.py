@@ -245,3 +245,52 @@ def test_8bit_adam_off_cuda_fails_before_the_model_loads(data_dir: Path, tmp_pat
     with pytest.raises(UserError, match="optimizer.use_8bit needs a CUDA GPU"):
         train(cfg)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_fit_parameter_counts_are_sdxl_bases() -> None:
+    """`launcher validate`'s memory estimate (kubetune.config.gpu_fit, torch-free) uses
+    SDXL base 1.0's parameter counts: built here on the meta device from its configs."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from kubetune.config.gpu_fit import SDXL_TEXT_ENCODERS, SDXL_UNET, SDXL_VAE
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        )  # fmt: skip
+        clip_l = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+            )
+        )
+        clip_g = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                projection_dim=1280,
+            )
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        )  # fmt: skip
+
+    def count(*modules: torch.nn.Module) -> float:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    assert count(unet) == pytest.approx(SDXL_UNET, rel=1e-3)
+    assert count(clip_l, clip_g) == pytest.approx(SDXL_TEXT_ENCODERS, rel=1e-3)
+    assert count(vae) == pytest.approx(SDXL_VAE, rel=1e-2)
