@@ -94,6 +94,24 @@ POD_SPEC_FIELDS: dict[str, type] = {
     ),
 }
 MAX_RUN_NAME = 52  # leaves room for "-<hash>" suffixes in Job/ConfigMap names (63 max)
+Backend = Literal["job", "jobset", "trainjob"]
+# What a TrainJob's runtimePatches may set in the pod spec (trainer.kubeflow.org/v1alpha1).
+TRAINJOB_POD_FIELDS = frozenset(
+    {
+        "affinity",
+        "containers",
+        "imagePullSecrets",
+        "initContainers",
+        "nodeSelector",
+        "schedulingGates",
+        "securityContext",
+        "serviceAccountName",
+        "terminationGracePeriodSeconds",
+        "tolerations",
+        "volumes",
+    }
+)
+RENDEZVOUS_POD_FIELDS = ("hostname", "subdomain")  # multi-node pods' DNS names come from these
 
 
 def sanitize_name(raw: str) -> str:
@@ -171,6 +189,27 @@ class Toleration(ConfigModel):
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
+class TopologyRequest(ConfigModel):
+    """A Kueue Topology-Aware Scheduling request for the run's pods."""
+
+    level: str
+    """Node label of the topology level the pods share, e.g.
+    `cloud.provider.com/topology-rack` or `kubernetes.io/hostname` (one of the levels of the
+    cluster's Kueue Topology)."""
+    mode: Literal["required", "preferred"] = "required"
+    """`required`: Kueue admits the run only where all its pods fit in one domain of `level`
+    (annotation `kueue.x-k8s.io/podset-required-topology`); `preferred`: it tries that, then
+    spreads over as few domains as it can (`kueue.x-k8s.io/podset-preferred-topology`)."""
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        problem = label_problem(value, "")
+        if problem:
+            raise ValueError(f"must be a node label key ({problem})")
+        return value
+
+
 class JobConfig(ConfigModel):
     """How the training Job runs on Kubernetes. Ignored by local runs."""
 
@@ -183,7 +222,8 @@ class JobConfig(ConfigModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """Kubernetes imagePullPolicy."""
     gpus: int = Field(default=1, ge=0, le=16)
-    """GPUs for the pod; more than 1 runs `accelerate launch` with one process per GPU."""
+    """GPUs per pod (per node when `nodes` > 1): one training process per GPU. On one node,
+    more than 1 runs `accelerate launch`; on several, torchrun (0: one CPU process)."""
     gpu_resource_name: str = "nvidia.com/gpu"
     """Extended resource name of the GPUs (e.g. `amd.com/gpu`)."""
     gpu_memory_gib: float | None = Field(default=None, gt=0)
@@ -218,6 +258,29 @@ class JobConfig(ConfigModel):
     """Extra labels for the Job and its pod."""
     hf_token_secret: SecretKeyRef | None = None
     """Optional Secret key holding a Hugging Face token (`HF_TOKEN`), for gated models."""
+    nodes: int = Field(default=1, ge=1, le=512)
+    """Pods (machines) the run spans, each with `gpus` GPUs (kubetune extension): `nodes` ×
+    max(gpus, 1) training processes in all. 1 (default): one pod, as before; more: every pod
+    runs torchrun with rank 0's pod as the rendezvous (docs/kubernetes.md). Going from one
+    8-GPU node to two is `nodes: 2`."""
+    backend: Backend = "job"
+    """What runs the pods (kubetune extension): `job` (default; with nodes > 1 an Indexed Job
+    plus a headless Service, core Kubernetes 1.24+), `jobset` (a JobSet,
+    jobset.x-k8s.io/v1alpha2: needs the JobSet controller; one lost pod restarts the whole
+    group) or `trainjob` (a Kubeflow Trainer v2 TrainJob on `training_runtime`: needs Kubeflow
+    Trainer)."""
+    training_runtime: str | None = None
+    """backend trainjob only (kubetune extension): the ClusterTrainingRuntime the TrainJob runs
+    on (default `torch-distributed`). It must be a torch runtime whose trainer container is named `node` (as Kubeflow's
+    `torch-distributed`): it gives torchrun PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+    PET_MASTER_ADDR and PET_MASTER_PORT."""
+    rendezvous_port: int = Field(default=29500, ge=1024, le=65535)
+    """nodes > 1 (kubetune extension): the port rank 0's pod listens on for torchrun's
+    rendezvous (backend job and jobset; a TrainJob's runtime picks its own, 29500)."""
+    topology: TopologyRequest | None = None
+    """Kueue topology request (kubetune extension): keep all the run's pods within one domain
+    of a node-label level (a rack, a block) for fast inter-node links. Needs `queue_name`
+    and a cluster queue whose ResourceFlavor has a Topology. Empty: no request."""
     pod_patch: dict[str, Any] = {}
     """kubetune extension: a JSON merge patch (RFC 7386) applied to the generated pod spec,
     for what a cluster needs and kubetune does not model, e.g. `{hostNetwork: true}` for
@@ -268,8 +331,54 @@ class JobConfig(ConfigModel):
             problem = pod_patch_problem(key, value)
             if problem:
                 p.add(f"pod_patch.{key}", problem)
+        self._workload_problems(p)
         p.raise_if_any()
         return self
+
+    def _workload_problems(self, p: Problems) -> None:
+        """Rules of job.nodes / backend / topology: what each backend can express."""
+        p.check(
+            self.topology is None or self.queue_name is not None,
+            "topology",
+            "Kueue places only the workloads of its queues: set job.queue_name (a LocalQueue "
+            "whose ClusterQueue has a Topology) or remove job.topology",
+        )
+        p.check(
+            self.backend == "trainjob" or self.training_runtime is None,
+            "training_runtime",
+            "only used by backend trainjob: set job.backend: trainjob or remove it",
+        )
+        if self.nodes > 1:
+            for key in RENDEZVOUS_POD_FIELDS:
+                p.check(
+                    key not in self.pod_patch,
+                    f"pod_patch.{key}",
+                    f"with job.nodes > 1 kubetune sets the pods' {key}: rank 0's DNS name is "
+                    "the rendezvous address; remove it from pod_patch",
+                )
+        if self.backend == "trainjob":
+            self._trainjob_problems(p)
+
+    def _trainjob_problems(self, p: Problems) -> None:
+        hint = "use backend jobset, or set it in the ClusterTrainingRuntime"
+        p.check(
+            self.priority_class_name is None,
+            "priority_class_name",
+            f"a TrainJob cannot set its pods' priorityClassName: {hint}",
+        )
+        p.check(
+            self.image_pull_policy == "IfNotPresent",
+            "image_pull_policy",
+            f"a TrainJob takes the pull policy from its runtime (IfNotPresent for a tagged "
+            f"image): remove it ({hint})",
+        )
+        for key in self.pod_patch:
+            p.check(
+                key in TRAINJOB_POD_FIELDS or key not in POD_SPEC_FIELDS,
+                f"pod_patch.{key}",
+                f"a TrainJob's runtimePatches cannot set {key} (only "
+                f"{', '.join(sorted(TRAINJOB_POD_FIELDS))}): {hint}",
+            )
 
 
 def pod_patch_problem(key: str, value: Any) -> str | None:
