@@ -271,9 +271,9 @@ class JobConfig(ConfigModel):
     Trainer)."""
     training_runtime: str | None = None
     """backend trainjob only (kubetune extension): the ClusterTrainingRuntime the TrainJob runs
-    on (default `torch-distributed`). It must be a torch runtime whose trainer container is named `node` (as Kubeflow's
-    `torch-distributed`): it gives torchrun PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
-    PET_MASTER_ADDR and PET_MASTER_PORT."""
+    on (default `torch-distributed`). It must be a torch runtime whose trainer container is
+    named `node`, as Kubeflow's `torch-distributed`: it gives torchrun PET_NNODES,
+    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT."""
     rendezvous_port: int = Field(default=29500, ge=1024, le=65535)
     """nodes > 1 (kubetune extension): the port rank 0's pod listens on for torchrun's
     rendezvous (backend job and jobset; a TrainJob's runtime picks its own, 29500)."""
