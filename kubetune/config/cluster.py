@@ -95,13 +95,12 @@ POD_SPEC_FIELDS: dict[str, type] = {
 }
 MAX_RUN_NAME = 52  # leaves room for "-<hash>" suffixes in Job/ConfigMap names (63 max)
 Backend = Literal["job", "jobset", "trainjob"]
-# What a TrainJob's runtimePatches may set in the pod spec (trainer.kubeflow.org/v1alpha1).
+# What a TrainJob's runtimePatches may set in the pod spec (trainer.kubeflow.org/v1alpha1;
+# containers only patch the runtime's own, so kubetune patches its trainer container alone).
 TRAINJOB_POD_FIELDS = frozenset(
     {
         "affinity",
-        "containers",
         "imagePullSecrets",
-        "initContainers",
         "nodeSelector",
         "schedulingGates",
         "securityContext",

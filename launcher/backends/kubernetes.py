@@ -60,6 +60,11 @@ class KubernetesBackend(Backend):
     def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
         ns = self.explicit_namespace or (cfg.job.namespace if cfg.job else None) or self.namespace
         self.namespace = ns  # status/logs/wait after submit follow the run where it was created
+        if cfg.job is not None and (cfg.job.nodes > 1 or cfg.job.backend != "job"):
+            raise UserError(
+                "submitting multi-node runs and JobSet / TrainJob backends is not wired yet",
+                hint="`launcher render` prints the manifests; set job.nodes: 1, backend: job",
+            )
         config_map, job = build_manifests(cfg, namespace=ns)
         run, name = run_name(cfg), job_name(cfg)
         result = SubmitResult(

@@ -1,11 +1,9 @@
-"""Config → Kubernetes manifests (pure: no cluster, no I/O).
-
-`build_manifests(cfg)` is the one source of truth for a run's ConfigMap and batch/v1 Job;
-`render` prints it and the Kubernetes backend creates it.
-"""
+"""What every backend's manifests share (pure): names, labels, the env contract, the pod
+spec with `job.pod_patch` merged in, the ConfigMap, and YAML output."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -13,7 +11,7 @@ import yaml
 from kubetune.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
 from kubetune.config.cluster import JobConfig, StorageConfig
 from kubetune.config.notify import HMAC_ENV, NotifyConfig, url_env
-from kubetune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from kubetune.errors import UserError
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"
@@ -27,6 +25,8 @@ LABEL_HASH = "kubetune.io/config-hash"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_OUTPUT = "kubetune.io/output-uri"
 HASH_LENGTH = 8
+MAX_HOSTNAME = 63  # a pod's hostname (and a Service's name) is one DNS label
+REPLICATED_JOB = "node"  # the JobSet / TrainJob replicated job (Kubeflow's runtimes name it so)
 # Caches and scratch space live on emptyDirs: the root filesystem is read-only.
 POD_CACHE_ENV = {
     "HOME": "/tmp",
@@ -40,8 +40,60 @@ POD_CACHE_ENV = {
 
 
 def job_name(cfg: PipelineConfig) -> str:
-    """`<run>-<config hash>`: deterministic, so resubmitting the same config is a no-op."""
-    return f"{run_name(cfg)}-{config_hash(cfg)[:HASH_LENGTH]}"
+    """`<run>-<config hash>`: deterministic, so resubmitting the same config is a no-op.
+
+    A multi-node workload (or a JobSet / TrainJob) names a headless Service and its pods'
+    hostnames after it: it starts with a letter (DNS-1035) and is cut so that the longest
+    pod hostname fits in one DNS label."""
+    run, digest = run_name(cfg), config_hash(cfg)[:HASH_LENGTH]
+    job = cfg.job or JobConfig()
+    if job.nodes == 1 and job.backend == "job":
+        return f"{run}-{digest}"
+    stem = run if run[0].isalpha() else f"kt-{run}"
+    budget = MAX_HOSTNAME - len(hostname_suffix(job)) - HASH_LENGTH - 1
+    return f"{stem[:budget].rstrip('-')}-{digest}"
+
+
+def hostname_suffix(job: JobConfig) -> str:
+    """What follows the workload's name in its last pod's hostname."""
+    last = job.nodes - 1
+    return f"-{last}" if job.backend == "job" else f"-{REPLICATED_JOB}-0-{last}"
+
+
+def object_meta(cfg: PipelineConfig, namespace: str | None) -> dict[str, Any]:
+    """name, labels (and namespace) shared by every object of the run."""
+    meta: dict[str, Any] = {"name": job_name(cfg), "labels": run_labels(cfg)}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+def workload_meta(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The workload's metadata: the run's labels (plus Kueue's queue label) and annotations."""
+    job = cfg.job or JobConfig()
+    labels = dict(meta["labels"])
+    if job.queue_name:
+        labels[LABEL_QUEUE] = job.queue_name
+    annotations = {ANNOTATION_OUTPUT: output_uri(cfg), "kubetune.io/type": cfg.type}
+    return {**meta, "labels": labels, "annotations": annotations}
+
+
+def config_map(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config the pods read at CONFIG_PATH."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": dict(meta),
+        "data": {"config.yaml": config_to_yaml(cfg)},
+    }
+
+
+def require_storage(cfg: PipelineConfig) -> None:
+    if cfg.storage is None:
+        raise UserError(
+            "a Kubernetes run needs a `storage:` section: a pod's local disk vanishes with it",
+            hint="add storage.bucket (and credentials_secret), or use `launcher submit --local`",
+        )
 
 
 def run_labels(cfg: PipelineConfig) -> dict[str, str]:
@@ -94,6 +146,11 @@ def storage_env(storage: StorageConfig) -> dict[str, str]:
     return env
 
 
+def pod_labels(cfg: PipelineConfig) -> dict[str, str]:
+    """Labels of the run's pods: the run's, plus what the storage's identity webhook needs."""
+    return {**run_labels(cfg), **storage_pod_labels(cfg.storage)}
+
+
 def storage_pod_labels(storage: StorageConfig | None) -> dict[str, str]:
     """Azure Workload Identity's webhook injects the federated token only into pods carrying
     this label (EKS IRSA and GKE Workload Identity need only the ServiceAccount)."""
@@ -120,72 +177,19 @@ def runner_command(gpus: int, config_path: str = CONFIG_PATH) -> list[str]:
     return ["python", "-m", "runner", config_path]
 
 
-def build_manifests(cfg: PipelineConfig, *, namespace: str | None = None) -> list[dict[str, Any]]:
-    """The run's ConfigMap (resolved config) and Job, in creation order."""
-    if cfg.storage is None:
-        raise UserError(
-            "a Kubernetes run needs a `storage:` section: a pod's local disk vanishes with it",
-            hint="add storage.bucket (and credentials_secret), or use `launcher submit --local`",
-        )
-    namespace = namespace or (cfg.job.namespace if cfg.job else None)
-    name = job_name(cfg)
-    meta: dict[str, Any] = {"name": name, "labels": run_labels(cfg)}
-    if namespace:
-        meta["namespace"] = namespace
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": dict(meta),
-        "data": {"config.yaml": config_to_yaml(cfg)},
-    }
-    return [config_map, _job(cfg, meta)]
+Container = dict[str, Any]
 
 
-def _job(cfg: PipelineConfig, meta: dict[str, Any]) -> dict[str, Any]:
+def pod_spec(
+    cfg: PipelineConfig, name: str, adjust: Callable[[Container], Container] | None = None
+) -> dict[str, Any]:
+    """The pod spec of the run's workload, with `job.pod_patch` merged in (RFC 7386).
+    `adjust` rewrites the trainer container first (a multi-node launch command and env)."""
     job = cfg.job or JobConfig()
-    meta = {
-        **meta,
-        "labels": dict(meta["labels"]),
-        "annotations": {ANNOTATION_OUTPUT: output_uri(cfg), "kubetune.io/type": cfg.type},
-    }
-    spec: dict[str, Any] = {
-        "backoffLimit": job.backoff_limit,
-        "completions": 1,
-        "parallelism": 1,
-        "podFailurePolicy": {"rules": _pod_failure_rules()},
-        "template": {
-            "metadata": {"labels": {**run_labels(cfg), **storage_pod_labels(cfg.storage)}},
-            "spec": pod_spec(cfg, meta["name"]),
-        },
-    }
-    if job.active_deadline_seconds is not None:
-        spec["activeDeadlineSeconds"] = job.active_deadline_seconds
-    if job.ttl_seconds_after_finished is not None:
-        spec["ttlSecondsAfterFinished"] = job.ttl_seconds_after_finished
-    if job.queue_name:
-        meta["labels"][LABEL_QUEUE] = job.queue_name
-        spec["suspend"] = True  # Kueue unsuspends it on admission
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
-
-
-def _pod_failure_rules() -> list[dict[str, Any]]:
-    """Preemption and the runner's checkpointed-on-SIGTERM exit do not count against
-    backoffLimit; a config/user error (exit 2) fails the Job at once."""
-
-    def codes(values: list[int]) -> dict[str, Any]:
-        return {"containerName": CONTAINER, "operator": "In", "values": values}
-
-    return [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        {"action": "Ignore", "onExitCodes": codes([EXIT_PREEMPTED])},
-        {"action": "FailJob", "onExitCodes": codes([EXIT_USER_ERROR])},
-    ]
-
-
-def pod_spec(cfg: PipelineConfig, name: str) -> dict[str, Any]:
-    """The pod spec of the run's Job, with `job.pod_patch` merged in (RFC 7386)."""
-    job = cfg.job or JobConfig()
-    return merge_patch(_pod_spec(cfg, job, name), job.pod_patch)
+    spec = _pod_spec(cfg, job, name)
+    if adjust is not None:
+        spec["containers"] = [adjust(spec["containers"][0])]
+    return merge_patch(spec, job.pod_patch)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
