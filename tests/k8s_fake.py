@@ -8,12 +8,14 @@ speaks real HTTP/JSON on 127.0.0.1 to the real `kubernetes` client,
 so request paths, query parameters, status codes, chunked log/watch streams and
 (de)serialisation are exercised for real.
 
-What it models: namespaces, ConfigMaps, Secrets, Events, Jobs and Pods; creation with 409
+What it models: namespaces, ConfigMaps, Secrets, Events, Services, Jobs, JobSets, TrainJobs
+and Pods; creation with 409
 AlreadyExists and 404 for missing namespaces; label and simple field selectors; resource
 versions and `watch=true` streams; pod logs with `follow=true`; deletion that cascades to
-objects whose ownerReferences point at the deleted one; and a small Job controller that
-creates one Pod per attempt, applies the Job's podFailurePolicy and backoffLimit, and honours
-`suspend`. Pods only move when the test says so (`start_pod`, `finish_pod`, ...).
+objects whose ownerReferences point at the deleted one; a small Job controller that creates
+one Pod per attempt (per index for Indexed Jobs), applies the Job's podFailurePolicy and
+backoffLimit, and honours `suspend`; and minimal JobSet / TrainJob controllers
+(`k8s_fake_workloads`). Pods only move when the test says so (`start_pod`, `finish_pod`, ...).
 
 What it does not model: authentication/RBAC, admission, scheduling, kubelet behaviour,
 finalizers (foreground deletion completes at once), strategic-merge-patch semantics (PATCH
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from k8s_fake_controls import PodControls, _now
+from k8s_fake_workloads import WorkloadControllers
 
 KINDS = {  # plural -> (kind, apiVersion)
     "namespaces": ("Namespace", "v1"),
@@ -42,8 +45,12 @@ KINDS = {  # plural -> (kind, apiVersion)
     "secrets": ("Secret", "v1"),
     "pods": ("Pod", "v1"),
     "events": ("Event", "v1"),
+    "services": ("Service", "v1"),
     "jobs": ("Job", "batch/v1"),
+    "jobsets": ("JobSet", "jobset.x-k8s.io/v1alpha2"),
+    "trainjobs": ("TrainJob", "trainer.kubeflow.org/v1alpha1"),
 }
+CRD_PLURALS = ("jobsets", "trainjobs")
 Obj = dict[str, Any]
 
 
@@ -102,7 +109,7 @@ def _merge(base: Obj, patch: Obj) -> Obj:
     return out
 
 
-class FakeKube(PodControls):
+class FakeKube(WorkloadControllers, PodControls):
     """The fake API server plus the controls a test uses to move pods along."""
 
     def __init__(self) -> None:
@@ -117,6 +124,7 @@ class FakeKube(PodControls):
         self.refuse_pods: str | None = None  # e.g. a ResourceQuota message: no pod, an event
         self.version = ("1", "31")  # what GET /version reports (major, minor)
         self.forbidden: set[str] = set()  # plurals this identity's RBAC refuses (403), e.g. secrets
+        self.crds = set(CRD_PLURALS)  # the custom resources the server serves (JobSet, TrainJob)
         from k8s_fake_http import handler_for  # the HTTP side, split off to keep files small
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(self))
@@ -177,7 +185,7 @@ class FakeKube(PodControls):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             key = (plural, "" if plural == "namespaces" else ns, meta.get("name", ""))
             if key in self.objects:
-                group = "batch" if plural == "jobs" else ""
+                group = api_version.rpartition("/")[0]
                 raise ApiError(
                     409,
                     "AlreadyExists",
@@ -198,13 +206,17 @@ class FakeKube(PodControls):
             self._record(plural, "ADDED", obj)
             if plural == "jobs":
                 self._job_started(obj)
+            elif plural in CRD_PLURALS:
+                self._group_started(plural, obj)
             return obj
 
     def get(self, plural: str, ns: str, name: str) -> Obj:
         obj = self.objects.get((plural, ns, name))
         if obj is None:
-            group = ".batch" if plural == "jobs" else ""
-            raise ApiError(404, "NotFound", f'{plural}{group} "{name}" not found')
+            group = KINDS[plural][1].rpartition("/")[0]
+            raise ApiError(
+                404, "NotFound", f'{plural}{"." + group if group else ""} "{name}" not found'
+            )
         return obj
 
     def update(self, plural: str, ns: str, name: str, body: Obj, *, patch: bool) -> Obj:
@@ -250,132 +262,6 @@ class FakeKube(PodControls):
             and _label_match(o["metadata"].get("labels", {}), labels)
             and _field_match(o, fields)
         ]
-
-    # --- the Job controller -------------------------------------------------------------
-
-    def _job_started(self, job: Obj) -> None:
-        job.setdefault("status", {})
-        if job["spec"].get("suspend"):
-            job["status"]["conditions"] = [
-                {
-                    "type": "Suspended",
-                    "status": "True",
-                    "reason": "JobSuspended",
-                    "message": "Job suspended",
-                    "lastTransitionTime": _now(),
-                }
-            ]
-        else:
-            job["status"]["startTime"] = _now()
-            self._new_pod(job)
-
-    def _new_pod(self, job: Obj) -> Obj | None:
-        meta, template = job["metadata"], job["spec"]["template"]
-        if self.refuse_pods:
-            self.add_event(
-                meta["name"],
-                "FailedCreate",
-                f'Error creating: pods "{meta["name"]}-xxxxx" is forbidden: {self.refuse_pods}',
-                ns=meta["namespace"],
-            )
-            return None
-        labels = {
-            **template["metadata"].get("labels", {}),
-            "batch.kubernetes.io/job-name": meta["name"],
-            "job-name": meta["name"],
-            "batch.kubernetes.io/controller-uid": meta["uid"],
-        }
-        pod = {
-            "metadata": {
-                "generateName": meta["name"] + "-",
-                "labels": labels,
-                "ownerReferences": [
-                    {
-                        "apiVersion": "batch/v1",
-                        "kind": "Job",
-                        "name": meta["name"],
-                        "uid": meta["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": json.loads(json.dumps(template["spec"])),
-            "status": {"phase": "Pending", "conditions": []},
-        }
-        pod = self.create("pods", meta["namespace"], pod)
-        job["status"]["active"] = 1
-        self._record("jobs", "MODIFIED", job)
-        return pod
-
-    def _owner_job(self, pod: Obj) -> Obj | None:
-        for ref in pod["metadata"].get("ownerReferences", []):
-            if ref["kind"] == "Job":
-                return self.objects.get(("jobs", pod["metadata"]["namespace"], ref["name"]))
-        return None
-
-    def _policy_action(self, job: Obj, pod: Obj, exit_code: int) -> tuple[str, int | None]:
-        conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
-        rules = job["spec"].get("podFailurePolicy", {}).get("rules", [])
-        for index, rule in enumerate(rules):
-            if any(
-                conditions.get(p["type"]) == p.get("status", "True")
-                for p in rule.get("onPodConditions", [])
-            ):
-                return rule["action"], index
-            codes = rule.get("onExitCodes")
-            if codes and (exit_code in codes["values"]) == (codes["operator"] == "In"):
-                return rule["action"], index
-        return "Count", None
-
-    def _pod_finished(self, pod: Obj, exit_code: int) -> None:
-        job = self._owner_job(pod)
-        if job is None:
-            return
-        status = job["status"]
-        status["active"] = 0
-        if exit_code == 0:
-            status.update(succeeded=1, completionTime=_now())
-            self._set_job_condition(job, "Complete", "Completed", "")
-            return
-        action, index = self._policy_action(job, pod, exit_code)
-        if action == "FailJob":
-            self._set_job_condition(
-                job,
-                "Failed",
-                "PodFailurePolicy",
-                (
-                    f"Container trainer for pod {pod['metadata']['namespace']}/"
-                    f"{pod['metadata']['name']} failed with exit code {exit_code} matching "
-                    f"FailJob rule at index {index}"
-                ),
-            )
-            return
-        if action == "Count":
-            status["failed"] = status.get("failed", 0) + 1
-            if status["failed"] > job["spec"].get("backoffLimit", 6):
-                self._set_job_condition(
-                    job,
-                    "Failed",
-                    "BackoffLimitExceeded",
-                    "Job has reached the specified backoff limit",
-                )
-                return
-        self._new_pod(job)
-
-    def _set_job_condition(self, job: Obj, kind: str, reason: str, message: str) -> None:
-        job["status"]["conditions"] = [
-            c for c in job["status"].get("conditions", []) if c["type"] != "Suspended"
-        ] + [
-            {
-                "type": kind,
-                "status": "True",
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": _now(),
-            }
-        ]
-        self._record("jobs", "MODIFIED", job)
 
     # --- streams ------------------------------------------------------------------------
 

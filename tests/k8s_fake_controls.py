@@ -146,12 +146,3 @@ class PodControls:
                 "lastTimestamp": _now(),
             },
         )
-
-    def admit(self, job: str, ns: str = "default") -> None:
-        """What Kueue does on admission: unsuspend the Job."""
-        with self.cond:
-            obj = self.get("jobs", ns, job)
-            obj["spec"]["suspend"] = False
-            obj["status"]["conditions"] = []
-            obj["status"]["startTime"] = _now()
-            self._new_pod(obj)

@@ -30,13 +30,40 @@ def _version_info(major: str, minor: str) -> Obj:
     }
 
 
-def _route(path: str) -> tuple[str, str, str | None, str | None]:
+def _served(fake: FakeKube) -> dict[str, list[str]]:
+    """Group/version → plurals the fake serves under /apis (CRDs only when installed)."""
+    out: dict[str, list[str]] = {"batch/v1": ["jobs"]}
+    for plural in sorted(fake.crds):
+        out.setdefault(KINDS[plural][1], []).append(plural)
+    return out
+
+
+def _discovery(fake: FakeKube, path: str) -> Obj | None:
+    """GET /apis/<group>/<version>: the APIResourceList, as a real server answers it."""
+    group_version = path.strip("/").removeprefix("apis/")
+    plurals = _served(fake).get(group_version)
+    if plurals is None:
+        return None
+    resources = [
+        {"name": p, "singularName": "", "namespaced": True, "kind": KINDS[p][0],
+         "verbs": ["create", "delete", "get", "list", "watch"]}
+        for p in plurals
+    ]  # fmt: skip
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+            "resources": resources}  # fmt: skip
+
+
+def _route(path: str, fake: FakeKube) -> tuple[str, str, str | None, str | None]:
     """URL path → (plural, namespace, name, subresource)."""
     parts = path.strip("/").split("/")
+    served = _served(fake)
     if parts[:2] == ["api", "v1"]:
         rest = parts[2:]
-    elif parts[:3] == ["apis", "batch", "v1"]:
+    elif parts[:1] == ["apis"] and "/".join(parts[1:3]) in served:
         rest = parts[3:]
+        plural = rest[2] if rest[:1] == ["namespaces"] and len(rest) >= 3 else rest[0]
+        if plural not in served["/".join(parts[1:3])]:
+            raise ApiError(404, "NotFound", f"the server could not find {path}")
     else:
         raise ApiError(404, "NotFound", f"the server could not find {path}")
     if rest[:1] == ["namespaces"] and len(rest) <= 2:
@@ -85,8 +112,19 @@ def handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 major, minor = fake.version
                 self._json(200, _version_info(major, minor))
                 return
+            if (
+                method == "GET"
+                and url.path.strip("/").count("/") == 2
+                and url.path.startswith("/apis/")
+            ):
+                found = _discovery(fake, url.path)
+                if found is not None:
+                    self._json(200, found)
+                else:
+                    self._json(404, ApiError(404, "NotFound", "404 page not found").body)
+                return
             try:
-                plural, ns, name, sub = _route(url.path)
+                plural, ns, name, sub = _route(url.path, fake)
                 if plural in fake.forbidden:
                     raise ApiError(
                         403, "Forbidden", f'{plural} is forbidden: User "fake" cannot {method} it'
@@ -162,6 +200,13 @@ def handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
         def _log(self, ns: str, name: str, query: dict[str, str]) -> None:
             with fake.cond:
                 pod = fake.get("pods", ns, name)
+                names = [c["name"] for c in pod["spec"]["containers"]]
+                if query.get("container", names[0]) not in names:
+                    raise ApiError(
+                        400,
+                        "BadRequest",
+                        f"container {query['container']} is not valid for pod {name}",
+                    )
                 statuses = pod["status"].get("containerStatuses") or [{}]
                 if pod["status"]["phase"] == "Pending":
                     reason = (

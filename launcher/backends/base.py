@@ -104,9 +104,12 @@ class Backend(abc.ABC):
         """The run's phase, reason and training progress; UserError if there is no such run."""
 
     @abc.abstractmethod
-    def logs(self, run: str, *, follow: bool = False, latest: bool = False) -> Iterator[str]:
+    def logs(
+        self, run: str, *, follow: bool = False, latest: bool = False, rank: int | None = None
+    ) -> Iterator[str]:
         """The run's log lines (without newlines); with `follow`, until the run finishes;
-        with `latest`, only the newest attempt's (what a submit that resumed it started)."""
+        with `latest`, only the newest attempt's (what a submit that resumed it started);
+        `rank`: the node (pod) of a multi-node run, default 0; UserError if it has none."""
 
     @abc.abstractmethod
     def cancel(self, run: str, *, wait: bool = False, timeout: float = 300.0) -> RunStatus:

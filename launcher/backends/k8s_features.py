@@ -24,9 +24,32 @@ JOB_FEATURES: dict[str, tuple[tuple[int, int], str]] = {
 }
 
 
+# field of the Job spec -> (first version that has it, why the run cannot go without it)
+REQUIRED_JOB_FEATURES: dict[str, tuple[tuple[int, int], str]] = {
+    "completionMode": (
+        (1, 24),
+        "multi-node runs (job.nodes > 1) need Indexed Jobs: without them the pods get no "
+        "completion index (node rank) and no stable hostname",
+    ),
+}
+
+
 def parse_version(major: str, minor: str) -> tuple[int, int]:
     """(major, minor) from the /version fields; providers append '+' to the minor."""
     return int(re.sub(r"\D", "", major) or 0), int(re.sub(r"\D", "", minor) or 0)
+
+
+def missing_features(job: dict[str, Any], version: tuple[int, int]) -> list[str]:
+    """One message per Job spec field in use that a cluster of `version` cannot honour and
+    the run cannot do without."""
+    out = []
+    for field, (needed, why) in REQUIRED_JOB_FEATURES.items():
+        if field in job.get("spec", {}) and version < needed:
+            out.append(
+                f"the cluster runs Kubernetes {version[0]}.{version[1]}, which has no Job "
+                f"spec.{field} (GA in {needed[0]}.{needed[1]}): {why}"
+            )
+    return out
 
 
 def ignored_features(job: dict[str, Any], version: tuple[int, int]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Why a Job is where it is: pure functions over Job / Pod / Event dicts (API JSON shape)."""
+"""Why a run is where it is: pure functions over workload (Job, JobSet, TrainJob), Pod and
+Event dicts (API JSON shape)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from typing import Any
 
 from kubetune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from launcher.manifests import LABEL_QUEUE
+
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+SUCCEEDED = {"Job": "Complete", "JobSet": "Completed", "TrainJob": "Complete"}
 
 Obj = dict[str, Any]
 WAITING_PROBLEMS = {
@@ -28,15 +32,24 @@ def conditions(obj: Obj) -> dict[str, Obj]:
 
 def job_phase(job: Obj, pods: list[Obj], events: list[Obj]) -> tuple[str, str | None, str | None]:
     """(phase, reason, message) for a Job, its pods (oldest first) and its events."""
-    if job["metadata"].get("deletionTimestamp"):
-        return "Cancelling", "Terminating", "the Job and its pods are being deleted"
-    done = conditions(job)
-    if "Complete" in done:
+    return workload_phase(job, pods, events)
+
+
+def workload_phase(
+    obj: Obj, pods: list[Obj], events: list[Obj]
+) -> tuple[str, str | None, str | None]:
+    """(phase, reason, message) for a workload of any kind, its pods (oldest first) and its
+    events."""
+    if obj["metadata"].get("deletionTimestamp"):
+        kind = obj.get("kind", "Job")
+        return "Cancelling", "Terminating", f"the {kind} and its pods are being deleted"
+    done = conditions(obj)
+    if SUCCEEDED.get(obj.get("kind", "Job"), "Complete") in done:
         return "Succeeded", None, None
     if "Failed" in done:
         return "Failed", *_failure(done["Failed"], pods)
-    if job["spec"].get("suspend"):
-        queue = job["metadata"].get("labels", {}).get(LABEL_QUEUE)
+    if obj["spec"].get("suspend"):
+        queue = obj["metadata"].get("labels", {}).get(LABEL_QUEUE)
         where = f"Kueue queue {queue!r}" if queue else "someone to unsuspend it"
         return "Suspended", "Queued", f"waiting for {where}"
     if not pods:
@@ -44,15 +57,56 @@ def job_phase(job: Obj, pods: list[Obj], events: list[Obj]) -> tuple[str, str | 
             if event.get("reason") == "FailedCreate":
                 reason = "QuotaExceeded" if "quota" in event.get("message", "") else "FailedCreate"
                 return "Pending", reason, event.get("message")
-        return "Pending", "NoPod", "waiting for the Job controller to create a pod"
-    latest = pods[-1]
-    phase = (latest.get("status") or {}).get("phase", "Pending")
-    if phase == "Running":
+        pod = "a pod" if obj.get("kind", "Job") == "Job" else "the pods"
+        return (
+            "Pending",
+            "NoPod",
+            f"waiting for the {obj.get('kind', 'Job')} controller to create {pod}",
+        )
+    return pods_phase(pods, workload_nodes(obj))
+
+
+def pods_phase(pods: list[Obj], nodes: int = 1) -> tuple[str, str | None, str | None]:
+    """Running once every node's pod runs (or succeeded); Pending with the first waiting
+    pod's reason, or Retrying when a pod ended and its replacement is not there yet."""
+    live = [p for p in pods if _phase(p) in ("Pending", "Running")]
+    waiting = [p for p in live if _phase(p) == "Pending"]
+    if waiting:
+        return ("Pending", *pending_reason(waiting[0]))
+    up = {node_rank(p) for p in pods if _phase(p) in ("Running", "Succeeded")}
+    if live and (nodes == 1 or len(up) >= nodes):  # a node whose pod succeeded is done
         return "Running", None, None
-    if phase == "Pending":
-        return ("Pending", *pending_reason(latest))
-    # The newest pod ended but the Job is not finished: another attempt is coming.
-    return "Pending", "Retrying", pod_failure(latest) or "the previous attempt ended"
+    # A pod ended but the workload is not finished: another attempt is coming.
+    ended = [p for p in pods if p not in live]
+    if not ended:
+        return "Pending", "NoPod", "waiting for the controller to create every node's pod"
+    return "Pending", "Retrying", pod_failure(ended[-1]) or "the previous attempt ended"
+
+
+def _phase(pod: Obj) -> str:
+    return (pod.get("status") or {}).get("phase", "Pending")
+
+
+def workload_nodes(obj: Obj) -> int:
+    """How many pods (nodes) one attempt of the workload runs."""
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "JobSet":
+        return int(spec["replicatedJobs"][0]["template"]["spec"].get("parallelism", 1))
+    if obj.get("kind") == "TrainJob":
+        return int((spec.get("trainer") or {}).get("numNodes", 1))
+    return int(spec.get("parallelism", 1)) if spec.get("completionMode") == "Indexed" else 1
+
+
+def node_rank(pod: Obj) -> int | None:
+    """The pod's node rank: its completion index (Indexed Job, JobSet and TrainJob pods)."""
+    value = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def finished(obj: Obj) -> bool:
+    """Whether the workload succeeded or failed for good."""
+    done = conditions(obj)
+    return SUCCEEDED.get(obj.get("kind", "Job"), "Complete") in done or "Failed" in done
 
 
 def pending_reason(pod: Obj) -> tuple[str | None, str | None]:
@@ -106,5 +160,6 @@ def _failure(cond: Obj, pods: list[Obj]) -> tuple[str | None, str | None]:
 
 
 def retries(pods: list[Obj]) -> int:
-    """Attempts that ended in failure (including preemptions the Job did not count)."""
+    """Pods that ended in failure (including preemptions the Job did not count): attempts
+    of a one-node run; a multi-node group restart counts each of its pods."""
     return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed")

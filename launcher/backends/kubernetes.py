@@ -1,4 +1,5 @@
-"""The Kubernetes backend: the run's ConfigMap + Job through the real `kubernetes` client.
+"""The Kubernetes backend: the run's ConfigMap + workload (a Job, an Indexed Job + headless
+Service, a JobSet or a TrainJob: `job.backend`) through the real `kubernetes` client.
 
 Every ApiException / connection error becomes a one-line ClusterError (or UserError when the
 user must fix something) at this boundary (`k8s_client.api_errors`).
@@ -6,6 +7,7 @@ user must fix something) at this boundary (`k8s_client.api_errors`).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,9 +21,17 @@ from kubetune.errors import ClusterError, ConfigError, UserError
 from launcher.backends import k8s_features, k8s_status
 from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
 from launcher.backends.k8s_client import api_errors, load_api_client
+from launcher.backends.k8s_workloads import (
+    BY_KIND,
+    JOB,
+    KINDS,
+    WorkloadKind,
+    Workloads,
+    is_child,
+    kind_of,
+)
 from launcher.manifests import (
     ANNOTATION_OUTPUT,
-    CONTAINER,
     LABEL_HASH,
     LABEL_NAME,
     LABEL_RUN,
@@ -35,7 +45,7 @@ DELETION_WAIT = 180.0  # seconds submit waits for a cancelled Job of the same na
 
 
 class KubernetesBackend(Backend):
-    """Runs as batch/v1 Jobs in one namespace."""
+    """Runs as Jobs, JobSets or TrainJobs (`job.backend`) in one namespace."""
 
     name = "kubernetes"
 
@@ -51,6 +61,7 @@ class KubernetesBackend(Backend):
         self.namespace = namespace or context_ns or "default"
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
+        self.workloads = Workloads(self.api)
 
     def _dict(self, obj: Any) -> Obj:
         return self.api.sanitize_for_serialization(obj)
@@ -60,12 +71,7 @@ class KubernetesBackend(Backend):
     def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
         ns = self.explicit_namespace or (cfg.job.namespace if cfg.job else None) or self.namespace
         self.namespace = ns  # status/logs/wait after submit follow the run where it was created
-        if cfg.job is not None and (cfg.job.nodes > 1 or cfg.job.backend != "job"):
-            raise UserError(
-                "submitting multi-node runs and JobSet / TrainJob backends is not wired yet",
-                hint="`launcher render` prints the manifests; set job.nodes: 1, backend: job",
-            )
-        config_map, job = build_manifests(cfg, namespace=ns)
+        config_map, job, *extras = build_manifests(cfg, namespace=ns)
         run, name = run_name(cfg), job_name(cfg)
         result = SubmitResult(
             backend=self.name,
@@ -77,18 +83,13 @@ class KubernetesBackend(Backend):
             namespace=ns,
         )
         unchecked = self._check_secrets(cfg, ns)
-        warnings = (
-            *unchecked,
-            *pod_patch_warnings(cfg),
-            *k8s_features.ignored_features(job, self.version()),
-        )
-        result = _replace_field(result, warnings=warnings)
+        result = _replace_field(result, warnings=(*unchecked, *self._warnings(cfg, job)))
         jobs = self._jobs(ns, run)
-        deleting = [j["metadata"]["name"] for j in jobs if j["metadata"].get("deletionTimestamp")]
-        if name in deleting:  # a cancel still in progress: wait, then create it anew
-            self._wait_gone([name], DELETION_WAIT, ns)
+        deleting = [_ref(j) for j in jobs if j["metadata"].get("deletionTimestamp")]
+        if _ref(job) in deleting:  # a cancel still in progress: wait, then create it anew
+            self._wait_gone([_ref(job)], DELETION_WAIT, ns)
         existing = [j for j in jobs if not j["metadata"].get("deletionTimestamp")]
-        if any(j["metadata"]["name"] == name for j in existing):
+        if any(_ref(j) == _ref(job) for j in existing):
             return _replace_field(result, created=False)
         if existing and not replace:
             other = existing[-1]["metadata"]
@@ -99,10 +100,26 @@ class KubernetesBackend(Backend):
                 "a new run",
             )
         for old in existing:
-            self._delete_job(ns, old["metadata"]["name"])
-        if not self._create(ns, config_map, job):
+            self._delete_job(ns, old)
+        if not self._create(ns, config_map, job, extras):
             return _replace_field(result, created=False)
         return result
+
+    def _warnings(self, cfg: PipelineConfig, workload: Obj) -> tuple[str, ...]:
+        """pod_patch against the restricted profile and the Job fields the server's version
+        ignores (warnings); a Job the version cannot run, or a custom resource the cluster
+        does not serve (UserError)."""
+        kind = kind_of(workload)
+        with api_errors(f"looking up the {kind.kind} API"):
+            self.workloads.require(kind)
+        ignored: list[str] = []
+        if kind is JOB:
+            version = self.version()
+            missing = k8s_features.missing_features(workload, version)
+            if missing:
+                raise UserError(missing[0], hint="use a newer cluster, or job.nodes: 1")
+            ignored = k8s_features.ignored_features(workload, version)
+        return (*pod_patch_warnings(cfg), *ignored)
 
     def version(self) -> tuple[int, int]:
         """The API server's (major, minor) Kubernetes version."""
@@ -151,35 +168,45 @@ class KubernetesBackend(Backend):
             )
         return None
 
-    def _create(self, ns: str, config_map: Obj, job: Obj) -> bool:
-        """Job first, then the ConfigMap owned by it (create-only RBAC; the kubelet waits
-        for the ConfigMap). False when the Job already existed (a concurrent submit)."""
-        name = job["metadata"]["name"]
-        with api_errors(f"creating Job {name}"):
+    def _create(self, ns: str, config_map: Obj, job: Obj, extras: list[Obj]) -> bool:
+        """The workload first, then the ConfigMap (and the headless Service) owned by it
+        (create-only RBAC; the kubelet waits for the ConfigMap). False when the workload
+        already existed (a concurrent submit)."""
+        name, kind = job["metadata"]["name"], job["kind"]
+        with api_errors(f"creating {kind} {name}"):
             try:
-                created = self.batch.create_namespaced_job(ns, job)
+                created = self.workloads.create(ns, job)
             except ApiException as err:
                 if err.status == 409:
                     return False
                 raise
-        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": created.metadata.uid}
-        config_map = {
-            **config_map,
-            "metadata": {**config_map["metadata"], "ownerReferences": [owner]},
-        }
+        uid = created["metadata"]["uid"]
+        owner = {"apiVersion": job["apiVersion"], "kind": kind, "name": name, "uid": uid}
         try:
-            with api_errors(f"creating ConfigMap {name}"):
-                try:
-                    self.core.create_namespaced_config_map(ns, config_map)
-                except ApiException as err:
-                    if err.status != 409:
-                        raise
-                    self.core.delete_namespaced_config_map(name, ns)  # a stale leftover
-                    self.core.create_namespaced_config_map(ns, config_map)
+            for obj in (config_map, *extras):
+                meta = {**obj["metadata"], "ownerReferences": [owner]}
+                self._create_owned(ns, {**obj, "metadata": meta})
         except ClusterError:
-            self._delete_job(ns, name)  # no Job without its config
+            self._delete_job(ns, job)  # no workload without its config
             raise
         return True
+
+    def _create_owned(self, ns: str, obj: Obj) -> None:
+        """Create the ConfigMap or the Service, replacing a stale leftover of that name."""
+        core = self.core
+        create, delete = {
+            "ConfigMap": (core.create_namespaced_config_map, core.delete_namespaced_config_map),
+            "Service": (core.create_namespaced_service, core.delete_namespaced_service),
+        }[obj["kind"]]
+        name = obj["metadata"]["name"]
+        with api_errors(f"creating {obj['kind']} {name}"):
+            try:
+                create(ns, obj)
+            except ApiException as err:
+                if err.status != 409:
+                    raise
+                delete(name, ns)  # a stale leftover
+                create(ns, obj)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -189,11 +216,16 @@ class KubernetesBackend(Backend):
             if run
             else f"{LABEL_NAME}=kubetune,{LABEL_RUN}"
         )
-        with api_errors("listing Jobs"):
-            items = self.batch.list_namespaced_job(ns, label_selector=selector).items
-        jobs = [self._dict(j) for j in items]
+        jobs: list[Obj] = []
+        for kind in KINDS:  # a kind the cluster lacks, or the caller may not list, has none
+            with api_errors(f"listing {kind.kind}s"):
+                try:
+                    jobs += self.workloads.list(kind, ns, selector)
+                except ApiException as err:
+                    if kind is JOB or err.status not in (403, 404):
+                        raise
         return sorted(
-            jobs,
+            (j for j in jobs if not is_child(j)),  # a JobSet's Jobs are not runs of their own
             key=lambda j: (j["metadata"].get("creationTimestamp") or "", j["metadata"]["name"]),
         )
 
@@ -202,7 +234,7 @@ class KubernetesBackend(Backend):
         if not jobs:
             with api_errors(f"reading Job {run}"):
                 try:
-                    return self._dict(self.batch.read_namespaced_job(run, self.namespace))
+                    return self.workloads.read(JOB, self.namespace, run)
                 except ApiException as err:
                     if err.status != 404:
                         raise
@@ -240,7 +272,7 @@ class KubernetesBackend(Backend):
         meta = job["metadata"]
         pods, _ = self._pods(job)
         events = [] if pods else self._events(meta["name"])
-        phase, reason, message = k8s_status.job_phase(job, pods, events)
+        phase, reason, message = k8s_status.workload_phase(job, pods, events)
         status = RunStatus(
             backend=self.name,
             run=meta.get("labels", {}).get(LABEL_RUN, meta["name"]),
@@ -281,14 +313,25 @@ class KubernetesBackend(Backend):
 
     # --- logs ---------------------------------------------------------------------------
 
-    def logs(self, run: str, *, follow: bool = False, latest: bool = False) -> Iterator[str]:
-        """Every pod's log, oldest first (`latest` changes nothing: a submit that creates a
-        Job starts its first attempt)."""
+    def logs(
+        self, run: str, *, follow: bool = False, latest: bool = False, rank: int | None = None
+    ) -> Iterator[str]:
+        """Every pod's log of one node, oldest first: node `rank` (default 0, the node that
+        logs progress) of a multi-node run. (`latest` changes nothing: a submit that creates
+        a Job starts its first attempt.)"""
         job = self._find_job(run)
-        name, seen = job["metadata"]["name"], set[str]()
+        nodes = k8s_status.workload_nodes(job)
+        if rank is not None and not 0 <= rank < nodes:
+            raise UserError(
+                f"run {run} has {nodes} node(s): --rank takes 0..{nodes - 1}",
+                hint="--rank is the node rank (the pod's completion index)",
+            )
+        want = None if nodes == 1 else (rank or 0)
+        seen, container = set[str](), kind_of(job).container
         while True:
-            finished = follow and self._finished(name)
+            finished = follow and self._finished(job)
             pods, version = self._pods(job)
+            pods = [p for p in pods if want is None or k8s_status.node_rank(p) == want]
             for pod in pods:
                 pod_name = pod["metadata"]["name"]
                 if pod_name in seen or pod["status"].get("phase") == "Pending":
@@ -296,33 +339,34 @@ class KubernetesBackend(Backend):
                 if seen:  # a retry: mark where the next attempt's log starts
                     yield f"==> pod {pod_name} (attempt {pods.index(pod) + 1}) <=="
                 seen.add(pod_name)
-                yield from self._pod_log(pod_name, follow and not finished)
+                yield from self._pod_log(pod_name, follow and not finished, container)
             if not follow or finished:
                 return
             self._wait_for_pods(job, version)
 
-    def _finished(self, name: str) -> bool:
-        with api_errors(f"reading Job {name}"):
+    def _finished(self, workload: Obj) -> bool:
+        name, kind = workload["metadata"]["name"], kind_of(workload)
+        with api_errors(f"reading {kind.kind} {name}"):
             try:
-                job = self._dict(self.batch.read_namespaced_job(name, self.namespace))
+                job = self.workloads.read(kind, self.namespace, name)
             except ApiException as err:
                 if err.status == 404:
                     return True
                 raise
-        return bool({"Complete", "Failed"} & set(k8s_status.conditions(job)))
+        return k8s_status.finished(job)
 
-    def _pod_log(self, pod: str, follow: bool) -> Iterator[str]:
+    def _pod_log(self, pod: str, follow: bool, container: str) -> Iterator[str]:
         with api_errors(f"reading logs of pod {pod}"):
             if follow:  # kubernetes' Watch streams `follow=true` logs line by line
                 yield from watch.Watch().stream(
                     self.core.read_namespaced_pod_log,
                     name=pod,
                     namespace=self.namespace,
-                    container=CONTAINER,
+                    container=container,
                 )
                 return
             resp = self.core.read_namespaced_pod_log(
-                pod, self.namespace, container=CONTAINER, _preload_content=False
+                pod, self.namespace, container=container, _preload_content=False
             )
             yield from resp.data.decode("utf-8", errors="replace").splitlines()
 
@@ -345,37 +389,47 @@ class KubernetesBackend(Backend):
     # --- cancel -------------------------------------------------------------------------
 
     def cancel(self, run: str, *, wait: bool = False, timeout: float = 300.0) -> RunStatus:
-        """Delete the run's Jobs (foreground: pods and the owned ConfigMap go too). The run
-        is Cancelling while the API server still shows a Job, Cancelled once all are gone."""
+        """Delete the run's workloads (foreground: pods, the owned ConfigMap and Service go
+        too). The run is Cancelling while the API server still shows a workload, Cancelled
+        once all are gone."""
         job = self._find_job(run)
         status = self._status(job, with_progress=False)
         jobs = self._jobs(self.namespace, job["metadata"].get("labels", {}).get(LABEL_RUN))
-        names = [j["metadata"]["name"] for j in jobs or [job]]
-        for name in names:
-            self._delete_job(self.namespace, name)
-        gone = self._wait_gone(names, timeout if wait else 0.0, self.namespace)
+        refs = [_ref(j) for j in jobs or [job]]
+        for kind, name in refs:
+            self._delete(self.namespace, BY_KIND[kind], name)
+        gone = self._wait_gone(refs, timeout if wait else 0.0, self.namespace)
         status.phase = "Cancelled" if gone else "Cancelling"
         status.reason = "Deleted" if gone else "Terminating"
-        status.message = f"Job deleted; outputs stay in {status.output_uri}"
+        status.message = f"{job['kind']} deleted; outputs stay in {status.output_uri}"
         return status
 
-    def _wait_gone(self, names: list[str], timeout: float, ns: str) -> bool:
-        """Whether the Jobs and their ConfigMaps are gone, polling up to `timeout` seconds."""
+    def _wait_gone(self, refs: list[tuple[str, str]], timeout: float, ns: str) -> bool:
+        """Whether the workloads and their ConfigMaps are gone, polling up to `timeout` s."""
         deadline = time.monotonic() + timeout
         while True:
-            if not any(self._exists(read, n, ns) for n in names for read in self._readers()):
+            if not any(self._exists(read, name, ns) for read, name in self._readers(refs)):
                 return True
             if time.monotonic() >= deadline:
                 if timeout:
+                    kind, name = refs[-1]
                     raise ClusterError(
-                        f"Job {names[-1]} is still being deleted after {timeout:.0f}s",
+                        f"{kind} {name} is still being deleted after {timeout:.0f}s",
                         hint="`launcher status` shows it; the garbage collector may be slow",
                     )
                 return False
             time.sleep(0.5)
 
-    def _readers(self) -> tuple[Any, Any]:
-        return self.batch.read_namespaced_job, self.core.read_namespaced_config_map
+    def _readers(self, refs: list[tuple[str, str]]) -> list[tuple[Any, str]]:
+        """(read function, name) of each workload and its ConfigMap."""
+        out: list[tuple[Any, str]] = []
+        for kind, name in refs:
+            read = functools.partial(self._read_workload, BY_KIND[kind])
+            out += [(read, name), (self.core.read_namespaced_config_map, name)]
+        return out
+
+    def _read_workload(self, kind: WorkloadKind, name: str, ns: str) -> Obj:
+        return self.workloads.read(kind, ns, name)
 
     def _exists(self, read: Any, name: str, ns: str) -> bool:
         with api_errors(f"reading {name}"):
@@ -387,14 +441,21 @@ class KubernetesBackend(Backend):
                 raise
         return True
 
-    def _delete_job(self, ns: str, name: str) -> None:
-        body = client.V1DeleteOptions(propagation_policy="Foreground")
-        with api_errors(f"deleting Job {name}"):
+    def _delete_job(self, ns: str, workload: Obj) -> None:
+        self._delete(ns, kind_of(workload), workload["metadata"]["name"])
+
+    def _delete(self, ns: str, kind: WorkloadKind, name: str) -> None:
+        with api_errors(f"deleting {kind.kind} {name}"):
             try:
-                self.batch.delete_namespaced_job(name, ns, body=body)
+                self.workloads.delete(kind, ns, name)
             except ApiException as err:
                 if err.status != 404:
                     raise
+
+
+def _ref(workload: Obj) -> tuple[str, str]:
+    """(kind, name): a workload's identity in its namespace."""
+    return workload["kind"], workload["metadata"]["name"]
 
 
 def _replace_field(result: SubmitResult, **changes: Any) -> SubmitResult:

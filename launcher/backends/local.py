@@ -219,7 +219,13 @@ class LocalBackend(Backend):
             self._configs[key] = parse_config(text, name=str(path))
         return self._configs[key].model_copy(deep=True)  # callers may change their copy
 
-    def logs(self, run: str, *, follow: bool = False, latest: bool = False) -> Iterator[str]:
+    def logs(
+        self, run: str, *, follow: bool = False, latest: bool = False, rank: int | None = None
+    ) -> Iterator[str]:
+        if rank not in (None, 0):
+            raise UserError(
+                f"a local run has one node: --rank {rank} does not exist", hint="drop --rank"
+            )
         info, run_dir = self._info(run), self._dir(run)
         with open(run_dir / "log.txt", encoding="utf-8", errors="replace") as log:
             if latest:

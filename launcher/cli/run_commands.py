@@ -297,11 +297,22 @@ def status(
 @click.command()
 @click.argument("run")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming, across pod restarts.")
+@click.option(
+    "--rank",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="K",
+    help="Multi-node runs: the logs of node K (its pod's completion index; default 0, the "
+    "node that logs progress).",
+)
 @LOCAL
 @cluster_options
-def logs(run: str, follow: bool, local: bool, cluster: api.ClusterOptions) -> None:
-    """Print the logs of RUN (every attempt, oldest first)."""
-    for line in api.backend_for_run(run, local=local, cluster=cluster).logs(run, follow=follow):
+def logs(
+    run: str, follow: bool, rank: int | None, local: bool, cluster: api.ClusterOptions
+) -> None:
+    """Print the logs of RUN (every attempt, oldest first; one node of a multi-node run)."""
+    backend = api.backend_for_run(run, local=local, cluster=cluster)
+    for line in backend.logs(run, follow=follow, rank=rank):
         click.echo(line)
 
 

@@ -128,6 +128,9 @@ def test_launcher_role_is_least_privilege() -> None:
     rules = {(r["apiGroups"][0], r["resources"][0]): r for r in role["rules"]}
     assert rules[("batch", "jobs")]["verbs"] == ["create", "get", "list", "watch", "delete"]
     assert rules[("", "configmaps")]["verbs"] == ["create", "get", "delete"]
+    assert rules[("", "services")]["verbs"] == ["create", "delete"]  # a headless Service
+    for group, plural in (("jobset.x-k8s.io", "jobsets"), ("trainer.kubeflow.org", "trainjobs")):
+        assert rules[(group, plural)]["verbs"] == ["create", "get", "list", "watch", "delete"]
     assert rules[("", "pods/log")]["verbs"] == ["get"]
     assert rules[("", "secrets")] == {
         "apiGroups": [""],

@@ -355,3 +355,27 @@ def _pod_template_meta(workload: Obj) -> Obj:
     (patch,) = workload["spec"]["runtimePatches"]
     (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     return rjob["template"]["spec"]["template"]["metadata"]
+
+
+@pytest.mark.parametrize("backend", ["job", "jobset", "trainjob"])
+def test_render_of_the_two_node_example(backend: str) -> None:
+    """`launcher render examples/two-nodes.yaml --set job.backend=...`: what a user sees is
+    valid for the API server (core objects) and the CRD (custom resources)."""
+    from pathlib import Path
+
+    import yaml
+    from click.testing import CliRunner
+
+    from launcher.cli.main import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "two-nodes.yaml"
+    result = CliRunner().invoke(main, ["render", str(example), "--set", f"job.backend={backend}"])
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(result.output))
+    kinds = {"job": ["ConfigMap", "Job", "Service"], "jobset": ["ConfigMap", "JobSet"]}
+    assert [d["kind"] for d in docs] == kinds.get(backend, ["ConfigMap", "TrainJob"])
+    for doc in docs:
+        if doc["kind"] in ("JobSet", "TrainJob"):
+            assert crd_errors(doc) == []
+        else:
+            validate_strict(doc)
