@@ -42,10 +42,15 @@ def summarize(cfg: PipelineConfig) -> str:
     length = (
         f"{cfg.max_train_steps} steps" if cfg.max_train_steps else f"{cfg.max_train_epochs} epochs"
     )
-    return (
+    text = (
         f"{cfg.type} run '{run_name(cfg)}': {length}, batch {cfg.train_batch_size}, "
         f"model {cfg.model}, outputs -> {output_uri(cfg)}"
     )
+    job = cfg.job
+    if job is not None and (job.nodes > 1 or job.backend != "job"):
+        procs = job.nodes * max(job.gpus, 1)
+        text += f"; {job.nodes} node(s) x {job.gpus} GPU(s) = {procs} processes ({job.backend})"
+    return text
 
 
 def validate_file(source: str, overrides: list[str] | None = None) -> ValidationResult:

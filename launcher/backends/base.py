@@ -66,6 +66,9 @@ class RunStatus:
     namespace: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     """The run's labels (sweep membership and parameters among them)."""
+    nodes: int = 1
+    """Pods one attempt runs (job.nodes); `pods` and `retries` then count pods, not
+    attempts."""
 
     @property
     def done(self) -> bool:
@@ -83,7 +86,8 @@ class RunStatus:
         if self.reason:
             text += f" ({self.reason}{': ' + self.message if self.message else ''})"
         if self.retries:
-            text += f", {self.retries} failed attempt(s)"
+            unit = "failed pod(s)" if self.nodes > 1 else "failed attempt(s)"
+            text += f", {self.retries} {unit}"
         if self.progress is not None:
             text += f"; {self.progress.summary()}"
         return text

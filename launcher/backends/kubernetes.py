@@ -286,6 +286,7 @@ class KubernetesBackend(Backend):
             output_uri=meta.get("annotations", {}).get(ANNOTATION_OUTPUT),
             config_hash=meta.get("labels", {}).get(LABEL_HASH),
             namespace=self.namespace,
+            nodes=k8s_status.workload_nodes(job),
         )
         if with_progress and phase not in ("Pending", "Suspended"):
             status.progress, status.progress_error = self._progress(meta["name"])

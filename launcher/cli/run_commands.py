@@ -286,9 +286,16 @@ def status(
         _emit_json(result.to_json())
         return
     click.echo(result.summary())
-    click.echo(
-        f"job: {result.job_name}  attempts: {len(result.pods)}  failed attempts: {result.retries}"
-    )
+    if result.nodes > 1:
+        click.echo(
+            f"job: {result.job_name}  nodes: {result.nodes}  pods: {len(result.pods)}  "
+            f"failed pods: {result.retries}"
+        )
+    else:
+        click.echo(
+            f"job: {result.job_name}  attempts: {len(result.pods)}  "
+            f"failed attempts: {result.retries}"
+        )
     click.echo(f"outputs: {result.output_uri}")
     if result.progress_error:
         click.echo(f"progress: unavailable ({result.progress_error})")

@@ -113,6 +113,8 @@ def test_logs_of_each_node(fake: FakeKube) -> None:
     assert result.exit_code == 0 and result.output == "node 1 says hi\n", result.output
     result = CliRunner().invoke(main, ["logs", "my-run", "--rank", "5", *args])
     assert result.exit_code == 2 and "--rank takes 0..1" in result.output
+    result = CliRunner().invoke(main, ["status", "my-run", *args])
+    assert "nodes: 2  pods: 2  failed pods: 0" in result.output, result.output
 
 
 def test_a_lost_node_is_replaced_and_counted(fake: FakeKube) -> None:
@@ -121,7 +123,8 @@ def test_a_lost_node_is_replaced_and_counted(fake: FakeKube) -> None:
         fake.start_pod(pod)
     fake.finish_pod(pods[1], 137, reason="OOMKilled")
     status = _backend(fake).status("my-run")
-    assert status.phase == "Pending" and status.retries == 1
+    assert status.phase == "Pending" and status.retries == 1 and status.nodes == 2
+    assert status.summary().endswith("1 failed pod(s)")
     replacement = _wait_pods(fake, name, 3)[1]
     assert fake.get("pods", "default", replacement)["spec"]["hostname"] == f"{name}-1"
     fake.finish_pod(pods[0], 1)
