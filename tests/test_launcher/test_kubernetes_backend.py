@@ -275,6 +275,19 @@ def test_submit_warns_about_job_fields_the_cluster_ignores(kube: Kube) -> None:
         assert any("spec.suspend" in w and "starts at once" in w for w in ignored)
 
 
+def test_multi_node_needs_indexed_jobs(kube: Kube) -> None:
+    """A cluster older than 1.24 (the cluster tier's v1.20) cannot run a multi-node Job: submit
+    refuses it before creating anything (there, multi-node manifests can only be rendered)."""
+    if kube.fake is not None:
+        kube.fake.version = ("1", "20")
+    backend = kube.backend()
+    if backend.version() >= (1, 24):
+        pytest.skip("this cluster runs Indexed Jobs")
+    with pytest.raises(UserError, match=r"no Job spec.completionMode.*Indexed Jobs"):
+        backend.submit(_cfg("run-n", nodes=2, gpus=0, cpu="100m", memory=None))
+    assert kube.jobs("run-n") == [] and kube.config_maps("run-n") == []
+
+
 # --- fake only: pod lifecycle under test control ----------------------------------------------
 
 
