@@ -149,6 +149,17 @@ async def sweep(request: Request) -> Response:
     return await call(_ui(request).runs.sweep, p["backend"], p["sweep"])
 
 
+async def run_pull(request: Request) -> Response:
+    p = request.path_params
+    ui = _ui(request)
+    try:
+        data = await body(request)
+        dest = security.checked_path(ui.settings, str(data.get("path") or ""), "pull folder")
+    except UserError as err:
+        return JSONResponse({"error": one_line(err)}, status_code=400)
+    return await call(ui.runs.pull, p["backend"], p["run"], dest)
+
+
 async def run_cancel(request: Request) -> Response:
     p = request.path_params
     return await call(_ui(request).runs.cancel, p["backend"], p["run"])

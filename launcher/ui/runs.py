@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.errors import KubetuneError, UserError
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from kubetune.storage import ObjectStore
 
 CLUSTER_RETRY_S = 30.0
+ENDED = ("Succeeded", "Failed", "Cancelled")
+"""Phases after which progress.json no longer changes (Cancelling and Preempted may still
+write it)."""
 SERVED_PREFIXES = (f"{VALIDATION}/", f"{FINAL}/")
 SERVED_KEYS = (REPORT_KEY, HISTORY_KEY)
 
@@ -51,6 +55,7 @@ class Runs:
         self._cluster_error: str | None = None
         self._cluster_tried = 0.0
         self._configs: dict[tuple[str, str, str | None], PipelineConfig] = {}
+        self._ended: dict[tuple[str, str, str | None], tuple[Any, str | None]] = {}
         self._lock = threading.Lock()
 
     def cluster(self) -> tuple[Backend | None, str | None]:
@@ -112,7 +117,13 @@ class Runs:
         return {"runs": rows, "messages": messages}
 
     def row(self, backend: Backend, status: RunStatus) -> dict[str, Any]:
-        if status.progress is None and status.phase not in ("Pending", "Suspended"):
+        """The table row; progress.json is read once more after a run ended, then kept."""
+        key = (backend.name, status.run, status.config_hash)
+        if status.phase not in ENDED:
+            self._ended.pop(key, None)  # a resumed run is running again
+        if status.phase in ENDED and key in self._ended:
+            status.progress, status.progress_error = self._ended[key]
+        elif status.progress is None and status.phase not in ("Pending", "Suspended"):
             try:
                 cfg = self.config(backend, status)
                 status.progress, status.progress_error = read_progress(
@@ -120,6 +131,8 @@ class Runs:
                 )
             except KubetuneError as err:
                 status.progress_error = one_line(err)
+            if status.phase in ENDED and status.progress is not None:
+                self._ended[key] = (status.progress, status.progress_error)
         return row_of(status)
 
     # --- one run ----------------------------------------------------------------------------
@@ -175,6 +188,14 @@ class Runs:
             members.append({**row, "prompts": list(cfg.validation_prompts), "thumbs": thumbs})
         steps = sorted({step for m in members for step in m["thumbs"]})
         return {"sweep": sweep, "backend": backend.name, "runs": members, "steps": steps}
+
+    def pull(self, backend_name: str, run: str, dest: Path) -> dict[str, Any]:
+        """The final weights into `dest`, each file checked against the manifest (exactly
+        `launcher pull RUN -o DEST`)."""
+        from launcher.outputs import pull
+
+        store, _ = self.store(backend_name, run)
+        return pull(store, dest).to_json()
 
     def cancel(self, backend_name: str, run: str) -> dict[str, Any]:
         return row_of(self.backend(backend_name).cancel(run))

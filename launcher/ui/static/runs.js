@@ -139,6 +139,15 @@ async function pollRun(backend, run) {
     const result = await k.api(`${base}/cancel`, {});
     k.say("run-msg", result.error || `cancel: ${result.phase}`, result.error ? "error" : "ok");
   };
+  const pull = document.getElementById("pull");
+  const pullPath = document.getElementById("pull-path");
+  if (!pullPath.value) pullPath.value = `${run}-final`;
+  pull.onclick = async () => {
+    k.say("run-msg", "pulling…");
+    const result = await k.api(`${base}/pull`, { path: pullPath.value });
+    k.say("run-msg", result.error || `pulled ${result.files.length} file(s), ${result.bytes} bytes, checked against the manifest, into ${result.dest}`,
+      result.error ? "error" : "ok");
+  };
   const [data, logs] = await Promise.all([k.api(base), k.api(`${base}/logs?lines=200`)]);
   if (!location.hash.startsWith("#run/")) return;
   document.getElementById("logs").textContent = logs.error || logs.lines.join("\n");
