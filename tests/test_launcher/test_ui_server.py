@@ -197,3 +197,55 @@ def test_launcher_ui_serves_until_stopped(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+def test_an_ended_runs_row_is_kept_until_the_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row of an ended run is not read from storage again on every poll, but a resumed
+    attempt (same config, same run) shows its own progress."""
+    import time
+
+    from launcher.backends.local import LocalBackend
+    from launcher.ui.configs import reload_reference
+    from launcher.ui.runs import Runs
+    from launcher.ui.submit import start_training
+
+    script = tmp_path / "stand_in.py"
+    script.write_text(
+        "import json, os, sys, time, yaml\n"
+        "out = yaml.safe_load(open(sys.argv[1]))['base_output_dir']\n"
+        "os.makedirs(out, exist_ok=True)\n"
+        "step = int(open(os.environ['STEP_FILE']).read())\n"
+        "json.dump({'state': 'running', 'step': step}, open(out + '/progress.json', 'w'))\n"
+        "time.sleep(float(os.environ.get('STAND_IN_SLEEP', '0')))\n"
+        "sys.exit(1 if step == 5 else 0)\n"
+    )
+    step_file = tmp_path / "step"
+    step_file.write_text("5")
+    runs = Runs(local=LocalBackend(tmp_path / "home", [sys.executable, str(script)]))
+    values = reload_reference(QUICKSTART.read_text(), "q", QUICKSTART.parent)["values"]
+    values["base_output_dir"] = str(tmp_path / "out")
+    settings = UiSettings(local_only=True)
+
+    def row_when(phase: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 60
+        while True:
+            rows = runs.listing()["runs"]
+            if rows and rows[0]["phase"] == phase:
+                return rows[0]
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.1)
+
+    monkeypatch.setenv("STEP_FILE", str(step_file))
+    start_training(values, target="local", sweeps=[], replace=False, runs=runs, settings=settings)
+    assert row_when("Failed")["step"] == 5
+    (tmp_path / "out" / "progress.json").write_text('{"state": "failed", "step": 6}')
+    assert row_when("Failed")["step"] == 5  # kept: not read again
+    step_file.write_text("9")
+    monkeypatch.setenv("STAND_IN_SLEEP", "2")
+    result = start_training(values, target="local", sweeps=[], replace=False, runs=runs,
+                            settings=settings)  # fmt: skip
+    assert "error" not in result, result
+    assert row_when("Running")["step"] in (None, 6, 9)
+    assert row_when("Succeeded")["step"] == 9
