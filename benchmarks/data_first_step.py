@@ -11,9 +11,15 @@ start until its log shows optimizer step 1 done; the process is then killed (a p
 so the *restart* is the same run started again. `--full` also measures a *later run*: a new
 run name over the same data, which finds the index beside the runs.
 
+`--synthetic N` replaces the photos by N small real JPEGs (64 distinct solid-colour images of
+512-1024 px, ~2-4 KB each; only their headers are read before the first batch) to reach
+100,000 images; each measurement then also reports the process's peak RSS (the index, the
+records and the buckets of N images beside the imports).
+
     python benchmarks/make_photos.py /var/tmp/kubetune-photos --count 10000
     .venv/bin/python benchmarks/data_first_step.py /var/tmp/kubetune-photos --big 10000
     .venv/bin/python benchmarks/data_first_step.py /var/tmp/kubetune-photos --big 10000 --full
+    .venv/bin/python benchmarks/data_first_step.py /var/tmp/kubetune-synth --synthetic 100000
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +44,31 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 BUCKETS = {"target_resolution": 512, "start_dim": 256, "end_dim": 1024, "divisible_by": 64}
 
 
+def synthetic(folder: Path, n: int, templates: int = 64) -> None:
+    """`folder/data.jsonl` naming `n` images, and `templates` small real JPEGs (solid colour,
+    512-1024 px a side) in `folder/templates/` that stand in for them (see `image_bytes`)."""
+    from PIL import Image
+
+    (folder / "templates").mkdir(parents=True, exist_ok=True)
+    for t in range(templates):
+        size = (512 + 64 * (t % 9), 512 + 64 * ((t // 9) % 9))
+        Image.new("RGB", size, (t * 4 % 256, 90, 160)).save(
+            folder / "templates" / f"t-{t}.jpg", quality=40
+        )
+    rows = [json.dumps({"image": f"img-{i:06d}.jpg", "text": f"a photo number {i}"})
+            for i in range(n)]  # fmt: skip
+    (folder / "data.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def image_bytes(folder: Path, name: str) -> bytes:
+    """A photo of `folder`, or for a synthetic dataset the template standing in for it."""
+    path = folder / name
+    if path.exists():
+        return path.read_bytes()
+    templates = sorted((folder / "templates").glob("t-*.jpg"))
+    return templates[int(name[4:10]) % len(templates)].read_bytes()
+
+
 def upload(client: Any, bucket: str, folder: Path, n: int) -> None:
     """The first `n` images of `folder` and a JSONL naming them, under `ds-<n>/`."""
     rows = (folder / "data.jsonl").read_text().splitlines()[:n]
@@ -44,9 +76,9 @@ def upload(client: Any, bucket: str, folder: Path, n: int) -> None:
     prefix = f"ds-{n}"
 
     def put(name: str) -> None:
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=(folder / name).read_bytes())
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=image_bytes(folder, name))
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(16) as pool:
         list(pool.map(put, names))
     client.put_object(Bucket=bucket, Key=f"{prefix}/data.jsonl", Body="\n".join(rows).encode())
 
@@ -94,8 +126,9 @@ def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
     next(iter(loader))
     seconds = time.perf_counter() - start
     before = dict(read)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     save_index(run_store, data)
-    return {"n": n, "seconds": seconds, **before, "reused": data.reused}
+    return {"n": n, "seconds": seconds, **before, "reused": data.reused, "rss_mib": peak_mib}
 
 
 def one(bucket: str, n: int, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
@@ -200,7 +233,12 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="time to first step of a real run")
+    parser.add_argument("--synthetic", type=int, default=0,
+                        help="N small real JPEGs instead of the photos (sets --big N)")  # fmt: skip
     a = parser.parse_args()
+    if a.synthetic:
+        synthetic(a.photos, a.synthetic)
+        a.big = a.synthetic
     from s3server import start_server
 
     server = start_server()
@@ -231,10 +269,14 @@ def report(results: dict[str, list[dict[str, Any]]], small: int, big: int) -> No
     for key, rows in results.items():
         mib = statistics.median(r["bytes"] for r in rows) / 2**20
         gets = statistics.median(r["gets"] for r in rows)
+        rss = statistics.median(r["rss_mib"] for r in rows)
         print(
             f"{key:>14}: {med[key]:6.2f} s = {med[key] / base:4.2f}x {small} cold; "
-            f"read {mib:7.1f} MiB in {gets:.0f} GETs; runs {[round(r['seconds'], 2) for r in rows]}"
+            f"read {mib:7.1f} MiB in {gets:.0f} GETs; peak RSS {rss:6.0f} MiB; "
+            f"runs {[round(r['seconds'], 2) for r in rows]}"
         )
+    load = os.getloadavg()
+    print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
 
 if __name__ == "__main__":

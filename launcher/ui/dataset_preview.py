@@ -1,4 +1,4 @@
-"""The dataset preview of the form's config (local or s3://): how many examples, thumbnails
+"""The dataset preview of the form's config (local, s3://, gs:// or az://): how many examples, thumbnails
 of the first few with their captions, the aspect-ratio bucket histogram and the bad images
 the header preflight finds. Listings and image headers only, plus the few thumbnails shown:
 the dataset is never downloaded."""
