@@ -1,7 +1,7 @@
-"""The dataset preview of the form's config (local, s3://, gs:// or az://): how many examples, thumbnails
-of the first few with their captions, the aspect-ratio bucket histogram and the bad images
-the header preflight finds. Listings and image headers only, plus the few thumbnails shown:
-the dataset is never downloaded."""
+"""The dataset preview of the form's config (local, s3://, gs:// or az://): how many examples,
+thumbnails of the first few with their captions, the aspect-ratio bucket histogram and the bad
+images the header preflight finds. Listings and image headers only, plus the few thumbnails
+shown: the dataset is never downloaded."""
 
 from __future__ import annotations
 
