@@ -132,7 +132,7 @@ def pull(
     if out is not None and out.name in ("json", "text") and not out.exists():
         raise UserError(
             f"-o {out.name} names the destination folder",
-            hint=f"for a {out.name} report use -o {out.name}",
+            hint=f"for a {out.name} report use --format {out.name}",
         )
     dest = out or Path(f"{Path(run.rstrip('/')).name}-{FINAL if step is None else step_name(step)}")
     store = _location(run, local, cluster).open()

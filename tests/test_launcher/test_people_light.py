@@ -56,7 +56,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     cases = [
         (["pull", str(run), "--step", "3", "--final"], "--step and --final exclude each other"),
-        (["pull", str(run), "--format", "json"], "for a json report use --format json"),
+        (["pull", str(run), "-o", "json"], "for a json report use --format json"),
         (
             ["pull", str(run), "--step", "3", "-o", str(tmp_path / "x")],
             "complete checkpoints: none",
