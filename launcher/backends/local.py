@@ -77,6 +77,7 @@ class LocalBackend(Backend):
             config_hash=digest,
             output_uri=output_uri(cfg),
             created=True,
+            warnings=_local_warnings(cfg),
         )
         run_dir = self._dir(run)
         if not (run_dir / "run.json").is_file():
@@ -339,3 +340,13 @@ def _exit_meaning(code: int, log: Path) -> str:
     except OSError:
         lines = []
     return lines[-1][:200] if lines else "the runner failed"
+
+
+def _local_warnings(cfg: PipelineConfig) -> tuple[str, ...]:
+    """What a local run does not do that the config asks of a cluster."""
+    if cfg.job is not None and cfg.job.nodes > 1:
+        return (
+            f"job.nodes is {cfg.job.nodes}: a local run is one node (this machine); "
+            "the cluster runs the other nodes",
+        )
+    return ()

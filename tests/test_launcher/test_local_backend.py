@@ -147,3 +147,15 @@ def test_an_unwritable_home_is_a_one_line_error(tmp_path: Path) -> None:
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr and "KUBETUNE_HOME" in out.stderr
     assert str(blocker / "kubetune") in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_multi_node_config_runs_as_one_local_node(backend: LocalBackend, tmp_path: Path) -> None:
+    """`submit --local` of a `job.nodes: 2` config: one node here, said in a warning; `logs
+    --rank` other than 0 names the one node."""
+    result = backend.submit(_cfg(tmp_path, nodes=2))
+    assert result.warnings and "a local run is one node" in result.warnings[0]
+    assert backend.submit(_cfg(tmp_path, name="one-node")).warnings == ()
+    _wait_done(backend, "my-run")
+    assert list(backend.logs("my-run", rank=0))[-1] == "done"
+    with pytest.raises(UserError, match="one node"):
+        list(backend.logs("my-run", rank=1))
