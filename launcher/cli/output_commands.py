@@ -16,16 +16,7 @@ import click
 from kubetune.errors import UserError
 from launcher import api
 from launcher.cli.run_commands import LOCAL, cluster_options
-
-FORMAT = click.option(
-    "--format",
-    "--output",
-    "output",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: one machine-readable document (for CI).",
-)
+from launcher.cli.run_commands import OUTPUT as FORMAT
 
 
 def _location(run: str, local: bool, cluster: api.ClusterOptions) -> Any:
