@@ -1,4 +1,4 @@
-"""Training data: source → index → captions → transforms → buckets → DataLoader (see
+"""Training data: source → index → captions → transforms → buckets → DataLoader
 docs/architecture.md for the contract).
 
 The torch-free pieces (`preflight`, `verify_data`, the dataset index) import without torch;
