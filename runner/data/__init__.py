@@ -1,5 +1,6 @@
-"""Training data: source → index → captions → transforms → buckets → DataLoader
-docs/architecture.md for the contract).
+"""Training data, the torch side: captions → transforms → buckets → resumable DataLoader (see
+docs/architecture.md for the contract). Sources, the index and the preflight are
+`kubetune.dataset`'s.
 
 The torch-free pieces (`preflight`, `verify_data`, the dataset index) import without torch;
 the loader and the tensor cache are imported on first use.
