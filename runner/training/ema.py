@@ -17,6 +17,24 @@ from typing import Any
 import torch
 from torch import nn
 
+BUCKET_ELEMENTS = 64 * 2**20
+"""Parameters averaged (or staged) per fused call: bounds the float32 temporaries to 256 MiB
+(a whole bf16 SDXL UNet widened at once would be 10 GB more on the GPU)."""
+
+
+def _buckets(params: dict[str, nn.Parameter], limit: int) -> list[list[str]]:
+    """Parameter names in order, grouped so each group holds at most ``limit`` elements
+    (a larger parameter is a group of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, param in params.items():
+        if groups[-1] and size + param.numel() > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += param.numel()
+    return [g for g in groups if g]
+
 
 class EmaWeights:
     """``shadow ← decay · shadow + (1 − decay) · param`` after every optimizer step."""
@@ -39,6 +57,7 @@ class EmaWeights:
         self._staging = torch.empty(
             total if self.on_host else 0, dtype=torch.float32, pin_memory=pin
         )
+        self._buckets = _buckets(params, BUCKET_ELEMENTS)
         self._pending: torch.cuda.Event | bool | None = None
         """A copy into ``_staging`` not yet averaged in (its CUDA event, or True off CUDA)."""
 
@@ -50,15 +69,20 @@ class EmaWeights:
 
     @torch.no_grad()
     def update(self) -> None:
+        weight = 1.0 - self.decay
         if not self.on_host:
-            params = [p.detach().float() for p in self.params.values()]
-            torch._foreach_lerp_(list(self._shadow.values()), params, 1.0 - self.decay)
+            for names in self._buckets:
+                params = [self.params[n].detach().float() for n in names]
+                torch._foreach_lerp_([self._shadow[n] for n in names], params, weight)
             return
         self._average_pending()
-        flat = torch.cat([p.detach().reshape(-1).float() for p in self.params.values()])
-        self._staging.copy_(flat, non_blocking=flat.is_cuda)
+        offset, cuda = 0, False
+        for names in self._buckets:
+            flat = torch.cat([self.params[n].detach().reshape(-1).float() for n in names])
+            self._staging[offset : offset + flat.numel()].copy_(flat, non_blocking=flat.is_cuda)
+            offset, cuda = offset + flat.numel(), flat.is_cuda
         self._pending = True
-        if flat.is_cuda:
+        if cuda:
             self._pending = torch.cuda.Event()
             self._pending.record()
 
