@@ -179,7 +179,7 @@ def bench_config(args: argparse.Namespace, sdxl: bool, *, cache: bool = False) -
                 "type": "SDXL_LORA" if sdxl else "SD_LORA",
                 "base_output_dir": "/tmp/bench",
                 "lora_rank_dim": args.rank,
-                "unet_lora_target_modules": LORA_TARGETS,
+                "unet_lora_target_modules": getattr(args, "targets", None) or LORA_TARGETS,
                 "train_text_encoder": False,
                 "min_snr_gamma": None,
                 "max_grad_norm": MAX_GRAD_NORM,

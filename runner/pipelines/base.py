@@ -26,6 +26,8 @@ from runner.training.precision import autocast_off
 from runner.training.speed import to_device
 
 Batch = dict[str, Any]
+TOKEN_CACHE_SIZE = 1 << 16
+"""Captions whose token ids are kept per tokenizer (then the cache starts over)."""
 OFFLOAD_DEVICE = torch.device("cpu")
 """Where encoders whose outputs are cached wait during training steps."""
 
@@ -41,19 +43,29 @@ class TextConditioner:
 
     def __init__(self, comps: Components, cache: BoundedCache[str] | None = None) -> None:
         self.comps = comps
+        self._token_ids: dict[int, dict[str, torch.Tensor]] = {}
+        """Per tokenizer (by id): caption → its token ids (host memory)."""
         self.cache = cache
         """Embeddings per caption (``cache_text_encoder_outputs``), or None."""
 
     def _ids(self, tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
-        expansions = multi_vector_tokens(tokenizer)
-        ids = tokenizer(
-            [expand_placeholders(c, expansions) for c in captions],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return to_device(ids, device)
+        """Token ids [B, 77] on ``device``; each caption is tokenized once per tokenizer
+        (a tokenizer call costs milliseconds of host time per step)."""
+        known = self._token_ids.setdefault(id(tokenizer), {})
+        missing = [c for c in dict.fromkeys(captions) if c not in known]
+        if missing:
+            if len(known) + len(missing) > TOKEN_CACHE_SIZE:
+                known.clear()
+            expansions = multi_vector_tokens(tokenizer)
+            ids = tokenizer(
+                [expand_placeholders(c, expansions) for c in missing],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            known.update(zip(missing, ids, strict=True))
+        return to_device(torch.stack([known[c] for c in captions]), device)
 
     def encode(
         self, captions: list[str], device: torch.device
@@ -115,7 +127,7 @@ class LatentEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode on ``device`` (an offloaded VAE comes back for it: a cache miss)."""
         with on_device([self.vae], device):
-            pixels = to_device(pixels, device).to(self.vae.dtype)
+            pixels = to_device(pixels, device).to(dtype_of(self.vae))
             with autocast_off(device):  # the VAE computes in its own dtype
                 dist = self.vae.encode(pixels).latent_dist
             return dist.mean, dist.std
@@ -175,6 +187,13 @@ def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first parameter (its frozen weights' dtype): what diffusers'
+    ``ModelMixin.dtype`` returns, without walking every submodule on each call (~1 ms for a
+    UNet, several times per step)."""
+    return next(module.parameters()).dtype
 
 
 def sdxl_time_ids(batch: Batch, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -362,15 +381,16 @@ class TrainingPipeline:
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             hidden, pooled = self.text.encode(list(batch["caption"]), device)
         unet = self.comps.unet if self.compiled_unet is None else self.compiled_unet
+        unet_dtype = dtype_of(self.comps.unet)  # diffusers' .dtype walks every module
         kwargs: dict[str, Any] = {}
         if pooled is not None:
             h, w = batch["pixel_values"].shape[-2:]
             kwargs["added_cond_kwargs"] = {
-                "text_embeds": pooled.to(unet.dtype),
+                "text_embeds": pooled.to(unet_dtype),
                 "time_ids": sdxl_time_ids(batch, h, w, device),
             }
         pred = unet(
-            noisy.to(unet.dtype), timesteps, hidden.to(unet.dtype), return_dict=False, **kwargs
+            noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype), return_dict=False, **kwargs
         )[0]
         target = training_target(scheduler, self.prediction_type, latents, noise, timesteps)
         return diffusion_loss(

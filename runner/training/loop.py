@@ -65,6 +65,9 @@ class StepRunner:
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generator, self.max_grad_norm = generator, max_grad_norm
         self.params = list(pipeline.trainable_parameters().values())
+        self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+        """The optimizer accelerate wraps (its wrapper inspects signatures and looks packages
+        up on every call; only the GradScaler path needs it)."""
 
     @property
     def lr(self) -> float:
@@ -90,14 +93,31 @@ class StepRunner:
             total += loss.detach()
         self._all_reduce_grads()
         if self.max_grad_norm is not None:
-            live = [p for p in self.params if p.grad is not None]
-            self.accelerator.clip_grad_norm_(live, self.max_grad_norm)
-        self.optimizer.step()
+            self._clip()
+        self._step_optimizer()
         if not getattr(self.optimizer, "step_was_skipped", False):  # fp16 overflow: no step
             self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.inner_optimizer.zero_grad(set_to_none=True)
         self.pipeline.after_optimizer_step()
         return total
+
+    def _clip(self) -> None:
+        """Clip the gradients' global norm (unscaled first under fp16's GradScaler); the
+        same as ``accelerator.clip_grad_norm_`` for these plain tensors, without its
+        per-step DTensor checks."""
+        assert self.max_grad_norm is not None
+        if self.accelerator.scaler is not None:
+            self.accelerator.unscale_gradients()
+        live = [p for p in self.params if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(live, self.max_grad_norm)
+
+    def _step_optimizer(self) -> None:
+        """accelerate's optimizer wrapper when it has work to do (GradScaler); otherwise the
+        wrapped optimizer's own step (the wrapper looks packages up on every call)."""
+        if self.accelerator.scaler is not None:
+            self.optimizer.step()
+        else:
+            self.inner_optimizer.step()
 
     def _all_reduce_grads(self) -> None:
         """Average gradients across processes in one flat buffer (LoRA/TI grads are small)."""
