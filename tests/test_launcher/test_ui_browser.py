@@ -37,6 +37,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
 
 
 def open_page(driver: Any, url: str) -> None:
+    driver.get("about:blank")  # a fresh page: the same URL with another #hash would not reload
     driver.get(url + "/#configure")
     wait_for(driver, "document.body.dataset.ready === 'true'")
 
@@ -340,6 +341,7 @@ def test_an_uploaded_reference_loads_and_the_yaml_saves(
     open_page(driver, url)
     sample = SAMPLES[0]
     driver.find_element(By.ID, "ref-file").send_keys(str(sample))
+    driver.execute_script("document.getElementById('ref-msg').textContent = ''")
     click(driver, "ref-reload")
     assert wait_for(driver, "document.getElementById('ref-msg').textContent").startswith(
         f"loaded {sample.name}"
