@@ -383,3 +383,33 @@ def test_peft_configs_and_param_groups_are_invoke_trainings(
     )
     assert "transformer.single_transformer_blocks.0.proj_mlp" in lora
     assert not any(p.requires_grad for p in comps.text_encoder_2.parameters())  # T5 frozen
+
+
+def test_a_transformer_without_guidance_embedding_trains(
+    tiny_flux_dir: Path, tmp_path: Path
+) -> None:
+    """FLUX.1-schnell has no guidance embedding: no guidance is passed (invoke-training always
+    passes one, which such a transformer cannot take)."""
+    import shutil
+
+    model = tmp_path / "schnell-like"
+    shutil.copytree(tiny_flux_dir, model)
+    torch.manual_seed(0)
+    FluxTransformer2DModel.from_config(
+        {
+            **FluxTransformer2DModel.load_config(tiny_flux_dir / "transformer"),
+            "guidance_embeds": False,
+        }
+    ).save_pretrained(model / "transformer")
+    cfg = make_config("FLUX_LORA", model, tmp_path, tmp_path / "o")
+    _, pipeline = load_pipeline(cfg)
+    assert not pipeline.comps.transformer.config.guidance_embeds
+    batch = {
+        "pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
+        "caption": ["a", "b"],
+        "id": ["x", "y"],
+    }
+    loss = pipeline.loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.item() > 0
+    assert any(p.grad is not None for p in pipeline.trainable_parameters().values())
