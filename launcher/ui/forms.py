@@ -25,7 +25,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Basic", ("type", "model", "hf_variant", "single_file_config", "vae_model",
                "base_output_dir", "seed", "max_train_steps", "max_train_epochs",
                "save_every_n_steps", "save_every_n_epochs", "max_checkpoints", "report_to",
-               "base_embeddings", "prediction_type")),
+               "base_embeddings", "prediction_type", "save_checkpoint_format", "save_dtype")),
     ("Data Source", ("data_loader.dataset*", "data_loader.instance_dataset*",
                      "data_loader.class_dataset*")),
     ("Aspect Ratio Bucketing", ("data_loader.aspect_ratio_buckets*",)),

@@ -76,3 +76,17 @@ def test_a_sweep_over_a_fine_tune_sample_expands_into_valid_members() -> None:
     got = {(m.config.save_dtype, m.config.optimizer.learning_rate) for m in members}
     assert got == {("float16", 1e-5), ("float16", 2e-5), ("bfloat16", 1e-5), ("bfloat16", 2e-5)}
     assert all(m.config.type == "SDXL_FINETUNE" for m in members)
+
+
+def test_the_ui_tab_puts_the_save_format_beside_the_model_as_invoke_training() -> None:
+    """invoke-training's SDXL fine-tune tab shows Checkpoint Format and Save Dtype with the
+    model; the generated tab does too, with the schema's choices and defaults."""
+    from kubetune.config import SdxlFinetuneConfig
+    from launcher.ui.forms import forms
+
+    (tab,) = forms([SdxlFinetuneConfig])
+    widgets = {w["path"]: w for w in tab["widgets"]}
+    fmt, dtype = widgets["save_checkpoint_format"], widgets["save_dtype"]
+    assert (fmt["section"], fmt["advanced"], dtype["section"]) == ("Basic", False, "Basic")
+    assert fmt["choices"] == ["full_diffusers", "trained_only_diffusers"]
+    assert (fmt["default"], dtype["default"]) == ("trained_only_diffusers", "float16")
