@@ -21,6 +21,7 @@ from kubetune.layout import (
     parse_step_name,
     parse_thumb_key,
 )
+from launcher import api
 from launcher.backends.base import Backend, RunStatus, read_progress
 from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX
 from launcher.ui.security import redact
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from kubetune.storage import ObjectStore
 
 CLUSTER_RETRY_S = 30.0
+NO_CLUSTER = (
+    "no cluster configured (no $KUBECONFIG or ~/.kube/config): showing the runs on this machine"
+)
 ENDED = ("Succeeded", "Failed", "Cancelled")
 """Phases after which progress.json no longer changes (Cancelling and Preempted may still
 write it)."""
@@ -65,6 +69,9 @@ class Runs:
         with self._lock:
             if self._cluster is None and time.monotonic() - self._cluster_tried > CLUSTER_RETRY_S:
                 self._cluster_tried = time.monotonic()
+                if not api.cluster_configured():
+                    self._cluster_error = NO_CLUSTER
+                    return None, self._cluster_error
                 try:
                     from launcher.backends.kubernetes import KubernetesBackend
 
@@ -78,7 +85,8 @@ class Runs:
             return self.local
         cluster, error = self.cluster()
         if cluster is None:
-            raise UserError(error or "no cluster: this UI was started with --local-only")
+            why = error or "this UI was started with --local-only"
+            raise UserError(f"no cluster to use: {why}")
         return cluster
 
     def config(self, backend: Backend, status: RunStatus) -> PipelineConfig:

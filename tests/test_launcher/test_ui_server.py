@@ -249,3 +249,15 @@ def test_an_ended_runs_row_is_kept_until_the_run_resumes(
     assert "error" not in result, result
     assert row_when("Running")["step"] in (None, 6, 9)
     assert row_when("Succeeded")["step"] == 9
+
+
+def test_without_a_kube_context_the_runs_say_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.ui.runs import NO_CLUSTER, Runs
+
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))  # no ~/.kube/config
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert Runs().listing() == {"runs": [], "messages": [NO_CLUSTER]}
