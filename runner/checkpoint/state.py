@@ -50,6 +50,8 @@ COMPAT_FIELDS = (
 )
 COMPAT_DEFAULTS: dict[str, Any] = {"use_dora": False, "ema": False}
 """What a checkpoint written before a compat field existed implies for it."""
+UNRECORDED_OK = frozenset({"optimizer"})
+"""Compat fields a checkpoint written before them does not record: not compared then."""
 
 
 ADDED_ENTRIES = frozenset({"skipped"})
@@ -87,7 +89,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], step: int) 
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
         for k, v in current.items()
-        if saved.get(k, COMPAT_DEFAULTS.get(k)) != v
+        if saved.get(k, COMPAT_DEFAULTS.get(k)) != v and (k in saved or k not in UNRECORDED_OK)
     ]
     if diffs:
         raise ResumeMismatchError(

@@ -115,7 +115,14 @@ def compat_info(cfg: PipelineConfig) -> dict[str, Any]:
     dumped = cfg.model_dump(mode="json")
     info = {k: dumped[k] for k in COMPAT_FIELDS if k in dumped}
     info["ema"] = cfg.ema_decay is not None  # the checkpoint holds EMA state or not
+    info["optimizer"] = optimizer_kind(cfg)  # its state's layout (8-bit AdamW's differs)
     return info
+
+
+def optimizer_kind(cfg: PipelineConfig) -> str:
+    """``AdamW``, ``AdamW-8bit`` or ``Prodigy``: what the saved optimizer state is."""
+    opt = cfg.optimizer
+    return f"{opt.optimizer_type}{'-8bit' if getattr(opt, 'use_8bit', False) else ''}"
 
 
 def checkpoint_settings(
