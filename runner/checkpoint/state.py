@@ -1,8 +1,9 @@
 """Checkpoint cadence and content: what a step folder holds and how a run resumes from one.
 
-A folder ``checkpoints/step-XXXXXX/`` holds the user-facing outputs (LoRA / embeddings),
-``trainable.safetensors`` (exact float32 trained weights), ``training_state.pt``
-(optimizer, LR scheduler, grad scaler, RNG states, the step, the data cursor) and
+A folder ``checkpoints/step-XXXXXX/`` holds the user-facing outputs (LoRA / embeddings; a
+fine-tune's diffusers ``unet/``), ``trainable.safetensors`` (the exact trained weights:
+float32, or a full fine-tune's UNet in its training dtype; streamed one tensor at a time),
+``training_state.pt`` (optimizer, LR scheduler, grad scaler, RNG states, the step, the data cursor) and
 ``run_info.json`` (the config fields a resumed run must share). Uploading, manifests and
 pruning belong to ``kubetune.checkpoint.publish.CheckpointManager``.
 """
