@@ -3,9 +3,9 @@
 A folder ``checkpoints/step-XXXXXX/`` holds the user-facing outputs (LoRA / embeddings; a
 fine-tune's diffusers ``unet/``), ``trainable.safetensors`` (the exact trained weights:
 float32, or a full fine-tune's UNet in its training dtype; streamed one tensor at a time),
-``training_state.pt`` (optimizer, LR scheduler, grad scaler, RNG states, the step, the data cursor) and
-``run_info.json`` (the config fields a resumed run must share). Uploading, manifests and
-pruning belong to ``kubetune.checkpoint.publish.CheckpointManager``.
+``training_state.pt`` (optimizer, LR scheduler, grad scaler, RNG states, the step, the data
+cursor) and ``run_info.json`` (the config fields a resumed run must share). Uploading,
+manifests and pruning belong to ``kubetune.checkpoint.publish.CheckpointManager``.
 """
 
 from __future__ import annotations
