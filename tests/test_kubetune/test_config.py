@@ -219,3 +219,27 @@ def test_keys_named_like_union_labels_keep_their_path(key: str) -> None:
     assert any(
         f": {key}: unknown key" in p or f": {key}: not valid" in p for p in err.value.problems
     ), err.value.problems
+
+
+def test_unknown_keys_are_located_in_the_users_terms() -> None:
+    """What the UI lists (not loads) of a reference config: every key the schema does not
+    know, as a path into the file (union branch labels left out)."""
+    from kubetune.config.loader import unknown_keys
+
+    data = {
+        "type": "SD_LORA",
+        "base_output_dir": "out",
+        "frobnicate": 1,
+        "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-4, "betas": [0.9, 0.99]},
+        "data_loader": {
+            "type": "IMAGE_CAPTION_SD_DATA_LOADER",
+            "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "d", "shuffle": True},
+        },
+    }
+    assert sorted(unknown_keys(data)) == [
+        ("data_loader", "dataset", "shuffle"),
+        ("frobnicate",),
+        ("optimizer", "betas"),
+    ]
+    del data["frobnicate"], data["optimizer"]["betas"], data["data_loader"]["dataset"]["shuffle"]
+    assert unknown_keys(data) == []
