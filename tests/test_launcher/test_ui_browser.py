@@ -4,6 +4,7 @@ the real server: tabs and sections, reference configs in and out, errors at thei
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,13 @@ def test_an_uploaded_reference_loads_and_the_yaml_saves(
     assert wait_for(driver, "document.getElementById('save-msg').textContent").startswith("saved")
     assert target.read_text() == driver.execute_script("return window.kubetune.state.yaml")
     assert load_config(target).type == load_config(sample).type
+    downloads = tmp_path / "downloads"
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
+    click(driver, "download")
+    deadline = time.monotonic() + 30
+    while not list(downloads.glob("*.yaml")):
+        assert time.monotonic() < deadline, "no download"
+        time.sleep(0.1)
+    assert next(downloads.glob("*.yaml")).read_text() == target.read_text()
