@@ -7,6 +7,7 @@ config that leaves the knobs out consumes exactly the random numbers it did befo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +65,28 @@ class NoiseSettings:
         if self.timestep_sampling == "logit_normal":
             u = torch.sigmoid(torch.randn((count,), generator=generator, device=device))
             return (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
-        weights = bias_weights(
+        cdf = bias_cdf(
             num_train_timesteps,
             self.timestep_sampling,
             self.bias_multiplier,
             self.bias_portion,
+            device,
         )
-        return torch.multinomial(weights.to(device), count, replacement=True, generator=generator)
+        u = torch.rand((count,), generator=generator, device=device)
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=num_train_timesteps - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def bias_cdf(
+    total: int, strategy: str, multiplier: float, portion: float, device: torch.device
+) -> torch.Tensor:
+    """The cumulative distribution of ``bias_weights`` on ``device``, built once: a timestep
+    is drawn as the first index whose CDF exceeds a uniform number (inverse CDF). Unlike
+    ``torch.multinomial``, which reads its probabilities back to the host (``.item()``) when
+    it draws one sample (batch 1), this never syncs, and no weights are copied per step."""
+    weights = bias_weights(total, strategy, multiplier, portion).double()
+    cdf = (weights.cumsum(0) / weights.sum()).float()
+    return cdf.to(device)
 
 
 def bias_weights(total: int, strategy: str, multiplier: float, portion: float) -> torch.Tensor:

@@ -212,3 +212,28 @@ def test_periodic_progress_uploads_leave_the_training_thread(tmp_path: Path) -> 
     assert [name for _, name in final] == [main, main]
     record = json.loads((tmp_path / PROGRESS_KEY).read_text())
     assert record["state"] == "completed" and record["step"] == 3
+
+
+def test_biased_timesteps_draw_without_multinomial_from_a_cached_cdf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """earlier / later sampling: ``torch.multinomial`` reads its probabilities back with
+    ``.item()`` when it draws one sample (batch 1: a sync inside the kernel call, invisible
+    to the counter), and the weights were copied to the device every step. Now: inverse CDF
+    from one ``torch.rand``, the CDF built once per device."""
+    from runner.training import noise
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torch.multinomial used")
+
+    monkeypatch.setattr(torch, "multinomial", refuse)
+    noise.bias_cdf.cache_clear()
+    settings = noise.NoiseSettings(timestep_sampling="later", bias_multiplier=4.0,
+                                   bias_portion=0.25)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    one = [settings.timesteps(1, 1000, generator) for _ in range(3)]
+    assert all(t.shape == (1,) and 0 <= int(t) < 1000 for t in one)
+    assert noise.bias_cdf.cache_info().misses == 1  # built once, reused every step
+    many = settings.timesteps(20000, 1000, generator)
+    assert int(many.min()) >= 0 and int(many.max()) <= 999
+    assert abs(float((many >= 750).float().mean()) - 4 / 7) < 0.02
