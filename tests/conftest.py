@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Test modules that share helpers with a sibling (``from test_chart import VARIANTS``) import
+# by bare name whichever files a run collects: every test folder is importable.
+for _folder in ("test_kubetune", "test_runner", "test_launcher", "cluster", "reliability"):
+    sys.path.append(str(Path(__file__).parent / _folder))
 
 # Session-scoped tiny SD / SDXL model directories (tiny_sd_dir, tiny_sdxl_dir); the real
 # cluster of the `-m cluster` tier (cluster, namespace).

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from parity_reference import TE_TARGETS, UNET_TARGETS
 
 from kubetune.config import PIPELINE_CLASSES, parse_config
 from kubetune.errors import ConfigError
@@ -31,22 +32,6 @@ ADAMW = {
     "epsilon": 1e-8,
     "use_8bit": False,
 }
-UNET_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "proj",
-    "proj_in",
-    "proj_out",
-    "conv",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "to_out.0",
-    "time_emb_proj",
-    "ff.net.2",
-]
-TE_TARGETS = ["fc1", "fc2", "q_proj", "k_proj", "v_proj", "out_proj"]
 COMMON: dict[str, Any] = {
     "seed": None,
     "base_output_dir": REQUIRED,

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from parity_reference import TE_TARGETS, UNET_TARGETS
 from safetensors.torch import load_file
-from test_parity_config import TE_TARGETS, UNET_TARGETS
 from train_support import load_pipeline, make_config, write_dataset
 
 from kubetune.config import PipelineConfig, parse_config
