@@ -249,29 +249,29 @@ class KubernetesBackend(Backend):
         selector = f"{LABEL_RUN}={labels.get(LABEL_RUN)},{LABEL_HASH}={labels.get(LABEL_HASH)}"
         with api_errors("listing pods"):
             pod_list = self.core.list_namespaced_pod(self.namespace, label_selector=selector)
-        pods = [self._dict(p) for p in pod_list.items]
-        pods.sort(
-            key=lambda p: (
-                p["metadata"].get("creationTimestamp") or "",
-                int(p["metadata"].get("resourceVersion") or 0),
-            )
-        )
+        pods = _by_age([self._dict(p) for p in pod_list.items])
         return pods, pod_list.metadata.resource_version
 
-    def _events(self, name: str) -> list[Obj]:
+    def _events(self, name: str | None = None) -> list[Obj]:
+        """The events about object `name` (None: every event in the namespace)."""
+        selector = f"involvedObject.name={name}" if name else None
         with api_errors("listing events"):
-            items = self.core.list_namespaced_event(
-                self.namespace, field_selector=f"involvedObject.name={name}"
-            ).items
+            items = self.core.list_namespaced_event(self.namespace, field_selector=selector).items
         return [self._dict(e) for e in items]
 
     def status(self, run: str) -> RunStatus:
         return self._status(self._find_job(run), with_progress=True)
 
-    def _status(self, job: Obj, *, with_progress: bool) -> RunStatus:
+    def _status(
+        self, job: Obj, *, with_progress: bool, known: tuple[list[Obj], list[Obj]] | None = None
+    ) -> RunStatus:
+        """`known`: the job's pods and events, already listed (`list`)."""
         meta = job["metadata"]
-        pods, _ = self._pods(job)
-        events = [] if pods else self._events(meta["name"])
+        if known is not None:
+            pods, events = known
+        else:
+            pods = self._pods(job)[0]
+            events = [] if pods else self._events(meta["name"])
         phase, reason, message = k8s_status.workload_phase(job, pods, events)
         status = RunStatus(
             backend=self.name,
@@ -310,7 +310,33 @@ class KubernetesBackend(Backend):
         return self._config(self._find_job(run)["metadata"]["name"])
 
     def list(self) -> list[RunStatus]:
-        return [self._status(job, with_progress=False) for job in self._jobs(self.namespace)]
+        """Every run, from one listing of the jobs, one of their pods and (if a run has no
+        pod) one of the namespace's events: not two API calls per run."""
+        jobs = self._jobs(self.namespace)
+        if not jobs:
+            return []
+        with api_errors("listing pods"):
+            items = self.core.list_namespaced_pod(self.namespace, label_selector=LABEL_RUN).items
+        pods: dict[tuple[str | None, str | None], list[Obj]] = {}
+        for pod in _by_age([self._dict(p) for p in items]):
+            labels = pod["metadata"].get("labels") or {}
+            pods.setdefault((labels.get(LABEL_RUN), labels.get(LABEL_HASH)), []).append(pod)
+        events: list[Obj] | None = None
+        statuses = []
+        for job in jobs:
+            labels = job["metadata"].get("labels") or {}
+            mine = pods.get((labels.get(LABEL_RUN), labels.get(LABEL_HASH)), [])
+            if not mine and events is None:
+                events = self._events()
+            about = [
+                e
+                for e in events or []
+                if e.get("involvedObject", {}).get("name") == job["metadata"]["name"]
+            ]
+            statuses.append(
+                self._status(job, with_progress=False, known=(mine, [] if mine else about))
+            )
+        return statuses
 
     # --- logs ---------------------------------------------------------------------------
 
@@ -463,3 +489,14 @@ def _replace_field(result: SubmitResult, **changes: Any) -> SubmitResult:
     from dataclasses import replace
 
     return replace(result, **changes)
+
+
+def _by_age(pods: list[Obj]) -> list[Obj]:
+    """Pods oldest first (creation time, then resource version)."""
+    return sorted(
+        pods,
+        key=lambda p: (
+            p["metadata"].get("creationTimestamp") or "",
+            int(p["metadata"].get("resourceVersion") or 0),
+        ),
+    )

@@ -175,6 +175,23 @@ def test_an_identity_that_may_not_read_secrets_submits_with_a_warning(fake_kube:
     assert any("not checked: this identity may not read Secrets" in w for w in result.warnings)
 
 
+def test_list_reads_pods_and_events_once_not_per_run(fake_kube: Kube) -> None:
+    """`list` (the runs page polls it) costs a few API calls, not two per run, and says
+    what `status` says of each run."""
+    backend = fake_kube.backend()
+    for i in range(4):
+        backend.submit(_cfg(name=f"run-{i}"))
+    assert fake_kube.fake is not None
+    fake_kube.fake.requests.clear()
+    statuses = backend.list()
+    calls = [path for method, path in fake_kube.fake.requests if method == "GET"]
+    assert sum("/pods" in c for c in calls) == 1 and sum("/events" in c for c in calls) <= 1
+    assert sorted(s.run for s in statuses) == [f"run-{i}" for i in range(4)]
+    for listed in statuses:
+        alone = backend.status(listed.run)
+        assert (listed.phase, listed.reason, listed.pods) == (alone.phase, alone.reason, alone.pods)
+
+
 def test_secret_without_the_key_is_reported(kube: Kube) -> None:
     kube.create_secret("half", {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY})
     cfg = _cfg()
