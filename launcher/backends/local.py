@@ -25,7 +25,13 @@ from kubetune.config import (
     run_name,
 )
 from kubetune.config.cluster import sanitize_name
-from kubetune.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, KubetuneError, UserError
+from kubetune.errors import (
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    ConfigError,
+    KubetuneError,
+    UserError,
+)
 from launcher.backends.base import (
     RESUMABLE_PHASES,
     Backend,
@@ -202,8 +208,14 @@ class LocalBackend(Backend):
         status.phase, status.reason, status.message = _attempt_phase(info["pid"], run_dir)
         status.retries = len(attempts) - 1
         if with_progress or status.phase != "Running":
-            cfg = self.run_config(run)
-            status.progress, status.progress_error = read_progress(info["output_uri"], cfg.storage)
+            try:
+                cfg = self.run_config(run)
+            except ConfigError as err:  # stored by an older kubetune: list the run anyway
+                status.progress_error = f"its stored config no longer validates: {err.problems[0]}"
+            else:
+                status.progress, status.progress_error = read_progress(
+                    info["output_uri"], cfg.storage
+                )
         if _finished_later(status, attempts[-1]["started"]):
             status.phase, status.reason = "Succeeded", None
             status.message = "finished by a later `python -m runner` of its config"

@@ -261,3 +261,22 @@ def test_without_a_kube_context_the_runs_say_so_in_one_line(
     for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(name, raising=False)
     assert Runs().listing() == {"runs": [], "messages": [NO_CLUSTER]}
+
+
+def test_a_run_whose_config_no_longer_validates_is_still_listed(tmp_path: Path) -> None:
+    """An old run whose stored config the schema no longer accepts (a field since removed)
+    stays in the list, with why its progress cannot be read, instead of hiding every run."""
+    from ui_support import fake_local_run
+
+    from launcher.backends.local import LocalBackend
+    from launcher.ui.runs import Runs
+
+    home = tmp_path / "home"
+    fake_local_run(home, tmp_path / "out", "fine")
+    fake_local_run(home, tmp_path / "out", "old")
+    stored = home / "runs" / "old" / "config.yaml"
+    stored.write_text(stored.read_text() + "a_field_since_removed: 1\n")
+    rows = {r["run"]: r for r in Runs(local=LocalBackend(home), local_only=True).listing()["runs"]}
+    assert rows["fine"]["step"] == 40 and rows["fine"]["phase"] == "Succeeded"
+    assert "a_field_since_removed" in rows["old"]["progress_error"]
+    assert rows["old"]["phase"] == "Succeeded"
