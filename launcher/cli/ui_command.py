@@ -33,6 +33,11 @@ INSTALL_HINT = "install the UI extra: pip install 'kubetune[ui]'"
     help="Beyond loopback: make a random access token and print it (else KUBETUNE_UI_TOKEN).",
 )
 @click.option("--local-only", is_flag=True, help="Never contact a cluster: local runs only.")
+@click.option(
+    "--cluster-only",
+    is_flag=True,
+    help="Never train on this machine: submit to and list the cluster only (the chart's UI).",
+)
 def ui(
     host: str,
     port: int,
@@ -40,6 +45,7 @@ def ui(
     roots: tuple[Path, ...],
     new_token: bool,
     local_only: bool,
+    cluster_only: bool,
 ) -> None:
     """Configure, validate, submit and watch runs in a web page (needs `kubetune[ui]`).
 
@@ -54,7 +60,12 @@ def ui(
     from launcher.ui.security import settings_for
 
     settings = settings_for(
-        host, port, list(roots) or [Path.cwd()], new_token=new_token, local_only=local_only
+        host,
+        port,
+        list(roots) or [Path.cwd()],
+        new_token=new_token,
+        local_only=local_only,
+        cluster_only=cluster_only,
     )
     try:
         from launcher.ui.server import serve

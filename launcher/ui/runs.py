@@ -50,11 +50,13 @@ class Runs:
     """The backends the page sees, each created once (a cluster that fails is retried after
     CLUSTER_RETRY_S, meanwhile its one-line reason is shown)."""
 
-    def __init__(self, *, local_only: bool = False, local: Backend | None = None) -> None:
+    def __init__(
+        self, *, local_only: bool = False, cluster_only: bool = False, local: Backend | None = None
+    ) -> None:
         from launcher.backends.local import LocalBackend
 
         self.local = local or LocalBackend()
-        self.local_only = local_only
+        self.local_only, self.cluster_only = local_only, cluster_only
         self._cluster: Backend | None = None
         self._cluster_error: str | None = None
         self._cluster_tried = 0.0
@@ -82,6 +84,8 @@ class Runs:
 
     def backend(self, name: str) -> Backend:
         if name == "local":
+            if self.cluster_only:
+                raise UserError("this UI runs nothing on its own machine (--cluster-only)")
             return self.local
         cluster, error = self.cluster()
         if cluster is None:
@@ -109,7 +113,7 @@ class Runs:
         """Every run as a row, newest progress first read from progress.json."""
         rows: list[dict[str, Any]] = []
         messages: list[str] = []
-        backends: list[Backend] = [self.local]
+        backends: list[Backend] = [] if self.cluster_only else [self.local]
         cluster, error = self.cluster()
         if cluster is not None:
             backends.append(cluster)

@@ -44,6 +44,9 @@ class UiSettings:
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     local_only: bool = False
     """Never contact a cluster (runs listed and submitted locally only)."""
+    cluster_only: bool = False
+    """Never run training on this machine (the chart's in-cluster UI: its pod is no GPU
+    node): runs are submitted to, and listed from, the cluster only."""
 
     @property
     def loopback(self) -> bool:
@@ -56,7 +59,13 @@ class UiSettings:
 
 
 def settings_for(
-    host: str, port: int, roots: list[Path], *, new_token: bool = False, local_only: bool = False
+    host: str,
+    port: int,
+    roots: list[Path],
+    *,
+    new_token: bool = False,
+    local_only: bool = False,
+    cluster_only: bool = False,
 ) -> UiSettings:
     """Check the bind: beyond loopback a token is required (from KUBETUNE_UI_TOKEN, or a
     fresh one with `new_token`); UserError (exit 2) otherwise."""
@@ -71,8 +80,10 @@ def settings_for(
         )
     if token is not None and len(token) < 16:
         raise UserError(f"{TOKEN_ENV} is too short", hint="use at least 16 random characters")
+    if local_only and cluster_only:
+        raise UserError("--local-only and --cluster-only exclude each other", hint="pass one")
     resolved = [r.expanduser().resolve() for r in roots]
-    return UiSettings(host, port, token, resolved, local_only=local_only)
+    return UiSettings(host, port, token, resolved, local_only=local_only, cluster_only=cluster_only)
 
 
 def token_ok(settings: UiSettings, headers: Any, cookies: dict[str, str]) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -50,9 +51,17 @@ class UiState:
             classes = PIPELINE_CLASSES
         self.settings = settings
         self.forms_json = json.dumps({"tabs": forms(classes)}).encode()
-        self.runs = runs or Runs(local_only=settings.local_only)
+        self.runs = runs or Runs(local_only=settings.local_only, cluster_only=settings.cluster_only)
         page = (STATIC / "index.html").read_text(encoding="utf-8")
-        self.page = page.replace("{{csrf}}", settings.csrf)
+        self.page = _targets(page.replace("{{csrf}}", settings.csrf), settings)
+
+
+def _targets(page: str, settings: UiSettings) -> str:
+    """The page offers only the places this server may run training."""
+    for value, dropped in (("local", settings.cluster_only), ("cluster", settings.local_only)):
+        if dropped:
+            page = re.sub(rf'<option value="{value}">[^<]*</option>', "", page)
+    return page
 
 
 def create_app(

@@ -100,6 +100,7 @@ def test_ui_is_loopback_free_only_with_a_token_and_least_privilege() -> None:
         "--host",
         "0.0.0.0",
     ]
+    assert "--cluster-only" in container["args"]  # the UI pod trains nothing itself
     token = next(e for e in container["env"] if e["name"] == "KUBETUNE_UI_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "kubetune-ui-token", "key": "token"}
     assert pod["serviceAccountName"] == "kubetune-ui"

@@ -280,3 +280,22 @@ def test_a_run_whose_config_no_longer_validates_is_still_listed(tmp_path: Path) 
     assert rows["fine"]["step"] == 40 and rows["fine"]["phase"] == "Succeeded"
     assert "a_field_since_removed" in rows["old"]["progress_error"]
     assert rows["old"]["phase"] == "Succeeded"
+
+
+def test_a_cluster_only_ui_offers_and_runs_nothing_on_its_own_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's in-cluster UI (`--cluster-only`): no 'this machine' target, and a local
+    submit is refused in one line."""
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    settings = settings_for("127.0.0.1", 0, [tmp_path], cluster_only=True)
+    with serve_in_thread(create_app(settings)) as url:
+        _, page, _ = request(url + "/")
+        assert 'value="local"' not in page and 'value="cluster"' in page
+        post = {"X-Kubetune-CSRF": csrf_of(page), "Content-Type": "application/json"}
+        values = __import__("yaml").safe_load(QUICKSTART.read_text())
+        values["base_output_dir"] = str(tmp_path / "out")
+        status, text, _ = request(url + "/api/submit", {"values": values, "target": "local"}, post)
+        assert "runs nothing on its own machine" in json.loads(text)["error"]
+        assert not (tmp_path / "home" / "runs").exists()
+    assert CliRunner().invoke(main, ["ui", "--local-only", "--cluster-only"]).exit_code == 2
