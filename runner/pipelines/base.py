@@ -175,7 +175,7 @@ def _latent_keys(batch: Batch) -> list[tuple[str, bool]]:
 def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
     """The modules on ``device`` for the block; those that were elsewhere (offloaded) go back
     after it."""
-    away = [(m, _device_of(m)) for m in modules if _device_of(m) != device]
+    away = [(m, _device_of(m)) for m in modules if not same_device(_device_of(m), device)]
     for module, _ in away:
         module.to(device)
     try:
@@ -187,6 +187,11 @@ def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device (an index left out means the current one)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def dtype_of(module: nn.Module) -> torch.dtype:

@@ -130,29 +130,50 @@ def test_a_cache_miss_encodes_on_the_training_device(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After warming, the VAE waits on the offload device; an example missing from the cache
-    brings it to the training device for its encoding and sends it back."""
+    brings it to the training device for its encoding and sends it back. (The offload device
+    here is ``meta``, recorded but not really moved to, so the weights stay usable.)"""
     from runner.data import build_train_dataloader, cache_batches
     from runner.pipelines import base
 
     cfg = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path, cache_vae_outputs=True)
     comps, pipe = load_pipeline(cfg)
-    away = torch.device("cpu", 0)  # distinguishable from the training device in the log
+    away = torch.device("meta")
     monkeypatch.setattr(base, "OFFLOAD_DEVICE", away)
     loader = build_train_dataloader(cfg, seed=1, batch_size=2, device_is_cuda=False)
     batches = list(cache_batches(loader))
-    pipe.warm_caches(batches[1:])  # the first batch's examples stay uncached
     moves: list[str] = []
     to, device_of = torch.nn.Module.to, base._device_of
-    where = {id(comps.vae): away}
+    where = {id(comps.vae): CPU}
 
     def recorded_to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
         if self is comps.vae:
             moves.append(str(args[0]))
             where[id(self)] = torch.device(args[0])
+            if where[id(self)] == away:
+                return self
         return to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", recorded_to)
     monkeypatch.setattr(base, "_device_of", lambda m: where.get(id(m), device_of(m)))
+    pipe.warm_caches(batches[1:])  # the first batch's examples stay uncached
+    assert moves == ["meta"]
     pipe.latents.sample(batches[0], CPU, torch.Generator().manual_seed(0))
-    assert moves == ["cpu", "cpu:0"]
+    assert moves == ["meta", "cpu", "meta"]
     assert pipe.latents.cache is not None and len(pipe.latents.cache) == 4
+
+
+def test_an_encoder_already_on_the_device_is_not_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cuda`` (the accelerator's) and ``cuda:0`` (a parameter's) are one device: no
+    ``Module.to`` walk per step for an encoder that never left."""
+    from runner.pipelines import base
+
+    assert base.same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert not base.same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not base.same_device(CPU, torch.device("cuda"))
+    module = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(base, "_device_of", lambda m: torch.device("cuda", 0))
+    moved: list[Any] = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
+    with base.on_device([module], torch.device("cuda")):
+        pass
+    assert moved == []
