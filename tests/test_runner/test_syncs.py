@@ -32,7 +32,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def counted_run(cfg: Any, monkeypatch: pytest.MonkeyPatch) -> SyncCounter:
-    """Train ``cfg``; steps after the first count under "step", log lines under "log"."""
+    """Train ``cfg``; steps after the first (and their progress updates) count under
+    "step", log lines under "log"."""
     from runner.reporting import progress
     from runner.training import loop
 
@@ -50,6 +51,12 @@ def counted_run(cfg: Any, monkeypatch: pytest.MonkeyPatch) -> SyncCounter:
         with counter.phase("log"):
             return emit(self, *args, **kwargs)
 
+    def counted_update(self: Any, step: int, *args: Any, **kwargs: Any) -> Any:
+        with counter.phase("step" if step >= 2 else None):  # a log line counts as "log"
+            return update(self, step, *args, **kwargs)
+
+    update = progress.ProgressReporter.update
+    monkeypatch.setattr(progress.ProgressReporter, "update", counted_update)
     monkeypatch.setattr(loop.StepRunner, "run", counted_step)
     monkeypatch.setattr(progress.ProgressReporter, "_emit", counted_emit)
     with counter:
