@@ -3,6 +3,8 @@ pool, answer JSON; a kubetune error is a one-line `{"error": ...}`."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -75,38 +77,44 @@ def _ui(request: Request) -> Any:
     return request.app.state.ui
 
 
-async def reference(request: Request) -> Response:
-    try:
-        data = await body(request)
-    except UserError as err:
-        return JSONResponse({"error": one_line(err)}, status_code=400)
+Handler = Callable[[Request, dict[str, Any]], Awaitable[Response]]
+
+
+def with_body(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """A POST handler that gets the request's JSON object (a bad body is a one-line 400)."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        try:
+            data = await body(request)
+        except UserError as err:
+            return JSONResponse({"error": one_line(err)}, status_code=400)
+        return await handler(request, data)
+
+    return wrapper
+
+
+@with_body
+async def reference(request: Request, data: dict[str, Any]) -> Response:
     return await call(reload_text, _ui(request).settings, data)
 
 
-async def generate(request: Request) -> Response:
-    try:
-        data = await body(request)
-    except UserError as err:
-        return JSONResponse({"error": one_line(err)}, status_code=400)
+@with_body
+async def generate(request: Request, data: dict[str, Any]) -> Response:
     return await call(configs.generate, data.get("values"), _ui(request).settings.roots[0])
 
 
-async def save(request: Request) -> Response:
-    try:
-        data = await body(request)
-    except UserError as err:
-        return JSONResponse({"error": one_line(err)}, status_code=400)
+@with_body
+async def save(request: Request, data: dict[str, Any]) -> Response:
     return await call(save_text, _ui(request).settings, data)
 
 
-async def submit(request: Request) -> Response:
+@with_body
+async def submit(request: Request, data: dict[str, Any]) -> Response:
     from launcher.ui.submit import start_training
 
-    try:
-        data = await body(request)
-    except UserError as err:
-        return JSONResponse({"error": one_line(err)}, status_code=400)
-    sweeps = [s.strip() for s in data.get("sweeps") or [] if str(s).strip()]
+    given = data.get("sweeps")
+    sweeps = [str(s).strip() for s in given if str(s).strip()] if isinstance(given, list) else []
     ui = _ui(request)
     return await call(
         start_training,
@@ -119,13 +127,10 @@ async def submit(request: Request) -> Response:
     )
 
 
-async def dataset(request: Request) -> Response:
+@with_body
+async def dataset(request: Request, data: dict[str, Any]) -> Response:
     from launcher.ui.dataset_preview import preview
 
-    try:
-        data = await body(request)
-    except UserError as err:
-        return JSONResponse({"error": one_line(err)}, status_code=400)
     return await call(preview, data.get("values"), _ui(request).settings)
 
 
@@ -140,7 +145,8 @@ async def run_detail(request: Request) -> Response:
 
 async def run_logs(request: Request) -> Response:
     p = request.path_params
-    lines = min(int(request.query_params.get("lines", "200") or 200), 5000)
+    raw = request.query_params.get("lines", "")
+    lines = min(int(raw), 5000) if raw.isdigit() else 200
     return await call(lambda: {"lines": _ui(request).runs.logs(p["backend"], p["run"], lines)})
 
 
@@ -149,15 +155,15 @@ async def sweep(request: Request) -> Response:
     return await call(_ui(request).runs.sweep, p["backend"], p["sweep"])
 
 
-async def run_pull(request: Request) -> Response:
-    p = request.path_params
-    ui = _ui(request)
-    try:
-        data = await body(request)
+@with_body
+async def run_pull(request: Request, data: dict[str, Any]) -> Response:
+    p, ui = request.path_params, _ui(request)
+
+    def pull() -> dict[str, Any]:
         dest = security.checked_path(ui.settings, str(data.get("path") or ""), "pull folder")
-    except UserError as err:
-        return JSONResponse({"error": one_line(err)}, status_code=400)
-    return await call(ui.runs.pull, p["backend"], p["run"], dest)
+        return ui.runs.pull(p["backend"], p["run"], dest)
+
+    return await call(pull)
 
 
 async def run_cancel(request: Request) -> Response:
