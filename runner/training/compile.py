@@ -10,6 +10,7 @@ Validation calls the plain UNet (eval mode, CFG batch 2): it never compiles.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sysconfig
@@ -22,6 +23,9 @@ from torch import nn
 from kubetune.errors import UserError
 
 COMPILE_BACKEND = "inductor"
+MANY_SHAPES = 16
+"""More shapes than this: the run says compiling them all takes a while."""
+log = logging.getLogger(__name__)
 """torch.compile's backend (tests use a counting backend)."""
 
 
@@ -49,6 +53,12 @@ def compile_for_training(unet: nn.Module, shapes: int) -> nn.Module:
             f"compile_unet: {problem}",
             hint="use the kubetune image (it has build-essential and python3-dev) or set "
             "compile_unet: false",
+        )
+    if shapes > MANY_SHAPES:
+        log.warning(
+            "compile_unet: %d input shapes (aspect buckets x full / short batch) each compile "
+            "once, about a minute apiece on a GPU; fewer buckets compile faster",
+            shapes,
         )
     config = torch._dynamo.config
     config.cache_size_limit = max(config.cache_size_limit, shapes + 1)

@@ -41,8 +41,19 @@ def test_a_machine_without_compiler_or_headers_is_refused_with_the_reason(
     assert "no Python headers" in (compiling.compiler_problem() or "")
 
 
-def test_training_shapes_count_each_bucket_with_a_short_batch() -> None:
+def test_training_shapes_count_each_bucket_with_a_short_batch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     assert compiling.training_shapes([(64, 64), (64, 64), (48, 64), (64, 48)]) == 6
+    config = torch._dynamo.config
+    for name in ("cache_size_limit", "accumulated_cache_size_limit"):
+        monkeypatch.setattr(config, name, getattr(config, name))  # restored afterwards
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
+    compiling.compile_for_training(torch.nn.Linear(2, 2), shapes=6)
+    assert "input shapes" not in caplog.text
+    compiling.compile_for_training(torch.nn.Linear(2, 2), shapes=40)
+    assert "compile_unet: 40 input shapes" in caplog.text
+    assert torch._dynamo.config.cache_size_limit >= 41
 
 
 @pytest.mark.slow
