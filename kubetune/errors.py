@@ -84,3 +84,8 @@ class Preempted(KubetuneError):
     """Raised inside the runner after SIGTERM once the checkpoint is published."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class ProcessGroupError(KubetuneError):
+    """The processes of a multi-process run disagree (their weights differ) or lost each
+    other (a rank or node died, a collective timed out); exit status 1, retry resumes."""

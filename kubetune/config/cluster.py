@@ -251,6 +251,10 @@ class JobConfig(ConfigModel):
     """Delete the finished Job (not its outputs) after this many seconds (default 7 days)."""
     termination_grace_period_seconds: int = Field(default=300, ge=30)
     """Time the pod gets after SIGTERM to write its checkpoint."""
+    process_group_timeout_minutes: float = Field(default=60, gt=0, le=1440)
+    """kubetune extension: how long a process of a multi-process run waits for the others in
+    a collective (torch.distributed's process-group timeout) before it stops with an error;
+    it must outlast what rank 0 does alone (validation, uploads). Local runs use 60."""
     env: dict[str, str] = {}
     """Extra non-secret environment variables for the container."""
     labels: dict[str, str] = {}

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,8 +121,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    set_cuda_rng_states(state.get("cuda") or [])
+
+
+def set_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Restore the saved per-GPU RNG states on the GPUs visible now: a checkpoint written
+    with more GPUs visible restores the first ones, one written with fewer leaves the rest
+    (and one written on CPUs restores nothing)."""
+    if not torch.cuda.is_available():
+        return
+    for index, saved in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(saved, index)
 
 
 # --- the checkpointer ----------------------------------------------------------------------
@@ -162,6 +172,9 @@ class Checkpointer:
         self.cadence, self.work_dir = settings.cadence, settings.work_dir
         self.last_saved: int | None = None
         self._staged: list[Path] = []
+        self.verify: Callable[[dict[str, torch.Tensor], str], None] | None = None
+        """Called on every rank with the trained weights before each save (the ranks'
+        checksum comparison of a multi-process run)."""
 
     def maybe_save(self, state: LoopState, completed_epoch: int | None) -> bool:
         if self.cadence.due(state.step, completed_epoch):
@@ -174,6 +187,8 @@ class Checkpointer:
         if self.last_saved == state.step:
             return None
         self.last_saved = state.step
+        if self.verify is not None:
+            self.verify(self.pipeline.trainable_parameters(), f"at step {state.step}")
         if not self.settings.is_main:
             return None
         folder = self.work_dir / CHECKPOINTS / step_name(state.step)
@@ -241,3 +256,15 @@ def fetch_latest(
     info = json.loads((restored.folder / INFO_FILE).read_text())
     check_compatible(info, compat, restored.step)
     return ResumePoint(restored.step, restored.folder, info, restored.set_aside)
+
+
+def fetch_step(
+    manager: CheckpointManager, work_dir: Path, compat: dict[str, Any], step: int
+) -> ResumePoint:
+    """Download checkpoint ``step`` (the one rank 0 chose) and check it fits ``compat``."""
+    folder = work_dir / "restore" / step_name(step)
+    shutil.rmtree(folder, ignore_errors=True)
+    manager.restore(step, folder)
+    info = json.loads((folder / INFO_FILE).read_text())
+    check_compatible(info, compat, step)
+    return ResumePoint(step, folder, info, [])

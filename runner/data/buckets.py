@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.dataset.buckets import build_buckets, closest_bucket
 from kubetune.errors import ResumeMismatchError
 
 __all__ = ["BucketBatchSampler", "build_buckets", "closest_bucket", "derive_seed"]
+
+log = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: object) -> int:
@@ -53,6 +57,7 @@ class BucketBatchSampler:
         self.shuffle = shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self._epoch, self._position = 0, 0
+        self._memo: tuple[int, list[list[int]]] | None = None
         members: dict[int, list[int]] = {}
         for index, bucket in enumerate(self.bucket_of):
             members.setdefault(bucket, []).append(index)
@@ -90,7 +95,7 @@ class BucketBatchSampler:
         """This process's batches of `epoch`: a strided slice of each global batch, so the
         ranks' slices are disjoint and cover it. A global batch shorter than the number of
         processes (a bucket's tail) is cycled so that every rank still gets one example."""
-        glob = self.global_batches(epoch)
+        glob = self._plan(epoch)
         if self.num_replicas == 1:
             return glob
         n = self.num_replicas
@@ -128,10 +133,37 @@ class BucketBatchSampler:
         if epoch != self._epoch:
             self._epoch, self._position = epoch, 0
 
+    def slots(self, epoch: int, position: int) -> Slots:
+        """Where this rank's examples of batch ``position`` of ``epoch`` sit in their global
+        batch (see ``Slots``)."""
+        glob = self._plan(epoch)[position]
+        n = self.num_replicas
+        if len(glob) >= n:
+            rows = list(range(self.rank, len(glob), n))
+            return Slots([glob[r] for r in rows], rows, [True] * len(rows), len(glob), n)
+        row = self.rank % len(glob)
+        return Slots([glob[row]], [row], [self.rank < len(glob)], len(glob), n)
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """``global_batches(epoch)``, remembered for the current epoch."""
+        if self._memo is None or self._memo[0] != epoch:
+            self._memo = (epoch, self.global_batches(epoch))
+        return self._memo[1]
+
+    def examples_seen(self) -> int:
+        """Examples of the current epoch consumed by all processes together."""
+        return sum(len(b) for b in self._plan(self._epoch)[: self._position])
+
     def fingerprint(self) -> str:
-        """Identity of the plan: a different dataset, bucketing or batch size changes it."""
+        """Identity of the data order: a different dataset, bucketing or seed changes it.
+        The batch size and world size do not: positions are kept in examples seen."""
+        raw = f"{self.seed}:{self.shuffle}:{self.bucket_of}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of checkpoints written before positions were kept in examples."""
         raw = f"{self.seed}:{self.batch_size}:{self.shuffle}:{self.bucket_of}"
-        if self.num_replicas > 1:  # positions count global batches: same world size only
+        if self.num_replicas > 1:
             raw += f":world={self.num_replicas}"
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
@@ -139,21 +171,66 @@ class BucketBatchSampler:
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "examples": self.examples_seen(),
+            "global_batch_size": self.global_batch_size,
             "fingerprint": self.fingerprint(),
             "num_batches": len(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position; refuse one saved for another dataset / batching."""
-        if state.get("fingerprint") != self.fingerprint():
-            raise ResumeMismatchError(
-                "the data loader state was saved for a different dataset, seed, bucketing or "
-                "batch size",
-                hint="resume with the same data and config, or start a new run",
-            )
+        """Restore a position; refuse one saved for another dataset / order. Saved with the
+        same global batch size (any split over processes): the same batch, exactly. With
+        another: the first batch after the examples already seen in that epoch."""
         epoch, position = int(state["epoch"]), int(state["position"])
+        if "examples" not in state:  # written before positions were kept in examples
+            self._check(state, self.legacy_fingerprint())
+        else:
+            self._check(state, self.fingerprint())
+            if int(state["global_batch_size"]) != self.global_batch_size:
+                position = self._position_of(epoch, int(state["examples"]), state)
         if not 0 <= position <= len(self):
             raise ResumeMismatchError(f"data loader position {position} is out of range")
         if position == len(self):  # an epoch's end as checkpoints before this change held it
             epoch, position = epoch + 1, 0
         self._epoch, self._position = epoch, position
+
+    def _check(self, state: dict[str, Any], expected: str) -> None:
+        if state.get("fingerprint") != expected:
+            raise ResumeMismatchError(
+                "the data loader state was saved for a different dataset, seed or bucketing",
+                hint="resume with the same data and config, or start a new run",
+            )
+
+    def _position_of(self, epoch: int, examples: int, state: dict[str, Any]) -> int:
+        """The first batch of ``epoch`` after ``examples`` examples (another batch size)."""
+        plan, position, seen = self._plan(epoch), 0, 0
+        while position < len(plan) and seen < examples:
+            seen += len(plan[position])
+            position += 1
+        log.warning(
+            "the global batch size changed (%s -> %d): resuming epoch %d after %d examples "
+            "(saved: %d); this epoch's order differs from an uninterrupted run",
+            state["global_batch_size"], self.global_batch_size, epoch + 1, seen, examples,
+        )  # fmt: skip
+        return position
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Where one process's examples of a batch (``indices``) sit in their global batch:
+    ``rows`` (their positions in it), ``owned`` (False for a copy that only keeps a rank busy
+    when the global batch is shorter than the number of processes), ``size`` (the global
+    batch's length) and ``processes``. Random draws are made for all ``size`` rows and each
+    rank keeps its own, so nothing drawn depends on the rank."""
+
+    indices: list[int]
+    rows: list[int]
+    owned: list[bool]
+    size: int
+    processes: int
+
+    def shares(self) -> list[float]:
+        """Each example's weight in this process's mean loss so that the mean over processes
+        is the mean over the global batch: ``processes · len(rows) / size`` (0 for a copy)."""
+        share = self.processes * len(self.rows) / self.size
+        return [share if own else 0.0 for own in self.owned]

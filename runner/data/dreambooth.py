@@ -78,6 +78,11 @@ class DreamBoothBatchSampler(BucketBatchSampler):
         return inst + [[i + self.num_instance for i in batch] for batch in cls]
 
     def fingerprint(self) -> str:
-        base = super().fingerprint()
+        return self._with_parts(super().fingerprint())
+
+    def legacy_fingerprint(self) -> str:
+        return self._with_parts(super().legacy_fingerprint())
+
+    def _with_parts(self, base: str) -> str:
         raw = f"{base}:dreambooth:{self.num_instance}:{self.bucketed}"
         return hashlib.sha256(raw.encode()).hexdigest()[:16]

@@ -23,7 +23,13 @@ from kubetune.dataset.preflight import PreflightReport, preflight
 from kubetune.dataset.sources import Source, fetch_pool
 from kubetune.errors import DataError
 from kubetune.storage import fork_safe, is_remote
-from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket, derive_seed
+from runner.data.buckets import (
+    BucketBatchSampler,
+    Slots,
+    build_buckets,
+    closest_bucket,
+    derive_seed,
+)
 from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
 from runner.data.loader_settings import LoaderConfig, LoaderSettings
 from runner.data.memory import DecodedImages, Kept
@@ -103,6 +109,7 @@ class TrainDataset(Dataset[Batch]):
             "crop_top_left_yx": place.crop_yx,
             "id": self.source.records[index].id,
             "flipped": place.flip,
+            "index": index,
         }
         if kept.mask is not None:
             item["mask"] = mask_to_tensor(place.apply(kept.mask))
@@ -184,6 +191,7 @@ def collate(items: list[Batch]) -> Batch:
         ),
         "id": [it["id"] for it in items],
         "flipped": [bool(it.get("flipped", False)) for it in items],
+        "index": [it.get("index", -1) for it in items],
     }
     if "mask" in items[0]:
         batch["mask"] = torch.stack([it["mask"] for it in items])
@@ -280,6 +288,7 @@ class ResumableLoader:
             batches = _ahead(batches, PREFETCH_BATCHES)
         try:
             for batch in batches:
+                place(batch, self.sampler.slots(self.sampler.epoch, self.sampler.position))
                 self.sampler.advance()
                 if "skipped" in batch:
                     self._count_bad(batch.pop("skipped"))
@@ -288,6 +297,21 @@ class ResumableLoader:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+
+
+def place(batch: Batch, slots: Slots) -> None:
+    """Tell the batch where its examples sit in their global batch (``Batch`` keys
+    ``rows``, ``global_size``, ``share``: see ``Slots``). An example that replaced an
+    unreadable one takes the first free row."""
+    free = dict(zip(slots.indices, zip(slots.rows, slots.shares(), strict=True), strict=True))
+    rows, shares = [], []
+    for index in batch["index"]:
+        row, share = free.pop(index) if index in free else free.pop(next(iter(free)))
+        rows.append(row)
+        shares.append(share)
+    batch["rows"] = rows
+    batch["global_size"] = slots.size
+    batch["share"] = shares  # host floats: deciding on them needs no device sync
 
 
 def cache_batches(loader: ResumableLoader, skip: set[int] | None = None) -> Iterator[Batch]:

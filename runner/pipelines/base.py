@@ -20,7 +20,13 @@ from runner.models.loading import Components
 from runner.training.ema import EmaWeights
 from runner.training.losses import diffusion_loss, training_target
 from runner.training.memory_cache import BoundedCache, DeviceBudget
-from runner.training.noise import NoiseSettings, zero_terminal_snr_scheduler
+from runner.training.noise import (
+    DropoutRows,
+    NoiseSettings,
+    Rows,
+    whole,
+    zero_terminal_snr_scheduler,
+)
 from runner.training.optim import ParamGroups
 from runner.training.precision import autocast_off
 from runner.training.speed import to_device
@@ -151,17 +157,21 @@ class LatentEncoder:
             self.cache[key] = (mean[j], std[j])
 
     def sample(
-        self, batch: Batch, device: torch.device, generator: torch.Generator
+        self,
+        batch: Batch,
+        device: torch.device,
+        generator: torch.Generator,
+        rows: Rows | None = None,
     ) -> torch.Tensor:
         if self.cache is None:
             mean, std = self._moments(batch["pixel_values"], device)
         else:
             self.fill(batch, device)
-            rows = [self.cache[key] for key in _latent_keys(batch)]
-            mean = torch.stack([m for m, _ in rows])  # type: ignore[misc]
-            std = torch.stack([s for _, s in rows])  # type: ignore[misc]
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-        latents = mean + std * noise
+            cached = [self.cache[key] for key in _latent_keys(batch)]
+            mean = torch.stack([m for m, _ in cached])  # type: ignore[misc]
+            std = torch.stack([s for _, s in cached])  # type: ignore[misc]
+        noise = (rows or whole(mean)).randn(tuple(mean.shape[1:]), generator, mean.dtype)
+        latents = mean + std * noise.to(device)
         return latents * self.vae.config.scaling_factor
 
 
@@ -371,18 +381,20 @@ class TrainingPipeline:
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(dropout_seed(generator.initial_seed(), step, micro))
+            DropoutRows.current = Rows.of(batch, self.device)  # until the next micro-batch
             return self._loss(batch, generator)
 
     def _loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         device = self.device
-        latents = self.latents.sample(batch, device, generator)
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        noise = self.noise.offset(noise, generator)
+        rows = Rows.of(batch, device)
+        latents = self.latents.sample(batch, device, generator, rows)
+        noise = rows.randn(tuple(latents.shape[1:]), generator, latents.dtype).to(device)
+        noise = self.noise.offset(noise, generator, rows)
         scheduler = self.comps.noise_scheduler
-        timesteps = self.noise.timesteps(
-            latents.shape[0], scheduler.config.num_train_timesteps, generator
+        timesteps = self.noise.timesteps(rows, scheduler.config.num_train_timesteps, generator)
+        noisy = scheduler.add_noise(
+            latents, self.noise.perturbed(noise, generator, rows), timesteps
         )
-        noisy = scheduler.add_noise(latents, self.noise.perturbed(noise, generator), timesteps)
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             hidden, pooled = self.text.encode(list(batch["caption"]), device)
         unet = self.comps.unet if self.compiled_unet is None else self.compiled_unet
@@ -408,7 +420,7 @@ class TrainingPipeline:
             loss_type=self.cfg.loss_type,
             huber_c=self.cfg.huber_c or DEFAULT_HUBER_C,
             mask=batch.get("mask"),
-            loss_weight=batch.get("loss_weight"),
+            loss_weight=_weights(batch),
         )
 
 
@@ -416,6 +428,16 @@ def dropout_seed(base: int, step: int, micro: int) -> int:
     """A 62-bit seed for one micro-batch's dropout masks, from host integers only."""
     digest = hashlib.blake2b(f"{base}:{step}:{micro}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
+
+
+def _weights(batch: Batch) -> torch.Tensor | None:
+    """Per-example loss weights: the dataset's, times each example's share of its global
+    batch (several processes: see ``runner.data.buckets.Slots``)."""
+    weight, share = batch.get("loss_weight"), batch.get("share")
+    if share is None or all(s == 1.0 for s in share):
+        return weight
+    shares = torch.tensor(share, dtype=torch.float32)
+    return shares if weight is None else weight * shares
 
 
 def enable_gradient_checkpointing(modules: list[nn.Module]) -> None:

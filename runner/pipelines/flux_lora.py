@@ -36,6 +36,7 @@ from runner.pipelines.base import Batch, TextConditioner, TrainingPipeline
 from runner.pipelines.lora import add_lora, lora_parameters
 from runner.training.losses import element_loss
 from runner.training.memory_cache import BoundedCache
+from runner.training.noise import Rows
 from runner.training.optim import ParamGroups
 from runner.training.speed import to_device
 
@@ -142,12 +143,13 @@ class FluxLoraPipeline(TrainingPipeline):
     # --- one micro-batch ------------------------------------------------------------------
     def _loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         device, transformer = self.device, self.comps.transformer
-        latents = self._latents(batch, generator)
+        rows = Rows.of(batch, device)  # draws for the whole global batch (several processes)
+        latents = self._latents(batch, generator, rows)
         b, c, h, w = latents.shape
         packed = FluxPipeline._pack_latents(latents, b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, packed.dtype)
-        noise = torch.randn(packed.shape, generator=generator, device=device)
-        sigmas = self._sigmas(b, generator).view(-1, 1, 1)
+        noise = rows.randn(tuple(packed.shape[1:]), generator, torch.float32).to(device)
+        sigmas = rows.take(self._sigmas(rows.size, generator)).view(-1, 1, 1)
         noisy = (1.0 - sigmas) * packed + sigmas * noise
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             hidden, pooled = self.text.encode(list(batch["caption"]), device)
@@ -171,12 +173,18 @@ class FluxLoraPipeline(TrainingPipeline):
         )
         if batch.get("mask") is not None:
             per_element = per_element * self._packed_mask(batch["mask"], latents.shape)
-        return per_element.mean(dim=(1, 2)).mean()
+        per_sample = per_element.mean(dim=(1, 2))
+        share = batch.get("share")  # each example's part of its global batch's mean
+        if share is not None and any(s != 1.0 for s in share):
+            per_sample = per_sample * torch.tensor(share, device=per_sample.device)
+        return per_sample.mean()
 
-    def _latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def _latents(
+        self, batch: Batch, generator: torch.Generator, rows: Rows | None = None
+    ) -> torch.Tensor:
         """VAE latents as FluxPipeline expects them: (x - shift_factor) · scaling_factor."""
         config = self.comps.vae.config
-        scaled = self.latents.sample(batch, self.device, generator).float()
+        scaled = self.latents.sample(batch, self.device, generator, rows).float()
         return scaled - float(config.get("shift_factor") or 0.0) * config.scaling_factor
 
     def _sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:

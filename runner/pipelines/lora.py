@@ -14,6 +14,7 @@ from kubetune.config.pipelines import INVOKE_LORA_ALPHA
 from runner.checkpoint.exporters import LoraExport, export_lora
 from runner.models.loading import Components
 from runner.pipelines.base import TrainingPipeline
+from runner.training.noise import RowDropout
 from runner.training.optim import ParamGroups
 
 LoraConfigs = SdLoraConfig | SdxlLoraConfig | SdxlLoraAndTextualInversionConfig
@@ -44,6 +45,11 @@ def add_lora(
         if "lora_" in name:
             param.data = param.data.float()
             param.requires_grad_(True)
+    for layer in module.modules():  # masks that do not depend on the rank
+        dropouts = getattr(layer, "lora_dropout", None)
+        dropout = dropouts[ADAPTER] if isinstance(dropouts, nn.ModuleDict) else None
+        if isinstance(dropout, nn.Dropout):
+            dropouts[ADAPTER] = RowDropout(dropout.p)
 
 
 def lora_parameters(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:

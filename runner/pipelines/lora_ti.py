@@ -37,6 +37,7 @@ class LoraAndTextualInversionPipeline(TrainingPipeline):
         ratio = cfg.ti_train_steps_ratio
         self.ti_steps = total_steps if ratio is None else math.ceil(ratio * total_steps)
         self.train_text_encoders = True
+        self.trained_set_changes = cfg.train_ti  # the vectors freeze part way (DDP is told)
 
     def param_groups(self) -> ParamGroups:
         groups = self.lora.param_groups()

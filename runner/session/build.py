@@ -6,6 +6,7 @@ them, runs the loop and publishes ``final/``."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -17,16 +18,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from kubetune.checkpoint.publish import CheckpointManager, publish_folder
 from kubetune.config import PipelineConfig, config_to_yaml, output_uri
 from kubetune.dataset.index import save_index, save_shared_index, shared_index_store
 from kubetune.dataset.preflight import PreflightReport
-from kubetune.errors import DataError
+from kubetune.errors import DataError, ProcessGroupError
 from kubetune.layout import CONFIG_KEY, FINAL, final_key, step_name
 from kubetune.storage import ObjectStore
-from runner.checkpoint.state import Checkpointer, LoopState, ResumePoint, fetch_latest
+from runner.checkpoint.state import (
+    Checkpointer,
+    LoopState,
+    ResumePoint,
+    fetch_latest,
+    fetch_step,
+)
 from runner.models.loading import Components
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.base import enable_gradient_checkpointing
@@ -35,6 +42,7 @@ from runner.reporting.run_events import RunEvents
 from runner.session.load import Loaded
 from runner.session.settings import RunSettings, TrainingSettings, compat_info
 from runner.training.compile import compile_for_training, training_shapes
+from runner.training.distributed import Ranks, data_parallel
 from runner.training.loop import GeneratorState, Loop, StepRunner
 from runner.training.optim import build_lr_scheduler, build_optimizer
 from runner.training.speed import tune_unet
@@ -194,8 +202,7 @@ def build_session(
     manager = CheckpointManager(store, cfg.max_checkpoints)  # store: the retrying RunStore
     if is_main:
         manager.on_published = events.checkpoint
-    restored = _resume_point(manager, work, compat_info(cfg), options, is_main=is_main)
-    seed = restored.info["seed"] if restored else _new_seed(cfg.seed)
+    restored, seed = _agreed_start(Ranks(PartialState()), manager, work, cfg, options)
     seed_everything(seed)
     settings = RunSettings.from_config(cfg, seed=seed, work_dir=work, is_main=is_main)
     records = RunRecords(output_uri(cfg), config_to_yaml(cfg), loaded.data, shared_index_store(cfg))
@@ -212,16 +219,47 @@ def _new_seed(configured: int | None) -> int:
     return configured if configured is not None else random.SystemRandom().randrange(2**31)
 
 
-def _resume_point(
+def _agreed_start(
+    ranks: Ranks,
     manager: CheckpointManager,
-    work_dir: Path,
-    compat: dict[str, Any],
+    work: Path,
+    cfg: PipelineConfig,
     options: StartOptions,
-    *,
-    is_main: bool,
+) -> tuple[ResumePoint | None, int]:
+    """The checkpoint to resume from and the seed, decided by rank 0 (which alone heals or
+    discards checkpoints) and broadcast with its config's digest; the other ranks check that
+    they run the same config and download the chosen step."""
+    compat, digest = compat_info(cfg), config_digest(cfg)
+    restored: ResumePoint | None = None
+
+    def choose() -> tuple[int | None, int, str]:
+        nonlocal restored
+        restored = _resume_point(manager, work, compat, options)
+        seed = restored.info["seed"] if restored else _new_seed(cfg.seed)
+        return (restored.step if restored else None, seed, digest)
+
+    step, seed, main_digest = ranks.decide(choose)
+    if main_digest != digest:
+        raise ProcessGroupError(
+            f"rank {ranks.index} was given another config than rank 0",
+            hint="every node must run the same resolved config (one ConfigMap)",
+        )
+    if not ranks.is_main and step is not None:
+        restored = fetch_step(manager, work, compat, step)
+    return restored, seed
+
+
+def config_digest(cfg: PipelineConfig) -> str:
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def _resume_point(
+    manager: CheckpointManager, work_dir: Path, compat: dict[str, Any], options: StartOptions
 ) -> ResumePoint | None:
+    """Rank 0's choice: the newest valid checkpoint (others set aside), or none (with
+    --no-resume / --force-restart, after discarding the run's checkpoints)."""
     if options.resume and not options.force_restart:
-        return fetch_latest(manager, work_dir, compat, heal=is_main)
+        return fetch_latest(manager, work_dir, compat)
     if manager.latest() is not None:
         log.warning(
             "starting over: discarding the run's existing checkpoints (%s)",
@@ -284,28 +322,17 @@ def _assemble(
     state = _restore(checkpointer, restored, loader)
     out = store if settings.is_main else None
     progress = _progress(settings, schedule, out, restored, events)
-    validator = Validator(
-        settings.validation,
-        pipeline,
-        out,
-        device,
-        on_images=progress.log_images,
-        autocast=accelerator.autocast,
-    )
-    loop = Loop(
-        runner,
-        loader,
-        checkpointer,
-        validator,
-        progress,
-        stop,
-        schedule.total_steps,
-        training.gradient_accumulation_steps,
-        events,
-    )
-    session = Session(
-        settings, store, loader, pipeline, checkpointer, progress, loop, state, events, records
-    )
+    validator = Validator(settings.validation, pipeline, out, device,
+                          on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
+    ranks = Ranks(PartialState())
+    checkpointer.verify = ranks.check_same
+    ranks.check_same(pipeline.trainable_parameters(), "after setup")
+    runner.replica = data_parallel(pipeline, device)  # the engine's bucketed gradient sync
+    loop = Loop(runner, loader, checkpointer, validator, progress, stop,
+                schedule.total_steps, training.gradient_accumulation_steps, events,
+                ranks if ranks.several else None)  # fmt: skip
+    session = Session(settings, store, loader, pipeline, checkpointer, progress, loop, state,
+                      events, records)  # fmt: skip
     loader.on_bad = session.note_bad
     if loader.bad:  # skipped before the restart: progress.json names them again
         session.note_bad(list(loader.bad))

@@ -25,8 +25,11 @@ class Loaded:
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
+    """The run's accelerator (in the process group ``runner.training.distributed`` joined;
+    without CUDA, ``cpu=True``, or accelerate would not use the group's gloo backend)."""
     try:
-        accelerator = Accelerator(mixed_precision=mixed_precision)
+        cpu = not torch.cuda.is_available()
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError as err:
         raise UserError(
             f"mixed_precision {mixed_precision}: {err}",

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from kubetune.config import PipelineConfig, output_uri
 from kubetune.config.advice import precision_warnings
@@ -34,6 +33,7 @@ from runner.reporting.run_events import RunEvents, reported
 from runner.session.build import RunResult, StartOptions, build_session
 from runner.session.load import load_then_join
 from runner.session.settings import lease_settings, model_settings
+from runner.training.distributed import Ranks, start_processes
 from runner.training.optim import check_optimizer
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,14 @@ def run(
     else it starts here, in a thread (torch is loaded: no fork)."""
     from kubetune.dataset.preflight import start_preflight
 
-    events = RunEvents(cfg, is_main=PartialState().is_main_process)
+    ranks = Ranks(start_processes(cfg))  # first: the process group, with its timeout
+    events = RunEvents(cfg, is_main=ranks.is_main)
     for line in precision_warnings(cfg):  # what `launcher validate` warns about
         log.warning(line)
     with reported(events):  # from the first line: a run that fails to start notifies too
         check_optimizer(cfg.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
         pending = data or start_preflight(cfg, process=False)
-        with _work_folder(work_dir) as work:
+        with _work_folder(work_dir, ranks) as work:
             loaded = load_then_join(cfg.mixed_precision, model_settings(cfg), pending)
             is_main = loaded.accelerator.is_main_process
             with _held_run_store(cfg, is_main, events) as store:
@@ -68,11 +69,14 @@ def run(
 
 
 @contextmanager
-def _work_folder(given: str | Path | None) -> Iterator[Path]:
+def _work_folder(given: str | Path | None, ranks: Ranks) -> Iterator[Path]:
     """Where checkpoints are staged: ``work_dir`` / ``$KUBETUNE_WORK_DIR`` (kept), else a
-    temporary folder removed at the end (its checkpoints are published, or the run failed)."""
+    temporary folder removed at the end (its checkpoints are published, or the run failed).
+    The ranks of one node share ``$KUBETUNE_WORK_DIR``: all but rank 0 use a subfolder."""
     given = given or os.environ.get("KUBETUNE_WORK_DIR")
     work = Path(given or tempfile.mkdtemp(prefix="kubetune-"))
+    if given and not ranks.is_main:
+        work = work / f"rank-{ranks.index}"
     try:
         yield work
     finally:

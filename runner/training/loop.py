@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -20,6 +21,7 @@ from runner.checkpoint.state import Checkpointer, LoopState
 from runner.pipelines.base import Batch, TrainingPipeline
 from runner.reporting.progress import ProgressReporter
 from runner.reporting.run_events import RunEvents
+from runner.training.distributed import Ranks, lost_peers
 from runner.training.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,20 @@ class StepRunner:
         self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)
         """The optimizer accelerate wraps (its wrapper inspects signatures and looks packages
         up on every call; only the GradScaler path needs it)."""
+        self.replica: torch.nn.Module | None = None
+        """The pipeline's loss under DDP (``runner.training.distributed.data_parallel``);
+        without it, several processes average gradients with ``_all_reduce_grads``."""
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        if self.replica is None:
+            return self.pipeline.loss(batch, self.generator)
+        return self.replica(batch, self.generator)  # type: ignore[no-any-return]
+
+    def _sync(self, *, last: bool) -> AbstractContextManager[Any]:
+        """DDP's ``no_sync`` for every micro-batch but a step's last."""
+        if self.replica is None or last:
+            return nullcontext()
+        return self.replica.no_sync()  # type: ignore[operator,no-any-return]
 
     @property
     def lr(self) -> float:
@@ -83,15 +99,19 @@ class StepRunner:
         }
 
     def run(self, group: list[Batch], step: int) -> torch.Tensor:
-        """Forward/backward each micro-batch, then clip, step, schedule; the mean loss."""
+        """Forward/backward each micro-batch, then clip, step, schedule; the mean loss.
+        With ``replica`` (DDP over the pipeline's loss) the gradients are averaged across
+        processes during the last micro-batch's backward, the others accumulate locally."""
         self.pipeline.before_step(step)
         total = torch.zeros((), device=self.accelerator.device)
-        for batch in group:
-            with self.accelerator.autocast():
-                loss = self.pipeline.loss(batch, self.generator) / len(group)
-            self.accelerator.backward(loss)
+        for i, batch in enumerate(group):
+            with self._sync(last=i == len(group) - 1):
+                with self.accelerator.autocast():
+                    loss = self._forward(batch) / len(group)
+                self.accelerator.backward(loss)
             total += loss.detach()
-        self._all_reduce_grads()
+        if self.replica is None:
+            self._all_reduce_grads()
         if self.max_grad_norm is not None:
             self._clip()
         self._step_optimizer()
@@ -120,7 +140,8 @@ class StepRunner:
             self.inner_optimizer.step()
 
     def _all_reduce_grads(self) -> None:
-        """Average gradients across processes in one flat buffer (LoRA/TI grads are small)."""
+        """Average gradients across processes in one flat buffer after backward (no overlap;
+        kept for runs without a ``replica`` and as the benchmark's baseline)."""
         if self.accelerator.num_processes == 1:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -143,7 +164,8 @@ class StepInput:
 
     @property
     def images(self) -> int:
-        return sum(len(b["caption"]) for b in self.group)
+        """Examples the step trains on, over all processes (each micro-batch's global batch)."""
+        return sum(int(b.get("global_size", len(b["caption"]))) for b in self.group)
 
 
 def step_inputs(loader: Any, accumulation: int) -> Iterator[StepInput]:
@@ -173,13 +195,16 @@ class Loop:
     total_steps: int
     accumulation: int
     events: RunEvents
+    ranks: Ranks | None = None
+    """A multi-process run's ranks: the stop decision is theirs together."""
 
     def run(self, state: LoopState) -> None:
         """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
         if state.step >= self.total_steps:
             return
         for item in step_inputs(self.loader, self.accumulation):
-            loss = self.runner.run(item.group, state.step)
+            with self._collective(state.step + 1):
+                loss = self.runner.run(item.group, state.step)
             state.step += 1
             log.debug("step %d done", state.step)
             self.progress.update(
@@ -191,12 +216,26 @@ class Loop:
                 self.events.validation(state.step)
             if state.step >= self.total_steps:
                 return
-            if self.stop.is_set():
+            if self._stopping():
                 self._preempt(state)
+
+    def _collective(self, step: int) -> AbstractContextManager[None]:
+        """A step whose gradient all-reduce loses a peer fails with one clear message."""
+        if self.ranks is None:
+            return nullcontext()
+        return lost_peers(f"training step {step}")
+
+    def _stopping(self) -> bool:
+        """SIGTERM on any rank stops every rank after the same step."""
+        if self.ranks is None:
+            return self.stop.is_set()
+        return self.ranks.any(self.stop.is_set())
 
     def _preempt(self, state: LoopState) -> None:
         self.checkpointer.save(state)
         self.checkpointer.wait()
+        if self.ranks is not None:  # nobody exits before rank 0 published the checkpoint
+            self.ranks.wait_for_all("publishing the stop checkpoint")
         self.progress.note(last_checkpoint_step=state.step)
         self.progress.finish("preempted")
         raise Preempted(

@@ -3,18 +3,88 @@ sampling strategy and the zero-terminal-SNR schedule (the knobs of ``kubetune.co
 
 Every random draw uses the step's generator and happens only when its knob is on, so a
 config that leaves the knobs out consumes exactly the random numbers it did before.
+
+With several processes (``Rows``) every draw is made for the whole global batch, on every
+rank, from generators seeded alike, and each rank keeps its examples' rows: what an example
+gets depends on its place in the global batch, never on the rank that trains it, and the
+generators stay in step on all ranks.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
+from torch import nn
 
 from kubetune.config import PipelineConfig
 from kubetune.config.extensions import DEFAULT_BIAS_MULTIPLIER, DEFAULT_BIAS_PORTION
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of its global batch (``size`` examples) that a micro-batch holds, in order."""
+
+    index: torch.Tensor | None
+    """The rows (on the draws' device); None: all of them, in order."""
+    size: int
+
+    @classmethod
+    def of(cls, batch: dict[str, Any], device: torch.device) -> Rows:
+        """From the loader's ``rows`` / ``global_size``; a batch without them is whole."""
+        if "rows" not in batch:
+            return cls(None, len(batch["caption"]))
+        rows, size = list(batch["rows"]), int(batch["global_size"])
+        if rows == list(range(size)):  # host integers: no device sync
+            return cls(None, size)
+        return cls(torch.tensor(rows, device=device), size)
+
+    def take(self, drawn: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's rows of a draw made for the whole global batch."""
+        return drawn if self.index is None else drawn[self.index.to(drawn.device)]
+
+    def randn(
+        self, tail: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype
+    ) -> torch.Tensor:
+        shape = (self.size, *tail)
+        drawn = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+        return self.take(drawn)
+
+
+class DropoutRows:
+    """The rows of the micro-batch being trained, for ``RowDropout`` (set by the pipeline's
+    ``loss``; a plain attribute, read also by autograd's threads when gradient checkpointing
+    recomputes a forward during backward)."""
+
+    current: Rows | None = None
+
+
+class RowDropout(nn.Module):
+    """Dropout whose mask is drawn for the whole global batch (torch's RNG, seeded alike on
+    every rank) and sliced to this process's rows: the mask an example gets does not depend
+    on the rank. One process: the rows are the batch."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.p:
+            return x
+        rows = DropoutRows.current
+        if rows is None or rows.size < x.shape[0]:
+            rows = whole(x)
+        keep = 1.0 - self.p
+        mask = torch.empty((rows.size, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        return x * rows.take(mask.bernoulli_(keep)) / keep
+
+
+def whole(tensor: torch.Tensor) -> Rows:
+    """A micro-batch that is its whole global batch (one process)."""
+    return Rows(None, tensor.shape[0])
 
 
 @dataclass(frozen=True)
@@ -35,45 +105,47 @@ class NoiseSettings:
             cfg.timestep_bias_portion or DEFAULT_BIAS_PORTION,
         )
 
-    def offset(self, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def offset(
+        self, noise: torch.Tensor, generator: torch.Generator, rows: Rows | None = None
+    ) -> torch.Tensor:
         """Offset noise: one extra gaussian value per (image, channel), scaled."""
         if not self.noise_offset:
             return noise
-        shape = (*noise.shape[:2], *([1] * (noise.ndim - 2)))
-        extra = torch.randn(shape, generator=generator, device=noise.device, dtype=noise.dtype)
-        return noise + self.noise_offset * extra
+        rows = rows or whole(noise)
+        extra = rows.randn((noise.shape[1], *([1] * (noise.ndim - 2))), generator, noise.dtype)
+        return noise + self.noise_offset * extra.to(noise.device)
 
-    def perturbed(self, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def perturbed(
+        self, noise: torch.Tensor, generator: torch.Generator, rows: Rows | None = None
+    ) -> torch.Tensor:
         """The noise the latents are noised with (the target stays ``noise``)."""
         if not self.input_perturbation:
             return noise
-        extra = torch.randn(
-            noise.shape, generator=generator, device=noise.device, dtype=noise.dtype
-        )
-        return noise + self.input_perturbation * extra
+        rows = rows or whole(noise)
+        extra = rows.randn(tuple(noise.shape[1:]), generator, noise.dtype)
+        return noise + self.input_perturbation * extra.to(noise.device)
 
     def timesteps(
-        self, count: int, num_train_timesteps: int, generator: torch.Generator
+        self, count: int | Rows, num_train_timesteps: int, generator: torch.Generator
     ) -> torch.Tensor:
-        """``count`` training timesteps in [0, num_train_timesteps), on the generator's
-        device, drawn by the configured strategy."""
+        """Training timesteps in [0, num_train_timesteps) for ``count`` examples (or the
+        rows of a global batch), on the generator's device, by the configured strategy."""
         device = generator.device
+        if isinstance(count, int):
+            count = Rows(None, count)
+        size, total = count.size, num_train_timesteps
         if self.timestep_sampling == "uniform":
-            return torch.randint(
-                0, num_train_timesteps, (count,), generator=generator, device=device
+            drawn = torch.randint(0, total, (size,), generator=generator, device=device)
+        elif self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(torch.randn((size,), generator=generator, device=device))
+            drawn = (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+        else:
+            cdf = bias_cdf(
+                total, self.timestep_sampling, self.bias_multiplier, self.bias_portion, device
             )
-        if self.timestep_sampling == "logit_normal":
-            u = torch.sigmoid(torch.randn((count,), generator=generator, device=device))
-            return (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
-        cdf = bias_cdf(
-            num_train_timesteps,
-            self.timestep_sampling,
-            self.bias_multiplier,
-            self.bias_portion,
-            device,
-        )
-        u = torch.rand((count,), generator=generator, device=device)
-        return torch.searchsorted(cdf, u, right=True).clamp_(max=num_train_timesteps - 1)
+            u = torch.rand((size,), generator=generator, device=device)
+            drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=total - 1)
+        return count.take(drawn)
 
 
 @functools.lru_cache(maxsize=8)

@@ -74,8 +74,12 @@ def test_sampler_state_round_trip_mid_epoch() -> None:
     restored.load_state_dict(state)
     assert seen + list(restored) == full
     assert restored.epoch == 1 and restored.position == 0  # epoch advanced at its end
-    with pytest.raises(ResumeMismatchError):
-        BucketBatchSampler(bucket_of, batch_size=4, seed=1).load_state_dict(state)
+    with pytest.raises(ResumeMismatchError):  # another data order
+        BucketBatchSampler(bucket_of, batch_size=3, seed=2).load_state_dict(state)
+    bigger = BucketBatchSampler(bucket_of, batch_size=4, seed=1)
+    bigger.load_state_dict(state)  # another batch size: after the 9 examples seen
+    done = bigger.batches(0)[: bigger.position]
+    assert bigger.epoch == 0 and sum(map(len, done)) >= 9 > sum(map(len, done[:-1]))
 
 
 def _bucket_loader(tmp_path: Path, **loader: object):

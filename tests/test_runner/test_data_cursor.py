@@ -168,7 +168,7 @@ def test_a_training_state_in_the_old_layout_is_read_into_the_one_cursor() -> Non
     from runner.checkpoint.state import upgrade_legacy_state
 
     sampler = BucketBatchSampler(BUCKET_OF, 4, seed=1)
-    plan = {"fingerprint": sampler.fingerprint(), "num_batches": len(sampler)}
+    plan = {"fingerprint": sampler.legacy_fingerprint(), "num_batches": len(sampler)}
     mid = {
         "loop": {"step": 7, "epoch": 1, "batch_in_epoch": 2},
         "loader": {"epoch": 1, "position": 2, **plan},

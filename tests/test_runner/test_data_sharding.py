@@ -37,7 +37,9 @@ SIZES = [
 ]
 
 
-def _loaders(tmp_path: Path, world: int, **kw: object) -> list:  # type: ignore[type-arg]
+def _loaders(  # type: ignore[type-arg]
+    tmp_path: Path, world: int, batch: int = 2, seed: int = 3, **kw: object
+) -> list:
     if not (tmp_path / "d").exists():
         write_image_dir(tmp_path / "d", SIZES)
     cfg = lora_config(
@@ -45,7 +47,12 @@ def _loaders(tmp_path: Path, world: int, **kw: object) -> list:  # type: ignore[
     )
     return [
         build_train_dataloader(
-            cfg, seed=3, batch_size=2, device_is_cuda=False, num_processes=world, process_index=rank
+            cfg,
+            seed=seed,
+            batch_size=batch,
+            device_is_cuda=False,
+            num_processes=world,
+            process_index=rank,
         )
         for rank in range(world)
     ]
@@ -93,8 +100,42 @@ def test_saved_position_resumes_every_rank(tmp_path: Path) -> None:
         fresh = _loaders(tmp_path, 2)[rank]
         fresh.load_state_dict(state)
         assert _ids(fresh) == expected[2:]
-    with pytest.raises(ResumeMismatchError):  # positions count global batches
-        _loaders(tmp_path, 1)[0].load_state_dict(state)
+    assert state["examples"] == 8 and state["global_batch_size"] == 4
+    # the same global batch split otherwise (1 process × 4): exactly the same batches
+    whole = _loaders(tmp_path, 1, batch=4)[0]
+    assert whole.sampler.global_batch_size == 4
+    reference_whole = _ids(_loaders(tmp_path, 1, batch=4)[0])
+    whole.load_state_dict(state)
+    assert _ids(whole) == reference_whole[2:]
+    # another global batch size (1 × 2): after the 8 examples seen, order not kept
+    other = _loaders(tmp_path, 1)[0]
+    other.load_state_dict(state)
+    assert (other.sampler.epoch, other.sampler.position) == (0, 4)
+    with pytest.raises(ResumeMismatchError):  # another seed: another data order
+        _loaders(tmp_path, 1, seed=4)[0].load_state_dict(state)
+
+
+def test_slots_place_each_rank_in_its_global_batch() -> None:
+    """Rows are each example's place in its global batch; the shares make the mean over
+    processes of each one's mean loss the mean over the global batch (a tail shorter than
+    the number of processes: the copies weigh 0)."""
+    bucket_of = [0] * 9  # world 4 × batch 2: global batches of 8 and a tail of 1
+    ranks = [BucketBatchSampler(bucket_of, 2, seed=0, num_replicas=4, rank=r) for r in range(4)]
+    full = ranks[0].global_batches(0)
+    big = 0 if len(full[0]) == 8 else 1
+    for r, sampler in enumerate(ranks):
+        slots = sampler.slots(0, big)
+        assert slots.rows == [r, r + 4] and slots.size == 8
+        assert slots.indices == [full[big][r], full[big][r + 4]] == sampler.batches(0)[big]
+        assert slots.shares() == [1.0, 1.0]  # 4 processes × 2 / 8
+        tail = sampler.slots(0, 1 - big)
+        assert tail.rows == [0] and tail.size == 1
+        assert tail.shares() == ([4.0] if r == 0 else [0.0])
+    uneven = [BucketBatchSampler([0] * 3, 2, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    shares = [s.slots(0, 0).shares() for s in uneven]  # 3 examples: rank 0 has 2, rank 1 one
+    assert shares == [[4 / 3, 4 / 3], [2 / 3]]
+    # mean over ranks of (mean over own rows of share × loss) == mean over the batch
+    assert (sum(shares[0]) / 2 + sum(shares[1]) / 1) / 2 == 1.0
 
 
 def test_short_tail_batch_still_gives_every_rank_an_example() -> None:

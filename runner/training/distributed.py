@@ -1,0 +1,190 @@
+"""What the processes of one run agree on: the process group (its timeout), values decided
+by rank 0 (seed, resume step, run identity), a checksum of the trained weights, and the
+stop decision. With one process every call is a local no-op."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from kubetune.config import PipelineConfig
+from kubetune.errors import ProcessGroupError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_TIMEOUT_MINUTES = 60.0
+"""The process-group timeout of runs without ``job.process_group_timeout_minutes``."""
+
+
+def timeout_minutes(cfg: PipelineConfig) -> float:
+    job = cfg.job
+    return job.process_group_timeout_minutes if job is not None else DEFAULT_TIMEOUT_MINUTES
+
+
+def start_processes(cfg: PipelineConfig) -> PartialState:
+    """Join the run's process group (torchrun / accelerate launch; else one process) with
+    the configured timeout: NCCL on CUDA, gloo on CPUs. First thing in a run: accelerate
+    keeps the first state made in a process."""
+    timeout = timedelta(minutes=timeout_minutes(cfg))
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
+
+
+class Ranks:
+    """This process's place in the run and the collectives the run needs."""
+
+    def __init__(self, state: PartialState) -> None:
+        self.index, self.count = state.process_index, state.num_processes
+        self.is_main = state.is_main_process
+        self.device = state.device
+
+    @property
+    def several(self) -> bool:
+        return self.count > 1
+
+    def agree(self, value: T) -> T:
+        """Rank 0's ``value`` (any picklable object), on every rank."""
+        if not self.several:
+            return value
+        box = [value if self.is_main else None]
+        with lost_peers("agreeing on the run's start"):
+            dist.broadcast_object_list(box, src=0)
+        return box[0]  # type: ignore[return-value]
+
+    def decide(self, choose: Callable[[], T]) -> T:
+        """``choose()`` run on rank 0 alone, its result on every rank; if it raises, the
+        other ranks raise too (instead of waiting for the timeout)."""
+        if not self.several:
+            return choose()
+        if not self.is_main:
+            value = self.agree(None)
+            if isinstance(value, _Failed):
+                raise ProcessGroupError(f"rank 0 failed to start: {value.message}")
+            return value  # type: ignore[no-any-return]
+        try:
+            value = choose()
+        except BaseException as err:
+            self.agree(_Failed(str(err)))
+            raise
+        return self.agree(value)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is set on any (one small all-reduce)."""
+        if not self.several:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        with lost_peers("agreeing whether to stop"):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def wait_for_all(self, doing: str) -> None:
+        """A barrier: no rank goes on (or exits) before every rank got here."""
+        if self.several:
+            with lost_peers(doing):
+                dist.barrier()
+
+    def check_same(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Raise ``ProcessGroupError`` naming the ranks whose trained weights differ from
+        rank 0's (a checksum of ``state``, gathered on every rank)."""
+        if not self.several:
+            return
+        digests: list[Any] = [None] * self.count
+        with lost_peers(f"comparing the weights {where}"):
+            dist.all_gather_object(digests, checksum(state))
+        odd = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+        if odd:
+            raise ProcessGroupError(
+                f"the trained weights of rank(s) {odd} differ from rank 0's {where} "
+                f"(checksums {[digests[0], *[digests[r] for r in odd]]})",
+                hint="every rank must start from the same seed and weights; report this bug",
+            )
+        log.debug("ranks agree on the weights %s (%s)", where, digests[0])
+
+
+class LossOf(nn.Module):
+    """The pipeline's loss as a module whose parameters are the trained modules', so that
+    DDP can own the gradient sync: its bucketed all-reduce starts during backward as buckets
+    of gradients are ready. Frozen weights are neither broadcast nor synced."""
+
+    def __init__(self, pipeline: Any) -> None:
+        super().__init__()
+        self.pipeline = [pipeline]  # not a submodule: only the trained modules are
+        self.trained = nn.ModuleList(pipeline.trained_modules())
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        return self.pipeline[0].loss(batch, generator)
+
+
+def data_parallel(pipeline: Any, device: torch.device) -> nn.Module | None:
+    """``LossOf(pipeline)`` wrapped in DDP in a multi-process run (None with one process).
+    Parameters that do not train are left out of DDP's broadcast and buckets;
+    ``find_unused_parameters`` only for pipelines whose trained set changes (LoRA + TI
+    freezes its vectors part way)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    module = LossOf(pipeline)
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in module.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    log.info("gradients averaged by DDP over %d processes", dist.get_world_size())
+    return DDP(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(getattr(pipeline, "trained_set_changes", False)),
+    )
+
+
+@dataclass(frozen=True)
+class _Failed:
+    message: str
+
+
+def checksum(state: dict[str, torch.Tensor]) -> str:
+    """A digest of the tensors, in name order: each one's float64 sum and sum of squares,
+    computed where it lives (one transfer; bit-identical replicas match, a full fine-tune's
+    billions of weights are not copied to the host)."""
+    if not state:
+        return "empty"
+    with torch.no_grad():
+        sums = [
+            torch.stack([(t := state[name].detach().double()).sum(), (t * t).sum()])
+            for name in sorted(state)
+        ]
+        values = torch.stack([s.to(sums[0].device) for s in sums]).cpu()
+    digest = hashlib.sha256(",".join(sorted(state)).encode())
+    digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+LOST_PEER_SIGNS = ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer")
+"""Words in a ``RuntimeError`` from a collective whose peer died or timed out (gloo raises
+plain RuntimeErrors; NCCL and the c10d store raise ``DistError`` subclasses)."""
+
+
+@contextmanager
+def lost_peers(doing: str) -> Iterator[None]:
+    """A collective that fails because another process died or timed out becomes one
+    clear ``ProcessGroupError`` (the checkpoint already published stays the resume point)."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err).strip()
+        lost = isinstance(err, dist.DistError) or any(w in text.lower() for w in LOST_PEER_SIGNS)
+        if not lost or isinstance(err, torch.OutOfMemoryError):
+            raise
+        first = text.splitlines()[0][:300] if text else type(err).__name__
+        raise ProcessGroupError(
+            f"lost contact with the other processes while {doing}: {first}",
+            hint="another rank or node stopped or timed out (job.process_group_timeout_minutes);"
+            " rerun to resume from the last published checkpoint",
+        ) from err

@@ -1,0 +1,144 @@
+"""Every rank of a multi-process run agrees (issue #23): on the seed (``seed: null`` drawn once,
+on rank 0), on the weights (a checksum compared after setup and at every checkpoint, a
+mismatch names the ranks), on when to stop (SIGTERM to one worker stops all after the same
+step, rank 0 checkpoints, every worker exits 143), and only rank 0 writes to the run's store.
+Real torchrun with gloo on CPU; the store writers are recorded by a ``sitecustomize`` that
+wraps ``LocalStore``'s writes (the one fake: it only records, the store works as ever)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from dp_support import children, env, free_port, ok, rank_of, torchrun, torchrun_cmd
+from train_support import config_file, make_config, write_dataset
+
+from kubetune.errors import ProcessGroupError
+from runner.training.distributed import Ranks
+
+pytest_plugins = ["fixtures_models"]
+pytestmark = pytest.mark.timeout(600)
+RECORDER = """
+import os
+from kubetune.storage import base
+
+def _recorded(name):
+    original = getattr(base.LocalStore, name)
+    def wrapper(self, key, *args, **kwargs):
+        keys = [key] if isinstance(key, str) else list(key)
+        with open(os.environ["WRITERS_LOG"], "a") as log:
+            for one in keys:
+                log.write(f"{os.environ.get('RANK', 'single')} {name} {one}\\n")
+        if not isinstance(key, str):
+            key = keys
+        return original(self, key, *args, **kwargs)
+    setattr(base.LocalStore, name, wrapper)
+
+for _name in ("_atomic_write", "delete", "create", "replace_if", "delete_if"):
+    _recorded(_name)
+"""
+
+
+def _config(tmp_path: Path, model: Path, **fields: Any) -> tuple[Path, Path]:
+    data = write_dataset(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    cfg = make_config("SD_LORA", model, data, out, train_batch_size=1, **fields)
+    return config_file(cfg, tmp_path / "run.yaml"), out
+
+
+@pytest.mark.slow
+def test_seed_null_is_drawn_once_and_only_rank_0_writes(
+    tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``seed: null``: rank 0 draws the seed and broadcasts it, so the LoRA initial weights
+    agree (the checksum after setup and at each checkpoint passes). Every write to the
+    store, in a run and in a --no-resume rerun that discards it, is rank 0's."""
+    config, out = _config(tmp_path, tiny_sd_dir, seed=None, max_train_steps=2,
+                          save_every_n_steps=1)  # fmt: skip
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RECORDER)
+    writers = tmp_path / "writers.log"
+    monkeypatch.setenv("WRITERS_LOG", str(writers))
+    ok(torchrun(config, first=site))
+    ok(torchrun(config, "--no-resume", first=site))
+    lines = [line.split(" ", 2) for line in writers.read_text().splitlines()]
+    keys = {key for _, _, key in lines}
+    assert "checkpoints/step-000002/manifest.json" in keys and "progress.json" in keys
+    assert {"delete"} <= {name for _, name, _ in lines}  # the rerun discarded the old run
+    assert {rank for rank, _, _ in lines} == {"0"}
+    info = json.loads((out / "checkpoints/step-000002/run_info.json").read_text())
+    assert isinstance(info["seed"], int)
+
+
+def _compare(rank: int, port: int, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=3)  # fmt: skip
+    state = SimpleNamespace(process_index=rank, num_processes=3, is_main_process=rank == 0,
+                            device=torch.device("cpu"))  # fmt: skip
+    ranks = Ranks(state)  # type: ignore[arg-type]
+    same = {"unet.lora_A": torch.ones(4, 4), "unet.lora_B": torch.zeros(4)}
+    ranks.check_same(same, "after setup")
+    odd = dict(same, **{"unet.lora_B": torch.full((4,), float(rank == 2))})
+    try:
+        ranks.check_same(odd, "at step 7")
+        message = "no error"
+    except ProcessGroupError as err:
+        message = str(err)
+    Path(results, f"rank-{rank}").write_text(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_weight_mismatch_is_a_loud_error_naming_the_ranks(tmp_path: Path) -> None:
+    """Three gloo processes; rank 2's weights differ at 'step 7': every rank raises
+    ProcessGroupError naming rank 2 and the step, after a first comparison that agreed."""
+    mp.spawn(_compare, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
+    for rank in range(3):
+        message = (tmp_path / f"rank-{rank}").read_text()
+        assert "rank(s) [2] differ from rank 0's at step 7" in message, message
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_every_rank_after_the_same_step(
+    tmp_path: Path, tiny_sd_dir: Path
+) -> None:
+    """SIGTERM to rank 1's worker alone (as one node's pod is signalled before another's):
+    both ranks stop after the same step, rank 0 publishes that step's checkpoint, both exit
+    143 (Preempted), and the rerun resumes from it."""
+    config, out = _config(tmp_path, tiny_sd_dir, max_train_steps=400, save_every_n_steps=2)
+    agent = subprocess.Popen(torchrun_cmd(config), env=env(), stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "checkpoints/step-000002/manifest.json", agent)
+        workers = {rank_of(pid): pid for pid in children(agent.pid)}
+        os.kill(workers[1], signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=180)
+    finally:
+        agent.kill()
+    stopped = re.findall(r"stopped by SIGTERM after step (\d+)", stderr)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, stderr[-3000:]
+    step = int(stopped[0])
+    assert (out / f"checkpoints/step-{step:06d}/manifest.json").exists()
+    assert json.loads((out / "progress.json").read_text())["state"] == "preempted"
+    assert stderr.count("exitcode  : 143") + stderr.count("exitcode: 143") >= 1, stderr[-3000:]
+    rerun = ok(torchrun(config, "--set", f"max_train_steps={step + 1}"))
+    assert f"resumed from checkpoint step-{step:06d}" in rerun.stderr
+
+
+def _wait_for(path: Path, agent: subprocess.Popen[str], limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert agent.poll() is None, "torchrun ended early"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
