@@ -31,10 +31,10 @@ pytest_plugins = ["fixtures_models"]
 pytestmark = pytest.mark.timeout(600)
 RECORDER = """
 import os
-from kubetune.storage import base
+from kubetune.storage import LocalStore
 
 def _recorded(name):
-    original = getattr(base.LocalStore, name)
+    original = getattr(LocalStore, name)
     def wrapper(self, key, *args, **kwargs):
         keys = [key] if isinstance(key, str) else list(key)
         with open(os.environ["WRITERS_LOG"], "a") as log:
@@ -43,7 +43,7 @@ def _recorded(name):
         if not isinstance(key, str):
             key = keys
         return original(self, key, *args, **kwargs)
-    setattr(base.LocalStore, name, wrapper)
+    setattr(LocalStore, name, wrapper)
 
 for _name in ("_atomic_write", "delete", "create", "replace_if", "delete_if"):
     _recorded(_name)
@@ -142,3 +142,39 @@ def _wait_for(path: Path, agent: subprocess.Popen[str], limit: float = 240) -> N
         assert agent.poll() is None, "torchrun ended early"
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.2)
+
+
+def test_cuda_rng_restore_tolerates_another_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's per-GPU RNG states restore on the GPUs visible now: 4 saved on 2 GPUs
+    restore the first 2, 1 saved on 2 restores GPU 0 (IndexError before). No GPU here: the
+    torch.cuda calls are replaced by recorders (the one fake of this test)."""
+    from runner.checkpoint import state as checkpoint_state
+
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append(i))
+    saved = [torch.zeros(8, dtype=torch.uint8) for _ in range(4)]
+    checkpoint_state.set_cuda_rng_states(saved)
+    assert restored == [0, 1]
+    restored.clear()
+    checkpoint_state.set_cuda_rng_states(saved[:1])
+    assert restored == [0]
+
+
+def test_images_per_step_count_the_global_batch(tmp_path: Path) -> None:
+    """Progress (images/s, ETA) counts every process's examples: a rank's step of 2 × 2
+    micro-batches of 2 examples in global batches of 4 trains 8 images."""
+    from data_fixtures import lora_config, write_image_dir
+
+    from runner.data import build_train_dataloader
+    from runner.training.loop import step_inputs
+
+    write_image_dir(tmp_path / "d", [(64, 64)] * 8)
+    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")})
+    loader = build_train_dataloader(
+        cfg, seed=1, batch_size=2, device_is_cuda=False, num_processes=2, process_index=1
+    )
+    item = next(step_inputs(loader, 2))
+    assert [len(b["caption"]) for b in item.group] == [2, 2]
+    assert item.images == 8
