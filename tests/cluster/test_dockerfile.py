@@ -35,7 +35,7 @@ def test_base_image_is_pinned() -> None:
 def test_torch_is_pinned_and_train_extra_installed() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", _args()["TORCH_VERSION"])
     runs = " ".join(v for k, v in _instructions() if k == "RUN")
-    assert '"torch==${TORCH_VERSION}"' in runs and '".[train,gpu]"' in runs
+    assert '"torch==${TORCH_VERSION}"' in runs and '".[train,gpu,ui]"' in runs
 
 
 def test_runs_as_the_jobs_non_root_uid() -> None:

@@ -208,7 +208,7 @@ CASES: dict[str, dict[str, Any]] = {
     "s3-unreachable-endpoint": case(
         "runner",
         1,
-        r"cannot connect to S3 endpoint",
+        r"cannot reach the storage endpoint",
         config={**S3_STORAGE, "storage": {**S3_STORAGE["storage"], "endpoint_url": "@CLOSED@"}},
         needs=["s3"],
         about="127.0.0.1 on a closed port",
