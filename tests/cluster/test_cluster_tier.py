@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -33,6 +35,7 @@ def _run_tier(**env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_without_a_cluster_the_tier_skips_and_says_why() -> None:
     result = _run_tier(KUBECONFIG="")
     assert result.returncode == 0, result.stdout[-2000:]
@@ -40,12 +43,14 @@ def test_without_a_cluster_the_tier_skips_and_says_why() -> None:
     assert "KUBECONFIG is not set" in result.stdout and "local-cluster.sh up" in result.stdout
 
 
+@pytest.mark.slow
 def test_when_required_a_missing_cluster_fails() -> None:
     result = _run_tier(KUBECONFIG="", KUBETUNE_CLUSTER_REQUIRED="1")
     assert result.returncode == 1, result.stdout[-2000:]
     assert "cluster tier required, but KUBECONFIG is not set" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_default_run_says_the_tier_was_not_run() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--co", "-q", "tests/cluster/test_cluster_rbac.py"],

@@ -261,6 +261,7 @@ def _check(name: str, p: Prepared, code: int, stderr: str, before: dict[str, int
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow
 def test_bad_input_in_process(name: str, request: pytest.FixtureRequest, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch,
                               capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
@@ -296,6 +297,7 @@ def test_bad_input_subprocess(name: str, request: pytest.FixtureRequest,
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["data-corrupt-image", "s3-unreachable-endpoint"])
+@pytest.mark.slow
 def test_bad_input_real_subprocess_sample(name: str, request: pytest.FixtureRequest,
                                           tmp_path: Path) -> None:  # fmt: skip
     """Two cases as real subprocesses in the fast subset too (interpreter, exit status)."""

@@ -97,6 +97,7 @@ def all_documents() -> dict[str, list[dict[str, Any]]]:
     return {**job_documents(), **chart_documents()}
 
 
+@pytest.mark.slow
 def test_every_pod_is_restricted() -> None:
     docs = all_documents()
     pods = 0

@@ -141,6 +141,7 @@ def sigkill_runs(m: int, model: Path, data: Path, root: Path, kind: str = "SD_LO
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_preemption_fast(tiny_sd_dir: Path, dataset: Path, tmp_path: Path) -> None:
     sigterm_runs(2, tiny_sd_dir, dataset, tmp_path)
     sigkill_runs(1, tiny_sd_dir, dataset, tmp_path)

@@ -169,6 +169,7 @@ def scan_for_secrets(server: S3Server, uri: str, log: str, tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_storage_faults_fast(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     _faults(3.0, request, tmp_path)
 

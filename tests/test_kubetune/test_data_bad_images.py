@@ -178,6 +178,7 @@ def test_a_run_within_the_share_finishes_and_progress_counts_them(
     assert progress["bad_images"] == 1 and "img-001.png" in progress["bad_image_examples"][0]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_counting_the_examples_skipped_before(
     tmp_path: Path, tiny_sd_dir: Path
 ) -> None:

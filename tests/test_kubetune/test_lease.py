@@ -153,6 +153,7 @@ def test_release_does_not_remove_someone_elses_lease(store_uri: str) -> None:
     new.release()
 
 
+@pytest.mark.slow
 def test_second_runner_process_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     """`python -m runner` on a run whose lease another runner holds: exit 2, one line naming
     the holder, nothing written (the holder here is this test, renewing its lease)."""

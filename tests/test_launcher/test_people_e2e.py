@@ -60,6 +60,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("where", ["local", "s3", "az"], indirect=True)
+@pytest.mark.slow
 def test_a_run_reports_notifies_and_pulls(
     where: dict[str, Any], tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,6 +133,7 @@ def test_a_run_reports_notifies_and_pulls(
     assert not (tmp_path / "bad" / "lora.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_preempted_run_notifies_and_resumes_its_history(
     tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,6 +187,7 @@ def test_a_run_that_fails_before_training_notifies_failed_and_writes_nothing(
         other.release()
 
 
+@pytest.mark.slow
 def test_pulled_lora_loads_into_diffusers(
     tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -115,6 +115,7 @@ def test_a_bad_value_fails_before_anything_is_submitted(tmp_path: Path) -> None:
         expand(_write(tmp_path), (), None, parse_axes(["lora_rank_dim=4,many"]))
 
 
+@pytest.mark.slow
 def test_cluster_sweep_queues_every_run_and_resubmit_is_a_no_op(tmp_path: Path) -> None:
     with FakeKube() as fake:
         kubeconfig = str(fake.write_kubeconfig(tmp_path / "kubeconfig"))

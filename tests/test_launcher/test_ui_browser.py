@@ -302,6 +302,7 @@ def test_an_unreachable_cluster_is_one_line_in_place(tmp_path: Path) -> None:
             assert "cannot reach the Kubernetes API" in text and "\n" not in text
 
 
+@pytest.mark.slow
 def test_a_sweep_page_shows_runs_side_by_side_and_prompt_by_run_images(tmp_path: Path) -> None:
     from ui_support import fake_local_run
 

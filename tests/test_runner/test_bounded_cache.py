@@ -50,6 +50,7 @@ def test_entries_beyond_the_budget_wait_in_host_memory() -> None:
     assert sorted(latents) == ["a", "b"] and len(latents) == 2 and "c" not in latents
 
 
+@pytest.mark.slow
 def test_a_zero_budget_spills_everything_and_trains_the_same_weights(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,6 +86,7 @@ def test_random_flip_with_cached_latents_is_accepted(tiny_sd_dir: Path, data_dir
     assert parse_config(yaml.safe_dump(raw)).data_loader.random_flip
 
 
+@pytest.mark.slow
 def test_flipped_latents_are_cached_and_train_as_uncached_flips_do(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:

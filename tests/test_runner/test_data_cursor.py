@@ -141,6 +141,7 @@ def _config(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.mark.parametrize("case", ["buckets-in-memory", "ti", "hf", "s3-two-workers"])
+@pytest.mark.slow
 def test_every_loader_resumes_mid_epoch_from_the_cursor_alone(
     case: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

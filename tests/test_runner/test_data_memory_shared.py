@@ -125,6 +125,7 @@ print(loader.dataset.memory.name, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_no_shm_segment_outlives_the_process(tmp_path: Path) -> None:
     """A run that ends holding its loader (workers alive) leaves nothing in /dev/shm."""
     write_image_dir(tmp_path / "d", [(40, 40)] * 4)

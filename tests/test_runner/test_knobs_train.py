@@ -230,6 +230,7 @@ RESUME_CASES = {
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
+@pytest.mark.slow
 def test_stop_and_resume_is_exact_with_knobs_on(
     case: str, data_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -74,6 +74,7 @@ def _bucket_loader(root: Path) -> dict[str, Any]:
     return _plain_loader(root, aspect_ratio_buckets=BUCKETS)
 
 
+@pytest.mark.slow
 def test_buckets_keep_in_memory_resume_exactly(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -117,6 +118,7 @@ def _plain_loader(data: Path, **extra: Any) -> dict[str, Any]:
                           caption_dropout_rate=0.5, **extra)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_workers_resume_exactly_and_the_cursor_is_saved_once(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -166,6 +168,7 @@ def _to_old_layout(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
+@pytest.mark.slow
 def test_old_layout_checkpoints_resume_exactly(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -74,6 +74,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_is_one_tensor_not_the_whole_file(tmp_path: Path) -> None:
     """512 MiB of float32 saved as float16: the streaming writer's peak RSS grows by a few
     converted tensors (allocator slack), not with the model; converting everything first for

@@ -213,6 +213,7 @@ def _flat(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     ("weight_dtype", "mixed", "trained"),
     [("bfloat16", "no", torch.bfloat16), ("bfloat16", "bf16", torch.float32)],
 )
+@pytest.mark.slow
 def test_sample_precisions_train_and_checkpoint_in_the_training_dtype(
     weight_dtype: str, mixed: str, trained: torch.dtype,
     tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path,

@@ -131,6 +131,7 @@ def check_reload(kind: str, model: Path, final: Path, trained: dict[str, torch.T
 
 
 @pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.slow
 def test_type_trains_checkpoints_validates_and_reloads(
     kind: str, data_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -202,6 +203,7 @@ def test_textual_inversion_changes_only_the_new_rows(
     assert torch.equal(comps.text_encoder.get_input_embeddings()(ids), table[ids])
 
 
+@pytest.mark.slow
 def test_loss_decreases_when_overfitting_one_image(
     tiny_sd_dir: Path,
     tmp_path: Path,
@@ -257,6 +259,7 @@ def test_loss_decreases_when_overfitting_one_image(
     assert eval_loss() < 0.9 * start
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(
     tiny_sd_dir: Path,
     data_dir: Path,
@@ -280,6 +283,7 @@ def test_same_seed_gives_identical_weights(
     assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_needs_force_restart(
     tiny_sd_dir: Path,
     data_dir: Path,
@@ -330,6 +334,7 @@ def _runner(config: Path, out: Path) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -412,6 +417,7 @@ def test_ti_starts_from_phrase_or_embedding_file(
     assert torch.equal(loaded["ti.clip_g"], vectors["ti.clip_g"] - 1)
 
 
+@pytest.mark.slow
 def test_cached_latents_and_text_match_uncached(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
