@@ -19,7 +19,8 @@ from kubetune.config import (
 )
 from kubetune.config.advice import precision_warnings
 from kubetune.config.gpu_fit import gpu_fit_warnings
-from kubetune.errors import BadExamples, ConfigError, UserError
+from kubetune.config.loader import field_problems
+from kubetune.errors import BadExamples, ConfigError, DataError, UserError
 from launcher.pod_security import pod_patch_warnings
 
 
@@ -53,14 +54,24 @@ def summarize(cfg: PipelineConfig) -> str:
     return text
 
 
-def validate_file(source: str, overrides: list[str] | None = None) -> ValidationResult:
-    """Validate one file (or `-` for stdin); never raises for config problems."""
+def validate_file(
+    source: str, overrides: list[str] | None = None, *, local_data: bool = True
+) -> ValidationResult:
+    """Validate one file (or `-` for stdin); never raises for config problems. `local_data`:
+    also list the local datasets (`kubetune.dataset.local_check`, no image read): errors for
+    a local run, warnings with `storage:` (the path may be inside the pod's image)."""
     source = source if source != "-" else "<stdin>"
     try:
         cfg = load_config("-" if source == "<stdin>" else source, overrides=overrides)
     except ConfigError as err:
         return ValidationResult(file=source, valid=False, errors=list(err.problems))
-    return _valid(source, cfg)
+    result = _valid(source, cfg)
+    problems = local_data_lines(source, cfg) if local_data else []
+    if cfg.storage is not None:
+        result.warnings += [f"{p} (fine if the pod's image has it)" for p in problems]
+    elif problems:
+        result.valid, result.errors = False, problems
+    return result
 
 
 def validate_text(
@@ -87,6 +98,21 @@ def _valid(source: str, cfg: PipelineConfig) -> ValidationResult:
     )
 
 
+def local_data_lines(source: str, cfg: PipelineConfig) -> list[str]:
+    """`file:line: field.path: message` for each local dataset that cannot be listed."""
+    from kubetune.dataset.local_check import local_data_problems
+
+    return field_problems(source, local_data_problems(cfg))
+
+
+def check_local_data(source: str, cfg: PipelineConfig) -> None:
+    """Raise DataError (exit 2) listing the local datasets that cannot be listed, before a
+    local run starts."""
+    problems = local_data_lines(source, cfg)
+    if problems:
+        raise DataError("\n".join(problems))
+
+
 def verify_dataset(
     result: ValidationResult,
     overrides: list[str] | None = None,
@@ -102,8 +128,12 @@ def verify_dataset(
     try:
         report = verify_data(cfg, on_progress=on_progress)
     except UserError as err:
+        from kubetune.dataset.local_check import dataset_locations
+
         problems = err.problems if isinstance(err, BadExamples) else [str(err)]
-        result.valid, result.errors = False, [f"{result.file}: {p}" for p in problems]
+        where = dataset_locations(cfg)[0][0] if dataset_locations(cfg) else "data_loader"
+        result.valid = False
+        result.errors = field_problems(result.file, [(where, p) for p in problems])
         return result
     result.summary = f"{result.summary}; data: {report.num_examples} examples decode"
     return result

@@ -251,6 +251,10 @@ def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: 
         error = (item.get("ctx") or {}).get("error")
         if isinstance(error, FieldProblems):
             entries = [((*loc, *_split(field)), msg) for field, msg in error.problems]
+        elif item["type"] == "union_tag_invalid":  # name the tag key: `dataset.type`
+            tag = str(item["ctx"]["discriminator"]).strip("'")
+            tag = tag if tag.isidentifier() else "type"  # a callable discriminator: `type`
+            entries = [((*loc, tag), _describe(item, loc, data))]
         else:
             entries = [(loc, _describe(item, loc, data))]
         for full_loc, msg in entries:
@@ -286,6 +290,17 @@ def _split(field: str) -> Loc:
 
 
 # --- overrides, dumping, identity ----------------------------------------------------------
+
+
+def field_problems(source: str | Path, problems: list[tuple[str, str]]) -> list[str]:
+    """`file:line: field.path: message` for problems found after validation (the line of the
+    field in the config file, or of its nearest parent; line 1 when the file is stdin)."""
+    name = str(source)
+    lines: dict[Loc, int] = {}
+    if name not in ("-", "<stdin>") and Path(name).is_file():
+        lines = _parse_yaml(Path(name).read_text(encoding="utf-8"), name)[1]
+    return [f"{name}:{_line_for(lines, _split(field)) or 1}: {field}: {message}"
+            for field, message in problems]  # fmt: skip
 
 
 def apply_overrides(

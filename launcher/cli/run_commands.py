@@ -193,6 +193,10 @@ def submit(
             _emit_json(doc)
         sys.exit(EXIT_OK if ok else EXIT_FAILURE)
     cfg = api.load(config, overrides, name)
+    if local:  # a missing local dataset is exit 2 now, not seconds into the run
+        from launcher.config_files import check_local_data
+
+        check_local_data(config, cfg)
     backend = api.get_backend(local=local, cluster=cluster)
     result = api.submit(cfg, backend, replace=replace)
     for warning in result.warnings:

@@ -100,7 +100,9 @@ def test_validate_data_decodes_everything(tmp_path: Path) -> None:
     errors = json.loads(result.stdout)["results"][0]["errors"]
     assert len(errors) == 2  # the list: one line per bad example
     assert "img-000.png: cannot decode" in errors[0] and "img-005.png: cannot decode" in errors[1]
-    assert all(e.startswith(f"{bad}: ") and "\n" not in e for e in errors)
+    line = next(i for i, t in enumerate(bad.read_text().splitlines(), 1) if t == "  dataset:")
+    where = f"{bad}:{line}: data_loader.dataset: "
+    assert all(e.startswith(where) and "\n" not in e for e in errors), errors
 
 
 def test_validate_data_lists_every_bad_example_from_s3(

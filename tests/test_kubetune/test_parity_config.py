@@ -231,7 +231,9 @@ def test_target_module_docstring_no_longer_calls_the_default_an_extension() -> N
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.stem)
 def test_invoke_training_sample_config_validates_unchanged(path: Path) -> None:
-    result = validate_file(str(path))
+    """The schema accepts them as written; their datasets are not in this repository, so the
+    check that local dataset paths exist (test_validate_data_paths) is left out here."""
+    result = validate_file(str(path), local_data=False)
     assert result.valid, result.errors
 
 

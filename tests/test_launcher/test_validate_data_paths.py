@@ -1,0 +1,118 @@
+"""`launcher validate` checks a config's local datasets without reading an image (issue #27
+item 4): the folder / JSONL exists, captions are there, every JSONL line parses and names
+files that exist; every error is `file:line: field.path: ...`; `submit --local` refuses a
+config whose dataset is missing (exit 2) before anything starts. The image files here are
+not images at all: nothing decodes them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from launcher.cli.main import main
+
+
+def _config(folder: Path, dataset: dict, **extra: object) -> Path:
+    data = {
+        "type": "SD_LORA",
+        "base_output_dir": "out/r",
+        "model": "builtin:tiny-sd",
+        "data_loader": {"type": "IMAGE_CAPTION_SD_DATA_LOADER", "dataset": dataset},
+        "max_train_steps": 2,
+        "save_every_n_steps": 2,
+        **extra,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _validate(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["validate", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _images(folder: Path, names: list[str], captions: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"not an image: never read by validate")
+        if captions:
+            (folder / name).with_suffix(".txt").write_text("a caption")
+
+
+def test_a_missing_folder_is_an_error_with_its_line(tmp_path: Path) -> None:
+    path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "nope"})
+    code, _, err = _validate(str(path))
+    assert code == 2
+    assert f"{path}:8: data_loader.dataset.dataset_dir: {tmp_path / 'nope'}: no such folder" in err
+
+
+def test_with_storage_a_missing_local_path_is_a_warning(tmp_path: Path) -> None:
+    storage = {"bucket": "bucket", "endpoint_url": "http://127.0.0.1:9"}
+    path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "/in/the/image"},
+                   storage=storage, job={"name": "r"})  # fmt: skip
+    code, _, err = _validate(str(path))
+    assert code == 0 and "warning:" in err and "fine if the pod's image has it" in err
+
+
+def test_captions_and_jsonl_lines_are_checked(tmp_path: Path) -> None:
+    _images(tmp_path / "data", ["a.png", "b.png"])
+    (tmp_path / "data" / "b.txt").unlink()
+    path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "data"})
+    code, _, err = _validate(str(path))
+    assert (
+        code == 2 and "data_loader.dataset.dataset_dir:" in err and "no caption file b.txt" in err
+    )
+    lines = [json.dumps({"image": "data/a.png", "text": "a"}), "{not json",
+             json.dumps({"image": "data/gone.png", "text": "c"})]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    jsonl = {"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": "train.jsonl"}
+    code, _, err = _validate(str(_config(tmp_path, jsonl)))
+    assert (
+        code == 2
+        and f"data_loader.dataset.jsonl_path: {tmp_path / 'train.jsonl'}:2: not valid JSON" in err
+    )
+    (tmp_path / "train.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
+    code, _, err = _validate(str(_config(tmp_path, jsonl)))
+    assert code == 2 and "gone.png: file not found" in err
+    (tmp_path / "train.jsonl").write_text(lines[0] + "\n")
+    code, out, err = _validate(str(_config(tmp_path, jsonl)))
+    assert code == 0 and out.startswith("ok: "), err
+
+
+def test_unknown_types_name_the_type_key(tmp_path: Path) -> None:
+    path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIRR_DATASET", "dataset_dir": "d"})
+    code, _, err = _validate(str(path))
+    assert code == 2 and f"{path}:7: data_loader.dataset.type: 'IMAGE_CAPTION_DIRR" in err
+    data = yaml.safe_load(path.read_text())
+    data["data_loader"]["type"] = "NOPE"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    code, _, err = _validate(str(path))
+    assert code == 2 and f"{path}:5: data_loader.type: 'NOPE' is not valid here" in err
+
+
+def test_validate_data_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    _images(tmp_path / "data", ["a.png"])
+    path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "data"})
+    code, _, err = _validate("--data", str(path))
+    assert code == 2
+    first = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert first.startswith(f"error: {path}:6: data_loader.dataset: "), err
+
+
+def test_submit_local_refuses_a_missing_dataset_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    path = _config(tmp_path / "cfg", {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "x"})
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["submit", "--local", os.path.relpath(path)])
+    assert result.exit_code == 2, result.output
+    assert "data_loader.dataset.dataset_dir:" in result.output and "no such folder" in result.output
+    assert not (tmp_path / "home" / "runs").exists()
