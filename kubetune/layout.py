@@ -131,6 +131,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def describe_dataset(examples: int, buckets: dict[str, int]) -> str:
+    """``6 examples in 1 bucket (64x64: 6)`` (at most 8 buckets named)."""
+    shown = ", ".join(f"{size}: {n}" for size, n in list(buckets.items())[:8])
+    more = f", {len(buckets) - 8} more" if len(buckets) > 8 else ""
+    plural = "bucket" if len(buckets) == 1 else "buckets"
+    return f"{examples} examples in {len(buckets)} {plural} ({shown}{more})"
+
+
 RunState = Literal["starting", "running", "completed", "preempted", "failed"]
 
 
@@ -162,7 +170,7 @@ class ProgressRecord(BaseModel):
     total_steps: int | None = None
     """Optimizer steps the run will do in all."""
     epoch: int | None = None
-    """Zero-based epoch of the latest step."""
+    """Epoch of the latest step, counted from 1 (as the log lines count it)."""
     loss: float | None = None
     """Mean loss over the latest log window."""
     lr: float | None = None
@@ -175,6 +183,10 @@ class ProgressRecord(BaseModel):
     """Step of the newest checkpoint this run published (``checkpoints/step-XXXXXX/``)."""
     resumed_from: int | None = None
     """Step of the checkpoint this attempt resumed from; None for a fresh start."""
+    dataset_examples: int | None = None
+    """Examples in the dataset, as the run's preflight found them."""
+    dataset_buckets: dict[str, int] = Field(default_factory=dict)
+    """Examples per resolution bucket, ``"<width>x<height>": count``."""
     set_aside: list[SetAsideCheckpoint] = Field(default_factory=list)
     """Checkpoints that failed their manifest check and were moved aside at resume."""
     bad_images: int = 0

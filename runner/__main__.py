@@ -71,15 +71,24 @@ def main(argv: list[str] | None = None) -> int:
         from kubetune.config import load_config
 
         cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
+        from kubetune.config import output_uri, run_name
+
+        logging.getLogger("runner").info(
+            "run %s (outputs in %s): checking the dataset while the libraries load",
+            run_name(cfg),
+            output_uri(cfg),
+        )
         from kubetune.dataset.preflight import start_preflight
 
         data = start_preflight(cfg)  # listing + header reads overlap imports + model load
+        from runner.reporting.terminal import logs_above_bar, wants_bar
         from runner.session.run import run
         from runner.training.loop import install_sigterm_handler
 
         stop = install_sigterm_handler()
-
-        run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop, data=data)
+        with logs_above_bar(wants_bar()):  # a bar at a terminal; plain lines in a log or pod
+            run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop,
+                data=data)  # fmt: skip
     except KubetuneError as err:
         print(f"kubetune: error: {err}", file=sys.stderr)
         return err.exit_code

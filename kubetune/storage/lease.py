@@ -97,7 +97,8 @@ class Lease:
         if heartbeat:
             self._thread = threading.Thread(target=self._beat, name="lease", daemon=True)
             self._thread.start()
-        log.info("holding the run lease as %s", self.holder)
+        log.info("this process (%s) is now the run's only writer (lease.json); another "
+                 "runner started on this run waits until it stops", self.holder)  # fmt: skip
         return self
 
     def _try_take(self) -> dict[str, Any] | None:

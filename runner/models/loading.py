@@ -322,18 +322,16 @@ def _from_pretrained(
         "subfolder": sub,
         (_TRANSFORMERS_DTYPE_KW if is_transformers else "torch_dtype"): dtype,
     }
-    if variant and _has_variant(source, sub, variant) is not False:
+    has_variant = _has_variant(source, sub, variant) if variant else None
+    if variant and has_variant is not False:
         try:
             return cls.from_pretrained(source, variant=variant, **kwargs)
         except (OSError, ValueError) as err:
             log.debug("variant %s of %s/%s failed: %s", variant, source, sub, err)
-    if variant:
-        log.warning(
-            "%s/%s has no %r variant weights; loading its default weights instead",
-            source,
-            sub,
-            variant,
-        )
+    if variant:  # worth a warning for a hub model only: a local folder has what it has
+        warn = log.warning if has_variant is None else log.debug
+        warn("%s/%s has no %r variant weights; loading its default weights instead",
+             source, sub, variant)  # fmt: skip
     return _guard(source, sub, lambda: cls.from_pretrained(source, **kwargs))
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import torch
 from kubetune.layout import PROGRESS_KEY, ProgressRecord, RunState, log_key, utc_now
 from kubetune.storage import ObjectStore
 from runner.reporting.history import History
+from runner.reporting.terminal import step_bar
 
 log = logging.getLogger("runner.reporting.progress")
 
@@ -32,9 +35,22 @@ class ProgressSettings:
     steps_per_epoch: int
     log_every_n_steps: int = 10
     write_every_s: float = 30.0
+    """At most one progress.json upload per this many seconds (0: at every log line, what a
+    local run does: a local write is cheap)."""
     tensorboard_dir: Path | None = None
     upload_logs: bool = False
     """Copy the TensorBoard files to ``logs/`` in the store on each write (remote stores)."""
+    bar: bool = False
+    """Draw a progress bar on the terminal (``runner.reporting.terminal``)."""
+
+
+REMOTE_WRITE_EVERY_S = 30.0
+
+
+def write_interval(store_uri: str) -> float:
+    """Seconds between progress.json uploads: none for a local folder (a write is cheap, and
+    `launcher status` then matches the log), ``REMOTE_WRITE_EVERY_S`` for object storage."""
+    return REMOTE_WRITE_EVERY_S if "://" in store_uri else 0.0
 
 
 def format_eta(seconds: float | None) -> str:
@@ -56,12 +72,14 @@ class ProgressReporter:
         self._window_images = 0
         self._window_start = time.perf_counter()
         self._last_write = 0.0
+        self._last_logs = 0.0
         self.record = ProgressRecord(step=start_step, total_steps=settings.total_steps)
         self._writer = self._tensorboard(settings.tensorboard_dir)
         self.history = History(store, start_step=start_step)
         self._lrs: dict[str, float] = {}
         self._uploader = ThreadPoolExecutor(1, thread_name_prefix="progress-upload")
         self._upload: Future[None] | None = None
+        self._bar = step_bar(settings.total_steps, start_step) if settings.bar else None
 
     @staticmethod
     def _tensorboard(folder: Path | None) -> Any:
@@ -89,8 +107,20 @@ class ProgressReporter:
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._window_steps += 1
         self._window_images += images
+        if self._bar is not None:
+            self._bar.update(1)
         if step % self.s.log_every_n_steps == 0 or step == self.s.total_steps:
             self._emit(step, epoch, lr)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (validation) is not training time: img/s and the ETA leave it
+        out."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - started
 
     def _emit(self, step: int, epoch: int, lr: float) -> None:
         assert self._loss_sum is not None
@@ -98,16 +128,19 @@ class ProgressReporter:
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         ips = self._window_images / elapsed
         eta = (self.s.total_steps - step) * elapsed / self._window_steps
+        epoch += 1  # counted from 1 everywhere: log line, progress.json, history
         log.info(
             "step %d/%d epoch %d loss %.4f lr %.3g %.2f img/s ETA %s",
             step,
             self.s.total_steps,
-            epoch + 1,
+            epoch,
             loss,
             lr,
             ips,
             format_eta(eta),
         )
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {loss:.4f}, {ips:.2f} img/s", refresh=False)
         self.note(
             step=step,
             epoch=epoch,
@@ -162,19 +195,22 @@ class ProgressReporter:
         self.note(updated_at=utc_now())
         self._last_write = time.monotonic()
         snapshot = (self.record.to_bytes(), self.history.to_bytes())
-        self._upload = self._uploader.submit(self._publish_logged, *snapshot)
+        logs = self._last_write - self._last_logs >= REMOTE_WRITE_EVERY_S  # at most every 30 s
+        self._last_logs = self._last_write if logs else self._last_logs
+        self._upload = self._uploader.submit(self._publish_logged, *snapshot, logs)
 
-    def _publish_logged(self, record: bytes, history: bytes) -> None:
+    def _publish_logged(self, record: bytes, history: bytes, logs: bool) -> None:
         try:
-            self._publish(record, history)
+            self._publish(record, history, logs)
         except Exception as err:  # best-effort: the next write retries
             log.warning("publishing progress failed (retried at the next write): %s", err)
 
-    def _publish(self, record: bytes, history: bytes) -> None:
+    def _publish(self, record: bytes, history: bytes, logs: bool = True) -> None:
+        """progress.json and the history; with ``logs``, the TensorBoard files too."""
         if self.store is not None:
             self.history.publish(history)
             self.store.put_bytes(PROGRESS_KEY, record)
-        if self._writer is not None:
+        if self._writer is not None and logs:
             self._writer.flush()
             self._upload_logs()
 
@@ -200,6 +236,9 @@ class ProgressReporter:
         return self.history.records
 
     def finish(self, state: RunState) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self.write(state)
         self._uploader.shutdown(wait=True)
         if self._writer is not None:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.layout import describe_dataset, step_name
+
 MAX_POINTS = 800
 CHART_W, CHART_H, PAD = 640, 200, 44
 
@@ -109,6 +111,19 @@ def _number(value: Any, digits: int) -> str:
     return "-" if value is None else f"{float(value):.{digits}g}"
 
 
+def _resumed(p: dict[str, Any]) -> str:
+    step = p.get("resumed_from")
+    if step is None:
+        return "no: this attempt started at step 0"
+    return f"yes: from checkpoint {step_name(step)} (step {step})"
+
+
+def _dataset(p: dict[str, Any]) -> str:
+    if p.get("dataset_examples") is None:
+        return "-"
+    return describe_dataset(p["dataset_examples"], p.get("dataset_buckets") or {})
+
+
 def summary_table(data: ReportData) -> str:
     p, hist = data.progress, data.history
     started = hist[0].get("time") if hist else None
@@ -122,6 +137,8 @@ def summary_table(data: ReportData) -> str:
         ("last log line", esc(_when(last))),
         ("elapsed (first to last line)", esc(_duration(last - started if hist else None))),
         ("ETA", esc(_duration(p.get("eta_seconds")))),
+        ("resumed", esc(_resumed(p))),
+        ("dataset", esc(_dataset(p))),
         ("outputs", esc(data.output_uri)),
     ]
     return "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"

@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from kubetune.config import PipelineConfig, config_to_yaml, output_uri
 from kubetune.dataset.index import save_index, save_shared_index, shared_index_store
 from kubetune.dataset.preflight import PreflightReport
 from kubetune.errors import DataError, ProcessGroupError
-from kubetune.layout import CONFIG_KEY, FINAL, final_key, step_name
+from kubetune.layout import CONFIG_KEY, FINAL, describe_dataset, final_key, step_name
 from kubetune.storage import ObjectStore
 from runner.checkpoint.state import (
     Checkpointer,
@@ -37,8 +38,14 @@ from runner.checkpoint.state import (
 from runner.models.loading import Components
 from runner.pipelines import TrainingPipeline, build_pipeline
 from runner.pipelines.base import enable_gradient_checkpointing
-from runner.reporting.progress import ProgressReporter, ProgressSettings
+from runner.reporting.progress import (
+    REMOTE_WRITE_EVERY_S,
+    ProgressReporter,
+    ProgressSettings,
+    write_interval,
+)
 from runner.reporting.run_events import RunEvents
+from runner.reporting.terminal import wants_bar
 from runner.session.load import Loaded
 from runner.session.settings import RunSettings, TrainingSettings, compat_info
 from runner.training.compile import compile_for_training, training_shapes
@@ -295,6 +302,9 @@ def _assemble(
         data=loaded.data,
     )
     schedule = plan_schedule(training, len(loader))
+    dataset = dataset_summary(loader)
+    log.info("dataset: %s; %d steps per epoch, %d steps in all", describe_dataset(*dataset),
+             schedule.steps_per_epoch, schedule.total_steps)  # fmt: skip
     torch.manual_seed(seed)  # LoRA init does not depend on what loading consumed
     shapes = training_shapes(loader.dataset.target_hw)
     pipeline, optimizer, lr_scheduler = build_training(
@@ -322,6 +332,7 @@ def _assemble(
     state = _restore(checkpointer, restored, loader)
     out = store if settings.is_main else None
     progress = _progress(settings, schedule, out, restored, events)
+    progress.note(dataset_examples=dataset[0], dataset_buckets=dataset[1])
     validator = Validator(settings.validation, pipeline, out, device,
                           on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
     ranks = Ranks(PartialState())
@@ -337,6 +348,15 @@ def _assemble(
     if loader.bad:  # skipped before the restart: progress.json names them again
         session.note_bad(list(loader.bad))
     return session
+
+
+def dataset_summary(loader: Any) -> tuple[int, dict[str, int]]:
+    """(examples, examples per ``"<width>x<height>"`` bucket) of the run's loader."""
+    bucket_of = list(getattr(loader.sampler, "bucket_of", []))
+    sizes = getattr(loader, "buckets", None) or []
+    counts = sorted(Counter(bucket_of).items())
+    buckets = {f"{sizes[b][1]}x{sizes[b][0]}": n for b, n in counts if b < len(sizes)}
+    return len(bucket_of), buckets
 
 
 class SkippedExamples:
@@ -382,6 +402,8 @@ def _progress(
             log_every_n_steps=settings.training.log_every_n_steps,
             tensorboard_dir=settings.tensorboard_dir,
             upload_logs=True,
+            write_every_s=write_interval(out.uri) if out is not None else REMOTE_WRITE_EVERY_S,
+            bar=out is not None and wants_bar(),
         ),
         out,
         start_step=restored.step if restored is not None else 0,

@@ -3,6 +3,8 @@ the checked data. Loading overlaps the data preflight; nothing here writes to th
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -13,6 +15,8 @@ from kubetune.dataset.preflight import PreflightReport
 from kubetune.errors import UserError
 from runner.models.loading import Components, ModelSettings, load_model, to_dtype
 from runner.training.speed import enable_tf32
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,23 @@ def load_then_join(
     first, as when it ran first."""
     try:
         accelerator = make_accelerator(mixed_precision)
+        started = time.perf_counter()
+        log.info("loading the base model %s (%s weights) on %s", model.model,
+                 model.weight_dtype, describe_device(accelerator))  # fmt: skip
         comps = load_base(model, accelerator.device)
+        log.info("base model loaded in %.1f s", time.perf_counter() - started)
     except Exception:
         pending.result()  # a bad dataset's error, else the loading error below
         raise
     return Loaded(accelerator, comps, pending.result())
+
+
+def describe_device(accelerator: Accelerator) -> str:
+    """``cpu`` / ``cuda:0 (NVIDIA H100 80GB HBM3)``, with the process count and precision."""
+    device = accelerator.device
+    name = (
+        f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    )
+    processes = accelerator.num_processes
+    where = f"{name}, {processes} processes" if processes > 1 else name
+    return f"{where}, mixed precision {accelerator.mixed_precision}"

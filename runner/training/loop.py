@@ -212,7 +212,9 @@ class Loop:
             )
             if self.checkpointer.maybe_save(state, item.completed_epoch):
                 self.progress.note(last_checkpoint_step=state.step)
-            if self.validator.maybe_validate(state.step, item.completed_epoch):
+            with self.progress.paused():  # validation is not training time (ETA, img/s)
+                validated = self.validator.maybe_validate(state.step, item.completed_epoch)
+            if validated:
                 self.events.validation(state.step)
             if state.step >= self.total_steps:
                 return

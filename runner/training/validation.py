@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ class Validator:
     def validate(self, step: int) -> list[str]:
         """Write ``validation/step-XXXXXX/prompt-I-J.png`` and ``grid.png``; return keys."""
         assert self.store is not None
+        started = time.perf_counter()
+        log.info("validation at step %d: generating images for %d prompt(s)", step,
+                 len(self.s.prompts))  # fmt: skip
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.pipeline.set_train(False)
@@ -156,7 +160,10 @@ class Validator:
         self.store.put_bytes(f"{prefix}/grid.png", png_bytes(grid(images)))
         if self.on_images is not None:
             self.on_images(step, images)
-        log.info("validation %s: %d images", prefix, len(keys))
+        grid_url = self.store.url(f"{prefix}/grid.png")
+        seconds = time.perf_counter() - started
+        log.info("validation at step %d done in %.1f s: %d images, %s", step, seconds,
+                 len(keys), grid_url)  # fmt: skip
         return [*keys, f"{prefix}/grid.png"]
 
     @torch.no_grad()

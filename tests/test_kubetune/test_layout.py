@@ -85,14 +85,14 @@ def test_runner_writes_what_the_launcher_reads(
                 reporter.flush()  # progress.json is written off the training thread
                 mid, error = read_progress(str(tmp_path), None)
                 assert error is None and mid is not None
-                assert (mid.state, mid.step, mid.epoch) == ("running", 2, 0)
+                assert (mid.state, mid.step, mid.epoch) == ("running", 2, 1)  # counted from 1
                 assert mid.images_per_second is not None and mid.images_per_second > 0
                 assert mid.eta_seconds is not None and mid.lr == pytest.approx(1e-4)
         reporter.note(last_checkpoint_step=4)
         reporter.finish("completed")
     seen, error = read_progress(str(tmp_path), None)
     assert error is None and seen is not None
-    assert (seen.state, seen.step, seen.total_steps, seen.epoch) == ("completed", 4, 4, 1)
+    assert (seen.state, seen.step, seen.total_steps, seen.epoch) == ("completed", 4, 4, 2)
     assert seen.loss == pytest.approx(0.25) and seen.last_checkpoint_step == 4
     assert seen.resumed_from == 0 and seen.updated_at is not None
     written = json.loads((tmp_path / layout.PROGRESS_KEY).read_text())
