@@ -93,6 +93,7 @@ def output_lines(status: RunStatus) -> list[str]:
             lines.append(f"  checkpoint: {uri}/{checkpoint_key(step)}/")
             lines.append(f"  validation: {uri}/validation/ (grid.png per validation step)")
         lines.append(f"  final:      {uri}/final/")
+        lines.append(f"  report:     {uri}/report.html")
     return lines
 
 
@@ -230,8 +231,12 @@ def _follow_and_wait(
     poll: float,
 ) -> RunStatus:
     if follow:  # this submit's attempt only: a resumed run's earlier log is `launcher logs`
-        for line in backend.logs(result.run, follow=True, latest=True):
-            click.echo(line, err=output == "json")
+        from launcher.follow import follow as follow_lines
+        from launcher.follow import wants_bar
+
+        err = output == "json"
+        lines = backend.logs(result.run, follow=True, latest=True)
+        follow_lines(lines, lambda line: click.echo(line, err=err), bar=not err and wants_bar())
 
     def echo(status: RunStatus) -> None:  # intermediate states; the final one is printed after
         if not status.done:
@@ -322,9 +327,12 @@ def logs(
     run: str, follow: bool, rank: int | None, local: bool, cluster: api.ClusterOptions
 ) -> None:
     """Print the logs of RUN (every attempt, oldest first; one node of a multi-node run)."""
+    from launcher.follow import follow as follow_lines
+    from launcher.follow import wants_bar
+
     backend = api.backend_for_run(run, local=local, cluster=cluster)
-    for line in backend.logs(run, follow=follow, rank=rank):
-        click.echo(line)
+    lines = backend.logs(run, follow=follow, rank=rank)
+    follow_lines(lines, click.echo, bar=follow and wants_bar())
 
 
 @click.command()

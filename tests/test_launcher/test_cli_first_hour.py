@@ -113,3 +113,19 @@ def _interrupt_follow(proc: subprocess.Popen[str], tmp_path: Path, env: dict[str
     cancel = [*launcher, "cancel", "--local", "follow-me", "--wait", "--timeout", "120"]
     done = subprocess.run(cancel, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0 and "Cancelled" in done.stdout, done.stdout + done.stderr
+
+
+def test_follow_draws_a_bar_only_at_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher.follow import follow, wants_bar
+
+    lines = ["INFO runner: run r (outputs in /o): checking the dataset",
+             *(f"INFO runner.reporting.progress: step {s}/40 epoch 1 loss 0.5 lr 0.001 "
+               f"9 img/s ETA 0:00:01" for s in (5, 40)),
+             "INFO runner.session.build: training finished at step 40"]  # fmt: skip
+    assert not wants_bar()  # pytest's stdout is not a terminal
+    follow(iter(lines), print, bar=False)
+    assert capsys.readouterr().out.splitlines() == lines
+    follow(iter(lines), print, bar=True)
+    out = capsys.readouterr().out
+    assert all(line in out for line in lines)
+    assert "training" in out and "40/40" in out and "loss 0.5" in out
