@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kubetune.errors import EXIT_FAILURE, EXIT_OK
+from kubetune.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR
 from launcher import api
 
 if TYPE_CHECKING:
@@ -79,6 +79,17 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def run_exit_code(status: RunStatus) -> int:
+    """`submit --wait`'s exit status: 0 if the run succeeded, 2 if it failed on bad input (the
+    runner exited 2: config or data), else 1."""
+    if status.phase == "Succeeded":
+        return EXIT_OK
+    bad_input = f"exit code {EXIT_USER_ERROR}"
+    if status.reason == bad_input or (status.message or "").startswith(f"{bad_input}:"):
+        return EXIT_USER_ERROR
+    return EXIT_FAILURE
 
 
 def output_lines(status: RunStatus) -> list[str]:
@@ -219,7 +230,7 @@ def submit(
         click.echo(status.summary())
         for line in output_lines(status):
             click.echo(line)
-    sys.exit(EXIT_OK if status.phase == "Succeeded" else EXIT_FAILURE)
+    sys.exit(run_exit_code(status))
 
 
 def _follow_and_wait(

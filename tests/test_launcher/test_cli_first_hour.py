@@ -129,3 +129,17 @@ def test_follow_draws_a_bar_only_at_a_terminal(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert all(line in out for line in lines)
     assert "training" in out and "40/40" in out and "loss 0.5" in out
+
+
+def test_submit_wait_exit_status_follows_the_run() -> None:
+    from launcher.backends.base import RunStatus
+    from launcher.cli.run_commands import run_exit_code
+
+    def status(phase: str, reason: str | None = None, message: str | None = None) -> RunStatus:
+        return RunStatus("local", "r", "j", phase, reason=reason, message=message)
+
+    assert run_exit_code(status("Succeeded")) == 0
+    assert run_exit_code(status("Failed", "exit code 2", "config or data error")) == 2
+    assert run_exit_code(status("Failed", "BackoffLimitExceeded", "exit code 2: config")) == 2
+    assert run_exit_code(status("Failed", "exit code 1", "boom")) == 1
+    assert run_exit_code(status("Preempted", "SIGTERM")) == 1

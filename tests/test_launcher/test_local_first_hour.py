@@ -96,3 +96,16 @@ def test_kill_resume_and_find_the_run_from_any_folder(tmp_path: Path) -> None:
     assert "first-hour" in listed.stdout and "Succeeded" in listed.stdout
     finished = _launcher(elsewhere, env, "submit", "--local", config)
     assert "already finished (same config)" in finished.stdout
+
+
+def test_bad_input_found_by_the_run_exits_2(tmp_path: Path) -> None:
+    """An image that lists fine but is not an image: validate's listing passes it, the run's
+    preflight fails on it (exit 2), and `submit --local --wait` exits 2 too, naming it."""
+    project = _project(tmp_path)
+    (project / "sample_data" / "red_circle.png").write_bytes(b"not a PNG at all")
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    done = _launcher(project, env, "submit", "--local", "--wait", "lora.yaml")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "first-hour: Failed (exit code 2: config or data error" in done.stdout
+    logs = _launcher(project, env, "logs", "first-hour").stdout
+    assert "red_circle.png" in logs and "kubetune: error:" in logs
