@@ -38,11 +38,19 @@ class ClusterOptions:
 def load(
     config: str | Path, overrides: Iterable[str] = (), name: str | None = None
 ) -> PipelineConfig:
-    """Validate a config (same errors as `launcher validate`); `name` sets job.name."""
+    """Validate a config (same errors as `launcher validate`); `name` sets job.name and, for
+    a run without `storage:`, puts its outputs beside base_output_dir's in a folder of that
+    name (else two runs would share one output folder and resume each other's checkpoints)."""
     from kubetune.config import load_config
 
     extra = [*overrides, *([f"job.name={name}"] if name else [])]
-    return load_config(config, overrides=extra or None)
+    cfg = load_config(config, overrides=extra or None)
+    chosen = any(o.startswith("base_output_dir=") for o in overrides)
+    if name and not chosen and cfg.storage is None and cfg.base_output_dir is not None:
+        beside = Path(cfg.base_output_dir).parent / name
+        if Path(cfg.base_output_dir) != beside:
+            cfg = load_config(config, overrides=[*extra, f"base_output_dir={beside}"])
+    return cfg
 
 
 def render(cfg: PipelineConfig, namespace: str | None = None) -> str:

@@ -95,3 +95,17 @@ def test_the_field_docstring_says_kubetune_extension() -> None:
 
     doc = field_docstrings(BasePipelineConfig)["base_output_dir"]
     assert "kubetune extension" in doc and "relative to the config file" in doc
+
+
+def test_name_gives_a_local_run_its_own_output_folder(tmp_path: Path) -> None:
+    """`submit --name other` of a local config: the outputs go beside the original run's, in
+    a folder of that name (not into the other run's folder, whose checkpoints it would
+    resume); an explicit --set base_output_dir wins."""
+    from launcher import api
+
+    path = _write(tmp_path / "configs", _local())
+    cfg = api.load(path, name="other")
+    assert cfg.job is not None and cfg.job.name == "other"
+    assert cfg.base_output_dir == str(tmp_path / "configs" / "out" / "other")
+    mine = api.load(path, [f"base_output_dir={tmp_path / 'mine'}"], name="other")
+    assert mine.base_output_dir == str(tmp_path / "mine")
