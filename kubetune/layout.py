@@ -208,7 +208,7 @@ class ProgressRecord(BaseModel):
             parts.append(f"loss {self.loss:.4g}")
         if self.images_per_second is not None:
             parts.append(f"{self.images_per_second:.3g} img/s")
-        if self.eta_seconds is not None and self.state not in ("completed", "failed"):
+        if self.eta_seconds is not None and self.state in ("starting", "running"):
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         if self.bad_images:
             parts.append(f"{self.bad_images} unreadable images skipped")

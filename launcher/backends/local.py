@@ -113,14 +113,15 @@ class LocalBackend(Backend):
         where = f" at {status.progress.summary()}" if status.progress else ""
         attempt = len(status.pods) + 1
         if status.phase in RESUMABLE_PHASES:
-            self._start(cfg, self._dir(status.run), attempt=attempt)
+            self._start(cfg, self._dir(status.run), attempt=attempt, previous=status.phase)
             note = (
                 f"resuming (attempt {attempt}; the last one ended {status.phase}{where}): "
                 "training continues from the newest checkpoint"
             )
             return replace_fields(result, resumed_after=status.phase, note=note)
         if status.phase == "Succeeded" and replace:
-            self._start(cfg, self._dir(status.run), attempt=attempt, fresh=True)
+            self._start(cfg, self._dir(status.run), attempt=attempt, fresh=True,
+                        previous=status.phase)  # fmt: skip
             note = f"starting over from step 0 (--replace; attempt {attempt})"
             return replace_fields(result, note=note)
         if status.phase == "Succeeded":
@@ -139,10 +140,16 @@ class LocalBackend(Backend):
             ) from None
 
     def _start(
-        self, cfg: PipelineConfig, run_dir: Path, *, attempt: int, fresh: bool = False
+        self,
+        cfg: PipelineConfig,
+        run_dir: Path,
+        *,
+        attempt: int,
+        fresh: bool = False,
+        previous: str | None = None,
     ) -> None:
         """Start attempt `attempt` of the run in `run_dir` (the log grows; `fresh`: from
-        step 0, discarding the run's checkpoints)."""
+        step 0, discarding the run's checkpoints; `previous`: how the last attempt ended)."""
         for marker in ("exit_code", "cancelled"):
             (run_dir / marker).unlink(missing_ok=True)
         config_path = run_dir / "config.yaml"
@@ -170,10 +177,10 @@ class LocalBackend(Backend):
                 start_new_session=True,
             )
         old = json.loads((run_dir / "run.json").read_text()) if attempt > 1 else {}
-        attempts = [
-            *old.get("attempts", []),
-            {"pid": proc.pid, "started": time.time(), "log_offset": offset},
-        ]
+        attempts = old.get("attempts", [])
+        if attempts and previous:
+            attempts[-1]["ended"] = previous
+        attempts.append({"pid": proc.pid, "started": time.time(), "log_offset": offset})
         info = {
             "run": run_name(cfg),
             "job_name": job_name(cfg),
@@ -206,7 +213,7 @@ class LocalBackend(Backend):
             labels=dict(info.get("labels") or {}),
         )
         status.phase, status.reason, status.message = _attempt_phase(info["pid"], run_dir)
-        status.retries = len(attempts) - 1
+        status.retries = sum(1 for a in attempts if a.get("ended") in ("Failed",))
         if with_progress or status.phase != "Running":
             try:
                 cfg = self.run_config(run)

@@ -52,7 +52,8 @@ def test_preempted_is_not_failed_and_a_resubmit_resumes(
     assert again.note is not None and again.note.startswith("resuming (attempt 2")
     assert "step 5/10" in again.note
     status = _wait_done(backend, "my-run")
-    assert status.phase == "Succeeded" and len(status.pods) == 2
+    assert status.phase == "Succeeded" and len(status.pods) == 2 and status.retries == 0
+    assert "ETA" not in status.summary()
     latest = list(backend.logs("my-run", latest=True))
     assert latest[0] == "==> attempt 2 <==" and "checkpointed" not in latest
     assert "checkpointed" in list(backend.logs("my-run"))  # every attempt, oldest first
@@ -80,7 +81,9 @@ def test_failed_and_cancelled_runs_resume_a_finished_one_stays(
     finished = backend.submit(_cfg(tmp_path))
     assert not finished.created and "already finished" in (finished.note or "")
     assert "--replace" in (finished.note or "")
-    assert len(backend.status("my-run").pods) == 3  # nothing started
+    done = backend.status("my-run")
+    assert len(done.pods) == 3  # nothing started
+    assert done.retries == 1  # the Failed attempt; a cancelled one is no failure
 
 
 def test_replace_starts_a_finished_run_over(backend: LocalBackend, tmp_path: Path) -> None:  # noqa: F811
