@@ -63,6 +63,18 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|peft)")
 
 
+def fail_fast_on_local_data(source: str, cfg: object) -> None:
+    """A local dataset that cannot be listed (missing folder or JSONL, a bad line): DataError
+    with `file:line: field.path` now, not after the libraries and the model have loaded."""
+    from kubetune.config.loader import field_problems
+    from kubetune.dataset.local_check import local_data_problems
+    from kubetune.errors import DataError
+
+    problems = local_data_problems(cfg)
+    if problems:
+        raise DataError("\n".join(field_problems(source, problems)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         from kubetune.config import load_config
 
         cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
+        fail_fast_on_local_data(args.config, cfg)  # a missing folder: exit 2 before torch loads
         from kubetune.config import output_uri, run_name
 
         logging.getLogger("runner").info(

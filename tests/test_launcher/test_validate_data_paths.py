@@ -116,3 +116,18 @@ def test_submit_local_refuses_a_missing_dataset_before_starting(
     assert result.exit_code == 2, result.output
     assert "data_loader.dataset.dataset_dir:" in result.output and "no such folder" in result.output
     assert not (tmp_path / "home" / "runs").exists()
+
+
+def test_the_runner_refuses_a_missing_dataset_before_loading_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "gone"})
+    code = ("import sys\nfrom runner.__main__ import main\n"
+            f"rc = main([{str(path)!r}])\nprint(rc, 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    assert f"{path}:8: data_loader.dataset.dataset_dir: {tmp_path / 'gone'}: no such folder" in (
+        out.stderr
+    )
