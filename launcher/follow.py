@@ -5,6 +5,7 @@ pipe, a file, CI) the lines print as they are."""
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,6 +16,13 @@ STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) epoch (\d+) loss ([\d.eE+-]+)")
 
 def wants_bar(stream: Any = None) -> bool:
     return bool(getattr(stream or sys.stdout, "isatty", lambda: False)())
+
+
+def bar_width() -> dict[str, Any]:
+    """Follow the terminal's size; 100 x 40 where it reports none (a bare pty)."""
+    if shutil.get_terminal_size((0, 0)).columns > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": 100, "nrows": 40}
 
 
 def follow(lines: Iterable[str], echo: Callable[[str], None], *, bar: bool) -> None:
@@ -31,7 +39,7 @@ def follow(lines: Iterable[str], echo: Callable[[str], None], *, bar: bool) -> N
             match = STEP_LINE.search(line)
             if match and progress is None:
                 progress = tqdm(total=int(match[2]), unit="step", desc="training",
-                                dynamic_ncols=True, file=sys.stdout)  # fmt: skip
+                                file=sys.stdout, **bar_width())  # fmt: skip
             if progress is None:
                 echo(line)
                 continue

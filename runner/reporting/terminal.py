@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -23,8 +24,13 @@ def step_bar(total: int, initial: int = 0) -> Any:
     """A tqdm bar over optimizer steps, on stderr."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
-                desc="training", leave=True)  # fmt: skip
+    width = (
+        {"dynamic_ncols": True}
+        if shutil.get_terminal_size((0, 0)).columns > 0
+        else {"ncols": 100, "nrows": 40}
+    )
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, desc="training",
+                leave=True, **width)  # fmt: skip
 
 
 @contextlib.contextmanager
