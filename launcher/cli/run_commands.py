@@ -215,8 +215,11 @@ def submit(
         click.echo(f"warning: {warning}", err=True)
     if output == "text":
         where = f" in namespace {result.namespace}" if result.namespace else ""
-        verb = result.note or ("submitted" if result.created else "already submitted (same config)")
-        click.echo(f"{result.run}: {verb} as {backend.name} job {result.job_name}{where}")
+        if result.note:
+            click.echo(f"{result.run}: {result.note} ({backend.name} job {result.job_name}{where})")
+        else:
+            verb = "submitted" if result.created else "already submitted (same config)"
+            click.echo(f"{result.run}: {verb} as {backend.name} job {result.job_name}{where}")
         click.echo(f"outputs: {result.output_uri}")
     if not (wait or follow):
         if output == "json":
@@ -241,7 +244,8 @@ def _follow_and_wait(
     timeout: float | None,
     poll: float,
 ) -> RunStatus:
-    if follow:  # this submit's attempt only: a resumed run's earlier log is `launcher logs`
+    finished = not result.created and backend.status(result.run).done
+    if follow and not finished:  # this attempt only: a resumed run's earlier log is `logs`
         from launcher.follow import follow as follow_lines
         from launcher.follow import wants_bar
 

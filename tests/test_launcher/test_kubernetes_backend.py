@@ -462,10 +462,11 @@ def _finish_when_started(fake: FakeKube, job: str, exit_code: int) -> threading.
     return thread
 
 
-@pytest.mark.parametrize(("exit_code", "status"), [(0, 0), (2, 1)])
+@pytest.mark.parametrize(("exit_code", "status"), [(0, 0), (2, 2)])
 def test_submit_wait_exit_status(
     fake_kube: Kube, tmp_path: Path, exit_code: int, status: int
 ) -> None:
+    """0 when the run trained, 2 when its pod failed on bad input (exit 2)."""
     assert fake_kube.fake is not None
     config_file = _write(tmp_path)
     driver = _finish_when_started(fake_kube.fake, job_name(load_config(config_file)), exit_code)

@@ -94,8 +94,10 @@ def test_kill_resume_and_find_the_run_from_any_folder(tmp_path: Path) -> None:
     assert (third / "lora" / "lora.safetensors").is_file()
     listed = _launcher(third, env, "list")
     assert "first-hour" in listed.stdout and "Succeeded" in listed.stdout
-    finished = _launcher(elsewhere, env, "submit", "--local", config)
-    assert "already finished (same config)" in finished.stdout
+    finished = _launcher(elsewhere, env, "submit", "--local", "--follow", config)
+    assert finished.returncode == 0 and "already finished (same config)" in finished.stdout
+    assert "INFO runner" not in finished.stdout + finished.stderr  # no replay of the old log
+    assert "first-hour: Succeeded" in finished.stdout
 
 
 def test_bad_input_found_by_the_run_exits_2(tmp_path: Path) -> None:
