@@ -132,7 +132,7 @@ def gcs_env(fake_gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh store root: a local directory, ``s3://bucket/prefix`` on SeaweedFS and
     ``az://container/prefix`` on Azurite (with that cloud's environment set). GCS is absent:
-    no emulator here accepts obstore's uploads (see docs/storage.md)."""
+    no emulator here accepts obstore's uploads (see tests/gcs_emulator.py)."""
     if request.param == "local":
         return str(tmp_path / "store")
     return str(request.getfixturevalue(f"{request.param}_uri"))

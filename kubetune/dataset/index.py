@@ -16,11 +16,11 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.dataset.images import MAX_IMAGE_PIXELS, image_size_hw, jpeg_header_length
-from kubetune.dataset.sources import Source, fetch_pool
+from kubetune.dataset.sources import Source, evolve, fetch_pool
 from kubetune.errors import DataError, StorageError, StorageUserError
 from kubetune.layout import DATA_INDEX_KEY, DATASET_INDEXES
 from kubetune.storage import ObjectStore, is_remote, open_store, parse_uri, split_uri
@@ -205,7 +205,7 @@ def build_index(
         reused += was_reused
         rec = records[i]
         entries[(source.store_uri(i), rec.image_key or rec.id)] = entry
-        records[i] = replace(rec, caption=entry.caption, caption_key=None)
+        records[i] = evolve(rec, caption=entry.caption, caption_key=None)
         sizes.append((entry.height, entry.width))
     indexed = Source(source.name, records, source.stores, source.keep_in_memory, source.hf)
     scanned = len(records) - reused - len(errors)
@@ -260,7 +260,7 @@ def _reusable(
         return None
     # a caption file's text is versioned by its listing; an inline one (JSONL line, HF row)
     # is the current dataset's, whatever the run that indexed it had
-    return old if rec.caption_key else replace(old, caption=rec.caption)
+    return old if rec.caption_key else evolve(old, caption=rec.caption)
 
 
 def _image_entry(source: Source, i: int, max_pixels: int) -> IndexEntry | DataError:

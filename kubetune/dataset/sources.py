@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from kubetune.config.data import (
     AnyDatasetConfig,
@@ -28,6 +28,7 @@ from kubetune.dataset.listing import list_known
 from kubetune.errors import DataError
 from kubetune.storage import ObjectInfo, ObjectStore, is_remote, open_store, parse_uri, split_uri
 
+_T = TypeVar("_T")
 MASK_COLUMN = "mask"
 """The JSONL key of a line's loss-mask image path (fixed, as in invoke-training)."""
 FETCH_WORKERS = 16
@@ -69,6 +70,14 @@ class StoreRef:
         self.__init__(state["uri"], state["storage"])  # type: ignore[misc]
         if state.get("store") is not None:
             self._store, self._pid = state["store"], os.getpid()
+
+
+def evolve(obj: _T, **changes: Any) -> _T:
+    """``dataclasses.replace`` for the frozen records made 100,000 at a time: a copy of the
+    instance's fields with ``changes`` (no ``__init__`` call; ~10x faster at that count)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__, **changes)
+    return new
 
 
 @dataclass(frozen=True)
@@ -378,7 +387,7 @@ def _with_listing(records: list[Record], stores: list[StoreRef], where: str) -> 
                     f"{ref.get().url(out[i].image_key)}: file not found (listed in {where})",
                     hint="fix the path or remove the entry",
                 )
-            out[i] = replace(out[i], size=info.size, etag=info.etag)
+            out[i] = evolve(out[i], size=info.size, etag=info.etag)
     return out
 
 

@@ -125,13 +125,14 @@ class CloudStore(StoreBase):
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """Up to ``length`` bytes from offset ``start`` (b"" when ``start`` is past the end)."""
         check_key(key)
-        with self._errors("read", key):
-            try:
-                return obs.get_range(self.raw, key, start=start, length=length).to_bytes()
-            except obs_errors.GenericError as exc:
-                if status_of(exc) == 416:  # the range starts at or past the end
-                    return b""
-                raise
+        try:  # the dataset's hot path (a header read per image): no context manager
+            return obs.get_range(self.raw, key, start=start, length=length).to_bytes()
+        except obs_errors.GenericError as exc:
+            if status_of(exc) == 416:  # the range starts at or past the end
+                return b""
+            raise translate(exc, self.where, "read", key) from None
+        except (obs_errors.BaseError, FileNotFoundError) as exc:
+            raise translate(exc, self.where, "read", key) from None
 
     def get_file(self, key: str, path: str | Path) -> None:
         check_key(key)
