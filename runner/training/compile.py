@@ -60,9 +60,9 @@ def compile_for_training(unet: nn.Module, shapes: int) -> nn.Module:
             "once, about a minute apiece on a GPU; fewer buckets compile faster",
             shapes,
         )
-    config = torch._dynamo.config
-    config.cache_size_limit = max(config.cache_size_limit, shapes + 1)
-    config.accumulated_cache_size_limit = max(
-        config.accumulated_cache_size_limit, config.cache_size_limit
-    )
+    config = torch._dynamo.config  # recompile_limit: cache_size_limit before torch 2.6
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    total = f"accumulated_{limit}"
+    setattr(config, limit, max(getattr(config, limit), shapes + 1))
+    setattr(config, total, max(getattr(config, total), getattr(config, limit)))
     return torch.compile(unet, backend=COMPILE_BACKEND, dynamic=False)

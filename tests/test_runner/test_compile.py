@@ -7,6 +7,7 @@ headers fails before training with the reason. Compiling is counted with dynamo'
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,33 +46,41 @@ def test_training_shapes_count_each_bucket_with_a_short_batch(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert compiling.training_shapes([(64, 64), (64, 64), (48, 64), (64, 48)]) == 6
-    config = torch._dynamo.config
-    for name in ("cache_size_limit", "accumulated_cache_size_limit"):
-        monkeypatch.setattr(config, name, getattr(config, name))  # restored afterwards
     monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
-    compiling.compile_for_training(torch.nn.Linear(2, 2), shapes=6)
-    assert "input shapes" not in caplog.text
-    compiling.compile_for_training(torch.nn.Linear(2, 2), shapes=40)
-    assert "compile_unet: 40 input shapes" in caplog.text
-    assert torch._dynamo.config.cache_size_limit >= 41
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=8):
+        compiling.compile_for_training(torch.nn.Linear(2, 2), shapes=6)
+        assert "input shapes" not in caplog.text
+        compiling.compile_for_training(torch.nn.Linear(2, 2), shapes=40)
+        assert "compile_unet: 40 input shapes" in caplog.text
+        assert torch._dynamo.config.recompile_limit >= 41
+        assert torch._dynamo.config.accumulated_recompile_limit >= 41
 
 
-@pytest.mark.slow
-def test_steps_compile_once_per_shape_and_validation_stays_eager(
-    tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def counting_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Dynamo with a counting backend and a recompile limit of 1 (restored afterwards), so
+    only ``compile_for_training`` can make room for a second shape."""
     from torch._dynamo.testing import CompileCounter
-
-    from kubetune.storage import open_store
-    from runner.session.settings import validation_settings
-    from runner.training.validation import Validator
 
     if compiling.compiler_problem() is not None:
         pytest.skip(compiling.compiler_problem() or "")
     torch._dynamo.reset()
     counter = CompileCounter()
     monkeypatch.setattr(compiling, "COMPILE_BACKEND", counter)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 1)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        yield counter
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_steps_compile_once_per_shape_and_validation_stays_eager(
+    tiny_sd_dir: Path, tmp_path: Path, counting_backend: Any
+) -> None:
+    from kubetune.storage import open_store
+    from runner.session.settings import validation_settings
+    from runner.training.validation import Validator
+
+    counter = counting_backend
     data = write_dataset(tmp_path / "data", n=2)
     cfg = make_config("SD_LORA", tiny_sd_dir, data, tmp_path / "out", compile_unet=True,
                       validation_prompts=["a kbtn picture"], validate_every_n_steps=1,
@@ -80,7 +89,7 @@ def test_steps_compile_once_per_shape_and_validation_stays_eager(
     comps, pipe = load_pipeline(cfg)
     pipe.set_train(True)  # as a run does before its first step
     pipe.compiled_unet = compiling.compile_for_training(comps.unet, shapes=4)
-    assert torch._dynamo.config.cache_size_limit >= 5
+    assert torch._dynamo.config.recompile_limit >= 5
     generator = torch.Generator().manual_seed(0)
     pipe.loss(_batch(64, 64), generator)
     first = counter.frame_count
@@ -96,4 +105,3 @@ def test_steps_compile_once_per_shape_and_validation_stays_eager(
     assert counter.frame_count == grown  # validation ran the eager UNet
     pipe.loss(_batch(64, 64), generator)
     assert counter.frame_count == grown  # every shape still cached (limit sized for them)
-    torch._dynamo.reset()
