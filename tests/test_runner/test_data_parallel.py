@@ -69,9 +69,11 @@ def test_two_processes_train_the_model_of_one_with_twice_the_batch(
 def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path: Path, tiny_sd_dir: Path) -> None:
     """2 × 2 trains 3 steps (checkpoint step-3, mid-epoch: 8 images, global batch 4); the
     same run resumed by 1 × 4 to step 6 ends where 1 × 4 uninterrupted does. The data
-    position is kept in examples seen, so the changed per-process batch size resumes."""
-    ref, out_ref = _configs(tmp_path, tiny_sd_dir, 6, 4, 1, lora_dropout=0.2)
-    two, out_two = _configs(tmp_path, tiny_sd_dir, 3, 2, 2, lora_dropout=0.2)
+    position is kept in examples seen, so the changed per-process batch size resumes. With
+    gradient checkpointing (DDP's hooks and the recomputed forward's dropout masks)."""
+    knobs = {"lora_dropout": 0.2, "gradient_checkpointing": True}  # masks redrawn alike
+    ref, out_ref = _configs(tmp_path, tiny_sd_dir, 6, 4, 1, **knobs)
+    two, out_two = _configs(tmp_path, tiny_sd_dir, 3, 2, 2, **knobs)
     ok(single(ref))
     ok(torchrun(two))
     raw = two.read_text().replace("train_batch_size: 2", "train_batch_size: 4")
