@@ -178,3 +178,44 @@ def test_images_per_step_count_the_global_batch(tmp_path: Path) -> None:
     item = next(step_inputs(loader, 2))
     assert [len(b["caption"]) for b in item.group] == [2, 2]
     assert item.images == 8
+
+
+def _wait_alone(rank: int, port: int, results: str) -> None:
+    """Rank 0 waits in a collective rank 1 never joins (rank 1 is busy: a long validation)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")  # fmt: skip
+    from data_fixtures import lora_config
+
+    from runner.training.distributed import start_processes
+
+    cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": results})
+    cfg = cfg.model_copy(update={"job": cfg.job or _job(process_group_timeout_minutes=0.05)})
+    ranks = Ranks(start_processes(cfg))
+    if rank == 1:
+        time.sleep(20)
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        ranks.agree("seed")
+        message = "no error"
+    except ProcessGroupError as err:
+        message = str(err)
+    Path(results, "rank-0").write_text(f"{time.monotonic() - start:.1f}\n{message}")
+    os._exit(0)  # gloo aborts the interpreter's teardown when an op was abandoned
+
+
+def _job(**fields: Any) -> Any:
+    from kubetune.config import JobConfig
+
+    return JobConfig(**fields)
+
+
+@pytest.mark.slow
+def test_the_process_group_timeout_comes_from_the_job_section(tmp_path: Path) -> None:
+    """job.process_group_timeout_minutes reaches init_process_group: with 0.05 (3 s), rank 0
+    waiting for a rank that does not come gives up in seconds (not torch's 10 minutes) with
+    one ProcessGroupError line."""
+    mp.spawn(_wait_alone, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    took, message = (tmp_path / "rank-0").read_text().split("\n", 1)
+    assert "lost contact with the other processes while agreeing" in message, message
+    assert 2.5 <= float(took) < 15
