@@ -238,7 +238,8 @@ class Loop:
         self.checkpointer.wait()
         if self.ranks is not None:  # nobody exits before rank 0 published the checkpoint
             self.ranks.wait_for_all("publishing the stop checkpoint")
-        self.progress.note(last_checkpoint_step=state.step)
+        # the step it stopped at, not the last log line's: `status` says where it resumes
+        self.progress.note(step=state.step, last_checkpoint_step=state.step)
         self.progress.finish("preempted")
         raise Preempted(
             f"stopped by SIGTERM after step {state.step}; checkpoint "

@@ -35,7 +35,7 @@ def _project(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "examples" / "sample_data", project / "sample_data")
     data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     data.update(base_output_dir="runs/first-hour", max_train_steps=24, save_every_n_steps=2,
-                validate_every_n_steps=24, log_every_n_steps=1, report_to=None)  # fmt: skip
+                validate_every_n_steps=24, log_every_n_steps=4, report_to=None)  # fmt: skip
     data["job"]["name"] = "first-hour"
     (project / "lora.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return project
@@ -65,7 +65,8 @@ def test_kill_resume_and_find_the_run_from_any_folder(tmp_path: Path) -> None:
     first = _launcher(elsewhere, env, "submit", "--local", config)
     assert first.returncode == 0, first.stderr
     assert f"outputs: {out}" in first.stdout  # absolute, under the config's folder
-    _wait_for_step(out / PROGRESS_KEY, 3)
+    _wait_for_step(out / PROGRESS_KEY, 4)
+    time.sleep(0.6)  # past the log line at step 4: the SIGTERM checkpoint is at a later step
     run = json.loads((tmp_path / "home" / "runs" / "first-hour" / "run.json").read_text())
     os.kill(run["pid"], signal.SIGTERM)  # a preemption, not `launcher cancel`
     status = _launcher(third, env, "status", "first-hour")
@@ -74,7 +75,9 @@ def test_kill_resume_and_find_the_run_from_any_folder(tmp_path: Path) -> None:
         time.sleep(0.5)
         status = _launcher(third, env, "status", "first-hour")
     assert status.stdout.startswith("first-hour: Preempted (SIGTERM"), status.stdout
-    stopped_at = json.loads((out / PROGRESS_KEY).read_text())["last_checkpoint_step"]
+    stopped = json.loads((out / PROGRESS_KEY).read_text())
+    stopped_at = stopped["last_checkpoint_step"]
+    assert stopped["state"] == "preempted" and stopped["step"] == stopped_at  # where it resumes
 
     again = _launcher(elsewhere, env, "submit", "--local", "--wait", config)
     assert again.returncode == 0, again.stdout + again.stderr
