@@ -3,7 +3,7 @@ batch is split. ``torchrun --nproc_per_node 2`` (gloo, CPU) with ``train_batch_s
 trains the model ``python -m runner`` trains with 2·b, on the same data: the same global
 batches in the same order, and the per-example noise, timesteps and dropouts drawn for the
 whole global batch (each rank keeps its rows), so no draw depends on the rank. A checkpoint
-written by 2 processes resumes on 1, and the end matches the uninterrupted run.
+written by 2 processes resumes on 1 and on 4, and the end matches the uninterrupted run.
 
 The bound is a tenth of one optimizer step: the largest weight change of the last step of the
 single-process run, measured in the test itself."""
@@ -84,4 +84,22 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path: Path, tiny_sd_di
     step = _one_step(out_ref, 6)
     diff = max_diff(weights(out_two, 6), weights(out_ref, 6))
     print(f"2x2 resumed on 1x4 vs 1x4: max |dw| {diff:.3g}; one step {step:.3g}")
+    assert diff < 0.1 * step
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_four(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    """2 × 2 trains 3 steps; the run resumed by 4 × 1 (the same global batch of 4) to step 6
+    ends where 1 × 4 uninterrupted does."""
+    ref, out_ref = _configs(tmp_path, tiny_sd_dir, 6, 4, 1, lora_dropout=0.2)
+    two, out_two = _configs(tmp_path, tiny_sd_dir, 3, 2, 2, lora_dropout=0.2)
+    ok(single(ref))
+    ok(torchrun(two))
+    raw = two.read_text().replace("train_batch_size: 2", "train_batch_size: 1")
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(raw.replace("max_train_steps: 3", "max_train_steps: 6"))
+    log = ok(torchrun(resumed, nproc=4)).stderr
+    assert "resumed from checkpoint step-000003" in log
+    step = _one_step(out_ref, 6)
+    diff = max_diff(weights(out_two, 6), weights(out_ref, 6))
+    print(f"2x2 resumed on 4x1 vs 1x4: max |dw| {diff:.3g}; one step {step:.3g}")
     assert diff < 0.1 * step
