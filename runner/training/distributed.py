@@ -78,14 +78,10 @@ class Ranks:
             raise
         return self.agree(value)
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is set on any (one small all-reduce)."""
-        if not self.several:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        with lost_peers("agreeing whether to stop"):
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+    def stop_vote(self) -> StopVote:
+        """A per-step vote on stopping that never waits on the device (collective: every
+        rank calls it at the same point)."""
+        return StopVote(dist.new_group(backend="gloo") if self.several else None)
 
     def wait_for_all(self, doing: str) -> None:
         """A barrier: no rank goes on (or exits) before every rank got here."""
@@ -109,6 +105,31 @@ class Ranks:
                 hint="every rank must start from the same seed and weights; report this bug",
             )
         log.debug("ranks agree on the weights %s (%s)", where, digests[0])
+
+
+class StopVote:
+    """Whether any rank wants to stop, asked once per step on every rank. The flags travel
+    on a host-side (gloo) group, started asynchronously: each call returns the decision of
+    the previous call's vote, so a step never waits on the device or the network, and every
+    rank still stops after the same step (one step after the signal)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        if self.group is None:
+            return flag
+        decided = False
+        if self.pending is not None:
+            work, value = self.pending
+            with lost_peers("agreeing whether to stop"):
+                work.wait()
+            decided = bool(value.item())  # a CPU tensor: no device sync
+        value = torch.tensor([int(flag)])
+        work = dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, value)
+        return decided
 
 
 class LossOf(nn.Module):

@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -21,7 +21,7 @@ from runner.checkpoint.state import Checkpointer, LoopState
 from runner.pipelines.base import Batch, TrainingPipeline
 from runner.reporting.progress import ProgressReporter
 from runner.reporting.run_events import RunEvents
-from runner.training.distributed import Ranks, lost_peers
+from runner.training.distributed import Ranks, StopVote, lost_peers
 from runner.training.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ class Loop:
     events: RunEvents
     ranks: Ranks | None = None
     """A multi-process run's ranks: the stop decision is theirs together."""
+    _vote: StopVote | None = field(default=None, init=False, repr=False)
 
     def run(self, state: LoopState) -> None:
         """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
@@ -228,10 +229,12 @@ class Loop:
         return lost_peers(f"training step {step}")
 
     def _stopping(self) -> bool:
-        """SIGTERM on any rank stops every rank after the same step."""
+        """SIGTERM on any rank stops every rank after the same step (``StopVote``)."""
         if self.ranks is None:
             return self.stop.is_set()
-        return self.ranks.any(self.stop.is_set())
+        if self._vote is None:  # made at the first step's end, on every rank alike
+            self._vote = self.ranks.stop_vote()
+        return self._vote(self.stop.is_set())
 
     def _preempt(self, state: LoopState) -> None:
         self.checkpointer.save(state)
