@@ -47,6 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     from runner.models.tiny import build_tiny_sd
     from runner.session.build import build_training
     from runner.session.load import make_accelerator, place_models
+    from runner.session.settings import process_group_timeout
     from runner.training.distributed import data_parallel, start_processes
     from runner.training.loop import StepRunner
 
@@ -59,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         side=args.side,
     )
     cfg = bench_config(settings, False)
-    state = start_processes(cfg)
+    state = start_processes(process_group_timeout(cfg))
     device = state.device
     model = Path(tempfile.gettempdir()) / f"kubetune-dp-bench-{os.getuid()}" / "tiny-sd"
     if state.is_main_process and not model.exists():

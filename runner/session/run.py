@@ -32,7 +32,7 @@ from kubetune.storage.run_store import RunStore
 from runner.reporting.run_events import RunEvents, reported
 from runner.session.build import RunResult, StartOptions, build_session
 from runner.session.load import load_then_join
-from runner.session.settings import lease_settings, model_settings
+from runner.session.settings import lease_settings, model_settings, process_group_timeout
 from runner.training.distributed import Ranks, start_processes
 from runner.training.optim import check_optimizer
 
@@ -53,7 +53,9 @@ def run(
     else it starts here, in a thread (torch is loaded: no fork)."""
     from kubetune.dataset.preflight import start_preflight
 
-    ranks = Ranks(start_processes(cfg))  # first: the process group, with its timeout
+    ranks = Ranks(
+        start_processes(process_group_timeout(cfg))
+    )  # first: the process group, with its timeout
     events = RunEvents(cfg, is_main=ranks.is_main)
     for line in precision_warnings(cfg):  # what `launcher validate` warns about
         log.warning(line)

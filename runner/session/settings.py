@@ -21,6 +21,7 @@ from runner.data.cache import cache_namespace
 from runner.data.transforms import resolution_hw
 from runner.models.loading import ModelSettings
 from runner.training.cadence import Cadence
+from runner.training.distributed import DEFAULT_TIMEOUT_MINUTES
 from runner.training.encoder_cache import CacheSettings
 from runner.training.validation import ValidationSettings
 
@@ -166,6 +167,13 @@ def _flux_validation_kwargs(cfg: FluxLoraConfig) -> dict[str, Any]:
     if cfg.negative_validation_prompts is not None:
         kwargs["true_cfg_scale"] = cfg.validation_true_cfg_scale
     return kwargs
+
+
+def process_group_timeout(cfg: PipelineConfig) -> float:
+    """Minutes a rank waits in a collective (``job.process_group_timeout_minutes``; local
+    runs: ``runner.training.distributed.DEFAULT_TIMEOUT_MINUTES``)."""
+    job = cfg.job
+    return job.process_group_timeout_minutes if job is not None else DEFAULT_TIMEOUT_MINUTES
 
 
 def lease_settings(cfg: PipelineConfig) -> LeaseSettings:

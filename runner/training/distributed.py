@@ -18,7 +18,6 @@ from accelerate import PartialState
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kubetune.config import PipelineConfig
 from kubetune.errors import ProcessGroupError
 
 log = logging.getLogger(__name__)
@@ -27,16 +26,11 @@ DEFAULT_TIMEOUT_MINUTES = 60.0
 """The process-group timeout of runs without ``job.process_group_timeout_minutes``."""
 
 
-def timeout_minutes(cfg: PipelineConfig) -> float:
-    job = cfg.job
-    return job.process_group_timeout_minutes if job is not None else DEFAULT_TIMEOUT_MINUTES
-
-
-def start_processes(cfg: PipelineConfig) -> PartialState:
+def start_processes(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> PartialState:
     """Join the run's process group (torchrun / accelerate launch; else one process) with
     the configured timeout: NCCL on CUDA, gloo on CPUs. First thing in a run: accelerate
     keeps the first state made in a process."""
-    timeout = timedelta(minutes=timeout_minutes(cfg))
+    timeout = timedelta(minutes=timeout_minutes)
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
 
 

@@ -186,11 +186,12 @@ def _wait_alone(rank: int, port: int, results: str) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")  # fmt: skip
     from data_fixtures import lora_config
 
+    from runner.session.settings import process_group_timeout
     from runner.training.distributed import start_processes
 
     cfg = lora_config({"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": results})
     cfg = cfg.model_copy(update={"job": cfg.job or _job(process_group_timeout_minutes=0.05)})
-    ranks = Ranks(start_processes(cfg))
+    ranks = Ranks(start_processes(process_group_timeout(cfg)))
     if rank == 1:
         time.sleep(20)
         os._exit(0)
