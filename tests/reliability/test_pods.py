@@ -42,6 +42,20 @@ ACCEPTED: dict[str, str] = {
     "CKV2_K8S_6": "NetworkPolicy is the namespace owner's: the runner pod has no ports and "
     "needs egress to the user's S3 endpoint, which kubetune cannot know",
 }
+# Accepted for one kind of object only: (check id, resource kind) → why.
+ACCEPTED_FOR: dict[tuple[str, str], str] = {
+    ("CKV_K8S_38", "Deployment"): "the UI (`launcher ui` in the chart) submits, lists and "
+    "cancels Jobs through the API, so its pod mounts its ServiceAccount's token; that account "
+    "may touch only kubetune Jobs, ConfigMaps and pod logs in its namespace (tests/cluster/"
+    "test_chart.py). Runner pods mount no token",
+}
+
+
+def is_accepted(check: str, resource: str) -> bool:
+    """Whether a finding is accepted: for every object, or for this kind of object."""
+    return check in ACCEPTED or (check, resource.split(".")[0]) in ACCEPTED_FOR
+
+
 HARDENED = config_dict("SD_LORA", image="ghcr.io/example/kubetune@sha256:" + "a" * 64,
                        image_pull_policy="Always", memory="16Gi")  # fmt: skip
 CHART = REPO / "charts" / "kubetune"
@@ -63,7 +77,7 @@ def checkov_failures(path: Path) -> list[tuple[str, str, str]]:
     (one checkov process for a whole folder: it costs seconds to start)."""
     target = ["-d" if path.is_dir() else "-f", str(path)]
     proc = subprocess.run([checkov_binary(), *target, "--framework", "kubernetes",
-                           "--compact", "--quiet", "--skip-download", "--format", "json"],
+                           "--compact", "--quiet", "--skip-download", "-o", "json"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     reports = json.loads(proc.stdout)
@@ -120,7 +134,9 @@ def test_checkov_has_no_unaccepted_findings(group: str, tmp_path: Path) -> None:
     failures = checkov_failures(tmp_path)
     for name in docs:
         RESULTS[name] = sorted({c for n, c, _ in failures if n == name})
-    problems = [f"{n}: {check} on {res}" for n, check, res in failures if check not in ACCEPTED]
+    problems = [
+        f"{n}: {check} on {res}" for n, check, res in failures if not is_accepted(check, res)
+    ]
     assert problems == [], "\n".join(problems)
     if group == "jobs":
         assert {c for c in RESULTS["job-hardened"]} <= {

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
-from train_support import make_config
+from train_support import make_config, write_dataset
 
 from kubetune.config.advice import precision_warnings
 from launcher.cli.main import main
@@ -36,7 +36,10 @@ def test_launcher_validate_prints_the_advice(tmp_path: Path) -> None:
     from kubetune.config import config_to_yaml
 
     path = tmp_path / "c.yaml"
-    path.write_text(config_to_yaml(_cfg(weight_dtype="float16", mixed_precision="no")))
+    data = write_dataset(tmp_path / "data", n=1)  # validate checks that a local dataset exists
+    cfg = make_config("SD_LORA", Path("model"), data, tmp_path / "out", weight_dtype="float16",
+                      mixed_precision="no")  # fmt: skip
+    path.write_text(config_to_yaml(cfg))
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 0
     assert f"warning: {path}: weight_dtype: float16 with mixed_precision: no" in result.output

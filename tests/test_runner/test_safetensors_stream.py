@@ -65,7 +65,9 @@ import resource, sys, torch
 from runner.checkpoint.safetensors_stream import write_safetensors
 from safetensors.torch import save_file
 tensors = {f"layer{i}": torch.ones(16 * 2**20 // 4) for i in range(32)}  # 32 x 16 MiB
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# the baseline is the resident size now (KiB), not the peak so far: a transient peak while
+# importing could exceed it by more than what is measured and hide the growth
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
 if sys.argv[1] == "stream":
     write_safetensors(tensors, sys.argv[2], dtype=torch.float16)
 else:  # convert first, then save_file: what a checkpoint of a GPU model in fp16 needs
