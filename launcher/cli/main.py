@@ -50,7 +50,8 @@ def handle_errors(fn: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kubetune launcher")
 def main() -> None:
-    """kubetune: train SD 1.5 / SDXL LoRA and Textual Inversion models as Kubernetes Jobs.
+    """kubetune: train SD 1.5 / SDXL / FLUX.1 LoRA, Textual Inversion and SDXL fine-tunes as
+    Kubernetes Jobs.
 
     \b
     Typical flow:
