@@ -24,10 +24,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kubetune.storage import ObjectStore
+
+_log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config.yaml"
 PROGRESS_KEY = "progress.json"
@@ -221,3 +227,22 @@ class ProgressRecord(BaseModel):
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
         return cls.model_validate(raw)
+
+
+def read_history(store: ObjectStore) -> list[dict[str, Any]]:
+    """``history.jsonl``'s records (the runner writes them, the report and the UI read
+    them); a missing object is an empty history, a bad line is skipped."""
+    try:
+        raw = store.get_bytes(HISTORY_KEY).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            _log.warning("%s: skipping an unreadable line", store.url(HISTORY_KEY))
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records

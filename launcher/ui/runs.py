@@ -4,7 +4,6 @@ and `history.jsonl` only, never checkpoints. Failures are one-line messages in t
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from kubetune.layout import (
     format_duration,
     parse_step_name,
     parse_thumb_key,
+    read_history,
 )
 from launcher import api
 from launcher.backends.base import Backend, RunStatus, read_progress
@@ -160,7 +160,7 @@ class Runs:
         return {
             "run": row_of(status),
             "status": status.summary(),
-            "history": _history(store),
+            "history": read_history(store),
             "grids": [{"step": s, "key": k} for s, k in grids],
             "final": [k for k in keys if k.startswith(f"{FINAL}/")],
             "report": REPORT_KEY in keys,
@@ -258,20 +258,3 @@ def _listing(store: ObjectStore, prefix: str) -> list[str]:
 def _validation_step(key: str) -> int | None:
     parts = key.split("/")
     return parse_step_name(parts[1]) if len(parts) == 3 and parts[0] == VALIDATION else None
-
-
-def _history(store: ObjectStore) -> list[dict[str, Any]]:
-    """history.jsonl's records (a missing file is no history; a bad line is skipped)."""
-    try:
-        raw = store.get_bytes(HISTORY_KEY).decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in raw.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from kubetune.layout import HISTORY_KEY
+from kubetune.layout import HISTORY_KEY, read_history
 from kubetune.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -42,21 +42,3 @@ class History:
         """Put the history (``data``: a snapshot taken earlier by ``to_bytes``)."""
         if self.store is not None:
             self.store.put_bytes(HISTORY_KEY, self.to_bytes() if data is None else data)
-
-
-def read_history(store: ObjectStore) -> list[dict[str, Any]]:
-    """The published records; a missing object is an empty history, a bad line is skipped."""
-    try:
-        raw = store.get_bytes(HISTORY_KEY).decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in raw.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            log.warning("%s: skipping an unreadable line", store.url(HISTORY_KEY))
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records

@@ -15,10 +15,10 @@ from train_support import make_config, train, write_dataset
 from webhook_receiver import WebhookReceiver
 
 from kubetune.errors import DataError
+from kubetune.layout import read_history
 from kubetune.storage import open_store
 from launcher.cli.main import main
 from launcher.sweeps import expand, parse_axes
-from runner.reporting.history import read_history
 
 pytest_plugins = ["fixtures_models"]  # tiny_flux_dir
 

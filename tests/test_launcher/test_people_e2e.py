@@ -22,10 +22,10 @@ from webhook_receiver import WebhookReceiver
 
 from kubetune.config.notify import HMAC_ENV
 from kubetune.errors import KubetuneError, Preempted
+from kubetune.layout import read_history
 from kubetune.storage import is_remote, open_store
 from kubetune.storage.lease import Lease, LeaseSettings
 from launcher.cli.main import main
-from runner.reporting.history import read_history
 
 PROMPTS = ["kbtn style, a red circle", "a photo of a kbtn"]
 
