@@ -80,6 +80,23 @@ class Cluster:
             )
 
 
+IMAGE_LIST_WAIT_S = 120
+"""The kubelet reports a node's images from a cache it refreshes every 30 s or so: an image
+built a moment before the tests may not be listed yet."""
+
+
+def _node_has_image(core: Any, nodes: list[Any], image: str) -> bool:
+    deadline = time.monotonic() + IMAGE_LIST_WAIT_S
+    while True:
+        names = {n for node in nodes for img in node.status.images or [] for n in img.names or []}
+        if any(n == image or n.endswith(f"/{image}") for n in names):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(5)
+        nodes = core.list_node().items
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
     from kubernetes import client, config
@@ -96,8 +113,7 @@ def cluster() -> Cluster:
     except Exception as err:  # noqa: BLE001 - any failure means: no usable cluster
         unavailable(f"the cluster in {kubeconfig} does not answer ({str(err).splitlines()[0]})")
     image = os.environ.get("KUBETUNE_TEST_IMAGE", "kubetune:local")
-    names = {n for node in nodes for img in node.status.images or [] for n in img.names or []}
-    if not any(n == image or n.endswith(f"/{image}") for n in names):
+    if not _node_has_image(client.CoreV1Api(api), nodes, image):
         unavailable(f"no node has the image {image}")
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     return Cluster(kubeconfig, api, core, batch, parse_version(info.major, info.minor), image)
