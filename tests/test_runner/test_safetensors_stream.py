@@ -61,18 +61,26 @@ def test_copy_into_fills_existing_tensors_and_names_missing_keys(tmp_path: Path)
 
 
 PEAK = """
-import resource, sys, torch
+import sys, torch
 from runner.checkpoint.safetensors_stream import write_safetensors
 from safetensors.torch import save_file
+
+def status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
 tensors = {f"layer{i}": torch.ones(16 * 2**20 // 4) for i in range(32)}  # 32 x 16 MiB
-# the baseline is the resident size now (KiB), not the peak so far: a transient peak while
-# importing could exceed it by more than what is measured and hide the growth
-before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
+# The peak of this process's own memory from here on: reset the high-water mark (Linux >= 4.0;
+# getrusage's ru_maxrss would also count the forking pytest process's size, kept over exec).
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_kib("VmRSS")
 if sys.argv[1] == "stream":
     write_safetensors(tensors, sys.argv[2], dtype=torch.float16)
 else:  # convert first, then save_file: what a checkpoint of a GPU model in fp16 needs
     save_file({k: v.half() for k, v in tensors.items()}, sys.argv[2])
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+print((status_kib("VmHWM") - before) // 1024)
 """
 
 
