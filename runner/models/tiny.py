@@ -14,6 +14,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -78,8 +79,9 @@ def _text_config(*, projection: bool) -> CLIPTextConfig:
     )
 
 
-def _vae(scaling_factor: float) -> AutoencoderKL:
-    """Four blocks, so the latent is 8× smaller than the image like the real VAEs."""
+def tiny_vae(scaling_factor: float, latent_channels: int = 4, **extra: Any) -> AutoencoderKL:
+    """Four blocks, so the latent is 8× smaller than the image like the real VAEs (``extra``:
+    further ``AutoencoderKL`` arguments, e.g. FLUX's shift factor)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -87,10 +89,11 @@ def _vae(scaling_factor: float) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        **extra,
     )
 
 
@@ -120,7 +123,7 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
         cross_attention_dim=WIDTH,
         attention_head_dim=8,
     )
-    vae = _vae(0.18215)
+    vae = tiny_vae(0.18215)
     text_encoder = CLIPTextModel(_text_config(projection=False))
     _save_common(out, unet, vae)
     text_encoder.save_pretrained(out / "text_encoder")
@@ -164,7 +167,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + WIDTH,
     )
-    vae = _vae(0.13025)
+    vae = tiny_vae(0.13025)
     text_encoder = CLIPTextModel(_text_config(projection=False))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection=True))
     _save_common(out, unet, vae)

@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
-from runner.models.tiny import WIDTH, _diffusers_version, _text_config, write_tokenizer
+from runner.models.tiny import WIDTH, _diffusers_version, _text_config, tiny_vae, write_tokenizer
 
 T5_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "t5_tokenizer" / "tokenizer.json"
 T5_WIDTH = 32
@@ -95,23 +95,10 @@ def tiny_transformer() -> FluxTransformer2DModel:
     )
 
 
-def tiny_vae() -> AutoencoderKL:
-    """Four blocks (latents 8× smaller than the image), 16 latent channels, FLUX's factors."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+def flux_vae() -> AutoencoderKL:
+    """The tiny VAE with 16 latent channels and FLUX's factors, without quant convs."""
+    return tiny_vae(0.3611, latent_channels=16, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False)  # fmt: skip
 
 
 def tiny_t5() -> T5EncoderModel:
@@ -138,7 +125,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     torch.manual_seed(seed)
     tiny_transformer().save_pretrained(out / "transformer")
-    tiny_vae().save_pretrained(out / "vae")
+    flux_vae().save_pretrained(out / "vae")
     CLIPTextModel(_text_config(projection=False)).save_pretrained(out / "text_encoder")
     tiny_t5().save_pretrained(out / "text_encoder_2")
     write_tokenizer(out / "tokenizer")
