@@ -124,14 +124,27 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     """A fresh namespace (with its default ServiceAccount), deleted afterwards."""
     name = f"kubetune-e2e-{uuid.uuid4().hex[:6]}"
     cluster.core.create_namespace({"metadata": {"name": name}})
-    deadline = time.monotonic() + 60
-    while not cluster.core.list_namespaced_service_account(name).items:
-        assert time.monotonic() < deadline, "the default ServiceAccount never appeared"
-        time.sleep(0.5)
+    wait_until(
+        lambda: default_account_ready(cluster, name),
+        60,
+        f"the default ServiceAccount of {name} (and, before 1.24, its token)",
+        interval=0.5,
+    )
     try:
         yield name
     finally:
         cluster.core.delete_namespace(name)
+
+
+def default_account_ready(cluster: Cluster, namespace: str) -> bool:
+    """The namespace's default ServiceAccount exists and, before Kubernetes 1.24, has its token
+    Secret: until the token controller adds it, the API server refuses pods with a 500 ("No API
+    token found for service account"), which a fresh namespace met in one CI run."""
+    accounts = cluster.core.list_namespaced_service_account(namespace).items
+    default = next((a for a in accounts if a.metadata.name == "default"), None)
+    if default is None:
+        return False
+    return cluster.version >= (1, 24) or bool(default.secrets)
 
 
 def wait_until(check: Any, timeout: float, what: str, interval: float = 1.0) -> Any:
