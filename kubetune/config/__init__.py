@@ -12,6 +12,7 @@ from kubetune.config.data import (
     ImageDirDatasetConfig,
     TextualInversionSDDataLoaderConfig,
 )
+from kubetune.config.flux import FluxLoraConfig
 from kubetune.config.loader import (
     apply_overrides,
     config_hash,
@@ -24,20 +25,21 @@ from kubetune.config.loader import (
     run_name,
 )
 from kubetune.config.pipelines import (
-    PIPELINE_CLASSES,
-    PIPELINE_TYPES,
     AdamOptimizerConfig,
-    FluxLoraConfig,
-    PipelineConfig,
     ProdigyOptimizerConfig,
     SdLoraConfig,
     SdTextualInversionConfig,
     SdxlLoraAndTextualInversionConfig,
     SdxlLoraConfig,
     SdxlTextualInversionConfig,
-    TrainConfig,
 )
 from kubetune.config.sdxl_finetune import SdxlFinetuneConfig
+from kubetune.config.training_types import (
+    PIPELINE_CLASSES,
+    PIPELINE_TYPES,
+    PipelineConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "PIPELINE_CLASSES",

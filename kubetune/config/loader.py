@@ -18,7 +18,12 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from kubetune.config.base import FieldProblems, document_fields
 from kubetune.config.cluster import sanitize_name
 from kubetune.config.paths import resolve_paths
-from kubetune.config.pipelines import PIPELINE_CLASSES, PIPELINE_TYPES, PipelineConfig, TrainConfig
+from kubetune.config.training_types import (
+    PIPELINE_CLASSES,
+    PIPELINE_TYPES,
+    PipelineConfig,
+    TrainConfig,
+)
 from kubetune.errors import ConfigError
 
 _ADAPTER: TypeAdapter[PipelineConfig] = TypeAdapter(TrainConfig)

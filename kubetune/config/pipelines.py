@@ -477,29 +477,3 @@ class SdxlLoraAndTextualInversionConfig(
         self._common_problems(p)
         self._ti_problems(p)
         self._lora_problems(p, trains_ti=self.train_ti)
-
-
-# Types in their own modules build on the bases above, so they are imported after them.
-from kubetune.config.flux import FluxLoraConfig  # noqa: E402
-from kubetune.config.sdxl_finetune import SdxlFinetuneConfig  # noqa: E402
-
-PIPELINE_CLASSES = (
-    SdLoraConfig,
-    SdxlLoraConfig,
-    SdTextualInversionConfig,
-    SdxlTextualInversionConfig,
-    SdxlLoraAndTextualInversionConfig,
-    SdxlFinetuneConfig,
-    FluxLoraConfig,
-)
-PIPELINE_TYPES = tuple(cls.model_fields["type"].default for cls in PIPELINE_CLASSES)
-PipelineConfig = (
-    SdLoraConfig
-    | SdxlLoraConfig
-    | SdTextualInversionConfig
-    | SdxlTextualInversionConfig
-    | SdxlLoraAndTextualInversionConfig
-    | SdxlFinetuneConfig
-    | FluxLoraConfig
-)
-TrainConfig = Annotated[PipelineConfig, Field(discriminator="type")]

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kubetune.config.data import DreamboothSDDataLoaderConfig
-from kubetune.config.pipelines import PipelineConfig
+from kubetune.config.training_types import PipelineConfig
 from kubetune.dataset.captions import CaptionBuilder
 from kubetune.dataset.images import decode_image, decode_mask
 from kubetune.dataset.preflight import PreflightReport, preflight

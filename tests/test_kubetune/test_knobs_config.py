@@ -14,7 +14,8 @@ from kubetune.config.base import document_fields
 from kubetune.config.data import ImageCaptionSDDataLoaderConfig
 from kubetune.config.extensions import LoraKnobs, TrainingKnobs
 from kubetune.config.flux import UNUSED_KNOBS
-from kubetune.config.pipelines import PIPELINE_CLASSES, SdLoraConfig
+from kubetune.config.pipelines import SdLoraConfig
+from kubetune.config.training_types import PIPELINE_CLASSES
 from kubetune.errors import ConfigError
 from launcher.config_files import starter_config
 
