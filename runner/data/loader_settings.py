@@ -12,11 +12,11 @@ from kubetune.config.data import (
     TextualInversionSDDataLoaderConfig,
 )
 from kubetune.config.pipelines import (
-    PipelineConfig,
     SdTextualInversionConfig,
     SdxlLoraAndTextualInversionConfig,
     SdxlTextualInversionConfig,
 )
+from kubetune.config.training_types import PipelineConfig
 
 LoaderConfig = (
     ImageCaptionSDDataLoaderConfig
