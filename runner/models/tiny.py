@@ -104,8 +104,31 @@ def _save_common(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL) -> N
     write_tokenizer(out / "tokenizer")
 
 
-def _write_model_index(out: Path, index: dict[str, object]) -> None:
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+SD_COMPONENTS: dict[str, list[str]] = {
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+"""The components SD1.5 and SDXL share (name → [library, class])."""
+
+
+def write_model_index(
+    out: Path, pipeline: str, components: dict[str, list[str]], **options: object
+) -> None:
+    """``out/model_index.json``: the pipeline class, this diffusers version, no feature
+    extractor or image encoder, the ``components`` and pipeline ``options``, keys sorted."""
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": _diffusers_version(),
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        **options,
+        **components,
+    }
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    (out / "model_index.json").write_text(text)
 
 
 def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
@@ -127,21 +150,12 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(_text_config(projection=False))
     _save_common(out, unet, vae)
     text_encoder.save_pretrained(out / "text_encoder")
-    _write_model_index(
+    write_model_index(
         out,
-        {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": _diffusers_version(),
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
+        "StableDiffusionPipeline",
+        SD_COMPONENTS,
+        requires_safety_checker=False,
+        safety_checker=[None, None],
     )
     return out
 
@@ -174,22 +188,13 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     text_encoder.save_pretrained(out / "text_encoder")
     text_encoder_2.save_pretrained(out / "text_encoder_2")
     write_tokenizer(out / "tokenizer_2", pad_token="!")
-    _write_model_index(
-        out,
-        {
-            "_class_name": "StableDiffusionXLPipeline",
-            "_diffusers_version": _diffusers_version(),
-            "feature_extractor": [None, None],
-            "force_zeros_for_empty_prompt": True,
-            "image_encoder": [None, None],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
+    sdxl_components = {
+        **SD_COMPONENTS,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    }
+    write_model_index(
+        out, "StableDiffusionXLPipeline", sdxl_components, force_zeros_for_empty_prompt=True
     )
     return out
 

@@ -17,14 +17,19 @@ CLI: ``python -m runner.models.tiny_flux OUT_DIR [--seed N] [--single-file PATH]
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
-from runner.models.tiny import WIDTH, _diffusers_version, _text_config, tiny_vae, write_tokenizer
+from runner.models.tiny import (
+    WIDTH,
+    _text_config,
+    tiny_vae,
+    write_model_index,
+    write_tokenizer,
+)
 
 T5_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "t5_tokenizer" / "tokenizer.json"
 T5_WIDTH = 32
@@ -131,11 +136,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     write_tokenizer(out / "tokenizer")
     t5_tokenizer().save_pretrained(out / "tokenizer_2")
     FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": _diffusers_version(),
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
+    components = {
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "T5EncoderModel"],
@@ -144,7 +145,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
         "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_model_index(out, "FluxPipeline", components)
     return out
 
 
