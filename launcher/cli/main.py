@@ -12,8 +12,11 @@ import click
 
 from kubetune.errors import EXIT_USER_ERROR, KubetuneError
 from launcher import __version__
+from launcher.cli.run_commands import OUTPUT as FORMAT
+from launcher.cli.run_commands import out_option
 
 F = TypeVar("F", bound=Callable[..., Any])
+OUT_FILE = out_option("Write to this file instead of stdout.")
 PIPELINE_CHOICES = [
     "SD_LORA",
     "SD_TEXTUAL_INVERSION",
@@ -73,15 +76,7 @@ def main() -> None:
     metavar="KEY=VALUE",
     help="Override a field before validating, e.g. --set max_train_steps=100.",
 )
-@click.option(
-    "--format",
-    "--output",
-    "output",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: one machine-readable document on stdout (for CI).",
-)
+@FORMAT
 @click.option(
     "--data",
     "check_data",
@@ -158,16 +153,10 @@ class _DataProgress:
     type=click.Choice(PIPELINE_CHOICES, case_sensitive=False),
     help="What to train.",
 )
-@click.option(
-    "-o",
-    "--out",
-    "output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write to this file instead of stdout.",
-)
+@OUT_FILE
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @handle_errors
-def init(pipeline_type: str, output: Path | None, force: bool) -> None:
+def init(pipeline_type: str, out: Path | None, force: bool) -> None:
     """Write a commented starting config for a pipeline type.
 
     The file validates as written; edit the dataset path and model, then `launcher validate`.
@@ -178,26 +167,20 @@ def init(pipeline_type: str, output: Path | None, force: bool) -> None:
     """
     from launcher.config_files import write_starter
 
-    text = write_starter(pipeline_type.upper(), output, force)
-    if output is None:
+    text = write_starter(pipeline_type.upper(), out, force)
+    if out is None:
         click.echo(text, nl=False)
     else:
         click.echo(
-            f"wrote {output}; next: edit data_loader.dataset, then `launcher validate {output}`",
+            f"wrote {out}; next: edit data_loader.dataset, then `launcher validate {out}`",
             err=True,
         )
 
 
 @main.command()
-@click.option(
-    "-o",
-    "--out",
-    "output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write to this file instead of stdout.",
-)
+@OUT_FILE
 @handle_errors
-def schema(output: Path | None) -> None:
+def schema(out: Path | None) -> None:
     """Print the JSON Schema of the config file, for editor completion.
 
     \b
@@ -209,11 +192,11 @@ def schema(output: Path | None) -> None:
     from launcher.config_files import schema_text
 
     text = schema_text()
-    if output is None:
+    if out is None:
         click.echo(text)
     else:
-        output.write_text(text + "\n", encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+        out.write_text(text + "\n", encoding="utf-8")
+        click.echo(f"wrote {out}", err=True)
 
 
 from launcher.cli.run_commands import register as _register_cluster_commands  # noqa: E402

@@ -15,7 +15,7 @@ import click
 
 from kubetune.errors import UserError
 from launcher import api
-from launcher.cli.run_commands import LOCAL, cluster_options
+from launcher.cli.run_commands import LOCAL, cluster_options, out_option
 from launcher.cli.run_commands import OUTPUT as FORMAT
 
 
@@ -36,14 +36,7 @@ def _location(run: str, local: bool, cluster: api.ClusterOptions) -> Any:
     metavar="SECONDS",
     help="Lifetime of the presigned links (S3).",
 )
-@click.option(
-    "-o",
-    "--out",
-    "out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="S3: where to write the page with presigned links (default: a new temporary folder).",
-)
+@out_option("S3: where to write the page with presigned links (default: a new temporary folder).")
 @LOCAL
 @FORMAT
 @cluster_options
@@ -86,14 +79,7 @@ def report(
 @click.argument("run")
 @click.option("--step", type=int, metavar="N", help="A checkpoint's weights instead of the final.")
 @click.option("--final", is_flag=True, help="The final weights (the default).")
-@click.option(
-    "-o",
-    "--out",
-    "out",
-    type=click.Path(file_okay=False, path_type=Path),
-    metavar="DIR",
-    help="Destination folder (default: ./<run>-final or ./<run>-step-00000N).",
-)
+@out_option("Destination folder (default: ./<run>-final or ./<run>-step-00000N).", folder=True)
 @LOCAL
 @FORMAT
 @cluster_options

@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -26,11 +27,24 @@ OUTPUT = click.option(
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
-    help="json: one machine-readable document (for CI).",
+    help="json: one machine-readable document on stdout (for CI).",
 )
 LOCAL = click.option(
     "--local", is_flag=True, help="A run on this machine (`submit --local`) instead of the cluster."
 )
+
+
+def out_option(help: str, *, folder: bool = False, dest: str = "out") -> Callable[[Any], Any]:
+    """``-o/--out``: where a command writes (a file, or a folder with ``folder``); -o means
+    this in every command (the output format is ``--format``)."""
+    return click.option(
+        "-o",
+        "--out",
+        dest,
+        type=click.Path(file_okay=not folder, dir_okay=folder, path_type=Path),
+        metavar="DIR" if folder else "FILE",
+        help=help,
+    )
 
 
 def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
