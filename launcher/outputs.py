@@ -54,8 +54,8 @@ _RUN_LINK = re.compile(r'href="([^":#?]+)"')
 
 @dataclass(frozen=True)
 class ReportView:
-    """Where to open a run's report: ``report`` (a local path), ``url`` (S3: a presigned URL
-    of the stored page, to share; its links to full-size grids need credentials)."""
+    """Where to open a run's report: ``report`` (a local path), ``url`` (cloud: a presigned
+    URL of the stored page, to share; its links to full-size grids need credentials)."""
 
     report: str
     url: str | None = None
@@ -64,10 +64,10 @@ class ReportView:
 def report_location(
     store: ObjectStore, expires_s: int = 3600, dest: Path | None = None
 ) -> ReportView:
-    """A local run: its report.html. S3: a copy of the page written to ``dest`` (default: a
-    new temporary folder) with its links to the run's objects (the full-size grids)
-    presigned for ``expires_s``, since a relative link from a presigned page has no
-    signature. UserError if no report exists yet."""
+    """A local run: its report.html. Cloud (a store that presigns): a copy of the page
+    written to ``dest`` (default: a new temporary folder) with its links to the run's objects
+    (the full-size grids) presigned for ``expires_s``, since a relative link from a presigned
+    page has no signature. UserError if no report exists yet."""
     if not store.exists(REPORT_KEY):
         raise UserError(
             f"{store.url(REPORT_KEY)} does not exist yet",

