@@ -14,7 +14,10 @@ from kubetune.layout import PROGRESS_KEY, ProgressRecord
 # Cancelling (a Job being deleted) ends the run as much as Cancelled does: nothing resumes it.
 # Preempted: a local run stopped by SIGTERM after its checkpoint; it waits for a resubmit (on a
 # cluster the Job's next pod resumes it, so the cluster shows Pending / Retrying instead).
-TERMINAL_PHASES = ("Succeeded", "Failed", "Preempted", "Cancelling", "Cancelled")
+# Unreadable: a run listed although its record (a local run's run.json) cannot be read; nothing
+# about it changes until someone repairs or removes the record.
+UNREADABLE = "Unreadable"
+TERMINAL_PHASES = ("Succeeded", "Failed", "Preempted", "Cancelling", "Cancelled", UNREADABLE)
 RESUMABLE_PHASES = ("Failed", "Preempted", "Cancelled")
 """Phases after which resubmitting the same config resumes from the newest checkpoint, as a
 restarted pod does."""
@@ -49,7 +52,7 @@ Progress = ProgressRecord  # the launcher's view of progress.json is the runner'
 class RunStatus:
     """Where a run stands. `phase`: Pending, Suspended, Running, Succeeded, Failed,
     Preempted (stopped after a checkpoint; a resubmit resumes it), Cancelling (being
-    deleted), Cancelled."""
+    deleted), Cancelled; in listings also Unreadable (`message` says which file and why)."""
 
     backend: str
     run: str

@@ -34,6 +34,7 @@ from kubetune.errors import (
 )
 from launcher.backends.base import (
     RESUMABLE_PHASES,
+    UNREADABLE,
     Backend,
     RunStatus,
     SubmitResult,
@@ -69,7 +70,7 @@ class LocalBackend(Backend):
                 f"no local run {run!r} in {self.runs}",
                 hint="`launcher list --local` shows the local runs",
             )
-        return json.loads(path.read_text())
+        return read_run_record(path)
 
     def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
         """A new run; or, for a run of that name with the same config, what a restarted pod
@@ -294,13 +295,69 @@ class LocalBackend(Backend):
             time.sleep(0.1)
 
     def list(self) -> list[RunStatus]:
+        """Every local run; one whose run.json cannot be read is listed as Unreadable (its
+        message names the file and why) instead of hiding the others."""
         if not self.runs.is_dir():
             return []
-        return [
-            self._status(d.name, with_progress=False)
-            for d in sorted(self.runs.iterdir())
-            if (d / "run.json").is_file()
-        ]
+        statuses = []
+        for d in sorted(self.runs.iterdir()):
+            if (d / "run.json").is_file():
+                try:
+                    statuses.append(self._status(d.name, with_progress=False))
+                except RunRecordError as err:
+                    statuses.append(_unreadable(d.name, err))
+        return statuses
+
+
+class RunRecordError(KubetuneError):
+    """A local run's run.json cannot be read (damaged or written by something else)."""
+
+
+RUN_RECORD_FIELDS = ("config_hash", "job_name", "output_uri", "pid", "run", "started")
+
+
+def read_run_record(path: Path) -> dict[str, Any]:
+    """A local run's run.json, or RunRecordError naming the file and what is wrong with it."""
+    try:
+        info = json.loads(path.read_bytes())
+    except OSError as err:
+        why = f"cannot be read ({err.strerror})"
+    except json.JSONDecodeError as err:
+        why = f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except ValueError:  # not UTF-8
+        why = "not valid JSON (not UTF-8 text)"
+    else:
+        why = _record_problem(info)
+        if why is None:
+            return info
+    raise RunRecordError(
+        f"{path}: {why}",
+        hint=f"remove {path.parent} to forget this run; its outputs stay where they are",
+    )
+
+
+def _record_problem(info: Any) -> str | None:
+    if not isinstance(info, dict):
+        kind = {list: "list", str: "string", bool: "boolean"}.get(type(info), "number")
+        return f"a JSON {'null' if info is None else kind} where an object is expected"
+    missing = [k for k in RUN_RECORD_FIELDS if k not in info]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(info["pid"], int):
+        return f"pid is {info['pid']!r}, not a process id"
+    return None
+
+
+def _unreadable(run: str, err: RunRecordError) -> RunStatus:
+    """The listing's row for a run whose run.json cannot be read."""
+    return RunStatus(
+        backend=LocalBackend.name,
+        run=run,
+        job_name="-",
+        phase=UNREADABLE,
+        reason="unreadable run.json",
+        message=str(err),
+    )
 
 
 def replace_fields(result: SubmitResult, **changes: Any) -> SubmitResult:

@@ -419,7 +419,12 @@ def list_runs(local: bool, sweep: str | None, output: str, cluster: api.ClusterO
     if sweep:
         _print_sweep(backend, sweep, output)
         return
+    from launcher.backends.base import UNREADABLE
+
     runs = backend.list()
+    for r in runs:  # listed anyway; say which file and why once, as an error
+        if r.phase == UNREADABLE:
+            click.echo(f"error: {r.message}", err=True)
     if output == "json":
         _emit_json([r.to_json() for r in runs])
         return

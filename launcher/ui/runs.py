@@ -22,7 +22,7 @@ from kubetune.layout import (
     read_history,
 )
 from launcher import api
-from launcher.backends.base import Backend, RunStatus, read_progress
+from launcher.backends.base import UNREADABLE, Backend, RunStatus, read_progress
 from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX
 from launcher.ui.security import redact
 
@@ -135,7 +135,7 @@ class Runs:
             self._ended.pop(key, None)  # a resumed run is running again
         if status.phase in ENDED and key in self._ended:
             status.progress, status.progress_error = self._ended[key]
-        elif status.progress is None and status.phase not in ("Pending", "Suspended"):
+        elif status.progress is None and status.phase not in ("Pending", "Suspended", UNREADABLE):
             try:
                 cfg = self.config(backend, status)
                 status.progress, status.progress_error = read_progress(

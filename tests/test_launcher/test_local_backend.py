@@ -159,3 +159,68 @@ def test_a_multi_node_config_runs_as_one_local_node(backend: LocalBackend, tmp_p
     assert list(backend.logs("my-run", rank=0))[-1] == "done"
     with pytest.raises(UserError, match="one node"):
         list(backend.logs("my-run", rank=1))
+
+
+CORRUPT_RUN_JSON = {
+    "truncated": ('{"run": "bad", "pid": 12', "not valid JSON"),
+    "not-an-object": ("[1, 2]", "a JSON list where an object is expected"),
+    "missing-fields": ('{"run": "bad"}', "lacks config_hash, job_name, output_uri, pid, started"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_RUN_JSON))
+def test_a_corrupt_run_json_is_listed_as_unreadable_beside_the_others(
+    tmp_path: Path, case: str
+) -> None:
+    """A local run whose run.json is damaged (truncated, not an object, fields missing) is
+    listed as Unreadable, naming the file and why; the other runs still list, and asking for
+    that run is a one-line KubetuneError naming the file instead of a JSON traceback."""
+    from ui_support import fake_local_run
+
+    from kubetune.errors import KubetuneError
+
+    home = tmp_path / "home"
+    fake_local_run(home, tmp_path / "out", "fine")
+    text, why = CORRUPT_RUN_JSON[case]
+    bad = home / "runs" / "bad" / "run.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(text)
+    backend = LocalBackend(home)
+    rows = {s.run: s for s in backend.list()}
+    assert rows["fine"].phase == "Succeeded"
+    assert rows["bad"].phase == "Unreadable" and rows["bad"].done
+    assert str(bad) in rows["bad"].message and why in rows["bad"].message
+    with pytest.raises(KubetuneError, match=why) as err:
+        backend.status("bad")
+    assert str(bad) in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_the_cli_names_a_corrupt_run_json_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`launcher list --local` lists the readable runs and says on stderr, in one line, which
+    run.json it could not read and why; `launcher status`, `report` and `logs` of that run
+    are that one-line error (exit 1), no traceback."""
+    from click.testing import CliRunner
+    from ui_support import fake_local_run
+
+    from launcher.cli.main import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("KUBETUNE_HOME", str(home))
+    fake_local_run(home, tmp_path / "out", "fine")
+    bad = home / "runs" / "bad" / "run.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("[]")
+    listed = CliRunner().invoke(main, ["list", "--local"])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines()[1:]}
+    assert rows == {"fine": "Succeeded", "bad": "Unreadable"}
+    assert listed.stderr.splitlines() == [
+        f"error: {bad}: a JSON list where an object is expected "
+        f"(remove {bad.parent} to forget this run; its outputs stay where they are)"
+    ]
+    for command in ("status", "report", "logs"):
+        asked = CliRunner().invoke(main, [command, "bad", "--local"])
+        assert asked.exit_code == 1 and "Traceback" not in asked.output, command
+        assert asked.stderr.splitlines() == listed.stderr.splitlines(), command

@@ -299,3 +299,23 @@ def test_a_cluster_only_ui_offers_and_runs_nothing_on_its_own_machine(
         assert "runs nothing on its own machine" in json.loads(text)["error"]
         assert not (tmp_path / "home" / "runs").exists()
     assert CliRunner().invoke(main, ["ui", "--local-only", "--cluster-only"]).exit_code == 2
+
+
+def test_a_run_with_a_corrupt_run_json_is_listed_as_unreadable(tmp_path: Path) -> None:
+    """The Runs tab lists a local run whose run.json is truncated as Unreadable with the file
+    and the reason, and keeps listing the other runs (no message hides the whole list)."""
+    from ui_support import fake_local_run
+
+    from launcher.backends.local import LocalBackend
+    from launcher.ui.runs import Runs
+
+    home = tmp_path / "home"
+    fake_local_run(home, tmp_path / "out", "fine")
+    bad = home / "runs" / "broken" / "run.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"run": "broken", "pi')
+    listing = Runs(local=LocalBackend(home), local_only=True).listing()
+    rows = {r["run"]: r for r in listing["runs"]}
+    assert listing["messages"] == [] and rows["fine"]["step"] == 40
+    assert rows["broken"]["phase"] == "Unreadable" and rows["broken"]["done"]
+    assert str(bad) in rows["broken"]["reason"] and "not valid JSON" in rows["broken"]["reason"]
