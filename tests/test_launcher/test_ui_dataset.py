@@ -1,4 +1,5 @@
-"""The UI's dataset preview on real data, local and on a real S3 server (SeaweedFS): count,
+"""The UI's dataset preview on real data, local, on a real S3 server (SeaweedFS) and on a GCS
+emulator (fake-gcs-server, with the run's outputs on GCS: `storage.provider: gcs`): count,
 thumbnails with captions, the bucket histogram, the bad images the header preflight finds;
 a missing bucket or an invalid form is a one-line error."""
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 from data_fixtures import upload_tree, write_image_dir
+from gcs_emulator import FakeGCS
 from s3server import S3Server
 
 from kubetune.errors import KubetuneError, UserError
@@ -59,6 +61,13 @@ def test_preview_of_an_s3_dataset(tmp_path: Path, s3_env: S3Server, s3_bucket: s
     upload_tree(s3_env.client(), s3_bucket, "photos", write_dataset(tmp_path / "data"))
     storage = {"bucket": s3_bucket, "endpoint_url": s3_env.endpoint}
     check(preview(form_values(f"s3://{s3_bucket}/photos", storage=storage), UiSettings()))
+
+
+def test_preview_of_a_gcs_dataset(tmp_path: Path, gcs_env: FakeGCS) -> None:
+    bucket = gcs_env.create_bucket()
+    gcs_env.upload_tree(bucket, "photos", write_dataset(tmp_path / "data"))
+    storage = {"provider": "gcs", "bucket": bucket, "endpoint_url": gcs_env.endpoint}
+    check(preview(form_values(f"gs://{bucket}/photos", storage=storage), UiSettings()))
 
 
 def test_a_missing_bucket_and_an_invalid_form_are_one_line(s3_env: S3Server) -> None:

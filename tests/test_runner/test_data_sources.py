@@ -1,4 +1,5 @@
-"""Every dataset type, from a local folder and from S3 (a real SeaweedFS server)."""
+"""Every dataset type, from a local folder, from S3 (a real SeaweedFS server) and from GCS
+(fake-gcs-server; the files put there through its JSON API, see tests/gcs_emulator.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from data_fixtures import (
     write_image_dir,
     write_jsonl,
 )
+from gcs_emulator import FakeGCS
 from s3server import S3Server
 
 from kubetune.dataset.sources import build_source
@@ -22,11 +24,21 @@ from runner.data import build_train_dataloader
 SIZES = [(40, 32), (32, 48), (64, 64), (50, 30), (36, 36)]
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def where(request: pytest.FixtureRequest, tmp_path: Path):
-    """Returns a function: local folder → URI of the same files (itself, or uploaded to S3)."""
+    """Returns a function: local folder → URI of the same files (itself, or uploaded to S3 or
+    GCS)."""
     if request.param == "local":
         return lambda local: str(local)
+    if request.param == "gs":
+        gcs: FakeGCS = request.getfixturevalue("gcs_env")
+        gcs_bucket = gcs.create_bucket()
+
+        def to_gs(local: Path) -> str:
+            gcs.upload_tree(gcs_bucket, f"datasets/{local.name}", local)
+            return f"gs://{gcs_bucket}/datasets/{local.name}"
+
+        return to_gs
     server: S3Server = request.getfixturevalue("s3_env")
     bucket = request.getfixturevalue("s3_bucket")
 
@@ -110,6 +122,25 @@ def test_jsonl_with_absolute_and_s3_image_uris(
     )
     got = _captions_by_id(_epoch(cfg))
     assert sorted(got.values()) == ["absolute", "remote"] and len(rows) == 2
+
+
+def test_jsonl_on_s3_with_image_uris_on_gcs(
+    s3_env: S3Server, s3_bucket: str, gcs_env: FakeGCS, tmp_path: Path
+) -> None:
+    """One dataset across two clouds: each image URI opens the store of its own scheme with
+    that cloud's environment (the S3 endpoint never reaches GCS)."""
+    write_jsonl(tmp_path / "js", SIZES[:2])
+    bucket = gcs_env.create_bucket()
+    gcs_env.upload_tree(bucket, "elsewhere", tmp_path / "js" / "images")
+    lines = [f'{{"image": "gs://{bucket}/elsewhere/pic-00{i}.jpg", "text": "gcs {i}"}}'
+             for i in range(2)]  # fmt: skip
+    (tmp_path / "s3" / "mixed.jsonl").parent.mkdir()
+    (tmp_path / "s3" / "mixed.jsonl").write_text("\n".join(lines))
+    upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "s3")
+    cfg = lora_config(
+        {"type": "IMAGE_CAPTION_JSONL_DATASET", "jsonl_path": f"s3://{s3_bucket}/ds/mixed.jsonl"}
+    )
+    assert sorted(_captions_by_id(_epoch(cfg)).values()) == ["gcs 0", "gcs 1"]
 
 
 def test_hf_dataset_saved_to_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
