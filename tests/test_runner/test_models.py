@@ -24,6 +24,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from gcs_emulator import FakeGCS  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
@@ -290,6 +291,18 @@ def test_load_components_from_s3_prefix(
         if path.is_file():
             store.put_file(path.relative_to(tiny_sd_dir).as_posix(), path)
     comps = _load(uri, cache_dir=str(tmp_path / "cache"))
+    assert _same_weights(comps.unet, _load(str(tiny_sd_dir)).unet)
+    assert Path(comps.source).is_relative_to(tmp_path / "cache")
+
+
+def test_load_components_from_a_gcs_prefix(
+    tmp_path: Path, tiny_sd_dir: Path, gcs_env: FakeGCS
+) -> None:
+    """A base model under gs:// (fake-gcs-server; put there with its JSON API, which obstore's
+    uploads cannot use: tests/gcs_emulator.py), downloaded once into the cache."""
+    bucket = gcs_env.create_bucket()
+    gcs_env.upload_tree(bucket, "models/tiny-sd", tiny_sd_dir)
+    comps = _load(f"gs://{bucket}/models/tiny-sd", cache_dir=str(tmp_path / "cache"))
     assert _same_weights(comps.unet, _load(str(tiny_sd_dir)).unet)
     assert Path(comps.source).is_relative_to(tmp_path / "cache")
 
