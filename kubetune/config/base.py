@@ -5,6 +5,9 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import types
+import typing
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -94,3 +97,33 @@ def document_fields(models: list[type[BaseModel]]) -> None:
             if not field.description and name in merged:
                 field.description = merged[name]
         model.model_rebuild(force=True)
+
+
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (through Optional, unions, lists, dicts)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return models_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType, list, dict, tuple):
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+    return []
+
+
+def reachable_models(*roots: type[BaseModel]) -> list[type[BaseModel]]:
+    """Every model reachable from ``roots`` through their fields, once each, every model
+    after the models its fields hold (sections before the types that use them)."""
+    seen: list[type[BaseModel]] = []
+
+    def walk(cls: type[BaseModel]) -> None:
+        if cls in seen:
+            return
+        for field in cls.model_fields.values():
+            for sub in models_in(field.annotation):
+                walk(sub)
+        seen.append(cls)
+
+    for cls in roots:
+        walk(cls)
+    return seen

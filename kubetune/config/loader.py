@@ -7,15 +7,13 @@ import functools
 import hashlib
 import json
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from kubetune.config.base import FieldProblems, document_fields
+from kubetune.config.base import FieldProblems, document_fields, models_in, reachable_models
 from kubetune.config.cluster import sanitize_name
 from kubetune.config.paths import resolve_paths
 from kubetune.config.training_types import (
@@ -137,17 +135,6 @@ def _union_tags() -> frozenset[str]:
     )
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _models_in(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType, list, dict, tuple):
-        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-    return []
-
-
 def _clean_loc(loc: Loc, data: Any) -> Loc:
     """Map pydantic's loc onto the user's data: drop the union branch labels it inserts
     (`SD_LORA`, `AdamW`, `int`, `tuple[int, int]`, ...) by walking the raw mapping."""
@@ -180,7 +167,7 @@ def _model_at(data: Any, loc: Loc) -> type[BaseModel] | None:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
         node = node.get(part) if isinstance(node, dict) else None
-        candidates = _models_in(model.model_fields[part].annotation)
+        candidates = models_in(model.model_fields[part].annotation)
         model = _pick(candidates, node)
     return model
 
@@ -199,7 +186,7 @@ def _pick(candidates: list[type[BaseModel]], node: Any) -> type[BaseModel] | Non
 def _nested_field(owner: type[BaseModel], key: str) -> str | None:
     """`section.key` when `key` is a field of one of owner's sub-sections (e.g. learning_rate)."""
     for name, field in owner.model_fields.items():
-        for sub in _models_in(field.annotation):
+        for sub in models_in(field.annotation):
             if key in sub.model_fields:
                 return f"{name}.{key}"
     return None
@@ -372,20 +359,8 @@ def output_uri(cfg: PipelineConfig) -> str:
 
 
 def all_models() -> list[type[BaseModel]]:
-    """Every config model reachable from the five pipeline types, sections first."""
-    seen: list[type[BaseModel]] = []
-
-    def walk(cls: type[BaseModel]) -> None:
-        if cls in seen:
-            return
-        for field in cls.model_fields.values():
-            for sub in _models_in(field.annotation):
-                walk(sub)
-        seen.append(cls)
-
-    for cls in PIPELINE_CLASSES:
-        walk(cls)
-    return seen
+    """Every config model reachable from the pipeline types, sections first."""
+    return reachable_models(*PIPELINE_CLASSES)
 
 
 def json_schema() -> dict[str, Any]:

@@ -10,7 +10,6 @@ names goes in General Training (Advanced).
 from __future__ import annotations
 
 import functools
-import types
 import typing
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
@@ -19,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from kubetune.config.base import document_fields
+from kubetune.config.base import document_fields, reachable_models
 
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Basic", ("type", "model", "hf_variant", "single_file_config", "vae_model",
@@ -91,38 +90,10 @@ def section_of(path: str) -> tuple[str, bool]:
     return GENERAL, not any(fnmatchcase(path, p) for p in GENERAL_PRIMARY)
 
 
-def models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation holds (through Optional, unions, lists, dicts)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return models_in(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType, list, dict, tuple):
-        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
-    return []
-
-
-def reachable_models(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
-    """Every model reachable from `cls`, by class name (the JSON Schema's $defs names)."""
-    out: dict[str, type[BaseModel]] = {}
-
-    def walk(model: type[BaseModel]) -> None:
-        if model.__name__ in out:
-            return
-        out[model.__name__] = model
-        for info in model.model_fields.values():
-            for sub in models_in(info.annotation):
-                walk(sub)
-
-    walk(cls)
-    return out
-
-
 @functools.cache
 def form_for(cls: type[BaseModel]) -> list[dict[str, Any]]:
     """The widgets of one training type's form, in schema order."""
-    models = reachable_models(cls)
+    models = {m.__name__: m for m in reachable_models(cls)}
     fresh = [m for m in models.values() if m not in _DOCUMENTED]
     document_fields(fresh)  # field docstrings → descriptions (rebuilds: once per model)
     _DOCUMENTED.update(fresh)
