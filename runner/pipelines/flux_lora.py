@@ -33,7 +33,7 @@ from kubetune.config.pipelines import INVOKE_LORA_ALPHA
 from runner.checkpoint.flux_exporters import FluxLoraExport, export_flux_lora
 from runner.models.flux import FluxComponents
 from runner.pipelines.base import Batch, TextConditioner, TrainingPipeline
-from runner.pipelines.lora import add_lora, lora_parameters
+from runner.pipelines.lora import add_loras, all_lora_parameters, lora_parameters
 from runner.training.losses import element_loss
 from runner.training.memory_cache import BoundedCache
 from runner.training.noise import Rows
@@ -90,20 +90,13 @@ class FluxLoraPipeline(TrainingPipeline):
             self.modules["transformer"] = comps.transformer
         if cfg.train_text_encoder:
             self.modules["text_encoder_1"] = comps.text_encoder
-        for name, module in self.modules.items():
-            targets = (
-                cfg.flux_lora_target_modules
-                if name == "transformer"
-                else cfg.text_encoder_lora_target_modules
-            )
-            add_lora(
-                module,
-                rank=cfg.lora_rank_dim,
-                alpha=self.alpha,
-                targets=list(dict.fromkeys(targets)),
-                use_dora=cfg.use_dora,
-                dropout=cfg.lora_dropout,
-            )
+        add_loras(
+            self.modules,
+            cfg,
+            self.alpha,
+            denoiser="transformer",
+            denoiser_targets=cfg.flux_lora_target_modules,
+        )
         self.train_text_encoders = cfg.train_text_encoder
         self.lora_dropout = cfg.lora_dropout
 
@@ -121,10 +114,7 @@ class FluxLoraPipeline(TrainingPipeline):
         ]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        out: dict[str, nn.Parameter] = {}
-        for name, module in self.modules.items():
-            out.update(lora_parameters(module, name))
-        return out
+        return all_lora_parameters(self.modules)
 
     def trained_modules(self) -> list[nn.Module]:
         return list(self.modules.values())

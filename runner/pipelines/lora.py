@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -9,7 +10,12 @@ from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from kubetune.config import SdLoraConfig, SdxlLoraAndTextualInversionConfig, SdxlLoraConfig
+from kubetune.config import (
+    FluxLoraConfig,
+    SdLoraConfig,
+    SdxlLoraAndTextualInversionConfig,
+    SdxlLoraConfig,
+)
 from kubetune.config.pipelines import INVOKE_LORA_ALPHA
 from runner.checkpoint.exporters import LoraExport, export_lora
 from runner.models.loading import Components
@@ -52,8 +58,36 @@ def add_lora(
             dropouts[ADAPTER] = RowDropout(dropout.p)
 
 
+def add_loras(
+    modules: dict[str, nn.Module],
+    cfg: LoraConfigs | FluxLoraConfig,
+    alpha: float,
+    *,
+    denoiser: str,
+    denoiser_targets: Sequence[str],
+) -> None:
+    """A LoRA adapter on each of ``modules`` (name → module), with the config's rank, DoRA
+    and dropout: ``denoiser_targets`` on the module named ``denoiser`` (the UNet or FLUX's
+    transformer), the config's text-encoder targets on the others."""
+    for name, module in modules.items():
+        targets = denoiser_targets if name == denoiser else cfg.text_encoder_lora_target_modules
+        add_lora(
+            module,
+            rank=cfg.lora_rank_dim,
+            alpha=alpha,
+            targets=list(dict.fromkeys(targets)),  # peft keeps them as a set
+            use_dora=cfg.use_dora,
+            dropout=cfg.lora_dropout,
+        )
+
+
 def lora_parameters(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if "lora_" in n}
+
+
+def all_lora_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """The LoRA parameters of every module, keyed ``<module name>.<parameter name>``."""
+    return {k: p for name, m in modules.items() for k, p in lora_parameters(m, name).items()}
 
 
 class LoraPart:
@@ -71,20 +105,13 @@ class LoraPart:
             self.modules["text_encoder"] = comps.text_encoder
             if comps.text_encoder_2 is not None:
                 self.modules["text_encoder_2"] = comps.text_encoder_2
-        for name, module in self.modules.items():
-            targets = (
-                cfg.unet_lora_target_modules
-                if name == "unet"
-                else cfg.text_encoder_lora_target_modules
-            )
-            add_lora(
-                module,
-                rank=cfg.lora_rank_dim,
-                alpha=self.alpha,
-                targets=list(targets),
-                use_dora=cfg.use_dora,
-                dropout=cfg.lora_dropout,
-            )
+        add_loras(
+            self.modules,
+            cfg,
+            self.alpha,
+            denoiser="unet",
+            denoiser_targets=cfg.unet_lora_target_modules,
+        )
 
     def _lr(self, name: str) -> float:
         cfg = self.cfg
@@ -116,10 +143,7 @@ class LoraPart:
         return name
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        out: dict[str, nn.Parameter] = {}
-        for name, module in self.modules.items():
-            out.update(lora_parameters(module, name))
-        return out
+        return all_lora_parameters(self.modules)
 
     def export(self, out_dir: Path) -> list[Path]:
         return export_lora(
