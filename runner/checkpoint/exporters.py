@@ -60,18 +60,31 @@ def export_lora(lora: LoraExport, out_dir: Path, fmt: str) -> list[Path]:
     ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(dir)`` reads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "kohya":
-        path = out_dir / LORA_FILE
-        meta = {
-            "ss_network_dim": str(lora.rank),
-            "ss_network_alpha": str(lora.alpha),
-            "ss_network_module": "networks.lora",
-            "kubetune_format": "kohya",
-        }
-        save_file(kohya_state_dict(lora), path, metadata=meta)
-        return [path]
+        return [save_kohya(kohya_state_dict(lora), out_dir, lora.rank, lora.alpha, "networks.lora")]
     if fmt == "invoke_peft":
         return _export_peft(lora, out_dir) + [_export_diffusers(lora, out_dir)]
     raise ValueError(f"unknown lora_checkpoint_format {fmt!r}")
+
+
+def save_kohya(
+    state: dict[str, torch.Tensor],
+    out_dir: Path,
+    rank: int,
+    alpha: float,
+    network_module: str,
+    **extra_meta: str,
+) -> Path:
+    """``out_dir/lora.safetensors`` with kohya's metadata (rank, alpha, network module, then
+    ``extra_meta``) and ``kubetune_format: kohya``."""
+    meta = {
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_network_module": network_module,
+        **extra_meta,
+        "kubetune_format": "kohya",
+    }
+    save_file(state, out_dir / LORA_FILE, metadata=meta)
+    return out_dir / LORA_FILE
 
 
 def _adapter_config(module: nn.Module) -> dict[str, object]:

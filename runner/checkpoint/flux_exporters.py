@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from runner.checkpoint.exporters import (
     DIFFUSERS_LORA_FILE,
-    LORA_FILE,
     LoraExport,
     _adapter_config,
     _export_peft,
     _peft_state,
     kohya_state_dict,
+    save_kohya,
 )
 from runner.models.flux_keys import kohya_transformer_lora
 
@@ -62,16 +61,8 @@ def export_flux_lora(lora: FluxLoraExport, out_dir: Path, fmt: str) -> list[Path
     """Write ``fmt`` (``kohya`` | ``invoke_peft``) into ``out_dir``; return the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "kohya":
-        path = out_dir / LORA_FILE
-        meta = {
-            "ss_network_dim": str(lora.rank),
-            "ss_network_alpha": str(lora.alpha),
-            "ss_network_module": "networks.lora_flux",
-            "ss_base_model_version": "flux1",
-            "kubetune_format": "kohya",
-        }
-        save_file(flux_kohya_state_dict(lora), path, metadata=meta)
-        return [path]
+        state, meta = flux_kohya_state_dict(lora), {"ss_base_model_version": "flux1"}
+        return [save_kohya(state, out_dir, lora.rank, lora.alpha, "networks.lora_flux", **meta)]
     if fmt == "invoke_peft":
         peft = LoraExport(lora.modules, lora.alpha, lora.rank, is_sdxl=False)
         return _export_peft(peft, out_dir) + [_export_diffusers(lora, out_dir)]
