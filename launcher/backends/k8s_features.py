@@ -42,23 +42,34 @@ def parse_version(major: str, minor: str) -> tuple[int, int]:
 def missing_features(job: dict[str, Any], version: tuple[int, int]) -> list[str]:
     """One message per Job spec field in use that a cluster of `version` cannot honour and
     the run cannot do without."""
-    out = []
-    for field, (needed, why) in REQUIRED_JOB_FEATURES.items():
-        if field in job.get("spec", {}) and version < needed:
-            out.append(
-                f"the cluster runs Kubernetes {version[0]}.{version[1]}, which has no Job "
-                f"spec.{field} (GA in {needed[0]}.{needed[1]}): {why}"
-            )
-    return out
+    return [
+        f"the cluster runs Kubernetes {_dotted(version)}, which has no Job spec.{field} "
+        f"(GA in {_dotted(needed)}): {why}"
+        for field, needed, why in _too_new(job, version, REQUIRED_JOB_FEATURES)
+    ]
 
 
 def ignored_features(job: dict[str, Any], version: tuple[int, int]) -> list[str]:
     """One warning per Job spec field in use that a cluster of `version` ignores."""
-    out = []
-    for field, (needed, lost) in JOB_FEATURES.items():
-        if field in job.get("spec", {}) and version < needed:
-            out.append(
-                f"the cluster runs Kubernetes {version[0]}.{version[1]}, which ignores "
-                f"Job spec.{field} (needs {needed[0]}.{needed[1]}+): {lost}"
-            )
-    return out
+    return [
+        f"the cluster runs Kubernetes {_dotted(version)}, which ignores Job spec.{field} "
+        f"(needs {_dotted(needed)}+): {lost}"
+        for field, needed, lost in _too_new(job, version, JOB_FEATURES)
+    ]
+
+
+def _too_new(
+    job: dict[str, Any],
+    version: tuple[int, int],
+    features: dict[str, tuple[tuple[int, int], str]],
+) -> list[tuple[str, tuple[int, int], str]]:
+    """(field, version needed, why) of each of `features` the Job's spec uses and `version`
+    predates."""
+    spec = job.get("spec", {})
+    return [
+        (f, needed, why) for f, (needed, why) in features.items() if f in spec and version < needed
+    ]
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
