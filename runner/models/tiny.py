@@ -97,6 +97,22 @@ def tiny_vae(scaling_factor: float, latent_channels: int = 4, **extra: Any) -> A
     )
 
 
+def tiny_unet(cross_attention_dim: int, **extra: Any) -> UNet2DConditionModel:
+    """Two blocks (32 and 64 channels, the second with cross-attention) on 4-channel latents
+    (``extra``: the SD1.5 or SDXL specifics: attention heads, SDXL's time embeddings)."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        **extra,
+    )
+
+
 def _save_common(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
     unet.save_pretrained(out / "unet")
     vae.save_pretrained(out / "vae")
@@ -135,17 +151,7 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny SD1.5-shaped diffusers directory to ``out_dir`` and return its path."""
     out = Path(out_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=WIDTH,
-        attention_head_dim=8,
-    )
+    unet = tiny_unet(WIDTH, attention_head_dim=8)
     vae = tiny_vae(0.18215)
     text_encoder = CLIPTextModel(_text_config(projection=False))
     _save_common(out, unet, vae)
@@ -165,18 +171,11 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     torch.manual_seed(seed)
     time_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
+        2 * WIDTH,  # both encoders' hidden states, concatenated
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
-        cross_attention_dim=2 * WIDTH,  # both encoders' hidden states, concatenated
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + WIDTH,
