@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 from torch import nn
 
 from runner.checkpoint.safetensors_stream import write_safetensors
+from runner.models.assemble import inference_pipeline
 from runner.models.loading import Components
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -62,14 +62,5 @@ def export_sdxl_pipeline(comps: Components, out_dir: Path, dtype: torch.dtype) -
     comps.tokenizer.save_pretrained(out_dir / "tokenizer")
     comps.tokenizer_2.save_pretrained(out_dir / "tokenizer_2")  # type: ignore[union-attr]
     comps.noise_scheduler.save_pretrained(out_dir / "scheduler")
-    pipe = StableDiffusionXLPipeline(  # registers the modules (no copies) for model_index.json
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        text_encoder_2=comps.text_encoder_2,
-        tokenizer=comps.tokenizer,
-        tokenizer_2=comps.tokenizer_2,
-        unet=comps.unet,
-        scheduler=comps.noise_scheduler,
-    )
-    pipe.save_config(out_dir)
+    inference_pipeline(comps).save_config(out_dir)  # model_index.json: each module's class
     return _files(out_dir)

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from kubetune.layout import thumb_key, validation_key
 from kubetune.storage import ObjectStore
-from runner.models.loading import Components
+from runner.models.assemble import inference_pipeline
 from runner.pipelines.base import TrainingPipeline
 from runner.reporting.report import thumbnail_jpeg
 from runner.training.cadence import Cadence
@@ -48,47 +47,6 @@ class ValidationSettings:
 
     def due(self, step: int, completed_epoch: int | None) -> bool:
         return bool(self.prompts) and self.cadence.due(step, completed_epoch)
-
-
-def inference_pipeline(comps: Components) -> Any:
-    """A diffusers pipeline over the training modules (no copies) and a copy of the training
-    noise scheduler (invoke-training samples with the training DDPM scheduler itself)."""
-    if getattr(comps, "is_flux", False):
-        return _flux_pipeline(comps)
-    shared = {
-        "vae": comps.vae,
-        "text_encoder": comps.text_encoder,
-        "tokenizer": comps.tokenizer,
-        "unet": comps.unet,
-        "scheduler": type(comps.noise_scheduler).from_config(comps.noise_scheduler.config),
-    }
-    if comps.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            **shared, text_encoder_2=comps.text_encoder_2, tokenizer_2=comps.tokenizer_2
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            **shared, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _flux_pipeline(comps: Any) -> Any:
-    """FluxPipeline over the training modules, as invoke-training's validation builds it."""
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        text_encoder_2=comps.text_encoder_2,
-        tokenizer=comps.tokenizer,
-        tokenizer_2=comps.tokenizer_2,
-        transformer=comps.transformer,
-        scheduler=type(comps.noise_scheduler).from_config(comps.noise_scheduler.config),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def grid(images: list[list[Image.Image]]) -> Image.Image:
