@@ -34,3 +34,18 @@ def closest_bucket(size_hw: tuple[int, int], buckets: Sequence[tuple[int, int]])
     """Index of the bucket whose aspect ratio (w/h) is closest; ties go to the first."""
     aspect = size_hw[1] / size_hw[0]
     return min(range(len(buckets)), key=lambda i: abs(buckets[i][1] / buckets[i][0] - aspect))
+
+
+def assign_buckets(
+    sizes_hw: Sequence[tuple[int, int]], buckets: Sequence[tuple[int, int]]
+) -> list[int]:
+    """``closest_bucket`` of every size, computed once per distinct size (a dataset of
+    100,000 photos holds a few hundred sizes)."""
+    known: dict[tuple[int, int], int] = {}
+    out = []
+    for size in sizes_hw:
+        bucket = known.get(size)
+        if bucket is None:
+            bucket = known[size] = closest_bucket(size, buckets)
+        out.append(bucket)
+    return out

@@ -28,7 +28,11 @@ from kubetune.storage import ObjectStore, is_remote, open_store, parse_uri, spli
 log = logging.getLogger(__name__)
 INDEX_KEY = DATA_INDEX_KEY
 """The index's key in the run's output location (gzip'd JSON)."""
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+"""Version 2: columns in the order of the records indexed, with the listing's digest (version
+1, rows of entries without a digest, is still read)."""
+SHARED_KEY_SCHEME = 1
+"""Part of the key of the index beside the runs (unchanged by version 2: both are readable)."""
 HEADER_BYTES = 16 * 1024
 """First ranged read per image: PNG/WEBP/BMP headers and a JPEG's SOF without a large EXIF
 block fit in it."""
@@ -55,32 +59,87 @@ class IndexEntry:
 
 
 Key = tuple[str, str]  # (store URI, key)
+_COLUMNS = ("store", "key", "size", "etag", "height", "width", "caption", "caption_etag")
 
 
 class DataIndex:
-    """Entries by (store URI, key), serialised as gzip'd JSON."""
+    """Entries by (store URI, key), serialised as gzip'd JSON columns.
 
-    def __init__(self, entries: dict[Key, IndexEntry] | None = None) -> None:
-        self.entries = entries or {}
+    An index built from a whole source also keeps its entries in the source's record order
+    (``columns``) with the digest of the listing they came from (``listing_digest``): a run
+    whose listing has the same digest takes every size from the columns in order, without a
+    lookup per example. ``entries`` (by key) is made from the columns on first use."""
+
+    def __init__(
+        self,
+        entries: dict[Key, IndexEntry] | None = None,
+        *,
+        digest: str = "",
+        columns: dict[str, list[Any]] | None = None,
+    ) -> None:
+        self._entries = entries
+        self.digest = digest
+        self.columns = columns
+
+    @classmethod
+    def in_order(cls, keys: list[Key], rows: list[IndexEntry], digest: str) -> DataIndex:
+        """The index of a whole source: its entries in record order, with its digest."""
+        stores = sorted({store for store, _ in keys})
+        number = {uri: i for i, uri in enumerate(stores)}
+        columns: dict[str, list[Any]] = {
+            "stores": stores,
+            "store": [number[s] for s, _ in keys],
+            "key": [k for _, k in keys],
+            "size": [e.size for e in rows],
+            "etag": [e.etag for e in rows],
+            "height": [e.height for e in rows],
+            "width": [e.width for e in rows],
+            "caption": [e.caption for e in rows],
+            "caption_etag": [e.caption_etag for e in rows],
+        }
+        return cls(digest=digest, columns=columns)
+
+    @property
+    def entries(self) -> dict[Key, IndexEntry]:
+        if self._entries is None:
+            self._entries = _entries_of(self.columns) if self.columns else {}
+        return self._entries
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.columns["key"]) if self.columns else len(self.entries)
 
     def to_bytes(self) -> bytes:
-        rows = [[store, key, *_row(e)] for (store, key), e in self.entries.items()]
-        doc = {"version": INDEX_VERSION, "entries": rows}
+        columns = self.columns or _columns_of(self.entries)
+        doc = {"version": INDEX_VERSION, "digest": self.digest if self.columns else "", **columns}
         return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DataIndex:
         doc = json.loads(gzip.decompress(data))
-        if doc.get("version") != INDEX_VERSION:
-            raise ValueError(f"index version {doc.get('version')}")
-        return cls({(r[0], r[1]): IndexEntry(*r[2:]) for r in doc["entries"]})
+        version = doc.get("version")
+        if version == 1:
+            return cls({(r[0], r[1]): IndexEntry(*r[2:]) for r in doc["entries"]})
+        if version != INDEX_VERSION:
+            raise ValueError(f"index version {version}")
+        columns = {name: doc[name] for name in ("stores", *_COLUMNS)}
+        if len({len(columns[name]) for name in _COLUMNS}) != 1:
+            raise ValueError("index columns of different lengths")
+        return cls(digest=str(doc.get("digest") or ""), columns=columns)
 
 
-def _row(e: IndexEntry) -> list[Any]:
-    return [e.size, e.etag, e.height, e.width, e.caption, e.caption_etag]
+def _entries_of(columns: dict[str, list[Any]]) -> dict[Key, IndexEntry]:
+    stores = columns["stores"]
+    rows = zip(*(columns[name] for name in _COLUMNS), strict=True)
+    return {(stores[s], k): IndexEntry(*rest) for s, k, *rest in rows}
+
+
+def _columns_of(entries: dict[Key, IndexEntry]) -> dict[str, list[Any]]:
+    return DataIndex.in_order(list(entries), list(entries.values()), "").columns or {}
+
+
+def listing_digest(source: Source) -> str:
+    """The digest of what the listing says of every example, in order (`Source.digest`)."""
+    return source.digest()
 
 
 def load_index(store: ObjectStore | None, key: str = INDEX_KEY) -> DataIndex | None:
@@ -131,7 +190,7 @@ def shared_index_key(source: Source) -> str:
     name = source.name
     if "://" not in name and os.path.exists(name):
         name = os.path.abspath(name)
-    digest = hashlib.sha256(f"{INDEX_VERSION}|{name}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{SHARED_KEY_SCHEME}|{name}".encode()).hexdigest()[:32]
     return f"{DATASET_INDEXES}/{digest}.json.gz"
 
 
@@ -156,9 +215,15 @@ def shared_index_store(cfg: Any) -> ObjectStore | None:
 def previous_index(
     run_store: ObjectStore | None, shared: ObjectStore | None, source: Source
 ) -> DataIndex | None:
-    """The run's stored index merged over the one beside the runs (either may be absent)."""
+    """The run's stored index, or the one beside the runs, whichever was built from this
+    very listing (`listing_digest`: the run's is read first, the other only if the run's
+    does not match); else the run's merged over the other (either may be absent)."""
     own = load_index(run_store)
+    if own is not None and own.digest and own.digest == listing_digest(source):
+        return own
     other = load_index(shared, shared_index_key(source)) if shared is not None else None
+    if other is not None and other.digest and other.digest == listing_digest(source):
+        return other
     if own is None or other is None:
         return own or other
     return DataIndex({**other.entries, **own.entries})
@@ -180,8 +245,12 @@ def build_index(
     source: Source, previous: DataIndex | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> IndexResult:
     """Index every example of `source` (bounded parallel header reads; entries of `previous`
-    whose size and version still match are reused without any read). Bad examples are
-    returned in `errors`, not raised."""
+    whose size and version still match are reused without any read; `previous` is taken
+    whole when it was built from this very listing). Bad examples are returned in
+    `errors`, not raised."""
+    whole = _reused_whole(source, previous, max_pixels)
+    if whole is not None:
+        return whole
     results: list[tuple[IndexEntry | DataError, bool]] = []
     reads: list[tuple[int, IndexEntry | None]] = []
     for i in range(len(source)):  # reuse checks here: a pool task each would cost more
@@ -192,7 +261,14 @@ def build_index(
     done = fetch_pool().map(lambda job: _entry(source, job[0], max_pixels, job[1]), reads)
     for (i, _), result in zip(reads, done, strict=True):
         results[i] = result
-    entries: dict[Key, IndexEntry] = {}
+    return _collect(source, results)
+
+
+def _collect(source: Source, results: list[tuple[IndexEntry | DataError, bool]]) -> IndexResult:
+    """The index (in record order, with the listing's digest when every example is good),
+    the source with captions filled in and each example's size ((0, 0) when bad)."""
+    keys: list[Key] = []
+    rows: list[IndexEntry] = []
     errors: list[DataError] = []
     records = list(source.records)
     sizes: list[tuple[int, int]] = []
@@ -204,12 +280,45 @@ def build_index(
             continue
         reused += was_reused
         rec = records[i]
-        entries[(source.store_uri(i), rec.image_key or rec.id)] = entry
-        records[i] = evolve(rec, caption=entry.caption, caption_key=None)
+        keys.append((source.store_uri(i), rec.image_key or rec.id))
+        rows.append(entry)
+        if rec.caption_key is not None or rec.caption != entry.caption:
+            records[i] = evolve(rec, caption=entry.caption, caption_key=None)
         sizes.append((entry.height, entry.width))
     indexed = Source(source.name, records, source.stores, source.keep_in_memory, source.hf)
+    index = (
+        DataIndex(dict(zip(keys, rows, strict=True)))
+        if errors
+        else DataIndex.in_order(keys, rows, listing_digest(source))
+    )
     scanned = len(records) - reused - len(errors)
-    return IndexResult(DataIndex(entries), indexed, sizes, errors, reused, scanned)
+    return IndexResult(index, indexed, sizes, errors, reused, scanned)
+
+
+def _reused_whole(
+    source: Source, previous: DataIndex | None, max_pixels: int
+) -> IndexResult | None:
+    """`previous` taken whole when it indexed this very listing (same digest, same order):
+    sizes and caption files' text from its columns, no lookup per example. None when it
+    cannot be (another listing, a mask to check, an image above `max_pixels`)."""
+    columns = previous.columns if previous is not None else None
+    if previous is None or columns is None or previous.digest != listing_digest(source):
+        return None
+    records = source.records
+    heights, widths = columns["height"], columns["width"]
+    if len(heights) != len(records) or any(r.mask_key is not None or not r.etag for r in records):
+        return None
+    if max(map(int.__mul__, heights, widths), default=0) > max_pixels:
+        return None
+    if any(r.caption_key is not None for r in records):  # caption files: the indexed text
+        records = [
+            evolve(r, caption=text, caption_key=None) if r.caption_key is not None else r
+            for r, text in zip(records, columns["caption"], strict=True)
+        ]
+    indexed = Source(source.name, records, source.stores, source.keep_in_memory, source.hf)
+    indexed._digest = source._digest
+    sizes = list(zip(heights, widths, strict=True))
+    return IndexResult(previous, indexed, sizes, [], len(records), 0)
 
 
 def _entry(

@@ -8,18 +8,24 @@ import multiprocessing
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
 from kubetune.config.data import DreamboothSDDataLoaderConfig
 from kubetune.dataset.captions import needs_captions
-from kubetune.dataset.dreambooth import dreambooth_source
+from kubetune.dataset.dreambooth import DreamBoothData, dreambooth_source
 from kubetune.dataset.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
 from kubetune.dataset.index import DataIndex, build_index, previous_index
 from kubetune.dataset.sources import Source, build_source, fetch_pool
 from kubetune.errors import BadExamples, DataError, KubetuneError
 from kubetune.storage import ObjectStore
+
+DEFERRED_CHECKS_MIN_EXAMPLES = 10_000
+"""Above this many examples, a run whose config needs no image size before step 1 (no
+aspect-ratio buckets, no `keep_in_memory`) starts training once the dataset is listed, while
+the header checks go on beside it (`PreflightReport.pending`). Below it the checks take a few
+seconds, hidden by the model loading, and a bad image still fails the run before any write."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,10 @@ class PreflightReport:
     """DreamBooth: how many of the examples (the first ones) are instance images."""
     loss_weights: list[float] | None = field(default=None, repr=False)
     """DreamBooth: each example's loss weight."""
+    pending: Future[PreflightReport] | None = field(default=None, repr=False, compare=False)
+    """Header checks still running (`DEFERRED_CHECKS_MIN_EXAMPLES`): this report is the
+    listing's (`sizes_hw` empty, no index) and `pending` gives the checked one or raises
+    the DataError naming the first bad example, as `preflight` would have."""
 
 
 def preflight(
@@ -64,30 +74,67 @@ def check_headers(
     return _header_checks(cfg, max_pixels)
 
 
+Listed = tuple[Source, DreamBoothData | None]
+
+
+def list_dataset(cfg: Any) -> Listed:
+    """The run's dataset listed (no image read; DataError for a missing file or a bad line),
+    with its DreamBooth parts."""
+    loader_cfg = cfg.data_loader
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        dreambooth = dreambooth_source(loader_cfg, cfg.storage)
+        return dreambooth.source, dreambooth
+    source = build_source(
+        loader_cfg.dataset,
+        cfg.storage,
+        need_captions=needs_captions(loader_cfg),
+        need_masks=cfg.use_masks,
+    )
+    return source, None
+
+
+def sizes_needed(loader_cfg: Any) -> bool:
+    """Whether step 1 needs every image's size: aspect-ratio buckets (the batches are
+    planned from them) or images kept in memory (slots sized from them)."""
+    if loader_cfg.aspect_ratio_buckets is not None:
+        return True
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        parts = [loader_cfg.instance_dataset, loader_cfg.class_dataset]
+    else:
+        parts = [loader_cfg.dataset]
+    return any(getattr(part, "keep_in_memory", False) for part in parts if part is not None)
+
+
+def checks_deferred(cfg: Any, source: Source) -> bool:
+    """Whether the run starts before its header checks end (see `DEFERRED_CHECKS_MIN_EXAMPLES`)."""
+    return len(source) > DEFERRED_CHECKS_MIN_EXAMPLES and not sizes_needed(cfg.data_loader)
+
+
+def listed_report(listed: Listed) -> PreflightReport:
+    """The report of a dataset listed but not checked yet (no sizes, no index)."""
+    source, dreambooth = listed
+    return PreflightReport(
+        len(source),
+        [],
+        source,
+        num_instance=dreambooth.num_instance if dreambooth else None,
+        loss_weights=dreambooth.loss_weights if dreambooth else None,
+    )
+
+
 def _header_checks(
     cfg: Any,
     max_pixels: int,
     run_store: ObjectStore | None = None,
     shared_store: ObjectStore | None = None,
+    listed: Listed | None = None,
 ) -> tuple[PreflightReport, list[DataError]]:
     """`preflight`'s report and every bad example it found (a bad image's size is (0, 0));
     a dataset that cannot be listed at all raises."""
-    loader_cfg = cfg.data_loader
-    need = needs_captions(loader_cfg)
-    dreambooth = None
-    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
-        dreambooth = dreambooth_source(loader_cfg, cfg.storage)
-        source = dreambooth.source
-    else:
-        source = build_source(
-            loader_cfg.dataset,
-            cfg.storage,
-            need_captions=need,
-            need_masks=cfg.use_masks,
-        )
+    source, dreambooth = listed or list_dataset(cfg)
     result = build_index(source, previous_index(run_store, shared_store, source), max_pixels)
     errors = list(result.errors)
-    if need:  # (an image already reported has no caption read: not a second problem)
+    if needs_captions(cfg.data_loader):  # (an image already reported: not a second problem)
         records = zip(result.source.records, result.sizes_hw, strict=True)
         missing = [r for r, hw in records if r.caption is None and hw != (0, 0)]
         errors += [DataError(f"{r.id}: no caption") for r in missing]
@@ -111,24 +158,51 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
     imports and the header reads then use two cores instead of sharing one interpreter
     lock), else a thread: also when the preflight reads a cloud store and this process has
     opened one already (`kubetune.storage.fork_safe`). `.result()` returns the report or
-    re-raises; nothing is written."""
+    re-raises; nothing is written. When the checks are deferred (`checks_deferred`) it
+    returns the listed report as soon as the listing is done, its `pending` the rest."""
     from kubetune.storage import fork_safe
 
     forkable = fork_safe() or not uses_cloud_storage(cfg)
     if process and forkable and "fork" in multiprocessing.get_all_start_methods():
         return _forked(cfg)
     future: Future[PreflightReport] = Future()
+    future.set_running_or_notify_cancel()
+    replies = _Replies(future)
 
     def work() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
         try:
-            future.set_result(_run_preflight(cfg))
+            report = _run_preflight(cfg, replies.listed)
+            replies.final("ok", report)
         except BaseException as err:  # noqa: BLE001 - handed to the caller by .result()
-            future.set_exception(err)
+            replies.final("error", err)
 
     threading.Thread(target=work, name="kubetune-preflight", daemon=True).start()
     return future
+
+
+class _Replies:
+    """Hands a preflight's replies to its future: the listed report first when the checks
+    are deferred (then the final reply resolves its `pending`), else the final one alone."""
+
+    def __init__(self, future: Future[PreflightReport]) -> None:
+        self.future = future
+        self.pending: Future[PreflightReport] | None = None
+        self.listed_source: Source | None = None
+
+    def listed(self, report: PreflightReport) -> None:
+        self.pending = Future()
+        self.pending.set_running_or_notify_cancel()
+        self.listed_source = report.source
+        self.future.set_result(replace(report, pending=self.pending))
+
+    def final(self, kind: str, value: Any) -> None:
+        target = self.pending or self.future
+        if kind != "ok":
+            target.set_exception(value)
+        elif self.pending is not None and value.source is None:  # sent without its records
+            target.set_result(replace(value, source=self.listed_source))
+        else:
+            target.set_result(value)
 
 
 def uses_cloud_storage(cfg: Any) -> bool:
@@ -150,11 +224,12 @@ def uses_cloud_storage(cfg: Any) -> bool:
 
 
 def _forked(cfg: Any) -> Future[PreflightReport]:
-    """`_run_preflight` in a forked daemon process whose one reply (report or exception)
-    comes back through a pipe, read by a daemon thread. Not a `ProcessPoolExecutor`: a
-    worker that dies surfaces there as `BrokenProcessPool` (a traceback, not one line), and
-    its exit hook writes to the manager thread's wake-up pipe without the lock under which
-    that thread closes it (Python 3.11); nothing of it is needed for one call."""
+    """`_run_preflight` in a forked daemon process whose replies (the listed report when the
+    checks are deferred, then the report or exception) come back through a pipe, read by a
+    daemon thread. Not a `ProcessPoolExecutor`: a worker that dies surfaces there as
+    `BrokenProcessPool` (a traceback, not one line), and its exit hook writes to the manager
+    thread's wake-up pipe without the lock under which that thread closes it (Python 3.11);
+    nothing of it is needed here."""
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
     child = ctx.Process(
@@ -164,36 +239,49 @@ def _forked(cfg: Any) -> Future[PreflightReport]:
     writer.close()
     future: Future[PreflightReport] = Future()
     future.set_running_or_notify_cancel()
+    replies = _Replies(future)
 
     def collect() -> None:
         try:
-            kind, value = reader.recv()
-        except Exception as err:  # noqa: BLE001 - no reply (killed, out of memory), or one
-            # that does not unpickle: the caller must not wait forever
-            child.join()
-            kind, value = (
-                "error",
-                KubetuneError(
-                    f"the data preflight process gave no result (exit code {child.exitcode}: "
-                    f"{type(err).__name__})"
-                ),
-            )
+            kind, value = _receive(reader, child)
+            if kind == "listed":
+                replies.listed(value)
+                kind, value = _receive(reader, child)
         finally:
             reader.close()
         child.join()
-        if kind == "ok":
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+        replies.final(kind, value)
 
     threading.Thread(target=collect, name="kubetune-preflight-reply", daemon=True).start()
     return future
 
 
-def _preflight_child(cfg: Any, writer: Connection) -> None:
-    """The forked process: send ("ok", report) or ("error", exception) once, then exit."""
+def _receive(reader: Connection, child: Any) -> tuple[str, Any]:
+    """The child's next reply; an error if it died first or sent what does not unpickle."""
     try:
-        reply: tuple[str, Any] = ("ok", _run_preflight(cfg))
+        kind, value = reader.recv()
+        return kind, value
+    except Exception as err:  # noqa: BLE001 - no reply (killed, out of memory): the caller
+        # must not wait forever
+        child.join()
+        return "error", KubetuneError(
+            f"the data preflight process gave no result (exit code {child.exitcode}: "
+            f"{type(err).__name__})"
+        )
+
+
+def _preflight_child(cfg: Any, writer: Connection) -> None:
+    """The forked process: send ("listed", report) when the checks are deferred, then
+    ("ok", report) (without its records, sent already) or ("error", exception); exit."""
+    sent: list[bool] = []
+
+    def listed(report: PreflightReport) -> None:
+        writer.send(("listed", report))
+        sent.append(True)
+
+    try:
+        report = _run_preflight(cfg, listed)
+        reply: tuple[str, Any] = ("ok", replace(report, source=None) if sent else report)
     except BaseException as err:  # noqa: BLE001 - handed to the parent
         reply = ("error", err)
     try:
@@ -203,14 +291,24 @@ def _preflight_child(cfg: Any, writer: Connection) -> None:
     writer.close()
 
 
-def _run_preflight(cfg: Any) -> PreflightReport:
+def _run_preflight(
+    cfg: Any, on_listed: Callable[[PreflightReport], None] | None = None
+) -> PreflightReport:
+    """The run's preflight; `on_listed` gets the listed report first if the checks are
+    deferred (`checks_deferred`)."""
     from kubetune.config.loader import output_uri
     from kubetune.dataset.index import shared_index_store
     from kubetune.storage import open_store
     from kubetune.storage.run_store import RunStore
 
+    listed = list_dataset(cfg)
+    if on_listed is not None and checks_deferred(cfg, listed[0]):
+        on_listed(listed_report(listed))
     run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
-    return preflight(cfg, run_store=run_store, shared_store=shared_index_store(cfg))
+    shared = shared_index_store(cfg)
+    report, errors = _header_checks(cfg, MAX_IMAGE_PIXELS, run_store, shared, listed)
+    raise_first(errors, "bad examples")
+    return report
 
 
 def raise_first(errors: list[DataError], what: str) -> None:

@@ -7,6 +7,7 @@ caller, through `fetch_pool`); `keep_in_memory` keeps decoded images in the load
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -132,6 +133,21 @@ class Source:
         self.stores = stores
         self.keep_in_memory = keep_in_memory
         self.hf = hf
+        self._digest: str | None = None
+
+    def digest(self) -> str:
+        """What the listing says of every example, in order (store, key, size, version,
+        caption file version), hashed once: equal digests, the same objects in the same
+        order (the dataset index is then reused whole)."""
+        if self._digest is None:
+            uris = [ref.uri for ref in self.stores]
+            lines = (
+                f"{uris[r.store] if r.row is None else ''}\0{r.image_key or r.id}\0{r.size}\0"
+                f"{r.etag}\0{r.caption_etag}\n"
+                for r in self.records
+            )
+            self._digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+        return self._digest
 
     def __len__(self) -> int:
         return len(self.records)
@@ -339,7 +355,7 @@ def _jsonl_source(
         raise DataError(
             f"{cfg.jsonl_path}: no such file", hint="check data_loader.dataset.jsonl_path"
         ) from None
-    records: list[Record] = []
+    lines: list[_Line] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -351,43 +367,51 @@ def _jsonl_source(
         mask_store, mask_key = (
             store_of(_mask_column(row, where), where, "mask") if masks else (0, None)
         )
-        records.append(
-            Record(
-                id=image,
-                image_key=key,
-                store=store,
-                caption=caption,
-                mask_key=mask_key,
-                mask_store=mask_store,
-                origin=where,
-            )
+        lines.append((image, key, store, caption, mask_key, mask_store, where))
+    listed = _listings(lines, stores, cfg.jsonl_path)
+    records = [
+        Record(
+            id=image,
+            image_key=key,
+            store=store,
+            caption=caption,
+            size=listed[store][key].size,
+            etag=listed[store][key].etag,
+            mask_key=mask_key,
+            mask_store=mask_store,
+            origin=where,
         )
-    records = _with_listing(records, stores, cfg.jsonl_path)
+        for image, key, store, caption, mask_key, mask_store, where in lines
+    ]
     return Source(cfg.jsonl_path, records, stores, keep_in_memory=cfg.keep_in_memory)
 
 
-def _with_listing(records: list[Record], stores: list[StoreRef], where: str) -> list[Record]:
-    """Records with size and version from one listing per store (the common folder of its
-    keys; parallel ranges cut at the keys on S3); a key missing from it is a DataError."""
-    out = list(records)
+_Line = tuple[str, str, int, "str | None", "str | None", int, str]
+"""A JSONL line's image path, key, store, caption, mask key, mask store and file:line."""
+
+
+def _listings(lines: list[_Line], stores: list[StoreRef], where: str) -> list[dict[str, Any]]:
+    """Per store, its listed objects by key (one listing of the common folder of its keys;
+    parallel ranges cut at the keys on S3); a key missing from it is a DataError naming the
+    first such line."""
+    out: list[dict[str, Any]] = []
     for number, ref in enumerate(stores):
-        mine = [i for i, r in enumerate(out) if r.store == number]
-        if not mine:
+        keys = [line[1] for line in lines if line[2] == number]
+        if not keys:
+            out.append({})
             continue
-        keys = [out[i].image_key for i in mine]
         folder = posixpath.commonpath(keys) if len(keys) > 1 else posixpath.dirname(keys[0])
         if folder in keys:  # one key, or one key is a prefix of the others' folder
             folder = posixpath.dirname(folder)
         prefix = f"{folder}/" if folder else ""
         listed = {info.key: info for info in list_known(ref.get(), prefix, keys)}
-        for i in mine:
-            info = listed.get(out[i].image_key)
-            if info is None:
+        for key in keys:
+            if key not in listed:
                 raise DataError(
-                    f"{ref.get().url(out[i].image_key)}: file not found (listed in {where})",
+                    f"{ref.get().url(key)}: file not found (listed in {where})",
                     hint="fix the path or remove the entry",
                 )
-            out[i] = evolve(out[i], size=info.size, etag=info.etag)
+        out.append(listed)
     return out
 
 

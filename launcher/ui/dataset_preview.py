@@ -61,7 +61,7 @@ def _local_dataset_paths(loader: Any) -> list[str]:
 def _histogram(loader: Any, sizes_hw: list[tuple[int, int]]) -> tuple[str, list[dict[str, Any]]]:
     """Images per aspect-ratio bucket (as the runner assigns them), or per aspect ratio when
     the config has no buckets."""
-    from kubetune.dataset.buckets import build_buckets, closest_bucket
+    from kubetune.dataset.buckets import assign_buckets, build_buckets
 
     cfg = getattr(loader, "aspect_ratio_buckets", None)
     if cfg is None:
@@ -71,7 +71,7 @@ def _histogram(loader: Any, sizes_hw: list[tuple[int, int]]) -> tuple[str, list[
         )
         return title, [{"label": k, "count": counts[k]} for k in sorted(counts, key=float)]
     buckets = build_buckets(cfg)
-    counts = Counter(closest_bucket(hw, buckets) for hw in sizes_hw)
+    counts = Counter(assign_buckets(sizes_hw, buckets))
     title = f"aspect-ratio buckets (height x width, target {cfg.target_resolution})"
     return title, [
         {"label": f"{buckets[i][0]}x{buckets[i][1]}", "count": counts[i]} for i in sorted(counts)

@@ -10,6 +10,7 @@ import queue
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kubetune.config.data import DreamboothSDDataLoaderConfig
 from kubetune.config.training_types import PipelineConfig
+from kubetune.dataset.buckets import assign_buckets
 from kubetune.dataset.captions import CaptionBuilder
 from kubetune.dataset.images import decode_image, decode_mask
 from kubetune.dataset.preflight import PreflightReport, preflight
@@ -27,7 +29,6 @@ from runner.data.buckets import (
     BucketBatchSampler,
     Slots,
     build_buckets,
-    closest_bucket,
     derive_seed,
 )
 from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
@@ -118,10 +119,11 @@ class TrainDataset(Dataset[Batch]):
         return item
 
     def caption(self, index: int, epoch: int) -> str:
-        """The final caption of an example in an epoch (no image read)."""
+        """The final caption of an example in an epoch (no image read; its caption file is
+        read only while the header checks, which read them all, run beside training)."""
         rec = self.source.records[index]
         rng = random.Random(derive_seed("caption", self.seed, epoch, index))
-        caption = self.captions.build(rec.caption, rng, rec.id)
+        caption = self.captions.build(self.source.caption(index), rng, rec.id)
         if self.caption_dropout_rate:  # its own stream: the rate changes no other draw
             drop_rng = random.Random(derive_seed("caption-dropout", self.seed, epoch, index))
             caption = "" if drop_rng.random() < self.caption_dropout_rate else caption
@@ -240,6 +242,10 @@ class ResumableLoader:
         self.on_bad: Callable[[list[str]], None] | None = None
         """Called with every skipped example's message so far (e.g. to note progress)."""
         self.buckets: list[tuple[int, int]] = []
+        self.checks: Future[PreflightReport] | None = None
+        """The dataset's header checks when they run beside training (`PreflightReport.pending`)."""
+        self.on_checked: Callable[[PreflightReport], None] | None = None
+        """Called once with the checked report (e.g. to store the dataset index)."""
         self._loader = DataLoader(
             dataset,
             batch_sampler=_Plan(sampler),
@@ -255,7 +261,10 @@ class ResumableLoader:
         return len(self.sampler)
 
     def _count_bad(self, messages: list[str]) -> None:
-        """Record skipped examples; past ``max_bad`` stop with a DataError listing them."""
+        """Record skipped examples; past ``max_bad`` stop with a DataError listing them. While
+        header checks run beside training, they are awaited first: a bad header fails the
+        run with their error, as before step 1."""
+        self.poll_checks(wait=True)
         self.bad.update(dict.fromkeys(messages))
         if self.on_bad is not None:
             self.on_bad(list(self.bad))
@@ -282,12 +291,24 @@ class ResumableLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
 
+    def poll_checks(self, wait: bool = False) -> None:
+        """Once the header checks running beside training end (now, or at once with
+        ``wait``): raise the DataError naming the first bad example, as the preflight would
+        have, or hand the checked report to ``on_checked``."""
+        if self.checks is None or not (wait or self.checks.done()):
+            return
+        checks, self.checks = self.checks, None
+        report = checks.result()
+        if self.on_checked is not None:
+            self.on_checked(report)
+
     def __iter__(self) -> Iterator[Batch]:
         batches: Iterator[Batch] = iter(self._loader)
         if self.num_workers == 0:
             batches = _ahead(batches, PREFETCH_BATCHES)
         try:
             for batch in batches:
+                self.poll_checks()
                 place(batch, self.sampler.slots(self.sampler.epoch, self.sampler.position))
                 self.sampler.advance()
                 if "skipped" in batch:
@@ -433,6 +454,7 @@ def build_train_dataloader(
         max_bad=math.floor(loader_cfg.max_bad_image_share * len(source)),
     )
     loader.buckets = buckets
+    loader.checks = data.pending
     return loader
 
 
@@ -443,7 +465,7 @@ def _buckets(
     if loader_cfg.aspect_ratio_buckets is None:
         return [resolution_hw(loader_cfg.resolution)], [0] * n
     buckets = build_buckets(loader_cfg.aspect_ratio_buckets)
-    return buckets, [closest_bucket(size, buckets) for size in sizes_hw]
+    return buckets, assign_buckets(sizes_hw, buckets)
 
 
 def _memory(

@@ -13,6 +13,7 @@ import random
 import shutil
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ class Session:
         from ``state`` and publish ``final/``."""
         if self.settings.is_main:
             self.records.write(self.store)
+            self.loader.on_checked = self.records.index_writer(self.store)
         self.events.started(self.state.step)
         try:
             self.loop.run(self.state)
@@ -147,7 +149,9 @@ class Session:
             log.error("publishing the last checkpoint failed too: %s", err)
 
     def finish(self, uri: str) -> RunResult:
-        """Checkpoint the last step, wait for uploads, publish ``final/``."""
+        """Wait for header checks still running, checkpoint the last step, wait for
+        uploads, publish ``final/``."""
+        self.loader.poll_checks(wait=True)
         state = self.state
         self.checkpointer.save(state)
         self.checkpointer.wait()
@@ -180,9 +184,18 @@ class RunRecords:
     shared_index: ObjectStore | None
 
     def write(self, store: ObjectStore) -> None:
+        """The config, and the index unless the header checks still run (``index_writer``)."""
         store.put_bytes(CONFIG_KEY, self.config_yaml.encode())
-        save_index(store, self.data)
-        save_shared_index(self.shared_index, self.data)
+        if self.data.pending is None:
+            self.write_index(store, self.data)
+
+    def write_index(self, store: ObjectStore, data: PreflightReport) -> None:
+        save_index(store, data)
+        save_shared_index(self.shared_index, data)
+
+    def index_writer(self, store: ObjectStore) -> Callable[[PreflightReport], None]:
+        """What stores the index once header checks running beside training end."""
+        return lambda data: self.write_index(store, data)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def test_a_preflight_process_that_dies_is_an_error_not_a_hang(
     import kubetune.dataset.preflight as checks
     from kubetune.errors import KubetuneError
 
-    monkeypatch.setattr(checks, "_run_preflight", lambda cfg: os._exit(3))  # in the fork
+    monkeypatch.setattr(checks, "_run_preflight", lambda *_: os._exit(3))  # in the fork
     with pytest.raises(KubetuneError, match="exit code 3") as err:
         checks.start_preflight(_jsonl_cfg(tmp_path), process=True).result(timeout=60)
     assert err.value.exit_code == 1
