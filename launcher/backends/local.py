@@ -91,7 +91,10 @@ class LocalBackend(Backend):
             self._make_dir(run_dir)
             self._start(cfg, run_dir, attempt=1)
             return result
-        info = self._info(run)
+        try:
+            info = self._info(run)
+        except RunRecordError as err:
+            return self._over_damaged(cfg, run_dir, result, err, replace)
         if info["config_hash"] != digest:
             if not replace:
                 raise UserError(
@@ -106,6 +109,28 @@ class LocalBackend(Backend):
             self._start(cfg, run_dir, attempt=1)
             return result
         return self._again(cfg, self._status(run, with_progress=True), result, replace)
+
+    def _over_damaged(
+        self,
+        cfg: PipelineConfig,
+        run_dir: Path,
+        result: SubmitResult,
+        err: RunRecordError,
+        replace: bool,
+    ) -> SubmitResult:
+        """A run whose run.json is damaged: its pid and state are unknown, so only `replace`
+        goes on: the run folder is remade and training starts from step 0 (outputs stay)."""
+        if not replace:
+            message = str(err).removesuffix(f" ({err.hint})")
+            raise RunRecordError(
+                message,
+                hint=f"pass --replace to start this run over from step 0, or {err.hint}",
+            )
+        shutil.rmtree(run_dir)
+        self._make_dir(run_dir)
+        self._start(cfg, run_dir, attempt=1, fresh=True)
+        note = "starting over from step 0 (--replace; the run's run.json was damaged)"
+        return replace_fields(result, note=note)
 
     def _again(
         self, cfg: PipelineConfig, status: RunStatus, result: SubmitResult, replace: bool

@@ -224,3 +224,27 @@ def test_the_cli_names_a_corrupt_run_json_in_one_line(
         asked = CliRunner().invoke(main, [command, "bad", "--local"])
         assert asked.exit_code == 1 and "Traceback" not in asked.output, command
         assert asked.stderr.splitlines() == listed.stderr.splitlines(), command
+
+
+def test_replace_starts_over_a_run_whose_run_json_is_damaged(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """Submitting a config whose local run has a damaged run.json is the one-line error naming
+    the file, which now says `--replace` starts the run over; with `--replace` the run folder
+    is remade and the run starts from step 0 (`--no-resume`), its outputs untouched."""
+    from launcher.backends.local import RunRecordError
+
+    cfg = _cfg(tmp_path)
+    backend.submit(cfg)
+    _wait_done(backend, "my-run")
+    record = backend.runs / "my-run" / "run.json"
+    record.write_text('{"run": "my-ru')
+    with pytest.raises(RunRecordError, match="not valid JSON") as err:
+        backend.submit(cfg)
+    assert "--replace" in str(err.value.hint) and str(record) in str(err.value)
+    assert (tmp_path / "out" / "my-run" / "progress.json").exists()
+    result = backend.submit(cfg, replace=True)
+    assert result.created and "starting over" in (result.note or "")
+    assert _wait_done(backend, "my-run").phase == "Succeeded"
+    assert "args --no-resume" in list(backend.logs("my-run"))
+    assert json.loads(record.read_text())["run"] == "my-run"
