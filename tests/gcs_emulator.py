@@ -20,9 +20,11 @@ What it serves of obstore's GCS client (object_store 0.14, GCS's XML API; checke
   Last-Modified: less than fake-gcs-server.
 
 So objects are put in place through the emulator's JSON API (``upload``), independent of the
-code under test, and the write path on gs:// is covered on S3 and Azure, which share
-``kubetune.storage.cloud``. ``xml_writes_refused()`` asks the running emulator: tests of the
-write path run on gs:// as soon as an emulator release accepts them.
+code under test. obstore's writes reach it through ``GCSFront``: the emulator itself where
+``xml_writes_refused()`` (which asks the running emulator) says it accepts them, otherwise the
+translating proxy of tests/gcs_xml_proxy.py (a fake layer that turns those XML-API writes into
+the JSON-API uploads the emulator has; the storage and the generation preconditions stay the
+emulator's).
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from s3server import _die_with_parent, free_ports
+
+if TYPE_CHECKING:
+    from gcs_xml_proxy import GcsXmlProxy
 
 _counter = itertools.count()
 
@@ -129,6 +135,11 @@ class FakeGCS:
         self._call("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", data,
                    "application/octet-stream")  # fmt: skip
 
+    def download(self, bucket: str, name: str) -> bytes:
+        """An object's bytes through the JSON API (independent of obstore's XML reads)."""
+        quoted = urllib.parse.quote(name, safe="")
+        return self._call("GET", f"/download/storage/v1/b/{bucket}/o/{quoted}?alt=media")
+
     def upload_tree(self, bucket: str, prefix: str, folder: Path) -> None:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             self.upload(bucket, f"{prefix}/{path.relative_to(folder).as_posix()}",
@@ -169,3 +180,20 @@ class FakeGCS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class GCSFront:
+    """Where obstore reaches the emulator to write: ``endpoint`` is the emulator's own, or that
+    of ``proxy`` (tests/gcs_xml_proxy.py) while the emulator refuses obstore's writes."""
+
+    emulator: FakeGCS
+    endpoint: str
+    proxy: GcsXmlProxy | None = None
+
+    def create_bucket(self, prefix: str = "test") -> str:
+        return self.emulator.create_bucket(prefix)
+
+    def env(self) -> dict[str, str]:
+        """``FakeGCS.env`` with ``GOOGLE_BASE_URL`` at this endpoint."""
+        return {**self.emulator.env(), "GOOGLE_BASE_URL": self.endpoint}

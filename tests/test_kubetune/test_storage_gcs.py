@@ -1,21 +1,24 @@
 """gs:// through obstore against a real GCS emulator (fake-gcs-server on 127.0.0.1, reached with
-a real service-account key as a pod would be): everything of the store contract that does not
-write through obstore, which the emulator refuses (XML API PUT: 400, tests/gcs_emulator.py
-says exactly what works). Objects are put in place with the emulator's JSON API; the reading
-half of resume, report, pull and the lease is checked here, their writing half on S3 and
-Azure, and on gs:// too in the tests that take ``store_uri`` once an emulator accepts writes."""
+a real service-account key as a pod would be). Reads, listings, presigned URLs and the reading
+half of resume, report, pull and the lease run on the emulator directly, with objects put in
+place by its JSON API. obstore's writes, which the emulator refuses (XML API PUT: 400,
+tests/gcs_emulator.py), reach it through the translating proxy of tests/gcs_xml_proxy.py (a
+fake layer; the storage and the generation preconditions stay the emulator's): checked here
+for multipart uploads and preconditions against writers outside obstore, and by every test
+that takes ``store_uri``."""
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from gcs_emulator import FakeGCS
+from gcs_emulator import FakeGCS, GCSFront
 
 from kubetune.checkpoint.publish import CheckpointManager
 from kubetune.errors import StorageUserError
@@ -158,3 +161,39 @@ def test_launcher_report_presigns_the_page_and_its_grids(gcs_env: FakeGCS, tmp_p
     links = [html.unescape(h) for h in re.findall(r'href="([^"]+)"', view.read_text())]
     assert len(links) == 1 and "X-Goog-Signature=" in links[0]
     assert _fetch(links[0]) == b"\x89PNG grid"
+
+
+def test_multipart_uploads_store_exactly_the_bytes(gcs_writable: GCSFront, tmp_path: Path) -> None:
+    """A file above the multipart threshold (three parts) is stored whole: read back through
+    the emulator's JSON API, not obstore's reader; the parts left nowhere."""
+    bucket = gcs_writable.create_bucket()
+    store = open_store(f"gs://{bucket}/run", multipart_threshold=5 * 2**20,
+                       multipart_chunksize=5 * 2**20)  # fmt: skip
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 * 2**20 + 7))
+    before = dict(gcs_writable.proxy.counts) if gcs_writable.proxy else {}
+    store.put_file("ck/big.bin", big)
+    assert gcs_writable.emulator.download(bucket, "run/ck/big.bin") == big.read_bytes()
+    assert [(o.key, o.size) for o in store.list()] == [("ck/big.bin", big.stat().st_size)]
+    if gcs_writable.proxy:  # the proxy's XML multipart path was the one taken
+        counts = gcs_writable.proxy.counts
+        assert counts["complete"] == before.get("complete", 0) + 1
+        assert counts["part"] == before.get("part", 0) + 3
+        assert not gcs_writable.proxy.translator.uploads
+
+
+def test_conditional_writes_see_writers_outside_obstore(gcs_writable: GCSFront) -> None:
+    """The lease's conditions are the emulator's generations: an object written by another
+    client (the JSON API here) is not created over, and a tag from before that write no
+    longer replaces it; the current tag does."""
+    bucket = gcs_writable.create_bucket()
+    store = open_store(f"gs://{bucket}/run")
+    assert store.create("lease", b"mine")
+    _, mine = store.read_tagged("lease")
+    gcs_writable.emulator.upload(bucket, "run/lease", b"theirs")
+    assert not store.create("lease", b"again") and not store.replace_if("lease", b"x", mine)
+    assert gcs_writable.emulator.download(bucket, "run/lease") == b"theirs"
+    assert not store.replace_if("never", b"x", mine)  # a condition on a missing object
+    _, theirs = store.read_tagged("lease")
+    assert store.replace_if("lease", b"back", theirs) and store.get_bytes("lease") == b"back"
+    assert store.create("new", b"1") and store.get_bytes("new") == b"1"
