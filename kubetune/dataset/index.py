@@ -19,8 +19,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.dataset.images import MAX_IMAGE_PIXELS, image_size_hw, jpeg_header_length
-from kubetune.dataset.sources import Source, evolve, fetch_pool
+from kubetune.dataset.headers import (
+    check_mask_header,
+    header_size_hw,
+    header_sizes_async,
+    reads_async,
+)
+from kubetune.dataset.images import MAX_IMAGE_PIXELS
+from kubetune.dataset.sources import Record, Source, bounded_map, evolve
 from kubetune.errors import DataError, StorageError, StorageUserError
 from kubetune.layout import DATA_INDEX_KEY, DATASET_INDEXES
 from kubetune.storage import ObjectStore, is_remote, open_store, parse_uri, split_uri
@@ -33,17 +39,6 @@ INDEX_VERSION = 2
 1, rows of entries without a digest, is still read)."""
 SHARED_KEY_SCHEME = 1
 """Part of the key of the index beside the runs (unchanged by version 2: both are readable)."""
-HEADER_BYTES = 16 * 1024
-"""First ranged read per image: PNG/WEBP/BMP headers and a JPEG's SOF without a large EXIF
-block fit in it."""
-LONG_HEADER_BYTES = 256 * 1024
-"""How much more to read when a header does not fit and its length cannot be told from the
-JPEG markers (and the first read of a mask)."""
-HEADER_SLACK = 4 * 1024
-"""Read this far past a JPEG segment boundary, so the small segments that follow a long
-EXIF block (tables, frame, scan header) come in the same read."""
-MAX_HEADER_READS = 4
-"""Ranged reads of one image's header before the whole file is read instead."""
 
 
 @dataclass(frozen=True)
@@ -258,10 +253,37 @@ def build_index(
         results.append((old, True) if old is not None else (DataError(""), False))
         if old is None or source.records[i].mask_key is not None:
             reads.append((i, old))
-    done = fetch_pool().map(lambda job: _entry(source, job[0], max_pixels, job[1]), reads)
-    for (i, _), result in zip(reads, done, strict=True):
+    for (i, _), result in zip(reads, _read(source, reads, max_pixels), strict=True):
         results[i] = result
     return _collect(source, results)
+
+
+def _read(
+    source: Source, reads: list[tuple[int, IndexEntry | None]], max_pixels: int
+) -> list[tuple[IndexEntry | DataError, bool]]:
+    """The entries of `reads` (example, reusable entry or None): images with nothing but a
+    header to read (no mask, no caption file) on a store with `Capability.ASYNC_READS`
+    through `header_sizes_async`, the others in the bounded thread pool."""
+    records = source.records
+    plain = [i for i, old in reads if old is None and _header_only(records[i])]
+    done: dict[int, tuple[IndexEntry | DataError, bool]] = {}
+    if len(plain) > 1 and reads_async(source, plain):
+        for i, size in zip(plain, header_sizes_async(source, plain, max_pixels), strict=True):
+            rec = records[i]
+            done[i] = (
+                size
+                if isinstance(size, DataError)
+                else IndexEntry(rec.size, rec.etag, *size, rec.caption, rec.caption_etag),
+                False,
+            )
+    rest = [job for job in reads if job[0] not in done]
+    entries = bounded_map(lambda job: _entry(source, job[0], max_pixels, job[1]), rest)
+    done.update(zip((i for i, _ in rest), entries, strict=True))
+    return [done[i] for i, _ in reads]
+
+
+def _header_only(rec: Record) -> bool:
+    return rec.mask_key is None and rec.caption_key is None and rec.row is None
 
 
 def _collect(source: Source, results: list[tuple[IndexEntry | DataError, bool]]) -> IndexResult:
@@ -334,24 +356,6 @@ def _entry(
     return entry, old is not None
 
 
-def check_mask_header(source: Source, i: int, image_hw: tuple[int, int], max_pixels: int) -> None:
-    """`use_masks`: the mask is a readable image of its image's size (from its header)."""
-    mask = source.mask_head(i, LONG_HEADER_BYTES)
-    try:
-        height, width = image_size_hw(mask.data, mask.name, max_pixels)
-    except DataError as err:
-        if len(mask.data) < LONG_HEADER_BYTES or _final(err):
-            raise
-        full = source.fetch(i).mask
-        assert full is not None
-        height, width = image_size_hw(full.data, full.name, max_pixels)
-    if (height, width) != image_hw:
-        raise DataError(
-            f"{mask.name}: is {width}x{height} but its image is {image_hw[1]}x{image_hw[0]}",
-            hint="save the mask at its image's size",
-        )
-
-
 def _reusable(
     source: Source, i: int, previous: DataIndex | None, max_pixels: int
 ) -> IndexEntry | None:
@@ -380,33 +384,3 @@ def _image_entry(source: Source, i: int, max_pixels: int) -> IndexEntry | DataEr
     except DataError as err:
         return err
     return IndexEntry(rec.size, rec.etag, height, width, caption, rec.caption_etag)
-
-
-def header_size_hw(source: Source, i: int, max_pixels: int) -> tuple[int, int]:
-    """(h, w) of example `i` from its header: one ranged read of `HEADER_BYTES`; when the
-    header is longer (a camera JPEG's EXIF), a read of the rest of it only, sized from the
-    JPEG's segment lengths (`LONG_HEADER_BYTES` more for other formats), at most
-    `MAX_HEADER_READS` reads in all; the whole file as a last resort. Format, pixel limit
-    and EXIF orientation are checked."""
-    rec, name = source.records[i], source.url(i)
-    data = source.head(i, HEADER_BYTES)
-    whole = len(data) != HEADER_BYTES or rec.row is not None  # EOF, or no ranged reads
-    for _ in range(MAX_HEADER_READS):
-        try:
-            return image_size_hw(data, name, max_pixels)
-        except DataError as err:
-            final = whole or 0 <= rec.size <= len(data)
-            if final or _final(err):
-                raise
-        need = jpeg_header_length(data)
-        end = need + HEADER_SLACK if need and need > len(data) else len(data) + LONG_HEADER_BYTES
-        more = source.head(i, end - len(data), start=len(data))
-        whole = len(more) != end - len(data)
-        data += more
-    return image_size_hw(source.fetch(i).data, name, max_pixels)
-
-
-def _final(err: DataError) -> bool:
-    """A header that parsed and tells a size above the limit or a format kubetune refuses:
-    read no further (a decompression bomb's body is never downloaded)."""
-    return "decompression-bomb" in err.message or "unsupported" in err.message

@@ -12,8 +12,9 @@ import json
 import os
 import posixpath
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ from kubetune.errors import DataError
 from kubetune.storage import ObjectInfo, ObjectStore, is_remote, open_store, parse_uri, split_uri
 
 _T = TypeVar("_T")
+_U = TypeVar("_U")
 MASK_COLUMN = "mask"
 """The JSONL key of a line's loss-mask image path (fixed, as in invoke-training)."""
 FETCH_WORKERS = 16
@@ -45,6 +47,18 @@ def fetch_pool() -> ThreadPoolExecutor:
         if pid not in _pools:
             _pools[pid] = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="kubetune-fetch")
         return _pools[pid]
+
+
+def bounded_map(fn: Callable[[_T], _U], items: Sequence[_T], window: int = 256) -> Iterator[_U]:
+    """``fetch_pool().map(fn, items)`` with at most ``window`` calls submitted at a time
+    (a future per item of 100,000 at once costs memory and time for nothing)."""
+    pool, pending = fetch_pool(), deque[Future[_U]]()
+    for item in items:
+        if len(pending) >= window:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()
 
 
 class StoreRef:
@@ -192,6 +206,17 @@ class Source:
             return self._get(rec.store, rec.image_key)
         try:
             return store.get_range(rec.image_key, start, length)
+        except FileNotFoundError:
+            raise DataError(
+                f"{self._url(rec, rec.image_key)}: file not found",
+                hint="fix the path or remove the entry",
+            ) from None
+
+    async def head_async(self, index: int, length: int) -> bytes:
+        """`head` awaited, from offset 0 (a store with `Capability.ASYNC_READS`)."""
+        rec = self.records[index]
+        try:
+            return await self.stores[rec.store].get().get_range_async(rec.image_key, 0, length)
         except FileNotFoundError:
             raise DataError(
                 f"{self._url(rec, rec.image_key)}: file not found",

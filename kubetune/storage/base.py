@@ -59,6 +59,9 @@ class Capability(str, enum.Enum):
     """``list_range``: part of a listing after a key, served by the server (S3 start-after)."""
     PRESIGN = "presign"
     """``presign``: a time-limited GET URL that needs no credentials."""
+    ASYNC_READS = "async_reads"
+    """``get_range_async``: a ranged read awaited on an event loop, so that one thread keeps
+    many in flight (the dataset's header reads)."""
 
 
 class ObjectStore(Protocol):
@@ -127,6 +130,9 @@ class StoreBase:
 
     def presign(self, key: str, expires_s: int = 3600) -> str:
         raise self._unsupported(Capability.PRESIGN)
+
+    async def get_range_async(self, key: str, start: int, length: int) -> bytes:
+        raise self._unsupported(Capability.ASYNC_READS)
 
 
 def check_key(key: str) -> str:

@@ -106,8 +106,8 @@ def test_jpeg_header_length_walks_the_segments_to_the_scan() -> None:
 
     from PIL import Image
 
+    from kubetune.dataset.headers import HEADER_SLACK
     from kubetune.dataset.images import jpeg_header_length
-    from kubetune.dataset.index import HEADER_SLACK
 
     exif = Image.Exif()
     exif[0x010E] = "x" * 30_000  # a camera's EXIF block (thumbnail, maker notes)

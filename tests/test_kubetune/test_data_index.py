@@ -15,7 +15,8 @@ from data_fixtures import image_bytes, lora_config, upload_tree, write_image_dir
 from PIL import Image
 from s3server import S3Server
 
-from kubetune.dataset.index import HEADER_BYTES, INDEX_KEY, DataIndex, save_index
+from kubetune.dataset.headers import HEADER_BYTES
+from kubetune.dataset.index import INDEX_KEY, DataIndex, save_index
 from kubetune.layout import DATA_INDEX_KEY
 from kubetune.storage import open_store
 from kubetune.storage.cloud import CloudStore
@@ -59,6 +60,12 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Reads]:
         lambda s, k, start, n: counter.add("range", k, get_range(s, k, start, n)),
     )
     monkeypatch.setattr(CloudStore, "list", counted_list)
+    get_range_async = CloudStore.get_range_async
+
+    async def counted_range_async(self: CloudStore, key: str, start: int, n: int) -> bytes:
+        return counter.add("range", key, await get_range_async(self, key, start, n))
+
+    monkeypatch.setattr(CloudStore, "get_range_async", counted_range_async)
     yield counter
 
 
@@ -341,3 +348,42 @@ def test_header_checks_refuse_bombs_and_formats_from_one_ranged_read(
     with pytest.raises(BadExamples):
         verify_data(cfg)  # `launcher validate --data` does not download them either
     assert reads.keys["img-001.png"] == 1 and reads.keys["img-002.jpg"] == 1
+
+
+def test_s3_headers_are_awaited_many_at_a_time_from_one_thread(
+    s3_env: S3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a store with `Capability.ASYNC_READS` the first header reads are awaited, many in
+    flight from one thread, and give the sizes and errors the thread pool gives."""
+    import asyncio
+
+    import kubetune.dataset.index as index_module
+
+    sizes = [(40, 24), (24, 40), (32, 32), (48, 16)] * 6
+    write_jsonl(tmp_path / "ds", sizes)
+    (tmp_path / "ds/images/pic-005.jpg").write_bytes(b"not an image")
+    upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "ds")
+    cfg = lora_config({"type": "IMAGE_CAPTION_JSONL_DATASET",
+                       "jsonl_path": f"s3://{s3_bucket}/ds/data.jsonl"})  # fmt: skip
+    seen = {"now": 0, "most": 0, "threads": set()}
+    real = CloudStore.get_range_async
+
+    async def watched(self: CloudStore, key: str, start: int, n: int) -> bytes:
+        seen["now"] += 1
+        seen["most"] = max(seen["most"], seen["now"])
+        seen["threads"].add(threading.get_ident())
+        await asyncio.sleep(0.01)  # the server here answers faster than the loop hands out
+        try:
+            return await real(self, key, start, n)
+        finally:
+            seen["now"] -= 1
+
+    from kubetune.dataset.preflight import check_headers
+
+    monkeypatch.setattr(CloudStore, "get_range_async", watched)
+    awaited, awaited_bad = check_headers(cfg)
+    assert seen["most"] > 4 and len(seen["threads"]) == 1
+    monkeypatch.setattr(index_module, "reads_async", lambda *a: False)
+    pooled, pooled_bad = check_headers(cfg)
+    assert awaited.sizes_hw == pooled.sizes_hw and awaited.sizes_hw[5] == (0, 0)
+    assert [str(e) for e in awaited_bad] == [str(e) for e in pooled_bad] != []

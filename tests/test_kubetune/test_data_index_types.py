@@ -25,7 +25,8 @@ from data_fixtures import (
 from test_data_index import _big_jpeg
 
 from kubetune.config import SdLoraConfig
-from kubetune.dataset.index import HEADER_BYTES, save_index
+from kubetune.dataset.headers import HEADER_BYTES
+from kubetune.dataset.index import save_index
 from kubetune.storage import LocalStore, open_store
 from kubetune.storage.cloud import CloudStore
 from runner.data import preflight
@@ -71,6 +72,12 @@ def image_reads(monkeypatch: pytest.MonkeyPatch) -> ImageReads:
 
         monkeypatch.setattr(cls, "get_bytes", counted_get)
         monkeypatch.setattr(cls, "get_range", counted_range)
+    range_async = CloudStore.get_range_async
+
+    async def counted_range_async(s: Any, k: str, start: int, n: int) -> bytes:
+        return reads.add(s, k, await range_async(s, k, start, n))
+
+    monkeypatch.setattr(CloudStore, "get_range_async", counted_range_async)
     return reads
 
 

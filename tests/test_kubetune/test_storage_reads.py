@@ -61,6 +61,28 @@ def test_ranged_reads_of_odd_keys_and_past_the_end(s3_env: S3Server, s3_bucket: 
         store.get_range("missing.jpg", 0, 8)
 
 
+def test_awaited_ranged_reads_equal_the_blocking_ones(s3_env: S3Server, s3_bucket: str) -> None:
+    """`get_range_async` (Capability.ASYNC_READS, many reads in flight from one thread):
+    the same bytes, b"" past the end and FileNotFoundError for a missing key."""
+    import asyncio
+
+    from kubetune.storage import Capability, supports
+
+    _fill(s3_env, s3_bucket, ODD_KEYS)
+    store = open_store(f"s3://{s3_bucket}/odd")
+    assert supports(store, Capability.ASYNC_READS)
+    assert not supports(open_store("/tmp"), Capability.ASYNC_READS)
+    rels = [key[len("odd/") :] for key in ODD_KEYS]
+
+    async def reads() -> list[bytes]:
+        calls = [store.get_range_async(rel, 2, 1000) for rel in rels]
+        return await asyncio.gather(*calls, store.get_range_async(rels[0], 10_000, 8))
+
+    assert asyncio.run(reads()) == [store.get_range(rel, 2, 1000) for rel in rels] + [b""]
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(store.get_range_async("missing.jpg", 0, 8))
+
+
 def test_unsigned_requests_when_no_credentials(
     s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
