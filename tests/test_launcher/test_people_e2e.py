@@ -1,4 +1,5 @@
-"""A real tiny training run (local folder and SeaweedFS S3) seen by people and pipelines:
+"""A real tiny training run (local folder, SeaweedFS S3, fake-gcs-server GCS behind the
+translating proxy of tests/gcs_xml_proxy.py, Azurite) seen by people and pipelines:
 history, report.html, webhooks to a receiver on 127.0.0.1, `launcher report`, `launcher pull`
 (verified against the manifests) and the pulled LoRA loaded into diffusers."""
 
@@ -44,9 +45,15 @@ def _config(tmp_path: Path, tiny_sd_dir: Path, out: Path, hook: str, **extra: An
 
 @pytest.fixture
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    """Outputs in a local folder, in a SeaweedFS bucket or an Azurite container (storage:)."""
+    """Outputs in a local folder, in a SeaweedFS bucket, a fake-gcs-server bucket or an Azurite
+    container (storage:)."""
     if request.param == "local":
         return {"out": tmp_path / "out" / "e2e", "extra": {}}
+    if request.param == "gs":
+        gcs = request.getfixturevalue("gcs_writable")  # the emulator, or the proxy before it
+        storage = {"provider": "gcs", "bucket": gcs.create_bucket(), "prefix": "runs",
+                   "endpoint_url": gcs.endpoint}  # fmt: skip
+        return {"out": tmp_path / "unused" / "e2e", "extra": {"storage": storage}}
     if request.param == "az":
         azurite = request.getfixturevalue("az_env")
         storage = {"provider": "azure", "bucket": request.getfixturevalue("az_container"),
@@ -59,7 +66,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     return {"out": tmp_path / "unused" / "e2e", "extra": {"storage": storage}}
 
 
-@pytest.mark.parametrize("where", ["local", "s3", "az"], indirect=True)
+@pytest.mark.parametrize("where", ["local", "s3", "gs", "az"], indirect=True)
 @pytest.mark.slow
 def test_a_run_reports_notifies_and_pulls(
     where: dict[str, Any], tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
