@@ -13,6 +13,7 @@ import html
 import json
 import os
 import re
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -197,3 +198,35 @@ def test_conditional_writes_see_writers_outside_obstore(gcs_writable: GCSFront) 
     _, theirs = store.read_tagged("lease")
     assert store.replace_if("lease", b"back", theirs) and store.get_bytes("lease") == b"back"
     assert store.create("new", b"1") and store.get_bytes("new") == b"1"
+
+
+def _xml_call(url: str, method: str, data: bytes = b"") -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310 - 127.0.0.1
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_proxys_multipart_abort_drops_the_parts_not_the_object(
+    gcs_writable: GCSFront,
+) -> None:
+    """obstore aborts a failed multipart upload with ``DELETE key?uploadId=``; forwarded, the
+    emulator would delete the object itself (an earlier checkpoint file, say)."""
+    if gcs_writable.proxy is None:
+        pytest.skip("the emulator takes obstore's writes itself: no proxy")
+    bucket = gcs_writable.create_bucket()
+    gcs_writable.emulator.upload(bucket, "run/k", b"old")
+    url = f"{gcs_writable.endpoint}/{bucket}/run%2Fk"
+    status, body = _xml_call(f"{url}?uploads=", "POST")
+    found = re.search(rb"<UploadId>(\w+)</UploadId>", body)
+    assert status == 200 and found is not None
+    upload_id = found[1].decode()
+    assert _xml_call(f"{url}?partNumber=1&uploadId={upload_id}", "PUT", b"new")[0] == 200
+    assert _xml_call(f"{url}?uploadId={upload_id}", "DELETE")[0] == 204
+    assert gcs_writable.emulator.download(bucket, "run/k") == b"old"
+    done = b"<CompleteMultipartUpload><Part><PartNumber>1</PartNumber></Part>"
+    status, body = _xml_call(f"{url}?uploadId={upload_id}", "POST",
+                             done + b"</CompleteMultipartUpload>")  # fmt: skip
+    assert status == 404 and b"NoSuchUpload" in body
