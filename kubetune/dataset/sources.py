@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import posixpath
 import threading
@@ -115,6 +116,9 @@ class Record:
     origin: str | None = None  # JSONL: "file:line", for messages
 
 
+_record_fields = operator.attrgetter(*Record.__dataclass_fields__)
+
+
 @dataclass(frozen=True)
 class MaskRef:
     """The loss mask of one example (`use_masks`): encoded bytes and a name for messages."""
@@ -148,6 +152,17 @@ class Source:
         self.keep_in_memory = keep_in_memory
         self.hf = hf
         self._digest: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Records pickle as tuples (the preflight process hands 100,000 of them over: a
+        third of the bytes and a quarter of the time of pickling the objects)."""
+        state = dict(self.__dict__)
+        state["records"] = list(map(_record_fields, self.records))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.records = [Record(*fields) for fields in state["records"]]
 
     def digest(self) -> str:
         """What the listing says of every example, in order (store, key, size, version,
@@ -381,14 +396,11 @@ def _jsonl_source(
             f"{cfg.jsonl_path}: no such file", hint="check data_loader.dataset.jsonl_path"
         ) from None
     lines: list[_Line] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in _parse_jsonl(text, cfg.jsonl_path):
         where = f"{cfg.jsonl_path}:{lineno}"
-        row = _parse_line(line, where)
         image = _column(row, cfg.image_column, where, str)
         caption = _column(row, cfg.caption_column, where, str) if need_captions else None
-        store, key = store_of(image, where, "image")
+        store, key = (0, image) if _plain_key(image) else store_of(image, where, "image")
         mask_store, mask_key = (
             store_of(_mask_column(row, where), where, "mask") if masks else (0, None)
         )
@@ -425,9 +437,7 @@ def _listings(lines: list[_Line], stores: list[StoreRef], where: str) -> list[di
         if not keys:
             out.append({})
             continue
-        folder = posixpath.commonpath(keys) if len(keys) > 1 else posixpath.dirname(keys[0])
-        if folder in keys:  # one key, or one key is a prefix of the others' folder
-            folder = posixpath.dirname(folder)
+        folder = posixpath.commonprefix(keys).rpartition("/")[0]  # holds every key
         prefix = f"{folder}/" if folder else ""
         listed = {info.key: info for info in list_known(ref.get(), prefix, keys)}
         for key in keys:
@@ -438,6 +448,40 @@ def _listings(lines: list[_Line], stores: list[StoreRef], where: str) -> list[di
                 )
         out.append(listed)
     return out
+
+
+def _parse_jsonl(text: bytes, path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line. The lines are parsed as one JSON array
+    (one call for 100,000 lines); should that fail or not give one object per line, line by
+    line, so the first bad line is named."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    try:
+        rows = json.loads(b"[" + b",".join(line for _, line in lines) + b"]")
+    except (ValueError, UnicodeDecodeError):
+        rows = None
+    if (
+        not isinstance(rows, list)
+        or len(rows) != len(lines)
+        or not all(type(row) is dict for row in rows)
+    ):
+        rows = [_parse_line(line, f"{path}:{n}") for n, line in lines]
+    return [(n, row) for (n, _), row in zip(lines, rows, strict=True)]
+
+
+def _plain_key(path: str) -> bool:
+    """A relative path that is its own key in the JSONL's folder: no scheme, no leading or
+    trailing '/', no empty, '.' or '..' segment, no backslash (`_resolve` gives it back
+    unchanged; checked without splitting it)."""
+    return (
+        bool(path)
+        and path[0] != "/"
+        and path[-1] != "/"
+        and "://" not in path
+        and "\\" not in path
+        and "//" not in path
+        and "/./" not in f"/{path}/"
+        and "/../" not in f"/{path}/"
+    )
 
 
 def _parse_line(line: bytes, where: str) -> dict[str, Any]:

@@ -152,3 +152,17 @@ def test_bucket_assignment_equals_closest_bucket_per_image() -> None:
     sizes = [(rng.randint(1, 4000), rng.randint(1, 4000)) for _ in range(2000)]
     sizes += sizes[:500] + [(512, 512), (256, 1024), (1024, 256)]
     assert assign_buckets(sizes, buckets) == [closest_bucket(s, buckets) for s in sizes]
+
+
+def test_a_source_crosses_a_process_boundary_whole(tmp_path: Path) -> None:
+    """The preflight process hands its source over pickled (records as tuples): the same
+    records, stores and name come out, and the listing digest with them."""
+    import pickle
+
+    cfg = _jsonl_cfg(tmp_path / "ds", tmp_path)
+    source = preflight(cfg).source
+    assert source is not None
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy.records == source.records and copy.name == source.name
+    assert [ref.uri for ref in copy.stores] == [ref.uri for ref in source.stores]
+    assert copy.digest() == source.digest()

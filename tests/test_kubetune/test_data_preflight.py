@@ -95,6 +95,47 @@ def test_jsonl_line_not_json_names_the_line(tmp_path: Path) -> None:
         preflight(_jsonl(path))
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('{"image": "images/pic-000.jpg", "text": "a"}, {"image": "x.jpg", "text": "b"}',
+         r"data\.jsonl:3: not valid JSON \(Extra data\)"),
+        ('{"image": "images/pic-000.jpg", "text": "a split\nline"}',
+         r"data\.jsonl:3: not valid JSON \(Unterminated string"),
+        ('["images/pic-000.jpg"]', r"data\.jsonl:3: expected a JSON object, got list"),
+    ],
+    ids=["two-objects", "split-string", "not-an-object"],
+)  # fmt: skip
+def test_jsonl_lines_that_join_into_valid_json_still_name_the_line(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    """The lines are parsed as one array first; a file whose lines are not one object each
+    (even where they join into valid JSON) is still refused naming its first bad line."""
+    write_jsonl(tmp_path, [(16, 16)] * 2)
+    path = tmp_path / "data.jsonl"
+    path.write_text(path.read_text() + extra + "\n")
+    with pytest.raises(DataError, match=message):
+        preflight(_jsonl(path))
+
+
+def test_jsonl_paths_are_keys_whatever_their_form(tmp_path: Path) -> None:
+    """Plain relative paths are used as keys as they are; others are normalised first."""
+    write_jsonl(tmp_path, [(16, 16)] * 3)
+    path = tmp_path / "data.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["image"] = "./images//pic-001.jpg"
+    rows[2]["image"] = str(tmp_path / "images" / "pic-002.jpg")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = preflight(_jsonl(path)).source
+    assert source is not None
+    assert [r.image_key for r in source.records] == [
+        "images/pic-000.jpg",
+        "images/pic-001.jpg",
+        str(tmp_path / "images" / "pic-002.jpg").lstrip("/"),
+    ]
+    assert [r.store for r in source.records] == [0, 0, 1]
+
+
 def test_jsonl_missing_column_names_the_line(tmp_path: Path) -> None:
     write_jsonl(tmp_path, [(16, 16)])
     path = tmp_path / "data.jsonl"
