@@ -19,8 +19,9 @@ for _folder in ("test_kubetune", "test_runner", "test_launcher", "cluster", "rel
     sys.path.append(str(Path(__file__).parent / _folder))
 
 # Session-scoped tiny SD / SDXL model directories (tiny_sd_dir, tiny_sdxl_dir); the real
-# cluster of the `-m cluster` tier (cluster, namespace).
-pytest_plugins = ["fixtures_models", "cluster_env"]
+# cluster of the `-m cluster` tier (cluster, namespace); the test tiers (what `slow` means);
+# pytest's own `pytester` (tests/test_tiers.py runs a pytest inside the test).
+pytest_plugins = ["fixtures_models", "cluster_env", "tiers", "pytester"]
 
 from azurite import Azurite, find_azurite  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
