@@ -62,7 +62,7 @@ def parse_config(
         resolve_paths(data, base)
     if overrides:
         apply_overrides(data, overrides, name, base=Path.cwd() if base is not None else None)
-    problems = _shape_problems(data, name)
+    problems = _shape_problems(data, name, lines.get(("type",), 1))
     if problems:
         raise ConfigError(problems, name)
     try:
@@ -101,7 +101,7 @@ def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
             _record_lines(item, (*loc, i), lines)
 
 
-def _shape_problems(data: Any, name: str) -> list[str]:
+def _shape_problems(data: Any, name: str, type_line: int = 1) -> list[str]:
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         return [
@@ -115,7 +115,7 @@ def _shape_problems(data: Any, name: str) -> list[str]:
         close = difflib.get_close_matches(str(kind).upper(), PIPELINE_TYPES, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         return [
-            f"{name}:1: type: {kind!r} is not a pipeline type; {hint}use one of "
+            f"{name}:{type_line}: type: {kind!r} is not a pipeline type; {hint}use one of "
             f"{', '.join(PIPELINE_TYPES)}"
         ]
     return []

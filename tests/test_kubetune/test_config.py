@@ -243,3 +243,11 @@ def test_unknown_keys_are_located_in_the_users_terms() -> None:
     ]
     del data["frobnicate"], data["optimizer"]["betas"], data["data_loader"]["dataset"]["shuffle"]
     assert unknown_keys(data) == []
+
+
+def test_bad_type_names_the_line_of_the_type_key() -> None:
+    """A starter file opens with comments: the `type:` line is not line 1."""
+    text = "# my config\n# more\ntype: SD_LORRA\nbase_output_dir: o\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, name="c.yaml")
+    assert err.value.problems[0].startswith("c.yaml:3: type: 'SD_LORRA' is not a pipeline type")
