@@ -146,7 +146,8 @@ def results_to_json(results: list[ValidationResult]) -> str:
 
 
 def starter_config(pipeline_type: str) -> str:
-    """The commented starter config for a pipeline type (validates as written)."""
+    """The commented starter config for a pipeline type (passes the schema as written;
+    `validate` then also wants its dataset folder)."""
     if pipeline_type not in PIPELINE_TYPES:
         raise UserError(
             f"--type {pipeline_type!r} is not a pipeline type",
@@ -165,6 +166,20 @@ def write_starter(pipeline_type: str, output: Path | None, force: bool) -> str:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text, encoding="utf-8")
     return text
+
+
+def starter_next_step(path: Path) -> str:
+    """What to do after `launcher init -o PATH`: the starter's dataset location does not
+    exist yet, so name it (absolute, as `validate` will) and the field that sets it."""
+    from kubetune.dataset.local_check import dataset_locations, path_field
+
+    for where, dataset in dataset_locations(load_config(path)):
+        field = f"{where}.{path_field(dataset)}"
+        return (
+            f"next: put your images in {getattr(dataset, path_field(dataset))} (or set {field} "
+            f"to your folder or s3:// prefix), then `launcher validate {path}`"
+        )
+    return f"next: `launcher validate {path}`"
 
 
 def schema_text() -> str:

@@ -159,22 +159,21 @@ class _DataProgress:
 def init(pipeline_type: str, out: Path | None, force: bool) -> None:
     """Write a commented starting config for a pipeline type.
 
-    The file validates as written; edit the dataset path and model, then `launcher validate`.
+    Its dataset folder (under data/ beside the file) does not exist yet: put your images
+    (with same-named .txt captions) there, or point data_loader.dataset at them, pick the base
+    model, then `launcher validate`.
 
     \b
     Example:
       launcher init --type SDXL_LORA -o lora.yaml
     """
-    from launcher.config_files import write_starter
+    from launcher.config_files import starter_next_step, write_starter
 
     text = write_starter(pipeline_type.upper(), out, force)
     if out is None:
         click.echo(text, nl=False)
     else:
-        click.echo(
-            f"wrote {out}; next: edit data_loader.dataset, then `launcher validate {out}`",
-            err=True,
-        )
+        click.echo(f"wrote {out}; {starter_next_step(out)}", err=True)
 
 
 @main.command()

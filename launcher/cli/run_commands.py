@@ -313,7 +313,14 @@ def _detach_on_interrupt(run: str, backend: str) -> Iterator[None]:
 def status(
     run: str | None, sweep: str | None, local: bool, output: str, cluster: api.ClusterOptions
 ) -> None:
-    """Phase, reason, retries and training progress of RUN (or of every run of --sweep)."""
+    """Phase, reason, retries and training progress of RUN (or of every run of --sweep).
+
+    \b
+    Examples:
+      launcher status quickstart
+      launcher status my-lora --format json      # CI: phase, step, loss as one document
+      launcher status --sweep lr-search
+    """
     if sweep:
         _print_sweep(api.get_backend(local=local, cluster=cluster), sweep, output)
         return
@@ -355,7 +362,13 @@ def status(
 def logs(
     run: str, follow: bool, rank: int | None, local: bool, cluster: api.ClusterOptions
 ) -> None:
-    """Print the logs of RUN (every attempt, oldest first; one node of a multi-node run)."""
+    """Print the logs of RUN (every attempt, oldest first; one node of a multi-node run).
+
+    \b
+    Examples:
+      launcher logs -f quickstart
+      launcher logs my-lora --rank 1             # node 1 of a multi-node run
+    """
     from launcher.follow import follow as follow_lines
     from launcher.follow import wants_bar
 
@@ -382,7 +395,13 @@ def cancel(
     run: str, wait: bool, timeout: float, local: bool, output: str, cluster: api.ClusterOptions
 ) -> None:
     """Stop RUN (the Job is deleted; outputs in storage stay). The run is Cancelling until
-    the cluster has removed the Job, then Cancelled."""
+    the cluster has removed the Job, then Cancelled.
+
+    \b
+    Examples:
+      launcher cancel quickstart
+      launcher cancel my-lora --wait --timeout 120
+    """
     backend = api.backend_for_run(run, local=local, cluster=cluster)
     result = backend.cancel(run, wait=wait, timeout=timeout)
     if output == "json":
@@ -406,8 +425,14 @@ def _print_sweep(backend: Backend, sweep: str, output: str) -> None:
 @OUTPUT
 @cluster_options
 def list_runs(local: bool, sweep: str | None, output: str, cluster: api.ClusterOptions) -> None:
-    """kubetune runs in the namespace (or on this machine with --local, or when no cluster is
-    configured)."""
+    """List kubetune runs in the namespace (or on this machine with --local, or when no
+    cluster is configured).
+
+    \b
+    Examples:
+      launcher list
+      launcher list --sweep lr-search --format json
+    """
     if not local and not api.cluster_configured(cluster):
         click.echo(
             "no cluster configured (no --kubeconfig, $KUBECONFIG or ~/.kube/config): "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,3 +144,24 @@ def test_submit_wait_exit_status_follows_the_run() -> None:
     assert run_exit_code(status("Failed", "BackoffLimitExceeded", "exit code 2: config")) == 2
     assert run_exit_code(status("Failed", "exit code 1", "boom")) == 1
     assert run_exit_code(status("Preempted", "SIGTERM")) == 1
+
+
+def test_every_command_help_shows_an_example() -> None:
+    """A newcomer learns a command from its --help: each shows at least one invocation."""
+    for name in sorted(main.commands):
+        text = CliRunner().invoke(main, [name, "--help"]).output
+        assert re.search(rf"^\s+launcher {name}\b", text, re.M), f"{name} --help has no example"
+
+
+def test_init_says_where_the_images_go_then_validates(tmp_path: Path) -> None:
+    """The starter's dataset folder does not exist yet: init names it (absolute) and the field,
+    and the file validates once images are there."""
+    out = tmp_path / "lora.yaml"
+    made = CliRunner().invoke(main, ["init", "--type", "SD_LORA", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    images = tmp_path / "data" / "my-images"
+    assert str(images) in made.stderr and "data_loader.dataset.dataset_dir" in made.stderr
+    assert CliRunner().invoke(main, ["validate", str(out)]).exit_code == 2
+    shutil.copytree(ROOT / "examples" / "sample_data", images)
+    checked = CliRunner().invoke(main, ["validate", str(out)])
+    assert checked.exit_code == 0, checked.output
