@@ -329,8 +329,17 @@ def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+_LAST_SECTIONS = ("job", "storage", "notify")  # kubetune's own sections, as in a starter
+
+
 def config_to_yaml(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, ordered as a user's file reads: `type` first, the
+    kubetune sections (job, storage, notify) last."""
+    data = config_to_dict(cfg)
+    middle = [k for k in data if k != "type" and k not in _LAST_SECTIONS]
+    order = ["type", *middle, *(k for k in _LAST_SECTIONS if k in data)]
+    ordered = {k: data[k] for k in order if k in data}
+    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
 
 
 def config_hash(cfg: PipelineConfig, length: int = 10) -> str:

@@ -251,3 +251,13 @@ def test_bad_type_names_the_line_of_the_type_key() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(text, name="c.yaml")
     assert err.value.problems[0].startswith("c.yaml:3: type: 'SD_LORRA' is not a pipeline type")
+
+
+def test_resolved_yaml_reads_type_first_and_kubetune_sections_last() -> None:
+    """The run's config.yaml, the report and the UI's Generate Config show this text: it opens
+    with `type:` like the user's file, and ends with the job / storage / notify sections."""
+    cfg = load_config(ROOT / "examples" / "quickstart.yaml")
+    text = config_to_yaml(cfg)
+    keys = [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()]
+    assert keys[0] == "type" and keys[-3:] == ["job", "storage", "notify"]
+    assert parse_config(text) == cfg
