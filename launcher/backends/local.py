@@ -252,6 +252,7 @@ class LocalBackend(Backend):
         if _finished_later(status, attempts[-1]["started"]):
             status.phase, status.reason = "Succeeded", None
             status.message = "finished by a later `python -m runner` of its config"
+        status.retries += status.phase == "Failed"  # the latest attempt, as a failed pod counts
         if not with_progress:
             status.progress = status.progress_error = None
         return status
@@ -433,13 +434,22 @@ def _alive(pid: int) -> bool:
         return True
 
 
+_ERROR_PREFIX = "kubetune: error: "  # how `python -m runner` prints the error it exits with
+
+
 def _exit_meaning(code: int, log: Path) -> str:
-    if code == EXIT_USER_ERROR:
-        return "config or data error (see `launcher logs RUN`)"
+    """What a failed attempt's exit means: for bad input (exit 2) the runner's own error line,
+    else the log's last line."""
     try:
         lines = log.read_text(errors="replace").strip().splitlines()
     except OSError:
         lines = []
+    if code == EXIT_USER_ERROR:
+        errors = [line for line in lines if line.startswith(_ERROR_PREFIX)]
+        where = f"`launcher logs --local {log.parent.name}`"
+        if errors:
+            return f"{errors[-1][len(_ERROR_PREFIX) :][:300]} (log: {where})"
+        return f"config or data error (see {where})"
     return lines[-1][:200] if lines else "the runner failed"
 
 

@@ -248,3 +248,20 @@ def test_replace_starts_over_a_run_whose_run_json_is_damaged(
     assert _wait_done(backend, "my-run").phase == "Succeeded"
     assert "args --no-resume" in list(backend.logs("my-run"))
     assert json.loads(record.read_text())["run"] == "my-run"
+
+
+def test_failed_on_bad_input_shows_the_runners_error_line(tmp_path: Path) -> None:
+    """Exit 2: `status` (and the UI's Reason) carry the runner's one-line error, not only a
+    pointer to the logs; a stand-in runner that prints as `python -m runner` does."""
+    script = tmp_path / "bad_input.py"
+    script.write_text(
+        "import sys\nprint('INFO loading', flush=True)\n"
+        "print('kubetune: error: bucket \\'nope\\' does not exist', file=sys.stderr)\n"
+        "print('more detail', file=sys.stderr)\nsys.exit(2)\n"
+    )
+    backend = LocalBackend(home=tmp_path / "home", entrypoint=[sys.executable, str(script)])
+    backend.submit(_cfg(tmp_path))
+    status = _wait_done(backend, "my-run")
+    assert (status.phase, status.reason) == ("Failed", "exit code 2")
+    assert status.message == "bucket 'nope' does not exist (log: `launcher logs --local my-run`)"
+    assert status.retries == 1  # `status` prints "failed attempts: 1", not 0, for this run

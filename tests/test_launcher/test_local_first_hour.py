@@ -111,6 +111,7 @@ def test_bad_input_found_by_the_run_exits_2(tmp_path: Path) -> None:
     env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     done = _launcher(project, env, "submit", "--local", "--wait", "lora.yaml")
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "first-hour: Failed (exit code 2: config or data error" in done.stdout
+    failed = next(line for line in done.stdout.splitlines() if "first-hour: Failed" in line)
+    assert failed.startswith("first-hour: Failed (exit code 2: ") and "red_circle.png" in failed
     logs = _launcher(project, env, "logs", "first-hour").stdout
     assert "red_circle.png" in logs and "kubetune: error:" in logs
