@@ -75,10 +75,31 @@ def fail_fast_on_local_data(source: str, cfg: object) -> None:
         raise DataError("\n".join(field_problems(source, problems)))
 
 
+def describe_error(err: KubetuneError, cfg: object | None) -> str:
+    """The one line to print for `err`. An error of a cloud dataset (a missing bucket, no
+    credentials, an empty prefix) names its URI or bucket but not the config field, and a
+    missing bucket's hint speaks of the output URI: name the field and its fix instead."""
+    from kubetune.dataset.local_check import dataset_locations, path_field
+
+    for where, dataset in dataset_locations(cfg) if cfg is not None else []:
+        field = f"{where}.{path_field(dataset)}"
+        location = str(getattr(dataset, path_field(dataset)))
+        if "://" not in location:
+            continue
+        bucket = location.split("://", 1)[1].split("/", 1)[0]
+        if location in str(err) or f"{bucket!r}" in str(err):
+            hint = err.hint
+            if hint and "output URI" in hint:
+                hint = f"create the bucket, or point {field} at an existing bucket"
+            return f"{field}: {err.message}" + (f" ({hint})" if hint else "")
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     quiet_libraries()
+    cfg = None
     try:
         from kubetune.config import load_config
 
@@ -103,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop,
                 data=data)  # fmt: skip
     except KubetuneError as err:
-        print(f"kubetune: error: {err}", file=sys.stderr)
+        print(f"kubetune: error: {describe_error(err, cfg)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("kubetune: interrupted", file=sys.stderr)
