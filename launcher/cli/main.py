@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,14 +36,24 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def emit_json_error(message: str, code: int) -> None:
+    """`--format json`'s document for a refused command: `{"error": {exit_code, problems}}`
+    on stdout (one problem per line of the message), so CI always has JSON to read."""
+    problems = message.splitlines() or [message]
+    click.echo(json.dumps({"error": {"exit_code": code, "problems": problems}}, indent=2))
+
+
 def handle_errors(fn: F) -> F:
-    """Map kubetune errors to one-line messages and their exit codes (2 = user error)."""
+    """Map kubetune errors to one-line messages and their exit codes (2 = user error); with
+    `--format json` also a JSON error document on stdout."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except KubetuneError as err:
+            if kwargs.get("output") == "json":
+                emit_json_error(str(err), err.exit_code)
             fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)

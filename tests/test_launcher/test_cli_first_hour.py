@@ -4,6 +4,7 @@ exist and parses as written; `list` / `status` without a cluster show this machi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -165,3 +166,22 @@ def test_init_says_where_the_images_go_then_validates(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "examples" / "sample_data", images)
     checked = CliRunner().invoke(main, ["validate", str(out)])
     assert checked.exit_code == 0, checked.output
+
+
+@pytest.mark.parametrize("command", ["submit", "status", "pull", "report"])
+def test_format_json_errors_are_one_json_document(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI reads stdout with --format json: a refused command still prints one document there
+    (the error lines and exit status), and the `error:` lines on stderr."""
+    _no_cluster(monkeypatch, tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("type: SD_LORA\nmax_train_step: 10\n")
+    target = ["--local", str(bad)] if command == "submit" else ["nope"]
+    result = CliRunner().invoke(main, [command, "--format", "json", *target])
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["exit_code"] == 2 and error["problems"], error
+    assert result.stderr.splitlines()[0] == f"error: {error['problems'][0]}"
+    if command == "submit":
+        assert any("max_train_step: unknown key" in p for p in error["problems"])
