@@ -4,7 +4,9 @@ image headers through the dataset index), and the full decode of every example t
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -75,6 +77,11 @@ def check_headers(
 
 
 Listed = tuple[Source, DreamBoothData | None]
+
+
+CHECKS_NICENESS = 10
+"""How much the forked preflight lowers its CPU priority once training has its listed
+report: the header checks beside training must not slow the steps down."""
 
 
 def list_dataset(cfg: Any) -> Listed:
@@ -278,6 +285,8 @@ def _preflight_child(cfg: Any, writer: Connection) -> None:
     def listed(report: PreflightReport) -> None:
         writer.send(("listed", report))
         sent.append(True)
+        with contextlib.suppress(OSError):  # the checks now run beside training: yield to it
+            os.nice(CHECKS_NICENESS)
 
     try:
         report = _run_preflight(cfg, listed)

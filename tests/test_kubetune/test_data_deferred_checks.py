@@ -112,3 +112,26 @@ def test_the_loader_raises_the_checks_error_or_hands_on_the_report(tmp_path: Pat
         else:
             next(iter(loader))
             assert len(got) == 1 and got[0].sizes_hw == [(h, w) for w, h in SIZES]
+
+
+@pytest.mark.usefixtures("large")
+def test_forked_checks_beside_training_run_at_a_lower_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once training has the listed report, the forked checks yield the CPU to it: the
+    header checks run niced (the niceness is read where they run, in the fork)."""
+    import os
+    from dataclasses import replace
+
+    real = checks._header_checks
+
+    def niceness_noted(*args: Any) -> Any:
+        report, errors = real(*args)
+        return replace(report, reused=os.nice(0)), errors
+
+    monkeypatch.setattr(checks, "_header_checks", niceness_noted)
+    mine = os.nice(0)
+    listed = start_preflight(_cfg(tmp_path), process=True).result(timeout=60)
+    assert listed.pending is not None
+    assert listed.pending.result(timeout=60).reused >= min(19, mine + checks.CHECKS_NICENESS)
+    assert os.nice(0) == mine
