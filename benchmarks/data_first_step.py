@@ -11,6 +11,9 @@ start until its log shows optimizer step 1 done; the process is then killed (a p
 so the *restart* is the same run started again. `--full` also measures a *later run*: a new
 run name over the same data, which finds the index beside the runs.
 
+`--plain` also measures each figure without aspect-ratio buckets (a large dataset then starts
+training once listed, its header checks beside it: `DEFERRED_CHECKS_MIN_EXAMPLES`).
+
 `--synthetic N` replaces the photos by N small real JPEGs (64 distinct solid-colour images of
 512-1024 px, ~2-4 KB each; only their headers are read before the first batch) to reach
 100,000 images; each measurement then also reports the process's peak RSS (the index, the
@@ -83,13 +86,16 @@ def upload(server: Any, bucket: str, folder: Path, n: int) -> None:
     store.put_bytes("data.jsonl", "\n".join(rows).encode())
 
 
-def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
-    """One measurement, in this (fresh) process: seconds and bytes to the first batch."""
+def measure(bucket: str, n: int, run_dir: str, buckets: bool = True) -> dict[str, Any]:
+    """One measurement, in this (fresh) process: seconds and bytes to the first batch. The
+    preflight runs as a run starts it (`start_preflight`, in a thread here so that its reads
+    are counted): without buckets a large dataset's header checks go on beside the batch."""
     from kubetune.config import SdLoraConfig
     from kubetune.dataset.index import save_index
+    from kubetune.dataset.preflight import start_preflight
     from kubetune.storage import open_store
     from kubetune.storage.cloud import CloudStore
-    from runner.data import build_train_dataloader, preflight
+    from runner.data import build_train_dataloader
 
     read = {"bytes": 0, "gets": 0}
     lock = threading.Lock()
@@ -103,6 +109,55 @@ def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
 
     CloudStore.get_bytes = lambda s, k: count(get_bytes(s, k))  # type: ignore[method-assign]
     CloudStore.get_range = lambda s, k, a, b: count(get_range(s, k, a, b))  # type: ignore
+    get_range_async = CloudStore.get_range_async
+
+    async def counted_async(s: CloudStore, k: str, a: int, b: int) -> bytes:
+        return count(await get_range_async(s, k, a, b))
+
+    CloudStore.get_range_async = counted_async  # type: ignore[method-assign]
+    cfg = SdLoraConfig.model_validate(
+        {
+            "base_output_dir": run_dir,
+            "max_train_steps": 1,
+            "save_every_n_steps": 1,
+            "data_loader": {
+                "dataset": {
+                    "type": "IMAGE_CAPTION_JSONL_DATASET",
+                    "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
+                },
+                "resolution": 512,
+                "aspect_ratio_buckets": BUCKETS if buckets else None,
+            },
+            "train_batch_size": 4,
+        }
+    )
+    start = time.perf_counter()
+    run_store = open_store(run_dir)
+    data = start_preflight(cfg, process=False)
+    report = data.result()
+    loader = build_train_dataloader(cfg, seed=0, batch_size=4, device_is_cuda=False, data=report)
+    next(iter(loader))
+    seconds = time.perf_counter() - start
+    before = dict(read)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    checked = report.pending.result() if report.pending is not None else report
+    save_index(run_store, checked)
+    return {"n": n, "seconds": seconds, **before, "reused": checked.reused, "rss_mib": peak_mib}
+
+
+def index_memory(bucket: str, n: int, run_dir: str, traced: bool) -> dict[str, Any]:
+    """Memory of the dataset index alone, in a fresh process without torch: the process's
+    RSS growth over the preflight and its peak RSS; ``traced``: Python allocations
+    (tracemalloc, whose own books inflate the RSS) at their peak during the preflight
+    (listing, records, header reads, index) and still held after it (records, index,
+    sizes: what a run keeps)."""
+    import tracemalloc
+
+    from kubetune.config import SdLoraConfig
+    from kubetune.dataset.index import save_index
+    from kubetune.dataset.preflight import preflight
+    from kubetune.storage import open_store
+
     cfg = SdLoraConfig.model_validate(
         {
             "base_output_dir": run_dir,
@@ -116,29 +171,64 @@ def measure(bucket: str, n: int, run_dir: str) -> dict[str, Any]:
                 "resolution": 512,
                 "aspect_ratio_buckets": BUCKETS,
             },
-            "train_batch_size": 4,
         }
     )
-    start = time.perf_counter()
     run_store = open_store(run_dir)
-    data = preflight(cfg, run_store=run_store)
-    loader = build_train_dataloader(cfg, seed=0, batch_size=4, device_is_cuda=False, data=data)
-    next(iter(loader))
-    seconds = time.perf_counter() - start
-    before = dict(read)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    save_index(run_store, data)
-    return {"n": n, "seconds": seconds, **before, "reused": data.reused, "rss_mib": peak_mib}
+    rss_before = _rss_mib()
+    if traced:
+        tracemalloc.start()
+    report = preflight(cfg, run_store=run_store)
+    held, peak = tracemalloc.get_traced_memory() if traced else (0, 0)
+    tracemalloc.stop()
+    rss_after = _rss_mib()
+    save_index(run_store, report)
+    mib = {"peak_mib": peak / 2**20, "held_mib": held / 2**20, "rss_peak_mib": _rss_mib("VmHWM")}
+    return {"n": n, "reused": report.reused, "rss_growth_mib": rss_after - rss_before, **mib}
 
 
-def one(bucket: str, n: int, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
+def _rss_mib(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory(a: argparse.Namespace, bucket: str, env: dict[str, str], tmp: str) -> None:
+    """`index_memory` cold (no index) then on a restart (the run's index), fresh processes."""
+    code = (
+        "import json, sys; sys.path[:0] = [sys.argv[1]]\n"
+        "from data_first_step import index_memory\n"
+        "print(json.dumps(index_memory(sys.argv[2], int(sys.argv[3]), sys.argv[4], "
+        "sys.argv[5] == '1')))"
+    )
+    for traced in ("0", "1"):
+        for phase in ("cold", "restart"):
+            args = [str(Path(__file__).parent), bucket, str(a.big), f"{tmp}/mem-{traced}", traced]
+            out = subprocess.run(
+                [sys.executable, "-c", code, *args],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=True,
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            what = (f"Python allocations peak {row['peak_mib']:.0f} MiB, held after "
+                    f"{row['held_mib']:.0f} MiB (tracemalloc)" if traced == "1" else
+                    f"RSS +{row['rss_growth_mib']:.0f} MiB, peak {row['rss_peak_mib']:.0f} MiB "
+                    "(no torch)")  # fmt: skip
+            print(f"{a.big} {phase}: {what}; reused {row['reused']}", flush=True)
+
+
+def one(bucket: str, n: int, run_dir: str, env: dict[str, str], buckets: bool) -> dict[str, Any]:
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1]]\n"
         "from data_first_step import measure\n"
-        "print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), sys.argv[4])))"
+        "print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == '1')))"
     )
+    args = [str(Path(__file__).parent), bucket, str(n), run_dir, "1" if buckets else "0"]
     out = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent), bucket, str(n), run_dir],
+        [sys.executable, "-c", code, *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -149,8 +239,11 @@ def one(bucket: str, n: int, run_dir: str, env: dict[str, str]) -> dict[str, Any
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def runner_config(bucket: str, n: int, prefix: str, name: str, endpoint: str) -> dict[str, Any]:
-    """A real run over `ds-<n>`: tiny SD1.5, 512 px buckets, outputs to s3://bucket/prefix."""
+def runner_config(
+    bucket: str, n: int, prefix: str, name: str, endpoint: str, buckets: bool = True
+) -> dict[str, Any]:
+    """A real run over `ds-<n>`: tiny SD1.5, 512 px (buckets unless `buckets` is False),
+    outputs to s3://bucket/prefix."""
     return {
         "type": "SD_LORA",
         "seed": 0,
@@ -166,7 +259,7 @@ def runner_config(bucket: str, n: int, prefix: str, name: str, endpoint: str) ->
                 "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
             },
             "resolution": 512,
-            "aspect_ratio_buckets": BUCKETS,
+            "aspect_ratio_buckets": BUCKETS if buckets else None,
         },
         "train_batch_size": 4,
         "max_train_steps": 2,
@@ -210,20 +303,34 @@ def full(a: argparse.Namespace, server: Any, bucket: str, tmp: str) -> None:
     watchdog.start()
     try:
         for r in range(a.rounds):
-            for n in (a.small, a.big):
+            for n, buckets in variants(a):
+                tag = "" if buckets else " plain"
                 for phase, name in (("cold", "a"), ("restart", "a"), ("later run", "b")):
-                    cfg = runner_config(bucket, n, f"full-{n}-{r}", f"run-{name}", server.endpoint)
+                    prefix = f"full-{n}{tag.strip()}-{r}"
+                    cfg = runner_config(bucket, n, prefix, f"run-{name}", server.endpoint, buckets)
                     seconds = first_step(cfg, server.env(), tmp)
-                    results.setdefault(f"{n} {phase}", []).append(seconds)
-                    print(f"round {r}: {n} {phase}: {seconds:.2f} s", flush=True)
+                    results.setdefault(f"{n}{tag} {phase}", []).append(seconds)
+                    load = os.getloadavg()[0]
+                    print(f"round {r}: {n}{tag} {phase}: {seconds:.2f} s (load {load:.1f})",
+                          flush=True)  # fmt: skip
     finally:
         watchdog.cancel()
     base = statistics.median(results[f"{a.small} cold"])
-    print(f"time to first step (python -m runner, median of {a.rounds}), buckets on")
+    print(f"time to first step (python -m runner, median of {a.rounds}); 'plain': no buckets")
     for key, runs in results.items():
         med = statistics.median(runs)
-        print(f"{key:>16}: {med:6.2f} s = {med / base:4.2f}x {a.small} cold; "
+        print(f"{key:>22}: {med:6.2f} s = {med / base:4.2f}x {a.small} cold; "
               f"runs {[round(x, 2) for x in runs]}")  # fmt: skip
+    load = os.getloadavg()
+    print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
+def variants(a: argparse.Namespace) -> list[tuple[int, bool]]:
+    """(images, buckets) pairs of one round: with buckets, and without them too (`--plain`)."""
+    pairs = [(a.small, True), (a.big, True)]
+    if a.plain:
+        pairs += [(a.small, False), (a.big, False)]
+    return pairs
 
 
 def main() -> None:
@@ -233,6 +340,10 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="time to first step of a real run")
+    parser.add_argument("--memory", action="store_true",
+                        help="the index's memory for --big images (tracemalloc, RSS)")  # fmt: skip
+    parser.add_argument("--plain", action="store_true",
+                        help="also measure configs without aspect-ratio buckets")  # fmt: skip
     parser.add_argument("--synthetic", type=int, default=0,
                         help="N small real JPEGs instead of the photos (sets --big N)")  # fmt: skip
     a = parser.parse_args()
@@ -244,18 +355,21 @@ def main() -> None:
     server = start_server()
     try:
         bucket = server.create_bucket("bench")
-        for n in (a.small, a.big):
+        for n in (a.big,) if a.memory else (a.small, a.big):
             upload(server, bucket, a.photos, n)
         results: dict[str, list[dict[str, Any]]] = {}
         with tempfile.TemporaryDirectory() as tmp:
             if a.full:
                 return full(a, server, bucket, tmp)
+            if a.memory:
+                return memory(a, bucket, server.env(), tmp)
             for r in range(a.rounds):  # interleaved: small cold, big cold, small/big restart
-                for n in (a.small, a.big):
-                    run_dir, env = f"{tmp}/run-{n}-{r}", server.env()
+                for n, buckets in variants(a):
+                    tag = "" if buckets else " plain"
+                    run_dir, env = f"{tmp}/run-{n}{tag.strip()}-{r}", server.env()
                     for phase in ("cold", "restart"):
-                        row = one(bucket, n, run_dir, env)
-                        results.setdefault(f"{n} {phase}", []).append(row)
+                        row = one(bucket, n, run_dir, env, buckets)
+                        results.setdefault(f"{n}{tag} {phase}", []).append(row)
         report(results, a.small, a.big)
     finally:
         server.stop()
@@ -264,13 +378,13 @@ def main() -> None:
 def report(results: dict[str, list[dict[str, Any]]], small: int, big: int) -> None:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     base = med[f"{small} cold"]
-    print(f"time to first batch (median of {len(results[f'{small} cold'])}), buckets on")
+    print(f"time to first batch (median of {len(results[f'{small} cold'])}); 'plain': no buckets")
     for key, rows in results.items():
         mib = statistics.median(r["bytes"] for r in rows) / 2**20
         gets = statistics.median(r["gets"] for r in rows)
         rss = statistics.median(r["rss_mib"] for r in rows)
         print(
-            f"{key:>14}: {med[key]:6.2f} s = {med[key] / base:4.2f}x {small} cold; "
+            f"{key:>20}: {med[key]:6.2f} s = {med[key] / base:4.2f}x {small} cold; "
             f"read {mib:7.1f} MiB in {gets:.0f} GETs; peak RSS {rss:6.0f} MiB; "
             f"runs {[round(r['seconds'], 2) for r in rows]}"
         )
