@@ -6,6 +6,7 @@ import difflib
 import functools
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,17 @@ def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
     got = err.get("input")
     if kind not in ("value_error",) and not isinstance(got, (dict, list)):
         msg = f"{msg} (got {got!r})"
+    if kind == "literal_error" and isinstance(got, str):
+        msg = _closest_choice(got, str((err.get("ctx") or {}).get("expected", ""))) + msg
     return msg
+
+
+def _closest_choice(got: str, expected: str) -> str:
+    """`did you mean 'bf16'? ` for a mistyped choice (pydantic's `expected` lists them quoted),
+    else nothing."""
+    choices = {c.lower(): c for c in re.findall(r"'([^']*)'", expected)}
+    close = difflib.get_close_matches(got.lower(), list(choices), n=1)
+    return f"did you mean {choices[close[0]]!r}? " if close else ""
 
 
 def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: str) -> list[str]:

@@ -261,3 +261,18 @@ def test_resolved_yaml_reads_type_first_and_kubetune_sections_last() -> None:
     keys = [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()]
     assert keys[0] == "type" and keys[-3:] == ["job", "storage", "notify"]
     assert parse_config(text) == cfg
+
+
+def test_a_mistyped_choice_suggests_the_closest_one() -> None:
+    text = (
+        "type: SD_LORA\nbase_output_dir: o\nmax_train_steps: 1\nsave_every_n_steps: 1\n"
+        "lr_scheduler: constant_warmup\nmixed_precision: BF16\n"
+        "data_loader:\n  type: IMAGE_CAPTION_SD_DATA_LOADER\n"
+        "  dataset: {type: IMAGE_CAPTION_DIR_DATASET, dataset_dir: d}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, name="c.yaml")
+    problems = err.value.problems
+    assert problems[0].startswith("c.yaml:5: lr_scheduler: did you mean 'constant_with_warmup'?")
+    assert problems[1].startswith("c.yaml:6: mixed_precision: did you mean 'bf16'?")
+    assert "(got 'BF16')" in problems[1] and "'fp16'" in problems[1]  # the choices stay
