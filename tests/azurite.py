@@ -79,16 +79,19 @@ class Azurite:
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Poll with a client that does not retry: the SDK's own retries back off for ~15 s
+        after the first refused connection, long after the emulator is up (~3 s)."""
         deadline, last = time.monotonic() + timeout_s, None
+        probe = self._client(retry_total=0)
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"azurite exited: {self.log_tail()}")
             try:
-                self.service().get_service_properties()
+                probe.get_service_properties()
                 return
             except Exception as exc:  # noqa: BLE001 - anything means "not ready yet"
                 last = exc
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise TimeoutError(f"Azurite not ready after {timeout_s}s ({last}): {self.log_tail()}")
 
     def log_tail(self) -> str:
@@ -98,12 +101,15 @@ class Azurite:
     def service(self) -> Any:
         """A ``BlobServiceClient`` (azure-storage-blob) for this emulator."""
         if self._service is None:
-            from azure.storage.blob import BlobServiceClient
-
-            conn = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};"
-                    f"AccountKey={ACCOUNT_KEY};BlobEndpoint={self.endpoint};")  # fmt: skip
-            self._service = BlobServiceClient.from_connection_string(conn)
+            self._service = self._client()
         return self._service
+
+    def _client(self, **options: Any) -> Any:
+        from azure.storage.blob import BlobServiceClient
+
+        conn = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};"
+                f"AccountKey={ACCOUNT_KEY};BlobEndpoint={self.endpoint};")  # fmt: skip
+        return BlobServiceClient.from_connection_string(conn, **options)
 
     def create_container(self, prefix: str = "test") -> str:
         name = f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:8]}".lower()[:63]

@@ -32,7 +32,8 @@ def test_slow():
 
 def _selected(pytester: pytest.Pytester, *args: str) -> set[str]:
     pytester.makepyfile(test_cluster_sample=SAMPLE, test_sample=SAMPLE_2)
-    result = pytester.runpytest_inprocess("-p", "tiers", "--collect-only", "-q", *args)
+    args = ("-p", "tiers", "-p", "no:cacheprovider", "--collect-only", "-q", *args)
+    result = pytester.runpytest_inprocess(*args)
     return {line.split("::")[-1] for line in result.outlines if "::" in line}
 
 
