@@ -16,7 +16,14 @@ from kubetune.errors import EXIT_FAILURE, KubetuneError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m runner", description="Train one kubetune config."
+        prog="python -m runner",
+        description="Train one kubetune config in the foreground: what each Kubernetes pod\n"
+        "runs. On your machine, `launcher submit --local CONFIG` runs this same entrypoint\n"
+        "in the background and tracks it (status, logs, report, resume).",
+        epilog="example:\n  python -m runner examples/quickstart.yaml --set max_train_steps=10\n\n"
+        "exit status: 0 trained, 2 bad config or data, 143 stopped by SIGTERM after a\n"
+        "checkpoint (the next start resumes), 130 Ctrl-C, 1 anything else",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="path to the YAML config (or - for stdin)")
     parser.add_argument(

@@ -128,3 +128,15 @@ def test_the_whole_config_stops_at_the_settings() -> None:
     )
     assert readers, "the walk found no module at all"
     assert [r for r in readers if not r.startswith(CONFIG_READERS)] == []
+
+
+def test_runner_help_says_when_to_use_it_with_an_example(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from runner.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "python -m runner examples/quickstart.yaml" in text
+    assert "launcher submit --local" in text and "exit status" in text.lower()
