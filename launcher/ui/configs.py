@@ -13,7 +13,7 @@ import yaml
 
 from kubetune.config import PIPELINE_TYPES, config_to_dict, config_to_yaml
 from kubetune.config.loader import unknown_keys
-from launcher.config_files import validate_text
+from launcher.config_files import starter_config, validate_text
 
 FORM_NAME = "form"
 _PROBLEM = re.compile(r"^(?P<name>.*?):(?P<line>\d+): (?P<path>[^:]+?): (?P<message>.*)$")
@@ -47,6 +47,16 @@ def reload_reference(text: str, name: str, base: Path | None = None) -> dict[str
         "unknown": unknown,
         "problems": [_problem(line, name) for line in result.errors],
     }
+
+
+def starter_values(kind: str, base: Path | None = None) -> dict[str, Any]:
+    """The values `launcher init --type KIND` writes, for its tab to open with (invoke-training's
+    UI opens each tab on a reference config); relative paths mean `base`. {} for a type
+    without a starter."""
+    if kind not in PIPELINE_TYPES:
+        return {}
+    values = reload_reference(starter_config(kind), f"launcher init --type {kind}", base)
+    return dict(values.get("values") or {})
 
 
 def _delete(data: Any, loc: tuple[str | int, ...]) -> None:

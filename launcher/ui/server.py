@@ -50,10 +50,18 @@ class UiState:
 
             classes = PIPELINE_CLASSES
         self.settings = settings
-        self.forms_json = json.dumps({"tabs": forms(classes)}).encode()
+        self.forms_json = json.dumps({"tabs": starters(forms(classes), settings)}).encode()
         self.runs = runs or Runs(local_only=settings.local_only, cluster_only=settings.cluster_only)
         page = (STATIC / "index.html").read_text(encoding="utf-8")
         self.page = _targets(page.replace("{{csrf}}", settings.csrf), settings)
+
+
+def starters(tabs: list[dict[str, Any]], settings: UiSettings) -> list[dict[str, Any]]:
+    """Each tab with the `launcher init` starter it opens on (paths under the first root)."""
+    from launcher.ui.configs import starter_values
+
+    base = settings.roots[0] if settings.roots else None
+    return [{**tab, "starter": starter_values(tab["type"], base)} for tab in tabs]
 
 
 def _targets(page: str, settings: UiSettings) -> str:

@@ -365,3 +365,12 @@ def test_an_uploaded_reference_loads_and_the_yaml_saves(
         assert time.monotonic() < deadline, "no download"
         time.sleep(0.1)
     assert next(downloads.glob("*.yaml")).read_text() == target.read_text()
+
+
+def test_a_tab_opens_filled_with_its_starter_config(page: tuple[Any, str]) -> None:
+    driver, url = page
+    open_page(driver, url)
+    driver.find_element(By.CSS_SELECTOR, '#tabs button[data-type="SDXL_LORA"]').click()
+    steps = field(driver, "max_train_steps").find_element(By.TAG_NAME, "input")
+    assert steps.get_attribute("value") == "2000"  # the schema's default is none
+    assert generate(driver).startswith("ok: SDXL_LORA run 'my-sdxl-lora'")  # valid as it opens

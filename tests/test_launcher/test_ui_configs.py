@@ -21,3 +21,27 @@ def test_generate_reports_exactly_what_validate_reports(path: Path) -> None:
     for line in by_text.errors:
         problem = _problem(line, str(path))
         assert problem["text"] in line and problem["message"]
+
+
+def test_each_tab_opens_on_its_starter_config(tmp_path: Path) -> None:
+    """As invoke-training's UI opens each tab on a reference config, each tab comes with the
+    values `launcher init --type T` writes (its relative paths under the served folder)."""
+    import json
+    import urllib.request
+
+    import yaml
+
+    from kubetune.config import PIPELINE_TYPES
+    from launcher.config_files import starter_config
+    from launcher.ui.security import UiSettings
+    from launcher.ui.server import create_app, serve_in_thread
+
+    app = create_app(UiSettings(port=0, local_only=True, roots=[tmp_path]))
+    with serve_in_thread(app) as url, urllib.request.urlopen(url + "/api/forms") as reply:
+        tabs = json.load(reply)["tabs"]
+    assert [t["type"] for t in tabs] == list(PIPELINE_TYPES)
+    for tab in tabs:
+        starter, written = tab["starter"], yaml.safe_load(starter_config(tab["type"]))
+        assert (starter["type"], starter["model"]) == (tab["type"], written["model"])
+        folder = written["data_loader"]["dataset"]["dataset_dir"]
+        assert starter["data_loader"]["dataset"]["dataset_dir"] == str(tmp_path / folder)

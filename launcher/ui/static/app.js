@@ -306,7 +306,7 @@ async function init() {
     tab.button.addEventListener("click", () => showTab(tab.type));
     bar.append(tab.button);
     form.append(renderTab(tab));
-    fill(tab, {});
+    fill(tab, tab.starter || {});  // the `launcher init` starter, as invoke-training's tabs open
   }
   showTab(state.tabs[0].type);
   document.getElementById("generate").addEventListener("click", generate);
