@@ -11,7 +11,8 @@ from typing import Any
 from kubetune.config import parse_config
 from kubetune.errors import KubetuneError
 from launcher import api
-from launcher.ui.configs import FORM_NAME, generate
+from launcher.config_files import local_data_lines
+from launcher.ui.configs import FORM_NAME, _problem, generate
 from launcher.ui.runs import Runs, one_line
 from launcher.ui.security import UiSettings, checked_path
 
@@ -34,8 +35,16 @@ def start_training(
         backend = runs.backend(target)
         text = checked["yaml"]
         cfg = parse_config(text, name=FORM_NAME)
-        if settings.restricted and backend.name == "local":
-            checked_path(settings, cfg.base_output_dir, "base_output_dir")
+        if backend.name == "local":
+            if settings.restricted:
+                checked_path(settings, cfg.base_output_dir, "base_output_dir")
+            missing = local_data_lines(FORM_NAME, cfg)  # as `launcher submit --local` refuses
+            if missing:
+                return {
+                    **checked,
+                    "valid": False,
+                    "problems": [_problem(p, FORM_NAME) for p in missing],
+                }
         if sweeps:
             return {**checked, "submitted": _sweep(text, sweeps, backend, replace)}
         result = api.submit(cfg, backend, replace=replace)

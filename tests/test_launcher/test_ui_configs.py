@@ -45,3 +45,24 @@ def test_each_tab_opens_on_its_starter_config(tmp_path: Path) -> None:
         assert (starter["type"], starter["model"]) == (tab["type"], written["model"])
         folder = written["data_loader"]["dataset"]["dataset_dir"]
         assert starter["data_loader"]["dataset"]["dataset_dir"] == str(tmp_path / folder)
+
+
+def test_start_training_here_refuses_a_missing_dataset_at_its_field(tmp_path: Path) -> None:
+    """As `launcher submit --local` does: a missing local dataset is a problem at its field,
+    and no run is started (the starter's folder does not exist under the served root)."""
+    from launcher.backends.local import LocalBackend
+    from launcher.ui.configs import starter_values
+    from launcher.ui.runs import Runs
+    from launcher.ui.security import UiSettings
+    from launcher.ui.submit import start_training
+
+    local = LocalBackend(home=tmp_path / "home")
+    result = start_training(
+        starter_values("SD_LORA", tmp_path), target="local", sweeps=[], replace=False,
+        runs=Runs(local_only=True, local=local), settings=UiSettings(port=0, roots=[tmp_path]),
+    )  # fmt: skip
+    assert "submitted" not in result and not result["valid"], result
+    paths = [p["path"] for p in result["problems"]]
+    assert paths == ["data_loader.dataset.dataset_dir"], result["problems"]
+    assert "no such folder" in result["problems"][0]["message"]
+    assert local.list() == []
