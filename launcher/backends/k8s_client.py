@@ -62,6 +62,12 @@ def load_api_client(
 ) -> tuple[client.ApiClient, str | None]:
     """An API client and the context's namespace (kubeconfig, else in-cluster config)."""
     path = _kubeconfig_path(kubeconfig)
+    if path is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):  # nor inside a pod
+        raise ClusterError(
+            "no cluster configured (no --kubeconfig, $KUBECONFIG or ~/.kube/config)",
+            hint="`launcher submit --local` trains on this machine; for a cluster pass "
+            "--kubeconfig or set KUBECONFIG (docs/kubernetes.md)",
+        )
     try:
         if path is None:
             config.load_incluster_config()

@@ -185,3 +185,16 @@ def test_format_json_errors_are_one_json_document(
     assert result.stderr.splitlines()[0] == f"error: {error['problems'][0]}"
     if command == "submit":
         assert any("max_train_step: unknown key" in p for p in error["problems"])
+
+
+def test_submit_without_a_cluster_says_so_and_offers_local(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No kubeconfig and not in a pod: one line that says no cluster is configured and how to
+    train anyway, not the in-cluster loader's 'Service host/port is not set.'"""
+    _no_cluster(monkeypatch, tmp_path)
+    result = CliRunner().invoke(main, ["submit", str(ROOT / "examples" / "quickstart.yaml")])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: no cluster configured (no --kubeconfig, $KUBECONFIG")
+    assert "launcher submit --local" in result.stderr and "host/port" not in result.stderr
