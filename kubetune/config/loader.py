@@ -69,7 +69,8 @@ def parse_config(
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as err:
-        raise ConfigError(format_errors(err, data, lines, name), name) from None
+        set_by = {_split(o.partition("=")[0].strip()): o for o in overrides or []}
+        raise ConfigError(format_errors(err, data, lines, name, set_by), name) from None
 
 
 def _parse_yaml(text: str, name: str) -> tuple[Any, dict[Loc, int]]:
@@ -246,8 +247,15 @@ def _closest_choice(got: str, expected: str) -> str:
     return f"did you mean {choices[close[0]]!r}? " if close else ""
 
 
-def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: str) -> list[str]:
-    """Turn a pydantic ValidationError into sorted `file:line: path: message` lines."""
+def format_errors(
+    err: ValidationError,
+    data: Any,
+    lines: dict[Loc, int],
+    name: str,
+    set_by: dict[Loc, str] | None = None,
+) -> list[str]:
+    """Turn a pydantic ValidationError into sorted `file:line: path: message` lines; a field
+    an override in `set_by` (its path → `KEY=VALUE`) gave is `--set KEY=VALUE: path: ...`."""
     out: list[tuple[int, str]] = []
     for item in err.errors(include_url=False):
         loc = _clean_loc(tuple(item["loc"]), data)
@@ -263,9 +271,19 @@ def format_errors(err: ValidationError, data: Any, lines: dict[Loc, int], name: 
         for full_loc, msg in entries:
             line = _line_for(lines, full_loc)
             path = ".".join(_show(p) for p in full_loc) or "(top level)"
-            out.append((line or 0, f"{name}:{line or 1}: {path}: {msg}"))
+            override = _override_of(full_loc, set_by or {})
+            where = f"--set {override}" if override else f"{name}:{line or 1}"
+            out.append((line or 0, f"{where}: {path}: {msg}"))
     unique = dict.fromkeys(text for _, text in sorted(out, key=lambda t: t[0]))
     return list(unique)
+
+
+def _override_of(loc: Loc, set_by: dict[Loc, str]) -> str | None:
+    """The `KEY=VALUE` override that set the field at `loc` (or a section holding it)."""
+    for key, override in set_by.items():
+        if tuple(map(str, loc[: len(key)])) == tuple(map(str, key)):
+            return override
+    return None
 
 
 def unknown_keys(data: Any) -> list[Loc]:

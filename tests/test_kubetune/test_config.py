@@ -276,3 +276,17 @@ def test_a_mistyped_choice_suggests_the_closest_one() -> None:
     assert problems[0].startswith("c.yaml:5: lr_scheduler: did you mean 'constant_with_warmup'?")
     assert problems[1].startswith("c.yaml:6: mixed_precision: did you mean 'bf16'?")
     assert "(got 'BF16')" in problems[1] and "'fp16'" in problems[1]  # the choices stay
+
+
+def test_a_bad_override_is_blamed_on_the_set_not_the_file() -> None:
+    """The file is fine; `--set` put the mistake in: the line names the --set, not a file
+    line (the unknown key is on no line of the file; line 1 or its parent's line misleads)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            ROOT / "examples" / "quickstart.yaml",
+            overrides=["max_train_step=5", "optimizer.learning_rate=abc"],
+        )
+    problems = err.value.problems
+    assert "--set max_train_step=5: max_train_step: unknown key; did you mean" in problems[0]
+    assert problems[1].startswith("--set optimizer.learning_rate=abc: optimizer.learning_rate: ")
+    assert len(problems) == 2
