@@ -290,3 +290,10 @@ def test_a_bad_override_is_blamed_on_the_set_not_the_file() -> None:
     assert "--set max_train_step=5: max_train_step: unknown key; did you mean" in problems[0]
     assert problems[1].startswith("--set optimizer.learning_rate=abc: optimizer.learning_rate: ")
     assert len(problems) == 2
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_shipped_examples_validate_without_warnings(path: Path) -> None:
+    """A newcomer's first `launcher validate examples/*.yaml` shows no advice to act on."""
+    result = validate_file(str(path), local_data=False)
+    assert result.valid and result.warnings == [], result.warnings
