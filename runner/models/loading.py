@@ -298,8 +298,28 @@ def _guard(source: str, what: str, fn: Any) -> Any:
     try:
         return fn()
     except (OSError, ValueError, KeyError) as err:
+        if _hub_unreachable(err):
+            raise ModelError(
+                f"{source}: cannot download {what}: the Hugging Face Hub cannot be reached "
+                "(offline, or no network) and it is not in the local cache",
+                hint="check the network (HF_HUB_OFFLINE, HF_ENDPOINT), download it beforehand, "
+                "or point `model` (or `vae_model`) at a local diffusers folder or an s3:// prefix",
+            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{source}: cannot load {what}: {first}") from err
+
+
+def _hub_unreachable(err: BaseException | None) -> bool:
+    """Whether a loading error comes from the Hub being unreachable with nothing cached
+    (huggingface_hub's LocalEntryNotFoundError somewhere in its chain)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = 0
+    while err is not None and seen < 20:  # bounded: chains can be long, never cyclic here
+        if isinstance(err, LocalEntryNotFoundError):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _tokenizer(source: str, sub: str) -> CLIPTokenizer:

@@ -376,3 +376,17 @@ def test_builtin_tiny_model_is_built_once_and_reused(tmp_path: Path) -> None:
     assert not list((tmp_path / "builtin").glob("*.partial-*"))
     with pytest.raises(UserError, match="builtin:tiny-sd"):
         builtin_model("huge-sd", tmp_path)
+
+
+def test_a_hub_model_that_cannot_be_downloaded_says_why() -> None:
+    """The Hub unreachable (offline here, as in a pod without egress) and the model not
+    cached: say that, not diffusers' 'does not appear to have a file named model_index.json'
+    (which reads as a wrong model name)."""
+    from runner.models.loading import ModelError, _model_index
+
+    with pytest.raises(ModelError) as err:
+        _model_index("kubetune-tests/not-cached-anywhere")
+    text = str(err.value)
+    assert text.startswith("kubetune-tests/not-cached-anywhere: cannot download model_index.json")
+    assert "not in the local cache" in text and "local diffusers folder" in text
+    assert "does not appear to have" not in text
