@@ -299,6 +299,7 @@ def first_step(cfg: dict[str, Any], env: dict[str, str], tmp: str) -> float:
 def full(a: argparse.Namespace, server: Any, bucket: str, tmp: str) -> None:
     """Time to first step: cold (fresh prefix), restart (same run), later run (new name)."""
     results: dict[str, list[float]] = {}
+    stamp = time.strftime("%Y%m%d%H%M%S")
     watchdog = threading.Timer(3600, lambda: os._exit(3))
     watchdog.start()
     try:
@@ -306,7 +307,7 @@ def full(a: argparse.Namespace, server: Any, bucket: str, tmp: str) -> None:
             for n, buckets in variants(a):
                 tag = "" if buckets else " plain"
                 for phase, name in (("cold", "a"), ("restart", "a"), ("later run", "b")):
-                    prefix = f"full-{n}{tag.strip()}-{r}"
+                    prefix = f"full-{stamp}-{n}{tag.strip()}-{r}"  # fresh on a kept server
                     cfg = runner_config(bucket, n, prefix, f"run-{name}", server.endpoint, buckets)
                     seconds = first_step(cfg, server.env(), tmp)
                     results.setdefault(f"{n}{tag} {phase}", []).append(seconds)
@@ -333,6 +334,22 @@ def variants(a: argparse.Namespace) -> list[tuple[int, bool]]:
     return pairs
 
 
+def serve(a: argparse.Namespace) -> tuple[Any, str]:
+    """A SeaweedFS server and the benchmark's bucket: a fresh one, or with `--server-dir` the
+    one whose data is kept there (uploads done by an earlier invocation are not repeated)."""
+    from s3server import S3Server, find_weed, start_server
+
+    if a.server_dir is None:
+        server = start_server()
+        return server, server.create_bucket("bench")
+    a.server_dir.mkdir(parents=True, exist_ok=True)
+    server = S3Server(weed=find_weed() or "weed", workdir=a.server_dir).start()
+    if not (a.server_dir / "bucket").exists():
+        server.client().create_bucket(Bucket="bench")
+        (a.server_dir / "bucket").write_text("bench")
+    return server, "bench"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", type=Path, help="folder from make_photos.py")
@@ -340,6 +357,8 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="time to first step of a real run")
+    parser.add_argument("--server-dir", type=Path, default=None,
+                        help="keep the data here; later runs skip uploads")  # fmt: skip
     parser.add_argument("--memory", action="store_true",
                         help="the index's memory for --big images (tracemalloc, RSS)")  # fmt: skip
     parser.add_argument("--plain", action="store_true",
@@ -350,13 +369,13 @@ def main() -> None:
     if a.synthetic:
         synthetic(a.photos, a.synthetic)
         a.big = a.synthetic
-    from s3server import start_server
-
-    server = start_server()
+    server, bucket = serve(a)
     try:
-        bucket = server.create_bucket("bench")
         for n in (a.big,) if a.memory else (a.small, a.big):
-            upload(server, bucket, a.photos, n)
+            if not (a.server_dir and (a.server_dir / f"uploaded-{n}").exists()):
+                upload(server, bucket, a.photos, n)
+            if a.server_dir:
+                (a.server_dir / f"uploaded-{n}").touch()
         results: dict[str, list[dict[str, Any]]] = {}
         with tempfile.TemporaryDirectory() as tmp:
             if a.full:
