@@ -75,6 +75,7 @@ class DataIndex:
         self._entries = entries
         self.digest = digest
         self.columns = columns
+        self._bytes: bytes | None = None
 
     @classmethod
     def in_order(cls, keys: list[Key], rows: list[IndexEntry], digest: str) -> DataIndex:
@@ -104,9 +105,16 @@ class DataIndex:
         return len(self.columns["key"]) if self.columns else len(self.entries)
 
     def to_bytes(self) -> bytes:
-        columns = self.columns or _columns_of(self.entries)
-        doc = {"version": INDEX_VERSION, "digest": self.digest if self.columns else "", **columns}
-        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
+        """The stored form, made once (a run stores it twice: with the run, beside the runs);
+        gzip level 1: a 100,000-image index is a few percent larger than at level 9 and
+        compressed in a tenth of the time, before step 1."""
+        if self._bytes is None:
+            columns = self.columns or _columns_of(self.entries)
+            digest = self.digest if self.columns else ""
+            doc = {"version": INDEX_VERSION, "digest": digest, **columns}
+            text = json.dumps(doc, separators=(",", ":")).encode()
+            self._bytes = gzip.compress(text, compresslevel=1, mtime=0)
+        return self._bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DataIndex:

@@ -166,3 +166,13 @@ def test_a_source_crosses_a_process_boundary_whole(tmp_path: Path) -> None:
     assert copy.records == source.records and copy.name == source.name
     assert [ref.uri for ref in copy.stores] == [ref.uri for ref in source.stores]
     assert copy.digest() == source.digest()
+
+
+def test_the_stored_form_is_made_once_for_both_copies(tmp_path: Path) -> None:
+    """A run stores its index twice (with the run, beside the runs): one serialisation."""
+    cfg = _jsonl_cfg(tmp_path / "ds", tmp_path)
+    index = preflight(cfg).index
+    assert index is not None
+    data = index.to_bytes()
+    assert index.to_bytes() is data
+    assert DataIndex.from_bytes(data).entries == index.entries
