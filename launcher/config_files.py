@@ -128,12 +128,16 @@ def verify_dataset(
     try:
         report = verify_data(cfg, on_progress=on_progress)
     except UserError as err:
+        from kubetune.config.dataset_errors import dataset_problem
         from kubetune.dataset.local_check import dataset_locations
 
         problems = err.problems if isinstance(err, BadExamples) else [str(err)]
         where = dataset_locations(cfg)[0][0] if dataset_locations(cfg) else "data_loader"
+        found = None if isinstance(err, BadExamples) else dataset_problem(err, cfg)
         result.valid = False
-        result.errors = field_problems(result.file, [(where, p) for p in problems])
+        result.errors = field_problems(
+            result.file, [found] if found else [(where, p) for p in problems]
+        )
         return result
     result.summary = f"{result.summary}; data: {report.num_examples} examples decode"
     return result

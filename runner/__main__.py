@@ -83,23 +83,12 @@ def fail_fast_on_local_data(source: str, cfg: object) -> None:
 
 
 def describe_error(err: KubetuneError, cfg: object | None) -> str:
-    """The one line to print for `err`. An error of a cloud dataset (a missing bucket, no
-    credentials, an empty prefix) names its URI or bucket but not the config field, and a
-    missing bucket's hint speaks of the output URI: name the field and its fix instead."""
-    from kubetune.dataset.local_check import dataset_locations, path_field
+    """The one line to print for `err`: a cloud dataset's error (a missing bucket, no
+    credentials, an empty prefix) names its config field (`kubetune.config.dataset_errors`)."""
+    from kubetune.config.dataset_errors import dataset_problem
 
-    for where, dataset in dataset_locations(cfg) if cfg is not None else []:
-        field = f"{where}.{path_field(dataset)}"
-        location = str(getattr(dataset, path_field(dataset)))
-        if "://" not in location:
-            continue
-        bucket = location.split("://", 1)[1].split("/", 1)[0]
-        if location in str(err) or f"{bucket!r}" in str(err):
-            hint = err.hint
-            if hint and "output URI" in hint:
-                hint = f"create the bucket, or point {field} at an existing bucket"
-            return f"{field}: {err.message}" + (f" ({hint})" if hint else "")
-    return str(err)
+    found = dataset_problem(err, cfg)
+    return f"{found[0]}: {found[1]}" if found else str(err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,3 +131,18 @@ def test_the_runner_refuses_a_missing_dataset_before_loading_torch(tmp_path: Pat
     assert f"{path}:8: data_loader.dataset.dataset_dir: {tmp_path / 'gone'}: no such folder" in (
         out.stderr
     )
+
+
+def test_validate_data_names_the_field_of_a_missing_dataset_bucket(
+    tmp_path: Path, s3_env: object
+) -> None:
+    """`--data` reads an s3:// dataset (SeaweedFS here): a bucket that does not exist is one
+    line at `data_loader.dataset.dataset_dir`, whose fix is the dataset's, not the outputs'."""
+    config = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    uri = "s3://no-such-bucket-kt/imgs"
+    args = ["validate", "--data", str(config), "--set", f"data_loader.dataset.dataset_dir={uri}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.splitlines()
+    assert ": data_loader.dataset.dataset_dir: bucket 'no-such-bucket-kt' does not exist" in line
+    assert "output URI" not in line
