@@ -1,5 +1,6 @@
 """Submit under load against the fake API server: 100 concurrent submits of one config make
 exactly one Job (+ its ConfigMap); 100 distinct configs make 100 Jobs, none lost or doubled.
+The fast tier runs both with 10 (a few seconds for 100).
 Each thread has its own backend, like 100 CLI invocations; creates are atomic on the API
 (409 AlreadyExists), which is what the backend relies on."""
 
@@ -20,7 +21,7 @@ from launcher.backends.base import SubmitResult
 from launcher.backends.kubernetes import KubernetesBackend
 from launcher.manifests import job_name
 
-N = 100
+N = [10, pytest.param(100, marks=pytest.mark.slow)]
 
 
 def _submit_all(kubeconfig: Path, configs: list[PipelineConfig]) -> list[SubmitResult]:
@@ -37,11 +38,12 @@ def _objects(fake: FakeKube, plural: str) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_same_config_100_times_makes_one_job(fake_kube: tuple[FakeKube, Path]) -> None:
+@pytest.mark.parametrize("n", N)
+def test_same_config_n_times_makes_one_job(fake_kube: tuple[FakeKube, Path], n: int) -> None:
     fake, kubeconfig = fake_kube
     cfg = make_config(name="load-same")
     started = time.monotonic()
-    results = _submit_all(kubeconfig, [cfg] * N)
+    results = _submit_all(kubeconfig, [cfg] * n)
     elapsed = time.monotonic() - started
     created = sum(r.created for r in results)
     jobs, config_maps = _objects(fake, "jobs"), _objects(fake, "configmaps")
@@ -50,16 +52,17 @@ def test_same_config_100_times_makes_one_job(fake_kube: tuple[FakeKube, Path]) -
     assert {r.job_name for r in results} == {job_name(cfg)}
     figure(
         "submit same config",
-        f"{N} concurrent submits -> {len(jobs)} Job, "
+        f"{n} concurrent submits -> {len(jobs)} Job, "
         f"{len(config_maps)} ConfigMap, {created} 'created' "
         f"({elapsed:.1f}s)",
     )
 
 
 @pytest.mark.timeout(300)
-def test_100_distinct_configs_make_100_jobs(fake_kube: tuple[FakeKube, Path]) -> None:
+@pytest.mark.parametrize("n", N)
+def test_n_distinct_configs_make_n_jobs(fake_kube: tuple[FakeKube, Path], n: int) -> None:
     fake, kubeconfig = fake_kube
-    configs = [make_config(name=f"load-{i:03d}") for i in range(N)]
+    configs = [make_config(name=f"load-{i:03d}") for i in range(n)]
     started = time.monotonic()
     results = _submit_all(kubeconfig, configs)
     elapsed = time.monotonic() - started
@@ -72,7 +75,7 @@ def test_100_distinct_configs_make_100_jobs(fake_kube: tuple[FakeKube, Path]) ->
     assert _objects(fake, "configmaps") == expected
     figure(
         "submit distinct configs",
-        f"{N} concurrent submits -> {len(jobs)} Jobs, "
+        f"{n} concurrent submits -> {len(jobs)} Jobs, "
         f"{len(set(expected) - set(jobs))} lost, {len(doubled)} "
         f"doubled ({elapsed:.1f}s)",
     )

@@ -106,6 +106,7 @@ def test_no_checkpoint_is_none(store_uri: str, tmp_path: Path) -> None:
     assert manager.restore_newest_valid(tmp_path / "restore") is None
 
 
+@pytest.mark.slow
 def test_run_resumes_past_a_corrupt_newest_checkpoint(
     tiny_sd_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -218,6 +218,7 @@ def test_transient_faults_lose_nothing(
             assert (dest / p.relative_to(sources[step])).read_bytes() == p.read_bytes()
 
 
+@pytest.mark.slow
 def test_store_down_for_a_while_is_outlasted(
     fault_proxy: FaultProxy, s3_uri: str, tmp_path: Path
 ) -> None:

@@ -255,6 +255,7 @@ def test_cold_start_reads_headers_and_the_first_batches_only(
     assert reads.calls["list"] == 1
 
 
+@pytest.mark.slow
 def test_a_training_run_lists_its_dataset_once(
     s3_env: S3Server,
     s3_bucket: str,

@@ -61,6 +61,7 @@ def test_cut_points_split_the_sorted_keys_evenly() -> None:
     assert cut_points(["a"], 8) == []
 
 
+@pytest.mark.slow
 def test_parallel_ranges_equal_the_sequential_listing(
     s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

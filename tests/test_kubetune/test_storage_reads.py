@@ -34,6 +34,7 @@ def _fill(server: S3Server, bucket: str, keys: list[str]) -> None:
         list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
 
 
+@pytest.mark.slow
 def test_listing_matches_an_independent_client_over_pages_and_odd_keys(
     s3_env: S3Server, s3_bucket: str
 ) -> None:

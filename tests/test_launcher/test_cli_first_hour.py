@@ -78,6 +78,7 @@ def test_list_and_status_without_a_cluster_show_local_runs(
     assert missing.exit_code == 2 and "no local run 'nope'" in missing.output
 
 
+@pytest.mark.slow
 def test_follow_interrupted_says_the_run_goes_on(tmp_path: Path) -> None:
     """SIGTERM to `submit --local --follow` (the real runner, on the quickstart config) stops
     the following only: the message names status / logs / cancel, exit 130, the run goes on

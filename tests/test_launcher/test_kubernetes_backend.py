@@ -175,6 +175,7 @@ def test_an_identity_that_may_not_read_secrets_submits_with_a_warning(fake_kube:
     assert any("not checked: this identity may not read Secrets" in w for w in result.warnings)
 
 
+@pytest.mark.slow
 def test_list_reads_pods_and_events_once_not_per_run(fake_kube: Kube) -> None:
     """`list` (the runs page polls it) costs a few API calls, not two per run, and says
     what `status` says of each run."""
@@ -362,6 +363,7 @@ def test_oom_until_backoff_limit(fake_kube: Kube) -> None:
     assert "OOMKilled" in (status.message or "") and "job.memory" in (status.message or "")
 
 
+@pytest.mark.slow
 def test_preemption_and_sigterm_checkpoint_do_not_count(fake_kube: Kube) -> None:
     fake, backend = fake_kube.fake, fake_kube.backend()
     assert fake is not None
@@ -495,6 +497,7 @@ def test_submit_wait_follows_the_run_into_job_namespace(fake_kube: Kube, tmp_pat
     assert backend.status("my-run").job_name == result.job_name
 
 
+@pytest.mark.slow
 def test_submit_output_json_for_ci(fake_kube: Kube, tmp_path: Path) -> None:
     assert fake_kube.fake is not None
     config_file = _write(tmp_path)
@@ -509,6 +512,7 @@ def test_submit_output_json_for_ci(fake_kube: Kube, tmp_path: Path) -> None:
     assert doc["status"]["output_uri"] == "s3://kubetune/kubetune/my-run"
 
 
+@pytest.mark.slow
 def test_cli_status_logs_list_cancel(fake_kube: Kube, tmp_path: Path) -> None:
     fake = fake_kube.fake
     assert fake is not None

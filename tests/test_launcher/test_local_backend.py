@@ -75,6 +75,7 @@ def test_submit_status_logs(backend: LocalBackend, tmp_path: Path) -> None:
     assert [r.run for r in backend.list()] == ["my-run"]
 
 
+@pytest.mark.slow
 def test_failure_and_conflict(
     backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -76,6 +76,7 @@ def _eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
 # --- backend job: Indexed Job + headless Service ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_indexed_job_runs_one_pod_per_node(fake: FakeKube) -> None:
     name, pods = _submit(fake)
     assert fake.get("jobs", "default", name)["spec"]["completionMode"] == "Indexed"
@@ -153,6 +154,7 @@ def test_a_cluster_without_indexed_jobs_is_refused(fake: FakeKube) -> None:
 # --- backend jobset ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_jobset_submit_status_logs_list(fake: FakeKube) -> None:
     name, pods = _submit(fake, backend="jobset")
     assert fake.get("jobsets", "default", name)["kind"] == "JobSet"

@@ -68,6 +68,7 @@ def generate(driver: Any) -> str:
     return wait_for(driver, "document.getElementById('gen-msg').textContent")
 
 
+@pytest.mark.slow
 def test_every_tab_renders_its_sections(page: tuple[Any, str]) -> None:
     driver, url = page
     open_page(driver, url)
@@ -145,6 +146,7 @@ class _WithNewField(SdLoraConfig):
     """A knob added to the schema: it must show up with no UI code."""
 
 
+@pytest.mark.slow
 def test_a_new_schema_field_appears_in_the_form() -> None:
     app = create_app(UiSettings(port=0, local_only=True), classes=[_WithNewField])
     with serve_in_thread(app) as url, browser() as driver:
@@ -264,6 +266,7 @@ def test_dataset_preview_shows_thumbnails_buckets_and_bad_images(
     screenshot(driver, "ui-dataset.png")
 
 
+@pytest.mark.slow
 def test_an_unreachable_cluster_is_one_line_in_place(tmp_path: Path) -> None:
     """A kube context whose API does not answer: the runs page lists local runs and says why
     the cluster's are missing; Start Training on the cluster says why it cannot."""

@@ -130,6 +130,7 @@ def test_help_does_not_import_the_web_stack() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_sweep_from_the_form_is_grouped_and_a_run_without_progress_reads(
     tmp_path: Path,
 ) -> None:
@@ -199,6 +200,7 @@ def test_launcher_ui_serves_until_stopped(tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_an_ended_runs_row_is_kept_until_the_run_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
 
 
+@pytest.mark.slow
 def test_restart_reuses_the_stored_encodings(
     tiny_sd_dir: Path, tmp_path: Path, encodes: Counter[str]
 ) -> None:

@@ -50,6 +50,7 @@ def _state(out: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any
 # --- off means exactly as before -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_knobs_at_their_defaults_train_bit_identically(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -155,6 +156,7 @@ def test_ema_weights_are_exported_and_differ_from_the_raw_ones(
 # --- DoRA ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dora_exports_through_peft_and_reloads_in_diffusers(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:

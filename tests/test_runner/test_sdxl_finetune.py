@@ -51,6 +51,7 @@ def _trained(out: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
 
 
+@pytest.mark.slow
 def test_trained_only_unet_loads_in_diffusers_and_changes_the_output(
     tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -91,6 +92,7 @@ def test_trained_only_unet_loads_in_diffusers_and_changes_the_output(
     ]
 
 
+@pytest.mark.slow
 def test_full_diffusers_checkpoint_is_a_whole_pipeline(
     tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:

@@ -41,7 +41,7 @@ def _param_devices(pipeline: Any) -> set[str]:
     return {p.device.type for m in (comps.vae, *comps.text_encoders) for p in m.parameters()}
 
 
-@pytest.mark.parametrize("kind", ["SD_LORA", "SDXL_LORA"])
+@pytest.mark.parametrize("kind", ["SD_LORA", pytest.param("SDXL_LORA", marks=pytest.mark.slow)])
 def test_cached_encoders_are_off_the_device_during_steps(
     kind: str,
     request: pytest.FixtureRequest,
