@@ -94,7 +94,11 @@ def test_every_tab_renders_its_sections(page: tuple[Any, str]) -> None:
     assert console_errors(driver) == []
 
 
-@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "sample",
+    [SAMPLES[0], *(pytest.param(p, marks=pytest.mark.slow) for p in SAMPLES[1:])],
+    ids=lambda p: p.stem,
+)
 def test_sample_config_reloads_and_generates_back(page: tuple[Any, str], sample: Path) -> None:
     driver, url = page
     open_page(driver, url)

@@ -60,7 +60,14 @@ def _reference(comps, cfg: PipelineConfig, side: int) -> list[list[np.ndarray]]:
     return rows
 
 
-@pytest.mark.parametrize(("kind", "seed"), [("SD_LORA", 7), ("SD_LORA", None), ("SDXL_LORA", 3)])
+@pytest.mark.parametrize(
+    ("kind", "seed"),
+    [
+        ("SD_LORA", 7),
+        pytest.param("SD_LORA", None, marks=pytest.mark.slow),
+        pytest.param("SDXL_LORA", 3, marks=pytest.mark.slow),
+    ],
+)
 def test_validation_images_are_the_ones_invoke_training_draws(
     kind: str, seed: int | None, tmp_path: Path, tiny_sd_dir: Path, tiny_sdxl_dir: Path
 ) -> None:

@@ -91,8 +91,12 @@ CASES = {
     ),
 }
 
+SLOW_CASES = {"sdxl-lora", "sdxl-lora-ti", "sd-lora-knobs"}  # ~2 s each; the fast tier keeps SD
 
-@pytest.mark.parametrize("case", sorted(CASES))
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
+)
 def test_zero_syncs_per_steady_state_step(
     case: str,
     request: pytest.FixtureRequest,
