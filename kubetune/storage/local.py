@@ -25,6 +25,31 @@ from kubetune.storage.base import (
 )
 
 _TMP_PREFIX = ".kubetune-tmp-"
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file_beside(dest: Path, prefix: str = _TMP_PREFIX) -> tuple[int, str]:
+    """A temp file in `dest`'s folder for an atomic write, with the mode `open()` would give
+    `dest` (0o666 minus the umask; `mkstemp` alone makes it 0o600, unreadable to the
+    machine's other users once renamed into place)."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=dest.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
 _COPY_BUFFER = 8 * MiB
 
 
@@ -129,7 +154,7 @@ class LocalStore(StoreBase):
         dest = self._path(key)
         with _local_errors(str(dest)):
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=dest.parent)
+            fd, tmp = temp_file_beside(dest)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -199,7 +224,7 @@ def _write_atomically(
 ) -> None:
     """Write a local file through a temp file in its folder + ``os.replace``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=dest.parent)
+    fd, tmp = temp_file_beside(dest)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from kubetune.storage import ObjectStore
+from kubetune.storage.local import temp_file_beside
 
 Tensors = dict[str, torch.Tensor]
 
@@ -105,7 +105,7 @@ def cache_namespace(cfg: Any, kind: str, model_id: str) -> dict[str, Any]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = temp_file_beside(path, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

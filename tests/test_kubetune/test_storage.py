@@ -290,3 +290,23 @@ def test_open_store_accepts_the_real_storage_config(
     store = open_store(s3_uri, cfg)
     store.put_bytes("config.yaml", b"type: SD_LORA\n")
     assert store.get_bytes("config.yaml") == b"type: SD_LORA\n"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_local_files_get_the_modes_the_umask_allows(tmp_path: Path, umask: int) -> None:
+    """Files a LocalStore writes (put, put_file, create) have mode 0o666 minus the umask, as
+    `open()` gives: a report or weights file written under umask 022 is readable by the
+    machine's other users (the atomic write's temp file alone would leave them 0o600)."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"weights")
+    old = os.umask(umask)
+    try:
+        store = LocalStore(tmp_path / "store")
+        store.put_bytes("report.html", b"<html>")
+        store.put_file("final/lora.safetensors", source)
+        assert store.create("lease.json", b"{}")
+    finally:
+        os.umask(old)
+    for key in ("report.html", "final/lora.safetensors", "lease.json"):
+        mode = (tmp_path / "store" / key).stat().st_mode & 0o777
+        assert mode == 0o666 & ~umask, (key, oct(mode))
