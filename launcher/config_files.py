@@ -36,6 +36,10 @@ class ValidationResult:
     summary: str | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    """Field paths of datasets in object storage or on the Hub, which validate does not read
+    (`--data` does); `notes` says where each is."""
+    notes: list[str] = field(default_factory=list)
 
 
 def summarize(cfg: PipelineConfig) -> str:
@@ -66,12 +70,33 @@ def validate_file(
     except ConfigError as err:
         return ValidationResult(file=source, valid=False, errors=list(err.problems))
     result = _valid(source, cfg)
+    _note_unread_datasets(result, cfg)
     problems = local_data_lines(source, cfg) if local_data else []
     if cfg.storage is not None:
         result.warnings += [f"{p} (fine if the pod's image has it)" for p in problems]
     elif problems:
         result.valid, result.errors = False, problems
     return result
+
+
+def _note_unread_datasets(result: ValidationResult, cfg: PipelineConfig) -> None:
+    """Name each dataset validate does not read (object storage, the Hub): an 'ok' must not
+    read as 'the bucket exists'."""
+    from kubetune.config.data import HFHubImageCaptionDatasetConfig
+    from kubetune.dataset.local_check import dataset_locations, path_field
+
+    for where, dataset in dataset_locations(cfg):
+        location = getattr(dataset, path_field(dataset))
+        on_hub = isinstance(dataset, HFHubImageCaptionDatasetConfig) and not location.startswith(
+            "/"
+        )
+        if "://" in location or on_hub:
+            path = f"{where}.{path_field(dataset)}"
+            result.unchecked.append(path)
+            result.notes.append(
+                f"{result.file}: {path}: {location} not read (in object storage or on the "
+                "Hub); `launcher validate --data` reads it"
+            )
 
 
 def validate_text(
@@ -122,6 +147,7 @@ def verify_dataset(
     a bad dataset marks the result invalid with one error line per bad example."""
     if not result.valid:
         return result
+    result.unchecked, result.notes = [], []  # read below
     from kubetune.dataset.preflight import verify_data
 
     cfg = load_config("-" if result.file == "<stdin>" else result.file, overrides=overrides)

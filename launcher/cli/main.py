@@ -128,6 +128,8 @@ def validate(
                 click.echo(f"ok: {result.file}: {result.summary}")
             for line in result.warnings:
                 click.echo(f"warning: {result.file}: {line}", err=True)
+            for line in result.notes:
+                click.echo(f"note: {line}", err=True)
             for line in result.errors:
                 click.echo(f"error: {line}", err=True)
     if not all(r.valid for r in results):

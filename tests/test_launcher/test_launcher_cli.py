@@ -123,3 +123,25 @@ def test_dash_o_always_names_a_path_and_the_format_is_always_format() -> None:
     assert [cmd for cmd, p in options if isinstance(p.type, click.Choice)
             and "json" in p.type.choices and "--format" not in p.opts] == []  # fmt: skip
     assert {cmd.split()[-1] for cmd, _ in formats} >= {"validate", "submit", "status", "pull"}
+
+
+def test_validate_says_which_datasets_it_did_not_read(tmp_path: Path) -> None:
+    """A dataset in object storage or on the Hub is not read by `validate` (no network): the
+    ok line is followed by a note naming the field and where it is and that `--data` reads
+    it, so an 'ok' is not taken for 'the bucket exists'; JSON lists them as `unchecked`."""
+    import yaml
+    from kube_configs import config_dict
+
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump(config_dict()))
+    result = CliRunner().invoke(main, ["validate", str(config)])
+    assert result.exit_code == 0 and result.stdout.startswith(f"ok: {config}:")
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: {config}: data_loader.dataset.dataset_dir: s3://kubetune/data/cats not read "
+        "(in object storage or on the Hub); `launcher validate --data` reads it"
+    ]
+    doc = json.loads(CliRunner().invoke(main, ["validate", "--format", "json", str(config)]).stdout)
+    assert doc["results"][0]["unchecked"] == ["data_loader.dataset.dataset_dir"]
+    hub = CliRunner().invoke(main, ["validate", str(GOOD)])
+    assert "data_loader.dataset.dataset_name: lambdalabs/pokemon" in hub.stderr
