@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from kubetune.checkpoint.publish import CheckpointManager
-from kubetune.layout import FINAL, REPORT_KEY, VALIDATION, parse_thumb_key, validation_key
+from kubetune.layout import FINAL, MANIFEST, REPORT_KEY, VALIDATION, parse_thumb_key, validation_key
 from kubetune.storage import ObjectStore
 from runner.reporting.report_html import ReportData, ValidationEntry, render
 
@@ -74,9 +74,14 @@ class ReportWriter:
             prompts=self.prompts,
             validations=self._validations(),
             checkpoints=self._checkpoints(),
-            final_files=sorted(o.key[len(FINAL) + 1 :] for o in self.store.list(f"{FINAL}/")),
+            final_files=self._final_files(),
             config_yaml=self.config_yaml,
         )
+
+    def _final_files(self) -> list[str]:
+        """The finished run's files a user pulls (its manifest is kubetune's bookkeeping)."""
+        names = (o.key[len(FINAL) + 1 :] for o in self.store.list(f"{FINAL}/"))
+        return sorted(name for name in names if name != MANIFEST)
 
     def _validations(self) -> list[ValidationEntry]:
         found: dict[int, dict[int, str]] = {}

@@ -156,3 +156,14 @@ def test_summary_numbers_are_rounded_for_people(tmp_path: Path) -> None:
     page = (tmp_path / "run" / REPORT_KEY).read_text()
     assert "<td>0.8595</td>" in page and "<td>6.21</td>" in page
     assert "0.85947666" not in page
+
+
+def test_the_final_weights_are_listed_without_the_manifest(tmp_path: Path) -> None:
+    """The page lists the finished run's files (the weights a user pulls), not final/'s
+    manifest.json, which is kubetune's own bookkeeping."""
+    writer = write_run(tmp_path / "run", validations=1)
+    writer.store.put_bytes("final/lora.safetensors", b"w")
+    writer.store.put_bytes("final/manifest.json", b"{}")
+    assert writer.publish("completed", {"step": 40, "total_steps": 40, "loss": 0.2}, history(40))
+    page = (tmp_path / "run" / REPORT_KEY).read_text()
+    assert "<li>final/lora.safetensors</li>" in page and "final/manifest.json" not in page
