@@ -5,8 +5,10 @@ image headers through the dataset index), and the full decode of every example t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -240,7 +242,10 @@ def _forked(cfg: Any) -> Future[PreflightReport]:
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
     child = ctx.Process(
-        target=_preflight_child, args=(cfg, writer), name="kubetune-preflight", daemon=True
+        target=_preflight_child,
+        args=(cfg, writer, os.getpid()),
+        name="kubetune-preflight",
+        daemon=True,
     )
     child.start()  # before any thread of ours exists: the fork copies no held lock
     writer.close()
@@ -277,9 +282,10 @@ def _receive(reader: Connection, child: Any) -> tuple[str, Any]:
         )
 
 
-def _preflight_child(cfg: Any, writer: Connection) -> None:
+def _preflight_child(cfg: Any, writer: Connection, parent: int) -> None:
     """The forked process: send ("listed", report) when the checks are deferred, then
     ("ok", report) (without its records, sent already) or ("error", exception); exit."""
+    _die_with_parent(parent)
     sent: list[bool] = []
 
     def listed(report: PreflightReport) -> None:
@@ -298,6 +304,16 @@ def _preflight_child(cfg: Any, writer: Connection) -> None:
     except Exception as err:  # noqa: BLE001 - an exception that does not pickle
         writer.send(("error", KubetuneError(f"data preflight failed: {reply[1]!r} ({err})")))
     writer.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process is killed when the thread that forked it (the run's main thread)
+    dies, SIGKILL included, instead of reading headers for nobody (checks beside training
+    outlive step 1); exit at once if that already happened."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _run_preflight(

@@ -135,3 +135,45 @@ def test_forked_checks_beside_training_run_at_a_lower_priority(
     assert listed.pending is not None
     assert listed.pending.result(timeout=60).reused >= min(19, mine + checks.CHECKS_NICENESS)
     assert os.nice(0) == mine
+
+
+def test_forked_checks_die_with_the_run(tmp_path: Path) -> None:
+    """A run killed (SIGKILL) while its header checks go on beside training: the forked
+    preflight dies with it instead of reading headers for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _cfg(tmp_path)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    script = f"""
+import sys, time, multiprocessing
+import kubetune.dataset.preflight as checks
+from kubetune.config import SdLoraConfig
+checks.DEFERRED_CHECKS_MIN_EXAMPLES = 3
+real = checks._header_checks
+checks._header_checks = lambda *a: (time.sleep(120), real(*a))[1]  # checks that go on
+cfg = SdLoraConfig.model_validate_json(open({str(tmp_path / "cfg.json")!r}).read())
+listed = checks.start_preflight(cfg, process=True).result(timeout=60)
+print(multiprocessing.active_children()[0].pid, flush=True)
+time.sleep(120)
+"""
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        child = int(run.stdout.readline())
+        os.kill(child, 0)  # running
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the forked preflight outlived the run")
