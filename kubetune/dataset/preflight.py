@@ -234,11 +234,13 @@ def uses_cloud_storage(cfg: Any) -> bool:
 
 def _forked(cfg: Any) -> Future[PreflightReport]:
     """`_run_preflight` in a forked daemon process whose replies (the listed report when the
-    checks are deferred, then the report or exception) come back through a pipe, read by a
-    daemon thread. Not a `ProcessPoolExecutor`: a worker that dies surfaces there as
-    `BrokenProcessPool` (a traceback, not one line), and its exit hook writes to the manager
-    thread's wake-up pipe without the lock under which that thread closes it (Python 3.11);
-    nothing of it is needed here."""
+    checks are deferred, then the report or exception) come back through a pipe. The first
+    is read by the thread that asks for the result (`_ReadOnDemand`), so unpickling 100,000
+    records does not take the interpreter lock from the imports and model loading it
+    overlaps; the child waits to hand it over. Not a `ProcessPoolExecutor`: a worker that
+    dies surfaces there as `BrokenProcessPool` (a traceback, not one line), and its exit hook
+    writes to the manager thread's wake-up pipe without the lock under which that thread
+    closes it (Python 3.11); nothing of it is needed here."""
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
     child = ctx.Process(
@@ -249,23 +251,48 @@ def _forked(cfg: Any) -> Future[PreflightReport]:
     )
     child.start()  # before any thread of ours exists: the fork copies no held lock
     writer.close()
-    future: Future[PreflightReport] = Future()
-    future.set_running_or_notify_cancel()
-    replies = _Replies(future)
 
-    def collect() -> None:
-        try:
-            kind, value = _receive(reader, child)
-            if kind == "listed":
-                replies.listed(value)
-                kind, value = _receive(reader, child)
-        finally:
-            reader.close()
+    def final(replies: _Replies, kind: str, value: Any) -> None:
+        reader.close()
         child.join()
         replies.final(kind, value)
 
-    threading.Thread(target=collect, name="kubetune-preflight-reply", daemon=True).start()
-    return future
+    def read_first(replies: _Replies, timeout: float | None) -> None:
+        if not reader.poll(timeout):
+            raise TimeoutError("the data preflight has not replied yet")
+        kind, value = _receive(reader, child)
+        if kind != "listed":
+            return final(replies, kind, value)
+        replies.listed(value)
+        threading.Thread(  # the checks beside training: their reply comes when it comes
+            target=lambda: final(replies, *_receive(reader, child)),
+            name="kubetune-preflight-reply",
+            daemon=True,
+        ).start()
+
+    return _ReadOnDemand(read_first)
+
+
+class _ReadOnDemand(Future):  # type: ignore[type-arg]
+    """A future whose reply is read by the first caller of `result` / `exception`."""
+
+    def __init__(self, read: Callable[[_Replies, float | None], None]) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()
+        self._read, self._replies, self._reading = read, _Replies(self), threading.Lock()
+
+    def _ensure(self, timeout: float | None) -> None:
+        with self._reading:
+            if not self.done():
+                self._read(self._replies, timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._ensure(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._ensure(timeout)
+        return super().exception(timeout)
 
 
 def _receive(reader: Connection, child: Any) -> tuple[str, Any]:
