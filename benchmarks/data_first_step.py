@@ -86,11 +86,33 @@ def upload(server: Any, bucket: str, folder: Path, n: int) -> None:
     store.put_bytes("data.jsonl", "\n".join(rows).encode())
 
 
+def preflight_config(bucket: str, n: int, run_dir: str, buckets: bool) -> Any:
+    """The SD_LORA config the data-path measurements read: the `n`-image JSONL on S3, 512 px,
+    batch 4 (invoke-training's default), aspect-ratio buckets when `buckets`."""
+    from kubetune.config import SdLoraConfig
+
+    return SdLoraConfig.model_validate(
+        {
+            "base_output_dir": run_dir,
+            "max_train_steps": 1,
+            "save_every_n_steps": 1,
+            "data_loader": {
+                "dataset": {
+                    "type": "IMAGE_CAPTION_JSONL_DATASET",
+                    "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
+                },
+                "resolution": 512,
+                "aspect_ratio_buckets": BUCKETS if buckets else None,
+            },
+            "train_batch_size": 4,
+        }
+    )
+
+
 def measure(bucket: str, n: int, run_dir: str, buckets: bool = True) -> dict[str, Any]:
     """One measurement, in this (fresh) process: seconds and bytes to the first batch. The
     preflight runs as a run starts it (`start_preflight`, in a thread here so that its reads
     are counted): without buckets a large dataset's header checks go on beside the batch."""
-    from kubetune.config import SdLoraConfig
     from kubetune.dataset.index import save_index
     from kubetune.dataset.preflight import start_preflight
     from kubetune.storage import open_store
@@ -115,22 +137,7 @@ def measure(bucket: str, n: int, run_dir: str, buckets: bool = True) -> dict[str
         return count(await get_range_async(s, k, a, b))
 
     CloudStore.get_range_async = counted_async  # type: ignore[method-assign]
-    cfg = SdLoraConfig.model_validate(
-        {
-            "base_output_dir": run_dir,
-            "max_train_steps": 1,
-            "save_every_n_steps": 1,
-            "data_loader": {
-                "dataset": {
-                    "type": "IMAGE_CAPTION_JSONL_DATASET",
-                    "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
-                },
-                "resolution": 512,
-                "aspect_ratio_buckets": BUCKETS if buckets else None,
-            },
-            "train_batch_size": 4,
-        }
-    )
+    cfg = preflight_config(bucket, n, run_dir, buckets)
     start = time.perf_counter()
     run_store = open_store(run_dir)
     data = start_preflight(cfg, process=False)
@@ -153,26 +160,11 @@ def index_memory(bucket: str, n: int, run_dir: str, traced: bool) -> dict[str, A
     sizes: what a run keeps)."""
     import tracemalloc
 
-    from kubetune.config import SdLoraConfig
     from kubetune.dataset.index import save_index
     from kubetune.dataset.preflight import preflight
     from kubetune.storage import open_store
 
-    cfg = SdLoraConfig.model_validate(
-        {
-            "base_output_dir": run_dir,
-            "max_train_steps": 1,
-            "save_every_n_steps": 1,
-            "data_loader": {
-                "dataset": {
-                    "type": "IMAGE_CAPTION_JSONL_DATASET",
-                    "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
-                },
-                "resolution": 512,
-                "aspect_ratio_buckets": BUCKETS,
-            },
-        }
-    )
+    cfg = preflight_config(bucket, n, run_dir, buckets=True)
     run_store = open_store(run_dir)
     rss_before = _rss_mib()
     if traced:
