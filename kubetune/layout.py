@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kubetune.humanize import count
+
 if TYPE_CHECKING:  # pragma: no cover
     from kubetune.storage import ObjectStore
 
@@ -141,8 +143,7 @@ def describe_dataset(examples: int, buckets: dict[str, int]) -> str:
     """``6 examples in 1 bucket (64x64: 6)`` (at most 8 buckets named)."""
     shown = ", ".join(f"{size}: {n}" for size, n in list(buckets.items())[:8])
     more = f", {len(buckets) - 8} more" if len(buckets) > 8 else ""
-    plural = "bucket" if len(buckets) == 1 else "buckets"
-    return f"{examples} examples in {len(buckets)} {plural} ({shown}{more})"
+    return f"{count(examples, 'example')} in {count(len(buckets), 'bucket')} ({shown}{more})"
 
 
 RunState = Literal["starting", "running", "completed", "preempted", "failed"]
@@ -217,7 +218,7 @@ class ProgressRecord(BaseModel):
         if self.eta_seconds is not None and self.state in ("starting", "running"):
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         if self.bad_images:
-            parts.append(f"{self.bad_images} unreadable images skipped")
+            parts.append(f"{count(self.bad_images, 'unreadable image')} skipped")
         return ", ".join(parts)
 
     @classmethod

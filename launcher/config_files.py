@@ -21,6 +21,7 @@ from kubetune.config.advice import precision_warnings
 from kubetune.config.gpu_fit import gpu_fit_warnings
 from kubetune.config.loader import field_problems
 from kubetune.errors import BadExamples, ConfigError, DataError, UserError
+from kubetune.humanize import count
 from launcher.pod_security import pod_patch_warnings
 
 
@@ -45,7 +46,9 @@ class ValidationResult:
 def summarize(cfg: PipelineConfig) -> str:
     """One line describing what the config will train."""
     length = (
-        f"{cfg.max_train_steps} steps" if cfg.max_train_steps else f"{cfg.max_train_epochs} epochs"
+        count(cfg.max_train_steps, "step")
+        if cfg.max_train_steps
+        else count(cfg.max_train_epochs or 0, "epoch")
     )
     text = (
         f"{cfg.type} run '{run_name(cfg)}': {length}, batch {cfg.train_batch_size}, "
@@ -54,7 +57,10 @@ def summarize(cfg: PipelineConfig) -> str:
     job = cfg.job
     if job is not None and (job.nodes > 1 or job.backend != "job"):
         procs = job.nodes * max(job.gpus, 1)
-        text += f"; {job.nodes} node(s) x {job.gpus} GPU(s) = {procs} processes ({job.backend})"
+        text += (
+            f"; {count(job.nodes, 'node')} x {count(job.gpus, 'GPU')} = "
+            f"{count(procs, 'process')} ({job.backend})"
+        )
     return text
 
 
@@ -165,7 +171,7 @@ def verify_dataset(
             result.file, [found] if found else [(where, p) for p in problems]
         )
         return result
-    result.summary = f"{result.summary}; data: {report.num_examples} examples decode"
+    result.summary = f"{result.summary}; data: {count(report.num_examples, 'example')} decode"
     return result
 
 

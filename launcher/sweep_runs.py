@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kubetune.humanize import count
 from launcher import api
 from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX, Member
 
@@ -32,7 +33,10 @@ def submit_sweep(
     each to its end before the next, a cluster gets all at once (then, with ``wait``, waits
     for each). Returns (JSON document, all succeeded)."""
     sequential = backend.name == "local"
-    echo(f"sweep {sweep}: {len(members)} runs" + (", one after another" if sequential else ""))
+    echo(
+        f"sweep {sweep}: {count(len(members), 'run')}"
+        + (", one after another" if sequential else "")
+    )
     records: list[dict[str, Any]] = []
     for member in members:
         result = api.submit(member.config, backend, replace=replace)

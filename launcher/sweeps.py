@@ -14,6 +14,7 @@ import yaml
 
 from kubetune.config.cluster import MAX_RUN_NAME, label_problem
 from kubetune.errors import UserError
+from kubetune.humanize import count
 
 if TYPE_CHECKING:
     from kubetune.config import PipelineConfig
@@ -64,7 +65,9 @@ def parse_axes(specs: tuple[str, ...] | list[str]) -> list[Axis]:
     for axis in axes:
         size *= len(axis.values)
     if size > MAX_RUNS:
-        raise UserError(f"--sweep: {size} runs is more than {MAX_RUNS}; sweep fewer values")
+        raise UserError(
+            f"--sweep: {count(size, 'run')} is more than {MAX_RUNS}; sweep fewer values"
+        )
     return axes
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from kubetune.errors import StorageError
+from kubetune.humanize import count
 from kubetune.storage.base import ObjectInfo, ObjectStore, StoreBase
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class RunStore(StoreBase):
 
     def delete(self, keys: Iterable[str]) -> None:
         doomed = list(keys)
-        self._write(lambda: self.inner.delete(doomed), f"delete {len(doomed)} object(s)")
+        self._write(lambda: self.inner.delete(doomed), f"delete {count(len(doomed), 'object')}")
 
     def get_bytes(self, key: str) -> bytes:
         return self.retry.call(lambda: self.inner.get_bytes(key), f"read {key}")

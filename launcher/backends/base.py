@@ -9,6 +9,7 @@ from typing import Any
 
 from kubetune.config import PipelineConfig
 from kubetune.config.cluster import StorageConfig
+from kubetune.humanize import count
 from kubetune.layout import PROGRESS_KEY, ProgressRecord
 
 # Cancelling (a Job being deleted) ends the run as much as Cancelled does: nothing resumes it.
@@ -89,8 +90,8 @@ class RunStatus:
         if self.reason:
             text += f" ({self.reason}{': ' + self.message if self.message else ''})"
         if self.retries:
-            unit = "failed pod(s)" if self.nodes > 1 else "failed attempt(s)"
-            text += f", {self.retries} {unit}"
+            unit = "failed pod" if self.nodes > 1 else "failed attempt"
+            text += f", {count(self.retries, unit)}"
         if self.progress is not None:
             text += f"; {self.progress.summary()}"
         return text

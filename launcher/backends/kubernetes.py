@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.config import PipelineConfig, config_hash, output_uri, parse_config, run_name
 from kubetune.config.cluster import sanitize_name
 from kubetune.errors import ClusterError, ConfigError, UserError
+from kubetune.humanize import count
 from launcher.backends import k8s_features, k8s_status
 from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
 from launcher.backends.k8s_client import api_errors, load_api_client
@@ -350,7 +351,7 @@ class KubernetesBackend(Backend):
         nodes = k8s_status.workload_nodes(job)
         if rank is not None and not 0 <= rank < nodes:
             raise UserError(
-                f"run {run} has {nodes} node(s): --rank takes 0..{nodes - 1}",
+                f"run {run} has {count(nodes, 'node')}: --rank takes 0..{nodes - 1}",
                 hint="--rank is the node rank (the pod's completion index)",
             )
         want = None if nodes == 1 else (rank or 0)

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from kubetune.errors import UserError
+from kubetune.humanize import count
 from launcher import api
 from launcher.cli.run_commands import LOCAL, cluster_options, out_option
 from launcher.cli.run_commands import OUTPUT as FORMAT
@@ -120,7 +121,7 @@ def pull(
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         click.echo(
-            f"pulled {len(result.files)} files ({result.bytes / 1e6:.1f} MB) of "
+            f"pulled {count(len(result.files), 'file')} ({result.bytes / 1e6:.1f} MB) of "
             f"{result.what} step {result.step} into {result.dest}/"
         )
         for name in result.files:

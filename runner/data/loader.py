@@ -24,6 +24,7 @@ from kubetune.dataset.images import decode_image, decode_mask
 from kubetune.dataset.preflight import PreflightReport, preflight
 from kubetune.dataset.sources import Source, fetch_pool
 from kubetune.errors import DataError
+from kubetune.humanize import count
 from kubetune.storage import fork_safe, is_remote
 from runner.data.buckets import (
     BucketBatchSampler,
@@ -165,7 +166,7 @@ class TrainDataset(Dataset[Batch]):
                 return item
             bad.append(item.message)
         raise DataError(
-            f"{len(bad)} examples in a row are unreadable: {'; '.join(bad[:3])}",
+            f"{count(len(bad), 'example')} in a row are unreadable: {'; '.join(bad[:3])}",
             hint="check the dataset with `launcher validate --data`",
         )
 
@@ -272,8 +273,9 @@ class ResumableLoader:
             total = len(self.dataset)
             listed = "; ".join(list(self.bad)[:10]) + (" ..." if len(self.bad) > 10 else "")
             raise DataError(
-                f"data_loader.max_bad_image_share: {len(self.bad)} of {total} examples are "
-                f"unreadable, more than the {self.max_bad} allowed: {listed}",
+                f"data_loader.max_bad_image_share: {len(self.bad)} of "
+                f"{count(total, 'example')} are unreadable, more than the {self.max_bad} "
+                f"allowed: {listed}",
                 hint="fix or remove them (`launcher validate --data` lists them all), or "
                 "raise data_loader.max_bad_image_share",
             )

@@ -21,6 +21,8 @@ import gzip
 import json
 from pathlib import Path
 
+from kubetune.humanize import count
+
 NUM_MERGES = 49152 - 256 - 2
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -63,7 +65,9 @@ def write_files(bpe_gz: Path, out_dir: Path) -> None:
     (out_dir / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
     )
-    print(f"wrote {len(vocab)} vocab entries and {len(merges)} merges to {out_dir}")
+    print(
+        f"wrote {count(len(vocab), 'vocab entry')} and {count(len(merges), 'merge')} to {out_dir}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from kubetune.errors import UserError
+from kubetune.humanize import count
 from runner.models.embeddings import load_base_embeddings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -246,8 +247,8 @@ def download_prefix(store: Any, cache_root: str | Path, *, only: str | None = No
             raise ModelError(f"{store.url(obj.key)}: downloaded size differs from the listing")
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
-    marker.write_text(f"{uri}\n{len(objects)} files\n")
-    log.info("downloaded %d files from %s to %s", len(objects), uri, dest)
+    marker.write_text(f"{uri}\n{count(len(objects), 'file')}\n")
+    log.info("downloaded %s from %s to %s", count(len(objects), "file"), uri, dest)
     return dest
 
 

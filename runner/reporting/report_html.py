@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.humanize import count
 from kubetune.layout import describe_dataset, step_name
 
 MAX_POINTS = 800
@@ -163,7 +164,7 @@ def validation_table(data: ReportData) -> str:
 
 
 def checkpoint_list(checkpoints: Sequence[tuple[int, int, int]], final: Sequence[str]) -> str:
-    items = [f"<li>step {s}: {n} files, {b / 1e6:.1f} MB</li>" for s, n, b in checkpoints]
+    items = [f"<li>step {s}: {count(n, 'file')}, {b / 1e6:.1f} MB</li>" for s, n, b in checkpoints]
     items += [f"<li>final/{esc(name)}</li>" for name in final]
     return f"<ul>{''.join(items)}</ul>" if items else '<p class="muted">none yet</p>'
 

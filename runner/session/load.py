@@ -13,6 +13,7 @@ from accelerate import Accelerator
 
 from kubetune.dataset.preflight import PreflightReport
 from kubetune.errors import UserError
+from kubetune.humanize import count
 from runner.models.loading import Components, ModelSettings, load_model, to_dtype
 from runner.training.speed import enable_tf32
 
@@ -88,5 +89,5 @@ def describe_device(accelerator: Accelerator) -> str:
         f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     )
     processes = accelerator.num_processes
-    where = f"{name}, {processes} processes" if processes > 1 else name
+    where = f"{name}, {count(processes, 'process')}" if processes > 1 else name
     return f"{where}, mixed precision {accelerator.mixed_precision}"

@@ -94,7 +94,8 @@ class Ranks:
         odd = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
         if odd:
             raise ProcessGroupError(
-                f"the trained weights of rank(s) {odd} differ from rank 0's {where} "
+                f"the trained weights of {'rank' if len(odd) == 1 else 'ranks'} {odd} differ from "
+                f"rank 0's {where} "
                 f"(checksums {[digests[0], *[digests[r] for r in odd]]})",
                 hint="every rank must start from the same seed and weights; report this bug",
             )

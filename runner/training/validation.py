@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from kubetune.humanize import count
 from kubetune.layout import thumb_key, validation_key
 from kubetune.storage import ObjectStore
 from runner.models.assemble import inference_pipeline
@@ -94,8 +95,8 @@ class Validator:
         """Write ``validation/step-XXXXXX/prompt-I-J.png`` and ``grid.png``; return keys."""
         assert self.store is not None
         started = time.perf_counter()
-        log.info("validation at step %d: generating images for %d prompt(s)", step,
-                 len(self.s.prompts))  # fmt: skip
+        log.info("validation at step %d: generating images for %s", step,
+                 count(len(self.s.prompts), "prompt"))  # fmt: skip
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.pipeline.set_train(False)

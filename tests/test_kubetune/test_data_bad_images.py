@@ -153,7 +153,7 @@ def test_run_stops_with_exit_2_and_progress_lists_them(tmp_path: Path, tiny_sd_d
     with pytest.raises(DataError, match=r"img-003\.png"):
         train(cfg)
     record = ProgressRecord.from_bytes((out / "progress.json").read_bytes())
-    assert "1 unreadable images skipped" in record.summary()  # the `launcher status` line
+    assert "1 unreadable image skipped" in record.summary()  # the `launcher status` line
     progress = json.loads((out / "progress.json").read_text())
     assert progress["state"] == "failed" and progress["bad_images"] == 1
     assert "img-003.png" in progress["bad_image_examples"][0]

@@ -120,3 +120,10 @@ def test_layout_has_one_owner() -> None:
             if _HARD_CODED.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_counts_of_one_read_as_one() -> None:
+    assert layout.describe_dataset(1, {"64x64": 1}) == "1 example in 1 bucket (64x64: 1)"
+    assert layout.describe_dataset(2, {"64x64": 2}) == "2 examples in 1 bucket (64x64: 2)"
+    record = ProgressRecord(step=1, total_steps=2, bad_images=1)
+    assert record.summary() == "step 1/2, 1 unreadable image skipped"

@@ -105,7 +105,7 @@ def test_logs_of_each_node(fake: FakeKube) -> None:
     backend = _backend(fake)
     assert list(backend.logs("my-run")) == ["node 0 says hi"]  # default: node 0
     assert list(backend.logs("my-run", rank=1)) == ["node 1 says hi"]
-    with pytest.raises(UserError, match=r"2 node\(s\): --rank takes 0..1"):
+    with pytest.raises(UserError, match=r"2 nodes: --rank takes 0..1"):
         list(backend.logs("my-run", rank=2))
     from launcher.cli.main import main
 
@@ -125,7 +125,7 @@ def test_a_lost_node_is_replaced_and_counted(fake: FakeKube) -> None:
     fake.finish_pod(pods[1], 137, reason="OOMKilled")
     status = _backend(fake).status("my-run")
     assert status.phase == "Pending" and status.retries == 1 and status.nodes == 2
-    assert status.summary().endswith("1 failed pod(s)")
+    assert status.summary().endswith("1 failed pod")
     replacement = _wait_pods(fake, name, 3)[1]
     assert fake.get("pods", "default", replacement)["spec"]["hostname"] == f"{name}-1"
     fake.finish_pod(pods[0], 1)

@@ -385,6 +385,6 @@ def test_validate_says_how_many_nodes_and_processes() -> None:
     from launcher.config_files import summarize
 
     assert summarize(make_config(nodes=2, gpus=8, backend="jobset")).endswith(
-        "; 2 node(s) x 8 GPU(s) = 16 processes (jobset)"
+        "; 2 nodes x 8 GPUs = 16 processes (jobset)"
     )
     assert "node(s)" not in summarize(make_config(gpus=8))

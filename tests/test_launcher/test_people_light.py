@@ -87,3 +87,10 @@ def test_layout_keys_for_people() -> None:
     assert layout.final_manifest_key() == "final/manifest.json"
     written = {checkpointer.STATE_FILE, checkpointer.WEIGHTS_FILE, checkpointer.INFO_FILE}
     assert written == layout.TRAINING_STATE_FILES  # the pull fallback skips exactly these
+
+
+def test_pull_counts_one_file_as_one_file(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    result = CliRunner().invoke(main, ["pull", str(run), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "\npulled 1 file (0.0 MB) of final step 7 into " in result.output

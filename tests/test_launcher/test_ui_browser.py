@@ -381,3 +381,16 @@ def test_a_tab_opens_filled_with_its_starter_config(page: tuple[Any, str]) -> No
     steps = field(driver, "max_train_steps").find_element(By.TAG_NAME, "input")
     assert steps.get_attribute("value") == "2000"  # the schema's default is none
     assert generate(driver).startswith("ok: SDXL_LORA run 'my-sdxl-lora'")  # valid as it opens
+
+
+def test_the_page_counts_as_the_cli_does(page: tuple[Any, str]) -> None:
+    """The UI's `count` words every number as `kubetune.humanize.count` does ("1 file")."""
+    from kubetune.humanize import count
+
+    driver, url = page
+    open_page(driver, url)
+    cases = [(n, noun) for n in (0, 1, 2) for noun in ("file", "process", "entry", "day", "run")]
+    shown = driver.execute_script(
+        "return arguments[0].map(([n, noun]) => window.kubetune.count(n, noun))", cases
+    )
+    assert shown == [count(n, noun) for n, noun in cases]

@@ -111,7 +111,7 @@ def test_a_real_run_says_what_it_does(
     text = caplog.text
     for line in (f"loading the base model {tiny_sd_dir} (float32 weights) on cpu",
                  "base model loaded in", "dataset: 4 examples in 1 bucket (64x64: 4)",
-                 "validation at step 2: generating images for 1 prompt(s)",
+                 "validation at step 2: generating images for 1 prompt",
                  "validation at step 2 done in", "is now the run's only writer"):  # fmt: skip
         assert line in text, line
     assert "holding the run lease" not in text

@@ -15,6 +15,15 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// "1 file" / "2 files": as kubetune.humanize.count words it for the CLI.
+function count(n, noun, pluralForm) {
+  if (n === 1) return `${n} ${noun}`;
+  if (pluralForm) return `${n} ${pluralForm}`;
+  if (/(s|x|z|ch|sh)$/.test(noun)) return `${n} ${noun}es`;
+  if (/[^aeiou]y$/.test(noun)) return `${n} ${noun.slice(0, -1)}ies`;
+  return `${n} ${noun}s`;
+}
+
 async function api(path, data) {
   const init = data === undefined ? {} : {
     method: "POST", body: JSON.stringify(data),
@@ -245,7 +254,7 @@ async function generate() {
   showProblems(result.problems || []);
   const warnings = (result.warnings || []).map((w) => `warning: ${w}`).join("\n");
   if (result.valid) say("gen-msg", [`ok: ${result.summary}`, warnings].filter(Boolean).join("\n"), "ok");
-  else say("gen-msg", `${result.problems.length} problem(s): see the list above and the marked fields`, "error");
+  else say("gen-msg", `${count(result.problems.length, "problem")}: see the list above and the marked fields`, "error");
   return result;
 }
 
@@ -318,5 +327,5 @@ async function init() {
   document.body.dataset.ready = "true";
 }
 
-window.kubetune = { state, api, el, say, collect };
+window.kubetune = { state, api, el, say, collect, count };
 document.addEventListener("DOMContentLoaded", init);

@@ -41,7 +41,7 @@ function runsTable(runs) {
   }
   for (const [name, members] of sweeps) {
     const link = k.el("a", { href: `#sweep/${members[0].backend}/${encodeURIComponent(name)}` }, `sweep ${name}`);
-    rows.push(k.el("tr", { class: "sweep", "data-sweep": name }, k.el("td", { colspan: 8 }, link, `: ${members.length} runs`)));
+    rows.push(k.el("tr", { class: "sweep", "data-sweep": name }, k.el("td", { colspan: 8 }, link, `: ${k.count(members.length, "run")}`)));
     for (const r of members) {
       const row = runRow(r);
       const params = Object.entries(r.params).map(([p, v]) => `${p}=${v}`).join(" ");
@@ -58,7 +58,7 @@ async function pollRuns() {
   if (location.hash !== "#runs") return;
   if (data.error) k.say("runs-msg", data.error, "error");
   else {
-    k.say("runs-msg", data.messages.join("\n") || `${data.runs.length} run(s)`, data.messages.length ? "warn" : "");
+    k.say("runs-msg", data.messages.join("\n") || k.count(data.runs.length, "run"), data.messages.length ? "warn" : "");
     document.querySelector("#runs-table tbody").replaceChildren(...runsTable(data.runs));
     if (!document.body.dataset.runsReady) window.kubetune.runsReadyAt = performance.now();
     document.body.dataset.runsReady = "true";
@@ -89,7 +89,7 @@ async function pollSweep(backend, name) {
   const data = await k.api(`/api/sweeps/${backend}/${encodeURIComponent(name)}`);
   if (!location.hash.startsWith("#sweep/")) return;
   if (data.error) { k.say("sweep-msg", data.error, "error"); timer = setTimeout(() => pollSweep(backend, name), POLL_MS); return; }
-  k.say("sweep-msg", `${data.runs.length} runs`);
+  k.say("sweep-msg", k.count(data.runs.length, "run"));
   const keys = [...new Set(data.runs.flatMap((r) => Object.keys(r.params)))].sort();
   document.querySelector("#sweep-table thead").replaceChildren(k.el("tr", {}, ...["Run", ...keys, "Phase", "Step", "Loss"].map((h) => k.el("th", {}, h))));
   document.querySelector("#sweep-table tbody").replaceChildren(...data.runs.map((r) => k.el("tr", { "data-run": r.run },
@@ -145,7 +145,7 @@ async function pollRun(backend, run) {
   pull.onclick = async () => {
     k.say("run-msg", "pulling…");
     const result = await k.api(`${base}/pull`, { path: pullPath.value });
-    k.say("run-msg", result.error || `pulled ${result.files.length} file(s), ${result.bytes} bytes, checked against the manifest, into ${result.dest}`,
+    k.say("run-msg", result.error || `pulled ${k.count(result.files.length, "file")}, ${k.count(result.bytes, "byte")}, checked against the manifest, into ${result.dest}`,
       result.error ? "error" : "ok");
   };
   const [data, logs] = await Promise.all([k.api(base), k.api(`${base}/logs?lines=200`)]);
@@ -181,7 +181,7 @@ function showDataset(result) {
   if (result.error) { box.replaceChildren(k.el("div", { class: "msg error" }, result.error)); return; }
   const most = Math.max(1, ...result.buckets.map((b) => b.count));
   box.replaceChildren(
-    k.el("h2", {}, `Dataset: ${result.count} examples (${result.source})`),
+    k.el("h2", {}, `Dataset: ${k.count(result.count, "example")} (${result.source})`),
     k.el("div", { class: "thumbs" }, ...result.thumbnails.map((t) => k.el("figure", {},
       k.el("img", { src: t.data, alt: t.id }), k.el("figcaption", {}, t.caption || "(no caption)")))),
     k.el("div", { class: "hist" }, k.el("h3", {}, result.bucket_title),
@@ -191,7 +191,7 @@ function showDataset(result) {
         return k.el("div", { class: "bucket" }, `${b.label}: ${b.count} `, bar);
       })),
     k.el("div", { class: result.bad.length ? "msg error" : "msg ok" },
-      result.bad.length ? `${result.bad.length} bad image(s):` : "no bad images found by the header preflight"),
+      result.bad.length ? `${k.count(result.bad.length, "bad image")}:` : "no bad images found by the header preflight"),
     k.el("ul", { class: "bad" }, ...result.bad.map((b) => k.el("li", {}, b))));
 }
 
