@@ -297,6 +297,11 @@ class LocalBackend(Backend):
                 time.sleep(0.1)
 
     def cancel(self, run: str, *, wait: bool = False, timeout: float = 300.0) -> RunStatus:
+        """SIGTERM the run (it checkpoints and stops: Cancelled). A run that already ended
+        keeps its phase (a Failed run stays Failed, with its reason); no such run: UserError."""
+        self._info(run)  # no such run: exit 2, before any file is written
+        if (self._dir(run) / "exit_code").exists():
+            return self._status(run, with_progress=False)
         (self._dir(run) / "cancelled").touch()
         self._stop(run, wait=timeout if wait else 0.0)
         status = self._status(run, with_progress=False)

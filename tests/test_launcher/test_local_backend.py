@@ -131,6 +131,33 @@ def test_unknown_run(backend: LocalBackend) -> None:
         backend.status("nope")
 
 
+def test_cancel_of_an_unknown_run_is_a_one_line_error(tmp_path: Path) -> None:
+    """`launcher cancel nope` said FileNotFoundError with a traceback (it touched a marker
+    in a run folder that does not exist); now exit 2 naming the run, and no folder made."""
+    from click.testing import CliRunner
+
+    from launcher.cli.main import main
+
+    home = tmp_path / "home"
+    out = CliRunner().invoke(main, ["cancel", "--local", "nope"], env={"KUBETUNE_HOME": str(home)})
+    assert out.exit_code == 2, out.output
+    assert "no local run 'nope'" in out.output and "Traceback" not in out.output
+    assert not (home / "runs" / "nope").exists()
+
+
+def test_cancel_of_an_ended_run_keeps_its_phase(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling a run that already ended changes nothing: a Failed run stayed Failed only
+    until `cancel` left its marker, then read Cancelled and lost its exit code's reason."""
+    monkeypatch.setenv("STAND_IN_EXIT", "2")
+    backend.submit(_cfg(tmp_path))
+    assert _wait_done(backend, "my-run").phase == "Failed"
+    assert backend.cancel("my-run").phase == "Failed"
+    status = backend.status("my-run")
+    assert (status.phase, status.reason) == ("Failed", "exit code 2")
+
+
 def test_an_unwritable_home_is_a_one_line_error(tmp_path: Path) -> None:
     """`submit --local` where the run folder cannot be made (HOME not writable, KUBETUNE_HOME
     under a file) says which folder and how to fix it, exit status 1, no traceback."""
