@@ -1,5 +1,7 @@
-"""Numbers as people read them: a count with its noun (``1 file``, ``2 files``). The
-launcher and the runner both print through it, so no message reads ``1 files``."""
+"""Numbers as people read them, one owner each: a count with its noun (``1 file``,
+``2 files``) and a duration (``4s``, ``1m35s``, ``1h05m``). The launcher and the runner both
+print through these, so no message reads ``1 files`` and an ETA reads the same in
+``launcher status``, the UI, the run's log and its report."""
 
 from __future__ import annotations
 
@@ -18,3 +20,12 @@ def plural(noun: str) -> str:
 def count(n: int, noun: str, plural_form: str | None = None) -> str:
     """``1 file`` / ``0 files`` / ``2 files``; ``plural_form`` for an irregular noun."""
     return f"{n} {noun if n == 1 else plural_form or plural(noun)}"
+
+
+def duration(seconds: float) -> str:
+    """``4s`` / ``1m35s`` / ``1h05m`` (whole seconds, rounded down; never negative)."""
+    hours, rest = divmod(max(int(seconds), 0), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune.humanize import count
+from kubetune.humanize import count, duration
 
 if TYPE_CHECKING:  # pragma: no cover
     from kubetune.storage import ObjectStore
@@ -132,13 +132,6 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def format_duration(seconds: float) -> str:
-    """``1h05m`` / ``1m35s``."""
-    hours, rest = divmod(int(seconds), 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 def describe_dataset(examples: int, buckets: dict[str, int]) -> str:
     """``6 examples in 1 bucket (64x64: 6)`` (at most 8 buckets named)."""
     shown = ", ".join(f"{size}: {n}" for size, n in list(buckets.items())[:8])
@@ -216,7 +209,7 @@ class ProgressRecord(BaseModel):
         if self.images_per_second is not None:
             parts.append(f"{self.images_per_second:.3g} img/s")
         if self.eta_seconds is not None and self.state in ("starting", "running"):
-            parts.append(f"ETA {format_duration(self.eta_seconds)}")
+            parts.append(f"ETA {duration(self.eta_seconds)}")
         if self.bad_images:
             parts.append(f"{count(self.bad_images, 'unreadable image')} skipped")
         return ", ".join(parts)

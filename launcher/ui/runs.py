@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.errors import KubetuneError, UserError
+from kubetune.humanize import duration
 from kubetune.layout import (
     FINAL,
     HISTORY_KEY,
     REPORT_KEY,
     VALIDATION,
-    format_duration,
     parse_step_name,
     parse_thumb_key,
     read_history,
@@ -226,7 +226,7 @@ def row_of(status: RunStatus) -> dict[str, Any]:
         "loss": p.loss if p else None,
         "lr": p.lr if p else None,
         "images_per_second": p.images_per_second if p else None,
-        "eta": format_duration(p.eta_seconds) if p and p.eta_seconds is not None else None,
+        "eta": duration(p.eta_seconds) if p and p.eta_seconds is not None else None,
         "state": p.state if p else None,
         "progress_error": status.progress_error,
         "sweep": status.labels.get(LABEL_SWEEP),

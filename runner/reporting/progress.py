@@ -9,7 +9,6 @@ The periodic ``progress.json`` / history / TensorBoard uploads run on a backgrou
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kubetune.humanize import duration
 from kubetune.layout import PROGRESS_KEY, ProgressRecord, RunState, log_key, utc_now
 from kubetune.storage import ObjectStore
 from runner.reporting.history import History
@@ -51,12 +51,6 @@ def write_interval(store_uri: str) -> float:
     """Seconds between progress.json uploads: none for a local folder (a write is cheap, and
     `launcher status` then matches the log), ``REMOTE_WRITE_EVERY_S`` for object storage."""
     return REMOTE_WRITE_EVERY_S if "://" in store_uri else 0.0
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    return str(dt.timedelta(seconds=int(seconds)))
 
 
 class ProgressReporter:
@@ -127,7 +121,7 @@ class ProgressReporter:
         loss = float(self._loss_sum.item()) / self._window_steps  # the one sync per line
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         ips = self._window_images / elapsed
-        eta = (self.s.total_steps - step) * elapsed / self._window_steps
+        eta = round((self.s.total_steps - step) * elapsed / self._window_steps, 1)
         epoch += 1  # counted from 1 everywhere: log line, progress.json, history
         log.info(
             "step %d/%d epoch %d loss %.4f lr %.3g %.2f img/s ETA %s",
@@ -137,7 +131,7 @@ class ProgressReporter:
             loss,
             lr,
             ips,
-            format_eta(eta),
+            duration(eta),
         )
         if self._bar is not None:
             self._bar.set_postfix_str(f"loss {loss:.4f}, {ips:.2f} img/s", refresh=False)
@@ -147,7 +141,7 @@ class ProgressReporter:
             loss=loss,
             lr=lr,
             images_per_second=ips,
-            eta_seconds=round(eta, 1),
+            eta_seconds=eta,
         )
         self.history.append(step=step, epoch=epoch, loss=loss, lr=lr, images_per_second=ips)
         if self._writer is not None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.humanize import count
+from kubetune.humanize import count, duration
 from kubetune.layout import describe_dataset, step_name
 
 MAX_POINTS = 800
@@ -104,7 +104,7 @@ def _when(seconds: float | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    return "-" if seconds is None else str(dt.timedelta(seconds=int(seconds)))
+    return "-" if seconds is None else duration(seconds)
 
 
 def _number(value: Any, digits: int) -> str:

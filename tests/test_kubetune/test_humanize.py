@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.humanize import count
+from kubetune.humanize import count, duration
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +35,15 @@ def test_count_agrees_with_its_number(n: int, noun: str, expected: str) -> None:
 def test_count_takes_an_irregular_plural() -> None:
     assert count(1, "child", "children") == "1 child"
     assert count(2, "child", "children") == "2 children"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [(0, "0s"), (4.9, "4s"), (59, "59s"), (95, "1m35s"), (3600, "1h00m"), (3900, "1h05m"),
+     (90_000, "25h00m"), (-3, "0s")],
+)  # fmt: skip
+def test_duration(seconds: float, expected: str) -> None:
+    assert duration(seconds) == expected
 
 
 _NOUNS = (

@@ -123,7 +123,7 @@ def test_follow_draws_a_bar_only_at_a_terminal(capsys: pytest.CaptureFixture[str
 
     lines = ["INFO runner: run r (outputs in /o): checking the dataset",
              *(f"INFO runner.reporting.progress: step {s}/40 epoch 1 loss 0.5 lr 0.001 "
-               f"9 img/s ETA 0:00:01" for s in (5, 40)),
+               f"9 img/s ETA 1s" for s in (5, 40)),
              "INFO runner.session.build: training finished at step 40"]  # fmt: skip
     assert not wants_bar()  # pytest's stdout is not a terminal
     follow(iter(lines), print, bar=False)

@@ -119,3 +119,27 @@ def test_a_real_run_says_what_it_does(
     assert not [w for w in warnings if "variant" in w], warnings
     record = json.loads((out / PROGRESS_KEY).read_text())
     assert record["dataset_examples"] == 4 and record["dataset_buckets"] == {"64x64": 4}
+
+
+def test_the_log_line_and_launcher_status_write_the_eta_alike(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One duration format (`kubetune.humanize.duration`): the runner's log line, progress
+    summary (`launcher status`, the UI) and report.html all write the same ETA."""
+    import re
+
+    from kubetune.humanize import duration
+
+    caplog.set_level(logging.INFO, "runner.reporting.progress")
+    reporter = _reporter(tmp_path, write_every_s=0.0)
+    for step in (1, 2):
+        reporter.update(step, 0, torch.tensor(0.5), 1e-3, 2)
+    reporter.finish("running")
+    record = reporter.record
+    assert record.eta_seconds is not None
+    logged = re.search(r" ETA (\S+)$", caplog.records[-1].getMessage())
+    assert logged is not None and logged.group(1) == duration(record.eta_seconds)
+    assert record.summary().endswith(f"ETA {duration(record.eta_seconds)}")
+    data = ReportData("r", "SD_LORA", "running", str(tmp_path), progress=record.model_dump())
+    page = render(data)
+    assert f"<th>ETA</th><td>{duration(record.eta_seconds)}</td>" in page
