@@ -77,7 +77,7 @@ def validate_file(
         return ValidationResult(file=source, valid=False, errors=list(err.problems))
     result = _valid(source, cfg)
     _note_unread_datasets(result, cfg)
-    problems = local_data_lines(source, cfg) if local_data else []
+    problems = local_data_lines(source, cfg, overrides) if local_data else []
     if cfg.storage is not None:
         result.warnings += [f"{p} (fine if the pod's image has it)" for p in problems]
     elif problems:
@@ -129,17 +129,20 @@ def _valid(source: str, cfg: PipelineConfig) -> ValidationResult:
     )
 
 
-def local_data_lines(source: str, cfg: PipelineConfig) -> list[str]:
-    """`file:line: field.path: message` for each local dataset that cannot be listed."""
+def local_data_lines(
+    source: str, cfg: PipelineConfig, overrides: list[str] | None = None
+) -> list[str]:
+    """`file:line: field.path: message` for each local dataset that cannot be listed (`--set
+    KEY=VALUE: ...` for one an override gave)."""
     from kubetune.dataset.local_check import local_data_problems
 
-    return field_problems(source, local_data_problems(cfg))
+    return field_problems(source, local_data_problems(cfg), overrides)
 
 
-def check_local_data(source: str, cfg: PipelineConfig) -> None:
+def check_local_data(source: str, cfg: PipelineConfig, overrides: list[str] | None = None) -> None:
     """Raise DataError (exit 2) listing the local datasets that cannot be listed, before a
     local run starts."""
-    problems = local_data_lines(source, cfg)
+    problems = local_data_lines(source, cfg, overrides)
     if problems:
         raise DataError("\n".join(problems))
 
@@ -168,7 +171,7 @@ def verify_dataset(
         found = None if isinstance(err, BadExamples) else dataset_problem(err, cfg)
         result.valid = False
         result.errors = field_problems(
-            result.file, [found] if found else [(where, p) for p in problems]
+            result.file, [found] if found else [(where, p) for p in problems], overrides
         )
         return result
     result.summary = f"{result.summary}; data: {count(report.num_examples, 'example')} decode"

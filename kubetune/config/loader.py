@@ -69,7 +69,7 @@ def parse_config(
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as err:
-        set_by = {_split(o.partition("=")[0].strip()): o for o in overrides or []}
+        set_by = _set_by(overrides)
         raise ConfigError(format_errors(err, data, lines, name, set_by), name) from None
 
 
@@ -273,6 +273,10 @@ def format_errors(
             path = ".".join(_show(p) for p in full_loc) or "(top level)"
             override = _override_of(full_loc, set_by or {})
             where = f"--set {override}" if override else f"{name}:{line or 1}"
+            rival = None if override else _rival_override(full_loc, msg, set_by or {})
+            if rival:  # the file's field is fine alone: the --set made the conflict
+                where = f"--set {rival}"
+                msg += f"; {name}:{line or 1} sets {path}: add --set {path}=null to drop it"
             out.append((line or 0, f"{where}: {path}: {msg}"))
     unique = dict.fromkeys(text for _, text in sorted(out, key=lambda t: t[0]))
     return list(unique)
@@ -282,6 +286,18 @@ def _override_of(loc: Loc, set_by: dict[Loc, str]) -> str | None:
     """The `KEY=VALUE` override that set the field at `loc` (or a section holding it)."""
     for key, override in set_by.items():
         if tuple(map(str, loc[: len(key)])) == tuple(map(str, key)):
+            return override
+    return None
+
+
+def _rival_override(loc: Loc, msg: str, set_by: dict[Loc, str]) -> str | None:
+    """For a `set only one of A / B` conflict on the file's field `loc`: the `--set` that
+    gave its sibling (the field the user meant to win), if one did."""
+    if not msg.startswith("set only one of "):
+        return None
+    named = msg[len("set only one of ") :].split(",")[0].split(" / ")
+    for key, override in set_by.items():
+        if tuple(map(str, key[:-1])) == tuple(map(str, loc[:-1])) and str(key[-1]) in named:
             return override
     return None
 
@@ -306,6 +322,11 @@ def _show(part: str | int) -> str:
     return repr(text) if not text or not text.isprintable() else text
 
 
+def _set_by(overrides: list[str] | None) -> dict[Loc, str]:
+    """Each `--set KEY=VALUE` by the path it sets."""
+    return {_split(o.partition("=")[0].strip()): o for o in overrides or []}
+
+
 def _split(field: str) -> Loc:
     return tuple(int(p) if p.isdigit() else p for p in field.split("."))
 
@@ -313,15 +334,24 @@ def _split(field: str) -> Loc:
 # --- overrides, dumping, identity ----------------------------------------------------------
 
 
-def field_problems(source: str | Path, problems: list[tuple[str, str]]) -> list[str]:
+def field_problems(
+    source: str | Path, problems: list[tuple[str, str]], overrides: list[str] | None = None
+) -> list[str]:
     """`file:line: field.path: message` for problems found after validation (the line of the
-    field in the config file, or of its nearest parent; line 1 when the file is stdin)."""
+    field in the config file, or of its nearest parent; line 1 when the file is stdin); a
+    field one of `overrides` gave is `--set KEY=VALUE: field.path: message`."""
     name = str(source)
     lines: dict[Loc, int] = {}
     if name not in ("-", "<stdin>") and Path(name).is_file():
         lines = _parse_yaml(Path(name).read_text(encoding="utf-8"), name)[1]
-    return [f"{name}:{_line_for(lines, _split(field)) or 1}: {field}: {message}"
-            for field, message in problems]  # fmt: skip
+    set_by = _set_by(overrides)
+    out = []
+    for field, message in problems:
+        loc = _split(field)
+        override = _override_of(loc, set_by)
+        where = f"--set {override}" if override else f"{name}:{_line_for(lines, loc) or 1}"
+        out.append(f"{where}: {field}: {message}")
+    return out
 
 
 def apply_overrides(

@@ -222,7 +222,7 @@ def submit(
     if local:  # a missing local dataset is exit 2 now, not seconds into the run
         from launcher.config_files import check_local_data
 
-        check_local_data(config, cfg)
+        check_local_data(config, cfg, list(overrides))
     backend = api.get_backend(local=local, cluster=cluster)
     result = api.submit(cfg, backend, replace=replace)
     for warning in result.warnings:

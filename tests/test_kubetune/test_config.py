@@ -292,6 +292,44 @@ def test_a_bad_override_is_blamed_on_the_set_not_the_file() -> None:
     assert len(problems) == 2
 
 
+def test_a_set_that_conflicts_with_the_file_names_the_set_and_how_to_clear_the_file(
+    tmp_path: Path,
+) -> None:
+    """invoke-training's samples give `max_train_epochs`; `--set max_train_steps=4` for a
+    short try was blamed on the file's (fine) max_train_epochs line, with no word of how to
+    drop it from the command line."""
+    config = tmp_path / "epochs.yaml"
+    text = (ROOT / "examples" / "quickstart.yaml").read_text()
+    config.write_text(text.replace("max_train_steps: 40", "max_train_epochs: 3"))
+    with pytest.raises(ConfigError) as err:
+        load_config(config, overrides=["max_train_steps=4"])
+    (problem,) = err.value.problems
+    line = text.splitlines().index("max_train_steps: 40") + 1
+    assert problem.startswith("--set max_train_steps=4: max_train_epochs: set only one of")
+    assert f"{config}:{line} sets max_train_epochs" in problem
+    assert "add --set max_train_epochs=null" in problem
+    assert load_config(config, overrides=["max_train_steps=4", "max_train_epochs=null"])
+
+
+def test_a_missing_dataset_from_a_set_is_blamed_on_the_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's dataset is fine; the folder a --set names (relative to the working folder)
+    is missing: the error names the --set, not the file's dataset_dir line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    override = "data_loader.dataset.dataset_dir=nowhere"
+    result = validate_file(str(ROOT / "examples" / "quickstart.yaml"), overrides=[override])
+    (problem,) = result.errors
+    assert problem.startswith(f"--set {override}: data_loader.dataset.dataset_dir: ")
+    assert str(tmp_path / "nowhere") in problem
+    out = CliRunner().invoke(
+        main, ["submit", "--local", str(ROOT / "examples" / "quickstart.yaml"), "--set", override]
+    )
+    assert out.exit_code == 2 and f"--set {override}: " in out.output, out.output
+    assert not (tmp_path / "home" / "runs").exists()
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_shipped_examples_validate_without_warnings(path: Path) -> None:
     """A newcomer's first `launcher validate examples/*.yaml` shows no advice to act on."""
