@@ -32,6 +32,7 @@ from kubetune.checkpoint.manifest import (
     file_entry,
     sha256_file,
 )
+from kubetune.humanize import count
 from kubetune.layout import (
     CHECKPOINTS,
     MANIFEST,
@@ -170,9 +171,9 @@ class CheckpointManager:
             self.store, local_dir, self.key(step), step, meta, concurrency=self.file_concurrency
         )
         log.info(
-            "checkpoint %s published (%d files, %.1f MB, %.1fs)",
+            "checkpoint %s published (%s, %.1f MB, %.1fs)",
             self.store.url(self.key(step, MANIFEST)),
-            len(manifest.files),
+            count(len(manifest.files), "file"),
             manifest.total_bytes / 1e6,
             time.monotonic() - started,
         )

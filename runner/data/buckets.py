@@ -11,6 +11,7 @@ from typing import Any
 
 from kubetune.dataset.buckets import build_buckets, closest_bucket
 from kubetune.errors import ResumeMismatchError
+from kubetune.humanize import count
 
 __all__ = ["BucketBatchSampler", "build_buckets", "closest_bucket", "derive_seed"]
 
@@ -208,9 +209,10 @@ class BucketBatchSampler:
             seen += len(plan[position])
             position += 1
         log.warning(
-            "the global batch size changed (%s -> %d): resuming epoch %d after %d examples "
+            "the global batch size changed (%s -> %d): resuming epoch %d after %s "
             "(saved: %d); this epoch's order differs from an uninterrupted run",
-            state["global_batch_size"], self.global_batch_size, epoch + 1, seen, examples,
+            state["global_batch_size"], self.global_batch_size, epoch + 1, count(seen, "example"),
+            examples,
         )  # fmt: skip
         return position
 

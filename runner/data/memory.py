@@ -27,6 +27,8 @@ from multiprocessing.shared_memory import SharedMemory
 
 from PIL import Image
 
+from kubetune.humanize import count
+
 log = logging.getLogger(__name__)
 BUDGET_SHARE = 0.5
 """Share of the memory available to this container that the decoded images may use."""
@@ -124,11 +126,11 @@ def plan_slots(
         slot = Slot(len(slots), offset, hw, mask)
         if offset + slot.size > budget:
             log.warning(
-                "keep_in_memory: the decoded-image budget (%d MiB) holds %d of %d images; "
+                "keep_in_memory: the decoded-image budget (%d MiB) holds %d of %s; "
                 "the others are decoded on every draw",
                 budget >> 20,
                 len(slots),
-                len(items),
+                count(len(items), "image"),
             )
             break
         slots[index] = slot

@@ -27,6 +27,7 @@ from kubetune.config import PipelineConfig, config_to_yaml, output_uri
 from kubetune.dataset.index import save_index, save_shared_index, shared_index_store
 from kubetune.dataset.preflight import PreflightReport
 from kubetune.errors import DataError, ProcessGroupError
+from kubetune.humanize import count
 from kubetune.layout import CONFIG_KEY, FINAL, describe_dataset, final_key, step_name
 from kubetune.storage import ObjectStore
 from runner.checkpoint.state import (
@@ -316,8 +317,8 @@ def _assemble(
     )
     schedule = plan_schedule(training, len(loader))
     dataset = dataset_summary(loader)
-    log.info("dataset: %s; %d steps per epoch, %d steps in all", describe_dataset(*dataset),
-             schedule.steps_per_epoch, schedule.total_steps)  # fmt: skip
+    per_epoch, in_all = count(schedule.steps_per_epoch, "step"), count(schedule.total_steps, "step")
+    log.info("dataset: %s; %s per epoch, %s in all", describe_dataset(*dataset), per_epoch, in_all)
     torch.manual_seed(seed)  # LoRA init does not depend on what loading consumed
     shapes = training_shapes(loader.dataset.target_hw)
     pipeline, optimizer, lr_scheduler = build_training(

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kubetune.errors import ProcessGroupError
+from kubetune.humanize import count
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,7 +153,7 @@ def data_parallel(pipeline: Any, device: torch.device) -> nn.Module | None:
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
     frozen += [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    log.info("gradients averaged by DDP over %d processes", dist.get_world_size())
+    log.info("gradients averaged by DDP over %s", count(dist.get_world_size(), "process"))
     return DDP(
         module,
         device_ids=[device.index] if device.type == "cuda" else None,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kubetune.humanize import count
 from kubetune.storage import open_store
 from runner.data.cache import TensorCache
 from runner.data.loader import ResumableLoader, cache_batches
@@ -62,7 +63,7 @@ class PersistedCaches:
         """Fill the pipeline's caches: from storage where possible, by encoding otherwise."""
         done = self._restore(loader)
         todo = len(loader.dataset) - len(done)
-        log.info("encoder caches: %d examples restored, %d to encode", len(done), todo)
+        log.info("encoder caches: %s restored, %d to encode", count(len(done), "example"), todo)
         self.pipeline.warm_caches(cache_batches(loader, skip=done))
         if self.is_main:
             self._store(loader)

@@ -121,8 +121,8 @@ class Validator:
             self.on_images(step, images)
         grid_url = self.store.url(f"{prefix}/grid.png")
         seconds = time.perf_counter() - started
-        log.info("validation at step %d done in %.1f s: %d images, %s", step, seconds,
-                 len(keys), grid_url)  # fmt: skip
+        log.info("validation at step %d done in %.1f s: %s, %s", step, seconds,
+                 count(len(keys), "image"), grid_url)  # fmt: skip
         return [*keys, f"{prefix}/grid.png"]
 
     @torch.no_grad()

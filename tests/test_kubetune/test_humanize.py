@@ -83,6 +83,18 @@ def test_no_message_writes_1_files() -> None:
     assert offenders == []
 
 
+def test_no_log_line_writes_1_files() -> None:
+    """Log lines count through `count` too (``%s`` with ``count(n, noun)``), not ``%d files``."""
+    pattern = re.compile(rf"%d (?:[a-z]+ )?(?:(?:{_NOUNS})\b|[A-Za-z]+\(s\))")
+    offenders = [
+        f"{path.relative_to(ROOT)}: {hit}"
+        for package in ("kubetune", "launcher", "runner")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for hit in pattern.findall(path.read_text())
+    ]
+    assert offenders == []
+
+
 def test_the_ui_counts_with_one_helper_too() -> None:
     scripts = "\n".join(p.read_text() for p in (ROOT / "launcher/ui/static").glob("*.js"))
     assert re.findall(rf"\}} ?(?:{_NOUNS})\b|\b[a-z]+\(s\)", scripts) == []
