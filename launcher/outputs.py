@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 from kubetune.checkpoint.manifest import FileEntry, Manifest, sha256_file
 from kubetune.checkpoint.publish import CheckpointManager
 from kubetune.errors import StorageError, UserError
-from kubetune.layout import FINAL, REPORT_KEY, TRAINING_STATE_FILES, final_manifest_key
+from kubetune.layout import (
+    FINAL,
+    PROGRESS_KEY,
+    REPORT_KEY,
+    TRAINING_STATE_FILES,
+    ProgressRecord,
+    final_manifest_key,
+)
 from kubetune.storage import Capability, supports
 from kubetune.storage.run_store import RetryPolicy, RunStore
 
@@ -110,7 +117,7 @@ def choose(store: ObjectStore, step: int | None) -> tuple[str, Manifest]:
             raw = store.get_bytes(final_manifest_key())
         except FileNotFoundError:
             raise UserError(
-                f"{store.url(FINAL)}/ has no complete final weights (the run has not finished)",
+                f"{store.url(FINAL)}/ has no complete final weights ({_why_no_final(store)})",
                 hint=f"pull a checkpoint with --step N; complete: {_steps(manager)}",
             ) from None
         return FINAL, Manifest.from_bytes(raw, store.url(final_manifest_key()))
@@ -121,6 +128,20 @@ def choose(store: ObjectStore, step: int | None) -> tuple[str, Manifest]:
             f"--step {step}: no complete checkpoint at that step",
             hint=f"complete checkpoints: {_steps(manager)}",
         ) from None
+
+
+def _why_no_final(store: ObjectStore) -> str:
+    """Why a run has no final weights, from its progress record: a failed or preempted run
+    has ended (saying it 'has not finished' sends people to wait for it)."""
+    try:
+        progress = ProgressRecord.from_bytes(store.get_bytes(PROGRESS_KEY))
+    except (FileNotFoundError, ValueError, StorageError):
+        return "the run has not finished"
+    if progress.state == "failed":
+        return f"the run failed at step {progress.step}"
+    if progress.state == "preempted":
+        return f"the run stopped at step {progress.step}; resubmitting its config resumes it"
+    return "the run has not finished"
 
 
 def _steps(manager: CheckpointManager) -> str:
@@ -156,7 +177,7 @@ def pull(
             on_file(entry)
     return PullResult(
         source=store.url(folder) + "/",
-        dest=str(dest),
+        dest=str(dest.absolute()),  # said and clickable whatever folder it was run from
         step=manifest.step,
         what="final" if step is None else "checkpoint",
         files=[e.key for e in entries],

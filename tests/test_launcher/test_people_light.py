@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from kubetune.checkpoint.manifest import Manifest, file_entry
@@ -94,3 +95,37 @@ def test_pull_counts_one_file_as_one_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["pull", str(run), "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "\npulled 1 file (0.0 MB) of final step 7 into " in result.output
+
+
+def test_pull_names_where_the_files_went_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`launcher pull quickstart` said `into quickstart-final/` (and JSON `dest` the same):
+    relative to a folder the message does not name, and not clickable in a terminal."""
+    run = make_run(tmp_path / "run")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    text = CliRunner().invoke(main, ["pull", str(run)])
+    assert text.exit_code == 0, text.output
+    assert f" into {here / 'run-final'}/\n" in text.output
+    doc = json.loads(CliRunner().invoke(main, ["pull", str(run), "--format", "json"]).output)
+    assert doc["dest"] == str(here / "run-final")
+    relative = CliRunner().invoke(main, ["pull", str(run), "-o", "lora"])
+    assert f" into {here / 'lora'}/\n" in relative.output
+
+
+def test_pull_of_a_failed_run_says_it_failed_not_that_it_has_not_finished(
+    tmp_path: Path,
+) -> None:
+    from kubetune.layout import PROGRESS_KEY, ProgressRecord
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / PROGRESS_KEY).write_bytes(ProgressRecord(state="failed", step=3).to_bytes())
+    result = CliRunner().invoke(main, ["pull", str(run), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "the run failed at step 3" in result.output, result.output
+    assert "has not finished" not in result.output
+    (run / PROGRESS_KEY).write_bytes(ProgressRecord(state="running", step=3).to_bytes())
+    assert "has not finished" in CliRunner().invoke(main, ["pull", str(run)]).output
