@@ -99,7 +99,7 @@ def test_cut_points_out_of_the_servers_order_still_give_its_listing(
 def test_a_large_s3_jsonl_is_listed_in_ranges_with_the_same_records(
     s3_env: S3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kubetune.dataset.sources as sources
+    import kubetune.dataset.fetching as fetching
 
     write_jsonl(tmp_path / "ds", [(16 + i % 5, 16) for i in range(30)])
     upload_tree(s3_env.client(), s3_bucket, "ds", tmp_path / "ds")
@@ -109,7 +109,7 @@ def test_a_large_s3_jsonl_is_listed_in_ranges_with_the_same_records(
     whole = preflight(cfg)
     assert whole.source is not None
     ranges = Ranges(monkeypatch)
-    monkeypatch.setattr(sources, "open_store", lambda u, s=None: open_store(u, s, page_size=4))
+    monkeypatch.setattr(fetching, "open_store", lambda u, s=None: open_store(u, s, page_size=4))
     split = preflight(cfg)
     assert (len(ranges.calls), ranges.whole) == (8, 0) and split.source is not None
     assert split.source.records == whole.source.records
