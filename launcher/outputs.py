@@ -71,27 +71,33 @@ class ReportView:
 def report_location(
     store: ObjectStore, expires_s: int = 3600, dest: Path | None = None
 ) -> ReportView:
-    """A local run: its report.html. Cloud (a store that presigns): a copy of the page
-    written to ``dest`` (default: a new temporary folder) with its links to the run's objects
-    (the full-size grids) presigned for ``expires_s``, since a relative link from a presigned
-    page has no signature. UserError if no report exists yet."""
+    """A local run: its report.html, or with ``dest`` a copy there whose links to the run's
+    files are ``file://`` URIs into the run folder. Cloud (a store that presigns): a copy of
+    the page written to ``dest`` (default: a new temporary folder) with its links to the
+    run's objects (the full-size grids) presigned for ``expires_s``, since a relative link
+    from a presigned page has no signature. UserError if no report exists yet."""
     if not store.exists(REPORT_KEY):
         raise UserError(
             f"{store.url(REPORT_KEY)} does not exist yet",
             hint="the runner writes it at the first validation and at the end of the run",
         )
-    if not supports(store, Capability.PRESIGN):
+    presigns = supports(store, Capability.PRESIGN)
+    if not presigns and dest is None:
         return ReportView(store.url(REPORT_KEY))
-    presign = store.presign
 
-    def signed(link: re.Match[str]) -> str:
-        return f'href="{html.escape(presign(html.unescape(link.group(1)), expires_s))}"'
+    def target_of(key: str) -> str:
+        return store.presign(key, expires_s) if presigns else Path(store.url(key)).as_uri()
 
-    page = _RUN_LINK.sub(signed, store.get_bytes(REPORT_KEY).decode())
+    def relinked(link: re.Match[str]) -> str:
+        return f'href="{html.escape(target_of(html.unescape(link.group(1))))}"'
+
+    page = _RUN_LINK.sub(relinked, store.get_bytes(REPORT_KEY).decode())
     target = dest or Path(tempfile.mkdtemp(prefix="kubetune-report-")) / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page)
-    return ReportView(str(target), presign(REPORT_KEY, expires_s))
+    return ReportView(
+        str(target.absolute()), store.presign(REPORT_KEY, expires_s) if presigns else None
+    )
 
 
 @dataclass

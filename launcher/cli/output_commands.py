@@ -37,7 +37,10 @@ def _location(run: str, local: bool, cluster: api.ClusterOptions) -> Any:
     metavar="SECONDS",
     help="Lifetime of the presigned links (a run in the cloud).",
 )
-@out_option("Cloud: where to write the page with presigned links (default: a new temp folder).")
+@out_option(
+    "Write a copy of the page here (cloud: with presigned links, default a new temp folder; "
+    "local: links into the run folder)."
+)
 @LOCAL
 @FORMAT
 @cluster_options

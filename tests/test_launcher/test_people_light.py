@@ -129,3 +129,19 @@ def test_pull_of_a_failed_run_says_it_failed_not_that_it_has_not_finished(
     assert "has not finished" not in result.output
     (run / PROGRESS_KEY).write_bytes(ProgressRecord(state="running", step=3).to_bytes())
     assert "has not finished" in CliRunner().invoke(main, ["pull", str(run)]).output
+
+
+def test_report_of_a_local_run_writes_the_copy_o_names(tmp_path: Path) -> None:
+    """`-o` is always a file to write: for a local run `report -o FILE` printed the run's
+    own report.html and wrote nothing. The copy's links to the run's files point into the
+    run folder, so they work from wherever the copy goes."""
+    run = make_run(tmp_path / "run")
+    link = '<a href="validation/step-000007/grid.png">grid</a>'
+    (run / "report.html").write_text(f"<!DOCTYPE html><title>r</title>{link}")
+    copy = tmp_path / "shared" / "my-report.html"
+    result = CliRunner().invoke(main, ["report", str(run), "-o", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(copy)
+    page = copy.read_text()
+    assert f'href="{(run / "validation/step-000007/grid.png").as_uri()}"' in page
+    assert (run / "report.html").read_text().endswith(link)  # the run's own page is unchanged
