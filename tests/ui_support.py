@@ -83,11 +83,16 @@ def fake_local_run(
     prompts: list[str] | None = None,
     thumbs: dict[int, int] | None = None,
     step: int = 40,
+    exit_code: int | None = 0,
+    pid: int = 2**22 + 1,
+    final: bool = False,
+    report: bool = False,
 ) -> Path:
     """A finished local run written as LocalBackend writes one (run.json, config.yaml,
     exit_code) with its outputs: progress.json and, per {step: prompts}, validation
     thumbnails (real JPEGs). Returns its output folder. For listings and views only: no
-    training happened."""
+    training happened. `exit_code` None and a live `pid`: a running run; non-zero: a failed
+    one; `final` writes final/ with its manifest, `report` a report.html."""
     import io
     import json
     import time
@@ -96,7 +101,7 @@ def fake_local_run(
     from PIL import Image
 
     from kubetune.config import config_hash, config_to_yaml, parse_config
-    from kubetune.layout import PROGRESS_KEY, ProgressRecord, thumb_key
+    from kubetune.layout import PROGRESS_KEY, REPORT_KEY, ProgressRecord, thumb_key
     from launcher.manifests import job_name, run_labels
 
     root = Path(__file__).resolve().parent.parent
@@ -110,16 +115,23 @@ def fake_local_run(
     run_dir = home / "runs" / name
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    (run_dir / "exit_code").write_text("0\n")
+    if exit_code is not None:
+        (run_dir / "exit_code").write_text(f"{exit_code}\n")
     info = {"run": name, "job_name": job_name(cfg), "config_hash": config_hash(cfg),
-            "output_uri": cfg.base_output_dir, "pid": 2**22 + 1, "command": [],
+            "output_uri": cfg.base_output_dir, "pid": pid, "command": [],
             "started": time.time(), "labels": run_labels(cfg)}  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(info))
     out = Path(cfg.base_output_dir)
     out.mkdir(parents=True)
-    record = ProgressRecord(state="completed", step=step, total_steps=step, loss=0.125,
-                            images_per_second=12.5, eta_seconds=0.0)  # fmt: skip
+    state = {None: "running", 0: "completed"}.get(exit_code, "failed")
+    total, eta = (step, 0.0) if exit_code == 0 else (2 * step, 95.0)
+    record = ProgressRecord(state=state, step=step, total_steps=total, loss=0.125,
+                            images_per_second=12.5, eta_seconds=eta)  # fmt: skip
     (out / PROGRESS_KEY).write_bytes(record.to_bytes())
+    if final:
+        _write_final(out, step)
+    if report:
+        (out / REPORT_KEY).write_text("<!DOCTYPE html><title>report</title><p>a report")
     for at, count in (thumbs or {}).items():
         for i in range(count):
             jpeg = io.BytesIO()
@@ -128,3 +140,15 @@ def fake_local_run(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(jpeg.getvalue())
     return out
+
+
+def _write_final(out: Path, step: int) -> None:
+    """final/ as the runner publishes it: one weights file, then its manifest."""
+    from kubetune.checkpoint.manifest import Manifest, file_entry
+    from kubetune.layout import FINAL, final_manifest_key, utc_now
+
+    (out / FINAL).mkdir(parents=True)
+    (out / FINAL / "lora.safetensors").write_bytes(b"weights" * 100)
+    entries = (file_entry(out / FINAL, "lora.safetensors"),)
+    manifest = Manifest(step, utc_now(), entries, {"weights": ["lora.safetensors"]})
+    (out / final_manifest_key()).write_bytes(manifest.to_bytes())

@@ -171,6 +171,13 @@ async def run_cancel(request: Request) -> Response:
     return await call(_ui(request).runs.cancel, p["backend"], p["run"])
 
 
+async def run_resume(request: Request) -> Response:
+    from launcher.ui.submit import resume_run
+
+    p = request.path_params
+    return await call(resume_run, _ui(request).runs, p["backend"], p["run"])
+
+
 async def run_file(request: Request) -> Response:
     p = request.path_params
     key = p["key"]

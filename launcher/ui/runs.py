@@ -17,12 +17,21 @@ from kubetune.layout import (
     HISTORY_KEY,
     REPORT_KEY,
     VALIDATION,
+    ProgressRecord,
+    final_manifest_key,
     parse_step_name,
     parse_thumb_key,
     read_history,
 )
 from launcher import api
-from launcher.backends.base import UNREADABLE, Backend, RunStatus, read_progress
+from launcher.backends.base import (
+    RESUMABLE_PHASES,
+    TERMINAL_PHASES,
+    UNREADABLE,
+    Backend,
+    RunStatus,
+    read_progress,
+)
 from launcher.sweeps import LABEL_SWEEP, PARAM_LABEL_PREFIX
 from launcher.ui.security import redact
 
@@ -157,13 +166,17 @@ class Runs:
             for key in keys
             if key.endswith("/grid.png") and (step := _validation_step(key)) is not None
         )
+        final = [k for k in keys if k.startswith(f"{FINAL}/")]
         return {
             "run": row_of(status),
             "status": status.summary(),
             "history": read_history(store),
             "grids": [{"step": s, "key": k} for s, k in grids],
-            "final": [k for k in keys if k.startswith(f"{FINAL}/")],
+            "final": final,
             "report": REPORT_KEY in keys,
+            "actions": actions(
+                status.phase, final=final_manifest_key() in final, report=REPORT_KEY in keys
+            ),  # fmt: skip
         }
 
     def logs(self, backend_name: str, run: str, lines: int = 200) -> list[str]:
@@ -213,6 +226,16 @@ class Runs:
         return row_of(self.backend(backend_name).cancel(run))
 
 
+def actions(phase: str, *, final: bool, report: bool) -> list[str]:
+    """What a run's page offers: cancel while the run may still run; resume once it stopped
+    before its end (its config submitted again continues from its newest checkpoint); pull
+    once final weights are published; the report once written."""
+    offered = [] if phase in TERMINAL_PHASES else ["cancel"]
+    offered += ["resume"] if phase in RESUMABLE_PHASES else []
+    offered += ["pull"] if final else []
+    return offered + (["report"] if report else [])
+
+
 def row_of(status: RunStatus) -> dict[str, Any]:
     """What the runs table shows of one run."""
     p = status.progress
@@ -226,7 +249,7 @@ def row_of(status: RunStatus) -> dict[str, Any]:
         "loss": p.loss if p else None,
         "lr": p.lr if p else None,
         "images_per_second": p.images_per_second if p else None,
-        "eta": duration(p.eta_seconds) if p and p.eta_seconds is not None else None,
+        "eta": duration(p.eta_seconds) if p and _eta_applies(status, p) else None,
         "state": p.state if p else None,
         "progress_error": status.progress_error,
         "sweep": status.labels.get(LABEL_SWEEP),
@@ -238,6 +261,12 @@ def row_of(status: RunStatus) -> dict[str, Any]:
         "output_uri": status.output_uri,
         "done": status.done,
     }
+
+
+def _eta_applies(status: RunStatus, progress: ProgressRecord) -> bool:
+    """An ETA only while the run trains (an ended run's last estimate is stale)."""
+    running = progress.state in ("starting", "running") and not status.done
+    return running and progress.eta_seconds is not None
 
 
 def _keys(store: ObjectStore) -> list[str]:

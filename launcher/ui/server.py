@@ -105,6 +105,7 @@ def _routes() -> list[Any]:
         Route("/api/runs/{backend}/{run}/logs", h.run_logs),
         Route("/api/runs/{backend}/{run}/cancel", h.run_cancel, methods=["POST"]),
         Route("/api/runs/{backend}/{run}/pull", h.run_pull, methods=["POST"]),
+        Route("/api/runs/{backend}/{run}/resume", h.run_resume, methods=["POST"]),
         Route("/api/runs/{backend}/{run}/files/{key:path}", h.run_file),
         Route("/api/sweeps/{backend}/{sweep}", h.sweep),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

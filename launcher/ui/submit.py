@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.config import parse_config
-from kubetune.errors import KubetuneError
+from kubetune.errors import KubetuneError, UserError
 from launcher import api
+from launcher.backends.base import RESUMABLE_PHASES
 from launcher.config_files import local_data_lines
 from launcher.ui.configs import FORM_NAME, _problem, generate
 from launcher.ui.runs import Runs, one_line
@@ -51,6 +52,19 @@ def start_training(
     except KubetuneError as err:
         return {**checked, "error": one_line(err)}
     return {**checked, "submitted": [_record(result)]}
+
+
+def resume_run(runs: Runs, backend_name: str, run: str) -> dict[str, Any]:
+    """A stopped run's own config submitted again (as `launcher submit` of it would be): it
+    continues from its newest checkpoint. Only a Failed, Preempted or Cancelled run."""
+    backend = runs.backend(backend_name)
+    status = backend.status(run)
+    if status.phase not in RESUMABLE_PHASES:
+        raise UserError(
+            f"run {run} is {status.phase}: only a Failed, Preempted or Cancelled run resumes",
+            hint="a finished run's weights are pulled; a running one is cancelled first",
+        )
+    return _record(api.submit(runs.config(backend, status), backend))
 
 
 def _write_temp(text: str) -> str:

@@ -238,7 +238,8 @@ def test_cancel_stops_a_run(page: tuple[Any, str], tmp_path: Path) -> None:
     click(driver, "cancel")
     wait_for(driver, "document.getElementById('run-msg').textContent.startsWith('cancel')", 60)
     wait_for(driver, "document.getElementById('run-status').dataset.phase === 'Cancelled'", 120)
-    assert driver.find_element(By.ID, "cancel").get_attribute("disabled") is not None
+    assert not driver.find_element(By.ID, "cancel").is_displayed()
+    assert driver.find_element(By.ID, "resume").is_displayed()  # a cancelled run resumes
 
 
 def test_dataset_preview_shows_thumbnails_buckets_and_bad_images(
@@ -388,9 +389,54 @@ def test_the_page_counts_as_the_cli_does(page: tuple[Any, str]) -> None:
     from kubetune.humanize import count
 
     driver, url = page
-    open_page(driver, url)
+    driver.get("about:blank")
+    driver.get(url + "/#runs")
+    wait_for(driver, "typeof window.kubetune?.count === 'function'")
     cases = [(n, noun) for n in (0, 1, 2) for noun in ("file", "process", "entry", "day", "run")]
     shown = driver.execute_script(
         "return arguments[0].map(([n, noun]) => window.kubetune.count(n, noun))", cases
     )
     assert shown == [count(n, noun) for n, noun in cases]
+
+
+@pytest.mark.slow
+def test_a_run_page_offers_what_its_phase_allows(page: tuple[Any, str]) -> None:
+    """A failed run offers Resume, its report and its log, not Pull; a succeeded one Pull
+    and the report, not Cancel; a running one Cancel; an unreadable one nothing but why."""
+    import os
+    import subprocess
+
+    from ui_support import fake_local_run
+
+    driver, url = page
+    home = Path(os.environ["KUBETUNE_HOME"])
+    out = home.parent / "actions-out"
+    fake_local_run(home, out, "page-done", final=True, report=True)
+    fake_local_run(home, out, "page-broke", exit_code=1, report=True)
+    (home / "runs" / "page-broke" / "log.txt").write_text("RuntimeError: out of memory\n")
+    sleeper = subprocess.Popen(["sleep", "60"])  # the running run's process (never cancelled)
+    fake_local_run(home, out, "page-going", exit_code=None, pid=sleeper.pid)
+    (home / "runs" / "page-unreadable").mkdir(parents=True)
+    (home / "runs" / "page-unreadable" / "run.json").write_text('{"run": "page-unre')
+    buttons = ("cancel", "resume", "pull", "pull-path", "report-link")
+    expected = {
+        "page-done": {"pull", "pull-path", "report-link"},
+        "page-broke": {"resume", "report-link"},
+        "page-going": {"cancel"},
+        "page-unreadable": set(),
+    }
+    try:
+        for run, shown in expected.items():
+            driver.get("about:blank")
+            driver.get(f"{url}/#run/local/{run}")
+            wait_for(driver, "document.getElementById('run-actions').dataset.offered !== undefined")
+            visible = {b for b in buttons if driver.find_element(By.ID, b).is_displayed()}
+            assert visible == shown, run
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert "run.json" in driver.find_element(By.ID, "run-status").text
+    driver.get("about:blank")
+    driver.get(f"{url}/#run/local/page-broke")
+    wait_for(driver, "document.getElementById('logs').textContent.includes('out of memory')")
+    assert "ETA" not in driver.find_element(By.ID, "run-status").text

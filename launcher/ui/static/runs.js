@@ -130,6 +130,14 @@ function chart(svg, points, label) {
   }
 }
 
+// Only what the server says this run's phase allows: cancel, resume, pull, report.
+function offer(actions) {
+  for (const id of ["cancel", "resume", "pull"]) document.getElementById(id).hidden = !actions.includes(id);
+  document.getElementById("pull-path").hidden = !actions.includes("pull");
+  document.getElementById("report-link").hidden = !actions.includes("report");
+  document.getElementById("run-actions").dataset.offered = actions.join(" ");
+}
+
 async function pollRun(backend, run) {
   const k = window.kubetune;
   const base = `/api/runs/${backend}/${encodeURIComponent(run)}`;
@@ -138,6 +146,14 @@ async function pollRun(backend, run) {
   cancel.onclick = async () => {
     const result = await k.api(`${base}/cancel`, {});
     k.say("run-msg", result.error || `cancel: ${result.phase}`, result.error ? "error" : "ok");
+  };
+  const resume = document.getElementById("resume");
+  resume.onclick = async () => {
+    k.say("run-msg", "resubmitting…");
+    const result = await k.api(`${base}/resume`, {});
+    k.say("run-msg", result.error || `resubmitted (${result.backend}): it continues from its newest checkpoint`,
+      result.error ? "error" : "ok");
+    if (!result.error) { clearTimeout(timer); timer = setTimeout(() => pollRun(backend, run), POLL_MS); }
   };
   const pull = document.getElementById("pull");
   const pullPath = document.getElementById("pull-path");
@@ -151,10 +167,10 @@ async function pollRun(backend, run) {
   const [data, logs] = await Promise.all([k.api(base), k.api(`${base}/logs?lines=200`)]);
   if (!location.hash.startsWith("#run/")) return;
   document.getElementById("logs").textContent = logs.error || logs.lines.join("\n");
-  if (data.error) { k.say("run-status", data.error, "error"); timer = setTimeout(() => pollRun(backend, run), POLL_MS); return; }
+  if (data.error) { offer([]); k.say("run-status", data.error, "error"); timer = setTimeout(() => pollRun(backend, run), POLL_MS); return; }
   const r = data.run;
   const progress = r.step === null ? (r.progress_error || "no progress yet") :
-    `step ${r.step}/${r.total || "?"}, loss ${fmt(r.loss)}, ${fmt(r.images_per_second, 3)} img/s, ETA ${r.eta || "–"}`;
+    `step ${r.step}/${r.total || "?"}, loss ${fmt(r.loss)}, ${fmt(r.images_per_second, 3)} img/s${r.eta ? `, ETA ${r.eta}` : ""}`;
   k.say("run-status", `${r.phase}${r.reason ? ` (${r.reason})` : ""}: ${progress}`, `phase-${r.phase}`);
   document.getElementById("run-status").dataset.phase = r.phase;
   chart(document.getElementById("loss-chart"), data.history.filter((h) => h.loss !== undefined).map((h) => [h.step, h.loss]), "loss");
@@ -166,12 +182,10 @@ async function pollRun(backend, run) {
       k.el("img", { src: `${base}/files/${g.key}`, alt: `validation grid at step ${g.step}` }),
       k.el("figcaption", {}, `step ${g.step}`))));
   }
-  const report = document.getElementById("report-link");
-  report.hidden = !data.report;
-  report.href = `${base}/files/report.html`;
+  document.getElementById("report-link").href = `${base}/files/report.html`;
+  offer(data.actions);
   document.getElementById("final-files").replaceChildren(...data.final.map((key) =>
     k.el("a", { href: `${base}/files/${key}`, download: key.split("/").pop(), class: "pull" }, ` ${key}`)));
-  cancel.disabled = r.done;
   if (!r.done) timer = setTimeout(() => pollRun(backend, run), POLL_MS);
 }
 
