@@ -201,14 +201,15 @@ class ProgressRecord(BaseModel):
         """The JSON body the runner publishes."""
         return (self.model_dump_json(indent=2) + "\n").encode()
 
-    def summary(self) -> str:
-        """One line for ``launcher status``: step, loss, throughput, ETA."""
+    def summary(self, live: bool = True) -> str:
+        """One line for ``launcher status``: step, loss, throughput, ETA (not when ``live`` is
+        False: the run has ended, though a killed runner's record still says running)."""
         parts = [f"step {self.step}/{self.total_steps or '?'}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4g}")
         if self.images_per_second is not None:
             parts.append(f"{self.images_per_second:.3g} img/s")
-        if self.eta_seconds is not None and self.state in ("starting", "running"):
+        if live and self.eta_seconds is not None and self.state in ("starting", "running"):
             parts.append(f"ETA {duration(self.eta_seconds)}")
         if self.bad_images:
             parts.append(f"{count(self.bad_images, 'unreadable image')} skipped")

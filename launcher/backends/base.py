@@ -92,8 +92,8 @@ class RunStatus:
         if self.retries:
             unit = "failed pod" if self.nodes > 1 else "failed attempt"
             text += f", {count(self.retries, unit)}"
-        if self.progress is not None:
-            text += f"; {self.progress.summary()}"
+        if self.progress is not None:  # an ended run has no ETA, whatever its record says
+            text += f"; {self.progress.summary(live=not self.done)}"
         return text
 
 

@@ -455,7 +455,25 @@ def _exit_meaning(code: int, log: Path) -> str:
         if errors:
             return f"{errors[-1][len(_ERROR_PREFIX) :][:300]} (log: {where})"
         return f"config or data error (see {where})"
+    killed = _signal_meaning(code)
+    if killed:
+        return killed
     return lines[-1][:200] if lines else "the runner failed"
+
+
+def _signal_meaning(code: int) -> str | None:
+    """`killed by SIGKILL (...)` for an exit status of 128 + N (the shim's record of a
+    process killed by signal N); None for an ordinary exit status."""
+    try:
+        name = signal.Signals(code - 128).name if code > 128 else None
+    except ValueError:
+        return None
+    if name == "SIGKILL":
+        return (
+            "killed by SIGKILL: out of memory (the kernel's OOM killer: `dmesg` says) or "
+            "kill -9; lower train_batch_size or resolution, or resubmit to resume"
+        )
+    return f"killed by {name}" if name else None
 
 
 def _local_warnings(cfg: PipelineConfig) -> tuple[str, ...]:

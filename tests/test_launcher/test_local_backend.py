@@ -32,6 +32,8 @@ signal.signal(signal.SIGTERM, preempted)
 print("run", os.environ["KUBETUNE_RUN"], "config", os.environ["KUBETUNE_CONFIG"], flush=True)
 print("args", *sys.argv[2:], flush=True)
 progress("running")
+if os.environ.get("STAND_IN_SIGNAL"):
+    os.kill(os.getpid(), int(os.environ["STAND_IN_SIGNAL"]))
 time.sleep(float(os.environ.get("STAND_IN_SLEEP", "0")))
 print("done", flush=True)
 code = int(os.environ.get("STAND_IN_EXIT", "0"))
@@ -293,3 +295,31 @@ def test_failed_on_bad_input_shows_the_runners_error_line(tmp_path: Path) -> Non
     assert (status.phase, status.reason) == ("Failed", "exit code 2")
     assert status.message == "bucket 'nope' does not exist (log: `launcher logs --local my-run`)"
     assert status.retries == 1  # `status` prints "failed attempts: 1", not 0, for this run
+
+
+def test_a_killed_run_says_which_signal_not_its_last_log_line(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner killed by SIGKILL (the out-of-memory killer, kill -9) read `Failed (exit code
+    137: <its last INFO progress line>)`, which says nothing of what happened."""
+    monkeypatch.setenv("STAND_IN_SIGNAL", "9")
+    backend.submit(_cfg(tmp_path))
+    status = _wait_done(backend, "my-run")
+    assert (status.phase, status.reason) == ("Failed", "exit code 137"), status
+    assert status.message is not None and "killed by SIGKILL" in status.message
+    assert "out of memory" in status.message and "args" not in status.message
+
+
+def test_an_ended_run_shows_no_eta() -> None:
+    """A run killed mid-training keeps the progress record of a running one: `status` showed
+    `Failed (...); step 10/40, ..., ETA 15s`, an ETA for a run that will not go on."""
+    from launcher.backends.base import Progress, RunStatus
+
+    progress = Progress(state="running", step=10, total_steps=40, eta_seconds=15)
+    running = RunStatus("local", "r", "j", "Running", progress=progress)
+    assert "ETA" in running.summary()
+    failed = RunStatus("local", "r", "j", "Failed", reason="exit code 137", progress=progress)
+    assert "step 10/40" in failed.summary() and "ETA" not in failed.summary()
+    from launcher.ui.runs import row_of  # the UI's runs table and run page alike
+
+    assert (row_of(running)["eta"], row_of(failed)["eta"]) == ("15s", None)
