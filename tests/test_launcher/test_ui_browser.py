@@ -90,6 +90,9 @@ def test_every_tab_renders_its_sections(page: tuple[Any, str]) -> None:
     assert field(driver, "train_batch_size").find_element(By.TAG_NAME, "input").get_attribute(
         "value"
     ) == str(SdLoraConfig.model_fields["train_batch_size"].default)
+    # the screenshot shows the starter config the tab opens on, not an empty form
+    steps = field(driver, "max_train_steps").find_element(By.TAG_NAME, "input")
+    assert steps.get_attribute("value") == "2000"
     screenshot(driver, "ui-configure.png")
     assert console_errors(driver) == []
 
