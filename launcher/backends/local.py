@@ -136,7 +136,7 @@ class LocalBackend(Backend):
         self, cfg: PipelineConfig, status: RunStatus, result: SubmitResult, replace: bool
     ) -> SubmitResult:
         """The same config submitted again: resume, restart (`replace`) or leave alone."""
-        where = f" at {status.progress.summary()}" if status.progress else ""
+        where = f" at {status.progress.summary(live=not status.done)}" if status.progress else ""
         attempt = len(status.pods) + 1
         if status.phase in RESUMABLE_PHASES:
             self._start(cfg, self._dir(status.run), attempt=attempt, previous=status.phase)

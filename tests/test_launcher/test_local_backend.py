@@ -22,7 +22,8 @@ import json, os, signal, sys, time, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
 out = cfg["base_output_dir"]; os.makedirs(out, exist_ok=True)
 def progress(state):
-    json.dump({"state": state, "step": 5, "total_steps": 10, "loss": 0.5},
+    eta = {"eta_seconds": float(os.environ["STAND_IN_ETA"])} if "STAND_IN_ETA" in os.environ else {}
+    json.dump({"state": state, "step": 5, "total_steps": 10, "loss": 0.5, **eta},
               open(os.path.join(out, "progress.json"), "w"))
 def preempted(*args):
     print("checkpointed", flush=True)
@@ -303,11 +304,15 @@ def test_a_killed_run_says_which_signal_not_its_last_log_line(
     """A runner killed by SIGKILL (the out-of-memory killer, kill -9) read `Failed (exit code
     137: <its last INFO progress line>)`, which says nothing of what happened."""
     monkeypatch.setenv("STAND_IN_SIGNAL", "9")
+    monkeypatch.setenv("STAND_IN_ETA", "15")
     backend.submit(_cfg(tmp_path))
     status = _wait_done(backend, "my-run")
     assert (status.phase, status.reason) == ("Failed", "exit code 137"), status
     assert status.message is not None and "killed by SIGKILL" in status.message
     assert "out of memory" in status.message and "args" not in status.message
+    again = backend.submit(_cfg(tmp_path))  # the resume note quotes where it ended: no ETA
+    assert again.note is not None and "ended Failed at step 5/10" in again.note
+    assert "ETA" not in again.note
 
 
 def test_an_ended_run_shows_no_eta() -> None:
