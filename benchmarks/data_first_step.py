@@ -12,7 +12,9 @@ so the *restart* is the same run started again. `--full` also measures a *later 
 run name over the same data, which finds the index beside the runs.
 
 `--plain` also measures each figure without aspect-ratio buckets (a large dataset then starts
-training once listed, its header checks beside it: `DEFERRED_CHECKS_MIN_EXAMPLES`).
+training once listed, its header checks beside it: `DEFERRED_CHECKS_MIN_EXAMPLES`);
+`--streaming` with the buckets in the streaming order (`aspect_ratio_buckets.order:
+streaming`: a large dataset starts once listed and the first few hundred sizes are read).
 
 `--synthetic N` replaces the photos by N small real JPEGs (64 distinct solid-colour images of
 512-1024 px, ~2-4 KB each; only their headers are read before the first batch) to reach
@@ -45,6 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 BUCKETS = {"target_resolution": 512, "start_dim": 256, "end_dim": 1024, "divisible_by": 64}
+MODES = {"buckets": BUCKETS, "plain": None, "streaming": {**BUCKETS, "order": "streaming"}}
+"""Each measured config's `aspect_ratio_buckets`: invoke-training's order, none (`--plain`),
+the streaming order (`--streaming`)."""
+
+
+def tag(mode: str) -> str:
+    """How a mode is named in the figures ("" for invoke-training's bucket order)."""
+    return "" if mode == "buckets" else f" {mode}"
 
 
 def synthetic(folder: Path, n: int, templates: int = 64) -> None:
@@ -86,9 +96,9 @@ def upload(server: Any, bucket: str, folder: Path, n: int) -> None:
     store.put_bytes("data.jsonl", "\n".join(rows).encode())
 
 
-def preflight_config(bucket: str, n: int, run_dir: str, buckets: bool) -> Any:
+def preflight_config(bucket: str, n: int, run_dir: str, mode: str) -> Any:
     """The SD_LORA config the data-path measurements read: the `n`-image JSONL on S3, 512 px,
-    batch 4 (invoke-training's default), aspect-ratio buckets when `buckets`."""
+    batch 4 (invoke-training's default), aspect-ratio buckets as `mode` says (`MODES`)."""
     from kubetune.config import SdLoraConfig
 
     return SdLoraConfig.model_validate(
@@ -102,14 +112,14 @@ def preflight_config(bucket: str, n: int, run_dir: str, buckets: bool) -> Any:
                     "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
                 },
                 "resolution": 512,
-                "aspect_ratio_buckets": BUCKETS if buckets else None,
+                "aspect_ratio_buckets": MODES[mode],
             },
             "train_batch_size": 4,
         }
     )
 
 
-def measure(bucket: str, n: int, run_dir: str, buckets: bool = True) -> dict[str, Any]:
+def measure(bucket: str, n: int, run_dir: str, mode: str = "buckets") -> dict[str, Any]:
     """One measurement, in this (fresh) process: seconds and bytes to the first batch. The
     preflight runs as a run starts it (`start_preflight`, in a thread here so that its reads
     are counted): without buckets a large dataset's header checks go on beside the batch."""
@@ -137,7 +147,7 @@ def measure(bucket: str, n: int, run_dir: str, buckets: bool = True) -> dict[str
         return count(await get_range_async(s, k, a, b))
 
     CloudStore.get_range_async = counted_async  # type: ignore[method-assign]
-    cfg = preflight_config(bucket, n, run_dir, buckets)
+    cfg = preflight_config(bucket, n, run_dir, mode)
     start = time.perf_counter()
     run_store = open_store(run_dir)
     data = start_preflight(cfg, process=False)
@@ -164,7 +174,7 @@ def index_memory(bucket: str, n: int, run_dir: str, traced: bool) -> dict[str, A
     from kubetune.dataset.preflight import preflight
     from kubetune.storage import open_store
 
-    cfg = preflight_config(bucket, n, run_dir, buckets=True)
+    cfg = preflight_config(bucket, n, run_dir, "buckets")
     run_store = open_store(run_dir)
     rss_before = _rss_mib()
     if traced:
@@ -212,13 +222,13 @@ def memory(a: argparse.Namespace, bucket: str, env: dict[str, str], tmp: str) ->
             print(f"{a.big} {phase}: {what}; reused {row['reused']}", flush=True)
 
 
-def one(bucket: str, n: int, run_dir: str, env: dict[str, str], buckets: bool) -> dict[str, Any]:
+def one(bucket: str, n: int, run_dir: str, env: dict[str, str], mode: str) -> dict[str, Any]:
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1]]\n"
         "from data_first_step import measure\n"
-        "print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == '1')))"
+        "print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])))"
     )
-    args = [str(Path(__file__).parent), bucket, str(n), run_dir, "1" if buckets else "0"]
+    args = [str(Path(__file__).parent), bucket, str(n), run_dir, mode]
     out = subprocess.run(
         [sys.executable, "-c", code, *args],
         env={**os.environ, **env},
@@ -232,9 +242,9 @@ def one(bucket: str, n: int, run_dir: str, env: dict[str, str], buckets: bool) -
 
 
 def runner_config(
-    bucket: str, n: int, prefix: str, name: str, endpoint: str, buckets: bool = True
+    bucket: str, n: int, prefix: str, name: str, endpoint: str, mode: str = "buckets"
 ) -> dict[str, Any]:
-    """A real run over `ds-<n>`: tiny SD1.5, 512 px (buckets unless `buckets` is False),
+    """A real run over `ds-<n>`: tiny SD1.5, 512 px (aspect-ratio buckets as `mode` says),
     outputs to s3://bucket/prefix."""
     return {
         "type": "SD_LORA",
@@ -251,7 +261,7 @@ def runner_config(
                 "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
             },
             "resolution": 512,
-            "aspect_ratio_buckets": BUCKETS if buckets else None,
+            "aspect_ratio_buckets": MODES[mode],
         },
         "train_batch_size": 4,
         "max_train_steps": 2,
@@ -296,13 +306,12 @@ def full(a: argparse.Namespace, server: Any, bucket: str, tmp: str) -> None:
     watchdog.start()
     try:
         for r in range(a.rounds):
-            for n, buckets in variants(a):
-                tag = "" if buckets else " plain"
+            for n, mode in variants(a):
                 for phase, name in (("cold", "a"), ("restart", "a"), ("later run", "b")):
-                    prefix = f"full-{stamp}-{n}{tag.strip()}-{r}"  # fresh on a kept server
-                    cfg = runner_config(bucket, n, prefix, f"run-{name}", server.endpoint, buckets)
+                    prefix = f"full-{stamp}-{n}{tag(mode).strip()}-{r}"  # fresh on a kept server
+                    cfg = runner_config(bucket, n, prefix, f"run-{name}", server.endpoint, mode)
                     seconds = first_step(cfg, server.env(), tmp)
-                    results.setdefault(f"{n}{tag} {phase}", []).append(seconds)
+                    results.setdefault(f"{n}{tag(mode)} {phase}", []).append(seconds)
                     load = os.getloadavg()[0]
                     print(f"round {r}: {n}{tag} {phase}: {seconds:.2f} s (load {load:.1f})",
                           flush=True)  # fmt: skip
@@ -318,12 +327,11 @@ def full(a: argparse.Namespace, server: Any, bucket: str, tmp: str) -> None:
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
 
-def variants(a: argparse.Namespace) -> list[tuple[int, bool]]:
-    """(images, buckets) pairs of one round: with buckets, and without them too (`--plain`)."""
-    pairs = [(a.small, True), (a.big, True)]
-    if a.plain:
-        pairs += [(a.small, False), (a.big, False)]
-    return pairs
+def variants(a: argparse.Namespace) -> list[tuple[int, str]]:
+    """(images, mode) pairs of one round: with buckets, and without them too (`--plain`),
+    and in the streaming order too (`--streaming`)."""
+    modes = ["buckets"] + ["plain"] * a.plain + ["streaming"] * a.streaming
+    return [(n, mode) for mode in modes for n in (a.small, a.big)]
 
 
 def serve(a: argparse.Namespace) -> tuple[Any, str]:
@@ -355,6 +363,8 @@ def main() -> None:
                         help="the index's memory for --big images (tracemalloc, RSS)")  # fmt: skip
     parser.add_argument("--plain", action="store_true",
                         help="also measure configs without aspect-ratio buckets")  # fmt: skip
+    parser.add_argument("--streaming", action="store_true",
+                        help="also measure buckets in the streaming order")  # fmt: skip
     parser.add_argument("--synthetic", type=int, default=0,
                         help="N small real JPEGs instead of the photos (sets --big N)")  # fmt: skip
     a = parser.parse_args()
@@ -375,12 +385,11 @@ def main() -> None:
             if a.memory:
                 return memory(a, bucket, server.env(), tmp)
             for r in range(a.rounds):  # interleaved: small cold, big cold, small/big restart
-                for n, buckets in variants(a):
-                    tag = "" if buckets else " plain"
-                    run_dir, env = f"{tmp}/run-{n}{tag.strip()}-{r}", server.env()
+                for n, mode in variants(a):
+                    run_dir, env = f"{tmp}/run-{n}{tag(mode).strip()}-{r}", server.env()
                     for phase in ("cold", "restart"):
-                        row = one(bucket, n, run_dir, env, buckets)
-                        results.setdefault(f"{n}{tag} {phase}", []).append(row)
+                        row = one(bucket, n, run_dir, env, mode)
+                        results.setdefault(f"{n}{tag(mode)} {phase}", []).append(row)
         report(results, a.small, a.big)
     finally:
         server.stop()

@@ -91,6 +91,16 @@ class AspectRatioBucketConfig(ConfigModel):
     divisible_by: int = Field(gt=0)
     """Every bucket side is a multiple of this (any positive value, as in invoke-training;
     the VAE and UNet accept sides that are not multiples of 8)."""
+    order: Literal["invoke", "streaming"] = "invoke"
+    """How batches are drawn from the buckets (kubetune extension). `invoke` (default):
+    invoke-training's order: every image's size is read first, then each bucket is shuffled
+    and cut into batches and the batches are shuffled; step 1 waits for all the image headers
+    (100,000 images on object storage: about a minute). `streaming`: the images are taken
+    in a seeded shuffled order and a bucket yields a batch each time it has filled one (its
+    partial batches end the epoch), so step 1 needs only the first few hundred sizes while
+    the other headers are read beside training. Same buckets, each image once per epoch,
+    seeded and resumable; a different order than `invoke`. Not with `keep_in_memory` or
+    DreamBooth."""
 
     @model_validator(mode="after")
     def _check(self) -> AspectRatioBucketConfig:
@@ -141,6 +151,28 @@ class _LoaderCommon(ConfigModel):
     run, as in invoke-training."""
 
     _resolution = field_validator("resolution")(staticmethod(_check_resolution))
+
+    @model_validator(mode="after")
+    def _streaming_rules(self) -> _LoaderCommon:
+        buckets = self.aspect_ratio_buckets
+        if buckets is None or buckets.order != "streaming":
+            return self
+        p = Problems()
+        datasets = [getattr(self, name, None) for name in ("dataset", "instance_dataset")]
+        p.check(
+            getattr(self, "type", "") != "DREAMBOOTH_SD_DATA_LOADER",
+            "aspect_ratio_buckets.order",
+            "streaming is not available for DreamBooth (its sampler pairs instance and class "
+            "images from every size): remove it or set it to invoke",
+        )
+        p.check(
+            not any(getattr(d, "keep_in_memory", False) for d in datasets),
+            "aspect_ratio_buckets.order",
+            "streaming cannot keep images in memory (slots are sized from every image "
+            "first): set dataset.keep_in_memory to false or order to invoke",
+        )
+        p.raise_if_any()
+        return self
 
 
 class ImageCaptionSDDataLoaderConfig(_LoaderCommon):

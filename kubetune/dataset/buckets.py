@@ -3,6 +3,8 @@ the runner's sampler and the launcher's dataset preview share them."""
 
 from __future__ import annotations
 
+import hashlib
+import random
 from collections.abc import Sequence
 
 from kubetune.config.data import AspectRatioBucketConfig
@@ -49,3 +51,17 @@ def assign_buckets(
             bucket = known[size] = closest_bucket(size, buckets)
         out.append(bucket)
     return out
+
+
+def derive_seed(*parts: object) -> int:
+    """A 64-bit seed from any parts, identical in every process (no PYTHONHASHSEED)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def scan_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded order in which `aspect_ratio_buckets.order: streaming` takes the ``n``
+    examples in ``epoch`` (and in which the preflight reads their headers first)."""
+    order = list(range(n))
+    random.Random(derive_seed("scan", seed, epoch)).shuffle(order)
+    return order

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from kubetune.dataset.images import image_size_hw, jpeg_header_length
@@ -92,18 +92,31 @@ def reads_async(source: Source, indices: Sequence[int]) -> bool:
 
 
 def header_sizes_async(
-    source: Source, indices: Sequence[int], max_pixels: int, in_flight: int = HEADERS_IN_FLIGHT
+    source: Source,
+    indices: Sequence[int],
+    max_pixels: int,
+    in_flight: int = HEADERS_IN_FLIGHT,
+    *,
+    order: Iterable[int] | None = None,
+    on_size: Callable[[int, Size | DataError], None] | None = None,
 ) -> list[Size | DataError]:
     """`header_size_hw` of every example in `indices` (their errors returned, not raised):
     the first read of each awaited `in_flight` at a time on an event loop of its own
     thread; a header longer than that read continues in `fetch_pool`. Another error (the
-    store failing) is raised."""
+    store failing) is raised. ``order``: the examples in the order to read them (a
+    `ReadQueue` may change it meanwhile; those not in `indices` are passed over);
+    ``on_size``: called with each result as it comes."""
     out: list[Any] = [None] * len(indices)
     failed: list[BaseException] = []
+    if order is None:
+        jobs: Iterable[tuple[int, int]] = enumerate(indices)
+    else:
+        where = {i: k for k, i in enumerate(indices)}
+        jobs = ((where[i], i) for i in order if i in where)
 
     def run() -> None:
         try:
-            asyncio.run(_read_all(source, indices, max_pixels, out, in_flight))
+            asyncio.run(_read_all(source, iter(jobs), max_pixels, out, in_flight, on_size))
         except BaseException as err:  # noqa: BLE001 - raised in the caller below
             failed.append(err)
 
@@ -116,15 +129,23 @@ def header_sizes_async(
 
 
 async def _read_all(
-    source: Source, indices: Sequence[int], max_pixels: int, out: list[Any], in_flight: int
+    source: Source,
+    jobs: Iterator[tuple[int, int]],
+    max_pixels: int,
+    out: list[Any],
+    in_flight: int,
+    on_size: Callable[[int, Size | DataError], None] | None,
 ) -> None:
-    jobs = iter(enumerate(indices))  # shared by the workers: one loop thread, no lock needed
+    """Fill ``out[k]`` for each (k, example) of ``jobs`` (shared by the workers: one loop
+    thread, so taking the next job needs no lock of its own)."""
 
     async def worker() -> None:
         for k, i in jobs:
             out[k] = await _size_async(source, i, max_pixels)
+            if on_size is not None:
+                on_size(i, out[k])
 
-    await asyncio.gather(*(worker() for _ in range(max(1, min(in_flight, len(indices))))))
+    await asyncio.gather(*(worker() for _ in range(max(1, min(in_flight, len(out))))))
 
 
 async def _size_async(source: Source, i: int, max_pixels: int) -> Size | DataError:

@@ -26,6 +26,7 @@ from kubetune.dataset.headers import (
     reads_async,
 )
 from kubetune.dataset.images import MAX_IMAGE_PIXELS
+from kubetune.dataset.size_feed import SizeStream
 from kubetune.dataset.sources import Record, Source, bounded_map, evolve
 from kubetune.errors import DataError, StorageError, StorageUserError
 from kubetune.layout import DATA_INDEX_KEY, DATASET_INDEXES
@@ -245,12 +246,17 @@ class IndexResult:
 
 
 def build_index(
-    source: Source, previous: DataIndex | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+    source: Source,
+    previous: DataIndex | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    *,
+    stream: SizeStream | None = None,
 ) -> IndexResult:
     """Index every example of `source` (bounded parallel header reads; entries of `previous`
     whose size and version still match are reused without any read; `previous` is taken
     whole when it was built from this very listing). Bad examples are returned in
-    `errors`, not raised."""
+    `errors`, not raised. ``stream``: header reads in its queue's order, each size handed
+    to it as it is known ((0, 0) for a bad example)."""
     whole = _reused_whole(source, previous, max_pixels)
     if whole is not None:
         return whole
@@ -261,13 +267,18 @@ def build_index(
         results.append((old, True) if old is not None else (DataError(""), False))
         if old is None or source.records[i].mask_key is not None:
             reads.append((i, old))
-    for (i, _), result in zip(reads, _read(source, reads, max_pixels), strict=True):
+        elif stream is not None:
+            stream.on_size(i, (old.height, old.width))
+    for (i, _), result in zip(reads, _read(source, reads, max_pixels, stream), strict=True):
         results[i] = result
     return _collect(source, results)
 
 
 def _read(
-    source: Source, reads: list[tuple[int, IndexEntry | None]], max_pixels: int
+    source: Source,
+    reads: list[tuple[int, IndexEntry | None]],
+    max_pixels: int,
+    stream: SizeStream | None = None,
 ) -> list[tuple[IndexEntry | DataError, bool]]:
     """The entries of `reads` (example, reusable entry or None): images with nothing but a
     header to read (no mask, no caption file) on a store with `Capability.ASYNC_READS`
@@ -276,7 +287,9 @@ def _read(
     plain = [i for i, old in reads if old is None and _header_only(records[i])]
     done: dict[int, tuple[IndexEntry | DataError, bool]] = {}
     if len(plain) > 1 and reads_async(source, plain):
-        for i, size in zip(plain, header_sizes_async(source, plain, max_pixels), strict=True):
+        streamed = {} if stream is None else {"order": stream.queue, "on_size": _told(stream)}
+        sizes = header_sizes_async(source, plain, max_pixels, **streamed)  # type: ignore[arg-type]
+        for i, size in zip(plain, sizes, strict=True):
             rec = records[i]
             done[i] = (
                 size
@@ -284,10 +297,24 @@ def _read(
                 else IndexEntry(rec.size, rec.etag, *size, rec.caption, rec.caption_etag),
                 False,
             )
-    rest = [job for job in reads if job[0] not in done]
-    entries = bounded_map(lambda job: _entry(source, job[0], max_pixels, job[1]), rest)
-    done.update(zip((i for i, _ in rest), entries, strict=True))
+    rest = {job[0]: job[1] for job in reads if job[0] not in done}
+    order = list(rest) if stream is None else (i for i in stream.queue if i in rest)
+
+    def entry(i: int) -> tuple[int, tuple[IndexEntry | DataError, bool]]:
+        result = _entry(source, i, max_pixels, rest[i])
+        if stream is not None:
+            got = result[0]
+            bad = isinstance(got, DataError)
+            stream.on_size(i, (0, 0) if bad else (got.height, got.width))  # type: ignore[union-attr]
+        return i, result
+
+    done.update(bounded_map(entry, order))  # type: ignore[arg-type]  (iterated lazily)
     return [done[i] for i, _ in reads]
+
+
+def _told(stream: SizeStream) -> Any:
+    """``stream.on_size`` for `header_sizes_async`'s results (a DataError: size (0, 0))."""
+    return lambda i, size: stream.on_size(i, (0, 0) if isinstance(size, DataError) else size)
 
 
 def _header_only(rec: Record) -> bool:

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -17,10 +18,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kubetune.config.data import DreamboothSDDataLoaderConfig
+from kubetune.dataset.buckets import scan_order
 from kubetune.dataset.captions import needs_captions
 from kubetune.dataset.dreambooth import DreamBoothData, dreambooth_source
 from kubetune.dataset.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
 from kubetune.dataset.index import DataIndex, build_index, previous_index
+from kubetune.dataset.size_feed import ReadQueue, Size, SizeFeed, SizeItem, SizeStream
 from kubetune.dataset.sources import Source, build_source, fetch_pool
 from kubetune.errors import BadExamples, DataError, KubetuneError
 from kubetune.storage import ObjectStore
@@ -51,6 +54,11 @@ class PreflightReport:
     """Header checks still running (`DEFERRED_CHECKS_MIN_EXAMPLES`): this report is the
     listing's (`sizes_hw` empty, no index) and `pending` gives the checked one or raises
     the DataError naming the first bad example, as `preflight` would have."""
+    streamed: bool = False
+    """The checks beside training stream each size as they read it, in the order the
+    sampler asks for (`aspect_ratio_buckets.order: streaming`)."""
+    feed: SizeFeed | None = field(default=None, repr=False, compare=False)
+    """Where those sizes arrive in the run (set by the run's side, with `pending`)."""
 
 
 def preflight(
@@ -103,9 +111,10 @@ def list_dataset(cfg: Any) -> Listed:
 
 
 def sizes_needed(loader_cfg: Any) -> bool:
-    """Whether step 1 needs every image's size: aspect-ratio buckets (the batches are
-    planned from them) or images kept in memory (slots sized from them)."""
-    if loader_cfg.aspect_ratio_buckets is not None:
+    """Whether step 1 needs every image's size: aspect-ratio buckets in invoke-training's
+    order (the batches are planned from them) or images kept in memory (slots sized from
+    them). The streaming order needs only the sizes it has taken (`streams_sizes`)."""
+    if loader_cfg.aspect_ratio_buckets is not None and not streams_sizes(loader_cfg):
         return True
     if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
         parts = [loader_cfg.instance_dataset, loader_cfg.class_dataset]
@@ -114,12 +123,18 @@ def sizes_needed(loader_cfg: Any) -> bool:
     return any(getattr(part, "keep_in_memory", False) for part in parts if part is not None)
 
 
+def streams_sizes(loader_cfg: Any) -> bool:
+    """Whether the sampler takes the sizes as they are read (`order: streaming`)."""
+    buckets = loader_cfg.aspect_ratio_buckets
+    return buckets is not None and buckets.order == "streaming"
+
+
 def checks_deferred(cfg: Any, source: Source) -> bool:
     """Whether the run starts before its header checks end (see `DEFERRED_CHECKS_MIN_EXAMPLES`)."""
     return len(source) > DEFERRED_CHECKS_MIN_EXAMPLES and not sizes_needed(cfg.data_loader)
 
 
-def listed_report(listed: Listed) -> PreflightReport:
+def listed_report(listed: Listed, streamed: bool = False) -> PreflightReport:
     """The report of a dataset listed but not checked yet (no sizes, no index)."""
     source, dreambooth = listed
     return PreflightReport(
@@ -128,6 +143,7 @@ def listed_report(listed: Listed) -> PreflightReport:
         source,
         num_instance=dreambooth.num_instance if dreambooth else None,
         loss_weights=dreambooth.loss_weights if dreambooth else None,
+        streamed=streamed,
     )
 
 
@@ -137,11 +153,13 @@ def _header_checks(
     run_store: ObjectStore | None = None,
     shared_store: ObjectStore | None = None,
     listed: Listed | None = None,
+    stream: SizeStream | None = None,
 ) -> tuple[PreflightReport, list[DataError]]:
     """`preflight`'s report and every bad example it found (a bad image's size is (0, 0));
-    a dataset that cannot be listed at all raises."""
+    a dataset that cannot be listed at all raises. ``stream``: see `build_index`."""
     source, dreambooth = listed or list_dataset(cfg)
-    result = build_index(source, previous_index(run_store, shared_store, source), max_pixels)
+    previous = previous_index(run_store, shared_store, source)
+    result = build_index(source, previous, max_pixels, stream=stream)
     errors = list(result.errors)
     if needs_captions(cfg.data_loader):  # (an image already reported: not a second problem)
         records = zip(result.source.records, result.sizes_hw, strict=True)
@@ -178,9 +196,13 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
     future.set_running_or_notify_cancel()
     replies = _Replies(future)
 
+    def listed(report: PreflightReport) -> SizeStream | None:
+        feed = replies.listed(report)
+        return None if feed is None else _stream_into(feed)
+
     def work() -> None:
         try:
-            report = _run_preflight(cfg, replies.listed)
+            report = _run_preflight(cfg, listed)
             replies.final("ok", report)
         except BaseException as err:  # noqa: BLE001 - handed to the caller by .result()
             replies.final("error", err)
@@ -191,27 +213,50 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
 
 class _Replies:
     """Hands a preflight's replies to its future: the listed report first when the checks
-    are deferred (then the final reply resolves its `pending`), else the final one alone."""
+    are deferred (then the final reply resolves its `pending`), else the final one alone;
+    streamed sizes in between go to the listed report's `feed`."""
 
-    def __init__(self, future: Future[PreflightReport]) -> None:
-        self.future = future
+    def __init__(
+        self, future: Future[PreflightReport], on_want: Callable[[int, int], None] | None = None
+    ) -> None:
+        self.future, self.on_want = future, on_want
         self.pending: Future[PreflightReport] | None = None
         self.listed_source: Source | None = None
+        self.feed: SizeFeed | None = None
 
-    def listed(self, report: PreflightReport) -> None:
+    def listed(self, report: PreflightReport) -> SizeFeed | None:
         self.pending = Future()
         self.pending.set_running_or_notify_cancel()
         self.listed_source = report.source
-        self.future.set_result(replace(report, pending=self.pending))
+        if report.streamed:
+            self.feed = SizeFeed(report.num_examples, self.on_want)
+        self.future.set_result(replace(report, pending=self.pending, feed=self.feed))
+        return self.feed
+
+    def sizes(self, items: list[SizeItem]) -> None:
+        if self.feed is not None:
+            self.feed.put(items)
 
     def final(self, kind: str, value: Any) -> None:
         target = self.pending or self.future
         if kind != "ok":
+            if self.feed is not None:
+                self.feed.fail(value)
             target.set_exception(value)
-        elif self.pending is not None and value.source is None:  # sent without its records
+            return
+        if self.feed is not None:
+            self.feed.fill(value.sizes_hw)
+        if self.pending is not None and value.source is None:  # sent without its records
             target.set_result(replace(value, source=self.listed_source))
         else:
             target.set_result(value)
+
+
+def _stream_into(feed: SizeFeed) -> SizeStream:
+    """Checks in this process streaming into ``feed``: a wanted order reorders their reads."""
+    queue = ReadQueue(range(len(feed)))
+    feed.on_want = lambda seed, epoch: queue.reorder(scan_order(len(feed), seed, epoch))
+    return SizeStream(queue, lambda i, hw: feed.put([(i, *hw)]))
 
 
 def uses_cloud_storage(cfg: Any) -> bool:
@@ -243,19 +288,31 @@ def _forked(cfg: Any) -> Future[PreflightReport]:
     closes it (Python 3.11); nothing of it is needed here."""
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
+    orders_in, orders = ctx.Pipe(duplex=False)  # (seed, epoch) of a wanted order, to the child
     child = ctx.Process(
         target=_preflight_child,
-        args=(cfg, writer, os.getpid()),
+        args=(cfg, writer, os.getpid(), orders_in),
         name="kubetune-preflight",
         daemon=True,
     )
     child.start()  # before any thread of ours exists: the fork copies no held lock
     writer.close()
+    orders_in.close()
+
+    def want(seed: int, epoch: int) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the checks ended: nothing to reorder
+            orders.send((seed, epoch))
 
     def final(replies: _Replies, kind: str, value: Any) -> None:
         reader.close()
+        orders.close()
         child.join()
         replies.final(kind, value)
+
+    def rest(replies: _Replies) -> None:
+        while (reply := _receive(reader, child))[0] == "sizes":
+            replies.sizes(reply[1])
+        final(replies, *reply)
 
     def read_first(replies: _Replies, timeout: float | None) -> None:
         if not reader.poll(timeout):
@@ -265,21 +322,24 @@ def _forked(cfg: Any) -> Future[PreflightReport]:
             return final(replies, kind, value)
         replies.listed(value)
         threading.Thread(  # the checks beside training: their reply comes when it comes
-            target=lambda: final(replies, *_receive(reader, child)),
-            name="kubetune-preflight-reply",
-            daemon=True,
+            target=rest, args=(replies,), name="kubetune-preflight-reply", daemon=True
         ).start()
 
-    return _ReadOnDemand(read_first)
+    return _ReadOnDemand(read_first, want)
 
 
 class _ReadOnDemand(Future):  # type: ignore[type-arg]
     """A future whose reply is read by the first caller of `result` / `exception`."""
 
-    def __init__(self, read: Callable[[_Replies, float | None], None]) -> None:
+    def __init__(
+        self,
+        read: Callable[[_Replies, float | None], None],
+        on_want: Callable[[int, int], None] | None = None,
+    ) -> None:
         super().__init__()
         self.set_running_or_notify_cancel()
-        self._read, self._replies, self._reading = read, _Replies(self), threading.Lock()
+        self._read, self._replies = read, _Replies(self, on_want)
+        self._reading = threading.Lock()
 
     def _ensure(self, timeout: float | None) -> None:
         with self._reading:
@@ -309,17 +369,19 @@ def _receive(reader: Connection, child: Any) -> tuple[str, Any]:
         )
 
 
-def _preflight_child(cfg: Any, writer: Connection, parent: int) -> None:
+def _preflight_child(cfg: Any, writer: Connection, parent: int, orders: Connection) -> None:
     """The forked process: send ("listed", report) when the checks are deferred, then
+    ("sizes", [(example, h, w), ...]) as they are read if they are streamed, then
     ("ok", report) (without its records, sent already) or ("error", exception); exit."""
     _die_with_parent(parent)
     sent: list[bool] = []
 
-    def listed(report: PreflightReport) -> None:
+    def listed(report: PreflightReport) -> SizeStream | None:
         writer.send(("listed", report))
         sent.append(True)
         with contextlib.suppress(OSError):  # the checks now run beside training: yield to it
             os.nice(CHECKS_NICENESS)
+        return _piped_stream(report.num_examples, writer, orders) if report.streamed else None
 
     try:
         report = _run_preflight(cfg, listed)
@@ -343,22 +405,63 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+SIZES_PER_MESSAGE = 512
+"""Streamed sizes sent to the run at once (or fewer, after `SIZES_EVERY_S`)."""
+SIZES_EVERY_S = 0.05
+
+
+def _piped_stream(n: int, writer: Connection, orders: Connection) -> SizeStream:
+    """The forked checks' stream: sizes sent to the run in small messages; the orders the
+    run wants (seed, epoch) reorder the reads, received by a thread of this process."""
+    queue, lock = ReadQueue(range(n)), threading.Lock()
+    batch: list[SizeItem] = []
+    last = [time.monotonic()]
+
+    def send() -> None:
+        if batch:
+            writer.send(("sizes", list(batch)))
+            batch.clear()
+        last[0] = time.monotonic()
+
+    def on_size(i: int, hw: Size) -> None:
+        with lock:
+            batch.append((i, *hw))
+            if len(batch) >= SIZES_PER_MESSAGE or time.monotonic() - last[0] > SIZES_EVERY_S:
+                send()
+
+    def flush() -> None:
+        with lock:
+            send()
+
+    def listen() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                seed, epoch = orders.recv()
+                queue.reorder(scan_order(n, seed, epoch))
+
+    threading.Thread(target=listen, name="kubetune-preflight-orders", daemon=True).start()
+    return SizeStream(queue, on_size, flush)
+
+
 def _run_preflight(
-    cfg: Any, on_listed: Callable[[PreflightReport], None] | None = None
+    cfg: Any, on_listed: Callable[[PreflightReport], SizeStream | None] | None = None
 ) -> PreflightReport:
     """The run's preflight; `on_listed` gets the listed report first if the checks are
-    deferred (`checks_deferred`)."""
+    deferred (`checks_deferred`), and returns where to stream the sizes if they are."""
     from kubetune.config.loader import output_uri
     from kubetune.dataset.index import shared_index_store
     from kubetune.storage import open_store
     from kubetune.storage.run_store import RunStore
 
     listed = list_dataset(cfg)
+    stream = None
     if on_listed is not None and checks_deferred(cfg, listed[0]):
-        on_listed(listed_report(listed))
+        stream = on_listed(listed_report(listed, streams_sizes(cfg.data_loader)))
     run_store = RunStore(open_store(output_uri(cfg), cfg.storage))
     shared = shared_index_store(cfg)
-    report, errors = _header_checks(cfg, MAX_IMAGE_PIXELS, run_store, shared, listed)
+    report, errors = _header_checks(cfg, MAX_IMAGE_PIXELS, run_store, shared, listed, stream)
+    if stream is not None:
+        stream.flush()
     raise_first(errors, "bad examples")
     return report
 

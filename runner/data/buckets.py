@@ -9,19 +9,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.dataset.buckets import build_buckets, closest_bucket
+from kubetune.dataset.buckets import build_buckets, closest_bucket, derive_seed
 from kubetune.errors import ResumeMismatchError
 from kubetune.humanize import count
 
 __all__ = ["BucketBatchSampler", "build_buckets", "closest_bucket", "derive_seed"]
 
 log = logging.getLogger(__name__)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 64-bit seed from any parts, identical in every process (no PYTHONHASHSEED)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 class BucketBatchSampler:
@@ -93,14 +87,25 @@ class BucketBatchSampler:
         return self.global_batches(0)
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """This process's batches of `epoch`: a strided slice of each global batch, so the
-        ranks' slices are disjoint and cover it. A global batch shorter than the number of
-        processes (a bucket's tail) is cycled so that every rank still gets one example."""
-        glob = self._plan(epoch)
-        if self.num_replicas == 1:
-            return glob
+        """This process's batches of `epoch` (see `_local`)."""
+        return [self._local(glob) for glob in self._plan(epoch)]
+
+    def _local(self, glob: list[int]) -> list[int]:
+        """This process's part of a global batch: a strided slice, so the ranks' slices are
+        disjoint and cover it. A global batch shorter than the number of processes (a
+        bucket's tail) is cycled so that every rank still gets one example."""
         n = self.num_replicas
-        return [b[self.rank :: n] if len(b) >= n else [b[self.rank % len(b)]] for b in glob]
+        if n == 1:
+            return glob
+        return glob[self.rank :: n] if len(glob) >= n else [glob[self.rank % len(glob)]]
+
+    def _exists(self, epoch: int, position: int) -> bool:
+        """Whether `epoch` has a batch `position` (0-based)."""
+        return position < len(self._plan(epoch))
+
+    def _keys(self, batch: list[int], epoch: int) -> list[Any]:
+        """What the dataset gets for each example of a batch."""
+        return [(i, epoch) for i in batch]
 
     @property
     def epoch(self) -> int:
@@ -112,20 +117,27 @@ class BucketBatchSampler:
         """Batches of ``epoch`` already consumed."""
         return self._position
 
-    def remaining(self) -> list[list[tuple[int, int]]]:
-        """The current epoch's batches not consumed yet, each example keyed (index, epoch)."""
-        epoch = self._epoch
-        return [[(i, epoch) for i in batch] for batch in self.batches(epoch)[self._position :]]
+    def remaining(self) -> Iterator[list[Any]]:
+        """The current epoch's batches not consumed yet (from where the cursor is now), each
+        example keyed (index, epoch, ...) (`_keys`)."""
+        return self._from(self._epoch, self._position)
+
+    def _from(self, epoch: int, position: int) -> Iterator[list[Any]]:
+        while self._exists(epoch, position):
+            yield self._keys(self._local(self._plan(epoch)[position]), epoch)
+            position += 1
 
     def advance(self) -> None:
         """One batch consumed; after the epoch's last one, the next epoch starts."""
         self._position += 1
-        if self._position >= len(self):
+        if not self._exists(self._epoch, self._position):
             self._epoch, self._position = self._epoch + 1, 0
 
     def __iter__(self) -> Iterator[list[int]]:
         """The rest of the current epoch, advancing the cursor as each batch is taken."""
-        for batch in self.batches(self._epoch)[self._position :]:
+        epoch = self._epoch
+        while self._epoch == epoch and self._exists(epoch, self._position):
+            batch = self._local(self._plan(epoch)[self._position])
             self.advance()
             yield batch
 
@@ -153,7 +165,8 @@ class BucketBatchSampler:
 
     def examples_seen(self) -> int:
         """Examples of the current epoch consumed by all processes together."""
-        return sum(len(b) for b in self._plan(self._epoch)[: self._position])
+        plan = self._plan(self._epoch)
+        return sum(len(plan[p]) for p in range(self._position))
 
     def fingerprint(self) -> str:
         """Identity of the data order: a different dataset, bucketing or seed changes it.
@@ -175,8 +188,12 @@ class BucketBatchSampler:
             "examples": self.examples_seen(),
             "global_batch_size": self.global_batch_size,
             "fingerprint": self.fingerprint(),
-            "num_batches": len(self),
+            "num_batches": self._known_len(),
         }
+
+    def _known_len(self) -> int | None:
+        """Batches per epoch if known without waiting (a record, not a check)."""
+        return len(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position; refuse one saved for another dataset / order. Saved with the
@@ -189,9 +206,9 @@ class BucketBatchSampler:
             self._check(state, self.fingerprint())
             if int(state["global_batch_size"]) != self.global_batch_size:
                 position = self._position_of(epoch, int(state["examples"]), state)
-        if not 0 <= position <= len(self):
+        if position < 0 or (position > 0 and not self._exists(epoch, position - 1)):
             raise ResumeMismatchError(f"data loader position {position} is out of range")
-        if position == len(self):  # an epoch's end as checkpoints before this change held it
+        if not self._exists(epoch, position):  # an epoch's end as older checkpoints held it
             epoch, position = epoch + 1, 0
         self._epoch, self._position = epoch, position
 
@@ -205,7 +222,7 @@ class BucketBatchSampler:
     def _position_of(self, epoch: int, examples: int, state: dict[str, Any]) -> int:
         """The first batch of ``epoch`` after ``examples`` examples (another batch size)."""
         plan, position, seen = self._plan(epoch), 0, 0
-        while position < len(plan) and seen < examples:
+        while self._exists(epoch, position) and seen < examples:
             seen += len(plan[position])
             position += 1
         log.warning(

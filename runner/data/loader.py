@@ -9,6 +9,7 @@ import math
 import queue
 import random
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -21,7 +22,8 @@ from kubetune.config.training_types import PipelineConfig
 from kubetune.dataset.buckets import assign_buckets
 from kubetune.dataset.captions import CaptionBuilder
 from kubetune.dataset.images import decode_image, decode_mask
-from kubetune.dataset.preflight import PreflightReport, preflight
+from kubetune.dataset.preflight import PreflightReport, preflight, streams_sizes
+from kubetune.dataset.size_feed import SizeFeed
 from kubetune.dataset.sources import Source, fetch_pool
 from kubetune.errors import DataError
 from kubetune.humanize import count
@@ -35,6 +37,7 @@ from runner.data.buckets import (
 from runner.data.dreambooth import DreamBoothBatchSampler, FixedCaptions
 from runner.data.loader_settings import LoaderConfig, LoaderSettings
 from runner.data.memory import DecodedImages, Kept
+from runner.data.streaming import StreamingBucketSampler, StreamTargets
 from runner.data.transforms import (
     ImageTransform,
     cover,
@@ -45,6 +48,8 @@ from runner.data.transforms import (
 )
 
 Batch = dict[str, Any]
+Key = tuple[int, int] | tuple[int, int, tuple[int, int]]
+"""An example as the dataset gets it: (index, epoch), or with its bucket's (h, w)."""
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 16
 """Examples tried in place of a batch whose examples are all unreadable."""
@@ -83,14 +88,14 @@ class TrainDataset(Dataset[Batch]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _image(self, index: int) -> Kept:
-        """The decoded image (and mask) resized to cover the example's bucket: what
-        `keep_in_memory` keeps; each draw then only crops and flips it."""
+    def _image(self, index: int, target: tuple[int, int]) -> Kept:
+        """The decoded image (and mask) resized to cover the example's bucket (`target`):
+        what `keep_in_memory` keeps; each draw then only crops and flips it."""
         kept = self.memory.get(index) if self.memory is not None else None
         if kept is not None:
             return kept
         raw = self.source.fetch(index)
-        image, target = decode_image(raw.data, raw.id), self.target_hw[index]
+        image = decode_image(raw.data, raw.id)
         mask = None
         if raw.mask is not None:
             mask = cover(decode_mask(raw.mask.data, raw.mask.name), target, image.size)
@@ -99,11 +104,13 @@ class TrainDataset(Dataset[Batch]):
             self.memory.put(index, kept)
         return kept
 
-    def load(self, key: tuple[int, int]) -> Batch:
-        index, epoch = key
-        kept = self._image(index)
+    def load(self, key: Key) -> Batch:
+        """Example ``key`` = (index, epoch) or (index, epoch, its bucket's (h, w)) (the
+        streaming order's keys: the size need not be looked up)."""
+        index, epoch, target = self._key(key)
+        kept = self._image(index, target)
         rng = random.Random(derive_seed("image", self.seed, epoch, index))
-        place = self.transform.plan(kept.original_wh, self.target_hw[index], rng)
+        place = self.transform.plan(kept.original_wh, target, rng)
         item: Batch = {
             "pixel_values": to_tensor(place.apply(kept.image)),
             "caption": self.caption(index, epoch),
@@ -130,7 +137,17 @@ class TrainDataset(Dataset[Batch]):
             caption = "" if drop_rng.random() < self.caption_dropout_rate else caption
         return caption
 
-    def try_load(self, key: tuple[int, int]) -> Batch | DataError:
+    def _key(self, key: Key) -> tuple[int, int, tuple[int, int]]:
+        if len(key) == 3:
+            return key  # type: ignore[return-value]
+        return key[0], key[1], self.target_hw[key[0]]
+
+    def _known_target(self, index: int) -> tuple[int, int] | None:
+        """An example's bucket size if known without waiting (streaming: if read yet)."""
+        known = getattr(self.target_hw, "known", None)
+        return known(index) if known is not None else self.target_hw[index]
+
+    def try_load(self, key: Key) -> Batch | DataError:
         """`load`, or the DataError of an undecodable / missing example (logged)."""
         try:
             return self.load(key)
@@ -138,10 +155,10 @@ class TrainDataset(Dataset[Batch]):
             log.warning("skipping a bad example: %s", err)
             return err
 
-    def __getitem__(self, key: tuple[int, int]) -> Batch:
+    def __getitem__(self, key: Key) -> Batch:
         return self.load(key)
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Batch]:
+    def __getitems__(self, keys: Sequence[Key]) -> list[Batch]:
         """A whole batch: fetch + decode + transform in the bounded parallel pool."""
         if len(keys) <= 1:
             loaded = [self.try_load(k) for k in keys]
@@ -155,13 +172,14 @@ class TrainDataset(Dataset[Batch]):
             items[0] = {**items[0], "skipped": bad}
         return items
 
-    def _substitute(self, key: tuple[int, int], bad: list[str]) -> Batch:
+    def _substitute(self, key: Key, bad: list[str]) -> Batch:
         """The next good example of the same bucket (bounded search)."""
-        index, epoch = key
-        target, n = self.target_hw[index], len(self.target_hw)
-        same = (j % n for j in range(index + 1, index + n) if self.target_hw[j % n] == target)
+        index, epoch, target = self._key(key)
+        n = len(self.target_hw)
+        later = (j % n for j in range(index + 1, index + n))
+        same = (j for j in later if self._known_target(j) == target)
         for j in itertools.islice(same, MAX_SUBSTITUTES):
-            item = self.try_load((j, epoch))
+            item = self.try_load((j, epoch, target))
             if not isinstance(item, DataError):
                 return item
             bad.append(item.message)
@@ -217,8 +235,8 @@ class _Plan:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return iter(self.sampler.remaining())  # a snapshot: workers may run ahead of the cursor
+    def __iter__(self) -> Iterator[list[Any]]:
+        return self.sampler.remaining()  # from the cursor now: workers may run ahead of it
 
 
 class ResumableLoader:
@@ -260,6 +278,25 @@ class ResumableLoader:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def bucket_sizes(self) -> list[tuple[int, int]]:
+        """The bucket sizes (h, w) the batches may have (streaming: every bucket's)."""
+        if isinstance(self.dataset.target_hw, StreamTargets):
+            return list(self.buckets)
+        return sorted(set(self.dataset.target_hw))
+
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Examples per bucket size ({} while a streaming order is still reading sizes)."""
+        targets = self.dataset.target_hw
+        if isinstance(targets, StreamTargets) and not targets.feed.complete:
+            return {}
+        return dict(sorted(Counter(targets[i] for i in range(len(targets))).items()))
+
+    def estimated_len(self) -> int:
+        """Batches per epoch without waiting for image sizes: `len` but for the streaming
+        order before every size is known (then the fewest possible, a lower bound)."""
+        estimate = getattr(self.sampler, "estimated_len", None)
+        return estimate() if estimate is not None else len(self.sampler)
 
     def _count_bad(self, messages: list[str]) -> None:
         """Record skipped examples; past ``max_bad`` stop with a DataError listing them. While
@@ -417,37 +454,23 @@ def build_train_dataloader(
     data = data or preflight(cfg)
     source = data.source
     assert source is not None
-    buckets, bucket_of = _buckets(loader_cfg, data.sizes_hw, len(source))
     is_dreambooth = isinstance(loader_cfg, DreamboothSDDataLoaderConfig)
     captions: CaptionBuilder | FixedCaptions = FixedCaptions()
     if not is_dreambooth:
         captions = CaptionBuilder(loader_cfg, placeholder_text or settings.placeholder_token)
+    sampler, buckets, target_hw = _sampler(
+        loader_cfg, data, batch_size, seed, num_replicas=num_processes, rank=process_index
+    )
     dataset = TrainDataset(
         source,
         captions,
         ImageTransform(center_crop=loader_cfg.center_crop, random_flip=loader_cfg.random_flip),
-        [buckets[b] for b in bucket_of],
+        target_hw,
         seed,
-        _memory(settings, data, [buckets[b] for b in bucket_of]),
+        _memory(settings, data, target_hw),
         data.loss_weights,
         caption_dropout_rate=settings.caption_dropout_rate,
     )
-    sampler: BucketBatchSampler
-    if is_dreambooth:
-        assert data.num_instance is not None
-        sampler = DreamBoothBatchSampler(
-            bucket_of,
-            data.num_instance,
-            batch_size,
-            seed,
-            bucketed=loader_cfg.aspect_ratio_buckets is not None,
-            num_replicas=num_processes,
-            rank=process_index,
-        )
-    else:
-        sampler = BucketBatchSampler(
-            bucket_of, batch_size, seed, num_replicas=num_processes, rank=process_index
-        )
     loader = ResumableLoader(
         dataset,
         sampler,
@@ -458,6 +481,48 @@ def build_train_dataloader(
     loader.buckets = buckets
     loader.checks = data.pending
     return loader
+
+
+def _sampler(
+    loader_cfg: LoaderConfig,
+    data: PreflightReport,
+    batch_size: int,
+    seed: int,
+    *,
+    num_replicas: int,
+    rank: int,
+) -> tuple[BucketBatchSampler, list[tuple[int, int]], Sequence[tuple[int, int]]]:
+    """The batch sampler for the loader's order, the bucket sizes and each example's bucket
+    size (streaming: looked up as the sizes arrive)."""
+    source = data.source
+    assert source is not None
+    if streams_sizes(loader_cfg):
+        buckets = build_buckets(loader_cfg.aspect_ratio_buckets)
+        targets = StreamTargets(data.feed or _filled(data.sizes_hw), buckets)
+        streaming = StreamingBucketSampler(
+            targets, batch_size, seed, identity=source.digest(), num_replicas=num_replicas,
+            rank=rank,
+        )  # fmt: skip
+        return streaming, buckets, targets  # type: ignore[return-value]
+    buckets, bucket_of = _buckets(loader_cfg, data.sizes_hw, len(source))
+    target_hw = [buckets[b] for b in bucket_of]
+    if isinstance(loader_cfg, DreamboothSDDataLoaderConfig):
+        assert data.num_instance is not None
+        bucketed = loader_cfg.aspect_ratio_buckets is not None
+        dreambooth = DreamBoothBatchSampler(
+            bucket_of, data.num_instance, batch_size, seed, bucketed=bucketed,
+            num_replicas=num_replicas, rank=rank,
+        )  # fmt: skip
+        return dreambooth, buckets, target_hw
+    plain = BucketBatchSampler(bucket_of, batch_size, seed, num_replicas=num_replicas, rank=rank)
+    return plain, buckets, target_hw
+
+
+def _filled(sizes_hw: Sequence[tuple[int, int]]) -> SizeFeed:
+    """A feed holding every size already (the checks ended before step 1)."""
+    feed = SizeFeed(len(sizes_hw))
+    feed.fill(sizes_hw)
+    return feed
 
 
 def _buckets(

@@ -12,7 +12,6 @@ import math
 import random
 import shutil
 import threading
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,12 +314,15 @@ def _assemble(
         process_index=accelerator.process_index,
         data=loaded.data,
     )
-    schedule = plan_schedule(training, len(loader))
+    # the streaming order knows its epoch's length once every size is read: only a run
+    # counted in epochs waits for that
+    per_epoch = loader.estimated_len() if training.max_train_steps else len(loader)
+    schedule = plan_schedule(training, per_epoch)
     dataset = dataset_summary(loader)
     per_epoch, in_all = count(schedule.steps_per_epoch, "step"), count(schedule.total_steps, "step")
     log.info("dataset: %s; %s per epoch, %s in all", describe_dataset(*dataset), per_epoch, in_all)
     torch.manual_seed(seed)  # LoRA init does not depend on what loading consumed
-    shapes = training_shapes(loader.dataset.target_hw)
+    shapes = training_shapes(loader.bucket_sizes())
     pipeline, optimizer, lr_scheduler = build_training(
         cfg, comps, accelerator, schedule.total_steps, shapes
     )
@@ -365,12 +367,10 @@ def _assemble(
 
 
 def dataset_summary(loader: Any) -> tuple[int, dict[str, int]]:
-    """(examples, examples per ``"<width>x<height>"`` bucket) of the run's loader."""
-    bucket_of = list(getattr(loader.sampler, "bucket_of", []))
-    sizes = getattr(loader, "buckets", None) or []
-    counts = sorted(Counter(bucket_of).items())
-    buckets = {f"{sizes[b][1]}x{sizes[b][0]}": n for b, n in counts if b < len(sizes)}
-    return len(bucket_of), buckets
+    """(examples, examples per ``"<width>x<height>"`` bucket) of the run's loader (no
+    buckets named while a streaming order is still reading the sizes)."""
+    counts = loader.bucket_counts()
+    return len(loader.dataset), {f"{w}x{h}": n for (h, w), n in counts.items()}
 
 
 class SkippedExamples:

@@ -126,6 +126,9 @@ def _config(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     shuffled = dict(random_flip=True, center_crop=False, caption_dropout_rate=0.5)
     if case == "buckets-in-memory":
         return lora_config({**local, "keep_in_memory": True}, aspect_ratio_buckets=BUCKETS)
+    if case == "streaming":
+        streaming = {**BUCKETS, "order": "streaming"}
+        return lora_config(local, aspect_ratio_buckets=streaming, **shuffled)
     if case == "ti":
         return ti_config({"type": "IMAGE_DIR_DATASET", "dataset_dir": str(tmp_path / "d")})
     if case == "hf":
@@ -137,10 +140,18 @@ def _config(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     bucket = request.getfixturevalue("s3_bucket")
     upload_tree(s3.client(), bucket, "d", tmp_path / "d")
     remote = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": f"s3://{bucket}/d"}
+    if case == "streaming-s3-two-workers":
+        streaming = {**BUCKETS, "order": "streaming"}
+        return lora_config(
+            remote, dataloader_num_workers=2, aspect_ratio_buckets=streaming, **shuffled
+        )
     return lora_config(remote, dataloader_num_workers=2, **shuffled)
 
 
-@pytest.mark.parametrize("case", ["buckets-in-memory", "ti", "hf", "s3-two-workers"])
+@pytest.mark.parametrize(
+    "case",
+    ["buckets-in-memory", "ti", "hf", "s3-two-workers", "streaming", "streaming-s3-two-workers"],
+)
 @pytest.mark.slow
 def test_every_loader_resumes_mid_epoch_from_the_cursor_alone(
     case: str, tmp_path: Path, request: pytest.FixtureRequest

@@ -22,16 +22,29 @@ pytest_plugins = ["fixtures_models"]
 pytestmark = pytest.mark.timeout(300)
 
 
+STREAMING = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
+
+
+@pytest.mark.parametrize("order", ["unbucketed", "streaming"])
 @pytest.mark.parametrize("bad", [False, True], ids=["good", "bad-image"])
 def test_a_run_with_checks_beside_training(
-    tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch, bad: bool
+    tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch, bad: bool, order: str
 ) -> None:
+    """``streaming``: aspect-ratio buckets in the streaming order, whose sizes arrive from
+    the checks as training runs."""
     monkeypatch.setattr(checks, "DEFERRED_CHECKS_MIN_EXAMPLES", 2)
     data = write_dataset(tmp_path / "data", n=4)
     if bad:
         (data / "img-2.png").write_bytes(b"not an image at all")
     out = tmp_path / "out"
     cfg = make_config("SD_LORA", tiny_sd_dir, data, out, max_train_steps=2)
+    if order == "streaming":
+        loader = cfg.data_loader.model_dump() | {
+            "aspect_ratio_buckets": {**STREAMING, "order": "streaming"}
+        }
+        cfg = make_config(
+            "SD_LORA", tiny_sd_dir, data, out, max_train_steps=2, data_loader=loader
+        )
     if not bad:
         train(cfg)
         assert (out / DATA_INDEX_KEY).is_file()
