@@ -197,8 +197,9 @@ def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport
     replies = _Replies(future)
 
     def listed(report: PreflightReport) -> SizeStream | None:
-        feed = replies.listed(report)
-        return None if feed is None else _stream_into(feed)
+        n, queue = report.num_examples, ReadQueue(range(report.num_examples))
+        feed = replies.listed(report, lambda seed, epoch: queue.reorder(scan_order(n, seed, epoch)))
+        return None if feed is None else SizeStream(queue, lambda i, hw: feed.put([(i, *hw)]))
 
     def work() -> None:
         try:
@@ -224,12 +225,16 @@ class _Replies:
         self.listed_source: Source | None = None
         self.feed: SizeFeed | None = None
 
-    def listed(self, report: PreflightReport) -> SizeFeed | None:
+    def listed(
+        self, report: PreflightReport, on_want: Callable[[int, int], None] | None = None
+    ) -> SizeFeed | None:
+        """Resolve the future with the listed report; its feed (if the sizes are streamed)
+        forwards a wanted order to `on_want` (else to this reply's)."""
         self.pending = Future()
         self.pending.set_running_or_notify_cancel()
         self.listed_source = report.source
         if report.streamed:
-            self.feed = SizeFeed(report.num_examples, self.on_want)
+            self.feed = SizeFeed(report.num_examples, on_want or self.on_want)
         self.future.set_result(replace(report, pending=self.pending, feed=self.feed))
         return self.feed
 
@@ -250,13 +255,6 @@ class _Replies:
             target.set_result(replace(value, source=self.listed_source))
         else:
             target.set_result(value)
-
-
-def _stream_into(feed: SizeFeed) -> SizeStream:
-    """Checks in this process streaming into ``feed``: a wanted order reorders their reads."""
-    queue = ReadQueue(range(len(feed)))
-    feed.on_want = lambda seed, epoch: queue.reorder(scan_order(len(feed), seed, epoch))
-    return SizeStream(queue, lambda i, hw: feed.put([(i, *hw)]))
 
 
 def uses_cloud_storage(cfg: Any) -> bool:

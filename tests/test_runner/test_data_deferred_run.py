@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 STREAMING = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
 
 
-@pytest.mark.parametrize("order", ["unbucketed", "streaming"])
+@pytest.mark.parametrize("order", ["unbucketed", pytest.param("streaming", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("bad", [False, True], ids=["good", "bad-image"])
 def test_a_run_with_checks_beside_training(
     tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch, bad: bool, order: str
@@ -42,9 +42,7 @@ def test_a_run_with_checks_beside_training(
         loader = cfg.data_loader.model_dump() | {
             "aspect_ratio_buckets": {**STREAMING, "order": "streaming"}
         }
-        cfg = make_config(
-            "SD_LORA", tiny_sd_dir, data, out, max_train_steps=2, data_loader=loader
-        )
+        cfg = make_config("SD_LORA", tiny_sd_dir, data, out, max_train_steps=2, data_loader=loader)
     if not bad:
         train(cfg)
         assert (out / DATA_INDEX_KEY).is_file()
