@@ -136,7 +136,7 @@ def describe_dataset(examples: int, buckets: dict[str, int]) -> str:
     """``6 examples in 1 bucket (64x64: 6)`` (at most 8 buckets named); ``6 examples``
     without buckets (a streaming order still reading the sizes)."""
     if not buckets:
-        return f"{examples} examples"
+        return count(examples, "example")
     shown = ", ".join(f"{size}: {n}" for size, n in list(buckets.items())[:8])
     more = f", {len(buckets) - 8} more" if len(buckets) > 8 else ""
     return f"{count(examples, 'example')} in {count(len(buckets), 'bucket')} ({shown}{more})"

@@ -80,7 +80,8 @@ def test_the_first_batch_needs_only_the_sizes_scanned_up_to_it() -> None:
     batch = next(sampler.remaining())
     assert wanted == [(seed, 0)]  # the checks were asked to read this epoch's order first
     assert len(batch) == 2 and all(i in first for i, _epoch, _hw in batch)
-    assert {hw for _i, _epoch, hw in batch} == {BUCKETS[closest_bucket(sizes[batch[0][0]], BUCKETS)]}
+    first_bucket = BUCKETS[closest_bucket(sizes[batch[0][0]], BUCKETS)]
+    assert {hw for _i, _epoch, hw in batch} == {first_bucket}
     assert sampler.estimated_len() == n // 2  # the epoch's length is not known yet
 
 
