@@ -132,11 +132,13 @@ def _valid(source: str, cfg: PipelineConfig) -> ValidationResult:
 def local_data_lines(
     source: str, cfg: PipelineConfig, overrides: list[str] | None = None
 ) -> list[str]:
-    """`file:line: field.path: message` for each local dataset that cannot be listed (`--set
-    KEY=VALUE: ...` for one an override gave)."""
+    """`file:line: field.path: message` for each local model path that is missing and each
+    local dataset that cannot be listed (`--set KEY=VALUE: ...` for one an override gave)."""
+    from kubetune.config.paths import model_path_problems
     from kubetune.dataset.local_check import local_data_problems
 
-    return field_problems(source, local_data_problems(cfg), overrides)
+    problems = model_path_problems(cfg) + local_data_problems(cfg)
+    return field_problems(source, problems, overrides)
 
 
 def check_local_data(source: str, cfg: PipelineConfig, overrides: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ stay a hub name (`runwayml/stable-diffusion-v1-5`)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,17 @@ PATH_OR_HUB_FIELDS = frozenset(
         "text_encoder_2_path",
     }
 )
+MODEL_FIELDS = (
+    "model",
+    "vae_model",
+    "single_file_config",
+    "transformer_path",
+    "text_encoder_1_path",
+    "text_encoder_2_path",
+)
+"""The path-or-hub fields that name model weights (checked by `model_path_problems`)."""
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+"""A Hugging Face Hub repository id (`org/name`), as the runner tells one from a path."""
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 SECTIONS = ("data_loader",)
 """Sections whose (nested) mappings hold dataset paths; other sections hold no paths."""
@@ -86,3 +98,24 @@ def _local_or_hub(value: str, base: Path) -> str:
     if explicit or (base / value).exists():
         return _local(value, base)
     return value
+
+
+def model_path_problems(cfg: Any) -> list[tuple[str, str]]:
+    """(field, message) for each model field that the runner would refuse as a missing path:
+    an absolute path or a weights file that is not there, or a relative value that is no
+    folder and cannot be a Hub name either (the runner's rule, `runner.models.loading`).
+    Hub names and URIs are not checked (they need the network)."""
+    problems = []
+    for name in MODEL_FIELDS:
+        value = getattr(cfg, name, None)
+        if not isinstance(value, str) or not value or _is_uri(value):
+            continue
+        path = Path(value).expanduser()
+        if path.exists():
+            continue
+        if path.is_absolute() or value.endswith(WEIGHT_SUFFIXES):
+            problems.append((name, f"{value}: no such file or folder"))
+        elif not HUB_NAME.match(value):
+            problems.append((name, f"{value}: no such file or folder beside the config, and "
+                                   "not a Hugging Face Hub name (org/name)"))  # fmt: skip
+    return problems

@@ -335,3 +335,27 @@ def test_shipped_examples_validate_without_warnings(path: Path) -> None:
     """A newcomer's first `launcher validate examples/*.yaml` shows no advice to act on."""
     result = validate_file(str(path), local_data=False)
     assert result.valid and result.warnings == [], result.warnings
+
+
+def test_a_model_path_that_is_neither_a_folder_nor_a_hub_name_fails_validate(
+    tmp_path: Path,
+) -> None:
+    """`model: models/sd15/v1` (a folder that is not there) passed `validate` and
+    `submit --local`, and the run failed 20 s later, after the libraries loaded, with
+    `models/sd15/v1: no such file or directory`. A Hub name (`org/name`) is not checked."""
+    text = (ROOT / "examples" / "quickstart.yaml").read_text()
+    text = text.replace("data_loader:", "vae_model: my-org/my-vae\ndata_loader:")
+    config = tmp_path / "run.yaml"
+    config.write_text(text.replace("model: builtin:tiny-sd", "model: models/sd15/v1"))
+    (tmp_path / "sample_data").symlink_to(ROOT / "examples" / "sample_data")
+    result = validate_file(str(config))
+    line = text.splitlines().index(next(s for s in text.splitlines() if s.startswith("model:")))
+    assert result.errors == [
+        f"{config}:{line + 1}: model: models/sd15/v1: no such file or folder beside the "
+        "config, and not a Hugging Face Hub name (org/name)"
+    ]
+    weights = validate_file(str(config), overrides=["model=/nowhere/sd15.safetensors"])
+    assert weights.errors == [
+        "--set model=/nowhere/sd15.safetensors: model: /nowhere/sd15.safetensors: "
+        "no such file or folder"
+    ]

@@ -37,8 +37,8 @@ def test_launcher_validate_prints_the_advice(tmp_path: Path) -> None:
 
     path = tmp_path / "c.yaml"
     data = write_dataset(tmp_path / "data", n=1)  # validate checks that a local dataset exists
-    cfg = make_config("SD_LORA", Path("model"), data, tmp_path / "out", weight_dtype="float16",
-                      mixed_precision="no")  # fmt: skip
+    cfg = make_config("SD_LORA", Path("org/model"), data, tmp_path / "out",  # a Hub name:
+                      weight_dtype="float16", mixed_precision="no")  # fmt: skip
     path.write_text(config_to_yaml(cfg))
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 0
