@@ -49,6 +49,11 @@ def locate(run: str, backend_for_run: Callable[[str], Any]) -> RunLocation:
     local output folder."""
     if "://" in run or os.path.isdir(run):
         return RunLocation(run.rstrip("/"))
+    if "/" in run or run.startswith("."):  # a path (a run name has neither)
+        raise UserError(
+            f"{run}: no such folder",
+            hint="name a run (`launcher list`), a run's output folder or a store URI (s3://...)",
+        )
     from kubetune.config import output_uri
 
     cfg = backend_for_run(run).run_config(run)

@@ -38,6 +38,8 @@ def load_config(source: str | Path, *, overrides: list[str] | None = None) -> Pi
         text, name = sys.stdin.read(), "<stdin>"
     else:
         path = Path(source)
+        if path.is_dir():
+            raise ConfigError([f"{name}: a folder, not a config file (name a .yaml in it)"], name)
         if not path.is_file():
             raise ConfigError([f"{name}: no such file (check the path)"], name)
         try:
@@ -228,7 +230,7 @@ def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
         ctx = err["ctx"]
         return f"{ctx['tag']!r} is not valid here; expected one of {ctx['expected_tags']}"
     if kind == "union_tag_not_found":
-        return f"missing its `{err['ctx']['discriminator'].strip(chr(39))}` key"
+        return _missing_tag(err["ctx"]["discriminator"].strip(chr(39)), tuple(err["loc"]), data)
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     got = err.get("input")
@@ -237,6 +239,29 @@ def _describe(err: dict[str, Any], loc: Loc, data: Any) -> str:
     if kind == "literal_error" and isinstance(got, str):
         msg = _closest_choice(got, str((err.get("ctx") or {}).get("expected", ""))) + msg
     return msg
+
+
+def _missing_tag(tag: str, raw_loc: Loc, data: Any) -> str:
+    """`missing its `type` key; set it to one of A, B`: the choices of the union at `raw_loc`
+    (pydantic's loc, whose branch labels say which model owns each part)."""
+    model = _BY_TYPE.get(data.get("type")) if isinstance(data, dict) else None
+    candidates = list(_BY_TYPE.values())
+    for part in raw_loc:
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            candidates = models_in(model.model_fields[part].annotation)
+            model = candidates[0] if len(candidates) == 1 else None
+        else:
+            model = next((c for c in candidates if part in _tags_of(c)), None)
+    choices = [str(c.model_fields[tag].default) for c in candidates if tag in c.model_fields]
+    return f"missing its `{tag}` key" + (
+        f"; set it to one of {', '.join(choices)}" if choices else ""
+    )
+
+
+def _tags_of(cls: type[BaseModel]) -> set[Any]:
+    return {
+        cls.model_fields[f].default for f in ("type", "optimizer_type") if f in cls.model_fields
+    }
 
 
 def _closest_choice(got: str, expected: str) -> str:

@@ -19,7 +19,10 @@ from kubetune.storage import ObjectInfo
 def folder_source(uri: str, storage: Any | None, keep: bool, *, captions: bool) -> Source:
     """The folder's images in listing order; with `captions`, each needs its `.txt` file."""
     if "://" not in uri and not os.path.isdir(uri):
-        raise DataError(f"{uri}: no such folder", hint="check data_loader.dataset.dataset_dir")
+        raise DataError(
+            f"{uri}: no such folder",
+            hint="put your images there, or point the field at their folder",
+        )
     ref = StoreRef(uri, storage)
     images: list[ObjectInfo] = []
     texts: dict[str, ObjectInfo] = {}

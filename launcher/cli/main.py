@@ -29,6 +29,23 @@ PIPELINE_CHOICES = [
 ]
 
 
+class PipelineType(click.Choice):
+    """A training type, shown as configs spell it (SD_LORA) and typed in any case; a typo
+    gets the closest type."""
+
+    def __init__(self) -> None:
+        super().__init__(PIPELINE_CHOICES, case_sensitive=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.upper() in PIPELINE_CHOICES:
+            return value.upper()
+        import difflib
+
+        close = difflib.get_close_matches(str(value).upper(), PIPELINE_CHOICES, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        self.fail(f"{value!r} is not a pipeline type; {hint}use one of {', '.join(self.choices)}")
+
+
 def fail(message: str, code: int) -> None:
     """Print each line of `message` as `error: ...` on stderr and exit with `code`."""
     for line in message.splitlines() or [message]:
@@ -163,7 +180,7 @@ class _DataProgress:
     "-t",
     "pipeline_type",
     required=True,
-    type=click.Choice(PIPELINE_CHOICES, case_sensitive=False),
+    type=PipelineType(),
     help="What to train.",
 )
 @OUT_FILE
@@ -182,7 +199,7 @@ def init(pipeline_type: str, out: Path | None, force: bool) -> None:
     """
     from launcher.config_files import starter_next_step, write_starter
 
-    text = write_starter(pipeline_type.upper(), out, force)
+    text = write_starter(pipeline_type, out, force)
     if out is None:
         click.echo(text, nl=False)
     else:

@@ -325,7 +325,7 @@ def status(
         _print_sweep(api.get_backend(local=local, cluster=cluster), sweep, output)
         return
     if not run:
-        raise click.UsageError("name a RUN or --sweep NAME")
+        raise click.UsageError("name a RUN or --sweep NAME (`launcher list` shows the runs)")
     result = api.backend_for_run(run, local=local, cluster=cluster).status(run)
     if output == "json":
         _emit_json(result.to_json())
@@ -452,6 +452,10 @@ def list_runs(local: bool, sweep: str | None, output: str, cluster: api.ClusterO
             click.echo(f"error: {r.message}", err=True)
     if output == "json":
         _emit_json([r.to_json() for r in runs])
+        return
+    if not runs:
+        where, how = ("on this machine", "submit --local") if local else ("here", "submit")
+        click.echo(f"no runs {where} yet; `launcher {how} CONFIG` starts one", err=True)
         return
     rows = [("RUN", "PHASE", "REASON", "FAILED", "JOB", "OUTPUT")] + [
         (r.run, r.phase, r.reason or "-", str(r.retries), r.job_name, r.output_uri or "-")
