@@ -70,16 +70,18 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|peft)")
 
 
-def fail_fast_on_local_data(source: str, cfg: object) -> None:
-    """A local dataset that cannot be listed (missing folder or JSONL, a bad line): DataError
-    with `file:line: field.path` now, not after the libraries and the model have loaded."""
+def fail_fast_on_local_data(source: str, cfg: object, overrides: list[str] | None = None) -> None:
+    """A model path that is not there (and no Hub name), a local dataset that cannot be listed
+    (missing folder or JSONL, a bad line): DataError with `file:line: field.path` now, not
+    after the libraries and the model have loaded."""
     from kubetune.config.loader import field_problems
+    from kubetune.config.paths import model_path_problems
     from kubetune.dataset.local_check import local_data_problems
     from kubetune.errors import DataError
 
-    problems = local_data_problems(cfg)
+    problems = model_path_problems(cfg) + local_data_problems(cfg)
     if problems:
-        raise DataError("\n".join(field_problems(source, problems)))
+        raise DataError("\n".join(field_problems(source, problems, overrides)))
 
 
 def describe_error(err: KubetuneError, cfg: object | None) -> str:
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         from kubetune.config import load_config
 
         cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
-        fail_fast_on_local_data(args.config, cfg)  # a missing folder: exit 2 before torch loads
+        # a missing folder or model path: exit 2 before torch loads
+        fail_fast_on_local_data(args.config, cfg, args.set)
         from kubetune.config import output_uri, run_name
 
         logging.getLogger("runner").info(

@@ -146,3 +146,22 @@ def test_validate_data_names_the_field_of_a_missing_dataset_bucket(
     (line,) = result.stderr.splitlines()
     assert ": data_loader.dataset.dataset_dir: bucket 'no-such-bucket-kt' does not exist" in line
     assert "output URI" not in line
+
+
+def test_the_runner_refuses_a_missing_model_path_before_loading_torch(tmp_path: Path) -> None:
+    """`python -m runner` with `model: models/sd15/v1` (no such folder, not a Hub name) failed
+    only after the libraries loaded, with no file, line or field."""
+    import subprocess
+    import sys
+
+    _images(tmp_path / "data", ["a.png"])
+    path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "data"},
+                   model="models/sd15/v1")  # fmt: skip
+    code = ("import sys\nfrom runner.__main__ import main\n"
+            f"rc = main([{str(path)!r}])\nprint(rc, 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    assert f"{path}:3: model: models/sd15/v1: no such file or folder beside the config" in (
+        out.stderr
+    )
