@@ -118,7 +118,7 @@ def pull(
         )
     dest = out or Path(f"{Path(run.rstrip('/')).name}-{FINAL if step is None else step_name(step)}")
     store = _location(run, local, cluster).open()
-    with _progress_bar(output == "text") as (on_start, on_file):
+    with _progress_bar(output == "text" and sys.stderr.isatty()) as (on_start, on_file):
         result = do_pull(store, dest, step=step, on_start=on_start, on_file=on_file)
     if output == "json":
         click.echo(json.dumps(result.to_json(), indent=2))

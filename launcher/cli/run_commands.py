@@ -406,8 +406,10 @@ def cancel(
     result = backend.cancel(run, wait=wait, timeout=timeout)
     if output == "json":
         _emit_json(result.to_json())
-    else:
+    elif result.phase in ("Cancelling", "Cancelled"):
         click.echo(result.summary())
+    else:
+        click.echo(f"{result.summary()} (already ended: nothing to cancel)")
 
 
 def _print_sweep(backend: Backend, sweep: str, output: str) -> None:

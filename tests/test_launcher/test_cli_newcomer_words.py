@@ -89,3 +89,23 @@ def test_init_lists_the_types_as_configs_spell_them() -> None:
     assert wrong.exit_code == 2
     assert "'sdxl_lroa' is not a pipeline type; did you mean SDXL_LORA?" in wrong.output
     assert CliRunner().invoke(main, ["init", "--type", "sdxl_lora"]).exit_code == 0
+
+
+def test_cancel_of_an_ended_run_says_there_is_nothing_to_cancel(no_cluster: Path) -> None:
+    from ui_support import fake_local_run
+
+    fake_local_run(no_cluster / "home", no_cluster / "out", "finished")
+    result = CliRunner().invoke(main, ["cancel", "finished"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("finished: Succeeded")
+    assert "already ended: nothing to cancel" in result.output
+
+
+def test_pull_without_a_terminal_prints_no_progress_label(tmp_path: Path) -> None:
+    """A bar only at a terminal: in a pipe or a CI log, a bare "pulling" line says nothing."""
+    from test_people_light import make_run
+
+    run = make_run(tmp_path / "run")
+    result = CliRunner().invoke(main, ["pull", str(run), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and result.stdout.startswith("pulled 1 file")

@@ -94,7 +94,7 @@ def test_pull_counts_one_file_as_one_file(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     result = CliRunner().invoke(main, ["pull", str(run), "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    assert "\npulled 1 file (0.0 MB) of final step 7 into " in result.output
+    assert "pulled 1 file (0.0 MB) of final step 7 into " in result.output
 
 
 def test_pull_names_where_the_files_went_absolute(
