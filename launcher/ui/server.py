@@ -5,8 +5,10 @@ small JSON API over launcher.ui's modules. Every answer to bad input is a one-li
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -22,6 +24,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from kubetune.errors import KubetuneError
 from launcher.ui import security
 from launcher.ui.runs import Runs
 from launcher.ui.security import UiSettings
@@ -165,16 +168,34 @@ def serve_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> I
 
 
 def serve(settings: UiSettings, *, open_browser: bool = False) -> None:
-    """Serve until interrupted; print the URL (with the token, on this terminal only)."""
+    """Serve until interrupted; print the URL (with the token, on this terminal only) once
+    the port is ours (the one `--port 0` got)."""
     import uvicorn
 
     app = create_app(settings)
+    sock = _listen(settings.host, settings.port)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{settings.port}/"
+    url = f"http://{host}:{sock.getsockname()[1]}/"
     shown = f"{url}?token={settings.token}" if settings.token else url
     print(f"kubetune ui: {shown}  (Ctrl-C stops it)", flush=True)
     if open_browser:
         import webbrowser
 
         webbrowser.open(shown)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one line saying why not (a port another server
+    holds, an address this machine does not have, a port below 1024 without root)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if err.errno == errno.EADDRINUSE:
+            raise KubetuneError(
+                f"{where} is in use (another `launcher ui`, or another server)",
+                hint="pass --port N for a free one, or --port 0 for any",
+            ) from None
+        raise KubetuneError(f"cannot listen on {where}: {err.strerror or err}") from None

@@ -200,6 +200,47 @@ def test_launcher_ui_serves_until_stopped(tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
+def test_a_port_in_use_or_out_of_range_is_one_line(tmp_path: Path) -> None:
+    """A port another server holds printed the URL (of that other server) and then uvicorn's
+    `ERROR: [Errno 98] ...`, exit 3; --port 99999 printed a traceback and hung."""
+    import os
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = CliRunner().invoke(main, ["ui", "--port", str(port), "--local-only"])
+    assert out.exit_code == 1, out.output
+    assert f"127.0.0.1:{port} is in use" in out.output and "--port" in out.output
+    assert "kubetune ui: http" not in out.output and "ERROR" not in out.output
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+    bad = subprocess.run([sys.executable, "-m", "launcher", "ui", "--port", "99999"],
+                         capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "99999" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_port_0_prints_the_port_it_got(tmp_path: Path) -> None:
+    """`launcher ui --port 0` printed http://127.0.0.1:0/, an address nobody can open."""
+    import os
+    import re
+    import signal
+
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "ui", "--port", "0", "--local-only"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.match(r"kubetune ui: (http://127\.0\.0\.1:(\d+)/) ", line)
+        assert found and int(found.group(2)) > 0, line
+        status, page, _ = request(found.group(1))
+        assert status == 200 and "kubetune-csrf" in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_an_ended_runs_row_is_kept_until_the_run_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
