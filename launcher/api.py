@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubetune.errors import ClusterError
+from kubetune.errors import ClusterError, UserError
 
 if TYPE_CHECKING:
     from kubetune.config import PipelineConfig
@@ -87,7 +87,13 @@ def backend_for_run(
     run: str, *, local: bool = False, cluster: ClusterOptions | None = None
 ) -> Backend:
     """`--local`, or a local run of that name when no cluster flag was given, or this
-    machine when no cluster is configured; else the cluster."""
+    machine when no cluster is configured; else the cluster. A path is a UserError."""
+    if "/" in run:  # a run name is a DNS label: a slash means a folder was given
+        raise UserError(
+            f"{run!r} is a path, not a run name",
+            hint="name the run (`launcher list` shows them); `launcher report` and "
+            "`launcher pull` also take a run's output folder",
+        )
     if not local and not (cluster and cluster.given):
         from kubetune.config.cluster import sanitize_name
         from launcher.backends.local import kubetune_home

@@ -109,3 +109,11 @@ def test_pull_without_a_terminal_prints_no_progress_label(tmp_path: Path) -> Non
     result = CliRunner().invoke(main, ["pull", str(run), "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert result.stderr == "" and result.stdout.startswith("pulled 1 file")
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "cancel"])
+def test_a_path_where_a_run_name_goes_says_so(command: str, no_cluster: Path) -> None:
+    (no_cluster / "runs" / "quickstart").mkdir(parents=True)
+    line = _one_line_error([command, "runs/quickstart"])
+    assert line.startswith("error: 'runs/quickstart' is a path, not a run name"), line
+    assert "`launcher list` shows them" in line
