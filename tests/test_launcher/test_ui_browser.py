@@ -213,7 +213,7 @@ def test_start_training_shows_progress_to_completion(page: tuple[Any, str], tmp_
     assert driver.find_elements(By.CSS_SELECTOR, "#final-files a.pull")
     set_input(driver, driver.find_element(By.ID, "pull-path"), str(tmp_path / "pulled"))
     click(driver, "pull")
-    assert "checked against the manifest" in wait_for(
+    assert "MB), checked against the manifest" in wait_for(
         driver, "document.getElementById('run-msg').textContent.startsWith('pulled') && "
         "document.getElementById('run-msg').textContent", 60)  # fmt: skip
     assert (tmp_path / "pulled" / "lora.safetensors").stat().st_size > 0

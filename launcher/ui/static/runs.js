@@ -161,7 +161,7 @@ async function pollRun(backend, run) {
   pull.onclick = async () => {
     k.say("run-msg", "pulling…");
     const result = await k.api(`${base}/pull`, { path: pullPath.value });
-    k.say("run-msg", result.error || `pulled ${k.count(result.files.length, "file")}, ${k.count(result.bytes, "byte")}, checked against the manifest, into ${result.dest}`,
+    k.say("run-msg", result.error || `pulled ${k.count(result.files.length, "file")} (${(result.bytes / 1e6).toFixed(1)} MB), checked against the manifest, into ${result.dest}`,
       result.error ? "error" : "ok");
   };
   const [data, logs] = await Promise.all([k.api(base), k.api(`${base}/logs?lines=200`)]);
