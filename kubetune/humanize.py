@@ -6,10 +6,15 @@ print through these, so no message reads ``1 files`` and an ETA reads the same i
 from __future__ import annotations
 
 _VOWELS = "aeiou"
+_HARD_CH = ("epoch", "stomach", "monarch")
+"""Nouns whose `ch` sounds k: a plain `s` plural."""
 
 
 def plural(noun: str) -> str:
-    """``file`` -> ``files``, ``process`` -> ``processes``, ``entry`` -> ``entries``."""
+    """``file`` -> ``files``, ``process`` -> ``processes``, ``entry`` -> ``entries``,
+    ``batch`` -> ``batches`` but ``epoch`` -> ``epochs`` (a hard ch)."""
+    if noun.endswith(_HARD_CH):
+        return noun + "s"
     if noun.endswith(("s", "x", "z", "ch", "sh")):
         return noun + "es"
     if noun.endswith("y") and len(noun) > 1 and noun[-2] not in _VOWELS:

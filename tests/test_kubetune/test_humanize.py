@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
         (2, "day", "2 days"),
         (2, "GPU", "2 GPUs"),
         (1, "bad image", "1 bad image"),
+        (2, "batch", "2 batches"),
+        (15, "epoch", "15 epochs"),  # validate's summary said '15 epoches'
     ],
 )
 def test_count_agrees_with_its_number(n: int, noun: str, expected: str) -> None:

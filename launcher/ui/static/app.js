@@ -19,6 +19,7 @@ function el(tag, attrs, ...children) {
 function count(n, noun, pluralForm) {
   if (n === 1) return `${n} ${noun}`;
   if (pluralForm) return `${n} ${pluralForm}`;
+  if (/(epoch|stomach|monarch)$/.test(noun)) return `${n} ${noun}s`; // a hard ch, as humanize.py
   if (/(s|x|z|ch|sh)$/.test(noun)) return `${n} ${noun}es`;
   if (/[^aeiou]y$/.test(noun)) return `${n} ${noun.slice(0, -1)}ies`;
   return `${n} ${noun}s`;
