@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kubetune.config.cluster import MAX_RUN_NAME, label_problem
-from kubetune.errors import UserError
+from kubetune.errors import ConfigError, UserError
 from kubetune.humanize import count
 
 if TYPE_CHECKING:
@@ -135,6 +135,13 @@ def with_sweep(cfg: PipelineConfig, sweep: str, run: str, params: dict[str, str]
     return parse_config(yaml.safe_dump(data, sort_keys=False), name=f"sweep {run}")
 
 
+def _as_sweep(problem: str, swept: list[str]) -> str:
+    for item in swept:
+        if problem.startswith(f"--set {item}:"):
+            return "--sweep" + problem[len("--set") :]
+    return problem
+
+
 def expand(
     config: str | Path, overrides: tuple[str, ...], name: str | None, axes: list[Axis]
 ) -> tuple[str, list[Member]]:
@@ -145,7 +152,11 @@ def expand(
     sweep = run_name(api.load(config, overrides, name))
     members = []
     for params in combinations(axes):
-        cfg = api.load(config, [*overrides, *(f"{k}={v}" for k, v in params.items())], name)
+        swept = [f"{k}={v}" for k, v in params.items()]
+        try:
+            cfg = api.load(config, [*overrides, *swept], name)
+        except ConfigError as err:  # name the --sweep value, not the --set it became
+            raise ConfigError([_as_sweep(p, swept) for p in err.problems], err.source) from None
         run = member_name(sweep, params)
         members.append(Member(run, params, with_sweep(cfg, sweep, run, params)))
     return sweep, members

@@ -117,3 +117,15 @@ def test_a_path_where_a_run_name_goes_says_so(command: str, no_cluster: Path) ->
     line = _one_line_error([command, "runs/quickstart"])
     assert line.startswith("error: 'runs/quickstart' is a path, not a run name"), line
     assert "`launcher list` shows them" in line
+
+
+def test_a_bad_sweep_value_is_named_as_the_sweep(no_cluster: Path) -> None:
+    quickstart = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
+    result = CliRunner().invoke(
+        main, ["submit", "--local", str(quickstart), "--sweep", "lora_rank_dim=4,-1"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: --sweep lora_rank_dim=-1: lora_rank_dim: "), (
+        result.output
+    )
+    assert not (no_cluster / "home" / "runs").exists()  # nothing submitted
