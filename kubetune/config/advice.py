@@ -26,8 +26,11 @@ def precision_warnings(cfg: Any) -> list[str]:
             "mixed_precision: fp16 (GradScaler) or weight_dtype: bfloat16"
         )
     if weights == "bfloat16" and mixed == "no" and cfg.type in LORA_TYPES:
+        given = {"weight_dtype", "mixed_precision"} & getattr(cfg, "model_fields_set", set())
         out.append(
-            "weight_dtype: bfloat16 with mixed_precision: no runs the (float32) LoRA layers in "
+            "weight_dtype: bfloat16 with mixed_precision: no"
+            + ("" if given else " (the defaults)")
+            + " runs the (float32) LoRA layers in "
             "float32 and casts around each one (slower on a GPU); set mixed_precision: bf16 "
             "to compute them in bf16 (the trained weights stay float32)"
         )

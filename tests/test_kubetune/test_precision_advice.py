@@ -59,3 +59,18 @@ def test_every_sample_config_gets_advice_without_error() -> None:
         assert all(isinstance(line, str) for line in precision_warnings(cfg))
         checked += 1
     assert checked >= 5
+
+
+def test_the_advice_says_when_the_pair_is_the_defaults() -> None:
+    """A config that sets neither field gets the warning too (the schema's defaults are
+    invoke-training's): it says these are the defaults, not something the person wrote."""
+    from kubetune.config import parse_config
+
+    text = (
+        "type: SD_LORA\nbase_output_dir: o\nmax_train_steps: 2\nsave_every_n_steps: 1\n"
+        "data_loader:\n  dataset:\n    type: IMAGE_CAPTION_DIR_DATASET\n    dataset_dir: d\n"
+    )
+    (line,) = precision_warnings(parse_config(text))
+    assert line.startswith("weight_dtype: bfloat16 with mixed_precision: no (the defaults) "), line
+    (line,) = precision_warnings(parse_config(text + "weight_dtype: bfloat16\n"))
+    assert "(the defaults)" not in line
