@@ -40,9 +40,8 @@ if TYPE_CHECKING:
     from kubetune.storage import ObjectStore
 
 CLUSTER_RETRY_S = 30.0
-NO_CLUSTER = (
-    "no cluster configured (no $KUBECONFIG or ~/.kube/config): showing the runs on this machine"
-)
+NO_KUBECONFIG = "no cluster configured (no $KUBECONFIG or ~/.kube/config)"
+NO_CLUSTER = f"{NO_KUBECONFIG}: showing the runs on this machine"
 ENDED = ("Succeeded", "Failed", "Cancelled")
 """Phases after which progress.json no longer changes (Cancelling and Preempted may still
 write it)."""
@@ -97,6 +96,8 @@ class Runs:
                 raise UserError("this UI runs nothing on its own machine (--cluster-only)")
             return self.local
         cluster, error = self.cluster()
+        if cluster is None and error == NO_CLUSTER:  # the runs list's words do not fit here
+            raise UserError(NO_KUBECONFIG, hint="choose 'this machine' to train here")
         if cluster is None:
             why = error or "this UI was started with --local-only"
             raise UserError(f"no cluster to use: {why}")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from kubetune.errors import UserError
 from launcher.cli.main import main
 from launcher.ui.security import TOKEN_ENV, UiSettings, redact, settings_for
 from launcher.ui.server import create_app, serve_in_thread
@@ -304,6 +305,12 @@ def test_without_a_kube_context_the_runs_say_so_in_one_line(
     for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(name, raising=False)
     assert Runs().listing() == {"runs": [], "messages": [NO_CLUSTER]}
+    # Start Training with "the cluster" as the target: why not, and what to pick instead (it
+    # said "...: showing the runs on this machine", the runs list's words)
+    with pytest.raises(UserError) as err:
+        Runs().backend("cluster")
+    assert "showing the runs" not in str(err.value)
+    assert "no cluster configured" in str(err.value) and "this machine" in str(err.value)
 
 
 def test_a_run_whose_config_no_longer_validates_is_still_listed(tmp_path: Path) -> None:
