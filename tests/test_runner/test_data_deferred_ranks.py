@@ -1,0 +1,162 @@
+"""Header checks beside training with several processes (``torchrun --nproc_per_node 2``, gloo,
+CPU, ``builtin:tiny-sd``): a bad image header ends every rank with the preflight's one-line
+DataError (exit 2), not a lost peer, a hang or a traceback, with nothing half-written and
+the lease released, whether the checks end while the ranks train or a rank's loader meets the
+image first; a good dataset trains to the end and its index is stored once, by global rank
+0, the one process that runs the preflight.
+
+The threshold (`DEFERRED_CHECKS_MIN_EXAMPLES`) is lowered in every process of the run by a
+``sitecustomize`` on the workers' ``PYTHONPATH`` (no environment variable of the product is
+read for it). The same file holds the test's one fake, which only observes and delays: it
+records which ranks run the header checks and every write to the run's store (``LocalStore``
+works as ever), and holds the header checks back until the run has started (``config.yaml``
+written) and ``CHECKS_DELAY`` seconds more, so that they end while the ranks train."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from dp_support import TORCHRUN, env, free_port
+from train_support import config_file, make_config, write_dataset
+
+from kubetune.layout import CONFIG_KEY, DATA_INDEX_KEY, LEASE_KEY, PROGRESS_KEY
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+BOUND_S = 240
+"""A run that has not ended by then hangs."""
+SITE = """
+import os, time
+import kubetune.dataset.preflight as checks
+from kubetune.storage import LocalStore
+
+checks.DEFERRED_CHECKS_MIN_EXAMPLES = 2
+_checks = checks._header_checks
+
+def _delayed(*args, **kwargs):
+    with open(os.environ["OBSERVED_LOG"], "a") as log:
+        log.write(f"{os.environ.get('RANK', 'single')} checks -\\n")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.environ["STARTED"]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the run has started (config.yaml written): training is next
+    time.sleep(float(os.environ.get("CHECKS_DELAY", "0")))
+    return _checks(*args, **kwargs)
+
+checks._header_checks = _delayed
+
+def _recorded(name):
+    original = getattr(LocalStore, name)
+    def wrapper(self, key, *args, **kwargs):
+        keys = [key] if isinstance(key, str) else list(key)
+        with open(os.environ["OBSERVED_LOG"], "a") as log:
+            for one in keys:
+                log.write(f"{os.environ.get('RANK', 'single')} {name} {one}\\n")
+        return original(self, key if isinstance(key, str) else keys, *args, **kwargs)
+    setattr(LocalStore, name, wrapper)
+
+for _name in ("_atomic_write", "delete", "create", "replace_if", "delete_if"):
+    _recorded(_name)
+"""
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache holding ``builtin:tiny-sd``, built once here (not by two ranks at once)."""
+    from runner.models.loading import builtin_model
+
+    cache = tmp_path_factory.mktemp("models")
+    builtin_model("tiny-sd", cache)
+    return cache
+
+
+def _launch(tmp_path: Path, cache: Path, *, bad: bool, delay: float, steps: int) -> dict:
+    """Run 2 ranks on 4 images (one with a bad header if ``bad``); what each rank printed,
+    the exit codes torchrun reports, what the fake observed and the outputs."""
+    data = write_dataset(tmp_path / "data", n=4)
+    if bad:
+        (data / "img-2.png").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, train_batch_size=1,
+                      max_train_steps=steps, save_every_n_steps=2)  # fmt: skip
+    config = config_file(cfg, tmp_path / "run.yaml")
+    site, logs, observed = tmp_path / "site", tmp_path / "logs", tmp_path / "observed.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE)
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--log-dir", str(logs), "--redirects", "2", "-m", "runner", str(config)]  # fmt: skip
+    extra = {"OBSERVED_LOG": str(observed), "CHECKS_DELAY": str(delay),
+             "STARTED": str(out / CONFIG_KEY)}  # fmt: skip
+    agent = subprocess.Popen(cmd, env=env(site, KUBETUNE_MODEL_CACHE=str(cache), **extra),
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = agent.communicate(timeout=BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.communicate()
+        pytest.fail(f"the 2-process run did not end within {BOUND_S} s (a rank hangs)")
+    ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    lines = [line.split(" ", 2) for line in observed.read_text().splitlines()]
+    return {"rc": agent.returncode, "agent": stderr, "ranks": ranks, "observed": lines,
+            "out": out}  # fmt: skip
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("kubetune: error:")]
+
+
+@pytest.mark.parametrize("delay", [0.0, 20.0], ids=["checks-end-at-once", "checks-end-late"])
+def test_a_bad_header_ends_every_rank_with_the_data_error(
+    tmp_path: Path, model_cache: Path, delay: float
+) -> None:
+    """The checks end as training starts (before or after a loader draws the bad image), or
+    20 s into training (a rank's loader meets the bad image first: the run waits for the
+    checks' verdict, as one process does). Every rank prints the same one-line data error;
+    torchrun's first failure is exit 2. A rank it reports stopped by SIGTERM had printed that
+    error already: torchrun stops the other workers as soon as one exits, and a worker still
+    shutting down then dies of the signal."""
+    run = _launch(tmp_path, model_cache, bad=True, delay=delay, steps=400)
+    assert set(run["ranks"]) == {0, 1}, run["agent"][-3000:]
+    everything = run["agent"][-3000:] + "\n".join(t[-3000:] for t in run["ranks"].values())
+    reasons = {rank: _error_lines(text) for rank, text in run["ranks"].items()}
+    for rank, text in run["ranks"].items():
+        assert "lost contact" not in text and "Traceback" not in text, (rank, everything)
+        assert len(reasons[rank]) == 1 and "img-2.png" in reasons[rank][0], everything
+    assert reasons[0] == reasons[1], reasons
+    root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", run["agent"], re.S)
+    assert root is not None and root.group(1) == "2", everything
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", run["agent"])
+    assert set(codes) <= {"2", "-15"}, everything
+    checked = {rank for rank, what, _ in run["observed"] if what == "checks"}
+    assert checked == {"0"}, run["observed"]  # one preflight: global rank 0's
+    out = run["out"]
+    assert (out / CONFIG_KEY).is_file()  # the run had started: the checks ran beside it
+    assert not (out / DATA_INDEX_KEY).exists() and not (out / LEASE_KEY).exists()
+    progress = json.loads((out / PROGRESS_KEY).read_text())
+    assert progress["state"] == "failed", progress
+    for step in (out / "checkpoints").glob("step-*"):  # nothing half-written
+        assert (step / "manifest.json").is_file(), sorted(p.name for p in step.iterdir())
+    writers = {rank for rank, what, _ in run["observed"] if what != "checks"}
+    assert writers == {"0"}, run["observed"]
+
+
+def test_a_good_dataset_trains_to_the_end_and_rank_0_stores_its_index_once(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Checks delayed 3 s: they end while both ranks train; the index is written once, by
+    rank 0, and the run completes on both ranks."""
+    run = _launch(tmp_path, model_cache, bad=False, delay=3.0, steps=30)
+    assert run["rc"] == 0, run["agent"][-3000:] + "".join(run["ranks"].values())[-3000:]
+    out = run["out"]
+    assert json.loads((out / PROGRESS_KEY).read_text())["state"] == "completed"
+    assert (out / DATA_INDEX_KEY).is_file() and not (out / LEASE_KEY).exists()
+    index_writes = [(r, k) for r, what, k in run["observed"] if what != "checks" and "index" in k]
+    run_index = [rank for rank, key in index_writes if key == DATA_INDEX_KEY]
+    assert run_index == ["0"], index_writes
+    assert {rank for rank, _ in index_writes} == {"0"}, index_writes
+    checked = {rank for rank, what, _ in run["observed"] if what == "checks"}
+    assert checked == {"0"}, run["observed"]
