@@ -84,6 +84,12 @@ def fail_fast_on_local_data(source: str, cfg: object, overrides: list[str] | Non
         raise DataError("\n".join(field_problems(source, problems, overrides)))
 
 
+def launched_as_rank_0() -> bool:
+    """Whether this process is its run's global rank 0 (torchrun and accelerate launch set
+    ``RANK``; one process is rank 0): the one that runs the data preflight."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def describe_error(err: KubetuneError, cfg: object | None) -> str:
     """The one line to print for `err`: a cloud dataset's error (a missing bucket, no
     credentials, an empty prefix) names its config field (`kubetune.config.dataset_errors`)."""
@@ -113,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         from kubetune.dataset.preflight import start_preflight
 
-        data = start_preflight(cfg)  # listing + header reads overlap imports + model load
+        data = None  # several processes: global rank 0's preflight, its report shared
+        if launched_as_rank_0():
+            data = start_preflight(cfg)  # listing + header reads overlap imports + model load
         from runner.reporting.terminal import logs_above_bar, wants_bar
         from runner.session.run import run
         from runner.training.loop import install_sigterm_handler

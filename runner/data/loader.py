@@ -265,6 +265,12 @@ class ResumableLoader:
         """The dataset's header checks when they run beside training (`PreflightReport.pending`)."""
         self.on_checked: Callable[[PreflightReport], None] | None = None
         """Called once with the checked report (e.g. to store the dataset index)."""
+        self.together: Callable[[Callable[[], None]], None] | None = None
+        """Several processes (`Ranks.from_rank_0`): the checks are global rank 0's (the other
+        ranks' `checks` never end) and every rank settles them at the same step (`settle`)."""
+        self.verdict_due = False
+        """Several processes: this rank wants the checks settled (rank 0's ended, or this rank
+        met an unreadable example while they ran); the loop's per-step vote carries it."""
         self._loader = DataLoader(
             dataset,
             batch_sampler=_Plan(sampler),
@@ -306,6 +312,10 @@ class ResumableLoader:
         self.bad.update(dict.fromkeys(messages))
         if self.on_bad is not None:
             self.on_bad(list(self.bad))
+        if self.checks is None:  # several processes: once the checks are settled
+            self._check_bad_limit()
+
+    def _check_bad_limit(self) -> None:
         if len(self.bad) > self.max_bad:
             total = len(self.dataset)
             listed = "; ".join(list(self.bad)[:10]) + (" ..." if len(self.bad) > 10 else "")
@@ -336,10 +346,34 @@ class ResumableLoader:
         have, or hand the checked report to ``on_checked``."""
         if self.checks is None or not (wait or self.checks.done()):
             return
+        if self.together is not None:  # not on one rank alone: the loop's vote settles them
+            self.verdict_due = True
+            return
         checks, self.checks = self.checks, None
+        self._resolve(checks)
+
+    def _resolve(self, checks: Future[PreflightReport]) -> None:
         report = checks.result()
         if self.on_checked is not None:
             self.on_checked(report)
+
+    def settle(self) -> None:
+        """Several processes, every rank at the same step: global rank 0 waits for its header
+        checks; their DataError is raised on every rank (exit 2 everywhere, not a lost peer),
+        else rank 0 hands the report to ``on_checked``; then the skipped examples count."""
+        if self.checks is None or self.together is None:
+            return
+        checks, self.checks, self.verdict_due = self.checks, None, False
+        self.together(lambda: self._resolve(checks))
+        self._check_bad_limit()
+
+    def end_checks(self) -> None:
+        """As the run finishes: the header checks still running are waited for (settled by
+        every rank together with several processes)."""
+        if self.together is not None:
+            self.settle()
+        else:
+            self.poll_checks(wait=True)
 
     def __iter__(self) -> Iterator[Batch]:
         batches: Iterator[Batch] = iter(self._loader)

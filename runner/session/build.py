@@ -151,7 +151,7 @@ class Session:
     def finish(self, uri: str) -> RunResult:
         """Wait for header checks still running, checkpoint the last step, wait for
         uploads, publish ``final/``."""
-        self.loader.poll_checks(wait=True)
+        self.loader.end_checks()
         state = self.state
         self.checkpointer.save(state)
         self.checkpointer.wait()
@@ -352,6 +352,8 @@ def _assemble(
     validator = Validator(settings.validation, pipeline, out, device,
                           on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
     ranks = Ranks(PartialState())
+    if ranks.several:  # header checks beside training: rank 0's, settled by every rank
+        loader.together = ranks.from_rank_0
     checkpointer.verify = ranks.check_same
     ranks.check_same(pipeline.trainable_parameters(), "after setup")
     runner.replica = data_parallel(pipeline, device)  # the engine's bucketed gradient sync

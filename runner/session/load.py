@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -15,6 +15,7 @@ from kubetune.dataset.preflight import PreflightReport
 from kubetune.errors import UserError
 from kubetune.humanize import count
 from runner.models.loading import Components, ModelSettings, load_model, to_dtype
+from runner.training.distributed import Ranks
 from runner.training.speed import enable_tf32
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,17 @@ def load_base(settings: ModelSettings, device: torch.device) -> Components:
 
 
 def load_then_join(
-    mixed_precision: str, model: ModelSettings, pending: Future[PreflightReport]
+    mixed_precision: str,
+    model: ModelSettings,
+    pending: Future[PreflightReport] | None,
+    ranks: Ranks | None = None,
 ) -> Loaded:
     """The accelerator and the base model, loaded while the preflight (listing, header reads
     or the stored index) runs; then the preflight's report: a bad dataset fails here, before
     the lease or any other write. If loading fails, a failed preflight is still reported
-    first, as when it ran first."""
+    first, as when it ran first. Several processes (``ranks``): the preflight is global rank
+    0's (``pending`` None elsewhere) and its report or error reaches every rank
+    (``shared_report``)."""
     try:
         accelerator = make_accelerator(mixed_precision)
         started = time.perf_counter()
@@ -77,9 +83,32 @@ def load_then_join(
         comps = load_base(model, accelerator.device)
         log.info("base model loaded in %.1f s", time.perf_counter() - started)
     except Exception:
-        pending.result()  # a bad dataset's error, else the loading error below
+        if pending is not None:
+            pending.result()  # a bad dataset's error, else the loading error below
         raise
-    return Loaded(accelerator, comps, pending.result())
+    return Loaded(accelerator, comps, shared_report(pending, ranks))
+
+
+def shared_report(pending: Future[PreflightReport] | None, ranks: Ranks | None) -> PreflightReport:
+    """The preflight's report on every rank: global rank 0 waits for its own and sends it
+    (with checks beside training: the listed report; its DataError, if any, is raised on every
+    rank). The other ranks' reports then hold a `pending` that never ends: the checks'
+    verdict comes from rank 0 at a step every rank settles together
+    (``ResumableLoader.settle``)."""
+    if ranks is None or not ranks.several:
+        assert pending is not None
+        return pending.result()
+    ours: list[PreflightReport] = []
+
+    def rank_0() -> tuple[PreflightReport, bool]:
+        assert pending is not None, "global rank 0 runs the preflight"
+        ours.append(pending.result())  # a bad dataset's DataError: raised on every rank
+        return replace(ours[0], pending=None), ours[0].pending is not None
+
+    report, deferred = ranks.from_rank_0(rank_0)
+    if ours:
+        return ours[0]
+    return replace(report, pending=Future() if deferred else None)
 
 
 def describe_device(accelerator: Accelerator) -> str:

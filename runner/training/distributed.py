@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from accelerate import PartialState
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kubetune.errors import ProcessGroupError
+from kubetune.errors import KubetuneError, ProcessGroupError
 from kubetune.humanize import count
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,25 @@ class Ranks:
             raise
         return self.agree(value)
 
+    def from_rank_0(self, work: Callable[[], T]) -> T:
+        """``work()`` run on rank 0 alone, its result on every rank; if it raises, every rank
+        raises that same error (a ``DataError`` stays a one-line exit-2 error on each rank,
+        not a lost peer). Collective: every rank calls it at the same point."""
+        if not self.several:
+            return work()
+        if not self.is_main:
+            kind, value = self.agree(None)
+            if kind == "error":
+                raise value
+            return value  # type: ignore[no-any-return]
+        try:
+            value = work()
+        except BaseException as err:
+            self.agree(("error", portable(err)))
+            raise
+        self.agree(("ok", value))
+        return value
+
     def stop_vote(self) -> StopVote:
         """A per-step vote on stopping that never waits on the device (collective: every
         rank calls it at the same point)."""
@@ -104,28 +124,38 @@ class Ranks:
 
 
 class StopVote:
-    """Whether any rank wants to stop, asked once per step on every rank. The flags travel
-    on a host-side (gloo) group, started asynchronously: each call returns the decision of
-    the previous call's vote, so a step never waits on the device or the network, and every
-    rank still stops after the same step (one step after the signal)."""
+    """Whether any rank wants to stop, or to settle the dataset's header checks, asked once per
+    step on every rank. The flags travel on a host-side (gloo) group, started asynchronously:
+    each call returns the decision of the previous call's vote, so a step never waits on the
+    device or the network, and every rank acts after the same step (one step after the
+    signal, or after rank 0's checks ended or a rank met an unreadable example)."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
         self.pending: tuple[Any, torch.Tensor] | None = None
 
-    def __call__(self, flag: bool) -> bool:
+    def __call__(self, flag: bool, settle: bool = False) -> Votes:
         if self.group is None:
-            return flag
-        decided = False
+            return Votes(flag, settle)
+        decided = Votes(False, False)
         if self.pending is not None:
             work, value = self.pending
             with lost_peers("agreeing whether to stop"):
                 work.wait()
-            decided = bool(value.item())  # a CPU tensor: no device sync
-        value = torch.tensor([int(flag)])
+            decided = Votes(*(bool(v) for v in value.tolist()))  # a CPU tensor: no device sync
+        value = torch.tensor([int(flag), int(settle)])
         work = dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self.pending = (work, value)
         return decided
+
+
+class Votes(NamedTuple):
+    """What every rank decided together after a step."""
+
+    stop: bool
+    """SIGTERM reached some rank: checkpoint and stop."""
+    settle: bool
+    """The dataset's header checks are due (``ResumableLoader.settle``)."""
 
 
 class LossOf(nn.Module):
@@ -164,6 +194,16 @@ def data_parallel(pipeline: Any, device: torch.device) -> nn.Module | None:
 @dataclass(frozen=True)
 class _Failed:
     message: str
+
+
+def portable(err: BaseException) -> BaseException:
+    """``err`` if it survives pickling (kubetune's errors do), else a ``KubetuneError`` with its
+    message: what another rank can raise."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - any exception that does not round-trip
+        return KubetuneError(f"rank 0 failed: {err}")
 
 
 def checksum(state: dict[str, torch.Tensor]) -> str:

@@ -21,7 +21,7 @@ from runner.checkpoint.state import Checkpointer, LoopState
 from runner.pipelines.base import Batch, TrainingPipeline
 from runner.reporting.progress import ProgressReporter
 from runner.reporting.run_events import RunEvents
-from runner.training.distributed import Ranks, StopVote, lost_peers
+from runner.training.distributed import Ranks, StopVote, Votes, lost_peers
 from runner.training.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,10 @@ class Loop:
                 self.events.validation(state.step)
             if state.step >= self.total_steps:
                 return
-            if self._stopping():
+            decided = self._decide()
+            if decided.settle:  # every rank at once: rank 0's header checks, their verdict
+                self.loader.settle()
+            if decided.stop:
                 self._preempt(state)
 
     def _collective(self, step: int) -> AbstractContextManager[None]:
@@ -228,13 +231,15 @@ class Loop:
             return nullcontext()
         return lost_peers(f"training step {step}")
 
-    def _stopping(self) -> bool:
-        """SIGTERM on any rank stops every rank after the same step (``StopVote``)."""
+    def _decide(self) -> Votes:
+        """SIGTERM on any rank stops every rank after the same step, and header checks beside
+        training are settled by every rank after the same step (``StopVote``)."""
+        due = bool(getattr(self.loader, "verdict_due", False))
         if self.ranks is None:
-            return self.stop.is_set()
+            return Votes(self.stop.is_set(), due)
         if self._vote is None:  # made at the first step's end, on every rank alike
             self._vote = self.ranks.stop_vote()
-        return self._vote(self.stop.is_set())
+        return self._vote(self.stop.is_set(), due)
 
     def _preempt(self, state: LoopState) -> None:
         self.checkpointer.save(state)

@@ -115,6 +115,28 @@ def test_the_loader_raises_the_checks_error_or_hands_on_the_report(tmp_path: Pat
 
 
 @pytest.mark.usefixtures("large")
+def test_with_several_ranks_the_loader_leaves_the_verdict_to_settle(tmp_path: Path) -> None:
+    """Several processes (`together` set): ended checks, or a bad example met, only mark the
+    verdict due (no rank raises alone); `settle` raises the checks' error. Here `together`
+    runs the work in this process (`Ranks.from_rank_0` with one rank; the 2-process run is
+    tests/test_runner/test_data_deferred_ranks.py)."""
+    from runner.data import build_train_dataloader
+
+    cfg = _cfg(tmp_path, bad=True)
+    listed = start_preflight(cfg, process=False).result(timeout=60)
+    assert listed.pending is not None
+    listed.pending.exception(timeout=60)  # the checks are over
+    loader = build_train_dataloader(cfg, seed=0, batch_size=2, device_is_cuda=False, data=listed)
+    loader.together = lambda work: work()
+    for _ in zip(range(3), iter(loader), strict=False):  # every image drawn: none raises
+        pass
+    assert loader.verdict_due and loader.bad
+    with pytest.raises(DataError, match="pic-003.jpg"):
+        loader.settle()
+    assert loader.checks is None and not loader.verdict_due
+
+
+@pytest.mark.usefixtures("large")
 def test_forked_checks_beside_training_run_at_a_lower_priority(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

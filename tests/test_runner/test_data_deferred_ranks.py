@@ -25,7 +25,7 @@ import pytest
 from dp_support import TORCHRUN, env, free_port
 from train_support import config_file, make_config, write_dataset
 
-from kubetune.layout import CONFIG_KEY, DATA_INDEX_KEY, LEASE_KEY, PROGRESS_KEY
+from kubetune.layout import CONFIG_KEY, DATA_INDEX_KEY, LEASE_KEY, PROGRESS_KEY, REPORT_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BOUND_S = 240
@@ -35,14 +35,16 @@ import os, time
 import kubetune.dataset.preflight as checks
 from kubetune.storage import LocalStore
 
-checks.DEFERRED_CHECKS_MIN_EXAMPLES = 2
+checks.DEFERRED_CHECKS_MIN_EXAMPLES = int(os.environ["DEFERRED_MIN"])
 _checks = checks._header_checks
 
 def _delayed(*args, **kwargs):
     with open(os.environ["OBSERVED_LOG"], "a") as log:
         log.write(f"{os.environ.get('RANK', 'single')} checks -\\n")
     deadline = time.monotonic() + 120
-    while not os.path.exists(os.environ["STARTED"]) and time.monotonic() < deadline:
+    while os.environ["STARTED"] and not os.path.exists(os.environ["STARTED"]) and (
+        time.monotonic() < deadline
+    ):
         time.sleep(0.05)  # the run has started (config.yaml written): training is next
     time.sleep(float(os.environ.get("CHECKS_DELAY", "0")))
     return _checks(*args, **kwargs)
@@ -74,12 +76,21 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def _launch(tmp_path: Path, cache: Path, *, bad: bool, delay: float, steps: int) -> dict:
-    """Run 2 ranks on 4 images (one with a bad header if ``bad``); what each rank printed,
-    the exit codes torchrun reports, what the fake observed and the outputs."""
-    data = write_dataset(tmp_path / "data", n=4)
+def _launch(
+    tmp_path: Path,
+    cache: Path,
+    *,
+    n: int,
+    bad: str | None,
+    delay: float,
+    steps: int,
+    deferred: bool = True,
+) -> dict:
+    """Run 2 ranks on ``n`` images (``bad`` with a bad header); what each rank printed, the
+    exit codes torchrun reports, what the fake observed and the outputs."""
+    data = write_dataset(tmp_path / "data", n=n)
     if bad:
-        (data / "img-2.png").write_bytes(b"not an image at all")
+        (data / bad).write_bytes(b"not an image at all")
     out = tmp_path / "out"
     cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, train_batch_size=1,
                       max_train_steps=steps, save_every_n_steps=2)  # fmt: skip
@@ -90,7 +101,8 @@ def _launch(tmp_path: Path, cache: Path, *, bad: bool, delay: float, steps: int)
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--log-dir", str(logs), "--redirects", "2", "-m", "runner", str(config)]  # fmt: skip
     extra = {"OBSERVED_LOG": str(observed), "CHECKS_DELAY": str(delay),
-             "STARTED": str(out / CONFIG_KEY)}  # fmt: skip
+             "STARTED": str(out / CONFIG_KEY) if deferred else "",
+             "DEFERRED_MIN": "2" if deferred else "10000"}  # fmt: skip
     agent = subprocess.Popen(cmd, env=env(site, KUBETUNE_MODEL_CACHE=str(cache), **extra),
                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
@@ -109,17 +121,50 @@ def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("kubetune: error:")]
 
 
-@pytest.mark.parametrize("delay", [0.0, 20.0], ids=["checks-end-at-once", "checks-end-late"])
-def test_a_bad_header_ends_every_rank_with_the_data_error(
-    tmp_path: Path, model_cache: Path, delay: float
+def test_a_bad_header_checked_before_training_ends_every_rank_with_the_data_error(
+    tmp_path: Path, model_cache: Path
 ) -> None:
-    """The checks end as training starts (before or after a loader draws the bad image), or
-    20 s into training (a rank's loader meets the bad image first: the run waits for the
-    checks' verdict, as one process does). Every rank prints the same one-line data error;
-    torchrun's first failure is exit 2. A rank it reports stopped by SIGTERM had printed that
-    error already: torchrun stops the other workers as soon as one exits, and a worker still
-    shutting down then dies of the signal."""
-    run = _launch(tmp_path, model_cache, bad=True, delay=delay, steps=400)
+    """4 images, checks not deferred: rank 0's preflight fails before any write and its
+    DataError reaches the other rank (which runs no preflight): both print it, exit 2."""
+    run = _launch(tmp_path, model_cache, n=4, bad="img-2.png", delay=0.0, steps=4,
+                  deferred=False)  # fmt: skip
+    _assert_data_error_everywhere(run)
+    assert not run["out"].exists() or not any(run["out"].iterdir()), run["observed"]
+
+
+@pytest.mark.parametrize(
+    ("n", "bad", "delay", "met"),
+    [(40, "img-2.png", 0.0, False), (4, "img-2.png", 20.0, True)],
+    ids=["checks-end-first", "a-loader-meets-it-first"],
+)
+def test_a_bad_header_ends_every_rank_with_the_data_error(
+    tmp_path: Path, model_cache: Path, n: int, bad: str, delay: float, met: bool
+) -> None:
+    """The checks end as training starts, before any rank draws the bad image (40 images:
+    with seed 7 it comes late in the epoch), so rank 0 alone knows, or 20 s into training,
+    after a rank's loader met the bad image (4 images, all drawn in the first 2 steps: with
+    seed 7 rank 1 draws it, so the rank that waits for the verdict is not the one that runs
+    the checks). Every rank prints the same one-line data error; torchrun's first failure is
+    exit 2. A rank it reports stopped by SIGTERM had printed that error already: torchrun
+    stops the other workers as soon as one exits, and a worker still shutting down then dies
+    of the signal."""
+    run = _launch(tmp_path, model_cache, n=n, bad=bad, delay=delay, steps=400)
+    skipped = any("skipping a bad example" in text for text in run["ranks"].values())
+    assert skipped == met, run["ranks"]  # the scenario ran as meant
+    _assert_data_error_everywhere(run)
+    out = run["out"]
+    assert (out / CONFIG_KEY).is_file()  # the run had started: the checks ran beside it
+    assert not (out / DATA_INDEX_KEY).exists() and not (out / LEASE_KEY).exists()
+    assert '">failed<' in (out / REPORT_KEY).read_text()  # the run's page says so
+    for step in (out / "checkpoints").glob("step-*"):  # nothing half-written
+        assert (step / "manifest.json").is_file(), sorted(p.name for p in step.iterdir())
+    writers = {rank for rank, what, _ in run["observed"] if what != "checks"}
+    assert writers == {"0"}, run["observed"]
+
+
+def _assert_data_error_everywhere(run: dict) -> None:
+    """Every rank printed the same one-line data error (no lost peer, no traceback), the
+    first failure torchrun saw is exit 2, and only global rank 0 ran the header checks."""
     assert set(run["ranks"]) == {0, 1}, run["agent"][-3000:]
     everything = run["agent"][-3000:] + "\n".join(t[-3000:] for t in run["ranks"].values())
     reasons = {rank: _error_lines(text) for rank, text in run["ranks"].items()}
@@ -133,15 +178,6 @@ def test_a_bad_header_ends_every_rank_with_the_data_error(
     assert set(codes) <= {"2", "-15"}, everything
     checked = {rank for rank, what, _ in run["observed"] if what == "checks"}
     assert checked == {"0"}, run["observed"]  # one preflight: global rank 0's
-    out = run["out"]
-    assert (out / CONFIG_KEY).is_file()  # the run had started: the checks ran beside it
-    assert not (out / DATA_INDEX_KEY).exists() and not (out / LEASE_KEY).exists()
-    progress = json.loads((out / PROGRESS_KEY).read_text())
-    assert progress["state"] == "failed", progress
-    for step in (out / "checkpoints").glob("step-*"):  # nothing half-written
-        assert (step / "manifest.json").is_file(), sorted(p.name for p in step.iterdir())
-    writers = {rank for rank, what, _ in run["observed"] if what != "checks"}
-    assert writers == {"0"}, run["observed"]
 
 
 def test_a_good_dataset_trains_to_the_end_and_rank_0_stores_its_index_once(
@@ -149,7 +185,7 @@ def test_a_good_dataset_trains_to_the_end_and_rank_0_stores_its_index_once(
 ) -> None:
     """Checks delayed 3 s: they end while both ranks train; the index is written once, by
     rank 0, and the run completes on both ranks."""
-    run = _launch(tmp_path, model_cache, bad=False, delay=3.0, steps=30)
+    run = _launch(tmp_path, model_cache, n=4, bad=None, delay=3.0, steps=30)
     assert run["rc"] == 0, run["agent"][-3000:] + "".join(run["ranks"].values())[-3000:]
     out = run["out"]
     assert json.loads((out / PROGRESS_KEY).read_text())["state"] == "completed"
