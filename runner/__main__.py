@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             run_name(cfg),
             output_uri(cfg),
         )
-        from kubetune.dataset.preflight import start_preflight
+        from kubetune.dataset.preflight import start_preflight, streams_sizes
 
         data = None  # several processes: global rank 0's preflight, its report shared
-        if launched_as_rank_0():
+        if launched_as_rank_0() or streams_sizes(cfg.data_loader):
             data = start_preflight(cfg)  # listing + header reads overlap imports + model load
         from runner.reporting.terminal import logs_above_bar, wants_bar
         from runner.session.run import run

@@ -68,13 +68,14 @@ def load_then_join(
     model: ModelSettings,
     pending: Future[PreflightReport] | None,
     ranks: Ranks | None = None,
+    each_rank: bool = False,
 ) -> Loaded:
     """The accelerator and the base model, loaded while the preflight (listing, header reads
     or the stored index) runs; then the preflight's report: a bad dataset fails here, before
     the lease or any other write. If loading fails, a failed preflight is still reported
     first, as when it ran first. Several processes (``ranks``): the preflight is global rank
-    0's (``pending`` None elsewhere) and its report or error reaches every rank
-    (``shared_report``)."""
+    0's (``pending`` None elsewhere, unless ``each_rank``) and its report or error reaches
+    every rank (``shared_report``)."""
     try:
         accelerator = make_accelerator(mixed_precision)
         started = time.perf_counter()
@@ -86,28 +87,37 @@ def load_then_join(
         if pending is not None:
             pending.result()  # a bad dataset's error, else the loading error below
         raise
-    return Loaded(accelerator, comps, shared_report(pending, ranks))
+    return Loaded(accelerator, comps, shared_report(pending, ranks, each_rank))
 
 
-def shared_report(pending: Future[PreflightReport] | None, ranks: Ranks | None) -> PreflightReport:
+def shared_report(
+    pending: Future[PreflightReport] | None, ranks: Ranks | None, each_rank: bool = False
+) -> PreflightReport:
     """The preflight's report on every rank: global rank 0 waits for its own and sends it
     (with checks beside training: the listed report; its DataError, if any, is raised on every
     rank). The other ranks' reports then hold a `pending` that never ends: the checks'
     verdict comes from rank 0 at a step every rank settles together
-    (``ResumableLoader.settle``)."""
+    (``ResumableLoader.settle``). ``each_rank`` (``aspect_ratio_buckets.order: streaming``):
+    every rank ran its own preflight to feed its sampler the sizes as they are read; rank 0's
+    outcome is still the one every rank acts on."""
     if ranks is None or not ranks.several:
         assert pending is not None
         return pending.result()
     ours: list[PreflightReport] = []
 
-    def rank_0() -> tuple[PreflightReport, bool]:
+    def rank_0() -> tuple[PreflightReport | None, bool]:
         assert pending is not None, "global rank 0 runs the preflight"
         ours.append(pending.result())  # a bad dataset's DataError: raised on every rank
-        return replace(ours[0], pending=None), ours[0].pending is not None
+        sent = None if each_rank else replace(ours[0], pending=None, feed=None)
+        return sent, ours[0].pending is not None
 
     report, deferred = ranks.from_rank_0(rank_0)
     if ours:
         return ours[0]
+    if each_rank:
+        assert pending is not None
+        return pending.result()  # this rank's own listing and size feed
+    assert report is not None
     return replace(report, pending=Future() if deferred else None)
 
 

@@ -85,6 +85,7 @@ def _launch(
     delay: float,
     steps: int,
     deferred: bool = True,
+    loader: dict | None = None,
 ) -> dict:
     """Run 2 ranks on ``n`` images (``bad`` with a bad header); what each rank printed, the
     exit codes torchrun reports, what the fake observed and the outputs."""
@@ -92,8 +93,12 @@ def _launch(
     if bad:
         (data / bad).write_bytes(b"not an image at all")
     out = tmp_path / "out"
-    cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, train_batch_size=1,
-                      max_train_steps=steps, save_every_n_steps=2)  # fmt: skip
+    fields = {"train_batch_size": 1, "max_train_steps": steps, "save_every_n_steps": 2}
+    cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, **fields)
+    if loader:
+        section = cfg.data_loader.model_dump() | loader
+        cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, data_loader=section,
+                          **fields)  # fmt: skip
     config = config_file(cfg, tmp_path / "run.yaml")
     site, logs, observed = tmp_path / "site", tmp_path / "logs", tmp_path / "observed.log"
     site.mkdir()
@@ -180,12 +185,17 @@ def _assert_data_error_everywhere(run: dict) -> None:
     assert checked == {"0"}, run["observed"]  # one preflight: global rank 0's
 
 
+@pytest.mark.parametrize("order", ["unbucketed", "streaming"])
 def test_a_good_dataset_trains_to_the_end_and_rank_0_stores_its_index_once(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, model_cache: Path, order: str
 ) -> None:
     """Checks delayed 3 s: they end while both ranks train; the index is written once, by
-    rank 0, and the run completes on both ranks."""
-    run = _launch(tmp_path, model_cache, n=4, bad=None, delay=3.0, steps=30)
+    rank 0, and the run completes on both ranks. ``streaming`` (aspect-ratio buckets in the
+    streaming order): each rank's sampler takes the sizes its own checks read, so each rank
+    runs them, and rank 0's outcome is still the one acted on."""
+    buckets = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
+    loader = {"aspect_ratio_buckets": buckets | {"order": order}} if order == "streaming" else {}
+    run = _launch(tmp_path, model_cache, n=4, bad=None, delay=3.0, steps=30, loader=loader)
     assert run["rc"] == 0, run["agent"][-3000:] + "".join(run["ranks"].values())[-3000:]
     out = run["out"]
     assert json.loads((out / PROGRESS_KEY).read_text())["state"] == "completed"
@@ -195,4 +205,4 @@ def test_a_good_dataset_trains_to_the_end_and_rank_0_stores_its_index_once(
     assert run_index == ["0"], index_writes
     assert {rank for rank, _ in index_writes} == {"0"}, index_writes
     checked = {rank for rank, what, _ in run["observed"] if what == "checks"}
-    assert checked == {"0"}, run["observed"]
+    assert checked == ({"0", "1"} if order == "streaming" else {"0"}), run["observed"]
