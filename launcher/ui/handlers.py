@@ -61,10 +61,14 @@ def reload_text(settings: UiSettings, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_text(settings: UiSettings, data: dict[str, Any]) -> dict[str, Any]:
+    """Write the generated YAML: `{"saved": path}`; `{"exists": path}` for a file that is
+    already there, until the request says `overwrite` (the page asks for a second Save)."""
     path = security.checked_path(settings, str(data.get("path") or ""), "save path")
     text = data.get("text")
     if not isinstance(text, str) or not text:
         raise UserError("nothing to save: Generate Config first")
+    if path.exists() and data.get("overwrite") is not True:
+        return {"exists": str(path)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

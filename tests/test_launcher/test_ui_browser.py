@@ -366,6 +366,16 @@ def test_an_uploaded_reference_loads_and_the_yaml_saves(
     assert wait_for(driver, "document.getElementById('save-msg').textContent").startswith("saved")
     assert target.read_text() == driver.execute_script("return window.kubetune.state.yaml")
     assert load_config(target).type == load_config(sample).type
+    target.write_text("# my notes\n" + target.read_text())  # Save again: asks first
+    driver.execute_script("document.getElementById('save-msg').textContent = ''")
+    click(driver, "save")
+    said = wait_for(driver, "document.getElementById('save-msg').textContent")
+    assert "already exists" in said and "Save again" in said
+    assert target.read_text().startswith("# my notes")
+    driver.execute_script("document.getElementById('save-msg').textContent = ''")
+    click(driver, "save")
+    assert wait_for(driver, "document.getElementById('save-msg').textContent").startswith("saved")
+    assert not target.read_text().startswith("# my notes")
     downloads = tmp_path / "downloads"
     driver.execute_cdp_cmd(
         "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}

@@ -78,6 +78,23 @@ def test_state_changing_requests_need_the_pages_csrf_value(server: str) -> None:
     assert status == 200 and json.loads(text)["valid"] is False
 
 
+def test_save_does_not_overwrite_a_file_until_asked_again(server: str, tmp_path: Path) -> None:
+    """Save onto an existing file replaced it at once (examples/quickstart.yaml lost its
+    comments to the generated YAML); now the page hears that it exists, and a second Save
+    (overwrite) replaces it."""
+    _, page, _ = request(server + "/")
+    post = {"X-Kubetune-CSRF": csrf_of(page), "Content-Type": "application/json"}
+    target = tmp_path / "mine.yaml"
+    target.write_text("# my notes\ntype: SD_LORA\n")
+    save = {"path": str(target), "text": "type: SD_LORA\n"}
+    status, text, _ = request(server + "/api/save", save, post)
+    assert (status, json.loads(text)) == (200, {"exists": str(target)})
+    assert target.read_text().startswith("# my notes")
+    status, text, _ = request(server + "/api/save", {**save, "overwrite": True}, post)
+    assert (status, json.loads(text)) == (200, {"saved": str(target)})
+    assert target.read_text() == "type: SD_LORA\n"
+
+
 def test_a_foreign_host_header_is_refused_on_loopback(server: str) -> None:
     """DNS rebinding: a page of another site resolving its name to 127.0.0.1."""
     assert request(server + "/", headers={"Host": "evil.example"})[0] == 400

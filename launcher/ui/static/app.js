@@ -3,7 +3,7 @@
 "use strict";
 
 const CSRF = document.querySelector('meta[name="kubetune-csrf"]').content;
-const state = { tabs: [], current: null, yaml: "", run: "" };
+const state = { tabs: [], current: null, yaml: "", run: "", overwrite: null };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -275,8 +275,12 @@ async function reloadReference() {
 
 async function save() {
   if (!state.yaml) await generate();
-  const result = await api("/api/save", { path: document.getElementById("save-path").value, text: state.yaml });
-  say("save-msg", result.error || `saved ${result.saved}`, result.error ? "error" : "ok");
+  const path = document.getElementById("save-path").value;
+  const overwrite = state.overwrite === path; // a second Save onto a file that exists
+  const result = await api("/api/save", { path, text: state.yaml, overwrite });
+  state.overwrite = result.exists ? path : null;
+  if (result.exists) say("save-msg", `${result.exists} already exists: Save again to replace it`, "warn");
+  else say("save-msg", result.error || `saved ${result.saved}`, result.error ? "error" : "ok");
 }
 
 function download() {
