@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kubetune: error: {describe_error(err, cfg)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("kubetune: interrupted", file=sys.stderr)
+        print(
+            "kubetune: interrupted (Ctrl-C): no checkpoint written now; running it again "
+            "resumes from its newest checkpoint (SIGTERM writes one before stopping)",
+            file=sys.stderr,
+        )
         return 130
     except MemoryError:
         print(

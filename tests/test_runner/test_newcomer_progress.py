@@ -143,3 +143,32 @@ def test_the_log_line_and_launcher_status_write_the_eta_alike(
     data = ReportData("r", "SD_LORA", "running", str(tmp_path), progress=record.model_dump())
     page = render(data)
     assert f"<th>ETA</th><td>{duration(record.eta_seconds)}</td>" in page
+
+
+def test_ctrl_c_in_the_foreground_says_how_to_go_on(tmp_path: Path) -> None:
+    """`python -m runner CONFIG` stopped with Ctrl-C said only `kubetune: interrupted`: not
+    that nothing was checkpointed then, nor that running it again resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((root / "examples" / "quickstart.yaml").read_text())
+    data["base_output_dir"] = str(tmp_path / "out")
+    data["data_loader"]["dataset"]["dataset_dir"] = str(root / "examples" / "sample_data")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "runner", str(config)], env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the first log line: training is still far off
+        if "checking the dataset" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "kubetune: interrupted (Ctrl-C)" in rest and "resumes from its newest checkpoint" in rest
