@@ -9,26 +9,20 @@ its parent (PR_SET_PDEATHSIG). Containers are created with Microsoft's own clien
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3server import _die_with_parent, free_ports
+from emulator_process import Emulator, ServerProcess, free_ports, unique_name
 
 ACCOUNT = "devstoreaccount1"
 # Azurite's published development key (documented by Microsoft; not a secret)
 ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
-_counter = itertools.count()
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,13 +40,13 @@ def find_azurite() -> str | None:
 
 
 @dataclass
-class Azurite:
+class Azurite(Emulator):
     """A running Azurite blob service; a context manager."""
 
     binary: str
     port: int = 0
     workdir: Path | None = None
-    _proc: subprocess.Popen[bytes] | None = None
+    _proc: ServerProcess | None = None
     _service: Any = field(default=None, repr=False)
 
     @property
@@ -60,43 +54,18 @@ class Azurite:
         return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
 
     def start(self, timeout_s: float = 60.0) -> Azurite:
+        """Start the emulator and wait until it answers; polled with a client that does not
+        retry: the SDK's own retries back off for ~15 s after the first refused connection,
+        long after the emulator is up (~3 s)."""
         self.workdir = Path(tempfile.mkdtemp(prefix="kubetune-azurite-"))
         self.port = free_ports(1)[0]
         args = [self.binary, "--disableTelemetry", "--blobHost", "127.0.0.1",
                 "--blobPort", str(self.port), "--location", str(self.workdir),
                 "--skipApiVersionCheck", "--silent"]  # fmt: skip
-        log = open(self.workdir / "azurite.log", "wb")  # noqa: SIM115 - owned by the process
-        self._proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )  # fmt: skip
-        log.close()
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        """Poll with a client that does not retry: the SDK's own retries back off for ~15 s
-        after the first refused connection, long after the emulator is up (~3 s)."""
-        deadline, last = time.monotonic() + timeout_s, None
         probe = self._client(retry_total=0)
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"azurite exited: {self.log_tail()}")
-            try:
-                probe.get_service_properties()
-                return
-            except Exception as exc:  # noqa: BLE001 - anything means "not ready yet"
-                last = exc
-            time.sleep(0.1)
-        raise TimeoutError(f"Azurite not ready after {timeout_s}s ({last}): {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        log = self.workdir / "azurite.log" if self.workdir else None
-        return log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+        self._launch("azurite", args, probe.get_service_properties, timeout_s, 0.1,
+                     log=self.workdir / "azurite.log")  # fmt: skip
+        return self
 
     def service(self) -> Any:
         """A ``BlobServiceClient`` (azure-storage-blob) for this emulator."""
@@ -112,7 +81,7 @@ class Azurite:
         return BlobServiceClient.from_connection_string(conn, **options)
 
     def create_container(self, prefix: str = "test") -> str:
-        name = f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:8]}".lower()[:63]
+        name = unique_name(prefix)
         self.service().create_container(name)
         return name
 
@@ -123,18 +92,7 @@ class Azurite:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            proc.stop()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Azurite:
-        return self.start() if self._proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -29,25 +29,19 @@ emulator's).
 
 from __future__ import annotations
 
-import itertools
 import json
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from s3server import _die_with_parent, free_ports
+from emulator_process import Emulator, ServerProcess, free_ports, unique_name
 
 if TYPE_CHECKING:
     from gcs_xml_proxy import GcsXmlProxy
-
-_counter = itertools.count()
 
 
 def find_fake_gcs() -> str | None:
@@ -82,12 +76,12 @@ def _message(body: bytes) -> str:
 
 
 @dataclass
-class FakeGCS:
+class FakeGCS(Emulator):
     """A running fake-gcs-server; a context manager."""
 
     binary: str
     port: int = 0
-    _proc: subprocess.Popen[bytes] | None = None
+    _proc: ServerProcess | None = None
     _key: str = ""
     _refusal: str | None = None
 
@@ -100,22 +94,12 @@ class FakeGCS:
         args = [self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
                 "-backend", "memory", "-log-level", "error", "-public-host",
                 f"127.0.0.1:{self.port}", "-external-url", self.endpoint]  # fmt: skip
-        self._proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._call("GET", "/storage/v1/b?project=test")
-                break
-            except OSError:
-                if time.monotonic() > deadline or self._proc.poll() is not None:
-                    self.stop()
-                    raise TimeoutError("fake-gcs-server did not start") from None
-                time.sleep(0.2)
+        self._launch("fake-gcs-server", args, self._list_buckets, timeout_s, 0.2)
         self._key = service_account_key()
         return self
+
+    def _list_buckets(self) -> bytes:
+        return self._call("GET", "/storage/v1/b?project=test")
 
     def _call(self, method: str, path: str, data: bytes | None = None,
               kind: str = "application/json") -> bytes:  # fmt: skip
@@ -125,7 +109,7 @@ class FakeGCS:
             return reply.read()
 
     def create_bucket(self, prefix: str = "test") -> str:
-        name = f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:8]}"
+        name = unique_name(prefix)
         self._call("POST", "/storage/v1/b?project=test", json.dumps({"name": name}).encode())
         return name
 
@@ -171,15 +155,8 @@ class FakeGCS:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-    def __enter__(self) -> FakeGCS:
-        return self.start() if self._proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if proc is not None:
+            proc.stop()
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,23 @@
 """A real S3-compatible server for tests and benchmarks: SeaweedFS (`weed mini`) on 127.0.0.1.
 
 Every port the server opens is chosen free per run, it binds and advertises 127.0.0.1 only,
-and it dies with its parent (PR_SET_PDEATHSIG on Linux) so a killed test run leaves nothing.
+and it dies with its parent (the process handling shared with the other emulators is in
+emulator_process.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import itertools
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from emulator_process import Emulator, ServerProcess, free_ports, unique_name
 
 ACCESS_KEY = "kubetune-test"
 SECRET_KEY = "kubetune-test-secret"
@@ -44,7 +40,6 @@ _PORT_FLAGS = (
     "admin.port",
     "admin.port.grpc",
 )
-_bucket_counter = itertools.count()
 
 
 def find_weed() -> str | None:
@@ -53,25 +48,6 @@ def find_weed() -> str | None:
     if candidate.is_file() and os.access(candidate, os.X_OK):
         return str(candidate)
     return shutil.which("weed")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (held open together while choosing)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _s3_identities() -> dict[str, Any]:
@@ -95,7 +71,7 @@ def _s3_identities() -> dict[str, Any]:
 
 
 @dataclass
-class S3Server:
+class S3Server(Emulator):
     """A running SeaweedFS; use as a context manager or call ``start()`` / ``stop()``."""
 
     weed: str
@@ -107,7 +83,7 @@ class S3Server:
     readonly_secret_key: str = READONLY_SECRET_KEY
     ports: dict[str, int] = field(default_factory=dict)
     workdir: Path | None = None
-    _proc: subprocess.Popen[bytes] | None = None
+    _proc: ServerProcess | None = None
     _own_workdir: bool = False
     _session: Any = None
     _clients: dict[tuple[Any, ...], Any] = field(default_factory=dict)
@@ -140,61 +116,25 @@ class S3Server:
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             "-s3.autoCreateBucket=false", "-volume.preStopSeconds=0",
         ] + [f"-{flag}={port}" for flag, port in self.ports.items()]  # fmt: skip
-        log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - owned by the process
-        self._proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.workdir, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )  # fmt: skip
-        log.close()
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch("SeaweedFS", args, self._round_trip, timeout_s, 0.2,
+                     log=self.workdir / "weed.log", cwd=self.workdir)  # fmt: skip
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _round_trip(self) -> None:
         client = self.client(connect_timeout=1, read_timeout=5, max_attempts=1)
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self._proc.returncode}:\n{self.log_tail()}")
-            try:
-                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-                    client.create_bucket(Bucket="ready-probe")
-                client.put_object(Bucket="ready-probe", Key="probe", Body=b"ok")
-                if client.get_object(Bucket="ready-probe", Key="probe")["Body"].read() == b"ok":
-                    return
-            except Exception as exc:  # noqa: BLE001 - anything means "not ready yet"
-                last = exc
-            time.sleep(0.2)
-        raise TimeoutError(f"SeaweedFS not ready after {timeout_s}s ({last}):\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        if self.workdir is None or not (self.workdir / "weed.log").exists():
-            return ""
-        lines = (self.workdir / "weed.log").read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket="ready-probe")
+        client.put_object(Bucket="ready-probe", Key="probe", Body=b"ok")
+        if client.get_object(Bucket="ready-probe", Key="probe")["Body"].read() != b"ok":
+            raise RuntimeError("the probe object came back changed")
 
     def stop(self) -> None:
         """Terminate the server (kill after 10 s) and remove its data if we created it."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            proc.stop()
         if self._own_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> S3Server:
-        return self.start() if self._proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def client(
         self,
@@ -232,7 +172,7 @@ class S3Server:
 
     def create_bucket(self, prefix: str = "test") -> str:
         """Create a fresh, uniquely named bucket and return its name."""
-        name = f"{prefix}-{next(_bucket_counter)}-{uuid.uuid4().hex[:8]}".lower()[:63]
+        name = unique_name(prefix)
         self.client().create_bucket(Bucket=name)
         return name
 

@@ -222,7 +222,7 @@ def test_unknown_access_key_and_read_only_identity(
 def test_unreachable_endpoint_fails_fast_with_a_clear_message(
     s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from s3server import free_ports
+    from emulator_process import free_ports
 
     endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
