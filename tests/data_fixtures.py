@@ -17,6 +17,11 @@ from kubetune.config import (
 )
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
+BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 16}
+"""Aspect-ratio buckets around 64 px (the bucket and sharding tests)."""
+BUCKET_SIZES = [(96, 48), (100, 50), (48, 96), (50, 110), (64, 64), (70, 70), (80, 60), (60, 80),
+                (120, 40), (40, 120), (66, 64), (90, 45), (45, 90)]  # fmt: skip
+"""Wide, tall and square images of several shapes, for ``write_image_dir``."""
 
 
 def image_bytes(

@@ -1,5 +1,5 @@
 """Helpers for the data-parallel tests: ``python -m runner`` and ``torchrun`` (gloo, CPU) in
-subprocesses, as a pod runs them, and readers of the weights they publish."""
+subprocesses, as a pod runs them (``train_support.checkpoint_weights`` reads what they publish)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -77,10 +76,6 @@ def rank_of(pid: int) -> int | None:
 def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -1,18 +1,25 @@
 """Helpers for the training tests: small real datasets, configs for every type on the
-tiny models, an in-process ``train`` that resets accelerate, and weight readers."""
+tiny models, an in-process ``train`` that resets accelerate, ``python -m runner`` preempted by
+SIGTERM and resumed, and readers of what a run wrote."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
 from kubetune.config import PipelineConfig, parse_config
+from kubetune.errors import EXIT_PREEMPTED
 
+REPO = Path(__file__).resolve().parents[1]
 SIDE = 64
 TYPES = (
     "SD_LORA",
@@ -39,6 +46,17 @@ def write_dataset(root: Path, n: int = 4, seed: int = 0) -> Path:
         Image.fromarray((pixels * 255).astype(np.uint8)).save(root / f"img-{i}.png")
         (root / f"img-{i}.txt").write_text(f"a kbtn picture number {i}")
     return root
+
+
+def training_images(n: int = 4) -> Any:
+    """A module-scoped ``data_dir`` fixture: ``write_dataset``'s ``n`` images, written once
+    for the test module that assigns it (``data_dir = training_images(n=2)``)."""
+
+    @pytest.fixture(scope="module")
+    def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return write_dataset(tmp_path_factory.mktemp("data") / "images", n=n)
+
+    return data_dir
 
 
 def caption_loader(data_dir: Path | str, **fields: Any) -> dict[str, Any]:
@@ -132,3 +150,60 @@ def step_dirs(out_dir: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
+
+
+def model_for(kind: str, request: pytest.FixtureRequest) -> Path:
+    """The tiny base model of type ``kind`` (``tiny_sdxl_dir`` for SDXL types, else SD 1.5)."""
+    return request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+
+
+def checkpoint_weights(out_dir: Path, step: int) -> dict[str, Any]:
+    """The trainable tensors of the run's checkpoint at ``step``."""
+    from safetensors.torch import load_file
+
+    return load_file(out_dir / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+
+
+def sample_latents(pipe: Any, prompt: str = "a kbtn picture") -> Any:
+    """A diffusers pipeline's latents for ``prompt``: 2 steps at 64x64, seed 0."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(prompt, num_inference_steps=2, height=64, width=64, generator=generator,
+               output_type="latent")  # fmt: skip
+    return out.images
+
+
+def start_runner(config: Path, out_dir: Path) -> subprocess.Popen[str]:
+    """``python -m runner CONFIG`` as a pod runs it (DEBUG log on stderr, a work folder of its
+    own beside ``out_dir``)."""
+    env = {**os.environ, "KUBETUNE_LOG_LEVEL": "DEBUG", "PYTHONPATH": str(REPO),
+           "KUBETUNE_WORK_DIR": str(out_dir.parent / f"work-{out_dir.name}")}  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", str(config)],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+
+
+def preempt_at_step(config: Path, out_dir: Path, step: int = 3) -> None:
+    """Run the runner, SIGTERM it once it logs step ``step`` done; it must exit as preempted."""
+    proc = start_runner(config, out_dir)
+    assert proc.stderr is not None
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if f"step {step} done" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    log += proc.stderr.readlines()
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
+
+
+def resume_to_end(config: Path, out_dir: Path) -> str:
+    """Run the runner again: it must resume from a checkpoint and finish. Its stderr."""
+    resumed = start_runner(config, out_dir)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from checkpoint" in err
+    return err

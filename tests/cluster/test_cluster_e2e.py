@@ -18,6 +18,7 @@ import pytest
 import yaml
 from cluster_env import Cluster, wait_until
 from s3server import S3Server
+from train_support import sample_latents
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).parents[2]
@@ -216,22 +217,11 @@ def _check_lora_loads(env: dict[str, Any], key: str, model: Path, tmp_path: Path
     local.mkdir()
     env["s3"].client().download_file(env["bucket"], key, str(local / "lora.safetensors"))
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def latents() -> torch.Tensor:
-        generator = torch.Generator().manual_seed(0)
-        return pipe(
-            "kbtn",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=generator,
-            output_type="latent",
-        ).images
-
-    before = latents()
+    before = sample_latents(pipe, "kbtn")
     pipe.load_lora_weights(local, weight_name="lora.safetensors")
-    assert not torch.allclose(before, latents()), "the LoRA did not change the output"
+    assert not torch.allclose(before, sample_latents(pipe, "kbtn")), (
+        "the LoRA did not change the output"
+    )
 
 
 def test_cancel_removes_job_and_config_map_and_keeps_outputs(

@@ -18,8 +18,7 @@ import pytest
 import torch
 from relsupport import figure
 from runs import RunnerProc
-from safetensors.torch import load_file
-from train_support import config_file, make_config, train, write_dataset
+from train_support import checkpoint_weights, config_file, make_config, train, write_dataset
 
 from kubetune.checkpoint.publish import CheckpointManager
 from kubetune.errors import EXIT_PREEMPTED
@@ -31,10 +30,6 @@ STEPS, SAVE_EVERY = 6, 2
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("preempt-data") / "images", n=4)
-
-
-def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
 
 
 def _max_delta(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -52,7 +47,7 @@ def _reference(model: Path, data: Path, root: Path, seed: int, save_every: int,
     out = root / f"ref-{kind}-{seed}-{save_every}"
     if not (out / "checkpoints" / f"step-{STEPS:06d}").exists():
         train(make_config(kind, model, data, out, **_kwargs(seed, save_every)))
-    return _weights(out, STEPS)
+    return checkpoint_weights(out, STEPS)
 
 
 def _complete(out: Path) -> list[int]:
@@ -91,7 +86,7 @@ def sigterm_runs(n: int, model: Path, data: Path, root: Path, kind: str = "SD_LO
         assert f"resumed from checkpoint step-{saved[-1]:06d}" in second.log
         resumed += 1
         reference = _reference(model, data, root, seed, 100, kind)
-        delta = _max_delta(reference, _weights(out, STEPS))
+        delta = _max_delta(reference, checkpoint_weights(out, STEPS))
         max_delta = max(max_delta, delta)
         assert delta <= 1e-6, (i, delta)
     figure(
@@ -129,7 +124,7 @@ def sigkill_runs(m: int, model: Path, data: Path, root: Path, kind: str = "SD_LO
             assert f"resumed from checkpoint step-{newest:06d}" in second.log
         resumed += 1
         reference = _reference(model, data, root, seed, SAVE_EVERY, kind)
-        delta = _max_delta(reference, _weights(out, STEPS))
+        delta = _max_delta(reference, checkpoint_weights(out, STEPS))
         max_delta = max(max_delta, delta)
     assert corrupt == 0 and max_delta <= 1e-6, (corrupt, max_delta)
     figure(

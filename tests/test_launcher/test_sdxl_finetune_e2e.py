@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from train_support import make_config, train, write_dataset
+from train_support import make_config, sample_latents, train, write_dataset
 from webhook_receiver import WebhookReceiver
 
 from kubetune.storage import open_store
@@ -20,13 +20,6 @@ from launcher.sweeps import expand, parse_axes
 
 UNET_FILES = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
 SAMPLES = Path(__file__).parents[1] / "data" / "invoke_training_samples"
-
-
-def _latents(pipe: Any) -> torch.Tensor:
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe("a kbtn picture", num_inference_steps=2, height=64, width=64,
-               generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
-    return out.images
 
 
 @pytest.mark.slow
@@ -65,9 +58,9 @@ def test_s3_fine_tune_notifies_reports_prunes_and_pulls_a_loadable_unet(
     assert files == UNET_FILES
     unet = UNet2DConditionModel.from_pretrained(dest, subfolder="unet")
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    before = _latents(pipe)
+    before = sample_latents(pipe)
     pipe.unet = unet
-    assert not torch.allclose(before, _latents(pipe)), "the pulled UNet changed nothing"
+    assert not torch.allclose(before, sample_latents(pipe)), "the pulled UNet changed nothing"
 
 
 def test_a_sweep_over_a_fine_tune_sample_expands_into_valid_members() -> None:

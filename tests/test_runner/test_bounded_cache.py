@@ -11,8 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from train_support import load_pipeline, make_config, train, write_dataset
+from train_support import (
+    checkpoint_weights,
+    load_pipeline,
+    make_config,
+    train,
+    training_images,
+)
 
 from kubetune.config import parse_config
 from runner.training.memory_cache import BoundedCache, DeviceBudget
@@ -23,13 +28,7 @@ pytestmark = pytest.mark.timeout(300)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("bounded-data") / "images", n=4)
-
-
-def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+data_dir = training_images(n=4)
 
 
 def test_entries_beyond_the_budget_wait_in_host_memory() -> None:
@@ -73,7 +72,10 @@ def test_a_zero_budget_spills_everything_and_trains_the_same_weights(
     assert roomy.latents.cache is not None and tight.latents.cache is not None
     assert not roomy.latents.cache.spilled and len(tight.latents.cache.spilled) == 4
     assert tight.text.cache is not None and len(tight.text.cache.spilled) == 4
-    expected, got = _weights(tmp_path / "gpu", 4), _weights(tmp_path / "host", 4)
+    expected, got = (
+        checkpoint_weights(tmp_path / "gpu", 4),
+        checkpoint_weights(tmp_path / "host", 4),
+    )
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
@@ -102,7 +104,10 @@ def test_flipped_latents_are_cached_and_train_as_uncached_flips_do(
     cached = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path / "cached",
                          cache_vae_outputs=True, **common)  # fmt: skip
     assert train(plain).step == train(cached).step == 6
-    expected, got = _weights(tmp_path / "plain", 6), _weights(tmp_path / "cached", 6)
+    expected, got = (
+        checkpoint_weights(tmp_path / "plain", 6),
+        checkpoint_weights(tmp_path / "cached", 6),
+    )
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-4)
 

@@ -20,7 +20,13 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import make_config, reset_accelerate, train, write_dataset
+from train_support import (
+    make_config,
+    model_for,
+    reset_accelerate,
+    train,
+    training_images,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]
@@ -31,9 +37,7 @@ pytestmark = [
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("cuda-data") / "images", n=4)
+data_dir = training_images(n=4)
 
 
 def _cuda_pipeline(cfg: Any) -> tuple[Any, Any]:
@@ -69,7 +73,7 @@ def test_steady_state_steps_make_no_sync_on_cuda(
     from runner.training import loop
 
     kind, fields = CASES[case]
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     seen: list[str] = []
     run = loop.StepRunner.run
 

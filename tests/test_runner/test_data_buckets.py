@@ -6,30 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import lora_config, write_image_dir
+from data_fixtures import BUCKET_SIZES, BUCKETS, lora_config, write_image_dir
 
 from kubetune.config import AspectRatioBucketConfig
 from kubetune.errors import ResumeMismatchError
 from runner.data import build_train_dataloader
 from runner.data.buckets import BucketBatchSampler, build_buckets, closest_bucket
 
-BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 16}
-# Wide, tall and square images of several shapes.
-SIZES = [
-    (96, 48),
-    (100, 50),
-    (48, 96),
-    (50, 110),
-    (64, 64),
-    (70, 70),
-    (80, 60),
-    (60, 80),
-    (120, 40),
-    (40, 120),
-    (66, 64),
-    (90, 45),
-    (45, 90),
-]
+SIZES = BUCKET_SIZES
 
 
 def test_buckets_are_divisible_within_bounds_and_near_the_target_area() -> None:

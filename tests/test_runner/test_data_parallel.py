@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dp_support import max_diff, ok, single, torchrun, weights
-from train_support import config_file, make_config, write_dataset
+from dp_support import max_diff, ok, single, torchrun
+from train_support import checkpoint_weights, config_file, make_config, write_dataset
 
 pytest_plugins = ["fixtures_models"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -47,7 +47,7 @@ def _configs(
 
 def _one_step(out: Path, step: int) -> float:
     """The largest weight change of optimizer step ``step``."""
-    return max_diff(weights(out, step), weights(out, step - 1))
+    return max_diff(checkpoint_weights(out, step), checkpoint_weights(out, step - 1))
 
 
 def test_two_processes_train_the_model_of_one_with_twice_the_batch(
@@ -60,7 +60,7 @@ def test_two_processes_train_the_model_of_one_with_twice_the_batch(
     ok(single(one))
     ok(torchrun(two))
     step = _one_step(out_one, 4)
-    diff = max_diff(weights(out_two, 4), weights(out_one, 4))
+    diff = max_diff(checkpoint_weights(out_two, 4), checkpoint_weights(out_one, 4))
     print(f"2x2 vs 1x4: max |dw| {diff:.3g}; one step {step:.3g}")
     assert step > 1e-4  # the runs train
     assert diff < 0.1 * step
@@ -82,7 +82,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path: Path, tiny_sd_di
     log = ok(single(resumed)).stderr
     assert "resumed from checkpoint step-000003" in log
     step = _one_step(out_ref, 6)
-    diff = max_diff(weights(out_two, 6), weights(out_ref, 6))
+    diff = max_diff(checkpoint_weights(out_two, 6), checkpoint_weights(out_ref, 6))
     print(f"2x2 resumed on 1x4 vs 1x4: max |dw| {diff:.3g}; one step {step:.3g}")
     assert diff < 0.1 * step
 
@@ -100,6 +100,6 @@ def test_a_checkpoint_of_two_processes_resumes_on_four(tmp_path: Path, tiny_sd_d
     log = ok(torchrun(resumed, nproc=4)).stderr
     assert "resumed from checkpoint step-000003" in log
     step = _one_step(out_ref, 6)
-    diff = max_diff(weights(out_two, 6), weights(out_ref, 6))
+    diff = max_diff(checkpoint_weights(out_two, 6), checkpoint_weights(out_ref, 6))
     print(f"2x2 resumed on 4x1 vs 1x4: max |dw| {diff:.3g}; one step {step:.3g}")
     assert diff < 0.1 * step

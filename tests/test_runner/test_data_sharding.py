@@ -10,31 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_fixtures import lora_config, write_image_dir
+from data_fixtures import BUCKET_SIZES, BUCKETS, lora_config, write_image_dir
 
 from kubetune.errors import ResumeMismatchError
 from runner.data import build_train_dataloader
 from runner.data.buckets import BucketBatchSampler
 
-BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 16}
-SIZES = [
-    (96, 48),
-    (100, 50),
-    (48, 96),
-    (50, 110),
-    (64, 64),
-    (70, 70),
-    (80, 60),
-    (60, 80),
-    (120, 40),
-    (40, 120),
-    (66, 64),
-    (90, 45),
-    (45, 90),
-    (64, 66),
-    (72, 72),
-    (58, 58),
-]
+SIZES = [*BUCKET_SIZES, (64, 66), (72, 72), (58, 58)]
 
 
 def _loaders(  # type: ignore[type-arg]

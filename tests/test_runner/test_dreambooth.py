@@ -14,7 +14,7 @@ import torch
 import yaml
 from data_fixtures import upload_tree, write_image_dir
 from s3server import S3Server
-from train_support import make_config, step_dirs, train
+from train_support import make_config, model_for, step_dirs, train
 
 from kubetune.config import DreamboothSDDataLoaderConfig, SdLoraConfig, parse_config
 from kubetune.errors import ConfigError, DataError
@@ -241,7 +241,7 @@ def test_class_weight_scales_class_examples_in_the_loss(
 def test_trains_with_and_without_a_class_dataset(
     kind: str, with_class: bool, dirs: tuple[str, str], tmp_path: Path, request: Any
 ) -> None:
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     loader = db_config(*(dirs if with_class else dirs[:1]), resolution=32).data_loader
     out = tmp_path / "out"
     cfg = make_config(

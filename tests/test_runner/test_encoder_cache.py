@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from s3server import S3Server
-from safetensors.torch import load_file
-from train_support import make_config, train, write_dataset
+from train_support import checkpoint_weights, make_config, train, write_dataset
 
 from runner.pipelines.base import LatentEncoder, TextConditioner
 
@@ -36,10 +35,6 @@ def encodes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     return counter
 
 
-def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
-
-
 @pytest.mark.slow
 def test_restart_reuses_the_stored_encodings(
     tiny_sd_dir: Path, tmp_path: Path, encodes: Counter[str]
@@ -59,13 +54,13 @@ def test_restart_reuses_the_stored_encodings(
     )
     train(cfg)
     assert encodes == {"vae": 4, "text": 4}
-    first = _weights(out, 2)
+    first = checkpoint_weights(out, 2)
     assert len(list((out / "cache").rglob("*.safetensors"))) == 8  # 4 latents + 4 captions
 
     encodes.clear()
     train(cfg, force_restart=True)  # a new start of the same run: everything from storage
     assert encodes == {}
-    for key, value in _weights(out, 2).items():
+    for key, value in checkpoint_weights(out, 2).items():
         torch.testing.assert_close(value, first[key], rtol=0, atol=0)
 
     (data / "img-2.png").write_bytes((data / "img-0.png").read_bytes())  # a changed image

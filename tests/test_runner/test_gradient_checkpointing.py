@@ -10,15 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import make_config, reset_accelerate, write_dataset
+from train_support import make_config, reset_accelerate, training_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=2)
+data_dir = training_images(n=2)
 
 
 def one_backward(cfg: Any) -> tuple[int, dict[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import load_pipeline, make_config, write_dataset
+from train_support import load_pipeline, make_config, training_images
 
 from runner.training.ema import EmaWeights
 from runner.training.losses import diffusion_loss, element_loss, snr
@@ -20,9 +20,7 @@ pytest_plugins = ["fixtures_models"]
 T = 1000
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("knob-data") / "images", n=4)
+data_dir = training_images(n=4)
 
 
 def _pipeline(cfg: Any) -> Any:

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import caption_loader, make_config, train, write_dataset
+from train_support import (
+    caption_loader,
+    make_config,
+    model_for,
+    sample_latents,
+    train,
+    training_images,
+    write_dataset,
+)
 
 from kubetune.errors import Preempted
 
@@ -32,9 +40,7 @@ OFF = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("knob-train") / "images", n=4)
+data_dir = training_images(n=4)
 
 
 def _checkpoint(out: Path, step: int) -> Path:
@@ -183,19 +189,14 @@ def test_dora_exports_through_peft_and_reloads_in_diffusers(
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
 
-    def latents() -> torch.Tensor:
-        generator = torch.Generator().manual_seed(0)
-        kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
-        return pipe("a kbtn picture", generator=generator, **kwargs).images
-
-    before = latents()
+    before = sample_latents(pipe)
     pipe.load_lora_weights(out / "final")
     loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_magnitude_vector" in n}
     assert len(loaded) == sum(k.startswith("unet.") for k in magnitudes)
     for name, value in loaded.items():
         key = "unet." + name.replace(".default_0.", ".default.")
         torch.testing.assert_close(value.detach().float(), magnitudes[key])
-    assert not torch.allclose(before, latents()), "the DoRA did not change the output"
+    assert not torch.allclose(before, sample_latents(pipe)), "the DoRA did not change the output"
 
 
 # --- exact resume with the knobs on -------------------------------------------------------
@@ -239,7 +240,7 @@ def test_stop_and_resume_is_exact_with_knobs_on(
     """A stop (the SIGTERM flag) after step 1 checkpoints; rerunning resumes and ends with
     the weights and EMA state of an uninterrupted run."""
     kind, knobs = RESUME_CASES[case]
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     extra: dict[str, Any] = dict(max_train_steps=4, save_every_n_steps=100, **knobs)
     if kind == "SD_LORA":
         extra["data_loader"] = caption_loader(data_dir, caption_dropout_rate=0.5)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from data_fixtures import write_masked_jsonl
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from train_support import TYPES, make_config, train
+from train_support import TYPES, make_config, model_for, train
 
 from runner.training.losses import diffusion_loss, snr
 
@@ -89,7 +89,7 @@ def _masked_run(kind: str, request: pytest.FixtureRequest, tmp_path: Path, zero:
         "resolution": 64,
         **({"caption_preset": "object"} if ti else {}),
     }
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     out = tmp_path / "out"
     cfg = make_config(
         kind,

@@ -26,7 +26,7 @@ import torch
 import yaml
 from parity_reference import TE_TARGETS, UNET_TARGETS
 from safetensors.torch import load_file
-from train_support import load_pipeline, make_config, write_dataset
+from train_support import load_pipeline, make_config, model_for, training_images
 
 from kubetune.config import PipelineConfig, parse_config
 
@@ -35,9 +35,7 @@ pytest_plugins = ["fixtures_models"]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=2)
+data_dir = training_images(n=2)
 
 
 def defaults_config(kind: str, model: Path, data: Path, out: Path, **fields: Any) -> PipelineConfig:
@@ -179,7 +177,7 @@ def test_sdxl_lora_and_ti_conforms(tiny_sdxl_dir: Path, data_dir: Path, tmp_path
 def test_textual_inversion_conforms(
     kind: str, request: pytest.FixtureRequest, data_dir: Path, tmp_path: Path
 ) -> None:
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     cfg = defaults_config(kind, model, data_dir, tmp_path)
     comps, _, optimizer = build(cfg)
     expected = (

@@ -12,16 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import PLACEHOLDER, load_pipeline, make_config, write_dataset
+from train_support import PLACEHOLDER, load_pipeline, make_config, training_images, write_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=2)
+data_dir = training_images(n=2)
 
 
 def test_multi_token_initializer_warns_and_uses_its_first_token(

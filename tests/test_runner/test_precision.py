@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import load_pipeline, make_config, reset_accelerate, write_dataset
+from train_support import (
+    load_pipeline,
+    make_config,
+    model_for,
+    reset_accelerate,
+    training_images,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]
@@ -22,9 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("precision-data") / "images", n=2)
+data_dir = training_images(n=2)
 
 
 def _batch() -> dict[str, Any]:
@@ -85,7 +89,7 @@ def test_float32_vae_decodes_in_float32_inside_validation_autocast(
     from runner.session.settings import validation_settings
     from runner.training.validation import Validator
 
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     cfg = make_config(kind, model, data_dir, tmp_path, validation_prompts=["a kbtn picture"],
                       validate_every_n_steps=1, num_validation_images_per_prompt=1,
                       num_validation_inference_steps=2)  # fmt: skip
@@ -109,7 +113,7 @@ def test_ema_updates_for_textual_inversion_types(
 ) -> None:
     """``after_optimizer_step`` of the TI types moves the EMA too (it normalised the vectors
     without calling the base hook, so ``ema_decay`` did nothing there)."""
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     cfg = make_config(kind, model, data_dir, tmp_path, ema_decay=0.5)
     _, pipe = load_pipeline(cfg)
     assert pipe.ema is not None

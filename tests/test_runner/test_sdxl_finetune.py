@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +15,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from train_support import (
+    checkpoint_weights,
     config_file,
     load_pipeline,
     make_config,
+    preempt_at_step,
+    resume_to_end,
+    sample_latents,
     step_dirs,
     train,
-    write_dataset,
+    training_images,
 )
 
-from kubetune.errors import EXIT_PREEMPTED, UserError
+from kubetune.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]  # tiny_sd_dir / tiny_sdxl_dir
 KIND = "SDXL_FINETUNE"
-REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=4)
-
-
-def _latents(pipe: Any) -> torch.Tensor:
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    out = pipe("a kbtn picture", num_inference_steps=2, height=64, width=64,
-               generator=generator, output_type="latent")  # fmt: skip
-    return out.images
-
-
-def _trained(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+data_dir = training_images(n=4)
 
 
 @pytest.mark.slow
@@ -72,7 +58,7 @@ def test_trained_only_unet_loads_in_diffusers_and_changes_the_output(
     stored = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.float16}  # save_dtype's default
     unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet", dtype=torch.float16)
-    trained = _trained(out, 4)
+    trained = checkpoint_weights(out, 4)
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
     changed = 0
     for name, param in unet.named_parameters():
@@ -82,9 +68,9 @@ def test_trained_only_unet_loads_in_diffusers_and_changes_the_output(
         changed += not torch.equal(exact, base.get_parameter(name).float())
     assert changed > 0.9 * len(trained), "the full UNet should train, not a few tensors"
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    before = _latents(pipe)
+    before = sample_latents(pipe)
     pipe.unet = unet.float()
-    assert not torch.allclose(before, _latents(pipe)), "the trained UNet changed nothing"
+    assert not torch.allclose(before, sample_latents(pipe)), "the trained UNet changed nothing"
     manifest = json.loads((final / "manifest.json").read_text())
     assert sorted(manifest["meta"]["weights"]) == [
         "unet/config.json",
@@ -109,16 +95,16 @@ def test_full_diffusers_checkpoint_is_a_whole_pipeline(
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
         assert {t.dtype for t in load_file(folder / part).values()} == {torch.bfloat16}, part
     loaded = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.bfloat16)
-    trained = _trained(out, 2)
+    trained = checkpoint_weights(out, 2)
     for name, param in loaded.unet.named_parameters():
         assert torch.equal(param, trained[f"unet.{name}"].bfloat16()), name
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     for name, param in loaded.text_encoder_2.named_parameters():  # frozen: unchanged
         assert torch.equal(param, base.text_encoder_2.get_parameter(name).bfloat16()), name
-    base_latents = _latents(base)
+    base_latents = sample_latents(base)
     mixed = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     mixed.unet = loaded.unet.float()
-    assert not torch.allclose(base_latents, _latents(mixed))
+    assert not torch.allclose(base_latents, sample_latents(mixed))
 
 
 def test_bf16_training_checkpoints_bf16_weights_exactly(
@@ -143,15 +129,6 @@ def test_an_sd15_base_model_is_refused(tiny_sd_dir: Path, data_dir: Path) -> Non
         load_pipeline(cfg)
 
 
-def _runner(config: Path, out: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "KUBETUNE_LOG_LEVEL": "DEBUG", "PYTHONPATH": str(REPO),
-           "KUBETUNE_WORK_DIR": str(out.parent / f"work-{out.name}")}  # fmt: skip
-    command = [sys.executable, "-m", "runner", str(config)]
-    return subprocess.Popen(
-        command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
-
-
 @pytest.mark.slow
 def test_sigterm_resume_is_bitwise_equal_to_an_uninterrupted_run(
     tiny_sdxl_dir: Path, data_dir: Path, tmp_path: Path
@@ -168,24 +145,12 @@ def test_sigterm_resume_is_bitwise_equal_to_an_uninterrupted_run(
     out = tmp_path / "run"
     config = config_file(make_config(KIND, tiny_sdxl_dir, data_dir, out, **kwargs),
                          tmp_path / "run.yaml")  # fmt: skip
-    proc = _runner(config, out)
-    assert proc.stderr is not None
-    log = []
-    for line in proc.stderr:
-        log.append(line)
-        if "step 3 done" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    log += proc.stderr.readlines()
-    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
+    preempt_at_step(config, out)
     assert len(step_dirs(out)) == 1
-    resumed = _runner(config, out)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    assert "resumed from checkpoint" in err
+    resume_to_end(config, out)
     restore = tmp_path / "work-run" / "restore"
     assert not [p for p in restore.rglob("*") if p.is_file()]  # deleted once loaded
-    expected, got = _trained(tmp_path / "ref", 6), _trained(out, 6)
+    expected, got = checkpoint_weights(tmp_path / "ref", 6), checkpoint_weights(out, 6)
     assert expected.keys() == got.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     states = [
@@ -229,7 +194,7 @@ def test_sample_precisions_train_and_checkpoint_in_the_training_dtype(
     cfg = make_config(KIND, tiny_sdxl_dir, data_dir, out, max_train_steps=2,
                       weight_dtype=weight_dtype, mixed_precision=mixed)  # fmt: skip
     train(cfg)
-    exact = _trained(out, 2)
+    exact = checkpoint_weights(out, 2)
     assert {t.dtype for t in exact.values()} == {trained}
     stored = load_file(out / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.float16}

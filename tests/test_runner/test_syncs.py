@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from data_fixtures import write_masked_jsonl
-from train_support import make_config, train, write_dataset
+from train_support import make_config, model_for, train, training_images
 
 from runner.training.syncs import SyncCounter
 
@@ -26,9 +26,7 @@ pytest_plugins = ["fixtures_models"]
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("sync-data") / "images", n=4)
+data_dir = training_images(n=4)
 
 
 def counted_run(cfg: Any, monkeypatch: pytest.MonkeyPatch) -> SyncCounter:
@@ -105,7 +103,7 @@ def test_zero_syncs_per_steady_state_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kind, fields = CASES[case]
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     cfg = make_config(kind, model, data_dir, tmp_path, **{**COMMON, **fields})
     counter = counted_run(cfg, monkeypatch)
     assert counter.total("step") == 0, dict(counter.where["step"])

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from train_support import make_config, train, write_dataset
+from train_support import make_config, model_for, train, write_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]
@@ -34,7 +34,7 @@ def event_tags(logs: Path) -> dict[str, list[str]]:
 def test_every_group_lr_and_validation_images_reach_tensorboard(
     kind: str, groups: list[str], request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     data = write_dataset(tmp_path / "data", n=2)
     out = tmp_path / "out"
     cfg = make_config(

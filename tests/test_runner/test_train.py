@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +18,26 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_support import (
     PLACEHOLDER,
+    REPO,
     TYPES,
+    checkpoint_weights,
     config_file,
     load_pipeline,
     make_config,
+    model_for,
+    preempt_at_step,
+    resume_to_end,
+    sample_latents,
     step_dirs,
     train,
+    training_images,
     write_dataset,
 )
 
-from kubetune.errors import EXIT_PREEMPTED, ResumeMismatchError
+from kubetune.errors import ResumeMismatchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]  # tiny_sd_dir / tiny_sdxl_dir
-REPO = Path(__file__).resolve().parents[2]
 FORMAT = {
     "SD_LORA": "kohya",
     "SDXL_LORA": "invoke_peft",
@@ -40,32 +45,10 @@ FORMAT = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=4)
-
-
-def model_for(kind: str, request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
-
-
-def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+data_dir = training_images(n=4)
 
 
 # --- each type end to end --------------------------------------------------------------------
-
-
-def _latents(pipe: Any, prompt: str) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt,
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=generator,
-        output_type="latent",
-    ).images
 
 
 def _pipeline(kind: str, model: Path) -> Any:
@@ -111,7 +94,7 @@ def check_reload(kind: str, model: Path, final: Path, trained: dict[str, torch.T
             ]
             assert torch.equal(loaded_g, trained["ti.clip_g"])
         prompt = f"a photo of {PLACEHOLDER}"
-    before = _latents(pipe, prompt)
+    before = sample_latents(pipe, prompt)
     if "LORA" in kind:
         if FORMAT[kind] == "kohya":
             keys = load_file(final / "lora.safetensors")
@@ -120,13 +103,13 @@ def check_reload(kind: str, model: Path, final: Path, trained: dict[str, torch.T
         else:
             assert (final / "unet" / "adapter_config.json").exists()
             pipe.load_lora_weights(final)
-        after = _latents(pipe, prompt)
+        after = sample_latents(pipe, prompt)
         assert not torch.allclose(before, after), "the LoRA did not change the output"
     if kind == "SDXL_FINETUNE":
         from diffusers import UNet2DConditionModel
 
         pipe.unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
-        after = _latents(pipe, prompt)
+        after = sample_latents(pipe, prompt)
         assert not torch.allclose(before, after), "the trained UNet did not change the output"
 
 
@@ -156,7 +139,7 @@ def test_type_trains_checkpoints_validates_and_reloads(
     assert pngs == ["grid.png", "prompt-0-0.png", "prompt-0-1.png", "thumb-0.jpg"]
     assert json.loads((out / "progress.json").read_text())["state"] == "completed"
     assert (out / "config.yaml").exists()
-    check_reload(kind, model, out / "final", weights(out, 6))
+    check_reload(kind, model, out / "final", checkpoint_weights(out, 6))
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -277,7 +260,7 @@ def test_same_seed_gives_identical_weights(
             save_every_n_steps=3,
         )
         train(cfg)
-        runs[name] = weights(tmp_path / name, 3)
+        runs[name] = checkpoint_weights(tmp_path / name, 3)
     assert runs["a"].keys() == runs["b"].keys()
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
@@ -317,23 +300,6 @@ def test_incompatible_checkpoint_needs_force_restart(
 # --- SIGTERM and exact resume ----------------------------------------------------------------
 
 
-def _runner(config: Path, out: Path) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "KUBETUNE_LOG_LEVEL": "DEBUG",
-        "PYTHONPATH": str(REPO),
-        "KUBETUNE_WORK_DIR": str(out.parent / f"work-{out.name}"),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "runner", str(config)],
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
@@ -352,24 +318,12 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     config = config_file(
         make_config("SD_LORA", tiny_sd_dir, data_dir, out, **kwargs), tmp_path / "run.yaml"
     )
-    proc = _runner(config, out)
-    assert proc.stderr is not None
-    log = []
-    for line in proc.stderr:
-        log.append(line)
-        if "step 3 done" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    log += proc.stderr.readlines()
-    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
+    preempt_at_step(config, out)
     steps = step_dirs(out)
     assert len(steps) == 1 and 3 <= int(steps[0][5:]) < 6, steps
     assert json.loads((out / "progress.json").read_text())["state"] == "preempted"
-    resumed = _runner(config, out)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    assert "resumed from checkpoint" in err
-    expected, got = weights(tmp_path / "ref", 6), weights(out, 6)
+    resume_to_end(config, out)
+    expected, got = checkpoint_weights(tmp_path / "ref", 6), checkpoint_weights(out, 6)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
@@ -439,7 +393,10 @@ def test_cached_latents_and_text_match_uncached(
         **common,
     )
     assert train(plain).step == train(cached).step == 6  # 4 images, batch 2, 3 epochs
-    expected, got = weights(tmp_path / "plain", 6), weights(tmp_path / "cached", 6)
+    expected, got = (
+        checkpoint_weights(tmp_path / "plain", 6),
+        checkpoint_weights(tmp_path / "cached", 6),
+    )
     # Batched and per-example encoding differ in the last float bits. With LoRA B starting at
     # zero (peft's default init, as invoke-training), early gradients of A and of the
     # time-embedding B sit near Adam's eps, where such noise grows to ~2e-5. The bound stays

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,19 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
-from test_train import _runner, weights
-from train_support import config_file, load_pipeline, make_config, step_dirs, train, write_dataset
+from train_support import (
+    checkpoint_weights,
+    config_file,
+    load_pipeline,
+    make_config,
+    preempt_at_step,
+    resume_to_end,
+    step_dirs,
+    train,
+    training_images,
+)
 
-from kubetune.errors import EXIT_PREEMPTED, ResumeMismatchError
+from kubetune.errors import ResumeMismatchError
 from runner.models.flux_keys import bfl_to_diffusers, diffusers_to_bfl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,9 +47,7 @@ COMFY_CLIP = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=4)
+data_dir = training_images(n=4)
 
 
 def _image(pipe: FluxPipeline) -> np.ndarray:
@@ -220,23 +226,11 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     config = config_file(
         make_config("FLUX_LORA", tiny_flux_dir, data_dir, out, **kwargs), tmp_path / "run.yaml"
     )
-    proc = _runner(config, out)
-    assert proc.stderr is not None
-    log = []
-    for line in proc.stderr:
-        log.append(line)
-        if "step 3 done" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    log += proc.stderr.readlines()
-    assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
+    preempt_at_step(config, out)
     steps = step_dirs(out)
     assert len(steps) == 1 and 3 <= int(steps[0][5:]) < 6, steps
-    resumed = _runner(config, out)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    assert "resumed from checkpoint" in err
-    expected, got = weights(tmp_path / "ref", 6), weights(out, 6)
+    resume_to_end(config, out)
+    expected, got = checkpoint_weights(tmp_path / "ref", 6), checkpoint_weights(out, 6)
     assert expected.keys() == got.keys() and any("transformer" in k for k in got)
     assert all(torch.equal(got[k], expected[k]) for k in expected)  # bit for bit
 
@@ -253,7 +247,10 @@ def test_cached_encoders_match_uncached(
         "FLUX_LORA", tiny_flux_dir, data_dir, tmp_path / "cached", **caches, **common
     )
     assert train(plain).step == train(cached).step == 4
-    expected, got = weights(tmp_path / "plain", 4), weights(tmp_path / "cached", 4)
+    expected, got = (
+        checkpoint_weights(tmp_path / "plain", 4),
+        checkpoint_weights(tmp_path / "cached", 4),
+    )
     for key in expected:  # batched vs per-example encoding: last-bit differences only
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-4)
 

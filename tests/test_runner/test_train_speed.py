@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import make_config, train, write_dataset
+from train_support import make_config, model_for, train, training_images
 
 from kubetune.errors import UserError
 
@@ -18,9 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]  # tiny_sd_dir / tiny_sdxl_dir
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "images", n=4)
+data_dir = training_images(n=4)
 
 
 def _cached(kind: str, model: Path, data: Path, out: Path, **kw: Any) -> Any:
@@ -55,7 +53,7 @@ def test_cached_encoders_are_off_the_device_during_steps(
 
     from runner.pipelines import base as common
 
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     reference = train(_cached(kind, model, data_dir, tmp_path / "ref"))
     seen: list[set[str]] = []
     original_loss = common.TrainingPipeline.loss
@@ -184,7 +182,7 @@ def test_unet_attention_uses_sdpa(
     from runner.session.settings import model_settings
     from runner.training.speed import ensure_sdpa, use_channels_last
 
-    model = request.getfixturevalue("tiny_sdxl_dir" if "SDXL" in kind else "tiny_sd_dir")
+    model = model_for(kind, request)
     comps = load_model(model_settings(make_config(kind, model, data_dir, tmp_path)))
     processors = comps.unet.attn_processors.values()
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
