@@ -25,8 +25,8 @@ def test_a_server_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:
 def test_a_server_that_never_answers_times_out_and_stop_ends_it(tmp_path: Path) -> None:
     proc = ServerProcess("silent", _python("import time; time.sleep(60)"))
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"silent not ready after 0.3s \(division by zero\)"):
-        proc.wait_ready(lambda: 1 / 0, timeout_s=0.3, every_s=0.05)
+    with pytest.raises(TimeoutError, match=r"silent not ready after 0.1s \(division by zero\)"):
+        proc.wait_ready(lambda: 1 / 0, timeout_s=0.1, every_s=0.02)
     assert time.monotonic() - started < 10
     proc.stop()
     assert proc.proc.poll() is not None
@@ -39,7 +39,7 @@ def test_a_failed_launch_stops_the_emulator_and_a_ready_one_is_used_as_a_context
 
         def start(self, answers: bool = True) -> Probe:
             self._launch("probe", _python("import time; time.sleep(60)"),
-                         (lambda: None) if answers else (lambda: 1 / 0), 0.3, 0.05)  # fmt: skip
+                         (lambda: None) if answers else (lambda: 1 / 0), 0.1, 0.02)  # fmt: skip
             return self
 
         def stop(self) -> None:
