@@ -313,7 +313,7 @@ def full(a: argparse.Namespace, server: Any, bucket: str, tmp: str) -> None:
                     seconds = first_step(cfg, server.env(), tmp)
                     results.setdefault(f"{n}{tag(mode)} {phase}", []).append(seconds)
                     load = os.getloadavg()[0]
-                    print(f"round {r}: {n}{tag} {phase}: {seconds:.2f} s (load {load:.1f})",
+                    print(f"round {r}: {n}{tag(mode)} {phase}: {seconds:.2f} s (load {load:.1f})",
                           flush=True)  # fmt: skip
     finally:
         watchdog.cancel()
