@@ -81,7 +81,10 @@ class TrainDataset(Dataset[Batch]):
         self.source, self.captions, self.transform = source, captions, transform
         self.caption_dropout_rate = caption_dropout_rate
         """Probability of training on the empty caption (kohya's caption dropout)."""
-        self.target_hw, self.seed = list(target_hw), seed
+        # a streaming order's targets are looked up as the sizes arrive: never all at once
+        streamed = isinstance(target_hw, StreamTargets)
+        self.target_hw = target_hw if streamed else list(target_hw)
+        self.seed = seed
         self.memory = memory
         self.loss_weights = None if loss_weights is None else list(loss_weights)
 

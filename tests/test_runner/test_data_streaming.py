@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,28 @@ data_loader:
         parse_config(text % ", keep_in_memory: true")
     assert "data_loader.aspect_ratio_buckets.order" in str(err.value)
     assert "keep_in_memory" in str(err.value)
+
+
+def test_the_loaders_first_batch_needs_only_the_sizes_scanned_up_to_it(tmp_path: Path) -> None:
+    """The whole loader (dataset, sampler, prefetch), built on a listed report whose feed
+    has only the sizes of the first examples of the scan: its first batch comes."""
+    from dataclasses import replace
+
+    from data_fixtures import lora_config, write_image_dir
+
+    from kubetune.dataset.preflight import preflight
+    from runner.data import build_train_dataloader
+
+    n, seed = 40, 5
+    write_image_dir(tmp_path / "d", _sizes(n, seed=3))
+    streaming = {**BUCKET_CFG.model_dump(), "order": "streaming"}
+    dataset = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")}
+    cfg = lora_config(dataset, aspect_ratio_buckets=streaming)
+    checked = preflight(cfg)
+    feed = StrictFeed(n)
+    feed.put((i, *checked.sizes_hw[i]) for i in scan_order(n, seed, 0)[:30])
+    listed = replace(checked, sizes_hw=[], index=None, feed=feed)
+    loader = build_train_dataloader(cfg, seed=seed, batch_size=2, device_is_cuda=False, data=listed)
+    assert loader.estimated_len() == n // 2 and loader.bucket_counts() == {}
+    batch = next(iter(loader))
+    assert len(batch["id"]) == 2 and batch["pixel_values"].shape[0] == 2
