@@ -59,6 +59,12 @@ def resume_run(runs: Runs, backend_name: str, run: str) -> dict[str, Any]:
     continues from its newest checkpoint. Only a Failed, Preempted or Cancelled run."""
     backend = runs.backend(backend_name)
     status = backend.status(run)
+    if backend.name != "local":
+        raise UserError(
+            f"run {run} is {status.phase} on the cluster: its Job stays until deleted",
+            hint=f"`launcher cancel {run}`, then `launcher submit` of its config resumes it "
+            "from its newest checkpoint",
+        )
     if status.phase not in RESUMABLE_PHASES:
         raise UserError(
             f"run {run} is {status.phase}: only a Failed, Preempted or Cancelled run resumes",
