@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=args.set)  # fail fast, before torch loads
         # a missing folder or model path: exit 2 before torch loads
         fail_fast_on_local_data(args.config, cfg, args.set)
+        from runner.models.hub_reach import go_offline_if_unreachable
+
+        offline = go_offline_if_unreachable(cfg)  # before any ML library reads the setting
+        if offline:
+            logging.getLogger("runner").warning(offline)
         from kubetune.config import output_uri, run_name
 
         logging.getLogger("runner").info(
