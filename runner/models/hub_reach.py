@@ -17,6 +17,7 @@ from kubetune.config.paths import HUB_NAME, MODEL_FIELDS
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 3.0
 _ON = ("1", "ON", "YES", "TRUE")
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def hub_names(cfg: Any) -> list[str]:
@@ -48,9 +49,11 @@ def reachable(endpoint: str, timeout: float = TIMEOUT_S) -> bool:
 
 def go_offline_if_unreachable(cfg: Any, env: MutableMapping[str, str] = os.environ) -> str | None:
     """Set HF_HUB_OFFLINE=1 in `env` when the config needs the Hub and it does not answer;
-    return the line to log (None when nothing changed: no Hub name, the Hub answers, or
-    HF_HUB_OFFLINE was already chosen)."""
+    return the line to log (None when nothing changed: no Hub name, the Hub answers,
+    HF_HUB_OFFLINE was already chosen, or a proxy is set, which the probe cannot speak for)."""
     if env.get("HF_HUB_OFFLINE", "").upper() in _ON:
+        return None
+    if any(env.get(name) for name in _PROXIES):  # a direct connection says nothing then
         return None
     names = hub_names(cfg)
     endpoint = env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT

@@ -58,6 +58,9 @@ def test_an_unreachable_hub_means_the_cache_only() -> None:
     assert go_offline_if_unreachable(_cfg(), {"HF_ENDPOINT": env["HF_ENDPOINT"]}) is None
     offline = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": env["HF_ENDPOINT"]}
     assert go_offline_if_unreachable(cfg, offline) is None  # already chosen: not asked
+    proxied = {"HTTPS_PROXY": "http://proxy.example:3128", "HF_ENDPOINT": env["HF_ENDPOINT"]}
+    assert go_offline_if_unreachable(cfg, proxied) is None  # through a proxy: not ours to ask
+    assert "HF_HUB_OFFLINE" not in proxied
 
 
 @pytest.mark.slow
@@ -72,7 +75,9 @@ def test_a_run_with_an_unreachable_hub_fails_at_once(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(data))
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
            "HF_HOME": str(tmp_path / "hf"), "KUBETUNE_HOME": str(tmp_path / "home")}  # fmt: skip
-    env.pop("HF_HUB_OFFLINE", None)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                 "ALL_PROXY", "all_proxy"):  # fmt: skip
+        env.pop(name, None)
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "runner", str(config)], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
