@@ -453,12 +453,18 @@ def _exit_meaning(code: int, log: Path) -> str:
         errors = [line for line in lines if line.startswith(_ERROR_PREFIX)]
         where = f"`launcher logs --local {log.parent.name}`"
         if errors:
-            return f"{errors[-1][len(_ERROR_PREFIX) :][:300]} (log: {where})"
+            return f"{_clip(errors[-1][len(_ERROR_PREFIX) :], 1000)} (log: {where})"
         return f"config or data error (see {where})"
     killed = _signal_meaning(code)
     if killed:
         return killed
-    return lines[-1][:200] if lines else "the runner failed"
+    return _clip(lines[-1], 300) if lines else "the runner failed"
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text`, or its first words up to `limit` characters and an ellipsis (the runner's
+    error lines end with their fix: cut only what is very long, and never mid-word)."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def _signal_meaning(code: int) -> str | None:

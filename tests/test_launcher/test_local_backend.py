@@ -37,6 +37,8 @@ if os.environ.get("STAND_IN_SIGNAL"):
     os.kill(os.getpid(), int(os.environ["STAND_IN_SIGNAL"]))
 time.sleep(float(os.environ.get("STAND_IN_SLEEP", "0")))
 print("done", flush=True)
+if os.environ.get("STAND_IN_ERROR"):
+    print("kubetune: error: " + os.environ["STAND_IN_ERROR"], flush=True)
 code = int(os.environ.get("STAND_IN_EXIT", "0"))
 progress("completed" if code == 0 else "failed")
 sys.exit(code)
@@ -328,3 +330,16 @@ def test_an_ended_run_shows_no_eta() -> None:
     from launcher.ui.runs import row_of  # the UI's runs table and run page alike
 
     assert (row_of(running)["eta"], row_of(failed)["eta"]) == ("15s", None)
+
+
+def test_a_long_error_line_is_not_cut_mid_word(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's one-line error (the fix is at its end) was cut at 300 characters:
+    '... at a local diffusers folder or an s3:// pre (log: ...)'."""
+    error = "madebyollin/sdxl-vae-fp16-fix: cannot download vae: " + "word " * 70 + "s3:// prefix)"
+    monkeypatch.setenv("STAND_IN_EXIT", "2")
+    monkeypatch.setenv("STAND_IN_ERROR", error)
+    backend.submit(_cfg(tmp_path))
+    status = _wait_done(backend, "my-run")
+    assert status.message is not None and status.message.startswith(error + " (log: ")
