@@ -374,7 +374,9 @@ def logs(
 
     backend = api.backend_for_run(run, local=local, cluster=cluster)
     lines = backend.logs(run, follow=follow, rank=rank)
-    follow_lines(lines, click.echo, bar=follow and wants_bar())
+    watching = _detach_on_interrupt(run, backend.name) if follow else contextlib.nullcontext()
+    with watching:  # Ctrl-C ends the following, not the run: say so
+        follow_lines(lines, click.echo, bar=follow and wants_bar())
 
 
 @click.command()

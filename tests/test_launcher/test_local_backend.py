@@ -343,3 +343,26 @@ def test_a_long_error_line_is_not_cut_mid_word(
     backend.submit(_cfg(tmp_path))
     status = _wait_done(backend, "my-run")
     assert status.message is not None and status.message.startswith(error + " (log: ")
+
+
+def test_ctrl_c_on_logs_follow_says_the_run_goes_on(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C is how `launcher logs -f` ends: it said `error: interrupted`, as if something
+    had gone wrong, and not whether the run went on."""
+    import os
+    import signal
+
+    monkeypatch.setenv("STAND_IN_SLEEP", "30")
+    backend.submit(_cfg(tmp_path))
+    env = {**os.environ, "KUBETUNE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "logs", "-f", "my-run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("run my-run")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        backend.cancel("my-run")
+    assert proc.returncode == 130
+    assert "error" not in err and "stopped following; the run my-run goes on" in err
