@@ -134,11 +134,11 @@ def local_data_lines(
 ) -> list[str]:
     """`file:line: field.path: message` for each local model path that is missing and each
     local dataset that cannot be listed (`--set KEY=VALUE: ...` for one an override gave)."""
-    from kubetune.config.paths import model_path_problems
+    from kubetune.config.paths import model_path_problems, with_working_folder_hints
     from kubetune.dataset.local_check import local_data_problems
 
     problems = model_path_problems(cfg) + local_data_problems(cfg)
-    return field_problems(source, problems, overrides)
+    return field_problems(source, with_working_folder_hints(source, cfg, problems), overrides)
 
 
 def check_local_data(source: str, cfg: PipelineConfig, overrides: list[str] | None = None) -> None:

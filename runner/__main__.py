@@ -75,11 +75,12 @@ def fail_fast_on_local_data(source: str, cfg: object, overrides: list[str] | Non
     (missing folder or JSONL, a bad line): DataError with `file:line: field.path` now, not
     after the libraries and the model have loaded."""
     from kubetune.config.loader import field_problems
-    from kubetune.config.paths import model_path_problems
+    from kubetune.config.paths import model_path_problems, with_working_folder_hints
     from kubetune.dataset.local_check import local_data_problems
     from kubetune.errors import DataError
 
     problems = model_path_problems(cfg) + local_data_problems(cfg)
+    problems = with_working_folder_hints(source, cfg, problems)
     if problems:
         raise DataError("\n".join(field_problems(source, problems, overrides)))
 

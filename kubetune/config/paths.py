@@ -119,3 +119,38 @@ def model_path_problems(cfg: Any) -> list[tuple[str, str]]:
             problems.append((name, f"{value}: no such file or folder beside the config, and "
                                    "not a Hugging Face Hub name (org/name)"))  # fmt: skip
     return problems
+
+
+def with_working_folder_hints(
+    source: str, cfg: Any, problems: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """Each (field, message) about a missing path, plus where it is when the path as written
+    exists from the working folder: invoke-training reads relative paths from there, its
+    samples say `sample_data/...` meant from its repository's root, and kubetune reads them
+    beside the config file."""
+    if source in ("-", "<stdin>"):
+        return problems
+    folder, cwd = Path(source).resolve().parent, Path.cwd()
+    out = []
+    for field, message in problems:
+        value: Any = cfg
+        for part in field.split("."):
+            value = getattr(value, part, None)
+        meant = _from_working_folder(value, folder, cwd)
+        if meant is not None:
+            message += (
+                f"; {meant} exists: a relative path is relative to the config file's folder "
+                "(invoke-training: the working folder), so write that path"
+            )
+        out.append((field, message))
+    return out
+
+
+def _from_working_folder(value: Any, folder: Path, cwd: Path) -> Path | None:
+    if not isinstance(value, str) or _is_uri(value) or os.path.exists(value):
+        return None
+    try:
+        meant = cwd / Path(value).relative_to(folder)
+    except ValueError:
+        return None
+    return meant if meant.exists() and folder != cwd else None

@@ -165,3 +165,26 @@ def test_the_runner_refuses_a_missing_model_path_before_loading_torch(tmp_path: 
     assert f"{path}:3: model: models/sd15/v1: no such file or folder beside the config" in (
         out.stderr
     )
+
+
+def test_a_dataset_found_from_the_working_folder_is_named_in_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """invoke-training's samples say `dataset_dir: sample_data/bruce_the_gnome`, meant from
+    its repository's root; kubetune reads it beside the config file (its sample_configs/
+    folder) and said only `no such folder`. The folder the person meant is named now."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "invoke-training"
+    _images(repo / "sample_data" / "gnome", ["a.png"])
+    _config(repo / "configs", {"type": "IMAGE_CAPTION_DIR_DATASET",
+                               "dataset_dir": "sample_data/gnome"})  # fmt: skip
+    monkeypatch.chdir(repo)
+    code, _, err = _validate("configs/run.yaml")
+    meant = repo / "sample_data" / "gnome"
+    assert code == 2 and f"{repo / 'configs' / 'sample_data' / 'gnome'}: no such folder" in err
+    assert f"{meant} exists" in err and "relative to the config file's folder" in err
+    runner = subprocess.run([sys.executable, "-m", "runner", "configs/run.yaml"], cwd=repo,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert runner.returncode == 2 and f"{meant} exists" in runner.stderr
