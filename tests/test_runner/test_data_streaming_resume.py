@@ -1,0 +1,153 @@
+"""The streaming bucket order across a preemption with a change of processes (``torchrun``,
+gloo, CPU, ``builtin:tiny-sd``, 11 images of mixed sizes, global batch 2, 12 steps: two
+epochs and a half): a run on 2 processes stopped by SIGTERM mid-epoch and resumed on 1 (and
+the reverse) takes, step for step, the global batches of an uninterrupted run; so does one
+whose header checks run beside training (`DEFERRED_CHECKS_MIN_EXAMPLES` lowered in every
+process by a ``sitecustomize``), where the batches are formed as the sizes stream in.
+
+The ``sitecustomize`` holds the test's one fake, which only observes: every batch a rank's
+loader hands to training is appended (rank, example indices) to a log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from data_fixtures import write_image_dir
+from dp_support import TORCHRUN, env, free_port
+from train_support import config_file, make_config
+
+from kubetune.errors import EXIT_PREEMPTED
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+BOUND_S = 240
+STEPS = 12
+SIZES = [(64, 64), (96, 48), (48, 96), (64, 64), (128, 64), (96, 48), (64, 64), (48, 96),
+         (64, 128), (64, 64), (96, 48)]  # fmt: skip
+BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
+SITE = """
+import json, os
+import kubetune.dataset.preflight as checks
+
+checks.DEFERRED_CHECKS_MIN_EXAMPLES = int(os.environ["DEFERRED_MIN"])
+
+import runner.data.loader as loader
+
+_iter = loader.ResumableLoader.__iter__
+
+def _observed(self):
+    for batch in _iter(self):
+        with open(os.environ["OBSERVED_LOG"], "a") as log:
+            log.write(json.dumps([os.environ.get("RANK", "0"), batch["index"]]) + "\\n")
+        yield batch
+
+loader.ResumableLoader.__iter__ = _observed
+"""
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache holding ``builtin:tiny-sd``, built once here (not by two ranks at once)."""
+    from runner.models.loading import builtin_model
+
+    cache = tmp_path_factory.mktemp("models")
+    builtin_model("tiny-sd", cache)
+    return cache
+
+
+def _config(tmp_path: Path, name: str, per_process: int) -> Path:
+    data = tmp_path / "data"
+    if not data.exists():
+        write_image_dir(data, SIZES)
+    loader = {
+        "type": "IMAGE_CAPTION_SD_DATA_LOADER",
+        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data)},
+        "resolution": 64,
+        "aspect_ratio_buckets": BUCKETS | {"order": "streaming"},
+    }
+    cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, tmp_path / name,
+                      data_loader=loader, train_batch_size=per_process, max_train_steps=STEPS,
+                      save_every_n_steps=100)  # fmt: skip
+    return config_file(cfg, tmp_path / f"{name}-{per_process}.yaml")
+
+
+def _start(config: Path, procs: int, site: Path, log: Path, cache: Path, deferred: bool) -> Any:
+    cmd = [sys.executable, "-m", "runner", str(config)]
+    if procs > 1:
+        cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={procs}",
+               f"--master_port={free_port()}", "-m", "runner", str(config)]  # fmt: skip
+    extra = {"OBSERVED_LOG": str(log), "DEFERRED_MIN": "2" if deferred else "10000",
+             "KUBETUNE_MODEL_CACHE": str(cache)}  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env(site, **extra), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait(proc: Any) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the run did not end within {BOUND_S} s (a process hangs)")
+    return proc.returncode, err
+
+
+def _global_batches(log: Path, procs: int) -> list[list[int]]:
+    """The k-th batch of every rank together: the run's k-th global batch (as far as every
+    rank got: a preempted rank may have taken one batch more than another)."""
+    per_rank: dict[str, list[list[int]]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        rank, indices = json.loads(line)
+        per_rank.setdefault(rank, []).append(indices)
+    assert len(per_rank) in (0, procs), per_rank.keys()
+    steps = zip(*per_rank.values(), strict=False)
+    return [sorted({i for part in step for i in part}) for step in steps]
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "deferred"),
+    [(2, 1, True), (1, 2, True), (2, 1, False)],
+    ids=["2-then-1-streamed", "1-then-2-streamed", "2-then-1-checked-first"],
+)
+def test_a_preempted_streaming_run_resumes_with_the_batches_of_an_uninterrupted_one(
+    tmp_path: Path, model_cache: Path, first: int, then: int, deferred: bool
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE)
+    ref_log, cut_log, rest_log = (tmp_path / f"{n}.log" for n in ("ref", "cut", "rest"))
+    ref = _start(_config(tmp_path, "ref", 2), 1, site, ref_log, model_cache, deferred)
+    rc, err = _wait(ref)
+    assert rc == 0, err[-3000:]
+    expected = _global_batches(ref_log, 1)
+    assert len(expected) == STEPS
+
+    cut = _start(_config(tmp_path, "run", 2 // first), first, site, cut_log, model_cache,
+                 deferred)  # fmt: skip
+    deadline = time.monotonic() + BOUND_S
+    while len(_global_batches(cut_log, first)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGTERM)  # torchrun's agent passes it on to its workers
+    rc, err = _wait(cut)
+    before = _global_batches(cut_log, first)
+    assert rc != 0 and len(before) < STEPS, err[-3000:]  # preempted mid-run
+    assert first > 1 or rc == EXIT_PREEMPTED, err[-3000:]
+
+    rest = _start(_config(tmp_path, "run", 2 // then), then, site, rest_log, model_cache,
+                  deferred)  # fmt: skip
+    rc, err = _wait(rest)
+    assert rc == 0, err[-3000:]
+    marker = err.split("resumed from checkpoint step-")[1][:6]
+    done = int(marker)
+    assert 0 < done <= len(before) < STEPS, err[-3000:]
+    after = _global_batches(rest_log, then)
+    assert before[:done] + after == expected, (done, before, after, expected)
