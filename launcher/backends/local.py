@@ -87,8 +87,7 @@ class LocalBackend(Backend):
             warnings=_local_warnings(cfg),
         )
         run_dir = self._dir(run)
-        if not (run_dir / "run.json").is_file():
-            self._make_dir(run_dir)
+        if not (run_dir / "run.json").is_file() and self._claim(run_dir):
             self._start(cfg, run_dir, attempt=1)
             return result
         try:
@@ -155,6 +154,26 @@ class LocalBackend(Backend):
         else:
             note = f"already running (same config){where}"
         return replace_fields(result, created=False, note=note)
+
+    def _claim(self, run_dir: Path, wait: float = 10.0) -> bool:
+        """Make the run's folder: True if this submit starts the run. False when another
+        submit of it made the folder first and has written its run.json (within `wait` s);
+        a folder that stays without one (a submit killed in between) is taken over."""
+        try:
+            run_dir.mkdir(parents=True)
+            return True
+        except FileExistsError:
+            pass
+        except OSError:
+            self._make_dir(run_dir)  # the one-line error
+        if time.time() - run_dir.stat().st_mtime > wait:  # left over, not being made now
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if (run_dir / "run.json").is_file():
+                return False
+            time.sleep(0.05)
+        return True
 
     def _make_dir(self, run_dir: Path) -> None:
         try:

@@ -4,6 +4,7 @@ the entrypoint contract: CONFIG argument, env, progress.json, exit codes, SIGTER
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -366,3 +367,39 @@ def test_ctrl_c_on_logs_follow_says_the_run_goes_on(
         backend.cancel("my-run")
     assert proc.returncode == 130
     assert "error" not in err and "stopped following; the run my-run goes on" in err
+
+
+def test_two_submits_of_one_run_at_once_start_it_once(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `submit --local` of the same config at once: the second lost the race to create
+    the run folder and said `cannot create the local run folder ...: File exists (set
+    KUBETUNE_HOME to a writable folder)`. Now it answers as for a run that exists."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("STAND_IN_SLEEP", "30")
+    cfg = _cfg(tmp_path)
+    try:
+        for _ in range(3):  # the race is narrow: try it a few times
+            with ThreadPoolExecutor(2) as pool:
+                results = list(pool.map(lambda _: backend.submit(cfg), range(2)))
+            assert sorted(r.created for r in results) == [False, True]
+            backend.cancel("my-run", wait=True, timeout=20)
+            shutil.rmtree(tmp_path / "home" / "runs" / "my-run")
+    finally:
+        if (tmp_path / "home" / "runs" / "my-run" / "run.json").exists():
+            backend.cancel("my-run", wait=True, timeout=20)
+
+
+def test_a_run_folder_left_without_its_record_is_taken_over(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """A run folder without run.json (a submit killed between the two) blocked the run's
+    name for good with `File exists`."""
+    import os
+
+    left = tmp_path / "home" / "runs" / "my-run"
+    left.mkdir(parents=True)
+    os.utime(left, (time.time() - 60, time.time() - 60))  # from an earlier submit
+    assert backend.submit(_cfg(tmp_path)).created
+    assert _wait_done(backend, "my-run").phase == "Succeeded"
