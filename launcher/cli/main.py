@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from kubetune.errors import EXIT_USER_ERROR, KubetuneError
+from kubetune.errors import EXIT_FAILURE, EXIT_USER_ERROR, KubetuneError
 from launcher import __version__
 from launcher.cli.run_commands import OUTPUT as FORMAT
 from launcher.cli.run_commands import out_option
@@ -61,8 +62,9 @@ def emit_json_error(message: str, code: int) -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Map kubetune errors to one-line messages and their exit codes (2 = user error); with
-    `--format json` also a JSON error document on stdout."""
+    """Map kubetune errors to one-line messages and their exit codes (2 = user error), and a
+    file that cannot be read or written to `PATH: why` (exit 1); with `--format json` also
+    a JSON error document on stdout."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -74,6 +76,16 @@ def handle_errors(fn: F) -> F:
             fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except OSError as err:  # a file this machine will not read or write (an -o path)
+            if err.filename is None:
+                raise
+            why = err.strerror or str(err)
+            if isinstance(err, FileExistsError) and os.path.isfile(err.filename):
+                why = "a file, where a folder is needed"  # mkdir(parents=True) through it
+            message = f"{err.filename}: {why}"
+            if kwargs.get("output") == "json":
+                emit_json_error(message, EXIT_FAILURE)
+            fail(message, EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]
 

@@ -145,3 +145,23 @@ def test_report_of_a_local_run_writes_the_copy_o_names(tmp_path: Path) -> None:
     page = copy.read_text()
     assert f'href="{(run / "validation/step-000007/grid.png").as_uri()}"' in page
     assert (run / "report.html").read_text().endswith(link)  # the run's own page is unchanged
+
+
+def test_an_o_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """`-o` under a file (or in a folder that cannot be made) printed a Python traceback
+    ending in FileNotFoundError / NotADirectoryError from init, schema, report and pull."""
+    run = make_run(tmp_path / "run")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [
+        ["init", "--type", "SD_LORA", "-o", str(blocker / "lora.yaml")],
+        ["schema", "-o", str(blocker / "schema.json")],
+        ["report", str(run), "-o", str(blocker / "report.html")],
+        ["pull", str(run), "-o", str(blocker / "weights")],
+    ]
+    for args in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, (args, result.output, result.exception)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {blocker}"), (args, lines)
+        assert "Not a directory" in lines[0] or "a file, where a folder is needed" in lines[0]
