@@ -17,8 +17,10 @@ class StreamPlan:
     """One epoch's global batches, formed as far as asked: the examples are taken in
     `scan_order`; a bucket yields a batch each time it holds ``size`` examples; when the
     scan ends, the buckets' partial batches follow in bucket order. Each batch needs only
-    the sizes of the examples scanned up to it (`SizeFeed.get` waits for one). Thread-safe:
-    the loader's prefetch and the training loop both read it."""
+    the sizes of the examples scanned up to it (`SizeFeed.get` waits for one), and whether
+    a next batch exists needs none (`has`). Thread-safe: the loader's prefetch and the
+    training loop both read it; a size is waited for without the lock, so a batch formed
+    already is read while another thread waits for a later one's sizes."""
 
     def __init__(self, order: Sequence[int], bucket_of: Any, size: int) -> None:
         self._order, self._bucket_of, self._size = order, bucket_of, size
@@ -29,21 +31,25 @@ class StreamPlan:
         self._lock = threading.Lock()
 
     def has(self, position: int) -> bool:
-        """Whether there is a batch ``position`` (scanning on until there is or the end)."""
+        """Whether there is a batch ``position``. The one after those formed exists if any
+        example is not in a batch yet (scanned or not: it ends in a later one), so asking
+        for it waits for no size; a later one scans on until it is formed or the end."""
         with self._lock:
-            self._reach(position)
-            return position < len(self._batches)
+            if position < len(self._batches):
+                return True
+            if position == len(self._batches) and not self._ended:
+                return self._scanned < len(self._order) or any(self._open.values())
+        self._reach(position)
+        return position < len(self._batches)
 
     def __getitem__(self, position: int) -> list[int]:
-        with self._lock:
-            self._reach(position)
-            return self._batches[position]
+        self._reach(position)
+        return self._batches[position]
 
     def __len__(self) -> int:
         """Batches in the epoch (scans the whole epoch: every size)."""
-        with self._lock:
-            self._reach(len(self._order))
-            return len(self._batches)
+        self._reach(len(self._order))
+        return len(self._batches)
 
     def __iter__(self) -> Any:
         position = 0
@@ -52,17 +58,30 @@ class StreamPlan:
             position += 1
 
     def _reach(self, position: int) -> None:
-        while len(self._batches) <= position and not self._ended:
-            if self._scanned == len(self._order):
-                self._batches.extend(self._open.pop(b) for b in sorted(self._open))
-                self._ended = True
-                break
-            example = self._order[self._scanned]
-            self._scanned += 1
-            members = self._open.setdefault(self._bucket_of(example), [])
-            members.append(example)
-            if len(members) == self._size:
-                self._batches.append(self._open.pop(self._bucket_of(example)))
+        """Scan until batch ``position`` is formed or the scan ends. The next example's
+        bucket is looked up (waiting for its size) without the lock; whichever thread
+        comes back first with it takes the example into the plan."""
+        while True:
+            with self._lock:
+                if len(self._batches) > position or self._ended:
+                    return
+                scanned = self._scanned
+                if scanned == len(self._order):
+                    self._batches.extend(self._open.pop(b) for b in sorted(self._open))
+                    self._ended = True
+                    return
+            example = self._order[scanned]
+            bucket = self._bucket_of(example)
+            with self._lock:
+                if self._scanned == scanned:  # not taken by another thread meanwhile
+                    self._take(example, bucket)
+
+    def _take(self, example: int, bucket: int) -> None:
+        self._scanned += 1
+        members = self._open.setdefault(bucket, [])
+        members.append(example)
+        if len(members) == self._size:
+            self._batches.append(self._open.pop(bucket))
 
 
 class StreamTargets:

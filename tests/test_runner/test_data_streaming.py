@@ -162,7 +162,8 @@ data_loader:
 
 def test_the_loaders_first_batch_needs_only_the_sizes_scanned_up_to_it(tmp_path: Path) -> None:
     """The whole loader (dataset, sampler, prefetch), built on a listed report whose feed
-    has only the sizes of the first examples of the scan: its first batch comes."""
+    has only the sizes of the scan up to the first batch: that batch comes (the prefetch
+    waits for the next batches' sizes without holding it back)."""
     from dataclasses import replace
 
     from data_fixtures import lora_config, write_image_dir
@@ -176,10 +177,64 @@ def test_the_loaders_first_batch_needs_only_the_sizes_scanned_up_to_it(tmp_path:
     dataset = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")}
     cfg = lora_config(dataset, aspect_ratio_buckets=streaming)
     checked = preflight(cfg)
-    feed = StrictFeed(n)
-    feed.put((i, *checked.sizes_hw[i]) for i in scan_order(n, seed, 0)[:30])
+    feed = SizeFeed(n)
+    _first_batch_sizes(feed, checked.sizes_hw, seed, batch=2)
     listed = replace(checked, sizes_hw=[], index=None, feed=feed)
     loader = build_train_dataloader(cfg, seed=seed, batch_size=2, device_is_cuda=False, data=listed)
     assert loader.estimated_len() == n // 2 and loader.bucket_counts() == {}
-    batch = next(iter(loader))
-    assert len(batch["id"]) == 2 and batch["pixel_values"].shape[0] == 2
+    batches = iter(loader)
+    got: list[dict] = []
+    taker = threading.Thread(target=lambda: got.append(next(batches)), daemon=True)
+    taker.start()
+    taker.join(10)
+    came = list(got)
+    feed.fill(checked.sizes_hw)  # the rest arrive: the prefetch ends
+    taker.join(10)
+    batches.close()
+    assert came and len(came[0]["id"]) == 2 and came[0]["pixel_values"].shape[0] == 2
+
+
+def _first_batch_sizes(feed: SizeFeed, sizes: list[tuple[int, int]], seed: int, batch: int) -> int:
+    """Give ``feed`` the sizes of the scan up to the first full batch alone; how many."""
+    held: Counter[int] = Counter()
+    for k, i in enumerate(scan_order(len(sizes), seed, 0), start=1):
+        feed.put([(i, *sizes[i])])
+        held[closest_bucket(sizes[i], BUCKETS)] += 1
+        if held.most_common(1)[0][1] == batch:
+            return k
+    raise AssertionError("no full batch")
+
+
+def test_a_batch_is_taken_with_only_its_own_sizes() -> None:
+    """Consuming the first batch (`advance`: is there another?) asks for no later size: the
+    examples not scanned yet make one more batch, whatever their sizes."""
+    sizes = _sizes(200)
+    feed = StrictFeed(200)
+    _first_batch_sizes(feed, sizes, seed=5, batch=3)
+    sampler = _sampler(feed, batch=3, seed=5)
+    assert len(next(sampler.remaining())) == 3
+    sampler.advance()
+    assert (sampler.epoch, sampler.position) == (0, 1)
+
+
+def test_a_formed_batch_is_read_while_another_thread_waits_for_sizes() -> None:
+    """The loader's prefetch waiting for a later batch's sizes does not hold back the
+    training loop's look at the batch it already has."""
+    from runner.data.streaming import StreamPlan
+
+    sizes = _sizes(200)
+    feed = SizeFeed(200)
+    _first_batch_sizes(feed, sizes, seed=5, batch=3)
+    targets = StreamTargets(feed, BUCKETS)
+    plan = StreamPlan(scan_order(200, 5, 0), targets.bucket, 3)
+    first = plan[0]
+    waiting = threading.Thread(target=plan.has, args=(5,), daemon=True)
+    waiting.start()
+    got: list[list[int]] = []
+    reader = threading.Thread(target=lambda: got.append(plan[0]), daemon=True)
+    reader.start()
+    reader.join(2)
+    came = list(got)
+    feed.fill(sizes)  # let the waiting thread end
+    waiting.join(10)
+    assert came == [first]
