@@ -153,6 +153,10 @@ class LocalBackend(Backend):
             note = f"already finished (same config){where}; --replace starts it over"
         else:
             note = f"already running (same config){where}"
+            if replace:  # --replace never stops a running run of the same config
+                note += (
+                    f"; --replace leaves a running run alone: `launcher cancel {status.run}` first"
+                )
         return replace_fields(result, created=False, note=note)
 
     def _claim(self, run_dir: Path, wait: float = 10.0) -> bool:

@@ -403,3 +403,18 @@ def test_a_run_folder_left_without_its_record_is_taken_over(
     os.utime(left, (time.time() - 60, time.time() - 60))  # from an earlier submit
     assert backend.submit(_cfg(tmp_path)).created
     assert _wait_done(backend, "my-run").phase == "Succeeded"
+
+
+def test_replace_of_a_running_run_says_why_nothing_happened(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`submit --local --replace` of a run that is still running (same config) answered only
+    `already running (same config)`: the --replace asked for was silently not done."""
+    monkeypatch.setenv("STAND_IN_SLEEP", "30")
+    backend.submit(_cfg(tmp_path))
+    try:
+        again = backend.submit(_cfg(tmp_path), replace=True)
+        assert not again.created and again.note is not None
+        assert "already running" in again.note and "launcher cancel my-run" in again.note
+    finally:
+        backend.cancel("my-run", wait=True, timeout=20)
