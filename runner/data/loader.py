@@ -12,7 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -50,6 +50,7 @@ from runner.data.transforms import (
 Batch = dict[str, Any]
 Key = tuple[int, int] | tuple[int, int, tuple[int, int]]
 """An example as the dataset gets it: (index, epoch), or with its bucket's (h, w)."""
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 16
 """Examples tried in place of a batch whose examples are all unreadable."""
@@ -268,12 +269,13 @@ class ResumableLoader:
         """The dataset's header checks when they run beside training (`PreflightReport.pending`)."""
         self.on_checked: Callable[[PreflightReport], None] | None = None
         """Called once with the checked report (e.g. to store the dataset index)."""
-        self.together: Callable[[Callable[[], None]], None] | None = None
-        """Several processes (`Ranks.from_rank_0`): the checks are global rank 0's (the other
-        ranks' `checks` never end) and every rank settles them at the same step (`settle`)."""
+        self.together: Together | None = None
+        """Several processes (`runner.training.distributed.Ranks`): the checks are global
+        rank 0's (the other ranks' `checks` never end), the skipped examples count over every
+        rank, and every rank settles both at the same step (`settle`)."""
         self.verdict_due = False
-        """Several processes: this rank wants the checks settled (rank 0's ended, or this rank
-        met an unreadable example while they ran); the loop's per-step vote carries it."""
+        """Several processes: this rank wants `settle` (rank 0's checks ended, or this rank
+        met an unreadable example); the loop's per-step vote carries it."""
         self._loader = DataLoader(
             dataset,
             batch_sampler=_Plan(sampler),
@@ -315,7 +317,9 @@ class ResumableLoader:
         self.bad.update(dict.fromkeys(messages))
         if self.on_bad is not None:
             self.on_bad(list(self.bad))
-        if self.checks is None:  # several processes: once the checks are settled
+        if self.together is not None:  # several processes: counted over every rank, together
+            self.verdict_due = True
+        else:
             self._check_bad_limit()
 
     def _check_bad_limit(self) -> None:
@@ -362,12 +366,18 @@ class ResumableLoader:
 
     def settle(self) -> None:
         """Several processes, every rank at the same step: global rank 0 waits for its header
-        checks; their DataError is raised on every rank (exit 2 everywhere, not a lost peer),
-        else rank 0 hands the report to ``on_checked``; then the skipped examples count."""
-        if self.checks is None or self.together is None:
+        checks (while they run); their DataError is raised on every rank (exit 2 everywhere,
+        not a lost peer), else rank 0 hands the report to ``on_checked``. Then every rank's
+        skipped examples count against ``max_bad``: the same error on every rank past it."""
+        if self.together is None:
             return
         checks, self.checks, self.verdict_due = self.checks, None, False
-        self.together(lambda: self._resolve(checks))
+        if checks is not None:  # on every rank alike: only `settle` ends them
+            self.together.from_rank_0(lambda: self._resolve(checks))
+        mine = list(self.bad)
+        self.bad = dict.fromkeys(m for bad in self.together.gather(mine) for m in bad)
+        if list(self.bad) != mine and self.on_bad is not None:  # the same list on every rank
+            self.on_bad(list(self.bad))
         self._check_bad_limit()
 
     def end_checks(self) -> None:
@@ -394,6 +404,14 @@ class ResumableLoader:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+
+
+class Together(Protocol):
+    """What the loader needs of a multi-process run's ranks (`Ranks`)."""
+
+    def from_rank_0(self, work: Callable[[], T]) -> T: ...
+
+    def gather(self, value: T) -> list[T]: ...
 
 
 def place(batch: Batch, slots: Slots) -> None:

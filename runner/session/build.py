@@ -352,8 +352,8 @@ def _assemble(
     validator = Validator(settings.validation, pipeline, out, device,
                           on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
     ranks = Ranks(PartialState())
-    if ranks.several:  # header checks beside training: rank 0's, settled by every rank
-        loader.together = ranks.from_rank_0
+    if ranks.several:  # header checks, skipped examples: settled by every rank together
+        loader.together = ranks
     checkpointer.verify = ranks.check_same
     ranks.check_same(pipeline.trainable_parameters(), "after setup")
     runner.replica = data_parallel(pipeline, device)  # the engine's bucketed gradient sync

@@ -93,6 +93,15 @@ class Ranks:
         self.agree(("ok", value))
         return value
 
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value`` (picklable), in rank order, on every rank (collective)."""
+        if not self.several:
+            return [value]
+        values: list[Any] = [None] * self.count
+        with lost_peers("gathering what each rank saw"):
+            dist.all_gather_object(values, value)
+        return values
+
     def stop_vote(self) -> StopVote:
         """A per-step vote on stopping that never waits on the device (collective: every
         rank calls it at the same point)."""

@@ -118,16 +118,20 @@ def test_the_loader_raises_the_checks_error_or_hands_on_the_report(tmp_path: Pat
 def test_with_several_ranks_the_loader_leaves_the_verdict_to_settle(tmp_path: Path) -> None:
     """Several processes (`together` set): ended checks, or a bad example met, only mark the
     verdict due (no rank raises alone); `settle` raises the checks' error. Here `together`
-    runs the work in this process (`Ranks.from_rank_0` with one rank; the 2-process run is
+    is a one-process `Ranks` (the 2-process runs are
     tests/test_runner/test_data_deferred_ranks.py)."""
+    from types import SimpleNamespace
+
     from runner.data import build_train_dataloader
+    from runner.training.distributed import Ranks
 
     cfg = _cfg(tmp_path, bad=True)
     listed = start_preflight(cfg, process=False).result(timeout=60)
     assert listed.pending is not None
     listed.pending.exception(timeout=60)  # the checks are over
     loader = build_train_dataloader(cfg, seed=0, batch_size=2, device_is_cuda=False, data=listed)
-    loader.together = lambda work: work()
+    loader.together = Ranks(SimpleNamespace(process_index=0, num_processes=1,  # type: ignore[arg-type]
+                                             is_main_process=True, device="cpu"))  # fmt: skip
     for _ in zip(range(3), iter(loader), strict=False):  # every image drawn: none raises
         pass
     assert loader.verdict_due and loader.bad

@@ -86,12 +86,15 @@ def _launch(
     steps: int,
     deferred: bool = True,
     loader: dict | None = None,
+    truncated: str | None = None,
 ) -> dict:
-    """Run 2 ranks on ``n`` images (``bad`` with a bad header); what each rank printed, the
-    exit codes torchrun reports, what the fake observed and the outputs."""
+    """Run 2 ranks on ``n`` images (``bad`` with a bad header, ``truncated`` cut short): what
+    each rank printed, the exit codes torchrun reports, what the fake observed, the outputs."""
     data = write_dataset(tmp_path / "data", n=n)
     if bad:
         (data / bad).write_bytes(b"not an image at all")
+    if truncated:  # its header reads well; decoding it fails
+        (data / truncated).write_bytes((data / truncated).read_bytes()[:120])
     out = tmp_path / "out"
     fields = {"train_batch_size": 1, "max_train_steps": steps, "save_every_n_steps": 2}
     cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, **fields)
@@ -137,6 +140,19 @@ def test_a_bad_header_checked_before_training_ends_every_rank_with_the_data_erro
     assert not run["out"].exists() or not any(run["out"].iterdir()), run["observed"]
 
 
+def test_an_undecodable_image_ends_every_rank_with_the_same_error(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """An image whose header passes the preflight but does not decode, past
+    ``max_bad_image_share`` (0: the first one): the rank whose loader meets it (rank 1, with
+    seed 7) does not stop alone; every rank counts every rank's skipped examples at the same
+    step and prints the same one-line error (exit 2)."""
+    run = _launch(tmp_path, model_cache, n=4, bad=None, delay=0.0, steps=400, deferred=False,
+                  truncated="img-2.png")  # fmt: skip
+    _assert_data_error_everywhere(run, "max_bad_image_share: 1 of 4 examples")
+    assert not (run["out"] / LEASE_KEY).exists()
+
+
 @pytest.mark.parametrize(
     ("n", "bad", "delay", "met"),
     [(40, "img-2.png", 0.0, False), (4, "img-2.png", 20.0, True)],
@@ -167,7 +183,7 @@ def test_a_bad_header_ends_every_rank_with_the_data_error(
     assert writers == {"0"}, run["observed"]
 
 
-def _assert_data_error_everywhere(run: dict) -> None:
+def _assert_data_error_everywhere(run: dict, reason: str = "img-2.png") -> None:
     """Every rank printed the same one-line data error (no lost peer, no traceback), the
     first failure torchrun saw is exit 2, and only global rank 0 ran the header checks."""
     assert set(run["ranks"]) == {0, 1}, run["agent"][-3000:]
@@ -175,7 +191,7 @@ def _assert_data_error_everywhere(run: dict) -> None:
     reasons = {rank: _error_lines(text) for rank, text in run["ranks"].items()}
     for rank, text in run["ranks"].items():
         assert "lost contact" not in text and "Traceback" not in text, (rank, everything)
-        assert len(reasons[rank]) == 1 and "img-2.png" in reasons[rank][0], everything
+        assert len(reasons[rank]) == 1 and reason in reasons[rank][0], everything
     assert reasons[0] == reasons[1], reasons
     root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", run["agent"], re.S)
     assert root is not None and root.group(1) == "2", everything
