@@ -9,6 +9,7 @@ import math
 import queue
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -56,6 +57,10 @@ MAX_SUBSTITUTES = 16
 """Examples tried in place of a batch whose examples are all unreadable."""
 PREFETCH_BATCHES = 2
 """Batches prepared ahead of the consumer (in-process loading); memory is O(this)."""
+PREFETCH_STOP_WAIT_S = 1.0
+"""How long closing the loader waits for its prefetch thread to stop. One still busy then
+(waiting for a streamed image size that has not arrived) is left to end on its own: it
+is a daemon and stops at its next batch."""
 
 
 class TrainDataset(Dataset[Batch]):
@@ -477,9 +482,13 @@ def _ahead(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield value
     finally:
         stop.set()
+        deadline = time.monotonic() + PREFETCH_STOP_WAIT_S
         while thread.is_alive() and thread is not threading.current_thread():
             with contextlib.suppress(queue.Empty):
                 items.get_nowait()
+            if time.monotonic() > deadline:
+                log.debug("the prefetch thread is still busy; it stops at its next batch")
+                break
             thread.join(timeout=0.05)
 
 

@@ -160,17 +160,22 @@ data_loader:
     assert "keep_in_memory" in str(err.value)
 
 
-def test_the_loaders_first_batch_needs_only_the_sizes_scanned_up_to_it(tmp_path: Path) -> None:
+def test_the_loaders_first_batch_needs_only_the_sizes_scanned_up_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The whole loader (dataset, sampler, prefetch), built on a listed report whose feed
     has only the sizes of the scan up to the first batch: that batch comes (the prefetch
-    waits for the next batches' sizes without holding it back)."""
+    waits for the next batches' sizes without holding it back), and closing the loader
+    (a preempted run's exit) does not wait for sizes still to come."""
     from dataclasses import replace
 
     from data_fixtures import lora_config, write_image_dir
 
+    import runner.data.loader
     from kubetune.dataset.preflight import preflight
     from runner.data import build_train_dataloader
 
+    monkeypatch.setattr(runner.data.loader, "PREFETCH_STOP_WAIT_S", 0.2)
     n, seed = 40, 5
     write_image_dir(tmp_path / "d", _sizes(n, seed=3))
     streaming = {**BUCKET_CFG.model_dump(), "order": "streaming"}
@@ -187,11 +192,14 @@ def test_the_loaders_first_batch_needs_only_the_sizes_scanned_up_to_it(tmp_path:
     taker = threading.Thread(target=lambda: got.append(next(batches)), daemon=True)
     taker.start()
     taker.join(10)
-    came = list(got)
+    assert got and len(got[0]["id"]) == 2 and got[0]["pixel_values"].shape[0] == 2
+    closer = threading.Thread(target=batches.close, daemon=True)  # as a SIGTERM's exit does
+    closer.start()
+    closer.join(5)
+    closed = not closer.is_alive()
     feed.fill(checked.sizes_hw)  # the rest arrive: the prefetch ends
-    taker.join(10)
-    batches.close()
-    assert came and len(came[0]["id"]) == 2 and came[0]["pixel_values"].shape[0] == 2
+    closer.join(10)
+    assert closed, "closing the loader waited for sizes that had not arrived"
 
 
 def _first_batch_sizes(feed: SizeFeed, sizes: list[tuple[int, int]], seed: int, batch: int) -> int:
