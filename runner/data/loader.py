@@ -151,11 +151,6 @@ class TrainDataset(Dataset[Batch]):
             return key  # type: ignore[return-value]
         return key[0], key[1], self.target_hw[key[0]]
 
-    def _known_target(self, index: int) -> tuple[int, int] | None:
-        """An example's bucket size if known without waiting (streaming: if read yet)."""
-        known = getattr(self.target_hw, "known", None)
-        return known(index) if known is not None else self.target_hw[index]
-
     def try_load(self, key: Key) -> Batch | DataError:
         """`load`, or the DataError of an undecodable / missing example (logged)."""
         try:
@@ -182,12 +177,16 @@ class TrainDataset(Dataset[Batch]):
         return items
 
     def _substitute(self, key: Key, bad: list[str]) -> Batch:
-        """The next good example of the same bucket (bounded search)."""
+        """The next good example of the same bucket (bounded search). In the streaming
+        order the next good example whatever its bucket, cropped to this one: which sizes
+        have arrived (in a loader worker: those known when it started) must not change
+        which example it is, or a resumed run, another rank or a worker would differ."""
         index, epoch, target = self._key(key)
         n = len(self.target_hw)
         later = (j % n for j in range(index + 1, index + n))
-        same = (j for j in later if self._known_target(j) == target)
-        for j in itertools.islice(same, MAX_SUBSTITUTES):
+        if not isinstance(self.target_hw, StreamTargets):
+            later = (j for j in later if self.target_hw[j] == target)
+        for j in itertools.islice(later, MAX_SUBSTITUTES):
             item = self.try_load((j, epoch, target))
             if not isinstance(item, DataError):
                 return item

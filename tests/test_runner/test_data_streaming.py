@@ -246,3 +246,39 @@ def test_a_formed_batch_is_read_while_another_thread_waits_for_sizes() -> None:
     feed.fill(sizes)  # let the waiting thread end
     waiting.join(10)
     assert came == [first]
+
+
+def test_an_undecodable_example_is_replaced_alike_whatever_sizes_have_arrived(
+    tmp_path: Path,
+) -> None:
+    """An image whose header reads but whose data does not decode, alone in its batch: the
+    example taken in its place is the same whether the other sizes have arrived or not
+    (a loader worker holds the sizes known when it started), so a resumed run or another
+    rank takes the same batch. It is cropped to the bad example's bucket."""
+    from dataclasses import replace
+
+    from data_fixtures import lora_config, write_image_dir
+
+    from kubetune.dataset.preflight import preflight
+    from runner.data import build_train_dataloader
+
+    n = 12
+    write_image_dir(tmp_path / "d", _sizes(n, seed=3))
+    bad = tmp_path / "d" / "img-004.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the header (IHDR) is whole, the pixels are not
+    streaming = {**BUCKET_CFG.model_dump(), "order": "streaming"}
+    dataset = {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(tmp_path / "d")}
+    cfg = lora_config(dataset, aspect_ratio_buckets=streaming, max_bad_image_share=0.5)
+    checked = preflight(cfg)
+    target = BUCKETS[closest_bucket(checked.sizes_hw[4], BUCKETS)]
+    taken = []
+    for known in ([4], range(n)):
+        feed = SizeFeed(n)
+        feed.put((i, *checked.sizes_hw[i]) for i in known)
+        listed = replace(checked, sizes_hw=[], index=None, feed=feed)
+        loader = build_train_dataloader(cfg, seed=5, batch_size=1, device_is_cuda=False,
+                                        data=listed)  # fmt: skip
+        [item] = loader.dataset.__getitems__([(4, 0, target)])
+        assert "img-004.png" in item["skipped"][0] and item["pixel_values"].shape[1:] == target
+        taken.append(item["id"])
+    assert taken[0] == taken[1]
