@@ -119,6 +119,7 @@ class FakeKube(WorkloadControllers, PodControls):
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.namespaces: set[str] = set()
         self.requests: list[tuple[str, str]] = []
+        self.deletions: list[tuple[str, str, str | None]] = []  # (plural, name, propagation)
         self._rv = itertools.count(1)
         self._stopping = False
         self.refuse_pods: str | None = None  # e.g. a ResourceQuota message: no pod, an event
@@ -243,6 +244,7 @@ class FakeKube(WorkloadControllers, PodControls):
     def delete(self, plural: str, ns: str, name: str, policy: str | None = None) -> None:
         with self.cond:
             obj = self.get(plural, ns, name)
+            self.deletions.append((plural, name, policy))
             del self.objects[(plural, ns, name)]
             self._record(plural, "DELETED", obj)
             if policy == "Orphan":

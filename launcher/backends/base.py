@@ -104,8 +104,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, cfg: PipelineConfig, *, replace: bool = False) -> SubmitResult:
-        """Start the run; an identical config returns the existing run (created=False);
-        another config under the same run name raises UserError unless `replace`."""
+        """Start the run; an identical config returns the existing run (created=False), or
+        resumes it from its newest checkpoint when it stopped before its end (RESUMABLE_PHASES:
+        a new attempt, `resumed_after` set); another config under the same run name raises
+        UserError unless `replace`."""
 
     @abc.abstractmethod
     def status(self, run: str) -> RunStatus:

@@ -90,8 +90,9 @@ class KubernetesBackend(Backend):
         if _ref(job) in deleting:  # a cancel still in progress: wait, then create it anew
             self._wait_gone([_ref(job)], DELETION_WAIT, ns)
         existing = [j for j in jobs if not j["metadata"].get("deletionTimestamp")]
-        if any(_ref(j) == _ref(job) for j in existing):
-            return _replace_field(result, created=False)
+        same = next((j for j in existing if _ref(j) == _ref(job)), None)
+        if same is not None:
+            return self._again(ns, same, result, [config_map, job, *extras])
         if existing and not replace:
             other = existing[-1]["metadata"]
             raise UserError(
@@ -105,6 +106,32 @@ class KubernetesBackend(Backend):
         if not self._create(ns, config_map, job, extras):
             return _replace_field(result, created=False)
         return result
+
+    def _again(self, ns: str, old: Obj, result: SubmitResult, manifests: list[Obj]) -> SubmitResult:
+        """The same config submitted again, as the local backend treats it: a workload that
+        ended Failed is deleted (foreground: its pods and ConfigMap go too) and created anew,
+        and its pod resumes from the newest checkpoint (the outputs stay); a live or
+        finished one is returned as it is."""
+        status = self._status(old, with_progress=False)
+        if status.phase not in ("Failed", "Succeeded"):
+            return _replace_field(result, created=False)
+        progress = self._progress(old["metadata"]["name"])[0]
+        where = f" at {progress.summary(live=False)}" if progress else ""
+        if status.phase == "Succeeded":
+            return _replace_field(
+                result, created=False, note=f"already finished (same config){where}"
+            )
+        self._delete_job(ns, old)
+        self._wait_gone([_ref(old)], DELETION_WAIT, ns)
+        config_map, job, *extras = manifests
+        if not self._create(ns, config_map, job, extras):  # a concurrent submit resumed it
+            return _replace_field(result, created=False)
+        why = f" ({status.reason})" if status.reason else ""
+        note = (
+            f"resuming (a new {old['kind']}; the last one ended Failed{why}{where}): "
+            "training continues from the newest checkpoint"
+        )
+        return _replace_field(result, resumed_after="Failed", note=note)
 
     def _warnings(self, cfg: PipelineConfig, workload: Obj) -> tuple[str, ...]:
         """pod_patch against the restricted profile and the Job fields the server's version

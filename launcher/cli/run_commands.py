@@ -185,9 +185,10 @@ def submit(
 ) -> None:
     """Validate CONFIG and start it as a Kubernetes Job (or locally with --local).
 
-    Submitting the same config again returns the existing run, or, locally, resumes it from
-    its newest checkpoint when its last attempt was preempted, failed or cancelled (as a
-    restarted pod does); another config under the same run name is an error unless --replace.
+    Submitting the same config again returns the existing run, or resumes it from its newest
+    checkpoint when it ended Failed (a failed Job is deleted and created anew; outputs stay)
+    or, locally, was preempted or cancelled (as a restarted pod does); another config under
+    the same run name is an error unless --replace.
     With --sweep, every combination becomes its own run named `<run>-<hash of its values>`
     and labelled with the sweep (re-submitting is a no-op);
     `--local` runs them one after another, a cluster queues them (job.queue_name).

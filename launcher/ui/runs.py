@@ -176,10 +176,7 @@ class Runs:
             "final": final,
             "report": REPORT_KEY in keys,
             "actions": actions(
-                status.phase,
-                local=backend_name == "local",
-                final=final_manifest_key() in final,
-                report=REPORT_KEY in keys,
+                status.phase, final=final_manifest_key() in final, report=REPORT_KEY in keys
             ),
         }
 
@@ -230,13 +227,13 @@ class Runs:
         return row_of(self.backend(backend_name).cancel(run))
 
 
-def actions(phase: str, *, local: bool, final: bool, report: bool) -> list[str]:
-    """What a run's page offers: cancel while the run may still run; resume once a local run
-    stopped before its end (its config submitted again continues from its newest checkpoint;
-    a cluster's failed Job stays until deleted, and submitting returns it); pull once final
+def actions(phase: str, *, final: bool, report: bool) -> list[str]:
+    """What a run's page offers: cancel while the run may still run; resume once it stopped
+    before its end (its config submitted again continues from its newest checkpoint: a local
+    run's next attempt, a cluster's failed Job replaced by a new one); pull once final
     weights are published; the report once written."""
     offered = [] if phase in TERMINAL_PHASES else ["cancel"]
-    offered += ["resume"] if local and phase in RESUMABLE_PHASES else []
+    offered += ["resume"] if phase in RESUMABLE_PHASES else []
     offered += ["pull"] if final else []
     return offered + (["report"] if report else [])
 

@@ -56,15 +56,10 @@ def start_training(
 
 def resume_run(runs: Runs, backend_name: str, run: str) -> dict[str, Any]:
     """A stopped run's own config submitted again (as `launcher submit` of it would be): it
-    continues from its newest checkpoint. Only a Failed, Preempted or Cancelled run."""
+    continues from its newest checkpoint (on a cluster, in a new Job that replaces the failed
+    one). Only a Failed, Preempted or Cancelled run."""
     backend = runs.backend(backend_name)
     status = backend.status(run)
-    if backend.name != "local":
-        raise UserError(
-            f"run {run} is {status.phase} on the cluster: its Job stays until deleted",
-            hint=f"`launcher cancel {run}`, then `launcher submit` of its config resumes it "
-            "from its newest checkpoint",
-        )
     if status.phase not in RESUMABLE_PHASES:
         raise UserError(
             f"run {run} is {status.phase}: only a Failed, Preempted or Cancelled run resumes",

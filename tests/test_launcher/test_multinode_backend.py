@@ -246,6 +246,33 @@ def test_resubmit_is_idempotent_and_replace_crosses_kinds(fake: FakeKube) -> Non
     assert [r.job_name for r in _backend(fake).list()] == [job_name(other)]
 
 
+@pytest.mark.parametrize(
+    ("backend", "plural"), [("job", "jobs"), ("jobset", "jobsets"), ("trainjob", "trainjobs")]
+)
+def test_resubmit_of_a_failed_workload_replaces_it(
+    fake: FakeKube, backend: str, plural: str
+) -> None:
+    """Every kind, as a one-node Job does: the same config submitted after the workload failed
+    deletes it (foreground) and creates it anew with its ConfigMap (and an Indexed Job's
+    headless Service), whose pods resume from the newest checkpoint."""
+    name, pods = _submit(fake, backend=backend, backoff_limit=0)
+    for pod in pods:
+        fake.start_pod(pod)
+    fake.finish_pod(pods[0], 2)  # config error: fails every kind at once
+    old = fake.get(plural, "default", name)
+    assert "Failed" in k8s_status.conditions(old)
+    cfg = make_config("SDXL_LORA", nodes=2, gpus=8, backend=backend, backoff_limit=0)
+    again = _backend(fake).submit(cfg)
+    assert again.created and again.resumed_after == "Failed" and again.job_name == name
+    assert (plural, name, "Foreground") in fake.deletions
+    new = fake.get(plural, "default", name)
+    assert new["metadata"]["uid"] != old["metadata"]["uid"] and not k8s_status.finished(new)
+    assert _owners(fake, "configmaps", name) == [new["kind"]]
+    if backend == "job":
+        assert _owners(fake, "services", name) == ["Job"]
+    assert not set(_wait_pods(fake, name, 2)) & set(pods)
+
+
 def test_cli_submit_of_a_two_node_config(fake: FakeKube, tmp_path: Path) -> None:
     import json
 

@@ -62,28 +62,12 @@ def test_resume_submits_a_failed_runs_own_config_again(tmp_path: Path) -> None:
     assert runs.logs("local", "broke")[-1] == "resumed"
 
 
-def test_a_cluster_run_is_not_offered_resume() -> None:
-    """A failed Job stays until deleted and submitting its config again returns it, so the
-    page does not offer a Resume that would do nothing; resume_run says what to do instead."""
+def test_a_failed_cluster_run_is_offered_resume_too() -> None:
+    """Submitting a failed Job's config again replaces it with a new Job that resumes, as a
+    local run's next attempt does: the page offers Resume for both (a cancelled cluster run
+    has no Job left to show)."""
     from launcher.ui.runs import actions
 
-    assert actions("Failed", local=False, final=False, report=True) == ["report"]
-    assert actions("Failed", local=True, final=False, report=True) == ["resume", "report"]
-    assert actions("Running", local=False, final=False, report=False) == ["cancel"]
-
-
-def test_resume_of_a_cluster_run_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backend is a stand-in that only answers `status` (no cluster runs here; the
-    refusal comes before anything else is asked of it)."""
-    from launcher.backends.base import RunStatus
-
-    class _Cluster:
-        name = "cluster"
-
-        def status(self, run: str) -> RunStatus:
-            return RunStatus(backend="cluster", run=run, job_name=run, phase="Failed")
-
-    runs = Runs(local_only=True)
-    monkeypatch.setattr(runs, "backend", lambda name: _Cluster())
-    with pytest.raises(UserError, match="`launcher cancel broke`, then `launcher submit"):
-        resume_run(runs, "cluster", "broke")
+    assert actions("Failed", final=False, report=True) == ["resume", "report"]
+    assert actions("Running", final=False, report=False) == ["cancel"]
+    assert actions("Succeeded", final=True, report=True) == ["pull", "report"]
