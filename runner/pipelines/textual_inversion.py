@@ -34,15 +34,31 @@ ENCODER_KEYS = ("clip_l", "clip_g")
 log = logging.getLogger(__name__)
 
 
+class _NewRows(nn.Module):
+    """The trainable float32 rows, in a submodule of their own (see TrainableTokenEmbedding)."""
+
+    def __init__(self, vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.vectors = nn.Parameter(vectors.detach().float().clone())
+
+
 class TrainableTokenEmbedding(nn.Module):
     """A frozen ``nn.Embedding`` whose rows ``first_id .. first_id+n-1`` come from the
-    trainable float32 ``vectors`` instead."""
+    trainable float32 ``vectors`` instead. The vectors sit in a submodule registered after
+    the table: transformers' ``encoder.dtype`` is the first floating parameter, and it must
+    stay the table's weight dtype (pipelines cast prompts and latents to it; float32 there
+    broke bfloat16 validation)."""
 
     def __init__(self, base: nn.Embedding, first_id: int, vectors: torch.Tensor) -> None:
         super().__init__()
         self.base = base
         self.first_id = first_id
-        self.vectors = nn.Parameter(vectors.detach().float().clone())
+        self.rows = _NewRows(vectors)
+
+    @property
+    def vectors(self) -> nn.Parameter:
+        """The trainable rows (float32)."""
+        return self.rows.vectors
 
     @property
     def weight(self) -> torch.Tensor:

@@ -184,3 +184,40 @@ def test_fp16_step_with_overflowing_gradients_is_skipped_and_the_scale_drops(
     assert not all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert accelerator.scaler.get_scale() == scale / 2 and runner.lr < lr
     reset_accelerate()
+
+
+def test_a_ti_text_encoder_keeps_its_weight_dtype() -> None:
+    """transformers' `encoder.dtype` is its first floating parameter; the trainable float32
+    TI vectors came first, so a bfloat16 encoder read float32, the pipelines cast prompts and
+    latents to float32, and validation of invoke-training's own TI samples (weight_dtype:
+    bfloat16, mixed_precision: no) died with 'mat1 and mat2 must have the same dtype'."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from runner.pipelines.textual_inversion import TrainableTokenEmbedding
+
+    config = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37,
+                            num_hidden_layers=1, num_attention_heads=4)  # fmt: skip
+    encoder = CLIPTextModel(config).to(torch.bfloat16)
+    base = encoder.get_input_embeddings()
+    wrapper = TrainableTokenEmbedding(base, 97, base.weight[:2].float())
+    encoder.set_input_embeddings(wrapper)
+    assert encoder.dtype == torch.bfloat16
+    assert wrapper.vectors.dtype == torch.float32 and wrapper.vectors.requires_grad
+    out = encoder(torch.tensor([[1, 97, 98]])).last_hidden_state
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_bfloat16_textual_inversion_validates(
+    tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """The whole run: SD_TEXTUAL_INVERSION in bfloat16 weights without autocast trains and
+    writes its validation grid (it raised at the first validation)."""
+    from train_support import train
+
+    cfg = make_config("SD_TEXTUAL_INVERSION", tiny_sd_dir, data_dir, tmp_path / "out",
+                      weight_dtype="bfloat16", max_train_steps=2, validate_every_n_steps=2,
+                      validation_prompts=["a photo of <kbtn>"],
+                      num_validation_inference_steps=2)  # fmt: skip
+    train(cfg)
+    assert (tmp_path / "out" / "validation" / "step-000002" / "grid.png").is_file()
