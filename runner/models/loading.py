@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,12 +194,26 @@ def builtin_model(name: str, cache: Path) -> Path:
     build = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux}
     target = cache / "builtin" / name
     if not (target / "model_index.json").exists():
-        tmp = target.with_name(f"{name}.partial-{os.getpid()}")
+        tmp = target.with_name(f"{name}.partial-{os.getpid()}-{threading.get_ident()}")
         shutil.rmtree(tmp, ignore_errors=True)
         build[name](tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        _install(tmp, target)
     return target
+
+
+def _install(built: Path, target: Path) -> None:
+    """Move a model built in ``built`` to ``target`` in one rename, unless another process got
+    there first (the ranks of a torchrun on an empty cache all build it): then its copy
+    stays, it may be being read already, and ours goes."""
+    try:
+        os.rename(built, target)  # fails if target is a folder with files in it
+        return
+    except OSError:
+        if (target / "model_index.json").exists():
+            shutil.rmtree(built, ignore_errors=True)
+            return
+    shutil.rmtree(target, ignore_errors=True)  # a leftover without model_index.json
+    os.rename(built, target)
 
 
 def _resolve(uri: str, storage: Any, cache: Path, *, is_file: bool = False) -> str:

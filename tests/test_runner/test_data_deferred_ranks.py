@@ -68,7 +68,7 @@ for _name in ("_atomic_write", "delete", "create", "replace_if", "delete_if"):
 
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model cache holding ``builtin:tiny-sd``, built once here (not by two ranks at once)."""
+    """A model cache holding ``builtin:tiny-sd``, built once for the module, not by each run."""
     from runner.models.loading import builtin_model
 
     cache = tmp_path_factory.mktemp("models")

@@ -378,6 +378,47 @@ def test_builtin_tiny_model_is_built_once_and_reused(tmp_path: Path) -> None:
         builtin_model("huge-sd", tmp_path)
 
 
+def test_a_builtin_model_built_by_two_ranks_at_once_is_installed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks of a torchrun start on an empty cache both build ``builtin:tiny-sd``; the one
+    that finishes second must not delete the copy the first installed (that rank may be
+    reading it already) but drop its own. Threads stand in for the ranks and the builder is
+    replaced by one that writes a marker (the one fake: the race, not the model, is tested);
+    the second build ends only once the first rank has its model."""
+    import threading
+
+    import runner.models.tiny as tiny
+    from runner.models.loading import builtin_model
+
+    both_building, first_done = threading.Barrier(2), threading.Event()
+
+    def build(folder: Path) -> Path:
+        both_building.wait(timeout=30)  # both saw no model_index.json
+        if threading.current_thread().name == "second":
+            assert first_done.wait(timeout=30)
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text(threading.current_thread().name)
+        return folder
+
+    monkeypatch.setattr(tiny, "build_tiny_sd", build)
+    got: dict[str, Path] = {}
+
+    def rank(name: str) -> None:
+        got[name] = builtin_model("tiny-sd", tmp_path)
+        if name == "first":
+            first_done.set()
+
+    threads = [threading.Thread(target=rank, args=(n,), name=n) for n in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert got["first"] == got["second"]
+    assert (got["first"] / "model_index.json").read_text() == "first"
+    assert sorted(p.name for p in (tmp_path / "builtin").iterdir()) == ["tiny-sd"]
+
+
 def test_a_hub_model_that_cannot_be_downloaded_says_why() -> None:
     """The Hub unreachable (offline here, as in a pod without egress) and the model not
     cached: say that, not diffusers' 'does not appear to have a file named model_index.json'
