@@ -236,6 +236,7 @@ def test_a_port_in_use_or_out_of_range_is_one_line(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "99999" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # a `launcher ui` process: 1.9 s on a quiet machine, 5.5 s at load 6
 def test_port_0_prints_the_port_it_got(tmp_path: Path) -> None:
     """`launcher ui --port 0` printed http://127.0.0.1:0/, an address nobody can open."""
     import os
