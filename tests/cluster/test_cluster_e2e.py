@@ -251,3 +251,49 @@ def test_cancel_removes_job_and_config_map_and_keeps_outputs(
     assert any(k.endswith("manifest.json") for k in keys)
     gone = cluster.launcher("status", run, "-n", ns)
     assert gone.returncode == 2 and "no kubetune run" in gone.stderr
+
+
+def test_a_failed_job_submitted_again_resumes_from_its_newest_checkpoint(
+    cluster: Cluster, run_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """A Job that ended Failed, then `launcher submit` of the same config: the failed Job is
+    replaced by a new one whose pod resumes from the newest checkpoint and finishes the run.
+    The Job is failed by lowering its activeDeadlineSeconds once it has checkpointed (the
+    Job controller fails it with DeadlineExceeded on every version and stops its pod, which
+    writes a SIGTERM checkpoint first); the new Job gets the config's own deadline."""
+    ns, run = run_env["namespace"], "e2e-resubmit"
+    path = tmp_path / f"{run}.yaml"
+    cfg = _config(run_env["s3"], run_env["bucket"], run, STEPS, ns, cluster.image)
+    path.write_text(yaml.safe_dump(cfg))
+    assert cluster.launcher("submit", str(path)).returncode == 0
+
+    def checkpointed() -> dict[str, Any] | None:
+        status = _status(cluster, ns, run)
+        progress = status.get("progress") or {}
+        return status if (progress.get("last_checkpoint_step") or 0) >= EVERY else None
+
+    before = wait_until(checkpointed, 600, "the first checkpoint")["progress"]
+    assert before["step"] < STEPS, "the run ended before it could fail"
+    (job,) = cluster.batch.list_namespaced_job(ns, label_selector=f"kubetune.io/run={run}").items
+    cluster.batch.patch_namespaced_job(
+        job.metadata.name, ns, {"spec": {"activeDeadlineSeconds": 1}}
+    )
+    failed = wait_until(
+        lambda: (s := _status(cluster, ns, run))["phase"] == "Failed" and s, 120, "Failed"
+    )
+    assert failed["reason"] == "DeadlineExceeded"
+
+    again = cluster.launcher("submit", "--wait", "--format", "json", str(path), timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc = json.loads(again.stdout)
+    assert doc["submit"]["created"] and doc["submit"]["resumed_after"] == "Failed"
+    assert doc["submit"]["note"].startswith("resuming (a new Job; the last one ended Failed")
+    assert doc["status"]["phase"] == "Succeeded" and doc["status"]["progress"]["step"] == STEPS
+    (new,) = cluster.batch.list_namespaced_job(ns, label_selector=f"kubetune.io/run={run}").items
+    assert new.metadata.name == job.metadata.name and new.metadata.uid != job.metadata.uid
+    logs = cluster.launcher("logs", run, "-n", ns).stdout
+    assert "resumed from checkpoint step-" in logs, logs[-3000:]
+    resumed = int(logs.split("resumed from checkpoint step-")[1][:6])
+    assert before["last_checkpoint_step"] <= resumed < STEPS
+    keys = _keys(run_env, f"kubetune/{run}/")
+    assert f"kubetune/{run}/final/lora.safetensors" in keys
