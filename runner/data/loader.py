@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -197,6 +198,16 @@ class TrainDataset(Dataset[Batch]):
         )
 
 
+def _own_process_group(_worker_id: int) -> None:
+    """A loader worker leaves its training process's process group: torchrun stops a worker
+    (SIGTERM, preemption) by signalling its whole group, and a loader worker killed by it
+    made the training process fail ('DataLoader worker ... is killed by signal') instead
+    of writing its stop checkpoint. The worker still ends with its training process (the
+    DataLoader shuts it down; it exits when its parent is gone)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+
+
 def _worker_context(source: Source, num_workers: int) -> str | None:
     """How DataLoader workers start: forked (the default), unless they read a cloud store
     after this process opened one (obstore's runtime does not survive a fork; see
@@ -289,6 +300,7 @@ class ResumableLoader:
             persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers else None,
             multiprocessing_context=_worker_context(dataset.source, num_workers),
+            worker_init_fn=_own_process_group if num_workers else None,
         )
 
     def __len__(self) -> int:
