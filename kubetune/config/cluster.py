@@ -222,7 +222,7 @@ class JobConfig(ConfigModel):
     """Kubernetes imagePullPolicy."""
     gpus: int = Field(default=1, ge=0, le=16)
     """GPUs per pod (per node when `nodes` > 1): one training process per GPU. On one node,
-    more than 1 runs `accelerate launch`; on several, torchrun (0: one CPU process)."""
+    more than 1 or on several, torchrun (`python -m runner.launch`; 0: one CPU process)."""
     gpu_resource_name: str = "nvidia.com/gpu"
     """Extended resource name of the GPUs (e.g. `amd.com/gpu`)."""
     gpu_memory_gib: float | None = Field(default=None, gt=0)

@@ -159,21 +159,17 @@ def storage_pod_labels(storage: StorageConfig | None) -> dict[str, str]:
     return {}
 
 
+# torchrun, in process, exiting with the workers' exit code (bare torchrun exits 1 for a
+# worker's exit 2 and on SIGTERM, which the podFailurePolicy would then retry).
+TORCHRUN = ["python", "-m", "runner.launch"]
+
+
 def runner_command(gpus: int, config_path: str = CONFIG_PATH) -> list[str]:
-    """One process, or `accelerate launch` with one process per GPU."""
+    """One process, or torchrun (`python -m runner.launch`, which exits with the workers'
+    exit code) with one process per GPU."""
     if gpus > 1:
-        return [
-            "accelerate",
-            "launch",
-            "--multi_gpu",
-            "--num_machines",
-            "1",
-            "--num_processes",
-            str(gpus),
-            "-m",
-            "runner",
-            config_path,
-        ]
+        return [*TORCHRUN, "--standalone", "--nproc_per_node", str(gpus), "-m", "runner",
+                config_path]  # fmt: skip
     return ["python", "-m", "runner", config_path]
 
 

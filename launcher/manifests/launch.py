@@ -1,12 +1,13 @@
 """The multi-node launch contract (pure): what every pod of a multi-node run runs.
 
-Each pod runs one torchrun agent with static rendezvous: node rank = the pod's completion
-index, rank 0's pod (its stable DNS name) hosts the rendezvous store on `rendezvous_port`.
+Each pod runs one torchrun agent (`python -m runner.launch`: torchrun in process, exiting
+with the workers' exit code) with static rendezvous: node rank = the pod's completion index,
+rank 0's pod (its stable DNS name) hosts the rendezvous store on `rendezvous_port`.
 A JobSet's and an Indexed Job's pods get the arguments on the command line; a TrainJob's
 get them from the PET_* variables Kubeflow Trainer's torch runtime sets, which torchrun
 reads as its defaults. The same contract either way:
 
-    torchrun --nnodes N --nproc_per_node G --node_rank $(KUBETUNE_NODE_RANK)
+    python -m runner.launch --nnodes N --nproc_per_node G --node_rank $(KUBETUNE_NODE_RANK)
              --master_addr <rank 0's pod DNS name> --master_port 29500
              --rdzv_conf timeout=<s> -m runner /etc/kubetune/config.yaml
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.config.cluster import JobConfig
-from launcher.manifests.common import CONFIG_PATH
+from launcher.manifests.common import CONFIG_PATH, TORCHRUN
 
 NODE_RANK_ENV = "KUBETUNE_NODE_RANK"
 NUM_NODES_ENV = "KUBETUNE_NUM_NODES"
@@ -36,7 +37,7 @@ def procs_per_node(job: JobConfig) -> int:
 def torchrun_command(job: JobConfig, master_addr: str) -> list[str]:
     """The command of every pod of an Indexed Job or a JobSet."""
     return [
-        "torchrun",
+        *TORCHRUN,
         "--nnodes",
         str(job.nodes),
         "--nproc_per_node",
@@ -59,7 +60,7 @@ def pet_command() -> list[str]:
     """The command of a TrainJob's pods: torchrun takes every launch argument from the
     runtime's PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT."""
     return [
-        "torchrun",
+        *TORCHRUN,
         "--rdzv_conf",
         f"timeout={RENDEZVOUS_TIMEOUT_S}",
         "-m",

@@ -126,13 +126,13 @@ def test_pod_failure_policy_matches_runner_exit_codes() -> None:
     assert all(r.get("onExitCodes", {}).get("containerName", "trainer") == "trainer" for r in rules)
 
 
-def test_multi_gpu_uses_accelerate_and_custom_resource() -> None:
+def test_multi_gpu_uses_the_torchrun_launch_and_custom_resource() -> None:
     job = _job(
         manifests.build_manifests(make_config("SDXL_LORA", gpus=2, gpu_resource_name="amd.com/gpu"))
     )
     c = _container(job)
-    assert c["command"][:2] == ["accelerate", "launch"]
-    assert c["command"][c["command"].index("--num_processes") + 1] == "2"
+    assert c["command"][:5] == ["python", "-m", "runner.launch", "--standalone", "--nproc_per_node"]
+    assert c["command"][5] == "2"  # torchrun in process, exiting with the workers' exit code
     assert c["command"][-3:] == ["-m", "runner", "/etc/kubetune/config.yaml"]
     assert c["resources"]["limits"]["amd.com/gpu"] == "2"
     assert "nvidia.com/gpu" not in c["resources"]["limits"]

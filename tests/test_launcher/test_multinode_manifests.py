@@ -17,10 +17,12 @@ from kube_configs import make_config
 
 from launcher import manifests
 from launcher.manifests.common import merge_patch
+from launcher.manifests.launch import pet_command
 from launcher.pod_security import restricted_violations
 
 Obj = dict[str, Any]
 TWO_NODES = {"nodes": 2, "gpus": 8}
+LAUNCH = ["python", "-m", "runner.launch"]
 
 
 def _objs(**job: Any) -> list[Obj]:
@@ -41,12 +43,12 @@ def _torchrun_args(command: list[str], env: dict[str, str]) -> Any:
     from torch.distributed.run import get_args_parser
 
     argv = [a.replace("$(KUBETUNE_NODE_RANK)", env.get("KUBETUNE_NODE_RANK", "")) for a in command]
-    assert argv[0] == "torchrun"
+    assert argv[:3] == LAUNCH  # torchrun, in process, exiting with the workers' exit code
     pet = {k: v for k, v in env.items() if k.startswith("PET_")}
     with mock.patch.dict(os.environ, pet):
         for key in [k for k in os.environ if k.startswith("PET_") and k not in pet]:
             del os.environ[key]
-        return get_args_parser().parse_args(argv[1:])
+        return get_args_parser().parse_args(argv[3:])
 
 
 # --- backend job ------------------------------------------------------------------------------
@@ -57,10 +59,10 @@ def test_one_node_is_todays_job() -> None:
     assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]
     job = objs[1]
     assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
-    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == [
-        "accelerate",
-        "launch",
-    ]
+    args = _torchrun_args(job["spec"]["template"]["spec"]["containers"][0]["command"], {})
+    assert args.standalone and args.nproc_per_node == "8" and args.nnodes == "1:1"
+    assert args.module and args.training_script == "runner"
+    assert args.training_script_args == ["/etc/kubetune/config.yaml"]
 
 
 def test_indexed_job_and_headless_service() -> None:
@@ -84,7 +86,7 @@ def test_indexed_job_and_headless_service() -> None:
     rank = _env(c)["KUBETUNE_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert rank == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     assert c["command"] == [
-        "torchrun",
+        *LAUNCH,
         "--nnodes",
         "2",
         "--nproc_per_node",
@@ -271,6 +273,16 @@ def test_trainjob_shape_and_the_runtime_it_names() -> None:
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
     assert args.master_addr == env["PET_MASTER_ADDR"] and args.master_port == 29500
     assert args.module and args.training_script == "runner"
+
+
+def test_torch_parses_the_trainjob_command_with_the_runtimes_pet_variables() -> None:
+    """The TrainJob's command (no CRD needed): every launch argument from PET_*."""
+    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "run-node-0-0.run", "PET_MASTER_PORT": "29500"}  # fmt: skip
+    args = _torchrun_args(pet_command(), env)
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert (args.master_addr, args.master_port) == ("run-node-0-0.run", 29500)
+    assert args.rdzv_conf == "timeout=1800" and args.module and args.training_script == "runner"
 
 
 def test_trainjob_custom_runtime() -> None:
