@@ -100,14 +100,18 @@ def _local_or_hub(value: str, base: Path) -> str:
     return value
 
 
+def model_values(cfg: Any) -> list[tuple[str, Any]]:
+    """(field, value) of each of `MODEL_FIELDS` that the config's training type has."""
+    return [(name, getattr(cfg, name)) for name in MODEL_FIELDS if name in type(cfg).model_fields]
+
+
 def model_path_problems(cfg: Any) -> list[tuple[str, str]]:
     """(field, message) for each model field that the runner would refuse as a missing path:
     an absolute path or a weights file that is not there, or a relative value that is no
     folder and cannot be a Hub name either (the runner's rule, `runner.models.loading`).
     Hub names and URIs are not checked (they need the network)."""
     problems = []
-    for name in MODEL_FIELDS:
-        value = getattr(cfg, name, None)
+    for name, value in model_values(cfg):
         if not isinstance(value, str) or not value or _is_uri(value):
             continue
         path = Path(value).expanduser()

@@ -12,7 +12,7 @@ from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from kubetune.config.paths import HUB_NAME, MODEL_FIELDS
+from kubetune.config.paths import HUB_NAME, model_values
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 3.0
@@ -25,7 +25,7 @@ def hub_names(cfg: Any) -> list[str]:
     from kubetune.config.data import HFHubImageCaptionDatasetConfig
     from kubetune.dataset.local_check import dataset_locations
 
-    found = [(name, getattr(cfg, name, None)) for name in MODEL_FIELDS]
+    found = model_values(cfg)
     for where, dataset in dataset_locations(cfg):
         if isinstance(dataset, HFHubImageCaptionDatasetConfig):
             found.append((f"{where}.dataset_name", dataset.dataset_name))
