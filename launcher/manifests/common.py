@@ -162,6 +162,9 @@ def storage_pod_labels(storage: StorageConfig | None) -> dict[str, str]:
 # torchrun, in process, exiting with the workers' exit code (bare torchrun exits 1 for a
 # worker's exit 2 and on SIGTERM, which the podFailurePolicy would then retry).
 TORCHRUN = ["python", "-m", "runner.launch"]
+# How long torchrun lets its workers stop (checkpoint) after passing a SIGTERM on, before it
+# SIGKILLs them (torch's default: 30 s): the pod's whole grace period.
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
 
 def runner_command(gpus: int, config_path: str = CONFIG_PATH) -> list[str]:
@@ -283,6 +286,9 @@ def _env(cfg: PipelineConfig, job: JobConfig) -> list[dict[str, Any]]:
     env.append({"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH})
     env += secret_env(cfg.storage, job)
     env += notify_secret_env(cfg.notify)
+    if job.gpus > 1 or job.nodes > 1:  # torchrun: SIGKILL 30 s after passing SIGTERM on
+        seconds = str(job.termination_grace_period_seconds)
+        env.append({"name": SHUTDOWN_TIMEOUT_ENV, "value": seconds})
     return env
 
 

@@ -400,3 +400,20 @@ def test_validate_says_how_many_nodes_and_processes() -> None:
         "; 2 nodes x 8 GPUs = 16 processes (jobset)"
     )
     assert "node(s)" not in summarize(make_config(gpus=8))
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [({"gpus": 8, "termination_grace_period_seconds": 600}, "600"), (TWO_NODES, "300"),
+     ({"gpus": 1}, None)],
+    ids=["gpus", "nodes", "one-process"],
+)  # fmt: skip
+def test_stopping_workers_get_the_grace_period(job: Obj, expected: str | None) -> None:
+    """torchrun SIGKILLs a worker still checkpointing 30 s after passing SIGTERM on; a
+    multi-process pod's TORCH_ELASTIC_SHUTDOWN_TIMEOUT gives it the pod's whole grace period
+    (tests/test_runner/test_launch_exit_codes.py shows torchrun honours it)."""
+    workload = next(o for o in _objs(**job) if o["kind"] == "Job")
+    value = _env(workload["spec"]["template"]["spec"]["containers"][0]).get(
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+    )
+    assert (value or {}).get("value") == expected

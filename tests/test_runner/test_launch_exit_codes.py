@@ -96,3 +96,48 @@ def test_sigterm_to_the_launch_checkpoints_and_exits_143(tmp_path: Path, tiny_sd
     assert len(stopped) == 2 and len(set(stopped)) == 1, stderr[-3000:]
     assert (out / f"checkpoints/step-{int(stopped[0]):06d}/manifest.json").exists()
     assert json.loads((out / "progress.json").read_text())["state"] == "preempted"
+
+
+STOPPING_WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+here = Path(sys.argv[1]) / os.environ["RANK"]
+
+def stop(*_):
+    time.sleep(4)  # a checkpoint that takes a while to publish
+    (here / "stopped").write_text("")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, stop)
+here.mkdir()
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("timeout_s", "finished"), [("1", False), ("30", True)])
+def test_the_shutdown_timeout_env_bounds_how_long_stopping_workers_get(
+    tmp_path: Path, timeout_s: str, finished: bool
+) -> None:
+    """SIGTERM to the launch: torchrun passes it on and SIGKILLs a worker still stopping after
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torch's default: 30 s, shorter than a pod's grace period
+    and than a large checkpoint's upload); with enough time both workers finish their 4 s
+    stop. The pod exits 143 either way; the manifests set the variable to the grace period."""
+    script = tmp_path / "worker.py"
+    script.write_text(STOPPING_WORKER)
+    cmd = [*LAUNCH, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    agent = subprocess.Popen(cmd, env=env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=timeout_s),
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / r).is_dir() for r in "01"):
+            assert agent.poll() is None and time.monotonic() < deadline, "workers never started"
+            time.sleep(0.1)
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert agent.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    done = [(tmp_path / r / "stopped").exists() for r in "01"]
+    assert done == [finished, finished], stderr[-3000:]
