@@ -34,10 +34,17 @@ SIZES = [(64, 64), (96, 48), (48, 96), (64, 64), (128, 64), (96, 48), (64, 64), 
          (64, 128), (64, 64), (96, 48)]  # fmt: skip
 BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
 SITE = """
-import json, os
+import json, os, time
 import kubetune.dataset.preflight as checks
 
 checks.DEFERRED_CHECKS_MIN_EXAMPLES = int(os.environ["DEFERRED_MIN"])
+_checks = checks._header_checks
+
+def _delayed(*args, **kwargs):
+    time.sleep(float(os.environ.get("CHECKS_DELAY", "0")))  # still running at the SIGTERM
+    return _checks(*args, **kwargs)
+
+checks._header_checks = _delayed
 
 import runner.data.loader as loader
 
@@ -63,7 +70,14 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def _config(tmp_path: Path, name: str, per_process: int, workers: int = 0) -> Path:
+def _config(
+    tmp_path: Path,
+    name: str,
+    per_process: int,
+    workers: int = 0,
+    streaming: bool = True,
+    **fields: Any,
+) -> Path:
     data = tmp_path / "data"
     if not data.exists():
         write_image_dir(data, SIZES)
@@ -71,22 +85,25 @@ def _config(tmp_path: Path, name: str, per_process: int, workers: int = 0) -> Pa
         "type": "IMAGE_CAPTION_SD_DATA_LOADER",
         "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data)},
         "resolution": 64,
-        "aspect_ratio_buckets": BUCKETS | {"order": "streaming"},
         "dataloader_num_workers": workers,
     }
+    if streaming:
+        loader["aspect_ratio_buckets"] = BUCKETS | {"order": "streaming"}
     cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, tmp_path / name,
                       data_loader=loader, train_batch_size=per_process, max_train_steps=STEPS,
-                      save_every_n_steps=100)  # fmt: skip
+                      save_every_n_steps=100, **fields)  # fmt: skip
     return config_file(cfg, tmp_path / f"{name}-{per_process}.yaml")
 
 
-def _start(config: Path, procs: int, site: Path, log: Path, cache: Path, deferred: bool) -> Any:
+def _start(
+    config: Path, procs: int, site: Path, log: Path, cache: Path, deferred: bool, delay: float = 0
+) -> Any:
     cmd = [sys.executable, "-m", "runner", str(config)]
     if procs > 1:
         cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={procs}",
                f"--master_port={free_port()}", "-m", "runner", str(config)]  # fmt: skip
     extra = {"OBSERVED_LOG": str(log), "DEFERRED_MIN": "2" if deferred else "10000",
-             "KUBETUNE_MODEL_CACHE": str(cache)}  # fmt: skip
+             "KUBETUNE_MODEL_CACHE": str(cache), "CHECKS_DELAY": str(delay)}  # fmt: skip
     return subprocess.Popen(
         cmd, env=env(site, **extra), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         text=True, start_new_session=True,
@@ -154,3 +171,29 @@ def test_a_preempted_streaming_run_resumes_with_the_batches_of_an_uninterrupted_
     assert 0 < done <= len(before) < STEPS, err[-3000:]
     after = _global_batches(rest_log, then)
     assert before[:done] + after == expected, (done, before, after, expected)
+
+
+def test_a_run_preempted_while_its_header_checks_run_stops_as_preempted(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """2 processes, checks beside training held back 30 s (no buckets: training starts
+    without them), 2 batches a step: torchrun passes the SIGTERM to each rank's whole
+    process group (rank 0's forked preflight included); the run still stops as preempted
+    with its stop checkpoint (not 'the data preflight process gave no result') and
+    resumes from it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE)
+    cut_log, rest_log = tmp_path / "cut.log", tmp_path / "rest.log"
+    config = _config(tmp_path, "run", 1, streaming=False, gradient_accumulation_steps=2)
+    cut = _start(config, 2, site, cut_log, model_cache, True, delay=30)
+    deadline = time.monotonic() + BOUND_S
+    while len(_global_batches(cut_log, 2)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGTERM)
+    rc, cut_err = _wait(cut)
+    assert "gave no result" not in cut_err and "stopped by SIGTERM" in cut_err, cut_err[-3000:]
+    resumed = _config(tmp_path, "run", 2, streaming=False, gradient_accumulation_steps=2)
+    rest = _start(resumed, 1, site, rest_log, model_cache, True)
+    rc, err = _wait(rest)
+    assert rc == 0 and "resumed from checkpoint step-" in err, err[-3000:]
