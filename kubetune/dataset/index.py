@@ -286,7 +286,9 @@ def _read(
     records = source.records
     plain = [i for i, old in reads if old is None and _header_only(records[i])]
     done: dict[int, tuple[IndexEntry | DataError, bool]] = {}
-    if len(plain) > 1 and reads_async(source, plain):
+    # a stream's queue is taken from by one reader: by the async one only if it reads all
+    one_reader = stream is None or len(plain) == len(reads)
+    if len(plain) > 1 and one_reader and reads_async(source, plain):
         streamed = {} if stream is None else {"order": stream.queue, "on_size": _told(stream)}
         sizes = header_sizes_async(source, plain, max_pixels, **streamed)  # type: ignore[arg-type]
         for i, size in zip(plain, sizes, strict=True):

@@ -297,13 +297,17 @@ def _forked(cfg: Any) -> Future[PreflightReport]:
     writer.close()
     orders_in.close()
 
+    sending = threading.Lock()  # a want (sampler's thread) never meets the close (reply's)
+
     def want(seed: int, epoch: int) -> None:
-        with contextlib.suppress(OSError, ValueError):  # the checks ended: nothing to reorder
-            orders.send((seed, epoch))
+        with sending, contextlib.suppress(OSError, ValueError):  # ended: nothing to reorder
+            if not orders.closed:
+                orders.send((seed, epoch))
 
     def final(replies: _Replies, kind: str, value: Any) -> None:
         reader.close()
-        orders.close()
+        with sending:
+            orders.close()
         child.join()
         replies.final(kind, value)
 
