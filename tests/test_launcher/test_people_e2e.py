@@ -116,9 +116,11 @@ def test_a_run_reports_notifies_and_pulls(
         with urllib.request.urlopen(doc["url"], timeout=10) as response:  # noqa: S310
             assert response.headers["Content-Type"].startswith("text/html")
             assert response.read().decode() == page  # the stored page, to share
-    else:
-        assert Path(link).read_text() == page and not view.exists()
+    else:  # -o writes a copy whose links point into the run folder (file:// URIs)
+        assert link == str(view)
         assert 'href="validation/step-000002/grid.png"' in page  # relative: works as a file
+        grid = Path(uri) / "validation/step-000002/grid.png"
+        assert f'href="{grid.as_uri()}"' in view.read_text()
 
     dest = tmp_path / "pulled"
     pulled = cli.invoke(main, ["pull", uri, "-o", str(dest), "--format", "json"])
