@@ -26,6 +26,12 @@ READONLY_SECRET_KEY = "kubetune-readonly-secret"
 WRONG_SECRET_KEY = "not-the-secret"
 REGION = "us-east-1"
 
+# Every bucket is a SeaweedFS collection with volumes of its own, and a test session writes into
+# hundreds of fresh buckets. Left at 0, `-volume.max` is derived from the free disk and the
+# machine (48 on one, a few hundred on another): past it a new bucket's first PUT fails with
+# 500 InternalError. Volumes are not preallocated, so a high limit costs nothing until used.
+VOLUME_MAX = 5000
+
 # `weed mini` flags for every listening port (a grpc port defaults to http port + 10000,
 # which may collide, so all are set explicitly).
 _PORT_FLAGS = (
@@ -115,6 +121,7 @@ class S3Server(Emulator):
             f"-s3.config={config}", "-admin.ui=false", "-webdav=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             "-s3.autoCreateBucket=false", "-volume.preStopSeconds=0",
+            f"-volume.max={VOLUME_MAX}",
         ] + [f"-{flag}={port}" for flag, port in self.ports.items()]  # fmt: skip
         self._launch("SeaweedFS", args, self._round_trip, timeout_s, 0.2,
                      log=self.workdir / "weed.log", cwd=self.workdir)  # fmt: skip
