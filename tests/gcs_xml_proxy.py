@@ -256,10 +256,11 @@ class _Handler(BaseHTTPRequestHandler):
 class GcsXmlProxy:
     """The translating proxy on a free port of 127.0.0.1; a context manager.
     ``counts``: requests seen per translation (``put``, ``initiate``, ``part``, ``complete``,
-    ``abort``) and ``forwarded``."""
+    ``abort``) and ``forwarded``. ``translator``: another ``Translator`` (a subclass that
+    translates more, tests/list_pages.py) instead of this module's."""
 
-    def __init__(self, upstream: str) -> None:
-        self.translator = Translator(upstream)
+    def __init__(self, upstream: str, translator: Translator | None = None) -> None:
+        self.translator = translator or Translator(upstream)
         handler = type("Handler", (_Handler,), {"translator": self.translator})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True

@@ -22,8 +22,8 @@ from kubetune.storage.cloud import CloudStore, Transfer, checked_prefix
 from kubetune.storage.cloud_errors import Where
 from kubetune.storage.schemes import StorageURI
 
-# conditional writes condition on the object generation; obstore lists GCS ranges only by
-# filtering a full listing: no RANGE_LISTING
+# conditional writes condition on the object generation. No RANGE_LISTING: object_store sends
+# GCS's XML API `start-after`, but fake-gcs-server ignores it (and paging), so it is unverified
 CAPABILITIES = frozenset({Capability.CONDITIONAL_WRITE, Capability.PRESIGN})
 _CRED_HINT = (
     "check GOOGLE_SERVICE_ACCOUNT_KEY (storage.credentials_secret) or the pod's GKE Workload "

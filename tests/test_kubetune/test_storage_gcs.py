@@ -44,7 +44,7 @@ def test_reads_listing_ranges_and_deletes(gcs_bucket: str, tmp_path: Path) -> No
     store = open_store(f"gs://{gcs_bucket}/run")
     assert store.uri == f"gs://{gcs_bucket}/run" and store.url("z") == f"{store.uri}/z"
     assert supports(store, Capability.CONDITIONAL_WRITE) and supports(store, Capability.PRESIGN)
-    assert not supports(store, Capability.RANGE_LISTING)  # obstore filters a full listing
+    assert not supports(store, Capability.RANGE_LISTING)  # not declared (kubetune.storage.gcs)
     listed = sorted(store.list(), key=lambda o: o.key)
     assert listed == [ObjectInfo(k[4:], len(v)) for k, v in sorted(KEYS.items()) if k[:4] == "run/"]
     assert all(o.etag for o in listed)
