@@ -10,6 +10,10 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # environment / infrastructure problem (storage down, cluster unreachable)
 EXIT_USER_ERROR = 2  # bad input: config, dataset, CLI usage
 EXIT_PREEMPTED = 143  # SIGTERM handled: checkpoint written, safe to retry (128 + SIGTERM)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): no checkpoint written now
+OUT_OF_MEMORY = (
+    "out of memory (lower train_batch_size or resolution, or enable gradient_checkpointing)"
+)
 
 
 class KubetuneError(Exception):
@@ -89,3 +93,21 @@ class Preempted(KubetuneError):
 class ProcessGroupError(KubetuneError):
     """The processes of a multi-process run disagree (their weights differ) or lost each
     other (a rank or node died, a collective timed out); exit status 1, retry resumes."""
+
+
+def exit_code_for(err: BaseException) -> int:
+    """The exit status ``python -m runner`` ends with when ``err`` ends it: a kubetune error's
+    own, 130 for Ctrl-C, 1 for anything else (an uncaught exception exits 1)."""
+    if isinstance(err, KubetuneError):
+        return err.exit_code
+    return EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else EXIT_FAILURE
+
+
+def error_line(err: BaseException) -> str:
+    """One line saying what ended a run: a kubetune error's message (its first line), the
+    out-of-memory advice, Ctrl-C, or another exception's first line (its type if empty)."""
+    if isinstance(err, MemoryError):
+        return OUT_OF_MEMORY
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -197,6 +197,11 @@ class ProgressRecord(BaseModel):
     the run past `data_loader.max_bad_image_share`)."""
     bad_image_examples: list[str] = Field(default_factory=list)
     """The first skipped examples' messages, each naming its file."""
+    error: str | None = None
+    """What ended a failed run, in one line (the error the runner exited with)."""
+    exit_code: int | None = None
+    """The exit status the runner ended with (a failed or preempted run; None while it runs
+    or when it ended without a record: SIGKILL, a lost node)."""
     updated_at: str | None = None
     """When the record was written (UTC, ISO 8601)."""
 
@@ -217,6 +222,18 @@ class ProgressRecord(BaseModel):
         if self.bad_images:
             parts.append(f"{count(self.bad_images, 'unreadable image')} skipped")
         return ", ".join(parts)
+
+    def ending(self, live: bool = True) -> str | None:
+        """How the run ended, as its record says, for ``launcher status`` and the UI: the
+        error of a failed run; for a run that is not ``live`` (its process gone, its Job
+        failed) whose record still says running, that no end was recorded. None otherwise."""
+        if self.state == "failed":
+            code = f" (exit code {self.exit_code})" if self.exit_code is not None else ""
+            return f"failed at step {self.step}{': ' + self.error if self.error else ''}{code}"
+        if live or self.state not in ("starting", "running"):
+            return None
+        when = f" ({self.updated_at})" if self.updated_at else ""
+        return f"not running: last record at step {self.step}{when}, no end recorded"
 
     @classmethod
     def from_bytes(cls, data: bytes | str) -> ProgressRecord:

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from kubetune.errors import EXIT_FAILURE, KubetuneError
+from kubetune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, OUT_OF_MEMORY, KubetuneError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,13 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             "resumes from its newest checkpoint (SIGTERM writes one before stopping)",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_INTERRUPTED
     except MemoryError:
-        print(
-            "kubetune: error: out of memory (lower train_batch_size or resolution, or "
-            "enable gradient_checkpointing)",
-            file=sys.stderr,
-        )
+        print(f"kubetune: error: {OUT_OF_MEMORY}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 

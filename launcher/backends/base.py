@@ -94,6 +94,8 @@ class RunStatus:
             text += f", {count(self.retries, unit)}"
         if self.progress is not None:  # an ended run has no ETA, whatever its record says
             text += f"; {self.progress.summary(live=not self.done)}"
+            ending = self.progress.ending(live=not self.done)  # failed: why; killed: no end
+            text += f"; {ending}" if ending else ""
         return text
 
 

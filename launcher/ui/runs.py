@@ -253,6 +253,7 @@ def row_of(status: RunStatus) -> dict[str, Any]:
         "images_per_second": p.images_per_second if p else None,
         "eta": duration(p.eta_seconds) if p and _eta_applies(status, p) else None,
         "state": p.state if p else None,
+        "ending": (redact(p.ending(live=not status.done) or "") or None) if p else None,
         "progress_error": status.progress_error,
         "sweep": status.labels.get(LABEL_SWEEP),
         "params": {

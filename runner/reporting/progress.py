@@ -229,7 +229,10 @@ class ProgressReporter:
         """The metric history so far (for the run report)."""
         return self.history.records
 
-    def finish(self, state: RunState) -> None:
+    def finish(self, state: RunState, **fields: Any) -> None:
+        """The run's last record: ``state`` and ``fields`` (a failed run's ``error`` and
+        ``exit_code``), published on this thread; then the bar and TensorBoard close."""
+        self.note(**fields)
         if self._bar is not None:
             self._bar.close()
             self._bar = None

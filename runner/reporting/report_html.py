@@ -142,6 +142,9 @@ def summary_table(data: ReportData) -> str:
         ("dataset", esc(_dataset(p))),
         ("outputs", esc(data.output_uri)),
     ]
+    if p.get("error"):  # a failed run: what ended it, and its exit status
+        code = p.get("exit_code")
+        rows.insert(1, ("error", esc(p["error"] + (f" (exit code {code})" if code else ""))))
     return "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
 

@@ -10,8 +10,16 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from kubetune.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
-from kubetune.errors import Preempted
-from kubetune.layout import REPORT_KEY, ProgressRecord, checkpoint_key, final_key, validation_key
+from kubetune.errors import Preempted, error_line, exit_code_for
+from kubetune.layout import (
+    PROGRESS_KEY,
+    REPORT_KEY,
+    ProgressRecord,
+    checkpoint_key,
+    final_key,
+    utc_now,
+    validation_key,
+)
 from kubetune.storage import LocalStore, ObjectStore, is_remote
 from runner.reporting.notify import Notifier
 from runner.reporting.report import ReportWriter
@@ -25,6 +33,8 @@ class ProgressSource(Protocol):
     record: ProgressRecord
 
     def history_records(self) -> list[dict[str, Any]]: ...
+
+    def finish(self, state: Any, **fields: Any) -> None: ...
 
 
 class RunEvents:
@@ -99,13 +109,21 @@ class RunEvents:
         uri = self._url(validation_key(step, "grid.png"))
         self.notifier.emit("validation", **self._fields(step=step, validation_uri=uri))
 
-    def finished(self, state: str, error: str | None = None, timeout: float = 10.0) -> None:
-        """Final report (if the run got as far as starting: a failed start writes nothing)
-        and notification, once (the first outcome wins); waits at most ``timeout`` s for the
-        webhooks."""
+    def finished(
+        self,
+        state: str,
+        error: str | None = None,
+        exit_code: int | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """Final progress record of a failed run, report (if the run got as far as
+        starting) and notification, once (the first outcome wins); waits at most ``timeout``
+        s for the webhooks."""
         if self._finished:
             return
         self._finished = True
+        if state == "failed":
+            self._record_failure(error, exit_code)
         if self._started:
             self._publish_report(state)
         event = {"completed": "succeeded", "preempted": "preempted"}.get(state, "failed")
@@ -116,6 +134,30 @@ class RunEvents:
             extra["error"] = error
         self.notifier.emit(event, **self._fields(**extra))
         self.notifier.close(timeout)
+
+    def _record_failure(self, error: str | None, exit_code: int | None) -> None:
+        """progress.json says failed, with the error and exit code (all-or-nothing put), when
+        this process holds the run's lease (``bind``: the main process, once the preflight
+        passed; a start that fails before writes nothing). Best effort: a failure to write
+        is logged, the run's own error is what it exits with."""
+        if self.store is None:
+            return
+        fields = {"error": error, "exit_code": exit_code}
+        try:
+            if self.progress is not None:
+                self.progress.finish("failed", **fields)
+            else:  # failed before training: the previous attempt's record, ended
+                self.store.put_bytes(PROGRESS_KEY, self._ended_record(fields).to_bytes())
+        except Exception as err:  # noqa: BLE001 - the original error matters more
+            log.warning("progress.json does not record the failure: %s", error_line(err))
+
+    def _ended_record(self, fields: dict[str, Any]) -> ProgressRecord:
+        assert self.store is not None
+        try:
+            record = ProgressRecord.from_bytes(self.store.get_bytes(PROGRESS_KEY))
+        except (FileNotFoundError, ValueError):
+            record = ProgressRecord()
+        return record.model_copy(update={**fields, "state": "failed", "updated_at": utc_now()})
 
     def _publish_report(self, state: str) -> None:
         if self.report is not None:
@@ -139,6 +181,6 @@ def reported(events: RunEvents) -> Iterator[None]:
         events.finished("preempted")
         raise
     except BaseException as err:
-        events.finished("failed", error=(str(err).splitlines() or [type(err).__name__])[0])
+        events.finished("failed", error=error_line(err), exit_code=exit_code_for(err))
         raise
     events.finished("completed")

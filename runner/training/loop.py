@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from kubetune.errors import Preempted
+from kubetune.errors import EXIT_PREEMPTED, Preempted
 from kubetune.layout import step_name
 from runner.checkpoint.state import Checkpointer, LoopState
 from runner.pipelines.base import Batch, TrainingPipeline
@@ -248,7 +248,7 @@ class Loop:
             self.ranks.wait_for_all("publishing the stop checkpoint")
         # the step it stopped at, not the last log line's: `status` says where it resumes
         self.progress.note(step=state.step, last_checkpoint_step=state.step)
-        self.progress.finish("preempted")
+        self.progress.finish("preempted", exit_code=EXIT_PREEMPTED)
         raise Preempted(
             f"stopped by SIGTERM after step {state.step}; checkpoint "
             f"{step_name(state.step)} published, resume by rerunning"

@@ -107,6 +107,21 @@ def test_summary() -> None:
     assert ProgressRecord(state="completed", step=0).summary() == "step 0/?"
 
 
+def test_ending_says_how_the_run_ended_or_that_no_end_was_recorded() -> None:
+    """A failed record names its error and exit status; a record that still says running
+    when the run is not live (its process gone, its Job failed: SIGKILL, a lost node, which
+    leave nothing written) says so instead of passing for a running run."""
+    failed = ProgressRecord(state="failed", step=3, error="CUDA error: boom", exit_code=1)
+    assert failed.ending() == "failed at step 3: CUDA error: boom (exit code 1)"
+    stale = ProgressRecord(step=5, total_steps=10, updated_at="2026-12-03T17:00:00+00:00")
+    assert stale.ending() is None  # live: the record is the run's own word
+    assert stale.ending(live=False) == (
+        "not running: last record at step 5 (2026-12-03T17:00:00+00:00), no end recorded"
+    )
+    assert ProgressRecord(state="preempted", step=4).ending(live=False) is None
+    assert ProgressRecord(state="completed", step=4).ending(live=False) is None
+
+
 _HARD_CODED = re.compile(r"step-\{|step-%0|[\"']progress\.json[\"']|[\"']manifest\.json[\"']")
 
 

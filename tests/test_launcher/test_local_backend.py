@@ -313,6 +313,9 @@ def test_a_killed_run_says_which_signal_not_its_last_log_line(
     assert (status.phase, status.reason) == ("Failed", "exit code 137"), status
     assert status.message is not None and "killed by SIGKILL" in status.message
     assert "out of memory" in status.message and "args" not in status.message
+    # its record still says running (SIGKILL leaves nothing written): status says it is not
+    assert status.progress is not None and status.progress.state == "running"
+    assert status.summary().endswith("; not running: last record at step 5, no end recorded")
     again = backend.submit(_cfg(tmp_path))  # the resume note quotes where it ended: no ETA
     assert again.note is not None and "ended Failed at step 5/10" in again.note
     assert "ETA" not in again.note
@@ -331,6 +334,13 @@ def test_an_ended_run_shows_no_eta() -> None:
     from launcher.ui.runs import row_of  # the UI's runs table and run page alike
 
     assert (row_of(running)["eta"], row_of(failed)["eta"]) == ("15s", None)
+    assert "no end recorded" in failed.summary() and "no end" not in running.summary()
+    assert (row_of(running)["ending"], row_of(failed)["ending"]) == (
+        None, "not running: last record at step 10, no end recorded")  # fmt: skip
+    crashed = Progress(state="failed", step=10, error="boom", exit_code=1)
+    ended = RunStatus("kubernetes", "r", "j", "Failed", reason="BackoffLimitExceeded",
+                      progress=crashed)  # fmt: skip
+    assert ended.summary().endswith("; failed at step 10: boom (exit code 1)")
 
 
 def test_a_long_error_line_is_not_cut_mid_word(

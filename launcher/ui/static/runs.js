@@ -170,7 +170,7 @@ async function pollRun(backend, run) {
   if (data.error) { offer([]); k.say("run-status", data.error, "error"); timer = setTimeout(() => pollRun(backend, run), POLL_MS); return; }
   const r = data.run;
   const progress = r.step === null ? (r.progress_error || "no progress yet") :
-    `step ${r.step}/${r.total || "?"}, loss ${fmt(r.loss)}, ${fmt(r.images_per_second, 3)} img/s${r.eta ? `, ETA ${r.eta}` : ""}`;
+    `step ${r.step}/${r.total || "?"}, loss ${fmt(r.loss)}, ${fmt(r.images_per_second, 3)} img/s${r.eta ? `, ETA ${r.eta}` : ""}${r.ending ? `; ${r.ending}` : ""}`;
   k.say("run-status", `${r.phase}${r.reason ? ` (${r.reason})` : ""}: ${progress}`, `phase-${r.phase}`);
   document.getElementById("run-status").dataset.phase = r.phase;
   chart(document.getElementById("loss-chart"), data.history.filter((h) => h.loss !== undefined).map((h) => [h.step, h.loss]), "loss");
