@@ -148,8 +148,8 @@ def _why_no_final(store: ObjectStore) -> str:
         progress = ProgressRecord.from_bytes(store.get_bytes(PROGRESS_KEY))
     except (FileNotFoundError, ValueError, StorageError):
         return "the run has not finished"
-    if progress.state == "failed":
-        return f"the run failed at step {progress.step}"
+    if progress.state == "failed":  # with its error and exit code when the runner wrote them
+        return f"the run {progress.ending()}"
     if progress.state == "preempted":
         return f"the run stopped at step {progress.step}; resubmitting its config resumes it"
     return "the run has not finished"

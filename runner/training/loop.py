@@ -182,6 +182,14 @@ def step_inputs(loader: Any, accumulation: int) -> Iterator[StepInput]:
                 group = []
 
 
+def resumed_epoch(loader: Any) -> int | None:
+    """The epochs completed by the step a run resumes at, when that step ended an epoch (the
+    data cursor stands at a later epoch's start); None otherwise (``Cadence.due``'s
+    ``completed_epoch``)."""
+    position = getattr(getattr(loader, "sampler", None), "position", None)
+    return loader.epoch if position == 0 and loader.epoch > 0 else None
+
+
 @dataclass
 class Loop:
     """Everything the loop talks to."""
@@ -201,6 +209,7 @@ class Loop:
 
     def run(self, state: LoopState) -> None:
         """Train until ``total_steps``; raise Preempted after a SIGTERM checkpoint."""
+        self._redo_validation(state.step)
         if state.step >= self.total_steps:
             return
         for item in step_inputs(self.loader, self.accumulation):
@@ -224,6 +233,17 @@ class Loop:
                 self.loader.settle()
             if decided.stop:
                 self._preempt(state)
+
+    def _redo_validation(self, step: int) -> None:
+        """The resumed step's validation, when it was due but never finished (the run stopped
+        while validating, after that step's checkpoint), is done now, before training goes
+        on: a run does not finish without its last step's images."""
+        if not self.validator.missing(step, resumed_epoch(self.loader)):
+            return
+        log.info("validation at step %d did not finish before the restart: redoing it", step)
+        with self.progress.paused():
+            self.validator.validate(step)
+        self.events.validation(step)
 
     def _collective(self, step: int) -> AbstractContextManager[None]:
         """A step whose gradient all-reduce loses a peer fails with one clear message."""

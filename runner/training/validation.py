@@ -91,6 +91,13 @@ class Validator:
         self.validate(step)
         return True
 
+    def missing(self, step: int, completed_epoch: int | None) -> bool:
+        """Whether ``step``'s validation was due but is not in the store (its grid, written
+        last, is absent): the run stopped while validating, after that step's checkpoint."""
+        if self.store is None or step == 0 or not self.s.due(step, completed_epoch):
+            return False
+        return not self.store.exists(validation_key(step, "grid.png"))
+
     def validate(self, step: int) -> list[str]:
         """Write ``validation/step-XXXXXX/prompt-I-J.png`` and ``grid.png``; return keys."""
         assert self.store is not None

@@ -127,6 +127,10 @@ def test_pull_of_a_failed_run_says_it_failed_not_that_it_has_not_finished(
     assert result.exit_code == 2, result.output
     assert "the run failed at step 3" in result.output, result.output
     assert "has not finished" not in result.output
+    crashed = ProgressRecord(state="failed", step=3, error="CUDA error: boom", exit_code=1)
+    (run / PROGRESS_KEY).write_bytes(crashed.to_bytes())
+    output = CliRunner().invoke(main, ["pull", str(run)]).output
+    assert "the run failed at step 3: CUDA error: boom (exit code 1)" in output, output
     (run / PROGRESS_KEY).write_bytes(ProgressRecord(state="running", step=3).to_bytes())
     assert "has not finished" in CliRunner().invoke(main, ["pull", str(run)]).output
 
