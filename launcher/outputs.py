@@ -29,6 +29,7 @@ from kubetune.storage.run_store import RetryPolicy, RunStore
 if TYPE_CHECKING:
     from kubetune.config.cluster import StorageConfig
     from kubetune.storage import ObjectStore
+    from launcher.backends.base import RunStatus
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,19 @@ def report_location(
     return ReportView(
         str(target.absolute()), store.presign(REPORT_KEY, expires_s) if presigns else None
     )
+
+
+def stale_report_note(status: RunStatus) -> str | None:
+    """A line for ``launcher report`` when the run's page cannot say how it ended: the runner
+    rewrites report.html at each validation and at its end, so a runner killed between
+    (SIGKILL, a lost node) leaves a page that says running. None when the record tells the
+    end (or the run still runs)."""
+    progress = status.progress
+    ending = progress.ending(live=not status.done) if progress is not None else None
+    if progress is None or ending is None or progress.state == "failed":
+        return None
+    written = f"note: the page was last written while {status.run} trained"
+    return f"{written}; it is {status.phase} now, {ending}"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from kubetune.errors import UserError
+from kubetune.errors import KubetuneError, UserError
 from kubetune.humanize import count
 from launcher import api
 from launcher.cli.run_commands import LOCAL, cluster_options, out_option
@@ -71,13 +71,29 @@ def report(
     from launcher.outputs import report_location
 
     view = report_location(_location(run, local, cluster).open(), expires, out)
+    note = _stale_note(run, local, cluster)
     if output == "json":
-        doc = {"run": run, "report": view.report}
+        doc = {"run": run, "report": view.report, **({"note": note} if note else {})}
         click.echo(json.dumps(doc if view.url is None else {**doc, "url": view.url}))
     else:
         click.echo(view.report)
+    if note:
+        click.echo(note, err=True)
     if open_it and not webbrowser.open(Path(view.report).resolve().as_uri()):
         click.echo("no web browser found here; open the address above yourself", err=True)
+
+
+def _stale_note(run: str, local: bool, cluster: api.ClusterOptions) -> str | None:
+    """For a run named (not a folder or URI: no process or Job to ask), whether its page
+    predates its end (``launcher.outputs.stale_report_note``); best effort."""
+    from launcher.outputs import stale_report_note
+
+    if "://" in run or "/" in run or run.startswith("."):
+        return None
+    try:
+        return stale_report_note(api.backend_for_run(run, local=local, cluster=cluster).status(run))
+    except KubetuneError:  # the page is there; its note is not worth an error
+        return None
 
 
 @click.command()

@@ -321,6 +321,32 @@ def test_a_killed_run_says_which_signal_not_its_last_log_line(
     assert "ETA" not in again.note
 
 
+def test_report_of_a_killed_run_says_its_page_is_not_live(
+    backend: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """report.html is rewritten at each validation and at the end; a runner killed between
+    (SIGKILL) leaves a page that still says running. `launcher report` says on stderr that
+    the run is not running and where its record stops; a finished run's page gets no note."""
+    from click.testing import CliRunner
+
+    from launcher.cli.main import main
+
+    monkeypatch.setenv("STAND_IN_SIGNAL", "9")
+    backend.submit(_cfg(tmp_path))
+    _wait_done(backend, "my-run")
+    (tmp_path / "out" / "my-run" / "report.html").write_text("<!DOCTYPE html><title>r</title>")
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "home"))
+    killed = CliRunner().invoke(main, ["report", "my-run", "--local"])
+    assert killed.exit_code == 0, killed.output
+    assert killed.stdout.strip() == str(tmp_path / "out" / "my-run" / "report.html")
+    assert "not running: last record at step 5, no end recorded" in killed.stderr
+    monkeypatch.delenv("STAND_IN_SIGNAL")
+    backend.submit(_cfg(tmp_path))  # resumed; the stand-in ends completed
+    _wait_done(backend, "my-run")
+    finished = CliRunner().invoke(main, ["report", "my-run", "--local"])
+    assert finished.exit_code == 0 and finished.stderr == "", finished.output
+
+
 def test_an_ended_run_shows_no_eta() -> None:
     """A run killed mid-training keeps the progress record of a running one: `status` showed
     `Failed (...); step 10/40, ..., ETA 15s`, an ETA for a run that will not go on."""
