@@ -4,15 +4,43 @@ subprocesses, as a pod runs them (``train_support.checkpoint_weights`` reads wha
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+THRESHOLD_SITE = """
+import os
+import kubetune.dataset.preflight as checks
+
+checks.DEFERRED_CHECKS_MIN_EXAMPLES = int(os.environ["DEFERRED_MIN"])
+"""
+"""The start of a ``sitecustomize`` that lowers (or raises) the deferred header checks'
+threshold in every process of a run to ``DEFERRED_MIN`` (see ``deferred_min``); what follows
+it may use ``os`` and ``checks``."""
+_STORE_RECORDER = """
+import os
+from kubetune.storage import LocalStore
+
+def _recorded(name):
+    original = getattr(LocalStore, name)
+    def wrapper(self, key, *args, **kwargs):
+        keys = [key] if isinstance(key, str) else list(key)
+        with open(os.environ["LOG_VARIABLE"], "a") as log:
+            for one in keys:
+                log.write(f"{os.environ.get('RANK', 'single')} {name} {one}\\n")
+        return original(self, key if isinstance(key, str) else keys, *args, **kwargs)
+    setattr(LocalStore, name, wrapper)
+
+for _name in ("_atomic_write", "delete", "create", "replace_if", "delete_if"):
+    _recorded(_name)
+"""
 
 
 def env(first: Path | None = None, **extra: str) -> dict[str, str]:
@@ -28,6 +56,39 @@ def env(first: Path | None = None, **extra: str) -> dict[str, str]:
     )
     out.update(extra)
     return out
+
+
+def deferred_min(deferred: bool) -> dict[str, str]:
+    """``THRESHOLD_SITE``'s variable: 2 examples count as large (header checks beside
+    training) when ``deferred``, else 10,000 (checked before training)."""
+    return {"DEFERRED_MIN": "2" if deferred else "10000"}
+
+
+def store_recorder(log_variable: str) -> str:
+    """``sitecustomize`` lines that append every write to a ``LocalStore`` as ``RANK METHOD
+    KEY`` to the file the environment variable ``log_variable`` names (``single`` outside
+    torchrun); the store works as ever."""
+    return _STORE_RECORDER.replace("LOG_VARIABLE", log_variable)
+
+
+def site_folder(folder: Path, *parts: str) -> Path:
+    """``folder`` holding a ``sitecustomize.py`` of ``parts`` in order (``env(first=folder)``
+    puts it on the workers' ``PYTHONPATH``)."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text("".join(parts))
+    return folder
+
+
+def finish(proc: subprocess.Popen[str], bound_s: float, what: str) -> str:
+    """``proc``'s stderr once it ends; past ``bound_s`` its process group (started with
+    ``start_new_session``) is killed and the test fails: ``what`` hangs."""
+    try:
+        _, err = proc.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{what} did not end within {bound_s} s (a process hangs)")
+    return err
 
 
 def free_port() -> int:

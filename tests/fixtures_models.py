@@ -1,4 +1,5 @@
-"""pytest plugin: tiny SD1.5 / SDXL diffusers directories, built once per session.
+"""pytest plugin: tiny SD1.5 / SDXL / FLUX diffusers directories and a model cache holding
+``builtin:tiny-sd``, built once per session.
 
 Register with ``pytest_plugins = ["tests.fixtures_models"]`` (or ``"fixtures_models"`` when
 ``tests/`` is on ``sys.path``) in ``tests/conftest.py``.
@@ -37,3 +38,14 @@ def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from runner.models.tiny_flux import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache (``KUBETUNE_MODEL_CACHE``) holding ``builtin:tiny-sd``, built once here,
+    not by each run nor by two ranks at once. Do not modify."""
+    from runner.models.loading import builtin_model
+
+    cache = tmp_path_factory.mktemp("models")
+    builtin_model("tiny-sd", cache)
+    return cache

@@ -30,6 +30,8 @@ TYPES = (
     "SDXL_FINETUNE",
 )
 PLACEHOLDER = "<kbtn>"
+BUCKETS = {"target_resolution": SIDE, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
+"""Aspect-ratio buckets from 32 to 128 px around SIDE (``streaming_loader``'s)."""
 
 
 def write_dataset(root: Path, n: int = 4, seed: int = 0) -> Path:
@@ -70,6 +72,12 @@ def caption_loader(data_dir: Path | str, **fields: Any) -> dict[str, Any]:
         "random_flip": False,
         **fields,
     }
+
+
+def streaming_loader(data_dir: Path | str, **fields: Any) -> dict[str, Any]:
+    """``caption_loader`` with ``BUCKETS`` in the streaming order (batches form as the sizes
+    stream in), unless ``fields`` say otherwise."""
+    return caption_loader(data_dir, aspect_ratio_buckets=BUCKETS | {"order": "streaming"}, **fields)
 
 
 def make_config(

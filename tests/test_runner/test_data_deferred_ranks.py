@@ -15,15 +15,22 @@ written) and ``CHECKS_DELAY`` seconds more, so that they end while the ranks tra
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from dp_support import TORCHRUN, env, free_port
-from train_support import config_file, make_config, write_dataset
+from dp_support import (
+    THRESHOLD_SITE,
+    TORCHRUN,
+    deferred_min,
+    env,
+    finish,
+    free_port,
+    site_folder,
+    store_recorder,
+)
+from train_support import caption_loader, config_file, make_config, streaming_loader, write_dataset
 
 from kubetune.layout import CONFIG_KEY, DATA_INDEX_KEY, LEASE_KEY, PROGRESS_KEY, REPORT_KEY
 
@@ -31,11 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BOUND_S = 240
 """A run that has not ended by then hangs."""
 SITE = """
-import os, time
-import kubetune.dataset.preflight as checks
-from kubetune.storage import LocalStore
-
-checks.DEFERRED_CHECKS_MIN_EXAMPLES = int(os.environ["DEFERRED_MIN"])
+import time
 _checks = checks._header_checks
 
 def _delayed(*args, **kwargs):
@@ -50,30 +53,9 @@ def _delayed(*args, **kwargs):
     return _checks(*args, **kwargs)
 
 checks._header_checks = _delayed
-
-def _recorded(name):
-    original = getattr(LocalStore, name)
-    def wrapper(self, key, *args, **kwargs):
-        keys = [key] if isinstance(key, str) else list(key)
-        with open(os.environ["OBSERVED_LOG"], "a") as log:
-            for one in keys:
-                log.write(f"{os.environ.get('RANK', 'single')} {name} {one}\\n")
-        return original(self, key if isinstance(key, str) else keys, *args, **kwargs)
-    setattr(LocalStore, name, wrapper)
-
-for _name in ("_atomic_write", "delete", "create", "replace_if", "delete_if"):
-    _recorded(_name)
 """
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model cache holding ``builtin:tiny-sd``, built once for the module, not by each run."""
-    from runner.models.loading import builtin_model
-
-    cache = tmp_path_factory.mktemp("models")
-    builtin_model("tiny-sd", cache)
-    return cache
+"""What follows ``THRESHOLD_SITE`` in the workers' ``sitecustomize``; ``store_recorder``
+follows it."""
 
 
 def _launch(
@@ -85,7 +67,7 @@ def _launch(
     delay: float,
     steps: int,
     deferred: bool = True,
-    loader: dict | None = None,
+    streaming: bool = False,
     truncated: str | None = None,
 ) -> dict:
     """Run 2 ranks on ``n`` images (``bad`` with a bad header, ``truncated`` cut short): what
@@ -96,29 +78,20 @@ def _launch(
     if truncated:  # its header reads well; decoding it fails
         (data / truncated).write_bytes((data / truncated).read_bytes()[:120])
     out = tmp_path / "out"
-    fields = {"train_batch_size": 1, "max_train_steps": steps, "save_every_n_steps": 2}
-    cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, **fields)
-    if loader:
-        section = cfg.data_loader.model_dump() | loader
-        cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, data_loader=section,
-                          **fields)  # fmt: skip
+    loader = (streaming_loader if streaming else caption_loader)(data)
+    cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, data_loader=loader,
+                      train_batch_size=1, max_train_steps=steps, save_every_n_steps=2)  # fmt: skip
     config = config_file(cfg, tmp_path / "run.yaml")
-    site, logs, observed = tmp_path / "site", tmp_path / "logs", tmp_path / "observed.log"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE)
+    logs, observed = tmp_path / "logs", tmp_path / "observed.log"
+    site = site_folder(tmp_path / "site", THRESHOLD_SITE, SITE, store_recorder("OBSERVED_LOG"))
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--log-dir", str(logs), "--redirects", "2", "-m", "runner", str(config)]  # fmt: skip
     extra = {"OBSERVED_LOG": str(observed), "CHECKS_DELAY": str(delay),
              "STARTED": str(out / CONFIG_KEY) if deferred else "",
-             "DEFERRED_MIN": "2" if deferred else "10000"}  # fmt: skip
+             **deferred_min(deferred)}  # fmt: skip
     agent = subprocess.Popen(cmd, env=env(site, KUBETUNE_MODEL_CACHE=str(cache), **extra),
                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = agent.communicate(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(agent.pid, signal.SIGKILL)
-        agent.communicate()
-        pytest.fail(f"the 2-process run did not end within {BOUND_S} s (a rank hangs)")
+    stderr = finish(agent, BOUND_S, "the 2-process run")
     ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
     lines = [line.split(" ", 2) for line in observed.read_text().splitlines()]
     return {"rc": agent.returncode, "agent": stderr, "ranks": ranks, "observed": lines,
@@ -130,24 +103,24 @@ def _error_lines(text: str) -> list[str]:
 
 
 def test_a_bad_header_checked_before_training_ends_every_rank_with_the_data_error(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, tiny_sd_cache: Path
 ) -> None:
     """4 images, checks not deferred: rank 0's preflight fails before any write and its
     DataError reaches the other rank (which runs no preflight): both print it, exit 2."""
-    run = _launch(tmp_path, model_cache, n=4, bad="img-2.png", delay=0.0, steps=4,
+    run = _launch(tmp_path, tiny_sd_cache, n=4, bad="img-2.png", delay=0.0, steps=4,
                   deferred=False)  # fmt: skip
     _assert_data_error_everywhere(run)
     assert not run["out"].exists() or not any(run["out"].iterdir()), run["observed"]
 
 
 def test_an_undecodable_image_ends_every_rank_with_the_same_error(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, tiny_sd_cache: Path
 ) -> None:
     """An image whose header passes the preflight but does not decode, past
     ``max_bad_image_share`` (0: the first one): the rank whose loader meets it (rank 1, with
     seed 7) does not stop alone; every rank counts every rank's skipped examples at the same
     step and prints the same one-line error (exit 2)."""
-    run = _launch(tmp_path, model_cache, n=4, bad=None, delay=0.0, steps=400, deferred=False,
+    run = _launch(tmp_path, tiny_sd_cache, n=4, bad=None, delay=0.0, steps=400, deferred=False,
                   truncated="img-2.png")  # fmt: skip
     _assert_data_error_everywhere(run, "max_bad_image_share: 1 of 4 examples")
     assert not (run["out"] / LEASE_KEY).exists()
@@ -159,7 +132,7 @@ def test_an_undecodable_image_ends_every_rank_with_the_same_error(
     ids=["checks-end-first", "a-loader-meets-it-first"],
 )
 def test_a_bad_header_ends_every_rank_with_the_data_error(
-    tmp_path: Path, model_cache: Path, n: int, bad: str, delay: float, met: bool
+    tmp_path: Path, tiny_sd_cache: Path, n: int, bad: str, delay: float, met: bool
 ) -> None:
     """The checks end as training starts, before any rank draws the bad image (40 images:
     with seed 7 it comes late in the epoch), so rank 0 alone knows, or 20 s into training,
@@ -169,7 +142,7 @@ def test_a_bad_header_ends_every_rank_with_the_data_error(
     exit 2. A rank it reports stopped by SIGTERM had printed that error already: torchrun
     stops the other workers as soon as one exits, and a worker still shutting down then dies
     of the signal."""
-    run = _launch(tmp_path, model_cache, n=n, bad=bad, delay=delay, steps=400)
+    run = _launch(tmp_path, tiny_sd_cache, n=n, bad=bad, delay=delay, steps=400)
     skipped = any("skipping a bad example" in text for text in run["ranks"].values())
     assert skipped == met, run["ranks"]  # the scenario ran as meant
     _assert_data_error_everywhere(run)
@@ -203,15 +176,14 @@ def _assert_data_error_everywhere(run: dict, reason: str = "img-2.png") -> None:
 
 @pytest.mark.parametrize("order", ["unbucketed", "streaming"])
 def test_a_good_dataset_trains_to_the_end_and_rank_0_stores_its_index_once(
-    tmp_path: Path, model_cache: Path, order: str
+    tmp_path: Path, tiny_sd_cache: Path, order: str
 ) -> None:
     """Checks delayed 3 s: they end while both ranks train; the index is written once, by
     rank 0, and the run completes on both ranks. ``streaming`` (aspect-ratio buckets in the
     streaming order): each rank's sampler takes the sizes its own checks read, so each rank
     runs them, and rank 0's outcome is still the one acted on."""
-    buckets = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
-    loader = {"aspect_ratio_buckets": buckets | {"order": order}} if order == "streaming" else {}
-    run = _launch(tmp_path, model_cache, n=4, bad=None, delay=3.0, steps=30, loader=loader)
+    run = _launch(tmp_path, tiny_sd_cache, n=4, bad=None, delay=3.0, steps=30,
+                  streaming=order == "streaming")  # fmt: skip
     assert run["rc"] == 0, run["agent"][-3000:] + "".join(run["ranks"].values())[-3000:]
     out = run["out"]
     assert json.loads((out / PROGRESS_KEY).read_text())["state"] == "completed"

@@ -12,7 +12,6 @@ loader hands to training is appended (rank, example indices) to a log."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from typing import Any
 
 import pytest
 from data_fixtures import write_image_dir
-from dp_support import TORCHRUN, env, free_port
-from train_support import config_file, make_config
+from dp_support import THRESHOLD_SITE, deferred_min, env, finish, site_folder, torchrun_cmd
+from train_support import caption_loader, config_file, make_config, streaming_loader
 
 from kubetune.errors import EXIT_PREEMPTED
 
@@ -32,12 +31,8 @@ BOUND_S = 240
 STEPS = 12
 SIZES = [(64, 64), (96, 48), (48, 96), (64, 64), (128, 64), (96, 48), (64, 64), (48, 96),
          (64, 128), (64, 64), (96, 48)]  # fmt: skip
-BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
 SITE = """
-import json, os, time
-import kubetune.dataset.preflight as checks
-
-checks.DEFERRED_CHECKS_MIN_EXAMPLES = int(os.environ["DEFERRED_MIN"])
+import json, time
 _checks = checks._header_checks
 
 def _delayed(*args, **kwargs):
@@ -58,16 +53,7 @@ def _observed(self):
 
 loader.ResumableLoader.__iter__ = _observed
 """
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model cache holding ``builtin:tiny-sd``, built once here (not by two ranks at once)."""
-    from runner.models.loading import builtin_model
-
-    cache = tmp_path_factory.mktemp("models")
-    builtin_model("tiny-sd", cache)
-    return cache
+"""What follows ``THRESHOLD_SITE`` in the workers' ``sitecustomize``."""
 
 
 def _config(
@@ -81,16 +67,10 @@ def _config(
     data = tmp_path / "data"
     if not data.exists():
         write_image_dir(data, SIZES)
-    loader = {
-        "type": "IMAGE_CAPTION_SD_DATA_LOADER",
-        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data)},
-        "resolution": 64,
-        "dataloader_num_workers": workers,
-    }
-    if streaming:
-        loader["aspect_ratio_buckets"] = BUCKETS | {"order": "streaming"}
+    loader = streaming_loader if streaming else caption_loader
     cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, tmp_path / name,
-                      data_loader=loader, train_batch_size=per_process, max_train_steps=STEPS,
+                      data_loader=loader(data, dataloader_num_workers=workers),
+                      train_batch_size=per_process, max_train_steps=STEPS,
                       save_every_n_steps=100, **fields)  # fmt: skip
     return config_file(cfg, tmp_path / f"{name}-{per_process}.yaml")
 
@@ -100,9 +80,8 @@ def _start(
 ) -> Any:
     cmd = [sys.executable, "-m", "runner", str(config)]
     if procs > 1:
-        cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={procs}",
-               f"--master_port={free_port()}", "-m", "runner", str(config)]  # fmt: skip
-    extra = {"OBSERVED_LOG": str(log), "DEFERRED_MIN": "2" if deferred else "10000",
+        cmd = torchrun_cmd(config, nproc=procs)
+    extra = {"OBSERVED_LOG": str(log), **deferred_min(deferred),
              "KUBETUNE_MODEL_CACHE": str(cache), "CHECKS_DELAY": str(delay)}  # fmt: skip
     return subprocess.Popen(
         cmd, env=env(site, **extra), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -111,12 +90,7 @@ def _start(
 
 
 def _wait(proc: Any) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the run did not end within {BOUND_S} s (a process hangs)")
+    err = finish(proc, BOUND_S, "the run")
     return proc.returncode, err
 
 
@@ -139,20 +113,18 @@ def _global_batches(log: Path, procs: int) -> list[list[int]]:
     ids=["2-then-1-streamed", "1-then-2-streamed", "2-then-1-checked-first", "2-workers"],
 )
 def test_a_preempted_streaming_run_resumes_with_the_batches_of_an_uninterrupted_one(
-    tmp_path: Path, model_cache: Path, first: int, then: int, deferred: bool, workers: int
+    tmp_path: Path, tiny_sd_cache: Path, first: int, then: int, deferred: bool, workers: int
 ) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE)
+    site = site_folder(tmp_path / "site", THRESHOLD_SITE, SITE)
     ref_log, cut_log, rest_log = (tmp_path / f"{n}.log" for n in ("ref", "cut", "rest"))
-    ref = _start(_config(tmp_path, "ref", 2), 1, site, ref_log, model_cache, deferred)
+    ref = _start(_config(tmp_path, "ref", 2), 1, site, ref_log, tiny_sd_cache, deferred)
     rc, err = _wait(ref)
     assert rc == 0, err[-3000:]
     expected = _global_batches(ref_log, 1)
     assert len(expected) == STEPS
 
-    cut = _start(_config(tmp_path, "run", 2 // first, workers), first, site, cut_log, model_cache,
-                 deferred)  # fmt: skip
+    cut = _start(_config(tmp_path, "run", 2 // first, workers), first, site, cut_log,
+                 tiny_sd_cache, deferred)  # fmt: skip
     deadline = time.monotonic() + BOUND_S
     while len(_global_batches(cut_log, first)) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -162,8 +134,8 @@ def test_a_preempted_streaming_run_resumes_with_the_batches_of_an_uninterrupted_
     assert rc != 0 and len(before) < STEPS, cut_err[-3000:]  # preempted mid-run
     assert first > 1 or rc == EXIT_PREEMPTED, cut_err[-3000:]
 
-    rest = _start(_config(tmp_path, "run", 2 // then, workers), then, site, rest_log, model_cache,
-                  deferred)  # fmt: skip
+    rest = _start(_config(tmp_path, "run", 2 // then, workers), then, site, rest_log,
+                  tiny_sd_cache, deferred)  # fmt: skip
     rc, err = _wait(rest)
     assert rc == 0, err[-3000:]
     assert "resumed from checkpoint step-" in err, (cut_err[-3000:], err[-3000:])
@@ -174,19 +146,17 @@ def test_a_preempted_streaming_run_resumes_with_the_batches_of_an_uninterrupted_
 
 
 def test_a_run_preempted_while_its_header_checks_run_stops_as_preempted(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, tiny_sd_cache: Path
 ) -> None:
     """2 processes, checks beside training held back 30 s (no buckets: training starts
     without them), 2 batches a step: torchrun passes the SIGTERM to each rank's whole
     process group (rank 0's forked preflight included); the run still stops as preempted
     with its stop checkpoint (not 'the data preflight process gave no result') and
     resumes from it."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE)
+    site = site_folder(tmp_path / "site", THRESHOLD_SITE, SITE)
     cut_log, rest_log = tmp_path / "cut.log", tmp_path / "rest.log"
     config = _config(tmp_path, "run", 1, streaming=False, gradient_accumulation_steps=2)
-    cut = _start(config, 2, site, cut_log, model_cache, True, delay=30)
+    cut = _start(config, 2, site, cut_log, tiny_sd_cache, True, delay=30)
     deadline = time.monotonic() + BOUND_S
     while len(_global_batches(cut_log, 2)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -194,6 +164,6 @@ def test_a_run_preempted_while_its_header_checks_run_stops_as_preempted(
     rc, cut_err = _wait(cut)
     assert "gave no result" not in cut_err and "stopped by SIGTERM" in cut_err, cut_err[-3000:]
     resumed = _config(tmp_path, "run", 2, streaming=False, gradient_accumulation_steps=2)
-    rest = _start(resumed, 1, site, rest_log, model_cache, True)
+    rest = _start(resumed, 1, site, rest_log, tiny_sd_cache, True)
     rc, err = _wait(rest)
     assert rc == 0 and "resumed from checkpoint step-" in err, err[-3000:]

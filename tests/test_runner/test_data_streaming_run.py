@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from data_fixtures import write_image_dir
-from train_support import make_config, train
+from train_support import BUCKETS, make_config, streaming_loader, train
 
 import kubetune.dataset.preflight as checks
 from kubetune.config.data import AspectRatioBucketConfig
@@ -27,7 +27,6 @@ from runner.data.loader import ResumableLoader
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["fixtures_models"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
 SIZES = [(64, 64), (96, 48), (64, 64), (48, 96), (64, 64), (96, 48), (64, 64), (96, 48),
          (64, 64)]  # fmt: skip
 """(w, h): five square, three wide, one tall (a bucket smaller than the batch of 2)."""
@@ -69,14 +68,7 @@ def test_a_streaming_run_takes_every_example_once_per_epoch(
     monkeypatch.setattr(checks, "DEFERRED_CHECKS_MIN_EXAMPLES", 2)
     data = tmp_path / "data"
     write_image_dir(data, SIZES)
-    loader = {
-        "type": "IMAGE_CAPTION_SD_DATA_LOADER",
-        "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data)},
-        "resolution": 64,
-        "center_crop": True,
-        "aspect_ratio_buckets": BUCKETS | {"order": "streaming"},
-        **fields.pop("data_loader", {}),
-    }
+    loader = streaming_loader(data, **fields.pop("data_loader", {}))
     cfg = make_config("SD_LORA", tiny_sd_dir, data, tmp_path / "out", data_loader=loader,
                       save_every_n_steps=100, **fields)  # fmt: skip
     seen = _observe(monkeypatch)

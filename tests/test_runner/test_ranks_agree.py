@@ -21,7 +21,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dp_support import children, env, free_port, ok, rank_of, torchrun, torchrun_cmd
+from dp_support import (
+    children,
+    env,
+    free_port,
+    ok,
+    rank_of,
+    site_folder,
+    store_recorder,
+    torchrun,
+    torchrun_cmd,
+)
 from train_support import config_file, make_config, write_dataset
 
 from kubetune.errors import ProcessGroupError
@@ -29,25 +39,6 @@ from runner.training.distributed import Ranks
 
 pytest_plugins = ["fixtures_models"]
 pytestmark = pytest.mark.timeout(600)
-RECORDER = """
-import os
-from kubetune.storage import LocalStore
-
-def _recorded(name):
-    original = getattr(LocalStore, name)
-    def wrapper(self, key, *args, **kwargs):
-        keys = [key] if isinstance(key, str) else list(key)
-        with open(os.environ["WRITERS_LOG"], "a") as log:
-            for one in keys:
-                log.write(f"{os.environ.get('RANK', 'single')} {name} {one}\\n")
-        if not isinstance(key, str):
-            key = keys
-        return original(self, key, *args, **kwargs)
-    setattr(LocalStore, name, wrapper)
-
-for _name in ("_atomic_write", "delete", "create", "replace_if", "delete_if"):
-    _recorded(_name)
-"""
 
 
 def _config(tmp_path: Path, model: Path, **fields: Any) -> tuple[Path, Path]:
@@ -66,9 +57,7 @@ def test_seed_null_is_drawn_once_and_only_rank_0_writes(
     store, in a run and in a --no-resume rerun that discards it, is rank 0's."""
     config, out = _config(tmp_path, tiny_sd_dir, seed=None, max_train_steps=2,
                           save_every_n_steps=1)  # fmt: skip
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(RECORDER)
+    site = site_folder(tmp_path / "site", store_recorder("WRITERS_LOG"))
     writers = tmp_path / "writers.log"
     monkeypatch.setenv("WRITERS_LOG", str(writers))
     ok(torchrun(config, first=site))
