@@ -96,27 +96,33 @@ def upload(server: Any, bucket: str, folder: Path, n: int) -> None:
     store.put_bytes("data.jsonl", "\n".join(rows).encode())
 
 
+def sd_lora_config(bucket: str, n: int, mode: str, **fields: Any) -> dict[str, Any]:
+    """An SD_LORA config over the `n`-image JSONL on S3 (`ds-<n>`): 512 px, batch 4
+    (invoke-training's default), aspect-ratio buckets as `mode` says (`MODES`); `fields` add
+    to it."""
+    return {
+        "type": "SD_LORA",
+        "data_loader": {
+            "type": "IMAGE_CAPTION_SD_DATA_LOADER",
+            "dataset": {
+                "type": "IMAGE_CAPTION_JSONL_DATASET",
+                "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
+            },
+            "resolution": 512,
+            "aspect_ratio_buckets": MODES[mode],
+        },
+        "train_batch_size": 4,
+        **fields,
+    }
+
+
 def preflight_config(bucket: str, n: int, run_dir: str, mode: str) -> Any:
-    """The SD_LORA config the data-path measurements read: the `n`-image JSONL on S3, 512 px,
-    batch 4 (invoke-training's default), aspect-ratio buckets as `mode` says (`MODES`)."""
+    """The config the data-path measurements read (`sd_lora_config`): one step, in
+    `run_dir`."""
     from kubetune.config import SdLoraConfig
 
-    return SdLoraConfig.model_validate(
-        {
-            "base_output_dir": run_dir,
-            "max_train_steps": 1,
-            "save_every_n_steps": 1,
-            "data_loader": {
-                "dataset": {
-                    "type": "IMAGE_CAPTION_JSONL_DATASET",
-                    "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
-                },
-                "resolution": 512,
-                "aspect_ratio_buckets": MODES[mode],
-            },
-            "train_batch_size": 4,
-        }
-    )
+    fields = {"base_output_dir": run_dir, "max_train_steps": 1, "save_every_n_steps": 1}
+    return SdLoraConfig.model_validate(sd_lora_config(bucket, n, mode, **fields))
 
 
 def measure(bucket: str, n: int, run_dir: str, mode: str = "buckets") -> dict[str, Any]:
@@ -197,79 +203,63 @@ def _rss_mib(field: str = "VmRSS") -> float:
 
 def memory(a: argparse.Namespace, bucket: str, env: dict[str, str], tmp: str) -> None:
     """`index_memory` cold (no index) then on a restart (the run's index), fresh processes."""
-    code = (
-        "import json, sys; sys.path[:0] = [sys.argv[1]]\n"
-        "from data_first_step import index_memory\n"
-        "print(json.dumps(index_memory(sys.argv[2], int(sys.argv[3]), sys.argv[4], "
-        "sys.argv[5] == '1')))"
-    )
-    for traced in ("0", "1"):
+    for traced in (False, True):
         for phase in ("cold", "restart"):
-            args = [str(Path(__file__).parent), bucket, str(a.big), f"{tmp}/mem-{traced}", traced]
-            out = subprocess.run(
-                [sys.executable, "-c", code, *args],
-                env={**os.environ, **env},
-                capture_output=True,
-                text=True,
-                timeout=1800,
-                check=True,
-            )
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            args = [bucket, a.big, f"{tmp}/mem-{int(traced)}", traced]
+            row = in_fresh_process("index_memory", args, env)
             what = (f"Python allocations peak {row['peak_mib']:.0f} MiB, held after "
-                    f"{row['held_mib']:.0f} MiB (tracemalloc)" if traced == "1" else
+                    f"{row['held_mib']:.0f} MiB (tracemalloc)" if traced else
                     f"RSS +{row['rss_growth_mib']:.0f} MiB, peak {row['rss_peak_mib']:.0f} MiB "
                     "(no torch)")  # fmt: skip
             print(f"{a.big} {phase}: {what}; reused {row['reused']}", flush=True)
 
 
 def one(bucket: str, n: int, run_dir: str, env: dict[str, str], mode: str) -> dict[str, Any]:
+    """`measure` in a fresh process."""
+    return in_fresh_process("measure", [bucket, n, run_dir, mode], env)
+
+
+def in_fresh_process(function: str, args: list[Any], env: dict[str, str]) -> dict[str, Any]:
+    """What `function(*args)` of this module returns, run in a fresh process (as a restarted
+    pod starts) with `env` added to the environment."""
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1]]\n"
-        "from data_first_step import measure\n"
-        "print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])))"
+        "import data_first_step\n"
+        "print(json.dumps(getattr(data_first_step, sys.argv[2])(*json.loads(sys.argv[3]))))"
     )
-    args = [str(Path(__file__).parent), bucket, str(n), run_dir, mode]
     out = subprocess.run(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, "-c", code, str(Path(__file__).parent), function, json.dumps(args)],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=1800,
     )
     if out.returncode:
-        raise RuntimeError(f"measurement of {n} images failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{function}{tuple(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def runner_config(
     bucket: str, n: int, prefix: str, name: str, endpoint: str, mode: str = "buckets"
 ) -> dict[str, Any]:
-    """A real run over `ds-<n>`: tiny SD1.5, 512 px (aspect-ratio buckets as `mode` says),
-    outputs to s3://bucket/prefix."""
-    return {
-        "type": "SD_LORA",
-        "seed": 0,
-        "base_output_dir": f"runs/{name}",
-        "model": "builtin:tiny-sd",
-        "hf_variant": None,
-        "weight_dtype": "float32",
-        "mixed_precision": "no",
-        "data_loader": {
-            "type": "IMAGE_CAPTION_SD_DATA_LOADER",
-            "dataset": {
-                "type": "IMAGE_CAPTION_JSONL_DATASET",
-                "jsonl_path": f"s3://{bucket}/ds-{n}/data.jsonl",
-            },
-            "resolution": 512,
-            "aspect_ratio_buckets": MODES[mode],
-        },
-        "train_batch_size": 4,
-        "max_train_steps": 2,
-        "save_every_n_steps": 1000,
-        "log_every_n_steps": 1,
-        "report_to": None,
-        "storage": {"endpoint_url": endpoint, "bucket": bucket, "prefix": prefix},
-    }
+    """A real run over `ds-<n>` (`sd_lora_config`): tiny SD1.5, 2 steps, outputs to
+    s3://bucket/prefix."""
+    return sd_lora_config(
+        bucket,
+        n,
+        mode,
+        seed=0,
+        base_output_dir=f"runs/{name}",
+        model="builtin:tiny-sd",
+        hf_variant=None,
+        weight_dtype="float32",
+        mixed_precision="no",
+        max_train_steps=2,
+        save_every_n_steps=1000,
+        log_every_n_steps=1,
+        report_to=None,
+        storage={"endpoint_url": endpoint, "bucket": bucket, "prefix": prefix},
+    )
 
 
 def first_step(cfg: dict[str, Any], env: dict[str, str], tmp: str) -> float:
