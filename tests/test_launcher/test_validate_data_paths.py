@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,17 @@ def _config(folder: Path, dataset: dict, **extra: object) -> Path:
 def _validate(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, ["validate", *args])
     return result.exit_code, result.stdout, result.stderr
+
+
+def _runner_refuses_before_torch(path: Path) -> str:
+    """``python -m runner``'s ``main([path])`` in a fresh process: it returns 2 without having
+    imported torch. Its stderr."""
+    code = ("import sys\nfrom runner.__main__ import main\n"
+            f"rc = main([{str(path)!r}])\nprint(rc, 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    return out.stderr
 
 
 def _images(folder: Path, names: list[str], captions: bool = True) -> None:
@@ -119,17 +132,10 @@ def test_submit_local_refuses_a_missing_dataset_before_starting(
 
 
 def test_the_runner_refuses_a_missing_dataset_before_loading_torch(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "gone"})
-    code = ("import sys\nfrom runner.__main__ import main\n"
-            f"rc = main([{str(path)!r}])\nprint(rc, 'torch' in sys.modules)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
-    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    stderr = _runner_refuses_before_torch(path)
     assert f"{path}:8: data_loader.dataset.dataset_dir: {tmp_path / 'gone'}: no such folder" in (
-        out.stderr
+        stderr
     )
 
 
@@ -151,20 +157,11 @@ def test_validate_data_names_the_field_of_a_missing_dataset_bucket(
 def test_the_runner_refuses_a_missing_model_path_before_loading_torch(tmp_path: Path) -> None:
     """`python -m runner` with `model: models/sd15/v1` (no such folder, not a Hub name) failed
     only after the libraries loaded, with no file, line or field."""
-    import subprocess
-    import sys
-
     _images(tmp_path / "data", ["a.png"])
     path = _config(tmp_path, {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": "data"},
                    model="models/sd15/v1")  # fmt: skip
-    code = ("import sys\nfrom runner.__main__ import main\n"
-            f"rc = main([{str(path)!r}])\nprint(rc, 'torch' in sys.modules)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
-    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
-    assert f"{path}:3: model: models/sd15/v1: no such file or folder beside the config" in (
-        out.stderr
-    )
+    stderr = _runner_refuses_before_torch(path)
+    assert f"{path}:3: model: models/sd15/v1: no such file or folder beside the config" in stderr
 
 
 def test_a_dataset_found_from_the_working_folder_is_named_in_the_error(
@@ -173,9 +170,6 @@ def test_a_dataset_found_from_the_working_folder_is_named_in_the_error(
     """invoke-training's samples say `dataset_dir: sample_data/bruce_the_gnome`, meant from
     its repository's root; kubetune reads it beside the config file (its sample_configs/
     folder) and said only `no such folder`. The folder the person meant is named now."""
-    import subprocess
-    import sys
-
     repo = tmp_path / "invoke-training"
     _images(repo / "sample_data" / "gnome", ["a.png"])
     _config(repo / "configs", {"type": "IMAGE_CAPTION_DIR_DATASET",
