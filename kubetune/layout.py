@@ -18,6 +18,8 @@ Layout (relative to ``base_output_dir`` or ``s3://bucket/prefix/<run>/``)::
     final/                               the finished run's LoRA / embeddings; manifest.json last
     history.jsonl                        one line per progress log line (the report's curves)
     report.html                          the run report (self-contained)
+    start-over.json                      the last start-over a cluster run carried out
+    pod-logs/<UTC time>/node-<K>.log     the tails of a replaced workload's pods' logs
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ FINAL = "final"
 LOGS = "logs"
 HISTORY_KEY = "history.jsonl"
 REPORT_KEY = "report.html"
+START_OVER_KEY = "start-over.json"
+START_OVER_ENV = "KUBETUNE_START_OVER"
+"""A token the launcher sets in a workload that `submit --replace` made to start a finished
+run over: the runner discards the run's checkpoints unless START_OVER_KEY already holds this
+token (a retried pod of that workload resumes instead of starting over again)."""
+POD_LOGS = "pod-logs"
 # Checkpoint files that are training state, not weights (written by runner.checkpoint.state);
 # `launcher pull` skips them when a manifest has no meta.weights list.
 TRAINING_STATE_FILES = frozenset({"training_state.pt", "trainable.safetensors", "run_info.json"})
@@ -121,6 +129,18 @@ def final_key(name: str) -> str:
 def log_key(name: str) -> str:
     """``logs/<name>``."""
     return _join(LOGS, name)
+
+
+def pod_logs_key(stamp: str, node: int) -> str:
+    """``pod-logs/<stamp>/node-<K>.log``: the saved log tails of node ``K``'s pods of a workload
+    that `launcher submit` replaced at ``stamp`` (``20261203T174000.123456Z``: sorts by time)."""
+    return _join(POD_LOGS, stamp, f"node-{node}.log")
+
+
+def parse_pod_logs_key(key: str) -> tuple[str, int] | None:
+    """(stamp, node) of a key made by ``pod_logs_key``; None for any other key."""
+    match = re.fullmatch(rf"{POD_LOGS}/([0-9T.Z]+)/node-(\d+)\.log", key)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def _join(*parts: str) -> str:

@@ -11,8 +11,9 @@ so request paths, query parameters, status codes, chunked log/watch streams and
 What it models: namespaces, ConfigMaps, Secrets, Events, Services, Jobs, JobSets, TrainJobs
 and Pods; creation with 409
 AlreadyExists and 404 for missing namespaces; label and simple field selectors; resource
-versions and `watch=true` streams; pod logs with `follow=true`; deletion that cascades to
-objects whose ownerReferences point at the deleted one; a small Job controller that creates
+versions and `watch=true` streams; pod logs with `follow=true`, `tailLines` and
+`limitBytes`; deletion that cascades to objects whose ownerReferences point at the deleted
+one; a small Job controller that creates
 one Pod per attempt (per index for Indexed Jobs), applies the Job's podFailurePolicy and
 backoffLimit, and honours `suspend`; and minimal JobSet / TrainJob controllers
 (`k8s_fake_workloads`). Pods only move when the test says so (`start_pod`, `finish_pod`, ...).

@@ -224,7 +224,12 @@ def handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             if follow:
                 self._chunked(fake.stream_log(ns, name, True), "text/plain")
             else:
-                text = "".join(fake.stream_log(ns, name, False)).encode()
+                lines = list(fake.stream_log(ns, name, False))
+                if "tailLines" in query:  # the last N lines, then at most limitBytes of them
+                    lines = lines[len(lines) - min(len(lines), int(query["tailLines"])) :]
+                text = "".join(lines).encode()
+                if "limitBytes" in query:
+                    text = text[: int(query["limitBytes"])]
                 self._send(200, text, "text/plain")
 
         def _json(self, code: int, obj: Obj) -> None:

@@ -44,6 +44,9 @@ class SubmitResult:
     note: str | None = None
     """One line on what submit did with a run that already existed (resumed it, found it
     running or finished); None for a new run."""
+    saved_logs: str | None = None
+    """Where the log tails of the pods of a cluster workload that submit replaced were saved
+    (a folder URI or path; `launcher logs` prints them); None if it replaced none."""
 
 
 Progress = ProgressRecord  # the launcher's view of progress.json is the runner's own record

@@ -19,9 +19,10 @@ from kubetune.config import PipelineConfig, config_hash, output_uri, parse_confi
 from kubetune.config.cluster import sanitize_name
 from kubetune.errors import ClusterError, ConfigError, UserError
 from kubetune.humanize import count
-from launcher.backends import k8s_features, k8s_status
+from launcher.backends import k8s_features, k8s_saved_logs, k8s_status
 from launcher.backends.base import Backend, RunStatus, SubmitResult, read_progress
 from launcher.backends.k8s_client import api_errors, load_api_client
+from launcher.backends.k8s_resubmit import DELETION_WAIT, Resubmits
 from launcher.backends.k8s_workloads import (
     BY_KIND,
     JOB,
@@ -42,10 +43,9 @@ from launcher.manifests import (
 from launcher.pod_security import pod_patch_warnings
 
 Obj = dict[str, Any]
-DELETION_WAIT = 180.0  # seconds submit waits for a cancelled Job of the same name to go
 
 
-class KubernetesBackend(Backend):
+class KubernetesBackend(Resubmits, Backend):
     """Runs as Jobs, JobSets or TrainJobs (`job.backend`) in one namespace."""
 
     name = "kubernetes"
@@ -92,7 +92,7 @@ class KubernetesBackend(Backend):
         existing = [j for j in jobs if not j["metadata"].get("deletionTimestamp")]
         same = next((j for j in existing if _ref(j) == _ref(job)), None)
         if same is not None:
-            return self._again(ns, same, result, [config_map, job, *extras])
+            return self._again(ns, same, result, cfg, replace)
         if existing and not replace:
             other = existing[-1]["metadata"]
             raise UserError(
@@ -106,32 +106,6 @@ class KubernetesBackend(Backend):
         if not self._create(ns, config_map, job, extras):
             return _replace_field(result, created=False)
         return result
-
-    def _again(self, ns: str, old: Obj, result: SubmitResult, manifests: list[Obj]) -> SubmitResult:
-        """The same config submitted again, as the local backend treats it: a workload that
-        ended Failed is deleted (foreground: its pods and ConfigMap go too) and created anew,
-        and its pod resumes from the newest checkpoint (the outputs stay); a live or
-        finished one is returned as it is."""
-        status = self._status(old, with_progress=False)
-        if status.phase not in ("Failed", "Succeeded"):
-            return _replace_field(result, created=False)
-        progress = self._progress(old["metadata"]["name"])[0]
-        where = f" at {progress.summary(live=False)}" if progress else ""
-        if status.phase == "Succeeded":
-            return _replace_field(
-                result, created=False, note=f"already finished (same config){where}"
-            )
-        self._delete_job(ns, old)
-        self._wait_gone([_ref(old)], DELETION_WAIT, ns)
-        config_map, job, *extras = manifests
-        if not self._create(ns, config_map, job, extras):  # a concurrent submit resumed it
-            return _replace_field(result, created=False)
-        why = f" ({status.reason})" if status.reason else ""
-        note = (
-            f"resuming (a new {old['kind']}; the last one ended Failed{why}{where}): "
-            "training continues from the newest checkpoint"
-        )
-        return _replace_field(result, resumed_after="Failed", note=note)
 
     def _warnings(self, cfg: PipelineConfig, workload: Obj) -> tuple[str, ...]:
         """pod_patch against the restricted profile and the Job fields the server's version
@@ -372,15 +346,21 @@ class KubernetesBackend(Backend):
         self, run: str, *, follow: bool = False, latest: bool = False, rank: int | None = None
     ) -> Iterator[str]:
         """Every pod's log of one node, oldest first: node `rank` (default 0, the node that
-        logs progress) of a multi-node run. (`latest` changes nothing: a submit that creates
-        a Job starts its first attempt.)"""
-        job = self._find_job(run)
+        logs progress) of a multi-node run; first (unless `latest`) the log tails saved when
+        submit replaced an earlier workload of the run (`k8s_saved_logs`)."""
+        job = self._find_job_or_saved(run)
+        if job is None:  # no workload, but logs saved here when one was replaced
+            local = self._log_stores(None, sanitize_name(run))
+            yield from k8s_saved_logs.saved_lines(local, rank or 0)
+            return
         nodes = k8s_status.workload_nodes(job)
         if rank is not None and not 0 <= rank < nodes:
             raise UserError(
                 f"run {run} has {count(nodes, 'node')}: --rank takes 0..{nodes - 1}",
                 hint="--rank is the node rank (the pod's completion index)",
             )
+        saved = [] if latest else list(self._saved_lines(job, rank or 0))
+        yield from saved
         want = None if nodes == 1 else (rank or 0)
         seen, container = set[str](), kind_of(job).container
         while True:
@@ -393,6 +373,8 @@ class KubernetesBackend(Backend):
                     continue
                 if seen:  # a retry: mark where the next attempt's log starts
                     yield f"==> pod {pod_name} (attempt {pods.index(pod) + 1}) <=="
+                elif saved:
+                    yield f"==> pod {pod_name} (the current {job['kind']}) <=="
                 seen.add(pod_name)
                 yield from self._pod_log(pod_name, follow and not finished, container)
             if not follow or finished:

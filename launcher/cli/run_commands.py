@@ -148,8 +148,8 @@ def render(
 @click.option(
     "--replace",
     is_flag=True,
-    help="Delete a run of the same name with another config first; a finished local run of "
-    "this config starts over from step 0.",
+    help="Delete a run of the same name with another config first; a Succeeded run of this "
+    "config (local or cluster) starts over from step 0.",
 )
 @click.option(
     "--timeout",
@@ -188,7 +188,8 @@ def submit(
     Submitting the same config again returns the existing run, or resumes it from its newest
     checkpoint when it ended Failed (a failed Job is deleted and created anew; outputs stay)
     or, locally, was preempted or cancelled (as a restarted pod does); another config under
-    the same run name is an error unless --replace.
+    the same run name is an error unless --replace. A cluster Job that submit deletes has its
+    pods' log tails saved first (`launcher logs` prints them).
     With --sweep, every combination becomes its own run named `<run>-<hash of its values>`
     and labelled with the sweep (re-submitting is a no-op);
     `--local` runs them one after another, a cluster queues them (job.queue_name).
@@ -236,6 +237,10 @@ def submit(
             verb = "submitted" if result.created else "already submitted (same config)"
             click.echo(f"{result.run}: {verb} as {backend.name} job {result.job_name}{where}")
         click.echo(f"outputs: {result.output_uri}")
+        if result.saved_logs:
+            click.echo(
+                f"logs of the replaced pods: {result.saved_logs} (`launcher logs` shows them)"
+            )
     if not (wait or follow):
         if output == "json":
             _emit_json({"submit": result.__dict__})
@@ -363,7 +368,8 @@ def status(
 def logs(
     run: str, follow: bool, rank: int | None, local: bool, cluster: api.ClusterOptions
 ) -> None:
-    """Print the logs of RUN (every attempt, oldest first; one node of a multi-node run).
+    """Print the logs of RUN (every attempt, oldest first, on a cluster with the log tails
+    saved when submit replaced a Job; one node of a multi-node run).
 
     \b
     Examples:

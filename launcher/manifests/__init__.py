@@ -16,6 +16,7 @@ from typing import Any
 
 from kubetune.config import PipelineConfig
 from kubetune.config.cluster import JobConfig
+from kubetune.layout import START_OVER_ENV
 from launcher.manifests.common import (
     ANNOTATION_OUTPUT,
     CACHE_DIR,
@@ -55,13 +56,31 @@ RENDERERS: dict[str, Callable[[PipelineConfig, Obj], list[Obj]]] = {
 }
 
 
-def build_manifests(cfg: PipelineConfig, *, namespace: str | None = None) -> list[Obj]:
+def build_manifests(
+    cfg: PipelineConfig, *, namespace: str | None = None, start_over: str | None = None
+) -> list[Obj]:
     """The run's ConfigMap, its workload and what the workload needs (a headless Service),
-    in creation order."""
+    in creation order. `start_over`: a token that makes the workload's first pod start the
+    run over from step 0 (`submit --replace` of a finished run; `kubetune.layout`)."""
     require_storage(cfg)
     job = cfg.job or JobConfig()
     meta = object_meta(cfg, namespace or job.namespace)
-    return [config_map(cfg, meta), *RENDERERS[job.backend](cfg, meta)]
+    config, workload, *extras = [config_map(cfg, meta), *RENDERERS[job.backend](cfg, meta)]
+    if start_over is not None:
+        workload = with_runner_env(workload, START_OVER_ENV, start_over)
+    return [config, workload, *extras]
+
+
+def with_runner_env(obj: Any, name: str, value: str) -> Any:
+    """`obj` with NAME=VALUE added to every env list that carries the runner's env contract
+    (KUBETUNE_CONFIG_HASH): the trainer container of each kind of workload."""
+    if isinstance(obj, list):
+        if any(isinstance(e, dict) and e.get("name") == "KUBETUNE_CONFIG_HASH" for e in obj):
+            return [*obj, {"name": name, "value": value}]
+        return [with_runner_env(item, name, value) for item in obj]
+    if isinstance(obj, dict):
+        return {key: with_runner_env(item, name, value) for key, item in obj.items()}
+    return obj
 
 
 __all__ = [

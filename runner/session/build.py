@@ -47,6 +47,7 @@ from runner.reporting.progress import (
 )
 from runner.reporting.run_events import RunEvents
 from runner.reporting.terminal import wants_bar
+from runner.session import start_over
 from runner.session.load import Loaded
 from runner.session.settings import RunSettings, TrainingSettings, compat_info
 from runner.training.compile import compile_for_training, training_shapes
@@ -206,6 +207,8 @@ class StartOptions:
     resume: bool = True
     force_restart: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
+    start_over: str | None = None
+    """A cluster workload's start-over token (`runner.session.start_over`)."""
 
 
 def build_session(
@@ -277,15 +280,20 @@ def _resume_point(
     manager: CheckpointManager, work_dir: Path, compat: dict[str, Any], options: StartOptions
 ) -> ResumePoint | None:
     """Rank 0's choice: the newest valid checkpoint (others set aside), or none (with
-    --no-resume / --force-restart, after discarding the run's checkpoints)."""
-    if options.resume and not options.force_restart:
+    --no-resume / --force-restart / a start-over token not carried out yet, after discarding
+    the run's checkpoints)."""
+    token = options.start_over
+    fresh = start_over.pending(manager.store, token)
+    if options.resume and not options.force_restart and not fresh:
         return fetch_latest(manager, work_dir, compat)
+    why = "--force-restart" if options.force_restart else "--no-resume"
+    if fresh:
+        why = f"launcher submit --replace, start-over {token}"
     if manager.latest() is not None:
-        log.warning(
-            "starting over: discarding the run's existing checkpoints (%s)",
-            "--force-restart" if options.force_restart else "--no-resume",
-        )
+        log.warning("starting over: discarding the run's existing checkpoints (%s)", why)
         manager.delete_all()
+    if fresh and token is not None:
+        start_over.record(manager.store, token)
     return None
 
 

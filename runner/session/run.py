@@ -30,6 +30,7 @@ from kubetune.storage import open_store
 from kubetune.storage.lease import Lease
 from kubetune.storage.run_store import RunStore
 from runner.reporting.run_events import RunEvents, reported
+from runner.session import start_over
 from runner.session.build import RunResult, StartOptions, build_session
 from runner.session.load import load_then_join
 from runner.session.settings import lease_settings, model_settings, process_group_timeout
@@ -73,7 +74,10 @@ def run(
             )
             is_main = loaded.accelerator.is_main_process
             with _held_run_store(cfg, is_main, events) as store:
-                options = StartOptions(work, resume, force_restart, stop or threading.Event())
+                token = start_over.requested_token()
+                options = StartOptions(
+                    work, resume, force_restart, stop or threading.Event(), token
+                )
                 return build_session(cfg, loaded, store, events, options).run()
 
 

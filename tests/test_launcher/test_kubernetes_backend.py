@@ -83,7 +83,8 @@ def _clients(kubeconfig: str) -> tuple[client.CoreV1Api, client.BatchV1Api]:
 
 
 @pytest.fixture
-def fake_kube(tmp_path: Path) -> Iterator[Kube]:
+def fake_kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kube]:
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "kubetune-home"))  # saved pod logs
     with FakeKube() as fake:
         kubeconfig = str(fake.write_kubeconfig(tmp_path / "kubeconfig"))
         kube = Kube(kubeconfig, "default", fake, *_clients(kubeconfig))

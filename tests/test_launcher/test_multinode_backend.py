@@ -26,7 +26,8 @@ Obj = dict[str, Any]
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeKube]:
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKube]:
+    monkeypatch.setenv("KUBETUNE_HOME", str(tmp_path / "kubetune-home"))  # saved pod logs
     with FakeKube() as kube:
         kube.kubeconfig = str(kube.write_kubeconfig(tmp_path / "kubeconfig"))
         core = client.CoreV1Api(config.new_client_from_config(config_file=kube.kubeconfig))
