@@ -1,9 +1,10 @@
 """``python tests/crash_inject.py SPEC CONFIG [runner args]``: the real ``python -m runner``
 with one crash injected, for tests of how a run ends when something fails mid-training.
 
-SPEC is ``module:Class.method:N:Error``: the N-th call of that method raises the builtin
-exception ``Error`` (``RuntimeError``, ``MemoryError``, ...) with the message
-``injected crash (call N of Class.method)``; every other call runs the real method. The rest
+SPEC is ``module:Class.method:N:Error[:RANK]``: the N-th call of that method raises the
+builtin exception ``Error`` (``RuntimeError``, ``MemoryError``, ...) with the message
+``injected crash (call N of Class.method)``; every other call runs the real method. With
+RANK, only the process of that global rank (torchrun's ``RANK``) crashes. The rest
 of the process is the unchanged entrypoint (``runner.__main__.main``), so the exception goes
 through the same handlers and exit status as a real one. Tests use it only where no input can
 make the runner fail at that point on purpose (an out-of-memory error on a CPU runner, an
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import os
 import sys
 from typing import Any
 
 
 def install(spec: str) -> None:
-    """Wrap the method SPEC names so that its N-th call raises."""
-    target, calls, error = spec.rsplit(":", 2)
-    module_name, qualname = target.split(":")
+    """Wrap the method SPEC names so that its N-th call raises (in the rank it names)."""
+    module_name, qualname, calls, error, *rank = spec.split(":")
+    if rank and os.environ.get("RANK", "0") != rank[0]:
+        return
     owner_name, method = qualname.rsplit(".", 1)
     owner: Any = importlib.import_module(module_name)
     for part in owner_name.split("."):

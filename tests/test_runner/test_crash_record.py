@@ -85,3 +85,27 @@ def test_out_of_memory_on_s3_records_failed_for_storage_readers(
     assert record is not None, why
     assert (record.state, record.exit_code, record.step) == ("failed", 1, 1), record
     assert record.error is not None and record.error.startswith("out of memory (lower ")
+
+
+@pytest.mark.slow
+def test_a_crash_on_another_rank_is_recorded_by_rank_0(tmp_path: Path) -> None:
+    """Two processes (the pod's ``python -m runner.launch``, gloo): rank 1 crashes at step 3;
+    rank 0, whose all-reduce loses its peer, records failed with that error and exit code 1,
+    the pod's exit status (the root cause's)."""
+    from dp_support import env, free_port
+
+    data = write_dataset(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, train_batch_size=1,
+                      max_train_steps=6, save_every_n_steps=2, log_every_n_steps=1)  # fmt: skip
+    config = config_file(cfg, tmp_path / "run.yaml")
+    command = [sys.executable, "-m", "runner.launch", "--standalone", "--nproc_per_node=2",
+               f"--master_port={free_port()}", str(REPO / "tests" / "crash_inject.py"),
+               f"{STEP_CRASH}:3:RuntimeError:1", str(config)]  # fmt: skip
+    done = subprocess.run(command, env=env(KUBETUNE_WORK_DIR=str(tmp_path / "work")),
+                          capture_output=True, text=True, timeout=540)  # fmt: skip
+    assert done.returncode == EXIT_FAILURE, done.stderr[-3000:]
+    assert "[rank1]: RuntimeError: injected crash (call 3 of StepRunner.run)" in done.stderr
+    record = ProgressRecord.from_bytes((out / PROGRESS_KEY).read_bytes())
+    assert (record.state, record.exit_code, record.last_checkpoint_step) == ("failed", 1, 2)
+    assert record.error is not None and record.error.startswith("lost contact with the other")
