@@ -439,6 +439,41 @@ def test_progress_comes_from_storage(fake_kube: Kube, s3_env: Any, s3_bucket: st
     assert status.progress.summary() == "step 40/100, loss 0.125, 3.5 img/s, ETA 1m35s"
 
 
+def test_a_failed_job_whose_record_says_running_is_not_running(
+    fake_kube: Kube, s3_env: Any, s3_bucket: str
+) -> None:
+    """A pod killed outright (OOMKilled: SIGKILL) leaves progress.json saying running; once
+    the Job is Failed, `status` says the run is not running and where its record stops,
+    instead of a running run's figures. A runner that wrote its end says how it ended."""
+    from kubetune.config import parse_config
+    from kubetune.layout import ProgressRecord
+    from kubetune.storage import open_store
+
+    fake, backend = fake_kube.fake, fake_kube.backend()
+    assert fake is not None
+    data = config_dict("SD_LORA", name="my-run", backoff_limit=0)
+    data["storage"].update(endpoint_url=s3_env.endpoint, bucket=s3_bucket)
+    cfg = parse_config(json.dumps(data))
+    job = backend.submit(cfg).job_name
+    store = open_store(f"s3://{s3_bucket}/kubetune/my-run", cfg.storage)
+    record = ProgressRecord(
+        step=40, total_steps=100, eta_seconds=95, updated_at="2026-12-03T17:00:00+00:00"
+    )
+    store.put_bytes("progress.json", record.to_bytes())
+    fake.start_pod(fake.latest_pod(job))
+    assert backend.status("my-run").summary().endswith("ETA 1m35s")  # running: its own word
+    fake.finish_pod(fake.latest_pod(job), 137, reason="OOMKilled")
+    status = backend.status("my-run")
+    assert (status.phase, status.reason) == ("Failed", "BackoffLimitExceeded")
+    assert status.summary().endswith(
+        "; step 40/100; not running: last record at step 40 (2026-12-03T17:00:00+00:00), "
+        "no end recorded"
+    )
+    ended = record.model_copy(update={"state": "failed", "error": "boom", "exit_code": 1})
+    store.put_bytes("progress.json", ended.to_bytes())
+    assert backend.status("my-run").summary().endswith("; failed at step 40: boom (exit code 1)")
+
+
 def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
     with FakeKube() as fake:
         kubeconfig = str(fake.write_kubeconfig(tmp_path / "kubeconfig"))
