@@ -53,7 +53,8 @@ class AdamOptimizerConfig(ConfigModel):
     epsilon: float = Field(default=1e-8, gt=0)
     """Numerical-stability term of the denominator."""
     use_8bit: bool = False
-    """8-bit AdamW from bitsandbytes (CUDA only; needs `pip install bitsandbytes`)."""
+    """8-bit AdamW from bitsandbytes (`pip install 'kubetune[adam8bit]'`): on a CUDA GPU, or on
+    the CPU from bitsandbytes 0.50."""
 
 
 class ProdigyOptimizerConfig(ConfigModel):

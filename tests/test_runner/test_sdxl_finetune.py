@@ -203,18 +203,6 @@ def test_sample_precisions_train_and_checkpoint_in_the_training_dtype(
     assert moved > 0.75 * len(base)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_8bit_adam_off_cuda_fails_before_the_model_loads(data_dir: Path, tmp_path: Path) -> None:
-    """invoke-training's samples ask for 8-bit AdamW: on a node without CUDA the run stops at
-    once, before the (here missing) base model is read and before anything is written."""
-    out = tmp_path / "run"
-    cfg = make_config(KIND, tmp_path / "no-such-model", data_dir, out,
-                      optimizer={"optimizer_type": "AdamW", "use_8bit": True})  # fmt: skip
-    with pytest.raises(UserError, match="optimizer.use_8bit needs a CUDA GPU"):
-        train(cfg)
-    assert not out.exists()
-
-
 @pytest.mark.slow
 def test_the_gpu_fit_parameter_counts_are_sdxl_bases() -> None:
     """`launcher validate`'s memory estimate (kubetune.config.gpu_fit, torch-free) uses
