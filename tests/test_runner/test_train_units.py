@@ -125,7 +125,7 @@ def test_optimizers_honour_group_learning_rates(tmp_path: Path) -> None:
     groups = [{"params": [a], "lr": 0.5}, {"params": [b]}]
     cpu = torch.device("cpu")
     adam = build_optimizer(AdamOptimizerConfig(learning_rate=1e-3), groups, cpu)
-    assert isinstance(adam, torch.optim.AdamW)  # 8-bit (CUDA only): test_train_speed.py
+    assert isinstance(adam, torch.optim.AdamW)  # 8-bit: test_adam8bit.py
     assert [g["lr"] for g in adam.param_groups] == [0.5, 1e-3]
     prodigy = build_optimizer(ProdigyOptimizerConfig(), groups, cpu)
     assert type(prodigy).__name__ == "Prodigy"
