@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,24 @@ def _args(config: Path) -> list[str]:
 def _run(launch: list[str], config: Path) -> subprocess.CompletedProcess[str]:
     cmd = [*launch, *_args(config)]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def _sigterm_when(
+    cmd: list[str], environ: dict[str, str], ready: Callable[[], bool], bound_s: float, what: str
+) -> tuple[int, str]:
+    """Start ``cmd``, SIGTERM it once ``ready()`` (as the kubelet stops a pod's PID 1; failing
+    with ``what`` if it ends or ``bound_s`` passes first), wait for it: exit code, stderr."""
+    agent = subprocess.Popen(cmd, env=environ, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + bound_s
+        while not ready():
+            assert agent.poll() is None and time.monotonic() < deadline, what
+            time.sleep(0.1)
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=180)
+    finally:
+        agent.kill()
+    return agent.returncode, stderr
 
 
 def test_a_worker_killed_by_a_signal_is_128_plus_the_signal() -> None:
@@ -79,19 +98,10 @@ def test_sigterm_to_the_launch_checkpoints_and_exits_143(tmp_path: Path, tiny_sd
     config = config_file(
         make_config("SD_LORA", tiny_sd_dir, data, out, **fields), tmp_path / "r.yaml"
     )
-    agent = subprocess.Popen(
-        [*LAUNCH, *_args(config)], env=env(), stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "checkpoints/step-000002/manifest.json").exists():
-            assert agent.poll() is None and time.monotonic() < deadline, "no step 2 checkpoint"
-            time.sleep(0.2)
-        agent.send_signal(signal.SIGTERM)
-        _, stderr = agent.communicate(timeout=180)
-    finally:
-        agent.kill()
-    assert agent.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    step_2 = out / "checkpoints/step-000002/manifest.json"
+    rc, stderr = _sigterm_when([*LAUNCH, *_args(config)], env(), step_2.exists, 240,
+                               "no step 2 checkpoint")  # fmt: skip
+    assert rc == EXIT_PREEMPTED, stderr[-3000:]
     stopped = re.findall(r"stopped by SIGTERM after step (\d+)", stderr)
     assert len(stopped) == 2 and len(set(stopped)) == 1, stderr[-3000:]
     assert (out / f"checkpoints/step-{int(stopped[0]):06d}/manifest.json").exists()
@@ -127,17 +137,9 @@ def test_the_shutdown_timeout_env_bounds_how_long_stopping_workers_get(
     script = tmp_path / "worker.py"
     script.write_text(STOPPING_WORKER)
     cmd = [*LAUNCH, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
-    agent = subprocess.Popen(cmd, env=env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=timeout_s),
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not all((tmp_path / r).is_dir() for r in "01"):
-            assert agent.poll() is None and time.monotonic() < deadline, "workers never started"
-            time.sleep(0.1)
-        agent.send_signal(signal.SIGTERM)
-        _, stderr = agent.communicate(timeout=120)
-    finally:
-        agent.kill()
-    assert agent.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    rc, stderr = _sigterm_when(cmd, env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=timeout_s),
+                               lambda: all((tmp_path / r).is_dir() for r in "01"), 120,
+                               "workers never started")  # fmt: skip
+    assert rc == EXIT_PREEMPTED, stderr[-3000:]
     done = [(tmp_path / r / "stopped").exists() for r in "01"]
     assert done == [finished, finished], stderr[-3000:]
