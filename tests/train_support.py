@@ -4,6 +4,7 @@ SIGTERM and resumed, and readers of what a run wrote."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,18 @@ def write_dataset(root: Path, n: int = 4, seed: int = 0) -> Path:
         Image.fromarray((pixels * 255).astype(np.uint8)).save(root / f"img-{i}.png")
         (root / f"img-{i}.txt").write_text(f"a kbtn picture number {i}")
     return root
+
+
+def s3_dataset(root: Path, bucket: str) -> str:
+    """``write_dataset``'s 4 images, written under ``root`` and uploaded to
+    ``s3://BUCKET/datasets/kbtn`` (the AWS_* environment pointing at the server): that URI."""
+    from kubetune.storage import open_store
+
+    uri = f"s3://{bucket}/datasets/kbtn"
+    store = open_store(uri)
+    for path in sorted(write_dataset(root).iterdir()):
+        store.put_file(path.name, path)
+    return uri
 
 
 def training_images(n: int = 4) -> Any:
@@ -206,6 +219,38 @@ def preempt_at_step(config: Path, out_dir: Path, step: int = 3) -> None:
             break
     log += proc.stderr.readlines()
     assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
+
+
+RESUME_FIELDS: dict[str, Any] = dict(
+    max_train_steps=6,
+    save_every_n_steps=100,
+    gradient_accumulation_steps=2,
+    lr_scheduler="cosine",
+    lr_warmup_steps=2,
+    max_grad_norm=1.0,
+)
+"""What ``stopped_and_resumed`` trains: 6 steps, gradient accumulation, warm-up + cosine,
+clipping, no scheduled checkpoint."""
+
+
+def stopped_and_resumed(
+    kind: str, model_dir: Path, data_dir: Path, tmp_path: Path, **fields: Any
+) -> tuple[Path, Path]:
+    """``kind`` trained with ``RESUME_FIELDS`` (and ``fields``) twice: to the end in this
+    process (``tmp_path/ref``), and as a pod runs it (``tmp_path/run``), stopped by SIGTERM
+    after step 3 (exit 143, its one stop checkpoint published, the run ``preempted``) and
+    started again to the end. The two output folders, (uninterrupted, resumed)."""
+    fields = {**RESUME_FIELDS, **fields}
+    reference, out = tmp_path / "ref", tmp_path / "run"
+    train(make_config(kind, model_dir, data_dir, reference, **fields))
+    config = config_file(make_config(kind, model_dir, data_dir, out, **fields),
+                         tmp_path / "run.yaml")  # fmt: skip
+    preempt_at_step(config, out)
+    steps = step_dirs(out)
+    assert len(steps) == 1 and 3 <= int(steps[0][5:]) < fields["max_train_steps"], steps
+    assert json.loads((out / "progress.json").read_text())["state"] == "preempted"
+    resume_to_end(config, out)
+    return reference, out
 
 
 def resume_to_end(config: Path, out_dir: Path) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from train_support import make_config, train, write_dataset
+from train_support import make_config, s3_dataset, train, write_dataset
 from webhook_receiver import WebhookReceiver
 
 from kubetune.errors import DataError
@@ -27,16 +27,13 @@ pytest_plugins = ["fixtures_models"]  # tiny_flux_dir
 def test_flux_run_with_s3_data_and_outputs_reports_notifies_and_pulls(
     tmp_path: Path, tiny_flux_dir: Path, s3_env: Any, s3_bucket: str
 ) -> None:
-    data = write_dataset(tmp_path / "data")
-    store = open_store(f"s3://{s3_bucket}/datasets/kbtn")
-    for path in sorted(data.iterdir()):
-        store.put_file(path.name, path)
+    data = s3_dataset(tmp_path / "data", s3_bucket)
     storage = {"bucket": s3_bucket, "prefix": "runs", "endpoint_url": s3_env.endpoint}
     with WebhookReceiver() as hook:
         cfg = make_config(
             "FLUX_LORA",
             tiny_flux_dir,
-            f"s3://{s3_bucket}/datasets/kbtn",
+            data,
             tmp_path / "unused" / "flux-e2e",
             storage=storage,
             validation_prompts=["a kbtn picture"],

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from train_support import make_config, sample_latents, train, write_dataset
+from train_support import make_config, s3_dataset, sample_latents, train
 from webhook_receiver import WebhookReceiver
 
 from kubetune.storage import open_store
@@ -28,14 +28,11 @@ def test_s3_fine_tune_notifies_reports_prunes_and_pulls_a_loadable_unet(
 ) -> None:
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    data = write_dataset(tmp_path / "data")
-    dataset = open_store(f"s3://{s3_bucket}/datasets/kbtn")
-    for path in sorted(data.iterdir()):
-        dataset.put_file(path.name, path)
+    data = s3_dataset(tmp_path / "data", s3_bucket)
     storage = {"bucket": s3_bucket, "prefix": "runs", "endpoint_url": s3_env.endpoint}
     with WebhookReceiver() as hook:
         cfg = make_config(
-            "SDXL_FINETUNE", tiny_sdxl_dir, f"s3://{s3_bucket}/datasets/kbtn",  # type: ignore[arg-type]
+            "SDXL_FINETUNE", tiny_sdxl_dir, data,  # type: ignore[arg-type]
             tmp_path / "unused" / "ft", storage=storage,
             max_checkpoints=1, validation_prompts=["a kbtn picture"], validate_every_n_steps=2,
             num_validation_images_per_prompt=1, notify={"webhooks": [{"url": hook.url}]},

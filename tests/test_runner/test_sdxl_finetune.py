@@ -16,13 +16,11 @@ import torch
 from safetensors.torch import load_file
 from train_support import (
     checkpoint_weights,
-    config_file,
     load_pipeline,
     make_config,
-    preempt_at_step,
-    resume_to_end,
     sample_latents,
     step_dirs,
+    stopped_and_resumed,
     train,
     training_images,
 )
@@ -136,26 +134,16 @@ def test_sigterm_resume_is_bitwise_equal_to_an_uninterrupted_run(
     """SIGTERM mid-run, restart: the final UNet, its EMA and the optimizer state equal an
     uninterrupted run's bit for bit (gradient accumulation, warm-up + cosine, clipping, EMA,
     cached text embeddings all on)."""
-    kwargs: dict[str, Any] = dict(
-        max_train_steps=6, save_every_n_steps=100, gradient_accumulation_steps=2,
-        lr_scheduler="cosine", lr_warmup_steps=2, max_grad_norm=1.0, ema_decay=0.9,
-        cache_text_encoder_outputs=True,
-    )  # fmt: skip
-    train(make_config(KIND, tiny_sdxl_dir, data_dir, tmp_path / "ref", **kwargs))
-    out = tmp_path / "run"
-    config = config_file(make_config(KIND, tiny_sdxl_dir, data_dir, out, **kwargs),
-                         tmp_path / "run.yaml")  # fmt: skip
-    preempt_at_step(config, out)
-    assert len(step_dirs(out)) == 1
-    resume_to_end(config, out)
+    reference, out = stopped_and_resumed(KIND, tiny_sdxl_dir, data_dir, tmp_path, ema_decay=0.9,
+                                         cache_text_encoder_outputs=True)  # fmt: skip
     restore = tmp_path / "work-run" / "restore"
     assert not [p for p in restore.rglob("*") if p.is_file()]  # deleted once loaded
-    expected, got = checkpoint_weights(tmp_path / "ref", 6), checkpoint_weights(out, 6)
+    expected, got = checkpoint_weights(reference, 6), checkpoint_weights(out, 6)
     assert expected.keys() == got.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     states = [
         torch.load(o / "checkpoints" / "step-000006" / "training_state.pt", weights_only=True)
-        for o in (tmp_path / "ref", out)
+        for o in (reference, out)
     ]
     for name in ("optimizer", "ema"):
         flat_ref, flat_got = _flat(states[0][name]), _flat(states[1][name])

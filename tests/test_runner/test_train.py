@@ -25,10 +25,9 @@ from train_support import (
     load_pipeline,
     make_config,
     model_for,
-    preempt_at_step,
-    resume_to_end,
     sample_latents,
     step_dirs,
+    stopped_and_resumed,
     train,
     training_images,
     write_dataset,
@@ -304,26 +303,8 @@ def test_incompatible_checkpoint_needs_force_restart(
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     tiny_sd_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    kwargs = dict(
-        max_train_steps=6,
-        save_every_n_steps=100,
-        gradient_accumulation_steps=2,
-        lr_scheduler="cosine",
-        lr_warmup_steps=2,
-        max_grad_norm=1.0,
-    )
-    reference = make_config("SD_LORA", tiny_sd_dir, data_dir, tmp_path / "ref", **kwargs)
-    train(reference)
-    out = tmp_path / "run"
-    config = config_file(
-        make_config("SD_LORA", tiny_sd_dir, data_dir, out, **kwargs), tmp_path / "run.yaml"
-    )
-    preempt_at_step(config, out)
-    steps = step_dirs(out)
-    assert len(steps) == 1 and 3 <= int(steps[0][5:]) < 6, steps
-    assert json.loads((out / "progress.json").read_text())["state"] == "preempted"
-    resume_to_end(config, out)
-    expected, got = checkpoint_weights(tmp_path / "ref", 6), checkpoint_weights(out, 6)
+    reference, out = stopped_and_resumed("SD_LORA", tiny_sd_dir, data_dir, tmp_path)
+    expected, got = checkpoint_weights(reference, 6), checkpoint_weights(out, 6)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)

@@ -17,12 +17,10 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 from train_support import (
     checkpoint_weights,
-    config_file,
     load_pipeline,
     make_config,
-    preempt_at_step,
-    resume_to_end,
     step_dirs,
+    stopped_and_resumed,
     train,
     training_images,
 )
@@ -218,19 +216,9 @@ def test_kohya_keys_and_merge_are_what_comfyui_expects(
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     tiny_flux_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    kwargs = dict(max_train_steps=6, save_every_n_steps=100, gradient_accumulation_steps=2,
-                  lr_scheduler="cosine", lr_warmup_steps=2, max_grad_norm=1.0,
-                  train_text_encoder=True, timestep_sampler="shift")  # fmt: skip
-    train(make_config("FLUX_LORA", tiny_flux_dir, data_dir, tmp_path / "ref", **kwargs))
-    out = tmp_path / "run"
-    config = config_file(
-        make_config("FLUX_LORA", tiny_flux_dir, data_dir, out, **kwargs), tmp_path / "run.yaml"
-    )
-    preempt_at_step(config, out)
-    steps = step_dirs(out)
-    assert len(steps) == 1 and 3 <= int(steps[0][5:]) < 6, steps
-    resume_to_end(config, out)
-    expected, got = checkpoint_weights(tmp_path / "ref", 6), checkpoint_weights(out, 6)
+    fields = {"train_text_encoder": True, "timestep_sampler": "shift"}
+    reference, out = stopped_and_resumed("FLUX_LORA", tiny_flux_dir, data_dir, tmp_path, **fields)
+    expected, got = checkpoint_weights(reference, 6), checkpoint_weights(out, 6)
     assert expected.keys() == got.keys() and any("transformer" in k for k in got)
     assert all(torch.equal(got[k], expected[k]) for k in expected)  # bit for bit
 
