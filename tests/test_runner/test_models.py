@@ -73,19 +73,19 @@ def test_shipped_tokenizer_is_the_real_clip_vocabulary() -> None:
 # --- tiny builders ------------------------------------------------------------------------
 
 
+def _cat_image(pipe: Any) -> Any:
+    """``pipe``'s image of "a photo of a cat" (2 steps, 64×64, seed 0) as a numpy array."""
+    out = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert out.shape == (1, 64, 64, 3)
+    return out
+
+
 def test_tiny_sd_reloads_as_pipeline_and_generates(tiny_sd_dir: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     assert pipe.tokenizer("a photo of a cat").input_ids == CAT_IDS
     assert pipe.vae_scale_factor == 8
-    out = pipe(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert out.shape == (1, 64, 64, 3)
+    out = _cat_image(pipe)
     assert float(abs(out).sum()) > 0 and not (out != out).any()
     assert _dir_size(tiny_sd_dir) < 30 * 2**20
 
@@ -95,15 +95,7 @@ def test_tiny_sdxl_reloads_as_pipeline_and_generates(tiny_sdxl_dir: Path) -> Non
     assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer_2.pad_token_id == 0
     assert pipe.tokenizer.pad_token == "<|endoftext|>"
     assert pipe.tokenizer_2("a photo of a cat").input_ids == CAT_IDS
-    out = pipe(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert out.shape == (1, 64, 64, 3)
+    out = _cat_image(pipe)
     assert not (out != out).any()
     assert _dir_size(tiny_sdxl_dir) < 30 * 2**20
 
