@@ -221,14 +221,9 @@ def preempt_at_step(config: Path, out_dir: Path, step: int = 3) -> None:
     assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
 
 
-RESUME_FIELDS: dict[str, Any] = dict(
-    max_train_steps=6,
-    save_every_n_steps=100,
-    gradient_accumulation_steps=2,
-    lr_scheduler="cosine",
-    lr_warmup_steps=2,
-    max_grad_norm=1.0,
-)
+RESUME_FIELDS: dict[str, Any] = {"max_train_steps": 6, "save_every_n_steps": 100,
+                                 "gradient_accumulation_steps": 2, "lr_scheduler": "cosine",
+                                 "lr_warmup_steps": 2, "max_grad_norm": 1.0}  # fmt: skip
 """What ``stopped_and_resumed`` trains: 6 steps, gradient accumulation, warm-up + cosine,
 clipping, no scheduled checkpoint."""
 
