@@ -302,3 +302,46 @@ def test_a_failed_job_submitted_again_resumes_from_its_newest_checkpoint(
     assert (before.get("last_checkpoint_step") or 0) <= resumed < STEPS
     keys = _keys(run_env, f"kubetune/{run}/")
     assert f"kubetune/{run}/final/lora.safetensors" in keys
+
+
+def test_replace_starts_a_succeeded_job_over_and_keeps_its_pod_logs(
+    cluster: Cluster, run_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """`submit --replace` of a Job that Succeeded, as `--local` means it: the Job is replaced
+    by one whose pod starts over from step 0 (it discards the checkpoints the first one left,
+    and records the start-over in storage); the first Job's pod log tail is saved to the run's
+    storage before the Job is deleted, and `launcher logs` prints it before the new pod's.
+    Each step waits for its end with `submit --wait` (bounded by the call's timeout): nothing
+    races the run."""
+    ns, run, bucket = run_env["namespace"], "e2e-replace", run_env["bucket"]
+    cfg = _config(run_env["s3"], bucket, run, 2, ns, cluster.image)
+    cfg["save_every_n_steps"] = 1  # checkpoints that the start-over must discard
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {"KUBETUNE_HOME": str(tmp_path / "home")}
+    first = cluster.launcher("submit", "--wait", "--format", "json", str(path), timeout=900,
+                             env=env)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    (old_pod,) = json.loads(first.stdout)["status"]["pods"]
+    kept = cluster.launcher("submit", str(path), env=env)
+    assert kept.returncode == 0 and "already finished (same config)" in kept.stdout, kept.stdout
+
+    again = cluster.launcher("submit", "--replace", "--wait", "--format", "json", str(path),
+                             timeout=900, env=env)  # fmt: skip
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc = json.loads(again.stdout)
+    note = doc["submit"]["note"]
+    assert doc["submit"]["created"] and note.startswith("starting over from step 0"), note
+    assert doc["submit"]["saved_logs"].startswith(f"s3://{bucket}/kubetune/{run}/pod-logs/")
+    assert doc["status"]["phase"] == "Succeeded" and doc["status"]["progress"]["step"] == 2
+    logs = cluster.launcher("logs", run, "-n", ns, env=env)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    saved, _, current = logs.stdout.partition("(the current Job) <==")
+    assert f"==> pod {old_pod} [trainer] (Succeeded, exit 0 Completed; saved " in saved
+    assert "training finished at step 2" in saved, saved[-3000:]
+    assert "starting over: discarding the run's existing checkpoints (launcher submit" in current
+    assert "resumed from checkpoint" not in current and "training finished at step 2" in current
+    keys = _keys(run_env, f"kubetune/{run}/")
+    assert f"kubetune/{run}/start-over.json" in keys
+    assert any(k.startswith(f"kubetune/{run}/pod-logs/") for k in keys)
