@@ -16,7 +16,7 @@ from kubetune.config.cluster import sanitize_name
 from kubetune.errors import ClusterError, ConfigError, UserError
 from kubetune.layout import POD_LOGS
 from launcher.backends import k8s_saved_logs
-from launcher.backends.base import SubmitResult
+from launcher.backends.base import SubmitResult, read_progress
 from launcher.backends.local import kubetune_home
 from launcher.manifests import LABEL_RUN, build_manifests
 
@@ -89,6 +89,20 @@ class Resubmits:
             saved_logs=saved.where,
             warnings=(*result.warnings, *_log_warnings(saved, old["kind"])),
         )
+
+    def _over_if_completed(self, cfg: PipelineConfig, ns: str) -> tuple[list[Obj], str] | None:
+        """The manifests (with a start-over token) and the note for `--replace` of a run that
+        has no workload left (ttl_seconds_after_finished removed it) but whose progress.json
+        says it completed; None otherwise (then it resumes, as without --replace)."""
+        progress, _ = read_progress(output_uri(cfg), cfg.storage)
+        if progress is None or progress.state != "completed":
+            return None
+        token = uuid.uuid4().hex[:12]
+        note = (
+            "starting over from step 0 (--replace: its workload is gone, the run completed "
+            f"at {progress.summary(live=False)})"
+        )
+        return build_manifests(cfg, namespace=ns, start_over=token), note
 
     def _save_logs(self, ns: str, workload: Obj, cfg: PipelineConfig) -> k8s_saved_logs.Saved:
         """The tails of the workload's pods' logs, saved where `logs` finds them later."""

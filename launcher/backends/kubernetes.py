@@ -103,6 +103,10 @@ class KubernetesBackend(Resubmits, Backend):
             )
         for old in existing:
             self._delete_job(ns, old)
+        over = self._over_if_completed(cfg, ns) if replace and not existing else None
+        if over is not None:  # --replace of a run that completed and whose Job is gone (TTL)
+            config_map, job, *extras = over[0]
+            result = _replace_field(result, note=over[1])
         if not self._create(ns, config_map, job, extras):
             return _replace_field(result, created=False)
         return result

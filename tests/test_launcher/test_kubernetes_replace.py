@@ -111,6 +111,33 @@ def test_replace_starts_a_succeeded_run_over_once(
     assert all(START_OVER_ENV not in _env(fake_kube, p) for p in third)
 
 
+def test_replace_starts_over_a_completed_run_whose_job_is_gone(
+    fake_kube: Kube,  # noqa: F811
+    s3_env: Any,
+    s3_bucket: str,
+) -> None:
+    """ttl_seconds_after_finished deleted the Succeeded Job: --replace still starts the run
+    over (its progress.json says completed), a plain submit resumes it (no token)."""
+    fake, backend = fake_kube.fake, fake_kube.backend()
+    assert fake is not None
+    cfg = _cfg(s3_env, s3_bucket, "job")
+    store = open_store(f"s3://{s3_bucket}/kubetune/my-run", cfg.storage)
+    name = backend.submit(cfg).job_name
+    _end(fake_kube, _pods(fake_kube, name, 1), 0)
+    done = {"state": "completed", "step": 100, "total_steps": 100}
+    store.put_bytes("progress.json", json.dumps(done).encode())
+    fake.delete("jobs", "default", name, "Foreground")  # what the TTL controller does
+    over = backend.submit(cfg, replace=True)
+    assert over.created and over.note is not None
+    assert over.note.startswith("starting over from step 0 (--replace: its workload is gone")
+    (pod,) = _pods(fake_kube, name, 1)
+    assert _env(fake_kube, pod).get(START_OVER_ENV)
+    fake.delete("jobs", "default", name, "Foreground")
+    plain = backend.submit(cfg)
+    assert plain.created and plain.note is None
+    assert START_OVER_ENV not in _env(fake_kube, _pods(fake_kube, name, 1)[0])
+
+
 def test_replace_leaves_a_running_job_alone_and_names_the_fix(
     fake_kube: Kube,  # noqa: F811
     s3_env: Any,
