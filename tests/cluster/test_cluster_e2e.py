@@ -345,3 +345,37 @@ def test_replace_starts_a_succeeded_job_over_and_keeps_its_pod_logs(
     keys = _keys(run_env, f"kubetune/{run}/")
     assert f"kubetune/{run}/start-over.json" in keys
     assert any(k.startswith(f"kubetune/{run}/pod-logs/") for k in keys)
+
+
+def test_a_failed_jobs_pod_log_is_saved_before_a_resubmit_deletes_it(
+    cluster: Cluster, run_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """A Job that failed on a data error (backoffLimit 0), submitted again: before its
+    Job (and with it the pod and its log) is deleted, the pod's log tail goes to the run's
+    storage, and `launcher logs` prints it, error line included, ahead of the new Job's pod.
+    The assertions read only the saved part: the new pod may be anywhere in its life then."""
+    ns, run, bucket = run_env["namespace"], "e2e-failed-logs", run_env["bucket"]
+    cfg = _config(run_env["s3"], bucket, run, 2, ns, cluster.image)
+    cfg["data_loader"]["dataset"]["dataset_dir"] = f"s3://{bucket}/no-such-data"
+    cfg["job"]["backoff_limit"] = 0
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {"KUBETUNE_HOME": str(tmp_path / "home")}
+    failed = cluster.launcher("submit", "--wait", "--format", "json", str(path), timeout=600,
+                              env=env)  # fmt: skip
+    assert failed.returncode in (1, 2), failed.stderr[-3000:]
+    status = json.loads(failed.stdout)["status"]
+    assert status["phase"] == "Failed", status
+    (old_pod,) = status["pods"]
+
+    again = cluster.launcher("submit", "--format", "json", str(path), env=env)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc = json.loads(again.stdout)["submit"]
+    assert doc["resumed_after"] == "Failed", doc
+    assert doc["saved_logs"].startswith(f"s3://{bucket}/kubetune/{run}/pod-logs/"), doc
+    logs = cluster.launcher("logs", run, "-n", ns, env=env)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    saved = logs.stdout.partition("(the current Job) <==")[0]
+    assert f"==> pod {old_pod} [trainer] (Failed, exit " in saved, saved[-3000:]
+    assert "no-such-data" in saved, saved[-3000:]  # the runner's error names the dataset
