@@ -453,3 +453,5 @@ def test_a_run_page_offers_what_its_phase_allows(page: tuple[Any, str]) -> None:
     driver.get(f"{url}/#run/local/page-broke")
     wait_for(driver, "document.getElementById('logs').textContent.includes('out of memory')")
     assert "ETA" not in driver.find_element(By.ID, "run-status").text
+    # how it ended, from its record (a runner's own failure record: its step, error, code)
+    assert "; failed at step 40" in driver.find_element(By.ID, "run-status").text
