@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
+from azurite import Azurite
 from gcs_xml_proxy import GcsXmlProxy, Translator
 from list_pages import AzureListPages, GcsListPages
 
@@ -166,19 +166,20 @@ def test_checkpoints_resume_prune_and_pull_across_pages(paged: Paged, tmp_path: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_azurites_own_page_of_5000_is_crossed_without_a_proxy(az_uri: str, azurite: Any) -> None:
-    """No fake layer: 5,000 + 7 blobs (put concurrently with obstore itself, ~20 s here) are two
-    of Azurite's own pages (its client sees them), and the store lists every one."""
+def test_azurites_own_page_of_5000_is_crossed_without_a_proxy(az_env: Azurite) -> None:
+    """No fake layer: 5,000 + 7 blobs (put concurrently with obstore itself, 20-50 s here) are
+    two of Azurite's own pages (its client sees them), and the store lists every one. In a
+    container of its own, deleted afterwards (one request) so later tests list a small one."""
     import asyncio
 
     import obstore
     from azurite import ACCOUNT, ACCOUNT_KEY
 
-    container, root = az_uri[len("az://") :].split("/", 1)
-    raw = obstore.store.AzureStore(container, prefix=root, account_name=ACCOUNT,
-                                   account_key=ACCOUNT_KEY, endpoint=azurite.endpoint,
+    container = az_env.create_container("pages")
+    raw = obstore.store.AzureStore(container, account_name=ACCOUNT, account_key=ACCOUNT_KEY,
+                                   endpoint=az_env.endpoint,
                                    client_options={"allow_http": True})  # fmt: skip
-    keys = [f"img-{i:05d}.jpg" for i in range(5007)]
+    keys = [f"run/img-{i:05d}.jpg" for i in range(5007)]
 
     async def fill() -> None:
         slots = asyncio.Semaphore(32)
@@ -189,8 +190,10 @@ def test_azurites_own_page_of_5000_is_crossed_without_a_proxy(az_uri: str, azuri
 
         await asyncio.gather(*(put(k) for k in keys))
 
-    asyncio.run(fill())
-    blobs = azurite.service().get_container_client(container)
-    pages = blobs.list_blobs(name_starts_with=f"{root}/").by_page()
-    assert [len(list(page)) for page in pages] == [5000, 7]
-    assert [o.key for o in open_store(az_uri).list()] == keys
+    try:
+        asyncio.run(fill())
+        pages = az_env.service().get_container_client(container).list_blobs().by_page()
+        assert [len(list(page)) for page in pages] == [5000, 7]
+        assert [f"run/{o.key}" for o in open_store(f"az://{container}/run").list()] == keys
+    finally:
+        az_env.service().delete_container(container)
