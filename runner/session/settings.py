@@ -10,7 +10,7 @@ sections are their typed settings.)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,28 +74,28 @@ class RunSettings:
 
 
 def model_settings(cfg: PipelineConfig) -> ModelSettings:
-    """The base model fields: what ``runner.models.loading.load_model`` reads."""
+    """The base model fields: what ``runner.models.loading.load_model`` reads (those every
+    type has, then FLUX's or SD's own)."""
+    every_type = ModelSettings(
+        cfg.model,
+        hf_variant=cfg.hf_variant,
+        weight_dtype=cfg.weight_dtype,
+        single_file_config=cfg.single_file_config,
+        storage=cfg.storage,
+    )
     if isinstance(cfg, FluxLoraConfig):
-        return ModelSettings(
-            cfg.model,
-            hf_variant=cfg.hf_variant,
-            weight_dtype=cfg.weight_dtype,
-            single_file_config=cfg.single_file_config,
-            storage=cfg.storage,
+        return replace(
+            every_type,
             family="flux",
             transformer_path=cfg.transformer_path,
             text_encoder_1_path=cfg.text_encoder_1_path,
             text_encoder_2_path=cfg.text_encoder_2_path,
         )
-    return ModelSettings(
-        cfg.model,
-        hf_variant=cfg.hf_variant,
+    return replace(
+        every_type,
         vae_model=cfg.vae_model,
-        weight_dtype=cfg.weight_dtype,
         prediction_type=cfg.prediction_type,
         base_embeddings=cfg.base_embeddings,
-        single_file_config=cfg.single_file_config,
-        storage=cfg.storage,
     )
 
 
