@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             run_name(cfg),
             output_uri(cfg),
         )
-        from kubetune.dataset.preflight import start_preflight, streams_sizes
+        from kubetune.dataset.preflight import start_preflight
 
         data = None  # several processes: global rank 0's preflight, its report shared
-        if launched_as_rank_0() or streams_sizes(cfg.data_loader):
+        if launched_as_rank_0():
             data = start_preflight(cfg)  # listing + header reads overlap imports + model load
         from runner.reporting.terminal import logs_above_bar, wants_bar
         from runner.session.run import run

@@ -5,6 +5,7 @@ sampler will take first (`ReadQueue.reorder`). No torch here."""
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,16 @@ class SizeFeed:
     streaming run knows. ``get`` waits for one; ``fail`` hands the checks' error to whoever
     waits; ``want(seed, epoch)`` asks the checks to read that epoch's scan order first.
 
+    The examples are also kept in the order their sizes arrived (`arrivals`): what a
+    multi-process run publishes to its other ranks (`runner.data.size_relay`).
+
     A copy sent to another process (a DataLoader worker) holds the sizes known then and
     never waits: the batches it gets carry their examples' sizes."""
 
     def __init__(self, n: int, on_want: Callable[[int, int], None] | None = None) -> None:
         self._sizes: list[Size | None] = [None] * n
         self._missing = n
+        self._arrived = array("q")  # examples, in the order their sizes came (8 bytes each)
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self.on_want = on_want
@@ -42,6 +47,7 @@ class SizeFeed:
             for i, h, w in items:
                 if self._sizes[i] is None:
                     self._missing -= 1
+                    self._arrived.append(i)
                 self._sizes[i] = (h, w)
             self._cond.notify_all()
 
@@ -54,6 +60,22 @@ class SizeFeed:
         with self._cond:
             self._error = error
             self._cond.notify_all()
+
+    def arrivals(self, start: int, timeout: float) -> tuple[list[SizeItem], BaseException | None]:
+        """The sizes that arrived after the first ``start`` ones, in arrival order (waiting
+        up to ``timeout`` s for one if there is none yet), and the checks' error if they
+        failed. After the error, nothing more arrives; once `complete`, nothing either."""
+        with self._cond:
+            if len(self._arrived) <= start and self._error is None and not self.complete:
+                self._cond.wait(timeout)
+            new = self._arrived[start:]
+            items = [(i, *self._sizes[i]) for i in new]  # type: ignore[misc]
+            return items, self._error  # type: ignore[return-value]
+
+    def arrived(self) -> list[int]:
+        """The examples whose size is known, in the order they arrived."""
+        with self._cond:
+            return list(self._arrived)
 
     def known(self, i: int) -> Size | None:
         return self._sizes[i]
@@ -81,6 +103,7 @@ class SizeFeed:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._sizes, self._missing = state["sizes"], state["missing"]
+        self._arrived = array("q", (i for i, size in enumerate(self._sizes) if size is not None))
         self._error, self.on_want = None, None
         self._cond = threading.Condition()
 

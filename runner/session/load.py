@@ -14,11 +14,14 @@ from accelerate import Accelerator
 from kubetune.dataset.preflight import PreflightReport
 from kubetune.errors import UserError
 from kubetune.humanize import count
+from runner.data.size_relay import follow_sizes, publish_sizes
 from runner.models.loading import Components, ModelSettings, load_model, to_dtype
 from runner.training.distributed import Ranks
 from runner.training.speed import enable_tf32
 
 log = logging.getLogger(__name__)
+SIZES_PREFIX = "kubetune/sizes/"
+"""Where global rank 0 publishes a streaming order's image sizes in the run's store."""
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,13 @@ def load_then_join(
     model: ModelSettings,
     pending: Future[PreflightReport] | None,
     ranks: Ranks | None = None,
-    each_rank: bool = False,
 ) -> Loaded:
     """The accelerator and the base model, loaded while the preflight (listing, header reads
     or the stored index) runs; then the preflight's report: a bad dataset fails here, before
     the lease or any other write. If loading fails, a failed preflight is still reported
     first, as when it ran first. Several processes (``ranks``): the preflight is global rank
-    0's (``pending`` None elsewhere, unless ``each_rank``) and its report or error reaches
-    every rank (``shared_report``)."""
+    0's (``pending`` None elsewhere) and its report or error reaches every rank
+    (``shared_report``)."""
     try:
         accelerator = make_accelerator(mixed_precision)
         started = time.perf_counter()
@@ -87,38 +89,35 @@ def load_then_join(
         if pending is not None:
             pending.result()  # a bad dataset's error, else the loading error below
         raise
-    return Loaded(accelerator, comps, shared_report(pending, ranks, each_rank))
+    return Loaded(accelerator, comps, shared_report(pending, ranks))
 
 
-def shared_report(
-    pending: Future[PreflightReport] | None, ranks: Ranks | None, each_rank: bool = False
-) -> PreflightReport:
+def shared_report(pending: Future[PreflightReport] | None, ranks: Ranks | None) -> PreflightReport:
     """The preflight's report on every rank: global rank 0 waits for its own and sends it
     (with checks beside training: the listed report; its DataError, if any, is raised on every
     rank). The other ranks' reports then hold a `pending` that never ends: the checks'
     verdict comes from rank 0 at a step every rank settles together
-    (``ResumableLoader.settle``). ``each_rank`` (``aspect_ratio_buckets.order: streaming``):
-    every rank ran its own preflight to feed its sampler the sizes as they are read; rank 0's
-    outcome is still the one every rank acts on."""
+    (``ResumableLoader.settle``). Checks that stream sizes (``aspect_ratio_buckets.order:
+    streaming``) stay rank 0's alone too: their sizes reach every rank's sampler, rank 0's
+    included, through the run's store (``runner.data.size_relay``)."""
     if ranks is None or not ranks.several:
         assert pending is not None
         return pending.result()
     ours: list[PreflightReport] = []
 
-    def rank_0() -> tuple[PreflightReport | None, bool]:
+    def rank_0() -> tuple[PreflightReport, bool]:
         assert pending is not None, "global rank 0 runs the preflight"
         ours.append(pending.result())  # a bad dataset's DataError: raised on every rank
-        sent = None if each_rank else replace(ours[0], pending=None, feed=None)
-        return sent, ours[0].pending is not None
+        return replace(ours[0], pending=None, feed=None), ours[0].pending is not None
 
     report, deferred = ranks.from_rank_0(rank_0)
     if ours:
-        return ours[0]
-    if each_rank:
-        assert pending is not None
-        return pending.result()  # this rank's own listing and size feed
-    assert report is not None
-    return replace(report, pending=Future() if deferred else None)
+        mine = ours[0]
+        if mine.feed is None:
+            return mine
+        return replace(mine, feed=publish_sizes(mine.feed, ranks.store(SIZES_PREFIX)))
+    feed = follow_sizes(report.num_examples, ranks.store(SIZES_PREFIX)) if report.streamed else None
+    return replace(report, pending=Future() if deferred else None, feed=feed)
 
 
 def describe_device(accelerator: Accelerator) -> str:

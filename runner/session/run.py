@@ -52,9 +52,9 @@ def run(
     """Train ``cfg`` to completion (raises ``Preempted`` after a SIGTERM checkpoint).
     ``data``: the run's preflight, already started (``kubetune.dataset.preflight.start_preflight``);
     else it starts here, in a thread (torch is loaded: no fork). With several processes only
-    global rank 0 runs it (``data`` is ignored elsewhere) and shares its report, but with
-    ``aspect_ratio_buckets.order: streaming`` (each rank's sampler is fed the sizes as read)."""
-    from kubetune.dataset.preflight import start_preflight, streams_sizes
+    global rank 0 runs it (``data`` is ignored elsewhere) and shares its report (and, with
+    ``aspect_ratio_buckets.order: streaming``, the sizes as its checks read them)."""
+    from kubetune.dataset.preflight import start_preflight
 
     ranks = Ranks(
         start_processes(process_group_timeout(cfg))
@@ -64,14 +64,11 @@ def run(
         log.warning(line)
     with reported(events):  # from the first line: a run that fails to start notifies too
         check_optimizer(cfg.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
-        each_rank = streams_sizes(cfg.data_loader)  # each rank's sampler takes sizes as read
         pending = None  # several processes: global rank 0 alone runs the preflight
-        if ranks.is_main or each_rank:
+        if ranks.is_main:
             pending = data or start_preflight(cfg, process=False)
         with _work_folder(work_dir, ranks) as work:
-            loaded = load_then_join(
-                cfg.mixed_precision, model_settings(cfg), pending, ranks, each_rank
-            )
+            loaded = load_then_join(cfg.mixed_precision, model_settings(cfg), pending, ranks)
             is_main = loaded.accelerator.is_main_process
             with _held_run_store(cfg, is_main, events) as store:
                 token = start_over.requested_token()

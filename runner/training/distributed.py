@@ -93,6 +93,12 @@ class Ranks:
         self.agree(("ok", value))
         return value
 
+    def store(self, prefix: str) -> dist.Store:
+        """The run's key-value store (the one the process group started from: torchrun's,
+        reached by every rank of every node), its keys under ``prefix``. Thread-safe; each
+        run's process group has its own (torchrun prefixes it per restart)."""
+        return dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+
     def gather(self, value: T) -> list[T]:
         """Every rank's ``value`` (picklable), in rank order, on every rank (collective)."""
         if not self.several:
