@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import statistics
 import sys
 import threading
@@ -35,7 +34,8 @@ class Counted:
 
     def set(self, key: str, value: bytes) -> None:
         with self.lock:
-            self.requests, self.bytes, self.keys = self.requests + 1, self.bytes + len(value), self.keys + 1
+            self.requests, self.keys = self.requests + 1, self.keys + 1
+            self.bytes += len(value)
         self.store.set(key, value)  # type: ignore[attr-defined]
 
     def get(self, key: str) -> bytes:
@@ -67,13 +67,12 @@ def one_round(n: int, followers: int, every_s: float) -> dict[str, float]:
     feeds = [follow_sizes(n, c) for c in clients]
     started = time.perf_counter()
     for start in range(0, n, 512):
-        source.put([(i, 512 + i % 7, 768) for i in range(start, min(n, start + 512))])
         time.sleep(every_s)
+        source.put([(i, 512 + i % 7, 768) for i in range(start, min(n, start + 512))])
     last_put = time.perf_counter()
     for feed in [mirror, *feeds]:
-        feed.get(n - 1)
         while not feed.complete:
-            time.sleep(0.001)
+            time.sleep(0.0005)
     lag = time.perf_counter() - last_put
     span = time.perf_counter() - started
     assert all(f.arrived() == source.arrived() for f in feeds)
