@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,9 +96,12 @@ class Ranks:
 
     def store(self, prefix: str) -> dist.Store:
         """The run's key-value store (the one the process group started from: torchrun's,
-        reached by every rank of every node), its keys under ``prefix``. Thread-safe; each
-        run's process group has its own (torchrun prefixes it per restart)."""
-        return dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+        reached by every rank of every node), its keys under ``prefix`` and this start of
+        the workers (``TORCHELASTIC_RESTART_COUNT``: workers restarted by torchrun may meet
+        the same store server, whose keys outlive them). Thread-safe."""
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        default = dist.distributed_c10d._get_default_store()
+        return dist.PrefixStore(f"{prefix}attempt-{attempt}/", default)
 
     def gather(self, value: T) -> list[T]:
         """Every rank's ``value`` (picklable), in rank order, on every rank (collective)."""
