@@ -6,19 +6,18 @@ or the storage failing part way) ends every rank with the same one-line error, n
 peer.
 
 The threshold (`DEFERRED_CHECKS_MIN_EXAMPLES`) is lowered in every process by a
-``sitecustomize`` on the workers' ``PYTHONPATH``. The same file holds the test's fakes: it
-observes (every ranged read of the dataset's store, i.e. every header read, and every batch
-a rank's loader hands to training, each logged with the rank), slows each header read down
-(``READ_DELAY``, so that sizes still stream in while the ranks train) and, for one test,
-makes the local store fail the read of one image (``FAIL_KEY``) with the `StorageError` an
-object store gives after its retries: a local folder cannot be made to fail that way."""
+``sitecustomize`` on the workers' ``PYTHONPATH`` (``dp_support.THRESHOLD_SITE``). The same
+file holds the test's fakes: it observes (every ranged read of the dataset's store, i.e.
+every header read, and every batch a rank's loader hands to training, each logged with the
+rank), slows each header read down (``READ_DELAY``, so that sizes still stream in while the
+ranks train) and, for one test, makes the local store fail the read of one image
+(``FAIL_KEY``) with the `StorageError` an object store gives after its retries: a local
+folder cannot be made to fail that way."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -27,8 +26,8 @@ from typing import Any
 
 import pytest
 from data_fixtures import write_image_dir
-from dp_support import TORCHRUN, env, free_port
-from train_support import config_file, make_config
+from dp_support import THRESHOLD_SITE, TORCHRUN, deferred_min, env, finish, free_port, site_folder
+from train_support import config_file, make_config, streaming_loader
 
 from kubetune.layout import LEASE_KEY
 
@@ -38,14 +37,10 @@ BOUND_S = 240
 STEPS = 8
 SIZES = [(64, 64), (96, 48), (48, 96), (64, 64), (128, 64), (96, 48), (64, 64), (48, 96),
          (64, 128), (64, 64), (96, 48)]  # fmt: skip
-BUCKETS = {"target_resolution": 64, "start_dim": 32, "end_dim": 128, "divisible_by": 32}
 SITE = """
-import json, os, time
-import kubetune.dataset.preflight as checks
+import json, time
 from kubetune.errors import StorageError
 from kubetune.storage import LocalStore
-
-checks.DEFERRED_CHECKS_MIN_EXAMPLES = 2
 
 def _log(entry):
     with open(os.environ["OBSERVED_LOG"], "a") as log:
@@ -73,16 +68,7 @@ def _observed_batches(self):
 
 loader.ResumableLoader.__iter__ = _observed_batches
 """
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model cache holding ``builtin:tiny-sd``, built once here (not by two ranks at once)."""
-    from runner.models.loading import builtin_model
-
-    cache = tmp_path_factory.mktemp("models")
-    builtin_model("tiny-sd", cache)
-    return cache
+"""What follows ``THRESHOLD_SITE`` in the workers' ``sitecustomize``."""
 
 
 def _run(
@@ -95,31 +81,23 @@ def _run(
         write_image_dir(data, SIZES)
         if bad:
             (data / bad).write_bytes(b"not an image at all")
-    loader = {"type": "IMAGE_CAPTION_SD_DATA_LOADER", "resolution": 64,
-              "dataset": {"type": "IMAGE_CAPTION_DIR_DATASET", "dataset_dir": str(data)},
-              "aspect_ratio_buckets": BUCKETS | {"order": "streaming"}}  # fmt: skip
     out = tmp_path / name / "out"  # its own parent: no index stored beside another run's
     cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out,
-                      data_loader=loader, train_batch_size=2 // procs, max_train_steps=STEPS,
-                      save_every_n_steps=100)  # fmt: skip
+                      data_loader=streaming_loader(data), train_batch_size=2 // procs,
+                      max_train_steps=STEPS, save_every_n_steps=100)  # fmt: skip
     config = config_file(cfg, tmp_path / f"{name}.yaml")
-    site, logs, observed = tmp_path / "site", tmp_path / f"{name}-logs", tmp_path / f"{name}.log"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITE)
+    logs, observed = tmp_path / f"{name}-logs", tmp_path / f"{name}.log"
+    site = site_folder(tmp_path / f"{name}-site", THRESHOLD_SITE, SITE)
     cmd = [sys.executable, "-m", "runner", str(config)]
     if procs > 1:
         cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={procs}",
                f"--master_port={free_port()}", "--log-dir", str(logs), "--redirects", "2",
                "-m", "runner", str(config)]  # fmt: skip
-    run_env = env(site, KUBETUNE_MODEL_CACHE=str(cache), OBSERVED_LOG=str(observed), **extra)
+    run_env = env(site, KUBETUNE_MODEL_CACHE=str(cache), OBSERVED_LOG=str(observed),
+                  **deferred_min(True), **extra)  # fmt: skip
     proc = subprocess.Popen(cmd, env=run_env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the {procs}-process run did not end within {BOUND_S} s (a rank hangs)")
+    stderr = finish(proc, BOUND_S, f"the {procs}-process run")
     ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
     entries = [json.loads(line) for line in observed.read_text().splitlines()]
     return {"rc": proc.returncode, "agent": stderr, "ranks": ranks or {0: stderr},
@@ -146,17 +124,17 @@ def _everything(run: dict[str, Any]) -> str:
 
 
 def test_only_rank_0_reads_headers_and_every_rank_takes_the_single_process_batches(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, tiny_sd_cache: Path
 ) -> None:
     """Headers read at 0.2 s each (2.2 s for the dataset: sizes still arrive while the ranks
     train): rank 0 reads each image's header once and rank 1 none; the 2-process run's
     global batches are, step for step, those of the 1-process run."""
-    ref = _run(tmp_path, model_cache, "ref", 1, READ_DELAY="0.2")
+    ref = _run(tmp_path, tiny_sd_cache, "ref", 1, READ_DELAY="0.2")
     assert ref["rc"] == 0, _everything(ref)
     expected = _global_batches(ref)
     assert len(expected) == STEPS
 
-    run = _run(tmp_path, model_cache, "run", 2, READ_DELAY="0.2")
+    run = _run(tmp_path, tiny_sd_cache, "run", 2, READ_DELAY="0.2")
     assert run["rc"] == 0, _everything(run)
     assert _reads(run) == Counter({"0": len(SIZES)}), run["entries"]
     assert _global_batches(run) == expected
@@ -186,18 +164,18 @@ def _assert_same_error_everywhere(run: dict[str, Any], reason: str, exit_code: i
 
 
 def test_a_bad_header_ends_every_rank_with_the_same_data_error(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, tiny_sd_cache: Path
 ) -> None:
-    run = _run(tmp_path, model_cache, "run", 2, bad="img-006.png", READ_DELAY="0.1")
+    run = _run(tmp_path, tiny_sd_cache, "run", 2, bad="img-006.png", READ_DELAY="0.1")
     _assert_same_error_everywhere(run, "img-006.png", 2)
 
 
 def test_a_storage_failure_in_the_checks_ends_every_rank_with_the_same_error(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, tiny_sd_cache: Path
 ) -> None:
     """The store fails the header read of one image part way through the checks (the
     sizes read before it were shared already): every rank stops with the checks' one-line
     error and its exit code (1: a storage error), where before only the rank whose own
     checks failed said why and the other reported a lost peer."""
-    run = _run(tmp_path, model_cache, "run", 2, READ_DELAY="0.1", FAIL_KEY="img-007.png")
+    run = _run(tmp_path, tiny_sd_cache, "run", 2, READ_DELAY="0.1", FAIL_KEY="img-007.png")
     _assert_same_error_everywhere(run, "img-007.png: the store failed", 1)
