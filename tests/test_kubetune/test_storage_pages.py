@@ -27,7 +27,9 @@ from gcs_xml_proxy import GcsXmlProxy, Translator
 from list_pages import AzureListPages, GcsListPages
 
 from kubetune.checkpoint.publish import CheckpointManager
+from kubetune.config.data import ImageCaptionJsonlDatasetConfig
 from kubetune.dataset.folder_dataset import folder_source
+from kubetune.dataset.jsonl_dataset import jsonl_source
 from kubetune.storage import open_store
 from launcher.outputs import pull
 
@@ -128,6 +130,19 @@ def test_a_folder_dataset_over_pages_pairs_every_caption(paged: Paged) -> None:
     assert [r.image_key for r in source.records] == images
     assert [r.caption_key for r in source.records] == [n.replace(".png", ".txt") for n in images]
     assert paged.pages() >= 3
+
+
+def test_a_jsonl_dataset_finds_images_on_every_page(paged: Paged) -> None:
+    """A JSONL naming 2.5 pages of images, the last-listed first: every line's image found in
+    the one listing of their folder, with its size (a key past the first page missing from it
+    is a DataError)."""
+    images = {f"images/img-{i:04d}.jpg": b"j" * (1 + i % 5) for i in range(2 * PAGE + PAGE // 2)}
+    names = sorted(images, reverse=True)
+    lines = [json.dumps({"image": n, "text": f"caption {n}"}) for n in names]
+    paged.fill({**images, "data.jsonl": "\n".join(lines).encode()})
+    cfg = ImageCaptionJsonlDatasetConfig(jsonl_path=f"{paged.uri}/data.jsonl")
+    source = jsonl_source(cfg, None, need_captions=True, masks=False)
+    assert [(r.image_key, r.size) for r in source.records] == [(n, len(images[n])) for n in names]
 
 
 def _checkpoint(root: Path, step: int) -> Path:
