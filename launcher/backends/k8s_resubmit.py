@@ -125,10 +125,15 @@ class Resubmits:
         when one was replaced (UserError if neither)."""
         try:
             return self._find_job(run)
-        except UserError:
+        except UserError as err:
             folder = k8s_saved_logs.local_root(kubetune_home(), self.namespace, sanitize_name(run))
             if not (folder / POD_LOGS).is_dir():
-                raise
+                saved = (
+                    "log tails saved when submit replaced a workload of the run stay in its "
+                    f"outputs' {POD_LOGS}/"
+                )
+                hint = f"{err.hint}; {saved}" if err.hint else saved
+                raise UserError(err.message, hint=hint) from None
             return None
 
     def _saved_lines(self, job: Obj, node: int) -> Iterator[str]:

@@ -22,6 +22,7 @@ from kube_configs import config_dict
 from test_kubernetes_backend import Kube, fake_kube  # noqa: F401 - the fixture
 
 from kubetune.config import PipelineConfig, load_config, parse_config
+from kubetune.errors import UserError
 from kubetune.layout import START_OVER_ENV
 from kubetune.storage import open_store
 from launcher.backends import k8s_saved_logs
@@ -153,6 +154,9 @@ def test_replace_leaves_a_running_job_alone_and_names_the_fix(
     assert result.note.startswith("already running (same config)")
     assert "`launcher cancel my-run`" in result.note
     assert fake.deletions == [] and result.saved_logs is None
+    backend.cancel("my-run", wait=True, timeout=10)
+    with pytest.raises(UserError, match=r"no kubetune run .*stay in its outputs' pod-logs/"):
+        list(backend.logs("my-run"))  # nothing saved here: where the saved ones would be
 
 
 @pytest.mark.parametrize("variant", ["job", "jobset"])
