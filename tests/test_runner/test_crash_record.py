@@ -21,7 +21,7 @@ import pytest
 from train_support import REPO, config_file, make_config, write_dataset
 
 from kubetune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, exit_code_for
-from kubetune.layout import PROGRESS_KEY, ProgressRecord
+from kubetune.layout import PROGRESS_KEY, REPORT_KEY, ProgressRecord
 from launcher.backends.base import read_progress
 
 pytestmark = pytest.mark.timeout(600)
@@ -50,7 +50,8 @@ def test_exit_code_for_says_what_the_entrypoint_exits_with() -> None:
 def test_a_crash_mid_training_records_failed_locally(tmp_path: Path) -> None:
     """Step 4 raises: the process exits 1 as before (a traceback), and progress.json says
     failed at step 3 (the last step done), with the error line and exit code 1; the folder
-    holds the record alone, no temporary file beside it."""
+    holds the record alone, no temporary file beside it; the final report.html shows the
+    error."""
     data = write_dataset(tmp_path / "data", n=2)
     out = tmp_path / "out"
     cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, train_batch_size=1,
@@ -64,6 +65,8 @@ def test_a_crash_mid_training_records_failed_locally(tmp_path: Path) -> None:
     assert record.error == "injected crash (call 4 of StepRunner.run)"
     assert (record.exit_code, record.step, record.last_checkpoint_step) == (1, 3, 2)
     assert sorted(p.name for p in out.iterdir() if "progress" in p.name) == [PROGRESS_KEY]
+    page = (out / REPORT_KEY).read_text()  # the final report says so too
+    assert "injected crash (call 4 of StepRunner.run) (exit code 1)" in page
 
 
 @pytest.mark.slow
