@@ -72,7 +72,10 @@ def _env(kube: Kube, pod: str) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container["env"]}
 
 
-@pytest.mark.parametrize("variant", list(KINDS))
+@pytest.mark.parametrize(
+    "variant",
+    [v if v != "indexed-job" else pytest.param(v, marks=pytest.mark.slow) for v in KINDS],
+)
 def test_replace_starts_a_succeeded_run_over_once(
     fake_kube: Kube,  # noqa: F811
     s3_env: Any,
