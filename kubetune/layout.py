@@ -28,6 +28,8 @@ import datetime as dt
 import json
 import logging
 import re
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -243,17 +245,25 @@ class ProgressRecord(BaseModel):
             parts.append(f"{count(self.bad_images, 'unreadable image')} skipped")
         return ", ".join(parts)
 
-    def ending(self, live: bool = True) -> str | None:
-        """How the run ended, as its record says, for ``launcher status`` and the UI: the
-        error of a failed run; for a run that is not ``live`` (its process gone, its Job
-        failed) whose record still says running, that no end was recorded. None otherwise."""
+    def ending(
+        self, live: bool = True, lease: LeaseTerm | None = None, now: float | None = None
+    ) -> str | None:
+        """How the run ended, as its record says, for ``launcher status``, ``report``, ``pull``
+        and the UI: the error of a failed run; for a record that still says running when the
+        run is not ``live`` (its process gone, its Job failed) or its ``lease`` lapsed (expired
+        unrenewed, or released: what a reader of the store alone can tell), that no end was
+        recorded. None otherwise (a current lease, or none known, leaves the record's word)."""
         if self.state == "failed":
             code = f" (exit code {self.exit_code})" if self.exit_code is not None else ""
             return f"failed at step {self.step}{': ' + self.error if self.error else ''}{code}"
-        if live or self.state not in ("starting", "running"):
+        if self.state not in ("starting", "running"):
+            return None
+        lapsed = lease.lapsed(now) if lease is not None else None
+        if live and lapsed is None:
             return None
         when = f" ({self.updated_at})" if self.updated_at else ""
-        return f"not running: last record at step {self.step}{when}, no end recorded"
+        why = f"; {lapsed}" if lapsed else ""
+        return f"not running: last record at step {self.step}{when}, no end recorded{why}"
 
     @classmethod
     def from_bytes(cls, data: bytes | str) -> ProgressRecord:
@@ -262,6 +272,58 @@ class ProgressRecord(BaseModel):
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
         return cls.model_validate(raw)
+
+
+@dataclass(frozen=True)
+class LeaseTerm:
+    """What ``lease.json`` tells a reader of the store alone about the run's writer: when its
+    lease expires unless renewed (``renewed_unix`` + ``timeout_s``, as
+    ``kubetune.storage.lease`` writes them); ``expires_unix`` None: no lease (released)."""
+
+    expires_unix: float | None
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> LeaseTerm | None:
+        """``lease.json``'s body (None: there is none); None when it cannot be read as a lease
+        (then nothing is inferred from it)."""
+        if raw is None:
+            return cls(None)
+        try:
+            record = json.loads(raw)
+            return cls(float(record["renewed_unix"]) + float(record["timeout_s"]))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    @property
+    def expires_at(self) -> str | None:
+        if self.expires_unix is None:
+            return None
+        at = dt.datetime.fromtimestamp(self.expires_unix, dt.timezone.utc)
+        return at.isoformat(timespec="seconds")
+
+    def lapsed(self, now: float | None = None) -> str | None:
+        """Why the lease no longer holds its writer (None while it is current). Compared with
+        this machine's clock: a live writer renews every quarter of its timeout, so clocks
+        apart by less than three quarters of it never make a live run look dead."""
+        if self.expires_unix is None:
+            return "its lease was released"
+        if (time.time() if now is None else now) <= self.expires_unix:
+            return None
+        return f"its lease expired at {self.expires_at}"
+
+
+def read_run_record(store: ObjectStore) -> tuple[ProgressRecord | None, LeaseTerm | None]:
+    """(progress.json, lease.json) of the run at ``store`` for a reader with only its location;
+    the lease is read first, so a run that ends between the two reads is seen ended, not
+    dead. Raises ``ValueError`` for a progress.json that is not a record, storage errors."""
+    try:
+        lease = LeaseTerm.from_bytes(store.get_bytes(LEASE_KEY))
+    except FileNotFoundError:
+        lease = LeaseTerm.from_bytes(None)
+    try:
+        return ProgressRecord.from_bytes(store.get_bytes(PROGRESS_KEY)), lease
+    except FileNotFoundError:
+        return None, lease
 
 
 def read_history(store: ObjectStore) -> list[dict[str, Any]]:

@@ -17,11 +17,11 @@ from kubetune.checkpoint.publish import CheckpointManager
 from kubetune.errors import StorageError, UserError
 from kubetune.layout import (
     FINAL,
-    PROGRESS_KEY,
     REPORT_KEY,
     TRAINING_STATE_FILES,
     ProgressRecord,
     final_manifest_key,
+    read_run_record,
 )
 from kubetune.storage import Capability, supports
 from kubetune.storage.run_store import RetryPolicy, RunStore
@@ -115,8 +115,12 @@ def stale_report_note(status: RunStatus) -> str | None:
     ending = progress.ending(live=not status.done) if progress is not None else None
     if progress is None or ending is None or progress.state == "failed":
         return None
-    written = f"note: the page was last written while {status.run} trained"
-    return f"{written}; it is {status.phase} now, {ending}"
+    return page_note(status.run, f"{status.phase} now, {ending}")
+
+
+def page_note(run: str, now: str) -> str:
+    """``launcher report``'s note for a page that predates the run's end."""
+    return f"note: the page was last written while {run} trained; it is {now}"
 
 
 @dataclass
@@ -155,18 +159,69 @@ def choose(store: ObjectStore, step: int | None) -> tuple[str, Manifest]:
         ) from None
 
 
-def _why_no_final(store: ObjectStore) -> str:
-    """Why a run has no final weights, from its progress record: a failed or preempted run
-    has ended (saying it 'has not finished' sends people to wait for it)."""
+def stored_ending(store: ObjectStore) -> tuple[ProgressRecord | None, str | None]:
+    """(record, how it ended) of the run at ``store``, for a reader with only its location:
+    ``ProgressRecord.ending`` with the run's lease (a record that says running under a lapsed
+    lease: not running). (None, None) when there is no readable record."""
     try:
-        progress = ProgressRecord.from_bytes(store.get_bytes(PROGRESS_KEY))
-    except (FileNotFoundError, ValueError, StorageError):
+        progress, lease = read_run_record(store)
+    except (ValueError, StorageError):
+        return None, None
+    return progress, progress.ending(lease=lease) if progress is not None else None
+
+
+def lapsed_ending(store: ObjectStore) -> str | None:
+    """For ``report`` / ``pull`` of a folder or URI: how the run ended when its record still
+    says running but its lease lapsed (its runner was killed: what was last written predates
+    its end); None otherwise."""
+    progress, ending = stored_ending(store)
+    return None if progress is None or progress.state == "failed" else ending
+
+
+@dataclass
+class LocationStatus:
+    """``launcher status`` of a folder or URI: what its record and lease say."""
+
+    run: str
+    progress: ProgressRecord | None
+    ending: str | None
+
+    @classmethod
+    def read(cls, store: ObjectStore, run: str) -> LocationStatus:
+        progress, ending = stored_ending(store)
+        return cls(run, progress, ending)
+
+    @property
+    def running(self) -> bool:
+        p = self.progress
+        return p is not None and p.state in ("starting", "running") and self.ending is None
+
+    def summary(self) -> str:
+        """One line: the record's state (running or not), progress, how it ended."""
+        p = self.progress
+        if p is None:
+            return f"{self.run}: no progress recorded yet"
+        if self.ending is None or p.state == "failed":
+            text = f"{self.run}: {p.state}; {p.summary(live=self.running)}"
+            return f"{text}; {self.ending}" if self.ending else text
+        return f"{self.run}: {p.summary(live=False)}; {self.ending}"  # says not running
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run": self.run, "running": self.running, "ending": self.ending,
+                "progress": self.progress.model_dump() if self.progress else None}  # fmt: skip
+
+
+def _why_no_final(store: ObjectStore) -> str:
+    """Why a run has no final weights, from its progress record and lease: a failed,
+    preempted or killed run has ended (saying it 'has not finished' sends people to wait)."""
+    progress, ending = stored_ending(store)
+    if progress is None:
         return "the run has not finished"
     if progress.state == "failed":  # with its error and exit code when the runner wrote them
-        return f"the run {progress.ending()}"
+        return f"the run {ending}"
     if progress.state == "preempted":
         return f"the run stopped at step {progress.step}; resubmitting its config resumes it"
-    return "the run has not finished"
+    return f"the run is {ending}" if ending else "the run has not finished"
 
 
 def _steps(manager: CheckpointManager) -> str:

@@ -70,8 +70,9 @@ def report(
     """
     from launcher.outputs import report_location
 
-    view = report_location(_location(run, local, cluster).open(), expires, out)
-    note = _stale_note(run, local, cluster)
+    store = _location(run, local, cluster).open()
+    view = report_location(store, expires, out)
+    note = _stale_note(run, store, local, cluster)
     if output == "json":
         doc = {"run": run, "report": view.report, **({"note": note} if note else {})}
         click.echo(json.dumps(doc if view.url is None else {**doc, "url": view.url}))
@@ -83,17 +84,24 @@ def report(
         click.echo("no web browser found here; open the address above yourself", err=True)
 
 
-def _stale_note(run: str, local: bool, cluster: api.ClusterOptions) -> str | None:
-    """For a run named (not a folder or URI: no process or Job to ask), whether its page
-    predates its end (``launcher.outputs.stale_report_note``); best effort."""
-    from launcher.outputs import stale_report_note
+def _stale_note(run: str, store: Any, local: bool, cluster: api.ClusterOptions) -> str | None:
+    """Whether the run's page predates its end: for a run named, from its process or Job
+    (``launcher.outputs.stale_report_note``); for a folder or URI, from its record and lease
+    (``launcher.outputs.lapsed_ending``). Best effort."""
+    from launcher.outputs import lapsed_ending, page_note, stale_report_note
 
-    if "://" in run or "/" in run or run.startswith("."):
-        return None
+    if _is_location(run):
+        ending = lapsed_ending(store)
+        return page_note(run, ending) if ending else None
     try:
         return stale_report_note(api.backend_for_run(run, local=local, cluster=cluster).status(run))
     except KubetuneError:  # the page is there; its note is not worth an error
         return None
+
+
+def _is_location(run: str) -> bool:
+    """A folder or store URI rather than a run name (a DNS label: no slash, no dot first)."""
+    return "://" in run or "/" in run or run.startswith(".")
 
 
 @click.command()
@@ -123,6 +131,7 @@ def pull(
       launcher pull my-lora --format json         # CI: where the files went
     """
     from kubetune.layout import FINAL, step_name  # pydantic: not at `launcher --help`
+    from launcher.outputs import lapsed_ending
     from launcher.outputs import pull as do_pull
 
     if step is not None and final:
@@ -136,8 +145,11 @@ def pull(
     store = _location(run, local, cluster).open()
     with _progress_bar(output == "text" and sys.stderr.isatty()) as (on_start, on_file):
         result = do_pull(store, dest, step=step, on_start=on_start, on_file=on_file)
+    ending = lapsed_ending(store)  # its runner killed: no later checkpoint will come
+    note = f"note: {run} is {ending}" if ending else None
     if output == "json":
-        click.echo(json.dumps(result.to_json(), indent=2))
+        doc = result.to_json()
+        click.echo(json.dumps({**doc, "note": note} if note else doc, indent=2))
     else:
         click.echo(
             f"pulled {count(len(result.files), 'file')} ({result.bytes / 1e6:.1f} MB) of "
@@ -145,6 +157,8 @@ def pull(
         )
         for name in result.files:
             click.echo(f"  {name}")
+    if note:
+        click.echo(note, err=True)
 
 
 @contextlib.contextmanager

@@ -321,10 +321,15 @@ def status(
 ) -> None:
     """Phase, reason, retries and training progress of RUN (or of every run of --sweep).
 
+    RUN may also be a run's output folder or store URI (s3://, gs://, az://): then its
+    progress record and its lease say whether it runs (a record that says running under a
+    lease that expired unrenewed, its runner killed, is 'not running ... no end recorded').
+
     \b
     Examples:
       launcher status quickstart
       launcher status my-lora --format json      # CI: phase, step, loss as one document
+      launcher status s3://bucket/runs/my-lora   # from the storage alone
       launcher status --sweep lr-search
     """
     if sweep:
@@ -332,6 +337,9 @@ def status(
         return
     if not run:
         raise click.UsageError("name a RUN or --sweep NAME (`launcher list` shows the runs)")
+    if "://" in run or "/" in run or run.startswith("."):  # a folder or URI, not a run name
+        _print_location_status(run, output)
+        return
     result = api.backend_for_run(run, local=local, cluster=cluster).status(run)
     if output == "json":
         _emit_json(result.to_json())
@@ -350,6 +358,19 @@ def status(
     click.echo(f"outputs: {result.output_uri}")
     if result.progress_error:
         click.echo(f"progress: unavailable ({result.progress_error})")
+
+
+def _print_location_status(run: str, output: str) -> None:
+    """``status`` of a run's output folder or store URI: no process or Job to ask, so its
+    record and its lease say whether it runs (``launcher.outputs.LocationStatus``)."""
+    from launcher.outputs import LocationStatus, locate
+
+    location = locate(run, lambda name: None)  # a path or URI: no backend asked
+    result = LocationStatus.read(location.open(), location.uri)
+    if output == "json":
+        _emit_json(result.to_json())
+    else:
+        click.echo(result.summary())
 
 
 @click.command()

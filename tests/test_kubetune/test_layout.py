@@ -122,6 +122,37 @@ def test_ending_says_how_the_run_ended_or_that_no_end_was_recorded() -> None:
     assert ProgressRecord(state="completed", step=4).ending(live=False) is None
 
 
+def test_a_lapsed_lease_says_a_running_record_is_not_running() -> None:
+    """A reader with only the store (a folder, a URI) cannot ask a process or a Job: the run's
+    lease tells. A record that says running whose lease expired (not renewed: SIGKILL, a lost
+    node) or was released reads as not running, with when the lease expired; a current lease
+    keeps it running, and a record that tells its end is never second-guessed."""
+    from kubetune.layout import LeaseTerm
+
+    body = {"holder": "pod/7", "renewed_unix": 1_000.0, "timeout_s": 60.0}
+    expired = LeaseTerm.from_bytes(json.dumps(body).encode())
+    assert expired is not None and expired.expires_at == "1970-01-01T00:17:40+00:00"
+    assert expired.lapsed(now=1_059.0) is None  # renewed 59 s ago: current
+    assert expired.lapsed(now=1_061.0) == "its lease expired at 1970-01-01T00:17:40+00:00"
+    assert LeaseTerm.from_bytes(None).lapsed() == "its lease was released"  # no lease.json
+    assert LeaseTerm.from_bytes(b"{not json") is None  # unreadable: no inference at all
+    assert LeaseTerm.from_bytes(b'{"holder": "x"}') is None
+    stale = ProgressRecord(step=5, total_steps=10, updated_at="1970-01-01T00:16:40+00:00")
+    assert stale.ending(lease=expired, now=1_059.0) is None
+    assert stale.ending(lease=expired, now=1_061.0) == (
+        "not running: last record at step 5 (1970-01-01T00:16:40+00:00), no end recorded; "
+        "its lease expired at 1970-01-01T00:17:40+00:00"
+    )
+    assert stale.ending(lease=None) is None  # nothing known: the record's word stands
+    assert stale.ending(live=False, lease=LeaseTerm.from_bytes(None)).endswith(
+        "no end recorded; its lease was released"
+    )
+    for ended in ("completed", "preempted"):
+        assert ProgressRecord(state=ended, step=5).ending(lease=expired, now=2e9) is None
+    failed = ProgressRecord(state="failed", step=5, error="boom", exit_code=1)
+    assert failed.ending(lease=expired, now=2e9) == "failed at step 5: boom (exit code 1)"
+
+
 _HARD_CODED = re.compile(r"step-\{|step-%0|[\"']progress\.json[\"']|[\"']manifest\.json[\"']")
 
 

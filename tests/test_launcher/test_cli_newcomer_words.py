@@ -111,7 +111,7 @@ def test_pull_without_a_terminal_prints_no_progress_label(tmp_path: Path) -> Non
     assert result.stderr == "" and result.stdout.startswith("pulled 1 file")
 
 
-@pytest.mark.parametrize("command", ["status", "logs", "cancel"])
+@pytest.mark.parametrize("command", ["logs", "cancel"])  # status takes a folder or URI too
 def test_a_path_where_a_run_name_goes_says_so(command: str, no_cluster: Path) -> None:
     (no_cluster / "runs" / "quickstart").mkdir(parents=True)
     line = _one_line_error([command, "runs/quickstart"])

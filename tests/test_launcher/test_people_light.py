@@ -119,6 +119,8 @@ def test_pull_of_a_failed_run_says_it_failed_not_that_it_has_not_finished(
     tmp_path: Path,
 ) -> None:
     from kubetune.layout import PROGRESS_KEY, ProgressRecord
+    from kubetune.storage import open_store
+    from kubetune.storage.lease import Lease, LeaseSettings
 
     run = tmp_path / "run"
     run.mkdir()
@@ -132,7 +134,11 @@ def test_pull_of_a_failed_run_says_it_failed_not_that_it_has_not_finished(
     output = CliRunner().invoke(main, ["pull", str(run)]).output
     assert "the run failed at step 3: CUDA error: boom (exit code 1)" in output, output
     (run / PROGRESS_KEY).write_bytes(ProgressRecord(state="running", step=3).to_bytes())
-    assert "has not finished" in CliRunner().invoke(main, ["pull", str(run)]).output
+    with Lease(open_store(str(run)), LeaseSettings(timeout_s=600), holder="pod/1"):  # live
+        assert "has not finished" in CliRunner().invoke(main, ["pull", str(run)]).output
+    # released, no end written: not running (tests/test_launcher/test_stale_run.py)
+    output = CliRunner().invoke(main, ["pull", str(run)]).output
+    assert "the run is not running: last record at step 3" in output, output
 
 
 def test_report_of_a_local_run_writes_the_copy_o_names(tmp_path: Path) -> None:
