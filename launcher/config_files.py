@@ -141,10 +141,22 @@ def local_data_lines(
     return field_problems(source, with_working_folder_hints(source, cfg, problems), overrides)
 
 
+def local_storage_lines(
+    source: str, cfg: PipelineConfig, overrides: list[str] | None = None
+) -> list[str]:
+    """`file:line: field.path: message` for each bucket of a local run that does not exist or
+    that this machine's credentials may not list (`launcher.local_storage_check`)."""
+    from launcher.local_storage_check import storage_problems
+
+    return field_problems(source, storage_problems(cfg), overrides)
+
+
 def check_local_data(source: str, cfg: PipelineConfig, overrides: list[str] | None = None) -> None:
-    """Raise DataError (exit 2) listing the local datasets that cannot be listed, before a
-    local run starts."""
-    problems = local_data_lines(source, cfg, overrides)
+    """Raise DataError (exit 2) listing the local datasets that cannot be listed and the
+    buckets this machine cannot use, before a local run starts."""
+    problems = local_data_lines(source, cfg, overrides) or local_storage_lines(
+        source, cfg, overrides
+    )
     if problems:
         raise DataError("\n".join(problems))
 

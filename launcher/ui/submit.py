@@ -12,7 +12,7 @@ from kubetune.config import parse_config
 from kubetune.errors import KubetuneError, UserError
 from launcher import api
 from launcher.backends.base import RESUMABLE_PHASES
-from launcher.config_files import local_data_lines
+from launcher.config_files import local_data_lines, local_storage_lines
 from launcher.ui.configs import FORM_NAME, _problem, generate
 from launcher.ui.runs import Runs, one_line
 from launcher.ui.security import UiSettings, checked_path
@@ -39,7 +39,8 @@ def start_training(
         if backend.name == "local":
             if settings.restricted:
                 checked_path(settings, cfg.base_output_dir, "base_output_dir")
-            missing = local_data_lines(FORM_NAME, cfg)  # as `launcher submit --local` refuses
+            # as `launcher submit --local` refuses
+            missing = local_data_lines(FORM_NAME, cfg) or local_storage_lines(FORM_NAME, cfg)
             if missing:
                 return {
                     **checked,

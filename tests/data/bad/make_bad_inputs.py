@@ -307,6 +307,35 @@ CASES: dict[str, dict[str, Any]] = {
         r"storage",
         config={"storage": {"bucket": "kt", "secret_access_key": "@SECRET@"}},
     ),
+    # --- submit --local checks the buckets before a run starts (SeaweedFS) -----------------
+    "launch-local-missing-bucket": case(
+        "submit-local",
+        2,
+        r"storage\.bucket: bucket 'no-such-bucket-kt' does not exist",
+        config={**S3_STORAGE, "storage": {**S3_STORAGE["storage"], "bucket": "no-such-bucket-kt"}},
+        needs=["s3"],
+        about="submit --local: the output bucket does not exist",
+    ),
+    "launch-local-dataset-missing-bucket": case(
+        "submit-local",
+        2,
+        r"data_loader\.dataset\.dataset_dir: bucket 'no-such-data-bucket' does not exist",
+        config={
+            **S3_STORAGE,
+            "data_loader": {"dataset": {"dataset_dir": "s3://no-such-data-bucket/cats"}},
+        },
+        needs=["s3"],
+        about="submit --local: the dataset's bucket does not exist",
+    ),
+    "launch-local-no-credentials": case(
+        "submit-local",
+        2,
+        r"storage\.bucket: access denied .*no credentials set",
+        config=S3_STORAGE,
+        needs=["s3"],
+        env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""},
+        about="submit --local: no credentials in the environment",
+    ),
 }
 
 
