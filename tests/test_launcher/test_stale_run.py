@@ -4,8 +4,9 @@ its end: its progress.json still says running. Readers that have only its folder
 the run's lease tells them: a record that says running under a lease that expired unrenewed
 (or was released) is not running, in the words ``status`` uses for a named run.
 
-Fast tests: a real ``kubetune.storage.lease.Lease`` taken and then left unrenewed (as a killed
-holder leaves it) with a one-second timeout, on a local folder and on SeaweedFS. The same with
+Fast tests: a real ``kubetune.storage.lease.Lease`` held (a live writer: a ten-minute timeout),
+then one taken and left unrenewed (as a killed holder leaves it) with a one-second timeout,
+on a local folder and on SeaweedFS. The same with
 a real ``python -m runner`` SIGKILLed mid-training is ``tests/test_runner/test_killed_run.py``.
 """
 
@@ -24,6 +25,7 @@ from kubetune.storage.lease import Lease, LeaseSettings
 from launcher.cli.main import main
 
 SHORT = LeaseSettings(timeout_s=1.0, wait_s=0.0)
+LIVE = LeaseSettings(timeout_s=600.0, wait_s=0.0)  # current however slow the machine
 RECORD = layout.ProgressRecord(step=5, total_steps=10, loss=0.25, eta_seconds=30.0,
                                updated_at="2026-12-03T18:00:00+00:00")  # fmt: skip
 
@@ -58,7 +60,7 @@ def test_a_location_whose_lease_expired_reads_not_running(run_uri: str, tmp_path
     ETA, no note, 'has not finished'); once it expired unrenewed, each says 'not running: last
     record at step 5 (time), no end recorded; its lease expired at T', in text and JSON."""
     store = open_store(run_uri)
-    lease = Lease(store, SHORT, holder="pod-killed/1").acquire(heartbeat=False)  # never renewed
+    live_lease = Lease(store, LIVE, holder="pod-live/1").acquire(heartbeat=False)
     store.put_bytes(layout.PROGRESS_KEY, RECORD.to_bytes())
     store.put_bytes(layout.REPORT_KEY, b"<html>step 5</html>")
     live = cli("status", run_uri, "--format", "json")
@@ -72,6 +74,8 @@ def test_a_location_whose_lease_expired_reads_not_running(run_uri: str, tmp_path
     code, _, err = cli("pull", run_uri, "-o", str(tmp_path / "w"))
     assert code == 2 and "(the run has not finished)" in err, err
 
+    live_lease.release()
+    lease = Lease(store, SHORT, holder="pod-killed/2").acquire(heartbeat=False)  # never renewed
     expired_at = expire(store.get_bytes(layout.LEASE_KEY))
     ending = ("not running: last record at step 5 (2026-12-03T18:00:00+00:00), no end "
               f"recorded; its lease expired at {expired_at}")  # fmt: skip
