@@ -4,10 +4,12 @@ subprocesses, as a pod runs them (``train_support.checkpoint_weights`` reads wha
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -98,11 +100,13 @@ def free_port() -> int:
 
 
 def single(
-    config: Path, *args: str, timeout: float = 240, first: Path | None = None
+    config: Path, *args: str, timeout: float = 240, first: Path | None = None, **extra: str
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m runner CONFIG ARGS`` to the end."""
+    """``python -m runner CONFIG ARGS`` to the end (``extra``: more environment)."""
     cmd = [sys.executable, "-m", "runner", str(config), *args]
-    return subprocess.run(cmd, env=env(first), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, env=env(first, **extra), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def torchrun_cmd(config: Path, *args: str, nproc: int = 2) -> list[str]:
@@ -142,3 +146,56 @@ def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@dataclass
+class RankRun:
+    """A ``torchrun`` that ended: its exit code, the agent's stderr, each rank's stderr."""
+
+    rc: int
+    agent: str
+    ranks: dict[int, str]
+
+    def everything(self) -> str:
+        """The tails of every log, for an assertion's message."""
+        return self.agent[-3000:] + "".join(f"\n--- rank {r}\n{t[-3000:]}" for r, t in
+                                            sorted(self.ranks.items()))  # fmt: skip
+
+
+def torchrun_logged(
+    config: Path, *args: str, logs: Path, first: Path | None = None, bound: float = 240,
+    nproc: int = 2, **extra: str,
+) -> RankRun:  # fmt: skip
+    """``torchrun_cmd`` with each rank's stderr in its own file under ``logs``, killed (and the
+    test failed) if it has not ended within ``bound`` seconds: a rank that hangs."""
+    cmd = torchrun_cmd(config, *args, nproc=nproc)
+    at = cmd.index("-m", len(TORCHRUN))  # torchrun's own options go before `-m runner`
+    cmd[at:at] = ["--log-dir", str(logs), "--redirects", "2"]
+    agent = subprocess.Popen(cmd, env=env(first, **extra), stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    stderr = finish(agent, bound, f"the {nproc}-process run")
+    ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    return RankRun(agent.returncode, stderr, ranks)
+
+
+def error_lines(text: str) -> list[str]:
+    """The ``kubetune: error:`` lines a process printed."""
+    return [line for line in text.splitlines() if line.startswith("kubetune: error:")]
+
+
+def same_error_everywhere(run: RankRun, code: int, says: str, nproc: int = 2) -> str:
+    """Every rank printed the same one ``kubetune: error:`` line, naming ``says`` (no lost peer,
+    no traceback), and torchrun's root cause is exit ``code`` (a rank it reports stopped by
+    SIGTERM had printed that line already: torchrun stops the others as soon as one exits).
+    The line."""
+    assert set(run.ranks) == set(range(nproc)), run.everything()
+    lines = {rank: error_lines(text) for rank, text in run.ranks.items()}
+    for rank, text in run.ranks.items():
+        assert "lost contact" not in text and "Traceback" not in text, (rank, run.everything())
+        assert len(lines[rank]) == 1 and says in lines[rank][0], (rank, run.everything())
+    assert len({tuple(found) for found in lines.values()}) == 1, lines
+    root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", run.agent, re.S)
+    assert root is not None and root.group(1) == str(code), run.everything()
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", run.agent)
+    assert set(codes) <= {str(code), "-15"}, run.everything()
+    return lines[0][0]

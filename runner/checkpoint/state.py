@@ -176,11 +176,9 @@ class Checkpointer:
         """Called on every rank with the trained weights before each save (the ranks'
         checksum comparison of a multi-process run)."""
 
-    def maybe_save(self, state: LoopState, completed_epoch: int | None) -> bool:
-        if self.cadence.due(state.step, completed_epoch):
-            self.save(state)
-            return True
-        return False
+    def due(self, step: int, completed_epoch: int | None) -> bool:
+        """Whether a checkpoint is due after ``step`` (on every rank alike)."""
+        return self.cadence.due(step, completed_epoch)
 
     def save(self, state: LoopState) -> Path | None:
         """Write the step folder and start publishing it (returns once it is on disk)."""

@@ -125,8 +125,8 @@ class Session:
     def run(self) -> RunResult:
         """Record the run (main process; only now: a failed start writes nothing), train
         from ``state`` and publish ``final/``."""
+        self.loop.each(self._record)  # refused on rank 0: every rank stops with its error
         if self.settings.is_main:
-            self.records.write(self.store)
             self.loader.on_checked = self.records.index_writer(self.store)
         self.events.started(self.state.step)
         try:
@@ -149,20 +149,28 @@ class Session:
         except Exception as err:  # the original error matters more
             log.error("publishing the last checkpoint failed too: %s", err)
 
+    def _record(self) -> None:
+        if self.settings.is_main:
+            self.records.write(self.store)
+
     def finish(self, uri: str) -> RunResult:
         """Wait for header checks still running, checkpoint the last step, wait for
-        uploads, publish ``final/``."""
+        uploads, publish ``final/`` (rank 0's failure to is every rank's error)."""
         self.loader.end_checks()
+        keys = self.loop.each(self._publish_last)
+        log.info("training finished at step %d; outputs in %s", self.state.step, uri)
+        return RunResult(self.state.step, uri, keys)
+
+    def _publish_last(self) -> list[str]:
         state = self.state
-        self.checkpointer.save(state)
+        self.checkpointer.save(state)  # first: its weight comparison is every rank's
         self.checkpointer.wait()
-        keys: list[str] = []
-        if self.settings.is_main:
-            keys = self._publish_final(state.step)
-            self.progress.note(last_checkpoint_step=state.step)
-            self.progress.finish("completed")
-        log.info("training finished at step %d; outputs in %s", state.step, uri)
-        return RunResult(state.step, uri, keys)
+        if not self.settings.is_main:
+            return []
+        keys = self._publish_final(state.step)
+        self.progress.note(last_checkpoint_step=state.step)
+        self.progress.finish("completed")
+        return keys
 
     def _publish_final(self, step: int) -> list[str]:
         final = self.settings.work_dir / "final"
@@ -250,8 +258,9 @@ def _agreed_start(
     options: StartOptions,
 ) -> tuple[ResumePoint | None, int]:
     """The checkpoint to resume from and the seed, decided by rank 0 (which alone heals or
-    discards checkpoints) and broadcast with its config's digest; the other ranks check that
-    they run the same config and download the chosen step."""
+    discards checkpoints) and broadcast with its config's digest, or its error (e.g. a
+    checkpoint of another config) raised on every rank; the other ranks check that they run
+    the same config and download the chosen step (a rank that cannot stops every rank)."""
     compat, digest = compat_info(cfg), config_digest(cfg)
     restored: ResumePoint | None = None
 
@@ -261,15 +270,19 @@ def _agreed_start(
         seed = restored.info["seed"] if restored else _new_seed(cfg.seed)
         return (restored.step if restored else None, seed, digest)
 
-    step, seed, main_digest = ranks.decide(choose)
-    if main_digest != digest:
-        raise ProcessGroupError(
-            f"rank {ranks.index} was given another config than rank 0",
-            hint="every node must run the same resolved config (one ConfigMap)",
-        )
-    if not ranks.is_main and step is not None:
-        restored = fetch_step(manager, work, compat, step)
-    return restored, seed
+    step, seed, main_digest = ranks.from_rank_0(choose)
+
+    def fetch() -> ResumePoint | None:
+        if main_digest != digest:
+            raise ProcessGroupError(
+                f"rank {ranks.index} was given another config than rank 0",
+                hint="every node must run the same resolved config (one ConfigMap)",
+            )
+        if not ranks.is_main and step is not None:
+            return fetch_step(manager, work, compat, step)
+        return restored
+
+    return ranks.each(fetch), seed
 
 
 def config_digest(cfg: PipelineConfig) -> str:
@@ -334,9 +347,12 @@ def _assemble(
     pipeline, optimizer, lr_scheduler = build_training(
         cfg, comps, accelerator, schedule.total_steps, shapes
     )
+    ranks = Ranks(PartialState())
     if pipeline.latents.cache is not None or pipeline.text.cache is not None:
-        # restored from the run's stored caches, the rest encoded; then encoders off the GPU
-        PersistedCaches(settings.caches, pipeline, is_main=settings.is_main).warm(loader)
+        # restored from the run's stored caches, the rest encoded; then encoders off the GPU;
+        # a rank that fails to (rank 0 alone stores them) stops every rank with its error
+        caches = PersistedCaches(settings.caches, pipeline, is_main=settings.is_main)
+        ranks.each(lambda: caches.warm(loader))
     generator = torch.Generator(device).manual_seed(seed)
     runner = StepRunner(
         accelerator, pipeline, optimizer, lr_scheduler, generator, training.max_grad_norm
@@ -359,7 +375,6 @@ def _assemble(
     progress.note(dataset_examples=dataset[0], dataset_buckets=dataset[1])
     validator = Validator(settings.validation, pipeline, out, device,
                           on_images=progress.log_images, autocast=accelerator.autocast)  # fmt: skip
-    ranks = Ranks(PartialState())
     if ranks.several:  # header checks, skipped examples: settled by every rank together
         loader.together = ranks
     checkpointer.verify = ranks.check_same

@@ -75,9 +75,21 @@ def load_then_join(
     """The accelerator and the base model, loaded while the preflight (listing, header reads
     or the stored index) runs; then the preflight's report: a bad dataset fails here, before
     the lease or any other write. If loading fails, a failed preflight is still reported
-    first, as when it ran first. Several processes (``ranks``): the preflight is global rank
-    0's (``pending`` None elsewhere) and its report or error reaches every rank
-    (``shared_report``)."""
+    first, as when it ran first. Several processes (``ranks``): each rank loads its own copy,
+    and a rank that fails to (its node's download or cache) ends every rank with its error
+    (``Ranks.each``); the preflight is global rank 0's (``pending`` None elsewhere) and its
+    report or error reaches every rank (``shared_report``)."""
+
+    def load() -> tuple[Accelerator, Components]:
+        return _load(mixed_precision, model, pending)
+
+    accelerator, comps = ranks.each(load) if ranks is not None else load()
+    return Loaded(accelerator, comps, shared_report(pending, ranks))
+
+
+def _load(
+    mixed_precision: str, model: ModelSettings, pending: Future[PreflightReport] | None
+) -> tuple[Accelerator, Components]:
     try:
         accelerator = make_accelerator(mixed_precision)
         started = time.perf_counter()
@@ -89,7 +101,7 @@ def load_then_join(
         if pending is not None:
             pending.result()  # a bad dataset's error, else the loading error below
         raise
-    return Loaded(accelerator, comps, shared_report(pending, ranks))
+    return accelerator, comps
 
 
 def shared_report(pending: Future[PreflightReport] | None, ranks: Ranks | None) -> PreflightReport:

@@ -69,8 +69,7 @@ def run(
             pending = data or start_preflight(cfg, process=False)
         with _work_folder(work_dir, ranks) as work:
             loaded = load_then_join(cfg.mixed_precision, model_settings(cfg), pending, ranks)
-            is_main = loaded.accelerator.is_main_process
-            with _held_run_store(cfg, is_main, events) as store:
+            with _held_run_store(cfg, ranks, events) as store:
                 token = start_over.requested_token()
                 options = StartOptions(
                     work, resume, force_restart, stop or threading.Event(), token
@@ -95,14 +94,15 @@ def _work_folder(given: str | Path | None, ranks: Ranks) -> Iterator[Path]:
 
 
 @contextmanager
-def _held_run_store(cfg: PipelineConfig, is_main: bool, events: RunEvents) -> Iterator[RunStore]:
+def _held_run_store(cfg: PipelineConfig, ranks: Ranks, events: RunEvents) -> Iterator[RunStore]:
     """The run's store, written through a ``RunStore``; the main process (the one writer)
-    holds the run lease meanwhile, and its final report and webhook go out while it does."""
+    holds the run lease meanwhile (refused, e.g. held by another runner: every rank stops with
+    that error), and its final report and webhook go out while it does."""
     raw = open_store(output_uri(cfg), cfg.storage)
-    lease = Lease(raw, lease_settings(cfg)).acquire() if is_main else None
+    lease = ranks.each(lambda: Lease(raw, lease_settings(cfg)).acquire() if ranks.is_main else None)
     try:
         store = RunStore(raw, guard=lease.check if lease else None)
-        if is_main:
+        if ranks.is_main:
             events.bind(store)
         with reported(events):
             yield store

@@ -1,6 +1,8 @@
 """What the processes of one run agree on: the process group (its timeout), values decided
-by rank 0 (seed, resume step, run identity), a checksum of the trained weights, and the
-stop decision. With one process every call is a local no-op."""
+by rank 0 (seed, resume step, run identity), the outcome of a step one rank does alone or that
+can fail on one rank alone (every rank raises the same error: ``from_rank_0``, ``each``), a
+checksum of the trained weights, and the stop decision. With one process every call is a local
+no-op."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import os
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
 
@@ -58,23 +59,6 @@ class Ranks:
             dist.broadcast_object_list(box, src=0)
         return box[0]  # type: ignore[return-value]
 
-    def decide(self, choose: Callable[[], T]) -> T:
-        """``choose()`` run on rank 0 alone, its result on every rank; if it raises, the
-        other ranks raise too (instead of waiting for the timeout)."""
-        if not self.several:
-            return choose()
-        if not self.is_main:
-            value = self.agree(None)
-            if isinstance(value, _Failed):
-                raise ProcessGroupError(f"rank 0 failed to start: {value.message}")
-            return value  # type: ignore[no-any-return]
-        try:
-            value = choose()
-        except BaseException as err:
-            self.agree(_Failed(str(err)))
-            raise
-        return self.agree(value)
-
     def from_rank_0(self, work: Callable[[], T]) -> T:
         """``work()`` run on rank 0 alone, its result on every rank; if it raises, every rank
         raises that same error (a ``DataError`` stays a one-line exit-2 error on each rank,
@@ -103,6 +87,31 @@ class Ranks:
         default = dist.distributed_c10d._get_default_store()
         return dist.PrefixStore(f"{prefix}attempt-{attempt}/", default)
 
+    def each(self, work: Callable[[], T]) -> T:
+        """``work()`` run on every rank, its result kept there (a step one rank does alone, e.g.
+        rank 0's writes: ``work`` does nothing on the others); if it raised on any rank, every
+        rank raises the error of the lowest such rank: the same one line and exit code
+        everywhere, not a lost peer on the ranks that were fine. Collective: every rank calls
+        it at the same point, and ``work`` holds no collective a failing rank could skip."""
+        if not self.several:
+            return work()
+        mine: Exception | None = None
+        try:
+            value = work()
+        except Exception as err:
+            mine = err
+        failures = self.gather(None if mine is None else portable(mine))
+        first = next(((rank, err) for rank, err in enumerate(failures) if err is not None), None)
+        if first is None:
+            return value
+        rank, err = first
+        if rank == self.index:
+            raise mine  # type: ignore[misc]  # our own error, with its traceback
+        if mine is not None:
+            log.warning("rank %d failed too (rank %d's error is reported): %s",
+                        self.index, rank, mine)  # fmt: skip
+        raise err
+
     def gather(self, value: T) -> list[T]:
         """Every rank's ``value`` (picklable), in rank order, on every rank (collective)."""
         if not self.several:
@@ -116,12 +125,6 @@ class Ranks:
         """A per-step vote on stopping that never waits on the device (collective: every
         rank calls it at the same point)."""
         return StopVote(dist.new_group(backend="gloo") if self.several else None)
-
-    def wait_for_all(self, doing: str) -> None:
-        """A barrier: no rank goes on (or exits) before every rank got here."""
-        if self.several:
-            with lost_peers(doing):
-                dist.barrier()
 
     def check_same(self, state: dict[str, torch.Tensor], where: str) -> None:
         """Raise ``ProcessGroupError`` naming the ranks whose trained weights differ from
@@ -167,6 +170,20 @@ class StopVote:
         self.pending = (work, value)
         return decided
 
+    def now(self, flag: bool, settle: bool = False) -> Votes:
+        """This step's vote waited for, with the one still pending (a blocking vote): before a
+        checkpoint, so that nothing a rank noted by now (an unreadable example trained as a
+        stand-in, a SIGTERM) is left to a later step's decision."""
+        earlier = self(flag, settle)
+        if self.pending is None:
+            return earlier
+        work, value = self.pending
+        self.pending = None
+        with lost_peers("agreeing whether to stop"):
+            work.wait()
+        stop, due = (bool(v) for v in value.tolist())
+        return Votes(earlier.stop or stop, earlier.settle or due)
+
 
 class Votes(NamedTuple):
     """What every rank decided together after a step."""
@@ -210,19 +227,28 @@ def data_parallel(pipeline: Any, device: torch.device) -> nn.Module | None:
     )
 
 
-@dataclass(frozen=True)
-class _Failed:
-    message: str
-
-
 def portable(err: BaseException) -> BaseException:
-    """``err`` if it survives pickling (kubetune's errors do), else a ``KubetuneError`` with its
-    message: what another rank can raise."""
+    """``err`` if a copy of it pickles back as the same error (kubetune's errors do), else a
+    ``RankFailed`` with its line and exit code: what another rank can raise."""
     try:
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:  # noqa: BLE001 - any exception that does not round-trip
-        return KubetuneError(f"rank 0 failed: {err}")
+        copy = pickle.loads(pickle.dumps(err))
+        if type(copy) is type(err) and str(copy) == str(err):
+            return err
+    except Exception:  # noqa: BLE001, S110 - any exception that does not round-trip
+        pass
+    code = getattr(err, "exit_code", KubetuneError.exit_code)
+    return RankFailed(str(err) or type(err).__name__, code)
+
+
+class RankFailed(KubetuneError):
+    """Another rank's error that does not travel as itself: its line and its exit code."""
+
+    def __init__(self, message: str, exit_code: int = KubetuneError.exit_code) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[type[RankFailed], tuple[str, int]]:
+        return type(self), (self.message, self.exit_code)
 
 
 def checksum(state: dict[str, torch.Tensor]) -> str:

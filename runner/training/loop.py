@@ -1,16 +1,18 @@
-"""The training loop: step → checkpointer.maybe_save(step) → validator.maybe_validate(step),
-with a SIGTERM flag checked between steps (checkpoint, publish, exit 143)."""
+"""The training loop: step → checkpoint (when due) → validation (when due), with a SIGTERM
+flag checked between steps (checkpoint, publish, exit 143). With several processes, what the
+ranks noted (a SIGTERM, an unreadable example, rank 0's header checks ending) is decided by
+all of them after the same step, and settled before any checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +27,7 @@ from runner.training.distributed import Ranks, StopVote, Votes, lost_peers
 from runner.training.validation import Validator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def install_sigterm_handler() -> threading.Event:
@@ -220,30 +223,54 @@ class Loop:
             self.progress.update(
                 state.step, item.epoch, loss, self.runner.lr, item.images, self.runner.lrs
             )
-            if self.checkpointer.maybe_save(state, item.completed_epoch):
+            last = state.step >= self.total_steps
+            saving = self.checkpointer.due(state.step, item.completed_epoch)
+            if saving:  # every rank's notes settled first: no checkpoint trains a stand-in
+                self._act(self._decide(now=True), state, last)
+                self.each(lambda: self.checkpointer.save(state))
                 self.progress.note(last_checkpoint_step=state.step)
-            with self.progress.paused():  # validation is not training time (ETA, img/s)
-                validated = self.validator.maybe_validate(state.step, item.completed_epoch)
-            if validated:
-                self.events.validation(state.step)
-            if state.step >= self.total_steps:
+            self._validate(state.step, item.completed_epoch)
+            if last:
                 return
-            decided = self._decide()
-            if decided.settle:  # every rank at once: rank 0's header checks, their verdict
-                self.loader.settle()
-            if decided.stop:
-                self._preempt(state)
+            if not saving:
+                self._act(self._decide(), state, last)
+
+    def each(self, work: Callable[[], T]) -> T:
+        """``work()`` on every rank; its failure on any rank ends every rank alike
+        (``Ranks.each``: a write of rank 0 alone, refused, is not a lost peer elsewhere)."""
+        return work() if self.ranks is None else self.ranks.each(work)
+
+    def _validate(self, step: int, completed_epoch: int | None) -> None:
+        if not self.validator.due(step, completed_epoch):
+            return
+        with self.progress.paused():  # validation is not training time (ETA, img/s)
+            validated = self.each(lambda: self.validator.maybe_validate(step, completed_epoch))
+        if validated:
+            self.events.validation(step)
+
+    def _act(self, decided: Votes, state: LoopState, last: bool) -> None:
+        """What the ranks decided together: settle rank 0's header checks and every rank's
+        skipped examples, stop (not after the last step: the run is complete)."""
+        if decided.settle:
+            self.loader.settle()
+        if decided.stop and not last:
+            self._preempt(state)
 
     def _redo_validation(self, step: int) -> None:
         """The resumed step's validation, when it was due but never finished (the run stopped
         while validating, after that step's checkpoint), is done now, before training goes
         on: a run does not finish without its last step's images."""
-        if not self.validator.missing(step, resumed_epoch(self.loader)):
-            return
+        epoch = resumed_epoch(self.loader)
+        if step and self.validator.due(step, epoch) and self.each(lambda: self._redo(step, epoch)):
+            self.events.validation(step)  # rank 0's failure to is every rank's (`each`)
+
+    def _redo(self, step: int, epoch: int | None) -> bool:
+        if not self.validator.missing(step, epoch):  # rank 0 alone has the store
+            return False
         log.info("validation at step %d did not finish before the restart: redoing it", step)
         with self.progress.paused():
             self.validator.validate(step)
-        self.events.validation(step)
+        return True
 
     def _collective(self, step: int) -> AbstractContextManager[None]:
         """A step whose gradient all-reduce loses a peer fails with one clear message."""
@@ -251,21 +278,25 @@ class Loop:
             return nullcontext()
         return lost_peers(f"training step {step}")
 
-    def _decide(self) -> Votes:
+    def _decide(self, now: bool = False) -> Votes:
         """SIGTERM on any rank stops every rank after the same step, and header checks beside
-        training are settled by every rank after the same step (``StopVote``)."""
+        training are settled by every rank after the same step (``StopVote``); ``now``: this
+        step's notes too, waited for (before a checkpoint)."""
         due = bool(getattr(self.loader, "verdict_due", False))
         if self.ranks is None:
             return Votes(self.stop.is_set(), due)
         if self._vote is None:  # made at the first step's end, on every rank alike
             self._vote = self.ranks.stop_vote()
+        if now:
+            return self._vote.now(self.stop.is_set(), due)
         return self._vote(self.stop.is_set(), due)
 
     def _preempt(self, state: LoopState) -> None:
-        self.checkpointer.save(state)
-        self.checkpointer.wait()
-        if self.ranks is not None:  # nobody exits before rank 0 published the checkpoint
-            self.ranks.wait_for_all("publishing the stop checkpoint")
+        """Checkpoint (every rank's notes settled first) and stop; nobody exits before rank 0
+        published the checkpoint, and its failure to is every rank's error."""
+        if self._decide(now=True).settle:
+            self.loader.settle()
+        self.each(lambda: self._publish_stop(state))
         # the step it stopped at, not the last log line's: `status` says where it resumes
         self.progress.note(step=state.step, last_checkpoint_step=state.step)
         self.progress.finish("preempted", exit_code=EXIT_PREEMPTED)
@@ -273,3 +304,7 @@ class Loop:
             f"stopped by SIGTERM after step {state.step}; checkpoint "
             f"{step_name(state.step)} published, resume by rerunning"
         )
+
+    def _publish_stop(self, state: LoopState) -> None:
+        self.checkpointer.save(state)
+        self.checkpointer.wait()

@@ -85,6 +85,11 @@ class Validator:
         """Around each image, as around each training step (``accelerator.autocast``, as
         invoke-training generates its validation images)."""
 
+    def due(self, step: int, completed_epoch: int | None) -> bool:
+        """Whether validation is due after ``step`` (on every rank alike; only the main
+        process, which has the store, generates)."""
+        return self.s.due(step, completed_epoch)
+
     def maybe_validate(self, step: int, completed_epoch: int | None) -> bool:
         if self.store is None or not self.s.due(step, completed_epoch):
             return False

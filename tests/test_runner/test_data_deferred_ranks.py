@@ -69,6 +69,7 @@ def _launch(
     deferred: bool = True,
     streaming: bool = False,
     truncated: str | None = None,
+    save_every: int = 2,
 ) -> dict:
     """Run 2 ranks on ``n`` images (``bad`` with a bad header, ``truncated`` cut short): what
     each rank printed, the exit codes torchrun reports, what the fake observed, the outputs."""
@@ -80,7 +81,8 @@ def _launch(
     out = tmp_path / "out"
     loader = (streaming_loader if streaming else caption_loader)(data)
     cfg = make_config("SD_LORA", Path("builtin:tiny-sd"), data, out, data_loader=loader,
-                      train_batch_size=1, max_train_steps=steps, save_every_n_steps=2)  # fmt: skip
+                      train_batch_size=1, max_train_steps=steps,
+                      save_every_n_steps=save_every)  # fmt: skip
     config = config_file(cfg, tmp_path / "run.yaml")
     logs, observed = tmp_path / "logs", tmp_path / "observed.log"
     site = site_folder(tmp_path / "site", THRESHOLD_SITE, SITE, store_recorder("OBSERVED_LOG"))
@@ -119,11 +121,26 @@ def test_an_undecodable_image_ends_every_rank_with_the_same_error(
     """An image whose header passes the preflight but does not decode, past
     ``max_bad_image_share`` (0: the first one): the rank whose loader meets it (rank 1, with
     seed 7) does not stop alone; every rank counts every rank's skipped examples at the same
-    step and prints the same one-line error (exit 2)."""
+    step and prints the same one-line error (exit 2). A checkpoint is due after every step:
+    4 images over 2 ranks in batches of 1 are each drawn once in steps 1-2, so the step that
+    trained the image's stand-in (rank 1's note of it not yet voted on) is 1 or 2. The ranks
+    settle their notes before each checkpoint, so that step's checkpoint and every later one
+    are never published: only step 1's can exist, when the image is in step 2. (Before, the
+    note was settled one or two steps late, after that step's checkpoint was published.)"""
     run = _launch(tmp_path, tiny_sd_cache, n=4, bad=None, delay=0.0, steps=400, deferred=False,
-                  truncated="img-2.png")  # fmt: skip
+                  truncated="img-2.png", save_every=1)  # fmt: skip
     _assert_data_error_everywhere(run, "max_bad_image_share: 1 of 4 examples")
     assert not (run["out"] / LEASE_KEY).exists()
+    _assert_no_checkpoint_after_the_stand_in(run["out"])
+
+
+def _assert_no_checkpoint_after_the_stand_in(out: Path) -> None:
+    """Only step 1's checkpoint may exist (the bad example is trained in step 1 or 2), and
+    nothing half-written: every step folder has its manifest."""
+    folders = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert set(folders) <= {"step-000001"}, folders
+    for name in folders:
+        assert (out / "checkpoints" / name / "manifest.json").is_file(), name
 
 
 @pytest.mark.parametrize(
@@ -138,13 +155,16 @@ def test_a_bad_header_ends_every_rank_with_the_data_error(
     with seed 7 it comes late in the epoch), so rank 0 alone knows, or 20 s into training,
     after a rank's loader met the bad image (4 images, all drawn in the first 2 steps: with
     seed 7 rank 1 draws it, so the rank that waits for the verdict is not the one that runs
-    the checks). Every rank prints the same one-line data error; torchrun's first failure is
-    exit 2. A rank it reports stopped by SIGTERM had printed that error already: torchrun
-    stops the other workers as soon as one exits, and a worker still shutting down then dies
-    of the signal."""
-    run = _launch(tmp_path, tiny_sd_cache, n=n, bad=bad, delay=delay, steps=400)
+    the checks; a checkpoint is due every step, and none is published from the step that
+    trained its stand-in on). Every rank prints the same one-line data error; torchrun's
+    first failure is exit 2. A rank it reports stopped by SIGTERM had printed that error
+    already: torchrun stops the other workers as soon as one exits, and a worker still
+    shutting down then dies of the signal."""
+    run = _launch(tmp_path, tiny_sd_cache, n=n, bad=bad, delay=delay, steps=400, save_every=1)
     skipped = any("skipping a bad example" in text for text in run["ranks"].values())
     assert skipped == met, run["ranks"]  # the scenario ran as meant
+    if met:  # settled before the checkpoint of the step that trained its stand-in
+        _assert_no_checkpoint_after_the_stand_in(run["out"])
     _assert_data_error_everywhere(run)
     out = run["out"]
     assert (out / CONFIG_KEY).is_file()  # the run had started: the checks ran beside it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from dp_support import (
 )
 from train_support import config_file, make_config, write_dataset
 
-from kubetune.errors import ProcessGroupError
+from kubetune.errors import KubetuneError, ProcessGroupError
 from runner.training.distributed import Ranks
 
 pytest_plugins = ["fixtures_models"]
@@ -209,3 +210,70 @@ def test_the_process_group_timeout_comes_from_the_job_section(tmp_path: Path) ->
     took, message = (tmp_path / "rank-0").read_text().split("\n", 1)
     assert "lost contact with the other processes while agreeing" in message, message
     assert 2.5 <= float(took) < 15
+
+
+def _each(rank: int, port: int, results: str) -> None:
+    """Three ranks run ``Ranks.each``: all well (each keeps its own value), then ranks 1 and 2
+    failing with different errors (every rank raises rank 1's), then a ``ConfigError`` that
+    does not pickle back as itself (it travels as ``RankFailed``: its line, exit 2)."""
+    from kubetune.errors import ConfigError, DataError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=3)  # fmt: skip
+    state = SimpleNamespace(process_index=rank, num_processes=3, is_main_process=rank == 0,
+                            device=torch.device("cpu"))  # fmt: skip
+    ranks = Ranks(state)  # type: ignore[arg-type]
+    seen = [str(ranks.each(lambda: rank * 10))]
+
+    def failing() -> None:
+        if rank:
+            raise DataError(f"img-{rank}.png: not an image")
+
+    def bad_config() -> None:
+        if rank == 2:
+            raise ConfigError(["run.yaml:3: lora_rank_dim: must be > 0", "run.yaml:4: seed"])
+
+    for work in (failing, bad_config):
+        try:
+            ranks.each(work)
+            seen.append("no error")
+        except KubetuneError as err:
+            seen.append(f"{type(err).__name__} {err.exit_code} {err}")
+    Path(results, f"rank-{rank}").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_one_ranks_failure_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """Three gloo processes: ``Ranks.each`` keeps each rank's value when all succeed; when some
+    fail, every rank raises the lowest failing rank's error, with its exit code (the one-line
+    message each prints), a ConfigError included."""
+    mp.spawn(_each, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
+    config = "run.yaml:3: lora_rank_dim: must be > 0\nrun.yaml:4: seed"
+    for rank in range(3):
+        seen = json.loads((tmp_path / f"rank-{rank}").read_text())
+        kind = "ConfigError" if rank == 2 else "RankFailed"
+        expected = [str(rank * 10), "DataError 2 img-1.png: not an image", f"{kind} 2 {config}"]
+        assert seen == expected, seen
+
+
+def test_an_error_travels_to_the_other_ranks_as_itself_or_as_its_line_and_code() -> None:
+    """``portable``: kubetune's errors pickle back as themselves; one that would come back
+    otherwise (a ``ConfigError``'s problems) or not at all (a local class) travels as
+    ``RankFailed`` with the same line and exit code."""
+    from kubetune.errors import ConfigError, DataError, RunLocked
+    from runner.training.distributed import RankFailed, portable
+
+    for same in (DataError("img-2.png: not an image"), RunLocked("held", hint="wait")):
+        assert portable(same) is same
+    config = ConfigError(["a.yaml:1: seed: bad", "a.yaml:2: model: missing"])
+
+    class Local(Exception):
+        def __init__(self, a: int, b: int) -> None:
+            super().__init__(f"{a} {b}")
+
+    for err, code in ((config, 2), (Local(1, 2), 1)):
+        sent = portable(err)
+        assert isinstance(sent, RankFailed) and (str(sent), sent.exit_code) == (str(err), code)
+        back = pickle.loads(pickle.dumps(sent))
+        assert (type(back), str(back), back.exit_code) == (RankFailed, str(err), code)
