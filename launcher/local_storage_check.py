@@ -2,16 +2,20 @@
 storage before anything starts: each bucket it names (the outputs', each `s3://` / `gs://` /
 `az://` dataset's) exists and this machine's credentials may list it. One list request each,
 no object read; a refusal the user must fix (no such bucket, no or wrong credentials) is an
-error naming the config field, as `launcher validate --data` names a dataset's. A write the
-credentials may not make is still found by the run itself. Click-free."""
+error naming the config field, as `launcher validate --data` names a dataset's. An endpoint
+that does not answer, and a write the credentials may not make, are left to the run itself
+(its retries, its one-line error). Click-free."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from kubetune.config import PipelineConfig, output_uri
-from kubetune.errors import StorageUserError
+from kubetune.errors import StorageError, StorageUserError
 from kubetune.storage import is_remote, open_store
+
+PROBE = {"max_attempts": 1, "connect_timeout": 3.0, "read_timeout": 10.0, "page_size": 1}
+"""One request of one key, bounded: a submit never waits on the transfer retries of a run."""
 
 
 def storage_problems(cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -20,9 +24,11 @@ def storage_problems(cfg: PipelineConfig) -> list[tuple[str, str]]:
     problems = []
     for field, uri in _locations(cfg):
         try:
-            next(iter(open_store(uri, cfg.storage).list()), None)
+            next(iter(open_store(uri, cfg.storage, **PROBE).list()), None)
         except StorageUserError as err:
             problems.append((field, _message(err, field)))
+        except StorageError:  # unreachable or failing now: the run's own retries decide
+            continue
     return problems
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -42,7 +43,14 @@ from launcher.backends.base import (
 )
 from launcher.manifests import job_name, run_labels, runner_env
 
-RESUME_HINT = "`launcher submit --local` of its config resumes it from its newest checkpoint"
+CONFIG_FILE = "config.yaml"
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The command that resumes a stopped run: its own stored config (the same config hash
+    whatever --name / --set its first submit had), quoted to paste as one argument."""
+    config = shlex.quote(str(run_dir / CONFIG_FILE))
+    return f"`launcher submit --local {config}` resumes it from its newest checkpoint"
 
 
 def kubetune_home() -> Path:
@@ -99,8 +107,8 @@ class LocalBackend(Backend):
                 raise UserError(
                     f"local run {run!r} already exists with a different config "
                     f"(config hash {info['config_hash']})",
-                    hint="pass --replace to stop it and start this config, or "
-                    "--name to start a new run",
+                    hint="pass --replace to stop it and start this config, or --name to "
+                    f"start a new run; {resume_hint(run_dir)}",
                 )
             self._stop(run, wait=30.0)
             shutil.rmtree(run_dir)
@@ -179,6 +187,21 @@ class LocalBackend(Backend):
             time.sleep(0.05)
         return True
 
+    def check_home(self) -> None:
+        """The one-line error of a runs folder that cannot be made (a file on its path, a
+        folder not writable), before the checks of a submit that need the network; nothing is
+        created."""
+        existing = self.runs
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            return
+        why = "Permission denied" if existing.is_dir() else f"{existing} is not a folder"
+        raise KubetuneError(
+            f"cannot create the local run folder {self.runs}: {why}",
+            hint="set KUBETUNE_HOME to a writable folder (default ~/.kubetune)",
+        )
+
     def _make_dir(self, run_dir: Path) -> None:
         try:
             run_dir.mkdir(parents=True)
@@ -201,7 +224,7 @@ class LocalBackend(Backend):
         step 0, discarding the run's checkpoints; `previous`: how the last attempt ended)."""
         for marker in ("exit_code", "cancelled"):
             (run_dir / marker).unlink(missing_ok=True)
-        config_path = run_dir / "config.yaml"
+        config_path = run_dir / CONFIG_FILE
         config_path.write_text(config_to_yaml(cfg))
         env = {**os.environ, **runner_env(cfg), "KUBETUNE_CONFIG": str(config_path)}
         command = [*self.entrypoint, str(config_path), *(["--no-resume"] if fresh else [])]
@@ -282,7 +305,7 @@ class LocalBackend(Backend):
 
     def run_config(self, run: str) -> PipelineConfig:
         self._info(run)
-        path = self._dir(run) / "config.yaml"
+        path = self._dir(run) / CONFIG_FILE
         text = path.read_text()
         key = (str(path), text)
         if key not in self._configs:
@@ -332,7 +355,7 @@ class LocalBackend(Backend):
             status.phase, status.reason = "Cancelled", "SIGTERM sent"
             status.message = (
                 f"the run checkpoints and stops; outputs stay in {status.output_uri}; "
-                "`launcher submit --local` of its config resumes it"
+                f"{resume_hint(self._dir(run))}"
             )
         return status
 
@@ -425,15 +448,15 @@ def _attempt_phase(pid: int, run_dir: Path) -> tuple[str, str | None, str | None
         if _alive(pid):
             return "Running", None, None
         if (run_dir / "cancelled").exists():  # SIGTERM before the shim could record anything
-            return "Cancelled", "SIGTERM", f"cancelled before it started; {RESUME_HINT}"
+            return "Cancelled", "SIGTERM", f"cancelled before it started; {resume_hint(run_dir)}"
         return "Failed", "Lost", "the process ended without recording an exit status"
     code = int(exit_file.read_text())
     if code == 0:
         return "Succeeded", None, None
     if (run_dir / "cancelled").exists():
-        return "Cancelled", "SIGTERM", f"cancelled; {RESUME_HINT}"
+        return "Cancelled", "SIGTERM", f"cancelled; {resume_hint(run_dir)}"
     if code == EXIT_PREEMPTED:
-        return "Preempted", "SIGTERM", f"stopped after writing a checkpoint; {RESUME_HINT}"
+        return "Preempted", "SIGTERM", f"stopped after writing a checkpoint; {resume_hint(run_dir)}"
     return "Failed", f"exit code {code}", _exit_meaning(code, run_dir / "log.txt")
 
 

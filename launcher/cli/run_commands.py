@@ -221,11 +221,14 @@ def submit(
             _emit_json(doc)
         sys.exit(EXIT_OK if ok else EXIT_FAILURE)
     cfg = api.load(config, overrides, name)
-    if local:  # a missing local dataset is exit 2 now, not seconds into the run
+    backend = api.get_backend(local=local, cluster=cluster)
+    from launcher.backends.local import LocalBackend
+
+    if isinstance(backend, LocalBackend):  # a missing dataset or bucket: exit 2 now, not later
         from launcher.config_files import check_local_data
 
+        backend.check_home()
         check_local_data(config, cfg, list(overrides))
-    backend = api.get_backend(local=local, cluster=cluster)
     result = api.submit(cfg, backend, replace=replace)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

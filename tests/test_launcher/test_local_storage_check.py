@@ -98,3 +98,20 @@ def test_ui_start_training_here_refuses_a_missing_bucket_at_its_field(
     assert [p["path"] for p in result["problems"]] == ["storage.bucket"], result["problems"]
     assert "'no-such-bucket-ui' does not exist" in result["problems"][0]["message"]
     assert local.list() == []
+
+
+def test_an_endpoint_that_does_not_answer_is_left_to_the_run(
+    tmp_path: Path, s3_env: S3Server
+) -> None:
+    """Not a refusal (the run's own retries decide, as before), and one bounded attempt: the
+    port is bound, not listening, so it refuses connections until the test ends."""
+    import socket
+
+    from kubetune.config import load_config
+    from launcher.local_storage_check import storage_problems
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        cfg = load_config(_config(tmp_path, endpoint, bucket="any-bucket"))
+        assert storage_problems(cfg) == []
