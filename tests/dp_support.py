@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,18 +166,36 @@ class RankRun:
 
 def torchrun_logged(
     config: Path, *args: str, logs: Path, first: Path | None = None, bound: float = 240,
-    nproc: int = 2, **extra: str,
+    nproc: int = 2, meanwhile: Callable[[subprocess.Popen[str]], None] | None = None,
+    **extra: str,
 ) -> RankRun:  # fmt: skip
     """``torchrun_cmd`` with each rank's stderr in its own file under ``logs``, killed (and the
-    test failed) if it has not ended within ``bound`` seconds: a rank that hangs."""
+    test failed) if it has not ended within ``bound`` seconds: a rank that hangs.
+    ``meanwhile``: called with the running agent (e.g. to signal a worker)."""
     cmd = torchrun_cmd(config, *args, nproc=nproc)
     at = cmd.index("-m", len(TORCHRUN))  # torchrun's own options go before `-m runner`
     cmd[at:at] = ["--log-dir", str(logs), "--redirects", "2"]
     agent = subprocess.Popen(cmd, env=env(first, **extra), stderr=subprocess.PIPE, text=True,
                              start_new_session=True)  # fmt: skip
+    if meanwhile is not None:
+        try:
+            meanwhile(agent)
+        except BaseException:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.communicate()
+            raise
     stderr = finish(agent, bound, f"the {nproc}-process run")
     ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
     return RankRun(agent.returncode, stderr, ranks)
+
+
+def wait_for(path: Path, agent: subprocess.Popen[str], limit: float = 240) -> None:
+    """Until ``path`` exists; fails if ``agent`` ends first or ``limit`` seconds pass."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert agent.poll() is None, f"the run ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
 
 
 def error_lines(text: str) -> list[str]:

@@ -297,14 +297,15 @@ class Loop:
         if self._decide(now=True).settle:
             self.loader.settle()
         self.each(lambda: self._publish_stop(state))
-        # the step it stopped at, not the last log line's: `status` says where it resumes
-        self.progress.note(step=state.step, last_checkpoint_step=state.step)
-        self.progress.finish("preempted", exit_code=EXIT_PREEMPTED)
         raise Preempted(
             f"stopped by SIGTERM after step {state.step}; checkpoint "
             f"{step_name(state.step)} published, resume by rerunning"
         )
 
     def _publish_stop(self, state: LoopState) -> None:
+        """The stop checkpoint, then the run's record of the stop (rank 0 writes both)."""
         self.checkpointer.save(state)
         self.checkpointer.wait()
+        # the step it stopped at, not the last log line's: `status` says where it resumes
+        self.progress.note(step=state.step, last_checkpoint_step=state.step)
+        self.progress.finish("preempted", exit_code=EXIT_PREEMPTED)

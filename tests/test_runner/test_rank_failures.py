@@ -17,16 +17,30 @@ other key and in every other process)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dp_support import RankRun, ok, same_error_everywhere, single, site_folder, torchrun_logged
+from dp_support import (
+    RankRun,
+    children,
+    ok,
+    rank_of,
+    same_error_everywhere,
+    single,
+    site_folder,
+    torchrun_logged,
+    wait_for,
+)
 from train_support import config_file, make_config, write_dataset
 
-from kubetune.layout import CONFIG_KEY, LEASE_KEY
+from kubetune.layout import CONFIG_KEY, LEASE_KEY, PROGRESS_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SITE = """
@@ -67,12 +81,13 @@ def _config(tmp_path: Path, **fields: Any) -> tuple[Path, Path]:
 
 
 def _run(
-    tmp_path: Path, config: Path, cache: Path, *args: str, fail_at: str = "", rank: int = 0
-) -> RankRun:
+    tmp_path: Path, config: Path, cache: Path, *args: str, fail_at: str = "", rank: int = 0,
+    meanwhile: Callable[[subprocess.Popen[str]], None] | None = None,
+) -> RankRun:  # fmt: skip
     site = site_folder(tmp_path / "site", SITE)
     return torchrun_logged(config, *args, logs=tmp_path / "logs", first=site,
-                           KUBETUNE_MODEL_CACHE=str(cache), FAIL_AT=fail_at,
-                           FAIL_RANK=str(rank) if fail_at else "")  # fmt: skip
+                           meanwhile=meanwhile, KUBETUNE_MODEL_CACHE=str(cache),
+                           FAIL_AT=fail_at, FAIL_RANK=str(rank) if fail_at else "")  # fmt: skip
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -136,3 +151,26 @@ def test_a_write_refused_on_rank_0_ends_every_rank_with_its_error(
     run = _run(tmp_path, config, tiny_sd_cache, fail_at=refused, rank=0)
     same_error_everywhere(run, 2, "access denied (injected on rank 0)")
     assert not (out / LEASE_KEY).exists()
+
+
+def test_a_stop_rank_0_cannot_record_ends_every_rank_with_its_error(
+    tmp_path: Path, tiny_sd_cache: Path
+) -> None:
+    """SIGTERM to rank 1 once step 2's checkpoint is published, in a run of 400 steps; rank 0 is
+    refused every write of progress.json (injected; the ones beside training only log a
+    warning), so the stop's record, written after the stop checkpoint, fails on rank 0 alone:
+    every rank prints that StorageUserError and exits 2 (not 143 on rank 1 and 2 on rank 0),
+    and the stop checkpoint, after step 2, is published."""
+    config, out = _config(tmp_path, max_train_steps=400)
+    checkpoints = out / "checkpoints"
+
+    def stop_rank_1(agent: subprocess.Popen[str]) -> None:
+        wait_for(checkpoints / "step-000002" / "manifest.json", agent)
+        workers = {rank_of(pid): pid for pid in children(agent.pid)}
+        os.kill(workers[1], signal.SIGTERM)
+
+    run = _run(tmp_path, config, tiny_sd_cache, fail_at=PROGRESS_KEY, meanwhile=stop_rank_1)
+    same_error_everywhere(run, 2, f"{PROGRESS_KEY}: access denied (injected on rank 0)")
+    assert not (out / "final").exists()  # it stopped: the scenario ran as meant
+    stopped = max(p.parent.name for p in checkpoints.glob("step-*/manifest.json"))
+    assert stopped > "step-000002", stopped
