@@ -172,7 +172,7 @@ def test_a_run_within_the_share_finishes_and_progress_counts_them(
     cfg = make_config("SD_LORA", tiny_sd_dir, data, out, max_train_steps=4)
     loader = {**cfg.data_loader.model_dump(), "max_bad_image_share": 0.25}
     cfg = type(cfg).model_validate({**cfg.model_dump(), "data_loader": loader})
-    with caplog.at_level("WARNING", logger="runner.data.loader"):
+    with caplog.at_level("WARNING", logger="runner.data.train_dataset"):
         train(cfg)
     assert any("img-001.png" in r.getMessage() for r in caplog.records)
     progress = json.loads((out / "progress.json").read_text())

@@ -37,7 +37,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts full image decodes by the loader (the real decoder still runs)."""
-    import runner.data.loader as loader_module
+    import runner.data.train_dataset as loader_module
 
     counter: Counter[str] = Counter()
     original = loader_module.decode_image

@@ -35,7 +35,7 @@ def events(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Appends "fetch <key>" / "decode <name>" lines to a file from whichever process
     (forked workers inherit the patch; counters in memory would stay in the worker). The
     real store and decoder still run."""
-    import runner.data.loader as loader_module
+    import runner.data.train_dataset as loader_module
 
     log = tmp_path / "events.log"
     get_bytes, decode = LocalStore.get_bytes, loader_module.decode_image

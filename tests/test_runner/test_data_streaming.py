@@ -171,11 +171,11 @@ def test_the_loaders_first_batch_needs_only_the_sizes_scanned_up_to_it(
 
     from data_fixtures import lora_config, write_image_dir
 
-    import runner.data.loader
+    import runner.data.prefetch
     from kubetune.dataset.preflight import preflight
     from runner.data import build_train_dataloader
 
-    monkeypatch.setattr(runner.data.loader, "PREFETCH_STOP_WAIT_S", 0.2)
+    monkeypatch.setattr(runner.data.prefetch, "PREFETCH_STOP_WAIT_S", 0.2)
     n, seed = 40, 5
     write_image_dir(tmp_path / "d", _sizes(n, seed=3))
     streaming = {**BUCKET_CFG.model_dump(), "order": "streaming"}
