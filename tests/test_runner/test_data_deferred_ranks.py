@@ -15,7 +15,6 @@ written) and ``CHECKS_DELAY`` seconds more, so that they end while the ranks tra
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 
@@ -23,10 +22,12 @@ import pytest
 from dp_support import (
     THRESHOLD_SITE,
     TORCHRUN,
+    RankRun,
     deferred_min,
     env,
     finish,
     free_port,
+    same_error_everywhere,
     site_folder,
     store_recorder,
 )
@@ -98,10 +99,6 @@ def _launch(
     lines = [line.split(" ", 2) for line in observed.read_text().splitlines()]
     return {"rc": agent.returncode, "agent": stderr, "ranks": ranks, "observed": lines,
             "out": out}  # fmt: skip
-
-
-def _error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("kubetune: error:")]
 
 
 def test_a_bad_header_checked_before_training_ends_every_rank_with_the_data_error(
@@ -179,17 +176,7 @@ def test_a_bad_header_ends_every_rank_with_the_data_error(
 def _assert_data_error_everywhere(run: dict, reason: str = "img-2.png") -> None:
     """Every rank printed the same one-line data error (no lost peer, no traceback), the
     first failure torchrun saw is exit 2, and only global rank 0 ran the header checks."""
-    assert set(run["ranks"]) == {0, 1}, run["agent"][-3000:]
-    everything = run["agent"][-3000:] + "\n".join(t[-3000:] for t in run["ranks"].values())
-    reasons = {rank: _error_lines(text) for rank, text in run["ranks"].items()}
-    for rank, text in run["ranks"].items():
-        assert "lost contact" not in text and "Traceback" not in text, (rank, everything)
-        assert len(reasons[rank]) == 1 and reason in reasons[rank][0], everything
-    assert reasons[0] == reasons[1], reasons
-    root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", run["agent"], re.S)
-    assert root is not None and root.group(1) == "2", everything
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", run["agent"])
-    assert set(codes) <= {"2", "-15"}, everything
+    same_error_everywhere(RankRun(run["rc"], run["agent"], run["ranks"]), 2, reason)
     checked = {rank for rank, what, _ in run["observed"] if what == "checks"}
     assert checked == {"0"}, run["observed"]  # one preflight: global rank 0's
 

@@ -17,7 +17,6 @@ folder cannot be made to fail that way."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -26,7 +25,17 @@ from typing import Any
 
 import pytest
 from data_fixtures import write_image_dir
-from dp_support import THRESHOLD_SITE, TORCHRUN, deferred_min, env, finish, free_port, site_folder
+from dp_support import (
+    THRESHOLD_SITE,
+    TORCHRUN,
+    RankRun,
+    deferred_min,
+    env,
+    finish,
+    free_port,
+    same_error_everywhere,
+    site_folder,
+)
 from train_support import config_file, make_config, streaming_loader
 
 from kubetune.layout import LEASE_KEY
@@ -140,25 +149,12 @@ def test_only_rank_0_reads_headers_and_every_rank_takes_the_single_process_batch
     assert _global_batches(run) == expected
 
 
-def _error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("kubetune: error:")]
-
-
 def _assert_same_error_everywhere(run: dict[str, Any], reason: str, exit_code: int) -> None:
     """Every rank printed the same one-line error (no lost peer, no traceback), the first
     failure torchrun saw has the error's exit code, and only global rank 0 read headers.
     A rank torchrun reports stopped by SIGTERM had printed that error already: torchrun
     stops the other workers as soon as one exits."""
-    everything = _everything(run)
-    assert set(run["ranks"]) == {0, 1}, everything
-    reasons = {rank: _error_lines(text) for rank, text in run["ranks"].items()}
-    for rank, text in run["ranks"].items():
-        assert "lost contact" not in text and "Traceback" not in text, (rank, everything)
-        assert len(reasons[rank]) == 1 and reason in reasons[rank][0], everything
-    assert reasons[0] == reasons[1], reasons
-    root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", run["agent"], re.S)
-    assert root is not None and root.group(1) == str(exit_code), everything
-    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", run["agent"])) <= {str(exit_code), "-15"}
+    same_error_everywhere(RankRun(run["rc"], run["agent"], run["ranks"]), exit_code, reason)
     assert set(_reads(run)) == {"0"}, run["entries"]
     assert not (run["out"] / LEASE_KEY).exists()
 
