@@ -135,3 +135,8 @@ class Workloads:
             self.custom.delete_namespaced_custom_object(
                 kind.group, kind.version, ns, kind.plural, name, body=body
             )
+
+
+def workload_ref(workload: Obj) -> tuple[str, str]:
+    """(kind, name): a workload's identity in its namespace."""
+    return workload["kind"], workload["metadata"]["name"]
