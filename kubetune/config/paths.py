@@ -39,6 +39,8 @@ MODEL_FIELDS = (
 """The path-or-hub fields that name model weights (checked by `model_path_problems`)."""
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 """A Hugging Face Hub repository id (`org/name`), as the runner tells one from a path."""
+MODEL_FIX = "point it at a diffusers folder, a weights file or a Hub name (org/name)"
+"""What a missing model path's message says to do."""
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 SECTIONS = ("data_loader",)
 """Sections whose (nested) mappings hold dataset paths; other sections hold no paths."""
@@ -118,7 +120,7 @@ def model_path_problems(cfg: Any) -> list[tuple[str, str]]:
         if path.exists():
             continue
         if path.is_absolute() or value.endswith(WEIGHT_SUFFIXES):
-            problems.append((name, f"{value}: no such file or folder"))
+            problems.append((name, f"{value}: no such file or folder ({MODEL_FIX})"))
         elif not HUB_NAME.match(value):
             problems.append((name, f"{value}: no such file or folder beside the config, and "
                                    "not a Hugging Face Hub name (org/name)"))  # fmt: skip

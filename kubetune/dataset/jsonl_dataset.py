@@ -40,7 +40,8 @@ def jsonl_source(
         text = stores[0].get().get_bytes(name)
     except FileNotFoundError:
         raise DataError(
-            f"{cfg.jsonl_path}: no such file", hint="check data_loader.dataset.jsonl_path"
+            f"{cfg.jsonl_path}: no such file",
+            hint="put the dataset's JSONL file there, or point the field at it",
         ) from None
     lines: list[_Line] = []
     for lineno, row in parse_jsonl(text, cfg.jsonl_path):

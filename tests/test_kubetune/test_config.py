@@ -357,5 +357,6 @@ def test_a_model_path_that_is_neither_a_folder_nor_a_hub_name_fails_validate(
     weights = validate_file(str(config), overrides=["model=/nowhere/sd15.safetensors"])
     assert weights.errors == [
         "--set model=/nowhere/sd15.safetensors: model: /nowhere/sd15.safetensors: "
-        "no such file or folder"
+        "no such file or folder (point it at a diffusers folder, a weights file or a Hub name "
+        "(org/name))"
     ]
