@@ -100,11 +100,12 @@ def launched_as_rank_0() -> bool:
 
 
 def describe_error(err: KubetuneError, cfg: object | None) -> str:
-    """The one line to print for `err`: a cloud dataset's error (a missing bucket, no
-    credentials, an empty prefix) names its config field (`kubetune.config.dataset_errors`)."""
-    from kubetune.config.dataset_errors import dataset_problem
+    """The one line to print for `err`: a cloud dataset's or the output bucket's error (a
+    missing bucket, no credentials, an empty prefix) names its config field
+    (`kubetune.config.dataset_errors`)."""
+    from kubetune.config.dataset_errors import dataset_problem, output_problem
 
-    found = dataset_problem(err, cfg)
+    found = dataset_problem(err, cfg) or output_problem(err, cfg)
     return f"{found[0]}: {found[1]}" if found else str(err)
 
 

@@ -1,7 +1,7 @@
-"""Which config field a cloud dataset's error is about. The storage layer names a URI or a
-bucket (and, for a missing bucket, hints at the output URI); the user needs the field
-(`data_loader.dataset.dataset_dir`) and its fix: the runner's last line and `launcher validate
---data` both say it this way. Torch-free."""
+"""Which config field a cloud dataset's (or the output bucket's) error is about. The storage
+layer names a URI or a bucket (and, for a missing bucket, hints at the output URI); the user
+needs the field (`data_loader.dataset.dataset_dir`, `storage.bucket`) and its fix: the runner's
+last line and `launcher validate --data` both say it this way. Torch-free."""
 
 from __future__ import annotations
 
@@ -27,3 +27,18 @@ def dataset_problem(err: KubetuneError, cfg: Any) -> tuple[str, str] | None:
                 hint = f"create the bucket, or point {field} at an existing bucket"
             return field, err.message + (f" ({hint})" if hint else "")
     return None
+
+
+def output_problem(err: KubetuneError, cfg: Any) -> tuple[str, str] | None:
+    """(`storage.bucket`, message) when `err` names the run's output bucket (quoted, or in a
+    URI): a missing bucket, refused or absent credentials."""
+    storage = getattr(cfg, "storage", None)
+    if storage is None:
+        return None
+    bucket = storage.bucket
+    if f"{bucket!r}" not in str(err) and f"://{bucket}/" not in str(err):
+        return None
+    hint = err.hint
+    if hint and "output URI" in hint:
+        hint = "create the bucket, or point storage.bucket at an existing bucket"
+    return "storage.bucket", err.message + (f" ({hint})" if hint else "")

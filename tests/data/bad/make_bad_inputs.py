@@ -184,7 +184,7 @@ CASES: dict[str, dict[str, Any]] = {
     "s3-missing-bucket": case(
         "runner",
         2,
-        r"bucket 'no-such-bucket-kt' does not exist",
+        r"^storage\.bucket: bucket 'no-such-bucket-kt' does not exist .*point storage\.bucket at",
         config={**S3_STORAGE, "storage": {**S3_STORAGE["storage"], "bucket": "no-such-bucket-kt"}},
         needs=["s3"],
     ),
@@ -254,7 +254,7 @@ CASES: dict[str, dict[str, Any]] = {
     "s3-no-credentials": case(
         "runner",
         2,
-        r"(access denied|credentials)",
+        r"^storage\.bucket: access denied .*no credentials set",
         config=S3_STORAGE,
         needs=["s3"],
         env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""},
