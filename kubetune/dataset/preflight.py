@@ -1,31 +1,28 @@
 """Checks before step 1 without downloading the dataset (`preflight`: listing, captions and
 image headers through the dataset index), and the full decode of every example that
-`launcher validate --data` runs from a laptop or CI (`verify_data`). No torch here."""
+`launcher validate --data` runs from a laptop or CI (`verify_data`). No torch here.
+
+The run starts its preflight in the background with `start_preflight`
+(`kubetune.dataset.preflight_start`: a thread, or a forked process in
+`kubetune.dataset.preflight_fork`, replying through `kubetune.dataset.preflight_replies`);
+those names are importable from here too."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import multiprocessing
-import os
-import signal
-import threading
-import time
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from multiprocessing.connection import Connection
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.config.data import DreamboothSDDataLoaderConfig
-from kubetune.dataset.buckets import scan_order
 from kubetune.dataset.captions import needs_captions
 from kubetune.dataset.dreambooth import DreamBoothData, dreambooth_source
 from kubetune.dataset.images import MAX_IMAGE_PIXELS, decode_image, decode_mask
 from kubetune.dataset.index import DataIndex, build_index, previous_index
-from kubetune.dataset.size_feed import ReadQueue, Size, SizeFeed, SizeItem, SizeStream
+from kubetune.dataset.size_feed import SizeFeed, SizeStream
 from kubetune.dataset.sources import Source, build_source, fetch_pool
-from kubetune.errors import BadExamples, DataError, KubetuneError
+from kubetune.errors import BadExamples, DataError
 from kubetune.storage import ObjectStore
 
 DEFERRED_CHECKS_MIN_EXAMPLES = 10_000
@@ -87,11 +84,6 @@ def check_headers(
 
 
 Listed = tuple[Source, DreamBoothData | None]
-
-
-CHECKS_NICENESS = 10
-"""How much the forked preflight lowers its CPU priority once training has its listed
-report: the header checks beside training must not slow the steps down."""
 
 
 def list_dataset(cfg: Any) -> Listed:
@@ -178,274 +170,7 @@ def _header_checks(
     return report, errors
 
 
-def start_preflight(cfg: Any, *, process: bool = True) -> Future[PreflightReport]:
-    """A run's `preflight` (with the index stored with the run and the one beside the runs)
-    started in the background: `python -m runner` starts it before importing torch, so the
-    listing and header reads overlap the imports. In a forked process by default (the
-    imports and the header reads then use two cores instead of sharing one interpreter
-    lock), else a thread: also when the preflight reads a cloud store and this process has
-    opened one already (`kubetune.storage.fork_safe`). `.result()` returns the report or
-    re-raises; nothing is written. When the checks are deferred (`checks_deferred`) it
-    returns the listed report as soon as the listing is done, its `pending` the rest."""
-    from kubetune.storage import fork_safe
-
-    forkable = fork_safe() or not uses_cloud_storage(cfg)
-    if process and forkable and "fork" in multiprocessing.get_all_start_methods():
-        return _forked(cfg)
-    future: Future[PreflightReport] = Future()
-    future.set_running_or_notify_cancel()
-    replies = _Replies(future)
-
-    def listed(report: PreflightReport) -> SizeStream | None:
-        n, queue = report.num_examples, ReadQueue(range(report.num_examples))
-        feed = replies.listed(report, lambda seed, epoch: queue.reorder(scan_order(n, seed, epoch)))
-        return None if feed is None else SizeStream(queue, lambda i, hw: feed.put([(i, *hw)]))
-
-    def work() -> None:
-        try:
-            report = _run_preflight(cfg, listed)
-            replies.final("ok", report)
-        except BaseException as err:  # noqa: BLE001 - handed to the caller by .result()
-            replies.final("error", err)
-
-    threading.Thread(target=work, name="kubetune-preflight", daemon=True).start()
-    return future
-
-
-class _Replies:
-    """Hands a preflight's replies to its future: the listed report first when the checks
-    are deferred (then the final reply resolves its `pending`), else the final one alone;
-    streamed sizes in between go to the listed report's `feed`."""
-
-    def __init__(
-        self, future: Future[PreflightReport], on_want: Callable[[int, int], None] | None = None
-    ) -> None:
-        self.future, self.on_want = future, on_want
-        self.pending: Future[PreflightReport] | None = None
-        self.listed_source: Source | None = None
-        self.feed: SizeFeed | None = None
-
-    def listed(
-        self, report: PreflightReport, on_want: Callable[[int, int], None] | None = None
-    ) -> SizeFeed | None:
-        """Resolve the future with the listed report; its feed (if the sizes are streamed)
-        forwards a wanted order to `on_want` (else to this reply's)."""
-        self.pending = Future()
-        self.pending.set_running_or_notify_cancel()
-        self.listed_source = report.source
-        if report.streamed:
-            self.feed = SizeFeed(report.num_examples, on_want or self.on_want)
-        self.future.set_result(replace(report, pending=self.pending, feed=self.feed))
-        return self.feed
-
-    def sizes(self, items: list[SizeItem]) -> None:
-        if self.feed is not None:
-            self.feed.put(items)
-
-    def final(self, kind: str, value: Any) -> None:
-        target = self.pending or self.future
-        if kind != "ok":
-            if self.feed is not None:
-                self.feed.fail(value)
-            target.set_exception(value)
-            return
-        if self.feed is not None:
-            self.feed.fill(value.sizes_hw)
-        if self.pending is not None and value.source is None:  # sent without its records
-            target.set_result(replace(value, source=self.listed_source))
-        else:
-            target.set_result(value)
-
-
-def uses_cloud_storage(cfg: Any) -> bool:
-    """Whether the run reads or writes a cloud store (its outputs, or any path in its config)."""
-    from kubetune.config import config_to_dict, output_uri
-    from kubetune.storage import is_remote
-
-    def strings(value: Any) -> Iterator[str]:
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, dict):
-            for item in value.values():
-                yield from strings(item)
-        elif isinstance(value, list):
-            for item in value:
-                yield from strings(item)
-
-    return is_remote(output_uri(cfg)) or any(map(is_remote, strings(config_to_dict(cfg))))
-
-
-def _forked(cfg: Any) -> Future[PreflightReport]:
-    """`_run_preflight` in a forked daemon process whose replies (the listed report when the
-    checks are deferred, then the report or exception) come back through a pipe. The first
-    is read by the thread that asks for the result (`_ReadOnDemand`), so unpickling 100,000
-    records does not take the interpreter lock from the imports and model loading it
-    overlaps; the child waits to hand it over. Not a `ProcessPoolExecutor`: a worker that
-    dies surfaces there as `BrokenProcessPool` (a traceback, not one line), and its exit hook
-    writes to the manager thread's wake-up pipe without the lock under which that thread
-    closes it (Python 3.11); nothing of it is needed here."""
-    ctx = multiprocessing.get_context("fork")
-    reader, writer = ctx.Pipe(duplex=False)
-    orders_in, orders = ctx.Pipe(duplex=False)  # (seed, epoch) of a wanted order, to the child
-    child = ctx.Process(
-        target=_preflight_child,
-        args=(cfg, writer, os.getpid(), orders_in),
-        name="kubetune-preflight",
-        daemon=True,
-    )
-    child.start()  # before any thread of ours exists: the fork copies no held lock
-    writer.close()
-    orders_in.close()
-
-    sending = threading.Lock()  # a want (sampler's thread) never meets the close (reply's)
-
-    def want(seed: int, epoch: int) -> None:
-        with sending, contextlib.suppress(OSError, ValueError):  # ended: nothing to reorder
-            if not orders.closed:
-                orders.send((seed, epoch))
-
-    def final(replies: _Replies, kind: str, value: Any) -> None:
-        reader.close()
-        with sending:
-            orders.close()
-        child.join()
-        replies.final(kind, value)
-
-    def rest(replies: _Replies) -> None:
-        while (reply := _receive(reader, child))[0] == "sizes":
-            replies.sizes(reply[1])
-        final(replies, *reply)
-
-    def read_first(replies: _Replies, timeout: float | None) -> None:
-        if not reader.poll(timeout):
-            raise TimeoutError("the data preflight has not replied yet")
-        kind, value = _receive(reader, child)
-        if kind != "listed":
-            return final(replies, kind, value)
-        replies.listed(value)
-        threading.Thread(  # the checks beside training: their reply comes when it comes
-            target=rest, args=(replies,), name="kubetune-preflight-reply", daemon=True
-        ).start()
-
-    return _ReadOnDemand(read_first, want)
-
-
-class _ReadOnDemand(Future):  # type: ignore[type-arg]
-    """A future whose reply is read by the first caller of `result` / `exception`."""
-
-    def __init__(
-        self,
-        read: Callable[[_Replies, float | None], None],
-        on_want: Callable[[int, int], None] | None = None,
-    ) -> None:
-        super().__init__()
-        self.set_running_or_notify_cancel()
-        self._read, self._replies = read, _Replies(self, on_want)
-        self._reading = threading.Lock()
-
-    def _ensure(self, timeout: float | None) -> None:
-        with self._reading:
-            if not self.done():
-                self._read(self._replies, timeout)
-
-    def result(self, timeout: float | None = None) -> Any:
-        self._ensure(timeout)
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._ensure(timeout)
-        return super().exception(timeout)
-
-
-def _receive(reader: Connection, child: Any) -> tuple[str, Any]:
-    """The child's next reply; an error if it died first or sent what does not unpickle."""
-    try:
-        kind, value = reader.recv()
-        return kind, value
-    except Exception as err:  # noqa: BLE001 - no reply (killed, out of memory): the caller
-        # must not wait forever
-        child.join()
-        return "error", KubetuneError(
-            f"the data preflight process gave no result (exit code {child.exitcode}: "
-            f"{type(err).__name__})"
-        )
-
-
-def _preflight_child(cfg: Any, writer: Connection, parent: int, orders: Connection) -> None:
-    """The forked process: send ("listed", report) when the checks are deferred, then
-    ("sizes", [(example, h, w), ...]) as they are read if they are streamed, then
-    ("ok", report) (without its records, sent already) or ("error", exception); exit."""
-    _die_with_parent(parent)
-    sent: list[bool] = []
-
-    def listed(report: PreflightReport) -> SizeStream | None:
-        writer.send(("listed", report))
-        sent.append(True)
-        with contextlib.suppress(OSError):  # the checks now run beside training: yield to it
-            os.nice(CHECKS_NICENESS)
-        return _piped_stream(report.num_examples, writer, orders) if report.streamed else None
-
-    try:
-        report = _run_preflight(cfg, listed)
-        reply: tuple[str, Any] = ("ok", replace(report, source=None) if sent else report)
-    except BaseException as err:  # noqa: BLE001 - handed to the parent
-        reply = ("error", err)
-    try:
-        writer.send(reply)
-    except Exception as err:  # noqa: BLE001 - an exception that does not pickle
-        writer.send(("error", KubetuneError(f"data preflight failed: {reply[1]!r} ({err})")))
-    writer.close()
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: this process is killed when the thread that forked it (the run's main thread)
-    dies, SIGKILL included, instead of reading headers for nobody (checks beside training
-    outlive step 1); exit at once if that already happened."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-SIZES_PER_MESSAGE = 512
-"""Streamed sizes sent to the run at once (or fewer, after `SIZES_EVERY_S`)."""
-SIZES_EVERY_S = 0.05
-
-
-def _piped_stream(n: int, writer: Connection, orders: Connection) -> SizeStream:
-    """The forked checks' stream: sizes sent to the run in small messages; the orders the
-    run wants (seed, epoch) reorder the reads, received by a thread of this process."""
-    queue, lock = ReadQueue(range(n)), threading.Lock()
-    batch: list[SizeItem] = []
-    last = [time.monotonic()]
-
-    def send() -> None:
-        if batch:
-            writer.send(("sizes", list(batch)))
-            batch.clear()
-        last[0] = time.monotonic()
-
-    def on_size(i: int, hw: Size) -> None:
-        with lock:
-            batch.append((i, *hw))
-            if len(batch) >= SIZES_PER_MESSAGE or time.monotonic() - last[0] > SIZES_EVERY_S:
-                send()
-
-    def flush() -> None:
-        with lock:
-            send()
-
-    def listen() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            while True:
-                seed, epoch = orders.recv()
-                queue.reorder(scan_order(n, seed, epoch))
-
-    threading.Thread(target=listen, name="kubetune-preflight-orders", daemon=True).start()
-    return SizeStream(queue, on_size, flush)
-
-
-def _run_preflight(
+def run_preflight(
     cfg: Any, on_listed: Callable[[PreflightReport], SizeStream | None] | None = None
 ) -> PreflightReport:
     """The run's preflight; `on_listed` gets the listed report first if the checks are
@@ -510,3 +235,19 @@ def verify_data(
             on_progress(done, total)
     raise_first(bad, "bad examples")
     return report
+
+
+_MOVED = {
+    "start_preflight": "kubetune.dataset.preflight_start",
+    "uses_cloud_storage": "kubetune.dataset.preflight_start",
+    "CHECKS_NICENESS": "kubetune.dataset.preflight_fork",
+    "SIZES_PER_MESSAGE": "kubetune.dataset.preflight_fork",
+    "SIZES_EVERY_S": "kubetune.dataset.preflight_fork",
+}
+"""Names importable from here whose modules import this one (so they load on first use)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

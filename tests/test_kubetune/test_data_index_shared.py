@@ -190,9 +190,10 @@ def test_a_preflight_process_that_dies_is_an_error_not_a_hang(
     import os
 
     import kubetune.dataset.preflight as checks
+    import kubetune.dataset.preflight_fork as fork
     from kubetune.errors import KubetuneError
 
-    monkeypatch.setattr(checks, "_run_preflight", lambda *_: os._exit(3))  # in the fork
+    monkeypatch.setattr(fork, "run_preflight", lambda *_: os._exit(3))  # in the fork
     with pytest.raises(KubetuneError, match="exit code 3") as err:
         checks.start_preflight(_jsonl_cfg(tmp_path), process=True).result(timeout=60)
     assert err.value.exit_code == 1

@@ -70,7 +70,9 @@ def test_model_identity_keeps_the_key_stored_caches_were_written_under() -> None
 OWNED = ("runner/session/run.py", "runner/session/build.py", "runner/session/settings.py",
          "runner/training/encoder_cache.py",
          "runner/checkpoint", "runner/models", "runner/pipelines", "runner/data/cache.py",
-         "kubetune/dataset/preflight.py", "runner/data/loader.py",
+         "kubetune/dataset/preflight.py", "kubetune/dataset/preflight_start.py",
+         "kubetune/dataset/preflight_fork.py", "kubetune/dataset/preflight_replies.py",
+         "runner/data/loader.py", "runner/data/train_dataset.py", "runner/data/resumable.py",
          "runner/data/loader_settings.py")  # fmt: skip
 
 
