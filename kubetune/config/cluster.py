@@ -1,149 +1,61 @@
-"""kubetune's own sections: `job:` (the Kubernetes Job) and `storage:` (S3-compatible)."""
+"""kubetune's own sections: `job:` (the Kubernetes Job) and `storage:` (S3-compatible).
+
+`JobConfig` is here; the Kubernetes rules it checks are `kubetune.config.k8s_rules`,
+`StorageConfig` is `kubetune.config.storage_config`; their names are importable from here."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kubetune.config.base import ConfigModel, FieldProblems, Problems
-
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-# Env names / storage keys that hold secrets: they must come from a Kubernetes Secret.
-SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "PRIVATE_KEY", "CREDENTIAL")
-LITERAL_CREDENTIAL_KEYS = {
-    "access_key",
-    "access_key_id",
-    "aws_access_key_id",
-    "secret_key",
-    "secret_access_key",
-    "aws_secret_access_key",
-    "session_token",
-    "aws_session_token",
-    "password",
-    "token",
-    "account_key",
-    "sas_token",
-    "service_account_key",
-    "private_key",
-}
-# PodSpec fields (Kubernetes 1.31) and the JSON type of each, for job.pod_patch.
-POD_SPEC_FIELDS: dict[str, type] = {
-    **dict.fromkeys(("activeDeadlineSeconds", "priority", "terminationGracePeriodSeconds"), int),
-    **dict.fromkeys(
-        (
-            "automountServiceAccountToken",
-            "enableServiceLinks",
-            "hostIPC",
-            "hostNetwork",
-            "hostPID",
-            "hostUsers",
-            "setHostnameAsFQDN",
-            "shareProcessNamespace",
-        ),
-        bool,
-    ),
-    **dict.fromkeys(
-        (
-            "containers",
-            "ephemeralContainers",
-            "hostAliases",
-            "imagePullSecrets",
-            "initContainers",
-            "readinessGates",
-            "resourceClaims",
-            "schedulingGates",
-            "tolerations",
-            "topologySpreadConstraints",
-            "volumes",
-        ),
-        list,
-    ),
-    **dict.fromkeys(
-        (
-            "affinity",
-            "dnsConfig",
-            "nodeSelector",
-            "os",
-            "overhead",
-            "resources",
-            "securityContext",
-        ),
-        dict,
-    ),
-    **dict.fromkeys(
-        (
-            "dnsPolicy",
-            "hostname",
-            "nodeName",
-            "preemptionPolicy",
-            "priorityClassName",
-            "restartPolicy",
-            "runtimeClassName",
-            "schedulerName",
-            "serviceAccount",
-            "serviceAccountName",
-            "subdomain",
-        ),
-        str,
-    ),
-}
-MAX_RUN_NAME = 52  # leaves room for "-<hash>" suffixes in Job/ConfigMap names (63 max)
-Backend = Literal["job", "jobset", "trainjob"]
-# What a TrainJob's runtimePatches may set in the pod spec (trainer.kubeflow.org/v1alpha1;
-# containers only patch the runtime's own, so kubetune patches its trainer container alone).
-TRAINJOB_POD_FIELDS = frozenset(
-    {
-        "affinity",
-        "imagePullSecrets",
-        "nodeSelector",
-        "schedulingGates",
-        "securityContext",
-        "serviceAccountName",
-        "terminationGracePeriodSeconds",
-        "tolerations",
-        "volumes",
-    }
+from kubetune.config.base import ConfigModel, Problems
+from kubetune.config.k8s_rules import (
+    DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
+    ENV_NAME,
+    LABEL_NAME,
+    MAX_RUN_NAME,
+    POD_SPEC_FIELDS,
+    QUANTITY,
+    RENDEZVOUS_POD_FIELDS,
+    SECRET_WORDS,
+    TRAINJOB_POD_FIELDS,
+    label_problem,
+    pod_patch_problem,
+    sanitize_name,
 )
-RENDEZVOUS_POD_FIELDS = ("hostname", "subdomain")  # multi-node pods' DNS names come from these
+from kubetune.config.storage_config import (
+    LITERAL_CREDENTIAL_KEYS,
+    CredentialsSecretRef,
+    StorageConfig,
+)
 
+__all__ = [
+    "DNS1123_LABEL",
+    "DNS1123_SUBDOMAIN",
+    "ENV_NAME",
+    "LABEL_NAME",
+    "LITERAL_CREDENTIAL_KEYS",
+    "MAX_RUN_NAME",
+    "POD_SPEC_FIELDS",
+    "QUANTITY",
+    "RENDEZVOUS_POD_FIELDS",
+    "SECRET_WORDS",
+    "TRAINJOB_POD_FIELDS",
+    "Backend",
+    "CredentialsSecretRef",
+    "JobConfig",
+    "SecretKeyRef",
+    "StorageConfig",
+    "Toleration",
+    "TopologyRequest",
+    "label_problem",
+    "pod_patch_problem",
+    "sanitize_name",
+]
 
-def sanitize_name(raw: str) -> str:
-    """Lower-case, replace characters a DNS-1123 label cannot hold by '-', trim '-'."""
-    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower())
-    return re.sub(r"-{2,}", "-", name).strip("-")
-
-
-def label_problem(key: str, value: str) -> str | None:
-    """The reason a Kubernetes label key/value is invalid, or None."""
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
-        return f"label key prefix {prefix!r} is not a DNS subdomain"
-    if not name or len(name) > 63 or not LABEL_NAME.match(name):
-        return (
-            f"label key {key!r} must be <= 63 characters of [A-Za-z0-9-_.], "
-            "starting and ending alphanumeric"
-        )
-    if value and (len(value) > 63 or not LABEL_NAME.match(value)):
-        return (
-            f"label value {value!r} must be <= 63 characters of [A-Za-z0-9-_.], "
-            "starting and ending alphanumeric"
-        )
-    return None
-
-
-def _secret_hint(section: str) -> str:
-    return (
-        f"credentials never go in the config: create a Secret with `kubectl create secret "
-        f"generic s3-credentials --from-literal=AWS_ACCESS_KEY_ID=... "
-        f"--from-literal=AWS_SECRET_ACCESS_KEY=...` and set {section}.credentials_secret.name"
-        f": s3-credentials (locally, export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-    )
+Backend = Literal["job", "jobset", "trainjob"]
 
 
 class SecretKeyRef(ConfigModel):
@@ -153,24 +65,6 @@ class SecretKeyRef(ConfigModel):
     """The Secret's name (in the Job's namespace)."""
     key: str = "HF_TOKEN"
     """The key inside the Secret."""
-
-
-class CredentialsSecretRef(ConfigModel):
-    """The Kubernetes Secret holding the storage credentials: the S3 access key pair, the GCS
-    service-account key (JSON) or the Azure storage account key, by `storage.provider`."""
-
-    name: str
-    """The Secret's name, e.g. `s3-credentials`."""
-    access_key_id_key: str = "AWS_ACCESS_KEY_ID"
-    """S3: key of the access key id inside the Secret."""
-    secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
-    """S3: key of the secret access key inside the Secret."""
-    service_account_key_key: str = "GOOGLE_SERVICE_ACCOUNT_KEY"
-    """GCS (kubetune extension): key of the service-account key JSON inside the Secret (given
-    to the pod as `GOOGLE_SERVICE_ACCOUNT_KEY`)."""
-    account_key_key: str = "AZURE_STORAGE_ACCOUNT_KEY"
-    """Azure (kubetune extension): key of the storage account key inside the Secret (given to
-    the pod as `AZURE_STORAGE_ACCOUNT_KEY`)."""
 
 
 class Toleration(ConfigModel):
@@ -382,108 +276,3 @@ class JobConfig(ConfigModel):
                 f"a TrainJob's runtimePatches cannot set {key} (only "
                 f"{', '.join(sorted(TRAINJOB_POD_FIELDS))}): {hint}",
             )
-
-
-def pod_patch_problem(key: str, value: Any) -> str | None:
-    """Why `key: value` cannot be a top-level entry of job.pod_patch, or None."""
-    expected = POD_SPEC_FIELDS.get(key)
-    if expected is None:
-        return (
-            f"{key!r} is not a PodSpec field; use the Kubernetes (camelCase) name, e.g. "
-            "hostNetwork, volumes, runtimeClassName, containers"
-        )
-    if value is None:
-        if key == "containers":
-            return "cannot remove the trainer container; patch it or add sidecars instead"
-        return None
-    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-        kind = {int: "an integer", bool: "true or false", list: "a list", dict: "a mapping"}
-        return f"must be {kind.get(expected, 'a string')} (got {type(value).__name__})"
-    return None
-
-
-class StorageConfig(ConfigModel):
-    """Object storage for datasets and outputs: S3 or any S3-compatible server, Google Cloud
-    Storage or Azure Blob Storage (`provider`)."""
-
-    provider: Literal["s3", "gcs", "azure"] = "s3"
-    """kubetune extension: the cloud of `bucket`, and so the outputs' URI scheme (`s3://`,
-    `gs://`, `az://`). These settings apply to that cloud's URIs only; a dataset on another
-    cloud uses that cloud's environment (e.g. `GOOGLE_*`, `AZURE_STORAGE_*`)."""
-    endpoint_url: str | None = None
-    """Endpoint override, e.g. `http://minio.kubetune:9000` (S3), an emulator's URL (GCS), or
-    `http://azurite:10000/devstoreaccount1` (Azure). Default: the cloud's own (S3: AWS or
-    $AWS_ENDPOINT_URL)."""
-    bucket: str
-    """Bucket (Azure: container) that receives the run's outputs under `<prefix>/<run name>/`."""
-    account_name: str | None = None
-    """kubetune extension, Azure only (required there): the storage account holding the
-    container."""
-    workload_identity: bool = False
-    """kubetune extension: credentials come from the pod's ServiceAccount (`job.service_account`)
-    instead of a Secret: EKS IRSA (the ServiceAccount annotated with
-    `eks.amazonaws.com/role-arn`), GKE Workload Identity (`iam.gke.io/gcp-service-account`) or
-    Azure Workload Identity (`azure.workload.identity/client-id`; the Job's pod gets the
-    `azure.workload.identity/use: "true"` label). Not with `credentials_secret`."""
-    prefix: str = "kubetune"
-    """Key prefix inside the bucket for all runs."""
-    region: str | None = None
-    """S3: region name (many S3-compatible servers accept any, e.g. us-east-1)."""
-    addressing_style: Literal["auto", "path", "virtual"] = "path"
-    """S3: bucket addressing: `path` suits most self-hosted servers, `virtual` suits AWS."""
-    verify_tls: bool = True
-    """Verify the endpoint's TLS certificate."""
-    credentials_secret: CredentialsSecretRef | None = None
-    """Kubernetes Secret with the credentials (injected as environment variables; which keys
-    by `provider`)."""
-
-    @model_validator(mode="after")
-    def _provider_fields(self) -> StorageConfig:
-        problems = []
-        if self.provider == "azure" and not self.account_name:
-            problems.append(("account_name", "required with provider: azure (the storage account)"))
-        if self.provider != "azure" and self.account_name:
-            problems.append(("account_name", "only for provider: azure"))
-        if self.workload_identity and self.credentials_secret is not None:
-            problems.append(
-                ("workload_identity", "use either workload_identity or credentials_secret")
-            )
-        if problems:
-            raise FieldProblems(problems)
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_literal_credentials(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            literal = sorted(k for k in data if str(k).lower() in LITERAL_CREDENTIAL_KEYS)
-            if literal:
-                raise FieldProblems([(key, _secret_hint("storage")) for key in literal])
-        return data
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket_name(cls, value: str) -> str:
-        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", value):
-            raise ValueError(
-                f"{value!r} is not a valid bucket name (3-63 lower-case letters, "
-                "digits, '.' and '-')"
-            )
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        value = value.strip("/")
-        if ".." in value.split("/"):
-            raise ValueError("must not contain '..' segments")
-        return value
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"{value!r} must be an http(s):// URL, e.g. http://127.0.0.1:8333")
-        if value is not None and re.match(r"^https?://[^/]*@", value):
-            raise ValueError("must not embed credentials; " + _secret_hint("storage"))
-        return value
