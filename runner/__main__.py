@@ -67,7 +67,9 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|peft)")
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, module=r"(diffusers|transformers|peft|huggingface_hub)"
+    )
 
 
 def fail_fast_on_local_data(source: str, cfg: object, overrides: list[str] | None = None) -> None:
