@@ -75,7 +75,7 @@ def report(
     note = _stale_note(run, store, local, cluster)
     if output == "json":
         doc = {"run": run, "report": view.report, **({"note": note} if note else {})}
-        click.echo(json.dumps(doc if view.url is None else {**doc, "url": view.url}))
+        click.echo(json.dumps(doc if view.url is None else {**doc, "url": view.url}, indent=2))
     else:
         click.echo(view.report)
     if note:
