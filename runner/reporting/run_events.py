@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from kubetune.config import PipelineConfig, config_hash, config_to_yaml, output_uri, run_name
@@ -172,15 +172,21 @@ def _output_uri(cfg: PipelineConfig) -> str:
 
 
 @contextlib.contextmanager
-def reported(events: RunEvents) -> Iterator[None]:
+def reported(
+    events: RunEvents, leave: Callable[[BaseException], None] | None = None
+) -> Iterator[None]:
     """Finish ``events`` as the block ends: completed, preempted (``Preempted``) or failed
-    (any other exception, re-raised). Nested blocks finish once: the innermost outcome."""
+    (any other exception, re-raised). Nested blocks finish once: the innermost outcome.
+    ``leave``: given a failure first (before the record), e.g. ``Ranks.leave_failure``, which
+    tells the other ranks this rank's error before they lose contact with it."""
     try:
         yield
     except Preempted:
         events.finished("preempted")
         raise
     except BaseException as err:
+        if leave is not None:
+            leave(err)
         events.finished("failed", error=error_line(err), exit_code=exit_code_for(err))
         raise
     events.finished("completed")

@@ -121,6 +121,8 @@ class Session:
     state: LoopState
     events: RunEvents
     records: RunRecords
+    _skips_unpublished: bool = field(default=False, init=False, repr=False)
+    """A write of the skipped examples was refused (warned once)."""
 
     def run(self) -> RunResult:
         """Record the run (main process; only now: a failed start writes nothing), train
@@ -137,10 +139,21 @@ class Session:
         return self.finish(self.records.output_uri)
 
     def note_bad(self, bad: list[str]) -> None:
-        """Publish the skipped examples in progress.json at once (failed when too many)."""
+        """Publish the skipped examples in progress.json at once (failed when too many).
+        Best effort: it runs on rank 0 alone, mid-step, so a refused write is a warning
+        (once), not rank 0 stopping alone while its peers train on into a lost peer; the
+        record carries the skips at its next write, and too many skips stop every rank
+        anyway (the loader's ``DataError``)."""
         self.progress.note(bad_images=len(bad), bad_image_examples=bad[:20])
-        if self.settings.is_main:
+        if not self.settings.is_main:
+            return
+        try:
             self.progress.write("failed" if len(bad) > self.loader.max_bad else None)
+        except Exception as err:  # noqa: BLE001 - the run goes on; later writes retry
+            if not self._skips_unpublished:
+                log.warning("could not publish the skipped examples in progress.json "
+                            "(training goes on; warned once): %s", err)  # fmt: skip
+            self._skips_unpublished = True
 
     def drain(self) -> None:
         """Wait for an upload in flight, logging (not raising) its failure."""

@@ -62,7 +62,8 @@ def run(
     events = RunEvents(cfg, is_main=ranks.is_main)
     for line in precision_warnings(cfg):  # what `launcher validate` warns about
         log.warning(line)
-    with reported(events):  # from the first line: a run that fails to start notifies too
+    # from the first line: a run that fails to start notifies too
+    with reported(events, ranks.leave_failure):
         check_optimizer(cfg.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
         pending = None  # several processes: global rank 0 alone runs the preflight
         if ranks.is_main:
@@ -104,7 +105,7 @@ def _held_run_store(cfg: PipelineConfig, ranks: Ranks, events: RunEvents) -> Ite
         store = RunStore(raw, guard=lease.check if lease else None)
         if ranks.is_main:
             events.bind(store)
-        with reported(events):
+        with reported(events, ranks.leave_failure):
             yield store
     finally:
         if lease is not None:

@@ -1,8 +1,9 @@
 """What the processes of one run agree on: the process group (its timeout), values decided
 by rank 0 (seed, resume step, run identity), the outcome of a step one rank does alone or that
 can fail on one rank alone (every rank raises the same error: ``from_rank_0``, ``each``), a
-checksum of the trained weights, and the stop decision. With one process every call is a local
-no-op."""
+checksum of the trained weights, and the stop decision; a rank's fatal error left in the run's
+store (``leave_failure``), where a rank that loses contact with it finds it (``lost_peers``).
+With one process every call is a local no-op."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import logging
 import os
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -21,13 +23,17 @@ from accelerate import PartialState
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kubetune.errors import KubetuneError, ProcessGroupError
+from kubetune.errors import KubetuneError, ProcessGroupError, error_line, exit_code_for
 from kubetune.humanize import count
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_TIMEOUT_MINUTES = 60.0
 """The process-group timeout of runs without ``job.process_group_timeout_minutes``."""
+FAILURES = "kubetune-failures/"
+"""The store's key prefix of the ranks' fatal errors (one key per global rank)."""
+PEER_WAIT_S = 2.0
+"""How long a rank that lost a peer looks for that peer's error in the store."""
 
 
 def start_processes(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> PartialState:
@@ -83,9 +89,13 @@ class Ranks:
         reached by every rank of every node), its keys under ``prefix`` and this start of
         the workers (``TORCHELASTIC_RESTART_COUNT``: workers restarted by torchrun may meet
         the same store server, whose keys outlive them). Thread-safe."""
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        default = dist.distributed_c10d._get_default_store()
-        return dist.PrefixStore(f"{prefix}attempt-{attempt}/", default)
+        return run_store(prefix)
+
+    def leave_failure(self, err: BaseException) -> None:
+        """Leave ``err`` in the run's store, where the other ranks find it if they lose contact
+        with this one (module-level ``leave_failure``); nothing with one process."""
+        if self.several:
+            leave_failure(err)
 
     def each(self, work: Callable[[], T]) -> T:
         """``work()`` run on every rank, its result kept there (a step one rank does alone, e.g.
@@ -268,6 +278,60 @@ def checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def run_store(prefix: str) -> dist.Store:
+    """``Ranks.store``: the process group's store, keys under ``prefix`` and this start."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    default = dist.distributed_c10d._get_default_store()
+    return dist.PrefixStore(f"{prefix}attempt-{attempt}/", default)
+
+
+def leave_failure(err: BaseException) -> None:
+    """This rank's error line and exit code in the run's store (torchrun's, which outlives the
+    workers), before the process exits and its peers' collectives fail: a rank that then loses
+    contact reports this error, not a lost peer. Not a lost peer's error itself (a consequence,
+    not a cause); best effort (the store may be gone too)."""
+    if isinstance(err, (LostPeer, PeerFailed)) or not dist.is_initialized():
+        return
+    try:
+        value = pickle.dumps((error_line(err), exit_code_for(err)))
+        run_store(FAILURES).set(str(dist.get_rank()), value)
+    except Exception as why:  # noqa: BLE001 - this rank's own error is what it exits with
+        log.debug("could not leave this rank's error in the store: %r", why)
+
+
+def peer_failure(wait_s: float = PEER_WAIT_S) -> PeerFailed | None:
+    """The error another rank left (``leave_failure``; the lowest such rank's), looked for
+    during at most ``wait_s`` s; None if none came (a node lost, a timeout) or the store is
+    gone too."""
+    if not dist.is_initialized():
+        return None
+    deadline = time.monotonic() + wait_s
+    try:
+        store, me = run_store(FAILURES), dist.get_rank()
+        others = [str(rank) for rank in range(dist.get_world_size()) if rank != me]
+        while True:
+            left = [key for key in others if store.check([key])]
+            if left:
+                rank = min(int(key) for key in left)
+                line, code = pickle.loads(store.get(str(rank)))
+                return PeerFailed(f"rank {rank} failed: {line}", code)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+    except Exception as why:  # noqa: BLE001 - no cause found: the lost peer is reported
+        log.debug("could not read the other ranks' errors from the store: %r", why)
+        return None
+
+
+class PeerFailed(RankFailed):
+    """Another rank's fatal error, met as a lost peer: its line (naming the rank) and exit
+    code."""
+
+
+class LostPeer(ProcessGroupError):
+    """A collective lost its peer and no rank left an error saying why."""
+
+
 LOST_PEER_SIGNS = ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer")
 """Words in a ``RuntimeError`` from a collective whose peer died or timed out (gloo raises
 plain RuntimeErrors; NCCL and the c10d store raise ``DistError`` subclasses)."""
@@ -284,8 +348,11 @@ def lost_peers(doing: str) -> Iterator[None]:
         lost = isinstance(err, dist.DistError) or any(w in text.lower() for w in LOST_PEER_SIGNS)
         if not lost or isinstance(err, torch.OutOfMemoryError):
             raise
+        cause = peer_failure()
+        if cause is not None:
+            raise cause from err
         first = text.splitlines()[0][:300] if text else type(err).__name__
-        raise ProcessGroupError(
+        raise LostPeer(
             f"lost contact with the other processes while {doing}: {first}",
             hint="another rank or node stopped or timed out (job.process_group_timeout_minutes);"
             " rerun to resume from the last published checkpoint",

@@ -92,9 +92,11 @@ def test_out_of_memory_on_s3_records_failed_for_storage_readers(
 
 @pytest.mark.slow
 def test_a_crash_on_another_rank_is_recorded_by_rank_0(tmp_path: Path) -> None:
-    """Two processes (the pod's ``python -m runner.launch``, gloo): rank 1 crashes at step 3;
-    rank 0, whose all-reduce loses its peer, records failed with that error and exit code 1,
-    the pod's exit status (the root cause's)."""
+    """Two processes (the pod's ``python -m runner.launch``, gloo): rank 1 crashes at step 3
+    and leaves its error line and exit code in torchrun's store before it exits; rank 0, whose
+    all-reduce loses its peer, finds them there and records and prints rank 1's error (not
+    "lost contact with the other processes", which named no cause), with its exit code 1, the
+    pod's exit status."""
     from dp_support import env, free_port
 
     data = write_dataset(tmp_path / "data", n=4)
@@ -111,4 +113,6 @@ def test_a_crash_on_another_rank_is_recorded_by_rank_0(tmp_path: Path) -> None:
     assert "[rank1]: RuntimeError: injected crash (call 3 of StepRunner.run)" in done.stderr
     record = ProgressRecord.from_bytes((out / PROGRESS_KEY).read_bytes())
     assert (record.state, record.exit_code, record.last_checkpoint_step) == ("failed", 1, 2)
-    assert record.error is not None and record.error.startswith("lost contact with the other")
+    cause = "rank 1 failed: injected crash (call 3 of StepRunner.run)"
+    assert record.error == cause, record
+    assert f"kubetune: error: {cause}" in done.stderr, done.stderr[-3000:]  # rank 0 prints it

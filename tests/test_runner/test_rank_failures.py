@@ -38,7 +38,7 @@ from dp_support import (
     torchrun_logged,
     wait_for,
 )
-from train_support import config_file, make_config, write_dataset
+from train_support import caption_loader, config_file, make_config, write_dataset
 
 from kubetune.layout import CONFIG_KEY, LEASE_KEY, PROGRESS_KEY
 
@@ -174,3 +174,22 @@ def test_a_stop_rank_0_cannot_record_ends_every_rank_with_its_error(
     assert not (out / "final").exists()  # it stopped: the scenario ran as meant
     stopped = max(p.parent.name for p in checkpoints.glob("step-*/manifest.json"))
     assert stopped > "step-000002", stopped
+
+
+def test_a_skipped_example_rank_0_cannot_publish_is_a_warning_and_training_goes_on(
+    tmp_path: Path, tiny_sd_cache: Path
+) -> None:
+    """An image whose header reads well but that does not decode, within
+    ``max_bad_image_share``: the ranks skip it and train on. Rank 0 is refused every write of
+    progress.json (injected), so publishing the skip at once (``Session.note_bad``, mid-step)
+    fails on rank 0 alone: it logs one warning and trains on, and ``final/`` is published;
+    then the completed record's write fails on rank 0, and every rank prints that one error.
+    (Before, rank 0 stopped at the skip alone and rank 1 met a lost peer.)"""
+    data = tmp_path / "data"
+    loader = caption_loader(data, max_bad_image_share=0.5)
+    config, out = _config(tmp_path, data_loader=loader)
+    (data / "img-2.png").write_bytes((data / "img-2.png").read_bytes()[:120])  # cut short
+    run = _run(tmp_path, config, tiny_sd_cache, fail_at=PROGRESS_KEY, rank=0)
+    same_error_everywhere(run, 2, f"{PROGRESS_KEY}: access denied (injected on rank 0)")
+    assert (out / "final").is_dir(), run.everything()
+    assert run.ranks[0].count("could not publish the skipped examples") == 1, run.everything()
