@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -302,9 +303,20 @@ def leave_failure(err: BaseException) -> None:
 def peer_failure(wait_s: float = PEER_WAIT_S) -> PeerFailed | None:
     """The error another rank left (``leave_failure``; the lowest such rank's), looked for
     during at most ``wait_s`` s; None if none came (a node lost, a timeout) or the store is
-    gone too."""
+    gone too. The look runs on a daemon thread given ``wait_s`` + 1 s: a store whose host
+    vanished without closing its sockets would otherwise hold it for the store's own timeout."""
     if not dist.is_initialized():
         return None
+    found: list[PeerFailed | None] = []
+    look = threading.Thread(
+        target=lambda: found.append(_left_failure(wait_s)), name="kubetune-peer-error", daemon=True
+    )
+    look.start()
+    look.join(wait_s + 1.0)
+    return found[0] if found else None
+
+
+def _left_failure(wait_s: float) -> PeerFailed | None:
     deadline = time.monotonic() + wait_s
     try:
         store, me = run_store(FAILURES), dist.get_rank()
