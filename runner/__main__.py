@@ -11,7 +11,13 @@ import logging
 import os
 import sys
 
-from kubetune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, OUT_OF_MEMORY, KubetuneError
+from kubetune.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    OUT_OF_MEMORY,
+    KubetuneError,
+    Preempted,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         with logs_above_bar(wants_bar()):  # a bar at a terminal; plain lines in a log or pod
             run(cfg, resume=not args.no_resume, force_restart=args.force_restart, stop=stop,
                 data=data)  # fmt: skip
+    except Preempted as err:  # a planned stop (its checkpoint published), not an error
+        print(f"kubetune: {err}", file=sys.stderr)
+        return err.exit_code
     except KubetuneError as err:
         print(f"kubetune: error: {describe_error(err, cfg)}", file=sys.stderr)
         return err.exit_code

@@ -219,6 +219,10 @@ def preempt_at_step(config: Path, out_dir: Path, step: int = 3) -> None:
             break
     log += proc.stderr.readlines()
     assert proc.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
+    # a planned stop, not a failure: its last line names the checkpoint and says no "error"
+    last = [line for line in log if line.strip()][-1]
+    assert last.startswith("kubetune: stopped by SIGTERM after step "), last
+    assert "error" not in last and "published); resume by rerunning" in last, last
 
 
 RESUME_FIELDS: dict[str, Any] = {"max_train_steps": 6, "save_every_n_steps": 100,

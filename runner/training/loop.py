@@ -298,8 +298,8 @@ class Loop:
             self.loader.settle()
         self.each(lambda: self._publish_stop(state))
         raise Preempted(
-            f"stopped by SIGTERM after step {state.step}; checkpoint "
-            f"{step_name(state.step)} published, resume by rerunning"
+            f"stopped by SIGTERM after step {state.step} (checkpoint "
+            f"{step_name(state.step)} published); resume by rerunning the same command"
         )
 
     def _publish_stop(self, state: LoopState) -> None:
