@@ -13,7 +13,7 @@ import yaml
 
 from kubetune.config import PIPELINE_TYPES, config_to_dict, config_to_yaml
 from kubetune.config.loader import unknown_keys
-from launcher.config_files import starter_config, validate_text
+from launcher.config_files import local_data_lines, starter_config, validate_text
 
 FORM_NAME = "form"
 _PROBLEM = re.compile(r"^(?P<name>.*?):(?P<line>\d+): (?P<path>[^:]+?): (?P<message>.*)$")
@@ -69,8 +69,10 @@ def _delete(data: Any, loc: tuple[str | int, ...]) -> None:
 
 def generate(values: Any, base: Path | None = None) -> dict[str, Any]:
     """Validate the form's values as `launcher validate` does: the YAML with every default
-    filled in, or every problem with the field it belongs to. Relative paths in the form mean
-    paths under `base` (the folder `launcher ui` serves; default: the working folder)."""
+    filled in, or every problem with the field it belongs to; validate's data-path errors (a
+    local dataset or model path missing) as `data_warnings` at their fields. Relative paths in
+    the form mean paths under `base` (the folder `launcher ui` serves; default: the working
+    folder)."""
     if not isinstance(values, dict):
         return {"valid": False, "problems": [_problem("the form sent no values", FORM_NAME)]}
     text = yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
@@ -84,6 +86,13 @@ def generate(values: Any, base: Path | None = None) -> dict[str, Any]:
     if cfg is not None:
         out["yaml"] = config_to_yaml(cfg)
         out["run"] = result.run_name
+        missing = local_data_lines(FORM_NAME, cfg)
+        # `launcher validate`'s data-path errors, as warnings at their fields: the form may be
+        # for a cluster whose pods have the data (Start Training here refuses them)
+        out["data_warnings"] = [_problem(line, FORM_NAME) for line in missing]
+        out["warnings"] = result.warnings + [
+            f"{line} (`launcher validate` refuses it)" for line in missing
+        ]
     return out
 
 

@@ -17,6 +17,7 @@ from ui_support import browser, chromedriver, console_errors, field, screenshot,
 
 from kubetune.config import PIPELINE_CLASSES, SdLoraConfig, config_to_dict, load_config
 from kubetune.config import parse_config as parse
+from launcher.config_files import validate_file
 from launcher.ui.security import UiSettings
 from launcher.ui.server import create_app, serve_in_thread
 
@@ -113,6 +114,11 @@ def test_sample_config_reloads_and_generates_back(page: tuple[Any, str], sample:
     assert generate(driver).startswith("ok:")
     text = driver.execute_script("return window.kubetune.state.yaml")
     assert config_to_dict(parse(text)) == config_to_dict(expected)
+    # what `launcher validate` refuses (the sample's dataset is not here): a warning at its field
+    for line in validate_file(str(sample)).errors:
+        css = f'.tab:not([hidden]) .field.warned[data-path="{line.split(": ")[1]}"] .err'
+        marked = [e.text for e in driver.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()]
+        assert marked and marked[0].startswith("warning: "), (line, marked)
 
 
 def test_a_wrong_value_shows_its_error_at_the_field(page: tuple[Any, str]) -> None:

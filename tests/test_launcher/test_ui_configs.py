@@ -10,6 +10,7 @@ import pytest
 from launcher.config_files import validate_file, validate_text
 from launcher.ui.configs import _problem
 
+SAMPLES = Path(__file__).parents[1] / "data" / "invoke_training_samples"
 BAD = sorted((Path(__file__).parents[1] / "data" / "bad" / "config").glob("*.yaml"))
 
 
@@ -66,3 +67,44 @@ def test_start_training_here_refuses_a_missing_dataset_at_its_field(tmp_path: Pa
     assert paths == ["data_loader.dataset.dataset_dir"], result["problems"]
     assert "no such folder" in result["problems"][0]["message"]
     assert local.list() == []
+
+
+def test_generate_warns_at_the_fields_of_the_data_paths_validate_refuses() -> None:
+    """Generate Config said ok where `launcher validate` of the same config exits 2 (an
+    invoke-training sample without its dataset: `... no such file`). Over the UI's HTTP API
+    (reload the sample, Generate its values) it now reports validate's data-path lines, as
+    warnings placed at their fields: the YAML is still generated (the data may be where the
+    run runs; Start Training here refuses it, as `submit --local` does)."""
+    import json
+    import urllib.request
+
+    from launcher.ui.security import UiSettings
+    from launcher.ui.server import create_app, serve_in_thread
+
+    sample = SAMPLES / "sdxl_lora_masks_gnome_1x24gb.yaml"
+    by_file = validate_file(str(sample))
+    assert not by_file.valid and by_file.errors, by_file
+    app = create_app(UiSettings(port=0, local_only=True, roots=[SAMPLES]))
+    with serve_in_thread(app) as url:
+        with urllib.request.urlopen(url + "/", timeout=30) as reply:
+            page = reply.read().decode()
+        csrf = page.split('name="kubetune-csrf" content="')[1].split('"')[0]
+        headers = {"X-Kubetune-CSRF": csrf, "Content-Type": "application/json"}
+
+        def post(path: str, data: dict) -> dict:
+            body = json.dumps(data).encode()
+            req = urllib.request.Request(url + path, data=body, headers=headers)
+            with urllib.request.urlopen(req, timeout=30) as reply:
+                return json.load(reply)
+
+        loaded = post("/api/reference", {"path": str(sample)})
+        generated = post("/api/generate", {"values": loaded["values"]})
+    assert generated["valid"] and generated["yaml"], generated
+    expected = [_problem(line, str(sample)) for line in by_file.errors]
+    got = generated["data_warnings"]
+    assert [(p["path"], p["message"]) for p in got] == [
+        (p["path"], p["message"]) for p in expected
+    ], (got, expected)
+    assert got[0]["path"] == "data_loader.dataset.jsonl_path" and "no such file" in got[0]["text"]
+    for problem in expected:  # the message under the "ok" names each one too
+        assert any(problem["text"] in line for line in generated["warnings"]), generated

@@ -235,13 +235,24 @@ function showProblems(problems) {
   const tab = state.current;
   const list = document.getElementById("problems");
   list.replaceChildren(...problems.map((p) => el("li", {}, p.text)));
-  for (const w of tab.widgets) { w.row.classList.remove("invalid"); w.row.querySelector(".err").textContent = ""; }
+  for (const w of tab.widgets) { w.row.classList.remove("invalid", "warned"); w.row.querySelector(".err").textContent = ""; }
   for (const p of problems) {
     const w = p.path ? widgetFor(tab, p.path) : null;
     if (!w) continue;
     w.row.classList.add("invalid");
     const err = w.row.querySelector(".err");
     err.textContent = [err.textContent, p.path === w.path ? p.message : p.text].filter(Boolean).join("; ");
+    if (w.advanced) w.row.closest("details").open = true;
+  }
+}
+
+function showWarnings(warnings) {  // validate's data-path errors: at their fields, in amber
+  for (const p of warnings) {
+    const w = p.path ? widgetFor(state.current, p.path) : null;
+    if (!w) continue;
+    w.row.classList.add("warned");
+    const err = w.row.querySelector(".err");
+    err.textContent = [err.textContent, `warning: ${p.path === w.path ? p.message : p.text}`].filter(Boolean).join("; ");
     if (w.advanced) w.row.closest("details").open = true;
   }
 }
@@ -253,6 +264,7 @@ async function generate() {
   document.getElementById("yaml").textContent = state.yaml;
   if (result.error) { say("gen-msg", result.error, "error"); return result; }
   showProblems(result.problems || []);
+  showWarnings(result.data_warnings || []);
   const warnings = (result.warnings || []).map((w) => `warning: ${w}`).join("\n");
   if (result.valid) say("gen-msg", [`ok: ${result.summary}`, warnings].filter(Boolean).join("\n"), "ok");
   else say("gen-msg", `${count(result.problems.length, "problem")}: see the list above and the marked fields`, "error");
