@@ -125,7 +125,12 @@ def _preflight_child(cfg: Any, writer: Connection, parent: int, orders: Connecti
 def _die_with_parent(parent: int) -> None:
     """Linux: this process is killed when the thread that forked it (the run's main thread)
     dies, SIGKILL included, instead of reading headers for nobody (checks beside training
-    outlive step 1); exit at once if that already happened."""
+    outlive step 1); exit at once if that already happened. It also leaves the run's process
+    group: torchrun stops a worker (SIGTERM, preemption) by signalling its whole group, and
+    checks killed by it had no result to settle before the stop checkpoint ('the data
+    preflight process gave no result') instead of still running."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
