@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def _stop_once(cfg: PipelineConfig) -> int:
     stop.set()
     with pytest.raises(Preempted, match=r"after step (\d+)") as info:
         train(cfg, stop=stop)
-    return int(str(info.value).split("after step ")[1].split(";")[0])
+    found = re.search(r"after step (\d+)", str(info.value))
+    assert found is not None
+    return int(found.group(1))
 
 
 def _assert_same_weights(ref: Path, out: Path, step: int) -> None:
